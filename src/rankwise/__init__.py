@@ -1,0 +1,14 @@
+"""rankwise: fused-kernel LoRA / SFT adapter training and analysis.
+
+Public API (everything else lives in submodules):
+
+- ``rankwise.kernels.lora_linear``: the fused LoRA linear op.
+- ``LoRALinear``, ``inject_lora``, ``patch_peft_model``: modules and integration.
+"""
+__version__ = "0.1.0"
+
+import torch  # noqa: E402,F401  (loads libtorch before rankwise._C is imported)
+
+from .lora import LoRALinear, inject_lora, patch_peft_model  # noqa: E402
+
+__all__ = ["__version__", "LoRALinear", "inject_lora", "patch_peft_model"]

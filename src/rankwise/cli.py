@@ -1,0 +1,64 @@
+"""The ``rankwise`` command line.
+
+Each verb lives in its own module, which defines ``add_arguments(parser)`` and
+``main(args) -> int | None``. Modules are imported only when their verb is
+listed or run, so heavy imports stay out of ``rankwise --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS = {
+    "train": ("rankwise.train", "train one run (LoRA, full SFT or masked SFT) from a YAML config"),
+    "sweep": ("rankwise.sweep", "run a LoRA rank sweep (and optional full/masked SFT arms)"),
+    "merge": ("rankwise.merge", "merge a trained adapter into its base model"),
+    "restore": ("rankwise.restore", "restore the top/bottom/random k% of updates to base values"),
+    "analyze": ("rankwise.analysis.cli", "spectral, attention, representation and token-level analysis"),
+    "world": ("rankwise.world.cli", "build the synthetic knowledge world and pretrain its base model"),
+    "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="rankwise", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rankwise {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module_name, help_text) in VERBS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # a verb whose module is not there yet
+            if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+                continue
+            raise
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args._main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Bad input (config, paths, data rows): one clear line, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"rankwise {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
