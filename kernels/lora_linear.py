@@ -1,8 +1,609 @@
-# placeholder, replaced in the next commit
+"""Fused LoRA linear layer: Triton kernels, launchers, autograd Function, reference.
+
+Math (x: (M, K) after flattening leading dims, W: (N, K), A: (r, K), B: (N, r),
+s = scaling, m = keep-mask of inverted dropout with keep probability 1 - p,
+x_d = x * m / (1 - p)):
+
+    forward
+        S = x_d @ A.T                               (M, r)   kernel 1 (skinny)
+        Y = x @ W.T + s * S @ B.T + b               (M, N)   kernel 2 (one GEMM,
+                                                             low-rank term in the same accumulator)
+    backward, with dY = dL/dY
+        dS = s * dY @ B                             (M, r) \\ kernel 3, reads dY once
+        dB = s * dY.T @ S                           (N, r) /
+        dX = dY @ W + (dS @ A) * m / (1 - p)        (M, K)   kernel 4 (one GEMM)
+        dA = dS.T @ x_d                             (r, K)   kernel 5
+        dW = dY.T @ x,  db = sum_rows(dY)           torch, only if W / b require grad
+
+    Derivation: Y depends on S linearly through s * S @ B.T, so dL/dS = s * dY @ B
+    and dL/dB = s * dY.T @ S. S = x_d @ A.T gives dL/dA = dS.T @ x_d and
+    dL/dx_d = dS @ A; x_d = x * m / (1 - p) multiplies that elementwise by
+    m / (1 - p). x also enters the base term x @ W.T, adding dY @ W.
+
+Saved for backward: x, S and the dropout seed (W, A, B, b are the layer's own
+parameters, kept by reference). The dropout mask is never stored: kernels 1, 4
+and 5 regenerate it from (seed, flat element index) with Philox. W + s*B@A and
+the separate LoRA output s*S@B.T are never materialised.
+
+Accumulation is fp32 throughout; outputs are stored in the compute dtype (S and
+dS too, as PEFT's eager layer keeps them).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
-def lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None):
-    y = x @ weight.T + scaling * (x @ lora_A.T) @ lora_B.T
-    return y if bias is None else y + bias
-lora_linear = lora_linear_reference
-def dropout_mask(*a, **k):
-    raise NotImplementedError
+import triton
+import triton.language as tl
+
+from .utils import (
+    INTERPRET,
+    check_triton_tensor,
+    dot_precision,
+    dropout_keep,
+    gemm_config,
+    rank_block,
+    skinny_config,
+    swizzle_tile,
+    upcast_for_dot,
+)
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_down_kernel(
+    X, A, S,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """S[m, r] = sum_k x_d[m, k] * A[r, k]   (kernel 1)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0)
+        a = tl.load(A + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+             acc.to(S.dtype.element_ty), mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    X, W, S, B, BIAS, Y,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Y = x @ W.T + (s * S) @ B.T + b, one accumulator   (kernel 2)."""
+    pid_m, pid_n = swizzle_tile(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = tl.load(W + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                    mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    # Low-rank term into the same accumulator; the scaling is applied to the
+    # (BM, BR) S tile in fp32 registers, never to a stored tensor.
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        s = s.to(tl.float32) * scaling
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            s = s.to(b.dtype)
+        acc = tl.dot(s, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _lora_bwd_dsdb_kernel(
+    DY, B, S, DS, DB,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
+    scaling,
+    DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    """dS = s * dY @ B and dB = s * dY.T @ S from one read of dY   (kernel 3).
+
+    Each program owns BM rows: dS for them stays in registers over the whole
+    N loop; its (BN, BR) share of dB is added to an fp32 buffer with atomics,
+    or, when torch's deterministic mode is on, written to a per-program slice
+    that the launcher sums in a fixed order.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if UPCAST:
+        s = s.to(tl.float32)
+    ds = tl.zeros((BM, BR), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        b = tl.load(B + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        ds = tl.dot(dy, b, ds, input_precision=PREC)
+        db = tl.dot(tl.trans(dy), s, input_precision=PREC) * scaling
+        db_ptrs = DB + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
+        db_mask = (rn[:, None] < N) & (rr[None, :] < R)
+        if DETERMINISTIC:
+            tl.store(db_ptrs + pid_m * stride_dbp, db, mask=db_mask)
+        else:
+            tl.atomic_add(db_ptrs, db, mask=db_mask)
+    tl.store(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+             (ds * scaling).to(DS.dtype.element_ty), mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    DY, W, DS, A, DX,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX = dY @ W + (dS @ A) * m / (1 - p)   (kernel 4)."""
+    pid_m, pid_k = swizzle_tile(M, K, BM, BK, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        w = tl.load(W + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        lacc = tl.zeros((BM, BK), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            a = a.to(tl.float32)
+        if HAS_DROPOUT:
+            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
+        else:
+            acc = tl.dot(ds, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rm, rk, K, p)
+        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    tl.store(DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(DX.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    DS, X, DA,
+    M, K, R,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+):
+    """dA = dS.T @ x_d   (kernel 5)."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = pid_r * BR + tl.arange(0, BR)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
+        ds = tl.load(DS + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
+                     mask=(rm[None, :] < M) & (rr[:, None] < R), other=0.0)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(ds, x, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(DA + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
+             acc.to(DA.dtype.element_ty), mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    keep = dropout_keep(seed, rm, rk, K, p)
+    tl.store(OUT + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# ----------------------------------------------------------------------------
+# Launchers: own the shapes, allocate outputs, pick the grid.
+# All take 2-D operands (any strides) and return new tensors.
+# ----------------------------------------------------------------------------
+
+
+def _dropout_args(dropout_p: float, seed: Optional[int]):
+    has = dropout_p > 0.0
+    return has, (int(seed) if has else 0), float(dropout_p), (1.0 / (1.0 - dropout_p) if has else 1.0)
+
+
+def _lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """S = dropout(x2) @ A.T, (M, r) in x2's dtype."""
+    M, K = x2.shape
+    R = A.shape[0]
+    S = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return S
+    cfg = skinny_config(x2.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
+    _lora_down_kernel[grid](
+        x2, A, S, M, K, R,
+        x2.stride(0), x2.stride(1), A.stride(0), A.stride(1), S.stride(0), S.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BR=BR, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return S
+
+
+def _fwd_gemm(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Y = x2 @ W.T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype."""
+    M, K = x2.shape
+    N, R = B.shape
+    Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return Y
+    cfg = gemm_config(x2.dtype)
+    BR = rank_block(R)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    _lora_fwd_kernel[grid](
+        x2, W, S, B, bias if bias is not None else x2, Y,
+        M, N, K, R,
+        x2.stride(0), x2.stride(1), W.stride(0), W.stride(1), S.stride(0), S.stride(1),
+        B.stride(0), B.stride(1), Y.stride(0), Y.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return Y
+
+
+def _bwd_dS_dB(dY, S, B, scaling: float):
+    """dS = scaling * dY @ B (M, r, S's dtype) and dB = scaling * dY.T @ S (N, r, B's dtype)."""
+    M, N = dY.shape
+    R = S.shape[1]
+    dS = torch.empty((M, R), device=dY.device, dtype=S.dtype)
+    if M == 0:
+        return dS, torch.zeros_like(B)
+    cfg = skinny_config(dY.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:  # one fp32 slice per row block, summed in a fixed order
+        dB32 = torch.empty((grid[0], N, R), device=dY.device, dtype=torch.float32)
+        strides = dB32.stride()
+    else:
+        dB32 = torch.zeros((N, R), device=dY.device, dtype=torch.float32)
+        strides = (0,) + dB32.stride()
+    _lora_bwd_dsdb_kernel[grid](
+        dY, B, S, dS, dB32,
+        M, N, R,
+        dY.stride(0), dY.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
+        dS.stride(0), dS.stride(1), *strides,
+        float(scaling),
+        DETERMINISTIC=deterministic, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    dB = dB32.sum(0) if deterministic else dB32
+    return dS, dB.to(B.dtype)
+
+
+def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """dX = dY @ W + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype."""
+    M, N = dY.shape
+    R, K = A.shape
+    dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
+    if M == 0:
+        return dX
+    cfg = gemm_config(dY.dtype)
+    BR = rank_block(R)
+    has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
+    _lora_bwd_dx_kernel[grid](
+        dY, W, dS, A, dX,
+        M, N, K, R,
+        dY.stride(0), dY.stride(1), W.stride(0), W.stride(1), dS.stride(0), dS.stride(1),
+        A.stride(0), A.stride(1), dX.stride(0), dX.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BK=cfg["BN"], BN=cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dX
+
+
+def _bwd_dA(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtype=None) -> torch.Tensor:
+    """dA = dS.T @ dropout(x2), (r, K)."""
+    M, K = x2.shape
+    R = dS.shape[1]
+    dA = torch.empty((R, K), device=x2.device, dtype=out_dtype or x2.dtype)
+    if M == 0:
+        return dA.zero_()
+    cfg = skinny_config(x2.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(R, BR))
+    _lora_bwd_da_kernel[grid](
+        dS, x2, dA,
+        M, K, R,
+        dS.stride(0), dS.stride(1), x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dA
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
+    """The keep-mask (bool, ``shape`` = (..., in)) that the Triton kernels use for
+    ``dropout_p`` and ``seed``; for tests and for users who need the exact mask."""
+    shape = tuple(shape)
+    K = shape[-1]
+    M = 1
+    for d in shape[:-1]:
+        M *= d
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M and K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        _dropout_mask_kernel[grid](out, M, K, int(seed), float(dropout_p), BM=32, BK=32)
+    return out.bool().reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# Autograd Function: calls launchers only.
+# ----------------------------------------------------------------------------
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; inputs already validated, x 2-D."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+        S = _lora_down(x2, lora_A, dropout_p, seed)
+        Y = _fwd_gemm(x2, weight, S, lora_B, scaling, bias)
+        # Saved: x and S (activations), the seed (mask regenerated, never stored).
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        x2, weight, lora_A, lora_B, S = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dX = dW = dA = dB = dbias = None
+        dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+        if need_x or need_a or need_b:
+            dS, dB = _bwd_dS_dB(dY, S, lora_B, ctx.scaling)
+            if need_x:
+                dX = _bwd_dX(dY, weight, dS, lora_A, ctx.dropout_p, ctx.seed)
+            if need_a:
+                dA = _bwd_dA(dS, x2, ctx.dropout_p, ctx.seed, out_dtype=lora_A.dtype)
+            if not need_b:
+                dB = None
+        if need_w:
+            dW = (dY.t() @ x2).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = dY.float().sum(0).to(dY.dtype)
+        return dX, dW, dA, dB, dbias, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# Plain-torch reference (the CPU path of backend="auto", and the tests' oracle).
+# ----------------------------------------------------------------------------
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
+                          seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
+    """``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T`` with plain torch ops.
+
+    The dropout keep-mask is ``keep_mask`` when given (bool, x's shape), else drawn
+    from a ``torch.Generator`` seeded with ``seed`` on x's device. Autograd
+    differentiates it like any torch code.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            g = torch.Generator(device=x.device)
+            g.manual_seed(int(seed) if seed is not None else 0)
+            keep_mask = torch.rand(x.shape, generator=g, device=x.device) >= dropout_p
+        xd = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    else:
+        xd = x
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
+    return y + scaling * lora
+
+
+# ----------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _is_nf4(weight) -> bool:
+    return bool(getattr(weight, "_rankwise_nf4", False))
+
+
+def _check_tensor(t, name, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _validate(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, dropout_p, backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
+    _check_tensor(lora_A, "lora_A", 2)
+    _check_tensor(lora_B, "lora_B", 2)
+    out_features, in_features = weight_shape
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A: rank r = lora_A.shape[0] must be >= 1, got shape {tuple(lora_A.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight in_features {in_features} "
+                         f"(weight shape {tuple(weight_shape)})")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A: expected shape (r, {in_features}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected shape ({out_features}, {r}) = (out_features, r), "
+                         f"got {tuple(lora_B.shape)}")
+    devices = {"x": x.device, "weight": weight_device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        _check_tensor(bias, "bias", 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " +
+                         ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    try:
+        scaling = float(scaling)
+    except (TypeError, ValueError):
+        raise TypeError(f"scaling: expected a real number, got {scaling!r}") from None
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    return scaling
+
+
+def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Fused LoRA linear layer.
+
+    Returns ``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    Args:
+        x: input, shape ``(..., in_features)``; any strides.
+        weight: frozen base weight, shape ``(out_features, in_features)`` (PEFT / nn.Linear
+            layout), or an ``NF4Weight`` from ``rankwise.quant`` (4-bit base).
+        lora_A: shape ``(r, in_features)``, r >= 1.
+        lora_B: shape ``(out_features, r)``.
+        scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+        bias: optional, shape ``(out_features,)``.
+        dropout_p: dropout probability on the LoRA branch's input (inverted dropout).
+            The mask is regenerated from ``seed`` in the backward pass, never stored.
+        seed: dropout seed; ``None`` draws one from torch's default generator, so
+            ``torch.manual_seed`` makes runs reproducible. Masks are reproducible per backend.
+        backend: ``"triton"`` (our kernels; on the CPU only under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (the plain-torch reference) or ``"auto"`` (Triton on CUDA, else torch).
+
+    Dtypes: x is fp32, fp16 or bf16 (any float for the torch backend); ``weight``,
+    ``lora_A``, ``lora_B`` and ``bias`` are cast to x's dtype (differentiably), as
+    PEFT does for the LoRA branch. Under ``torch.autocast`` everything is cast to
+    the autocast dtype. Accumulation is fp32.
+
+    Gradients flow to x, lora_A, lora_B, and to weight / bias only if they require grad.
+
+    Returns:
+        Tensor of shape ``(..., out_features)`` in the compute dtype.
+    """
+    if _is_nf4(weight):
+        from .nf4_lora import nf4_lora_linear
+
+        return nf4_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend)
+    _check_tensor(weight, "weight", 2)
+    scaling = _validate(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = x.dtype
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    x, weight, lora_A, lora_B, bias = cast(x), cast(weight), cast(lora_A), cast(lora_B), cast(bias)
+
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "torch":
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+    for t, name in ((x, "x"), (weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+        check_triton_tensor(t, name)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(device_type, enabled=False):
+        y = LoRALinearFunction.apply(x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    return y.reshape(*lead, weight.shape[0])
