@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 import torch  # noqa: E402,F401  (loads libtorch before rankwise._C is imported)
 
-from .lora import LoRALinear, inject_lora, patch_peft_model  # noqa: E402
+from .lora import LoRALinear, inject_lora, lora_layers, patch_peft_model, unpatch_peft_model  # noqa: E402
 
-__all__ = ["__version__", "LoRALinear", "inject_lora", "patch_peft_model"]
+__all__ = ["__version__", "LoRALinear", "inject_lora", "lora_layers", "patch_peft_model", "unpatch_peft_model"]
