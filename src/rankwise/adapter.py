@@ -1,0 +1,210 @@
+"""LoRA adapters on disk, in the PEFT format.
+
+An adapter directory holds ``adapter_config.json`` and
+``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` (shape ``(r, in)``) and
+``...lora_B.weight`` (shape ``(out, r)``), e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, so that
+``peft.PeftModel.from_pretrained(base, adapter_dir)`` loads it. The layer
+computes ``y = x W^T + scaling * (x A^T) B^T`` with ``scaling = alpha / r``
+(``alpha / sqrt(r)`` with rsLoRA).
+
+Small free functions: find the LoRA modules of a model, save, load, merge.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def lora_modules(model: torch.nn.Module) -> dict:
+    """``{module path: module}`` for every LoRA layer (a module with ``base``, ``lora_A`` and ``lora_B``)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), torch.Tensor) and isinstance(getattr(m, "lora_B", None), torch.Tensor)
+            and isinstance(getattr(m, "base", None), torch.nn.Module)}
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict:
+    """The LoRA tensors of ``model`` under their PEFT names (detached, on the CPU, contiguous)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    return out
+
+
+def _atomic_save(obj_writer, path):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        obj_writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropout: float = 0.0,
+                 targets=None, use_rslora: bool = False) -> str:
+    """Write ``model``'s LoRA layers to ``out_dir`` in the PEFT format; returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA layers (call rankwise.inject_lora first)")
+    if targets is None:
+        targets = sorted({name.rsplit(".", 1)[-1] for name in mods})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": sorted(targets),
+        "use_rslora": bool(use_rslora),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = adapter_state_dict(model)
+    _atomic_save(lambda p: save_file(tensors, p, metadata={"format": "pt"}), os.path.join(out_dir, WEIGHTS_NAME))
+    text = json.dumps(config, indent=2)
+
+    def write_json(p):
+        with open(p, "w") as f:
+            f.write(text)
+
+    _atomic_save(write_json, os.path.join(out_dir, CONFIG_NAME))
+    return out_dir
+
+
+def read_adapter(adapter_dir) -> tuple[dict, dict]:
+    """``(adapter_config, tensors)`` from a PEFT LoRA adapter directory."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"not a LoRA adapter directory (missing {os.path.basename(p)}): {adapter_dir}")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_path}: missing key {key!r}")
+    return cfg, load_file(w_path)
+
+
+def scaling_of(cfg: dict) -> float:
+    """The LoRA scaling of an adapter config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _split_keys(tensors, path):
+    pairs = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"{path}: unexpected tensor {key!r} (expected {PREFIX}<module>.lora_A/B.weight)")
+        body = key[len(PREFIX):]
+        name, which = body[: -len(".lora_A.weight")], body[-len("lora_A.weight"):-len(".weight")]
+        pairs.setdefault(name, {})[which] = t
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{path}: module {name!r} has {sorted(ab)} but needs both lora_A and lora_B")
+    return pairs
+
+
+def load_adapter(model, adapter_dir, *, inject: bool = True):
+    """Load a PEFT LoRA adapter into ``model`` (injecting LoRA layers first when ``inject``); returns ``model``."""
+    cfg, tensors = read_adapter(adapter_dir)
+    if inject:
+        from .lora import inject_lora
+
+        targets = cfg["target_modules"]
+        if isinstance(targets, str):
+            raise ValueError(f"{adapter_dir}: target_modules as a regex is not supported; give a list of names")
+        inject_lora(model, targets, cfg["r"], cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                    use_rslora=cfg.get("use_rslora", False))
+    mods = lora_modules(model)
+    pairs = _split_keys(tensors, adapter_dir)
+    missing = sorted(set(mods) - set(pairs))
+    extra = sorted(set(pairs) - set(mods))
+    if missing or extra:
+        raise ValueError(f"{adapter_dir}: adapter does not match the model's LoRA layers "
+                         f"(missing in the adapter: {missing[:3]}, not in the model: {extra[:3]})")
+    with torch.no_grad():
+        for name, m in mods.items():
+            for which in ("lora_A", "lora_B"):
+                p, t = getattr(m, which), pairs[name][which]
+                if p.shape != t.shape:
+                    raise ValueError(f"{adapter_dir}: {name}.{which} has shape {tuple(t.shape)}, "
+                                     f"the model expects {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))
+    return model
+
+
+def merge_adapter(model, adapter_dir):
+    """Add ``scaling * B @ A`` of a PEFT adapter to the plain ``nn.Linear`` weights of ``model`` (in place).
+
+    The product is formed in fp32 and rounded once to the weight dtype.
+    Returns ``model``.
+    """
+    cfg, tensors = read_adapter(adapter_dir)
+    scale = scaling_of(cfg)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, ab in _split_keys(tensors, adapter_dir).items():
+            lin = modules.get(name)
+            if not isinstance(lin, torch.nn.Linear):
+                raise ValueError(f"{adapter_dir}: {name!r} is not an nn.Linear of the base model")
+            delta = ab["lora_B"].float() @ ab["lora_A"].float()
+            if delta.shape != lin.weight.shape:
+                raise ValueError(f"{adapter_dir}: {name} update has shape {tuple(delta.shape)}, "
+                                 f"the weight has {tuple(lin.weight.shape)}")
+            lin.weight.copy_((lin.weight.float() + scale * delta.to(lin.weight.device)).to(lin.weight.dtype))
+    return model
+
+
+def unwrap_lora(model):
+    """Replace every LoRA layer by its base ``nn.Linear`` with the update merged in; returns ``model``."""
+    for name, m in list(lora_modules(model).items()):
+        base = m.base
+        with torch.no_grad():
+            delta = (m.lora_B.float() @ m.lora_A.float()) * float(m.scaling)
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, base)
+    return model
+
+
+def lora_delta_norms(model) -> dict:
+    """``{module path: ||scaling * B A||_F}`` for every LoRA layer (computed in fp32)."""
+    out = {}
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            out[name] = float(((m.lora_B.float() @ m.lora_A.float()) * float(m.scaling)).norm())
+    return out

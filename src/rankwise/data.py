@@ -1,0 +1,347 @@
+"""Data: load rows, tokenize with the loss on completion tokens only, pack without cross-attention.
+
+Rows come from a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file or a
+Hugging Face hub data set (``name`` or ``name:split``). Two row formats:
+
+- ``prompt_completion``: string fields ``prompt`` and ``completion`` (renameable);
+  the model sees ``tokens(prompt) + tokens(completion) + [eos]`` and the loss
+  covers the completion tokens and the EOS only.
+- ``chat``: a field ``messages`` (a list of ``{"role", "content"}``), rendered
+  with the tokenizer's chat template; the loss covers what the template emits
+  for assistant turns (their content and end-of-turn tokens).
+
+Batches are padding-free: the examples of a micro-batch are concatenated into a
+single row of shape ``(1, T)`` with ``position_ids`` restarting at 0 for every
+example. Hugging Face models turn restarting positions into a block-diagonal
+causal mask (sdpa, eager) or variable-length attention (flash_attention_2), so
+no token attends across examples. ``targets[t]`` is the token to predict at
+position ``t`` (already shifted) and ``-100`` where there is no loss, including
+the last position of every example, so no example predicts its neighbour.
+
+Errors about rows name the data set key and the row number (1-based).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+LOCAL_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ----------------------------------------------------------------------------- loading rows
+
+def load_rows(source: str, name: str = "data.train") -> list[dict]:
+    """Read every row of ``source`` (a local file, or a hub data set ``name[:split]``) as a list of dicts.
+
+    ``name`` is the config key the source came from; it prefixes error messages.
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{name} must be a path or a hub data set name, got {source!r}")
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.exists(source):
+        if os.path.isdir(source):
+            raise ValueError(f"{name}: {source} is a directory; give a .json/.jsonl/.csv/.parquet file")
+        if ext not in LOCAL_FORMATS:
+            raise ValueError(f"{name}: unsupported file type {ext!r} for {source}; "
+                             f"expected one of {', '.join(LOCAL_FORMATS)}")
+        return _READERS[LOCAL_FORMATS[ext]](source, name)
+    if ext in LOCAL_FORMATS or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name}: file not found: {source}")
+    return _read_hub(source, name)
+
+
+def _read_jsonl(path, name):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) must be a JSON object, "
+                                 f"got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path, name):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, name)  # many ".json" files are JSON lines
+    if isinstance(data, dict):  # {"data": [...]} or column-oriented {"prompt": [...], ...}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(data) == 1 and lists:
+            data = lists[0]
+        elif lists and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
+            keys = list(data)
+            data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        else:
+            raise ValueError(f"{name}: {path} must hold a list of row objects")
+    if not isinstance(data, list):
+        raise ValueError(f"{name}: {path} must hold a list of row objects, got {type(data).__name__}")
+    for i, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{name} row {i} of {path} must be an object, got {type(row).__name__}")
+    return data
+
+
+def _read_csv(path, name):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        for i, row in enumerate(reader, 1):
+            if None in row:  # more cells than header columns
+                raise ValueError(f"{name} row {i} (line {reader.line_num} of {path}) has more cells than the header")
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(path, name):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _read_hub(source, name):
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise ValueError(f"{name}: {source!r} is not a local file and the 'datasets' package is not installed") from None
+    ds_name, split = (source.rsplit(":", 1) + ["train"])[:2] if ":" in source else (source, "train")
+    try:
+        ds = datasets.load_dataset(ds_name, split=split)
+    except Exception as e:  # the hub raises many kinds; say which source failed
+        raise ValueError(f"{name}: cannot load hub data set {ds_name!r} split {split!r}: {e}") from e
+    return [dict(r) for r in ds]
+
+
+_READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+@dataclass
+class Example:
+    """One tokenized example: ``input_ids`` and a per-token flag ``is_target`` (loss on this token)."""
+
+    input_ids: list
+    is_target: list
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+def _field(row, field, i, name, kind=str):
+    if field not in row:
+        present = ", ".join(map(repr, row)) or "none"
+        raise ValueError(f"{name} row {i}: missing field {field!r} (fields present: {present}); "
+                         f"rename with data.fields")
+    value = row[field]
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} row {i}: field {field!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def get_answers(row: dict, field: str = "answers"):
+    """The gold answers of a row as a list of strings (from ``field``, else ``answer``), or None."""
+    for key in (field, "answers", "answer"):
+        if key in row and row[key] is not None:
+            v = row[key]
+            if isinstance(v, str):
+                return [v]
+            if isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v):
+                return list(v)
+            return None
+    return None
+
+
+def tokenize_rows(rows, tokenizer, *, format="prompt_completion", fields=None, max_length=512, add_eos=True,
+                  name="data.train", progress=False):
+    """Tokenize ``rows`` into ``Example``s (truncated to ``max_length``).
+
+    Returns ``(examples, n_dropped)``: examples whose targets were all cut by
+    truncation are dropped and counted.
+    """
+    fields = {"prompt": "prompt", "completion": "completion", "messages": "messages", **(fields or {})}
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if format == "prompt_completion":
+        seqs = _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name)
+    elif format == "chat":
+        seqs = _tokenize_chat(rows, tokenizer, fields, name, progress)
+    else:
+        raise ValueError(f"data.format must be 'prompt_completion' or 'chat', got {format!r}")
+    examples, dropped = [], 0
+    for ids, tgt in seqs:
+        ids, tgt = ids[:max_length], tgt[:max_length]
+        if not any(tgt[1:]):  # position 0 has no predecessor, so it cannot be a target
+            dropped += 1
+            continue
+        examples.append(Example(ids, tgt))
+    if not examples:
+        raise ValueError(f"{name}: no example has a completion token left within data.max_length={max_length}")
+    return examples, dropped
+
+
+def _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name):
+    pf, cf = fields["prompt"], fields["completion"]
+    prompts = [_field(r, pf, i, name) for i, r in enumerate(rows, 1)]
+    completions = [_field(r, cf, i, name) for i, r in enumerate(rows, 1)]
+    for i, c in enumerate(completions, 1):
+        if not c:
+            raise ValueError(f"{name} row {i}: field {cf!r} is empty")
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    out = []
+    chunk = 2048
+    for s in range(0, len(rows), chunk):
+        p_ids = tokenizer(prompts[s:s + chunk], add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer(completions[s:s + chunk], add_special_tokens=False)["input_ids"]
+        for p, c in zip(p_ids, c_ids):
+            c = list(c) + eos
+            out.append((list(p) + c, [False] * len(p) + [True] * len(c)))
+    return out
+
+
+def _check_messages(messages, i, name):
+    if not messages:
+        raise ValueError(f"{name} row {i}: 'messages' is empty")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{name} row {i}: message {j} must be an object with string 'role' and 'content', got {m!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{name} row {i}: no assistant message to train on")
+
+
+def chat_prompt(tokenizer, messages) -> str:
+    """The rendered chat prompt for generation: every message before the last assistant turn."""
+    last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+
+
+def _tokenize_chat(rows, tokenizer, fields, name, progress):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{name}: data.format is 'chat' but the tokenizer has no chat template")
+    mf = fields["messages"]
+    out = []
+    it = enumerate(rows, 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(rows), desc=f"tokenizing {name}", leave=False)
+    for i, row in it:
+        messages = _field(row, mf, i, name, list)
+        _check_messages(messages, i, name)
+        # Render the conversation prefix by prefix; assistant turns are the text
+        # the template adds between "prefix + generation prompt" and "prefix + reply".
+        pieces, done = [], ""
+        render = tokenizer.apply_chat_template
+        for j, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = render(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
+            full = render(messages[:j + 1], tokenize=False)
+            if not prefix.startswith(done) or not full.startswith(prefix):
+                raise ValueError(f"{name} row {i}: the chat template does not render conversations "
+                                 f"prefix by prefix; cannot locate assistant message {j}")
+            pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            done = full
+        ids, tgt = [], []
+        for text, is_target in pieces:
+            if text:
+                t = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += t
+                tgt += [is_target] * len(t)
+        out.append((ids, tgt))
+    return out
+
+
+def qa_items(rows, tokenizer, *, format="prompt_completion", fields=None, name="data.eval"):
+    """Rows with gold answers -> ``(prompts, answers, add_special_tokens)`` for generation QA.
+
+    Returns ``None`` when no row has an ``answers`` / ``answer`` field.
+    """
+    fields = {"prompt": "prompt", "messages": "messages", "answers": "answers", **(fields or {})}
+    answers = [get_answers(r, fields["answers"]) for r in rows]
+    if not any(a for a in answers):
+        return None
+    prompts, golds = [], []
+    for i, (row, ans) in enumerate(zip(rows, answers), 1):
+        if not ans:
+            continue
+        if format == "chat":
+            messages = _field(row, fields["messages"], i, name, list)
+            _check_messages(messages, i, name)
+            prompts.append(chat_prompt(tokenizer, messages))
+        else:
+            prompts.append(_field(row, fields["prompt"], i, name))
+        golds.append(ans)
+    return prompts, golds, format != "chat"
+
+
+# ----------------------------------------------------------------------------- batching
+
+def plan_epoch(lengths, batch_size, *, packing=False, max_length=512, seed=0, epoch=0, shuffle=True):
+    """Split example indices into micro-batches for one epoch (a list of lists of indices).
+
+    The order is a permutation drawn from a generator seeded with ``(seed, epoch)``,
+    so every run with the same seed sees the same batches, whatever else it does.
+    Without packing a micro-batch holds ``batch_size`` examples (the last one may
+    hold fewer); with packing it holds as many consecutive examples as fit in
+    ``batch_size * max_length`` tokens.
+    """
+    n = len(lengths)
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    if not packing:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    budget = batch_size * max_length
+    batches, cur, used = [], [], 0
+    for idx in order:
+        if cur and used + lengths[idx] > budget:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(idx)
+        used += lengths[idx]
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate(examples, indices=None) -> dict:
+    """Concatenate examples into one padding-free row.
+
+    Returns a dict with ``input_ids``, ``position_ids`` and ``targets`` (all
+    ``(1, T)`` int64), ``n_targets`` (tokens with a loss) and ``n_tokens``.
+    """
+    chosen = examples if indices is None else [examples[i] for i in indices]
+    ids, pos, tgt = [], [], []
+    for ex in chosen:
+        n = len(ex.input_ids)
+        ids += ex.input_ids
+        pos += range(n)
+        # targets[t] = input_ids[t + 1] when token t + 1 is a completion token; nothing after the last token.
+        tgt += [ex.input_ids[t + 1] if ex.is_target[t + 1] else IGNORE for t in range(n - 1)] + [IGNORE]
+    as_row = lambda x: torch.tensor(x, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    targets = as_row(tgt)
+    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": targets,
+            "n_targets": int((targets != IGNORE).sum()), "n_tokens": len(ids)}
+
+
+def eval_batches(examples, batch_size, max_length, packing=False):
+    """Deterministic (unshuffled) padding-free batches over ``examples``."""
+    plan = plan_epoch([len(e) for e in examples], batch_size, packing=packing, max_length=max_length, shuffle=False)
+    return [collate(examples, b) for b in plan]

@@ -1,0 +1,111 @@
+"""Loading Hugging Face causal LMs and tokenizers with rankwise's dtype / attention / NF4 choices."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("rankwise")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """``auto`` -> ``flash_attention_2`` when flash_attn imports (and we are on a GPU), else ``sdpa``."""
+    if attention != "auto":
+        return attention
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except Exception:
+            pass
+    return "sdpa"
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``model``."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _memory(model, device) -> str:
+    s = f"weights {module_bytes(model) / 2**20:.1f} MiB"
+    if device.type == "cuda":
+        s += f", cuda allocated {torch.cuda.memory_allocated(device) / 2**20:.1f} MiB"
+    return s
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained(path)`` with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load tokenizer {path!r}: {e}") from None
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", device="cpu",
+               quantization: str = "none", double_quant: bool = False):
+    """Load ``AutoModelForCausalLM`` from ``path`` onto ``device``.
+
+    ``dtype`` is the dtype of the loaded weights (``auto``: bf16/fp16 on GPU,
+    fp32 on CPU). ``quantization='nf4'`` hands the loaded model to
+    ``rankwise.quant.quantize_model_nf4`` (its frozen linear weights become NF4)
+    and logs the memory before and after.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    attn = resolve_attention(attention, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {path!r}: {e}") from None
+    model.to(device)
+    model.config.use_cache = False
+    if quantization == "nf4":
+        from .quant import quantize_model_nf4
+
+        before = _memory(model, device)
+        model = quantize_model_nf4(model, double_quant=double_quant) or model
+        log.info("nf4 quantization: before %s; after %s", before, _memory(model, device))
+    elif quantization != "none":
+        raise ValueError(f"quantization must be 'none' or 'nf4', got {quantization!r}")
+    return model
