@@ -1,0 +1,531 @@
+"""Reading run directories and analysing them against their base model.
+
+A run directory (written by ``rankwise train``) holds ``config.yaml`` and either
+``adapter/`` (PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``)
+or ``model/`` (``save_pretrained`` output of full or masked SFT). They are read
+directly with ``json``/``safetensors``, tensor by tensor: the spectral pass loads
+one base matrix and one update at a time, in fp32 on the analysis device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from . import spectral
+from .restoration import DEFAULT_FRACTIONS, SELECTIONS
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+?)(?:\.weight)?$")
+_LORA_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+# --------------------------------------------------------------------------- weights on disk
+class SafetensorsWeights:
+    """Lazy ``{name: tensor}`` view of the safetensors file(s) in a directory (sharded or not)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {path!r} (save with safe_serialization=True)")
+        self._handles = {}
+        self._where = {}
+        for f in files:
+            h = safe_open(os.path.join(path, f), framework="pt", device="cpu")
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+
+    def keys(self) -> list:
+        return list(self._where)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> list:
+        return list(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str, device=None) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(f"tensor {key!r} not found in {self.path!r}")
+        t = self._handles[self._where[key]].get_tensor(key)
+        return t if device is None else t.to(device)
+
+
+def resolve_model_dir(model: str) -> str:
+    """A local directory for ``model`` (a path, or a name already in the Hugging Face cache)."""
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
+        raise FileNotFoundError(f"base model {model!r} is neither a directory nor in the local cache ({e})") from None
+
+
+# --------------------------------------------------------------------------- runs
+def _split_name(name: str):
+    m = _LAYER_RE.search(name)
+    if not m:
+        return None, name[:-7] if name.endswith(".weight") else name
+    return int(m.group(1)), m.group(2)
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class Run:
+    """One run directory: its method, LoRA settings and a streaming source of its updates."""
+
+    def __init__(self, path: str, *, include: str = r"layers", exclude: str = r"norm"):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"run directory {path!r} does not exist")
+        self.path = os.path.abspath(path)
+        self.name = os.path.basename(os.path.normpath(path))
+        cfg = {}
+        cfg_path = os.path.join(path, "config.yaml")
+        if os.path.isfile(cfg_path):
+            import yaml
+
+            with open(cfg_path) as f:
+                cfg = yaml.safe_load(f) or {}
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_path}: expected a mapping at the top level")
+        adapter_dir = os.path.join(path, "adapter")
+        model_dir = os.path.join(path, "model")
+        self.config = cfg
+        self.rank = None
+        self.alpha = None
+        self.rslora = False
+        if os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+            self.kind = "adapter"
+            self.method = str(cfg.get("method", "lora"))
+            with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+                acfg = json.load(f)
+            try:
+                self.rank = int(acfg["r"])
+                self.alpha = float(acfg.get("lora_alpha", self.rank))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{adapter_dir}/adapter_config.json: needs an integer 'r' ({e})") from None
+            self.rslora = bool(acfg.get("use_rslora", False))
+            self.rank_pattern = acfg.get("rank_pattern") or {}
+            self.alpha_pattern = acfg.get("alpha_pattern") or {}
+            self.weights = SafetensorsWeights(adapter_dir)
+            self._lora = {}
+            for key in self.weights.keys():
+                m = _LORA_RE.match(key)
+                if m:
+                    self._lora.setdefault(m.group(1), {})[m.group(2)] = key
+            self._lora = {mod: ab for mod, ab in self._lora.items() if "A" in ab and "B" in ab}
+            if not self._lora:
+                raise ValueError(f"{adapter_dir}: no lora_A/lora_B weight pairs found")
+            self.matrices = sorted((mod + ".weight" for mod in self._lora), key=_natural_key)
+        elif os.path.isdir(model_dir):
+            self.kind = "model"
+            self.method = str(cfg.get("method", "full"))
+            self.weights = SafetensorsWeights(model_dir)
+            inc, exc = re.compile(include), re.compile(exclude) if exclude else None
+            self.matrices = sorted(
+                (k for k in self.weights.keys()
+                 if inc.search(k) and not (exc and exc.search(k)) and len(self.weights.shape(k)) == 2),
+                key=_natural_key,
+            )
+        else:
+            raise FileNotFoundError(f"{path!r} has neither adapter/adapter_config.json nor model/")
+        self.model_dir = model_dir if self.kind == "model" else None
+
+    @property
+    def label(self) -> str:
+        return f"r={self.rank}" if self.kind == "adapter" else self.method
+
+    def _scaling(self, module: str) -> float:
+        r, alpha = self.rank, self.alpha
+        for pat, v in self.rank_pattern.items():
+            if re.search(rf"(^|\.){re.escape(pat)}$", module) or re.fullmatch(pat, module):
+                r = int(v)
+        for pat, v in self.alpha_pattern.items():
+            if re.search(rf"(^|\.){re.escape(pat)}$", module) or re.fullmatch(pat, module):
+                alpha = float(v)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def lora_A(self, name: str, device=None) -> torch.Tensor:
+        """The ``A`` matrix ``(r, in)`` of the module whose weight is ``name``."""
+        return self.weights.get(self._lora[name[:-7]]["A"], device).float()
+
+    def delta(self, name: str, base: SafetensorsWeights, device) -> torch.Tensor:
+        """ΔW of matrix ``name`` in fp32 on ``device``."""
+        if self.kind == "adapter":
+            mod = name[:-7]
+            A = self.weights.get(self._lora[mod]["A"], device).float()
+            B = self.weights.get(self._lora[mod]["B"], device).float()
+            if B.shape[1] != A.shape[0]:
+                raise ValueError(f"{self.path}: {mod} lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
+            return (B @ A).mul_(self._scaling(mod))
+        tuned = self.weights.get(name, device).float()
+        return tuned.sub_(base.get(name, device).float())
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "path": self.path, "method": self.method, "kind": self.kind, "label": self.label}
+        if self.kind == "adapter":
+            d.update(rank=self.rank, alpha=self.alpha, rslora=self.rslora)
+        return d
+
+
+def sort_runs(runs: Sequence[Run]) -> list:
+    """LoRA runs by rank, then full and masked SFT runs by name."""
+    return sorted(runs, key=lambda r: (r.kind != "adapter", r.rank or 0, r.method, r.name))
+
+
+# --------------------------------------------------------------------------- spectral pass
+def _pow2_grid(r: int) -> list:
+    out, v = [], 1
+    while v < r:
+        out.append(v)
+        v *= 2
+    return out + [r]
+
+
+def spectral_analysis(runs: Sequence[Run], base: SafetensorsWeights, *, device=None,
+                      intruders: bool = True, intruder_k: int = 10, intruder_eps: float = 0.5,
+                      top_k: Sequence[int] = (1, 4, 16), keep: int = 64, progress: bool = True) -> dict:
+    """Spectral statistics of every run's updates, one matrix at a time.
+
+    The loop runs over matrices outside and runs inside, so the SVD of each base
+    matrix (needed for intruder dimensions) is computed once for all runs.
+
+    Returns:
+        ``{run_name: {aggregates..., "by_layer", "by_module", "matrices": [records]}}``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    names = sorted({n for r in runs for n in r.matrices}, key=_natural_key)
+    for r in runs:
+        missing = [n for n in r.matrices if n not in base]
+        if missing:
+            raise KeyError(f"run {r.name!r} updates {missing[0]!r}, which the base model does not have")
+    records = {r.name: [] for r in runs}
+    it: Iterable = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="spectra", leave=False)
+    for name in it:
+        users = [r for r in runs if name in set(r.matrices)]
+        if not users:
+            continue
+        W = base.get(name, device).float() if intruders else None
+        Ub = spectral._svd(W)[0] if intruders else None
+        layer, module = _split_name(name)
+        for r in users:
+            delta = r.delta(name, base, device)
+            if W is not None and delta.shape != W.shape:
+                raise ValueError(f"run {r.name!r}: ΔW of {name} has shape {tuple(delta.shape)}, base {tuple(W.shape)}")
+            rec = {"name": name, "layer": layer, "module": module}
+            rec.update(spectral.spectrum_summary(delta, top_k=top_k, keep=keep))
+            if intruders:
+                k = min(intruder_k, min(W.shape))
+                Ut = spectral._svd(W + delta)[0][:, :k]
+                sims = spectral._max_abs_cos(Ut, Ub)
+                rec["intruders"] = int((sims < intruder_eps).sum())
+                rec["top_sv_similarity"] = [float(v) for v in (Ub[:, :k] * Ut).sum(0).abs().cpu()]
+                del Ut
+            records[r.name].append(rec)
+            del delta
+        del W, Ub
+    return {r.name: _aggregate(records[r.name], keep) for r in runs}
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _aggregate(recs: list, keep: int) -> dict:
+    out = {
+        "n_matrices": len(recs),
+        "update_norm": math.sqrt(sum(r["fro_norm"] ** 2 for r in recs)),
+        "mean_fro_norm": _mean([r["fro_norm"] for r in recs]),
+        "mean_effective_rank": _mean([r["effective_rank"] for r in recs]),
+        "mean_stable_rank": _mean([r["stable_rank"] for r in recs]),
+    }
+    if recs:
+        out["mean_energy_top"] = {k: _mean([r["energy_top"][k] for r in recs]) for k in recs[0]["energy_top"]}
+    if recs and "intruders" in recs[0]:
+        out["intruders_total"] = int(sum(r["intruders"] for r in recs))
+        out["intruders_per_matrix"] = _mean([r["intruders"] for r in recs])
+        out["mean_top_sv_similarity"] = _mean([_mean(r["top_sv_similarity"]) for r in recs])
+    # Mean normalised spectrum σ_i / σ_1 over matrices (zero updates left out).
+    spec = [0.0] * keep
+    cnt = [0] * keep
+    for r in recs:
+        sv = r["singular_values"]
+        if sv and sv[0] > 0:
+            for i, v in enumerate(sv):
+                spec[i] += v / sv[0]
+                cnt[i] += 1
+    out["mean_normalized_spectrum"] = [s / c for s, c in zip(spec, cnt) if c]
+
+    def group(key):
+        g: dict = {}
+        for r in recs:
+            g.setdefault(r[key], []).append(r)
+        res = {}
+        for k, rs in g.items():
+            e = {"fro_norm": math.sqrt(sum(x["fro_norm"] ** 2 for x in rs)),
+                 "effective_rank": _mean([x["effective_rank"] for x in rs]),
+                 "stable_rank": _mean([x["stable_rank"] for x in rs])}
+            if "intruders" in rs[0]:
+                e["intruders"] = int(sum(x["intruders"] for x in rs))
+            res[str(k)] = e
+        return res
+
+    out["by_layer"] = group("layer")
+    out["by_module"] = group("module")
+    out["matrices"] = recs
+    return out
+
+
+def subspace_similarities(runs: Sequence[Run], device=None) -> list:
+    """φ(A_a, A_b, i, j) between every pair of LoRA runs, averaged over their common modules."""
+    lora = [r for r in runs if r.kind == "adapter"]
+    out = []
+    for ai in range(len(lora)):
+        for bi in range(ai + 1, len(lora)):
+            a, b = lora[ai], lora[bi]
+            common = [n for n in a.matrices if n in set(b.matrices)]
+            if not common:
+                continue
+            grid = None
+            iis = jjs = None
+            used = 0
+            for name in common:
+                A1, A2 = a.lora_A(name, device), b.lora_A(name, device)
+                if A1.shape[1] != A2.shape[1]:
+                    continue
+                ri, rj = min(A1.shape), min(A2.shape)
+                if iis is None:
+                    iis, jjs = _pow2_grid(ri), _pow2_grid(rj)
+                if iis[-1] > ri or jjs[-1] > rj:
+                    continue
+                g = spectral.subspace_similarity_grid(A1, A2, iis, jjs)
+                grid = g if grid is None else [[x + y for x, y in zip(r1, r2)] for r1, r2 in zip(grid, g)]
+                used += 1
+            if used:
+                out.append({"a": a.name, "b": b.name, "rank_a": a.rank, "rank_b": b.rank, "i": iis, "j": jjs,
+                            "n_modules": used, "phi": [[v / used for v in row] for row in grid]})
+    return out
+
+
+# --------------------------------------------------------------------------- models
+def _resolve_dtype(dtype, device: torch.device):
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def load_base_model(base_dir: str, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def load_tuned_model(run: Run, base_dir: str, base: SafetensorsWeights, device, dtype):
+    """The fine-tuned model of ``run``: ``model/`` as saved, or the base with ``scaling * B @ A`` added."""
+    from transformers import AutoModelForCausalLM
+
+    if run.kind == "model":
+        return AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype).to(device).eval()
+    model = load_base_model(base_dir, device, dtype)
+    params = dict(model.named_parameters())
+    for name in run.matrices:
+        if name not in params:
+            raise KeyError(f"run {run.name!r}: the base model has no parameter {name!r}")
+        p = params[name]
+        p.add_(run.delta(name, base, p.device).to(p.dtype))
+    return model
+
+
+def load_jsonl(path: str) -> list:
+    """Rows of a jsonl file (blank lines skipped); a clear error names the bad line."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+# --------------------------------------------------------------------------- everything
+def analyze_runs(
+    run_dirs: Sequence[str],
+    base: str,
+    probe_rows: Sequence[dict] | None,
+    out_dir: str,
+    *,
+    device=None,
+    dtype=None,
+    intruders: bool = True,
+    intruder_k: int = 10,
+    intruder_eps: float = 0.5,
+    top_k: Sequence[int] = (1, 4, 16),
+    keep: int = 64,
+    include: str = r"layers",
+    exclude: str = r"norm",
+    attention: bool = True,
+    representations: bool = True,
+    tokens: bool = True,
+    kl_k: int = 10,
+    batch_size: int = 8,
+    max_length: int = 256,
+    max_tokens: int = 2048,
+    restore_sets: Mapping[str, Sequence[dict]] | None = None,
+    restore_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    restore_selections: Sequence[str] = SELECTIONS,
+    accuracy_fn: Callable | None = None,
+    restore_fn: Callable | None = None,
+    seed: int = 0,
+    plots: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Analyse fine-tuning runs against their base model and write the results to ``out_dir``.
+
+    Args:
+        run_dirs: run directories (``adapter/`` for LoRA, ``model/`` for full or masked SFT).
+        base: the base model (a directory, or a name in the local Hugging Face cache).
+        probe_rows: probe rows (``prompt``, optional ``bucket``) for the attention,
+            representation and token-level analyses; ``None`` or empty skips them.
+        out_dir: where ``analysis.json``, the PNG plots and ``analysis.md`` go.
+        device: analysis device (default: CUDA if available, else CPU). SVDs run there in fp32.
+        dtype: model dtype for the probe pass (``"auto"``: bf16 on CUDA, fp32 on CPU).
+        intruders, intruder_k, intruder_eps: intruder-dimension settings (needs an SVD
+            of every base and tuned matrix).
+        top_k, keep: energy shares to report, and how many singular values to keep per matrix.
+        include, exclude: regexes choosing the matrices of full/masked runs (and of restoration).
+        attention, representations, tokens: which probe analyses to run.
+        restore_sets: ``{name: rows}`` eval sets; when given, every full/masked run gets
+            a restoration curve (see :func:`rankwise.analysis.restoration_curve`).
+        accuracy_fn, restore_fn: overrides for ``rankwise.evaluate.qa_accuracy`` and
+            ``rankwise.masking.restore``.
+
+    Returns:
+        The analysis dict (also written as ``analysis.json``), with ``"files"`` naming
+        the plots and the markdown file.
+    """
+    from . import report
+
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    run_dirs = [os.fspath(p) for p in run_dirs]
+    if not run_dirs:
+        raise ValueError("run_dirs must name at least one run directory")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    runs = sort_runs([Run(p, include=include, exclude=exclude) for p in run_dirs])
+    seen: dict = {}
+    for r in runs:  # unique names for the JSON and the plots
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}#{seen[r.name]}"
+        else:
+            seen[r.name] = 0
+    base_dir = resolve_model_dir(base)
+    base_w = SafetensorsWeights(base_dir)
+
+    timings = {}
+    t = time.time()
+    spec = spectral_analysis(runs, base_w, device=device, intruders=intruders, intruder_k=intruder_k,
+                             intruder_eps=intruder_eps, top_k=top_k, keep=keep, progress=progress)
+    subspace = subspace_similarities(runs, device=device)
+    timings["spectral_s"] = time.time() - t
+
+    probe_rows = list(probe_rows or [])
+    want_probe = bool(probe_rows) and (attention or representations or tokens)
+    want_restore = bool(restore_sets) and any(r.kind == "model" for r in runs)
+    probe: dict = {}
+    restoration: dict = {}
+    notes: list = []
+    if bool(restore_sets) and not want_restore:
+        notes.append("restoration curves asked for, but no full/masked SFT run was given")
+    if want_probe or want_restore:
+        from transformers import AutoTokenizer
+
+        from ._probe import compare_on_probe
+        from .restoration import restoration_curve
+
+        tdtype = _resolve_dtype(dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        base_model = load_base_model(base_dir, device, tdtype)
+        for r in runs:
+            needs_restore = want_restore and r.kind == "model"
+            if not (want_probe or needs_restore):
+                continue
+            tuned = load_tuned_model(r, base_dir, base_w, device, tdtype)
+            if want_probe:
+                t = time.time()
+                probe[r.name] = compare_on_probe(base_model, tuned, tokenizer, probe_rows, attention=attention,
+                                                 representations=representations, tokens=tokens, kl_k=kl_k,
+                                                 batch_size=batch_size, max_length=max_length,
+                                                 max_tokens=max_tokens, progress=progress)
+                timings[f"probe_{r.name}_s"] = time.time() - t
+            if needs_restore:
+                t = time.time()
+                restoration[r.name] = restoration_curve(
+                    base_model, tuned, tokenizer, restore_sets, fractions=restore_fractions,
+                    selections=restore_selections, accuracy_fn=accuracy_fn, restore_fn=restore_fn,
+                    include=include, exclude=exclude, seed=seed, progress=progress)
+                timings[f"restoration_{r.name}_s"] = time.time() - t
+            del tuned
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del base_model
+
+    analysis = {
+        "version": 1,
+        "base": base,
+        "device": str(device),
+        "settings": {
+            "intruders": intruders, "intruder_k": intruder_k, "intruder_eps": intruder_eps,
+            "top_k": list(top_k), "keep": keep, "include": include, "exclude": exclude,
+            "kl_k": kl_k, "max_length": max_length, "max_tokens": max_tokens,
+            "probe_rows": len(probe_rows), "restore_sets": {k: len(v) for k, v in (restore_sets or {}).items()},
+            "restore_fractions": [float(f) for f in restore_fractions], "seed": seed,
+        },
+        "runs": [
+            {**r.to_dict(), "spectral": spec[r.name], "probe": probe.get(r.name),
+             "restoration": restoration.get(r.name)}
+            for r in runs
+        ],
+        "subspace_similarity": subspace,
+        "notes": notes,
+    }
+    timings["total_s"] = time.time() - t0
+    analysis["timings"] = timings
+    report.write_outputs(analysis, out_dir, plots=plots)
+    return analysis
