@@ -1,0 +1,585 @@
+"""4-bit NormalFloat (NF4) base weights in bitsandbytes' exact format.
+
+Format (identical, byte for byte, to ``bitsandbytes.functional.quantize_4bit(W,
+blocksize, quant_type="nf4", compress_statistics=double_quant)`` as bitsandbytes
+0.50 computes it on the CPU):
+
+- W is flattened (row-major) and cut into blocks of ``blocksize`` values; the
+  last block may be short. ``absmax[b] = max |W[block b]|`` (fp32).
+- Each value is scaled, ``x = W * (1 / absmax)`` for full blocks (``W / absmax``
+  in the short last block, as bitsandbytes does), clamped to [-1, 1], and mapped
+  to the index of the nearest of the 16 NF4 code values: the number of code
+  midpoints ``(c[i] + c[i+1]) / 2`` that are strictly below x (a tie goes to the
+  lower code).
+- Two 4-bit indices per byte, the first element in the high nibble; an odd
+  numel is padded with one zero index. ``packed`` has shape (ceil(numel/2), 1).
+- Double quantization (``compress_statistics``): ``offset = mean(absmax)``, and
+  ``absmax - offset`` is quantized blockwise (blocks of 256) to 8 bits with the
+  signed dynamic map: ``nested_absmax`` holds the fp32 per-256 scales, ``absmax``
+  the uint8 codes. The 8-bit quantizer follows bitsandbytes' CPU kernel: the
+  scaled value v in [-1, 1] goes to the uint16 bin ``trunc(((v + 1) * 0.5) *
+  65535 + 0.5)`` of a 65536-entry table whose bin i holds the number of code
+  midpoints below ``-1 + 2 i / 65535`` (all in fp32).
+
+Dequantization: ``W = code[index] * absmax[block]`` in fp32, rounded once to the
+original dtype; with double quantization ``absmax = map8[absmax_u8] *
+nested_absmax[b // 256] + offset`` first (fp32).
+
+bitsandbytes is used only as a reference in the tests and in the conversion
+helpers (imported lazily there); quantizing and dequantizing here are plain
+torch ops that run on any device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NF4_CODE",
+    "NF4Weight",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "to_bnb",
+    "to_bnb_params",
+    "from_bnb",
+    "nf4_state_dict",
+    "nf4_from_state_dict",
+    "NF4Linear",
+    "quantize_model_nf4",
+    "model_bytes",
+]
+
+# The 16 NF4 code values (quantiles of N(0, 1) normalised to [-1, 1], QLoRA).
+_NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+NF4_CODE = torch.tensor(_NF4_VALUES, dtype=torch.float32)
+
+_NESTED_BLOCKSIZE = 256
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_LUT_SIZE = 65536
+_cache: Dict[tuple, torch.Tensor] = {}
+
+
+def _nf4_code(device) -> torch.Tensor:
+    key = ("nf4", str(device))
+    if key not in _cache:
+        _cache[key] = NF4_CODE.to(device)
+    return _cache[key]
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic quantization map (256 sorted fp32 values in
+    [-0.993, 1]) that bitsandbytes uses for the nested absmax: for exponent e =
+    0..6, 2**e fraction values linearly spaced between 0.1 and 1 (bin means),
+    times 10**(e - 6), both signs; plus 0 and 1."""
+    key = ("dynamic", "cpu")
+    if key in _cache:
+        return _cache[key].clone()
+    values = []
+    max_exp, non_sign = 7, 7
+    for i in range(max_exp):
+        n_frac = int(2 ** (i + non_sign - max_exp) + 1)
+        edges = torch.linspace(0.1, 1, n_frac, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exp - 1) + i)
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    code = torch.tensor(values, dtype=torch.float32)
+    _cache[key] = code
+    return code.clone()
+
+
+def _dynamic_lut(code: torch.Tensor) -> torch.Tensor:
+    """65536-entry table: bin i -> number of midpoints of ``code`` below
+    ``-1 + 2 i / 65535`` (fp32), as bitsandbytes' CPU 8-bit quantizer builds it."""
+    key = ("lut", tuple(code.cpu().tolist()))
+    if key not in _cache:
+        c = code.detach().float().cpu()
+        mids = 0.5 * (c[:-1] + c[1:])
+        i = torch.arange(_LUT_SIZE, dtype=torch.float32)
+        val = -1.0 + (2.0 * i) / float(_LUT_SIZE - 1)
+        _cache[key] = torch.searchsorted(mids, val, side="left").to(torch.uint8)
+    return _cache[key]
+
+
+def _quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """8-bit blockwise quantization of a 1-D fp32 tensor, bitsandbytes-CPU exact.
+    Returns (uint8 codes, fp32 absmax per block)."""
+    A = A.reshape(-1).float()
+    n = A.numel()
+    blocks = -(-n // blocksize)
+    pad = blocks * blocksize - n
+    Ap = torch.nn.functional.pad(A, (0, pad)).view(blocks, blocksize)
+    absmax = Ap.abs().amax(dim=1)
+    inv = 1.0 / absmax
+    v = (Ap * inv[:, None]).clamp(-1.0, 1.0)
+    idx = ((v + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5
+    idx = torch.nan_to_num(idx, nan=0.0).to(torch.int64).clamp_(0, _LUT_SIZE - 1)
+    q = _dynamic_lut(code).to(A.device)[idx]
+    q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].contiguous(), absmax
+
+
+def _dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """``code[q] * absmax[i // blocksize]`` in fp32."""
+    n = q.numel()
+    vals = code.to(q.device)[q.reshape(-1).long()]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return vals * scale
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+
+
+class NF4Weight:
+    """A frozen weight stored as NF4 (bitsandbytes layout); not a Parameter.
+
+    Fields: ``packed`` (uint8, (ceil(numel/2), 1)), ``absmax`` (fp32 per block,
+    or uint8 codes with double quantization), ``nested_absmax`` (fp32 per 256
+    absmax codes), ``nested_quant_map`` (the 256-value dynamic map), ``offset``
+    (0-d fp32 tensor), ``quant_map`` (the 16 NF4 values), ``blocksize``,
+    ``shape`` (original) and ``dtype`` (original, also the dequantized dtype).
+    """
+
+    _rankwise_nf4 = True
+
+    def __init__(self, packed, absmax, quant_map, blocksize, shape, dtype,
+                 nested_absmax=None, nested_quant_map=None, offset=None, nested_blocksize=_NESTED_BLOCKSIZE):
+        self.packed = packed
+        self.absmax = absmax
+        self.quant_map = quant_map
+        self.blocksize = int(blocksize)
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.nested_absmax = nested_absmax
+        self.nested_quant_map = nested_quant_map
+        self.offset = offset
+        self.nested_blocksize = int(nested_blocksize)
+        _validate_weight(self)
+
+    # -- properties ------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed weights plus all scale tensors and maps."""
+        total = 0
+        for t in (self.packed, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.offset):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, d=None):
+        return self.shape if d is None else self.shape[d]
+
+    def to(self, device=None, non_blocking: bool = False) -> "NF4Weight":
+        """A copy on ``device`` (dtype casts are not allowed: the format is fixed)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("NF4Weight.to: the storage format is fixed; pass a device, not a dtype")
+
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return NF4Weight(mv(self.packed), mv(self.absmax), mv(self.quant_map), self.blocksize, self.shape,
+                         self.dtype, mv(self.nested_absmax), mv(self.nested_quant_map), mv(self.offset),
+                         self.nested_blocksize)
+
+    def cpu(self) -> "NF4Weight":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "NF4Weight":
+        return self.to("cuda" if device is None else device)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block scales in fp32 (decodes the double quantization if any)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        am = _dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_quant_map,
+                                        self.nested_blocksize)
+        return am + self.offset.to(am.device)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_nf4(self)
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device})")
+
+
+def _validate_weight(q: NF4Weight) -> None:
+    if not _is_pow2(q.blocksize) or q.blocksize < 64:
+        raise ValueError(f"blocksize: expected a power of two >= 64, got {q.blocksize!r}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {q.dtype}")
+    if not isinstance(q.packed, torch.Tensor) or q.packed.dtype != torch.uint8:
+        raise TypeError(f"packed: expected a uint8 tensor, got "
+                        f"{getattr(q.packed, 'dtype', type(q.packed).__name__)}")
+    n = q.numel
+    if q.packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed: a weight of shape {tuple(q.shape)} ({n} values) needs {(n + 1) // 2} bytes, "
+                         f"got a tensor of shape {tuple(q.packed.shape)} ({q.packed.numel()} bytes)")
+    blocks = -(-n // q.blocksize)
+    if q.absmax.numel() != blocks:
+        raise ValueError(f"absmax: expected {blocks} values (ceil({n} / blocksize {q.blocksize})), "
+                         f"got {q.absmax.numel()}")
+    if q.nested_absmax is not None:
+        if q.absmax.dtype != torch.uint8:
+            raise TypeError(f"absmax: with double quantization expected uint8 codes, got {q.absmax.dtype}")
+        nb = -(-blocks // q.nested_blocksize)
+        if q.nested_absmax.numel() != nb:
+            raise ValueError(f"nested_absmax: expected {nb} values, got {q.nested_absmax.numel()}")
+        if q.nested_quant_map is None or q.nested_quant_map.numel() != 256:
+            raise ValueError("nested_quant_map: expected the 256-value dynamic map")
+        if q.offset is None:
+            raise ValueError("offset: required with double quantization")
+    elif q.absmax.dtype != torch.float32:
+        raise TypeError(f"absmax: expected float32, got {q.absmax.dtype}")
+    if q.quant_map.numel() != 16:
+        raise ValueError(f"quant_map: expected the 16 NF4 code values, got {q.quant_map.numel()} values")
+
+
+def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """Quantize ``W`` (any shape; fp32, fp16 or bf16) to NF4.
+
+    Byte-identical to ``bitsandbytes.functional.quantize_4bit(W, blocksize=blocksize,
+    quant_type="nf4", compress_statistics=double_quant)`` (bitsandbytes' CPU path).
+
+    Args:
+        W: the weight; any device (torch ops only).
+        blocksize: values per absmax scale; a power of two >= 64.
+        double_quant: also quantize the absmax scales to 8 bits (blocks of 256).
+
+    Returns:
+        an ``NF4Weight`` holding the packed bytes and scales.
+    """
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
+    if W.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"W: expected a float32, float16 or bfloat16 tensor, got {W.dtype}")
+    if not _is_pow2(blocksize) or blocksize < 64:
+        raise ValueError(f"blocksize: expected a power of two >= 64, got {blocksize!r}")
+    if W.numel() == 0:
+        raise ValueError(f"W: cannot quantize an empty tensor (shape {tuple(W.shape)})")
+    W = W.detach()
+    device = W.device
+    code = _nf4_code(device)
+    bounds = (code[:-1] + code[1:]) / 2
+    A = W.reshape(-1).float()
+    n = A.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = full // blocksize
+    A_com = A[:full].reshape(blocks, blocksize)
+    absmax = A_com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(A_com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = A[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(A[full:] / am, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    idx = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+    packed = ((idx[::2] << 4) | idx[1::2]).unsqueeze(1)
+    if not double_quant:
+        return NF4Weight(packed, absmax, code.clone(), blocksize, W.shape, W.dtype)
+    offset = absmax.mean()
+    nmap = dynamic_map().to(device)
+    qabs, nested = _quantize_blockwise_8bit(absmax - offset, nmap, _NESTED_BLOCKSIZE)
+    return NF4Weight(packed, qabs, code.clone(), blocksize, W.shape, W.dtype,
+                     nested_absmax=nested, nested_quant_map=nmap, offset=offset)
+
+
+def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
+    """The full-precision weight (``q.shape``, ``q.dtype``); equals
+    ``bitsandbytes.functional.dequantize_4bit`` exactly."""
+    if not getattr(q, "_rankwise_nf4", False):
+        raise TypeError(f"q: expected an NF4Weight, got {type(q).__name__}")
+    n = q.numel
+    b = q.packed.reshape(-1)
+    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    vals = q.quant_map.to(b.device).float()[idx]
+    scale = q.absmax_fp32().repeat_interleave(q.blocksize)[:n]
+    return (vals * scale).to(q.dtype).reshape(q.shape)
+
+
+# ----------------------------------------------------------------------------
+# bitsandbytes conversions and state dicts
+# ----------------------------------------------------------------------------
+
+
+def to_bnb(q: NF4Weight):
+    """``(packed, QuantState)`` as ``bitsandbytes.functional.quantize_4bit`` returns them."""
+    from bitsandbytes.functional import QuantState
+
+    state2 = None
+    offset = None
+    if q.double_quant:
+        state2 = QuantState(absmax=q.nested_absmax, code=q.nested_quant_map, blocksize=q.nested_blocksize,
+                            dtype=torch.float32)
+        offset = q.offset
+    state = QuantState(absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=q.blocksize,
+                       code=q.quant_map, quant_type="nf4", offset=offset, state2=state2)
+    return q.packed, state
+
+
+def to_bnb_params(q: NF4Weight, requires_grad: bool = False):
+    """A ``bitsandbytes.nn.Params4bit`` holding the same bytes (already quantized)."""
+    from bitsandbytes.nn import Params4bit
+
+    packed, state = to_bnb(q)
+    return Params4bit(packed, requires_grad=requires_grad, quant_state=state, blocksize=q.blocksize,
+                      compress_statistics=q.double_quant, quant_type="nf4", quant_storage=torch.uint8,
+                      bnb_quantized=True)
+
+
+def from_bnb(packed, quant_state=None) -> NF4Weight:
+    """An ``NF4Weight`` from bitsandbytes' ``(packed, QuantState)`` or a ``Params4bit``."""
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("quant_state: required unless packed is a quantized Params4bit")
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"quant_state: expected quant_type 'nf4', got {quant_state.quant_type!r}")
+    data = packed.data if isinstance(packed, nn.Parameter) else packed
+    data = data.detach()
+    if data.dtype != torch.uint8:
+        data = data.contiguous().view(torch.uint8)
+    data = data.reshape(-1, 1)
+    if quant_state.nested:
+        s2 = quant_state.state2
+        off = quant_state.offset
+        off = off if isinstance(off, torch.Tensor) else torch.tensor(float(off))
+        return NF4Weight(data, quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.shape,
+                         quant_state.dtype, nested_absmax=s2.absmax, nested_quant_map=s2.code,
+                         offset=off.to(torch.float32), nested_blocksize=s2.blocksize)
+    return NF4Weight(data, quant_state.absmax.float(), quant_state.code, quant_state.blocksize,
+                     quant_state.shape, quant_state.dtype)
+
+
+def _pack_json(d: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
+
+
+def _unpack_json(t: torch.Tensor) -> dict:
+    return json.loads(bytes(t.cpu().to(torch.uint8).numpy()).decode("utf-8"))
+
+
+def nf4_state_dict(q: NF4Weight, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The state-dict entries bitsandbytes' ``Linear4bit`` writes for its weight:
+    ``{prefix}weight``, ``weight.absmax``, ``weight.quant_map``, with double
+    quantization ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
+    ``weight.quant_state.bitsandbytes__nf4`` (the non-tensor fields as JSON bytes)."""
+    w = prefix + "weight"
+    sd = {w: q.packed, w + ".absmax": q.absmax, w + ".quant_map": q.quant_map}
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _DTYPE_NAMES[q.dtype],
+            "shape": list(q.shape)}
+    if q.double_quant:
+        sd[w + ".nested_absmax"] = q.nested_absmax
+        sd[w + ".nested_quant_map"] = q.nested_quant_map.clone()
+        meta.update({"nested_blocksize": q.nested_blocksize, "nested_dtype": "float32",
+                     "nested_offset": q.offset.item()})
+    sd[w + ".quant_state.bitsandbytes__nf4"] = _pack_json(meta)
+    return sd
+
+
+def nf4_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "", device=None) -> NF4Weight:
+    """Read the bitsandbytes keys written by ``nf4_state_dict`` (or by bitsandbytes)."""
+    w = prefix + "weight"
+    key = w + ".quant_state.bitsandbytes__nf4"
+    if key not in sd:
+        others = [k for k in sd if k.startswith(w + ".quant_state.")]
+        if others:
+            raise ValueError(f"{others[0]}: only NF4 is supported (quant_type must be nf4)")
+        raise KeyError(f"{key}: missing; not a bitsandbytes 4-bit state dict for prefix {prefix!r}")
+    meta = _unpack_json(sd[key])
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{key}: expected quant_type 'nf4', got {meta.get('quant_type')!r}")
+    dtype = getattr(torch, meta["dtype"])
+
+    def get(k):
+        t = sd[k]
+        return t if device is None else t.to(device)
+
+    for k in (w, w + ".absmax", w + ".quant_map"):
+        if k not in sd:
+            raise KeyError(f"{k}: missing from the state dict")
+    packed = get(w)
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.reshape(-1, 1)
+    if w + ".nested_absmax" in sd:
+        off = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        if device is not None:
+            off = off.to(device)
+        return NF4Weight(packed, get(w + ".absmax"), get(w + ".quant_map"), meta["blocksize"], meta["shape"], dtype,
+                         nested_absmax=get(w + ".nested_absmax"), nested_quant_map=get(w + ".nested_quant_map"),
+                         offset=off, nested_blocksize=meta.get("nested_blocksize", _NESTED_BLOCKSIZE))
+    return NF4Weight(packed, get(w + ".absmax"), get(w + ".quant_map"), meta["blocksize"], meta["shape"], dtype)
+
+
+# ----------------------------------------------------------------------------
+# Module and model integration
+# ----------------------------------------------------------------------------
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with NF4 weights: ``y = x @ dequant(W).T + b``.
+
+    ``weight`` is an ``NF4Weight`` (not a Parameter, never trained); ``bias``
+    stays a (frozen) full-precision Parameter. ``compute_dtype`` is the dtype of
+    the matmul (default: the weight's original dtype); inputs are cast to it and
+    the output is returned in it. The forward dequantizes then calls
+    ``F.linear`` (LoRA layers on top go through the fused op instead, which never
+    materialises W). ``state_dict`` uses bitsandbytes' keys, so checkpoints load
+    in ``bitsandbytes.nn.Linear4bit`` and back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: NF4Weight,
+                 bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not getattr(weight, "_rankwise_nf4", False):
+            raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
+        if tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"weight: expected shape ({out_features}, {in_features}), got {tuple(weight.shape)}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight = weight
+        self.compute_dtype = compute_dtype
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False,
+                    compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        """Quantize an ``nn.Linear`` (its weight dtype must be fp32/fp16/bf16)."""
+        q = quantize_nf4(linear.weight.data, blocksize=blocksize, double_quant=double_quant)
+        bias = linear.bias.data if linear.bias is not None else None
+        if bias is not None and compute_dtype is not None:
+            bias = bias.to(compute_dtype)
+        return cls(linear.in_features, linear.out_features, q, bias, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or self.weight.dtype
+        W = dequantize_nf4(self.weight).to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), W, bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Move the NF4 storage with the module (device moves only; dtype casts keep the format).
+        probe = fn(torch.empty(0, device=self.weight.device))
+        if probe.device != self.weight.device:
+            self.weight = self.weight.to(probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for k, v in nf4_state_dict(self.weight, prefix).items():
+            destination[k] = v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        w = prefix + "weight"
+        try:
+            q = nf4_from_state_dict(state_dict, prefix, device=self.weight.device)
+        except (KeyError, ValueError) as e:
+            if strict:
+                missing_keys.append(w)
+            error_msgs.append(str(e))
+            q = None
+        if q is not None:
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{w}: shape {tuple(q.shape)} does not match "
+                                  f"({self.out_features}, {self.in_features})")
+            else:
+                self.weight = q
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            elif strict:
+                missing_keys.append(prefix + "bias")
+        if strict:
+            known = {prefix + "bias", w} | {w + "." + s for s in (
+                "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")}
+            for k in state_dict:
+                if k.startswith(prefix) and k not in known and "." not in k[len(prefix):].replace("weight.", "", 1):
+                    unexpected_keys.append(k)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
+                f"compute_dtype={self.compute_dtype or self.weight.dtype}")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters, buffers and NF4 weights."""
+    total = 0
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            total += m.weight.nbytes
+    return total
+
+
+def quantize_model_nf4(model: nn.Module, double_quant: bool = False, compute_dtype: Optional[torch.dtype] = None,
+                       include: str = r"layers\.", exclude: Optional[str] = r"lm_head|embed",
+                       blocksize: int = 64) -> dict:
+    """Replace every ``nn.Linear`` whose qualified name matches ``include`` (and not
+    ``exclude``) by an ``NF4Linear``, in place. With the defaults that is every
+    linear in the decoder layers; ``lm_head`` and the embeddings stay.
+
+    Returns ``{"bytes_before", "bytes_after", "n_quantized", "quantized": [names]}``
+    (parameters + buffers + NF4 storage). The model itself is modified in place.
+    """
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    before = model_bytes(model)
+    targets = []
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and (inc is None or inc.search(name)) and not (exc and exc.search(name)):
+            targets.append(name)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        cd = compute_dtype or lin.weight.dtype
+        setattr(parent, child, NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
+                                                     compute_dtype=cd))
+        del lin
+    after = model_bytes(model)
+    return {"bytes_before": before, "bytes_after": after, "n_quantized": len(targets), "quantized": targets}
