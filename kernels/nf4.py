@@ -1,0 +1,106 @@
+"""NF4 dequantization: a Triton kernel, its launcher, and the plain-torch reference.
+
+Math (bitsandbytes' NF4 layout; W has ``numel`` values, flattened row-major):
+
+    byte  = packed[i // 2]
+    nib   = byte >> 4 if i is even else byte & 15          (first value in the high nibble)
+    scale = absmax[i // blocksize]                          (fp32)
+          = map8[absmax_u8[b]] * nested[b // 256] + offset  with double quantization, b = i // blocksize
+    W[i]  = (code[nib] * scale) rounded once to W's dtype   (product in fp32)
+
+``nf4_tile`` (a ``triton.jit`` helper) computes ``code[nib] * scale`` in fp32
+for any tile of flat indices; the fused NF4 LoRA kernels (``nf4_lora.py``) call
+it on their W tiles, so a full-precision W never exists in memory.
+
+There is no backward: the NF4 base weight is frozen.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, flat, mask,
+             BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 values ``code[nib(flat)] * scale(flat)`` of an NF4 tensor at the int64
+    flat indices ``flat`` (any tile shape); masked-out lanes give 0."""
+    byte = tl.load(PACKED + flat // 2, mask=mask, other=0).to(tl.int32)
+    nib = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+    code = tl.load(QMAP + nib, mask=mask, other=0.0)
+    blk = flat // BLOCKSIZE
+    if DOUBLE:
+        q8 = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
+        c8 = tl.load(NMAP + q8, mask=mask, other=0.0)
+        s2 = tl.load(NESTED + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        off = tl.load(OFFSET)
+        scale = c8 * s2
+        scale = scale + off
+    else:
+        scale = tl.load(ABSMAX + blk, mask=mask, other=0.0)
+    return code * scale
+
+
+@triton.jit
+def _nf4_dequant_kernel(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, OUT, numel,
+                        BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """OUT[i] = code[nib(i)] * scale(i), stored in OUT's dtype."""
+    pid = tl.program_id(0).to(tl.int64)
+    flat = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = flat < numel
+    v = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, flat, mask,
+                 BLOCKSIZE, DOUBLE, NESTED_BLOCKSIZE)
+    tl.store(OUT + flat, v.to(OUT.dtype.element_ty), mask=mask)
+
+
+def nf4_kernel_args(q):
+    """The tensor arguments of ``nf4_tile`` for an ``NF4Weight`` (placeholders
+    where double quantization is off) and its constexprs."""
+    double = q.double_quant
+    absmax = q.absmax if double else q.absmax.float()
+    nested = q.nested_absmax.float() if double else absmax
+    nmap = q.nested_quant_map.float() if double else q.quant_map
+    offset = q.offset.reshape(1).float() if double else absmax
+    qmap = q.quant_map.float()
+    tensors = (q.packed, absmax, qmap, nested, nmap, offset)
+    const = dict(BLOCKSIZE=q.blocksize, DOUBLE=double, NESTED_BLOCKSIZE=q.nested_blocksize if double else 256)
+    return tensors, const
+
+
+def nf4_dequantize(q, out_dtype=None) -> torch.Tensor:
+    """Dequantize an ``NF4Weight`` with the Triton kernel; returns ``q.shape`` in
+    ``out_dtype`` (default ``q.dtype``). Equals ``rankwise.quant.dequantize_nf4``
+    exactly when ``out_dtype`` is ``q.dtype`` (one rounding of the fp32 product)."""
+    if not getattr(q, "_rankwise_nf4", False):
+        raise TypeError(f"q: expected an NF4Weight, got {type(q).__name__}")
+    out_dtype = out_dtype or q.dtype
+    if out_dtype not in _TL_DTYPES:
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    if q.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("q is on the CPU: the Triton kernel runs there only under TRITON_INTERPRET=1; "
+                           "use rankwise.quant.dequantize_nf4")
+    numel = q.numel
+    out = torch.empty(numel, device=q.device, dtype=out_dtype)
+    tensors, const = nf4_kernel_args(q)
+    BLOCK = 1024
+    grid = (triton.cdiv(numel, BLOCK),)
+    # No fused multiply-add: the double-quant scale must round like bitsandbytes' (mul, then add).
+    _nf4_dequant_kernel[grid](*tensors, out, numel, **const, BLOCK=BLOCK, num_warps=4,
+                              enable_fp_fusion=False)
+    return out.reshape(q.shape)
+
+
+def nf4_dequantize_reference(q, out_dtype=None) -> torch.Tensor:
+    """Plain-torch reference: ``code[nib] * absmax`` in fp32, cast once."""
+    n = q.numel
+    b = q.packed.reshape(-1)
+    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    vals = q.quant_map.float()[idx]
+    scale = q.absmax_fp32().repeat_interleave(q.blocksize)[:n]
+    return (vals * scale).to(out_dtype or q.dtype).reshape(q.shape)
