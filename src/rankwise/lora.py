@@ -220,6 +220,8 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, r, alpha, dropout, use_rslora, init, backend))
         replaced.append(name)
+    if not replaced and not linear_names and wrapped:
+        raise ValueError("model: every linear layer already carries a LoRA adapter (inject_lora was called before)")
     if not replaced:
         shown = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
         raise ValueError(f"target_modules: {target_modules!r} matched no linear layer; "
