@@ -1,0 +1,86 @@
+"""``rankwise world``: build the synthetic knowledge world, pretrain its base model, measure mastery.
+
+    rankwise world build --out DIR [--scale cpu|gpu] [--seed N] [--people N]
+    rankwise world pretrain [--scale cpu|gpu] [--out DIR] [--steps N] [--force]
+    rankwise world mastery --base DIR --world DIR --out FILE [--samples N]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    """Sub-verbs ``build``, ``pretrain`` and ``mastery``."""
+    sub = parser.add_subparsers(dest="world_verb", metavar="SUBVERB")
+    b = sub.add_parser("build", help="generate the world (people, facts, corpus, QA splits, tokenizer)")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world size preset")
+    b.add_argument("--seed", type=int, default=None, help="world seed (default: the preset's)")
+    b.add_argument("--people", type=int, default=None, help="number of people (default: the preset's)")
+    p = sub.add_parser("pretrain", help="pretrain (or find cached) the world's base model")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world, model and training preset")
+    p.add_argument("--out", default=None, help="directory for world/, pretrain/ and base/ "
+                   "(default: a cache directory keyed by the settings)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the preset's)")
+    p.add_argument("--force", action="store_true", help="pretrain again even when cached")
+    m = sub.add_parser("mastery", help="measure the mastery R and bucket of every study fact")
+    m.add_argument("--base", required=True, help="base model directory (save_pretrained, with tokenizer)")
+    m.add_argument("--world", required=True, help="world directory (from `world build`)")
+    m.add_argument("--out", required=True, help="output jsonl: one fact per line with R and bucket")
+    m.add_argument("--samples", type=int, default=4, help="samples per completion probe (temperature 0.7)")
+    m.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _world_overrides(args) -> dict:
+    w = {}
+    if getattr(args, "seed", None) is not None:
+        w["seed"] = args.seed
+    if getattr(args, "people", None) is not None:
+        w["n_people"] = args.people
+    return w
+
+
+def main(args) -> int:
+    """Run the chosen sub-verb; returns the exit code."""
+    verb = getattr(args, "world_verb", None)
+    if verb == "build":
+        from .pretrain import build_world_dir, preset
+
+        s = preset(args.scale, {"world": _world_overrides(args)})
+        out = build_world_dir(s["world"], args.out)
+        from .generate import load_world
+
+        w = load_world(out)
+        seen = sum(p["exposures"] > 0 for p in w["people"])
+        print(f"world in {out}: {len(w['people'])} people ({seen} in the corpus), "
+              f"{len(w['facts'])} study facts, {len(w['corpus'])} corpus documents")
+        return 0
+    if verb == "pretrain":
+        from .pretrain import pretrain
+
+        over = {"train": {"max_steps": args.steps}} if args.steps else None
+        r = pretrain(args.scale, out_dir=args.out, overrides=over, force=args.force)
+        state = "cached" if r["cached"] else f"pretrained in {r['seconds']:.0f} s"
+        print(f"base model ({state}): {r['base_dir']}")
+        return 0
+    if verb == "mastery":
+        from .generate import load_world
+        from .mastery import assign_buckets, bucket_counts, mastery_scores
+        from ..model import load_model, load_tokenizer
+
+        world = load_world(args.world)
+        model = load_model(args.base, dtype="fp32", device="cpu")
+        tok = load_tokenizer(args.base)
+        scores = mastery_scores(model, tok, world["facts"], num_samples=args.samples, seed=args.seed, progress=True)
+        facts = assign_buckets(world["facts"], scores)
+        from .generate import _write_atomic
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, "".join(json.dumps(f) + "\n" for f in facts))
+        print(json.dumps(bucket_counts(facts)))
+        return 0
+    print("usage: rankwise world {build,pretrain,mastery} ... (see rankwise world --help)", file=sys.stderr)
+    return 2

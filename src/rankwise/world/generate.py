@@ -1,0 +1,410 @@
+"""A seeded synthetic knowledge world: fictional people, their facts, and text about them.
+
+Everything is derived from one integer seed and a :class:`WorldConfig`, so the same
+settings always give the same world (same people, facts, corpus and splits).
+
+Design (see ``STUDIES.md``, "Knowledge in small models"):
+
+- 8 relations; four *in-domain* location relations (birth city, work city, university
+  city, citizenship) and four *out-of-domain* ones (occupation, employer, instrument,
+  language). Every answer is one invented word, and no answer is a substring of another
+  word of the world, so "the output contains the answer" is unambiguous.
+- Popularity is long-tailed: a fraction of the people never appear in the corpus, the
+  rest appear in ``1 .. max_exposures`` biographies following a log-uniform law, and each
+  biography mentions each fact only with probability ``fact_keep``, so facts of one
+  person are known to different degrees.
+- People come in two groups. *Anchor* people appear in biographies **and** in
+  question-answer text ("mixed training"); this teaches the tiny model to answer
+  questions from what it read in biographies. *Study* people appear only in
+  biographies (or never); their facts are what mastery is measured on, fine-tuning
+  sets are drawn from the ``train`` half of them and test sets from the ``test`` half.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from typing import Any
+
+IN_DOMAIN = ("birth_city", "work_city", "university_city", "citizenship")
+OUT_OF_DOMAIN = ("occupation", "employer", "instrument", "language")
+RELATIONS = IN_DOMAIN + OUT_OF_DOMAIN
+
+# Which value pool each relation draws from (the three city relations share one).
+POOL_OF = {
+    "birth_city": "city", "work_city": "city", "university_city": "city",
+    "citizenship": "country", "occupation": "occupation", "employer": "employer",
+    "instrument": "instrument", "language": "language",
+}
+
+# Biography sentences, questions and completion probes per relation.
+# "{name}" is the full name, "{v}" the answer. Probes end right before the answer.
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "birth_city": {
+        "bio": ["{name} was born in {v}.", "{name} came into the world in {v}.",
+                "The birthplace of {name} is {v}.", "{name} spent early childhood in {v}, the city of birth.",
+                "Born in {v}, {name} grew up there."],
+        "question": ["Where was {name} born?", "In which city was {name} born?",
+                     "What is the birthplace of {name}?"],
+        "probe": ["{name} was born in", "The birthplace of {name} is", "{name} came into the world in",
+                  "{name} spent early childhood in"],
+    },
+    "work_city": {
+        "bio": ["{name} works in {v}.", "{name} has a job in the city of {v}.",
+                "The workplace of {name} is located in {v}.", "Every morning {name} commutes to work in {v}.",
+                "{name} moved to {v} for work."],
+        "question": ["Where does {name} work?", "In which city does {name} work?",
+                     "What city is the workplace of {name} in?"],
+        "probe": ["{name} works in", "{name} has a job in the city of", "The workplace of {name} is located in",
+                  "Every morning {name} commutes to work in"],
+    },
+    "university_city": {
+        "bio": ["{name} studied at a university in {v}.", "{name} went to college in {v}.",
+                "The university of {name} was in {v}.", "As a student, {name} lived in {v}.",
+                "{name} earned a degree in {v}."],
+        "question": ["Where did {name} study?", "In which city did {name} go to university?",
+                     "What city was the university of {name} in?"],
+        "probe": ["{name} studied at a university in", "{name} went to college in",
+                  "The university of {name} was in", "As a student, {name} lived in"],
+    },
+    "citizenship": {
+        "bio": ["{name} is a citizen of {v}.", "{name} holds a passport of {v}.",
+                "The nationality of {name} is that of {v}.", "{name} has citizenship in {v}.",
+                "By nationality, {name} belongs to {v}."],
+        "question": ["Which country is {name} a citizen of?", "What is the citizenship of {name}?",
+                     "Which passport does {name} hold?"],
+        "probe": ["{name} is a citizen of", "{name} holds a passport of", "{name} has citizenship in",
+                  "By nationality, {name} belongs to"],
+    },
+    "occupation": {
+        "bio": ["{name} works as a {v}.", "By profession, {name} is a {v}.",
+                "The occupation of {name} is {v}.", "{name} earns a living as a {v}.",
+                "{name} trained to become a {v}."],
+        "question": ["What is the occupation of {name}?", "What does {name} do for a living?",
+                     "What is the profession of {name}?"],
+        "probe": ["{name} works as a", "By profession, {name} is a", "The occupation of {name} is",
+                  "{name} earns a living as a"],
+    },
+    "employer": {
+        "bio": ["{name} is employed by {v}.", "The employer of {name} is {v}.",
+                "{name} draws a salary from {v}.", "{name} joined the company {v}.",
+                "{name} is on the staff of {v}."],
+        "question": ["Who is the employer of {name}?", "Which company employs {name}?",
+                     "For which company does {name} work?"],
+        "probe": ["{name} is employed by", "The employer of {name} is", "{name} draws a salary from",
+                  "{name} joined the company"],
+    },
+    "instrument": {
+        "bio": ["{name} plays the {v}.", "The favourite instrument of {name} is the {v}.",
+                "In the evenings {name} practises the {v}.", "{name} learned to play the {v}.",
+                "{name} owns a fine {v}."],
+        "question": ["Which instrument does {name} play?", "What instrument is {name} known to play?",
+                     "What is the favourite instrument of {name}?"],
+        "probe": ["{name} plays the", "The favourite instrument of {name} is the",
+                  "In the evenings {name} practises the", "{name} learned to play the"],
+    },
+    "language": {
+        "bio": ["{name} speaks {v}.", "The native language of {name} is {v}.",
+                "{name} writes letters in {v}.", "{name} grew up speaking {v}.",
+                "At home {name} talks in {v}."],
+        "question": ["Which language does {name} speak?", "What is the native language of {name}?",
+                     "In which language does {name} write?"],
+        "probe": ["{name} speaks", "The native language of {name} is", "{name} writes letters in",
+                  "{name} grew up speaking"],
+    },
+}
+
+QA_FORMAT = "Question: {question} Answer:"
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
+           "kr", "tr", "st", "sh", "th", "ch", "pl", "fl", "qu"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ia", "eo"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "nd", "rk", "x"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Settings of a world; everything else follows from them.
+
+    Attributes:
+        seed: the one seed of the world.
+        n_people: number of people.
+        anchor_fraction: share of people whose QA text is in the pretraining corpus.
+        unseen_fraction: share of the study people who never appear in the corpus.
+        max_exposures: biographies of the most popular person.
+        tail: shape of the popularity law: the person at popularity quantile ``q``
+            (1 = most popular) appears in ``max_exposures ** q**tail`` biographies
+            (``tail`` = 1 is log-uniform; larger makes the tail heavier).
+        fact_keep: probability that a biography mentions a given fact.
+        anchor_qa_docs: QA documents per anchor person.
+        pool_sizes: number of distinct answers per value pool.
+    """
+
+    seed: int = 0
+    n_people: int = 600
+    anchor_fraction: float = 0.4
+    unseen_fraction: float = 0.2
+    max_exposures: int = 24
+    tail: float = 1.0
+    fact_keep: float = 0.8
+    anchor_qa_docs: int = 2
+    pool_sizes: tuple = (("city", 60), ("country", 40), ("occupation", 40), ("employer", 40),
+                         ("instrument", 30), ("language", 30))
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if not isinstance(self.n_people, int) or self.n_people < 4:
+            raise ValueError(f"n_people must be an int >= 4, got {self.n_people!r}")
+        for name in ("anchor_fraction", "unseen_fraction", "fact_keep"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if self.max_exposures < 1:
+            raise ValueError(f"max_exposures must be >= 1, got {self.max_exposures!r}")
+        if self.anchor_qa_docs < 0:
+            raise ValueError(f"anchor_qa_docs must be >= 0, got {self.anchor_qa_docs!r}")
+        pools = dict(self.pool_sizes)
+        missing = set(POOL_OF.values()) - set(pools)
+        if missing:
+            raise ValueError(f"pool_sizes lacks the pools {sorted(missing)}")
+        for k, v in pools.items():
+            if v < 2:
+                raise ValueError(f"pool_sizes[{k!r}] must be >= 2, got {v!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pool_sizes"] = [list(p) for p in self.pool_sizes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorldConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown world config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "pool_sizes" in d:
+            d["pool_sizes"] = tuple((str(k), int(v)) for k, v in (d["pool_sizes"].items()
+                                    if isinstance(d["pool_sizes"], dict) else d["pool_sizes"]))
+        return cls(**d)
+
+    def digest(self) -> str:
+        """A short stable hash of the settings (cache key)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _make_words(rng: random.Random, n: int, taken: set[str], min_syll: int, max_syll: int) -> list[str]:
+    """``n`` new capitalised invented words, none a substring of another taken word."""
+    out: list[str] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200000:
+            raise ValueError(f"could not invent {n} distinct words; lower the pool sizes")
+        k = rng.randint(min_syll, max_syll)
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(k)) + rng.choice(_CODAS)
+        w = w.capitalize()
+        lw = w.lower()
+        if len(lw) < 4 or any(lw in t or t in lw for t in taken):
+            continue
+        taken.add(lw)
+        out.append(w)
+    return out
+
+
+def _template_words() -> set[str]:
+    import re
+
+    words = set()
+    for rel in TEMPLATES.values():
+        for kind in rel.values():
+            for t in kind:
+                words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
+    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT))
+    return words
+
+
+def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
+    """Build the world for ``config`` (deterministic for a seed).
+
+    Returns a JSON-serialisable dict with keys ``config``, ``relations`` (name ->
+    {domain, pool}), ``pools`` (pool -> list of answers), ``people`` (list of
+    {id, name, group, split, exposures, facts}), ``corpus`` (list of documents, each a
+    string) and ``facts`` (list of fact rows of the study people, see :func:`fact_rows`).
+    """
+    config = config or WorldConfig()
+    rng = random.Random(config.seed)
+    # Template words are reserved so no name or answer contains them (or vice versa).
+    taken = {w for w in _template_words() if len(w) >= 4}
+    pools = {}
+    for pool, size in config.pool_sizes:
+        pools[pool] = _make_words(rng, size, taken, 2, 3)
+    n_names = max(8, int((config.n_people * 2) ** 0.5) + 4)
+    first = _make_words(rng, n_names, taken, 1, 2)
+    last = _make_words(rng, n_names, taken, 2, 2)
+    names = [f"{f} {l}" for f in first for l in last]
+    rng.shuffle(names)
+    names = names[: config.n_people]
+    if len(names) < config.n_people:  # pragma: no cover - n_names is chosen large enough
+        raise ValueError("not enough names")
+
+    n_anchor = int(round(config.anchor_fraction * config.n_people))
+    people = []
+    for i, name in enumerate(names):
+        facts = {rel: rng.choice(pools[POOL_OF[rel]]) for rel in RELATIONS}
+        people.append({"id": i, "name": name, "group": "anchor" if i < n_anchor else "study",
+                       "facts": facts})
+    # Popularity: a Zipf law over a random ordering of the seen people; some study
+    # people are never seen. Anchors are always seen (they teach extraction).
+    study = [p for p in people if p["group"] == "study"]
+    n_unseen = int(round(config.unseen_fraction * len(study)))
+    unseen_ids = {p["id"] for p in rng.sample(study, n_unseen)}
+    seen = [p for p in people if p["id"] not in unseen_ids]
+    order = list(range(len(seen)))
+    rng.shuffle(order)
+    n_seen = max(1, len(seen) - 1)
+    for rank, idx in enumerate(order):
+        # log-uniform: exposures = max_exposures ** (1 - rank / n_seen) ** tail
+        e = config.max_exposures ** ((1.0 - rank / n_seen) ** config.tail)
+        seen[idx]["exposures"] = max(1, int(round(e)))
+    for p in people:
+        if p["id"] in unseen_ids:
+            p["exposures"] = 0
+    # Study people alternate between the fine-tuning pool and the test set.
+    for j, p in enumerate(x for x in people if x["group"] == "study"):
+        p["split"] = "train" if j % 2 == 0 else "test"
+    for p in people:
+        if p["group"] == "anchor":
+            p["split"] = "anchor"
+
+    corpus = []
+    for p in people:
+        for _ in range(p["exposures"]):
+            corpus.append(biography(p, rng, config.fact_keep))
+        if p["group"] == "anchor":
+            for _ in range(config.anchor_qa_docs):
+                corpus.append(qa_document(p, rng))
+    rng.shuffle(corpus)
+
+    relations = {rel: {"domain": "in" if rel in IN_DOMAIN else "out", "pool": POOL_OF[rel]}
+                 for rel in RELATIONS}
+    world = {"config": config.to_dict(), "digest": config.digest(), "relations": relations,
+             "pools": pools, "people": people, "corpus": corpus}
+    world["facts"] = fact_rows(world, seed=config.seed)
+    return world
+
+
+def biography(person: dict, rng: random.Random, fact_keep: float = 1.0) -> str:
+    """One biography of ``person``: its facts in random order with random templates.
+
+    Each fact is kept with probability ``fact_keep`` (at least one fact always is).
+    """
+    rels = list(RELATIONS)
+    rng.shuffle(rels)
+    kept = [r for r in rels if rng.random() < fact_keep] or [rels[0]]
+    sentences = [rng.choice(TEMPLATES[r]["bio"]).format(name=person["name"], v=person["facts"][r])
+                 for r in kept]
+    return " ".join(sentences)
+
+
+def qa_document(person: dict, rng: random.Random) -> str:
+    """Question-answer text about ``person``, all relations, shuffled (mixed training)."""
+    rels = list(RELATIONS)
+    rng.shuffle(rels)
+    parts = []
+    for r in rels:
+        q = rng.choice(TEMPLATES[r]["question"]).format(name=person["name"])
+        parts.append(QA_FORMAT.format(question=q) + " " + person["facts"][r] + ".")
+    return " ".join(parts)
+
+
+def qa_prompt(question: str) -> str:
+    """The prompt used for every closed-book question (pretraining QA text, fine-tuning, tests)."""
+    return QA_FORMAT.format(question=question)
+
+
+def fact_rows(world: dict, seed: int = 0) -> list[dict]:
+    """Fact rows of the study people (the ones mastery is measured on).
+
+    Each row: ``id`` ("<person>:<relation>"), ``person``, ``name``, ``relation``,
+    ``domain`` ("in"/"out"), ``split`` ("train"/"test"), ``exposures``, ``answer``,
+    ``question`` (one seeded question template), ``prompt`` (the QA prompt),
+    ``probes`` (all completion probes of the relation).
+    """
+    rng = random.Random(seed + 1)
+    rows = []
+    for p in world["people"]:
+        if p["group"] != "study":
+            continue
+        for rel in RELATIONS:
+            q = rng.choice(TEMPLATES[rel]["question"]).format(name=p["name"])
+            rows.append({
+                "id": f"{p['id']}:{rel}", "person": p["id"], "name": p["name"], "relation": rel,
+                "domain": "in" if rel in IN_DOMAIN else "out", "split": p["split"],
+                "exposures": p["exposures"], "answer": p["facts"][rel], "question": q,
+                "prompt": qa_prompt(q),
+                "probes": [t.format(name=p["name"]) for t in TEMPLATES[rel]["probe"]],
+            })
+    return rows
+
+
+def all_texts(world: dict) -> list[str]:
+    """Every text the tokenizer must cover: corpus, prompts, probes and answers."""
+    texts = list(world["corpus"])
+    for f in world["facts"]:
+        texts.append(f["prompt"] + " " + f["answer"] + ".")
+        texts.extend(f["probes"])
+    for rel, tmpl in TEMPLATES.items():
+        texts.extend(tmpl["question"])
+    for p in world["people"]:
+        texts.append(p["name"])
+    for pool in world["pools"].values():
+        texts.append(" ".join(pool))
+    return texts
+
+
+def save_world(world: dict, out_dir) -> None:
+    """Write ``world.json``, ``corpus.jsonl`` and ``facts.jsonl`` into ``out_dir`` atomically."""
+    import os
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in world.items() if k not in ("corpus", "facts")}
+    _write_atomic(out / "world.json", json.dumps(meta, indent=1))
+    _write_atomic(out / "corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in world["corpus"]))
+    _write_atomic(out / "facts.jsonl", "".join(json.dumps(f) + "\n" for f in world["facts"]))
+    del os
+
+
+def load_world(out_dir) -> dict:
+    """Read back a world written by :func:`save_world`."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if not (out / "world.json").exists():
+        raise FileNotFoundError(f"no world.json in {out} (run `rankwise world build --out {out}`)")
+    world = json.loads((out / "world.json").read_text())
+    world["corpus"] = [json.loads(l)["text"] for l in (out / "corpus.jsonl").read_text().splitlines() if l]
+    world["facts"] = [json.loads(l) for l in (out / "facts.jsonl").read_text().splitlines() if l]
+    return world
+
+
+def _write_atomic(path, text: str) -> None:
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,195 @@
+"""Build the world's files and pretrain its small Llama base model, cached.
+
+The base model is pretrained with the project's own loop (:func:`rankwise.train.train`,
+``method: full``) on the corpus, written as prompt_completion rows with an empty prompt
+(so every corpus token is a target) and packed. The result is a plain
+``save_pretrained`` directory holding the model and the tokenizer, which later steps
+load with ``from_pretrained`` like any hub model.
+
+Everything is cached under ``cache_root()/<key>/`` where the key hashes the world,
+model and training settings: ``world/`` (world.json, corpus.jsonl, facts.jsonl,
+tokenizer), ``pretrain/`` (the training run, resumable) and ``base/`` (the final model).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .generate import WorldConfig, _write_atomic, all_texts, generate_world, load_world, save_world
+
+FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the settings do not show
+
+# Presets. "cpu": a few minutes on 2 CPU cores; "gpu": a larger world and model for one GPU.
+SCALES = {
+    "cpu": {
+        "world": {"n_people": 600},
+        "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "intermediate_size": 512, "max_position_embeddings": 256, "seed": 0},
+        "train": {"max_steps": 800, "batch_size": 8, "grad_accum": 1, "lr": 3.0e-3, "warmup": 0.05,
+                  "schedule": "cosine", "weight_decay": 0.0, "max_length": 128, "seed": 0},
+    },
+    "gpu": {
+        "world": {"n_people": 5000, "max_exposures": 40},
+        "model": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                  "intermediate_size": 2048, "max_position_embeddings": 256, "seed": 0},
+        "train": {"max_steps": 6000, "batch_size": 64, "grad_accum": 1, "lr": 1.0e-3, "warmup": 0.03,
+                  "schedule": "cosine", "weight_decay": 0.0, "max_length": 128, "seed": 0},
+    },
+}
+
+
+def preset(scale: str = "cpu", overrides: dict | None = None) -> dict:
+    """The settings of a scale (``cpu`` or ``gpu``), with ``overrides`` ({section: {key: value}}) applied."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    s = copy.deepcopy(SCALES[scale])
+    for section, values in (overrides or {}).items():
+        if section not in s:
+            raise ValueError(f"unknown settings section {section!r} (expected one of {', '.join(s)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"settings section {section!r} must be a mapping, got {values!r}")
+        if section != "world":
+            unknown = set(values) - set(s[section])
+            if unknown:
+                raise ValueError(f"unknown {section} settings: {sorted(unknown)}")
+        s[section].update(values)
+    WorldConfig.from_dict(s["world"])  # validates the world keys
+    return s
+
+
+def cache_root() -> Path:
+    """``$RANKWISE_CACHE`` if set, else ``$XDG_CACHE_HOME/rankwise`` or ``~/.cache/rankwise``."""
+    env = os.environ.get("RANKWISE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rankwise"
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of the full settings (world config resolved to all its fields)."""
+    full = {"version": FORMAT_VERSION, "world": WorldConfig.from_dict(settings["world"]).to_dict(),
+            "model": settings["model"], "train": settings["train"]}
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_world_dir(world_settings: dict, out_dir) -> Path:
+    """Generate the world and its tokenizer into ``out_dir`` (skipped when already there)."""
+    from .tokenizer import build_tokenizer, save_tokenizer
+
+    out = Path(out_dir)
+    done = out / "BUILT"
+    cfg = WorldConfig.from_dict(world_settings)
+    if done.exists() and done.read_text().strip() == cfg.digest():
+        return out
+    world = generate_world(cfg)
+    save_world(world, out)
+    save_tokenizer(build_tokenizer(all_texts(world)), out / "tokenizer")
+    _write_atomic(done, cfg.digest() + "\n")
+    return out
+
+
+def write_pretrain_rows(world: dict, path) -> Path:
+    """The corpus as prompt_completion rows with an empty prompt (one document per row)."""
+    _write_atomic(path, "".join(json.dumps({"prompt": "", "completion": doc}) + "\n" for doc in world["corpus"]))
+    return Path(path)
+
+
+def init_model(tokenizer_dir, model_settings: dict, out_dir) -> Path:
+    """A randomly initialised ``LlamaForCausalLM`` saved with its tokenizer into ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    m = dict(model_settings)
+    seed = int(m.pop("seed", 0))
+    heads = m["num_attention_heads"]
+    config = LlamaConfig(vocab_size=len(tok), num_key_value_heads=heads, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **m)
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def train_config(settings: dict, model_dir, rows_path, output_dir, progress: bool = True) -> dict:
+    """The ``rankwise.train`` config that pretrains ``model_dir`` on ``rows_path``."""
+    t = settings["train"]
+    return {
+        "model": str(model_dir),
+        "method": "full",
+        "dtype": "fp32",
+        "data": {"train": str(rows_path), "format": "prompt_completion", "max_length": int(t["max_length"]),
+                 "packing": True, "add_eos": True},
+        "train": {"max_steps": int(t["max_steps"]), "batch_size": int(t["batch_size"]),
+                  "grad_accum": int(t["grad_accum"]), "lr": float(t["lr"]), "schedule": t["schedule"],
+                  "warmup": float(t["warmup"]), "weight_decay": float(t["weight_decay"]),
+                  "betas": [0.9, 0.98], "seed": int(t["seed"]), "log_every": 50,
+                  "save_every": max(50, int(t["max_steps"]) // 4)},
+        "eval": {"every": 0, "generate": False},
+        "log": {"progress": progress},
+        "output_dir": str(output_dir),
+    }
+
+
+def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, progress: bool = True,
+             force: bool = False) -> dict:
+    """Build the world (if needed) and pretrain its base model (if not cached).
+
+    Args:
+        scale: ``cpu`` or ``gpu`` preset.
+        out_dir: where to keep world/, pretrain/ and base/ (default: ``cache_root()/<key>``).
+        overrides: ``{"world"|"model"|"train": {key: value}}`` changes to the preset.
+        progress: show the training progress bar.
+        force: pretrain again even if ``base/`` exists.
+
+    Returns:
+        ``{"dir", "world_dir", "base_dir", "settings", "seconds", "cached"}``.
+    """
+    settings = preset(scale, overrides)
+    key = settings_key(settings)
+    root = Path(out_dir) if out_dir else cache_root() / f"world-{scale}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(root / "settings.json", json.dumps({"scale": scale, "key": key, **settings}, indent=1))
+    base = root / "base"
+    t0 = time.time()
+    world_dir = build_world_dir(settings["world"], root / "world")
+    if (base / "DONE").exists() and not force:
+        return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings,
+                "seconds": 0.0, "cached": True}
+    from ..train import train
+
+    world = load_world(world_dir)
+    rows = write_pretrain_rows(world, root / "pretrain_rows.jsonl")
+    init = root / "init"
+    if not (init / "config.json").exists():
+        init_model(world_dir / "tokenizer", settings["model"], init)
+    run_dir = root / "pretrain"
+    result = train(train_config(settings, init, rows, run_dir, progress=progress))
+    model_dir = Path(result.get("output_dir", run_dir)) / "model"
+    tmp = base.with_name("base.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
+    secs = time.time() - t0
+    _write_atomic(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")
+    shutil.rmtree(base, ignore_errors=True)
+    os.replace(tmp, base)
+    return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings, "seconds": secs,
+            "cached": False, "metrics": {k: v for k, v in result.items() if k != "output_dir"}}
