@@ -1,0 +1,571 @@
+// Sparse update-masking ops on CPU tensors: bit-packed masks, scores, exact
+// radix selection of the k largest keys across many tensors, mask building,
+// restoration, a masked AdamW step and a sparse (delta-coded index) codec.
+// See masking.h for the conventions (bit order, score kinds, key modes, ties).
+#include "masking.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rankwise {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per parallel work item (multiple of 8)
+constexpr int64_t kBins = 1 << 16;   // radix digit: 16 bits, two levels cover a 32-bit key
+constexpr int64_t kNoThreshold = int64_t(1) << 32;
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Per-tensor salt of the random key stream: key_i = hi32(mix64(salt + i)).
+inline uint64_t stream_salt(int64_t seed, int64_t stream) {
+  return mix64(static_cast<uint64_t>(seed) ^ mix64(static_cast<uint64_t>(stream)));
+}
+
+// Order-preserving map float -> uint32: a < b  <=>  key(a) < key(b). All NaNs
+// map to the largest key (as torch.topk treats NaN as largest), -0 maps to +0.
+inline uint32_t float_key(float f) {
+  if (std::isnan(f)) return 0xFFFFFFFFu;
+  if (f == 0.0f) f = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <typename scalar_t, int KIND>
+inline float score_of(const scalar_t* a, const scalar_t* b, int64_t i) {
+  if constexpr (KIND == 0) {
+    return static_cast<float>(b[i]);
+  } else {
+    const float ta = static_cast<float>(a[i]);
+    const float d = std::fabs(static_cast<float>(b[i]) - ta);
+    if constexpr (KIND == 1) {
+      return d;
+    } else {
+      return d / (std::fabs(ta) + 1e-8f);
+    }
+  }
+}
+
+template <int MODE>
+inline uint32_t key_from(float s, uint64_t salt, int64_t i) {
+  if constexpr (MODE == 2) {
+    return static_cast<uint32_t>(mix64(salt + static_cast<uint64_t>(i)) >> 32);
+  } else if constexpr (MODE == 1) {
+    return ~float_key(s);
+  } else {
+    return float_key(s);
+  }
+}
+
+template <typename F>
+void dispatch_kind_mode(int64_t kind, int64_t mode, F&& f) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "score kind must be 0 (value), 1 (abs) or 2 (relative), got ", kind);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "selection mode must be 0 (top), 1 (bottom) or 2 (random), got ", mode);
+  auto with_mode = [&](auto K) {
+    switch (mode) {
+      case 0: f(K, std::integral_constant<int, 0>{}); break;
+      case 1: f(K, std::integral_constant<int, 1>{}); break;
+      default: f(K, std::integral_constant<int, 2>{}); break;
+    }
+  };
+  switch (kind) {
+    case 0: with_mode(std::integral_constant<int, 0>{}); break;
+    case 1: with_mode(std::integral_constant<int, 1>{}); break;
+    default: with_mode(std::integral_constant<int, 2>{}); break;
+  }
+}
+
+// dtype dispatch without the AT_DISPATCH macros, so that the OpenMP pragmas in
+// the bodies are not inside macro arguments.
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kDouble: f(double{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t, " (expected fp32, fp16 or bf16)");
+  }
+}
+
+void check_float_tensor(const torch::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor (CUDA tensors go through rankwise.kernels)");
+  TORCH_CHECK(t.is_floating_point(), op, ": ", arg, " must be a floating-point tensor (fp32/fp16/bf16), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous");
+}
+
+void check_pair(const torch::Tensor& base, const torch::Tensor& tuned, const char* op) {
+  check_float_tensor(base, op, "base");
+  check_float_tensor(tuned, op, "tuned");
+  TORCH_CHECK(base.scalar_type() == tuned.scalar_type(), op, ": base and tuned must share a dtype, got ",
+              base.scalar_type(), " and ", tuned.scalar_type());
+  TORCH_CHECK(base.numel() == tuned.numel(), op, ": base and tuned must have the same number of elements, got ",
+              base.numel(), " and ", tuned.numel());
+}
+
+void check_packed(const torch::Tensor& packed, int64_t numel, const char* op) {
+  TORCH_CHECK(packed.device().is_cpu(), op, ": mask must be a CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed mask must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(packed.is_contiguous(), op, ": packed mask must be contiguous");
+  TORCH_CHECK(packed.numel() == (numel + 7) / 8, op, ": packed mask must have ceil(numel / 8) = ", (numel + 7) / 8,
+              " bytes for ", numel, " elements, got ", packed.numel());
+}
+
+inline bool bit_at(const uint8_t* m, int64_t i) { return (m[i >> 3] >> (i & 7)) & 1; }
+
+}  // namespace
+
+// ---------------------------------------------------------------- bit masks
+
+torch::Tensor pack_mask(const torch::Tensor& mask) {
+  TORCH_CHECK(mask.device().is_cpu(), "pack_mask: mask must be a CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "pack_mask: mask must be a bool tensor, got ", mask.scalar_type());
+  auto m = mask.contiguous();
+  const int64_t n = m.numel();
+  const int64_t nbytes = (n + 7) / 8;
+  auto out = torch::empty({nbytes}, torch::dtype(torch::kUInt8));
+  const bool* src = m.data_ptr<bool>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+#pragma omp parallel for schedule(static) if (nbytes > 65536)
+  for (int64_t j = 0; j < nbytes; ++j) {
+    const int64_t lo = j * 8;
+    const int64_t hi = std::min<int64_t>(lo + 8, n);
+    uint8_t byte = 0;
+    for (int64_t i = lo; i < hi; ++i) byte |= static_cast<uint8_t>(src[i] ? 1 : 0) << (i - lo);
+    dst[j] = byte;
+  }
+  return out;
+}
+
+torch::Tensor unpack_mask(const torch::Tensor& packed, int64_t numel) {
+  TORCH_CHECK(numel >= 0, "unpack_mask: numel must be >= 0, got ", numel);
+  check_packed(packed, numel, "unpack_mask");
+  auto out = torch::empty({numel}, torch::dtype(torch::kBool));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  bool* dst = out.data_ptr<bool>();
+#pragma omp parallel for schedule(static) if (numel > 524288)
+  for (int64_t i = 0; i < numel; ++i) dst[i] = bit_at(src, i);
+  return out;
+}
+
+int64_t mask_count(const torch::Tensor& packed, int64_t numel) {
+  check_packed(packed, numel, "mask_count");
+  const uint8_t* m = packed.data_ptr<uint8_t>();
+  const int64_t full = numel / 8;
+  int64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (full > 65536)
+  for (int64_t j = 0; j < full; ++j) total += __builtin_popcount(m[j]);
+  for (int64_t i = full * 8; i < numel; ++i) total += bit_at(m, i);
+  return total;
+}
+
+template <typename word_t>
+static void zero_unmasked(word_t* x, const uint8_t* m, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 524288)
+  for (int64_t j = 0; j < (n + 7) / 8; ++j) {
+    const uint8_t byte = m[j];
+    if (byte == 0xFF) continue;
+    const int64_t lo = j * 8;
+    const int64_t hi = std::min<int64_t>(lo + 8, n);
+    for (int64_t i = lo; i < hi; ++i)
+      if (!((byte >> (i - lo)) & 1)) x[i] = word_t(0);
+  }
+}
+
+void apply_mask_(torch::Tensor& tensor, const torch::Tensor& packed) {
+  check_float_tensor(tensor, "apply_mask_", "tensor");
+  check_packed(packed, tensor.numel(), "apply_mask_");
+  const int64_t n = tensor.numel();
+  const uint8_t* m = packed.data_ptr<uint8_t>();
+  // Zeroing is a bit pattern of all zeros in every IEEE format, so dispatch on width.
+  switch (tensor.element_size()) {
+    case 2: zero_unmasked(reinterpret_cast<uint16_t*>(tensor.data_ptr()), m, n); break;
+    case 4: zero_unmasked(reinterpret_cast<uint32_t*>(tensor.data_ptr()), m, n); break;
+    case 8: zero_unmasked(reinterpret_cast<uint64_t*>(tensor.data_ptr()), m, n); break;
+    default: TORCH_CHECK(false, "apply_mask_: unsupported element size ", tensor.element_size());
+  }
+}
+
+// ---------------------------------------------------------------- scores and keys
+
+torch::Tensor compute_score(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind) {
+  check_pair(base, tuned, "compute_score");
+  const int64_t n = tuned.numel();
+  auto out = torch::empty(tuned.sizes(), torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  dispatch_float(tuned.scalar_type(), "compute_score", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, 0, [&](auto K, auto) {
+      constexpr int KIND = decltype(K)::value;
+#pragma omp parallel for schedule(static) if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) o[i] = score_of<scalar_t, KIND>(a, b, i);
+    });
+  });
+  return out;
+}
+
+torch::Tensor compute_keys(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode,
+                           int64_t seed, int64_t stream) {
+  check_pair(base, tuned, "compute_keys");
+  const int64_t n = tuned.numel();
+  auto out = torch::empty(tuned.sizes(), torch::dtype(torch::kInt64));
+  int64_t* o = out.data_ptr<int64_t>();
+  const uint64_t salt = stream_salt(seed, stream);
+  dispatch_float(tuned.scalar_type(), "compute_keys", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
+      constexpr int KIND = decltype(K)::value;
+      constexpr int MODE = decltype(M)::value;
+#pragma omp parallel for schedule(static) if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) {
+        const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+        o[i] = static_cast<int64_t>(key_from<MODE>(s, salt, i));
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- radix selection
+
+void key_histogram_(torch::Tensor& hist, const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind,
+                    int64_t mode, int64_t seed, int64_t stream, int64_t prefix_mask, int64_t prefix,
+                    int64_t shift) {
+  check_pair(base, tuned, "key_histogram_");
+  TORCH_CHECK(hist.device().is_cpu() && hist.scalar_type() == at::kLong && hist.is_contiguous() &&
+                  hist.numel() == kBins,
+              "key_histogram_: hist must be a contiguous CPU int64 tensor of 65536 bins");
+  TORCH_CHECK(shift == 0 || shift == 16, "key_histogram_: shift must be 0 or 16, got ", shift);
+  const uint32_t pm = static_cast<uint32_t>(prefix_mask);
+  const uint32_t pv = static_cast<uint32_t>(prefix);
+  const int sh = static_cast<int>(shift);
+  const int64_t n = tuned.numel();
+  const uint64_t salt = stream_salt(seed, stream);
+  int64_t* H = hist.data_ptr<int64_t>();
+  dispatch_float(tuned.scalar_type(), "key_histogram_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
+      constexpr int KIND = decltype(K)::value;
+      constexpr int MODE = decltype(M)::value;
+      auto count_range = [&](int64_t lo, int64_t hi, int64_t* L) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+          const uint32_t key = key_from<MODE>(s, salt, i);
+          if ((key & pm) == pv) ++L[(key >> sh) & 0xFFFFu];
+        }
+      };
+      const int64_t nc = num_chunks(n);
+      const int nt = max_threads();
+      if (nc <= 1 || nt <= 1) {
+        count_range(0, n, H);
+        return;
+      }
+      // One private histogram per thread, summed at the end: no atomics.
+      std::vector<int64_t> local(static_cast<size_t>(nt) * kBins, 0);
+#pragma omp parallel
+      {
+        int64_t* L = local.data() + static_cast<size_t>(thread_id()) * kBins;
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nc; ++c) count_range(c * kChunk, std::min(n, (c + 1) * kChunk), L);
+      }
+      for (int t = 0; t < nt; ++t) {
+        const int64_t* L = local.data() + static_cast<size_t>(t) * kBins;
+        for (int64_t j = 0; j < kBins; ++j) H[j] += L[j];
+      }
+    });
+  });
+}
+
+// Walks a histogram from its largest digit down: returns (digit, rank) such that
+// the k-th largest key has that digit and is the rank-th largest (1-based) of it.
+std::tuple<int64_t, int64_t> histogram_walk(const torch::Tensor& hist, int64_t k) {
+  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.numel() == kBins && hist.is_contiguous(),
+              "histogram_walk: hist must be a contiguous int64 tensor of 65536 bins");
+  TORCH_CHECK(k >= 1, "histogram_walk: k must be >= 1, got ", k);
+  const int64_t* H = hist.data_ptr<int64_t>();
+  int64_t above = 0;
+  for (int64_t d = kBins - 1; d >= 0; --d) {
+    if (above + H[d] >= k) return {d, k - above};
+    above += H[d];
+  }
+  TORCH_CHECK(false, "histogram_walk: k = ", k, " exceeds the ", above, " counted elements");
+  return {0, 0};
+}
+
+std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& bases,
+                                              const std::vector<torch::Tensor>& tuneds, int64_t k, int64_t kind,
+                                              int64_t mode, int64_t seed, const std::vector<int64_t>& streams) {
+  TORCH_CHECK(bases.size() == tuneds.size() && tuneds.size() == streams.size(),
+              "select_threshold: bases, tuneds and streams must have the same length");
+  int64_t n = 0;
+  for (const auto& t : tuneds) n += t.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "select_threshold: k must be in [0, ", n, "], got ", k);
+  if (k == 0) return {kNoThreshold, 0};
+  // Level 1: high 16 bits of every key; level 2: low 16 bits of the keys whose
+  // high digit holds the k-th largest. Two reads of the data, no concatenation.
+  auto hist = torch::zeros({kBins}, torch::dtype(torch::kInt64));
+  for (size_t t = 0; t < tuneds.size(); ++t)
+    key_histogram_(hist, bases[t], tuneds[t], kind, mode, seed, streams[t], 0, 0, 16);
+  const auto [high, k2] = histogram_walk(hist, k);
+  hist.zero_();
+  for (size_t t = 0; t < tuneds.size(); ++t)
+    key_histogram_(hist, bases[t], tuneds[t], kind, mode, seed, streams[t], 0xFFFF0000LL, high << 16, 0);
+  const auto [low, rank] = histogram_walk(hist, k2);
+  return {(high << 16) | low, rank};
+}
+
+// ---------------------------------------------------------------- masks from a threshold
+
+std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
+    const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed, int64_t stream,
+    int64_t threshold, int64_t tie_quota) {
+  check_pair(base, tuned, "build_mask");
+  TORCH_CHECK(threshold >= 0 && threshold <= kNoThreshold, "build_mask: threshold must be in [0, 2^32], got ",
+              threshold);
+  const int64_t n = tuned.numel();
+  const uint64_t salt = stream_salt(seed, stream);
+  auto packed = torch::zeros({(n + 7) / 8}, torch::dtype(torch::kUInt8));
+  uint8_t* P = packed.data_ptr<uint8_t>();
+  const int64_t nc = num_chunks(n);
+  std::vector<int64_t> ties(nc, 0), take(nc, 0);
+  int64_t selected = 0, ties_taken = 0;
+  double sel_sum = 0.0, total_sum = 0.0;
+  dispatch_float(tuned.scalar_type(), "build_mask", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
+      constexpr int KIND = decltype(K)::value;
+      constexpr int MODE = decltype(M)::value;
+      const bool partial_ties = tie_quota >= 0 && threshold < kNoThreshold;
+      if (partial_ties && tie_quota > 0) {
+        // Pass A: ties per chunk, then each chunk's share of the quota in index order.
+#pragma omp parallel for schedule(static)
+        for (int64_t c = 0; c < nc; ++c) {
+          int64_t cnt = 0;
+          for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
+            const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+            cnt += static_cast<int64_t>(key_from<MODE>(s, salt, i)) == threshold;
+          }
+          ties[c] = cnt;
+        }
+        int64_t left = tie_quota;
+        for (int64_t c = 0; c < nc; ++c) {
+          take[c] = std::min(ties[c], left);
+          left -= take[c];
+        }
+      }
+      // Pass B: write whole bytes per chunk (chunks are multiples of 8 elements).
+#pragma omp parallel for schedule(static) reduction(+ : selected, ties_taken, sel_sum, total_sum)
+      for (int64_t c = 0; c < nc; ++c) {
+        int64_t budget = partial_ties ? take[c] : std::numeric_limits<int64_t>::max();
+        for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
+          const float s = score_of<scalar_t, KIND>(a, b, i);
+          const int64_t key = static_cast<int64_t>(key_from<MODE>(s, salt, i));
+          bool chosen = key > threshold;
+          if (!chosen && key == threshold && budget > 0) {
+            chosen = true;
+            --budget;
+            ++ties_taken;
+          }
+          total_sum += s;
+          if (chosen) {
+            P[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+            ++selected;
+            sel_sum += s;
+          }
+        }
+      }
+    });
+  });
+  return {packed, selected, ties_taken, sel_sum, total_sum};
+}
+
+void restore_(torch::Tensor& out, const torch::Tensor& base, const torch::Tensor& packed, double scale) {
+  check_pair(base, out, "restore_");
+  check_packed(packed, out.numel(), "restore_");
+  const int64_t n = out.numel();
+  const uint8_t* m = packed.data_ptr<uint8_t>();
+  dispatch_float(out.scalar_type(), "restore_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const float sc = static_cast<float>(scale);
+    const bool rescale = scale != 1.0;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      if (bit_at(m, i)) {
+        o[i] = a[i];
+      } else if (rescale) {
+        const float ta = static_cast<float>(a[i]);
+        o[i] = static_cast<scalar_t>(ta + (static_cast<float>(o[i]) - ta) * sc);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- masked AdamW
+
+void masked_adamw_step_(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& exp_avg,
+                        torch::Tensor& exp_avg_sq, const torch::Tensor& packed, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, int64_t step) {
+  check_float_tensor(param, "masked_adamw_step_", "param");
+  check_float_tensor(grad, "masked_adamw_step_", "grad");
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type() && grad.numel() == param.numel(),
+              "masked_adamw_step_: grad must match param in dtype and numel");
+  for (const torch::Tensor* s : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(s->device().is_cpu() && s->scalar_type() == at::kFloat && s->is_contiguous() &&
+                    s->numel() == param.numel(),
+                "masked_adamw_step_: exp_avg and exp_avg_sq must be contiguous fp32 CPU tensors of param's numel");
+  }
+  check_packed(packed, param.numel(), "masked_adamw_step_");
+  TORCH_CHECK(step >= 1, "masked_adamw_step_: step must be >= 1, got ", step);
+  const int64_t n = param.numel();
+  const uint8_t* m = packed.data_ptr<uint8_t>();
+  float* ma = exp_avg.data_ptr<float>();
+  float* va = exp_avg_sq.data_ptr<float>();
+  // Same order of operations as torch.optim.AdamW (single-tensor path):
+  //   p *= 1 - lr * wd;  m += (1 - b1) * (g - m);  v = v * b2 + (1 - b2) * g * g
+  //   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float w1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2);
+  const float w2 = static_cast<float>(1.0 - beta2);
+  const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  const float epsf = static_cast<float>(eps);
+  dispatch_float(param.scalar_type(), "masked_adamw_step_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t j = 0; j < (n + 7) / 8; ++j) {
+      const uint8_t byte = m[j];
+      if (byte == 0) continue;
+      const int64_t lo = j * 8;
+      const int64_t hi = std::min<int64_t>(lo + 8, n);
+      for (int64_t i = lo; i < hi; ++i) {
+        if (!((byte >> (i - lo)) & 1)) continue;
+        const float gi = static_cast<float>(g[i]);
+        float pi = static_cast<float>(p[i]) * decay;
+        const float mi = ma[i] + w1 * (gi - ma[i]);
+        const float vi = va[i] * b2 + w2 * gi * gi;
+        ma[i] = mi;
+        va[i] = vi;
+        pi -= step_size * (mi / (std::sqrt(vi) / bc2_sqrt + epsf));
+        p[i] = static_cast<scalar_t>(pi);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- sparse codec
+
+std::tuple<torch::Tensor, torch::Tensor> sparse_encode(const torch::Tensor& tensor, const torch::Tensor& packed) {
+  check_float_tensor(tensor, "sparse_encode", "tensor");
+  check_packed(packed, tensor.numel(), "sparse_encode");
+  const int64_t n = tensor.numel();
+  const int64_t count = mask_count(packed, n);
+  const uint8_t* m = packed.data_ptr<uint8_t>();
+  auto values = torch::empty({count}, tensor.options());
+  std::vector<uint8_t> bytes;
+  bytes.reserve(static_cast<size_t>(count) + 16);
+  const int64_t esize = tensor.element_size();
+  const char* src = static_cast<const char*>(tensor.data_ptr());
+  char* dst = static_cast<char*>(values.data_ptr());
+  int64_t prev = -1, j = 0;
+  for (int64_t byte_i = 0; byte_i < (n + 7) / 8; ++byte_i) {
+    uint8_t byte = m[byte_i];
+    while (byte) {
+      const int bit = __builtin_ctz(byte);
+      byte &= byte - 1;
+      const int64_t i = byte_i * 8 + bit;
+      if (i >= n) break;
+      // LEB128 varint of the gap to the previous index, minus one.
+      uint64_t gap = static_cast<uint64_t>(i - prev - 1);
+      do {
+        uint8_t b7 = gap & 0x7F;
+        gap >>= 7;
+        bytes.push_back(gap ? (b7 | 0x80) : b7);
+      } while (gap);
+      std::memcpy(dst + j * esize, src + i * esize, esize);
+      prev = i;
+      ++j;
+    }
+  }
+  auto index_bytes = torch::empty({static_cast<int64_t>(bytes.size())}, torch::dtype(torch::kUInt8));
+  if (!bytes.empty()) std::memcpy(index_bytes.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return {index_bytes, values};
+}
+
+torch::Tensor sparse_decode_(torch::Tensor& out, const torch::Tensor& index_bytes, const torch::Tensor& values) {
+  check_float_tensor(out, "sparse_decode_", "out");
+  TORCH_CHECK(index_bytes.device().is_cpu() && index_bytes.scalar_type() == at::kByte && index_bytes.is_contiguous(),
+              "sparse_decode_: index_bytes must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == out.scalar_type() && values.is_contiguous(),
+              "sparse_decode_: values must be a contiguous CPU tensor of out's dtype");
+  const int64_t n = out.numel();
+  const int64_t count = values.numel();
+  const int64_t nb = index_bytes.numel();
+  const uint8_t* ib = index_bytes.data_ptr<uint8_t>();
+  const int64_t esize = out.element_size();
+  const char* src = static_cast<const char*>(values.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  int64_t pos = 0, prev = -1;
+  for (int64_t j = 0; j < count; ++j) {
+    uint64_t gap = 0;
+    int shift = 0;
+    while (true) {
+      TORCH_CHECK(pos < nb, "sparse_decode_: index_bytes ended after ", j, " of ", count, " indices");
+      TORCH_CHECK(shift < 64, "sparse_decode_: malformed varint in index_bytes");
+      const uint8_t b = ib[pos++];
+      gap |= static_cast<uint64_t>(b & 0x7F) << shift;
+      shift += 7;
+      if (!(b & 0x80)) break;
+    }
+    const int64_t i = prev + 1 + static_cast<int64_t>(gap);
+    TORCH_CHECK(i >= 0 && i < n, "sparse_decode_: index ", i, " out of range for ", n, " elements");
+    std::memcpy(dst + i * esize, src + j * esize, esize);
+    prev = i;
+  }
+  TORCH_CHECK(pos == nb, "sparse_decode_: ", nb - pos, " trailing bytes in index_bytes");
+  return out;
+}
+
+}  // namespace rankwise
