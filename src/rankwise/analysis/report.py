@@ -57,7 +57,7 @@ def write_json(analysis: dict, path: str) -> None:
 
 def _save(fig, path: str) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     _atomic_write_bytes(path, buf.getvalue())
 
 
