@@ -1,0 +1,281 @@
+"""NF4 format: byte equality with bitsandbytes (the reference), dequantization,
+conversions, state dicts, errors, the Triton dequantize kernel, NF4Linear and
+quantize_model_nf4."""
+import math
+
+import pytest
+import torch
+
+from rankwise.quant import (
+    NF4_CODE,
+    NF4Linear,
+    NF4Weight,
+    dequantize_nf4,
+    dynamic_map,
+    from_bnb,
+    model_bytes,
+    nf4_from_state_dict,
+    nf4_state_dict,
+    quantize_model_nf4,
+    quantize_nf4,
+    to_bnb,
+    to_bnb_params,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# awkward shapes: numel not a multiple of 64 or even of 2, 1-D, 3-D, many blocks
+SHAPES = [(37, 51), (129,), (3, 5, 70), (1, 65), (96, 128)]
+
+
+@pytest.fixture(scope="module")
+def bnbF():
+    F = pytest.importorskip("bitsandbytes.functional")
+    # bitsandbytes' odd-shape dequantization goes through torch.compile; eager is
+    # numerically the same and keeps these tests fast.
+    import torch._dynamo
+
+    old = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield F
+    torch._dynamo.config.disable = old
+
+
+def _weight(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g) * (0.02 + 3 * torch.rand(1, generator=g))
+    W = W.reshape(-1)
+    W[:: 7] *= 5  # a few outliers per block
+    if W.numel() > 130:
+        W[64:128] = 0.0  # an all-zero block
+    return W.reshape(shape).to(dtype)
+
+
+def assert_bytes_equal(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    diff = (a != b).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} of {a.numel()} entries differ, first at {diff[0].tolist()}"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_matches_bitsandbytes(bnbF, shape, dtype, double_quant):
+    W = _weight(shape, dtype, seed=SHAPES.index(shape) * 10 + DTYPES.index(dtype))
+    packed, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    q = quantize_nf4(W, blocksize=64, double_quant=double_quant)
+    assert_bytes_equal(q.packed, packed, "packed")
+    assert_bytes_equal(q.absmax, st.absmax, "absmax")
+    assert_bytes_equal(q.quant_map, st.code, "quant_map")
+    assert q.shape == W.shape and q.dtype == dtype and q.blocksize == 64
+    if double_quant:
+        assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax")
+        assert_bytes_equal(q.nested_quant_map, st.state2.code, "nested_quant_map")
+        assert torch.equal(q.offset, st.offset), (q.offset, st.offset)
+    # dequantization equal too, bit for bit
+    ref = bnbF.dequantize_4bit(packed, st)
+    assert_bytes_equal(dequantize_nf4(q), ref.reshape(W.shape), "dequantized")
+
+
+@pytest.mark.parametrize("blocksize", [128, 256, 1024])
+def test_quantize_other_blocksizes_and_many_nested_blocks(bnbF, blocksize):
+    # 256 x 1030 values: with blocksize 128, 2060 absmax values -> 9 nested blocks (last one short)
+    W = _weight((256, 1030), torch.float32, seed=blocksize)
+    packed, st = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4(W, blocksize=blocksize, double_quant=True)
+    assert_bytes_equal(q.packed, packed, "packed")
+    assert_bytes_equal(q.absmax, st.absmax, "absmax codes")
+    assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax")
+    assert_bytes_equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, st), "dequantized")
+
+
+def test_code_tables_match_bitsandbytes(bnbF):
+    assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
+
+
+def test_nested_8bit_quantizer_ties_and_grid(bnbF):
+    """The 8-bit absmax quantizer on values placed exactly on and around the
+    code midpoints and on a fine grid: where a naive nearest-code search differs
+    from bitsandbytes' LUT kernel."""
+    from rankwise.quant import _quantize_blockwise_8bit
+
+    code = dynamic_map()
+    mids = (code[:-1] + code[1:]) / 2
+    vals = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                      code, torch.linspace(-1, 1, 40001), torch.zeros(300)])
+    q_ref, am_ref = torch.ops.bitsandbytes.quantize_blockwise.default(vals, code, 256)
+    q, am = _quantize_blockwise_8bit(vals, code, 256)
+    assert_bytes_equal(q, q_ref, "8-bit codes")
+    assert_bytes_equal(am, am_ref, "8-bit absmax")
+
+
+def test_dequantize_known_answer():
+    # one block of 64: the 16 code values times 2.0, four times
+    W = (NF4_CODE.repeat(4) * 2.0).reshape(8, 8)
+    q = quantize_nf4(W)
+    assert q.absmax.tolist() == [2.0]
+    assert q.packed[0, 0].item() == 0x01 and q.packed[7, 0].item() == 0xEF
+    assert torch.equal(dequantize_nf4(q), W)
+
+
+def test_bitsandbytes_state_dict_round_trip(bnbF):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    fp = torch.nn.Linear(70, 33)
+    for dq in (False, True):
+        lin = bnb.nn.Linear4bit(70, 33, bias=True, compress_statistics=dq, quant_type="nf4")
+        lin.load_state_dict(fp.state_dict())
+        lin = lin.to("cpu")  # bitsandbytes quantizes here
+        sd = lin.state_dict()
+        # bnb -> rankwise
+        m = NF4Linear(70, 33, quantize_nf4(torch.zeros(33, 70)), torch.zeros(33))
+        m.load_state_dict(sd)
+        assert m.weight.double_quant == dq
+        # rankwise -> state dict: same keys, same bytes (JSON metadata included)
+        sd2 = m.state_dict()
+        assert list(sd2) == list(sd) or set(sd2) == set(sd), (sorted(sd2), sorted(sd))
+        for k in sd:
+            assert_bytes_equal(sd2[k], sd[k], k)
+        # rankwise -> bnb again
+        stats = {k[len("weight."):]: v for k, v in sd2.items() if k.startswith("weight.")}
+        p = bnb.nn.Params4bit.from_prequantized(sd2["weight"], stats, device="cpu")
+        assert_bytes_equal(bnbF.dequantize_4bit(p.data, p.quant_state), dequantize_nf4(m.weight), "dequant")
+        # our own quantizer gives the very same checkpoint
+        sd3 = nf4_state_dict(quantize_nf4(fp.weight.data, double_quant=dq))
+        for k in sd3:
+            assert_bytes_equal(sd3[k], sd[k], k)
+        x = torch.randn(5, 70)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), lin.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_to_bnb_from_bnb(bnbF):
+    W = _weight((40, 72), torch.float16, seed=3)
+    for dq in (False, True):
+        q = quantize_nf4(W, double_quant=dq)
+        packed, st = to_bnb(q)
+        assert_bytes_equal(bnbF.dequantize_4bit(packed, st), dequantize_nf4(q), "to_bnb")
+        params = to_bnb_params(q)
+        assert_bytes_equal(bnbF.dequantize_4bit(params.data, params.quant_state), dequantize_nf4(q), "params")
+        back = from_bnb(params)
+        assert_bytes_equal(back.packed, q.packed, "packed")
+        assert_bytes_equal(dequantize_nf4(back), dequantize_nf4(q), "from_bnb")
+        pk, st2 = bnbF.quantize_4bit(W, quant_type="nf4", compress_statistics=dq)
+        assert_bytes_equal(dequantize_nf4(from_bnb(pk, st2)), dequantize_nf4(q), "from quantize_4bit")
+
+
+def test_nf4weight_basics():
+    W = torch.randn(33, 70)
+    q = quantize_nf4(W, double_quant=True)
+    assert q._rankwise_nf4 is True and not isinstance(q, torch.nn.Parameter)
+    assert q.shape == (33, 70) and q.dtype == torch.float32 and q.device.type == "cpu"
+    n = 33 * 70
+    blocks = math.ceil(n / 64)
+    assert q.nbytes == math.ceil(n / 2) + blocks + 4 * 1 + 4 * 16 + 4 * 256 + 4
+    q2 = q.to("cpu")
+    assert torch.equal(q2.packed, q.packed) and q2 is not q
+    assert quantize_nf4(W).nbytes == math.ceil(n / 2) + 4 * blocks + 4 * 16
+    with pytest.raises(TypeError, match="dtype"):
+        q.to(torch.float16)
+
+
+def test_errors():
+    W = torch.randn(8, 64)
+    for bs in (32, 100, 0, 48):
+        with pytest.raises(ValueError, match="blocksize.*power of two >= 64"):
+            quantize_nf4(W, blocksize=bs)
+    with pytest.raises(TypeError, match="W: expected a float32"):
+        quantize_nf4(torch.ones(8, 64, dtype=torch.int32))
+    with pytest.raises(TypeError, match="W: expected a torch.Tensor"):
+        quantize_nf4([[1.0]])
+    q = quantize_nf4(W)
+    with pytest.raises(ValueError, match="packed: a weight of shape \\(8, 64\\).*needs 256 bytes"):
+        NF4Weight(q.packed[:-1], q.absmax, q.quant_map, 64, (8, 64), torch.float32)
+    with pytest.raises(TypeError, match="packed: expected a uint8"):
+        NF4Weight(q.packed.float(), q.absmax, q.quant_map, 64, (8, 64), torch.float32)
+    with pytest.raises(ValueError, match="absmax: expected 8 values"):
+        NF4Weight(q.packed, q.absmax[:-1], q.quant_map, 64, (8, 64), torch.float32)
+    sd = nf4_state_dict(q, "layer.")
+    sd["layer.weight"] = sd["layer.weight"][:-3]
+    with pytest.raises(ValueError, match="packed"):
+        nf4_from_state_dict(sd, "layer.")
+    with pytest.raises(KeyError, match="bitsandbytes__nf4"):
+        nf4_from_state_dict({"weight": q.packed}, "")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 51), (129,), (70, 130)])
+def test_triton_dequantize_kernel(shape, dtype, double_quant):
+    from rankwise.kernels.nf4 import nf4_dequantize, nf4_dequantize_reference
+
+    q = quantize_nf4(_weight(shape, dtype, seed=11), double_quant=double_quant)
+    out = nf4_dequantize(q)
+    assert_bytes_equal(out, dequantize_nf4(q), "triton vs torch dequantize")
+    assert_bytes_equal(out, nf4_dequantize_reference(q), "triton vs reference")
+    # exact up to one rounding against the float64 product
+    exact = (q.quant_map.double()[_nibbles(q)] * q.absmax_fp32().double().repeat_interleave(64)[: q.numel])
+    torch.testing.assert_close(nf4_dequantize(q, torch.float32).reshape(-1).double(), exact, rtol=2**-23, atol=0)
+
+
+def _nibbles(q):
+    b = q.packed.reshape(-1)
+    return torch.stack([b >> 4, b & 0xF], 1).reshape(-1)[: q.numel].long()
+
+
+def test_nf4_linear_forward_and_device_moves():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(70, 45)
+    m = NF4Linear.from_linear(lin, double_quant=True)
+    x = torch.randn(3, 4, 70)
+    ref = torch.nn.functional.linear(x, dequantize_nf4(m.weight), lin.bias)
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in m.parameters())
+    m.to("cpu")
+    assert m.weight.device.type == "cpu"
+    m16 = NF4Linear.from_linear(lin, compute_dtype=torch.float16)
+    assert m16(x).dtype == torch.float16
+    assert "blocksize=64" in repr(m)
+
+
+def _tiny_llama(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    return AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_quantize_model_nf4(tmp_path):
+    model = _tiny_llama(tmp_path)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    info = quantize_model_nf4(model, double_quant=True)
+    # 2 layers x (q, k, v, o, gate, up, down)
+    assert info["n_quantized"] == 14
+    assert all(n.startswith("model.layers.") for n in info["quantized"])
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, NF4Linear)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert isinstance(model.model.layers[1].mlp.down_proj, NF4Linear)
+    assert info["bytes_after"] < info["bytes_before"] and info["bytes_after"] == model_bytes(model)
+    lin_bytes = 2 * 4 * (4 * 64 * 64 // 2 + 3 * 64 * 128)  # fp32 linear weights (k/v are 64 -> 32)
+    saved = info["bytes_before"] - info["bytes_after"]
+    assert saved > 0.8 * lin_bytes, (saved, lin_bytes)
+    with torch.no_grad():
+        out = model(ids).logits
+    # 4-bit weights: close, not equal (relative error of a few percent)
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 0.2, rel
+    # the quantized model's state dict reloads into another quantized copy
+    other = _tiny_llama(tmp_path)
+    quantize_model_nf4(other, double_quant=True)
+    torch.manual_seed(5)
+    for m in other.modules():
+        if isinstance(m, NF4Linear):
+            m.weight = quantize_nf4(torch.randn(m.out_features, m.in_features), double_quant=True)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, out, rtol=0, atol=0)
