@@ -1,0 +1,316 @@
+"""Fused LoRA linear layer on an NF4 base weight (QLoRA), W never materialised.
+
+Same math as ``lora_linear.py`` (x: (M, K), W: (N, K) stored as NF4, A: (r, K),
+B: (N, r), s = scaling, m = dropout keep-mask, x_d = x * m / (1 - p)):
+
+    forward
+        S  = x_d @ A.T                               (M, r)  lora_linear._lora_down
+        Y  = x @ W.T + s * S @ B.T + b               (M, N)  kernel 1 here: W tiles
+                                                             dequantized in registers
+    backward
+        dS = s * dY @ B,  dB = s * dY.T @ S                  lora_linear._bwd_dS_dB (dY read once)
+        dX = dY @ W + (dS @ A) * m / (1 - p)         (M, K)  kernel 2 here: W tiles
+                                                             dequantized in registers
+        dA = dS.T @ x_d                                      lora_linear._bwd_dA
+        db = sum_rows(dY)                                    torch, only if b requires grad
+
+    The derivation is the dense one (see ``lora_linear.py``); W is frozen, so it
+    gets no gradient.
+
+Each W tile is read as packed 4-bit bytes plus its per-64 fp32 scale (or the
+8-bit double-quantized scale, decoded in registers too): ``w = code[nib] *
+absmax``, rounded to the weight's original dtype and then to the compute dtype,
+exactly the values ``dequantize_nf4(W).to(x.dtype)`` would hold, so the op equals
+"dequantize, then the dense op" up to fp32 summation order.
+
+Saved for backward: x, S and the dropout seed (A, B, b and the NF4 weight are
+the layer's own, kept by reference); the mask is regenerated, never stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_linear import (
+    _bwd_dA,
+    _bwd_dS_dB,
+    _dropout_args,
+    _lora_down,
+    _validate,
+    lora_linear_reference,
+)
+from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_tile
+from .utils import (
+    check_triton_tensor,
+    dot_precision,
+    dropout_keep,
+    gemm_config,
+    rank_block,
+    swizzle_tile,
+    upcast_for_dot,
+)
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_lora_fwd_kernel(
+    X, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, S, B, BIAS, Y,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = x @ dequant(W).T + (s * S) @ B.T + b, one accumulator   (kernel 1)."""
+    pid_m, pid_n = swizzle_tile(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        # (BK, BN) tile of W.T: element (k, n) is W's flat index n * K + k
+        wmask = (rn[None, :] < N) & (rk[:, None] < K)
+        w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[None, :] * K + rk[:, None], wmask,
+                     QBLOCK, DOUBLE, NESTED_BLOCK)
+        w = w.to(WDTYPE)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        else:
+            w = w.to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        s = s.to(tl.float32) * scaling
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            s = s.to(b.dtype)
+        acc = tl.dot(s, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _nf4_lora_bwd_dx_kernel(
+    DY, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, DS, A, DX,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    seed, p, keep_scale,
+    QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX = dY @ dequant(W) + (dS @ A) * m / (1 - p)   (kernel 2)."""
+    pid_m, pid_k = swizzle_tile(M, K, BM, BK, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        # (BN, BK) tile of W: element (n, k) is flat index n * K + k
+        wmask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[:, None] * K + rk[None, :], wmask,
+                     QBLOCK, DOUBLE, NESTED_BLOCK)
+        w = w.to(WDTYPE)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            w = w.to(tl.float32)
+        else:
+            w = w.to(dy.dtype)
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        lacc = tl.zeros((BM, BK), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            a = a.to(tl.float32)
+        if HAS_DROPOUT:
+            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
+        else:
+            acc = tl.dot(ds, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rm, rk, K, p)
+        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    tl.store(DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(DX.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# ----------------------------------------------------------------------------
+# Launchers (NF4 twins of lora_linear._fwd_gemm and lora_linear._bwd_dX)
+# ----------------------------------------------------------------------------
+
+
+def _nf4_consts(q):
+    tensors, const = nf4_kernel_args(q)
+    return tensors, dict(QBLOCK=const["BLOCKSIZE"], DOUBLE=const["DOUBLE"],
+                         NESTED_BLOCK=const["NESTED_BLOCKSIZE"], WDTYPE=_TL_DTYPES[q.dtype])
+
+
+def _nf4_fwd_gemm(x2, q, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Y = x2 @ dequant(q).T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype."""
+    M, K = x2.shape
+    N, R = B.shape
+    Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return Y
+    cfg = gemm_config(x2.dtype)
+    BR = rank_block(R)
+    tensors, const = _nf4_consts(q)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    _nf4_lora_fwd_kernel[grid](
+        x2, *tensors, S, B, bias if bias is not None else x2, Y,
+        M, N, K, R,
+        x2.stride(0), x2.stride(1), S.stride(0), S.stride(1), B.stride(0), B.stride(1),
+        Y.stride(0), Y.stride(1),
+        float(scaling),
+        **const, HAS_BIAS=bias is not None, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return Y
+
+
+def _nf4_bwd_dX(dY, q, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """dX = dY @ dequant(q) + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype."""
+    M, N = dY.shape
+    R, K = A.shape
+    dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
+    if M == 0:
+        return dX
+    cfg = gemm_config(dY.dtype)
+    BR = rank_block(R)
+    has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    tensors, const = _nf4_consts(q)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
+    _nf4_lora_bwd_dx_kernel[grid](
+        dY, *tensors, dS, A, dX,
+        M, N, K, R,
+        dY.stride(0), dY.stride(1), dS.stride(0), dS.stride(1), A.stride(0), A.stride(1),
+        dX.stride(0), dX.stride(1),
+        seed, p, keep_scale,
+        **const, HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BK=cfg["BN"], BN=cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dX
+
+
+# ----------------------------------------------------------------------------
+# Autograd Function: calls launchers only.
+# ----------------------------------------------------------------------------
+
+
+class NF4LoRALinearFunction(torch.autograd.Function):
+    """Autograd wrapper of the NF4 kernels; inputs validated, x 2-D, weight an NF4Weight."""
+
+    @staticmethod
+    def forward(ctx, x2, lora_A, lora_B, bias, q, scaling, dropout_p, seed):
+        S = _lora_down(x2, lora_A, dropout_p, seed)
+        Y = _nf4_fwd_gemm(x2, q, S, lora_B, scaling, bias)
+        # Saved: x and S (activations) and the seed; the NF4 weight by reference (frozen).
+        ctx.save_for_backward(x2, lora_A, lora_B, S)
+        ctx.q, ctx.scaling, ctx.dropout_p, ctx.seed = q, scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        x2, lora_A, lora_B, S = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        dX = dA = dB = dbias = None
+        dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+        if need_x or need_a or need_b:
+            dS, dB = _bwd_dS_dB(dY, S, lora_B, ctx.scaling)
+            if need_x:
+                dX = _nf4_bwd_dX(dY, ctx.q, dS, lora_A, ctx.dropout_p, ctx.seed)
+            if need_a:
+                dA = _bwd_dA(dS, x2, ctx.dropout_p, ctx.seed, out_dtype=lora_A.dtype)
+            if not need_b:
+                dB = None
+        if need_bias and ctx.has_bias:
+            dbias = dY.float().sum(0).to(dY.dtype)
+        return dX, dA, dB, dbias, None, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# Public entry (called by lora_linear when weight is an NF4Weight) and reference
+# ----------------------------------------------------------------------------
+
+
+def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """``x @ dequant(weight).T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    Args are those of ``rankwise.kernels.lora_linear`` with ``weight`` an
+    ``NF4Weight`` of shape (out_features, in_features); ``x`` is (..., in_features).
+    Backend ``"triton"`` dequantizes W tiles inside the GEMM kernels (no
+    full-precision W is ever allocated); ``"torch"`` (and ``"auto"`` off CUDA)
+    dequantizes W, then runs the plain-torch reference. The weight gets no gradient.
+
+    Returns:
+        Tensor (..., out_features) in the compute dtype (x's, or autocast's).
+    """
+    if not getattr(weight, "_rankwise_nf4", False):
+        raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    scaling = _validate(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    x, lora_A, lora_B, bias = cast(x), cast(lora_A), cast(lora_B), cast(bias)
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "torch":
+        return nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+    for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+        check_triton_tensor(t, name)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(device_type, enabled=False):
+        y = NF4LoRALinearFunction.apply(x2, lora_A, lora_B, bias, weight, scaling, dropout_p, seed)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
+                              seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
+    """Dequantize the NF4 weight to x's dtype, then ``lora_linear_reference``."""
+    from rankwise.quant import dequantize_nf4
+
+    W = dequantize_nf4(weight).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear_reference(x, W, lora_A, lora_B, scaling, bias, dropout_p, seed, keep_mask)
