@@ -12,15 +12,10 @@ under the interpreter there); its saved-for-backward bytes are still measured.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
 from benchmarks.common import environment, peak_memory_mb, saved_for_backward_mb, time_ms, write_json  # noqa: E402
 
@@ -140,6 +135,16 @@ def main(argv=None) -> int:
             payload["target"] = dict(goal="fused fwd+bwd <= 1.05x base layer, faster than PEFT-style eager",
                                      fwd_bwd_vs_base=t[0].get("fwd_bwd_vs_base"),
                                      fwd_bwd_vs_peft=t[0].get("fwd_bwd_vs_peft"))
+    payload["summary"] = [
+        dict(figure=f"{x['impl']} fwd+bwd, {x['tokens']} tok, {x['in_features']}->{x['out_features']}, r={x['r']}",
+             value=x[k], unit="x", baseline=k.split("_vs_")[1])
+        for x in payload["ratios"] if x["impl"] != "base" for k in ("fwd_bwd_vs_base", "fwd_bwd_vs_peft")
+        if k in x and not (x["impl"] == "peft_eager" and k == "fwd_bwd_vs_peft")
+    ] + [
+        dict(figure=f"{x['impl']} saved for backward, {x['tokens']} tok, {x['in_features']}->{x['out_features']}, "
+             f"r={x['r']}", value=x["saved_for_backward_mb"], unit="MB", baseline="-")
+        for x in rows if "saved_for_backward_mb" in x and x["impl"] in ("peft_eager", "rankwise")
+    ]
     path = write_json(payload, "bench_lora", args.out)
     print(f"wrote {path}")
     for x in payload["ratios"]:
