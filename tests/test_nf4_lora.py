@@ -1,0 +1,155 @@
+"""The fused NF4 LoRA op: Triton backend (interpreter on CPU) against a float64
+reference on the dequantized weight and against the dense op on the same
+dequantized weight, forward and every gradient."""
+import pytest
+import torch
+
+import rankwise.quant as quant
+from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+from rankwise.kernels import nf4 as nf4_kernels
+from rankwise.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+from rankwise.quant import NF4Linear, dequantize_nf4, quantize_nf4
+
+# (lead shape of x, in K, out N, rank r): odd sizes, K not a multiple of the
+# 64-value quantization block (blocks straddle rows), odd N*K, rank 1, rank > 16
+SHAPES = [((37,), 70, 45, 3), ((5,), 33, 45, 1), ((2, 7), 96, 40, 20)]
+# compute dtype -> (rtol, atol) against the float64 reference, for fp32; fp16
+# is judged relative to torch's own fp16 error (see _check)
+TOL32 = dict(rtol=2e-5, atol=2e-5)
+
+
+def _inputs(lead, K, N, r, dtype, double_quant, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    q = quantize_nf4(torch.randn(N, K, generator=g) / K**0.5, double_quant=double_quant)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    dy = torch.randn(*lead, N, generator=g).to(dtype)
+    return q, x, A, B, b, dy
+
+
+def _run(fn, x, A, B, b, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    bl = b.detach().clone().requires_grad_() if b is not None else None
+    y = fn(*leaves, bl)
+    y.backward(dy.to(y.dtype))
+    grads = [t.grad for t in leaves] + ([bl.grad] if bl is not None else [])
+    return [y.detach()] + grads
+
+
+def _report(name, got, ref):
+    err = (got.double() - ref.double()).abs()
+    i = int(err.argmax())
+    return f"{name}: max err {err.max().item():.3e} at flat {i} (got {got.reshape(-1)[i].item():.6g}, " \
+           f"ref {ref.reshape(-1)[i].item():.6g})"
+
+
+def _check(outs, refs, lowp_refs=None, dtype=torch.float32):
+    names = ["y", "dx", "dA", "dB", "dbias"]
+    for name, got, ref, *low in zip(names, outs, refs, *([lowp_refs] if lowp_refs else [])):
+        assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype}"
+        if dtype == torch.float32:
+            assert torch.allclose(got.double(), ref, **TOL32), _report(name, got, ref)
+        else:
+            # at most 2x the error torch makes doing the same math in this dtype, plus a floor
+            ours = (got.double() - ref).abs().max().item()
+            theirs = (low[0].double() - ref).abs().max().item()
+            floor = 1e-3 * ref.abs().max().item()
+            assert ours <= 2 * theirs + floor, f"{_report(name, got, ref)}; torch {dtype} err {theirs:.3e}"
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype,double_quant", [(torch.float32, False), (torch.float32, True),
+                                                (torch.float16, True)])
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+def test_triton_nf4_matches_float64_reference(lead, K, N, r, dtype, double_quant, dropout_p):
+    q, x, A, B, b, dy = _inputs(lead, K, N, r, dtype, double_quant, seed=K + N + r)
+    seed = 1234
+    outs = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 1.7, b_, dropout_p, seed, backend="triton"),
+                x, A, B, b, dy)
+    keep = dropout_mask(x.shape, dropout_p, seed) if dropout_p > 0 else None
+    W = dequantize_nf4(q)  # the op computes with exactly these values (cast to the compute dtype)
+
+    def ref_fn(cast):
+        return lambda x_, A_, B_, b_: lora_linear_reference(x_, W.to(cast), A_, B_, 1.7, b_, dropout_p,
+                                                            keep_mask=keep)
+
+    refs = _run(ref_fn(torch.float64), x.double(), A.double(), B.double(), b.double(), dy.double())
+    low = _run(ref_fn(dtype), x, A, B, b, dy) if dtype != torch.float32 else None
+    _check(outs, refs, low, dtype)
+    # and the dense Triton op on the dequantized weight: same kernels, same mask
+    dense = _run(lambda x_, A_, B_, b_: lora_linear(x_, W.to(dtype), A_, B_, 1.7, b_, dropout_p, seed,
+                                                    backend="triton"), x, A, B, b, dy)
+    for name, got, ref in zip(["y", "dx", "dA", "dB", "dbias"], outs, dense):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-3,
+                                   msg=lambda m, name=name: f"{name} vs dense op: {m}")
+
+
+def test_triton_path_never_dequantizes_whole_weight(monkeypatch):
+    q, x, A, B, b, dy = _inputs((9,), 70, 33, 4, torch.float32, True, seed=0)
+
+    def boom(*a, **k):
+        raise AssertionError("a full-precision copy of W was made")
+
+    expected = nf4_lora_linear_reference(x, q, A, B, 0.5, b)
+    monkeypatch.setattr(quant, "dequantize_nf4", boom)
+    monkeypatch.setattr(nf4_kernels, "nf4_dequantize", boom)
+    monkeypatch.setattr(quant.NF4Weight, "dequantize", boom)
+    x.requires_grad_()
+    y = lora_linear(x, q, A, B, 0.5, b, backend="triton")
+    y.backward(dy)
+    torch.testing.assert_close(y.detach(), expected, **TOL32)
+    assert x.grad is not None
+
+
+def test_no_bias_and_frozen_inputs():
+    q, x, A, B, _, dy = _inputs((6,), 64, 20, 2, torch.float32, False, seed=5, bias=False)
+    Ar = A.clone().requires_grad_()
+    y = lora_linear(x, q, Ar, B, 2.0, None, backend="triton")  # x and B need no grad
+    y.backward(dy)
+    W = dequantize_nf4(q).double()
+    A64 = A.double().requires_grad_()
+    ref = lora_linear_reference(x.double(), W, A64, B.double(), 2.0)
+    ref.backward(dy.double())
+    assert torch.allclose(y.double(), ref.detach(), **TOL32), _report("y", y, ref)
+    assert torch.allclose(Ar.grad.double(), A64.grad, **TOL32), _report("dA", Ar.grad, A64.grad)
+
+
+def test_torch_backend_and_auto_on_cpu():
+    q, x, A, B, b, _ = _inputs((3, 4), 70, 30, 5, torch.float32, True, seed=9)
+    ref = lora_linear_reference(x, dequantize_nf4(q), A, B, 0.25, b)
+    for backend in ("torch", "auto"):
+        y = nf4_lora_linear(x, q, A, B, 0.25, b, backend=backend)
+        assert y.shape == (3, 4, 30)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_lora_linear_over_nf4_linear_module():
+    from rankwise.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(70, 40), double_quant=True)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0, backend="triton")
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 70, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    ref = torch.nn.functional.linear(x, dequantize_nf4(base.weight), base.bias) + \
+        layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5)
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_errors():
+    q, x, A, B, b, _ = _inputs((4,), 64, 20, 2, torch.float32, False, seed=1)
+    with pytest.raises(ValueError, match="x: last dimension 63"):
+        lora_linear(x[:, :63], q, A, B, 1.0, backend="triton")
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, q, A, B[:-1], 1.0, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        lora_linear(x, q, A, B, 1.0, backend="cuda")
+    q1 = quantize_nf4(torch.randn(2, 3, 64))
+    with pytest.raises(ValueError, match="weight: expected a 2-D"):
+        lora_linear(x, q1, A, B, 1.0)
