@@ -244,3 +244,16 @@ def test_analyze_cli_bad_input(world, tmp_path, capsys):
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert cli.main(["analyze", world["r2"], "--base", str(tmp_path / "nobase"), "--out", out]) == 2
     assert "base model" in capsys.readouterr().err
+
+
+def test_analyze_runs_without_masking_module_notes_and_skips(world, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rankwise.masking", None)  # import now fails like a missing module
+    out = str(world["root"] / "out_nomask")
+    a = analyze_runs([world["full"]], world["base"], None, out, restore_sets={"in": world["rows"]},
+                     accuracy_fn=lambda m, t, r: 1.0, progress=False, intruders=False, plots=False)
+    assert a["runs"][0]["restoration"] is None
+    assert any("rankwise.masking" in n for n in a["notes"])
+    assert "Note: restoration curves skipped" in open(os.path.join(out, "analysis.md")).read()
+    assert a["files"]["plots"] == {}

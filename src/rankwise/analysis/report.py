@@ -82,6 +82,7 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = analysis.get("runs", [])
     written = {}
@@ -98,7 +99,11 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
     any_line = False
     for r in runs:
         s = r["spectral"].get("mean_normalized_spectrum") or []
-        pos = [v for v in s if v > 0]
+        pos = []
+        for v in s:  # stop at the numerical floor (rank-r updates have σ_i ≈ 0 beyond r)
+            if v is None or v < 1e-6:
+                break
+            pos.append(v)
         if pos:
             ax.semilogy(range(1, len(pos) + 1), pos, marker=".", label=r.get("label") or r["name"])
             any_line = True
@@ -117,7 +122,14 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
     for ax, key, title in ((axes[0], "mean_effective_rank", "mean effective rank of ΔW"),
                            (axes[1], "update_norm", "‖ΔW‖_F (all matrices)")):
         ys = [r["spectral"].get(key) for r in runs]
-        ax.plot(xs, [y if y is not None else float("nan") for y in ys], "o-")
+        ys = [y if y is not None else float("nan") for y in ys]
+        lo = [(x, y) for x, y, r in zip(xs, ys, runs) if r.get("rank")]
+        if lo:
+            ax.plot([p[0] for p in lo], [p[1] for p in lo], "o-", label="LoRA")
+        sft = [(x, y) for x, y, r in zip(xs, ys, runs) if not r.get("rank")]
+        if sft:
+            ax.plot([p[0] for p in sft], [p[1] for p in sft], "s", color="C3", label="SFT")
+        ax.legend(fontsize=8)
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, rotation=30, fontsize=8)
         ax.set_title(title)
@@ -152,6 +164,7 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
         axes[1].set_title("JS distance base vs tuned (mean over heads)")
         for ax in axes:
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=8)
         done("attention", fig)
 
@@ -163,6 +176,7 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
             c = [v if v is not None else float("nan") for v in r["probe"]["representations"]["cka"]]
             ax.plot(range(len(c)), c, marker=".", label=r.get("label") or r["name"])
         ax.set_xlabel("hidden state (0 = embeddings)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("linear CKA base vs tuned")
         ax.set_title("Representation similarity per layer")
         ax.legend(fontsize=8)
@@ -200,6 +214,9 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
                 ax.axhline(100 * res["baseline"]["tuned"][name]["mean"], color="k", ls="--", lw=1, label="tuned")
                 ax.axhline(100 * res["baseline"]["base"][name]["mean"], color="gray", ls=":", lw=1, label="base")
                 ax.set_xscale("log")
+                ax.set_xticks([100 * f for f in res["fractions"]])
+                ax.set_xticklabels([f"{100 * f:g}" for f in res["fractions"]])
+                ax.minorticks_off()
                 ax.set_xlabel("restored fraction of updates (%)")
                 ax.set_ylabel("accuracy (%), mean over buckets")
                 ax.set_title(f"{r['name']}: {name}")

@@ -21,6 +21,15 @@ DEFAULT_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.40, 0.60)
 SELECTIONS = ("top", "bottom", "random")
 
 
+def default_restore_fn() -> Callable:
+    """``rankwise.masking.restore``, imported lazily; a clear ImportError when it is missing."""
+    try:
+        from rankwise.masking import restore
+    except ImportError as e:
+        raise ImportError(f"restoration curves need rankwise.masking.restore (the masking extension): {e}") from e
+    return restore
+
+
 def _as_float(result) -> float:
     if isinstance(result, Mapping):
         for key in ("accuracy", "acc", "mean"):
@@ -110,7 +119,7 @@ def restoration_curve(
     if accuracy_fn is None:
         from rankwise.evaluate import qa_accuracy as accuracy_fn  # lazy: written in rankwise.evaluate
     if restore_fn is None:
-        from rankwise.masking import restore as restore_fn  # lazy: the masking extension
+        restore_fn = default_restore_fn()
 
     base_sd = {k: v.detach() for k, v in base_model.state_dict().items()}
     tuned_sd = {k: v.detach().clone() for k, v in tuned_model.state_dict().items()}

@@ -117,6 +117,8 @@ class Run:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{adapter_dir}/adapter_config.json: needs an integer 'r' ({e})") from None
             self.rslora = bool(acfg.get("use_rslora", False))
+            if acfg.get("use_dora"):
+                raise ValueError(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling * B @ A)")
             self.rank_pattern = acfg.get("rank_pattern") or {}
             self.alpha_pattern = acfg.get("alpha_pattern") or {}
             self.weights = SafetensorsWeights(adapter_dir)
@@ -161,8 +163,8 @@ class Run:
         """The ``A`` matrix ``(r, in)`` of the module whose weight is ``name``."""
         return self.weights.get(self._lora[name[:-7]]["A"], device).float()
 
-    def delta(self, name: str, base: SafetensorsWeights, device) -> torch.Tensor:
-        """ΔW of matrix ``name`` in fp32 on ``device``."""
+    def delta(self, name: str, base: SafetensorsWeights, device, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW of matrix ``name`` in fp32 on ``device`` (``base_weight``: the base matrix, if already loaded)."""
         if self.kind == "adapter":
             mod = name[:-7]
             A = self.weights.get(self._lora[mod]["A"], device).float()
@@ -171,7 +173,10 @@ class Run:
                 raise ValueError(f"{self.path}: {mod} lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
             return (B @ A).mul_(self._scaling(mod))
         tuned = self.weights.get(name, device).float()
-        return tuned.sub_(base.get(name, device).float())
+        W = base_weight if base_weight is not None else base.get(name, device)
+        if W.shape != tuned.shape:
+            raise ValueError(f"{self.path}: {name} has shape {tuple(tuned.shape)}, the base {tuple(W.shape)}")
+        return tuned.sub_(W.to(device=tuned.device, dtype=torch.float32))
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "path": self.path, "method": self.method, "kind": self.kind, "label": self.label}
@@ -212,20 +217,21 @@ def spectral_analysis(runs: Sequence[Run], base: SafetensorsWeights, *, device=N
         if missing:
             raise KeyError(f"run {r.name!r} updates {missing[0]!r}, which the base model does not have")
     records = {r.name: [] for r in runs}
+    member = {r.name: set(r.matrices) for r in runs}
     it: Iterable = names
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(names, desc="spectra", leave=False)
     for name in it:
-        users = [r for r in runs if name in set(r.matrices)]
+        users = [r for r in runs if name in member[r.name]]
         if not users:
             continue
         W = base.get(name, device).float() if intruders else None
         Ub = spectral._svd(W)[0] if intruders else None
         layer, module = _split_name(name)
         for r in users:
-            delta = r.delta(name, base, device)
+            delta = r.delta(name, base, device, base_weight=W)
             if W is not None and delta.shape != W.shape:
                 raise ValueError(f"run {r.name!r}: ΔW of {name} has shape {tuple(delta.shape)}, base {tuple(W.shape)}")
             rec = {"name": name, "layer": layer, "module": module}
@@ -300,7 +306,8 @@ def subspace_similarities(runs: Sequence[Run], device=None) -> list:
     for ai in range(len(lora)):
         for bi in range(ai + 1, len(lora)):
             a, b = lora[ai], lora[bi]
-            common = [n for n in a.matrices if n in set(b.matrices)]
+            bset = set(b.matrices)
+            common = [n for n in a.matrices if n in bset]
             if not common:
                 continue
             grid = None
@@ -357,7 +364,7 @@ def load_tuned_model(run: Run, base_dir: str, base: SafetensorsWeights, device, 
         if name not in params:
             raise KeyError(f"run {run.name!r}: the base model has no parameter {name!r}")
         p = params[name]
-        p.add_(run.delta(name, base, p.device).to(p.dtype))
+        p.copy_((p.float() + run.delta(name, base, p.device)).to(p.dtype))  # add in fp32, store in p's dtype
     return model
 
 
@@ -473,6 +480,14 @@ def analyze_runs(
     notes: list = []
     if bool(restore_sets) and not want_restore:
         notes.append("restoration curves asked for, but no full/masked SFT run was given")
+    if want_restore and restore_fn is None:
+        from .restoration import default_restore_fn
+
+        try:
+            restore_fn = default_restore_fn()
+        except ImportError as e:
+            want_restore = False
+            notes.append(f"restoration curves skipped: {e}")
     if want_probe or want_restore:
         from transformers import AutoTokenizer
 
