@@ -1,0 +1,73 @@
+"""Regenerate README's performance table from the newest GPU results.
+
+    python -m benchmarks.readme_table [--results DIR] [--readme README.md]
+
+Reads ``benchmarks/results/<device>-<date>/summary.json`` (the newest one whose
+device is not a CPU, or the one given) and rewrites the text between
+``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->``. Never typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def newest_gpu_results(root: Path = RESULTS):
+    found = []
+    for p in root.glob("*/summary.json"):
+        d = json.loads(p.read_text())
+        if not d.get("smoke") and not str(d["env"].get("device", "cpu")).startswith("cpu"):
+            found.append((d["env"]["date"], p))
+    return max(found)[1] if found else None
+
+
+def table(summary: dict, rel_dir: str) -> str:
+    env = summary["env"]
+    lines = [f"Measured on {env['device']}, {env['date'][:10]}, torch {env['torch']}, triton {env.get('triton')} "
+             f"(`python -m benchmarks.run --suite {summary['suite']}`; raw JSON in `{rel_dir}`).", "",
+             "| benchmark | figure | value | baseline |", "| --- | --- | ---: | --- |"]
+    for name, res in summary["results"].items():
+        if res.get("error"):
+            lines.append(f"| {name} | failed: {res['error'][:80]} | | |")
+            continue
+        for f in res.get("figures", []):
+            v = f.get("value")
+            vs = f"{v:.3g} {f.get('unit', '')}" if isinstance(v, (int, float)) else str(v)
+            lines.append(f"| {name} | {f.get('figure')} | {vs} | {f.get('baseline', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=None, help="a results directory holding summary.json")
+    ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"))
+    args = ap.parse_args(argv)
+    path = Path(args.results) / "summary.json" if args.results else newest_gpu_results()
+    if path is None:
+        print("no GPU results under benchmarks/results/; README left as it is")
+        return 0
+    summary = json.loads(Path(path).read_text())
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: markers {START} / {END} not found")
+    rel_dir = os.path.relpath(Path(path).parent, readme.parent)
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = head + START + "\n" + table(summary, rel_dir) + "\n" + END + tail
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+    print(f"README table regenerated from {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

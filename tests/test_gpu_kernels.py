@@ -1,0 +1,71 @@
+"""Kernel checks that need a CUDA device (skipped elsewhere): bf16 and fp16 on the
+real tensor-core path, at 7B-class layer shapes and awkward ones, against a
+float64 reference.
+
+Tolerance: the kernel's error (max abs diff over max abs of the fp64 result) may
+be at most 2x the error of the same math done by torch in that dtype, plus a
+floor of 2^-8 (bf16) / 2^-11 (fp16) relative, for each of y, dx, dA, dB.
+"""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+SHAPES = [(8192, 4096, 4096, 16), (2048, 4096, 11008, 64), (1000, 11008, 4096, 8), (333, 1000, 777, 1),
+          (4096, 4096, 4096, 256)]
+
+
+def rel(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_lora_linear_low_precision_on_gpu(dtype, M, K, N, r, dropout_p):
+    from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).to(dtype).requires_grad_()
+    B = (torch.randn(N, r, device="cuda", generator=g) / r**0.5).to(dtype).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    y = lora_linear(x, W, A, B, 2.0, dropout_p=dropout_p, seed=5, backend="triton")
+    got = (y,) + torch.autograd.grad(y, (x, A, B), dy)
+    keep = dropout_mask((M, K), dropout_p, 5, device="cuda") if dropout_p else None
+
+    def ref(ts, grad_dtype):
+        xs = [t.detach().to(grad_dtype).requires_grad_(t.requires_grad) for t in ts]
+        out = lora_linear_reference(xs[0], xs[1], xs[2], xs[3], 2.0, None, dropout_p, keep_mask=keep)
+        return (out,) + torch.autograd.grad(out, (xs[0], xs[2], xs[3]), dy.to(grad_dtype))
+
+    want = ref((x, W, A, B), torch.float64)
+    torch_low = ref((x, W, A, B), dtype)
+    for name, a, w, t in zip(("y", "dx", "dA", "dB"), got, want, torch_low):
+        tol = 2 * rel(t, w) + FLOOR[dtype]
+        err = rel(a, w)
+        assert err <= tol, f"{name}: kernel error {err:.3g} > {tol:.3g} (torch {dtype} error {rel(t, w):.3g})"
+
+
+def test_nf4_lora_on_gpu():
+    quant = pytest.importorskip("rankwise.quant")
+    from rankwise.kernels import lora_linear
+
+    torch.manual_seed(0)
+    W = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    q = quant.quantize_nf4(W)
+    Wd = quant.dequantize_nf4(q)
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16) / 64).requires_grad_()
+    B = (torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16) / 4).requires_grad_()
+    y = lora_linear(x, q, A, B, 2.0, backend="triton")
+    y_ref = lora_linear(x, Wd, A, B, 2.0, backend="triton")
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (x, A, B), dy)
+    g_ref = torch.autograd.grad(y_ref, (x, A, B), dy)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), (y,) + g, (y_ref,) + g_ref):
+        err = rel(a, b.double())
+        assert err < 1e-2, f"{name}: NF4 fused vs dequantize-then-dense relative error {err:.3g}"
