@@ -78,64 +78,6 @@ def mask_candidates(model) -> dict:
     return {n: p for n, p in model.named_parameters() if ".layers." in f".{n}" and "norm" not in n}
 
 
-def _masking():
-    """``(MaskedAdamW, topk_mask)`` from ``rankwise.masking`` (a plain-torch stand-in until it lands)."""
-    try:
-        from .masking import MaskedAdamW, topk_mask
-    except ImportError:  # TEMPORARY: rankwise.masking is being written in parallel
-        return _FallbackMaskedAdamW, _fallback_topk_mask
-    return MaskedAdamW, topk_mask
-
-
-def _fallback_topk_mask(tensors, fraction, largest=True):
-    flat = torch.cat([t.detach().float().flatten() for t in tensors])
-    k = max(1, int(round(fraction * flat.numel())))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat, k, largest=largest).indices] = True
-    return [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
-
-
-class _FallbackMaskedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        params = list(params)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.masks = {id(p): m for p, m in zip(params, masks)}
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["m"] = torch.zeros_like(p)
-                    st["v"] = torch.zeros_like(p)
-                st["step"] += 1
-                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                mh = st["m"] / (1 - b1 ** st["step"])
-                vh = st["v"] / (1 - b2 ** st["step"])
-                new = p * (1 - g["lr"] * g["weight_decay"]) - g["lr"] * mh / (vh.sqrt() + g["eps"])
-                p.copy_(torch.where(self.masks[id(p)], new, p))
-
-
-def _as_bool_masks(masks, params):
-    """Normalise what ``topk_mask`` returns (list or dict, bool or bit-packed) to a list of bool tensors."""
-    if isinstance(masks, dict):
-        masks = list(masks.values())
-    out = []
-    for m, p in zip(masks, params):
-        if m.dtype != torch.bool or m.shape != p.shape:
-            from .masking import unpack_mask  # bit-packed
-
-            m = unpack_mask(m, p.shape)
-        out.append(m.to(p.device))
-    return out
-
-
 def _rng_state(device) -> dict:
     import numpy as np
 
@@ -354,7 +296,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     if resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if method == "masked":
-        MaskedAdamW, topk_mask = _masking()
+        from .masking import MaskedAdamW, pack_mask, topk_mask
         if ckpt is not None:
             masks = [ckpt["mask"][n].to(device) for n, _ in named_trainable]
         elif mcfg["score"] == "update":
@@ -368,7 +310,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             if missing:
                 raise ValueError(f"mask.from: {src} lacks parameters of this model, e.g. {missing[0]!r}")
             scores = [(run[n].float() - p.detach().float().cpu()).abs() for n, p in named_trainable]
-            masks = _as_bool_masks(topk_mask(scores, mcfg["fraction"]), params)
+            masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
             del run, scores
         else:  # grad: |grad| summed over the first warmup_steps steps' batches, no update
             scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -381,7 +323,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 for sc, p in zip(scores, params):
                     sc += p.grad.float().abs()
                     p.grad = None
-            masks = _as_bool_masks(topk_mask(scores, mcfg["fraction"]), params)
+            masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
             del scores
         if master:
             chosen = sum(int(m.sum()) for m in masks)
@@ -423,16 +365,21 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     # ---- resume -----------------------------------------------------------------------------
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     start_step = 0
+    window = torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last log row
     if ckpt is not None:
         state = ckpt["trainable"]
         with torch.no_grad():
             for n, p in named_trainable:
                 p.copy_(state[n])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
+            for p, m in zip(params, masks):
+                optimizer.state[p]["mask"] = pack_mask(m)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], device)
         start_step = ckpt["step"]
+        window = ckpt["log_window"].clone()
         if ckpt.get("total_steps") != total_steps:
             raise ValueError(f"--resume: the checkpoint was made for {ckpt.get('total_steps')} steps, "
                              f"the config now gives {total_steps}")
@@ -459,6 +406,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             "scheduler": {"kind": tcfg["schedule"], "step": step},  # the LR is a function of the step
             "rng": _rng_state(device),
             "data": {"next_micro_batch": step * micro_per_step, "seed": seed},
+            "log_window": window.clone(),  # loss / token sums since the last metrics row
         }, ckpt_path)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -487,7 +435,6 @@ def train(config, overrides=None, resume: bool = False) -> dict:
 
         bar = tqdm(total=total_steps, initial=start_step, desc=f"train {method}", dynamic_ncols=True)
     model.train()
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last log row
     t_window = time.time()
     last = {}
     try:

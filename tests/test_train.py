@@ -1,0 +1,229 @@
+"""End-to-end training on a tiny Llama: loss falls, masking, resume, PEFT round trip, merge, CLI, eval helpers."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_data import build_tiny_llama, qa_rows, write_jsonl
+
+import rankwise.train as rt
+from rankwise import cli
+from rankwise.evaluate import eval_loss, generate_answers, is_correct, qa_accuracy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a shared CPU: one thread is several times faster than oversubscribed ones
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    model = build_tiny_llama(d / "model")
+    return {"model": model, "train": write_jsonl(d / "train.jsonl", qa_rows(32)),
+            "eval": write_jsonl(d / "eval.jsonl", qa_rows(8)), "ood": write_jsonl(d / "ood.jsonl", qa_rows(8, 100))}
+
+
+def make_cfg(world, out, method="lora", **train):
+    return {"model": world["model"], "method": method, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+            "mask": {"fraction": 0.1, "warmup_steps": 2},
+            "data": {"train": world["train"], "eval": world["eval"], "max_length": 64},
+            "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-2 if method == "lora" else 3e-3, "log_every": 5,
+                      "save_every": 0, **train},
+            "eval": {"every": 0, "max_new_tokens": 4}, "log": {"progress": False}, "output_dir": str(out)}
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "masked"])
+def test_loss_falls_and_outputs_are_written(world, tmp_path, method):
+    out = tmp_path / method
+    summary = rt.train(make_cfg(world, out, method))
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    assert all({"lr", "tokens_per_s", "grad_norm"} <= set(r) for r in train_rows)
+    first, final = train_rows[0]["loss"], train_rows[-1]["loss"]
+    assert final < 0.8 * first, f"{method}: loss {first:.3f} -> {final:.3f}"
+    assert rows[-1]["step"] == 30 and "eval_loss" in rows[-1] and "eval_accuracy" in rows[-1]
+    assert summary["train_loss"] == final and summary["eval_loss"] == rows[-1]["eval_loss"]
+    with open(out / "config.yaml") as f:
+        resolved = yaml.safe_load(f)
+    assert resolved["method"] == method and resolved["train"]["schedule"] == "cosine"
+    assert not (out / "checkpoint.pt").exists() and (out / "summary.json").exists()
+    if method == "lora":
+        assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+        keys = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+        assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape[1] == 4
+        assert len(keys) == 2 * 3 * 2  # (A, B) x 3 targets x 2 layers
+    else:
+        assert (out / "model" / "config.json").exists()
+
+
+def test_masked_sft_changes_only_masked_weights(world, tmp_path):
+    out = tmp_path / "masked"
+    rt.train(make_cfg(world, out, "masked", max_steps=6))
+    base = load_file(os.path.join(world["model"], "model.safetensors"))
+    tuned = load_file(out / "model" / "model.safetensors")
+    masks = load_file(out / "mask.safetensors")
+    assert set(masks) == {n for n in base if ".layers." in n and "norm" not in n}
+    n_mask = sum(int(m.sum()) for m in masks.values())
+    n_cand = sum(m.numel() for m in masks.values())
+    assert abs(n_mask - round(0.1 * n_cand)) <= 1
+    changed_inside = 0
+    for name, w0 in base.items():
+        w1 = tuned[name]
+        if name not in masks:
+            assert torch.equal(w0, w1), f"{name} is outside the candidates but changed"
+            continue
+        m = masks[name].bool()
+        assert torch.equal(w0[~m], w1[~m]), f"{name}: {(w0[~m] != w1[~m]).sum()} unmasked elements changed"
+        changed_inside += int((w0[m] != w1[m]).sum())
+    assert changed_inside > 0.9 * n_mask
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lora", "masked"])
+def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
+    extra = dict(max_steps=9, grad_accum=2, batch_size=2, save_every=3, seed=3)
+    cfg = make_cfg(world, tmp_path / "a", method, **extra)
+    cfg["lora"]["dropout"] = 0.1  # exercises the RNG state in the checkpoint
+    cfg["data"]["packing"] = True
+    cfg["data"]["max_length"] = 40
+    full = rt.train(cfg)
+
+    cfg_b = {**cfg, "output_dir": str(tmp_path / "b")}
+    real_lr_at = rt.lr_at
+
+    def crashing_lr_at(step, *a, **k):
+        if step == 7:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(rt, "lr_at", crashing_lr_at)
+    with pytest.raises(Crash):
+        rt.train(cfg_b)
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 6 and set(ckpt) >= {"optimizer", "rng", "trainable", "config", "data", "scheduler"}
+    with pytest.raises(ValueError, match="already holds a run"):
+        rt.train(cfg_b)
+    resumed = rt.train(cfg_b, resume=True)
+    if method == "lora":
+        a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    else:
+        a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+        b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    assert resumed["train_loss"] == full["train_loss"]
+    # a finished run is returned as is by --resume
+    assert rt.train(cfg_b, resume=True)["train_loss"] == full["train_loss"]
+
+
+def test_peft_round_trip_and_merge_give_same_logits(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import rankwise
+    from rankwise.adapter import load_adapter
+
+    out = tmp_path / "run"
+    cfg = make_cfg(world, out, "lora", max_steps=8)
+    cfg["lora"]["rslora"] = True
+    cfg["lora"]["targets"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["train", str(cfg_path), "--set", "train.log_every=4", "--set", "lora.init=gaussian"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [4, 8]
+
+    x = torch.randint(4, 60, (2, 11))
+
+    def logits(m):
+        with torch.no_grad():
+            return m.eval()(input_ids=x).logits.double()
+
+    base = lambda: AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32)  # noqa: E731
+    ref = logits(base())
+    ours = logits(load_adapter(base(), out / "adapter"))
+    peft_model = logits(PeftModel.from_pretrained(base(), str(out / "adapter")))
+    assert (ours - ref).abs().max() > 1e-3, "the adapter changed nothing; the round trip would prove nothing"
+    assert (ours - peft_model).abs().max() < 1e-5
+    assert cli.main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32))
+    assert (merged - peft_model).abs().max() < 1e-5
+    assert rankwise.LoRALinear is not None
+
+
+def test_generate_answers_left_padding_matches_one_by_one(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32)
+    prompts = ["Q: where was p1 born? A:", "Q: hi", "Q: where was person number 12345 born? A:"]
+    batched = generate_answers(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    single = [generate_answers(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single and all(len(o) == 1 for o in batched)
+    state = torch.get_rng_state()
+    s1 = generate_answers(model, tok, prompts[:2], max_new_tokens=5, do_sample=True, num_samples=3, seed=7)
+    s2 = generate_answers(model, tok, prompts[:2], max_new_tokens=5, do_sample=True, num_samples=3, seed=7)
+    assert s1 == s2 and [len(o) for o in s1] == [3, 3]
+    assert torch.equal(state, torch.get_rng_state()), "sampling must not move the global RNG"
+    assert batched[0][0].strip(), "the seeded tiny model generates visible text"
+    res = qa_accuracy(model, tok, [{"prompt": prompts[0], "answer": batched[0][0].upper()},
+                                   {"prompt": prompts[1], "answers": ["zzzzzz"]}], max_new_tokens=5)
+    assert res == {"accuracy": 0.5, "correct": 1, "total": 2}
+    with pytest.raises(ValueError, match="row 1 needs 'answers'"):
+        qa_accuracy(model, tok, [{"prompt": "x"}])
+
+
+def test_is_correct_and_eval_loss():
+    assert is_correct("It is  PARIS, France", ["paris"])
+    assert is_correct("the answer: New\nYork", "new york")
+    assert not is_correct("Lyon", ["Paris", "Marseille"])
+    assert not is_correct("anything", ["", "  "])
+
+    class Fixed(torch.nn.Module):  # logits independent of input: uniform over 4 tokens
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return type("O", (), {"logits": self.w.expand(*input_ids.shape, 4)})()
+
+    from rankwise.data import Example, collate
+
+    b = collate([Example([0, 1, 2], [False, True, True]), Example([3, 1], [False, True])])
+    assert b["n_targets"] == 3
+    assert abs(eval_loss(Fixed(), [b]) - torch.log(torch.tensor(4.0)).item()) < 1e-6
+
+
+def test_lr_schedule():
+    lrs = [rt.lr_at(s, 10, 1.0, warmup=2, schedule="cosine") for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0 and abs(lrs[-1]) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert rt.lr_at(5, 10, 2.0, warmup=0.0, schedule="linear", min_lr_ratio=0.5) == pytest.approx(2.0 - 1.0 * 5 / 9)
+    assert rt.lr_at(9, 10, 2.0, schedule="constant") == 2.0
+
+
+def test_non_finite_loss_is_reported(world, tmp_path):
+    cfg = make_cfg(world, tmp_path / "nan", "full", max_steps=5, lr=1e30, max_grad_norm=None)
+    with pytest.raises(rt.NonFiniteLossError, match="training loss is"):
+        rt.train(cfg)
