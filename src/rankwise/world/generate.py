@@ -357,8 +357,6 @@ def all_texts(world: dict) -> list[str]:
     for f in world["facts"]:
         texts.append(f["prompt"] + " " + f["answer"] + ".")
         texts.extend(f["probes"])
-    for rel, tmpl in TEMPLATES.items():
-        texts.extend(tmpl["question"])
     for p in world["people"]:
         texts.append(p["name"])
     for pool in world["pools"].values():
