@@ -147,6 +147,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if mask.device.type == "cpu":
         return _C.pack_mask(mask)
+    return _pack_mask_torch(mask)
+
+
+def _pack_mask_torch(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1)
     n = flat.numel()
     pad = (-n) % 8
@@ -166,8 +170,12 @@ def unpack_mask(packed: torch.Tensor, shape: Union[int, Sequence[int], torch.Siz
         raise ValueError(f"packed has {packed.numel()} bytes, expected ceil({numel} / 8) = {(numel + 7) // 8}")
     if packed.device.type == "cpu":
         return _C.unpack_mask(packed.reshape(-1).contiguous(), numel).view(shape)
+    return _unpack_mask_torch(packed, numel).view(shape)
+
+
+def _unpack_mask_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
     bits = (packed.reshape(-1, 1) & _bit_weights(packed.device)) != 0
-    return bits.reshape(-1)[:numel].view(shape)
+    return bits.reshape(-1)[:numel]
 
 
 def mask_count(mask: Mask, numel: Optional[int] = None) -> int:
@@ -645,16 +653,21 @@ class MaskedAdamW(torch.optim.Optimizer):
             self.state[p]["mask"] = _packed_for(by_id[id(p)], p.numel(), p.device, f"masks[{i}]")
 
     def load_state_dict(self, state_dict):
-        # torch casts floating state to the param dtype on load; the moments are fp32 by design.
+        # torch casts every state tensor to the param dtype on load; the moments are
+        # fp32 and the masks uint8 by design, so they are put back from the originals.
         keep = {
-            k: {n: v for n, v in s.items() if n in ("exp_avg", "exp_avg_sq")} for k, s in state_dict["state"].items()
+            k: {n: v for n, v in s.items() if n in ("exp_avg", "exp_avg_sq", "mask")}
+            for k, s in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
         flat = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in keep.items():
             p = flat[int(idx)]
             for n, v in saved.items():
-                self.state[p][n] = v.detach().to(device=p.device, dtype=torch.float32).clone().contiguous()
+                dtype = torch.uint8 if n == "mask" else torch.float32
+                if n == "mask" and v.dtype != torch.uint8:
+                    raise ValueError(f"state_dict mask of param {idx} is {v.dtype}, expected packed uint8")
+                self.state[p][n] = v.detach().to(device=p.device, dtype=dtype).clone().contiguous()
 
     @torch.no_grad()
     def step(self, closure=None):
