@@ -320,12 +320,18 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     ``bitsandbytes.functional.dequantize_4bit`` exactly."""
     if not getattr(q, "_rankwise_nf4", False):
         raise TypeError(f"q: expected an NF4Weight, got {type(q).__name__}")
-    n = q.numel
+    n, bs = q.numel, q.blocksize
     b = q.packed.reshape(-1)
-    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
-    vals = q.quant_map.to(b.device).float()[idx]
-    scale = q.absmax_fp32().repeat_interleave(q.blocksize)[:n]
-    return (vals * scale).to(q.dtype).reshape(q.shape)
+    # one gather per byte: (code[hi], code[lo]) from a 256 x 2 table
+    code = q.quant_map.to(b.device).float()
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+    vals = pairs[b.long()].reshape(-1)[:n]
+    absmax = q.absmax_fp32()
+    blocks = absmax.numel()
+    if n != blocks * bs:
+        vals = torch.nn.functional.pad(vals, (0, blocks * bs - n))
+    out = (vals.view(blocks, bs) * absmax.view(-1, 1)).reshape(-1)[:n]
+    return out.to(q.dtype).reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------
