@@ -1,0 +1,237 @@
+"""``rankwise sweep``: a LoRA rank sweep against full (and masked) SFT, as in the rank trade-off study.
+
+    rankwise sweep CONFIG.yaml --ranks 1,2,4,8,16,32,64,128 --full-sft [--masked 0.01,0.1]
+
+Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
+changed, so all arms share the seed and therefore the data order and the
+evaluation sets. Arms run one after the other in ``OUT/arms/<arm>/``: a
+finished arm (``summary.json`` present) is skipped, an interrupted one resumes
+from its checkpoint, and an arm that fails (out of memory, NaN loss, another
+runtime error) is recorded with its reason while the sweep goes on.
+
+Outputs in ``OUT`` (default: the config's ``output_dir``): ``sweep.csv``,
+``sweep.md`` and the PNG plots ``sweep_in_domain.png`` (``data.eval``) and
+``sweep_ood.png`` (``data.eval_ood``): loss and QA accuracy against rank, full
+and masked SFT as horizontal reference lines.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import gc
+import io
+import json
+import logging
+import os
+
+import torch
+
+from . import config as C
+
+log = logging.getLogger("rankwise")
+
+COLUMNS = ["arm", "method", "rank", "fraction", "status", "reason", "steps", "train_loss", "eval_loss",
+           "eval_accuracy", "eval_ood_loss", "eval_ood_accuracy", "trainable_params", "delta_norm", "runtime_s",
+           "output_dir"]
+
+
+def arm_name(method: str, rank=None, fraction=None) -> str:
+    """Directory name of an arm: ``lora_r8``, ``full_sft``, ``masked_0.1``."""
+    if method == "lora":
+        return f"lora_r{rank}"
+    if method == "full":
+        return "full_sft"
+    return f"masked_{fraction:g}"
+
+
+def _parse_list(text, kind, what):
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    try:
+        values = [kind(s) for s in items]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _failure_reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or isinstance(e, MemoryError):
+        kind = "out of memory"
+    elif type(e).__name__ == "NonFiniteLossError":
+        kind = "non-finite loss"
+    else:
+        kind = type(e).__name__
+    return f"{kind}: {msg}"[:300] if msg else kind
+
+
+def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
+          alpha_ratio=None) -> list[dict]:
+    """Run the arms of a rank sweep; returns one result row per arm (also written to ``sweep.csv``).
+
+    Args:
+        config: a config dict or YAML path (its ``method`` and ``lora.r`` are set per arm).
+        ranks: LoRA ranks, e.g. ``[1, 2, 4]``.
+        full_sft: add a full-SFT reference arm.
+        masked: a mask fraction or a list of them: masked-SFT arms.
+        out_dir: sweep directory (default: the config's ``output_dir``).
+        overrides: dotted overrides applied to ``config`` first.
+        alpha_ratio: when set, each LoRA arm uses ``alpha = alpha_ratio * r`` (e.g. 2);
+            otherwise ``lora.alpha`` is the same for every rank.
+    """
+    from . import train as _train
+
+    base = C.resolve(config, overrides)
+    ranks = [int(r) for r in ranks]
+    if any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must be distinct integers >= 1, got {ranks}")
+    fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"masked fraction must be in (0, 1], got {f}")
+    out_dir = out_dir or base["output_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    arms = [("lora", r, None) for r in sorted(ranks)] + ([("full", None, None)] if full_sft else []) \
+        + [("masked", None, f) for f in fractions]
+    C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
+                 "alpha_ratio": alpha_ratio}, os.path.join(out_dir, "sweep.yaml"))
+
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
+    for method, rank, fraction in bar:
+        name = arm_name(method, rank, fraction)
+        bar.set_postfix(arm=name)
+        arm_dir = os.path.join(out_dir, "arms", name)
+        cfg = copy.deepcopy(base)
+        cfg["method"], cfg["output_dir"] = method, arm_dir
+        if method == "lora":
+            cfg["lora"]["r"] = rank
+            if alpha_ratio is not None:
+                cfg["lora"]["alpha"] = float(alpha_ratio) * rank
+        elif method == "masked":
+            cfg["mask"]["fraction"] = fraction
+        row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
+        summary_path = os.path.join(arm_dir, _train.SUMMARY)
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            log.info("sweep: %s already finished, skipped", name)
+        else:
+            try:
+                summary = _train.train(cfg, resume=True)  # resumes from a checkpoint when there is one
+            except (RuntimeError, MemoryError) as e:  # OOM, NaN loss, CUDA errors: record and go on
+                reason = _failure_reason(e)
+                log.warning("sweep: arm %s failed: %s", name, reason)
+                summary = {"status": "failed", "reason": reason}
+                C.atomic_write_text(os.path.join(arm_dir, "failed.json"), json.dumps(summary) + "\n")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        row.update({k: summary.get(k) for k in COLUMNS if k not in row})
+        row["status"] = summary.get("status", "finished")
+        if row["status"] == "finished" and os.path.exists(os.path.join(arm_dir, "failed.json")):
+            os.unlink(os.path.join(arm_dir, "failed.json"))
+        results.append(row)
+        write_tables(results, out_dir)  # partial results are visible while the sweep runs
+    write_tables(results, out_dir)
+    plot(results, out_dir)
+    return results
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_tables(results, out_dir) -> None:
+    """Write ``sweep.csv`` (every column) and ``sweep.md`` (a readable table) atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in results:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    C.atomic_write_text(os.path.join(out_dir, "sweep.csv"), buf.getvalue())
+    shown = [c for c in COLUMNS if c not in ("output_dir", "reason")
+             and any(r.get(c) is not None for r in results)]
+    lines = ["# Rank sweep", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for r in results:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |")
+    failed = [r for r in results if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "## Failed arms", ""] + [f"- {r['arm']}: {r.get('reason')}" for r in failed]
+    C.atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(lines) + "\n")
+
+
+def plot(results, out_dir) -> list[str]:
+    """PNG plots of the in-domain and out-of-domain metrics against rank; returns the paths written."""
+    from matplotlib.figure import Figure
+
+    written = []
+    ok = [r for r in results if r.get("status") == "finished"]
+    lora = sorted((r for r in ok if r["method"] == "lora"), key=lambda r: r["rank"])
+    refs = [r for r in ok if r["method"] != "lora"]
+    for prefix, fname, title in (("eval", "sweep_in_domain.png", "in-domain (data.eval)"),
+                                 ("eval_ood", "sweep_ood.png", "out-of-domain (data.eval_ood)")):
+        metrics = [m for m in (f"{prefix}_loss", f"{prefix}_accuracy") if any(r.get(m) is not None for r in ok)]
+        if prefix == "eval" and not metrics:
+            metrics = ["train_loss"] if any(r.get("train_loss") is not None for r in ok) else []
+            title = "training loss (no data.eval)"
+        if not metrics:
+            continue
+        fig = Figure(figsize=(5.2 * len(metrics), 4.0), layout="constrained")
+        for i, metric in enumerate(metrics):
+            ax = fig.add_subplot(1, len(metrics), i + 1)
+            pts = [(r["rank"], r[metric]) for r in lora if r.get(metric) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="LoRA")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks([p[0] for p in pts], [str(p[0]) for p in pts])
+            for j, r in enumerate(refs):
+                if r.get(metric) is None:
+                    continue
+                label = "full SFT" if r["method"] == "full" else f"masked SFT ({r['fraction']:g})"
+                ax.axhline(r[metric], linestyle="--" if r["method"] == "full" else ":", color=f"C{j + 1}", label=label)
+            ax.set_xlabel("LoRA rank")
+            ax.set_ylabel(metric)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"rank sweep: {title}")
+        path = os.path.join(out_dir, fname)
+        tmp = os.path.join(out_dir, ".tmp-" + fname)
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``rankwise sweep``."""
+    parser.add_argument("config", help="YAML config file (method and lora.r are set per arm)")
+    parser.add_argument("--ranks", required=True, help="comma-separated LoRA ranks, e.g. 1,2,4,8")
+    parser.add_argument("--full-sft", action="store_true", help="add a full-SFT reference arm")
+    parser.add_argument("--masked", default=None, metavar="FRACTION[,FRACTION...]",
+                        help="add masked-SFT arms with these mask fractions")
+    parser.add_argument("--alpha-ratio", type=float, default=None,
+                        help="use alpha = ratio * r for every LoRA arm (default: the config's lora.alpha)")
+    parser.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for every arm; repeatable")
+
+
+def main(args) -> int:
+    """Entry point of ``rankwise sweep``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ranks = _parse_list(args.ranks, int, "--ranks")
+    masked = _parse_list(args.masked, float, "--masked") if args.masked else None
+    results = sweep(args.config, ranks, full_sft=args.full_sft, masked=masked, out_dir=args.out,
+                    overrides=args.overrides, alpha_ratio=args.alpha_ratio)
+    out = args.out or C.resolve(args.config, args.overrides)["output_dir"]
+    print(open(os.path.join(out, "sweep.md")).read(), end="")
+    failed = [r for r in results if r["status"] == "failed"]
+    return 1 if failed and len(failed) == len(results) else 0

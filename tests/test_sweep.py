@@ -1,0 +1,116 @@
+"""Rank sweep: table and plots, skipping finished arms, resuming an interrupted one, recording failures."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+from test_data import build_tiny_llama, qa_rows, write_jsonl
+
+import rankwise.train as rt
+from rankwise import cli
+from rankwise.sweep import sweep
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweepworld")
+    return {"model": build_tiny_llama(d / "model"),
+            "lora": {"r": 16, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+            "data": {"train": write_jsonl(d / "train.jsonl", qa_rows(16)), "eval": write_jsonl(d / "eval.jsonl", qa_rows(4)),
+                     "eval_ood": write_jsonl(d / "ood.jsonl", qa_rows(4, 50)), "max_length": 40},
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "log_every": 2, "save_every": 2},
+            "eval": {"every": 0, "max_new_tokens": 3}, "log": {"progress": False}, "output_dir": str(d / "unused")}
+
+
+class Crash(Exception):
+    pass
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_rank_sweep_writes_table_plots_and_resumes(cfg, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    real_train, real_lr_at = rt.train, rt.lr_at
+    calls = []
+
+    def counting_train(c, overrides=None, resume=False):
+        calls.append(os.path.basename(c["output_dir"]))
+        return real_train(c, overrides, resume=resume)
+
+    monkeypatch.setattr(rt, "train", counting_train)
+
+    def crash_in_rank_2(step, *a, **k):  # the r=2 arm "loses power" at step 5, after its step-4 checkpoint
+        if calls[-1] == "lora_r2" and step == 4:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(rt, "lr_at", crash_in_rank_2)
+    with pytest.raises(Crash):
+        sweep(cfg, [2, 1], out_dir=str(out))
+    assert calls == ["lora_r1", "lora_r2"]
+    assert (out / "arms" / "lora_r1" / "summary.json").exists()
+    assert torch.load(out / "arms" / "lora_r2" / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+
+    # the full-SFT arm "runs out of memory"; it is recorded and the sweep goes on
+    def oom_for_full(c, overrides=None, resume=False):
+        calls.append(os.path.basename(c["output_dir"]))
+        if c["method"] == "full":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real_train(c, overrides, resume=resume)
+
+    monkeypatch.setattr(rt, "train", oom_for_full)
+    results = sweep(cfg, [1, 2], full_sft=True, masked=0.2, out_dir=str(out))
+    assert calls[2:] == ["lora_r2", "full_sft", "masked_0.2"], "r=1 must be skipped, r=2 resumed"
+    by_arm = {r["arm"]: r for r in results}
+    assert [r["arm"] for r in results] == ["lora_r1", "lora_r2", "full_sft", "masked_0.2"]
+    assert by_arm["full_sft"]["status"] == "failed" and by_arm["full_sft"]["reason"].startswith("out of memory")
+    assert by_arm["lora_r2"]["status"] == "finished" and by_arm["masked_0.2"]["status"] == "finished"
+    assert by_arm["lora_r1"]["trainable_params"] < by_arm["lora_r2"]["trainable_params"]
+    metrics = [json.loads(x) for x in open(out / "arms" / "lora_r2" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6]
+
+    rows = read_csv(out / "sweep.csv")
+    assert [r["arm"] for r in rows] == ["lora_r1", "lora_r2", "full_sft", "masked_0.2"]
+    for r in rows:
+        if r["status"] == "finished":
+            for col in ("eval_loss", "eval_accuracy", "eval_ood_loss", "eval_ood_accuracy", "train_loss"):
+                float(r[col])
+    md = (out / "sweep.md").read_text()
+    assert "| lora_r1 |" in md and "## Failed arms" in md and "full_sft: out of memory" in md
+    for png in ("sweep_in_domain.png", "sweep_ood.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+    # same data order and seed per arm: the r=1 arm's run equals a plain train() of the same config
+    solo = real_train({**cfg, "lora": {**cfg["lora"], "r": 1}, "output_dir": str(tmp_path / "solo"),
+                       "train": {**cfg["train"], "save_every": 0}})
+    assert solo["train_loss"] == by_arm["lora_r1"]["train_loss"]
+    assert solo["eval_loss"] == by_arm["lora_r1"]["eval_loss"]
+
+
+def test_sweep_cli_and_bad_arguments(cfg, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "cli")}))
+    assert cli.main(["sweep", str(path), "--ranks", "1", "--set", "train.max_steps=2", "--alpha-ratio", "2"]) == 0
+    assert "lora_r1" in capsys.readouterr().out
+    with open(tmp_path / "cli" / "arms" / "lora_r1" / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["lora_alpha"] == 2.0
+    assert cli.main(["sweep", str(path), "--ranks", "1,x"]) == 2
+    assert "--ranks must be a comma-separated list of ints" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ranks must be distinct integers >= 1"):
+        sweep(cfg, [0, 1], out_dir=str(tmp_path / "bad"))
