@@ -131,9 +131,30 @@ def unflatten(flat: Mapping) -> dict:
     return out
 
 
+# names people bring from PEFT / transformers -> ours
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+            "target_modules": "targets", "learning_rate": "lr", "num_train_epochs": "epochs",
+            "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+            "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "schedule",
+            "max_seq_length": "max_length", "torch_dtype": "dtype", "attn_implementation": "attention"}
+
+
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(SCHEMA) + _SECTIONS, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """A hint for an unknown key: a known alias, a close name in the same section, or the name elsewhere."""
+    section, _, leaf = key.rpartition(".")
+    known = list(SCHEMA) + _SECTIONS
+
+    def by_leaf(name):
+        same = [k for k in known if k.rpartition(".")[2] == name and k.rpartition(".")[0] == section and k != key]
+        other = [k for k in known if k.rpartition(".")[2] == name and k != key]
+        return (same or other or [None])[0]
+
+    hit = by_leaf(_ALIASES[leaf]) if leaf in _ALIASES else by_leaf(leaf)
+    if hit is None:
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        hit = siblings[close[0]] if close else None
+    return f" (did you mean {hit!r}?)" if hit else ""
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -60,11 +60,8 @@ def module_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _memory(model, device) -> str:
-    s = f"weights {module_bytes(model) / 2**20:.1f} MiB"
-    if device.type == "cuda":
-        s += f", cuda allocated {torch.cuda.memory_allocated(device) / 2**20:.1f} MiB"
-    return s
+def _cuda_bytes(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def load_tokenizer(path: str):
@@ -99,13 +96,17 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {path!r}: {e}") from None
     model.to(device)
-    model.config.use_cache = False
     if quantization == "nf4":
         from .quant import quantize_model_nf4
 
-        before = _memory(model, device)
-        model = quantize_model_nf4(model, double_quant=double_quant) or model
-        log.info("nf4 quantization: before %s; after %s", before, _memory(model, device))
+        before = module_bytes(model), _cuda_bytes(device)
+        info = quantize_model_nf4(model, double_quant=double_quant)  # in place; returns byte counts
+        after = module_bytes(model), _cuda_bytes(device)
+        if isinstance(info, dict) and "bytes_after" in info:  # counts the NF4 storage too
+            before, after = (info["bytes_before"], before[1]), (info["bytes_after"], after[1])
+        log.info("nf4 quantization%s: weights %.2f MiB -> %.2f MiB%s", " (double quant)" if double_quant else "",
+                 before[0] / 2**20, after[0] / 2**20,
+                 f"; cuda allocated {before[1] / 2**20:.1f} MiB -> {after[1] / 2**20:.1f} MiB" if before[1] else "")
     elif quantization != "none":
         raise ValueError(f"quantization must be 'none' or 'nf4', got {quantization!r}")
     return model

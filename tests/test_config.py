@@ -1,0 +1,112 @@
+"""Config schema: defaults, errors that name the key, --set overrides, YAML round trip, CLI errors."""
+import os
+
+import pytest
+import yaml
+
+from rankwise import cli
+from rankwise import config as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN = {"model": "m", "data": {"train": "t.jsonl"}}
+
+
+def test_defaults_fill_every_key():
+    cfg = C.resolve(MIN)
+    flat = C.flatten(cfg)
+    assert set(flat) == set(C.SCHEMA)
+    assert cfg["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "rslora": False, "targets": C.DEFAULT_TARGETS,
+                           "init": "default"}
+    assert cfg["train"]["lr"] == 2e-4 and cfg["method"] == "lora" and cfg["data"]["fields"]["prompt"] == "prompt"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**MIN, "lora": {"rank": 8}}, r"unknown config key 'lora.rank' \(did you mean 'lora.r'\?\)"),
+    ({**MIN, "optimiser": "adamw"}, r"unknown config key 'optimiser'"),
+    ({**MIN, "lr": 0.1}, r"unknown config key 'lr' \(did you mean 'train.lr'\?\)"),
+    ({**MIN, "lora": {"target_modules": ["q_proj"]}}, r"'lora.target_modules' \(did you mean 'lora.targets'"),
+    ({**MIN, "train": {"lr": 1e-4, "bogus": 1, "epoch": 2}}, r"unknown config keys 'train.bogus', 'train.epoch'"),
+    ({**MIN, "data": {"train": "t", "fields": {"answer": "a"}}}, r"'data.fields.answer' \(did you mean 'data.fields.answers'"),
+    ({"data": {"train": "t"}}, r"missing required config key 'model'"),
+    ({"model": "m"}, r"missing required config key 'data.train'"),
+    ({**MIN, "lora": 8}, r"config key 'lora' must be a mapping"),
+    ({**MIN, "lora": {"r": "eight"}}, r"config key 'lora.r' must be int, got str 'eight'"),
+    ({**MIN, "lora": {"r": 0}}, r"config key 'lora.r' must be > 0"),
+    ({**MIN, "lora": {"rslora": "yes"}}, r"config key 'lora.rslora' must be bool"),
+    ({**MIN, "method": "qlora"}, r"config key 'method' must be one of lora, full, masked; got 'qlora'"),
+    ({**MIN, "train": {"betas": [0.9]}}, r"'train.betas' must be two numbers"),
+    ({**MIN, "mask": {"fraction": 1.5}}, r"'mask.fraction' must be in \(0, 1\]"),
+    ({**MIN, "method": "masked", "mask": {"score": "update"}}, r"'mask.from' is required"),
+    ({**MIN, "method": "full", "quantization": "nf4"}, r"'quantization' = 'nf4' needs method 'lora'"),
+    ({**MIN, "model": None}, r"config key 'model' must not be null"),
+])
+def test_bad_configs_name_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        C.validate(bad)
+
+
+def test_overrides_dotted_and_typed():
+    cfg = C.resolve(MIN, ["lora.r=8", "train.lr=1e-4", "lora.targets=[q_proj, v_proj]", "train.epochs=null",
+                          "data.eval=e.jsonl", "train.max_grad_norm=null", "lora.alpha=16"])
+    assert cfg["lora"]["r"] == 8 and cfg["train"]["lr"] == 1e-4 and isinstance(cfg["lora"]["alpha"], float)
+    assert cfg["lora"]["targets"] == ["q_proj", "v_proj"] and cfg["data"]["eval"] == "e.jsonl"
+    assert cfg["train"]["max_grad_norm"] is None
+    assert C.resolve(MIN, {"lora.targets": "q_proj,o_proj"})["lora"]["targets"] == ["q_proj", "o_proj"]
+    with pytest.raises(ValueError, match=r"unknown config key 'lora.rank' in overrides \(did you mean 'lora.r'"):
+        C.resolve(MIN, ["lora.rank=8"])
+    with pytest.raises(ValueError, match="--set expects key=value, got 'lora.r'"):
+        C.resolve(MIN, ["lora.r"])
+    with pytest.raises(ValueError, match="'train.batch_size' must be int, got float 2.5"):
+        C.resolve(MIN, ["train.batch_size=2.5"])
+
+
+def test_yaml_round_trip_and_example(tmp_path):
+    cfg = C.resolve(MIN, ["method=full", "train.seed=3"])
+    C.dump_yaml(cfg, tmp_path / "c.yaml")
+    assert C.resolve(str(tmp_path / "c.yaml")) == cfg
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
+    example = C.resolve(os.path.join(ROOT, "examples", "lora.yaml"))
+    with open(os.path.join(ROOT, "examples", "lora.yaml")) as f:
+        raw = yaml.safe_load(f)
+    # the example lists every key (so it documents them all) with the defaults, except the run-specific ones
+    assert set(C.flatten(raw)) | {"data.fields.prompt"} >= set(C.SCHEMA) - {"data.fields"}
+    specific = {"model", "data.train", "data.eval", "output_dir"}
+    defaults = C.flatten(C.defaults())
+    for key, value in C.flatten(example).items():
+        if key not in specific:
+            assert value == defaults[key], key
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        C.resolve(str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        C.resolve(str(tmp_path / "list.yaml"))
+
+
+def test_cli_reports_config_and_row_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MIN, "lora": {"alhpa": 4}}))
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "rankwise train: error: unknown config key 'lora.alhpa' (did you mean 'lora.alpha'?)"
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(MIN))
+    assert cli.main(["train", str(good), "--set", "lora.r=4", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lora"]["r"] == 4 and printed["train"]["schedule"] == "cosine"
+
+
+def test_cli_names_the_malformed_row(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_data import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": model, "data": {"train": str(data)}, "output_dir": str(tmp_path / "o"),
+                                   "log": {"progress": False}}))
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "data.train row 3: missing field 'completion'" in capsys.readouterr().err
