@@ -9,8 +9,10 @@ Math (bitsandbytes' NF4 layout; W has ``numel`` values, flattened row-major):
     W[i]  = (code[nib] * scale) rounded once to W's dtype   (product in fp32)
 
 ``nf4_tile`` (a ``triton.jit`` helper) computes ``code[nib] * scale`` in fp32
-for any tile of flat indices; the fused NF4 LoRA kernels (``nf4_lora.py``) call
-it on their W tiles, so a full-precision W never exists in memory.
+for any tile of flat indices, ``nf4_rows_tile`` for a (rows, BK) tile of a 2-D
+weight with an even row length (bytes loaded once per pair of values); the fused
+NF4 LoRA kernels (``nf4_lora.py``) call them on their W tiles, so a
+full-precision W never exists in memory.
 
 There is no backward: the NF4 base weight is frozen.
 """
@@ -26,14 +28,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, flat, mask,
-             BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """fp32 values ``code[nib(flat)] * scale(flat)`` of an NF4 tensor at the int64
-    flat indices ``flat`` (any tile shape); masked-out lanes give 0."""
-    byte = tl.load(PACKED + flat // 2, mask=mask, other=0).to(tl.int32)
-    nib = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-    code = tl.load(QMAP + nib, mask=mask, other=0.0)
-    blk = flat // BLOCKSIZE
+def nf4_scale(ABSMAX, NESTED, NMAP, OFFSET, blk, mask, DOUBLE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the quantization blocks ``blk`` (decodes double quantization:
+    ``map8[absmax_u8[blk]] * nested[blk // 256] + offset``, multiply then add)."""
     if DOUBLE:
         q8 = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
         c8 = tl.load(NMAP + q8, mask=mask, other=0.0)
@@ -43,6 +40,39 @@ def nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, flat, mask,
         scale = scale + off
     else:
         scale = tl.load(ABSMAX + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, flat, mask,
+             BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 values ``code[nib(flat)] * scale(flat)`` of an NF4 tensor at the int64
+    flat indices ``flat`` (any tile shape); masked-out lanes give 0."""
+    byte = tl.load(PACKED + flat // 2, mask=mask, other=0).to(tl.int32)
+    nib = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+    code = tl.load(QMAP + nib, mask=mask, other=0.0)
+    scale = nf4_scale(ABSMAX, NESTED, NMAP, OFFSET, flat // BLOCKSIZE, mask, DOUBLE, NESTED_BLOCKSIZE)
+    return code * scale
+
+
+@triton.jit
+def nf4_rows_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, k0, N, K,
+                  BK: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr,
+                  NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 (len(rn), BK) tile ``W[rn, k0:k0+BK]`` of a 2-D NF4 weight W (N, K)
+    with **K even**: each row starts on a byte boundary, so the tile's bytes are
+    loaded once as a (len(rn), BK // 2) block and split into high / low nibbles
+    (interleaved back into k order) instead of one byte load per value."""
+    rkh = tl.arange(0, BK // 2)
+    row_byte = (rn * K + k0) // 2
+    bmask = (rn[:, None] < N) & (k0 + 2 * rkh[None, :] < K)
+    b = tl.load(PACKED + row_byte[:, None] + rkh[None, :], mask=bmask, other=0).to(tl.int32)
+    nib = tl.interleave(b >> 4, b & 15)
+    rk = k0 + tl.arange(0, BK)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    code = tl.load(QMAP + nib, mask=mask, other=0.0)
+    blk = (rn[:, None] * K + rk[None, :]) // BLOCKSIZE
+    scale = nf4_scale(ABSMAX, NESTED, NMAP, OFFSET, blk, mask, DOUBLE, NESTED_BLOCKSIZE)
     return code * scale
 
 

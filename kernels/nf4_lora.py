@@ -42,7 +42,7 @@ from .lora_linear import (
     _validate,
     lora_linear_reference,
 )
-from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_tile
+from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
     check_triton_tensor,
     dot_precision,
@@ -65,6 +65,7 @@ def _nf4_lora_fwd_kernel(
     stride_xm, stride_xk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -78,9 +79,13 @@ def _nf4_lora_fwd_kernel(
         x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         # (BK, BN) tile of W.T: element (k, n) is W's flat index n * K + k
-        wmask = (rn[None, :] < N) & (rk[:, None] < K)
-        w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[None, :] * K + rk[:, None], wmask,
-                     QBLOCK, DOUBLE, NESTED_BLOCK)
+        if EVEN_K:
+            w = tl.trans(nf4_rows_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, k0, N, K,
+                                       BK, QBLOCK, DOUBLE, NESTED_BLOCK))
+        else:
+            wmask = (rn[None, :] < N) & (rk[:, None] < K)
+            w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[None, :] * K + rk[:, None], wmask,
+                         QBLOCK, DOUBLE, NESTED_BLOCK)
         w = w.to(WDTYPE)
         if UPCAST:
             x = x.to(tl.float32)
@@ -114,6 +119,7 @@ def _nf4_lora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     seed, p, keep_scale,
     QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -127,9 +133,13 @@ def _nf4_lora_bwd_dx_kernel(
         dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                      mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
         # (BN, BK) tile of W: element (n, k) is flat index n * K + k
-        wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[:, None] * K + rk[None, :], wmask,
-                     QBLOCK, DOUBLE, NESTED_BLOCK)
+        if EVEN_K:
+            w = nf4_rows_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, pid_k * BK, N, K,
+                              BK, QBLOCK, DOUBLE, NESTED_BLOCK)
+        else:
+            wmask = (rn[:, None] < N) & (rk[None, :] < K)
+            w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[:, None] * K + rk[None, :], wmask,
+                         QBLOCK, DOUBLE, NESTED_BLOCK)
         w = w.to(WDTYPE)
         if UPCAST:
             dy = dy.to(tl.float32)
@@ -166,8 +176,10 @@ def _nf4_lora_bwd_dx_kernel(
 
 def _nf4_consts(q):
     tensors, const = nf4_kernel_args(q)
+    # EVEN_K: rows start on byte boundaries, so W tiles load their bytes once per pair of values
     return tensors, dict(QBLOCK=const["BLOCKSIZE"], DOUBLE=const["DOUBLE"],
-                         NESTED_BLOCK=const["NESTED_BLOCKSIZE"], WDTYPE=_TL_DTYPES[q.dtype])
+                         NESTED_BLOCK=const["NESTED_BLOCKSIZE"], WDTYPE=_TL_DTYPES[q.dtype],
+                         EVEN_K=q.shape[1] % 2 == 0)
 
 
 def _nf4_fwd_gemm(x2, q, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
