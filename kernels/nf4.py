@@ -89,6 +89,59 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, OUT, numel,
     tl.store(OUT + flat, v.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _nf4_quantize_kernel(X, MIDS, PACKED, ABSMAX, numel, n_blocks,
+                         BLOCKSIZE: tl.constexpr, NB: tl.constexpr, DIV_RN: tl.constexpr):
+    """NB quantization blocks per program (bitsandbytes' NF4 rules):
+    absmax = max |x|; v = clamp(x * (1 / max(absmax, 1e-38)), -1, 1) (``x / absmax`` in
+    the short last block); index = number of code midpoints strictly below v; two
+    indices per byte, the first in the high nibble."""
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid * NB + tl.arange(0, NB).to(tl.int64)
+    rj = tl.arange(0, BLOCKSIZE)
+    flat = rb[:, None] * BLOCKSIZE + rj[None, :]
+    x = tl.load(X + flat, mask=flat < numel, other=0.0).to(tl.float32)
+    am = tl.max(tl.abs(x), axis=1)
+    amc = tl.maximum(am, 1e-38)
+    full = (rb + 1) * BLOCKSIZE <= numel
+    den = amc[:, None] + tl.zeros_like(x)
+    if DIV_RN:  # correctly rounded fp32 division (Triton's default '/' is approximate on GPUs)
+        inv = tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), amc)
+        q = tl.math.div_rn(x, den)
+    else:  # the interpreter divides in numpy, already correctly rounded
+        inv = 1.0 / amc
+        q = x / den
+    v = tl.where(full[:, None], x * inv[:, None], q)
+    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+    idx = tl.zeros((NB, BLOCKSIZE), dtype=tl.int32)
+    for i in tl.static_range(15):
+        idx += (v > tl.load(MIDS + i)).to(tl.int32)
+    hi, lo = tl.split(tl.reshape(idx, (NB, BLOCKSIZE // 2, 2)))
+    byte = ((hi << 4) | lo).to(tl.uint8)
+    pair = rb[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(PACKED + pair, byte, mask=pair * 2 < numel)
+    tl.store(ABSMAX + rb, tl.where(full, am, amc), mask=rb < n_blocks)
+
+
+def nf4_quantize_packed(W: torch.Tensor, blocksize: int, code: torch.Tensor):
+    """Triton NF4 quantizer: ``(packed (ceil(numel/2), 1) uint8, absmax fp32)``,
+    byte-identical to ``rankwise.quant.quantize_nf4``'s torch path."""
+    if W.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("W is on the CPU: the Triton quantizer runs there only under TRITON_INTERPRET=1")
+    x = W.detach().reshape(-1).contiguous()
+    numel = x.numel()
+    n_blocks = -(-numel // blocksize)
+    c = code.to(x.device, torch.float32)
+    mids = ((c[:-1] + c[1:]) / 2).contiguous()
+    packed = torch.empty(((numel + 1) // 2, 1), device=x.device, dtype=torch.uint8)
+    absmax = torch.empty(n_blocks, device=x.device, dtype=torch.float32)
+    NB = max(1, 4096 // blocksize)
+    grid = (triton.cdiv(n_blocks, NB),)
+    _nf4_quantize_kernel[grid](x, mids, packed, absmax, numel, n_blocks, BLOCKSIZE=blocksize, NB=NB,
+                               DIV_RN=not INTERPRET, num_warps=4, enable_fp_fusion=False)
+    return packed, absmax
+
+
 def nf4_kernel_args(q):
     """The tensor arguments of ``nf4_tile`` for an ``NF4Weight`` (placeholders
     where double quantization is off) and its constexprs."""

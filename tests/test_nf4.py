@@ -279,3 +279,17 @@ def test_quantize_model_nf4(tmp_path):
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(ids).logits, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 51), (129,), (70, 130)])
+def test_triton_quantize_kernel_matches_bitsandbytes(bnbF, shape, dtype, blocksize):
+    W = _weight(shape, dtype, seed=21)
+    packed, st = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4(W, blocksize=blocksize, double_quant=True, backend="triton")
+    assert_bytes_equal(q.packed, packed, "packed (triton)")
+    assert_bytes_equal(q.absmax, st.absmax, "absmax codes (triton)")
+    assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax (triton)")
+    with pytest.raises(ValueError, match="backend"):
+        quantize_nf4(W, backend="cuda")

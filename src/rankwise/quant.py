@@ -264,7 +264,8 @@ def _validate_weight(q: NF4Weight) -> None:
         raise ValueError(f"quant_map: expected the 16 NF4 code values, got {q.quant_map.numel()} values")
 
 
-def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
+                 backend: str = "auto") -> NF4Weight:
     """Quantize ``W`` (any shape; fp32, fp16 or bf16) to NF4.
 
     Byte-identical to ``bitsandbytes.functional.quantize_4bit(W, blocksize=blocksize,
@@ -274,6 +275,9 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         W: the weight; any device (torch ops only).
         blocksize: values per absmax scale; a power of two >= 64.
         double_quant: also quantize the absmax scales to 8 bits (blocks of 256).
+        backend: ``"triton"`` (``rankwise.kernels.nf4``'s quantize kernel; on the CPU only
+            under ``TRITON_INTERPRET=1``), ``"torch"``, or ``"auto"`` (Triton for CUDA
+            tensors, torch otherwise). Both give the same bytes.
 
     Returns:
         an ``NF4Weight`` holding the packed bytes and scales.
@@ -286,9 +290,16 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise ValueError(f"blocksize: expected a power of two >= 64, got {blocksize!r}")
     if W.numel() == 0:
         raise ValueError(f"W: cannot quantize an empty tensor (shape {tuple(W.shape)})")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     W = W.detach()
     device = W.device
     code = _nf4_code(device)
+    if backend == "triton" or (backend == "auto" and W.is_cuda):
+        from rankwise.kernels.nf4 import nf4_quantize_packed
+
+        packed, absmax = nf4_quantize_packed(W, blocksize, code)
+        return _finish(packed, absmax, code, blocksize, W, double_quant)
     bounds = (code[:-1] + code[1:]) / 2
     A = W.reshape(-1).float()
     n = A.numel()
@@ -306,6 +317,11 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
     packed = ((idx[::2] << 4) | idx[1::2]).unsqueeze(1)
+    return _finish(packed, absmax, code, blocksize, W, double_quant)
+
+
+def _finish(packed, absmax, code, blocksize, W, double_quant) -> NF4Weight:
+    device = W.device
     if not double_quant:
         return NF4Weight(packed, absmax, code.clone(), blocksize, W.shape, W.dtype)
     offset = absmax.mean()
