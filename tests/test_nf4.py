@@ -293,3 +293,16 @@ def test_triton_quantize_kernel_matches_bitsandbytes(bnbF, shape, dtype, blocksi
     assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax (triton)")
     with pytest.raises(ValueError, match="backend"):
         quantize_nf4(W, backend="cuda")
+
+
+def test_nf4_linear_load_state_dict_errors():
+    m = NF4Linear.from_linear(torch.nn.Linear(64, 8))
+    sd = m.state_dict()
+    with pytest.raises(RuntimeError, match="Missing key.*weight"):
+        m.load_state_dict({"bias": sd["bias"]})
+    with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
+        m.load_state_dict({**sd, "extra": torch.zeros(1)})
+    wrong = nf4_state_dict(quantize_nf4(torch.randn(8, 32)))
+    with pytest.raises(RuntimeError, match="shape \\(8, 32\\) does not match \\(8, 64\\)"):
+        m.load_state_dict({**wrong, "bias": sd["bias"]})
+    m.load_state_dict({"bias": sd["bias"]}, strict=False)  # not strict: missing weight is reported, not raised

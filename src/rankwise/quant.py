@@ -64,6 +64,7 @@ _NF4_VALUES = (
 NF4_CODE = torch.tensor(_NF4_VALUES, dtype=torch.float32)
 
 _NESTED_BLOCKSIZE = 256
+_BNB_WEIGHT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _LUT_SIZE = 65536
@@ -531,31 +532,26 @@ class NF4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         w = prefix + "weight"
-        try:
-            q = nf4_from_state_dict(state_dict, prefix, device=self.weight.device)
-        except (KeyError, ValueError) as e:
-            if strict:
-                missing_keys.append(w)
-            error_msgs.append(str(e))
-            q = None
-        if q is not None:
-            if tuple(q.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"{w}: shape {tuple(q.shape)} does not match "
-                                  f"({self.out_features}, {self.in_features})")
-            else:
+        known = {prefix + "bias", w} | {w + "." + k for k in _BNB_WEIGHT_KEYS}
+        if w + ".quant_state.bitsandbytes__nf4" not in state_dict:
+            missing_keys.append(w)
+        else:
+            try:
+                q = nf4_from_state_dict(state_dict, prefix, device=self.weight.device)
+                if tuple(q.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"{w}: shape {tuple(q.shape)} does not match "
+                                     f"({self.out_features}, {self.in_features})")
                 self.weight = q
+            except (KeyError, ValueError, TypeError) as e:
+                error_msgs.append(f"{w}: {e}")
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[prefix + "bias"])
-            elif strict:
+            else:
                 missing_keys.append(prefix + "bias")
         if strict:
-            known = {prefix + "bias", w} | {w + "." + s for s in (
-                "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")}
-            for k in state_dict:
-                if k.startswith(prefix) and k not in known and "." not in k[len(prefix):].replace("weight.", "", 1):
-                    unexpected_keys.append(k)
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
