@@ -306,3 +306,21 @@ def test_nf4_linear_load_state_dict_errors():
     with pytest.raises(RuntimeError, match="shape \\(8, 32\\) does not match \\(8, 64\\)"):
         m.load_state_dict({**wrong, "bias": sd["bias"]})
     m.load_state_dict({"bias": sd["bias"]}, strict=False)  # not strict: missing weight is reported, not raised
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cuda_quantize_and_dequantize_match_cpu(double_quant):
+    from rankwise.kernels.nf4 import nf4_dequantize
+
+    W = _weight((1000, 4100), torch.bfloat16, seed=7)
+    cpu = quantize_nf4(W, double_quant=double_quant, backend="torch")
+    gpu = quantize_nf4(W.cuda(), double_quant=double_quant)  # Triton quantize kernel
+    assert_bytes_equal(gpu.packed.cpu(), cpu.packed, "packed")
+    if double_quant:  # the offset is a mean: its last bit may depend on the reduction order
+        torch.testing.assert_close(gpu.absmax_fp32().cpu(), cpu.absmax_fp32(), rtol=1e-6, atol=1e-7)
+    else:
+        assert_bytes_equal(gpu.absmax.cpu(), cpu.absmax, "absmax")
+    assert_bytes_equal(nf4_dequantize(gpu).cpu(), dequantize_nf4(gpu).cpu(), "triton vs torch dequantize")
+    assert_bytes_equal(nf4_dequantize(cpu.to("cuda")).cpu(), dequantize_nf4(cpu), "cuda vs cpu dequantize")

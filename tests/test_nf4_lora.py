@@ -153,3 +153,28 @@ def test_errors():
     q1 = quantize_nf4(torch.randn(2, 3, 64))
     with pytest.raises(ValueError, match="weight: expected a 2-D"):
         lora_linear(x, q1, A, B, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("K", [4096, 4095])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_lora_bf16_on_gpu(K, double_quant):
+    """bf16 on tensor cores, even (fast path) and odd K: NF4 op vs the dense op on
+    the dequantized weight, and both vs float64."""
+    g = torch.Generator().manual_seed(0)
+    N, M, r = 1100, 777, 16
+    W = (torch.randn(N, K, generator=g) / K**0.5).to("cuda", torch.bfloat16)
+    q = quantize_nf4(W, double_quant=double_quant)
+    x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to("cuda", torch.bfloat16)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to("cuda", torch.bfloat16)
+    dy = torch.randn(M, N, generator=g).to("cuda", torch.bfloat16)
+    Wd = dequantize_nf4(q)
+    got = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 2.0, b_, 0.1, 7, backend="triton"),
+               x, A, B, None, dy)
+    dense = _run(lambda x_, A_, B_, b_: lora_linear(x_, Wd, A_, B_, 2.0, b_, 0.1, 7, backend="triton"),
+                 x, A, B, None, dy)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, dense):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < 1e-2, f"{name}: NF4 fused vs dequantize-then-dense relative error {err:.3g}"
