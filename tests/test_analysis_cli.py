@@ -13,7 +13,13 @@ import torch
 import yaml
 
 from rankwise import cli
-from rankwise.analysis import analyze_runs, markdown_section
+from rankwise.analysis import (
+    analyze_runs,
+    compare_attention,
+    compare_representations,
+    markdown_section,
+    token_kl_by_bucket,
+)
 from rankwise.analysis._probe import compare_on_probe
 from rankwise.analysis.runs import Run, SafetensorsWeights, load_tuned_model
 
@@ -172,12 +178,26 @@ def test_probe_metrics_self_and_batch_invariance(world):
     model = AutoModelForCausalLM.from_pretrained(world["base"], attn_implementation="sdpa")
     tuned = AutoModelForCausalLM.from_pretrained(os.path.join(world["full"], "model"), attn_implementation="sdpa")
     rows = world["rows"]
-    same = compare_on_probe(model, model, tok, rows, batch_size=4)
+    kl = token_kl_by_bucket(model, model, tok, rows, batch_size=4)
+    assert set(kl["by_bucket"]) == {"D0", "D2", "D4"} and kl["overall"]["n"] == len(rows)
+    assert all(v["mean"] == 0.0 for v in kl["by_bucket"].values())  # KL of a model vs itself
+    att = compare_attention(model, model, tok, [r["prompt"] for r in rows], batch_size=4)
     assert model.config._attn_implementation == "sdpa"  # eager only for the pass
-    assert all(v["mean"] == 0.0 for v in same["tokens"]["by_bucket"].values())  # KL of a model vs itself
-    assert all(abs(v) < 1e-6 for h in same["attention"]["js_distance"] for v in h)
-    assert same["attention"]["entropy_base"] == same["attention"]["entropy_tuned"]
-    assert same["representations"]["cka"] == pytest.approx([1.0] * (N_LAYERS + 1), abs=1e-9)
+    assert all(abs(v) < 1e-6 for h in att["js_distance"] for v in h)
+    assert att["entropy_base"] == att["entropy_tuned"]
+    cka = compare_representations(model, model, tok, rows, batch_size=4)["cka"]
+    assert cka == pytest.approx([1.0] * (N_LAYERS + 1), abs=1e-9)
+    # a change confined to layer 1's attention: layer 0 maps and states untouched, layer 1 moved
+    layer1 = AutoModelForCausalLM.from_pretrained(world["base"])
+    with torch.no_grad():
+        layer1.model.layers[1].self_attn.q_proj.weight.mul_(3.0)
+        layer1.model.layers[1].self_attn.o_proj.weight.add_(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))
+    part = compare_on_probe(model, layer1, tok, rows, batch_size=4)
+    js = part["attention"]["js_distance"]
+    assert max(js[0]) < 1e-6 and min(js[1]) > 1e-3, js
+    c = part["representations"]["cka"]
+    assert c[0] == pytest.approx(1.0, abs=1e-9) and c[1] == pytest.approx(1.0, abs=1e-9) and c[2] < 1 - 1e-4, c
+    assert part["tokens"]["overall"]["mean"] > 0
     # padding must not leak into any metric: batch size 1 (no padding) and 4 agree
     a = compare_on_probe(model, tuned, tok, rows, batch_size=4)
     b = compare_on_probe(model, tuned, tok, rows, batch_size=1)

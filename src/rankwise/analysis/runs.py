@@ -424,8 +424,9 @@ def analyze_runs(
     Args:
         run_dirs: run directories (``adapter/`` for LoRA, ``model/`` for full or masked SFT).
         base: the base model (a directory, or a name in the local Hugging Face cache).
-        probe_rows: probe rows (``prompt``, optional ``bucket``) for the attention,
-            representation and token-level analyses; ``None`` or empty skips them.
+        probe_rows: probe rows (``prompt``, optional ``bucket``), or the path of a jsonl file of
+            them, for the attention, representation and token-level analyses; ``None`` or
+            empty skips them.
         out_dir: where ``analysis.json``, the PNG plots and ``analysis.md`` go.
         device: analysis device (default: CUDA if available, else CPU). SVDs run there in fp32.
         dtype: model dtype for the probe pass (``"auto"``: bf16 on CUDA, fp32 on CPU).
@@ -472,6 +473,8 @@ def analyze_runs(
     subspace = subspace_similarities(runs, device=device)
     timings["spectral_s"] = time.time() - t
 
+    if isinstance(probe_rows, (str, os.PathLike)):
+        probe_rows = load_jsonl(os.fspath(probe_rows))
     probe_rows = list(probe_rows or [])
     want_probe = bool(probe_rows) and (attention or representations or tokens)
     want_restore = bool(restore_sets) and any(r.kind == "model" for r in runs)
