@@ -224,3 +224,16 @@ def test_preset_errors():
         preset("cpu", {"optim": {}})
     with pytest.raises(ValueError, match="unknown world config keys"):
         preset("cpu", {"world": {"people": 3}})
+
+
+def test_world_cli_build(tmp_path, capsys):
+    from rankwise.cli import main
+
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--people", "20", "--seed", "5"]) == 0
+    assert "20 people" in capsys.readouterr().out
+    for f in ("world.json", "corpus.jsonl", "facts.jsonl", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "w" / f).exists(), f
+    w = G.load_world(tmp_path / "w")
+    assert w["config"]["seed"] == 5 and w["config"]["n_people"] == 20
+    assert main(["world", "build", "--out", str(tmp_path / "w2"), "--people", "1"]) == 2  # one-line error
+    assert "n_people" in capsys.readouterr().err
