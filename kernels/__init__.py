@@ -1,5 +1,17 @@
 """rankwise.kernels: Triton kernels with their launchers, autograd Functions and
-plain-torch references, one op per file."""
-from .lora_linear import lora_linear, lora_linear_reference, dropout_mask
+plain-torch references, one op per file.
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask"]
+- ``lora_linear``: the fused LoRA linear layer (dense or NF4 base weight).
+- ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format).
+- ``masked_adamw_step`` / ``apply_mask``: bit-packed masked AdamW and mask application.
+"""
+from .lora_linear import dropout_mask, lora_linear, lora_linear_reference
+from .masked_adamw import apply_mask, masked_adamw_step
+from .nf4 import nf4_dequantize, nf4_dequantize_reference
+from .nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+
+__all__ = [
+    "lora_linear", "lora_linear_reference", "dropout_mask",
+    "nf4_lora_linear", "nf4_lora_linear_reference", "nf4_dequantize", "nf4_dequantize_reference",
+    "masked_adamw_step", "apply_mask",
+]
