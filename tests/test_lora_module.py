@@ -154,3 +154,28 @@ def test_patch_peft_model_keeps_outputs_and_grads():
     assert unpatch_peft_model(peft_model) == n
     with pytest.raises(ValueError, match="no PEFT LoRA"):
         patch_peft_model(nn.Linear(3, 3))
+
+
+def test_lora_over_nf4_base_forward_merge_and_inject():
+    from rankwise.quant import NF4Linear, dequantize_nf4, quantize_model_nf4
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    base = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
+    m = LoRALinear(base, r=4, alpha=8, backend="triton")
+    nn.init.normal_(m.lora_B, std=0.1)
+    assert m.lora_A.dtype == torch.float32
+    x = torch.randn(3, 64)
+    W = dequantize_nf4(base.weight).float()
+    want = x @ W.T + base.bias + m.scaling * (x @ m.lora_A.T) @ m.lora_B.T
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    m.merge()  # re-quantizes W + sBA: within NF4's rounding of the merged weight
+    merged = dequantize_nf4(m.base.weight).float()
+    step = (W + m.delta_weight()).abs().max().item() / 7  # coarsest NF4 step of a block, bounded
+    assert (merged - (W + m.delta_weight())).abs().max().item() <= step
+    model = tiny_llama()
+    quantize_model_nf4(model)
+    inject_lora(model, ["q_proj", "up_proj"], r=2, alpha=4)
+    assert all(isinstance(layer.base, NF4Linear) for _, layer in rankwise.lora_layers(model))
+    out = model(torch.randint(0, 61, (1, 5))).logits
+    assert torch.isfinite(out).all()
