@@ -4,6 +4,7 @@
 // See masking.h for the conventions (bit order, score kinds, key modes, ties).
 #include "masking.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -53,11 +54,12 @@ inline uint64_t stream_salt(int64_t seed, int64_t stream) {
 // Order-preserving map float -> uint32: a < b  <=>  key(a) < key(b). All NaNs
 // map to the largest key (as torch.topk treats NaN as largest), -0 maps to +0.
 inline uint32_t float_key(float f) {
-  if (std::isnan(f)) return 0xFFFFFFFFu;
-  if (f == 0.0f) f = 0.0f;
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  u = (f == 0.0f) ? 0u : u;
+  // Negative: flip every bit; non-negative: set the sign bit. Branch-free.
+  const uint32_t key = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return (f != f) ? 0xFFFFFFFFu : key;
 }
 
 template <typename scalar_t, int KIND>
@@ -283,30 +285,43 @@ void key_histogram_(torch::Tensor& hist, const torch::Tensor& base, const torch:
     dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
       constexpr int KIND = decltype(K)::value;
       constexpr int MODE = decltype(M)::value;
-      auto count_range = [&](int64_t lo, int64_t hi, int64_t* L) {
+      auto count_range = [&](int64_t lo, int64_t hi, int64_t* L) {  // serial path
         for (int64_t i = lo; i < hi; ++i) {
           const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
           const uint32_t key = key_from<MODE>(s, salt, i);
           if ((key & pm) == pv) ++L[(key >> sh) & 0xFFFFu];
         }
       };
-      const int64_t nc = num_chunks(n);
       const int nt = max_threads();
-      if (nc <= 1 || nt <= 1) {
+      if (n <= kChunk || nt <= 1) {
         count_range(0, n, H);
         return;
       }
-      // One private histogram per thread, summed at the end: no atomics.
-      std::vector<int64_t> local(static_cast<size_t>(nt) * kBins, 0);
+      // One private uint32 histogram per thread (256 KiB, cache-friendly), summed
+      // into the int64 output after each slice of < 2^32 elements: no atomics.
+      std::vector<uint32_t> local(static_cast<size_t>(nt) * kBins);
+      constexpr int64_t kSlice = int64_t(1) << 31;
+      for (int64_t s0 = 0; s0 < n; s0 += kSlice) {
+        const int64_t s1 = std::min(n, s0 + kSlice);
+        std::fill(local.begin(), local.end(), 0u);
+        const int64_t nc = (s1 - s0 + kChunk - 1) / kChunk;
 #pragma omp parallel
-      {
-        int64_t* L = local.data() + static_cast<size_t>(thread_id()) * kBins;
+        {
+          uint32_t* L = local.data() + static_cast<size_t>(thread_id()) * kBins;
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < nc; ++c) count_range(c * kChunk, std::min(n, (c + 1) * kChunk), L);
-      }
-      for (int t = 0; t < nt; ++t) {
-        const int64_t* L = local.data() + static_cast<size_t>(t) * kBins;
-        for (int64_t j = 0; j < kBins; ++j) H[j] += L[j];
+          for (int64_t c = 0; c < nc; ++c) {
+            const int64_t lo = s0 + c * kChunk, hi = std::min(s1, lo + kChunk);
+            for (int64_t i = lo; i < hi; ++i) {
+              const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+              const uint32_t key = key_from<MODE>(sc, salt, i);
+              if ((key & pm) == pv) ++L[(key >> sh) & 0xFFFFu];
+            }
+          }
+        }
+        for (int t = 0; t < nt; ++t) {
+          const uint32_t* L = local.data() + static_cast<size_t>(t) * kBins;
+          for (int64_t j = 0; j < kBins; ++j) H[j] += L[j];
+        }
       }
     });
   });
@@ -360,12 +375,13 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
               threshold);
   const int64_t n = tuned.numel();
   const uint64_t salt = stream_salt(seed, stream);
-  auto packed = torch::zeros({(n + 7) / 8}, torch::dtype(torch::kUInt8));
+  auto packed = torch::empty({(n + 7) / 8}, torch::dtype(torch::kUInt8));
   uint8_t* P = packed.data_ptr<uint8_t>();
   const int64_t nc = num_chunks(n);
   std::vector<int64_t> ties(nc, 0), take(nc, 0);
   int64_t selected = 0, ties_taken = 0;
   double sel_sum = 0.0, total_sum = 0.0;
+  const bool take_ties = tie_quota != 0;
   dispatch_float(tuned.scalar_type(), "build_mask", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* a = base.data_ptr<scalar_t>();
@@ -373,45 +389,65 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
     dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
       constexpr int KIND = decltype(K)::value;
       constexpr int MODE = decltype(M)::value;
-      const bool partial_ties = tie_quota >= 0 && threshold < kNoThreshold;
-      if (partial_ties && tie_quota > 0) {
-        // Pass A: ties per chunk, then each chunk's share of the quota in index order.
-#pragma omp parallel for schedule(static)
-        for (int64_t c = 0; c < nc; ++c) {
-          int64_t cnt = 0;
-          for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
-            const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
-            cnt += static_cast<int64_t>(key_from<MODE>(s, salt, i)) == threshold;
-          }
-          ties[c] = cnt;
-        }
-        int64_t left = tie_quota;
-        for (int64_t c = 0; c < nc; ++c) {
-          take[c] = std::min(ties[c], left);
-          left -= take[c];
-        }
-      }
-      // Pass B: write whole bytes per chunk (chunks are multiples of 8 elements).
-#pragma omp parallel for schedule(static) reduction(+ : selected, ties_taken, sel_sum, total_sum)
+      // Pass 1: one byte (8 elements) at a time; every tie is taken provisionally
+      // (unless the quota is 0) and counted per chunk.
+#pragma omp parallel for schedule(static) reduction(+ : selected, sel_sum, total_sum)
       for (int64_t c = 0; c < nc; ++c) {
-        int64_t budget = partial_ties ? take[c] : std::numeric_limits<int64_t>::max();
-        for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
-          const float s = score_of<scalar_t, KIND>(a, b, i);
-          const int64_t key = static_cast<int64_t>(key_from<MODE>(s, salt, i));
-          bool chosen = key > threshold;
-          if (!chosen && key == threshold && budget > 0) {
-            chosen = true;
-            --budget;
-            ++ties_taken;
+        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+        int64_t eq_count = 0;
+        for (int64_t j = lo; j < hi; j += 8) {
+          const int e = static_cast<int>(std::min<int64_t>(8, hi - j));
+          uint32_t byte = 0;
+          float all = 0.0f, chosen_sum = 0.0f;
+          for (int q = 0; q < e; ++q) {
+            const float sc = score_of<scalar_t, KIND>(a, b, j + q);
+            const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
+            const bool eq = key == threshold;
+            const bool ch = (key > threshold) | (eq & take_ties);
+            eq_count += eq;
+            byte |= static_cast<uint32_t>(ch) << q;
+            all += sc;
+            chosen_sum += ch ? sc : 0.0f;
           }
-          total_sum += s;
-          if (chosen) {
-            P[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
-            ++selected;
-            sel_sum += s;
+          P[j >> 3] = static_cast<uint8_t>(byte);
+          selected += __builtin_popcount(byte);
+          total_sum += all;
+          sel_sum += chosen_sum;
+        }
+        ties[c] = eq_count;
+      }
+      int64_t all_ties = 0;
+      for (int64_t c = 0; c < nc; ++c) all_ties += ties[c];
+      if (!take_ties || tie_quota < 0 || all_ties <= tie_quota) {
+        ties_taken = take_ties ? all_ties : 0;
+        return;
+      }
+      // Pass 2 (only chunks holding ties beyond the quota): keep the first ties
+      // in index order, clear the rest.
+      int64_t left = tie_quota;
+      for (int64_t c = 0; c < nc; ++c) {
+        take[c] = std::min(ties[c], left);
+        left -= take[c];
+      }
+      ties_taken = tie_quota;
+      int64_t cleared = 0;
+      double cleared_sum = 0.0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : cleared, cleared_sum)
+      for (int64_t c = 0; c < nc; ++c) {
+        if (take[c] == ties[c]) continue;
+        int64_t seen = 0;
+        for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
+          const float sc = score_of<scalar_t, KIND>(a, b, i);
+          if (static_cast<int64_t>(key_from<MODE>(sc, salt, i)) != threshold) continue;
+          if (seen++ >= take[c]) {
+            P[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
+            ++cleared;
+            cleared_sum += sc;
           }
         }
       }
+      selected -= cleared;
+      sel_sum -= cleared_sum;
     });
   });
   return {packed, selected, ties_taken, sel_sum, total_sum};

@@ -192,7 +192,7 @@ def test_torch_backend_selects_like_extension():
                 pt = M._TorchBackend.build(b, t, kind, mode, 9, s, got[0], left_t)
                 _assert_equal(pc[0], pt[0], "masks")
                 assert pc[1:3] == pt[1:3]
-                assert math.isclose(pc[3], pt[3], rel_tol=1e-9) and math.isclose(pc[4], pt[4], rel_tol=1e-9)
+                assert math.isclose(pc[3], pt[3], rel_tol=1e-6) and math.isclose(pc[4], pt[4], rel_tol=1e-6)  # sums: fp32 per byte, fp64 across
                 left_c -= pc[2]
                 left_t -= pt[2]
 
@@ -259,7 +259,7 @@ def test_restore_matches_reference(select, fraction):
         _assert_equal(out[n], ref[n], n)
     assert stats["k"] == k and stats["restored"] == k
     assert sum(v["restored"] for v in stats["tensors"].values()) == k
-    assert math.isclose(stats["score_share"], share, rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(stats["score_share"], share, rel_tol=1e-6, abs_tol=1e-12)
     assert set(stats["tensors"]) == {n for n in tuned if "layers" in n and "norm" not in n}
     assert out["model.norm.weight"] is tuned["model.norm.weight"]
 

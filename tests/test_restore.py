@@ -108,7 +108,7 @@ def test_cli_restore_matches_reference_and_loads(pair, tmp_path, capsys):
         assert torch.equal(sd[n], t), n
     stats = json.load(open(os.path.join(out_dir, "restore_stats.json")))
     assert stats["k"] == k == stats["restored"] and stats["shards"] >= 2
-    assert abs(stats["score_share"] - stats_mem["score_share"]) < 1e-12
+    assert abs(stats["score_share"] - stats_mem["score_share"]) < 1e-9
     assert 0.2 < stats["score_share"] < 1.0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".restored")]  # no temp dirs left
 
