@@ -254,6 +254,7 @@ def test_analyze_runs_restoration_with_stubs(world):
     assert "restoration" in a["files"]["plots"] and "intruders" not in a["files"]["plots"]
     md = open(os.path.join(out, "analysis.md")).read()
     assert "### Restoration curve: full" in md and "| top |" in md
+    assert "Per bucket (top selection):" in md and "| D2 |" in md
 
 
 def test_analyze_cli_restore_with_real_masking(world, capsys):

@@ -90,6 +90,7 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
         return written
 
     def done(key, fig):
+        fig.tight_layout()
         _save(fig, os.path.join(out_dir, PLOTS[key]))
         plt.close(fig)
         written[key] = PLOTS[key]
@@ -139,7 +140,11 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
     # 3. intruder dimensions vs rank and SFT.
     if all("intruders_total" in r["spectral"] for r in runs):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(range(len(runs)), [r["spectral"]["intruders_total"] for r in runs])
+        counts = [r["spectral"]["intruders_total"] for r in runs]
+        bars = ax.bar(range(len(runs)), counts)
+        ax.bar_label(bars, fontsize=8)
+        ax.set_ylim(0, max(1, max(counts)) * 1.15)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(labels, rotation=30, fontsize=8)
         s = analysis.get("settings", {})
@@ -211,8 +216,12 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
                 for sel, curves in res["curves"].items():
                     pts = curves.get(name, [])
                     ax.plot([100 * p["fraction"] for p in pts], [100 * p["mean"] for p in pts], marker="o", label=sel)
-                ax.axhline(100 * res["baseline"]["tuned"][name]["mean"], color="k", ls="--", lw=1, label="tuned")
-                ax.axhline(100 * res["baseline"]["base"][name]["mean"], color="gray", ls=":", lw=1, label="base")
+                tuned_acc = 100 * res["baseline"]["tuned"][name]["mean"]
+                base_acc = 100 * res["baseline"]["base"][name]["mean"]
+                ax.axhline(tuned_acc, color="k", ls="--", lw=1, label="tuned")
+                ax.axhline(base_acc, color="gray", ls=":", lw=1, label="base")
+                top = max([tuned_acc, base_acc] + [100 * p["mean"] for c in res["curves"].values() for p in c.get(name, [])])
+                ax.set_ylim(0, max(5.0, min(100.0, top * 1.15)))
                 ax.set_xscale("log")
                 ax.set_xticks([100 * f for f in res["fractions"]])
                 ax.set_xticklabels([f"{100 * f:g}" for f in res["fractions"]])
@@ -326,6 +335,19 @@ def markdown_section(analysis: dict, out_dir: str, relative_to: str | None = Non
             for sel, curves in res["curves"].items():
                 lines.append(f"| {sel} | " + " | ".join(f"{100 * p['mean']:.1f}" for p in curves[name]) + " |")
             lines.append("")
+            sel0 = "top" if "top" in res["curves"] else next(iter(res["curves"]), None)
+            pts = res["curves"][sel0][name] if sel0 else []
+            buckets = list(res["baseline"]["tuned"][name]["by_bucket"])
+            if pts and len(buckets) > 1:  # per mastery bucket, for the main selection
+                lines.append(f"Per bucket ({sel0} selection):")
+                lines.append("")
+                lines.append("| bucket | tuned | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |")
+                lines.append("|---|---|" + "---|" * len(fr))
+                for b in buckets:
+                    t = 100 * res["baseline"]["tuned"][name]["by_bucket"][b]
+                    lines.append(f"| {b} | {t:.1f} | " + " | ".join(
+                        f"{100 * p['by_bucket'].get(b, float('nan')):.1f}" for p in pts) + " |")
+                lines.append("")
     for note in analysis.get("notes", []):
         lines.append(f"Note: {note}")
         lines.append("")
