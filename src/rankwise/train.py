@@ -162,6 +162,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = world > 1
+    own_group = False  # whether this call started the process group (and so ends it)
     device = resolve_device(tcfg["device"])
     if ddp:
         import torch.distributed as dist
@@ -171,6 +172,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            own_group = True
     master = rank == 0
     if master:
         done = os.path.join(out_dir, SUMMARY)
@@ -250,7 +252,10 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     model = load_model(cfg["model"], dtype=model_dtype, attention=cfg["attention"], device=device,
                        quantization=cfg["quantization"], double_quant=cfg["double_quant"])
     if tcfg["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     masks = None
     if method == "lora":
         from .lora import inject_lora
@@ -262,8 +267,6 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
-        if tcfg["gradient_checkpointing"]:
-            model.enable_input_require_grads()
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -445,12 +448,17 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             idx = [step * micro_per_step + k * world + rank for k in range(ga)]  # this rank's share of the step
             batches = [micro_batch(g) for g in idx]
             n_tgt = sum(b["n_targets"] for _, b in batches)
+            norm = n_tgt  # the loss is the mean over every target token of the step, on all ranks together
+            if ddp:  # DDP averages gradients over ranks, so divide by the mean token count per rank
+                count = torch.tensor([float(n_tgt)], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(count)
+                norm = count.item() / world
             loss_sum = torch.zeros((), dtype=torch.float64)
             for k, (epoch, b) in enumerate(batches):
                 sync = contextlib.nullcontext() if (not ddp or k == ga - 1) else model.no_sync()
                 with sync:
                     ls = micro_step_loss(b)
-                    loss = ls / n_tgt
+                    loss = ls / norm
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += ls.detach().double().cpu()
             if not torch.isfinite(loss_sum):
@@ -534,6 +542,8 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             tb.close()
     if ddp:
         torch.distributed.barrier()
+        if own_group:
+            torch.distributed.destroy_process_group()
     return summary
 
 
