@@ -297,3 +297,18 @@ def test_analyze_runs_without_masking_module_notes_and_skips(world, monkeypatch)
     assert any("rankwise.masking" in n for n in a["notes"])
     assert "Note: restoration curves skipped" in open(os.path.join(out, "analysis.md")).read()
     assert a["files"]["plots"] == {}
+
+
+def test_base_defaults_to_the_runs_config_model(world, tmp_path):
+    out = str(tmp_path / "o")
+    assert cli.main(["analyze", world["r2"], world["full"], "--out", out, "--quiet", "--no-intruders",
+                     "--no-plots"]) == 0
+    a = json.load(open(os.path.join(out, "analysis.json")))
+    assert a["base"] == world["base"] and a["files"]["plots"] == {}
+    assert [r["spectral"]["n_matrices"] for r in a["runs"]] == [2 * N_LAYERS, 7 * N_LAYERS]
+    other = tmp_path / "other"
+    other.mkdir()
+    os.symlink(os.path.join(world["r2"], "adapter"), other / "adapter")
+    (other / "config.yaml").write_text("model: somewhere/else\nmethod: lora\n")
+    with pytest.raises(ValueError, match="different models"):
+        analyze_runs([world["r2"], str(other)], None, None, out, progress=False)

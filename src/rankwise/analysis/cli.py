@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``analyze`` verb's arguments."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories (adapter/ for LoRA, model/ for full or masked SFT)")
-    parser.add_argument("--base", required=True, help="base model directory (or a name in the local HF cache)")
+    parser.add_argument("--base", default=None,
+                        help="base model directory (or a name in the local HF cache); default: the 'model' "
+                             "of the runs' config.yaml")
     parser.add_argument("--probe", default=None,
                         help="probe jsonl (prompt, optional bucket) for attention, CKA and token KL")
     parser.add_argument("--out", required=True, help="output directory")

@@ -117,6 +117,7 @@ class Run:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{adapter_dir}/adapter_config.json: needs an integer 'r' ({e})") from None
             self.rslora = bool(acfg.get("use_rslora", False))
+            self.fan_in_fan_out = bool(acfg.get("fan_in_fan_out", False))  # Conv1D-style weights: ΔW transposed
             if acfg.get("use_dora"):
                 raise ValueError(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling * B @ A)")
             self.rank_pattern = acfg.get("rank_pattern") or {}
@@ -150,12 +151,20 @@ class Run:
         return f"r={self.rank}" if self.kind == "adapter" else self.method
 
     def _scaling(self, module: str) -> float:
+        def matches(pat):
+            if re.search(rf"(^|\.){re.escape(pat)}$", module):
+                return True
+            try:
+                return re.fullmatch(pat, module) is not None
+            except re.error:
+                return False
+
         r, alpha = self.rank, self.alpha
         for pat, v in self.rank_pattern.items():
-            if re.search(rf"(^|\.){re.escape(pat)}$", module) or re.fullmatch(pat, module):
+            if matches(pat):
                 r = int(v)
         for pat, v in self.alpha_pattern.items():
-            if re.search(rf"(^|\.){re.escape(pat)}$", module) or re.fullmatch(pat, module):
+            if matches(pat):
                 alpha = float(v)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
@@ -171,7 +180,8 @@ class Run:
             B = self.weights.get(self._lora[mod]["B"], device).float()
             if B.shape[1] != A.shape[0]:
                 raise ValueError(f"{self.path}: {mod} lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
-            return (B @ A).mul_(self._scaling(mod))
+            delta = (B @ A).mul_(self._scaling(mod))
+            return delta.T.contiguous() if self.fan_in_fan_out else delta
         tuned = self.weights.get(name, device).float()
         W = base_weight if base_weight is not None else base.get(name, device)
         if W.shape != tuned.shape:
@@ -390,8 +400,8 @@ def load_jsonl(path: str) -> list:
 # --------------------------------------------------------------------------- everything
 def analyze_runs(
     run_dirs: Sequence[str],
-    base: str,
-    probe_rows: Sequence[dict] | None,
+    base: str | None,
+    probe_rows: Sequence[dict] | str | None,
     out_dir: str,
     *,
     device=None,
@@ -423,7 +433,8 @@ def analyze_runs(
 
     Args:
         run_dirs: run directories (``adapter/`` for LoRA, ``model/`` for full or masked SFT).
-        base: the base model (a directory, or a name in the local Hugging Face cache).
+        base: the base model (a directory, or a name in the local Hugging Face cache);
+            ``None`` takes the ``model`` named by the runs' ``config.yaml`` (they must agree).
         probe_rows: probe rows (``prompt``, optional ``bucket``), or the path of a jsonl file of
             them, for the attention, representation and token-level analyses; ``None`` or
             empty skips them.
@@ -463,6 +474,12 @@ def analyze_runs(
             r.name = f"{r.name}#{seen[r.name]}"
         else:
             seen[r.name] = 0
+    if base is None:  # fall back to the runs' own config.yaml "model"
+        models = {str(r.config.get("model")) for r in runs if r.config.get("model")}
+        if len(models) != 1:
+            raise ValueError("base must be given: the runs' config.yaml files name "
+                             + (f"different models {sorted(models)}" if models else "no model"))
+        base = models.pop()
     base_dir = resolve_model_dir(base)
     base_w = SafetensorsWeights(base_dir)
 
