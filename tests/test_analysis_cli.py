@@ -284,6 +284,10 @@ def test_analyze_cli_bad_input(world, tmp_path, capsys):
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert cli.main(["analyze", world["r2"], "--base", str(tmp_path / "nobase"), "--out", out]) == 2
     assert "base model" in capsys.readouterr().err
+    assert cli.main(["analyze", world["r2"], "--base", world["base"], "--out", out, "--device", "nonsense"]) == 2
+    assert "device must name a torch device" in capsys.readouterr().err
+    assert cli.main(["analyze", world["r2"], "--base", world["base"], "--out", out, "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_analyze_runs_without_masking_module_notes_and_skips(world, monkeypatch):

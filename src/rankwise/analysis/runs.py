@@ -464,7 +464,12 @@ def analyze_runs(
         raise ValueError("run_dirs must name at least one run directory")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1), got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but CUDA is not available")
     t0 = time.time()
     runs = sort_runs([Run(p, include=include, exclude=exclude) for p in run_dirs])
     seen: dict = {}
