@@ -35,11 +35,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """``auto`` -> ``flash_attention_2`` when flash_attn imports (and we are on a GPU), else ``sdpa``."""
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``auto`` -> ``flash_attention_2`` when flash_attn imports (on a GPU, with fp16/bf16 weights), else ``sdpa``."""
     if attention != "auto":
         return attention
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             import flash_attn  # noqa: F401
 
@@ -90,7 +90,7 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
 
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    attn = resolve_attention(attention, device)
+    attn = resolve_attention(attention, device, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     except OSError as e:

@@ -113,6 +113,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
                 cfg["lora"]["alpha"] = float(alpha_ratio) * rank
         elif method == "masked":
             cfg["mask"]["fraction"] = fraction
+        if method != "lora" and cfg["quantization"] != "none":
+            cfg["quantization"] = "none"  # SFT arms train the base weights, which cannot stay quantized
         row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
         summary_path = os.path.join(arm_dir, _train.SUMMARY)
         if os.path.exists(summary_path):

@@ -300,15 +300,14 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if method == "masked":
         from .masking import MaskedAdamW, pack_mask, topk_mask
+
         if ckpt is not None:
             masks = [ckpt["mask"][n].to(device) for n, _ in named_trainable]
         elif mcfg["score"] == "update":
-            from .model import load_model as _load
-
             src = os.path.join(mcfg["from"], "model")
             if not os.path.isdir(src):
                 raise FileNotFoundError(f"mask.from: no model/ directory in {mcfg['from']} (a finished full-SFT run)")
-            run = dict(_load(src, dtype="fp32", attention="sdpa", device="cpu").named_parameters())
+            run = dict(load_model(src, dtype="fp32", attention="sdpa", device="cpu").named_parameters())
             missing = [n for n, _ in named_trainable if n not in run]
             if missing:
                 raise ValueError(f"mask.from: {src} lacks parameters of this model, e.g. {missing[0]!r}")
@@ -324,7 +323,8 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 for b in batches:
                     (micro_step_loss(b) / n_tgt).backward()
                 for sc, p in zip(scores, params):
-                    sc += p.grad.float().abs()
+                    if p.grad is not None:
+                        sc += p.grad.float().abs()
                     p.grad = None
             masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
             del scores
@@ -383,6 +383,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         _set_rng_state(ckpt["rng"], device)
         start_step = ckpt["step"]
         window = ckpt["log_window"].clone()
+        changed = sorted(k for k, v in C.flatten(cfg).items() if C.flatten(ckpt["config"]).get(k) != v)
+        if changed and master:
+            log.warning("--resume: config keys changed since the checkpoint: %s", ", ".join(changed))
         if ckpt.get("total_steps") != total_steps:
             raise ValueError(f"--resume: the checkpoint was made for {ckpt.get('total_steps')} steps, "
                              f"the config now gives {total_steps}")
@@ -453,16 +456,17 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 count = torch.tensor([float(n_tgt)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(count)
                 norm = count.item() / world
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for k, (epoch, b) in enumerate(batches):
                 sync = contextlib.nullcontext() if (not ddp or k == ga - 1) else model.no_sync()
                 with sync:
                     ls = micro_step_loss(b)
                     loss = ls / norm
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += ls.detach().double().cpu()
-            if not torch.isfinite(loss_sum):
-                raise NonFiniteLossError(f"training loss is {float(loss_sum / n_tgt)} at step {step + 1}")
+                loss_sum += ls.detach().double()
+            loss_sum = float(loss_sum)  # one device sync per step
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(f"training loss is {loss_sum / n_tgt} at step {step + 1}")
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if masks is not None:  # only masked weights move; their gradient alone counts for clipping
@@ -477,12 +481,14 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            window += torch.tensor([float(loss_sum), n_tgt, sum(b["n_tokens"] for _, b in batches)], dtype=torch.float64)
+            window += torch.tensor([loss_sum, n_tgt, sum(b["n_tokens"] for _, b in batches)], dtype=torch.float64)
             done_steps = step + 1
 
             if done_steps % tcfg["log_every"] == 0 or done_steps == total_steps:
-                if ddp:
-                    torch.distributed.all_reduce(window)
+                if ddp:  # sums over ranks (on the device: nccl reduces GPU tensors only)
+                    reduced = window.to(device)
+                    torch.distributed.all_reduce(reduced)
+                    window = reduced.cpu()
                 dt = max(time.time() - t_window, 1e-9)
                 last = {"step": done_steps, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
                         "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": batches[-1][0],
