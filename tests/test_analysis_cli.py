@@ -316,3 +316,22 @@ def test_base_defaults_to_the_runs_config_model(world, tmp_path):
     (other / "config.yaml").write_text("model: somewhere/else\nmethod: lora\n")
     with pytest.raises(ValueError, match="different models"):
         analyze_runs([world["r2"], str(other)], None, None, out, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_analysis_on_cuda_matches_cpu(world, tmp_path):
+    kw = dict(progress=False, plots=False, dtype="float32", intruder_k=4)
+    runs = [world["r4"], world["full"]]
+    cpu = analyze_runs(runs, world["base"], world["rows"], str(tmp_path / "cpu"), device="cpu", **kw)
+    gpu = analyze_runs(runs, world["base"], world["rows"], str(tmp_path / "gpu"), device="cuda", **kw)
+    assert gpu["device"].startswith("cuda")
+    for rc, rg in zip(cpu["runs"], gpu["runs"]):
+        sc, sg = rc["spectral"], rg["spectral"]
+        assert sg["update_norm"] == pytest.approx(sc["update_norm"], rel=1e-4)
+        assert sg["mean_effective_rank"] == pytest.approx(sc["mean_effective_rank"], rel=1e-3)
+        assert sg["intruders_total"] == sc["intruders_total"]
+        pc, pg = rc["probe"], rg["probe"]
+        assert pg["representations"]["cka"] == pytest.approx(pc["representations"]["cka"], abs=1e-3)
+        assert pg["tokens"]["overall"]["mean"] == pytest.approx(pc["tokens"]["overall"]["mean"], abs=1e-4)
+        for lg, lc in zip(pg["attention"]["js_distance"], pc["attention"]["js_distance"]):
+            assert lg == pytest.approx(lc, abs=1e-3)
