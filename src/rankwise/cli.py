@@ -15,7 +15,7 @@ VERBS = {
     "train": ("rankwise.train", "train one run (LoRA, full SFT or masked SFT) from a YAML config"),
     "sweep": ("rankwise.sweep", "run a LoRA rank sweep (and optional full/masked SFT arms)"),
     "merge": ("rankwise.merge", "merge a trained adapter into its base model"),
-    "restore": ("rankwise.restore", "restore the top/bottom/random k% of updates to base values"),
+    "restore": ("rankwise.restore", "restore the top/bottom/random k%% of updates to base values"),
     "analyze": ("rankwise.analysis.cli", "spectral, attention, representation and token-level analysis"),
     "world": ("rankwise.world.cli", "build the synthetic knowledge world and pretrain its base model"),
     "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
