@@ -25,7 +25,9 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="rankwise", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rankwise",
+        description="Train, sweep and analyse LoRA adapters and full fine-tuning with fused kernels.")
     parser.add_argument("--version", action="version", version=f"rankwise {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module_name, help_text) in VERBS.items():
