@@ -55,9 +55,28 @@ def _atomic_save(obj_writer, path):
         raise
 
 
+def pissa_to_lora(tensors: dict, initial: dict, r: int, alpha: float, use_rslora: bool = False):
+    """Express a PiSSA-trained adapter as a plain LoRA adapter on the *original* base weights.
+
+    PiSSA starts from ``W_res = W - s B0 A0`` and trains ``A, B``, so the tuned weight
+    is ``W + s (B A - B0 A0)``: a rank-``2r`` update ``s [B, -B0] [A; A0]``. Returns
+    ``(tensors, 2r, alpha')`` with ``alpha'`` chosen to keep the scaling ``s``
+    (``2 alpha``, or ``sqrt(2) alpha`` with rsLoRA). ``initial`` maps the PEFT
+    tensor names to the values at initialisation.
+    """
+    out = {}
+    for key, t in tensors.items():
+        t0 = initial[key]
+        out[key] = torch.cat([t, t0], 0) if key.endswith("lora_A.weight") else torch.cat([t, -t0], 1)
+    return out, 2 * r, alpha * (math.sqrt(2.0) if use_rslora else 2.0)
+
+
 def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropout: float = 0.0,
-                 targets=None, use_rslora: bool = False) -> str:
-    """Write ``model``'s LoRA layers to ``out_dir`` in the PEFT format; returns ``out_dir``."""
+                 targets=None, use_rslora: bool = False, tensors: dict | None = None) -> str:
+    """Write ``model``'s LoRA layers (or the given PEFT-named ``tensors``) to ``out_dir`` in the PEFT format.
+
+    Returns ``out_dir``.
+    """
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
@@ -86,7 +105,7 @@ def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropo
         "revision": None,
     }
     os.makedirs(out_dir, exist_ok=True)
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model) if tensors is None else {k: v.contiguous() for k, v in tensors.items()}
     _atomic_save(lambda p: save_file(tensors, p, metadata={"format": "pt"}), os.path.join(out_dir, WEIGHTS_NAME))
     text = json.dumps(config, indent=2)
 

@@ -257,6 +257,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     masks = None
+    pissa_init = None
     if method == "lora":
         from .lora import inject_lora
 
@@ -267,6 +268,10 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
+        if lc["init"].startswith("pissa"):  # the base now holds W - s B0 A0; keep A0, B0 for the saved adapter
+            from .adapter import adapter_state_dict
+
+            pissa_init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -382,6 +387,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], device)
         start_step = ckpt["step"]
+        pissa_init = ckpt.get("pissa_init", pissa_init)
         window = ckpt["log_window"].clone()
         changed = sorted(k for k, v in C.flatten(cfg).items() if C.flatten(ckpt["config"]).get(k) != v)
         if changed and master:
@@ -413,6 +419,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             "rng": _rng_state(device),
             "data": {"next_micro_batch": step * micro_per_step, "seed": seed},
             "log_window": window.clone(),  # loss / token sums since the last metrics row
+            "pissa_init": pissa_init,
         }, ckpt_path)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -522,13 +529,21 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             write_row({"step": total_steps, **final_eval})
         summary.update(final_eval)
         if method == "lora":
-            from .adapter import lora_delta_norms, save_adapter
+            from .adapter import adapter_state_dict, pissa_to_lora, save_adapter
 
             lc = cfg["lora"]
             targets = getattr(raw_model, "rankwise_lora", {}).get("target_modules", lc["targets"])
-            save_adapter(raw_model, os.path.join(out_dir, "adapter"), base_model=cfg["model"], r=lc["r"],
-                         alpha=lc["alpha"], dropout=lc["dropout"], targets=targets, use_rslora=lc["rslora"])
-            summary["delta_norm"] = math.sqrt(sum(v * v for v in lora_delta_norms(raw_model).values()))
+            tensors, r_out, alpha_out = adapter_state_dict(raw_model), lc["r"], lc["alpha"]
+            if pissa_init is not None:  # saved relative to the original base weights
+                tensors, r_out, alpha_out = pissa_to_lora(tensors, pissa_init, r_out, alpha_out, lc["rslora"])
+            save_adapter(raw_model, os.path.join(out_dir, "adapter"), base_model=cfg["model"], r=r_out,
+                         alpha=alpha_out, dropout=lc["dropout"], targets=targets, use_rslora=lc["rslora"],
+                         tensors=tensors)
+            scale = alpha_out / (math.sqrt(r_out) if lc["rslora"] else r_out)
+            a_keys = [k for k in tensors if k.endswith("lora_A.weight")]
+            summary["delta_norm"] = math.sqrt(sum(  # ||update||_F over all adapted weights, original base
+                float((scale * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()).norm()) ** 2
+                for k in a_keys))
         else:
             _save_pretrained_atomic(raw_model, tokenizer, os.path.join(out_dir, "model"))
             if masks is not None:
