@@ -97,6 +97,18 @@ def test_load_rows_formats_agree(tmp_path):
         assert load_rows(str(tmp_path / f"x.{ext}")) == rows, ext
 
 
+def test_dataset_directory_and_hub_names_go_through_datasets(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    write_jsonl(d / "train.jsonl", rows)
+    write_jsonl(d / "test.jsonl", rows[:1])
+    assert load_rows(str(d)) == rows
+    assert load_rows(f"{d}:test") == rows[:1]
+    with pytest.raises(ValueError, match=r"data\.eval: cannot load hub data set 'no-such-org/no-such-set' split 'dev'"):
+        load_rows("no-such-org/no-such-set:dev", "data.eval")  # offline in tests (conftest)
+
+
 def test_malformed_rows_name_the_row(tmp_path, tok):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", oops}\n')

@@ -36,23 +36,32 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": 
 # ----------------------------------------------------------------------------- loading rows
 
 def load_rows(source: str, name: str = "data.train") -> list[dict]:
-    """Read every row of ``source`` (a local file, or a hub data set ``name[:split]``) as a list of dicts.
+    """Read every row of ``source`` as a list of dicts.
+
+    ``source`` is a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file, or a
+    Hugging Face data set ``name[:split]`` (hub id or local data set directory,
+    loaded with ``datasets.load_dataset``; the split defaults to ``train``).
 
     ``name`` is the config key the source came from; it prefixes error messages.
     """
     if not isinstance(source, str) or not source:
         raise ValueError(f"{name} must be a path or a hub data set name, got {source!r}")
+    ds_name, split = source, "train"
+    if ":" in source and not os.path.exists(source):  # "name:split"
+        head, tail = source.rsplit(":", 1)
+        if head and tail and "/" not in tail:
+            ds_name, split = head, tail
+    if os.path.isdir(ds_name):  # a data set directory: `datasets` finds its files and splits
+        return _read_hub(ds_name, split, name)
     ext = os.path.splitext(source)[1].lower()
-    if os.path.exists(source):
-        if os.path.isdir(source):
-            raise ValueError(f"{name}: {source} is a directory; give a .json/.jsonl/.csv/.parquet file")
+    if os.path.isfile(source):
         if ext not in LOCAL_FORMATS:
             raise ValueError(f"{name}: unsupported file type {ext!r} for {source}; "
                              f"expected one of {', '.join(LOCAL_FORMATS)}")
         return _READERS[LOCAL_FORMATS[ext]](source, name)
     if ext in LOCAL_FORMATS or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name}: file not found: {source}")
-    return _read_hub(source, name)
+    return _read_hub(ds_name, split, name)
 
 
 def _read_jsonl(path, name):
@@ -113,12 +122,11 @@ def _read_parquet(path, name):
     return pq.read_table(path).to_pylist()
 
 
-def _read_hub(source, name):
+def _read_hub(ds_name, split, name):
     try:
         import datasets
     except ImportError:  # pragma: no cover
-        raise ValueError(f"{name}: {source!r} is not a local file and the 'datasets' package is not installed") from None
-    ds_name, split = (source.rsplit(":", 1) + ["train"])[:2] if ":" in source else (source, "train")
+        raise ValueError(f"{name}: {ds_name!r} is not a local file and the 'datasets' package is not installed") from None
     try:
         ds = datasets.load_dataset(ds_name, split=split)
     except Exception as e:  # the hub raises many kinds; say which source failed
