@@ -201,6 +201,13 @@ def test_padding_free_batch_equals_separate_examples(tmp_path, tok):
                 err = (seg.double() - alone.double()).abs().max().item()
                 assert err < 1e-5, f"{attn}: example at offset {start} differs by {err}"
                 start += len(ex)
+        # the loss helper (output head at target positions only) equals cross entropy on the full logits
+        from rankwise.evaluate import batch_loss_sum
+
+        full = torch.nn.functional.cross_entropy(packed.double(), b["targets"][0], ignore_index=IGNORE, reduction="sum")
+        with torch.no_grad():
+            ours = batch_loss_sum(model, b)
+        assert abs(ours.item() - full.item()) < 1e-4 * full.item()
         # and the mask really matters: without position_ids later examples would see earlier ones
         with torch.no_grad():
             leaky = model(input_ids=b["input_ids"], use_cache=False).logits[0]
