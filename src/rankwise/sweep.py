@@ -138,8 +138,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             os.unlink(os.path.join(arm_dir, "failed.json"))
         results.append(row)
         write_tables(results, out_dir)  # partial results are visible while the sweep runs
-    write_tables(results, out_dir)
     plot(results, out_dir)
+    write_tables(results, out_dir)  # again, now linking the plots
     return results
 
 
@@ -167,6 +167,10 @@ def write_tables(results, out_dir) -> None:
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failed arms", ""] + [f"- {r['arm']}: {r.get('reason')}" for r in failed]
+    plots = [(f, t) for f, t in (("sweep_in_domain.png", "in-domain"), ("sweep_ood.png", "out-of-domain"))
+             if os.path.exists(os.path.join(out_dir, f))]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{t}]({f})" for f, t in plots]
     C.atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(lines) + "\n")
 
 

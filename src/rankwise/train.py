@@ -196,6 +196,8 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
+        if tcfg["precision"] not in ("auto", "fp32") and master:
+            log.info("train.precision %s applies on GPUs only; the CPU trains in fp32", tcfg["precision"])
         precision, amp_dtype = "fp32", None  # the CPU trains in fp32
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -256,7 +258,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    masks = None
+    masks, n_masked = None, None
     pissa_init = None
     if method == "lora":
         from .lora import inject_lora
@@ -333,9 +335,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                     p.grad = None
             masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
             del scores
+        n_masked = sum(int(m.sum()) for m in masks)
         if master:
-            chosen = sum(int(m.sum()) for m in masks)
-            log.info("mask (%s): %s of %s candidate weights may change", mcfg["score"], f"{chosen:,}", f"{n_trainable:,}")
+            log.info("mask (%s): %s of %s candidate weights may change", mcfg["score"], f"{n_masked:,}", f"{n_trainable:,}")
 
     # ---- optimizer --------------------------------------------------------------------------
     betas, eps, wd, lr0 = tuple(tcfg["betas"]), tcfg["eps"], tcfg["weight_decay"], tcfg["lr"]
@@ -522,7 +524,8 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     # ---- outputs ----------------------------------------------------------------------------
     summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": method,
                "rank": cfg["lora"]["r"] if method == "lora" else None,
-               "steps": total_steps, "train_loss": last.get("loss"), "trainable_params": n_trainable}
+               "steps": total_steps, "train_loss": last.get("loss"),
+               "trainable_params": n_masked if n_masked is not None else n_trainable}
     if master:
         final_eval = evaluate() if evals else {}
         if final_eval:
