@@ -17,7 +17,12 @@ carry eval_loss / eval_accuracy / eval_ood_*), ``checkpoint.pt`` (the latest, fo
 ``--resume``; removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or
 ``model/`` (``save_pretrained``, full and masked SFT; masked SFT adds
 ``mask.safetensors``), and ``summary.json`` (final metrics; its presence marks
-the run as finished).
+the run as finished). With ``lora.init: pissa`` the adapter is saved as a
+rank-2r update of the original base weights (see ``adapter.pissa_to_lora``).
+
+Departures from the studies' protocol worth knowing: the loss is the mean over
+completion tokens of each optimizer step (not per example); masked SFT chooses
+among decoder-layer weights except norms, as the knowledge study's restoration.
 """
 from __future__ import annotations
 
