@@ -312,6 +312,19 @@ def test_ddp_with_torchrun_on_two_cpu_processes(world, tmp_path):
     assert single["steps"] == 4
 
 
+def test_qa_only_eval_set_gets_accuracy_without_loss(world, tmp_path):
+    qa_only = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": r["prompt"], "answer": r["answers"][0]} for r in qa_rows(4)])
+    cfg = make_cfg(world, tmp_path / "run", "full", max_steps=3)
+    cfg["data"]["eval_ood"] = qa_only
+    summary = rt.train(cfg)
+    assert "eval_ood_accuracy" in summary and "eval_ood_loss" not in summary and "eval_loss" in summary
+    cfg = make_cfg(world, tmp_path / "run2", "full", max_steps=3)
+    cfg["data"]["eval"] = qa_only
+    cfg["eval"]["generate"] = False  # without answers to score, the eval rows need completions
+    with pytest.raises(ValueError, match=r"data\.eval row 1: missing field 'completion'"):
+        rt.train(cfg)
+
+
 def test_lora_on_nf4_base(world, tmp_path, caplog):
     import logging
 

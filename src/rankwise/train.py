@@ -224,10 +224,15 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         if not dcfg[key]:
             continue
         rows = load_rows(dcfg[key], f"data.{key}")[: ecfg["max_examples"]]
-        ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{key}", **tok_kw)
+        if not rows:
+            raise ValueError(f"data.{key}: {dcfg[key]} holds no rows")
         qa = qa_items(rows, tokenizer, format=dcfg["format"], fields=fields, name=f"data.{key}") \
             if ecfg["generate"] else None
-        evals[prefix] = (eval_batches(ex, ecfg["batch_size"], dcfg["max_length"]), qa)
+        batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
+        if dcfg["format"] == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
+            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{key}", **tok_kw)
+            batches = eval_batches(ex, ecfg["batch_size"], dcfg["max_length"])
+        evals[prefix] = (batches, qa)
 
     epoch_plans = []  # micro-batches (lists of example indices) of each epoch, drawn on demand
 
@@ -367,8 +372,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     def evaluate() -> dict:
         res = {}
         for prefix, (batches, qa) in evals.items():
-            with autocast():
-                res[f"{prefix}_loss"] = eval_loss(raw_model, batches)
+            if batches is not None:
+                with autocast():
+                    res[f"{prefix}_loss"] = eval_loss(raw_model, batches)
             if qa is not None:
                 prompts, golds, add_special = qa
                 with autocast():
