@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 
@@ -343,15 +344,141 @@ std::tuple<int64_t, int64_t> histogram_walk(const torch::Tensor& hist, int64_t k
   return {0, 0};
 }
 
+namespace {
+
+// Keys of one tensor at the given flat offsets (the sample of select_threshold).
+void keys_at(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed,
+             int64_t stream, const int64_t* offs, int64_t count, uint32_t* out) {
+  const uint64_t salt = stream_salt(seed, stream);
+  dispatch_float(tuned.scalar_type(), "select_threshold", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
+      constexpr int KIND = decltype(K)::value;
+      constexpr int MODE = decltype(M)::value;
+      for (int64_t j = 0; j < count; ++j) {
+        const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, offs[j]);
+        out[j] = key_from<MODE>(sc, salt, offs[j]);
+      }
+    });
+  });
+}
+
+// One read: the number of keys > hi and (up to cap of) the keys in [lo, hi].
+// Returns false when more than cap keys fall in the window.
+bool window_pass(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed,
+                 int64_t stream, uint32_t lo, uint32_t hi, size_t cap, int64_t& above,
+                 std::vector<uint32_t>& cand) {
+  const int64_t n = tuned.numel();
+  const uint64_t salt = stream_salt(seed, stream);
+  bool ok = true;
+  dispatch_float(tuned.scalar_type(), "select_threshold", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* a = base.data_ptr<scalar_t>();
+    const scalar_t* b = tuned.data_ptr<scalar_t>();
+    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
+      constexpr int KIND = decltype(K)::value;
+      constexpr int MODE = decltype(M)::value;
+      const int64_t nc = num_chunks(n);
+      int64_t above_local = 0;
+      const uint32_t width = hi - lo;  // key in [lo, hi]  <=>  key - lo <= width (unsigned)
+#pragma omp parallel reduction(+ : above_local)
+      {
+        std::vector<uint32_t> mine;
+        std::vector<uint32_t> buf(static_cast<size_t>(kChunk));
+#pragma omp for schedule(static) nowait
+        for (int64_t c = 0; c < nc; ++c) {
+          int64_t cnt = 0;
+          size_t m = 0;
+          uint32_t* B = buf.data();
+          for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
+            const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+            const uint32_t key = key_from<MODE>(sc, salt, i);
+            cnt += key > hi;
+            B[m] = key;  // branch-free append: keep the slot only when inside
+            m += (key - lo) <= width;
+          }
+          above_local += cnt;
+          if (mine.size() <= cap) mine.insert(mine.end(), B, B + m);
+        }
+#pragma omp critical
+        {
+          if (ok && cand.size() + mine.size() <= cap) {
+            cand.insert(cand.end(), mine.begin(), mine.end());
+          } else {
+            ok = false;
+          }
+        }
+      }
+      above += above_local;
+    });
+  });
+  return ok;
+}
+
+}  // namespace
+
 std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& bases,
                                               const std::vector<torch::Tensor>& tuneds, int64_t k, int64_t kind,
-                                              int64_t mode, int64_t seed, const std::vector<int64_t>& streams) {
+                                              int64_t mode, int64_t seed, const std::vector<int64_t>& streams,
+                                              bool sampled) {
   TORCH_CHECK(bases.size() == tuneds.size() && tuneds.size() == streams.size(),
               "select_threshold: bases, tuneds and streams must have the same length");
   int64_t n = 0;
-  for (const auto& t : tuneds) n += t.numel();
+  for (size_t t = 0; t < tuneds.size(); ++t) {
+    check_pair(bases[t], tuneds[t], "select_threshold");
+    n += tuneds[t].numel();
+  }
   TORCH_CHECK(k >= 0 && k <= n, "select_threshold: k must be in [0, ", n, "], got ", k);
   if (k == 0) return {kNoThreshold, 0};
+  if (sampled && n >= (int64_t(1) << 22)) {
+    // Fast path, one read: a stratified sample of S keys brackets the k-th largest
+    // key in [lo, hi] (+-4 standard deviations of its sample rank); one pass counts
+    // the keys above hi and collects those inside; the exact k-th largest is then
+    // selected among the few collected. If the bracket misses (or holds too many
+    // keys, e.g. heavy ties), fall through to the two-level radix select.
+    constexpr int64_t S = int64_t(1) << 16;
+    std::vector<uint32_t> sample(S);
+    std::vector<int64_t> offs;
+    int64_t start = 0, j = 0;
+    for (size_t t = 0; t < tuneds.size(); ++t) {
+      const int64_t m = tuneds[t].numel();
+      offs.clear();
+      for (; j < S; ++j) {
+        const int64_t g = static_cast<int64_t>((static_cast<double>(j) + 0.5) * static_cast<double>(n) / S);
+        if (g >= start + m) break;
+        offs.push_back(g - start);
+      }
+      keys_at(bases[t], tuneds[t], kind, mode, seed, streams[t], offs.data(), static_cast<int64_t>(offs.size()),
+              sample.data() + (j - static_cast<int64_t>(offs.size())));
+      start += m;
+    }
+    std::sort(sample.begin(), sample.end(), std::greater<uint32_t>());
+    const double p = static_cast<double>(k) / static_cast<double>(n);
+    const double r = p * S;
+    const double delta = 4.0 * std::sqrt(S * p * (1.0 - p)) + 16.0;
+    const int64_t hi_i = static_cast<int64_t>(std::floor(r - delta));
+    const int64_t lo_i = static_cast<int64_t>(std::ceil(r + delta));
+    const uint32_t hi = hi_i < 0 ? 0xFFFFFFFFu : sample[hi_i];
+    const uint32_t lo = lo_i >= S ? 0u : sample[lo_i];
+    const size_t cap = static_cast<size_t>(
+        std::max(1.0e6, 4.0 * static_cast<double>(n) * (std::min<double>(lo_i, S) - std::max<int64_t>(hi_i, 0)) / S));
+    int64_t above = 0;
+    std::vector<uint32_t> cand;
+    bool ok = true;
+    for (size_t t = 0; t < tuneds.size() && ok; ++t)
+      ok = window_pass(bases[t], tuneds[t], kind, mode, seed, streams[t], lo, hi, cap, above, cand);
+    const int64_t nc = static_cast<int64_t>(cand.size());
+    if (ok && above < k && above + nc >= k) {
+      const int64_t need = k - above;  // the need-th largest candidate
+      std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<uint32_t>());
+      const uint32_t thr = cand[need - 1];
+      int64_t greater = 0;
+      for (const uint32_t c : cand) greater += c > thr;
+      return {static_cast<int64_t>(thr), need - greater};
+    }
+  }
   // Level 1: high 16 bits of every key; level 2: low 16 bits of the keys whose
   // high digit holds the k-th largest. Two reads of the data, no concatenation.
   auto hist = torch::zeros({kBins}, torch::dtype(torch::kInt64));
@@ -395,25 +522,47 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
         int64_t eq_count = 0;
+        // Plain locals (no lambda captures): byte stores through uint8_t* may alias
+        // anything whose address escapes, which would force reloads every byte.
+        int64_t sel_c = 0;
+        double all_c = 0.0, chosen_c = 0.0;
         for (int64_t j = lo; j < hi; j += 8) {
           const int e = static_cast<int>(std::min<int64_t>(8, hi - j));
           uint32_t byte = 0;
           float all = 0.0f, chosen_sum = 0.0f;
-          for (int q = 0; q < e; ++q) {
-            const float sc = score_of<scalar_t, KIND>(a, b, j + q);
-            const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
-            const bool eq = key == threshold;
-            const bool ch = (key > threshold) | (eq & take_ties);
-            eq_count += eq;
-            byte |= static_cast<uint32_t>(ch) << q;
-            all += sc;
-            chosen_sum += ch ? sc : 0.0f;
+          int64_t eqs = 0;
+          if (e == 8) {
+            for (int q = 0; q < 8; ++q) {
+              const float sc = score_of<scalar_t, KIND>(a, b, j + q);
+              const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
+              const bool eq = key == threshold;
+              const bool ch = (key > threshold) | (eq & take_ties);
+              eqs += eq;
+              byte |= static_cast<uint32_t>(ch) << q;
+              all += sc;
+              chosen_sum += ch ? sc : 0.0f;
+            }
+          } else {
+            for (int q = 0; q < e; ++q) {
+              const float sc = score_of<scalar_t, KIND>(a, b, j + q);
+              const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
+              const bool eq = key == threshold;
+              const bool ch = (key > threshold) | (eq & take_ties);
+              eqs += eq;
+              byte |= static_cast<uint32_t>(ch) << q;
+              all += sc;
+              chosen_sum += ch ? sc : 0.0f;
+            }
           }
           P[j >> 3] = static_cast<uint8_t>(byte);
-          selected += __builtin_popcount(byte);
-          total_sum += all;
-          sel_sum += chosen_sum;
+          eq_count += eqs;
+          sel_c += __builtin_popcount(byte);
+          all_c += all;
+          chosen_c += chosen_sum;
         }
+        selected += sel_c;
+        total_sum += all_c;
+        sel_sum += chosen_c;
         ties[c] = eq_count;
       }
       int64_t all_ties = 0;

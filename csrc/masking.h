@@ -47,10 +47,12 @@ std::tuple<int64_t, int64_t> histogram_walk(const torch::Tensor& hist, int64_t k
 // Exact k-th largest key over a list of tensors (two histogram levels): returns
 // (threshold key, ties) where the chosen elements are every key > threshold plus
 // the first `ties` elements with key == threshold, in list order then index
-// order. threshold == 2^32 (nothing chosen) when k == 0.
+// order. threshold == 2^32 (nothing chosen) when k == 0. With `sampled` and at
+// least 2^22 elements, a sampled bracket usually makes it one read (see .cpp).
 std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& bases,
                                               const std::vector<torch::Tensor>& tuneds, int64_t k, int64_t kind,
-                                              int64_t mode, int64_t seed, const std::vector<int64_t>& streams);
+                                              int64_t mode, int64_t seed, const std::vector<int64_t>& streams,
+                                              bool sampled = true);
 
 // Packed mask of key > threshold plus the first tie_quota elements (by index)
 // with key == threshold (tie_quota < 0: all of them); returns (packed, chosen

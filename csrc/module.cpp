@@ -48,7 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "select_threshold(bases, tuneds, k, kind, mode, seed, streams) -> (threshold key, ties to take): exact "
         "radix select of the k largest keys across a list of tensors",
         py::arg("bases"), py::arg("tuneds"), py::arg("k"), py::arg("kind"), py::arg("mode"), py::arg("seed"),
-        py::arg("streams"));
+        py::arg("streams"), py::arg("sampled") = true);
   m.def("build_mask", &rankwise::build_mask,
         "build_mask(base, tuned, kind, mode, seed, stream, threshold, tie_quota) -> (packed, count, ties taken, "
         "chosen score sum, total score sum)",

@@ -168,6 +168,25 @@ def test_topk_mask_ties_break_by_tensor_then_index(largest):
     assert got.tolist() == [True] * 9 + [False] * 6
 
 
+@pytest.mark.parametrize("data", ["continuous", "ties"])
+def test_topk_mask_large_uses_sampled_bracket_exactly(data):
+    # n >= 2^22 takes the extension's one-pass path (sampled bracket); with heavy
+    # ties the bracket overflows and the radix select takes over. Both exact.
+    g = torch.Generator().manual_seed(10)
+    sizes = [(1 << 21) + 3, 5, (1 << 21) + 11]
+    if data == "continuous":
+        tensors = [torch.randn(s, generator=g) for s in sizes]
+    else:
+        tensors = [torch.randint(0, 7, (s,), generator=g).float() for s in sizes]
+    for fraction, largest in ((0.2, True), (0.013, False)):
+        k = M.select_count(sum(sizes), fraction)
+        got = torch.cat(M.topk_mask(tensors, fraction, largest=largest))
+        _assert_equal(got, _reference_topk(tensors, k, largest), f"{data} {fraction}")
+        mode, streams = 0 if largest else 1, [0] * len(tensors)
+        sampled = _C.select_threshold(tensors, tensors, k, 0, mode, 0, streams)
+        assert tuple(sampled) == tuple(_C.select_threshold(tensors, tensors, k, 0, mode, 0, streams, sampled=False))
+
+
 def test_topk_mask_packed_and_nan():
     x = torch.tensor([1.0, math.nan, 3.0, -0.0, 0.0, 2.0])
     m = M.topk_mask([x], 0.5)[0]

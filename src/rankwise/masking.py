@@ -9,9 +9,11 @@ Conventions (the same in the C++ extension ``rankwise._C``, the Triton kernels i
   is element ``8 * i + j`` of the flattened tensor; padding bits are 0.
 * **Scores** are computed in fp32 whatever the storage dtype (fp32, fp16, bf16):
   ``abs``: ``|tuned - base|``; ``relative``: ``|tuned - base| / (|base| + 1e-8)``.
-* **Selection** of ``k = floor(n * fraction)`` elements is exact (a two-level
-  radix select over 32-bit keys that order like the scores, with no
-  concatenation). ``fraction`` is taken as the decimal it prints as, so 0.2 of 10
+* **Selection** of ``k = floor(n * fraction)`` elements is exact, over 32-bit
+  keys that order like the scores, with no concatenation: in memory, a sampled
+  bracket around the k-th key, one pass collecting the keys inside it and an
+  exact selection among them (falling back to the radix select when the bracket
+  misses); streaming, a two-level (16 + 16 bit) radix select. ``fraction`` is taken as the decimal it prints as, so 0.2 of 10
   is 2 even though ``10 * 0.2`` is 1.9999... in floating point. NaN counts as
   the largest score and -0 equals +0.
 * **Ties** at the threshold are broken by position: the tensor that comes first
@@ -469,9 +471,19 @@ class _Plan:
     def stream(self, name):
         return name_stream(name)
 
-    def select_global(self, pairs_factory, backend):
-        """pairs_factory yields (name, base, tuned) in sorted-name order (twice)."""
-        if self.scope == "global":
+    def select_global(self, pairs_factory, backend, in_memory=False):
+        """pairs_factory yields (name, base, tuned) in sorted-name order (twice).
+
+        In memory on CPU the extension's ``select_threshold`` is used (usually one
+        read: a sampled bracket around the threshold); otherwise the two-level
+        radix select, which streams every tensor pair twice."""
+        if self.scope == "global" and in_memory and backend is _CPUBackend:
+            triples = list(pairs_factory())
+            self.threshold, self.ties = _C.select_threshold(
+                [b for _, b, _ in triples], [t for _, _, t in triples], self.k, self.kind, self.mode, self.seed,
+                [self.stream(m) for m, _, _ in triples],
+            )
+        elif self.scope == "global":
             self.threshold, self.ties = _select_threshold(
                 lambda: ((b, t, self.stream(m)) for m, b, t in pairs_factory()), self.k, self.kind, self.mode, self.seed, backend
             )
@@ -586,7 +598,7 @@ def restore(
         for n in names:
             yield n, base[n].detach().reshape(-1).contiguous(), tuned[n].detach().reshape(-1).contiguous()
 
-    plan.select_global(pairs, backend)
+    plan.select_global(pairs, backend, in_memory=True)
     out = dict(tuned)
     for n, b, t in pairs():
         packed = plan.mask(n, b, t, backend)
