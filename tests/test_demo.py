@@ -35,7 +35,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
     assert [a["train_size"] for a in saved["arms"][1:]] == [2, 2, 2, 8, 8]
     assert saved["seconds"] > 0 and isinstance(saved["stage_seconds"], dict)
     report = (out / "report.md").read_text()
-    assert "lora-r1" in report and "D3+D4" in report and "## Settings" in report
+    assert "lora-r1" in report and "D3+D4" in report and "## Settings" in report and "## Analysis" in report
     rest = saved["restoration"]
     if rest["points"]:  # rankwise.masking is installed
         assert [p["fraction"] for p in rest["points"]] == [0.0, 0.05, 0.6]

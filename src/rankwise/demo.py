@@ -28,19 +28,20 @@ import torch
 # The demo's settings. Every number in the report comes from these and the world preset.
 DEMO = {
     "ranks": [1, 4, 16],
-    "small_size": 40,
+    "small_size": 24,
     "large_factor": 8,
     "train_bucket": "all",
     "lora_alpha_per_rank": 2.0,  # alpha = 2 r
-    "lora_lr": 3.0e-3,
-    "full_lr": 1.0e-3,
+    "lora_lr": 1.0e-3,
+    "full_lr": 1.0e-4,
     "epochs": 3,
     "batch_size": 8,
     "large_lora_rank": 16,
     "restore_fractions": [0.01, 0.05, 0.2, 0.6],
     "mastery_samples": 4,
     "mastery_temperature": 0.7,
-    "max_new_tokens": 4,
+    "max_new_tokens": 3,
+    "analysis": True,  # append rankwise.analysis's section (spectra, probes) when it is installed
     "seed": 0,
 }
 
@@ -204,7 +205,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     arms = plan_arms(s, work)
     fractions = list(s["restore_fractions"])
     stages = ["pretrain", "mastery", "data"] + [f"train {a['name']}" for a in arms] + \
-             [f"eval {a['name']}" for a in arms] + ["restore", "report"]
+             [f"eval {a['name']}" for a in arms] + ["restore"] + (["analysis"] if s["analysis"] else []) + ["report"]
     bar = tqdm(total=len(stages), desc="demo", disable=not progress, dynamic_ncols=True)
     times: dict = {}
     t_all = time.time()
@@ -301,22 +302,51 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
                                               scope="global", include=r"layers", exclude=r"norm", seed=s["seed"])
                     tuned.load_state_dict(restored)
                     ev = evaluate_model(tuned, tok, tests, s["max_new_tokens"])
-                    _write_json(rpath, {"fraction": f, "eval": ev, "stats": _jsonable(stats)})
+                    brief = {k: v for k, v in stats.items() if k != "tensors"}
+                    _write_json(rpath, {"fraction": f, "eval": ev, "stats": _jsonable(brief)})
                 restoration.append(json.loads(rpath.read_text()))
             del tuned
         done("restore", t0)
 
-        # 7. report
+        # 7. optional analysis of the updates (rankwise.analysis)
+        analysis_md = None
+        if s["analysis"]:
+            t0 = stage("analysis")
+            analysis_md = _analysis_section(arms, base_dir, tests, out, work)
+            done("analysis", t0)
+
+        # 8. report
         t0 = stage("report")
         seconds = round(time.time() - t_all, 1)
         results = _results(facts, tests, arms, base_eval, restoration, restore_note, s, pr, scale, times, seconds)
-        _write_report(out, results)
+        _write_report(out, results, analysis_md)
         done("report", t0)
     finally:
         bar.close()
     results["seconds"] = round(time.time() - t_all, 1)
     _write_json(out / "results.json", results)
     return results
+
+
+def _analysis_section(arms, base_dir, tests, out: Path, work: Path) -> str:
+    """``rankwise.analysis``'s markdown section for the demo's runs (cached), or a one-line note."""
+    try:
+        from .analysis import analyze_runs, markdown_section
+    except ImportError as e:
+        return f"## Analysis\n\nrankwise.analysis is not importable ({e}); skipped.\n"
+    adir = out / "analysis"
+    done = work / "analysis.json"
+    try:
+        if done.exists():
+            analysis = json.loads(done.read_text())
+        else:
+            probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
+            analysis = analyze_runs([a["output_dir"] for a in arms], str(base_dir), probe, str(adir),
+                                    device="cpu", progress=False)
+            _write_json(done, analysis)
+        return markdown_section(analysis, str(adir), relative_to=str(out))
+    except Exception as e:  # optional stage: report the failure instead of losing the demo
+        return f"## Analysis\n\nThe analysis stage failed: {type(e).__name__}: {e}\n"
 
 
 def _jsonable(x):
@@ -466,7 +496,7 @@ def _plots(out: Path, results: dict) -> dict:
     return files
 
 
-def _write_report(out: Path, results: dict) -> None:
+def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> None:
     from .world.generate import _write_atomic
 
     files = _plots(out, results)
@@ -530,4 +560,6 @@ def _write_report(out: Path, results: dict) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             L.append(f"| {k} | {v} |")
     L += [f"| total | {results['seconds']} |", ""]
+    if analysis_md:
+        L += [analysis_md.rstrip(), ""]
     _write_atomic(out / "report.md", "\n".join(L))

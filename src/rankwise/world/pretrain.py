@@ -27,10 +27,10 @@ FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the sett
 # Presets. "cpu": a few minutes on 2 CPU cores; "gpu": a larger world and model for one GPU.
 SCALES = {
     "cpu": {
-        "world": {"n_people": 600},
+        "world": {"n_people": 240, "max_exposures": 16, "anchor_fraction": 0.3},
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "intermediate_size": 512, "max_position_embeddings": 256, "seed": 0},
-        "train": {"max_steps": 800, "batch_size": 8, "grad_accum": 1, "lr": 3.0e-3, "warmup": 0.05,
+        "train": {"max_steps": 600, "batch_size": 4, "grad_accum": 4, "lr": 6.0e-3, "warmup": 0.08,
                   "schedule": "cosine", "weight_decay": 0.0, "max_length": 128, "seed": 0},
     },
     "gpu": {
