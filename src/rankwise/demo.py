@@ -32,9 +32,9 @@ DEMO = {
     "large_factor": 8,
     "train_bucket": "all",
     "lora_alpha_per_rank": 2.0,  # alpha = 2 r
-    "lora_lr": 1.0e-3,
-    "full_lr": 1.0e-4,
-    "epochs": 3,
+    "lora_lr": 3.0e-3,
+    "full_lr": 3.0e-4,
+    "epochs": 5,
     "batch_size": 8,
     "large_lora_rank": 16,
     "restore_fractions": [0.01, 0.05, 0.2, 0.6],

@@ -366,7 +366,6 @@ def all_texts(world: dict) -> list[str]:
 
 def save_world(world: dict, out_dir) -> None:
     """Write ``world.json``, ``corpus.jsonl`` and ``facts.jsonl`` into ``out_dir`` atomically."""
-    import os
     from pathlib import Path
 
     out = Path(out_dir)
@@ -375,7 +374,6 @@ def save_world(world: dict, out_dir) -> None:
     _write_atomic(out / "world.json", json.dumps(meta, indent=1))
     _write_atomic(out / "corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in world["corpus"]))
     _write_atomic(out / "facts.jsonl", "".join(json.dumps(f) + "\n" for f in world["facts"]))
-    del os
 
 
 def load_world(out_dir) -> dict:
