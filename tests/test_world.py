@@ -197,6 +197,13 @@ def test_micro_world_pretrains_and_finetunes(tmp_path):
     # cached: a second call does no work
     r2 = pretrain("cpu", out_dir=tmp_path / "w", overrides=MICRO, progress=False)
     assert r2["cached"] and r2["base_dir"] == r["base_dir"]
+    # interrupted after training but before base/ was written: the finished run is reused, not retrained
+    import shutil
+
+    shutil.rmtree(r["base_dir"])
+    r3 = pretrain("cpu", out_dir=tmp_path / "w", overrides=MICRO, progress=False)
+    assert not r3["cached"] and (r3["base_dir"] / "DONE").exists()
+    assert (tmp_path / "w" / "pretrain" / "metrics.jsonl").read_text().count("\n") == len(rows)
     # fine-tune a LoRA adapter on QA rows of the world through rankwise.train
     world = G.load_world(r["world_dir"])
     facts = M.assign_buckets(world["facts"], [0.0] * len(world["facts"]))

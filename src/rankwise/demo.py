@@ -548,6 +548,11 @@ def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> N
           f"- world ({s['scale']} preset): {json.dumps(w['world'])}",
           f"- base model: {json.dumps(w['model'])}; pretraining: {json.dumps(w['train'])}",
           f"- base directory: `{s['base_dir']}` ({'cached' if s['base_cached'] else 'pretrained in this run'})",
+          "- what makes the tiny model's knowledge extractable: each seen person appears in several "
+          "biographies (templates and sentence order drawn at random, each fact kept with probability "
+          "`fact_keep`), and question-answer text about the *anchor* people (`anchor_fraction` of everybody) is "
+          "mixed into the corpus; the *study* people (mastery, fine-tuning and test sets) never appear in QA text, "
+          "so answering their questions needs knowledge read in biographies only",
           f"- fine-tuning: {d['small_size']} and {d['small_size'] * d['large_factor']} in-domain facts of the train "
           f"people (bucket: {d['train_bucket']}), {d['epochs']} epochs, batch {d['batch_size']}, cosine, "
           f"LoRA lr {d['lora_lr']} (alpha = {d['lora_alpha_per_rank']:g} r, all linear layers of the blocks), "

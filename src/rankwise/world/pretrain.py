@@ -180,7 +180,8 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     if not (init / "config.json").exists():
         init_model(world_dir / "tokenizer", settings["model"], init)
     run_dir = root / "pretrain"
-    result = train(train_config(settings, init, rows, run_dir, progress=progress))
+    # resume=True: an interrupted pretraining continues from its last checkpoint
+    result = train(train_config(settings, init, rows, run_dir, progress=progress), resume=True)
     model_dir = Path(result.get("output_dir", run_dir)) / "model"
     tmp = base.with_name("base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
