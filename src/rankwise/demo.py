@@ -434,6 +434,7 @@ def _plots(out: Path, results: dict) -> dict:
     B = ["D0", "D1", "D2", "D3", "D4", "mean"]
     small = results["settings"]["demo"]["small_size"]
     sweep = [a for a in results["arms"] if a["train_size"] == small]
+    base = next((a for a in results["arms"] if a["name"] == "base"), None)
     labels = [f"r={a['rank']}" if a["method"] == "lora" else "full SFT" for a in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, dom, title in zip(axes, ("in_domain", "out_of_domain"), ("in-domain", "out-of-domain")):
@@ -441,6 +442,8 @@ def _plots(out: Path, results: dict) -> dict:
             ys = [a[dom][b] if a[dom][b] is not None else float("nan") for a in sweep]
             ax.plot(range(len(sweep)), ys, marker="o", lw=2.5 if b == "mean" else 1.2,
                     ls="-" if b == "mean" else "--", label=b)
+        if base is not None and base[dom]["mean"] is not None:
+            ax.axhline(base[dom]["mean"], color="grey", ls=":", lw=1.5, label="base model, mean")
         ax.set_xticks(range(len(sweep)), labels)
         ax.set_title(f"{title} accuracy vs rank ({small} training facts)")
         ax.set_ylim(-0.02, 1.02)
@@ -463,6 +466,9 @@ def _plots(out: Path, results: dict) -> dict:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls,
                         label=f"{name}, {dom.replace('_', '-')}")
     ax.set_xscale("log", base=2)
+    sizes = sorted({a["train_size"] for a in results["arms"] if a["train_size"]})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("fine-tuning set size")
     ax.set_ylabel("mean accuracy over buckets")
     ax.set_title("accuracy vs data size")
@@ -483,6 +489,8 @@ def _plots(out: Path, results: dict) -> dict:
                 ax.plot(xs, ys, marker="o", lw=2.5 if b == "mean" else 1.2, ls="-" if b == "mean" else "--",
                         label=b)
             ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
             ax.set_xlabel("top-k% relative updates restored to the base (%)")
             ax.set_title(f"{title}: restoring {results['restoration']['of']}")
             ax.set_ylim(-0.02, 1.02)
