@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -107,7 +108,7 @@ def _make_checkpoint(root: str, n: int, shard_bytes: int):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(1)
-    hidden = 1024 if n >= 2**24 else 128
+    hidden = 1024 if n >= 2**25 else (512 if n >= 2**22 else 128)
     per_layer = 4 * hidden * hidden  # four hidden x hidden matrices per layer
     layers = max(1, n // per_layer)
     names = [(f"model.layers.{i}.{m}.weight", (hidden, hidden)) for i in range(layers)
@@ -230,10 +231,13 @@ def main(argv=None) -> int:
     import rankwise  # noqa: F401
     from rankwise import _C
 
-    from benchmarks.common import environment, write_json
+    from benchmarks.common import write_json
 
-    env = environment()
-    env["omp_threads"] = _C.num_threads()
+    # A light record (benchmarks.common.environment imports transformers/peft/...,
+    # which alone takes longer than the smoke run).
+    env = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
+               cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+               omp_threads=_C.num_threads(), cpu_count=os.cpu_count())
     rows = []
     for n in args.sizes:
         rows += bench_select(int(n), args.fraction, args.repeat, torch_ops=n <= args.no_torch_above)

@@ -496,7 +496,7 @@ std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& 
 
 std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
     const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed, int64_t stream,
-    int64_t threshold, int64_t tie_quota) {
+    int64_t threshold, int64_t tie_quota, bool with_stats) {
   check_pair(base, tuned, "build_mask");
   TORCH_CHECK(threshold >= 0 && threshold <= kNoThreshold, "build_mask: threshold must be in [0, 2^32], got ",
               threshold);
@@ -513,12 +513,14 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
     using scalar_t = decltype(tag);
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
+    auto with_flag = [&](auto F) {
     dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
       constexpr int KIND = decltype(K)::value;
       constexpr int MODE = decltype(M)::value;
+      constexpr bool STATS = decltype(F)::value;
       // Pass 1: one byte (8 elements) at a time; every tie is taken provisionally
       // (unless the quota is 0) and counted per chunk.
-#pragma omp parallel for schedule(static) reduction(+ : selected, sel_sum, total_sum)
+#pragma omp parallel for schedule(static) reduction(+ : selected, sel_sum, total_sum) if (nc > 1)
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
         int64_t eq_count = 0;
@@ -539,8 +541,10 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
               const bool ch = (key > threshold) | (eq & take_ties);
               eqs += eq;
               byte |= static_cast<uint32_t>(ch) << q;
-              all += sc;
-              chosen_sum += ch ? sc : 0.0f;
+              if constexpr (STATS) {
+                all += sc;
+                chosen_sum += sc * static_cast<float>(ch);  // branch-free
+              }
             }
           } else {
             for (int q = 0; q < e; ++q) {
@@ -550,8 +554,10 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
               const bool ch = (key > threshold) | (eq & take_ties);
               eqs += eq;
               byte |= static_cast<uint32_t>(ch) << q;
-              all += sc;
-              chosen_sum += ch ? sc : 0.0f;
+              if constexpr (STATS) {
+                all += sc;
+                chosen_sum += sc * static_cast<float>(ch);  // branch-free
+              }
             }
           }
           P[j >> 3] = static_cast<uint8_t>(byte);
@@ -581,7 +587,7 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
       ties_taken = tie_quota;
       int64_t cleared = 0;
       double cleared_sum = 0.0;
-#pragma omp parallel for schedule(dynamic) reduction(+ : cleared, cleared_sum)
+#pragma omp parallel for schedule(dynamic) reduction(+ : cleared, cleared_sum) if (nc > 1)
       for (int64_t c = 0; c < nc; ++c) {
         if (take[c] == ties[c]) continue;
         int64_t seen = 0;
@@ -598,6 +604,12 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
       selected -= cleared;
       sel_sum -= cleared_sum;
     });
+    };
+    if (with_stats) {
+      with_flag(std::integral_constant<bool, true>{});
+    } else {
+      with_flag(std::integral_constant<bool, false>{});
+    }
   });
   return {packed, selected, ties_taken, sel_sum, total_sum};
 }

@@ -56,10 +56,11 @@ std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& 
 
 // Packed mask of key > threshold plus the first tie_quota elements (by index)
 // with key == threshold (tie_quota < 0: all of them); returns (packed, chosen
-// count, ties taken, score sum of the chosen elements, score sum of all).
+// count, ties taken, score sum of the chosen elements, score sum of all; the
+// sums are 0 when with_stats is false).
 std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
     const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed, int64_t stream,
-    int64_t threshold, int64_t tie_quota);
+    int64_t threshold, int64_t tie_quota, bool with_stats = true);
 
 // out[i] = base[i] where the bit is set; elsewhere base + (out - base) * scale
 // (left untouched when scale == 1).

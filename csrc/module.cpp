@@ -53,7 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "build_mask(base, tuned, kind, mode, seed, stream, threshold, tie_quota) -> (packed, count, ties taken, "
         "chosen score sum, total score sum)",
         py::arg("base"), py::arg("tuned"), py::arg("kind"), py::arg("mode"), py::arg("seed"), py::arg("stream"),
-        py::arg("threshold"), py::arg("tie_quota"));
+        py::arg("threshold"), py::arg("tie_quota"), py::arg("with_stats") = true);
   m.def("restore_", &rankwise::restore_,
         "restore_(out, base, packed, scale): out = base where the bit is set, else base + (out - base) * scale",
         py::arg("out"), py::arg("base"), py::arg("packed"), py::arg("scale"));

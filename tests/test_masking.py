@@ -509,3 +509,35 @@ def test_sparse_decode_rejects_corrupt_input():
         M.sparse_decode(upd, torch.zeros(300))
     with pytest.raises(ValueError, match="encoded from"):
         M.sparse_decode(upd, torch.zeros(301))
+
+
+# --------------------------------------------------------------------------- CUDA (same semantics as CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("select", ["top", "bottom", "random"])
+def test_cuda_restore_and_masks_match_cpu(select):
+    base, tuned = _state(unchanged=0.3, seed=11)
+    cpu, cpu_stats = M.restore(base, tuned, 0.2, select=select, seed=2)
+    gpu, gpu_stats = M.restore({n: t.cuda() for n, t in base.items()}, {n: t.cuda() for n, t in tuned.items()}, 0.2,
+                               select=select, seed=2)
+    for n in tuned:
+        _assert_equal(gpu[n].cpu(), cpu[n], n)
+    assert gpu_stats["restored"] == cpu_stats["restored"]
+    x = torch.randn(4099)
+    mask = torch.rand(4099) < 0.3
+    _assert_equal(M.pack_mask(mask.cuda()).cpu(), M.pack_mask(mask))
+    y = x.cuda()
+    M.apply_mask_(y, mask.cuda())
+    _assert_equal(y.cpu(), torch.where(mask, x, torch.zeros_like(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_masked_adamw_matches_cpu():
+    params, masks, grads = _adamw_setup(seed=12)
+    cpu, _ = _run(lambda ps, **kw: M.MaskedAdamW(ps, masks, **kw), params, grads, lr=1e-2, weight_decay=0.1)
+    gpu, _ = _run(lambda ps, **kw: M.MaskedAdamW(ps, [m.cuda() for m in masks], **kw),
+                  [p.cuda() for p in params], [[g.cuda() for g in gs] for gs in grads], lr=1e-2, weight_decay=0.1)
+    for c, g, p0, m in zip(cpu, gpu, params, masks):
+        torch.testing.assert_close(g.data.cpu(), c.data, rtol=0, atol=1e-6)  # fp32, same math, different hardware
+        _assert_equal(g.data.cpu()[~m], p0[~m], "outside the mask")

@@ -299,8 +299,9 @@ class _CPUBackend:
         _C.key_histogram_(hist, base, tuned, kind, mode, seed, stream, prefix_mask, prefix, shift)
 
     @staticmethod
-    def build(base, tuned, kind, mode, seed, stream, threshold, quota):
-        packed, count, ties, chosen_sum, total_sum = _C.build_mask(base, tuned, kind, mode, seed, stream, threshold, quota)
+    def build(base, tuned, kind, mode, seed, stream, threshold, quota, stats=True):
+        packed, count, ties, chosen_sum, total_sum = _C.build_mask(
+            base, tuned, kind, mode, seed, stream, threshold, quota, stats)
         return packed, int(count), int(ties), float(chosen_sum), float(total_sum)
 
 
@@ -316,7 +317,7 @@ class _TorchBackend:
         hist += torch.bincount(digits, minlength=1 << 16).to(hist.device)
 
     @staticmethod
-    def build(base, tuned, kind, mode, seed, stream, threshold, quota):
+    def build(base, tuned, kind, mode, seed, stream, threshold, quota, stats=True):
         keys = _torch_keys(base, tuned, kind, mode, seed, stream)
         score = _torch_score(base, tuned, kind).reshape(-1).double()
         chosen = keys > threshold
@@ -391,7 +392,7 @@ def topk_mask(tensors: Sequence[torch.Tensor], fraction: float, largest: bool = 
         threshold, ties = _select_threshold(lambda: ((t, t, 0) for t in flat), k, 0, mode, 0, backend)
     masks = []
     for t in flat:
-        p, _, taken, _, _ = backend.build(t, t, 0, mode, 0, 0, threshold, ties)
+        p, _, taken, _, _ = backend.build(t, t, 0, mode, 0, 0, threshold, ties, stats=False)
         ties -= taken
         masks.append(p if packed else unpack_mask(p, t.shape))
     return masks
