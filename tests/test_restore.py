@@ -13,7 +13,7 @@ from rankwise import cli
 from rankwise import masking as M
 from rankwise.restore import parse_size, restore_checkpoint
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency of rankwise)
 
 
 def _tiny_config(**kw):
