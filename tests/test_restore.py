@@ -202,6 +202,8 @@ def test_cli_bad_input(pair, tmp_path, capsys):
     rc, _ = run("--fraction", "0.1", "--force")
     assert rc == 0 and "keep.txt" not in os.listdir(out)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".o.")] == []
+    rc = cli.main(["restore", "--base", base_dir, "--tuned", tuned_dir, "--out", tuned_dir, "--fraction", "0.1", "--force"])
+    assert rc == 2 and "--out must differ from --tuned" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max-shard-size"):
         parse_size("lots")
     assert parse_size("2GB") == 2 * 10**9 and parse_size("64KiB") == 65536

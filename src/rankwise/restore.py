@@ -168,6 +168,9 @@ def restore_checkpoint(
     M._check_restore_args(fraction, score, select, scope, seed)
     include = include or None
     exclude = exclude or None
+    for arg, d in (("--base", base_dir), ("--tuned", tuned_dir)):
+        if os.path.abspath(out_dir) == os.path.abspath(d):
+            raise ValueError(f"--out must differ from {arg} ({d})")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ValueError(f"--out {out_dir} exists and is not empty (pass --force to replace it)")
     t0 = time.time()
