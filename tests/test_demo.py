@@ -62,3 +62,14 @@ def test_demo_cli_parses():
     demo.add_arguments(p)
     a = p.parse_args(["--out", "x", "--scale", "gpu"])
     assert a.out == "x" and a.scale == "gpu" and not a.fresh
+
+
+def test_demo_rejects_bad_threads():
+    import argparse
+
+    from rankwise import demo
+
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    with pytest.raises(ValueError, match="--threads"):
+        demo.main(p.parse_args(["--threads", "0"]))

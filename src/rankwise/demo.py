@@ -52,13 +52,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world and model preset")
     parser.add_argument("--fresh", action="store_true", help="discard this output directory's cached stages "
                         "(the pretrained base stays cached)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on a CPU-only machine: half the cores, at least 1: "
+                        "a busy machine slows oversubscribed threads down many times over)")
 
 
 def main(args) -> int:
     """Run the demo; returns 0."""
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     res = run_demo(args.out, scale=args.scale, fresh=args.fresh)
     best = res["summary"]
     print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); best arm {best['best_arm']}: "
