@@ -114,10 +114,14 @@ def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_
     return out
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _load_base(base_dir):
     from .model import load_model, load_tokenizer
 
-    return load_model(str(base_dir), dtype="fp32", device="cpu"), load_tokenizer(str(base_dir))
+    return load_model(str(base_dir), dtype="fp32", device=_device()), load_tokenizer(str(base_dir))
 
 
 def arm_model(arm: dict, base_dir):
@@ -129,7 +133,7 @@ def arm_model(arm: dict, base_dir):
     if arm["method"] == "lora":
         model, _ = _load_base(base_dir)
         return merge_adapter(model, str(run / "adapter"))
-    return load_model(str(run / "model"), dtype="fp32", device="cpu")
+    return load_model(str(run / "model"), dtype="fp32", device=_device())
 
 
 def arm_config(arm: dict, base_dir, data_dir, settings: dict) -> dict:
@@ -348,7 +352,7 @@ def _analysis_section(arms, base_dir, tests, out: Path, work: Path) -> str:
         else:
             probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
             analysis = analyze_runs([a["output_dir"] for a in arms], str(base_dir), probe, str(adir),
-                                    device="cpu", progress=False)
+                                    device=_device(), progress=False)
             _write_json(done, analysis)
         return markdown_section(analysis, str(adir), relative_to=str(out))
     except Exception as e:  # optional stage: report the failure instead of losing the demo
