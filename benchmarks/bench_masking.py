@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -231,13 +230,10 @@ def main(argv=None) -> int:
     import rankwise  # noqa: F401
     from rankwise import _C
 
-    from benchmarks.common import write_json
+    from benchmarks.common import environment, write_json
 
-    # A light record (benchmarks.common.environment imports transformers/peft/...,
-    # which alone takes longer than the smoke run).
-    env = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
-               cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
-               omp_threads=_C.num_threads(), cpu_count=os.cpu_count())
+    # The same record as every script (device, date, versions), plus the threads the C++ ops use.
+    env = dict(environment(), omp_threads=_C.num_threads(), cpu_count=os.cpu_count())
     rows = []
     for n in args.sizes:
         rows += bench_select(int(n), args.fraction, args.repeat, torch_ops=n <= args.no_torch_above)
@@ -246,7 +242,7 @@ def main(argv=None) -> int:
         rows += bench_restore(int(n), args.fraction, int(args.shard_mib * 2**20))
     for r in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-    payload = dict(env=env, args=vars(args), rows=rows, summary=summarize(rows))
+    payload = dict(benchmark="bench_masking", env=env, args=vars(args), rows=rows, summary=summarize(rows))
     path = write_json(payload, "bench_masking", args.out)
     for f in payload["summary"]:
         print(f"{f['figure']}: {f['value']:.3g}{f['unit']}")
