@@ -54,6 +54,59 @@ from .utils import (
 
 
 @triton.jit
+def lowrank_fwd_tail(acc, S, B, BIAS, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
+                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr):
+    """``acc += (s * S[rm]) @ B[rn].T (+ bias[rn])``: the low-rank term of a forward
+    tile, added into the base GEMM's accumulator. The scaling is applied to the
+    (BM, BR) S tile in fp32 registers, never to a stored tensor. Shared by the
+    dense and the NF4 forward kernels."""
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        s = s.to(tl.float32) * scaling
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            s = s.to(b.dtype)
+        acc = tl.dot(s, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def lowrank_dx_tail(acc, DS, A, rm, rk, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                    seed, p, keep_scale,
+                    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """``acc += (dS[rm] @ A[:, rk]) * m / (1 - p)``: the LoRA part of a dX tile, with
+    the dropout mask regenerated from the seed. Shared by the dense and NF4 dX kernels."""
+    if HAS_DROPOUT:
+        lacc = tl.zeros((BM, BK), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            a = a.to(tl.float32)
+        if HAS_DROPOUT:
+            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
+        else:
+            acc = tl.dot(ds, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rm, rk, K, p)
+        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    return acc
+
+
+@triton.jit
 def _lora_down_kernel(
     X, A, S,
     M, K, R,
@@ -112,23 +165,9 @@ def _lora_fwd_kernel(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PREC)
-    # Low-rank term into the same accumulator; the scaling is applied to the
-    # (BM, BR) S tile in fp32 registers, never to a stored tensor.
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-        s = s.to(tl.float32) * scaling
-        if UPCAST:
-            b = b.to(tl.float32)
-        else:
-            s = s.to(b.dtype)
-        acc = tl.dot(s, b, acc, input_precision=PREC)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
+    # Low-rank term into the same accumulator.
+    acc = lowrank_fwd_tail(acc, S, B, BIAS, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br,
+                           scaling, HAS_BIAS, UPCAST, PREC, BR)
     tl.store(Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -206,24 +245,8 @@ def _lora_bwd_dx_kernel(
             dy = dy.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(dy, w, acc, input_precision=PREC)
-    if HAS_DROPOUT:
-        lacc = tl.zeros((BM, BK), dtype=tl.float32)
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        if UPCAST:
-            ds = ds.to(tl.float32)
-            a = a.to(tl.float32)
-        if HAS_DROPOUT:
-            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
-        else:
-            acc = tl.dot(ds, a, acc, input_precision=PREC)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, rm, rk, K, p)
-        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    acc = lowrank_dx_tail(acc, DS, A, rm, rk, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                          seed, p, keep_scale, HAS_DROPOUT, UPCAST, PREC, BM, BK, BR)
     tl.store(DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
              acc.to(DX.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 

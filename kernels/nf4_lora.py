@@ -41,12 +41,13 @@ from .lora_linear import (
     _lora_down,
     _validate,
     lora_linear_reference,
+    lowrank_dx_tail,
+    lowrank_fwd_tail,
 )
 from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
     check_triton_tensor,
     dot_precision,
-    dropout_keep,
     gemm_config,
     rank_block,
     swizzle_tile,
@@ -93,21 +94,8 @@ def _nf4_lora_fwd_kernel(
         else:
             w = w.to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PREC)
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-        s = s.to(tl.float32) * scaling
-        if UPCAST:
-            b = b.to(tl.float32)
-        else:
-            s = s.to(b.dtype)
-        acc = tl.dot(s, b, acc, input_precision=PREC)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
+    acc = lowrank_fwd_tail(acc, S, B, BIAS, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br,
+                           scaling, HAS_BIAS, UPCAST, PREC, BR)
     tl.store(Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -147,24 +135,8 @@ def _nf4_lora_bwd_dx_kernel(
         else:
             w = w.to(dy.dtype)
         acc = tl.dot(dy, w, acc, input_precision=PREC)
-    if HAS_DROPOUT:
-        lacc = tl.zeros((BM, BK), dtype=tl.float32)
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        if UPCAST:
-            ds = ds.to(tl.float32)
-            a = a.to(tl.float32)
-        if HAS_DROPOUT:
-            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
-        else:
-            acc = tl.dot(ds, a, acc, input_precision=PREC)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, rm, rk, K, p)
-        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    acc = lowrank_dx_tail(acc, DS, A, rm, rk, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                          seed, p, keep_scale, HAS_DROPOUT, UPCAST, PREC, BM, BK, BR)
     tl.store(DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
              acc.to(DX.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
