@@ -29,13 +29,7 @@ from rankwise.analysis.spectral import subspace_similarity_grid
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors on a shared CPU: one thread is several times faster than oversubscribed ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _masking_or_skip():

@@ -13,13 +13,7 @@ from rankwise import cli
 from rankwise.evaluate import eval_loss, generate_answers, is_correct, qa_accuracy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared CPU: one thread is several times faster than oversubscribed ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
