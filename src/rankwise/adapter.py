@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import torch
+
+from .atomic import atomic_write, atomic_write_text
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -41,18 +42,6 @@ def adapter_state_dict(model: torch.nn.Module) -> dict:
     return out
 
 
-def _atomic_save(obj_writer, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        obj_writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def pissa_to_lora(tensors: dict, initial: dict, r: int, alpha: float, use_rslora: bool = False):
@@ -106,14 +95,8 @@ def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropo
     }
     os.makedirs(out_dir, exist_ok=True)
     tensors = adapter_state_dict(model) if tensors is None else {k: v.contiguous() for k, v in tensors.items()}
-    _atomic_save(lambda p: save_file(tensors, p, metadata={"format": "pt"}), os.path.join(out_dir, WEIGHTS_NAME))
-    text = json.dumps(config, indent=2)
-
-    def write_json(p):
-        with open(p, "w") as f:
-            f.write(text)
-
-    _atomic_save(write_json, os.path.join(out_dir, CONFIG_NAME))
+    atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(out_dir, CONFIG_NAME), json.dumps(config, indent=2))
     return out_dir
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import tempfile
 from typing import Any, Mapping
 
 REQUIRED = object()  # marker: the key has no default and must be given
+
+from .atomic import atomic_write_text  # noqa: F401  (re-exported: config.atomic_write_text)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -316,19 +317,3 @@ def dump_yaml(cfg: Mapping, path) -> None:
     atomic_write_text(path, text)
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

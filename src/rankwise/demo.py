@@ -75,9 +75,9 @@ def main(args) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 def _write_json(path, obj) -> None:
-    from .world.generate import _write_atomic
+    from .atomic import atomic_write_text
 
-    _write_atomic(path, json.dumps(obj, indent=1, default=str))
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _read_jsonl(path) -> list:
@@ -85,9 +85,9 @@ def _read_jsonl(path) -> list:
 
 
 def _write_jsonl(path, rows) -> None:
-    from .world.generate import _write_atomic
+    from .atomic import atomic_write_text
 
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _quiet_transformers():
@@ -515,7 +515,7 @@ def _plots(out: Path, results: dict) -> dict:
 
 
 def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> None:
-    from .world.generate import _write_atomic
+    from .atomic import atomic_write_text
 
     files = _plots(out, results)
     results["plots"] = files
@@ -585,4 +585,4 @@ def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> N
     L += [f"| total | {results['seconds']} |", ""]
     if analysis_md:
         L += [analysis_md.rstrip(), ""]
-    _write_atomic(out / "report.md", "\n".join(L))
+    atomic_write_text(out / "report.md", "\n".join(L))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 from torch import nn

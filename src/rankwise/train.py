@@ -33,12 +33,12 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 
 import torch
 
 from . import config as C
+from .atomic import atomic_write
 
 log = logging.getLogger("rankwise")
 
@@ -102,17 +102,6 @@ def _set_rng_state(state, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _atomic_torch_save(obj, path) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _save_pretrained_atomic(model, tokenizer, path) -> None:
@@ -420,7 +409,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     def save_checkpoint(step):
         if not master:
             return
-        _atomic_torch_save({
+        state = {
             "step": step,
             "total_steps": total_steps,
             "config": cfg,
@@ -433,7 +422,8 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             "data": {"next_micro_batch": step * micro_per_step, "seed": seed},
             "log_window": window.clone(),  # loss / token sums since the last metrics row
             "pissa_init": pissa_init,
-        }, ckpt_path)
+        }
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     # ---- the loop ---------------------------------------------------------------------------
     metrics_file = open(metrics_path, "a") if master else None
@@ -565,9 +555,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
 
                 mask_path = os.path.join(out_dir, "mask.safetensors")
                 tensors = {n: m.to(torch.uint8).cpu().contiguous() for (n, _), m in zip(named_trainable, masks)}
-                from .adapter import _atomic_save
-
-                _atomic_save(lambda p: save_file(tensors, p), mask_path)
+                atomic_write(mask_path, lambda p: save_file(tensors, p))
         summary["runtime_s"] = round(time.time() - t_start, 3)
         _write_json(os.path.join(out_dir, SUMMARY), summary)
         if os.path.exists(ckpt_path):

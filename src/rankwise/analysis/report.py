@@ -10,7 +10,8 @@ import io
 import json
 import math
 import os
-import tempfile
+
+from ..atomic import atomic_write_bytes
 
 __all__ = ["write_json", "write_plots", "markdown_section", "write_outputs"]
 
@@ -25,18 +26,6 @@ PLOTS = {
 }
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _clean(x):
@@ -52,13 +41,13 @@ def _clean(x):
 
 def write_json(analysis: dict, path: str) -> None:
     """Write ``analysis`` to ``path`` atomically (NaN written as null)."""
-    _atomic_write_bytes(path, (json.dumps(_clean(analysis), indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_clean(analysis), indent=1) + "\n").encode())
 
 
 def _save(fig, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _x_positions(runs):
@@ -364,5 +353,5 @@ def write_outputs(analysis: dict, out_dir: str, plots: bool = True) -> dict:
     written = write_plots(analysis, out_dir) if plots else {}
     analysis["files"] = {"json": "analysis.json", "markdown": "analysis.md", "plots": written}
     write_json(analysis, os.path.join(out_dir, "analysis.json"))
-    _atomic_write_bytes(os.path.join(out_dir, "analysis.md"), markdown_section(analysis, out_dir).encode())
+    atomic_write_bytes(os.path.join(out_dir, "analysis.md"), markdown_section(analysis, out_dir).encode())
     return analysis["files"]

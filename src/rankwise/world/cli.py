@@ -75,11 +75,11 @@ def main(args) -> int:
         tok = load_tokenizer(args.base)
         scores = mastery_scores(model, tok, world["facts"], num_samples=args.samples, seed=args.seed, progress=True)
         facts = assign_buckets(world["facts"], scores)
-        from .generate import _write_atomic
+        from ..atomic import atomic_write_text
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, "".join(json.dumps(f) + "\n" for f in facts))
+        atomic_write_text(out, "".join(json.dumps(f) + "\n" for f in facts))
         print(json.dumps(bucket_counts(facts)))
         return 0
     print("usage: rankwise world {build,pretrain,mastery} ... (see rankwise world --help)", file=sys.stderr)

@@ -27,6 +27,8 @@ import json
 import random
 from typing import Any
 
+from ..atomic import atomic_write_text
+
 IN_DOMAIN = ("birth_city", "work_city", "university_city", "citizenship")
 OUT_OF_DOMAIN = ("occupation", "employer", "instrument", "language")
 RELATIONS = IN_DOMAIN + OUT_OF_DOMAIN
@@ -371,9 +373,9 @@ def save_world(world: dict, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in world.items() if k not in ("corpus", "facts")}
-    _write_atomic(out / "world.json", json.dumps(meta, indent=1))
-    _write_atomic(out / "corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in world["corpus"]))
-    _write_atomic(out / "facts.jsonl", "".join(json.dumps(f) + "\n" for f in world["facts"]))
+    atomic_write_text(out / "world.json", json.dumps(meta, indent=1))
+    atomic_write_text(out / "corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in world["corpus"]))
+    atomic_write_text(out / "facts.jsonl", "".join(json.dumps(f) + "\n" for f in world["facts"]))
 
 
 def load_world(out_dir) -> dict:
@@ -389,18 +391,3 @@ def load_world(out_dir) -> dict:
     return world
 
 
-def _write_atomic(path, text: str) -> None:
-    import os
-    import tempfile
-
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -20,7 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .generate import WorldConfig, _write_atomic, all_texts, generate_world, load_world, save_world
+from ..atomic import atomic_write_text
+from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
 
 FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the settings do not show
 
@@ -90,13 +91,13 @@ def build_world_dir(world_settings: dict, out_dir) -> Path:
     world = generate_world(cfg)
     save_world(world, out)
     save_tokenizer(build_tokenizer(all_texts(world)), out / "tokenizer")
-    _write_atomic(done, cfg.digest() + "\n")
+    atomic_write_text(done, cfg.digest() + "\n")
     return out
 
 
 def write_pretrain_rows(world: dict, path) -> Path:
     """The corpus as prompt_completion rows with an empty prompt (one document per row)."""
-    _write_atomic(path, "".join(json.dumps({"prompt": "", "completion": doc}) + "\n" for doc in world["corpus"]))
+    atomic_write_text(path, "".join(json.dumps({"prompt": "", "completion": doc}) + "\n" for doc in world["corpus"]))
     return Path(path)
 
 
@@ -165,7 +166,7 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     key = settings_key(settings)
     root = Path(out_dir) if out_dir else cache_root() / f"world-{scale}-{key}"
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / "settings.json", json.dumps({"scale": scale, "key": key, **settings}, indent=1))
+    atomic_write_text(root / "settings.json", json.dumps({"scale": scale, "key": key, **settings}, indent=1))
     base = root / "base"
     t0 = time.time()
     world_dir = build_world_dir(settings["world"], root / "world")
@@ -190,7 +191,7 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
 
     AutoTokenizer.from_pretrained(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
     secs = time.time() - t0
-    _write_atomic(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")
+    atomic_write_text(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")
     shutil.rmtree(base, ignore_errors=True)
     os.replace(tmp, base)
     return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings, "seconds": secs,
