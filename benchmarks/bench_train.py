@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         if "speedup" in r_:
             summary.append(dict(figure=f"{r_['mode']} tokens/s, rankwise over baseline", value=r_["speedup"],
                                 unit="x", baseline=base))
-            summary.append(dict(figure=f"{r_['mode']} max |loss difference| over {steps} steps",
+            summary.append(dict(figure=f"{r_['mode']} max abs loss difference over {steps} steps",
                                 value=r_["max_loss_diff"], unit="nats", baseline=base))
             if "memory_ratio" in r_:
                 summary.append(dict(figure=f"{r_['mode']} peak memory, rankwise over baseline",
