@@ -275,7 +275,8 @@ def test_analyze_cli_bad_input(world, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "who"}\nnot json\n')
     assert cli.main(["analyze", world["r2"], "--base", world["base"], "--probe", str(bad), "--out", out]) == 2
-    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "probe row 2 (line 2 of" in err and "bad.jsonl) is not valid JSON" in err
     assert cli.main(["analyze", world["r2"], "--base", str(tmp_path / "nobase"), "--out", out]) == 2
     assert "base model" in capsys.readouterr().err
     assert cli.main(["analyze", world["r2"], "--base", world["base"], "--out", out, "--device", "nonsense"]) == 2

@@ -379,19 +379,11 @@ def load_tuned_model(run: Run, base_dir: str, base: SafetensorsWeights, device, 
 
 
 def load_jsonl(path: str) -> list:
-    """Rows of a jsonl file (blank lines skipped); a clear error names the bad line."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: each line must be a JSON object")
-            rows.append(row)
+    """Rows of a probe / eval file (jsonl, json, csv or parquet, read by ``rankwise.data``);
+    a clear error names the bad row."""
+    from ..data import load_rows
+
+    rows = load_rows(str(path), name="probe")
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
