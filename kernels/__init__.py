@@ -3,8 +3,10 @@ plain-torch references, one op per file.
 
 - ``lora_linear``: the fused LoRA linear layer (dense or NF4 base weight).
 - ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format).
+- ``linear_cross_entropy``: output head + cross entropy without the full logits.
 - ``masked_adamw_step`` / ``apply_mask``: bit-packed masked AdamW and mask application.
 """
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import dropout_mask, lora_linear, lora_linear_reference
 from .masked_adamw import apply_mask, masked_adamw_step
 from .nf4 import nf4_dequantize, nf4_dequantize_reference
@@ -13,5 +15,6 @@ from .nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
 __all__ = [
     "lora_linear", "lora_linear_reference", "dropout_mask",
     "nf4_lora_linear", "nf4_lora_linear_reference", "nf4_dequantize", "nf4_dequantize_reference",
+    "linear_cross_entropy", "linear_cross_entropy_reference",
     "masked_adamw_step", "apply_mask",
 ]

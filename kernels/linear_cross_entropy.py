@@ -1,0 +1,328 @@
+"""Fused linear + cross entropy: the output head and the loss without the full logits.
+
+Math, for hidden states h (N, H), head weight W (V, H), optional bias b (V,) and
+targets t (N,) (``ignore_index`` marks rows without a target):
+
+    z_i    = h_i W^T + b                        (one row of logits, V values)
+    lse_i  = log sum_j exp(z_ij)                (fp32, online max/sum over V blocks)
+    loss_i = lse_i - z_{i, t_i}                 (0 for an ignored row)
+    L      = sum_i loss_i        (reduction "sum")
+           = L_sum / n_valid     ("mean", n_valid = number of rows with a target; 0/0 = nan as in torch)
+           = (loss_i)_i          ("none")
+
+Backward: with g_i = dL/dloss_i (1, 1 / n_valid, or the incoming per-row gradient;
+0 for an ignored row), since d lse_i / d z_ij = softmax_ij and d z_{i,t_i} / d z_ij = [j = t_i]:
+
+    dz_ij = g_i (softmax_ij - [j = t_i])
+    dh    = dz W,    dW = dz^T h,    db = sum_i dz_i
+
+The (N, V) logits are the largest activation of a language model's training
+step (N = 8192 tokens at V = 128k is 4 GiB in fp32). Here the rows go through in
+chunks of C rows: the chunk's logits are computed by one GEMM, one Triton program
+per row turns them into loss_i and, in the same buffer, dz (two passes over the
+row: online max/sum, then softmax - one-hot), and two GEMMs turn dz into the
+chunk's dh and its share of dW. Peak extra memory is one (C, V) chunk.
+
+What is kept for backward and why:
+- reduction "mean"/"sum" with gradients needed: the gradient is computed during
+  the forward pass (the scalar incoming gradient only scales it), so backward is
+  one multiply; kept are dh (the size of h), and dW (fp32) / db only when the head
+  weight / bias require grad. No logits and no h are kept.
+- reduction "none" (per-row incoming gradients), or no grad at forward time:
+  kept are h, W, b, t; backward recomputes each chunk's logits (one more GEMM).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET, check_triton_tensor, next_pow2
+
+_REDUCTIONS = ("mean", "sum", "none")
+_BACKENDS = ("auto", "triton", "torch")
+
+
+# ----------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_rows_kernel(Z, stride_z, T, LOSS, G, stride_g, V, ignore_index,
+                    DO_GRAD: tl.constexpr, BV: tl.constexpr):
+    """One program per row of a chunk of logits Z (rows, V), any float dtype.
+
+    Pass 1: online max m and sum s of exp(z - m) over BV-wide blocks (fp32), so
+    lse = m + log s; loss = lse - z[t] (0 when t == ignore_index).
+    Pass 2 (DO_GRAD): overwrite the row with dz = g (exp(z - lse) - [j == t]),
+    g = G[row * stride_g] (stride 0: one scale for every row), 0 for an ignored row.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    zrow = Z + row * stride_z
+    t = tl.load(T + row).to(tl.int64)
+    valid = t != ignore_index
+    m = -float("inf")
+    s = 0.0
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        z = tl.load(zrow + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    zt = tl.load(zrow + t, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - zt, 0.0))
+    if DO_GRAD:
+        g = tl.load(G + row * stride_g).to(tl.float32)
+        g = tl.where(valid, g, 0.0)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            cmask = cols < V
+            z = tl.load(zrow + cols, mask=cmask, other=0.0).to(tl.float32)
+            d = (tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0)) * g
+            tl.store(zrow + cols, d.to(Z.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------
+
+
+def _ce_rows_triton(z, t, loss, g, ignore_index, do_grad):
+    """Per-row loss of the logits chunk ``z`` (rows, V) into ``loss`` (fp32, rows);
+    with ``do_grad`` ``z`` is overwritten by dz scaled by ``g`` (a 1-element or (rows,) fp32 tensor)."""
+    rows, V = z.shape
+    if rows == 0:
+        return
+    if INTERPRET:
+        BV, warps = min(1024, next_pow2(V)), 4
+    else:
+        BV = min(4096, next_pow2(V))
+        warps = 16 if BV >= 4096 else (8 if BV >= 2048 else 4)
+    _ce_rows_kernel[(rows,)](z, z.stride(0), t, loss, g, 0 if g.numel() == 1 else g.stride(0), V, ignore_index,
+                             DO_GRAD=do_grad, BV=BV, num_warps=warps)
+
+
+def _ce_rows_torch(z, t, loss, g, ignore_index, do_grad):
+    """Plain-torch twin of ``_ce_rows_triton`` (the CPU path): same contract."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    valid = t != ignore_index
+    tc = torch.where(valid, t, 0)
+    zt = zf.gather(1, tc[:, None]).squeeze(1)
+    loss.copy_(torch.where(valid, lse - zt, 0.0))
+    if do_grad:
+        gr = torch.where(valid, g.expand(t.shape[0]), 0.0)
+        d = torch.exp(zf - lse[:, None])
+        d[torch.arange(t.shape[0], device=z.device), tc] -= 1.0
+        z.copy_(d * gr[:, None])
+
+
+def _chunk_rows(N: int, V: int, H: int, chunk_size: Optional[int]) -> int:
+    """Rows per chunk: given, or the power of two that makes a chunk of logits
+    about the size of h (N * H values), which keeps the GEMMs wide enough."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), max(N, 1)))
+    return max(1, min(max(N, 1), next_pow2(math.ceil(N / math.ceil(V / H)))))
+
+
+def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b, do_grad=True):
+    """Loop over row chunks: logits, loss rows, and (``do_grad``) dz and its products.
+
+    h (N, H), W (V, H), b (V,) or None in the compute dtype; t (N,) int64; g fp32
+    (1 element, or (N,) per row). Returns (loss rows fp32 (N,), dh or None,
+    dW fp32 or None, db fp32 or None)."""
+    N, V = h.shape[0], W.shape[0]
+    ce_rows = _ce_rows_triton if backend == "triton" else _ce_rows_torch
+    loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if (do_grad and need_h) else None
+    dW = torch.zeros(W.shape, dtype=torch.float32, device=h.device) if (do_grad and need_W) else None
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if (do_grad and need_b) else None
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        hc = h[c0:c1]
+        z = torch.addmm(b, hc, W.t()) if b is not None else torch.mm(hc, W.t())
+        gc_ = g if g.numel() == 1 else g[c0:c1]
+        ce_rows(z, t[c0:c1], loss[c0:c1], gc_, ignore_index, do_grad)
+        if not do_grad:
+            continue
+        if dh is not None:
+            torch.mm(z, W, out=dh[c0:c1])
+        if dW is not None:
+            dW += torch.mm(z.t(), hc).float()
+        if db is not None:
+            db += z.float().sum(0)
+    return loss, dh, dW, db
+
+
+# ----------------------------------------------------------------------------
+# Autograd Function
+# ----------------------------------------------------------------------------
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, b, t, ignore_index, reduction, chunk, backend):
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b is not None and ctx.needs_input_grad[2]
+        eager = reduction != "none" and (need_h or need_W or need_b)
+        n_valid = (t != ignore_index).sum()
+        if reduction == "mean":
+            scale = (1.0 / n_valid.to(torch.float32)).reshape(1)  # inf for no targets: loss nan, grads 0 as torch
+        else:
+            scale = torch.ones(1, dtype=torch.float32, device=h.device)
+        loss_rows, dh, dW, db = _fused_pass(h, W, b, t, scale, ignore_index, chunk, backend,
+                                            need_h, need_W, need_b, do_grad=eager)
+        ctx.eager = eager
+        ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype)
+        if eager:
+            ctx.grads = (dh, dW, db)  # gradients of the loss, scaled by grad_output in backward
+        else:
+            ctx.save_for_backward(h, W, b, t)  # backward recomputes the logits chunk by chunk
+        if reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total * scale[0] if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        ignore_index, chunk, backend, w_dtype, b_dtype = ctx.meta
+        if ctx.eager:
+            dh, dW, db = ctx.grads
+            ctx.grads = None
+            go = grad_out.to(torch.float32)
+            if dh is not None:
+                dh = dh * go.to(dh.dtype) if bool(go != 1) else dh
+        else:
+            h, W, b, t = ctx.saved_tensors
+            need_b = b is not None and ctx.needs_input_grad[2]
+            g = grad_out.reshape(-1).to(torch.float32).contiguous()
+            _, dh, dW, db = _fused_pass(h, W, b, t, g, ignore_index, chunk, backend,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
+            go = None
+        if dW is not None:
+            dW = (dW * go if go is not None else dW).to(w_dtype)
+        if db is not None:
+            db = (db * go if go is not None else db).to(b_dtype)
+        return dh, dW, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# Plain-torch reference (the tests' oracle)
+# ----------------------------------------------------------------------------
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_index: int = -100,
+                                   reduction: str = "mean"):
+    """``F.cross_entropy((hidden @ weight.T + bias).float(), targets)`` with the full logits."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction
+                                             ).reshape(targets.shape if reduction == "none" else ())
+
+
+# ----------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------
+
+
+def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    for t, name in ((hidden, "hidden"), (weight, "weight"), (targets, "targets")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point() or hidden.dim() < 1:
+        raise TypeError(f"hidden: expected a floating-point tensor of shape (..., hidden_size), "
+                        f"got dtype {hidden.dtype}, shape {tuple(hidden.shape)}")
+    if not weight.is_floating_point() or weight.dim() != 2:
+        raise TypeError(f"weight: expected a floating-point (vocab_size, hidden_size) tensor, "
+                        f"got dtype {weight.dtype}, shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V < 1:
+        raise ValueError(f"weight: vocab_size (weight.shape[0]) must be >= 1, got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden: last dimension {hidden.shape[-1]} does not match weight's hidden_size {H} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"targets: expected an integer tensor of class indices, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
+                         f"got {tuple(targets.shape)}")
+    devices = {"hidden": hidden.device, "weight": weight.device, "targets": targets.device}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (V,):
+            raise ValueError(f"bias: expected a floating-point tensor of shape ({V},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " +
+                         ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(f"targets: class indices must lie in [0, {V}) (vocab_size) or equal ignore_index "
+                             f"{ignore_index}; got {int(targets.reshape(-1)[i])} at flat position {i}")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Cross entropy of the logits ``hidden @ weight.T + bias`` against ``targets``,
+    without materialising the full logits.
+
+    Args:
+        hidden: shape ``(..., hidden_size)``, any strides (the last hidden states).
+        weight: the output head, shape ``(vocab_size, hidden_size)`` (``lm_head.weight``).
+        targets: integer class indices, shape ``hidden.shape[:-1]``; positions equal to
+            ``ignore_index`` count for nothing. Targets are not shifted: pass the next
+            tokens already aligned with ``hidden``.
+        bias: optional, shape ``(vocab_size,)``.
+        ignore_index: target value to skip (-100, as Hugging Face labels).
+        reduction: ``"mean"`` (over the non-ignored positions; nan when there are none,
+            as torch), ``"sum"`` or ``"none"`` (a loss per position, 0 where ignored).
+        chunk_size: rows of logits computed at once; ``None`` picks one that makes a
+            chunk about the size of ``hidden``.
+        backend: ``"triton"`` (the kernel; on the CPU only under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (the same chunked loop with torch ops) or ``"auto"`` (Triton on
+            CUDA, else torch).
+
+    Dtypes: the logits are computed in ``hidden``'s dtype (or the autocast dtype),
+    ``weight`` and ``bias`` cast to it as ``F.linear`` under autocast would; the
+    softmax and the loss in fp32. Returns an fp32 tensor: a scalar, or
+    ``targets``' shape for ``reduction="none"``. Gradients flow to ``hidden``,
+    and to ``weight`` / ``bias`` when they require grad (accumulated in fp32).
+    """
+    _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+    def cast(x):
+        return x if x is None or x.dtype == dtype else x.to(dtype)
+
+    h, W, b = cast(hidden), cast(weight), cast(bias)
+    if backend == "auto":
+        backend = "triton" if h.is_cuda else "torch"
+    if backend == "triton":
+        for x, name in ((h, "hidden"), (W, "weight")):
+            check_triton_tensor(x, name)
+    lead = targets.shape
+    h2 = h.reshape(-1, h.shape[-1])
+    t = targets.reshape(-1).to(torch.int64).contiguous()
+    chunk = _chunk_rows(h2.shape[0], W.shape[0], W.shape[1], chunk_size)
+    with torch.autocast(device_type, enabled=False):
+        loss = LinearCrossEntropyFunction.apply(h2, W, b, t, int(ignore_index), reduction, chunk, backend)
+    return loss.reshape(lead) if reduction == "none" else loss
