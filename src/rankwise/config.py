@@ -46,7 +46,7 @@ SCHEMA: dict[str, tuple[Any, tuple, tuple | None, str]] = {
     "lora.alpha": (32.0, (float,), None, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora)"),
     "lora.dropout": (0.0, (float,), None, "dropout on the LoRA branch input"),
     "lora.rslora": (False, (bool,), None, "rank-stabilized scaling alpha / sqrt(r)"),
-    "lora.targets": (list(DEFAULT_TARGETS), (list,), None, "nn.Linear names (last name component) to adapt"),
+    "lora.targets": (list(DEFAULT_TARGETS), (list,), None, "nn.Linear names (last name component) to adapt, or all-linear (every linear layer but the output head)"),
     "lora.init": ("default", (str,), None, "initialisation of A and B (see rankwise.LoRALinear)"),
     "mask.fraction": (0.1, (float,), None, "method masked: share of the candidate weights that may change"),
     "mask.score": ("grad", (str,), ("grad", "update"),
@@ -80,6 +80,9 @@ SCHEMA: dict[str, tuple[Any, tuple, tuple | None, str]] = {
     "train.optimizer": ("adamw", (str,), ("adamw", "adamw8bit"), "adamw: torch (fused on CUDA); adamw8bit: bitsandbytes"),
     "train.seed": (0, (int,), None, "seed for init, dropout and data order"),
     "train.gradient_checkpointing": (False, (bool,), None, "recompute activations in backward"),
+    "train.fused_loss": (True, (bool,), None,
+                         "output head + cross entropy in chunks, never the full logits (checked against the "
+                         "model's own loss on the first batch; models it does not fit fall back with a warning)"),
     "train.precision": ("auto", (str,), ("auto", "bf16", "fp16", "fp32"),
                         "autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU always fp32"),
     "train.log_every": (10, (int,), None, "steps between metrics.jsonl rows"),

@@ -42,9 +42,14 @@ def batch_loss_sum(model, batch) -> torch.Tensor:
 
     When the model takes ``logits_to_keep`` (Hugging Face causal LMs do), the
     output head runs only at the target positions, which saves the
-    ``(tokens, vocab)`` logits of the prompt tokens.
+    ``(tokens, vocab)`` logits of the prompt tokens. A ``rankwise.loss.FusedLossLM``
+    (or DDP around one) computes the same sum without any full logits.
     """
     dev = next(model.parameters()).device
+    from .loss import FusedLossLM
+
+    if isinstance(getattr(model, "module", model), FusedLossLM):  # through DDP's forward when wrapped
+        return model(batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["targets"].to(dev))
     targets = batch["targets"][0]
     inputs = {"input_ids": batch["input_ids"].to(dev), "position_ids": batch["position_ids"].to(dev), "use_cache": False}
     if _accepts_logits_to_keep(model):

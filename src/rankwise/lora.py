@@ -198,6 +198,8 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: 
         targets = list(target_modules)
         if not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"target_modules: expected a non-empty list of module names, got {target_modules!r}")
+        if targets == ["all-linear"]:  # e.g. `targets: all-linear` in a YAML config, read as a one-item list
+            targets = "all-linear"
     elif isinstance(target_modules, str):
         targets = target_modules
     else:

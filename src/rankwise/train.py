@@ -289,6 +289,18 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         log.info("method %s: %s trainable parameters of %s", method, f"{n_trainable:,}",
                  f"{sum(p.numel() for p in model.parameters()):,}")
     raw_model = model
+    if tcfg["fused_loss"]:  # output head + loss without the (tokens, vocab) logits
+        from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
+
+        problem = fused_loss_problem(model)
+        if problem is None:
+            fused = FusedLossLM(model)
+            problem = check_fused_loss(model, fused, micro_batch(0)[1], autocast,
+                                       rtol=1e-4 if amp_dtype is None and fused_head_fp32(model) else 2e-2)
+            if problem is None:
+                model = fused
+        if problem is not None and master:
+            log.warning("train.fused_loss: using the model's own logits instead: %s", problem)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 

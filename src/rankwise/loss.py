@@ -1,0 +1,93 @@
+"""The training loss of a causal LM through the fused linear + cross entropy op.
+
+``FusedLossLM`` wraps a Hugging Face causal LM: its forward runs the decoder
+(``model.base_model``) and hands the final hidden states at the target positions
+with the output head's weight to ``rankwise.kernels.linear_cross_entropy``, so
+the ``(tokens, vocab)`` logits are never held in memory (one chunk at a time).
+It returns the summed loss, like ``rankwise.evaluate.batch_loss_sum``.
+
+Models whose logits are not ``lm_head(hidden)`` (Gemma's soft-capping, Cohere's
+logit scale, a LoRA-wrapped or quantized head, ...) are refused by
+``fused_loss_problem``; ``check_fused_loss`` also compares the two losses on a
+real batch, so a head computed some other way is caught rather than trained on.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+# config attributes that change the logits after the output head
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "mup_width_multiplier", "dim_model_base")
+
+
+def fused_loss_problem(model: nn.Module) -> Optional[str]:
+    """Why the fused loss cannot stand in for ``model``'s own logits, or None when it can."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return "the model has no output embeddings (get_output_embeddings() is None)"
+    if type(head) is not nn.Linear:
+        return f"its output head is a {type(head).__name__}, not a plain nn.Linear"
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return "the model has no separate decoder (base_model)"
+    cfg = getattr(model, "config", None)
+    for key in _LOGIT_TRANSFORMS:
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"its config sets {key}={getattr(cfg, key)!r}, which changes the logits after the head"
+    return None
+
+
+def fused_head_fp32(model: nn.Module) -> bool:
+    """Whether the output head computes in fp32 (the loss check's tolerance depends on it)."""
+    return model.get_output_embeddings().weight.dtype == torch.float32
+
+
+class FusedLossLM(nn.Module):
+    """``forward(input_ids, position_ids, targets)`` -> summed cross entropy (fp32)
+    over the positions where ``targets != -100``, for a padding-free batch of one row.
+
+    Wrap the model with this before ``DistributedDataParallel`` so gradients are
+    synchronised through DDP's forward.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: Optional[int] = None):
+        super().__init__()
+        problem = fused_loss_problem(model)
+        if problem:
+            raise ValueError(f"model: the fused loss cannot be used: {problem}")
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, position_ids, targets):
+        from rankwise.kernels import linear_cross_entropy
+
+        out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        targets = targets.reshape(-1)
+        keep = (targets != -100).nonzero().squeeze(1)
+        head = self.model.get_output_embeddings()
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], head.weight, targets[keep],
+                                    head.bias, reduction="sum", chunk_size=self.chunk_size)
+
+
+@torch.no_grad()
+def check_fused_loss(model: nn.Module, fused: FusedLossLM, batch, autocast, rtol: float) -> Optional[str]:
+    """Compare the fused loss with the model's own on ``batch`` (eval mode, no
+    gradients, torch's RNG untouched); returns a description of a mismatch or None."""
+    from .evaluate import batch_loss_sum
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), autocast():
+            ref = float(batch_loss_sum(model, batch))
+            ours = float(batch_loss_sum(fused, batch))
+    finally:
+        model.train(was_training)
+    if not (math.isfinite(ref) and math.isfinite(ours)) or abs(ours - ref) > rtol * max(abs(ref), 1e-6):
+        return f"fused loss {ours:.6g} vs the model's {ref:.6g} on the first batch"
+    return None
