@@ -152,10 +152,13 @@ def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, nee
             continue
         if dh is not None:
             torch.mm(z, W, out=dh[c0:c1])
-        if dW is not None:
-            dW += torch.mm(z.t(), hc).float()
+        if dW is not None:  # the chunk's product in the compute dtype, summed into fp32 without an fp32 copy
+            if z.dtype == torch.float32:
+                dW.addmm_(z.t(), hc)
+            else:
+                dW.add_(torch.mm(z.t(), hc))
         if db is not None:
-            db += z.float().sum(0)
+            db.add_(z.sum(0, dtype=torch.float32))
     return loss, dh, dW, db
 
 

@@ -69,3 +69,50 @@ def test_nf4_lora_on_gpu():
     for name, a, b in zip(("y", "dx", "dA", "dB"), (y,) + g, (y_ref,) + g_ref):
         err = rel(a, b.double())
         assert err < 1e-2, f"{name}: NF4 fused vs dequantize-then-dense relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,V", [(4096, 2048, 128256), (333, 4096, 32000), (1000, 1024, 50257)])
+def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
+    """Loss and gradients (hidden, head weight) within 2x torch's own error in the dtype
+    plus the floor; with a frozen head (LoRA), the memory beyond the inputs is dh plus
+    one chunk of logits (and its fp32 softmax), never the full logits."""
+    from rankwise.kernels import linear_cross_entropy, linear_cross_entropy_reference
+    from rankwise.kernels.linear_cross_entropy import _chunk_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, H, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    t[::7] = -100
+
+    def extra_memory(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+
+    Wf = W.detach()
+    ours = extra_memory(lambda: torch.autograd.grad(linear_cross_entropy(h, Wf, t, backend="triton"), [h]))
+    theirs = extra_memory(lambda: torch.autograd.grad(linear_cross_entropy_reference(h, Wf, t), [h]))
+    C = _chunk_rows(N, V, H, None)
+    bound = 2 * N * H * h.element_size() + C * V * (h.element_size() + 4) + 2**25
+    assert ours <= bound, f"fused loss used {ours / 2**20:.0f} MiB beyond its inputs, bound {bound / 2**20:.0f} MiB " \
+                          f"(the reference: {theirs / 2**20:.0f} MiB)"
+
+    loss = linear_cross_entropy(h, W, t, backend="triton")
+    got = (loss,) + torch.autograd.grad(loss, (h, W))
+
+    def ref(grad_dtype):
+        hs, Ws = h.detach().to(grad_dtype).requires_grad_(), W.detach().to(grad_dtype).requires_grad_()
+        out = linear_cross_entropy_reference(hs, Ws, t)
+        return (out,) + torch.autograd.grad(out, (hs, Ws))
+
+    want, torch_low = ref(torch.float64), ref(dtype)
+    for name, a, w, tl_ in zip(("loss", "dhidden", "dweight"), got, want, torch_low):
+        tol = 2 * rel(tl_, w) + FLOOR[dtype]
+        err = rel(a, w)
+        assert err <= tol, f"{name}: kernel error {err:.3g} > {tol:.3g} (torch {dtype} error {rel(tl_, w):.3g})"
