@@ -108,26 +108,31 @@ def _ce_rows_triton(z, t, loss, g, ignore_index, do_grad):
 
 
 def _ce_rows_torch(z, t, loss, g, ignore_index, do_grad):
-    """Plain-torch twin of ``_ce_rows_triton`` (the CPU path): same contract."""
-    zf = z.float()
-    lse = torch.logsumexp(zf, dim=-1)
+    """Plain-torch twin of ``_ce_rows_triton`` (the CPU path): same contract.
+    One fp32 log-softmax of the chunk; its exp is the softmax of the gradient."""
+    lsm = torch.log_softmax(z, dim=-1, dtype=torch.float32)
     valid = t != ignore_index
     tc = torch.where(valid, t, 0)
-    zt = zf.gather(1, tc[:, None]).squeeze(1)
-    loss.copy_(torch.where(valid, lse - zt, 0.0))
+    loss.copy_(torch.where(valid, -lsm.gather(1, tc[:, None]).squeeze(1), 0.0))
     if do_grad:
         gr = torch.where(valid, g.expand(t.shape[0]), 0.0)
-        d = torch.exp(zf - lse[:, None])
+        d = lsm.exp_()
         d[torch.arange(t.shape[0], device=z.device), tc] -= 1.0
-        z.copy_(d * gr[:, None])
+        z.copy_(d.mul_(gr[:, None]))
+
+
+# A chunk of logits holds about max(N * H, 2^24) values: the size of h (so the
+# memory saved grows with the vocabulary), but never so few rows that the GEMMs
+# get narrow (64 MiB of fp32 logits at least).
+_MIN_CHUNK_VALUES = 1 << 24
 
 
 def _chunk_rows(N: int, V: int, H: int, chunk_size: Optional[int]) -> int:
-    """Rows per chunk: given, or the power of two that makes a chunk of logits
-    about the size of h (N * H values), which keeps the GEMMs wide enough."""
+    """Rows per chunk: ``chunk_size`` when given, else a power of two making a chunk of
+    logits about ``max(N * H, 2^24)`` values, at most N."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), max(N, 1)))
-    return max(1, min(max(N, 1), next_pow2(math.ceil(N / math.ceil(V / H)))))
+    return max(1, min(max(N, 1), next_pow2(math.ceil(max(N * H, _MIN_CHUNK_VALUES) / V))))
 
 
 def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b, do_grad=True):
@@ -183,7 +188,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.eager = eager
         ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype)
         if eager:
-            ctx.grads = (dh, dW, db)  # gradients of the loss, scaled by grad_output in backward
+            ctx.save_for_backward(dh, dW, db)  # gradients of the loss, scaled by grad_output in backward
         else:
             ctx.save_for_backward(h, W, b, t)  # backward recomputes the logits chunk by chunk
         if reduction == "none":
@@ -196,8 +201,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         ignore_index, chunk, backend, w_dtype, b_dtype = ctx.meta
         if ctx.eager:
-            dh, dW, db = ctx.grads
-            ctx.grads = None
+            dh, dW, db = ctx.saved_tensors
             go = grad_out.to(torch.float32)
             if dh is not None:
                 dh = dh * go.to(dh.dtype) if bool(go != 1) else dh
@@ -298,7 +302,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         reduction: ``"mean"`` (over the non-ignored positions; nan when there are none,
             as torch), ``"sum"`` or ``"none"`` (a loss per position, 0 where ignored).
         chunk_size: rows of logits computed at once; ``None`` picks one that makes a
-            chunk about the size of ``hidden``.
+            chunk about the size of ``hidden`` (at least 2^24 logits).
         backend: ``"triton"`` (the kernel; on the CPU only under ``TRITON_INTERPRET=1``),
             ``"torch"`` (the same chunked loop with torch ops) or ``"auto"`` (Triton on
             CUDA, else torch).
