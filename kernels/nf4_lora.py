@@ -25,6 +25,11 @@ exactly the values ``dequantize_nf4(W).to(x.dtype)`` would hold, so the op equal
 
 Saved for backward: x, S and the dropout seed (A, B, b and the NF4 weight are
 the layer's own, kept by reference); the mask is regenerated, never stored.
+
+torch.compile: ``rankwise::nf4_lora_linear`` (forward, with the autograd
+formula) and ``rankwise::nf4_lora_dx`` are torch.library custom ops like the
+dense ones (eager calls take their autograd.Function twin); the NF4Weight
+enters them as its tensors and constants.
 """
 from __future__ import annotations
 
@@ -35,14 +40,19 @@ import triton
 import triton.language as tl
 
 from .lora_linear import (
-    _bwd_dA,
-    _bwd_dS_dB,
+    _LAUNCHERS,
+    _OPS,
+    _Backward,
+    _draw_seed,
     _dropout_args,
     _lora_down,
+    _op_seed,
     _validate,
+    fused_apply,
     lora_linear_reference,
     lowrank_dx_tail,
     lowrank_fwd_tail,
+    lowrank_grads,
 )
 from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
@@ -146,16 +156,17 @@ def _nf4_lora_bwd_dx_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _nf4_consts(q):
-    tensors, const = nf4_kernel_args(q)
+def _nf4_consts(blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype, K: int):
+    """The NF4 constexprs of the kernels for a weight with rows of K values."""
     # EVEN_K: rows start on byte boundaries, so W tiles load their bytes once per pair of values
-    return tensors, dict(QBLOCK=const["BLOCKSIZE"], DOUBLE=const["DOUBLE"],
-                         NESTED_BLOCK=const["NESTED_BLOCKSIZE"], WDTYPE=_TL_DTYPES[q.dtype],
-                         EVEN_K=q.shape[1] % 2 == 0)
+    return dict(QBLOCK=blocksize, DOUBLE=double_quant, NESTED_BLOCK=nested_blocksize, WDTYPE=_TL_DTYPES[wdtype],
+                EVEN_K=K % 2 == 0)
 
 
-def _nf4_fwd_gemm(x2, q, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Y = x2 @ dequant(q).T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype."""
+def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Y = x2 @ dequant(W).T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype.
+    ``nf4``: W's six kernel tensors (``nf4_kernel_args``); ``meta``: (blocksize,
+    double_quant, nested_blocksize, W's original dtype)."""
     M, K = x2.shape
     N, R = B.shape
     Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
@@ -163,10 +174,10 @@ def _nf4_fwd_gemm(x2, q, S, B, scaling: float, bias: Optional[torch.Tensor]) -> 
         return Y
     cfg = gemm_config(x2.dtype)
     BR = rank_block(R)
-    tensors, const = _nf4_consts(q)
+    const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     _nf4_lora_fwd_kernel[grid](
-        x2, *tensors, S, B, bias if bias is not None else x2, Y,
+        x2, *nf4, S, B, bias if bias is not None else x2, Y,
         M, N, K, R,
         x2.stride(0), x2.stride(1), S.stride(0), S.stride(1), B.stride(0), B.stride(1),
         Y.stride(0), Y.stride(1),
@@ -178,8 +189,9 @@ def _nf4_fwd_gemm(x2, q, S, B, scaling: float, bias: Optional[torch.Tensor]) -> 
     return Y
 
 
-def _nf4_bwd_dX(dY, q, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """dX = dY @ dequant(q) + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype."""
+def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """dX = dY @ dequant(W) + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype;
+    ``nf4`` and ``meta`` as in ``_nf4_fwd_gemm``."""
     M, N = dY.shape
     R, K = A.shape
     dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
@@ -188,10 +200,10 @@ def _nf4_bwd_dX(dY, q, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None
     cfg = gemm_config(dY.dtype)
     BR = rank_block(R)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
-    tensors, const = _nf4_consts(q)
+    const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
     _nf4_lora_bwd_dx_kernel[grid](
-        dY, *tensors, dS, A, dX,
+        dY, *nf4, dS, A, dX,
         M, N, K, R,
         dY.stride(0), dY.stride(1), dS.stride(0), dS.stride(1), A.stride(0), A.stride(1),
         dX.stride(0), dX.stride(1),
@@ -204,40 +216,103 @@ def _nf4_bwd_dX(dY, q, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------
-# Autograd Function: calls launchers only.
+# Autograd: a custom op for torch.compile and its autograd.Function twin for
+# eager calls, sharing forward, setup_context and backward (as in
+# lora_linear.py, which explains why there are two). The NF4Weight is not a
+# tensor, so it enters as the six tensors of ``nf4_kernel_args`` (packed,
+# absmax, quant_map, nested_absmax, nested_map, offset; placeholders where
+# double quantization is off) and its four constants. dS / dB and dA are the
+# dense layer's kernels (``rankwise::lora_ds_db``, ``rankwise::lora_da``).
 # ----------------------------------------------------------------------------
 
 
+def _nf4_lora_linear_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         bias: Optional[torch.Tensor],
+                         packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                         nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
+                         blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
+                         scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on a 2-D x: ``(Y, S)``, S returned for backward only (see
+    ``rankwise::lora_linear``). W's out_features is lora_B's first dimension."""
+    nf4 = (packed, absmax, quant_map, nested_absmax, nested_map, offset)
+    S = _lora_down(x2, lora_A, dropout_p, seed)
+    Y = _nf4_fwd_gemm(x2, nf4, (blocksize, double_quant, nested_blocksize, wdtype), S, lora_B, scaling, bias)
+    return Y, S
+
+
+_nf4_lora_linear_op = torch.library.custom_op("rankwise::nf4_lora_linear", _nf4_lora_linear_fwd, mutates_args=())
+
+
+@_nf4_lora_linear_op.register_fake
+def _nf4_lora_linear_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
+                          blocksize, double_quant, nested_blocksize, wdtype, scaling, dropout_p, seed):
+    M = x2.shape[0]
+    return x2.new_empty((M, lora_B.shape[0])), x2.new_empty((M, lora_A.shape[0]))
+
+
+def _nf4_lora_dx(dY: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                 nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
+                 blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
+                 dS: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """dX of kernel 2, W tiles dequantized in registers, the mask regenerated from ``seed``."""
+    nf4 = (packed, absmax, quant_map, nested_absmax, nested_map, offset)
+    return _nf4_bwd_dX(dY, nf4, (blocksize, double_quant, nested_blocksize, wdtype), dS, lora_A, dropout_p, seed)
+
+
+_nf4_lora_dx_op = torch.library.custom_op("rankwise::nf4_lora_dx", _nf4_lora_dx, mutates_args=())
+
+
+@_nf4_lora_dx_op.register_fake
+def _nf4_lora_dx_fake(dY, packed, absmax, quant_map, nested_absmax, nested_map, offset,
+                      blocksize, double_quant, nested_blocksize, wdtype, dS, lora_A, dropout_p, seed):
+    return dY.new_empty((dY.shape[0], lora_A.shape[1]))
+
+
+def _nf4_setup_context(ctx, inputs, output):
+    # Saved: x and S (activations) and the seed; A, B and the NF4 tensors are the
+    # layer's own (frozen W), saved by reference. The mask is regenerated, never stored.
+    ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
+    ctx.nf4_meta = tuple(inputs[10:14])
+    ctx.scaling, ctx.dropout_p, ctx.seed = inputs[14:17]
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _nf4_backward(ctx, dY, k: _Backward, dx_kernel):
+    """Gradients of all 17 inputs: x, A, B, bias, then None for the NF4 weight
+    (frozen), its constants, scaling, dropout_p and seed. ``k`` and
+    ``dx_kernel`` are the launchers (eager) or the custom ops (traced)."""
+    x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
+    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+    none_rest = (None,) * 13
+    if dY is None:
+        return (None,) * 4 + none_rest
+    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+    dX, dA, dB = lowrank_grads(
+        k, dY, x2, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
+        lambda dY, dS: dx_kernel(dY, *nf4, *ctx.nf4_meta, dS, lora_A, ctx.dropout_p, ctx.seed))
+    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
+    return (dX, dA, dB, dbias) + none_rest
+
+
+_nf4_lora_linear_op.register_autograd(
+    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, _OPS, lambda *a: torch.ops.rankwise.nf4_lora_dx(*a)),
+    setup_context=_nf4_setup_context)
+
+
 class NF4LoRALinearFunction(torch.autograd.Function):
-    """Autograd wrapper of the NF4 kernels; inputs validated, x 2-D, weight an NF4Weight."""
+    """The eager twin of ``rankwise::nf4_lora_linear``: same arguments, outputs
+    and autograd formula, launchers called directly."""
 
     @staticmethod
-    def forward(ctx, x2, lora_A, lora_B, bias, q, scaling, dropout_p, seed):
-        S = _lora_down(x2, lora_A, dropout_p, seed)
-        Y = _nf4_fwd_gemm(x2, q, S, lora_B, scaling, bias)
-        # Saved: x and S (activations) and the seed; the NF4 weight by reference (frozen).
-        ctx.save_for_backward(x2, lora_A, lora_B, S)
-        ctx.q, ctx.scaling, ctx.dropout_p, ctx.seed = q, scaling, dropout_p, seed
-        ctx.has_bias = bias is not None
-        return Y
+    def forward(ctx, *inputs):
+        output = _nf4_lora_linear_fwd(*inputs)
+        _nf4_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
-    def backward(ctx, dY):
-        x2, lora_A, lora_B, S = ctx.saved_tensors
-        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        dX = dA = dB = dbias = None
-        dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-        if need_x or need_a or need_b:
-            dS, dB = _bwd_dS_dB(dY, S, lora_B, ctx.scaling)
-            if need_x:
-                dX = _nf4_bwd_dX(dY, ctx.q, dS, lora_A, ctx.dropout_p, ctx.seed)
-            if need_a:
-                dA = _bwd_dA(dS, x2, ctx.dropout_p, ctx.seed, out_dtype=lora_A.dtype)
-            if not need_b:
-                dB = None
-        if need_bias and ctx.has_bias:
-            dbias = dY.float().sum(0).to(dY.dtype)
-        return dX, dA, dB, dbias, None, None, None, None
+    def backward(ctx, dY, _dS):
+        return _nf4_backward(ctx, dY, _LAUNCHERS, _nf4_lora_dx)
 
 
 # ----------------------------------------------------------------------------
@@ -266,8 +341,7 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
                          f"got shape {tuple(weight.shape)}")
     scaling = _validate(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p, backend)
     dropout_p = float(dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = _draw_seed(dropout_p, seed)
 
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
@@ -285,8 +359,12 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
         check_triton_tensor(t, name)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    tensors, const = nf4_kernel_args(weight)
     with torch.autocast(device_type, enabled=False):
-        y = NF4LoRALinearFunction.apply(x2, lora_A, lora_B, bias, weight, scaling, dropout_p, seed)
+        y, _ = fused_apply(NF4LoRALinearFunction, torch.ops.rankwise.nf4_lora_linear)(
+            x2, lora_A, lora_B, bias, *tensors,
+            const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype,
+            scaling, dropout_p, _op_seed(dropout_p, seed))
     return y.reshape(*lead, weight.shape[0])
 
 
