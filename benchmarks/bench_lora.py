@@ -8,6 +8,11 @@ On a GPU the grid is 7B-class (bf16; 2k-16k tokens; 4096->4096, 4096->11008,
 11008->4096; r = 8..256). On the CPU the shapes are small, times are ratios
 within this run only, and the fused op's Triton kernels are not timed (they run
 under the interpreter there); its saved-for-backward bytes are still measured.
+
+Every row also carries the roofline of each pass (``benchmarks.roofline``): model
+FLOPs and bytes, ``max(FLOPs / matmul ceiling, bytes / copy bandwidth)`` with
+both ceilings measured in this run, the attained fraction of it (timed passes
+only) and the bound (compute or memory).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from benchmarks import roofline as rl
 from benchmarks.common import environment, peak_memory_mb, saved_for_backward_mb, time_ms, write_json  # noqa: E402
 
 GPU_GRID = dict(tokens=[2048, 8192, 16384], shapes=[(4096, 4096), (4096, 11008), (11008, 4096)],
@@ -24,6 +30,8 @@ GPU_GRID = dict(tokens=[2048, 8192, 16384], shapes=[(4096, 4096), (4096, 11008),
 CPU_GRID = dict(tokens=[512], shapes=[(256, 256), (256, 688), (688, 256)], ranks=[8, 64], dtype=torch.float32)
 SMOKE_GRID = dict(tokens=[64], shapes=[(64, 96)], ranks=[4], dtype=torch.float32)
 TARGET = dict(tokens=8192, shape=(4096, 4096), r=16)
+IMPL_LABEL = dict(rankwise="rankwise fused LoRA", peft_eager="peft_eager LoRA", torch_compile="torch_compile LoRA",
+                  base="base layer")
 
 
 def peft_style(x, W, b, A, B, s, p):
@@ -45,7 +53,25 @@ def make_impls(compile_ok: bool, cuda: bool):
     return impls
 
 
-def bench_one(impl, name, n, k_in, k_out, r, dtype, device, cuda, dropout):
+MODEL_NAME = dict(base="base_linear", peft_eager="lora_peft", torch_compile="lora_peft(fused_elementwise)",
+                  rankwise="lora_fused")
+
+
+def cost_model(name, n, k_in, k_out, r, dtype, dropout):
+    """The FLOP / byte model (``benchmarks.roofline``) of each impl, per pass."""
+    e = rl.dtype_bytes(dtype)
+    if name == "base":
+        return rl.base_linear(n, k_in, k_out, e)
+    if name == "peft_eager":
+        return rl.lora_peft(n, k_in, k_out, r, e, p=dropout)
+    if name == "torch_compile":
+        return rl.lora_peft(n, k_in, k_out, r, e, p=dropout, fused_elementwise=True)
+    if name == "rankwise":
+        return rl.lora_fused(n, k_in, k_out, r, e)
+    raise KeyError(name)
+
+
+def bench_one(impl, name, n, k_in, k_out, r, dtype, device, cuda, dropout, ceilings=None):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(n, k_in, generator=g).to(device, dtype).requires_grad_()
     W = (torch.randn(k_out, k_in, generator=g) / k_in**0.5).to(device, dtype)
@@ -77,6 +103,11 @@ def bench_one(impl, name, n, k_in, k_out, r, dtype, device, cuda, dropout):
         row.update(fwd_ms=None, fwd_bwd_ms=None,
                    note="not timed: Triton kernels run under the interpreter on the CPU")
     row["saved_for_backward_mb"] = saved_for_backward_mb(lambda: impl(*args), exclude=params)
+    if ceilings is not None:
+        cost = cost_model(name, n, k_in, k_out, r, dtype, dropout)
+        row["roofline_model"] = MODEL_NAME[name]
+        for prefix in ("fwd", "fwd_bwd"):
+            rl.annotate(row, prefix, cost[prefix], row[f"{prefix}_ms"], ceilings)
     return row
 
 
@@ -113,6 +144,7 @@ def main(argv=None) -> int:
     grid = SMOKE_GRID if args.smoke else (GPU_GRID if cuda else CPU_GRID)
     device = "cuda" if cuda else "cpu"
     impls = make_impls(compile_ok=not (args.no_compile or args.smoke), cuda=cuda)
+    ceilings = rl.measure_ceilings(grid["dtype"], device)
     rows = []
     from tqdm import tqdm
 
@@ -125,12 +157,13 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
                 impl = torch.compile(peft_style, dynamic=False)
             try:
-                rows.append(bench_one(impl, name, n, k_in, k_out, r, grid["dtype"], device, cuda, args.dropout))
+                rows.append(bench_one(impl, name, n, k_in, k_out, r, grid["dtype"], device, cuda, args.dropout,
+                                      ceilings))
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 rows.append(dict(impl=name, tokens=n, in_features=k_in, out_features=k_out, r=r, error=f"OOM: {e}"))
                 torch.cuda.empty_cache()
     payload = dict(benchmark="bench_lora", env=environment(), grid={k: str(v) for k, v in grid.items()},
-                   rows=rows, ratios=ratios(rows))
+                   ceilings=ceilings, rows=rows, ratios=ratios(rows))
     if cuda and not args.smoke:
         t = [x for x in payload["ratios"] if x["impl"] == "rankwise" and x["tokens"] == TARGET["tokens"]
              and (x["in_features"], x["out_features"]) == TARGET["shape"] and x["r"] == TARGET["r"]]
@@ -148,8 +181,28 @@ def main(argv=None) -> int:
              f"r={x['r']}", value=x["saved_for_backward_mb"], unit="MB", baseline="-")
         for x in rows if "saved_for_backward_mb" in x and x["impl"] in ("peft_eager", "rankwise")
     ]
+
+    def headline(x):  # roofline figures: the target shape on a full GPU run, every shape otherwise
+        return args.smoke or not cuda or (x["tokens"] == TARGET["tokens"] and x["r"] == TARGET["r"]
+                                          and (x["in_features"], x["out_features"]) == TARGET["shape"])
+
+    payload["summary"] += rl.ceiling_figures(ceilings) + [
+        f for x in rows if "error" not in x and headline(x)
+        for f in [rl.roofline_figure(f"{IMPL_LABEL.get(x['impl'], x['impl'])} fwd+bwd, {x['tokens']} tok, "
+                                     f"{x['in_features']}->{x['out_features']}, r={x['r']}", x)] if f
+    ]
     path = write_json(payload, "bench_lora", args.out)
     print(f"wrote {path}")
+    c = ceilings
+    print(f"  ceilings ({c['dtype']}, {c['threads']} threads): matmul {c['peak_flops'] / 1e9:.1f} GFLOP/s, "
+          f"copy {c['peak_bw'] / 1e9:.1f} GB/s")
+    for x in rows:
+        if "fwd_bwd_flops" in x:
+            frac = x["fwd_bwd_roofline_frac"]
+            print(f"  {x['tokens']:>6} {x['in_features']}->{x['out_features']} r={x['r']:<3} {x['impl']:<14} "
+                  f"fwd+bwd {x['fwd_bwd_flops'] / 1e6:.1f} MFLOP {x['fwd_bwd_bytes'] / 2**20:.2f} MiB  "
+                  f"roofline {x['fwd_bwd_roofline_ms']:.4f} ms ({x['fwd_bwd_bound']})  "
+                  + (f"attained {frac:.3f}" if frac is not None else "not timed"))
     for x in payload["ratios"]:
         if x["impl"] != "base":
             print(f"  {x['tokens']:>6} {x['in_features']}->{x['out_features']} r={x['r']:<3} {x['impl']:<14} "

@@ -12,6 +12,13 @@ faster than bitsandbytes + PEFT). On the CPU the shapes are small and both
 rankwise layers run their ``backend="torch"`` path (rows labelled so): the
 Triton kernels only run under the interpreter there, so CPU times compare the
 reference paths, not the kernels. Weight bytes are exact everywhere.
+
+Every row also carries the roofline of each pass (``benchmarks.roofline``): model
+FLOPs and bytes of the path actually timed (fused kernels reading 4-bit W;
+the torch reference dequantizing W once; bitsandbytes dequantizing W in the
+forward and again in the backward), ``max(FLOPs / matmul ceiling, bytes / copy
+bandwidth)`` with both ceilings measured in this run, the attained fraction and
+the bound (compute or memory).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from benchmarks import roofline as rl
 from benchmarks.common import environment, peak_memory_mb, time_ms, write_json  # noqa: E402
 
 GPU_GRID = dict(tokens=[8192], shapes=[(4096, 4096), (4096, 11008)], ranks=[16], dtype=torch.bfloat16)
@@ -64,7 +72,22 @@ def make_layers(k_in, k_out, r, dtype, device, double_quant, backend):
     return layers
 
 
-def bench_config(n, k_in, k_out, r, dtype, device, double_quant, backend):
+def cost_model(name, n, k_in, k_out, r, dtype, double_quant, backend):
+    """The FLOP / byte model (``benchmarks.roofline``) of the path each layer runs,
+    per pass, and its name. bnb_peft is modelled on bitsandbytes' dequantize +
+    F.linear path: always taken on the CPU, and on CUDA for M > 1536 tokens (the
+    GPU grid's 8192); a smaller M on CUDA may run its fused 4-bit GEMM in the
+    forward instead, which the model does not describe."""
+    e = rl.dtype_bytes(dtype)
+    if name == "dense_lora":
+        if backend == "triton":
+            return rl.lora_fused(n, k_in, k_out, r, e), "lora_fused"
+        return rl.lora_peft(n, k_in, k_out, r, e), "lora_peft"
+    impl = {"nf4_lora": "fused" if backend == "triton" else "torch", "bnb_peft": "bnb_peft"}[name]
+    return rl.nf4_lora(n, k_in, k_out, r, e, impl, double_quant=double_quant), f"nf4_lora({impl})"
+
+
+def bench_config(n, k_in, k_out, r, dtype, device, double_quant, backend, ceilings=None):
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(n, k_in, generator=g).to(device, dtype).requires_grad_()
     A = (torch.randn(r, k_in, generator=g) / k_in**0.5).to(device, dtype).requires_grad_()
@@ -86,6 +109,10 @@ def bench_config(n, k_in, k_out, r, dtype, device, double_quant, backend):
                          double_quant=double_quant, weight_bytes=wbytes, weight_mb=wbytes / 2**20,
                          fwd_ms=f["ms"], fwd_bwd_ms=fb["ms"], fwd_stats=f, fwd_bwd_stats=fb,
                          peak_mem_mb=peak_memory_mb(fwd_bwd)))
+        if ceilings is not None:
+            cost, rows[-1]["roofline_model"] = cost_model(name, n, k_in, k_out, r, dtype, double_quant, backend)
+            for prefix in ("fwd", "fwd_bwd"):
+                rl.annotate(rows[-1], prefix, cost[prefix], rows[-1][f"{prefix}_ms"], ceilings)
     by = {row["impl"]: row for row in rows}
     ratios = dict(tokens=n, in_features=k_in, out_features=k_out, r=r)
     if "nf4_lora" in by and "dense_lora" in by:
@@ -121,11 +148,12 @@ def _run(args) -> int:
     backend = "triton" if cuda else "torch"
     from tqdm import tqdm
 
+    ceilings = rl.measure_ceilings(grid["dtype"], device)
     rows, ratios = [], []
     configs = [(n, s, r) for n in grid["tokens"] for s in grid["shapes"] for r in grid["ranks"]]
     for n, (k_in, k_out), r in tqdm(configs, desc="bench_nf4", disable=args.smoke):
         try:
-            rs, ra = bench_config(n, k_in, k_out, r, grid["dtype"], device, args.double_quant, backend)
+            rs, ra = bench_config(n, k_in, k_out, r, grid["dtype"], device, args.double_quant, backend, ceilings)
             rows += rs
             ratios.append(ra)
         except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
@@ -134,7 +162,8 @@ def _run(args) -> int:
     payload = dict(benchmark="bench_nf4", env=environment(), backend=backend,
                    note=None if cuda else "CPU: rankwise layers timed on backend='torch' (dequantize, then "
                                           "matmul); the Triton kernels are not timed off GPU",
-                   grid={k: str(v) for k, v in grid.items()}, target=TARGET, rows=rows, ratios=ratios)
+                   grid={k: str(v) for k, v in grid.items()}, target=TARGET, ceilings=ceilings, rows=rows,
+                   ratios=ratios)
     payload["summary"] = []
     for x in ratios:
         shape = f"{x['tokens']} tok, {x['in_features']}->{x['out_features']}, r={x['r']}"
@@ -145,14 +174,24 @@ def _run(args) -> int:
                         "bnb_peft_vs_nf4_fwd_bwd": "bnb_peft fwd+bwd",
                         "nf4_weight_fraction": "nf4 weight bytes"}[key]
                 payload["summary"].append(dict(figure=f"{what}, {shape}", value=x[key], unit="x", baseline=base))
+    payload["summary"] += rl.ceiling_figures(ceilings) + [
+        f for row in rows if "error" not in row
+        for f in [rl.roofline_figure(f"{row['label']} fwd+bwd, {row['tokens']} tok, "
+                                     f"{row['in_features']}->{row['out_features']}, r={row['r']}", row)] if f
+    ]
     path = write_json(payload, "bench_nf4", args.out)
     print(f"wrote {path}")
+    c = ceilings
+    print(f"  ceilings ({c['dtype']}, {c['threads']} threads): matmul {c['peak_flops'] / 1e9:.1f} GFLOP/s, "
+          f"copy {c['peak_bw'] / 1e9:.1f} GB/s")
     for row in rows:
         if "error" in row:
             print(f"  {row['in_features']}->{row['out_features']}: {row['error']}")
             continue
         print(f"  {row['tokens']:>6} {row['in_features']}->{row['out_features']} r={row['r']:<3} {row['label']:<26} "
-              f"fwd {row['fwd_ms']:8.3f} ms  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms  weight {row['weight_mb']:8.3f} MB")
+              f"fwd {row['fwd_ms']:8.3f} ms  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms  weight {row['weight_mb']:8.3f} MB  "
+              f"fwd+bwd roofline {row['fwd_bwd_roofline_ms']:.4f} ms ({row['fwd_bwd_bound']}), "
+              f"attained {row['fwd_bwd_roofline_frac']:.3f}")
     for x in ratios:
         print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in x.items()))
     return 0

@@ -1,12 +1,27 @@
 """Smoke run of the whole CPU benchmark suite at its smallest size: every script
-runs and its JSON carries every figure. No test asserts a timing."""
+runs and its JSON carries every figure. No test asserts a timing.
+
+Also the roofline models of ``benchmarks.roofline``: FLOPs and bytes against
+hand-counted tiny shapes, against torch's own FLOP counter and against the bytes
+the eager layer's aten ops actually read and write."""
 import json
 
+import pytest
+import torch
+
+from benchmarks import roofline as rl
 from benchmarks import run
 
 
-def test_cpu_suite_smoke_writes_every_figure(tmp_path):
-    rc = run.main(["--suite", "cpu", "--smoke", "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def smoke_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_smoke")
+    rc = run.main(["--suite", "cpu", "--smoke", "--out", str(out)])
+    return rc, out
+
+
+def test_cpu_suite_smoke_writes_every_figure(smoke_suite):
+    rc, tmp_path = smoke_suite
     summary = json.loads((tmp_path / "summary.json").read_text())
     failed = {k: v["error"] for k, v in summary["results"].items() if v.get("error")}
     assert rc == 0 and not failed, f"benchmark scripts failed: {failed}"
@@ -21,3 +36,172 @@ def test_cpu_suite_smoke_writes_every_figure(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     for name in run.SCRIPTS:
         assert f"## {name}" in md
+
+
+ROOFLINE_FIELDS = ("flops", "bytes", "roofline_ms", "roofline_frac", "bound")
+
+
+@pytest.mark.parametrize("name", ["bench_lora", "bench_nf4"])
+def test_smoke_rows_carry_roofline(smoke_suite, name):
+    _, out = smoke_suite
+    payload = json.loads((out / f"{name}.json").read_text())
+    c = payload["ceilings"]
+    assert c["peak_flops"] > 0 and c["peak_bw"] > 0 and c["dtype"] == "float32"
+    timed = 0
+    for row in payload["rows"]:
+        for prefix in ("fwd", "fwd_bwd"):
+            for f in ROOFLINE_FIELDS:
+                assert f"{prefix}_{f}" in row, f"{name} {row['impl']}: no {prefix}_{f}"
+            assert row[f"{prefix}_flops"] > 0 and row[f"{prefix}_bytes"] > 0
+            assert row[f"{prefix}_bound"] in ("compute", "memory")
+            t = max(row[f"{prefix}_flops"] / c["peak_flops"], row[f"{prefix}_bytes"] / c["peak_bw"]) * 1e3
+            assert row[f"{prefix}_roofline_ms"] == pytest.approx(t)
+            if row.get(f"{prefix}_ms") is None:  # not timed (Triton under the interpreter): no fraction
+                assert row[f"{prefix}_roofline_frac"] is None
+            else:
+                timed += 1
+                assert row[f"{prefix}_roofline_frac"] == pytest.approx(t / row[f"{prefix}_ms"])
+    assert timed
+    figs = [f for f in payload["summary"] if f["figure"].endswith("fraction of roofline")]
+    assert figs and all(isinstance(f["value"], float) and f["value"] > 0 for f in figs)
+    # only measured passes become figures: one per timed row
+    assert len(figs) == sum(r.get("fwd_bwd_ms") is not None for r in payload["rows"])
+    assert {f["unit"] for f in payload["summary"] if f["figure"].startswith("ceiling:")} == {"GFLOP/s", "GB/s"}
+    md = (out / "summary.md").read_text()
+    assert "fraction of roofline" in md and "ceiling: dense matmul" in md
+
+
+# --- the models on a tiny shape counted by hand: M=2 tokens, K=3 in, N=4 out, r=1, fp32 (e=4) ---
+M, K, N, R, E = 2, 3, 4, 1, 4
+
+
+def test_flops_by_hand():
+    # fwd: x W^T 2*2*4*3 = 48, x A^T 2*2*1*3 = 12, S B^T 2*2*1*4 = 16
+    # bwd: dY W 48, dS = dY B 16, dB = dY^T S 16, dS A 12, dA = dS^T x 12
+    assert rl.lora_flops(M, K, N, R) == {"fwd": 76, "bwd": 104, "fwd_bwd": 180}
+    assert rl.base_linear(M, K, N, E)["fwd_bwd"].flops == 96
+    for model in (rl.lora_fused(M, K, N, R, E), rl.lora_peft(M, K, N, R, E)):
+        assert {k: v.flops for k, v in model.items()} == {"fwd": 76, "bwd": 104, "fwd_bwd": 180}
+
+
+def test_bytes_by_hand():
+    # elements: x 6, W 12, A 3, B 4, S / dS 2, y / dY / L 8
+    base = rl.base_linear(M, K, N, E)
+    assert base["fwd"].bytes == 4 * (6 + 12 + 8) == 104  # read x, W; write y
+    assert base["bwd"].bytes == 4 * (8 + 12 + 6) == 104  # read dY, W; write dX
+    fused = rl.lora_fused(M, K, N, R, E)
+    # k1 x,A->S (11) + k2 x,W,S,B->y (32)
+    assert fused["fwd"].bytes == 4 * (11 + 32) == 172
+    # k3 dY,B,S->dS,dB (20) + k4 dY,W,dS,A->dX (31) + k5 dS,x->dA (11)
+    assert fused["bwd"].bytes == 4 * (20 + 31 + 11) == 248
+    assert fused["fwd_bwd"].bytes == 420
+    peft = rl.lora_peft(M, K, N, R, E)
+    # x W^T (26) + x A^T (11) + S B^T (14) + L*s (16) + base + L (24)
+    assert peft["fwd"].bytes == 4 * (26 + 11 + 14 + 16 + 24) == 364
+    # dY*s (16) + dS (14) + dB (14) + dS A (11) + dA (11) + dY W (26) + dX sum (18)
+    assert peft["bwd"].bytes == 4 * (16 + 14 + 14 + 11 + 11 + 26 + 18) == 440
+    # torch.compile estimate: scale and add fused, one (M, N) read and write less
+    assert rl.lora_peft(M, K, N, R, E, fused_elementwise=True)["fwd"].bytes == 364 - 2 * 4 * 8
+    # dropout: x read, x_d written (fp32) and a bool mask written, both ways
+    drop = rl.lora_peft(M, K, N, R, E, p=0.1)
+    assert drop["fwd"].bytes == 364 + 4 * 12 + 6 and drop["bwd"].bytes == 440 + 4 * 12 + 6
+    # bf16 halves every tensor
+    assert rl.lora_fused(M, K, N, R, 2)["fwd_bwd"].bytes == 210
+
+
+def test_nf4_bytes_by_hand():
+    # 8192 values: 4096 packed bytes + 16 fp32 codes + 128 fp32 absmax
+    assert rl.nf4_weight_bytes(8192) == 4096 + 64 + 512 == 4672
+    # double-quant: 128 uint8 absmax + 1 fp32 nested scale + 256-entry fp32 map + fp32 offset
+    assert rl.nf4_weight_bytes(8192, double_quant=True) == 4096 + 64 + 128 + 4 + 1024 + 4 == 5320
+    # a 2 x 64 bf16 weight: dequantize reads 136 NF4 bytes, writes 256
+    assert rl.nf4_dequant(2, 64, 2) == rl.Cost(0, 64 + 64 + 8 + 256)
+    assert rl.nf4_dequant(2, 64, 2, double_quant=True) == rl.Cost(0, 64 + 64 + 2 + 4 + 1024 + 4 + 16 + 256)
+    m, k, n, r, e = 2, 64, 2, 1, 2
+    dense, peft = rl.lora_fused(m, k, n, r, e), rl.lora_peft(m, k, n, r, e)
+    fused = rl.nf4_lora(m, k, n, r, e, "fused")
+    for p in ("fwd", "bwd"):  # the kernels read 136 NF4 bytes where the dense ones read 256
+        assert fused[p] == rl.Cost(dense[p].flops, dense[p].bytes - 256 + 136)
+    deq = rl.nf4_dequant(n, k, e)
+    ref, bnb = rl.nf4_lora(m, k, n, r, e, "torch"), rl.nf4_lora(m, k, n, r, e, "bnb_peft")
+    assert ref["fwd"] == bnb["fwd"] == deq + peft["fwd"]
+    assert ref["bwd"] == peft["bwd"] and bnb["bwd"] == deq + peft["bwd"]  # bnb dequantizes again
+    with pytest.raises(ValueError):
+        rl.nf4_lora(m, k, n, r, e, "nope")
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (3, 37), (5, 100)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_bytes_match_quantized_weight(shape, double_quant):
+    from rankwise.quant import quantize_nf4
+
+    q = quantize_nf4(torch.randn(*shape), double_quant=double_quant)
+    assert rl.nf4_weight_bytes(q.numel, q.blocksize, double_quant) == q.nbytes
+
+
+def test_roofline_time_fraction_bound():
+    c = dict(peak_flops=1e12, peak_bw=1e9)
+    assert rl.roofline(2e9, 1e6, 4.0, c) == dict(roofline_ms=pytest.approx(2.0), fraction=pytest.approx(0.5),
+                                                  bound="compute")
+    r = rl.roofline(1e9, 3e6, 6.0, c)  # 1 ms of FLOPs, 3 ms of bytes
+    assert r["bound"] == "memory" and r["roofline_ms"] == pytest.approx(3.0) and r["fraction"] == pytest.approx(0.5)
+    assert rl.roofline(1e9, 3e6, None, c)["fraction"] is None
+    row = rl.annotate({}, "fwd_bwd", rl.Cost(2e9, 1e6), 4.0, c)
+    assert row == {"fwd_bwd_flops": 2_000_000_000, "fwd_bwd_bytes": 1_000_000, "fwd_bwd_roofline_ms": 2.0,
+                   "fwd_bwd_roofline_frac": 0.5, "fwd_bwd_bound": "compute"}
+    fig = rl.roofline_figure("x fwd+bwd", row)
+    assert fig["value"] == 0.5 and fig["figure"] == "x fwd+bwd, fraction of roofline"
+    assert "compute-bound" in fig["baseline"]
+
+
+def _eager_traffic(fn, grads_of, dy):
+    """FLOPs (torch's counter) and the bytes every non-view aten op reads and
+    writes, for ``fn()`` forward and then backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Bytes(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and func.overloadpacket not in (torch.ops.aten.detach,):
+                self.total += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                  if isinstance(t, torch.Tensor))
+            return out
+
+    with FlopCounterMode(display=False) as fc:
+        with Bytes() as fwd:
+            y = fn()
+        with Bytes() as bwd:
+            torch.autograd.grad(y, grads_of, dy)
+    return fc.get_total_flops(), fwd.total, bwd.total
+
+
+def test_eager_models_match_aten_traffic():
+    """The base and PEFT-style models count exactly what torch's ops move
+    (forward and backward, fp32, no dropout), and the matmul FLOPs torch counts."""
+    from benchmarks.bench_lora import base_only, peft_style
+
+    m, k, n, r = 8, 12, 20, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    W = torch.randn(n, k, generator=g)
+    A = torch.randn(r, k, generator=g, requires_grad=True)
+    B = torch.randn(n, r, generator=g, requires_grad=True)
+    dy = torch.randn(m, n, generator=g)
+    for fn, grads, model in (
+            (lambda: base_only(x, W, None, A, B, 2.0, 0.0), [x], rl.base_linear(m, k, n, 4)),
+            (lambda: peft_style(x, W, None, A, B, 2.0, 0.0), [x, A, B], rl.lora_peft(m, k, n, r, 4))):
+        flops, fwd, bwd = _eager_traffic(fn, grads, dy)
+        assert (flops, fwd, bwd) == (model["fwd_bwd"].flops, model["fwd"].bytes, model["bwd"].bytes)
+
+
+def test_ceilings_measured_once_per_process():
+    c = rl.measure_ceilings(torch.float32, "cpu")
+    assert rl.measure_ceilings(torch.float32, "cpu") is c
+    assert c["peak_flops"] == pytest.approx(2 * c["matmul_n"] ** 3 / (c["matmul_ms"] * 1e-3))
+    assert c["peak_bw"] == pytest.approx(2 * c["copy_bytes"] / (c["copy_ms"] * 1e-3))
+    figs = rl.ceiling_figures(c)
+    assert [f["unit"] for f in figs] == ["GFLOP/s", "GB/s"]
