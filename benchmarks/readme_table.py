@@ -3,7 +3,8 @@
     python -m benchmarks.readme_table [--results DIR] [--readme README.md]
 
 Reads ``benchmarks/results/<device>-<date>/summary.json`` (the newest one whose
-device is not a CPU, or the one given) and rewrites the text between
+device is not a CPU, or the one given; until a GPU run exists, the newest CPU
+run's ratios, labelled as such) and rewrites the text between
 ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->``. Never typed by hand.
 """
 from __future__ import annotations
@@ -19,13 +20,37 @@ from benchmarks.common import RESULTS
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
 
-def newest_gpu_results(root: Path = RESULTS):
+def newest_results(root: Path = RESULTS, gpu: bool = True):
+    """The newest non-smoke ``summary.json`` of a GPU run (``gpu``) or of a CPU run."""
     found = []
     for p in root.glob("*/summary.json"):
         d = json.loads(p.read_text())
-        if not d.get("smoke") and not str(d["env"].get("device", "cpu")).startswith("cpu"):
+        on_cpu = str(d["env"].get("device", "cpu")).startswith("cpu")
+        if not d.get("smoke") and on_cpu != gpu:
             found.append((d["env"]["date"], p))
     return max(found)[1] if found else None
+
+
+def newest_gpu_results(root: Path = RESULTS):
+    return newest_results(root, gpu=True)
+
+
+def cpu_table(summary: dict, rel_dir: str, per_benchmark: int = 6) -> str:
+    """Until a GPU run exists: the CPU run's ratios (unit x), a few per benchmark."""
+    env = summary["env"]
+    lines = ["No GPU results yet. On the CPU the Triton kernels run only under the interpreter, so these",
+             "ratios compare torch paths (rankwise's reference paths against the baselines), measured in one",
+             f"run on {env['device']}, {env['date'][:10]}, torch {env['torch']} "
+             f"(`python -m benchmarks.run --suite cpu`; every figure in `{rel_dir}/summary.md`).", "",
+             "| benchmark | figure | value | baseline |", "| --- | --- | ---: | --- |"]
+    for name, res in summary["results"].items():
+        if res.get("error"):
+            lines.append(f"| {name} | failed: {res['error'][:80]} | | |")
+            continue
+        ratios = [f for f in res.get("figures", []) if f.get("unit") == "x" and isinstance(f.get("value"), (int, float))]
+        for f in ratios[:per_benchmark]:
+            lines.append(f"| {name} | {f.get('figure')} | {f['value']:.3g} x | {f.get('baseline', '')} |")
+    return "\n".join(lines)
 
 
 def table(summary: dict, rel_dir: str) -> str:
@@ -50,10 +75,15 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"))
     args = ap.parse_args(argv)
     path = Path(args.results) / "summary.json" if args.results else newest_gpu_results()
+    render = table
     if path is None:
-        print("no GPU results under benchmarks/results/; README left as it is")
-        return 0
+        path, render = newest_results(gpu=False), cpu_table
+        if path is None:
+            print("no results under benchmarks/results/; README left as it is")
+            return 0
     summary = json.loads(Path(path).read_text())
+    if args.results and str(summary["env"].get("device", "cpu")).startswith("cpu"):
+        render = cpu_table
     readme = Path(args.readme)
     text = readme.read_text()
     if START not in text or END not in text:
@@ -61,7 +91,7 @@ def main(argv=None) -> int:
     rel_dir = os.path.relpath(Path(path).parent, readme.parent)
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = head + START + "\n" + table(summary, rel_dir) + "\n" + END + tail
+    new = head + START + "\n" + render(summary, rel_dir) + "\n" + END + tail
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(new)
     os.replace(tmp, readme)

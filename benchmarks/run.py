@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, device_slug, environment
 
-SCRIPTS = ["bench_lora", "bench_nf4", "bench_masking", "bench_train", "bench_sweep"]
+SCRIPTS = ["bench_lora", "bench_nf4", "bench_loss", "bench_masking", "bench_train", "bench_sweep"]
 
 
 def figures(name: str, payload: dict) -> list:

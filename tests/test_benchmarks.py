@@ -205,3 +205,24 @@ def test_ceilings_measured_once_per_process():
     assert c["peak_bw"] == pytest.approx(2 * c["copy_bytes"] / (c["copy_ms"] * 1e-3))
     figs = rl.ceiling_figures(c)
     assert [f["unit"] for f in figs] == ["GFLOP/s", "GB/s"]
+
+
+def test_readme_table_is_generated_between_the_markers(tmp_path):
+    from benchmarks import readme_table
+
+    env = {"device": "cpu (x86_64, 2 threads)", "date": "2026-11-23T00:00:00Z", "torch": "2.13.0", "triton": "3.6.0"}
+    res = {"bench_train": {"figures": [
+        {"figure": "fp32 rankwise vs baseline: tokens/s", "value": 1.234, "unit": "x", "baseline": "PEFT"},
+        {"figure": "fp32 rankwise: tokens/s", "value": 999.0, "unit": "tok/s", "baseline": "-"}]},
+        "bench_loss": {"error": "RuntimeError: boom"}}
+    run_dir = tmp_path / "cpu-2026-11-23"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"env": env, "suite": "cpu", "smoke": False, "results": res}))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\nrest\n")
+    assert readme_table.main(["--results", str(run_dir), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "No GPU results yet" in text and "| 1.23 x | PEFT |" in text
+    assert "999" not in text, "only ratios go into the CPU table"
+    assert "failed: RuntimeError: boom" in text
