@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, check_triton_tensor, next_pow2
+from .utils import INTERPRET, check_triton_tensor, fused_apply, next_pow2
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "triton", "torch")
@@ -168,55 +168,137 @@ def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, nee
 
 
 # ----------------------------------------------------------------------------
-# Autograd Function
+# Autograd: one forward, one setup_context, one backward, used twice (as in
+# lora_linear.py): as torch.library custom ops for torch.compile
+# (``rankwise::linear_cross_entropy`` carrying the autograd formula, and
+# ``rankwise::linear_cross_entropy_bwd``), and as an autograd.Function calling
+# the same functions directly for eager calls (cheaper to dispatch).
+#
+# The forward returns (loss, dh, dW, db): the gradients are outputs so that they
+# can be saved (a custom op's intermediates are invisible to autograd); they are
+# non-differentiable, and empty (0 elements) when not computed.
 # ----------------------------------------------------------------------------
 
 
+def _eager_grads(reduction: str, need_h: bool, need_W: bool, need_b: bool) -> bool:
+    """Whether the forward pass computes the gradients (mean/sum with any gradient wanted)."""
+    return reduction != "none" and (need_h or need_W or need_b)
+
+
+def _lce_fwd(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor, ignore_index: int,
+             reduction: str, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (fp32: scalar, or (N,) for "none") and, for mean/sum with gradients
+    wanted, (dh, dW fp32, db fp32) of the loss; empty tensors where not computed."""
+    need_b = need_b and b is not None
+    eager = _eager_grads(reduction, need_h, need_W, need_b)
+    if reduction == "mean":  # 1/0 = inf when nothing is a target: loss nan and gradients 0, as torch
+        scale = (1.0 / (t != ignore_index).sum().to(torch.float32)).reshape(1)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=h.device)
+    loss_rows, dh, dW, db = _fused_pass(h, W, b, t, scale, ignore_index, chunk, backend,
+                                        need_h, need_W, need_b, do_grad=eager)
+    if reduction == "none":
+        loss = loss_rows
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() * scale[0]
+    empty32 = h.new_empty(0, dtype=torch.float32)
+    return (loss, dh if dh is not None else h.new_empty(0), dW if dW is not None else empty32,
+            db if db is not None else empty32.clone())
+
+
+def _lce_bwd(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor, g: torch.Tensor,
+             ignore_index: int, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW fp32, db fp32) for per-row incoming gradients ``g`` (fp32, (N,)),
+    recomputing the logits chunk by chunk; empty tensors where not wanted."""
+    need_b = need_b and b is not None
+    _, dh, dW, db = _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b)
+    empty32 = h.new_empty(0, dtype=torch.float32)
+    return (dh if dh is not None else h.new_empty(0), dW if dW is not None else empty32,
+            db if db is not None else empty32.clone())
+
+
+_lce_op = torch.library.custom_op("rankwise::linear_cross_entropy", _lce_fwd, mutates_args=())
+_lce_bwd_op = torch.library.custom_op("rankwise::linear_cross_entropy_bwd", _lce_bwd, mutates_args=())
+
+
+@_lce_op.register_fake
+def _lce_fake(h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b):
+    need_b = need_b and b is not None
+    eager = _eager_grads(reduction, need_h, need_W, need_b)
+    f32 = torch.float32
+    return (h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=f32),
+            h.new_empty(h.shape if eager and need_h else (0,)),
+            h.new_empty(W.shape if eager and need_W else (0,), dtype=f32),
+            h.new_empty((W.shape[0],) if eager and need_b else (0,), dtype=f32))
+
+
+@_lce_bwd_op.register_fake
+def _lce_bwd_fake(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b):
+    f32 = torch.float32
+    return (h.new_empty(h.shape if need_h else (0,)), h.new_empty(W.shape if need_W else (0,), dtype=f32),
+            h.new_empty((W.shape[0],) if need_b and b is not None else (0,), dtype=f32))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b = inputs
+    _, dh, dW, db = output
+    ctx.eager = _eager_grads(reduction, need_h, need_W, need_b and b is not None)
+    ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype)
+    if ctx.eager:
+        # Saved: the loss's own gradients (dh the size of h; dW / db only for a trainable head),
+        # scaled by the incoming gradient in backward. No logits and no h.
+        ctx.save_for_backward(dh, dW, db)
+    else:
+        # "none" (per-row incoming gradients) or no gradient at forward time: backward
+        # recomputes the logits chunk by chunk from h, W, b, t.
+        ctx.save_for_backward(h, W, b, t)
+    ctx.mark_non_differentiable(dh, dW, db)
+    ctx.set_materialize_grads(False)
+
+
+def _lce_backward(ctx, grad_loss, bwd):
+    """Gradients of the eleven inputs (None for the non-tensor ones and those that need none)."""
+    ignore_index, chunk, backend, w_dtype, b_dtype = ctx.meta
+    need_h, need_W, need_b = ctx.needs_input_grad[:3]
+    none = (None,) * 8
+    if grad_loss is None:
+        return (None, None, None) + none
+    if ctx.eager:
+        dh, dW, db = ctx.saved_tensors
+        go = grad_loss.to(torch.float32)
+        dh = dh * go.to(dh.dtype) if need_h else None
+        dW = (dW * go).to(w_dtype) if need_W else None
+        db = (db * go).to(b_dtype) if need_b else None
+        return (dh, dW, db) + none
+    h, W, b, t = ctx.saved_tensors
+    g = grad_loss.reshape(-1).to(torch.float32).contiguous()
+    dh, dW, db = bwd(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b)
+    return (dh if need_h else None, dW.to(w_dtype) if need_W else None,
+            db.to(b_dtype) if need_b else None) + none
+
+
+_lce_op.register_autograd(lambda ctx, grad_loss, *_: _lce_backward(ctx, grad_loss, torch.ops.rankwise.linear_cross_entropy_bwd),
+                          setup_context=_lce_setup_context)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """The eager twin of ``rankwise::linear_cross_entropy``: same arguments,
+    outputs and autograd formula, the functions called directly."""
+
     @staticmethod
-    def forward(ctx, h, W, b, t, ignore_index, reduction, chunk, backend):
-        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = b is not None and ctx.needs_input_grad[2]
-        eager = reduction != "none" and (need_h or need_W or need_b)
-        n_valid = (t != ignore_index).sum()
-        if reduction == "mean":
-            scale = (1.0 / n_valid.to(torch.float32)).reshape(1)  # inf for no targets: loss nan, grads 0 as torch
-        else:
-            scale = torch.ones(1, dtype=torch.float32, device=h.device)
-        loss_rows, dh, dW, db = _fused_pass(h, W, b, t, scale, ignore_index, chunk, backend,
-                                            need_h, need_W, need_b, do_grad=eager)
-        ctx.eager = eager
-        ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype)
-        if eager:
-            ctx.save_for_backward(dh, dW, db)  # gradients of the loss, scaled by grad_output in backward
-        else:
-            ctx.save_for_backward(h, W, b, t)  # backward recomputes the logits chunk by chunk
-        if reduction == "none":
-            return loss_rows
-        total = loss_rows.sum()
-        return total * scale[0] if reduction == "mean" else total
+    def forward(ctx, *inputs):
+        output = _lce_fwd(*inputs)
+        _lce_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        ignore_index, chunk, backend, w_dtype, b_dtype = ctx.meta
-        if ctx.eager:
-            dh, dW, db = ctx.saved_tensors
-            go = grad_out.to(torch.float32)
-            if dh is not None:
-                dh = dh * go.to(dh.dtype) if bool(go != 1) else dh
-        else:
-            h, W, b, t = ctx.saved_tensors
-            need_b = b is not None and ctx.needs_input_grad[2]
-            g = grad_out.reshape(-1).to(torch.float32).contiguous()
-            _, dh, dW, db = _fused_pass(h, W, b, t, g, ignore_index, chunk, backend,
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
-            go = None
-        if dW is not None:
-            dW = (dW * go if go is not None else dW).to(w_dtype)
-        if db is not None:
-            db = (db * go if go is not None else db).to(b_dtype)
-        return dh, dW, db, None, None, None, None, None
+    def backward(ctx, grad_loss, *_):
+        return _lce_backward(ctx, grad_loss, _lce_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -277,7 +359,7 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if targets.numel():
+    if targets.numel() and not torch.compiler.is_compiling():  # a data-dependent check: eager only
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
         if bool(bad.any()):
             i = int(bad.reshape(-1).nonzero()[0])
@@ -330,6 +412,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1).to(torch.int64).contiguous()
     chunk = _chunk_rows(h2.shape[0], W.shape[0], W.shape[1], chunk_size)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and h2.requires_grad, grad_on and W.requires_grad, grad_on and b is not None and b.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        loss = LinearCrossEntropyFunction.apply(h2, W, b, t, int(ignore_index), reduction, chunk, backend)
+        loss = fused_apply(LinearCrossEntropyFunction, torch.ops.rankwise.linear_cross_entropy)(
+            h2, W, b, t, int(ignore_index), reduction, chunk, backend, *need)[0]
     return loss.reshape(lead) if reduction == "none" else loss

@@ -50,6 +50,7 @@ from .utils import (
     check_triton_tensor,
     dot_precision,
     dropout_keep,
+    fused_apply,
     gemm_config,
     rank_block,
     skinny_config,
@@ -608,12 +609,6 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY, _dS):
         return _lora_linear_backward(ctx, dY, _LAUNCHERS)
-
-
-def fused_apply(function: type, op):
-    """``op`` (a custom op) while torch.compile / export traces, else
-    ``function.apply`` (its autograd.Function twin): the dispatch of the layer."""
-    return op if torch.compiler.is_compiling() else function.apply
 
 
 # ----------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from .lora_linear import (
     _lora_down,
     _op_seed,
     _validate,
-    fused_apply,
     lora_linear_reference,
     lowrank_dx_tail,
     lowrank_fwd_tail,
@@ -58,6 +57,7 @@ from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
     check_triton_tensor,
     dot_precision,
+    fused_apply,
     gemm_config,
     rank_block,
     swizzle_tile,

@@ -53,6 +53,12 @@ def check_triton_tensor(t: torch.Tensor, name: str) -> None:
         )
 
 
+def fused_apply(function: type, op):
+    """``op`` (a torch.library custom op) while torch.compile / export traces, else
+    ``function.apply`` (its autograd.Function twin, cheaper to dispatch in eager mode)."""
+    return op if torch.compiler.is_compiling() else function.apply
+
+
 def gemm_config(dtype: torch.dtype) -> dict:
     """Tile sizes and launch parameters of the large GEMM kernels."""
     if INTERPRET:  # fewer, larger programs are faster under the interpreter

@@ -290,3 +290,51 @@ def test_inductor_matches_eager():
     # inductor generates its own reductions (e.g. dbias), summed in another order
     for name, a, b in zip(["y", "dx", "dA", "dB", "dbias"], got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# linear_cross_entropy: the same two checks.
+# ----------------------------------------------------------------------------
+
+
+def lce_inputs(N=37, H=12, V=77, head_grad=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(DEVICE).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H**0.5).to(DEVICE).requires_grad_(head_grad)
+    b = torch.randn(V, generator=g).to(DEVICE).requires_grad_(head_grad) if bias else None
+    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    t[::4] = -100
+    return h, W, b, t
+
+
+@pytest.mark.parametrize("reduction,head_grad", [("mean", True), ("sum", False), ("none", True)])
+def test_opcheck_linear_cross_entropy(reduction, head_grad):
+    h, W, b, t = lce_inputs(head_grad=head_grad)
+    # chunk 8: several chunks, the last one short
+    torch.library.opcheck(torch.ops.rankwise.linear_cross_entropy.default,
+                          (h, W, b, t, -100, reduction, 8, "triton", True, head_grad, head_grad))
+    g = torch.rand(37, device=DEVICE)
+    torch.library.opcheck(torch.ops.rankwise.linear_cross_entropy_bwd.default,
+                          (h.detach(), W.detach(), b.detach(), t, g, -100, 8, "triton", True, head_grad, head_grad))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_linear_cross_entropy_matches_eager(reduction, backend):
+    from rankwise.kernels import linear_cross_entropy
+
+    h, W, b, t = lce_inputs()
+    hs = h.detach().reshape(1, 37, 12).requires_grad_()  # 3-D hidden states, as a model gives them
+    ts = t.reshape(1, 37)
+
+    def fn(h, W, b):
+        loss = linear_cross_entropy(h, W, ts, b, reduction=reduction, chunk_size=8, backend=backend)
+        return loss if reduction != "none" else loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+
+    backend_c, graphs = recording_backend()
+    compiled = torch.compile(fn, backend=backend_c, fullgraph=True)
+    want = outputs_and_grads(fn, (hs, W, b))
+    got = outputs_and_grads(compiled, (hs, W, b))
+    assert_same(got, want, ["loss", "dhidden", "dweight", "dbias"])
+    if backend == "triton":
+        assert "rankwise.linear_cross_entropy.default" in op_names(graphs["forward"][0])
