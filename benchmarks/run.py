@@ -1,6 +1,11 @@
 """Run every benchmark script and summarise them side by side.
 
     python -m benchmarks.run --suite cpu|gpu [--out DIR] [--smoke] [--only bench_lora,...]
+    python -m benchmarks.run --summarize DIR
+
+``--summarize`` rebuilds ``summary.md`` / ``summary.json`` from the script JSONs in
+DIR, e.g. after a GPU session ran the scripts in several calls (one call has a
+time limit) and their outputs were copied into one directory.
 
 Writes one JSON per script plus ``summary.md`` (device, date, versions, and each
 figure as a ratio against its baseline measured in the same run) into DIR,
@@ -62,13 +67,34 @@ def summary_markdown(env: dict, results: dict, suite: str, seconds: float) -> st
     return "\n".join(lines)
 
 
+def summarize(out: Path) -> int:
+    """summary.md / summary.json from the ``bench_*.json`` files already in ``out``."""
+    found = {name: json.loads((out / f"{name}.json").read_text()) for name in SCRIPTS if (out / f"{name}.json").exists()}
+    if not found:
+        raise SystemExit(f"--summarize: no benchmark JSON ({', '.join(SCRIPTS)}) in {out}")
+    env = next(iter(found.values()))["env"]
+    results = {name: dict(figures=figures(name, payload)) for name, payload in found.items()}
+    suite = "gpu" if not str(env.get("device", "cpu")).startswith("cpu") else "cpu"
+    md = summary_markdown(env, results, suite, float("nan"))
+    md = md.replace("- wall time: nan s", f"- assembled from: {', '.join(sorted(found))} (separate runs)")
+    (out / "summary.md").write_text(md + "\n")
+    (out / "summary.json").write_text(json.dumps(dict(env=env, suite=suite, smoke=False, results=results,
+                                                      assembled=True), indent=2) + "\n")
+    print(f"wrote {out / 'summary.md'} from {len(found)} scripts")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="each script at its smallest size (seconds)")
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(SCRIPTS))
+    ap.add_argument("--summarize", default=None, metavar="DIR",
+                    help="only rebuild DIR/summary.md and summary.json from the script JSONs in DIR")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(Path(args.summarize))
     if args.suite == "gpu":
         import torch
 

@@ -226,3 +226,17 @@ def test_readme_table_is_generated_between_the_markers(tmp_path):
     assert "No GPU results yet" in text and "| 1.23 x | PEFT |" in text
     assert "999" not in text, "only ratios go into the CPU table"
     assert "failed: RuntimeError: boom" in text
+
+
+def test_summarize_assembles_runs_made_in_separate_calls(tmp_path):
+    env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T00:00:00Z", "torch": "2.11", "triton": "3.6.0"}
+    for name, value in (("bench_loss", 0.5), ("bench_train", 2.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"env": env, "summary": [{"figure": f"{name} ratio", "value": value, "unit": "x", "baseline": "b"}]}))
+    assert run.main(["--summarize", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["suite"] == "gpu" and set(summary["results"]) == {"bench_loss", "bench_train"}
+    md = (tmp_path / "summary.md").read_text()
+    assert "| bench_train ratio | 2 | x | b |" in md and "assembled from: bench_loss, bench_train" in md
+    with pytest.raises(SystemExit, match="no benchmark JSON"):
+        run.main(["--summarize", str(tmp_path / "empty")])
