@@ -115,3 +115,18 @@ def test_training_falls_back_with_a_warning(tmp_path, caplog):
         summary = rt.train(cfg)
     assert "train.fused_loss: using the model's own logits instead" in caplog.text and "logit_scale" in caplog.text
     assert summary["status"] == "done" or summary.get("steps") == 2
+
+
+def test_padded_batch_with_attention_mask(tiny):
+    """A right-padded batch of two rows: the fused loss equals HF's own loss with labels."""
+    model = load(tiny)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    tgt = torch.full_like(ids, -100)
+    tgt[:, :-1] = labels[:, 1:]
+    fused = FusedLossLM(model)(ids, None, tgt, attention_mask=mask) / (tgt != -100).sum()
+    assert abs(fused.item() - ref.item()) <= 1e-5 * abs(ref.item())

@@ -47,8 +47,8 @@ def fused_head_fp32(model: nn.Module) -> bool:
 
 
 class FusedLossLM(nn.Module):
-    """``forward(input_ids, position_ids, targets)`` -> summed cross entropy (fp32)
-    over the positions where ``targets != -100``, for a padding-free batch of one row.
+    """``forward(input_ids, position_ids, targets, attention_mask=None)`` -> summed
+    cross entropy (fp32) over the positions where ``targets != -100``.
 
     Wrap the model with this before ``DistributedDataParallel`` so gradients are
     synchronised through DDP's forward.
@@ -62,10 +62,14 @@ class FusedLossLM(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, position_ids, targets):
+    def forward(self, input_ids, position_ids, targets, attention_mask=None):
+        """``targets`` has ``input_ids``' shape and is already aligned (the next token
+        at each position, -100 where no loss is wanted); ``attention_mask`` for
+        padded batches (rankwise's own batches are padding-free)."""
         from rankwise.kernels import linear_cross_entropy
 
-        out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         targets = targets.reshape(-1)
         keep = (targets != -100).nonzero().squeeze(1)
