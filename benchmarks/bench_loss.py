@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, peak_memory_mb, saved_for_backward_mb, time_ms, write_json
+from benchmarks.common import environment, print_summary, peak_memory_mb, saved_for_backward_mb, time_ms, write_json
 
 GPU_GRID = dict(shapes=[(8192, 4096, 128256), (4096, 2048, 128256), (8192, 4096, 32000)], dtype=torch.bfloat16)
 CPU_GRID = dict(shapes=[(1024, 256, 8192), (512, 128, 32000)], dtype=torch.float32)
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
                    note=("GPU: the Triton kernel" if cuda else
                          "CPU: the fused op's torch path (chunked loop); the Triton kernel is not timed here"))
     path = write_json(payload, "bench_loss", args.out)
-    print(f"wrote {path}")
-    for s in summary:
-        print(f"  {s['figure']}: {s['value']:.3g} {s['unit']} (vs {s['baseline']})")
+    print_summary(summary, path)
     return 0
 
 

@@ -44,7 +44,7 @@ import zlib
 
 import torch
 
-from benchmarks.common import environment, sync, write_json
+from benchmarks.common import environment, print_summary, sync, write_json
 
 # Llama-3.2-1B's shape (its head is tied to the embeddings; here it is not).
 GPU_MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -325,9 +325,7 @@ def main(argv=None) -> int:
                    note="Every arm runs the same minimal loop in its own process; the layers, the loss and "
                         "the quantization differ.")
     path = write_json(payload, "bench_train", args.out)
-    print(f"wrote {path}")
-    for s in summary:
-        print(f"  {s['figure']}: {s['value']:.4g} {s['unit']} (vs {s['baseline']})")
+    print_summary(summary, path)
     return 0
 
 

@@ -108,3 +108,10 @@ def write_json(payload: dict, name: str, out_dir: Optional[str] = None) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def print_summary(summary: list, path) -> None:
+    """Echo where the JSON went and its headline figures (dicts with figure, value, unit, baseline)."""
+    print(f"wrote {path}")
+    for f in summary:
+        print(f"  {f['figure']}: {f['value']:.4g} {f['unit']} (vs {f['baseline']})")

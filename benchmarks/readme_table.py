@@ -43,14 +43,22 @@ def cpu_table(summary: dict, rel_dir: str, per_benchmark: int = 6) -> str:
              f"run on {env['device']}, {env['date'][:10]}, torch {env['torch']} "
              f"(`python -m benchmarks.run --suite cpu`; every figure in `{rel_dir}/summary.md`).", "",
              "| benchmark | figure | value | baseline |", "| --- | --- | ---: | --- |"]
+    ratio = lambda f: f.get("unit") == "x" and isinstance(f.get("value"), (int, float))  # noqa: E731
+    return "\n".join(lines + rows(summary, keep=ratio, limit=per_benchmark))
+
+
+def rows(summary: dict, keep=lambda f: True, limit=None) -> list:
+    """Table rows, one a figure that ``keep`` accepts (at most ``limit`` per benchmark)."""
+    lines = []
     for name, res in summary["results"].items():
         if res.get("error"):
             lines.append(f"| {name} | failed: {res['error'][:80]} | | |")
             continue
-        ratios = [f for f in res.get("figures", []) if f.get("unit") == "x" and isinstance(f.get("value"), (int, float))]
-        for f in ratios[:per_benchmark]:
-            lines.append(f"| {name} | {f.get('figure')} | {f['value']:.3g} x | {f.get('baseline', '')} |")
-    return "\n".join(lines)
+        for f in [f for f in res.get("figures", []) if keep(f)][:limit]:
+            v = f.get("value")
+            vs = f"{v:.3g} {f.get('unit', '')}" if isinstance(v, (int, float)) else str(v)
+            lines.append(f"| {name} | {f.get('figure')} | {vs} | {f.get('baseline', '')} |")
+    return lines
 
 
 def table(summary: dict, rel_dir: str) -> str:
@@ -58,15 +66,7 @@ def table(summary: dict, rel_dir: str) -> str:
     lines = [f"Measured on {env['device']}, {env['date'][:10]}, torch {env['torch']}, triton {env.get('triton')} "
              f"(`python -m benchmarks.run --suite {summary['suite']}`; raw JSON in `{rel_dir}`).", "",
              "| benchmark | figure | value | baseline |", "| --- | --- | ---: | --- |"]
-    for name, res in summary["results"].items():
-        if res.get("error"):
-            lines.append(f"| {name} | failed: {res['error'][:80]} | | |")
-            continue
-        for f in res.get("figures", []):
-            v = f.get("value")
-            vs = f"{v:.3g} {f.get('unit', '')}" if isinstance(v, (int, float)) else str(v)
-            lines.append(f"| {name} | {f.get('figure')} | {vs} | {f.get('baseline', '')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + rows(summary))
 
 
 def main(argv=None) -> int:

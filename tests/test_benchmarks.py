@@ -240,3 +240,21 @@ def test_summarize_assembles_runs_made_in_separate_calls(tmp_path):
     assert "| bench_train ratio | 2 | x | b |" in md and "assembled from: bench_loss, bench_train" in md
     with pytest.raises(SystemExit, match="no benchmark JSON"):
         run.main(["--summarize", str(tmp_path / "empty")])
+
+
+def test_readme_table_prefers_gpu_results(tmp_path):
+    from benchmarks import readme_table
+
+    for device, value in (("cpu (x86_64, 2 threads)", 1.5), ("NVIDIA H100 80GB HBM3", 0.97)):
+        d = tmp_path / device.split()[0].lower()
+        d.mkdir()
+        env = {"device": device, "date": "2026-11-23T00:00:00Z", "torch": "2.11", "triton": "3.6.0"}
+        res = {"bench_lora": {"figures": [{"figure": "fused fwd+bwd over base", "value": value, "unit": "x",
+                                           "baseline": "base"}]}}
+        (d / "summary.json").write_text(json.dumps({"env": env, "suite": "gpu", "smoke": False, "results": res}))
+    assert readme_table.newest_results(tmp_path, gpu=True).parent.name == "nvidia"
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- perf-table:start -->\n<!-- perf-table:end -->\n")
+    readme_table.main(["--results", str(tmp_path / "nvidia"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "Measured on NVIDIA H100" in text and "| 0.97 x | base |" in text and "No GPU results" not in text

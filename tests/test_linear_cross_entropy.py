@@ -11,6 +11,7 @@ Tolerances, as max|out - ref64| / max|ref64| per tensor:
 import pytest
 import torch
 
+from helpers import check, rel_err
 from rankwise.kernels import linear_cross_entropy, linear_cross_entropy_reference
 
 # (lead dims, hidden_size, vocab_size, chunk_size): vocab sizes are not powers of two, one
@@ -22,20 +23,6 @@ SHAPES = [
     ((1,), 8, 1, None),            # one row, one class
     ((29,), 40, 33, 1),            # one row per chunk
 ]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def check(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref)
-    if not err <= tol:
-        diff = (out.double() - ref).abs().reshape(-1)
-        i = int(diff.argmax())
-        raise AssertionError(f"{name}: relative error {err:.3g} > {tol:.3g}; worst at flat {i}: "
-                             f"got {out.reshape(-1)[i].item():.6g}, expected {ref.reshape(-1)[i].item():.6g}")
 
 
 def make_inputs(lead, H, V, dtype, bias=True, weight_grad=True, ignore_frac=0.25, seed=0):

@@ -12,6 +12,7 @@ Tolerances, measured as max|out - ref64| / max|ref64| per tensor:
 import pytest
 import torch
 
+from helpers import check, rel_err
 from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -26,20 +27,6 @@ SHAPES = [
     ((19,), 40, 24, 128),         # rank larger than in/out features
     ((1,), 64, 64, 33),           # one row, rank just past a block edge
 ]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def check(name, out, ref, tol):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref)
-    if not err <= tol:
-        diff = (out.double() - ref).abs()
-        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(f"{name}: relative error {err:.3g} > {tol:.3g}; worst at {idx}: "
-                             f"got {out[idx].item():.6g}, expected {ref[idx].item():.6g}")
 
 
 def make_inputs(lead, K, N, r, dtype, bias=True, weight_grad=False, seed=0):
