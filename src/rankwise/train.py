@@ -12,7 +12,8 @@ inside ``train``. Config keys are documented in ``rankwise.config.SCHEMA`` and
 ``examples/lora.yaml``.
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one
-JSON object per logging step: step, loss, lr, tokens_per_s, grad_norm; eval rows
+JSON object per logging step: step, loss, lr, tokens_per_s, grad_norm, and on CUDA
+peak_mem_mb, the peak allocated since the previous row; eval rows
 carry eval_loss / eval_accuracy / eval_ood_*), ``checkpoint.pt`` (the latest, for
 ``--resume``; removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or
 ``model/`` (``save_pretrained``, full and masked SFT; masked SFT adds
@@ -515,6 +516,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 last = {"step": done_steps, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
                         "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": batches[-1][0],
                         "elapsed_s": round(time.time() - t_start, 3)}
+                if device.type == "cuda":  # this rank's peak since the last row: model, optimizer, activations
+                    last["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                    torch.cuda.reset_peak_memory_stats(device)
                 write_row(last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
