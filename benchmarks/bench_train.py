@@ -168,15 +168,14 @@ def run_arm(spec: dict) -> dict:
     arm = ARMS[spec["arm"]]
     batches = make_batches(spec["vocab"], spec["batch"], spec["seq"], spec["steps"], device)
     # every arm imports both sides' libraries first, so their code pages are not counted against one side
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
+    # (a missing one fails only the arms that need it)
+    import importlib
 
-    import rankwise.loss  # noqa: F401
-    import rankwise.quant  # noqa: F401
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        pass
+    for lib in ("transformers", "rankwise.loss", "rankwise.quant", "peft", "bitsandbytes"):
+        try:
+            importlib.import_module(lib)
+        except Exception:
+            pass
     mem_start = current_mb(device)
     load = load_rankwise if arm["side"] == "rankwise" else load_peft
     model = load(spec["path"], spec["mode"], dtype, device, spec["r"])
