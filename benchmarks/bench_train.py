@@ -13,7 +13,8 @@ Arms (each in its own process, so its peak memory is its own):
   model's logits, as the baseline computes it. Isolates the layers.
 - ``rankwise``: the same plus the fused loss (``rankwise.loss.FusedLossLM``: output
   head + cross entropy in chunks, never the full logits), as ``rankwise train`` runs.
-- ``rankwise+gc``: the same plus gradient checkpointing: rankwise's memory features on.
+- ``rankwise+gc``: the same plus gradient checkpointing and the fused RMSNorm / SwiGLU
+  kernels (``train.fused_kernels``): everything rankwise has, on.
 - ``baseline``: ``peft.get_peft_model`` with every decoder linear layer as target, NF4
   through transformers' ``BitsAndBytesConfig`` (bitsandbytes' Linear4bit); HF's loss.
 - ``baseline+gc``: the same with gradient checkpointing.
@@ -56,14 +57,15 @@ SMOKE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, nu
                    num_key_value_heads=2, vocab_size=256)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARMS = {
-    "rankwise-layers": dict(side="rankwise", fused_loss=False, grad_ckpt=False),
-    "rankwise": dict(side="rankwise", fused_loss=True, grad_ckpt=False),
-    "rankwise+gc": dict(side="rankwise", fused_loss=True, grad_ckpt=True),
-    "baseline": dict(side="baseline", fused_loss=False, grad_ckpt=False),
-    "baseline+gc": dict(side="baseline", fused_loss=False, grad_ckpt=True),
+    "rankwise-layers": dict(side="rankwise", fused_loss=False, grad_ckpt=False, kernels=False),
+    "rankwise": dict(side="rankwise", fused_loss=True, grad_ckpt=False, kernels=False),
+    "rankwise+gc": dict(side="rankwise", fused_loss=True, grad_ckpt=True, kernels=True),
+    "baseline": dict(side="baseline", fused_loss=False, grad_ckpt=False, kernels=False),
+    "baseline+gc": dict(side="baseline", fused_loss=False, grad_ckpt=True, kernels=False),
 }
 SMOKE_ARMS = ["rankwise+gc", "baseline"]
-MEMORY_FEATURES = "fused LoRA layers (x and S saved per layer), fused linear + cross entropy, gradient checkpointing"
+MEMORY_FEATURES = ("fused LoRA layers (x and S saved per layer), fused linear + cross entropy, gradient checkpointing, "
+                   "fused RMSNorm and SwiGLU (rms_norm saves x and one rstd per row; swiglu saves gate and up)")
 
 
 def build_checkpoint(path, arch: dict, dtype):
@@ -181,6 +183,10 @@ def run_arm(spec: dict) -> dict:
     model = load(spec["path"], spec["mode"], dtype, device, spec["r"])
     if arm["grad_ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if arm["kernels"]:
+        from rankwise.patch import patch_decoder_kernels
+
+        patch_decoder_kernels(model)
     model.train()
     if arm["fused_loss"]:
         from rankwise.loss import FusedLossLM
@@ -248,7 +254,7 @@ def compare(rows: dict, mode: str, steps: int) -> list:
 
     for ours, theirs, what in (("rankwise-layers", "baseline", "fused LoRA layers only"),
                                ("rankwise", "baseline", "fused layers + fused loss"),
-                               ("rankwise+gc", "baseline+gc", "both with gradient checkpointing"),
+                               ("rankwise+gc", "baseline+gc", "both with gradient checkpointing; fused norm/MLP"),
                                ("rankwise+gc", "baseline", "rankwise memory features vs plain baseline")):
         if not (ok(ours) and ok(theirs)):
             continue

@@ -80,6 +80,9 @@ SCHEMA: dict[str, tuple[Any, tuple, tuple | None, str]] = {
     "train.optimizer": ("adamw", (str,), ("adamw", "adamw8bit"), "adamw: torch (fused on CUDA); adamw8bit: bitsandbytes"),
     "train.seed": (0, (int,), None, "seed for init, dropout and data order"),
     "train.gradient_checkpointing": (False, (bool,), None, "recompute activations in backward"),
+    "train.fused_kernels": (False, (bool,), None,
+                            "RMSNorm and SwiGLU MLPs through rankwise's fused kernels (each kind checked against "
+                            "the module's own forward first)"),
     "train.fused_loss": (True, (bool,), None,
                          "output head + cross entropy in chunks, never the full logits (checked against the "
                          "model's own loss on the first batch; models it does not fit fall back with a warning)"),

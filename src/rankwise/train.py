@@ -283,6 +283,13 @@ def train(config, overrides=None, resume: bool = False) -> dict:
             raise ValueError("method masked: the model has no parameters under '.layers.' to mask")
         for n, p in model.named_parameters():
             p.requires_grad_(n in cands)
+    if tcfg["fused_kernels"]:
+        from .patch import patch_decoder_kernels
+
+        counts = patch_decoder_kernels(model)
+        if master:
+            log.info("fused kernels: %d RMSNorm, %d SwiGLU MLP modules%s", counts["rms_norm"], counts["swiglu"],
+                     f" (left as they are: {', '.join(sorted(set(counts['skipped'])))})" if counts["skipped"] else "")
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_trainable]
     n_trainable = sum(p.numel() for p in params)
