@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET
+from .utils import INTERPRET, require_gpu_or_interpreter
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -102,7 +102,9 @@ def _nf4_quantize_kernel(X, MIDS, PACKED, ABSMAX, numel, n_blocks,
     flat = rb[:, None] * BLOCKSIZE + rj[None, :]
     x = tl.load(X + flat, mask=flat < numel, other=0.0).to(tl.float32)
     am = tl.max(tl.abs(x), axis=1)
-    amc = tl.maximum(am, 1e-38)
+    # 1e-38 is an fp32 denormal: a bare Python float below fp32's smallest normal becomes an fp64
+    # constant in Triton's GPU compiler (and div_rn then rejects the fp64 operand), so make it fp32 here
+    amc = tl.maximum(am, tl.full((NB,), 1e-38, tl.float32))
     full = (rb + 1) * BLOCKSIZE <= numel
     den = amc[:, None] + tl.zeros_like(x)
     if DIV_RN:  # correctly rounded fp32 division (Triton's default '/' is approximate on GPUs)
@@ -126,8 +128,7 @@ def _nf4_quantize_kernel(X, MIDS, PACKED, ABSMAX, numel, n_blocks,
 def nf4_quantize_packed(W: torch.Tensor, blocksize: int, code: torch.Tensor):
     """Triton NF4 quantizer: ``(packed (ceil(numel/2), 1) uint8, absmax fp32)``,
     byte-identical to ``rankwise.quant.quantize_nf4``'s torch path."""
-    if W.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("W is on the CPU: the Triton quantizer runs there only under TRITON_INTERPRET=1")
+    require_gpu_or_interpreter(W.device, "W", "or quantize with rankwise.quant.quantize_nf4 on the CPU")
     x = W.detach().reshape(-1).contiguous()
     numel = x.numel()
     n_blocks = -(-numel // blocksize)
@@ -165,9 +166,7 @@ def nf4_dequantize(q, out_dtype=None) -> torch.Tensor:
     out_dtype = out_dtype or q.dtype
     if out_dtype not in _TL_DTYPES:
         raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
-    if q.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("q is on the CPU: the Triton kernel runs there only under TRITON_INTERPRET=1; "
-                           "use rankwise.quant.dequantize_nf4")
+    require_gpu_or_interpreter(q.device, "q", "or use rankwise.quant.dequantize_nf4")
     numel = q.numel
     out = torch.empty(numel, device=q.device, dtype=out_dtype)
     tensors, const = nf4_kernel_args(q)

@@ -55,6 +55,7 @@ from .lora_linear import (
 )
 from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
+    INTERPRET,
     check_triton_tensor,
     dot_precision,
     fused_apply,
@@ -68,6 +69,17 @@ from .utils import (
 # Triton kernels
 # ----------------------------------------------------------------------------
 
+
+
+def nf4_gemm_config(dtype: torch.dtype) -> dict:
+    """``gemm_config`` with two pipeline stages on a GPU: the NF4 tiles add their bytes,
+    scales and codebook to each stage, and three stages of 128x128x64 16-bit tiles
+    with double quantization need 256 KiB of shared memory, over the 227 KiB an
+    H100 block may have (benchmarks/compile_check.py measures it for sm_90)."""
+    cfg = dict(gemm_config(dtype))
+    if not INTERPRET:
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    return cfg
 
 @triton.jit
 def _nf4_lora_fwd_kernel(
@@ -172,7 +184,7 @@ def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tens
     Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return Y
-    cfg = gemm_config(x2.dtype)
+    cfg = nf4_gemm_config(x2.dtype)
     BR = rank_block(R)
     const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
@@ -197,7 +209,7 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
     dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
     if M == 0:
         return dX
-    cfg = gemm_config(dY.dtype)
+    cfg = nf4_gemm_config(dY.dtype)
     BR = rank_block(R)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
     const = _nf4_consts(*meta, K)

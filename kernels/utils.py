@@ -46,11 +46,15 @@ def check_triton_tensor(t: torch.Tensor, name: str) -> None:
             f"{name}: the Triton backend takes float16, bfloat16 or float32 tensors, got {t.dtype}; "
             "use backend='torch' for other dtypes"
         )
-    if t.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError(
-            f"{name} is on the CPU: the Triton kernels run there only under the interpreter. "
-            "Set TRITON_INTERPRET=1 before importing rankwise, or use backend='torch'"
-        )
+    require_gpu_or_interpreter(t.device, name, "or use backend='torch'")
+
+
+def require_gpu_or_interpreter(device: torch.device, name: str, alternative: str) -> None:
+    """Raise when a Triton kernel would be launched on CPU tensors outside the interpreter.
+    (benchmarks/compile_check.py replaces it to compile the GPU kernels on a machine without one.)"""
+    if device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(f"{name} is on the CPU: the Triton kernels run there only under the interpreter. "
+                           f"Set TRITON_INTERPRET=1 before importing rankwise, {alternative}")
 
 
 def fused_apply(function: type, op):
