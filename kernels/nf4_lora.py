@@ -79,6 +79,8 @@ def nf4_gemm_config(dtype: torch.dtype) -> dict:
     cfg = dict(gemm_config(dtype))
     if not INTERPRET:
         cfg["num_stages"] = min(cfg["num_stages"], 2)
+        if dtype == torch.float32:  # fp32 tiles plus the dequantized W spill at BM=128 (sm_90: ~450 B of stack)
+            cfg["BM"] = 64
     return cfg
 
 @triton.jit
