@@ -71,6 +71,21 @@ def round_bf16(x):
 
 
 @triton.jit
+def _normalize_store(x, rstd, X, W, yrow, cols, mask, X_RNE: tl.constexpr, Y_RNE: tl.constexpr):
+    """y = w * round_to_x_dtype(x * rstd) for the fp32 values ``x`` at ``cols``, stored
+    at ``yrow + cols`` in the output's dtype (HF's rounding: normalised x in x's dtype)."""
+    n = x * rstd
+    if X_RNE:
+        n = round_bf16(n)
+    else:
+        n = n.to(X.dtype.element_ty).to(tl.float32)
+    y = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if Y_RNE:
+        y = round_bf16(y)
+    tl.store(yrow + cols, y.to(yrow.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(X, stride_x, W, Y, stride_y, RSTD, H, eps,
                          BH: tl.constexpr, ONE_BLOCK: tl.constexpr, X_RNE: tl.constexpr, Y_RNE: tl.constexpr):
     """One program per row: rstd = rsqrt(mean(x^2) + eps) into RSTD (fp32),
@@ -87,15 +102,7 @@ def _rms_norm_fwd_kernel(X, stride_x, W, Y, stride_y, RSTD, H, eps,
         x = tl.load(xrow + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
         tl.store(RSTD + row, rstd)
-        n = x * rstd
-        if X_RNE:
-            n = round_bf16(n)
-        else:
-            n = n.to(X.dtype.element_ty).to(tl.float32)
-        y = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if Y_RNE:
-            y = round_bf16(y)
-        tl.store(yrow + cols, y.to(Y.dtype.element_ty), mask=mask)
+        _normalize_store(x, rstd, X, W, yrow, cols, mask, X_RNE, Y_RNE)
     else:
         acc = tl.zeros([BH], dtype=tl.float32)
         for c0 in range(0, H, BH):
@@ -107,15 +114,8 @@ def _rms_norm_fwd_kernel(X, stride_x, W, Y, stride_y, RSTD, H, eps,
         for c0 in range(0, H, BH):
             cols = c0 + tl.arange(0, BH)
             mask = cols < H
-            n = tl.load(xrow + cols, mask=mask, other=0.0).to(tl.float32) * rstd
-            if X_RNE:
-                n = round_bf16(n)
-            else:
-                n = n.to(X.dtype.element_ty).to(tl.float32)
-            y = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            if Y_RNE:
-                y = round_bf16(y)
-            tl.store(yrow + cols, y.to(Y.dtype.element_ty), mask=mask)
+            x = tl.load(xrow + cols, mask=mask, other=0.0).to(tl.float32)
+            _normalize_store(x, rstd, X, W, yrow, cols, mask, X_RNE, Y_RNE)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""Assertion helpers shared by the kernel tests: relative error against a float64
-reference, and a check that says where and by how much a tensor is off."""
+"""Helpers shared by the kernel tests: relative error against a float64 reference, a
+check that says where and by how much a tensor is off, and an aot_eager backend that
+keeps the graphs it compiles (to see which ops a compiled function calls)."""
 import torch
 
 
@@ -17,3 +18,24 @@ def check(name, out, ref, tol):
         idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
         raise AssertionError(f"{name}: relative error {err:.3g} > {tol:.3g}; worst at {idx}: "
                              f"got {out[idx].item():.6g}, expected {ref[idx].item():.6g}")
+
+
+def recording_backend():
+    """``aot_eager`` that also keeps the forward and backward graphs it is handed."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
+
+
+def op_names(gm):
+    """The call targets of a compiled graph, as strings (``rankwise.swiglu.default``, ...)."""
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}

@@ -17,8 +17,8 @@ import shutil
 
 import pytest
 import torch
-from torch._dynamo.backends.common import aot_autograd
-from functorch.compile import make_boxed_func
+
+from helpers import op_names, recording_backend
 
 import rankwise
 from rankwise.kernels import lora_linear
@@ -64,23 +64,6 @@ def assert_same(got, ref, names):
     for name, a, b in zip(names, got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def recording_backend():
-    """``aot_eager`` that also keeps the forward and backward graphs it is handed."""
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
-
-
-def op_names(gm):
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
 
 # ----------------------------------------------------------------------------

@@ -21,10 +21,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 
-from helpers import check, rel_err
+from helpers import check, op_names, recording_backend, rel_err
 from rankwise.kernels.rms_norm import rms_norm, rms_norm_reference
 from rankwise.kernels.swiglu import swiglu, swiglu_reference
 
@@ -329,23 +327,6 @@ def test_opcheck_swiglu_ops():
     torch.library.opcheck(torch.ops.rankwise.swiglu_bwd.default, (dy, gate.detach(), up.detach(), "triton"))
 
 
-def recording_aot_eager():
-    """``aot_eager`` that also keeps the forward and backward graphs it is handed."""
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
-
-
-def op_names(gm):
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_matches_eager(backend):
     """A Llama-style block (norm, gate/up projections, SwiGLU) compiled with
@@ -365,7 +346,7 @@ def test_compiled_matches_eager(backend):
     inputs = (x, w, Wg, Wu)
     want_y = fn(*inputs)
     want = (want_y,) + torch.autograd.grad(want_y.sum(), inputs)
-    recording, graphs = recording_aot_eager()
+    recording, graphs = recording_backend()
     for compile_backend in ("aot_eager", recording):
         torch._dynamo.reset()
         got_y = torch.compile(fn, backend=compile_backend, fullgraph=True)(*inputs)
