@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 # per-block shared memory a kernel may opt into, bytes
-MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+MAX_SHARED = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def _child(arch: int, quick: bool, only: str = None) -> dict:
@@ -81,9 +81,14 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
     import rankwise.kernels as ops
     from rankwise.kernels import utils as ku
 
-    for mod in list(sys.modules.values()):  # let CPU tensors through the "GPU or interpreter" guards
-        if getattr(mod, "__name__", "").startswith("rankwise.kernels") and hasattr(mod, "require_gpu_or_interpreter"):
+    smem = MAX_SHARED.get(arch, 232448)
+    for mod in list(sys.modules.values()):
+        if not getattr(mod, "__name__", "").startswith("rankwise.kernels"):
+            continue
+        if hasattr(mod, "require_gpu_or_interpreter"):  # let CPU tensors through the "GPU or interpreter" guards
             mod.require_gpu_or_interpreter = lambda *a, **k: None
+        if hasattr(mod, "max_shared_memory"):  # configs chosen for the target's shared memory
+            mod.max_shared_memory = lambda device: smem
     assert not ku.INTERPRET, "run with TRITON_INTERPRET=0"
 
     failures = []

@@ -60,6 +60,7 @@ from .utils import (
     dot_precision,
     fused_apply,
     gemm_config,
+    max_shared_memory,
     rank_block,
     swizzle_tile,
     upcast_for_dot,
@@ -71,16 +72,26 @@ from .utils import (
 
 
 
-def nf4_gemm_config(dtype: torch.dtype) -> dict:
-    """``gemm_config`` with two pipeline stages on a GPU: the NF4 tiles add their bytes,
-    scales and codebook to each stage, and three stages of 128x128x64 16-bit tiles
-    with double quantization need 256 KiB of shared memory, over the 227 KiB an
-    H100 block may have (benchmarks/compile_check.py measures it for sm_90)."""
+NF4_SMALL_BK = 32
+
+
+def nf4_gemm_config(dtype: torch.dtype, device: torch.device) -> dict:
+    """``gemm_config`` fitted to the NF4 GEMMs on a GPU (sizes from benchmarks/compile_check.py):
+
+    - two pipeline stages: the NF4 tiles add their bytes, scales and codebook to each
+      stage, and three stages of 128x128x64 16-bit tiles with double quantization
+      need 256 KiB of shared memory, over the 227 KiB of an H100 block;
+    - fp32: BM=64 (at 128 the fp32 tiles and the dequantized W spill ~450 B of stack);
+    - devices below Hopper's shared memory (A100: 163 KiB; RTX 3090/4090, A10, L4:
+      99 KiB): BK=32 (at 64, two stages need 128 KiB with double quantization, and
+      the tiles spill registers on sm_80 and sm_89, which have no wgmma)."""
     cfg = dict(gemm_config(dtype))
     if not INTERPRET:
         cfg["num_stages"] = min(cfg["num_stages"], 2)
-        if dtype == torch.float32:  # fp32 tiles plus the dequantized W spill at BM=128 (sm_90: ~450 B of stack)
+        if dtype == torch.float32:
             cfg["BM"] = 64
+        if max_shared_memory(device) < 200 * 1024:
+            cfg["BK"] = NF4_SMALL_BK
     return cfg
 
 @triton.jit
@@ -186,7 +197,7 @@ def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tens
     Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return Y
-    cfg = nf4_gemm_config(x2.dtype)
+    cfg = nf4_gemm_config(x2.dtype, x2.device)
     BR = rank_block(R)
     const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
@@ -211,7 +222,7 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
     dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
     if M == 0:
         return dX
-    cfg = nf4_gemm_config(dY.dtype)
+    cfg = nf4_gemm_config(dY.dtype, dY.device)
     BR = rank_block(R)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
     const = _nf4_consts(*meta, K)

@@ -63,6 +63,22 @@ def fused_apply(function: type, op):
     return op if torch.compiler.is_compiling() else function.apply
 
 
+_SHARED_MEMORY: dict = {}
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one block may opt into on ``device``, in bytes (H100/H200: 232448;
+    A100: 166912; RTX 3090/4090, A10, L4: 101376). CPU tensors (the interpreter): H100's.
+    (benchmarks/compile_check.py replaces it to compile for a chosen architecture.)"""
+    if device.type != "cuda":
+        return 232448
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SHARED_MEMORY:
+        props = torch.cuda.get_device_properties(idx)
+        _SHARED_MEMORY[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 101376)
+    return _SHARED_MEMORY[idx]
+
+
 def gemm_config(dtype: torch.dtype) -> dict:
     """Tile sizes and launch parameters of the large GEMM kernels."""
     if INTERPRET:  # fewer, larger programs are faster under the interpreter
