@@ -50,6 +50,7 @@ from .utils import (
     check_triton_tensor,
     dot_precision,
     dropout_keep,
+    fit_shared_memory,
     fused_apply,
     gemm_config,
     rank_block,
@@ -333,6 +334,7 @@ def _lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: 
         return S
     cfg = skinny_config(x2.dtype)
     BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
     _lora_down_kernel[grid](
@@ -354,6 +356,7 @@ def _fwd_gemm(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torc
         return Y
     cfg = gemm_config(x2.dtype)
     BR = rank_block(R)
+    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     _lora_fwd_kernel[grid](
         x2, W, S, B, bias if bias is not None else x2, Y,
@@ -377,6 +380,7 @@ def _bwd_dS_dB(dY, S, B, scaling: float):
         return dS, torch.zeros((N, R), device=B.device, dtype=B.dtype)
     cfg = skinny_config(dY.dtype)
     BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, dY.device, BR, dY.dtype)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
     deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:  # one fp32 slice per row block, summed in a fixed order
@@ -407,6 +411,7 @@ def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) ->
         return dX
     cfg = gemm_config(dY.dtype)
     BR = rank_block(R)
+    cfg = fit_shared_memory(cfg, dY.device, BR, dY.dtype)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
     _lora_bwd_dx_kernel[grid](
@@ -431,6 +436,7 @@ def _bwd_dA(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtyp
         return dA.zero_()
     cfg = skinny_config(x2.dtype)
     BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
     has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(R, BR))
     _lora_bwd_da_kernel[grid](

@@ -79,6 +79,19 @@ def max_shared_memory(device: torch.device) -> int:
     return _SHARED_MEMORY[idx]
 
 
+def fit_shared_memory(cfg: dict, device: torch.device, BR: int, dtype: torch.dtype) -> dict:
+    """``cfg`` for a device with less shared memory per block than Hopper (A100, RTX
+    3090/4090, L4): rank blocks over 64 and fp32 tiles take two pipeline stages, and
+    fp32 GEMMs BM=64, where three stages overflow 99 KiB (sm_89: 100-144 KiB at r=128
+    or fp32; benchmarks/compile_check.py)."""
+    if INTERPRET or max_shared_memory(device) >= 200 * 1024 or (BR <= 64 and dtype != torch.float32):
+        return cfg
+    cfg = dict(cfg, num_stages=min(cfg["num_stages"], 2))
+    if dtype == torch.float32 and "GROUP_M" in cfg:
+        cfg["BM"] = 64
+    return cfg
+
+
 def gemm_config(dtype: torch.dtype) -> dict:
     """Tile sizes and launch parameters of the large GEMM kernels."""
     if INTERPRET:  # fewer, larger programs are faster under the interpreter
