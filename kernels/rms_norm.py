@@ -45,7 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, check_triton_tensor, fused_apply, next_pow2
+from .utils import (
+    INTERPRET,
+    check_triton_tensor,
+    cuda_properties,
+    fused_apply,
+    next_pow2,
+    round_bf16,
+    rounds_bf16_itself,
+)
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -56,18 +64,6 @@ _MAX_BLOCK = 1024 if INTERPRET else 8192
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
-
-
-@triton.jit
-def round_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32.
-
-    The interpreter's fp32 -> bf16 cast truncates, so under it the kernels round
-    with this first (the cast after it is then exact); on a GPU the cast itself
-    rounds to nearest and this is not used. (NaN payloads may become inf here.)"""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -193,22 +189,12 @@ def _block(H: int) -> tuple[int, bool, int]:
     return BH, next_pow2(H) <= _MAX_BLOCK, warps
 
 
-def _rne(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
-
-
-_SM_COUNT: dict = {}
-
-
 def _bwd_programs(M: int, device: torch.device) -> int:
     """Programs of the backward kernel: two per SM on a GPU (4 under the interpreter),
     at most one per row. Each writes one fp32 row of dw partial sums."""
     if device.type != "cuda":
         return max(1, min(M, 4))
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(M, 2 * _SM_COUNT[idx]))
+    return max(1, min(M, 2 * cuda_properties(device).multi_processor_count))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -222,7 +208,7 @@ def _rms_fwd_triton(x, w, eps, out_dtype):
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BH, one, warps = _block(H)
     _rms_norm_fwd_kernel[(M,)](x, x.stride(0), w, y, y.stride(0), rstd, H, eps,
-                               BH=BH, ONE_BLOCK=one, X_RNE=_rne(x.dtype), Y_RNE=_rne(out_dtype), num_warps=warps)
+                               BH=BH, ONE_BLOCK=one, X_RNE=rounds_bf16_itself(x.dtype), Y_RNE=rounds_bf16_itself(out_dtype), num_warps=warps)
     return y, rstd
 
 
@@ -234,7 +220,7 @@ def _rms_bwd_triton(dy, x, w, rstd, need_w):
     dwp = torch.zeros((G, H) if need_w else (0,), dtype=torch.float32, device=x.device)
     BH, one, warps = _block(H)
     _rms_norm_bwd_kernel[(G,)](dy, dy.stride(0), x, x.stride(0), w, rstd, dx, dx.stride(0), dwp, M, H, rows,
-                               HAS_DW=need_w, BH=BH, ONE_BLOCK=one, DX_RNE=_rne(x.dtype), num_warps=warps)
+                               HAS_DW=need_w, BH=BH, ONE_BLOCK=one, DX_RNE=rounds_bf16_itself(x.dtype), num_warps=warps)
     return dx, (dwp.sum(0) if need_w else dwp)
 
 

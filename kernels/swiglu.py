@@ -35,8 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import round_bf16
-from .utils import INTERPRET, check_triton_tensor, fused_apply, next_pow2
+from .utils import (
+    INTERPRET,
+    check_triton_tensor,
+    fused_apply,
+    next_pow2,
+    round_bf16,
+    rounds_bf16_itself,
+)
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -96,10 +102,6 @@ def _tiles(M: int, N: int) -> tuple[int, int, tuple[int, int], int]:
     return BM, BN, (triton.cdiv(M, BM), triton.cdiv(N, BN)), 4 if INTERPRET else 8
 
 
-def _rne(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
-
-
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -108,7 +110,7 @@ def _swiglu_fwd_triton(g, u):
     M, N = g.shape
     y = torch.empty((M, N), dtype=g.dtype, device=g.device)
     BM, BN, grid, warps = _tiles(M, N)
-    _swiglu_fwd_kernel[grid](g, g.stride(0), u, u.stride(0), y, M, N, BM=BM, BN=BN, RNE=_rne(g.dtype),
+    _swiglu_fwd_kernel[grid](g, g.stride(0), u, u.stride(0), y, M, N, BM=BM, BN=BN, RNE=rounds_bf16_itself(g.dtype),
                              num_warps=warps)
     return y
 
@@ -119,7 +121,7 @@ def _swiglu_bwd_triton(dy, g, u):
     du = torch.empty((M, N), dtype=u.dtype, device=u.device)
     BM, BN, grid, warps = _tiles(M, N)
     _swiglu_bwd_kernel[grid](dy, dy.stride(0), g, g.stride(0), u, u.stride(0), dg, du, M, N,
-                             BM=BM, BN=BN, RNE=_rne(g.dtype), num_warps=warps)
+                             BM=BM, BN=BN, RNE=rounds_bf16_itself(g.dtype), num_warps=warps)
     return dg, du
 
 

@@ -32,6 +32,12 @@ def upcast_for_dot(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+def rounds_bf16_itself(dtype: torch.dtype) -> bool:
+    """Whether a kernel storing ``dtype`` rounds with ``round_bf16`` first: bf16 under the
+    interpreter, whose fp32 -> bf16 cast truncates (on a GPU the cast rounds to nearest)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for fp32 ``tl.dot``: follow torch's TF32 setting for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -63,7 +69,15 @@ def fused_apply(function: type, op):
     return op if torch.compiler.is_compiling() else function.apply
 
 
-_SHARED_MEMORY: dict = {}
+_CUDA_PROPERTIES: dict = {}
+
+
+def cuda_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of ``device``, looked up once per device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CUDA_PROPERTIES:
+        _CUDA_PROPERTIES[idx] = torch.cuda.get_device_properties(idx)
+    return _CUDA_PROPERTIES[idx]
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -72,11 +86,7 @@ def max_shared_memory(device: torch.device) -> int:
     (benchmarks/compile_check.py replaces it to compile for a chosen architecture.)"""
     if device.type != "cuda":
         return 232448
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SHARED_MEMORY:
-        props = torch.cuda.get_device_properties(idx)
-        _SHARED_MEMORY[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 101376)
-    return _SHARED_MEMORY[idx]
+    return int(getattr(cuda_properties(device), "shared_memory_per_block_optin", 0) or 101376)
 
 
 def fit_shared_memory(cfg: dict, device: torch.device, BR: int, dtype: torch.dtype) -> dict:
@@ -136,3 +146,15 @@ def dropout_keep(seed, rows, cols, K, p):
     that touches x, so the backward pass regenerates the forward mask."""
     offs = rows[:, None] * K + cols[None, :]
     return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32.
+
+    The interpreter's fp32 -> bf16 cast truncates, so under it the kernels round
+    with this first (the cast after it is then exact); on a GPU the cast itself
+    rounds to nearest and this is not used. (NaN payloads may become inf here.)"""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
