@@ -210,3 +210,27 @@ def lora_delta_norms(model) -> dict:
         for name, m in lora_modules(model).items():
             out[name] = float(((m.lora_B.float() @ m.lora_A.float()) * float(m.scaling)).norm())
     return out
+
+
+def lora_pairs(adapter_dir) -> tuple[dict, dict]:
+    """``(adapter_config, {module path: (A, B)})`` of a PEFT LoRA adapter directory.
+
+    ``A`` has shape ``(r, in)`` and ``B`` ``(out, r)``, as stored; the module paths
+    are those of the base model (``model.layers.0.self_attn.q_proj``).
+    """
+    cfg, tensors = read_adapter(adapter_dir)
+    return cfg, {name: (ab["lora_A"], ab["lora_B"]) for name, ab in _split_keys(tensors, adapter_dir).items()}
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The update ``ΔW = scaling * B @ A`` of one LoRA layer, in fp32 on ``A``'s device.
+
+    Args:
+        A: ``(r, in)``; B: ``(out, r)``; scaling: e.g. :func:`scaling_of` of the adapter config.
+
+    Returns:
+        ``(out, in)`` fp32 tensor.
+    """
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain into B @ A")
+    return (B.float().to(A.device) @ A.float()).mul_(float(scaling))

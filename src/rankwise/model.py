@@ -5,6 +5,8 @@ import logging
 
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger("rankwise")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -21,7 +23,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -31,7 +33,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+        raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -71,7 +73,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load tokenizer {path!r}: {e}") from None
+        raise ConfigError(f"cannot load tokenizer {path!r}: {e}") from None
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -94,7 +96,7 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model {path!r}: {e}") from None
+        raise ConfigError(f"cannot load model {path!r}: {e}") from None
     model.to(device)
     if quantization == "nf4":
         from .quant import quantize_model_nf4
@@ -108,5 +110,78 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
                  before[0] / 2**20, after[0] / 2**20,
                  f"; cuda allocated {before[1] / 2**20:.1f} MiB -> {after[1] / 2**20:.1f} MiB" if before[1] else "")
     elif quantization != "none":
-        raise ValueError(f"quantization must be 'none' or 'nf4', got {quantization!r}")
+        raise ConfigError(f"quantization must be 'none' or 'nf4', got {quantization!r}")
     return model
+
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(path) -> dict:
+    """``{tensor name: file}`` of a ``save_pretrained`` directory's safetensors weights.
+
+    Follows ``model.safetensors.index.json`` for a sharded checkpoint, else reads
+    the names of ``model.safetensors``. Raises ``FileNotFoundError`` when the
+    directory holds neither (only safetensors checkpoints are read).
+    """
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    single = os.path.join(path, SAFETENSORS_SINGLE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {}
+        for name, rel in weight_map.items():
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"{index} lists {rel}, which is missing")
+            files[name] = full
+        return files
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {path} "
+                            "(only safetensors checkpoints are read; save with safe_serialization=True)")
+
+
+class SafetensorsCheckpoint:
+    """Read-only, lazy ``{name: tensor}`` view of a ``save_pretrained`` directory.
+
+    Tensors are read one at a time through memory-mapped ``safe_open`` handles, so
+    a caller that walks a large model holds one tensor at a time.
+
+    Args:
+        path: the directory (sharded or not, see :func:`safetensors_files`).
+    """
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        self.files = safetensors_files(self.path)
+        self._handles = {f: safe_open(f, framework="pt", device="cpu") for f in sorted(set(self.files.values()))}
+
+    def keys(self) -> list:
+        return list(self.files)
+
+    def __contains__(self, name) -> bool:
+        return name in self.files
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor ``name``, read from the header only."""
+        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+    def get(self, name: str, device=None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, on the CPU or moved to ``device``."""
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} not found in {self.path!r}")
+        t = self._handles[self.files[name]].get_tensor(name)
+        return t if device is None else t.to(device)
