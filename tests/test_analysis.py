@@ -26,20 +26,10 @@ from rankwise.analysis import (
     top_singular_similarity,
 )
 from rankwise.analysis.spectral import subspace_similarity_grid
-
-
+from rankwise.masking import restore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _masking_or_skip():
-    """rankwise.masking if it is in the tree (a broken module fails loudly); skip only when it is absent."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("rankwise.masking") is None:
-        pytest.skip("rankwise.masking (the masking extension, issue 4) is not in the tree yet")
-    return importlib.import_module("rankwise.masking")
 
 def _orthonormal(n, k, gen, dtype=torch.float64):
     q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=dtype))
@@ -322,7 +312,6 @@ def test_restoration_curve_with_stubs():
 
 
 def test_restoration_curve_with_masking_restore():
-    masking = _masking_or_skip()
     gen = torch.Generator().manual_seed(0)
     base = _Tiny(torch.randn(4, 4, generator=gen))
     tuned = _Tiny(base.layers.weight.detach() + torch.randn(4, 4, generator=gen))
@@ -334,6 +323,92 @@ def test_restoration_curve_with_masking_restore():
         return same
 
     res = restoration_curve(base, tuned, None, {"in": [{"bucket": "D0"}]}, fractions=[0.25, 0.5],
-                            selections=["top"], accuracy_fn=acc, restore_fn=masking.restore, progress=False)
+                            selections=["top"], accuracy_fn=acc, restore_fn=restore, progress=False)
     # restoring 25% / 50% of the 16 updated elements of the only ranked tensor
     assert [p["mean"] for p in res["curves"]["top"]["in"]] == pytest.approx([0.25, 0.5])
+
+
+# ----------------------------------------------------------------------------- layering
+STUDY = ("rankwise.analysis", "rankwise.world", "rankwise.demo")
+
+
+def _study_imports():
+    """``{module: [(imported module, [names])]}`` for every study module, from its source (imports
+    inside functions included, relative imports resolved)."""
+    import ast
+    import pathlib
+
+    import rankwise
+
+    src = pathlib.Path(rankwise.__file__).parent
+    files = sorted(src.glob("analysis/*.py")) + sorted(src.glob("world/*.py")) + [src / "demo.py"]
+    out = {}
+    for f in files:
+        parts = ["rankwise"] + list(f.relative_to(src).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mod = ".".join(parts)
+        package = parts if f.name == "__init__.py" else parts[:-1]
+        edges = []
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                edges += [(a.name, []) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [a.name for a in node.names]
+                edges.append((target, names))
+        out[mod] = edges
+    return out
+
+
+def test_study_imports_have_no_cycle():
+    modules = _study_imports_cache()
+    graph = {}
+    for m, edges in modules.items():
+        targets = set()
+        for t, names in edges:
+            subs = {f"{t}.{n}" for n in names} & set(modules)  # "from . import spectral" imports a module
+            targets |= subs
+            if t in modules and (not names or len(subs) < len(names)):
+                targets.add(t)
+        graph[m] = targets - {m}
+    state: dict = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            visit(t, path + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        visit(m, [])
+    # the metric modules are leaves: pure functions on tensors, no other analysis module
+    for leaf in ("attention", "representations", "tokens", "spectral"):
+        targets = {t for t, _ in modules[f"rankwise.analysis.{leaf}"]}
+        assert not {t for t in targets if t.startswith("rankwise.")}, (leaf, targets)
+
+
+def test_study_uses_only_the_public_library_api():
+    """world/, demo and analysis/ import no private name of the library (nor a private library module)."""
+    bad = []
+    for mod, edges in _study_imports_cache().items():
+        for target, names in edges:
+            if not target.startswith("rankwise") or target.startswith(STUDY):
+                continue
+            private = [n for n in names if n.startswith("_")] + [p for p in target.split(".") if p.startswith("_")]
+            if private:
+                bad.append(f"{mod}: from {target} import {', '.join(private)}")
+    assert not bad, bad
+
+
+_CACHE: dict = {}
+
+
+def _study_imports_cache():
+    if not _CACHE:
+        _CACHE.update(_study_imports())
+    return _CACHE

@@ -16,31 +16,21 @@ from rankwise import cli
 from rankwise.analysis import (
     analyze_runs,
     compare_attention,
+    compare_on_probe,
     compare_representations,
     markdown_section,
     token_kl_by_bucket,
 )
-from rankwise.analysis._probe import compare_on_probe
-from rankwise.analysis.runs import Run, SafetensorsWeights, load_tuned_model
+from rankwise.analysis.runs import Run, load_tuned_model
+from rankwise.errors import ConfigError
 
 WORDS = ("who what where is the of in city river lives born works capital paris rome oslo lima "
          "alice bob carol dave eve answer question").split()
 N_LAYERS = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _masking_or_skip():
-    """rankwise.masking if it is in the tree (a broken module fails loudly); skip only when it is absent."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("rankwise.masking") is None:
-        pytest.skip("rankwise.masking (the masking extension, issue 4) is not in the tree yet")
-    return importlib.import_module("rankwise.masking")
 
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -176,7 +166,7 @@ def test_lora_tuned_model_matches_peft(world):
     from transformers import AutoModelForCausalLM
 
     run = Run(world["r4"])
-    ours = load_tuned_model(run, world["base"], SafetensorsWeights(world["base"]), "cpu", torch.float32)
+    ours = load_tuned_model(run, world["base"], "cpu", torch.float32)
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["base"]),
                                          os.path.join(world["r4"], "adapter")).eval()
     ids = torch.tensor([[1, 5, 9, 12, 7, 20, 3]])
@@ -252,7 +242,6 @@ def test_analyze_runs_restoration_with_stubs(world):
 
 
 def test_analyze_cli_restore_with_real_masking(world, capsys):
-    _masking_or_skip()
     out = str(world["root"] / "out_real_restore")
     rc = cli.main(["analyze", world["full"], "--base", world["base"], "--out", out, "--quiet", "--no-intruders",
                    "--restore", f"in_domain={world['probe']}", "--restore-fractions", "1,60",
@@ -285,17 +274,28 @@ def test_analyze_cli_bad_input(world, tmp_path, capsys):
     assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
-def test_analyze_runs_without_masking_module_notes_and_skips(world, monkeypatch):
-    import sys
+def test_unsupported_adapters_and_sharded_base_are_read_through_the_library(world, tmp_path):
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setitem(sys.modules, "rankwise.masking", None)  # import now fails like a missing module
-    out = str(world["root"] / "out_nomask")
-    a = analyze_runs([world["full"]], world["base"], None, out, restore_sets={"in": world["rows"]},
-                     accuracy_fn=lambda m, t, r: 1.0, progress=False, intruders=False, plots=False)
-    assert a["runs"][0]["restoration"] is None
-    assert any("rankwise.masking" in n for n in a["notes"])
-    assert "Note: restoration curves skipped" in open(os.path.join(out, "analysis.md")).read()
-    assert a["files"]["plots"] == {}
+    from rankwise.model import SafetensorsCheckpoint
+
+    # an adapter whose modules have their own ranks is refused, not misread
+    odd = tmp_path / "odd" / "adapter"
+    odd.mkdir(parents=True)
+    os.symlink(os.path.join(world["r2"], "adapter", "adapter_model.safetensors"), odd / "adapter_model.safetensors")
+    cfg = json.load(open(os.path.join(world["r2"], "adapter", "adapter_config.json")))
+    (odd / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        Run(str(odd.parent))
+    # a sharded save_pretrained base reads the same tensors as the single-file one
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(world["base"]).save_pretrained(str(sharded), max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    one, many = SafetensorsCheckpoint(world["base"]), SafetensorsCheckpoint(sharded)
+    assert sorted(one.keys()) == sorted(many.keys()) and len(set(many.files.values())) > 1
+    for k in one.keys():
+        assert many.shape(k) == one.shape(k)
+        assert torch.equal(many.get(k), one.get(k)), k
 
 
 def test_base_defaults_to_the_runs_config_model(world, tmp_path):

@@ -11,7 +11,9 @@ For an attention row ``p`` (the softmax weights of one query over its keys):
 
 The maps come from eager attention (the only implementation that returns them);
 :func:`eager_attention` switches a model to it for one pass and restores the
-previous implementation afterwards.
+previous implementation afterwards. Running the models over a probe set is
+:mod:`rankwise.analysis.probe`'s job (``compare_attention``); this module holds
+the metrics only.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["attention_entropy", "js_distance", "eager_attention", "compare_attention"]
+__all__ = ["attention_entropy", "js_distance", "layer_attention_sums", "eager_attention"]
 
 _LN2 = 0.6931471805599453
 
@@ -65,8 +67,17 @@ def _masked_mean_over_queries(x: torch.Tensor, query_mask) -> torch.Tensor:
     return (x * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
 
 
-def _layer_sums(attn_base: torch.Tensor, attn_tuned: torch.Tensor, query_mask: torch.Tensor):
-    """Sums (not means) over valid queries of one layer: entropy base, entropy tuned, JS distance."""
+def layer_attention_sums(attn_base: torch.Tensor, attn_tuned: torch.Tensor, query_mask: torch.Tensor):
+    """Sums (not means) over the valid queries of one layer, per head.
+
+    Args:
+        attn_base, attn_tuned: ``(batch, heads, q_len, k_len)`` attention maps of the same inputs.
+        query_mask: ``(batch, q_len)`` 0/1 mask of the valid queries.
+
+    Returns:
+        ``(entropy_base, entropy_tuned, js_distance)``, each ``(heads,)`` fp32; divide by the
+        number of valid queries for the means.
+    """
     w = query_mask.float()[:, None, :]
     pb, pt = attn_base.float(), attn_tuned.float()
     hb = (-torch.special.xlogy(pb, pb).sum(-1) * w).sum(dim=(0, 2))
@@ -90,24 +101,3 @@ def eager_attention(model):
     finally:
         if switched and prev is not None:
             model.set_attn_implementation(prev)
-
-
-def compare_attention(base_model, tuned_model, tokenizer, prompts, *, batch_size: int = 8,
-                      max_length: int = 256, progress: bool = False) -> dict:
-    """Per layer and head: attention entropy of both models and their JS distance on ``prompts``.
-
-    Args:
-        base_model, tuned_model: causal LMs of the same architecture, on the same device.
-        tokenizer: tokenizer of the base model.
-        prompts: list of strings (or probe rows with a ``prompt`` field).
-
-    Returns:
-        ``{"entropy_base": [[H] * L], "entropy_tuned": ..., "js_distance": ..., "n_queries": int}``.
-    """
-    from ._probe import compare_on_probe
-
-    rows = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    res = compare_on_probe(base_model, tuned_model, tokenizer, rows, attention=True,
-                           representations=False, tokens=False, batch_size=batch_size,
-                           max_length=max_length, progress=progress)
-    return res["attention"]

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from ..errors import ConfigError
+
 
 def _fractions(text: str) -> list:
     try:
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--device", default=None, help="analysis device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="model dtype for the probe pass (auto: bf16 on CUDA, fp32 on CPU)")
+                        help="model dtype for the probe pass (auto: bf16 on a GPU that supports it, fp16 on "
+                             "other GPUs, fp32 on the CPU)")
     parser.add_argument("--max-probe", type=int, default=256, help="use at most this many probe rows (default 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256, help="prompt tokens kept (the last ones)")
@@ -65,11 +68,11 @@ def _parse_restore(specs) -> dict:
             path = spec
             name = os.path.splitext(os.path.basename(spec))[0]
         if not name or not path:
-            raise ValueError(f"--restore expects [NAME=]PATH, got {spec!r}")
+            raise ConfigError(f"--restore expects [NAME=]PATH, got {spec!r}")
         if name in sets:
-            raise ValueError(f"--restore: eval set name {name!r} given twice")
+            raise ConfigError(f"--restore: eval set name {name!r} given twice")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--restore: eval file {path!r} does not exist")
+            raise ConfigError(f"--restore: eval file {path!r} does not exist")
         sets[name] = load_jsonl(path)
     return sets
 
@@ -84,11 +87,11 @@ def main(args) -> int:
 
     for name in ("max_probe", "batch_size", "max_length", "max_tokens", "intruder_k"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     probe_rows = None
     if args.probe:
         if not os.path.isfile(args.probe):
-            raise FileNotFoundError(f"--probe: file {args.probe!r} does not exist")
+            raise ConfigError(f"--probe: file {args.probe!r} does not exist")
         probe_rows = load_jsonl(args.probe)[: args.max_probe]
     selections = [s.strip() for s in args.restore_selections.split(",") if s.strip()]
     analysis = analyze_runs(

@@ -7,13 +7,15 @@ Linear centred kernel alignment (Kornblith et al., 2019) of two representations
 
 It lies in ``[0, 1]``, is 1 for ``Y = X``, and is invariant to orthogonal
 transforms and isotropic scaling of either side. When ``n < d`` the same value is
-computed from the ``n × n`` Gram matrices, which is cheaper.
+computed from the ``n × n`` Gram matrices, which is cheaper. Collecting the
+hidden states of base and tuned model is :mod:`rankwise.analysis.probe`'s job
+(``compare_representations``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_cka", "compare_representations"]
+__all__ = ["linear_cka"]
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
@@ -47,22 +49,3 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     if den <= 0:
         return 0.0
     return float((num / den).clamp(0.0, 1.0))
-
-
-def compare_representations(base_model, tuned_model, tokenizer, prompts, *, batch_size: int = 8,
-                            max_length: int = 256, max_tokens: int = 2048, progress: bool = False) -> dict:
-    """Linear CKA between base and tuned hidden states, per layer (index 0 = embeddings).
-
-    Hidden states of every non-padding prompt token are collected (at most
-    ``max_tokens`` tokens, on the CPU in fp32) and compared layer by layer.
-
-    Returns:
-        ``{"cka": [float] * (num_layers + 1), "n_tokens": int}``.
-    """
-    from ._probe import compare_on_probe
-
-    rows = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    res = compare_on_probe(base_model, tuned_model, tokenizer, rows, attention=False,
-                           representations=True, tokens=False, batch_size=batch_size,
-                           max_length=max_length, max_tokens=max_tokens, progress=progress)
-    return res["representations"]

@@ -15,19 +15,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..evaluate import qa_accuracy
+from ..masking import restore
+
 __all__ = ["DEFAULT_FRACTIONS", "restoration_curve", "bucket_accuracy"]
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.40, 0.60)
 SELECTIONS = ("top", "bottom", "random")
-
-
-def default_restore_fn() -> Callable:
-    """``rankwise.masking.restore``, imported lazily; a clear ImportError when it is missing."""
-    try:
-        from rankwise.masking import restore
-    except ImportError as e:
-        raise ImportError(f"restoration curves need rankwise.masking.restore (the masking extension): {e}") from e
-    return restore
 
 
 def _as_float(result) -> float:
@@ -116,10 +110,8 @@ def restoration_curve(
     for s in selections:
         if s not in SELECTIONS:
             raise ValueError(f"selections must be among {SELECTIONS}, got {s!r}")
-    if accuracy_fn is None:
-        from rankwise.evaluate import qa_accuracy as accuracy_fn  # lazy: written in rankwise.evaluate
-    if restore_fn is None:
-        restore_fn = default_restore_fn()
+    accuracy_fn = qa_accuracy if accuracy_fn is None else accuracy_fn
+    restore_fn = restore if restore_fn is None else restore_fn
 
     base_sd = {k: v.detach() for k, v in base_model.state_dict().items()}
     tuned_sd = {k: v.detach().clone() for k, v in tuned_model.state_dict().items()}

@@ -1,14 +1,13 @@
 """Reading run directories and analysing them against their base model.
 
 A run directory (written by ``rankwise train``) holds ``config.yaml`` and either
-``adapter/`` (PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``)
-or ``model/`` (``save_pretrained`` output of full or masked SFT). They are read
-directly with ``json``/``safetensors``, tensor by tensor: the spectral pass loads
-one base matrix and one update at a time, in fp32 on the analysis device.
+``adapter/`` (PEFT format, read with :func:`rankwise.adapter.lora_pairs`) or
+``model/`` (``save_pretrained`` output of full or masked SFT, read tensor by
+tensor with :class:`rankwise.model.SafetensorsCheckpoint`). The spectral pass
+holds one base matrix and one update at a time, in fp32 on the analysis device.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,46 +16,16 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from . import spectral
-from .restoration import DEFAULT_FRACTIONS, SELECTIONS
+from ..adapter import lora_delta, lora_pairs, merge_adapter, scaling_of
+from ..errors import ConfigError
+from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
+from . import report, spectral
+from .probe import compare_on_probe
+from .restoration import DEFAULT_FRACTIONS, SELECTIONS, restoration_curve
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+?)(?:\.weight)?$")
-_LORA_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-# --------------------------------------------------------------------------- weights on disk
-class SafetensorsWeights:
-    """Lazy ``{name: tensor}`` view of the safetensors file(s) in a directory (sharded or not)."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        self.path = path
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors weights in {path!r} (save with safe_serialization=True)")
-        self._handles = {}
-        self._where = {}
-        for f in files:
-            h = safe_open(os.path.join(path, f), framework="pt", device="cpu")
-            self._handles[f] = h
-            for k in h.keys():
-                self._where[k] = f
-
-    def keys(self) -> list:
-        return list(self._where)
-
-    def __contains__(self, key) -> bool:
-        return key in self._where
-
-    def shape(self, key: str) -> list:
-        return list(self._handles[self._where[key]].get_slice(key).get_shape())
-
-    def get(self, key: str, device=None) -> torch.Tensor:
-        if key not in self._where:
-            raise KeyError(f"tensor {key!r} not found in {self.path!r}")
-        t = self._handles[self._where[key]].get_tensor(key)
-        return t if device is None else t.to(device)
+# The analysis CLI's dtype spellings of rankwise.model's dtype names.
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def resolve_model_dir(model: str) -> str:
@@ -68,7 +37,7 @@ def resolve_model_dir(model: str) -> str:
 
         return snapshot_download(model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
-        raise FileNotFoundError(f"base model {model!r} is neither a directory nor in the local cache ({e})") from None
+        raise ConfigError(f"base model {model!r} is neither a directory nor in the local cache ({e})") from None
 
 
 # --------------------------------------------------------------------------- runs
@@ -88,7 +57,7 @@ class Run:
 
     def __init__(self, path: str, *, include: str = r"layers", exclude: str = r"norm"):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"run directory {path!r} does not exist")
+            raise ConfigError(f"run directory {path!r} does not exist")
         self.path = os.path.abspath(path)
         self.name = os.path.basename(os.path.normpath(path))
         cfg = {}
@@ -99,43 +68,44 @@ class Run:
             with open(cfg_path) as f:
                 cfg = yaml.safe_load(f) or {}
             if not isinstance(cfg, dict):
-                raise ValueError(f"{cfg_path}: expected a mapping at the top level")
+                raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
         adapter_dir = os.path.join(path, "adapter")
         model_dir = os.path.join(path, "model")
         self.config = cfg
         self.rank = None
         self.alpha = None
         self.rslora = False
+        self.model_dir = None
+        self.adapter_dir = None
         if os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
             self.kind = "adapter"
             self.method = str(cfg.get("method", "lora"))
-            with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-                acfg = json.load(f)
+            self.adapter_dir = adapter_dir
             try:
-                self.rank = int(acfg["r"])
-                self.alpha = float(acfg.get("lora_alpha", self.rank))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{adapter_dir}/adapter_config.json: needs an integer 'r' ({e})") from None
+                acfg, self._pairs = lora_pairs(adapter_dir)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+            # What rankwise.adapter.merge_adapter and scaling_of implement: one rank and alpha
+            # for every module, ΔW = scaling * B @ A in the nn.Linear layout.
+            unsupported = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern") if acfg.get(k)]
+            if unsupported:
+                raise ConfigError(f"{adapter_dir}: adapters with {', '.join(unsupported)} are not supported "
+                                  "(rankwise reads one rank and alpha for every module, ΔW = scaling * B @ A)")
+            self.rank = int(acfg["r"])
+            self.alpha = float(acfg["lora_alpha"])
             self.rslora = bool(acfg.get("use_rslora", False))
-            self.fan_in_fan_out = bool(acfg.get("fan_in_fan_out", False))  # Conv1D-style weights: ΔW transposed
-            if acfg.get("use_dora"):
-                raise ValueError(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling * B @ A)")
-            self.rank_pattern = acfg.get("rank_pattern") or {}
-            self.alpha_pattern = acfg.get("alpha_pattern") or {}
-            self.weights = SafetensorsWeights(adapter_dir)
-            self._lora = {}
-            for key in self.weights.keys():
-                m = _LORA_RE.match(key)
-                if m:
-                    self._lora.setdefault(m.group(1), {})[m.group(2)] = key
-            self._lora = {mod: ab for mod, ab in self._lora.items() if "A" in ab and "B" in ab}
-            if not self._lora:
-                raise ValueError(f"{adapter_dir}: no lora_A/lora_B weight pairs found")
-            self.matrices = sorted((mod + ".weight" for mod in self._lora), key=_natural_key)
+            self.scaling = scaling_of(acfg)
+            if not self._pairs:
+                raise ConfigError(f"{adapter_dir}: no lora_A/lora_B weight pairs found")
+            self.matrices = sorted((mod + ".weight" for mod in self._pairs), key=_natural_key)
         elif os.path.isdir(model_dir):
             self.kind = "model"
             self.method = str(cfg.get("method", "full"))
-            self.weights = SafetensorsWeights(model_dir)
+            self.model_dir = model_dir
+            try:
+                self.weights = SafetensorsCheckpoint(model_dir)
+            except FileNotFoundError as e:
+                raise ConfigError(str(e)) from None
             inc, exc = re.compile(include), re.compile(exclude) if exclude else None
             self.matrices = sorted(
                 (k for k in self.weights.keys()
@@ -143,49 +113,28 @@ class Run:
                 key=_natural_key,
             )
         else:
-            raise FileNotFoundError(f"{path!r} has neither adapter/adapter_config.json nor model/")
-        self.model_dir = model_dir if self.kind == "model" else None
+            raise ConfigError(f"{path!r} has neither adapter/adapter_config.json nor model/")
 
     @property
     def label(self) -> str:
         return f"r={self.rank}" if self.kind == "adapter" else self.method
 
-    def _scaling(self, module: str) -> float:
-        def matches(pat):
-            if re.search(rf"(^|\.){re.escape(pat)}$", module):
-                return True
-            try:
-                return re.fullmatch(pat, module) is not None
-            except re.error:
-                return False
-
-        r, alpha = self.rank, self.alpha
-        for pat, v in self.rank_pattern.items():
-            if matches(pat):
-                r = int(v)
-        for pat, v in self.alpha_pattern.items():
-            if matches(pat):
-                alpha = float(v)
-        return alpha / math.sqrt(r) if self.rslora else alpha / r
-
     def lora_A(self, name: str, device=None) -> torch.Tensor:
-        """The ``A`` matrix ``(r, in)`` of the module whose weight is ``name``."""
-        return self.weights.get(self._lora[name[:-7]]["A"], device).float()
+        """The ``A`` matrix ``(r, in)`` of the module whose weight is ``name``, in fp32."""
+        return self._pairs[name[: -len(".weight")]][0].to(device).float()
 
-    def delta(self, name: str, base: SafetensorsWeights, device, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, name: str, base: SafetensorsCheckpoint, device, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW of matrix ``name`` in fp32 on ``device`` (``base_weight``: the base matrix, if already loaded)."""
         if self.kind == "adapter":
-            mod = name[:-7]
-            A = self.weights.get(self._lora[mod]["A"], device).float()
-            B = self.weights.get(self._lora[mod]["B"], device).float()
-            if B.shape[1] != A.shape[0]:
-                raise ValueError(f"{self.path}: {mod} lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
-            delta = (B @ A).mul_(self._scaling(mod))
-            return delta.T.contiguous() if self.fan_in_fan_out else delta
+            A, B = self._pairs[name[: -len(".weight")]]
+            try:
+                return lora_delta(A.to(device), B.to(device), self.scaling)
+            except ValueError as e:
+                raise ConfigError(f"{self.path}: {name}: {e}") from None
         tuned = self.weights.get(name, device).float()
         W = base_weight if base_weight is not None else base.get(name, device)
         if W.shape != tuned.shape:
-            raise ValueError(f"{self.path}: {name} has shape {tuple(tuned.shape)}, the base {tuple(W.shape)}")
+            raise ConfigError(f"{self.path}: {name} has shape {tuple(tuned.shape)}, the base {tuple(W.shape)}")
         return tuned.sub_(W.to(device=tuned.device, dtype=torch.float32))
 
     def to_dict(self) -> dict:
@@ -209,7 +158,7 @@ def _pow2_grid(r: int) -> list:
     return out + [r]
 
 
-def spectral_analysis(runs: Sequence[Run], base: SafetensorsWeights, *, device=None,
+def spectral_analysis(runs: Sequence[Run], base: SafetensorsCheckpoint, *, device=None,
                       intruders: bool = True, intruder_k: int = 10, intruder_eps: float = 0.5,
                       top_k: Sequence[int] = (1, 4, 16), keep: int = 64, progress: bool = True) -> dict:
     """Spectral statistics of every run's updates, one matrix at a time.
@@ -225,7 +174,7 @@ def spectral_analysis(runs: Sequence[Run], base: SafetensorsWeights, *, device=N
     for r in runs:
         missing = [n for n in r.matrices if n not in base]
         if missing:
-            raise KeyError(f"run {r.name!r} updates {missing[0]!r}, which the base model does not have")
+            raise ConfigError(f"run {r.name!r} updates {missing[0]!r}, which the base model does not have")
     records = {r.name: [] for r in runs}
     member = {r.name: set(r.matrices) for r in runs}
     it: Iterable = names
@@ -243,7 +192,7 @@ def spectral_analysis(runs: Sequence[Run], base: SafetensorsWeights, *, device=N
         for r in users:
             delta = r.delta(name, base, device, base_weight=W)
             if W is not None and delta.shape != W.shape:
-                raise ValueError(f"run {r.name!r}: ΔW of {name} has shape {tuple(delta.shape)}, base {tuple(W.shape)}")
+                raise ConfigError(f"run {r.name!r}: ΔW of {name} has shape {tuple(delta.shape)}, base {tuple(W.shape)}")
             rec = {"name": name, "layer": layer, "module": module}
             rec.update(spectral.spectrum_summary(delta, top_k=top_k, keep=keep))
             if intruders:
@@ -342,50 +291,42 @@ def subspace_similarities(runs: Sequence[Run], device=None) -> list:
 
 
 # --------------------------------------------------------------------------- models
-def _resolve_dtype(dtype, device: torch.device):
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def dtype_name(dtype) -> str:
+    """``dtype`` (``None``, a ``torch.dtype``, or a name) as one of :data:`rankwise.model.DTYPES`' names or ``auto``."""
+    if dtype is None:
+        return "auto"
     if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
-    return table[dtype]
+        names = {v: k for k, v in DTYPES.items()}
+        if dtype not in names:
+            raise ConfigError(f"dtype must be one of {', '.join(map(str, names))}, got {dtype}")
+        return names[dtype]
+    return _DTYPE_ALIASES.get(dtype, dtype)
 
 
-def load_base_model(base_dir: str, device, dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    return model.to(device).eval()
+def load_base_model(base_dir: str, device, dtype: str = "auto"):
+    """The base model in eval mode (:func:`rankwise.model.load_model`, SDPA attention)."""
+    return load_model(base_dir, dtype=dtype_name(dtype), attention="sdpa", device=device).eval()
 
 
-@torch.no_grad()
-def load_tuned_model(run: Run, base_dir: str, base: SafetensorsWeights, device, dtype):
-    """The fine-tuned model of ``run``: ``model/`` as saved, or the base with ``scaling * B @ A`` added."""
-    from transformers import AutoModelForCausalLM
-
+def load_tuned_model(run: Run, base_dir: str, device, dtype: str = "auto"):
+    """The fine-tuned model of ``run``: ``model/`` as saved, or the base with the adapter merged
+    (:func:`rankwise.adapter.merge_adapter`: ``scaling * B @ A`` added in fp32, rounded once)."""
     if run.kind == "model":
-        return AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype).to(device).eval()
-    model = load_base_model(base_dir, device, dtype)
-    params = dict(model.named_parameters())
-    for name in run.matrices:
-        if name not in params:
-            raise KeyError(f"run {run.name!r}: the base model has no parameter {name!r}")
-        p = params[name]
-        p.copy_((p.float() + run.delta(name, base, p.device)).to(p.dtype))  # add in fp32, store in p's dtype
-    return model
+        return load_model(run.model_dir, dtype=dtype_name(dtype), attention="sdpa", device=device).eval()
+    return merge_adapter(load_base_model(base_dir, device, dtype), run.adapter_dir)
 
 
 def load_jsonl(path: str) -> list:
-    """Rows of a probe / eval file (jsonl, json, csv or parquet, read by ``rankwise.data``);
-    a clear error names the bad row."""
+    """Rows of a probe / eval file (jsonl, json, csv or parquet, read by :func:`rankwise.data.load_rows`);
+    a bad file or row is a :class:`~rankwise.errors.ConfigError` naming it."""
     from ..data import load_rows
 
-    rows = load_rows(str(path), name="probe")
+    try:
+        rows = load_rows(str(path), name="probe")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ConfigError(f"{path}: no rows")
     return rows
 
 
@@ -432,7 +373,9 @@ def analyze_runs(
             empty skips them.
         out_dir: where ``analysis.json``, the PNG plots and ``analysis.md`` go.
         device: analysis device (default: CUDA if available, else CPU). SVDs run there in fp32.
-        dtype: model dtype for the probe pass (``"auto"``: bf16 on CUDA, fp32 on CPU).
+        dtype: model dtype for the probe pass: ``auto`` (as :func:`rankwise.model.resolve_dtype`:
+            bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on the CPU), ``bf16``,
+            ``fp16``, ``fp32`` (or ``bfloat16``, ``float16``, ``float32``, or a ``torch.dtype``).
         intruders, intruder_k, intruder_eps: intruder-dimension settings (needs an SVD
             of every base and tuned matrix).
         top_k, keep: energy shares to report, and how many singular values to keep per matrix.
@@ -447,21 +390,24 @@ def analyze_runs(
         The analysis dict (also written as ``analysis.json``), with ``"files"`` naming
         the plots and the markdown file.
     """
-    from . import report
-
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     run_dirs = [os.fspath(p) for p in run_dirs]
     if not run_dirs:
-        raise ValueError("run_dirs must name at least one run directory")
+        raise ConfigError("run_dirs must name at least one run directory")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     try:
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto") if device is None else torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1), got {device!r}") from e
+        raise ConfigError(f"device must name a torch device (cpu, cuda, cuda:1), got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but CUDA is not available")
+        raise ConfigError(f"device {device} was asked for, but CUDA is not available")
+    dtype = dtype_name(dtype)
+    try:
+        resolve_dtype(dtype, device)  # checked before the long spectral pass
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t0 = time.time()
     runs = sort_runs([Run(p, include=include, exclude=exclude) for p in run_dirs])
     seen: dict = {}
@@ -474,11 +420,14 @@ def analyze_runs(
     if base is None:  # fall back to the runs' own config.yaml "model"
         models = {str(r.config.get("model")) for r in runs if r.config.get("model")}
         if len(models) != 1:
-            raise ValueError("base must be given: the runs' config.yaml files name "
+            raise ConfigError("base must be given: the runs' config.yaml files name "
                              + (f"different models {sorted(models)}" if models else "no model"))
         base = models.pop()
     base_dir = resolve_model_dir(base)
-    base_w = SafetensorsWeights(base_dir)
+    try:
+        base_w = SafetensorsCheckpoint(base_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"base model {base}: {e}") from None
 
     timings = {}
     t = time.time()
@@ -497,28 +446,14 @@ def analyze_runs(
     notes: list = []
     if bool(restore_sets) and not want_restore:
         notes.append("restoration curves asked for, but no full/masked SFT run was given")
-    if want_restore and restore_fn is None:
-        from .restoration import default_restore_fn
-
-        try:
-            restore_fn = default_restore_fn()
-        except ImportError as e:
-            want_restore = False
-            notes.append(f"restoration curves skipped: {e}")
     if want_probe or want_restore:
-        from transformers import AutoTokenizer
-
-        from ._probe import compare_on_probe
-        from .restoration import restoration_curve
-
-        tdtype = _resolve_dtype(dtype, device)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        base_model = load_base_model(base_dir, device, tdtype)
+        tokenizer = load_tokenizer(base_dir)
+        base_model = load_base_model(base_dir, device, dtype)
         for r in runs:
             needs_restore = want_restore and r.kind == "model"
             if not (want_probe or needs_restore):
                 continue
-            tuned = load_tuned_model(r, base_dir, base_w, device, tdtype)
+            tuned = load_tuned_model(r, base_dir, device, dtype)
             if want_probe:
                 t = time.time()
                 probe[r.name] = compare_on_probe(base_model, tuned, tokenizer, probe_rows, attention=attention,

@@ -4,13 +4,14 @@ For a prompt, take the next-token logits of the tuned model, keep its top-``k``
 token ids (k = 10), take the base model's logits at the same ids, softmax each
 restricted set, and report ``KL(tuned ‖ base) = Σ p_t log(p_t / p_b)``. The
 mean is reported per mastery bucket (rows may carry a ``bucket`` field; rows
-without one form the group ``"all"``).
+without one form the group ``"all"``). Running the models is
+:mod:`rankwise.analysis.probe`'s job (``token_kl_by_bucket``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["first_token_kl", "token_kl_by_bucket"]
+__all__ = ["first_token_kl", "group_by_bucket"]
 
 
 def first_token_kl(tuned_logits: torch.Tensor, base_logits: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -49,21 +50,3 @@ def group_by_bucket(values, rows) -> dict:
     allv = [float(v) for v in values]
     out_all = {"mean": (sum(allv) / len(allv)) if allv else 0.0, "n": len(allv)}
     return {"by_bucket": out, "overall": out_all}
-
-
-def token_kl_by_bucket(base_model, tuned_model, tokenizer, rows, *, k: int = 10, batch_size: int = 8,
-                       max_length: int = 256, progress: bool = False) -> dict:
-    """Mean first-answer-token KL(tuned ‖ base) per mastery bucket on probe ``rows``.
-
-    Args:
-        rows: dicts with a ``prompt`` (the text right before the answer) and optionally ``bucket``.
-
-    Returns:
-        ``{"by_bucket": {bucket: {"mean", "n"}}, "overall": {"mean", "n"}, "k": k}``.
-    """
-    from ._probe import compare_on_probe
-
-    res = compare_on_probe(base_model, tuned_model, tokenizer, rows, attention=False,
-                           representations=False, tokens=True, kl_k=k, batch_size=batch_size,
-                           max_length=max_length, progress=progress)
-    return res["tokens"]

@@ -3,6 +3,12 @@
 The attention maps, hidden states and first-answer-token logits of a batch are
 consumed as soon as both models have produced them, so memory stays at one batch
 of maps (plus the capped hidden-state sample for CKA).
+
+Imports run one way: this module imports the pure metric functions of
+:mod:`.attention`, :mod:`.representations` and :mod:`.tokens` (which import no
+other analysis module) and holds every entry point that needs the models:
+:func:`compare_on_probe`, :func:`compare_attention`, :func:`compare_representations`
+and :func:`token_kl_by_bucket`.
 """
 from __future__ import annotations
 
@@ -10,9 +16,12 @@ import contextlib
 
 import torch
 
-from .attention import _layer_sums, eager_attention
+from .attention import eager_attention, layer_attention_sums
 from .representations import linear_cka
 from .tokens import first_token_kl, group_by_bucket
+
+__all__ = ["compare_on_probe", "compare_attention", "compare_representations", "token_kl_by_bucket",
+           "encode_prompts"]
 
 
 def _device_of(model) -> torch.device:
@@ -107,7 +116,7 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
                     if att is None:
                         att = [[0.0, 0.0, 0.0] for _ in ob.attentions]
                     for li, (ab, at) in enumerate(zip(ob.attentions, ot.attentions)):
-                        hb, ht, js = _layer_sums(ab, at, mask)
+                        hb, ht, js = layer_attention_sums(ab, at, mask)
                         acc = att[li]
                         acc[0] = acc[0] + hb.cpu()
                         acc[1] = acc[1] + ht.cpu()
@@ -153,3 +162,57 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
         res["k"] = kl_k
         out["tokens"] = res
     return out
+
+
+def _as_rows(prompts) -> list:
+    return [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+
+
+def compare_attention(base_model, tuned_model, tokenizer, prompts, *, batch_size: int = 8,
+                      max_length: int = 256, progress: bool = False) -> dict:
+    """Per layer and head: attention entropy of both models and their JS distance on ``prompts``.
+
+    Args:
+        base_model, tuned_model: causal LMs of the same architecture, on the same device.
+        tokenizer: tokenizer of the base model.
+        prompts: list of strings (or probe rows with a ``prompt`` field).
+
+    Returns:
+        ``{"entropy_base": [[H] * L], "entropy_tuned": ..., "js_distance": ..., "n_queries": int}``.
+    """
+    res = compare_on_probe(base_model, tuned_model, tokenizer, _as_rows(prompts), attention=True,
+                           representations=False, tokens=False, batch_size=batch_size,
+                           max_length=max_length, progress=progress)
+    return res["attention"]
+
+
+def compare_representations(base_model, tuned_model, tokenizer, prompts, *, batch_size: int = 8,
+                            max_length: int = 256, max_tokens: int = 2048, progress: bool = False) -> dict:
+    """Linear CKA between base and tuned hidden states, per layer (index 0 = embeddings).
+
+    Hidden states of every non-padding prompt token are collected (at most
+    ``max_tokens`` tokens, on the CPU in fp32) and compared layer by layer.
+
+    Returns:
+        ``{"cka": [float] * (num_layers + 1), "n_tokens": int}``.
+    """
+    res = compare_on_probe(base_model, tuned_model, tokenizer, _as_rows(prompts), attention=False,
+                           representations=True, tokens=False, batch_size=batch_size,
+                           max_length=max_length, max_tokens=max_tokens, progress=progress)
+    return res["representations"]
+
+
+def token_kl_by_bucket(base_model, tuned_model, tokenizer, rows, *, k: int = 10, batch_size: int = 8,
+                       max_length: int = 256, progress: bool = False) -> dict:
+    """Mean first-answer-token KL(tuned ‖ base) per mastery bucket on probe ``rows``.
+
+    Args:
+        rows: dicts with a ``prompt`` (the text right before the answer) and optionally ``bucket``.
+
+    Returns:
+        ``{"by_bucket": {bucket: {"mean", "n"}}, "overall": {"mean", "n"}, "k": k}``.
+    """
+    res = compare_on_probe(base_model, tuned_model, tokenizer, rows, attention=False,
+                           representations=False, tokens=True, kl_k=k, batch_size=batch_size,
+                           max_length=max_length, progress=progress)
+    return res["tokens"]
