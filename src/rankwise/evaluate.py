@@ -7,11 +7,12 @@ whitespace collapsed).
 """
 from __future__ import annotations
 
-import inspect
 import re
 import unicodedata
 
 import torch
+
+from .loss import batch_loss_sum  # noqa: F401  (re-exported: evaluate.batch_loss_sum)
 
 _WS = re.compile(r"\s+")
 
@@ -27,38 +28,6 @@ def is_correct(output: str, answers) -> bool:
         answers = [answers]
     out = normalize(output)
     return any(a and normalize(a) in out for a in answers if normalize(a))
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-    try:
-        return "logits_to_keep" in inspect.signature(core.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def batch_loss_sum(model, batch) -> torch.Tensor:
-    """Summed cross entropy (fp32) over the target tokens of a padding-free batch.
-
-    When the model takes ``logits_to_keep`` (Hugging Face causal LMs do), the
-    output head runs only at the target positions, which saves the
-    ``(tokens, vocab)`` logits of the prompt tokens. A ``rankwise.loss.FusedLossLM``
-    (or DDP around one) computes the same sum without any full logits.
-    """
-    dev = next(model.parameters()).device
-    from .loss import FusedLossLM
-
-    if isinstance(getattr(model, "module", model), FusedLossLM):  # through DDP's forward when wrapped
-        return model(batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["targets"].to(dev))
-    targets = batch["targets"][0]
-    inputs = {"input_ids": batch["input_ids"].to(dev), "position_ids": batch["position_ids"].to(dev), "use_cache": False}
-    if _accepts_logits_to_keep(model):
-        keep = (targets != -100).nonzero().squeeze(1)
-        logits = model(**inputs, logits_to_keep=keep.to(dev)).logits[0]
-        targets = targets[keep]
-    else:
-        logits = model(**inputs).logits[0]
-    return torch.nn.functional.cross_entropy(logits.float(), targets.to(dev), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()

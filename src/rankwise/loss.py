@@ -4,7 +4,10 @@
 (``model.base_model``) and hands the final hidden states at the target positions
 with the output head's weight to ``rankwise.kernels.linear_cross_entropy``, so
 the ``(tokens, vocab)`` logits are never held in memory (one chunk at a time).
-It returns the summed loss, like ``rankwise.evaluate.batch_loss_sum``.
+``batch_loss_sum(model, batch)`` is the summed training loss of one padding-free
+batch for either kind of model (a plain causal LM or a ``FusedLossLM``); the
+training loop and ``rankwise.evaluate`` both call it, so this module sits below
+``rankwise.evaluate`` and imports nothing from it.
 
 Models whose logits are not ``lm_head(hidden)`` (Gemma's soft-capping, Cohere's
 logit scale, a LoRA-wrapped or quantized head, ...) are refused by
@@ -13,6 +16,7 @@ real batch, so a head computed some other way is caught rather than trained on.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -52,15 +56,23 @@ class FusedLossLM(nn.Module):
 
     Wrap the model with this before ``DistributedDataParallel`` so gradients are
     synchronised through DDP's forward.
+
+    Args:
+        model: a Hugging Face causal LM whose logits are ``lm_head(hidden)``.
+        chunk_size: rows of logits per chunk (None: the op's default).
+        backend: passed to ``rankwise.kernels.linear_cross_entropy`` ("auto", "triton", "torch").
     """
 
-    def __init__(self, model: nn.Module, chunk_size: Optional[int] = None):
+    def __init__(self, model: nn.Module, chunk_size: Optional[int] = None, backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
         problem = fused_loss_problem(model)
         if problem:
             raise ValueError(f"model: the fused loss cannot be used: {problem}")
         self.model = model
         self.chunk_size = chunk_size
+        self.backend = backend
 
     def forward(self, input_ids, position_ids, targets, attention_mask=None):
         """``targets`` has ``input_ids``' shape and is already aligned (the next token
@@ -75,15 +87,46 @@ class FusedLossLM(nn.Module):
         keep = (targets != -100).nonzero().squeeze(1)
         head = self.model.get_output_embeddings()
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], head.weight, targets[keep],
-                                    head.bias, reduction="sum", chunk_size=self.chunk_size)
+                                    head.bias, reduction="sum", chunk_size=self.chunk_size,
+                                    backend=self.backend)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    try:
+        return "logits_to_keep" in inspect.signature(core.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_loss_sum(model, batch) -> torch.Tensor:
+    """Summed cross entropy (fp32) over the target tokens of a padding-free batch.
+
+    ``batch`` is a dict from ``rankwise.data.collate`` (``input_ids``,
+    ``position_ids``, ``targets``, each of shape (1, tokens)). A ``FusedLossLM``
+    (or DDP around one) computes the sum without any full logits. Otherwise, when
+    the model takes ``logits_to_keep`` (Hugging Face causal LMs do), the output
+    head runs only at the target positions, which saves the ``(tokens, vocab)``
+    logits of the prompt tokens.
+    """
+    dev = next(model.parameters()).device
+    if isinstance(getattr(model, "module", model), FusedLossLM):  # through DDP's forward when wrapped
+        return model(batch["input_ids"].to(dev), batch["position_ids"].to(dev), batch["targets"].to(dev))
+    targets = batch["targets"][0]
+    inputs = {"input_ids": batch["input_ids"].to(dev), "position_ids": batch["position_ids"].to(dev), "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        keep = (targets != -100).nonzero().squeeze(1)
+        logits = model(**inputs, logits_to_keep=keep.to(dev)).logits[0]
+        targets = targets[keep]
+    else:
+        logits = model(**inputs).logits[0]
+    return torch.nn.functional.cross_entropy(logits.float(), targets.to(dev), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
 def check_fused_loss(model: nn.Module, fused: FusedLossLM, batch, autocast, rtol: float) -> Optional[str]:
     """Compare the fused loss with the model's own on ``batch`` (eval mode, no
     gradients, torch's RNG untouched); returns a description of a mismatch or None."""
-    from .evaluate import batch_loss_sum
-
     was_training = model.training
     model.eval()
     try:
