@@ -1,4 +1,4 @@
-"""Config schema: defaults, errors that name the key, --set overrides, YAML round trip, CLI errors."""
+"""Config: typed RunConfig, defaults, errors that name the key, --set overrides, YAML round trip, CLI errors."""
 import os
 
 import pytest
@@ -6,6 +6,7 @@ import yaml
 
 from rankwise import cli
 from rankwise import config as C
+from rankwise.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN = {"model": "m", "data": {"train": "t.jsonl"}}
@@ -39,10 +40,39 @@ def test_defaults_fill_every_key():
     ({**MIN, "method": "masked", "mask": {"score": "update"}}, r"'mask.from' is required"),
     ({**MIN, "method": "full", "quantization": "nf4"}, r"'quantization' = 'nf4' needs method 'lora'"),
     ({**MIN, "model": None}, r"config key 'model' must not be null"),
+    ({**MIN, "lora": {"init": "pisa"}}, r"'lora.init' must be one of default, gaussian, pissa, pissa_niter_N"),
+    ({**MIN, "lora": {"init": "pissa_niter_0"}}, r"'lora.init' must be one of"),
+    ({**MIN, "lora": {"init": "pissa_niter_x"}}, r"'lora.init' must be one of"),
+    ({**MIN, "train": {"backend": "cuda"}}, r"'train.backend' must be one of auto, triton, torch; got 'cuda'"),
+    ({**MIN, "train": {"max_grad_norm": 0}}, r"'train.max_grad_norm' must be > 0"),
+    ({**MIN, "lora": {"dropout": 1.0}}, r"'lora.dropout' must be in \[0, 1\)"),
 ])
 def test_bad_configs_name_the_key(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         C.validate(bad)
+
+
+def test_run_config_is_typed_and_frozen():
+    import dataclasses
+
+    cfg = C.parse(MIN, ["lora.r=8", "lora.init=pissa_niter_4", "train.backend=torch", "mask.from=runs/full"])
+    assert isinstance(cfg, C.RunConfig) and isinstance(cfg.lora, C.LoraCfg) and isinstance(cfg.train, C.TrainCfg)
+    assert cfg.lora.r == 8 and cfg.lora.init == "pissa_niter_4" and cfg.train.backend == "torch"
+    assert cfg.mask.from_ == "runs/full" and cfg.get("mask.from") == "runs/full" and C.get(cfg, "lora.r") == 8
+    assert cfg.data.fields.prompt == "prompt" and cfg.train.betas == [0.9, 0.999]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lora.r = 4
+    # the dict view is what resolve() returns and what config.yaml holds; parsing it again gives the same object
+    assert cfg.to_dict() == C.resolve(MIN, ["lora.r=8", "lora.init=pissa_niter_4", "train.backend=torch",
+                                            "mask.from=runs/full"])
+    assert C.parse(cfg.to_dict()) == cfg and C.parse(cfg) is cfg
+    assert C.parse(cfg, ["lora.r=2"]).lora.r == 2
+    # every key is declared once, with help text; choices come from the field metadata
+    assert all(spec.help for spec in C.SCHEMA.values())
+    assert C.SCHEMA["train.backend"].choices == ("auto", "triton", "torch") and C.SCHEMA["train.backend"].default == "auto"
+    assert C.SCHEMA["lora.r"][0] == 16  # the old positional view (default, types, choices, help) still reads
+    for init in ("default", "gaussian", "pissa", "pissa_niter_16"):
+        assert C.parse(MIN, [f"lora.init={init}"]).lora.init == init
 
 
 def test_overrides_dotted_and_typed():
@@ -75,7 +105,7 @@ def test_yaml_round_trip_and_example(tmp_path):
     for key, value in C.flatten(example).items():
         if key not in specific:
             assert value == defaults[key], key
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found"):
         C.resolve(str(tmp_path / "nope.yaml"))
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
@@ -110,3 +140,59 @@ def test_cli_names_the_malformed_row(tmp_path, capsys):
                                    "log": {"progress": False}}))
     assert cli.main(["train", str(cfg)]) == 2
     assert "data.train row 3: missing field 'completion'" in capsys.readouterr().err
+
+
+def test_lora_init_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import rankwise.model
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load for a config error")
+
+    monkeypatch.setattr(rankwise.model, "load_model", no_load)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**MIN, "lora": {"init": "pisa"}, "output_dir": str(tmp_path / "o")}))
+    assert cli.main(["train", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith("rankwise train: error: config key 'lora.init' must be one of")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import rankwise.model
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is only needed without CUDA")
+    monkeypatch.setattr(rankwise.model, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**MIN, "train": {"backend": "triton", "device": "cpu"},
+                                   "output_dir": str(tmp_path / "o")}))
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("rankwise train: error: train.backend triton on device cpu needs the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 in the environment before starting Python")
+    assert not (tmp_path / "o").exists(), "nothing is written for a config error"
+
+
+def test_cli_config_error_one_line_and_debug_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MIN, "train": {"lr": -1}}))
+    assert cli.main(["train", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == "rankwise train: error: config key 'train.lr' must be > 0, got -1.0"
+    with pytest.raises(ConfigError, match="'train.lr' must be > 0"):
+        cli.main(["--debug", "train", str(bad)])
+
+
+@pytest.mark.parametrize("exc", [KeyError("rows"), ValueError("shape mismatch"), FileNotFoundError("x")])
+def test_cli_bugs_keep_their_traceback(tmp_path, monkeypatch, exc):
+    """A KeyError / ValueError from inside rankwise is a bug, not bad input: it propagates with its traceback."""
+    import rankwise.train
+
+    def broken(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(rankwise.train, "train", broken)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(MIN))
+    with pytest.raises(type(exc)):
+        cli.main(["train", str(good)])

@@ -1,13 +1,24 @@
-"""Run configuration: schema, defaults, validation, ``--set`` overrides, YAML I/O.
+"""Run configuration: typed, frozen sections parsed once at the edge.
 
-A config is a plain nested ``dict`` (what ``yaml.safe_load`` returns). It is
-parsed and validated once, at the edge (``load_config`` / ``resolve``); the
-training code then reads plain values out of it and hands plain arguments to
-the modules below it.
+A config file is YAML (a nested mapping); ``parse`` turns it, plus ``--set``
+overrides, into a frozen ``RunConfig`` whose attribute paths are the config
+keys (``cfg.lora.r`` is the key ``lora.r``). Every key is declared once, as a
+dataclass field: its type (the annotation), its default, its help text, its
+allowed values and its constraint (the field's ``metadata``). Parsing checks
+all of them, and the checks between keys, before any model is loaded; every
+problem is a ``rankwise.errors.ConfigError`` naming the key (unknown keys get
+the closest known key, or the rankwise name of a PEFT / transformers key, as a
+suggestion).
 
-Every key, its default and its type are listed in ``SCHEMA`` (dotted names).
-Unknown keys are rejected with an error that names them (and suggests the
-closest known key); required keys that are missing are named too.
+    cfg = parse("examples/lora.yaml", ["lora.r=8"])   # -> RunConfig
+    cfg.lora.r, cfg.train.backend                      # 8, 'auto'
+    cfg.to_dict()                                      # the nested dict written to config.yaml
+
+The dict-level helpers stay for code that reads and writes YAML: ``resolve``
+(-> the validated nested dict, ``parse(...).to_dict()``), ``validate``,
+``defaults``, ``flatten`` / ``unflatten``, ``apply_overrides``,
+``parse_overrides``, ``load_yaml``, ``dump_yaml``, ``get``, and ``SCHEMA``
+(dotted key -> ``KeySpec``, derived from the dataclasses).
 
 Example (all keys, with their defaults, are in ``examples/lora.yaml``)::
 
@@ -21,104 +32,277 @@ Example (all keys, with their defaults, are in ``examples/lora.yaml``)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
-from typing import Any, Mapping
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from .atomic import atomic_write_text  # noqa: F401  (re-exported: config.atomic_write_text)
+from .errors import ConfigError
 
 REQUIRED = object()  # marker: the key has no default and must be given
 
-from .atomic import atomic_write_text  # noqa: F401  (re-exported: config.atomic_write_text)
-
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BACKENDS = ("auto", "triton", "torch")
 
-# dotted key -> (default, accepted types, allowed values or None, one-line help)
-# ``None`` in the accepted types means the key may be null.
-SCHEMA: dict[str, tuple[Any, tuple, tuple | None, str]] = {
-    "model": (REQUIRED, (str,), None, "base model: local directory or hub id"),
-    "tokenizer": (None, (str, None), None, "tokenizer path or hub id (default: the model's)"),
-    "dtype": ("auto", (str,), ("auto", "bf16", "fp16", "fp32"), "dtype of the (frozen) base weights"),
-    "quantization": ("none", (str,), ("none", "nf4"), "quantize the frozen base linear weights (lora only)"),
-    "double_quant": (False, (bool,), None, "nf4: also quantize the absmax constants"),
-    "attention": ("auto", (str,), ("auto", "flash_attention_2", "sdpa", "eager"),
-                  "auto = flash_attention_2 if flash_attn imports, else sdpa"),
-    "method": ("lora", (str,), ("lora", "full", "masked"), "what is trained"),
-    "lora.r": (16, (int,), None, "LoRA rank"),
-    "lora.alpha": (32.0, (float,), None, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora)"),
-    "lora.dropout": (0.0, (float,), None, "dropout on the LoRA branch input"),
-    "lora.rslora": (False, (bool,), None, "rank-stabilized scaling alpha / sqrt(r)"),
-    "lora.targets": (list(DEFAULT_TARGETS), (list,), None, "nn.Linear names (last name component) to adapt, or all-linear (every linear layer but the output head)"),
-    "lora.init": ("default", (str,), None, "initialisation of A and B (see rankwise.LoRALinear)"),
-    "mask.fraction": (0.1, (float,), None, "method masked: share of the candidate weights that may change"),
-    "mask.score": ("grad", (str,), ("grad", "update"),
-                   "grad: top |grad| summed over warmup_steps; update: top |W_run - W_base| of mask.from"),
-    "mask.warmup_steps": (10, (int,), None, "score grad: optimizer-steps worth of batches to score on"),
-    "mask.from": (None, (str, None), None, "score update: a finished full-SFT run directory"),
-    "data.train": (REQUIRED, (str,), None, "training set: local json/jsonl/csv/parquet, or hub name[:split]"),
-    "data.eval": (None, (str, None), None, "in-domain eval set (same formats)"),
-    "data.eval_ood": (None, (str, None), None, "out-of-domain eval set (same formats)"),
-    "data.format": ("prompt_completion", (str,), ("prompt_completion", "chat"), "row format"),
-    "data.fields.prompt": ("prompt", (str,), None, "prompt_completion: name of the prompt field"),
-    "data.fields.completion": ("completion", (str,), None, "prompt_completion: name of the completion field"),
-    "data.fields.messages": ("messages", (str,), None, "chat: name of the messages field"),
-    "data.fields.answers": ("answers", (str,), None, "eval rows: gold answers (str or list; 'answer' also read)"),
-    "data.max_length": (512, (int,), None, "tokens per example (longer ones are truncated)"),
-    "data.packing": (False, (bool,), None,
-                     "false: batch_size examples per micro-batch; true: fill batch_size*max_length tokens"),
-    "data.add_eos": (True, (bool,), None, "prompt_completion: append the EOS token to the completion"),
-    "train.max_steps": (200, (int,), None, "optimizer steps (ignored when train.epochs is set)"),
-    "train.epochs": (None, (float, None), None, "train this many passes over the data instead of max_steps"),
-    "train.batch_size": (8, (int,), None, "examples (or rows of max_length with packing) per micro-batch"),
-    "train.grad_accum": (1, (int,), None, "micro-batches per optimizer step"),
-    "train.lr": (2.0e-4, (float,), None, "peak learning rate"),
-    "train.schedule": ("cosine", (str,), ("cosine", "linear", "constant"), "decay after warmup"),
-    "train.warmup": (0.03, (float,), None, "warmup: fraction of the steps if < 1, else a number of steps"),
-    "train.min_lr_ratio": (0.0, (float,), None, "final lr as a fraction of the peak"),
-    "train.weight_decay": (0.0, (float,), None, "AdamW weight decay (matrices only)"),
-    "train.betas": ([0.9, 0.999], (list,), None, "AdamW betas"),
-    "train.eps": (1.0e-8, (float,), None, "AdamW eps"),
-    "train.max_grad_norm": (1.0, (float, None), None, "clip the global grad norm (null: no clipping)"),
-    "train.optimizer": ("adamw", (str,), ("adamw", "adamw8bit"), "adamw: torch (fused on CUDA); adamw8bit: bitsandbytes"),
-    "train.seed": (0, (int,), None, "seed for init, dropout and data order"),
-    "train.gradient_checkpointing": (False, (bool,), None, "recompute activations in backward"),
-    "train.fused_kernels": (False, (bool,), None,
-                            "RMSNorm and SwiGLU MLPs through rankwise's fused kernels (each kind checked against "
-                            "the module's own forward first)"),
-    "train.fused_loss": (True, (bool,), None,
-                         "output head + cross entropy in chunks, never the full logits (checked against the "
-                         "model's own loss on the first batch; models it does not fit fall back with a warning)"),
-    "train.precision": ("auto", (str,), ("auto", "bf16", "fp16", "fp32"),
-                        "autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU always fp32"),
-    "train.log_every": (10, (int,), None, "steps between metrics.jsonl rows"),
-    "train.save_every": (100, (int,), None, "steps between checkpoints (0: only at the end)"),
-    "train.device": ("auto", (str,), None, "auto (cuda if available), cpu, cuda, cuda:N"),
-    "eval.every": (50, (int,), None, "steps between evaluations (0: only at the end)"),
-    "eval.generate": (True, (bool,), None, "generation QA accuracy when eval rows have answers"),
-    "eval.max_new_tokens": (16, (int,), None, "greedy tokens generated per eval prompt"),
-    "eval.batch_size": (32, (int,), None, "eval batch size (loss and generation)"),
-    "eval.max_examples": (None, (int, None), None, "evaluate on the first N eval rows only"),
-    "log.tensorboard": (False, (bool,), None, "also write TensorBoard events to output_dir/tb"),
-    "log.progress": (True, (bool,), None, "tqdm progress bar"),
-    "output_dir": ("runs/rankwise", (str,), None, "where config.yaml, metrics.jsonl, checkpoints, adapter/ go"),
-}
 
-# Keys whose value is a mapping of free-form sub-keys would go here; none yet.
-_SECTIONS = sorted({k.rsplit(".", 1)[0] for k in SCHEMA if "." in k} |
-                   {k.rsplit(".", 2)[0] for k in SCHEMA if k.count(".") >= 2})
+# ----------------------------------------------------------------------------- constraints
 
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _in_unit(lo_open: bool, hi_open: bool) -> Callable:
+    def check(v):
+        ok = (0.0 < v if lo_open else 0.0 <= v) and (v < 1.0 if hi_open else v <= 1.0)
+        return None if ok else f"must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+    return check
+
+
+def _targets(v):
+    return None if v and all(isinstance(t, str) and t for t in v) else "must be a non-empty list of module names"
+
+
+def _betas(v):
+    ok = len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+    return None if ok else "must be two numbers in [0, 1)"
+
+
+_LORA_INIT = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*")
+
+
+def _lora_init(v):
+    return None if _LORA_INIT.fullmatch(v) else "must be one of default, gaussian, pissa, pissa_niter_N (N >= 1)"
+
+
+def key(default=REQUIRED, help: str = "", choices: Optional[tuple] = None, check: Optional[Callable] = None):
+    """A config key: a dataclass field whose metadata holds its help, allowed values and constraint.
+
+    ``check(value) -> None | str`` returns what is wrong (``"must be > 0"``); it
+    sees non-null values only.
+    """
+    meta = {"help": help, "choices": choices, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    if default is REQUIRED:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- the sections
+
+@dataclass(frozen=True)
+class LoraCfg:
+    r: int = key(16, "LoRA rank", check=_positive)
+    alpha: float = key(32.0, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora)", check=_non_negative)
+    dropout: float = key(0.0, "dropout on the LoRA branch input", check=_in_unit(False, True))
+    rslora: bool = key(False, "rank-stabilized scaling alpha / sqrt(r)")
+    targets: list = key(list(DEFAULT_TARGETS), "nn.Linear names (last name component) to adapt, or all-linear "
+                        "(every linear layer but the output head)", check=_targets)
+    init: str = key("default", "initialisation of A and B: default | gaussian | pissa | pissa_niter_N",
+                    check=_lora_init)
+
+
+@dataclass(frozen=True)
+class MaskCfg:
+    fraction: float = key(0.1, "method masked: share of the candidate weights that may change",
+                          check=_in_unit(True, False))
+    score: str = key("grad", "grad: top |grad| summed over warmup_steps; update: top |W_run - W_base| of mask.from",
+                     choices=("grad", "update"))
+    warmup_steps: int = key(10, "score grad: optimizer-steps worth of batches to score on", check=_non_negative)
+    # ``from`` is a Python keyword: the attribute is ``from_`` (the config key stays ``mask.from``)
+    from_: Optional[str] = key(None, "score update: a finished full-SFT run directory")
+
+
+@dataclass(frozen=True)
+class FieldsCfg:
+    prompt: str = key("prompt", "prompt_completion: name of the prompt field")
+    completion: str = key("completion", "prompt_completion: name of the completion field")
+    messages: str = key("messages", "chat: name of the messages field")
+    answers: str = key("answers", "eval rows: gold answers (str or list; 'answer' also read)")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    train: str = key(REQUIRED, "training set: local json/jsonl/csv/parquet, or hub name[:split]")
+    eval: Optional[str] = key(None, "in-domain eval set (same formats)")
+    eval_ood: Optional[str] = key(None, "out-of-domain eval set (same formats)")
+    format: str = key("prompt_completion", "row format", choices=("prompt_completion", "chat"))
+    fields: FieldsCfg = field(default_factory=FieldsCfg)
+    max_length: int = key(512, "tokens per example (longer ones are truncated)", check=_positive)
+    packing: bool = key(False, "false: batch_size examples per micro-batch; true: fill batch_size*max_length tokens")
+    add_eos: bool = key(True, "prompt_completion: append the EOS token to the completion")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    max_steps: int = key(200, "optimizer steps (ignored when train.epochs is set)", check=_positive)
+    epochs: Optional[float] = key(None, "train this many passes over the data instead of max_steps", check=_positive)
+    batch_size: int = key(8, "examples (or rows of max_length with packing) per micro-batch", check=_positive)
+    grad_accum: int = key(1, "micro-batches per optimizer step", check=_positive)
+    lr: float = key(2.0e-4, "peak learning rate", check=_positive)
+    schedule: str = key("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup: float = key(0.03, "warmup: fraction of the steps if < 1, else a number of steps", check=_non_negative)
+    min_lr_ratio: float = key(0.0, "final lr as a fraction of the peak", check=_non_negative)
+    weight_decay: float = key(0.0, "AdamW weight decay (matrices only)", check=_non_negative)
+    betas: list = key([0.9, 0.999], "AdamW betas", check=_betas)
+    eps: float = key(1.0e-8, "AdamW eps", check=_non_negative)
+    max_grad_norm: Optional[float] = key(1.0, "clip the global grad norm (null: no clipping)", check=_positive)
+    optimizer: str = key("adamw", "adamw: torch (fused on CUDA); adamw8bit: bitsandbytes",
+                         choices=("adamw", "adamw8bit"))
+    seed: int = key(0, "seed for init, dropout and data order")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward")
+    fused_kernels: bool = key(False, "RMSNorm and SwiGLU MLPs through rankwise's fused kernels (each kind checked "
+                              "against the module's own forward first)")
+    fused_loss: bool = key(True, "output head + cross entropy in chunks, never the full logits (checked against the "
+                           "model's own loss on the first batch; models it does not fit fall back with a warning)")
+    backend: str = key("auto", "kernels of LoRA, fused_kernels and fused_loss: auto (Triton on CUDA, torch "
+                       "elsewhere), triton (on a CPU: needs TRITON_INTERPRET=1), torch", choices=BACKENDS)
+    precision: str = key("auto", "autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU always fp32",
+                         choices=("auto", "bf16", "fp16", "fp32"))
+    log_every: int = key(10, "steps between metrics.jsonl rows", check=_positive)
+    save_every: int = key(100, "steps between checkpoints (0: only at the end)", check=_non_negative)
+    device: str = key("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    every: int = key(50, "steps between evaluations (0: only at the end)", check=_non_negative)
+    generate: bool = key(True, "generation QA accuracy when eval rows have answers")
+    max_new_tokens: int = key(16, "greedy tokens generated per eval prompt", check=_positive)
+    batch_size: int = key(32, "eval batch size (loss and generation)", check=_positive)
+    max_examples: Optional[int] = key(None, "evaluate on the first N eval rows only", check=_positive)
+
+
+@dataclass(frozen=True)
+class LogCfg:
+    tensorboard: bool = key(False, "also write TensorBoard events to output_dir/tb")
+    progress: bool = key(True, "tqdm progress bar")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One run, fully defaulted and validated; attribute paths are the config keys."""
+    model: str = key(REQUIRED, "base model: local directory or hub id")
+    tokenizer: Optional[str] = key(None, "tokenizer path or hub id (default: the model's)")
+    dtype: str = key("auto", "dtype of the (frozen) base weights", choices=("auto", "bf16", "fp16", "fp32"))
+    quantization: str = key("none", "quantize the frozen base linear weights (lora only)", choices=("none", "nf4"))
+    double_quant: bool = key(False, "nf4: also quantize the absmax constants")
+    attention: str = key("auto", "auto = flash_attention_2 if flash_attn imports, else sdpa",
+                         choices=("auto", "flash_attention_2", "sdpa", "eager"))
+    method: str = key("lora", "what is trained", choices=("lora", "full", "masked"))
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    mask: MaskCfg = field(default_factory=MaskCfg)
+    data: DataCfg  # data.train is required, so the section has no default
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    output_dir: str = key("runs/rankwise", "where config.yaml, metrics.jsonl, checkpoints, adapter/ go")
+
+    def __post_init__(self):  # checks between keys
+        if self.method == "masked" and self.mask.score == "update" and not self.mask.from_:
+            raise ConfigError("config key 'mask.from' is required when mask.score is 'update' "
+                              "(a full-SFT run directory)")
+        if self.quantization != "none" and self.method != "lora":
+            raise ConfigError(f"config key 'quantization' = {self.quantization!r} needs method 'lora' "
+                              f"(the quantized base weights are frozen), got method {self.method!r}")
+
+    def to_dict(self) -> dict:
+        """The nested config dict (what ``config.yaml`` holds)."""
+        return unflatten({k: copy.deepcopy(_attr(self, k)) for k in SCHEMA})
+
+    def get(self, dotted: str):
+        """``cfg.get("mask.from")``: the value of a dotted key."""
+        return _attr(self, dotted)
+
+
+# ----------------------------------------------------------------------------- the schema, derived
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One config key: ``default`` (``REQUIRED`` if none), ``types`` (``None`` in them: nullable), ``choices``,
+    ``check``, ``help``."""
+    default: Any
+    types: tuple
+    choices: Optional[tuple]
+    check: Optional[Callable]
+    help: str
+
+    def __getitem__(self, i):  # the old positional tuple: (default, types, choices, help)
+        return (self.default, self.types, self.choices, self.help)[i]
+
+
+def _attr_name(leaf: str) -> str:
+    return "from_" if leaf == "from" else leaf
+
+
+def _key_name(attr: str) -> str:
+    return "from" if attr == "from_" else attr
+
+
+def _attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, _attr_name(part))
+    return obj
+
+
+def _types_of(hint) -> tuple:
+    if typing.get_origin(hint) is typing.Union:
+        return tuple(None if a is type(None) else a for a in typing.get_args(hint))
+    return (hint,)
+
+
+def _walk(cls, prefix=""):
+    """(dotted key, KeySpec) for every key of section ``cls``; nested sections -> (dotted name, class)."""
+    hints = typing.get_type_hints(cls)
+    keys, sections = {}, {}
+    for f in dataclasses.fields(cls):
+        dotted = prefix + _key_name(f.name)
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sections[dotted] = hint
+            sub_keys, sub_sections = _walk(hint, dotted + ".")
+            keys.update(sub_keys)
+            sections.update(sub_sections)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = REQUIRED
+        keys[dotted] = KeySpec(default, _types_of(hint), f.metadata.get("choices"), f.metadata.get("check"),
+                               f.metadata.get("help", ""))
+    return keys, sections
+
+
+SCHEMA, _SECTION_CLASSES = _walk(RunConfig)
+SCHEMA: dict[str, KeySpec]
+_SECTIONS = sorted(_SECTION_CLASSES)
+
+
+# ----------------------------------------------------------------------------- dict helpers
 
 def defaults() -> dict:
     """A nested config dict holding every default (required keys are absent)."""
-    flat = {k: copy.deepcopy(v[0]) for k, v in SCHEMA.items() if v[0] is not REQUIRED}
+    flat = {k: copy.deepcopy(v.default) for k, v in SCHEMA.items() if v.default is not REQUIRED}
     return unflatten(flat)
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; sections known to the schema are descended into."""
     out = {}
-    for key, value in cfg.items():
-        if not isinstance(key, str):
-            raise TypeError(f"config key {prefix}{key!r} must be a string")
-        dotted = prefix + key
+    for k, value in cfg.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"config key {prefix}{k!r} must be a string")
+        dotted = prefix + k
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             out.update(flatten(value, dotted + "."))
         else:
@@ -138,6 +322,16 @@ def unflatten(flat: Mapping) -> dict:
     return out
 
 
+def get(cfg, dotted: str):
+    """``get(cfg, "lora.r")`` on a nested config dict or a ``RunConfig``."""
+    if isinstance(cfg, RunConfig):
+        return _attr(cfg, dotted)
+    node = cfg
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
 # names people bring from PEFT / transformers -> ours
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
             "target_modules": "targets", "learning_rate": "lr", "num_train_epochs": "epochs",
@@ -146,14 +340,14 @@ _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "
             "max_seq_length": "max_length", "torch_dtype": "dtype", "attn_implementation": "attention"}
 
 
-def _suggest(key: str) -> str:
+def _suggest(dotted: str) -> str:
     """A hint for an unknown key: a known alias, a close name in the same section, or the name elsewhere."""
-    section, _, leaf = key.rpartition(".")
+    section, _, leaf = dotted.rpartition(".")
     known = list(SCHEMA) + _SECTIONS
 
     def by_leaf(name):
-        same = [k for k in known if k.rpartition(".")[2] == name and k.rpartition(".")[0] == section and k != key]
-        other = [k for k in known if k.rpartition(".")[2] == name and k != key]
+        same = [k for k in known if k.rpartition(".")[2] == name and k.rpartition(".")[0] == section and k != dotted]
+        other = [k for k in known if k.rpartition(".")[2] == name and k != dotted]
         return (same or other or [None])[0]
 
     hit = by_leaf(_ALIASES[leaf]) if leaf in _ALIASES else by_leaf(leaf)
@@ -164,13 +358,14 @@ def _suggest(key: str) -> str:
     return f" (did you mean {hit!r}?)" if hit else ""
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check ``value`` against the schema type of ``key``; int -> float and numeric strings are accepted."""
-    default, types, choices, _ = SCHEMA[key]
+def _coerce(dotted: str, value: Any) -> Any:
+    """Check ``value`` against the spec of ``dotted``; int -> float, numeric strings and comma lists are accepted."""
+    spec = SCHEMA[dotted]
+    types = spec.types
     if value is None:
         if None in types:
             return None
-        raise ValueError(f"config key {key!r} must not be null")
+        raise ConfigError(f"config key {dotted!r} must not be null")
     if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -181,72 +376,62 @@ def _coerce(key: str, value: Any) -> Any:
     if list in types and isinstance(value, (tuple, str)):
         value = list(value) if isinstance(value, tuple) else [s.strip() for s in value.split(",") if s.strip()]
     want = tuple(t for t in types if t is not None)
-    ok = isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
-    if not ok:
+    if not (isinstance(value, want) and not (isinstance(value, bool) and bool not in want)):
         names = " or ".join(t.__name__ for t in want) + (" or null" if None in types else "")
-        raise ValueError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
-    if choices is not None and value not in choices:
-        raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise ConfigError(f"config key {dotted!r} must be {names}, got {type(value).__name__} {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"config key {dotted!r} must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
+    problem = spec.check(value) if spec.check is not None else None
+    if problem:
+        raise ConfigError(f"config key {dotted!r} {problem}, got {value!r}")
+    if dotted == "train.betas":
+        value = [float(b) for b in value]
     return value
 
 
-def validate(cfg: Mapping) -> dict:
-    """Fill defaults into ``cfg`` and check every key; returns a new resolved nested dict.
+def _build(cls, flat: dict, prefix: str = ""):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dotted = prefix + _key_name(f.name)
+        kwargs[f.name] = _build(_SECTION_CLASSES[dotted], flat, dotted + ".") if dotted in _SECTION_CLASSES \
+            else flat[dotted]
+    return cls(**kwargs)
 
-    Raises ``ValueError`` naming the first unknown key (with a suggestion), a
+
+# ----------------------------------------------------------------------------- parsing
+
+def validate_config(cfg: Mapping) -> RunConfig:
+    """A nested config mapping -> ``RunConfig`` (defaults filled, every key checked).
+
+    Raises ``ConfigError`` naming the first unknown key (with a suggestion), a
     missing required key, or a key with a wrong type or value.
     """
+    if isinstance(cfg, RunConfig):
+        return cfg
     if not isinstance(cfg, Mapping):
-        raise ValueError(f"config must be a mapping of keys to values, got {type(cfg).__name__}")
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(cfg).__name__}")
     flat = flatten(cfg)
     for k in flat:
         if k in _SECTIONS:
-            raise ValueError(f"config key {k!r} must be a mapping (e.g. {k}: {{...}}), got {flat[k]!r}")
+            raise ConfigError(f"config key {k!r} must be a mapping (e.g. {k}: {{...}}), got {flat[k]!r}")
     unknown = [k for k in flat if k not in SCHEMA]
     if unknown:
-        raise ValueError("unknown config key" + ("s " if len(unknown) > 1 else " ")
-                         + ", ".join(f"{k!r}{_suggest(k)}" for k in unknown))
+        raise ConfigError("unknown config key" + ("s " if len(unknown) > 1 else " ")
+                          + ", ".join(f"{k!r}{_suggest(k)}" for k in unknown))
     resolved = {}
-    for key, (default, _, _, _) in SCHEMA.items():
-        if key in flat:
-            resolved[key] = _coerce(key, flat[key])
-        elif default is REQUIRED:
-            raise ValueError(f"missing required config key {key!r} ({SCHEMA[key][3]})")
+    for dotted, spec in SCHEMA.items():
+        if dotted in flat:
+            resolved[dotted] = _coerce(dotted, flat[dotted])
+        elif spec.default is REQUIRED:
+            raise ConfigError(f"missing required config key {dotted!r} ({spec.help})")
         else:
-            resolved[key] = copy.deepcopy(default)
-    _check_values(resolved)
-    return unflatten(resolved)
+            resolved[dotted] = copy.deepcopy(spec.default)
+    return _build(RunConfig, resolved)
 
 
-def _check_values(c: dict) -> None:
-    def positive(key, allow_zero=False):
-        if c[key] is not None and (c[key] < 0 or (c[key] == 0 and not allow_zero)):
-            raise ValueError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {c[key]!r}")
-
-    for key in ("lora.r", "data.max_length", "train.max_steps", "train.batch_size", "train.grad_accum",
-                "train.lr", "eval.max_new_tokens", "eval.batch_size", "train.log_every", "train.epochs",
-                "eval.max_examples"):
-        positive(key)
-    for key in ("lora.dropout", "train.warmup", "train.weight_decay", "train.min_lr_ratio", "train.eps",
-                "train.save_every", "eval.every", "mask.warmup_steps", "lora.alpha"):
-        positive(key, allow_zero=True)
-    if c["train.max_grad_norm"] is not None:
-        positive("train.max_grad_norm")
-    if not 0.0 <= c["lora.dropout"] < 1.0:
-        raise ValueError(f"config key 'lora.dropout' must be in [0, 1), got {c['lora.dropout']}")
-    if not 0.0 < c["mask.fraction"] <= 1.0:
-        raise ValueError(f"config key 'mask.fraction' must be in (0, 1], got {c['mask.fraction']}")
-    if not c["lora.targets"] or not all(isinstance(t, str) and t for t in c["lora.targets"]):
-        raise ValueError(f"config key 'lora.targets' must be a non-empty list of module names, got {c['lora.targets']!r}")
-    betas = c["train.betas"]
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ValueError(f"config key 'train.betas' must be two numbers in [0, 1), got {betas!r}")
-    c["train.betas"] = [float(b) for b in betas]
-    if c["method"] == "masked" and c["mask.score"] == "update" and not c["mask.from"]:
-        raise ValueError("config key 'mask.from' is required when mask.score is 'update' (a full-SFT run directory)")
-    if c["quantization"] != "none" and c["method"] != "lora":
-        raise ValueError(f"config key 'quantization' = {c['quantization']!r} needs method 'lora' "
-                         f"(the quantized base weights are frozen), got method {c['method']!r}")
+def validate(cfg: Mapping) -> dict:
+    """Fill defaults into ``cfg`` and check every key; returns a new resolved nested dict."""
+    return validate_config(cfg).to_dict()
 
 
 def parse_overrides(items) -> dict:
@@ -256,16 +441,16 @@ def parse_overrides(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, raw = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        out[key] = value
+        out[k] = value
     return out
 
 
@@ -276,10 +461,10 @@ def apply_overrides(cfg: Mapping, overrides) -> dict:
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
     flat = flatten(cfg)
-    for key, value in overrides.items():
-        if key not in SCHEMA:
-            raise ValueError(f"unknown config key {key!r} in overrides{_suggest(key)}")
-        flat[key] = value
+    for k, value in overrides.items():
+        if k not in SCHEMA:
+            raise ConfigError(f"unknown config key {k!r} in overrides{_suggest(k)}")
+        flat[k] = value
     return unflatten(flat)
 
 
@@ -288,38 +473,38 @@ def load_yaml(path) -> dict:
     import yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
             cfg = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys, got {type(cfg).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(cfg).__name__}")
     return cfg
+
+
+def parse(config, overrides=None) -> RunConfig:
+    """A ``RunConfig``, a config dict or a YAML path, plus overrides -> the validated ``RunConfig``."""
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        config = config.to_dict()
+    cfg = load_yaml(config) if isinstance(config, (str, os.PathLike)) else copy.deepcopy(dict(config))
+    return validate_config(apply_overrides(cfg, overrides))
 
 
 def resolve(config, overrides=None) -> dict:
     """A config dict or YAML path plus overrides -> the validated, fully defaulted nested dict."""
-    cfg = load_yaml(config) if isinstance(config, (str, os.PathLike)) else copy.deepcopy(dict(config))
-    return validate(apply_overrides(cfg, overrides))
+    return parse(config, overrides).to_dict()
 
 
-def get(cfg: Mapping, dotted: str):
-    """``get(cfg, "lora.r")`` on a nested config."""
-    node = cfg
-    for p in dotted.split("."):
-        node = node[p]
-    return node
-
-
-def dump_yaml(cfg: Mapping, path) -> None:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file in the same directory, then rename)."""
+def dump_yaml(cfg, path) -> None:
+    """Write ``cfg`` (a dict or a ``RunConfig``) as YAML to ``path`` atomically (temp file, then rename)."""
     import yaml
 
-    text = yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
+    data = cfg.to_dict() if isinstance(cfg, RunConfig) else dict(cfg)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     atomic_write_text(path, text)
-
-
