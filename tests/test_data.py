@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rankwise.data import (IGNORE, collate, load_rows, plan_epoch, qa_items, tokenize_rows)
+from rankwise.errors import ConfigError
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -105,30 +106,30 @@ def test_dataset_directory_and_hub_names_go_through_datasets(tmp_path):
     write_jsonl(d / "test.jsonl", rows[:1])
     assert load_rows(str(d)) == rows
     assert load_rows(f"{d}:test") == rows[:1]
-    with pytest.raises(ValueError, match=r"data\.eval: cannot load hub data set 'no-such-org/no-such-set' split 'dev'"):
+    with pytest.raises(ConfigError, match=r"data\.eval: cannot load hub data set 'no-such-org/no-such-set' split 'dev'"):
         load_rows("no-such-org/no-such-set:dev", "data.eval")  # offline in tests (conftest)
 
 
 def test_malformed_rows_name_the_row(tmp_path, tok):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", oops}\n')
-    with pytest.raises(ValueError, match=r"data\.train row 2 \(line 3"):
+    with pytest.raises(ConfigError, match=r"data\.train row 2 \(line 3"):
         load_rows(str(p), "data.train")
     p.write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"row 2 .*must be a JSON object"):
+    with pytest.raises(ConfigError, match=r"row 2 .*must be a JSON object"):
         load_rows(str(p), "data.train")
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "b"}, {"question": "a", "completion": "b"}]
-    with pytest.raises(ValueError, match=r"data\.train row 3: missing field 'prompt'.*'question'"):
+    with pytest.raises(ConfigError, match=r"data\.train row 3: missing field 'prompt'.*'question'"):
         tokenize_rows(rows, tok)
-    with pytest.raises(ValueError, match=r"data\.eval row 1: field 'completion' must be str, got int"):
+    with pytest.raises(ConfigError, match=r"data\.eval row 1: field 'completion' must be str, got int"):
         tokenize_rows([{"prompt": "a", "completion": 3}], tok, name="data.eval")
-    with pytest.raises(ValueError, match=r"row 2: message 0 must be an object"):
+    with pytest.raises(ConfigError, match=r"row 2: message 0 must be an object"):
         tokenize_rows([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
                        {"messages": ["hi"]}], tok, format="chat")
-    with pytest.raises(FileNotFoundError, match="data.train: file not found"):
+    with pytest.raises(ConfigError, match="data.train: file not found"):
         load_rows(str(tmp_path / "missing.jsonl"), "data.train")
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+    with pytest.raises(ConfigError, match="unsupported file type '.txt'"):
         load_rows(str(tmp_path / "x.txt"))
 
 

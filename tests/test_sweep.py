@@ -9,6 +9,7 @@ from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 import rankwise.train as rt
 from rankwise import cli
+from rankwise.errors import ConfigError
 from rankwise.sweep import sweep
 
 
@@ -101,11 +102,16 @@ def test_sweep_cli_and_bad_arguments(cfg, tmp_path, capsys):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "cli")}))
-    assert cli.main(["sweep", str(path), "--ranks", "1", "--set", "train.max_steps=2", "--alpha-ratio", "2"]) == 0
+    assert cli.main(["sweep", str(path), "--ranks", "1", "--set", "train.max_steps=2", "--alpha-ratio", "2",
+                     "--backend", "torch"]) == 0
     assert "lora_r1" in capsys.readouterr().out
     with open(tmp_path / "cli" / "arms" / "lora_r1" / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["lora_alpha"] == 2.0
+    arm_cfg = yaml.safe_load((tmp_path / "cli" / "arms" / "lora_r1" / "config.yaml").read_text())
+    assert arm_cfg["train"]["backend"] == "torch"  # --backend reaches every arm's train.backend
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(path), "--ranks", "1", "--backend", "cuda"])
     assert cli.main(["sweep", str(path), "--ranks", "1,x"]) == 2
     assert "--ranks must be a comma-separated list of ints" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="ranks must be distinct integers >= 1"):
+    with pytest.raises(ConfigError, match="ranks must be distinct integers >= 1"):
         sweep(cfg, [0, 1], out_dir=str(tmp_path / "bad"))

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
+
 IGNORE = -100
 LOCAL_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -45,7 +47,7 @@ def load_rows(source: str, name: str = "data.train") -> list[dict]:
     ``name`` is the config key the source came from; it prefixes error messages.
     """
     if not isinstance(source, str) or not source:
-        raise ValueError(f"{name} must be a path or a hub data set name, got {source!r}")
+        raise ConfigError(f"{name} must be a path or a hub data set name, got {source!r}")
     ds_name, split = source, "train"
     if ":" in source and not os.path.exists(source):  # "name:split"
         head, tail = source.rsplit(":", 1)
@@ -56,11 +58,11 @@ def load_rows(source: str, name: str = "data.train") -> list[dict]:
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
         if ext not in LOCAL_FORMATS:
-            raise ValueError(f"{name}: unsupported file type {ext!r} for {source}; "
+            raise ConfigError(f"{name}: unsupported file type {ext!r} for {source}; "
                              f"expected one of {', '.join(LOCAL_FORMATS)}")
         return _READERS[LOCAL_FORMATS[ext]](source, name)
     if ext in LOCAL_FORMATS or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name}: file not found: {source}")
+        raise ConfigError(f"{name}: file not found: {source}")
     return _read_hub(ds_name, split, name)
 
 
@@ -73,9 +75,9 @@ def _read_jsonl(path, name):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) is not valid JSON: {e.msg}") from None
+                raise ConfigError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) is not valid JSON: {e.msg}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) must be a JSON object, "
+                raise ConfigError(f"{name} row {len(rows) + 1} (line {line_no} of {path}) must be a JSON object, "
                                  f"got {type(row).__name__}")
             rows.append(row)
     return rows
@@ -96,12 +98,12 @@ def _read_json(path, name):
             keys = list(data)
             data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
         else:
-            raise ValueError(f"{name}: {path} must hold a list of row objects")
+            raise ConfigError(f"{name}: {path} must hold a list of row objects")
     if not isinstance(data, list):
-        raise ValueError(f"{name}: {path} must hold a list of row objects, got {type(data).__name__}")
+        raise ConfigError(f"{name}: {path} must hold a list of row objects, got {type(data).__name__}")
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise ValueError(f"{name} row {i} of {path} must be an object, got {type(row).__name__}")
+            raise ConfigError(f"{name} row {i} of {path} must be an object, got {type(row).__name__}")
     return data
 
 
@@ -111,7 +113,7 @@ def _read_csv(path, name):
         rows = []
         for i, row in enumerate(reader, 1):
             if None in row:  # more cells than header columns
-                raise ValueError(f"{name} row {i} (line {reader.line_num} of {path}) has more cells than the header")
+                raise ConfigError(f"{name} row {i} (line {reader.line_num} of {path}) has more cells than the header")
             rows.append(row)
     return rows
 
@@ -126,11 +128,11 @@ def _read_hub(ds_name, split, name):
     try:
         import datasets
     except ImportError:  # pragma: no cover
-        raise ValueError(f"{name}: {ds_name!r} is not a local file and the 'datasets' package is not installed") from None
+        raise ConfigError(f"{name}: {ds_name!r} is not a local file and the 'datasets' package is not installed") from None
     try:
         ds = datasets.load_dataset(ds_name, split=split)
     except Exception as e:  # the hub raises many kinds; say which source failed
-        raise ValueError(f"{name}: cannot load hub data set {ds_name!r} split {split!r}: {e}") from e
+        raise ConfigError(f"{name}: cannot load hub data set {ds_name!r} split {split!r}: {e}") from e
     return [dict(r) for r in ds]
 
 
@@ -153,11 +155,11 @@ class Example:
 def _field(row, field, i, name, kind=str):
     if field not in row:
         present = ", ".join(map(repr, row)) or "none"
-        raise ValueError(f"{name} row {i}: missing field {field!r} (fields present: {present}); "
+        raise ConfigError(f"{name} row {i}: missing field {field!r} (fields present: {present}); "
                          f"rename with data.fields")
     value = row[field]
     if not isinstance(value, kind):
-        raise ValueError(f"{name} row {i}: field {field!r} must be {kind.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{name} row {i}: field {field!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -183,13 +185,13 @@ def tokenize_rows(rows, tokenizer, *, format="prompt_completion", fields=None, m
     """
     fields = {"prompt": "prompt", "completion": "completion", "messages": "messages", **(fields or {})}
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise ConfigError(f"max_length must be >= 2, got {max_length}")
     if format == "prompt_completion":
         seqs = _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name)
     elif format == "chat":
         seqs = _tokenize_chat(rows, tokenizer, fields, name, progress)
     else:
-        raise ValueError(f"data.format must be 'prompt_completion' or 'chat', got {format!r}")
+        raise ConfigError(f"data.format must be 'prompt_completion' or 'chat', got {format!r}")
     examples, dropped = [], 0
     for ids, tgt in seqs:
         ids, tgt = ids[:max_length], tgt[:max_length]
@@ -198,7 +200,7 @@ def tokenize_rows(rows, tokenizer, *, format="prompt_completion", fields=None, m
             continue
         examples.append(Example(ids, tgt))
     if not examples:
-        raise ValueError(f"{name}: no example has a completion token left within data.max_length={max_length}")
+        raise ConfigError(f"{name}: no example has a completion token left within data.max_length={max_length}")
     return examples, dropped
 
 
@@ -208,7 +210,7 @@ def _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name):
     completions = [_field(r, cf, i, name) for i, r in enumerate(rows, 1)]
     for i, c in enumerate(completions, 1):
         if not c:
-            raise ValueError(f"{name} row {i}: field {cf!r} is empty")
+            raise ConfigError(f"{name} row {i}: field {cf!r} is empty")
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     out = []
     chunk = 2048
@@ -223,12 +225,12 @@ def _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name):
 
 def _check_messages(messages, i, name):
     if not messages:
-        raise ValueError(f"{name} row {i}: 'messages' is empty")
+        raise ConfigError(f"{name} row {i}: 'messages' is empty")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{name} row {i}: message {j} must be an object with string 'role' and 'content', got {m!r}")
+            raise ConfigError(f"{name} row {i}: message {j} must be an object with string 'role' and 'content', got {m!r}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{name} row {i}: no assistant message to train on")
+        raise ConfigError(f"{name} row {i}: no assistant message to train on")
 
 
 def chat_prompt(tokenizer, messages) -> str:
@@ -239,7 +241,7 @@ def chat_prompt(tokenizer, messages) -> str:
 
 def _tokenize_chat(rows, tokenizer, fields, name, progress):
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{name}: data.format is 'chat' but the tokenizer has no chat template")
+        raise ConfigError(f"{name}: data.format is 'chat' but the tokenizer has no chat template")
     mf = fields["messages"]
     out = []
     it = enumerate(rows, 1)
@@ -260,7 +262,7 @@ def _tokenize_chat(rows, tokenizer, fields, name, progress):
             prefix = render(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
             full = render(messages[:j + 1], tokenize=False)
             if not prefix.startswith(done) or not full.startswith(prefix):
-                raise ValueError(f"{name} row {i}: the chat template does not render conversations "
+                raise ConfigError(f"{name} row {i}: the chat template does not render conversations "
                                  f"prefix by prefix; cannot locate assistant message {j}")
             pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
             done = full

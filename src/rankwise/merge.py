@@ -11,9 +11,11 @@ result is rounded once to the output dtype. The output directory holds a model
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
+
+from .checkpoint import replace_dir
+from .errors import ConfigError
 
 
 def find_adapter(path: str) -> str:
@@ -23,7 +25,7 @@ def find_adapter(path: str) -> str:
     for cand in (path, os.path.join(path, "adapter")):
         if os.path.isfile(os.path.join(cand, CONFIG_NAME)):
             return cand
-    raise FileNotFoundError(f"no LoRA adapter in {path} (expected {CONFIG_NAME} there or in {path}/adapter)")
+    raise ConfigError(f"no LoRA adapter in {path} (expected {CONFIG_NAME} there or in {path}/adapter)")
 
 
 def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> str:
@@ -39,29 +41,35 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto")
     from .model import DTYPES, load_tokenizer
 
     adapter_dir = find_adapter(path)
-    cfg, _ = read_adapter(adapter_dir)
+    try:
+        cfg, _ = read_adapter(adapter_dir)
+    except (FileNotFoundError, ValueError) as e:  # a malformed adapter directory is bad input
+        raise ConfigError(str(e)) from None
     base = base or cfg.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; pass --base")
+        raise ConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --base")
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+        raise ConfigError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load base model {base!r}: {e}") from None
+        raise ConfigError(f"cannot load base model {base!r}: {e}") from None
     saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
     target = DTYPES[dtype] if dtype != "auto" else (saved if isinstance(saved, torch.dtype) else torch.float32)
-    merge_adapter(model, adapter_dir)  # in fp32
+    try:
+        merge_adapter(model, adapter_dir)  # in fp32
+    except ValueError as e:  # the adapter does not fit this base model
+        raise ConfigError(str(e)) from None
     model.to(target)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    load_tokenizer(base).save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tokenizer = load_tokenizer(base)
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    replace_dir(out_dir, write)  # out_dir is the old directory or the new one, never half of one
     return out_dir
 
 

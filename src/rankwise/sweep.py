@@ -1,6 +1,6 @@
 """``rankwise sweep``: a LoRA rank sweep against full (and masked) SFT, as in the rank trade-off study.
 
-    rankwise sweep CONFIG.yaml --ranks 1,2,4,8,16,32,64,128 --full-sft [--masked 0.01,0.1]
+    rankwise sweep CONFIG.yaml --ranks 1,2,4,8,16,32,64,128 --full-sft [--masked 0.01,0.1] [--backend triton]
 
 Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
 changed, so all arms share the seed and therefore the data order and the
@@ -27,6 +27,7 @@ import os
 import torch
 
 from . import config as C
+from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
 
@@ -49,9 +50,9 @@ def _parse_list(text, kind, what):
     try:
         values = [kind(s) for s in items]
     except ValueError:
-        raise ValueError(f"{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+        raise ConfigError(f"{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
     if not values:
-        raise ValueError(f"{what} is empty")
+        raise ConfigError(f"{what} is empty")
     return values
 
 
@@ -67,7 +68,7 @@ def _failure_reason(e: BaseException) -> str:
 
 
 def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
-          alpha_ratio=None) -> list[dict]:
+          alpha_ratio=None, backend=None) -> list[dict]:
     """Run the arms of a rank sweep; returns one result row per arm (also written to ``sweep.csv``).
 
     Args:
@@ -79,17 +80,21 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         overrides: dotted overrides applied to ``config`` first.
         alpha_ratio: when set, each LoRA arm uses ``alpha = alpha_ratio * r`` (e.g. 2);
             otherwise ``lora.alpha`` is the same for every rank.
+        backend: ``train.backend`` of every arm (``auto``, ``triton``, ``torch``); None keeps the config's.
     """
     from . import train as _train
 
+    if backend is not None:
+        overrides = {**(C.parse_overrides(overrides) if overrides and not isinstance(overrides, dict)
+                        else dict(overrides or {})), "train.backend": backend}
     base = C.resolve(config, overrides)
     ranks = [int(r) for r in ranks]
     if any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks must be distinct integers >= 1, got {ranks}")
+        raise ConfigError(f"ranks must be distinct integers >= 1, got {ranks}")
     fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
     for f in fractions:
         if not 0 < f <= 1:
-            raise ValueError(f"masked fraction must be in (0, 1], got {f}")
+            raise ConfigError(f"masked fraction must be in (0, 1], got {f}")
     out_dir = out_dir or base["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
     arms = [("lora", r, None) for r in sorted(ranks)] + ([("full", None, None)] if full_sft else []) \
@@ -226,6 +231,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--alpha-ratio", type=float, default=None,
                         help="use alpha = ratio * r for every LoRA arm (default: the config's lora.alpha)")
     parser.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
+    parser.add_argument("--backend", default=None, choices=list(C.BACKENDS),
+                        help="kernels of every arm: auto (Triton on CUDA, torch elsewhere), triton (on a CPU: "
+                             "TRITON_INTERPRET=1), torch (default: the config's train.backend)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every arm; repeatable")
 
@@ -236,8 +244,8 @@ def main(args) -> int:
     ranks = _parse_list(args.ranks, int, "--ranks")
     masked = _parse_list(args.masked, float, "--masked") if args.masked else None
     results = sweep(args.config, ranks, full_sft=args.full_sft, masked=masked, out_dir=args.out,
-                    overrides=args.overrides, alpha_ratio=args.alpha_ratio)
-    out = args.out or C.resolve(args.config, args.overrides)["output_dir"]
+                    overrides=args.overrides, alpha_ratio=args.alpha_ratio, backend=args.backend)
+    out = args.out or C.parse(args.config, args.overrides).output_dir
     print(open(os.path.join(out, "sweep.md")).read(), end="")
     failed = [r for r in results if r["status"] == "failed"]
     return 1 if failed and len(failed) == len(results) else 0
