@@ -10,6 +10,7 @@ from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 import rankwise.train as rt
 from rankwise import cli
+from rankwise.errors import ConfigError
 from rankwise.evaluate import eval_loss, generate_answers, is_correct, qa_accuracy
 
 
@@ -250,7 +251,7 @@ def test_mask_from_a_full_sft_update(world, tmp_path):
         assert torch.equal(masks[n].bool(), e), n
     cfg["output_dir"] = str(tmp_path / "bad")
     cfg["mask"]["from"] = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="mask.from: no model/ directory"):
+    with pytest.raises(ConfigError, match="mask.from: no model/ directory"):
         rt.train(cfg)
 
 

@@ -6,10 +6,14 @@
     from rankwise.train import train
     summary = train("examples/lora.yaml", overrides={"lora.r": 8})
 
-The file reads top to bottom: setup, data, model, optimizer, the LR schedule
-(a plain function), evaluation, checkpoints, then the loop written out in full
-inside ``train``. Config keys are documented in ``rankwise.config.SCHEMA`` and
-``examples/lora.yaml``.
+The file reads top to bottom: setup (processes, precision, output directory),
+data, model, what trains (``setup_trainable``: LoRA / full / masked), the mask
+(``choose_mask``), the optimizer, the LR schedule (a plain function),
+evaluation, checkpoints, outputs, and then ``train``, whose loop calls them.
+Method-specific choices live in those functions, not in the loop. The config is
+parsed once, at the top of ``train``, into a ``rankwise.config.RunConfig``;
+the functions below receive its sections or plain values. Config keys are
+documented in ``rankwise.config`` and ``examples/lora.yaml``.
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one
 JSON object per logging step: step, loss, lr, tokens_per_s, grad_norm, and on CUDA
@@ -33,13 +37,16 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 from . import config as C
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
+from .checkpoint import load_checkpoint, replace_dir, rng_state, save_checkpoint, set_rng_state
+from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
 
@@ -77,49 +84,391 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup: float = 0.0, sche
     raise ValueError(f"train.schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- setup
+
+@dataclass
+class Dist:
+    """This process's place in the run: ``world`` processes, this one is ``rank``, on ``device``."""
+    world: int
+    rank: int
+    device: torch.device
+    own_group: bool = False  # whether this call started the process group (and so ends it)
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """``train.backend: triton`` off CUDA needs the Triton interpreter, switched on before Python starts."""
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"train.backend triton on device {device.type} needs the Triton interpreter: "
+                          f"set TRITON_INTERPRET=1 in the environment before starting Python")
+
+
+def setup_processes(device_name: str) -> Dist:
+    """Read torchrun's environment, pick the device, start the process group under DDP."""
+    from .model import resolve_device
+
+    dist = Dist(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), resolve_device(device_name))
+    if dist.ddp:
+        import torch.distributed as tdist
+
+        if dist.device.type == "cuda":
+            dist.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dist.device)
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend="nccl" if dist.device.type == "cuda" else "gloo")
+            dist.own_group = True
+    return dist
+
+
+def prepare_output_dir(cfg: C.RunConfig, resume: bool) -> Optional[dict]:
+    """Create ``output_dir`` and write ``config.yaml``; returns the summary of a run that already finished."""
+    out_dir = cfg.output_dir
+    done = os.path.join(out_dir, SUMMARY)
+    if os.path.exists(done) and resume:
+        with open(done) as f:
+            log.info("%s already finished; nothing to resume", out_dir)
+            return json.load(f)
+    if (os.path.exists(os.path.join(out_dir, CHECKPOINT)) or os.path.exists(done)) and not resume:
+        raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue it "
+                          f"or choose another output_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    C.dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+    return None
+
+
+def setup_precision(precision: str, device: torch.device, master: bool):
+    """``(autocast factory, GradScaler or None, amp dtype or None)``: autocast on GPUs, fp32 on the CPU."""
+    if device.type == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        if precision not in ("auto", "fp32") and master:
+            log.info("train.precision %s applies on GPUs only; the CPU trains in fp32", precision)
+        amp_dtype = None  # the CPU trains in fp32
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return autocast, scaler, amp_dtype
+
+
+# ----------------------------------------------------------------------------- data
+
+class Batches:
+    """The training micro-batches in a seed-determined order, epoch after epoch, planned on demand."""
+
+    def __init__(self, examples, batch_size: int, packing: bool, max_length: int, seed: int):
+        self.examples, self.lengths = examples, [len(e) for e in examples]
+        self.batch_size, self.packing, self.max_length, self.seed = batch_size, packing, max_length, seed
+        self.plans = []  # micro-batches (lists of example indices) of each epoch
+
+    def epoch_plan(self, e: int):
+        from .data import plan_epoch
+
+        while len(self.plans) <= e:
+            self.plans.append(plan_epoch(self.lengths, self.batch_size, packing=self.packing,
+                                         max_length=self.max_length, seed=self.seed, epoch=len(self.plans)))
+        return self.plans[e]
+
+    def micro_batch(self, g: int):
+        """Global micro-batch number ``g`` -> (epoch, batch dict)."""
+        from .data import collate
+
+        e = 0
+        while g >= len(self.epoch_plan(e)):
+            g -= len(self.epoch_plan(e))
+            e += 1
+        return e, collate(self.examples, self.epoch_plan(e)[g])
+
+    def step(self, step: int, grad_accum: int, dist: Dist):
+        """This rank's ``grad_accum`` (epoch, batch) pairs of optimizer step ``step``."""
+        return [self.micro_batch((step * grad_accum + k) * dist.world + dist.rank) for k in range(grad_accum)]
+
+
+def load_data(cfg: C.RunConfig, tokenizer, master: bool):
+    """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``."""
+    from .data import eval_batches, load_rows, qa_items, tokenize_rows
+
+    d, e = cfg.data, cfg.eval
+    fields = asdict(d.fields)
+    tok_kw = dict(format=d.format, fields=fields, max_length=d.max_length, add_eos=d.add_eos,
+                  progress=master and cfg.log.progress)
+    rows = load_rows(d.train, "data.train")
+    if not rows:
+        raise ConfigError(f"data.train: {d.train} holds no rows")
+    examples, dropped = tokenize_rows(rows, tokenizer, name="data.train", **tok_kw)
+    if dropped:
+        log.warning("data.train: %d examples lost every completion token to data.max_length and were dropped", dropped)
+    evals = {}
+    for prefix, source in (("eval", d.eval), ("eval_ood", d.eval_ood)):
+        if not source:
+            continue
+        rows = load_rows(source, f"data.{prefix}")[: e.max_examples]
+        if not rows:
+            raise ConfigError(f"data.{prefix}: {source} holds no rows")
+        qa = qa_items(rows, tokenizer, format=d.format, fields=fields, name=f"data.{prefix}") if e.generate else None
+        batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
+        if d.format == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
+            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{prefix}", **tok_kw)
+            batches = eval_batches(ex, e.batch_size, d.max_length)
+        evals[prefix] = (batches, qa)
+    return Batches(examples, cfg.train.batch_size, d.packing, d.max_length, cfg.train.seed), evals
+
+
+def count_steps(t: C.TrainCfg, batches: Batches, world: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``train.epochs`` passes over the data."""
+    if t.epochs is None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * len(batches.epoch_plan(0)) / (t.grad_accum * world)))
+
+
+# ----------------------------------------------------------------------------- model: what trains
 
 def mask_candidates(model) -> dict:
     """Parameters masked SFT may change: those of the decoder layers except norms (as in the knowledge study)."""
     return {n: p for n, p in model.named_parameters() if ".layers." in f".{n}" and "norm" not in n}
 
 
-def _rng_state(device) -> dict:
-    import numpy as np
+def load_base_model(cfg: C.RunConfig, device):
+    """The model as loaded (trained weights keep fp32 master copies outside LoRA), checkpointing switched on."""
+    from .model import load_model
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state, device) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    dtype = cfg.dtype
+    if cfg.method != "lora" and dtype == "auto":
+        dtype = "fp32"  # trained weights keep fp32 master copies; compute runs under autocast
+    model = load_model(cfg.model, dtype=dtype, attention=cfg.attention, device=device,
+                       quantization=cfg.quantization, double_quant=cfg.double_quant)
+    if cfg.train.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
+@dataclass
+class Trainable:
+    """What the optimizer moves: named parameters, and for masked SFT the boolean masks over them."""
+    named: list
+    masks: Optional[list] = None
+    pissa_init: Optional[dict] = None  # lora.init pissa: A0, B0 (PEFT names), to save the adapter on the original base
+
+    @property
+    def params(self) -> list:
+        return [p for _, p in self.named]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.named)
+
+    @property
+    def n_changing(self) -> int:
+        """Weights that may change: the masked count for masked SFT, every trainable weight otherwise."""
+        return sum(int(m.sum()) for m in self.masks) if self.masks is not None else self.numel
 
 
-def _save_pretrained_atomic(model, tokenizer, path) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
+    """Set ``requires_grad`` for the method: LoRA layers injected, every weight, or the mask candidates."""
+    pissa_init = None
+    if cfg.method == "lora":
+        from .lora import inject_lora
+
+        lc = cfg.lora
+        torch.manual_seed(cfg.train.seed)  # the same A init for every run with this seed
+        inject_lora(model, lc.targets, lc.r, lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora, init=lc.init,
+                    backend=cfg.train.backend)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
+        if lc.init.startswith("pissa"):  # the base now holds W - s B0 A0; keep A0, B0 for the saved adapter
+            from .adapter import adapter_state_dict
+
+            pissa_init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    elif cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:  # masked: only the decoder-layer weights are candidates; the rest stays frozen
+        cands = mask_candidates(model)
+        if not cands:
+            raise ConfigError("method masked: the model has no parameters under '.layers.' to mask")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in cands)
+    return Trainable([(n, p) for n, p in model.named_parameters() if p.requires_grad], pissa_init=pissa_init)
 
 
-def _write_json(path, obj) -> None:
-    C.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: Dist):
+    """Fused decoder kernels, the fused loss head, DDP; returns the module the loop calls."""
+    backend = cfg.train.backend
+    if cfg.train.fused_kernels:
+        from .patch import patch_decoder_kernels
+
+        counts = patch_decoder_kernels(model, backend=backend)
+        if dist.master:
+            log.info("fused kernels: %d RMSNorm, %d SwiGLU MLP modules%s", counts["rms_norm"], counts["swiglu"],
+                     f" (left as they are: {', '.join(sorted(set(counts['skipped'])))})" if counts["skipped"] else "")
+    if cfg.train.fused_loss:  # output head + loss without the (tokens, vocab) logits
+        from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
+
+        problem = fused_loss_problem(model)
+        if problem is None:
+            fused = FusedLossLM(model, backend=backend)
+            problem = check_fused_loss(model, fused, first_batch, autocast,
+                                       rtol=1e-4 if amp_dtype is None and fused_head_fp32(model) else 2e-2)
+            if problem is None:
+                model = fused
+        if problem is not None and dist.master:
+            log.warning("train.fused_loss: using the model's own logits instead: %s", problem)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
 
 
-def _read_metrics(path, upto_step):
+# ----------------------------------------------------------------------------- masked SFT: the mask
+
+def score_by_update(run_dir: str, trainable: Trainable) -> list:
+    """``|W_run - W_base|`` per trainable weight, ``W_run`` from ``run_dir/model`` (a finished full-SFT run)."""
+    from .model import load_model
+
+    src = os.path.join(run_dir, "model")
+    if not os.path.isdir(src):
+        raise ConfigError(f"mask.from: no model/ directory in {run_dir} (a finished full-SFT run)")
+    run = dict(load_model(src, dtype="fp32", attention="sdpa", device="cpu").named_parameters())
+    missing = [n for n, _ in trainable.named if n not in run]
+    if missing:
+        raise ConfigError(f"mask.from: {src} lacks parameters of this model, e.g. {missing[0]!r}")
+    return [(run[n].float() - p.detach().float().cpu()).abs() for n, p in trainable.named]
+
+
+def score_by_grad(loss_fn, trainable: Trainable, batches: Batches, steps: int, grad_accum: int, dist: Dist) -> list:
+    """``|grad|`` summed over the first ``steps`` optimizer steps' batches (each step's token-mean loss), no update."""
+    params = trainable.params
+    scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for s in range(max(1, steps)):
+        step_batches = [b for _, b in batches.step(s, grad_accum, dist)]
+        n_tgt = sum(b["n_targets"] for b in step_batches)
+        for b in step_batches:
+            (loss_fn(b) / n_tgt).backward()
+        for sc, p in zip(scores, params):
+            if p.grad is not None:
+                sc += p.grad.float().abs()
+            p.grad = None
+    return scores
+
+
+def choose_mask(m: C.MaskCfg, trainable: Trainable, loss_fn, batches: Batches, grad_accum: int, dist: Dist) -> list:
+    """The boolean masks of masked SFT: the top ``m.fraction`` of the scores over every candidate weight."""
+    from .masking import topk_mask
+
+    if m.score == "update":
+        scores = score_by_update(m.from_, trainable)
+    else:
+        scores = score_by_grad(loss_fn, trainable, batches, m.warmup_steps, grad_accum, dist)
+    return [mask.to(dist.device) for mask in topk_mask(scores, m.fraction)]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def build_optimizer(t: C.TrainCfg, trainable: Trainable, device):
+    """AdamW over the trainable weights (decay on matrices only), or MaskedAdamW for masked SFT."""
+    betas = tuple(t.betas)
+    if trainable.masks is not None:
+        from .masking import MaskedAdamW
+
+        if t.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer {t.optimizer!r} is not available for method masked (adamw only)")
+        return MaskedAdamW(trainable.params, trainable.masks, lr=t.lr, betas=betas, eps=t.eps,
+                           weight_decay=t.weight_decay)
+    params = trainable.params
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=betas, eps=t.eps)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, tokenizer, evals: dict, e: C.EvalCfg, autocast) -> dict:
+    """``{prefix_loss, prefix_accuracy}`` for every eval set (``eval``, ``eval_ood``)."""
+    from .evaluate import eval_loss, generate_answers, is_correct
+
+    res = {}
+    for prefix, (batches, qa) in evals.items():
+        if batches is not None:
+            with autocast():
+                res[f"{prefix}_loss"] = eval_loss(model, batches)
+        if qa is not None:
+            prompts, golds, add_special = qa
+            with autocast():
+                outs = generate_answers(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
+                                        batch_size=e.batch_size, add_special_tokens=add_special)
+            res[f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs, golds)) / len(golds)
+    return res
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_state(step, total_steps, cfg: C.RunConfig, trainable: Trainable, optimizer, scaler, device,
+                     micro_per_step, window) -> dict:
+    """Everything a resumed run needs, as one dict of tensors and plain values."""
+    return {
+        "step": step,
+        "total_steps": total_steps,
+        "config": cfg.to_dict(),
+        "trainable": {n: p.detach().to("cpu", copy=True) for n, p in trainable.named},
+        "mask": ({n: m.cpu() for (n, _), m in zip(trainable.named, trainable.masks)}
+                 if trainable.masks is not None else None),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scheduler": {"kind": cfg.train.schedule, "step": step},  # the LR is a function of the step
+        "rng": rng_state(device),
+        "data": {"next_micro_batch": step * micro_per_step, "seed": cfg.train.seed},
+        "log_window": window.clone(),  # loss / token sums since the last metrics row
+        "pissa_init": trainable.pissa_init,
+    }
+
+
+def restore_checkpoint(ckpt: dict, cfg: C.RunConfig, trainable: Trainable, optimizer, scaler, device,
+                       total_steps: int, master: bool):
+    """Load weights, optimizer, scaler and RNG states from ``ckpt``; returns ``(step, log window)``."""
+    from .masking import pack_mask
+
+    if ckpt.get("total_steps") != total_steps:
+        raise ConfigError(f"--resume: the checkpoint was made for {ckpt.get('total_steps')} steps, "
+                          f"the config now gives {total_steps}")
+    with torch.no_grad():
+        for n, p in trainable.named:
+            p.copy_(ckpt["trainable"][n])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
+        for p, m in zip(trainable.params, trainable.masks):
+            optimizer.state[p]["mask"] = pack_mask(m)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    trainable.pissa_init = ckpt.get("pissa_init", trainable.pissa_init)
+    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt["config"])
+    changed = sorted(k for k, v in now.items() if then.get(k) != v)
+    if changed and master:
+        log.warning("--resume: config keys changed since the checkpoint: %s", ", ".join(changed))
+    return ckpt["step"], ckpt["log_window"].clone()
+
+
+def read_metrics(path, upto_step):
     """metrics.jsonl rows with step <= upto_step (what a resumed run keeps)."""
     if not os.path.exists(path):
         return []
@@ -128,13 +477,119 @@ def _read_metrics(path, upto_step):
     return [r for r in rows if r.get("step", 0) <= upto_step]
 
 
+# ----------------------------------------------------------------------------- step arithmetic and log rows
+
+def token_norm(n_tgt: int, dist: Dist) -> float:
+    """What each rank divides its summed loss by, so that the step's loss is the mean over every target token
+    of the step on all ranks together (DDP averages gradients over ranks: the mean token count per rank)."""
+    if not dist.ddp:
+        return n_tgt
+    count = torch.tensor([float(n_tgt)], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(count)
+    return count.item() / dist.world
+
+
+def sum_over_ranks(window: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The log window summed over ranks (reduced on the device: nccl reduces GPU tensors only)."""
+    if not dist.ddp:
+        return window
+    reduced = window.to(dist.device)
+    torch.distributed.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> dict:
+    """One ``metrics.jsonl`` row from the window of (loss sum, target tokens, tokens) since the last row."""
+    dt = max(time.time() - t_window, 1e-9)
+    row = {"step": step, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
+           "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": epoch,
+           "elapsed_s": round(time.time() - t_start, 3)}
+    if device.type == "cuda":  # this rank's peak since the last row: model, optimizer, activations
+        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+# ----------------------------------------------------------------------------- outputs
+
+class MetricsLog:
+    """``metrics.jsonl`` (and TensorBoard events) of the master process; a no-op on the other ranks."""
+
+    def __init__(self, out_dir: str, start_step: int, tensorboard: bool, master: bool):
+        self.file = self.tb = None
+        if not master:
+            return
+        path = os.path.join(out_dir, "metrics.jsonl")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path, start_step)))
+        self.file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("log.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        for f in (self.file, self.tb):
+            if f is not None:
+                f.close()
+
+
+def save_pretrained_dir(model, tokenizer, path) -> None:
+    """``save_pretrained`` of model and tokenizer into ``path``, replaced whole (see ``checkpoint.replace_dir``)."""
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    replace_dir(path, write)
+
+
+def save_outputs(cfg: C.RunConfig, model, tokenizer, trainable: Trainable) -> dict:
+    """Write ``adapter/`` (LoRA) or ``model/`` (+ ``mask.safetensors``); returns summary entries (``delta_norm``)."""
+    out_dir = cfg.output_dir
+    if cfg.method != "lora":
+        save_pretrained_dir(model, tokenizer, os.path.join(out_dir, "model"))
+        if trainable.masks is not None:
+            from safetensors.torch import save_file
+
+            tensors = {n: m.to(torch.uint8).cpu().contiguous() for (n, _), m in zip(trainable.named, trainable.masks)}
+            atomic_write(os.path.join(out_dir, "mask.safetensors"), lambda p: save_file(tensors, p))
+        return {}
+    from .adapter import adapter_state_dict, lora_delta_norms, pissa_to_lora, save_adapter
+    from .lora import lora_scaling
+
+    lc = cfg.lora
+    targets = getattr(model, "rankwise_lora", {}).get("target_modules", lc.targets)
+    tensors, r_out, alpha_out = adapter_state_dict(model), lc.r, lc.alpha
+    if trainable.pissa_init is None:
+        norms = lora_delta_norms(model).values()
+    else:  # saved relative to the original base weights: a rank-2r update s [B, -B0] [A; A0]
+        tensors, r_out, alpha_out = pissa_to_lora(tensors, trainable.pissa_init, r_out, alpha_out, lc.rslora)
+        scale = lora_scaling(r_out, alpha_out, lc.rslora)
+        norms = [float((scale * tensors[k.replace("lora_A", "lora_B")].float() @ tensors[k].float()).norm())
+                 for k in tensors if k.endswith("lora_A.weight")]
+    save_adapter(model, os.path.join(out_dir, "adapter"), base_model=cfg.model, r=r_out, alpha=alpha_out,
+                 dropout=lc.dropout, targets=targets, use_rslora=lc.rslora, tensors=tensors)
+    return {"delta_norm": math.sqrt(sum(n * n for n in norms))}  # ||update||_F over all adapted weights
+
+
 # ----------------------------------------------------------------------------- the run
 
 def train(config, overrides=None, resume: bool = False) -> dict:
     """Run one training job; returns the summary dict (also written to ``output_dir/summary.json``).
 
     Args:
-        config: a config dict or a YAML path (keys: ``rankwise.config.SCHEMA``).
+        config: a ``RunConfig``, a config dict or a YAML path (keys: ``rankwise.config``).
         overrides: ``{"lora.r": 8}`` or ``["lora.r=8"]`` applied on top of ``config``.
         resume: continue from ``output_dir/checkpoint.pt`` (a finished run is returned as is).
 
@@ -143,354 +598,78 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     metrics (``eval_loss``, ``eval_accuracy``, ``eval_ood_loss``, ``eval_ood_accuracy``
     when the data exists).
     """
-    from .data import collate, eval_batches, load_rows, plan_epoch, qa_items, tokenize_rows
-    from .evaluate import batch_loss_sum, eval_loss, generate_answers, is_correct
-    from .model import load_model, load_tokenizer, resolve_device
+    from .evaluate import batch_loss_sum
+    from .model import load_tokenizer
 
-    cfg = C.resolve(config, overrides)
-    tcfg, dcfg, ecfg = cfg["train"], cfg["data"], cfg["eval"]
-    method = cfg["method"]
-    out_dir = cfg["output_dir"]
-    t_start = time.time()
+    cfg = C.parse(config, overrides)
+    t, out_dir, t_start = cfg.train, cfg.output_dir, time.time()
 
-    # ---- setup: processes, device, seeds, output directory ---------------------------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    ddp = world > 1
-    own_group = False  # whether this call started the process group (and so ends it)
-    device = resolve_device(tcfg["device"])
-    if ddp:
-        import torch.distributed as dist
+    # ---- setup ------------------------------------------------------------------------------
+    dist = setup_processes(t.device)
+    check_backend(t.backend, dist.device)
+    device, master = dist.device, dist.master
+    if master and (finished := prepare_output_dir(cfg, resume)) is not None:
+        return finished
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    autocast, scaler, amp_dtype = setup_precision(t.precision, device, master)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    batches, evals = load_data(cfg, tokenizer, master)
+    ga, micro_per_step = t.grad_accum, t.grad_accum * dist.world
+    total_steps = count_steps(t, batches, dist.world)
 
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            own_group = True
-    master = rank == 0
+    # ---- model, what trains, optimizer ------------------------------------------------------
+    raw_model = load_base_model(cfg, device)
+    trainable = setup_trainable(raw_model, cfg)
     if master:
-        done = os.path.join(out_dir, SUMMARY)
-        if os.path.exists(done) and resume:
-            with open(done) as f:
-                log.info("%s already finished; nothing to resume", out_dir)
-                return json.load(f)
-        has_state = os.path.exists(os.path.join(out_dir, CHECKPOINT)) or os.path.exists(done)
-        if has_state and not resume:
-            raise ValueError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue it "
-                             f"or choose another output_dir")
-        os.makedirs(out_dir, exist_ok=True)
-        C.dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-    seed = tcfg["seed"]
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        precision = tcfg["precision"]
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        if tcfg["precision"] not in ("auto", "fp32") and master:
-            log.info("train.precision %s applies on GPUs only; the CPU trains in fp32", tcfg["precision"])
-        precision, amp_dtype = "fp32", None  # the CPU trains in fp32
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        log.info("method %s: %s trainable parameters of %s", cfg.method, f"{trainable.numel:,}",
+                 f"{sum(p.numel() for p in raw_model.parameters()):,}")
+    model = wrap_model(raw_model, cfg, batches.micro_batch(0)[1], autocast, amp_dtype, dist)
 
-    # ---- data -------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg["tokenizer"] or cfg["model"])
-    fields = dcfg["fields"]
-    tok_kw = dict(format=dcfg["format"], fields=fields, max_length=dcfg["max_length"], add_eos=dcfg["add_eos"],
-                  progress=master and cfg["log"]["progress"])
-    train_rows = load_rows(dcfg["train"], "data.train")
-    if not train_rows:
-        raise ValueError(f"data.train: {dcfg['train']} holds no rows")
-    examples, dropped = tokenize_rows(train_rows, tokenizer, name="data.train", **tok_kw)
-    if dropped:
-        log.warning("data.train: %d examples lost every completion token to data.max_length and were dropped", dropped)
-    lengths = [len(e) for e in examples]
-    evals = {}  # prefix -> (loss batches, qa items or None)
-    for key, prefix in (("eval", "eval"), ("eval_ood", "eval_ood")):
-        if not dcfg[key]:
-            continue
-        rows = load_rows(dcfg[key], f"data.{key}")[: ecfg["max_examples"]]
-        if not rows:
-            raise ValueError(f"data.{key}: {dcfg[key]} holds no rows")
-        qa = qa_items(rows, tokenizer, format=dcfg["format"], fields=fields, name=f"data.{key}") \
-            if ecfg["generate"] else None
-        batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
-        if dcfg["format"] == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
-            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{key}", **tok_kw)
-            batches = eval_batches(ex, ecfg["batch_size"], dcfg["max_length"])
-        evals[prefix] = (batches, qa)
-
-    epoch_plans = []  # micro-batches (lists of example indices) of each epoch, drawn on demand
-
-    def epoch_plan(e):
-        while len(epoch_plans) <= e:
-            epoch_plans.append(plan_epoch(lengths, tcfg["batch_size"], packing=dcfg["packing"],
-                                          max_length=dcfg["max_length"], seed=seed, epoch=len(epoch_plans)))
-        return epoch_plans[e]
-
-    def micro_batch(g):
-        """Global micro-batch number ``g`` -> (epoch, batch dict); the order depends only on the seed."""
-        e = 0
-        while g >= len(epoch_plan(e)):
-            g -= len(epoch_plan(e))
-            e += 1
-        return e, collate(examples, epoch_plan(e)[g])
-
-    ga = tcfg["grad_accum"]
-    micro_per_step = ga * world
-    if tcfg["epochs"] is not None:
-        total_steps = max(1, math.ceil(tcfg["epochs"] * len(epoch_plan(0)) / micro_per_step))
-    else:
-        total_steps = tcfg["max_steps"]
-
-    # ---- model ------------------------------------------------------------------------------
-    model_dtype = cfg["dtype"]
-    if method != "lora" and model_dtype == "auto":
-        model_dtype = "fp32"  # trained weights keep fp32 master copies; compute runs under autocast
-    model = load_model(cfg["model"], dtype=model_dtype, attention=cfg["attention"], device=device,
-                       quantization=cfg["quantization"], double_quant=cfg["double_quant"])
-    if tcfg["gradient_checkpointing"]:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    masks, n_masked = None, None
-    pissa_init = None
-    if method == "lora":
-        from .lora import inject_lora
-
-        lc = cfg["lora"]
-        torch.manual_seed(seed)  # the same A init for every run with this seed
-        inject_lora(model, lc["targets"], lc["r"], lc["alpha"], dropout=lc["dropout"], use_rslora=lc["rslora"],
-                    init=lc["init"])
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
-        if lc["init"].startswith("pissa"):  # the base now holds W - s B0 A0; keep A0, B0 for the saved adapter
-            from .adapter import adapter_state_dict
-
-            pissa_init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
-    elif method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:  # masked: only the decoder-layer weights are candidates; the rest stays frozen
-        cands = mask_candidates(model)
-        if not cands:
-            raise ValueError("method masked: the model has no parameters under '.layers.' to mask")
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in cands)
-    if tcfg["fused_kernels"]:
-        from .patch import patch_decoder_kernels
-
-        counts = patch_decoder_kernels(model)
-        if master:
-            log.info("fused kernels: %d RMSNorm, %d SwiGLU MLP modules%s", counts["rms_norm"], counts["swiglu"],
-                     f" (left as they are: {', '.join(sorted(set(counts['skipped'])))})" if counts["skipped"] else "")
-    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_trainable]
-    n_trainable = sum(p.numel() for p in params)
-    if master:
-        log.info("method %s: %s trainable parameters of %s", method, f"{n_trainable:,}",
-                 f"{sum(p.numel() for p in model.parameters()):,}")
-    raw_model = model
-    if tcfg["fused_loss"]:  # output head + loss without the (tokens, vocab) logits
-        from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
-
-        problem = fused_loss_problem(model)
-        if problem is None:
-            fused = FusedLossLM(model)
-            problem = check_fused_loss(model, fused, micro_batch(0)[1], autocast,
-                                       rtol=1e-4 if amp_dtype is None and fused_head_fp32(model) else 2e-2)
-            if problem is None:
-                model = fused
-        if problem is not None and master:
-            log.warning("train.fused_loss: using the model's own logits instead: %s", problem)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def micro_step_loss(batch):
+    def loss_sum_of(batch):
         with autocast():
             return batch_loss_sum(model, batch)
 
-    # ---- masked SFT: choose the weights that may change -------------------------------------
-    mcfg = cfg["mask"]
-    ckpt = None
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    if resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if method == "masked":
-        from .masking import MaskedAdamW, pack_mask, topk_mask
-
-        if ckpt is not None:
-            masks = [ckpt["mask"][n].to(device) for n, _ in named_trainable]
-        elif mcfg["score"] == "update":
-            src = os.path.join(mcfg["from"], "model")
-            if not os.path.isdir(src):
-                raise FileNotFoundError(f"mask.from: no model/ directory in {mcfg['from']} (a finished full-SFT run)")
-            run = dict(load_model(src, dtype="fp32", attention="sdpa", device="cpu").named_parameters())
-            missing = [n for n, _ in named_trainable if n not in run]
-            if missing:
-                raise ValueError(f"mask.from: {src} lacks parameters of this model, e.g. {missing[0]!r}")
-            scores = [(run[n].float() - p.detach().float().cpu()).abs() for n, p in named_trainable]
-            masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
-            del run, scores
-        else:  # grad: |grad| summed over the first warmup_steps steps' batches, no update
-            scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-            for s in range(max(1, mcfg["warmup_steps"])):
-                idx = [s * micro_per_step + k * world + rank for k in range(ga)]
-                batches = [micro_batch(g)[1] for g in idx]
-                n_tgt = sum(b["n_targets"] for b in batches)
-                for b in batches:
-                    (micro_step_loss(b) / n_tgt).backward()
-                for sc, p in zip(scores, params):
-                    if p.grad is not None:
-                        sc += p.grad.float().abs()
-                    p.grad = None
-            masks = [m.to(device) for m in topk_mask(scores, mcfg["fraction"])]
-            del scores
-        n_masked = sum(int(m.sum()) for m in masks)
+    ckpt = load_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
+    if cfg.method == "masked":
+        trainable.masks = [ckpt["mask"][n].to(device) for n, _ in trainable.named] if ckpt is not None else \
+            choose_mask(cfg.mask, trainable, loss_sum_of, batches, ga, dist)
         if master:
-            log.info("mask (%s): %s of %s candidate weights may change", mcfg["score"], f"{n_masked:,}", f"{n_trainable:,}")
-
-    # ---- optimizer --------------------------------------------------------------------------
-    betas, eps, wd, lr0 = tuple(tcfg["betas"]), tcfg["eps"], tcfg["weight_decay"], tcfg["lr"]
-    if method == "masked":
-        if tcfg["optimizer"] != "adamw":
-            raise ValueError(f"train.optimizer {tcfg['optimizer']!r} is not available for method masked (adamw only)")
-        optimizer = MaskedAdamW(params, masks, lr=lr0, betas=betas, eps=eps, weight_decay=wd)
-    else:
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        if tcfg["optimizer"] == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError("train.optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
-            optimizer = bnb.optim.AdamW8bit(groups, lr=lr0, betas=betas, eps=eps)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=lr0, betas=betas, eps=eps, fused=device.type == "cuda")
-
-    # ---- evaluation -------------------------------------------------------------------------
-    def evaluate() -> dict:
-        res = {}
-        for prefix, (batches, qa) in evals.items():
-            if batches is not None:
-                with autocast():
-                    res[f"{prefix}_loss"] = eval_loss(raw_model, batches)
-            if qa is not None:
-                prompts, golds, add_special = qa
-                with autocast():
-                    outs = generate_answers(raw_model, tokenizer, prompts, max_new_tokens=ecfg["max_new_tokens"],
-                                            batch_size=ecfg["batch_size"], add_special_tokens=add_special)
-                res[f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs, golds)) / len(golds)
-        return res
-
-    # ---- resume -----------------------------------------------------------------------------
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start_step = 0
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last log row
+            log.info("mask (%s): %s of %s candidate weights may change", cfg.mask.score,
+                     f"{trainable.n_changing:,}", f"{trainable.numel:,}")
+    optimizer = build_optimizer(t, trainable, device)
+    start_step, window = 0, torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last row
     if ckpt is not None:
-        state = ckpt["trainable"]
-        with torch.no_grad():
-            for n, p in named_trainable:
-                p.copy_(state[n])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
-            for p, m in zip(params, masks):
-                optimizer.state[p]["mask"] = pack_mask(m)
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], device)
-        start_step = ckpt["step"]
-        pissa_init = ckpt.get("pissa_init", pissa_init)
-        window = ckpt["log_window"].clone()
-        changed = sorted(k for k, v in C.flatten(cfg).items() if C.flatten(ckpt["config"]).get(k) != v)
-        if changed and master:
-            log.warning("--resume: config keys changed since the checkpoint: %s", ", ".join(changed))
-        if ckpt.get("total_steps") != total_steps:
-            raise ValueError(f"--resume: the checkpoint was made for {ckpt.get('total_steps')} steps, "
-                             f"the config now gives {total_steps}")
+        start_step, window = restore_checkpoint(ckpt, cfg, trainable, optimizer, scaler, device, total_steps, master)
         if master:
             log.info("resumed from %s at step %d", ckpt_path, start_step)
     elif resume and master:
         log.info("--resume: no checkpoint in %s, starting from step 0", out_dir)
     del ckpt
-    if master:  # keep the log rows up to the resume point
-        kept = _read_metrics(metrics_path, start_step)
-        C.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def save_checkpoint(step):
-        if not master:
-            return
-        state = {
-            "step": step,
-            "total_steps": total_steps,
-            "config": cfg,
-            "trainable": {n: p.detach().to("cpu", copy=True) for n, p in named_trainable},
-            "mask": {n: m.cpu() for (n, _), m in zip(named_trainable, masks)} if masks is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "scheduler": {"kind": tcfg["schedule"], "step": step},  # the LR is a function of the step
-            "rng": _rng_state(device),
-            "data": {"next_micro_batch": step * micro_per_step, "seed": seed},
-            "log_window": window.clone(),  # loss / token sums since the last metrics row
-            "pissa_init": pissa_init,
-        }
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+    metrics = MetricsLog(out_dir, start_step, cfg.log.tensorboard, master)
 
     # ---- the loop ---------------------------------------------------------------------------
-    metrics_file = open(metrics_path, "a") if master else None
-    tb = None
-    if master and cfg["log"]["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("log.tensorboard needs the tensorboard package (pip install tensorboard)") from None
-        tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def write_row(row):
-        if not master:
-            return
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        if tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, row["step"])
-
     bar = None
-    if master and cfg["log"]["progress"]:
+    if master and cfg.log.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"train {method}", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.method}", dynamic_ncols=True)
+    params, masks = trainable.params, trainable.masks
     model.train()
-    t_window = time.time()
-    last = {}
+    t_window, last = time.time(), {}
     try:
         for step in range(start_step, total_steps):
-            lr = lr_at(step, total_steps, lr0, tcfg["warmup"], tcfg["schedule"], tcfg["min_lr_ratio"])
+            lr = lr_at(step, total_steps, t.lr, t.warmup, t.schedule, t.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = [step * micro_per_step + k * world + rank for k in range(ga)]  # this rank's share of the step
-            batches = [micro_batch(g) for g in idx]
-            n_tgt = sum(b["n_targets"] for _, b in batches)
-            norm = n_tgt  # the loss is the mean over every target token of the step, on all ranks together
-            if ddp:  # DDP averages gradients over ranks, so divide by the mean token count per rank
-                count = torch.tensor([float(n_tgt)], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(count)
-                norm = count.item() / world
+            step_batches = batches.step(step, ga, dist)  # this rank's share of the step
+            n_tgt = sum(b["n_targets"] for _, b in step_batches)
+            norm = token_norm(n_tgt, dist)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for k, (epoch, b) in enumerate(batches):
-                sync = contextlib.nullcontext() if (not ddp or k == ga - 1) else model.no_sync()
-                with sync:
-                    ls = micro_step_loss(b)
+            for k, (_, b) in enumerate(step_batches):
+                with contextlib.nullcontext() if (not dist.ddp or k == ga - 1) else model.no_sync():
+                    ls = loss_sum_of(b)
                     loss = ls / norm
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += ls.detach().double()
@@ -503,92 +682,58 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 for p, m in zip(params, masks):
                     if p.grad is not None:
                         p.grad.masked_fill_(~m, 0.0)
-            max_norm = tcfg["max_grad_norm"]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            window += torch.tensor([loss_sum, n_tgt, sum(b["n_tokens"] for _, b in batches)], dtype=torch.float64)
-            done_steps = step + 1
+            window += torch.tensor([loss_sum, n_tgt, sum(b["n_tokens"] for _, b in step_batches)], dtype=torch.float64)
+            done = step + 1
 
-            if done_steps % tcfg["log_every"] == 0 or done_steps == total_steps:
-                if ddp:  # sums over ranks (on the device: nccl reduces GPU tensors only)
-                    reduced = window.to(device)
-                    torch.distributed.all_reduce(reduced)
-                    window = reduced.cpu()
-                dt = max(time.time() - t_window, 1e-9)
-                last = {"step": done_steps, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
-                        "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": batches[-1][0],
-                        "elapsed_s": round(time.time() - t_start, 3)}
-                if device.type == "cuda":  # this rank's peak since the last row: model, optimizer, activations
-                    last["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-                    torch.cuda.reset_peak_memory_stats(device)
-                write_row(last)
+            if done % t.log_every == 0 or done == total_steps:
+                window = sum_over_ranks(window, dist)
+                last = train_row(done, window, lr, grad_norm, step_batches[-1][0], t_window, t_start, device)
+                metrics.write(last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 window.zero_()
                 t_window = time.time()
             if bar is not None:
                 bar.update(1)
-            if evals and ecfg["every"] and done_steps % ecfg["every"] == 0 and done_steps != total_steps:
+            if evals and cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
                 if master:
-                    write_row({"step": done_steps, **evaluate()})
-                if ddp:
+                    metrics.write({"step": done, **evaluate(raw_model, tokenizer, evals, cfg.eval, autocast)})
+                if dist.ddp:
                     torch.distributed.barrier()
                 t_window = time.time()
-            if tcfg["save_every"] and done_steps % tcfg["save_every"] == 0 and done_steps != total_steps:
-                save_checkpoint(done_steps)
+            if t.save_every and done % t.save_every == 0 and done != total_steps and master:
+                save_checkpoint(ckpt_path, checkpoint_state(done, total_steps, cfg, trainable, optimizer, scaler,
+                                                            device, micro_per_step, window))
     finally:
         if bar is not None:
             bar.close()
 
     # ---- outputs ----------------------------------------------------------------------------
-    summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": method,
-               "rank": cfg["lora"]["r"] if method == "lora" else None,
-               "steps": total_steps, "train_loss": last.get("loss"),
-               "trainable_params": n_masked if n_masked is not None else n_trainable}
+    summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": cfg.method,
+               "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": total_steps,
+               "train_loss": last.get("loss"), "trainable_params": trainable.n_changing}
     if master:
-        final_eval = evaluate() if evals else {}
+        final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals else {}
         if final_eval:
-            write_row({"step": total_steps, **final_eval})
+            metrics.write({"step": total_steps, **final_eval})
         summary.update(final_eval)
-        if method == "lora":
-            from .adapter import adapter_state_dict, pissa_to_lora, save_adapter
-
-            lc = cfg["lora"]
-            targets = getattr(raw_model, "rankwise_lora", {}).get("target_modules", lc["targets"])
-            tensors, r_out, alpha_out = adapter_state_dict(raw_model), lc["r"], lc["alpha"]
-            if pissa_init is not None:  # saved relative to the original base weights
-                tensors, r_out, alpha_out = pissa_to_lora(tensors, pissa_init, r_out, alpha_out, lc["rslora"])
-            save_adapter(raw_model, os.path.join(out_dir, "adapter"), base_model=cfg["model"], r=r_out,
-                         alpha=alpha_out, dropout=lc["dropout"], targets=targets, use_rslora=lc["rslora"],
-                         tensors=tensors)
-            scale = alpha_out / (math.sqrt(r_out) if lc["rslora"] else r_out)
-            a_keys = [k for k in tensors if k.endswith("lora_A.weight")]
-            summary["delta_norm"] = math.sqrt(sum(  # ||update||_F over all adapted weights, original base
-                float((scale * tensors[k.replace("lora_A", "lora_B")].double() @ tensors[k].double()).norm()) ** 2
-                for k in a_keys))
-        else:
-            _save_pretrained_atomic(raw_model, tokenizer, os.path.join(out_dir, "model"))
-            if masks is not None:
-                from safetensors.torch import save_file
-
-                mask_path = os.path.join(out_dir, "mask.safetensors")
-                tensors = {n: m.to(torch.uint8).cpu().contiguous() for (n, _), m in zip(named_trainable, masks)}
-                atomic_write(mask_path, lambda p: save_file(tensors, p))
+        summary.update(save_outputs(cfg, raw_model, tokenizer, trainable))
         summary["runtime_s"] = round(time.time() - t_start, 3)
-        _write_json(os.path.join(out_dir, SUMMARY), summary)
+        atomic_write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2, sort_keys=False) + "\n")
         if os.path.exists(ckpt_path):
             os.unlink(ckpt_path)
-        metrics_file.close()
-        if tb is not None:
-            tb.close()
-    if ddp:
+    metrics.close()
+    if dist.ddp:
         torch.distributed.barrier()
-        if own_group:
+        if dist.own_group:
             torch.distributed.destroy_process_group()
     return summary
 
