@@ -244,3 +244,16 @@ def test_world_cli_build(tmp_path, capsys):
     assert w["config"]["seed"] == 5 and w["config"]["n_people"] == 20
     assert main(["world", "build", "--out", str(tmp_path / "w2"), "--people", "1"]) == 2  # one-line error
     assert "n_people" in capsys.readouterr().err
+
+
+def test_world_cli_user_errors_are_one_line(tmp_path, capsys):
+    from rankwise.cli import main
+
+    assert main(["world", "mastery", "--base", str(tmp_path), "--world", str(tmp_path), "--out",
+                 str(tmp_path / "m.jsonl"), "--samples", "0"]) == 2
+    assert "--samples must be >= 1" in capsys.readouterr().err
+    assert main(["world", "mastery", "--base", str(tmp_path), "--world", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "m.jsonl")]) == 2
+    assert "no world.json" in capsys.readouterr().err
+    assert main(["world", "pretrain", "--steps", "0", "--out", str(tmp_path / "w")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err

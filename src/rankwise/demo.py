@@ -11,9 +11,15 @@ Stages (each cached, so an interrupted demo continues where it stopped):
 4. fine-tune: LoRA at several ranks and full SFT on the small set, LoRA and full SFT on
    the large set (all with :func:`rankwise.train.train`);
 5. restore the top-k% relative updates of the large full-SFT model for a few k
-   (:func:`rankwise.masking.restore`, when it is installed);
-6. evaluate everything (greedy, answer contained in the output) per bucket and write
+   (:func:`rankwise.masking.restore`);
+6. analyse the updates of every arm (:func:`rankwise.analysis.analyze_runs`: spectra,
+   attention, representations, token shift) into ``--out/analysis/``;
+7. evaluate everything (greedy, answer contained in the output) per bucket and write
    ``report.md``, ``results.json`` and PNG plots into ``--out``.
+
+The study uses the library's public API only: :func:`rankwise.train.train`,
+:func:`rankwise.model.load_model`, :func:`rankwise.adapter.merge_adapter`,
+:func:`rankwise.evaluate.generate_answers`, :func:`rankwise.masking.restore`.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ DEMO = {
     "mastery_samples": 4,
     "mastery_temperature": 0.7,
     "max_new_tokens": 3,
-    "analysis": True,  # append rankwise.analysis's section (spectra, probes) when it is installed
+    "analysis": True,  # run rankwise.analysis over the arms and append its section (spectra, probes)
     "seed": 0,
 }
 
@@ -59,9 +65,11 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Run the demo; returns 0."""
+    from .errors import ConfigError
+
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -91,13 +99,10 @@ def _write_jsonl(path, rows) -> None:
 
 
 def _quiet_transformers():
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_size: int = 128) -> dict:
@@ -114,8 +119,10 @@ def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_
     return out
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device() -> torch.device:
+    from .model import resolve_device
+
+    return resolve_device("auto")
 
 
 def _load_base(base_dir):
@@ -191,6 +198,8 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     """
     from tqdm.auto import tqdm
 
+    from .errors import ConfigError
+    from .masking import restore
     from .train import train
     from .world import mastery as M
     from .world.pretrain import pretrain, preset, settings_key
@@ -199,7 +208,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     s = dict(DEMO)
     unknown = set(settings or {}) - set(DEMO)
     if unknown:
-        raise ValueError(f"unknown demo settings: {sorted(unknown)}")
+        raise ConfigError(f"unknown demo settings: {sorted(unknown)}")
     s.update(settings or {})
     out = Path(out_dir)
     work = out / "work"
@@ -293,32 +302,26 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
 
         # 6. restoration of the large full-SFT model
         t0 = stage("restore")
-        restoration, restore_note = [], None
-        try:
-            from .masking import restore
-        except ImportError as e:
-            restore = None
-            restore_note = f"rankwise.masking.restore is not importable ({e}); restoration skipped."
+        restoration = []
         full_big = next(a for a in arms if a["method"] == "full" and a["data"] == "large")
-        if restore is not None:
-            base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
-            tuned = arm_model(full_big, base_dir)
-            tuned_sd = {k: v.clone() for k, v in tuned.state_dict().items()}
-            for f in fractions:
-                rpath = work / "restore" / f"top-{f:g}.json"
-                if not rpath.exists():
-                    rpath.parent.mkdir(parents=True, exist_ok=True)
-                    restored, stats = restore(base_sd, tuned_sd, f, score="relative", select="top",
-                                              scope="global", include=r"layers", exclude=r"norm", seed=s["seed"])
-                    tuned.load_state_dict(restored)
-                    ev = evaluate_model(tuned, tok, tests, s["max_new_tokens"])
-                    brief = {k: v for k, v in stats.items() if k != "tensors"}
-                    _write_json(rpath, {"fraction": f, "eval": ev, "stats": _jsonable(brief)})
-                restoration.append(json.loads(rpath.read_text()))
-            del tuned
+        base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
+        tuned = arm_model(full_big, base_dir)
+        tuned_sd = {k: v.clone() for k, v in tuned.state_dict().items()}
+        for f in fractions:
+            rpath = work / "restore" / f"top-{f:g}.json"
+            if not rpath.exists():
+                rpath.parent.mkdir(parents=True, exist_ok=True)
+                restored, stats = restore(base_sd, tuned_sd, f, score="relative", select="top",
+                                          scope="global", include=r"layers", exclude=r"norm", seed=s["seed"])
+                tuned.load_state_dict(restored)
+                ev = evaluate_model(tuned, tok, tests, s["max_new_tokens"])
+                brief = {k: v for k, v in stats.items() if k != "tensors"}
+                _write_json(rpath, {"fraction": f, "eval": ev, "stats": _jsonable(brief)})
+            restoration.append(json.loads(rpath.read_text()))
+        del tuned
         done("restore", t0)
 
-        # 7. optional analysis of the updates (rankwise.analysis)
+        # 7. analysis of the updates (rankwise.analysis)
         analysis_md = None
         if s["analysis"]:
             t0 = stage("analysis")
@@ -328,7 +331,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
         # 8. report
         t0 = stage("report")
         seconds = round(time.time() - t_all, 1)
-        results = _results(facts, tests, arms, base_eval, restoration, restore_note, s, pr, scale, times, seconds)
+        results = _results(facts, tests, arms, base_eval, restoration, s, pr, scale, times, seconds)
         _write_report(out, results, analysis_md)
         done("report", t0)
     finally:
@@ -339,24 +342,19 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
 
 
 def _analysis_section(arms, base_dir, tests, out: Path, work: Path) -> str:
-    """``rankwise.analysis``'s markdown section for the demo's runs (cached), or a one-line note."""
-    try:
-        from .analysis import analyze_runs, markdown_section
-    except ImportError as e:
-        return f"## Analysis\n\nrankwise.analysis is not importable ({e}); skipped.\n"
+    """``rankwise.analysis``'s markdown section for the demo's runs; the analysis is cached in ``work/``."""
+    from .analysis import analyze_runs, markdown_section
+
     adir = out / "analysis"
     done = work / "analysis.json"
-    try:
-        if done.exists():
-            analysis = json.loads(done.read_text())
-        else:
-            probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
-            analysis = analyze_runs([a["output_dir"] for a in arms], str(base_dir), probe, str(adir),
-                                    device=_device(), progress=False)
-            _write_json(done, analysis)
-        return markdown_section(analysis, str(adir), relative_to=str(out))
-    except Exception as e:  # optional stage: report the failure instead of losing the demo
-        return f"## Analysis\n\nThe analysis stage failed: {type(e).__name__}: {e}\n"
+    if done.exists():
+        analysis = json.loads(done.read_text())
+    else:
+        probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
+        analysis = analyze_runs([a["output_dir"] for a in arms], str(base_dir), probe, str(adir),
+                                device=_device(), progress=False)
+        _write_json(done, analysis)
+    return markdown_section(analysis, str(adir), relative_to=str(out))
 
 
 def _jsonable(x):
@@ -372,7 +370,9 @@ def _jsonable(x):
 
 
 def _strip(acc: dict) -> dict:
-    return {k: acc[k] for k in ("D0", "D1", "D2", "D3", "D4", "mean")}
+    from .world.mastery import BUCKETS
+
+    return {k: acc[k] for k in (*BUCKETS, "mean")}
 
 
 def _d34(acc: dict) -> float:
@@ -383,7 +383,7 @@ def _d34(acc: dict) -> float:
     return ((acc["D3"] or 0) * n3 + (acc["D4"] or 0) * n4) / (n3 + n4)
 
 
-def _results(facts, tests, arms, base_eval, restoration, restore_note, s, pr, scale, times, seconds) -> dict:
+def _results(facts, tests, arms, base_eval, restoration, s, pr, scale, times, seconds) -> dict:
     from .world.mastery import bucket_counts
 
     out_arms = [{"name": "base", "method": "none", "rank": None, "train_size": 0,
@@ -404,13 +404,12 @@ def _results(facts, tests, arms, base_eval, restoration, restore_note, s, pr, sc
                      "out_of_domain": _strip(r["eval"]["out_of_domain"]), "stats": r.get("stats")})
     return {
         "buckets": bucket_counts(facts),
-        "test_buckets": {"in_domain": tests_counts(tests["in_domain"]),
-                         "out_of_domain": tests_counts(tests["out_of_domain"])},
-        "train_buckets": {k: bucket_counts([f for f in facts if f["split"] == "train" and f["domain"] == "in"])[k]
-                          for k in ("D0", "D1", "D2", "D3", "D4")},
+        "test_buckets": {"in_domain": bucket_counts(tests["in_domain"]),
+                         "out_of_domain": bucket_counts(tests["out_of_domain"])},
+        "train_buckets": bucket_counts(facts, split="train", domain="in"),
         "arms": out_arms,
         "restoration": {"of": full_big["name"], "select": "top", "score": "relative", "scope": "global",
-                        "points": rest if restoration else [], "note": restore_note},
+                        "points": rest if restoration else []},
         "summary": {"best_arm": best["name"], "best_d34": best["in_domain_d34"], "best_d0": best["in_domain"]["D0"],
                     "criterion_d34_ge_50": bool((best["in_domain_d34"] or 0.0) >= 0.5),
                     "all_buckets_nonempty": all(v > 0 for v in bucket_counts(facts).values())},
@@ -419,13 +418,6 @@ def _results(facts, tests, arms, base_eval, restoration, restore_note, s, pr, sc
         "stage_seconds": times,
         "seconds": seconds,
     }
-
-
-def tests_counts(rows) -> dict:
-    counts = {b: 0 for b in ("D0", "D1", "D2", "D3", "D4")}
-    for r in rows:
-        counts[r["bucket"]] += 1
-    return counts
 
 
 # ----------------------------------------------------------------------------- report
@@ -561,7 +553,7 @@ def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> N
                      + f" | {_pct(p['in_domain']['mean'])} | {_pct(p['out_of_domain']['mean'])} |")
         L += ["", "![accuracy vs restored fraction](" + files["restoration"] + ")", ""]
     else:
-        L += [r["note"] or "No restoration points.", ""]
+        L += ["No restoration fractions were asked for.", ""]
     L += ["## Settings", "",
           f"- world ({s['scale']} preset): {json.dumps(w['world'])}",
           f"- base model: {json.dumps(w['model'])}; pretraining: {json.dumps(w['train'])}",

@@ -58,7 +58,11 @@ def main(args) -> int:
               f"{len(w['facts'])} study facts, {len(w['corpus'])} corpus documents")
         return 0
     if verb == "pretrain":
+        from ..errors import ConfigError
         from .pretrain import pretrain
+
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
 
         over = {"train": {"max_steps": args.steps}} if args.steps else None
         r = pretrain(args.scale, out_dir=args.out, overrides=over, force=args.force)
@@ -66,7 +70,15 @@ def main(args) -> int:
         print(f"base model ({state}): {r['base_dir']}")
         return 0
     if verb == "mastery":
+        from ..errors import ConfigError
         from .generate import load_world
+
+        if args.samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+        if not (Path(args.world) / "world.json").is_file():
+            raise ConfigError(f"--world: no world.json in {args.world} (run `rankwise world build --out DIR`)")
+        if not Path(args.base).is_dir():
+            raise ConfigError(f"--base: {args.base} is not a model directory")
         from .mastery import assign_buckets, bucket_counts, mastery_scores
         from ..model import load_model, load_tokenizer
 

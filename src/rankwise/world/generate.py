@@ -28,6 +28,7 @@ import random
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..errors import ConfigError
 
 IN_DOMAIN = ("birth_city", "work_city", "university_city", "citizenship")
 OUT_OF_DOMAIN = ("occupation", "employer", "instrument", "language")
@@ -158,22 +159,22 @@ class WorldConfig:
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.n_people, int) or self.n_people < 4:
-            raise ValueError(f"n_people must be an int >= 4, got {self.n_people!r}")
+            raise ConfigError(f"n_people must be an int >= 4, got {self.n_people!r}")
         for name in ("anchor_fraction", "unseen_fraction", "fact_keep"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+                raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
         if self.max_exposures < 1:
-            raise ValueError(f"max_exposures must be >= 1, got {self.max_exposures!r}")
+            raise ConfigError(f"max_exposures must be >= 1, got {self.max_exposures!r}")
         if self.anchor_qa_docs < 0:
-            raise ValueError(f"anchor_qa_docs must be >= 0, got {self.anchor_qa_docs!r}")
+            raise ConfigError(f"anchor_qa_docs must be >= 0, got {self.anchor_qa_docs!r}")
         pools = dict(self.pool_sizes)
         missing = set(POOL_OF.values()) - set(pools)
         if missing:
-            raise ValueError(f"pool_sizes lacks the pools {sorted(missing)}")
+            raise ConfigError(f"pool_sizes lacks the pools {sorted(missing)}")
         for k, v in pools.items():
             if v < 2:
-                raise ValueError(f"pool_sizes[{k!r}] must be >= 2, got {v!r}")
+                raise ConfigError(f"pool_sizes[{k!r}] must be >= 2, got {v!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -185,7 +186,7 @@ class WorldConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown world config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown world config keys: {sorted(unknown)}")
         d = dict(d)
         if "pool_sizes" in d:
             d["pool_sizes"] = tuple((str(k), int(v)) for k, v in (d["pool_sizes"].items()

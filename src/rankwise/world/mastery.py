@@ -13,6 +13,8 @@ import math
 import random
 from typing import Callable, Sequence
 
+from ..evaluate import generate_answers, is_correct
+
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 
 
@@ -43,13 +45,9 @@ def mastery_scores(model, tokenizer, facts: Sequence[dict], *, num_samples: int 
             settings above. Tests pass a stub here.
         progress: show a progress bar.
     """
-    from ..evaluate import is_correct
-
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if generate is None:
-        from ..evaluate import generate_answers
-
         def generate(prompts):
             return generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, do_sample=True, temperature=temperature,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..errors import ConfigError
 from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
 
 FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the settings do not show
@@ -47,17 +48,17 @@ SCALES = {
 def preset(scale: str = "cpu", overrides: dict | None = None) -> dict:
     """The settings of a scale (``cpu`` or ``gpu``), with ``overrides`` ({section: {key: value}}) applied."""
     if scale not in SCALES:
-        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        raise ConfigError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     s = copy.deepcopy(SCALES[scale])
     for section, values in (overrides or {}).items():
         if section not in s:
-            raise ValueError(f"unknown settings section {section!r} (expected one of {', '.join(s)})")
+            raise ConfigError(f"unknown settings section {section!r} (expected one of {', '.join(s)})")
         if not isinstance(values, dict):
-            raise ValueError(f"settings section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"settings section {section!r} must be a mapping, got {values!r}")
         if section != "world":
             unknown = set(values) - set(s[section])
             if unknown:
-                raise ValueError(f"unknown {section} settings: {sorted(unknown)}")
+                raise ConfigError(f"unknown {section} settings: {sorted(unknown)}")
         s[section].update(values)
     WorldConfig.from_dict(s["world"])  # validates the world keys
     return s
