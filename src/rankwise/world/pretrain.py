@@ -105,9 +105,11 @@ def write_pretrain_rows(world: dict, path) -> Path:
 def init_model(tokenizer_dir, model_settings: dict, out_dir) -> Path:
     """A randomly initialised ``LlamaForCausalLM`` saved with its tokenizer into ``out_dir``."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    from ..model import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
     m = dict(model_settings)
     seed = int(m.pop("seed", 0))
     heads = m["num_attention_heads"]
@@ -188,9 +190,9 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     tmp = base.with_name("base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)
-    from transformers import AutoTokenizer
+    from ..model import load_tokenizer
 
-    AutoTokenizer.from_pretrained(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
+    load_tokenizer(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
     secs = time.time() - t0
     atomic_write_text(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")
     shutil.rmtree(base, ignore_errors=True)
