@@ -4,14 +4,14 @@ Same math as ``lora_linear.py`` (x: (M, K), W: (N, K) stored as NF4, A: (r, K),
 B: (N, r), s = scaling, m = dropout keep-mask, x_d = x * m / (1 - p)):
 
     forward
-        S  = x_d @ A.T                               (M, r)  lora_linear._lora_down
+        S  = x_d @ A.T                               (M, r)  lowrank.lora_down
         Y  = x @ W.T + s * S @ B.T + b               (M, N)  kernel 1 here: W tiles
                                                              dequantized in registers
     backward
-        dS = s * dY @ B,  dB = s * dY.T @ S                  lora_linear._bwd_dS_dB (dY read once)
+        dS = s * dY @ B,  dB = s * dY.T @ S                  lowrank.lora_ds_db (dY read once)
         dX = dY @ W + (dS @ A) * m / (1 - p)         (M, K)  kernel 2 here: W tiles
                                                              dequantized in registers
-        dA = dS.T @ x_d                                      lora_linear._bwd_dA
+        dA = dS.T @ x_d                                      lowrank.lora_da
         db = sum_rows(dY)                                    torch, only if b requires grad
 
     The derivation is the dense one (see ``lora_linear.py``); W is frozen, so it
@@ -30,6 +30,12 @@ torch.compile: ``rankwise::nf4_lora_linear`` (forward, with the autograd
 formula) and ``rankwise::nf4_lora_dx`` are torch.library custom ops like the
 dense ones (eager calls take their autograd.Function twin); the NF4Weight
 enters them as its tensors and constants.
+
+Backends as in ``lora_linear.py``: ``"triton"`` runs the kernels here and
+lowrank.py's; ``"torch"`` (and ``"auto"`` off CUDA) dequantizes W with
+``nf4.dequantize_nf4`` and runs ``lowrank.lora_linear_torch``
+(``nf4_lora_linear_reference`` is that path's public name). Callers normally
+reach this op through ``lora_linear``, which sends an ``NF4Weight`` here.
 """
 from __future__ import annotations
 
@@ -39,21 +45,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import (
-    _LAUNCHERS,
-    _OPS,
-    _Backward,
-    _draw_seed,
-    _dropout_args,
-    _lora_down,
-    _op_seed,
-    _validate,
-    lora_linear_reference,
+from .lowrank import (
+    LAUNCHERS,
+    OPS,
+    LowRankBackward,
+    compute_dtype,
+    draw_seed,
+    dropout_args,
+    lora_down,
+    lora_linear_torch,
     lowrank_dx_tail,
     lowrank_fwd_tail,
     lowrank_grads,
+    op_seed,
+    validate_lora_args,
 )
-from .nf4 import _TL_DTYPES, nf4_kernel_args, nf4_rows_tile, nf4_tile
+from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_kernel_args, nf4_rows_tile, nf4_tile
 from .utils import (
     INTERPRET,
     check_triton_tensor,
@@ -62,14 +69,15 @@ from .utils import (
     gemm_config,
     max_shared_memory,
     rank_block,
+    round_bf16,
+    rounds_bf16_itself,
     swizzle_tile,
     upcast_for_dot,
 )
 
 # ----------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels (S, dS / dB and dA are lowrank.py's)
 # ----------------------------------------------------------------------------
-
 
 
 NF4_SMALL_BK = 32
@@ -94,6 +102,7 @@ def nf4_gemm_config(dtype: torch.dtype, device: torch.device) -> dict:
             cfg["BK"] = NF4_SMALL_BK
     return cfg
 
+
 @triton.jit
 def _nf4_lora_fwd_kernel(
     X, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, S, B, BIAS, Y,
@@ -101,7 +110,7 @@ def _nf4_lora_fwd_kernel(
     stride_xm, stride_xk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, W_RNE: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -122,6 +131,8 @@ def _nf4_lora_fwd_kernel(
             wmask = (rn[None, :] < N) & (rk[:, None] < K)
             w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[None, :] * K + rk[:, None], wmask,
                          QBLOCK, DOUBLE, NESTED_BLOCK)
+        if W_RNE:  # W rounded to its bf16 dtype by hand: the interpreter's cast truncates
+            w = round_bf16(w)
         w = w.to(WDTYPE)
         if UPCAST:
             x = x.to(tl.float32)
@@ -142,7 +153,7 @@ def _nf4_lora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     seed, p, keep_scale,
     QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, W_RNE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -163,6 +174,8 @@ def _nf4_lora_bwd_dx_kernel(
             wmask = (rn[:, None] < N) & (rk[None, :] < K)
             w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[:, None] * K + rk[None, :], wmask,
                          QBLOCK, DOUBLE, NESTED_BLOCK)
+        if W_RNE:  # W rounded to its bf16 dtype by hand: the interpreter's cast truncates
+            w = round_bf16(w)
         w = w.to(WDTYPE)
         if UPCAST:
             dy = dy.to(tl.float32)
@@ -177,15 +190,15 @@ def _nf4_lora_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Launchers (NF4 twins of lora_linear._fwd_gemm and lora_linear._bwd_dX)
+# Launchers (the NF4 twins of the dense layer's base-weight GEMMs)
 # ----------------------------------------------------------------------------
 
 
 def _nf4_consts(blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype, K: int):
     """The NF4 constexprs of the kernels for a weight with rows of K values."""
     # EVEN_K: rows start on byte boundaries, so W tiles load their bytes once per pair of values
-    return dict(QBLOCK=blocksize, DOUBLE=double_quant, NESTED_BLOCK=nested_blocksize, WDTYPE=_TL_DTYPES[wdtype],
-                EVEN_K=K % 2 == 0)
+    return dict(QBLOCK=blocksize, DOUBLE=double_quant, NESTED_BLOCK=nested_blocksize, WDTYPE=TL_DTYPES[wdtype],
+                EVEN_K=K % 2 == 0, W_RNE=rounds_bf16_itself(wdtype))
 
 
 def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -224,7 +237,7 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
         return dX
     cfg = nf4_gemm_config(dY.dtype, dY.device)
     BR = rank_block(R)
-    has_drop, seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
     const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
     _nf4_lora_bwd_dx_kernel[grid](
@@ -247,7 +260,7 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
 # tensor, so it enters as the six tensors of ``nf4_kernel_args`` (packed,
 # absmax, quant_map, nested_absmax, nested_map, offset; placeholders where
 # double quantization is off) and its four constants. dS / dB and dA are the
-# dense layer's kernels (``rankwise::lora_ds_db``, ``rankwise::lora_da``).
+# shared low-rank kernels (``rankwise::lora_ds_db``, ``rankwise::lora_da``, lowrank.py).
 # ----------------------------------------------------------------------------
 
 
@@ -260,7 +273,7 @@ def _nf4_lora_linear_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     """Forward on a 2-D x: ``(Y, S)``, S returned for backward only (see
     ``rankwise::lora_linear``). W's out_features is lora_B's first dimension."""
     nf4 = (packed, absmax, quant_map, nested_absmax, nested_map, offset)
-    S = _lora_down(x2, lora_A, dropout_p, seed)
+    S = lora_down(x2, lora_A, dropout_p, seed)
     Y = _nf4_fwd_gemm(x2, nf4, (blocksize, double_quant, nested_blocksize, wdtype), S, lora_B, scaling, bias)
     return Y, S
 
@@ -303,7 +316,7 @@ def _nf4_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _nf4_backward(ctx, dY, k: _Backward, dx_kernel):
+def _nf4_backward(ctx, dY, k: LowRankBackward, dx_kernel):
     """Gradients of all 17 inputs: x, A, B, bias, then None for the NF4 weight
     (frozen), its constants, scaling, dropout_p and seed. ``k`` and
     ``dx_kernel`` are the launchers (eager) or the custom ops (traced)."""
@@ -321,7 +334,7 @@ def _nf4_backward(ctx, dY, k: _Backward, dx_kernel):
 
 
 _nf4_lora_linear_op.register_autograd(
-    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, _OPS, lambda *a: torch.ops.rankwise.nf4_lora_dx(*a)),
+    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, OPS, lambda *a: torch.ops.rankwise.nf4_lora_dx(*a)),
     setup_context=_nf4_setup_context)
 
 
@@ -337,11 +350,11 @@ class NF4LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY, _dS):
-        return _nf4_backward(ctx, dY, _LAUNCHERS, _nf4_lora_dx)
+        return _nf4_backward(ctx, dY, LAUNCHERS, _nf4_lora_dx)
 
 
 # ----------------------------------------------------------------------------
-# Public entry (called by lora_linear when weight is an NF4Weight) and reference
+# Public entry (lora_linear sends an NF4Weight here) and its torch path
 # ----------------------------------------------------------------------------
 
 
@@ -359,17 +372,18 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     Returns:
         Tensor (..., out_features) in the compute dtype (x's, or autocast's).
     """
-    if not getattr(weight, "_rankwise_nf4", False):
+    if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
     if len(weight.shape) != 2:
         raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
                          f"got shape {tuple(weight.shape)}")
-    scaling = _validate(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p, backend)
+    scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
+                                 backend)
     dropout_p = float(dropout_p)
-    seed = _draw_seed(dropout_p, seed)
+    seed = draw_seed(dropout_p, seed)
 
     device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dtype = compute_dtype(x)
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)
@@ -389,15 +403,16 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
         y, _ = fused_apply(NF4LoRALinearFunction, torch.ops.rankwise.nf4_lora_linear)(
             x2, lora_A, lora_B, bias, *tensors,
             const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype,
-            scaling, dropout_p, _op_seed(dropout_p, seed))
+            scaling, dropout_p, op_seed(dropout_p, seed))
     return y.reshape(*lead, weight.shape[0])
 
 
 def nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
                               seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
-    """Dequantize the NF4 weight to x's dtype, then ``lora_linear_reference``."""
-    from rankwise.quant import dequantize_nf4
-
+    """The torch path of ``nf4_lora_linear`` (``backend="torch"``): dequantize the
+    NF4 weight to x's dtype (``nf4.dequantize_nf4``), then ``lowrank.lora_linear_torch``.
+    Public under this historical name; the tests compare with their own float64
+    reference, not with this."""
     W = dequantize_nf4(weight).to(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return lora_linear_reference(x, W, lora_A, lora_B, scaling, bias, dropout_p, seed, keep_mask)
+        return lora_linear_torch(x, W, lora_A, lora_B, scaling, bias, dropout_p, seed, keep_mask)

@@ -12,6 +12,8 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: the ``backend`` argument of every op: "auto" is Triton on CUDA and torch otherwise
+BACKENDS = ("auto", "triton", "torch")
 
 
 def next_pow2(n: int) -> int:

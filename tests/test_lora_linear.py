@@ -1,6 +1,10 @@
 """The fused LoRA op against a float64 reference, forward and every gradient.
 
-On a CPU machine the Triton kernels run under TRITON_INTERPRET=1 (conftest.py).
+The reference is ``helpers.lora_linear_ref64`` (float64 einsums, autograd for the
+gradients), not the op's torch backend (``lora_linear_reference``): that backend
+is only used for what torch's own low-precision error is, and is itself checked
+against the float64 reference below. On a CPU machine the Triton kernels run
+under TRITON_INTERPRET=1 (conftest.py).
 
 Tolerances, measured as max|out - ref64| / max|ref64| per tensor:
 - fp32: 2e-5 (fp32 accumulation over at most a few hundred terms);
@@ -12,7 +16,7 @@ Tolerances, measured as max|out - ref64| / max|ref64| per tensor:
 import pytest
 import torch
 
-from helpers import check, rel_err
+from helpers import check, lora_linear_ref64, rel_err
 from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -57,8 +61,8 @@ def run_and_compare(lead, K, N, r, dtype, *, bias=True, dropout_p=0.0, weight_gr
     ref_in = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
               for t in (x, W, A, B, b)]
     x64 = ref_in[0] if x_transform is None else x_transform(ref_in[0])
-    y64 = lora_linear_reference(x64, ref_in[1], ref_in[2], ref_in[3], scaling, ref_in[4], dropout_p,
-                                keep_mask=keep)
+    y64 = lora_linear_ref64(x64, ref_in[1], ref_in[2], ref_in[3], scaling, ref_in[4], dropout_p,
+                            keep_mask=keep)
     want = grads_of(y64, ref_in, dy.double())
 
     tol = TOL[dtype]
@@ -128,8 +132,8 @@ def test_non_contiguous_inputs():
                     x_transform=lambda x: x.transpose(0, 1))
     x, W, A, B, b = make_inputs((24,), 30, 16, 4, torch.float32)
     y = lora_linear(x, W.t().contiguous().t(), A.t().contiguous().t(), B, 1.0, b, backend="triton")
-    check("y (non-contiguous W, A)", y, lora_linear_reference(x.double(), W.double(), A.double(),
-                                                             B.double(), 1.0, b.double()), TOL[torch.float32])
+    check("y (non-contiguous W, A)", y, lora_linear_ref64(x.double(), W.double(), A.double(),
+                                                         B.double(), 1.0, b.double()), TOL[torch.float32])
 
 
 def test_deterministic_mode_gives_same_grads():
@@ -146,6 +150,27 @@ def test_deterministic_mode_gives_same_grads():
         torch.use_deterministic_algorithms(was)
     for a, d in zip(g_atomic, g_det):
         torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("lead,K,N,r", [((37,), 45, 29, 1), ((2, 17), 33, 47, 16)])
+def test_torch_backend_matches_float64(lead, K, N, r, dropout_p):
+    """The torch path (backend="torch", the CPU default) against the float64 oracle,
+    forward and every gradient, with the mask it draws from the seed."""
+    x, W, A, B, b = make_inputs(lead, K, N, r, torch.float32, weight_grad=True)
+    y = lora_linear(x, W, A, B, 1.7, b, dropout_p=dropout_p, seed=5, backend="torch")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    got = grads_of(y, (x, W, A, B, b), dy)
+    keep = None
+    if dropout_p > 0:  # the torch path's mask, recovered from its own generator
+        g = torch.Generator().manual_seed(5)
+        keep = torch.rand(x.shape, generator=g) >= dropout_p
+    ref_in = [t.detach().double().requires_grad_() for t in (x, W, A, B, b)]
+    y64 = lora_linear_ref64(*ref_in[:4], 1.7, ref_in[4], dropout_p, keep_mask=keep)
+    want = grads_of(y64, ref_in, dy.double())
+    check("y", y, y64, TOL[torch.float32])
+    for n, g_, w_ in zip(("dx", "dW", "dA", "dB", "dbias"), got, want):
+        check(n, g_, w_, TOL[torch.float32])
 
 
 def test_backends_agree_and_auto_is_torch_on_cpu():

@@ -167,7 +167,7 @@ def test_to_bnb_from_bnb(bnbF):
 def test_nf4weight_basics():
     W = torch.randn(33, 70)
     q = quantize_nf4(W, double_quant=True)
-    assert q._rankwise_nf4 is True and not isinstance(q, torch.nn.Parameter)
+    assert isinstance(q, NF4Weight) and not isinstance(q, torch.nn.Parameter)
     assert q.shape == (33, 70) and q.dtype == torch.float32 and q.device.type == "cpu"
     n = 33 * 70
     blocks = math.ceil(n / 64)
@@ -207,15 +207,22 @@ def test_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(37, 51), (129,), (70, 130)])
 def test_triton_dequantize_kernel(shape, dtype, double_quant):
+    """Both backends of nf4_dequantize against the float64 product of the test's own
+    decoding (helpers.nf4_dequantize_ref64): exactly its one rounding, in W's dtype and
+    in every other output dtype."""
+    from helpers import nf4_dequantize_ref64
+
     from rankwise.kernels.nf4 import nf4_dequantize, nf4_dequantize_reference
 
     q = quantize_nf4(_weight(shape, dtype, seed=11), double_quant=double_quant)
-    out = nf4_dequantize(q)
-    assert_bytes_equal(out, dequantize_nf4(q), "triton vs torch dequantize")
-    assert_bytes_equal(out, nf4_dequantize_reference(q), "triton vs reference")
-    # exact up to one rounding against the float64 product
-    exact = (q.quant_map.double()[_nibbles(q)] * q.absmax_fp32().double().repeat_interleave(64)[: q.numel])
-    torch.testing.assert_close(nf4_dequantize(q, torch.float32).reshape(-1).double(), exact, rtol=2**-23, atol=0)
+    exact = nf4_dequantize_ref64(q)
+    for out_dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+        want = exact.float().to(out_dtype or q.dtype)
+        for backend in ("triton", "torch"):
+            assert_bytes_equal(nf4_dequantize(q, out_dtype, backend=backend), want, f"{backend} {out_dtype}")
+    assert_bytes_equal(dequantize_nf4(q), exact.float().to(q.dtype), "dequantize_nf4")
+    assert_bytes_equal(nf4_dequantize_reference(q), exact.float().to(q.dtype), "nf4_dequantize_reference")
+    assert_bytes_equal(nf4_dequantize(q), exact.float().to(q.dtype), "auto (torch on the CPU)")
 
 
 def _nibbles(q):

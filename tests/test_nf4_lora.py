@@ -1,8 +1,12 @@
 """The fused NF4 LoRA op: Triton backend (interpreter on CPU) against a float64
 reference on the dequantized weight and against the dense op on the same
-dequantized weight, forward and every gradient."""
+dequantized weight, forward and every gradient.
+
+The float64 reference is ``helpers.lora_linear_ref64`` on ``helpers.nf4_dequantize_ref64``
+(the format's values computed in the test), not the op's torch backend."""
 import pytest
 import torch
+from helpers import lora_linear_ref64, nf4_dequantize_ref64
 
 import rankwise.quant as quant
 from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
@@ -18,9 +22,9 @@ SHAPES = [((37,), 70, 45, 3), ((5,), 33, 45, 1), ((2, 7), 96, 40, 20)]
 TOL32 = dict(rtol=2e-5, atol=2e-5)
 
 
-def _inputs(lead, K, N, r, dtype, double_quant, seed, bias=True):
+def _inputs(lead, K, N, r, dtype, double_quant, seed, bias=True, wdtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    q = quantize_nf4(torch.randn(N, K, generator=g) / K**0.5, double_quant=double_quant)
+    q = quantize_nf4((torch.randn(N, K, generator=g) / K**0.5).to(wdtype), double_quant=double_quant)
     x = torch.randn(*lead, K, generator=g).to(dtype)
     A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
     B = (torch.randn(N, r, generator=g) / r**0.5).to(dtype)
@@ -70,14 +74,16 @@ def test_triton_nf4_matches_float64_reference(lead, K, N, r, dtype, double_quant
     outs = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 1.7, b_, dropout_p, seed, backend="triton"),
                 x, A, B, b, dy)
     keep = dropout_mask(x.shape, dropout_p, seed) if dropout_p > 0 else None
-    W = dequantize_nf4(q)  # the op computes with exactly these values (cast to the compute dtype)
-
-    def ref_fn(cast):
-        return lambda x_, A_, B_, b_: lora_linear_reference(x_, W.to(cast), A_, B_, 1.7, b_, dropout_p,
-                                                            keep_mask=keep)
-
-    refs = _run(ref_fn(torch.float64), x.double(), A.double(), B.double(), b.double(), dy.double())
-    low = _run(ref_fn(dtype), x, A, B, b, dy) if dtype != torch.float32 else None
+    # the op computes with exactly these values (W's dtype, then cast to the compute dtype)
+    W = nf4_dequantize_ref64(q).float().to(q.dtype)
+    assert torch.equal(dequantize_nf4(q), W)
+    refs = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W.double(), A_, B_, 1.7, b_, dropout_p,
+                                                         keep_mask=keep),
+                x.double(), A.double(), B.double(), b.double(), dy.double())
+    # torch's own error in a low precision: the torch path with the kernel's mask
+    low = _run(lambda x_, A_, B_, b_: lora_linear_reference(x_, W.to(dtype), A_, B_, 1.7, b_, dropout_p,
+                                                            keep_mask=keep),
+               x, A, B, b, dy) if dtype != torch.float32 else None
     _check(outs, refs, low, dtype)
     # and the dense Triton op on the dequantized weight: same kernels, same mask
     dense = _run(lambda x_, A_, B_, b_: lora_linear(x_, W.to(dtype), A_, B_, 1.7, b_, dropout_p, seed,
@@ -87,20 +93,37 @@ def test_triton_nf4_matches_float64_reference(lead, K, N, r, dtype, double_quant
                                    msg=lambda m, name=name: f"{name} vs dense op: {m}")
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_rounds_once_to_its_dtype(wdtype):
+    """A weight quantized from bf16 / fp16 computes with its values rounded (to nearest)
+    to that dtype, as dequantize_nf4 returns them: forward and every gradient vs float64."""
+    q, x, A, B, b, dy = _inputs((9,), 70, 33, 4, torch.float32, True, seed=3, wdtype=wdtype)
+    assert q.dtype == wdtype
+    outs = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 1.3, b_, backend="triton"), x, A, B, b, dy)
+    W64 = nf4_dequantize_ref64(q).float().to(wdtype).double()
+    refs = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 1.3, b_),
+                x.double(), A.double(), B.double(), b.double(), dy.double())
+    _check(outs, refs)
+
+
 def test_triton_path_never_dequantizes_whole_weight(monkeypatch):
     q, x, A, B, b, dy = _inputs((9,), 70, 33, 4, torch.float32, True, seed=0)
 
     def boom(*a, **k):
         raise AssertionError("a full-precision copy of W was made")
 
-    expected = nf4_lora_linear_reference(x, q, A, B, 0.5, b)
+    W64 = nf4_dequantize_ref64(q).float().to(q.dtype).double()
+    expected = lora_linear_ref64(x.double(), W64, A.double(), B.double(), 0.5, b.double())
     monkeypatch.setattr(quant, "dequantize_nf4", boom)
+    monkeypatch.setattr(nf4_kernels, "dequantize_nf4", boom)
     monkeypatch.setattr(nf4_kernels, "nf4_dequantize", boom)
+    monkeypatch.setattr(nf4_kernels, "_nf4_dequantize_torch", boom)
+    monkeypatch.setattr(nf4_kernels, "_nf4_dequantize_triton", boom)
     monkeypatch.setattr(quant.NF4Weight, "dequantize", boom)
     x.requires_grad_()
     y = lora_linear(x, q, A, B, 0.5, b, backend="triton")
     y.backward(dy)
-    torch.testing.assert_close(y.detach(), expected, **TOL32)
+    assert torch.allclose(y.detach().double(), expected, **TOL32), _report("y", y.detach(), expected)
     assert x.grad is not None
 
 
@@ -109,21 +132,27 @@ def test_no_bias_and_frozen_inputs():
     Ar = A.clone().requires_grad_()
     y = lora_linear(x, q, Ar, B, 2.0, None, backend="triton")  # x and B need no grad
     y.backward(dy)
-    W = dequantize_nf4(q).double()
+    W = nf4_dequantize_ref64(q).float().to(q.dtype).double()
     A64 = A.double().requires_grad_()
-    ref = lora_linear_reference(x.double(), W, A64, B.double(), 2.0)
+    ref = lora_linear_ref64(x.double(), W, A64, B.double(), 2.0)
     ref.backward(dy.double())
     assert torch.allclose(y.double(), ref.detach(), **TOL32), _report("y", y, ref)
     assert torch.allclose(Ar.grad.double(), A64.grad, **TOL32), _report("dA", Ar.grad, A64.grad)
 
 
 def test_torch_backend_and_auto_on_cpu():
-    q, x, A, B, b, _ = _inputs((3, 4), 70, 30, 5, torch.float32, True, seed=9)
-    ref = lora_linear_reference(x, dequantize_nf4(q), A, B, 0.25, b)
+    q, x, A, B, b, dy = _inputs((3, 4), 70, 30, 5, torch.float32, True, seed=9)
+    W64 = nf4_dequantize_ref64(q).float().to(q.dtype).double()
+    refs = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 0.25, b_),
+                x.double(), A.double(), B.double(), b.double(), dy.double())
+    ys = []
     for backend in ("torch", "auto"):
-        y = nf4_lora_linear(x, q, A, B, 0.25, b, backend=backend)
-        assert y.shape == (3, 4, 30)
-        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        outs = _run(lambda x_, A_, B_, b_: nf4_lora_linear(x_, q, A_, B_, 0.25, b_, backend=backend), x, A, B, b, dy)
+        assert outs[0].shape == (3, 4, 30)
+        _check(outs, refs)  # forward and every gradient vs float64
+        ys.append(outs[0])
+    assert torch.equal(ys[0], ys[1])  # auto is the torch path on the CPU
+    torch.testing.assert_close(ys[0], nf4_lora_linear_reference(x, q, A, B, 0.25, b), rtol=0, atol=0)
 
 
 def test_lora_linear_over_nf4_linear_module():
@@ -161,7 +190,7 @@ def test_errors():
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_lora_bf16_on_gpu(K, double_quant):
     """bf16 on tensor cores, even (fast path) and odd K: NF4 op vs the dense op on
-    the dequantized weight, and both vs float64."""
+    the dequantized weight, and both vs float64 (forward and every gradient)."""
     g = torch.Generator().manual_seed(0)
     N, M, r = 1100, 777, 16
     W = (torch.randn(N, K, generator=g) / K**0.5).to("cuda", torch.bfloat16)
@@ -178,3 +207,17 @@ def test_nf4_lora_bf16_on_gpu(K, double_quant):
     for name, a, b in zip(("y", "dx", "dA", "dB"), got, dense):
         err = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert err < 1e-2, f"{name}: NF4 fused vs dequantize-then-dense relative error {err:.3g}"
+    # both vs float64 on the same values (W rounded to bf16 as the op does, the kernel's mask), and
+    # at most 2x the error of torch doing the same math in bf16 (plus a 1e-3 floor)
+    keep = dropout_mask(x.shape, 0.1, 7, device="cuda")
+    W64 = nf4_dequantize_ref64(q).float().to(q.dtype).double()
+    assert torch.equal(W64.to(q.dtype), Wd)
+    ref = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 2.0, b_, 0.1, keep_mask=keep),
+               x.double(), A.double(), B.double(), None, dy.double())
+    low = _run(lambda x_, A_, B_, b_: lora_linear_reference(x_, Wd, A_, B_, 2.0, b_, 0.1, keep_mask=keep),
+               x, A, B, None, dy)
+    for name, a, d, r64, t in zip(("y", "dx", "dA", "dB"), got, dense, ref, low):
+        theirs = ((t.double() - r64).norm() / r64.norm()).item()
+        for which, o in (("NF4", a), ("dense", d)):
+            ours = ((o.double() - r64).norm() / r64.norm()).item()
+            assert ours <= 2 * theirs + 1e-3, f"{name}: {which} op vs float64 {ours:.3g}, torch bf16 {theirs:.3g}"

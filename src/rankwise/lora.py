@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from rankwise.kernels import lora_linear
+from rankwise.quant import NF4Weight, dequantize_nf4, quantize_nf4
 
 INITS = ("default", "gaussian", "pissa")
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
-    return bool(getattr(getattr(module, "weight", None), "_rankwise_nf4", False))
+    """A linear layer whose weight is an ``NF4Weight`` (``rankwise.quant.NF4Linear``)."""
+    return isinstance(getattr(module, "weight", None), NF4Weight)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -143,12 +145,10 @@ class LoRALinear(nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         if _is_nf4_linear(self.base):
-            from rankwise.quant import dequantize_nf4, quantize_nf4
-
             q = self.base.weight
             W = dequantize_nf4(q).float() + delta.to(q.device)
             self.base.weight = quantize_nf4(W.to(q.dtype), blocksize=q.blocksize,
-                                            double_quant=getattr(q, "double_quant", False))
+                                            double_quant=q.double_quant)
         else:
             W = self.base.weight
             W.copy_((W.float() + delta.to(W.device)).to(W.dtype))

@@ -28,16 +28,29 @@ nested_absmax[b // 256] + offset`` first (fp32).
 bitsandbytes is used only as a reference in the tests and in the conversion
 helpers (imported lazily there); quantizing and dequantizing here are plain
 torch ops that run on any device.
+
+``NF4Weight`` (the container), ``NF4_CODE`` and ``dequantize_nf4`` live with the
+NF4 kernels in ``rankwise.kernels.nf4`` (the kernels need them, and must not
+import this module); they are re-exported here under the same names.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Dict, Optional
 
 import torch
 from torch import nn
+
+from rankwise.kernels.nf4 import (
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    WEIGHT_DTYPES,
+    NF4Weight,
+    dequantize_nf4,
+    is_pow2,
+    nf4_quantize_packed,
+)
 
 __all__ = [
     "NF4_CODE",
@@ -54,18 +67,7 @@ __all__ = [
     "model_bytes",
 ]
 
-# The 16 NF4 code values (quantiles of N(0, 1) normalised to [-1, 1], QLoRA).
-_NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-NF4_CODE = torch.tensor(_NF4_VALUES, dtype=torch.float32)
-
-_NESTED_BLOCKSIZE = 256
 _BNB_WEIGHT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _LUT_SIZE = 65536
 _cache: Dict[tuple, torch.Tensor] = {}
@@ -133,138 +135,6 @@ def _quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int
     return q.reshape(-1)[:n].contiguous(), absmax
 
 
-def _dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """``code[q] * absmax[i // blocksize]`` in fp32."""
-    n = q.numel()
-    vals = code.to(q.device)[q.reshape(-1).long()]
-    scale = absmax.float().repeat_interleave(blocksize)[:n]
-    return vals * scale
-
-
-def _is_pow2(n) -> bool:
-    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
-
-
-class NF4Weight:
-    """A frozen weight stored as NF4 (bitsandbytes layout); not a Parameter.
-
-    Fields: ``packed`` (uint8, (ceil(numel/2), 1)), ``absmax`` (fp32 per block,
-    or uint8 codes with double quantization), ``nested_absmax`` (fp32 per 256
-    absmax codes), ``nested_quant_map`` (the 256-value dynamic map), ``offset``
-    (0-d fp32 tensor), ``quant_map`` (the 16 NF4 values), ``blocksize``,
-    ``shape`` (original) and ``dtype`` (original, also the dequantized dtype).
-    """
-
-    _rankwise_nf4 = True
-
-    def __init__(self, packed, absmax, quant_map, blocksize, shape, dtype,
-                 nested_absmax=None, nested_quant_map=None, offset=None, nested_blocksize=_NESTED_BLOCKSIZE):
-        self.packed = packed
-        self.absmax = absmax
-        self.quant_map = quant_map
-        self.blocksize = int(blocksize)
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        self.nested_absmax = nested_absmax
-        self.nested_quant_map = nested_quant_map
-        self.offset = offset
-        self.nested_blocksize = int(nested_blocksize)
-        _validate_weight(self)
-
-    # -- properties ------------------------------------------------------------
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: packed weights plus all scale tensors and maps."""
-        total = 0
-        for t in (self.packed, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.offset):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def size(self, d=None):
-        return self.shape if d is None else self.shape[d]
-
-    def to(self, device=None, non_blocking: bool = False) -> "NF4Weight":
-        """A copy on ``device`` (dtype casts are not allowed: the format is fixed)."""
-        if isinstance(device, torch.dtype):
-            raise TypeError("NF4Weight.to: the storage format is fixed; pass a device, not a dtype")
-
-        def mv(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return NF4Weight(mv(self.packed), mv(self.absmax), mv(self.quant_map), self.blocksize, self.shape,
-                         self.dtype, mv(self.nested_absmax), mv(self.nested_quant_map), mv(self.offset),
-                         self.nested_blocksize)
-
-    def cpu(self) -> "NF4Weight":
-        return self.to("cpu")
-
-    def cuda(self, device=None) -> "NF4Weight":
-        return self.to("cuda" if device is None else device)
-
-    def absmax_fp32(self) -> torch.Tensor:
-        """Per-block scales in fp32 (decodes the double quantization if any)."""
-        if not self.double_quant:
-            return self.absmax.float()
-        am = _dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_quant_map,
-                                        self.nested_blocksize)
-        return am + self.offset.to(am.device)
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_nf4(self)
-
-    def __repr__(self) -> str:
-        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}, device={self.device})")
-
-
-def _validate_weight(q: NF4Weight) -> None:
-    if not _is_pow2(q.blocksize) or q.blocksize < 64:
-        raise ValueError(f"blocksize: expected a power of two >= 64, got {q.blocksize!r}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {q.dtype}")
-    if not isinstance(q.packed, torch.Tensor) or q.packed.dtype != torch.uint8:
-        raise TypeError(f"packed: expected a uint8 tensor, got "
-                        f"{getattr(q.packed, 'dtype', type(q.packed).__name__)}")
-    n = q.numel
-    if q.packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed: a weight of shape {tuple(q.shape)} ({n} values) needs {(n + 1) // 2} bytes, "
-                         f"got a tensor of shape {tuple(q.packed.shape)} ({q.packed.numel()} bytes)")
-    blocks = -(-n // q.blocksize)
-    if q.absmax.numel() != blocks:
-        raise ValueError(f"absmax: expected {blocks} values (ceil({n} / blocksize {q.blocksize})), "
-                         f"got {q.absmax.numel()}")
-    if q.nested_absmax is not None:
-        if q.absmax.dtype != torch.uint8:
-            raise TypeError(f"absmax: with double quantization expected uint8 codes, got {q.absmax.dtype}")
-        nb = -(-blocks // q.nested_blocksize)
-        if q.nested_absmax.numel() != nb:
-            raise ValueError(f"nested_absmax: expected {nb} values, got {q.nested_absmax.numel()}")
-        if q.nested_quant_map is None or q.nested_quant_map.numel() != 256:
-            raise ValueError("nested_quant_map: expected the 256-value dynamic map")
-        if q.offset is None:
-            raise ValueError("offset: required with double quantization")
-    elif q.absmax.dtype != torch.float32:
-        raise TypeError(f"absmax: expected float32, got {q.absmax.dtype}")
-    if q.quant_map.numel() != 16:
-        raise ValueError(f"quant_map: expected the 16 NF4 code values, got {q.quant_map.numel()} values")
-
-
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
                  backend: str = "auto") -> NF4Weight:
     """Quantize ``W`` (any shape; fp32, fp16 or bf16) to NF4.
@@ -285,9 +155,9 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     """
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
-    if W.dtype not in _FLOAT_DTYPES:
+    if W.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"W: expected a float32, float16 or bfloat16 tensor, got {W.dtype}")
-    if not _is_pow2(blocksize) or blocksize < 64:
+    if not is_pow2(blocksize) or blocksize < 64:
         raise ValueError(f"blocksize: expected a power of two >= 64, got {blocksize!r}")
     if W.numel() == 0:
         raise ValueError(f"W: cannot quantize an empty tensor (shape {tuple(W.shape)})")
@@ -297,8 +167,6 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     device = W.device
     code = _nf4_code(device)
     if backend == "triton" or (backend == "auto" and W.is_cuda):
-        from rankwise.kernels.nf4 import nf4_quantize_packed
-
         packed, absmax = nf4_quantize_packed(W, blocksize, code)
         return _finish(packed, absmax, code, blocksize, W, double_quant)
     bounds = (code[:-1] + code[1:]) / 2
@@ -327,28 +195,9 @@ def _finish(packed, absmax, code, blocksize, W, double_quant) -> NF4Weight:
         return NF4Weight(packed, absmax, code.clone(), blocksize, W.shape, W.dtype)
     offset = absmax.mean()
     nmap = dynamic_map().to(device)
-    qabs, nested = _quantize_blockwise_8bit(absmax - offset, nmap, _NESTED_BLOCKSIZE)
+    qabs, nested = _quantize_blockwise_8bit(absmax - offset, nmap, NESTED_BLOCKSIZE)
     return NF4Weight(packed, qabs, code.clone(), blocksize, W.shape, W.dtype,
                      nested_absmax=nested, nested_quant_map=nmap, offset=offset)
-
-
-def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
-    """The full-precision weight (``q.shape``, ``q.dtype``); equals
-    ``bitsandbytes.functional.dequantize_4bit`` exactly."""
-    if not getattr(q, "_rankwise_nf4", False):
-        raise TypeError(f"q: expected an NF4Weight, got {type(q).__name__}")
-    n, bs = q.numel, q.blocksize
-    b = q.packed.reshape(-1)
-    # one gather per byte: (code[hi], code[lo]) from a 256 x 2 table
-    code = q.quant_map.to(b.device).float()
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-    vals = pairs[b.long()].reshape(-1)[:n]
-    absmax = q.absmax_fp32()
-    blocks = absmax.numel()
-    if n != blocks * bs:
-        vals = torch.nn.functional.pad(vals, (0, blocks * bs - n))
-    out = (vals.view(blocks, bs) * absmax.view(-1, 1)).reshape(-1)[:n]
-    return out.to(q.dtype).reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -462,7 +311,7 @@ def nf4_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "", device=No
             off = off.to(device)
         return NF4Weight(packed, get(w + ".absmax"), get(w + ".quant_map"), meta["blocksize"], meta["shape"], dtype,
                          nested_absmax=get(w + ".nested_absmax"), nested_quant_map=get(w + ".nested_quant_map"),
-                         offset=off, nested_blocksize=meta.get("nested_blocksize", _NESTED_BLOCKSIZE))
+                         offset=off, nested_blocksize=meta.get("nested_blocksize", NESTED_BLOCKSIZE))
     return NF4Weight(packed, get(w + ".absmax"), get(w + ".quant_map"), meta["blocksize"], meta["shape"], dtype)
 
 
@@ -486,7 +335,7 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, weight: NF4Weight,
                  bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if not getattr(weight, "_rankwise_nf4", False):
+        if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
         if tuple(weight.shape) != (out_features, in_features):
             raise ValueError(f"weight: expected shape ({out_features}, {in_features}), got {tuple(weight.shape)}")

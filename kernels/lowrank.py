@@ -1,0 +1,513 @@
+"""The low-rank half of a LoRA layer, shared by the dense (``lora_linear.py``)
+and the NF4 (``nf4_lora.py``) ops: whatever does not touch the base weight W.
+
+Math (x: (M, K), A: (r, K), B: (N, r), s = scaling, m = dropout keep-mask,
+x_d = x * m / (1 - p); derivations in ``lora_linear.py``):
+
+    S  = x_d @ A.T                 (M, r)  ``lora_down``      (kernel 1 of the layer)
+    dS = s * dY @ B,               (M, r)  ``lora_ds_db``     (kernel 3, reads dY once)
+    dB = s * dY.T @ S              (N, r)
+    dA = dS.T @ x_d                (r, K)  ``lora_da``        (kernel 5)
+
+and the two ``triton.jit`` tails that the base-weight GEMMs of either op call
+inside their own accumulators:
+
+    acc += (s * S) @ B.T (+ b)             ``lowrank_fwd_tail`` (forward tile)
+    acc += (dS @ A) * m / (1 - p)          ``lowrank_dx_tail``  (dX tile)
+
+The dropout mask is never stored: every kernel that needs it regenerates it
+from (seed, flat element index) with Philox (``utils.dropout_keep``);
+``dropout_mask`` returns it for tests and users.
+
+Also here, because both ops share them: the backward custom ops
+``rankwise::lora_ds_db`` and ``rankwise::lora_da`` (with fake functions, for
+torch.compile), ``lowrank_grads`` (dX, dA, dB given a dX kernel for the base
+weight at hand), argument checks and seed handling, and ``lora_linear_torch``,
+the plain-torch path (``backend="torch"``) of both ops on a dense W.
+
+Import rule: this module imports only ``utils``; the op files import it, never
+each other's private names.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (
+    BACKENDS,
+    INTERPRET,
+    dot_precision,
+    dropout_keep,
+    fit_shared_memory,
+    rank_block,
+    skinny_config,
+    upcast_for_dot,
+)
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def lowrank_fwd_tail(acc, S, B, BIAS, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
+                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr):
+    """``acc += (s * S[rm]) @ B[rn].T (+ bias[rn])``: the low-rank term of a forward
+    tile, added into the base GEMM's accumulator. The scaling is applied to the
+    (BM, BR) S tile in fp32 registers, never to a stored tensor. Shared by the
+    dense and the NF4 forward kernels."""
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(B + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        s = s.to(tl.float32) * scaling
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            s = s.to(b.dtype)
+        acc = tl.dot(s, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + rn, mask=rn < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def lowrank_dx_tail(acc, DS, A, rm, rk, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                    seed, p, keep_scale,
+                    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """``acc += (dS[rm] @ A[:, rk]) * m / (1 - p)``: the LoRA part of a dX tile, with
+    the dropout mask regenerated from the seed. Shared by the dense and NF4 dX kernels."""
+    if HAS_DROPOUT:
+        lacc = tl.zeros((BM, BK), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        ds = tl.load(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            a = a.to(tl.float32)
+        if HAS_DROPOUT:
+            lacc = tl.dot(ds, a, lacc, input_precision=PREC)
+        else:
+            acc = tl.dot(ds, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rm, rk, K, p)
+        acc += tl.where(keep, lacc * keep_scale, 0.0)
+    return acc
+
+
+
+@triton.jit
+def _lora_down_kernel(
+    X, A, S,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """S[m, r] = sum_k x_d[m, k] * A[r, k]   (kernel 1)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0)
+        a = tl.load(A + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+             acc.to(S.dtype.element_ty), mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+
+@triton.jit
+def _lora_bwd_dsdb_kernel(
+    DY, B, S, DS, DB,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
+    scaling,
+    DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    """dS = s * dY @ B and dB = s * dY.T @ S from one read of dY   (kernel 3).
+
+    Each program owns BM rows: dS for them stays in registers over the whole
+    N loop; its (BN, BR) share of dB is added to an fp32 buffer with atomics,
+    or, when torch's deterministic mode is on, written to a per-program slice
+    that the launcher sums in a fixed order.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    s = tl.load(S + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if UPCAST:
+        s = s.to(tl.float32)
+    ds = tl.zeros((BM, BR), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        b = tl.load(B + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        ds = tl.dot(dy, b, ds, input_precision=PREC)
+        db = tl.dot(tl.trans(dy), s, input_precision=PREC) * scaling
+        db_ptrs = DB + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
+        db_mask = (rn[:, None] < N) & (rr[None, :] < R)
+        if DETERMINISTIC:
+            tl.store(db_ptrs + pid_m * stride_dbp, db, mask=db_mask)
+        else:
+            tl.atomic_add(db_ptrs, db, mask=db_mask)
+    tl.store(DS + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+             (ds * scaling).to(DS.dtype.element_ty), mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    DS, X, DA,
+    M, K, R,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+):
+    """dA = dS.T @ x_d   (kernel 5)."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = pid_r * BR + tl.arange(0, BR)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
+        ds = tl.load(DS + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
+                     mask=(rm[None, :] < M) & (rr[:, None] < R), other=0.0)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rm, rk, K, p), x, 0.0)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(ds, x, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(DA + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
+             acc.to(DA.dtype.element_ty), mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    keep = dropout_keep(seed, rm, rk, K, p)
+    tl.store(OUT + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# ----------------------------------------------------------------------------
+# Launchers: own the shapes, allocate outputs, pick the grid.
+# All take 2-D operands (any strides) and return new tensors.
+# ----------------------------------------------------------------------------
+
+
+def dropout_args(dropout_p: float, seed: Optional[int]):
+    has = dropout_p > 0.0
+    return has, (int(seed) if has else 0), float(dropout_p), (1.0 / (1.0 - dropout_p) if has else 1.0)
+
+
+def _wide_rank_warps(cfg: dict, BR: int) -> int:
+    """Warps of the skinny backward kernels: twice as many for a rank block over 64 on a GPU,
+    where the (BM or BN) x BR fp32 accumulators otherwise spill registers (sm_90:
+    255 registers and 200-1900 bytes of stack at r = 128-256 with 4 warps;
+    benchmarks/compile_check.py)."""
+    return cfg["num_warps"] if (INTERPRET or BR <= 64) else 2 * cfg["num_warps"]
+
+
+def lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """S = dropout(x2) @ A.T, (M, r) in x2's dtype."""
+    M, K = x2.shape
+    R = A.shape[0]
+    S = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return S
+    cfg = skinny_config(x2.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
+    has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
+    _lora_down_kernel[grid](
+        x2, A, S, M, K, R,
+        x2.stride(0), x2.stride(1), A.stride(0), A.stride(1), S.stride(0), S.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BR=BR, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return S
+
+
+
+def lora_ds_db(dY, S, B, scaling: float):
+    """dS = scaling * dY @ B (M, r, S's dtype) and dB = scaling * dY.T @ S (N, r, B's dtype)."""
+    M, N = dY.shape
+    R = S.shape[1]
+    dS = torch.empty((M, R), device=dY.device, dtype=S.dtype)
+    if M == 0:  # contiguous, like the non-empty result (and the custom op's fake function)
+        return dS, torch.zeros((N, R), device=B.device, dtype=B.dtype)
+    cfg = skinny_config(dY.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, dY.device, BR, dY.dtype)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(R, BR))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:  # one fp32 slice per row block, summed in a fixed order
+        dB32 = torch.empty((grid[0], N, R), device=dY.device, dtype=torch.float32)
+        strides = dB32.stride()
+    else:
+        dB32 = torch.zeros((N, R), device=dY.device, dtype=torch.float32)
+        strides = (0,) + dB32.stride()
+    _lora_bwd_dsdb_kernel[grid](
+        dY, B, S, dS, dB32,
+        M, N, R,
+        dY.stride(0), dY.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
+        dS.stride(0), dS.stride(1), *strides,
+        float(scaling),
+        DETERMINISTIC=deterministic, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=_wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+    )
+    dB = dB32.sum(0) if deterministic else dB32
+    return dS, dB.to(B.dtype)
+
+
+
+def lora_da(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtype=None) -> torch.Tensor:
+    """dA = dS.T @ dropout(x2), (r, K)."""
+    M, K = x2.shape
+    R = dS.shape[1]
+    dA = torch.empty((R, K), device=x2.device, dtype=out_dtype or x2.dtype)
+    if M == 0:
+        return dA.zero_()
+    cfg = skinny_config(x2.dtype)
+    BR = rank_block(R, cap=32 if INTERPRET else 128)
+    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
+    has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(R, BR))
+    _lora_bwd_da_kernel[grid](
+        dS, x2, dA,
+        M, K, R,
+        dS.stride(0), dS.stride(1), x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=_wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+    )
+    return dA
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
+    """The keep-mask (bool, ``shape`` = (..., in)) that the Triton kernels use for
+    ``dropout_p`` and ``seed``; for tests and for users who need the exact mask."""
+    shape = tuple(shape)
+    K = shape[-1]
+    M = 1
+    for d in shape[:-1]:
+        M *= d
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M and K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        _dropout_mask_kernel[grid](out, M, K, int(seed), float(dropout_p), BM=32, BK=32)
+    return out.bool().reshape(shape)
+
+
+
+# ----------------------------------------------------------------------------
+# Custom ops of the shared backward kernels (torch.compile): each with a fake
+# function that gives its output shapes without running a kernel. Registered
+# here, once, and used by both layers' traced backward.
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rankwise::lora_ds_db", mutates_args=())
+def _lora_ds_db_op(dY: torch.Tensor, S: torch.Tensor, lora_B: torch.Tensor, scaling: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dS, dB)`` of kernel 3; reads torch's deterministic flag when it runs."""
+    return lora_ds_db(dY, S, lora_B, scaling)
+
+
+@_lora_ds_db_op.register_fake
+def _lora_ds_db_fake(dY, S, lora_B, scaling):
+    return S.new_empty((dY.shape[0], S.shape[1])), lora_B.new_empty(lora_B.shape)
+
+
+@torch.library.custom_op("rankwise::lora_da", mutates_args=())
+def _lora_da_op(dS: torch.Tensor, x2: torch.Tensor, dropout_p: float, seed: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """dA of kernel 5 in ``out_dtype``, the dropout mask regenerated from ``seed``."""
+    return lora_da(dS, x2, dropout_p, seed, out_dtype)
+
+
+@_lora_da_op.register_fake
+def _lora_da_fake(dS, x2, dropout_p, seed, out_dtype):
+    return x2.new_empty((dS.shape[1], x2.shape[1]), dtype=out_dtype)
+
+
+class LowRankBackward(NamedTuple):
+    """The shared backward kernels 3 and 5 as callables: the launchers (eager)
+    or the custom ops (traced), with the same positional arguments."""
+    ds_db: Callable
+    da: Callable
+
+
+LAUNCHERS = LowRankBackward(lora_ds_db, lora_da)
+OPS = LowRankBackward(lambda *a: torch.ops.rankwise.lora_ds_db(*a), lambda *a: torch.ops.rankwise.lora_da(*a))
+
+
+def lowrank_grads(k: LowRankBackward, dY, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need, dx):
+    """``(dX, dA, dB)``, None where ``need`` (three bools: x, A, B) says no
+    gradient is wanted. ``k`` runs kernels 3 and 5, ``dx(dY, dS)`` the dX kernel
+    for the base weight at hand (dense or NF4)."""
+    need_x, need_a, need_b = need
+    dX = dA = dB = None
+    if need_x or need_a or need_b:
+        dS, dB = k.ds_db(dY, S, lora_B, scaling)
+        if need_x:
+            dX = dx(dY, dS)
+        if need_a:
+            dA = k.da(dS, x2, dropout_p, seed, lora_A.dtype)
+        if not need_b:
+            dB = None
+    return dX, dA, dB
+
+
+# ----------------------------------------------------------------------------
+# Arguments: checks, compute dtype, dropout seed (both public entries)
+# ----------------------------------------------------------------------------
+
+
+def check_tensor(t, name, ndim=None):
+    """A floating-point tensor (of ``ndim`` dimensions when given), else a
+    TypeError / ValueError naming the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def draw_seed(dropout_p: float, seed):
+    """The dropout seed: ``seed`` as given, or one drawn from torch's default
+    generator when dropout is on and ``seed`` is None. ``.item()`` of the int64
+    draw is already a Python int (under torch.compile with
+    ``torch._dynamo.config.capture_scalar_outputs = True`` a symbolic int that
+    flows into the op; without it, a graph break), so it is not passed to ``int()``."""
+    if dropout_p > 0.0 and seed is None:
+        return torch.randint(0, 2**31 - 1, (1,)).item()
+    return seed
+
+
+def op_seed(dropout_p: float, seed):
+    """The custom ops' ``int`` seed argument: 0 (unused) without dropout."""
+    if dropout_p == 0.0:
+        return 0
+    return seed if isinstance(seed, (int, torch.SymInt)) else int(seed)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a LoRA layer computes in: autocast's when autocast is on for
+    x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def validate_lora_args(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, dropout_p, backend):
+    """Check the arguments of a LoRA layer call against the base weight's shape
+    and device; returns ``scaling`` as a float. Errors name the argument."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
+    check_tensor(lora_A, "lora_A", 2)
+    check_tensor(lora_B, "lora_B", 2)
+    out_features, in_features = weight_shape
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A: rank r = lora_A.shape[0] must be >= 1, got shape {tuple(lora_A.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight in_features {in_features} "
+                         f"(weight shape {tuple(weight_shape)})")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A: expected shape (r, {in_features}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected shape ({out_features}, {r}) = (out_features, r), "
+                         f"got {tuple(lora_B.shape)}")
+    devices = {"x": x.device, "weight": weight_device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+        devices["bias"] = bias.device
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " +
+                         ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    try:
+        scaling = float(scaling)
+    except (TypeError, ValueError):
+        raise TypeError(f"scaling: expected a real number, got {scaling!r}") from None
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    return scaling
+
+
+# ----------------------------------------------------------------------------
+# The torch path (backend="torch", and "auto" off CUDA) of both layers
+# ----------------------------------------------------------------------------
+
+
+def lora_linear_torch(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
+                      seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
+    """``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T`` with plain torch ops on
+    a dense ``weight``: the torch path of ``lora_linear`` and (on the dequantized
+    weight) of ``nf4_lora_linear``. Autograd differentiates it like any torch code.
+
+    The dropout keep-mask is ``keep_mask`` when given (bool, x's shape), else drawn
+    from a ``torch.Generator`` seeded with ``seed`` on x's device (so the torch
+    and Triton backends draw different masks for one seed).
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            g = torch.Generator(device=x.device)
+            g.manual_seed(int(seed) if seed is not None else 0)
+            keep_mask = torch.rand(x.shape, generator=g, device=x.device) >= dropout_p
+        xd = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    else:
+        xd = x
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
+    return y + scaling * lora
