@@ -1,11 +1,27 @@
 """rankwise.kernels: Triton kernels with their launchers, autograd Functions and
-plain-torch references, one op per file.
+torch paths, one op per file.
 
-- ``lora_linear``: the fused LoRA linear layer (dense or NF4 base weight).
-- ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format).
+- ``lora_linear``: the fused LoRA linear layer (dense or NF4 base weight; the one
+  dense / NF4 dispatch is in ``lora_linear.lora_linear``, the NF4 layer is
+  ``nf4_lora.nf4_lora_linear``, the low-rank kernels both share are ``lowrank``).
+- ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format); ``nf4``
+  also holds ``NF4Weight`` and ``dequantize_nf4`` (re-exported by ``rankwise.quant``).
 - ``linear_cross_entropy``: output head + cross entropy without the full logits.
 - ``rms_norm`` / ``swiglu``: Llama's RMSNorm and SwiGLU activation, fused forward and backward.
 - ``masked_adamw_step`` / ``apply_mask``: bit-packed masked AdamW and mask application.
+
+``lora_linear`` (and ``nf4_lora_linear``), ``nf4_dequantize``,
+``linear_cross_entropy``, ``rms_norm`` and ``swiglu`` take ``backend="auto" |
+"triton" | "torch"``: ``"triton"`` runs the kernels (on a CPU only under
+``TRITON_INTERPRET=1``), ``"torch"`` plain torch ops, ``"auto"`` Triton on CUDA
+and torch otherwise. The ``*_reference`` names are those torch paths under their
+historical names; the tests compare both backends with references of their own
+(``tests/helpers.py``). The masked-AdamW steps are Triton-only (``rankwise.masking``
+owns their CPU path).
+
+Imports within the package form a tree: ``utils`` <- ``lowrank``, ``nf4`` <-
+``nf4_lora`` <- ``lora_linear``; no op file imports another's private names,
+and nothing here imports the ``rankwise`` package.
 """
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import dropout_mask, lora_linear, lora_linear_reference

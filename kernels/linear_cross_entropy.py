@@ -302,17 +302,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------
-# Plain-torch reference (the tests' oracle)
+# The torch path, public under its historical name
 # ----------------------------------------------------------------------------
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_index: int = -100,
                                    reduction: str = "mean"):
-    """``F.cross_entropy((hidden @ weight.T + bias).float(), targets)`` with the full logits."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             ignore_index=ignore_index, reduction=reduction
-                                             ).reshape(targets.shape if reduction == "none" else ())
+    """``linear_cross_entropy(..., backend="torch")``: the plain-torch path (the same
+    chunks as the kernel, no full logits), public under its old name. The tests
+    compare both backends with a reference of their own (``tests/helpers.py``:
+    ``F.cross_entropy`` on the full logits), not with this."""
+    return linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction, backend="torch")
 
 
 # ----------------------------------------------------------------------------

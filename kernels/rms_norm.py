@@ -335,16 +335,16 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------
-# Plain-torch reference (the tests' oracle)
+# The torch path, public under its historical name
 # ----------------------------------------------------------------------------
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Hugging Face's ``LlamaRMSNorm.forward`` with autograd, except that fp64 inputs
-    stay fp64 (HF's ``.to(torch.float32)`` is applied only to narrower dtypes)."""
-    xf = x.to(_compute_dtype(x.dtype))
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """``rms_norm(x, weight, eps, backend="torch")``: the plain-torch path (Hugging
+    Face's ``LlamaRMSNorm`` operations; fp64 inputs stay fp64), public under its old
+    name. The tests compare both backends with a reference of their own
+    (``tests/helpers.py``), not with this."""
+    return rms_norm(x, weight, eps, backend="torch")
 
 
 # ----------------------------------------------------------------------------

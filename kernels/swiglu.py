@@ -222,13 +222,15 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------
-# Plain-torch reference (the tests' oracle)
+# The torch path, public under its historical name
 # ----------------------------------------------------------------------------
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up``, as the Llama MLP computes it (in the inputs' dtype)."""
-    return torch.nn.functional.silu(gate) * up
+    """``swiglu(gate, up, backend="torch")``: the plain-torch path (fp32 math, one
+    rounding), public under its old name. The tests compare both backends with a
+    reference of their own (``tests/helpers.py``: ``F.silu(gate) * up``), not with this."""
+    return swiglu(gate, up, backend="torch")
 
 
 # ----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ def rel(a, ref):
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_lora_linear_low_precision_on_gpu(dtype, M, K, N, r, dropout_p):
+    from helpers import lora_linear_ref64
+
     from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -37,9 +39,10 @@ def test_lora_linear_low_precision_on_gpu(dtype, M, K, N, r, dropout_p):
     got = (y,) + torch.autograd.grad(y, (x, A, B), dy)
     keep = dropout_mask((M, K), dropout_p, 5, device="cuda") if dropout_p else None
 
-    def ref(ts, grad_dtype):
+    def ref(ts, grad_dtype):  # the float64 oracle, or the torch path in the low precision
         xs = [t.detach().to(grad_dtype).requires_grad_(t.requires_grad) for t in ts]
-        out = lora_linear_reference(xs[0], xs[1], xs[2], xs[3], 2.0, None, dropout_p, keep_mask=keep)
+        fn = lora_linear_ref64 if grad_dtype == torch.float64 else lora_linear_reference
+        out = fn(xs[0], xs[1], xs[2], xs[3], 2.0, None, dropout_p, keep_mask=keep)
         return (out,) + torch.autograd.grad(out, (xs[0], xs[2], xs[3]), dy.to(grad_dtype))
 
     want = ref((x, W, A, B), torch.float64)
@@ -77,7 +80,9 @@ def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
     """Loss and gradients (hidden, head weight) within 2x torch's own error in the dtype
     plus the floor; with a frozen head (LoRA), the memory beyond the inputs is dh plus
     one chunk of logits (and its fp32 softmax), never the full logits."""
-    from rankwise.kernels import linear_cross_entropy, linear_cross_entropy_reference
+    from helpers import linear_cross_entropy_ref
+
+    from rankwise.kernels import linear_cross_entropy
     from rankwise.kernels.linear_cross_entropy import _chunk_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -97,7 +102,7 @@ def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
 
     Wf = W.detach()
     ours = extra_memory(lambda: torch.autograd.grad(linear_cross_entropy(h, Wf, t, backend="triton"), [h]))
-    theirs = extra_memory(lambda: torch.autograd.grad(linear_cross_entropy_reference(h, Wf, t), [h]))
+    theirs = extra_memory(lambda: torch.autograd.grad(linear_cross_entropy_ref(h, Wf, t), [h]))
     C = _chunk_rows(N, V, H, None)
     bound = 2 * N * H * h.element_size() + C * V * (h.element_size() + 4) + 2**25
     assert ours <= bound, f"fused loss used {ours / 2**20:.0f} MiB beyond its inputs, bound {bound / 2**20:.0f} MiB " \
@@ -108,7 +113,7 @@ def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
 
     def ref(grad_dtype):
         hs, Ws = h.detach().to(grad_dtype).requires_grad_(), W.detach().to(grad_dtype).requires_grad_()
-        out = linear_cross_entropy_reference(hs, Ws, t)
+        out = linear_cross_entropy_ref(hs, Ws, t)
         return (out,) + torch.autograd.grad(out, (hs, Ws))
 
     want, torch_low = ref(torch.float64), ref(dtype)

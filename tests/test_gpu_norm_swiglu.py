@@ -31,7 +31,9 @@ def compare(names, got, want, torch_low, dtype):
 @pytest.mark.parametrize("M,H", [(8192, 4096), (333, 5120), (64, 20000), (1000, 1)])
 def test_rms_norm_on_gpu(dtype, M, H):
     """7B: 8192 tokens x 4096; a row longer than the 8192-wide block (two-pass path)."""
-    from rankwise.kernels.rms_norm import rms_norm, rms_norm_reference
+    from helpers import rms_norm_ref
+
+    from rankwise.kernels.rms_norm import rms_norm
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(M, H, device="cuda", generator=g) * 2 + 0.3).to(dtype).requires_grad_()
@@ -43,7 +45,7 @@ def test_rms_norm_on_gpu(dtype, M, H):
 
     def ref(grad_dtype):
         xs, ws = x.detach().to(grad_dtype).requires_grad_(), w.detach().to(grad_dtype).requires_grad_()
-        out = rms_norm_reference(xs, ws, eps)
+        out = rms_norm_ref(xs, ws, eps)
         return (out,) + torch.autograd.grad(out, (xs, ws), dy.to(grad_dtype))
 
     compare(("y", "dx", "dweight"), got, ref(torch.float64), ref(dtype), dtype)
@@ -75,7 +77,9 @@ def test_rms_norm_matches_llama_module_on_gpu(dtype):
 def test_swiglu_on_gpu(dtype, M, N, fused):
     """7B MLP: 8192 tokens x 11008; ``fused``: gate and up as the halves of one
     gate_up projection output (row stride 2N, no copy)."""
-    from rankwise.kernels.swiglu import swiglu, swiglu_reference
+    from helpers import swiglu_ref
+
+    from rankwise.kernels.swiglu import swiglu
 
     g = torch.Generator(device="cuda").manual_seed(0)
     if fused:
@@ -90,7 +94,7 @@ def test_swiglu_on_gpu(dtype, M, N, fused):
 
     def ref(grad_dtype):
         gs, us = gate.detach().to(grad_dtype).requires_grad_(), up.detach().to(grad_dtype).requires_grad_()
-        out = swiglu_reference(gs, us)
+        out = swiglu_ref(gs, us)
         return (out,) + torch.autograd.grad(out, (gs, us), dy.to(grad_dtype))
 
     compare(("y", "dgate", "dup"), got, ref(torch.float64), ref(dtype), dtype)

@@ -11,7 +11,7 @@ Tolerances, as max|out - ref64| / max|ref64| per tensor:
 import pytest
 import torch
 
-from helpers import check, rel_err
+from helpers import check, linear_cross_entropy_ref, rel_err
 from rankwise.kernels import linear_cross_entropy, linear_cross_entropy_reference
 
 # (lead dims, hidden_size, vocab_size, chunk_size): vocab sizes are not powers of two, one
@@ -51,7 +51,7 @@ def test_fp32_matches_float64(lead, H, V, chunk, reduction, backend):
     h, W, b, t = make_inputs(lead, H, V, torch.float32)
     loss = linear_cross_entropy(h, W, t, b, reduction=reduction, chunk_size=chunk, backend=backend)
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
-    ref = linear_cross_entropy_reference(h64, W64, t, b64, reduction=reduction)
+    ref = linear_cross_entropy_ref(h64, W64, t, b64, reduction=reduction)
     assert loss.dtype == torch.float32
     check("loss", loss, ref.detach(), 1e-5)
     g = grad_out_for(loss)
@@ -66,11 +66,11 @@ def test_fp32_matches_float64(lead, H, V, chunk, reduction, backend):
 def test_frozen_head_and_no_bias(bias, weight_grad):
     h, W, b, t = make_inputs((2, 19), 20, 130, torch.float32, bias=bias, weight_grad=weight_grad)
     loss = linear_cross_entropy(h, W, t, b, backend="triton")
-    ref = linear_cross_entropy_reference(h.detach().double().requires_grad_(), W.double(), t,
+    ref = linear_cross_entropy_ref(h.detach().double().requires_grad_(), W.double(), t,
                                          None if b is None else b.double())
     check("loss", loss, ref.detach(), 1e-5)
     (dh,) = torch.autograd.grad(loss, [h], retain_graph=True)
-    (dh_ref,) = torch.autograd.grad(linear_cross_entropy_reference(h, W, t, b), [h])
+    (dh_ref,) = torch.autograd.grad(linear_cross_entropy_ref(h, W, t, b), [h])
     check("dhidden", dh, dh_ref.double(), 1e-5)
     if weight_grad:
         loss2 = linear_cross_entropy(h, W, t, b, backend="triton")
@@ -88,7 +88,7 @@ def test_non_contiguous_inputs():
     for backend in ("triton", "torch"):
         loss = linear_cross_entropy(h, W, t, backend=backend)
         h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
-        ref = linear_cross_entropy_reference(h64, W64, t)
+        ref = linear_cross_entropy_ref(h64, W64, t)
         check("loss", loss, ref.detach(), 1e-5)
         for name, o, r in zip(("hidden", "weight"), grads(loss, (h, W), torch.tensor(1.0)),
                               grads(ref, (h64, W64), torch.tensor(1.0, dtype=torch.float64))):
@@ -100,9 +100,9 @@ def test_non_contiguous_inputs():
 def test_half_precision_within_twice_torch_error(dtype, floor, reduction):
     h, W, b, t = make_inputs((3, 23), 32, 300, dtype)
     loss = linear_cross_entropy(h, W, t, b, reduction=reduction, backend="triton")
-    torch_loss = linear_cross_entropy_reference(h, W, t, b, reduction=reduction)  # HF-style: logits in dtype
+    torch_loss = linear_cross_entropy_ref(h, W, t, b, reduction=reduction)  # HF-style: logits in dtype
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
-    ref = linear_cross_entropy_reference(h64, W64, t, b64, reduction=reduction)
+    ref = linear_cross_entropy_ref(h64, W64, t, b64, reduction=reduction)
     tol = 2 * rel_err(torch_loss.detach(), ref.detach()) + floor
     check("loss", loss, ref.detach(), tol)
     g = grad_out_for(loss)
@@ -135,7 +135,7 @@ def test_custom_ignore_index_and_int32_targets():
     h, W, b, t = make_inputs((40,), 16, 50, torch.float32, ignore_frac=0.0)
     t[::3] = 7
     loss = linear_cross_entropy(h, W, t.to(torch.int32), b, ignore_index=7, backend="triton")
-    ref = linear_cross_entropy_reference(h.double(), W.double(), t, b.double(), ignore_index=7)
+    ref = linear_cross_entropy_ref(h.double(), W.double(), t, b.double(), ignore_index=7)
     check("loss", loss.detach(), ref.detach(), 1e-5)
 
 
@@ -155,7 +155,7 @@ def test_saves_no_logits():
     assert all(s < N * V for s in sizes), sizes
     sizes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        linear_cross_entropy_reference(h, W, t, b)
+        linear_cross_entropy_ref(h, W, t, b)
     assert max(sizes) >= N * V, "the check above must be able to fail"
     loss.backward()
     assert h.grad is not None
@@ -165,7 +165,7 @@ def test_autocast_runs_in_autocast_dtype():
     h, W, b, t = make_inputs((21,), 16, 40, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = linear_cross_entropy(h, W, t, b, backend="torch")
-        ref = linear_cross_entropy_reference(h, W, t, b)
+        ref = linear_cross_entropy_ref(h, W, t, b)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) < 2e-2 * abs(ref.item())
     dh, dW = torch.autograd.grad(loss, [h, W])
@@ -192,3 +192,12 @@ def test_errors_name_the_argument():
         kw.update(over)
         with pytest.raises((ValueError, TypeError), match=name):
             linear_cross_entropy(**kw)
+
+
+def test_public_reference_name_is_the_torch_path():
+    """``linear_cross_entropy_reference`` stays importable as the torch backend (the
+    tests' own reference is helpers.linear_cross_entropy_ref)."""
+    g = torch.Generator().manual_seed(0)
+    h, W, t = torch.randn(6, 16, generator=g), torch.randn(11, 16, generator=g), torch.randint(0, 11, (6,), generator=g)
+    assert torch.equal(linear_cross_entropy_reference(h, W, t, reduction="none"),
+                       linear_cross_entropy(h, W, t, reduction="none", backend="torch"))

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check, op_names, recording_backend, rel_err
+from helpers import check, op_names, recording_backend, rel_err, rms_norm_ref, swiglu_ref
 from rankwise.kernels.rms_norm import rms_norm, rms_norm_reference
 from rankwise.kernels.swiglu import swiglu, swiglu_reference
 
@@ -105,7 +105,7 @@ def check_against_float64(names, fn, ref_fn, inputs, dy, dtype):
 def test_rms_norm_matches_float64(lead, H, eps, dtype, backend):
     x, w, dy = norm_inputs(lead, H, dtype)
     check_against_float64(("y", "dx", "dweight"), lambda x, w: rms_norm(x, w, eps, backend=backend),
-                          lambda x, w: rms_norm_reference(x, w, eps), (x, w), dy, dtype)
+                          lambda x, w: rms_norm_ref(x, w, eps), (x, w), dy, dtype)
 
 
 def test_rms_norm_non_contiguous():
@@ -127,7 +127,7 @@ def test_rms_norm_non_contiguous():
             dy = torch.randn(y.shape, generator=g)
             got = (y,) + torch.autograd.grad(y, (x, w), dy)
             x64, w64 = leaf64(x), leaf64(w)
-            ref = rms_norm_reference(x64, w64, 1e-6)
+            ref = rms_norm_ref(x64, w64, 1e-6)
             want = (ref.detach(),) + torch.autograd.grad(ref, (x64, w64), dy.double())
             for name, o, r in zip(("y", "dx", "dweight"), got, want):
                 check(f"{backend} {name} {tuple(x.shape)}", o, r, 1e-5)
@@ -155,7 +155,7 @@ def test_rms_norm_frozen_or_trainable_weight(backend, monkeypatch):
     assert seen == [False, True]
     assert torch.equal(x.grad, dx_frozen) and w.grad is not None and w.grad.shape == w.shape
     x64, w64 = leaf64(x), leaf64(w)
-    dw_ref = torch.autograd.grad(rms_norm_reference(x64, w64), (w64,), dy.double())[0]
+    dw_ref = torch.autograd.grad(rms_norm_ref(x64, w64), (w64,), dy.double())[0]
     check("dweight", w.grad, dw_ref, 1e-5)
     # weight trainable, x not: only dweight
     xd = x.detach()
@@ -238,7 +238,7 @@ def test_rms_norm_empty_and_auto():
 def test_swiglu_matches_float64(shape, dtype, backend):
     gate, up, dy = glu_inputs(shape, dtype)
     check_against_float64(("y", "dgate", "dup"), lambda g, u: swiglu(g, u, backend=backend),
-                          swiglu_reference, (gate, up), dy, dtype)
+                          swiglu_ref, (gate, up), dy, dtype)
 
 
 def test_swiglu_non_contiguous():
@@ -260,7 +260,7 @@ def test_swiglu_non_contiguous():
             for dy in (torch.randn(y.shape, generator=g), torch.ones(()).expand(y.shape)):
                 got = (y,) + torch.autograd.grad(y, (gate, up), dy, retain_graph=True)
                 g64, u64 = leaf64(gate), leaf64(up)
-                ref = swiglu_reference(g64, u64)
+                ref = swiglu_ref(g64, u64)
                 want = (ref.detach(),) + torch.autograd.grad(ref, (g64, u64), dy.double())
                 for name, o, r in zip(("y", "dgate", "dup"), got, want):
                     check(f"{backend} {name} {tuple(gate.shape)}", o, r, 1e-5)
@@ -297,7 +297,7 @@ def test_swiglu_one_input_trainable_and_empty():
     y = swiglu(gate, up, backend="triton")
     y.backward(dy)
     g64 = leaf64(gate)
-    check("dgate", gate.grad, torch.autograd.grad(swiglu_reference(g64, up.double()), (g64,), dy.double())[0], 1e-5)
+    check("dgate", gate.grad, torch.autograd.grad(swiglu_ref(g64, up.double()), (g64,), dy.double())[0], 1e-5)
     assert up.grad is None
     for shape in ((0, 7), (3, 0), (2, 0, 4)):
         e = torch.zeros(shape, requires_grad=True)
@@ -405,3 +405,13 @@ def test_swiglu_errors_name_the_argument():
         kw.update(over)
         with pytest.raises((ValueError, TypeError), match=f"^{name}:"):
             swiglu(**kw)
+
+
+def test_public_reference_names_are_the_torch_path():
+    """``rms_norm_reference`` / ``swiglu_reference`` stay importable as the torch backend
+    (the tests' own references are in helpers.py)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 24, generator=g).half(), torch.randn(24, generator=g).half()
+    assert torch.equal(rms_norm_reference(x, w, 1e-6), rms_norm(x, w, 1e-6, backend="torch"))
+    gate, up = torch.randn(3, 7, generator=g).bfloat16(), torch.randn(3, 7, generator=g).bfloat16()
+    assert torch.equal(swiglu_reference(gate, up), swiglu(gate, up, backend="torch"))
