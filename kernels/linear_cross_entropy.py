@@ -30,6 +30,12 @@ What is kept for backward and why:
   weight / bias require grad. No logits and no h are kept.
 - reduction "none" (per-row incoming gradients), or no grad at forward time:
   kept are h, W, b, t; backward recomputes each chunk's logits (one more GEMM).
+
+Backends: ``"triton"`` turns each chunk's logits into losses and dz with the row
+kernel; ``"torch"`` (the CPU path) does the same chunks with ``_ce_rows_torch``;
+the GEMMs are torch's either way; ``"auto"`` picks Triton on CUDA and torch
+otherwise. ``linear_cross_entropy_reference`` is the torch path under its old
+public name; the tests compare both backends with their own full-logits reference.
 """
 from __future__ import annotations
 
@@ -40,10 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, check_triton_tensor, fused_apply, next_pow2
+from .utils import BACKENDS, INTERPRET, check_triton_tensor, fused_apply, next_pow2
 
 _REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "triton", "torch")
 
 
 # ----------------------------------------------------------------------------
@@ -321,8 +326,8 @@ def linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_in
 
 
 def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend):
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     for t, name in ((hidden, "hidden"), (weight, "weight"), (targets, "targets")):

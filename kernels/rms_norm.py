@@ -36,6 +36,12 @@ Kernels: the forward runs one program per row; the backward a fixed number of
 programs (a few per SM), each over a contiguous block of rows. A row of up to
 8192 values (1024 under the interpreter) is held in registers (read once); a
 longer row is walked twice in blocks (sum of squares / of g * n, then the outputs).
+
+Backends: ``"triton"`` runs the kernels; ``"torch"`` (the CPU path, and any dtype
+torch supports, fp64 included) runs ``_rms_fwd_torch`` / ``_rms_bwd_torch``, the
+same contract in plain torch ops behind the same custom ops; ``"auto"`` picks
+Triton on CUDA and torch otherwise. ``rms_norm_reference`` is the torch path under
+its old public name; the tests compare both backends with their own reference.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    BACKENDS,
     INTERPRET,
     check_triton_tensor,
     cuda_properties,
@@ -55,7 +62,6 @@ from .utils import (
     rounds_bf16_itself,
 )
 
-_BACKENDS = ("auto", "triton", "torch")
 
 # Longest row held in registers in one block; longer rows are walked in blocks of this size.
 _MAX_BLOCK = 1024 if INTERPRET else 8192
@@ -353,8 +359,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 
 def _validate(x, weight, eps, backend):
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     for t, name in ((x, "x"), (weight, "weight")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")

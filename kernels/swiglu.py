@@ -26,6 +26,12 @@ Layout: inputs are viewed as (M, N) (N the last dimension) with any row stride
 and unit column stride (so the two halves of a fused gate_up projection output
 go in without a copy); other strides are copied first. Outputs are contiguous.
 One program per (BM, BN) tile.
+
+Backends: ``"triton"`` runs the kernels; ``"torch"`` (the CPU path) runs
+``_swiglu_fwd_torch`` / ``_swiglu_bwd_torch``, the same contract (fp32 math, one
+rounding) in plain torch ops behind the same custom ops; ``"auto"`` picks Triton on
+CUDA and torch otherwise. ``swiglu_reference`` is the torch path under its old
+public name; the tests compare both backends with their own reference.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    BACKENDS,
     INTERPRET,
     check_triton_tensor,
     fused_apply,
@@ -43,8 +50,6 @@ from .utils import (
     round_bf16,
     rounds_bf16_itself,
 )
-
-_BACKENDS = ("auto", "triton", "torch")
 
 
 # ----------------------------------------------------------------------------
@@ -239,8 +244,8 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(gate, up, backend):
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     for t, name in ((gate, "gate"), (up, "up")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
