@@ -21,20 +21,18 @@ import types
 import torch
 from torch import nn
 
+from rankwise.kernels import rms_norm, swiglu
+
 log = logging.getLogger("rankwise")
 
 _MARK = "_rankwise_fused_forward"
 
 
 def _rms_forward(self, hidden_states):
-    from rankwise.kernels.rms_norm import rms_norm
-
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self._rankwise_backend)
 
 
 def _mlp_forward(self, x):
-    from rankwise.kernels.swiglu import swiglu
-
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._rankwise_backend))
 
 
