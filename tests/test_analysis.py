@@ -3,6 +3,7 @@
 References are written here in float64 from the definitions; planted cases have
 exact answers (rank-k updates, planted intruder directions, orthogonal adapters).
 """
+import functools
 import math
 
 import pytest
@@ -332,6 +333,7 @@ def test_restoration_curve_with_masking_restore():
 STUDY = ("rankwise.analysis", "rankwise.world", "rankwise.demo")
 
 
+@functools.lru_cache(maxsize=None)
 def _study_imports():
     """``{module: [(imported module, [names])]}`` for every study module, from its source (imports
     inside functions included, relative imports resolved)."""
@@ -363,7 +365,7 @@ def _study_imports():
 
 
 def test_study_imports_have_no_cycle():
-    modules = _study_imports_cache()
+    modules = _study_imports()
     graph = {}
     for m, edges in modules.items():
         targets = set()
@@ -395,7 +397,7 @@ def test_study_imports_have_no_cycle():
 def test_study_uses_only_the_public_library_api():
     """world/, demo and analysis/ import no private name of the library (nor a private library module)."""
     bad = []
-    for mod, edges in _study_imports_cache().items():
+    for mod, edges in _study_imports().items():
         for target, names in edges:
             if not target.startswith("rankwise") or target.startswith(STUDY):
                 continue
@@ -403,12 +405,3 @@ def test_study_uses_only_the_public_library_api():
             if private:
                 bad.append(f"{mod}: from {target} import {', '.join(private)}")
     assert not bad, bad
-
-
-_CACHE: dict = {}
-
-
-def _study_imports_cache():
-    if not _CACHE:
-        _CACHE.update(_study_imports())
-    return _CACHE
