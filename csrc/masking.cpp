@@ -10,6 +10,8 @@
 #include <functional>
 #include <limits>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -40,7 +42,10 @@ inline int thread_id() {
 
 inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
+// The splitmix64 step (Steele, Lea and Flood 2014). The CPU twin of
+// rankwise.masking.keys.splitmix64, the package's one definition of it: the two
+// must agree bit for bit (bound as rankwise._C.splitmix64 and tested so).
+inline uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -63,14 +68,14 @@ inline uint32_t float_key(float f) {
   return (f != f) ? 0xFFFFFFFFu : key;
 }
 
-template <typename scalar_t, int KIND>
+template <typename scalar_t, ScoreKind KIND>
 inline float score_of(const scalar_t* a, const scalar_t* b, int64_t i) {
-  if constexpr (KIND == 0) {
+  if constexpr (KIND == ScoreKind::kValue) {
     return static_cast<float>(b[i]);
   } else {
     const float ta = static_cast<float>(a[i]);
     const float d = std::fabs(static_cast<float>(b[i]) - ta);
-    if constexpr (KIND == 1) {
+    if constexpr (KIND == ScoreKind::kAbs) {
       return d;
     } else {
       return d / (std::fabs(ta) + 1e-8f);
@@ -78,37 +83,65 @@ inline float score_of(const scalar_t* a, const scalar_t* b, int64_t i) {
   }
 }
 
-template <int MODE>
+template <KeyMode MODE>
 inline uint32_t key_from(float s, uint64_t salt, int64_t i) {
-  if constexpr (MODE == 2) {
+  if constexpr (MODE == KeyMode::kRandom) {
     return static_cast<uint32_t>(mix64(salt + static_cast<uint64_t>(i)) >> 32);
-  } else if constexpr (MODE == 1) {
+  } else if constexpr (MODE == KeyMode::kBottom) {
     return ~float_key(s);
   } else {
     return float_key(s);
   }
 }
 
-template <typename F>
-void dispatch_kind_mode(int64_t kind, int64_t mode, F&& f) {
-  TORCH_CHECK(kind >= 0 && kind <= 2, "score kind must be 0 (value), 1 (abs) or 2 (relative), got ", kind);
-  TORCH_CHECK(mode >= 0 && mode <= 2, "selection mode must be 0 (top), 1 (bottom) or 2 (random), got ", mode);
-  auto with_mode = [&](auto K) {
-    switch (mode) {
-      case 0: f(K, std::integral_constant<int, 0>{}); break;
-      case 1: f(K, std::integral_constant<int, 1>{}); break;
-      default: f(K, std::integral_constant<int, 2>{}); break;
-    }
-  };
-  switch (kind) {
-    case 0: with_mode(std::integral_constant<int, 0>{}); break;
-    case 1: with_mode(std::integral_constant<int, 1>{}); break;
-    default: with_mode(std::integral_constant<int, 2>{}); break;
+// The selection key of element i (random keys skip the score).
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE>
+inline uint32_t key_at(const scalar_t* a, const scalar_t* b, uint64_t salt, int64_t i) {
+  const float s = MODE == KeyMode::kRandom ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
+  return key_from<MODE>(s, salt, i);
+}
+
+// Compile-time score kinds and key modes, as the dispatcher passes them to the op bodies.
+template <ScoreKind K>
+using kind_c = std::integral_constant<ScoreKind, K>;
+template <KeyMode M>
+using mode_c = std::integral_constant<KeyMode, M>;
+
+// dtype x score kind x key mode dispatch: calls f(scalar_t{}, kind_c<K>{}, mode_c<M>{}).
+// Written without the AT_DISPATCH macros, so that the OpenMP pragmas in the op
+// bodies are not inside macro arguments.
+template <typename scalar_t, ScoreKind K, typename F>
+void dispatch_mode(int64_t mode, F& f) {
+  switch (static_cast<KeyMode>(mode)) {
+    case KeyMode::kTop: f(scalar_t{}, kind_c<K>{}, mode_c<KeyMode::kTop>{}); break;
+    case KeyMode::kBottom: f(scalar_t{}, kind_c<K>{}, mode_c<KeyMode::kBottom>{}); break;
+    case KeyMode::kRandom: f(scalar_t{}, kind_c<K>{}, mode_c<KeyMode::kRandom>{}); break;
   }
 }
 
-// dtype dispatch without the AT_DISPATCH macros, so that the OpenMP pragmas in
-// the bodies are not inside macro arguments.
+template <typename scalar_t, typename F>
+void dispatch_kind_mode(int64_t kind, int64_t mode, F& f) {
+  switch (static_cast<ScoreKind>(kind)) {
+    case ScoreKind::kValue: dispatch_mode<scalar_t, ScoreKind::kValue>(mode, f); break;
+    case ScoreKind::kAbs: dispatch_mode<scalar_t, ScoreKind::kAbs>(mode, f); break;
+    case ScoreKind::kRelative: dispatch_mode<scalar_t, ScoreKind::kRelative>(mode, f); break;
+  }
+}
+
+template <typename F>
+void dispatch_keys(at::ScalarType t, int64_t kind, int64_t mode, const char* op, F&& f) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, op, ": score kind must be 0 (value), 1 (abs) or 2 (relative), got ", kind);
+  TORCH_CHECK(mode >= 0 && mode <= 2, op, ": selection mode must be 0 (top), 1 (bottom) or 2 (random), got ", mode);
+  switch (t) {
+    case at::kFloat: dispatch_kind_mode<float>(kind, mode, f); break;
+    case at::kHalf: dispatch_kind_mode<at::Half>(kind, mode, f); break;
+    case at::kBFloat16: dispatch_kind_mode<at::BFloat16>(kind, mode, f); break;
+    case at::kDouble: dispatch_kind_mode<double>(kind, mode, f); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t, " (expected fp32, fp16 or bf16)");
+  }
+}
+
+// dtype dispatch alone (ops with no keys): calls f(scalar_t{}).
 template <typename F>
 void dispatch_float(at::ScalarType t, const char* op, F&& f) {
   switch (t) {
@@ -226,15 +259,13 @@ torch::Tensor compute_score(const torch::Tensor& base, const torch::Tensor& tune
   const int64_t n = tuned.numel();
   auto out = torch::empty(tuned.sizes(), torch::dtype(torch::kFloat32));
   float* o = out.data_ptr<float>();
-  dispatch_float(tuned.scalar_type(), "compute_score", [&](auto tag) {
+  dispatch_keys(tuned.scalar_type(), kind, 0, "compute_score", [&](auto tag, auto K, auto) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    dispatch_kind_mode(kind, 0, [&](auto K, auto) {
-      constexpr int KIND = decltype(K)::value;
 #pragma omp parallel for schedule(static) if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) o[i] = score_of<scalar_t, KIND>(a, b, i);
-    });
+    for (int64_t i = 0; i < n; ++i) o[i] = score_of<scalar_t, KIND>(a, b, i);
   });
   return out;
 }
@@ -246,24 +277,43 @@ torch::Tensor compute_keys(const torch::Tensor& base, const torch::Tensor& tuned
   auto out = torch::empty(tuned.sizes(), torch::dtype(torch::kInt64));
   int64_t* o = out.data_ptr<int64_t>();
   const uint64_t salt = stream_salt(seed, stream);
-  dispatch_float(tuned.scalar_type(), "compute_keys", [&](auto tag) {
+  dispatch_keys(tuned.scalar_type(), kind, mode, "compute_keys", [&](auto tag, auto K, auto M) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
+    constexpr KeyMode MODE = decltype(M)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
-      constexpr int KIND = decltype(K)::value;
-      constexpr int MODE = decltype(M)::value;
 #pragma omp parallel for schedule(static) if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) {
-        const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
-        o[i] = static_cast<int64_t>(key_from<MODE>(s, salt, i));
-      }
-    });
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<int64_t>(key_at<scalar_t, KIND, MODE>(a, b, salt, i));
   });
   return out;
 }
 
+torch::Tensor splitmix64(const torch::Tensor& z) {
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == at::kLong,
+              "splitmix64: z must be a CPU int64 tensor (uint64 bit patterns), got ", z.scalar_type());
+  auto zc = z.contiguous();
+  auto out = torch::empty_like(zc);
+  const int64_t* src = zc.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const int64_t n = zc.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int64_t>(mix64(static_cast<uint64_t>(src[i])));
+  return out;
+}
+
 // ---------------------------------------------------------------- radix selection
+
+// Adds the 16-bit digit of every key in [lo, hi) that matches the prefix to L
+// (int64 for the serial path, a thread's private uint32 histogram otherwise).
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE, typename count_t>
+static void count_digits(const scalar_t* a, const scalar_t* b, uint64_t salt, int64_t lo, int64_t hi,
+                         uint32_t prefix_mask, uint32_t prefix, int shift, count_t* L) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const uint32_t key = key_at<scalar_t, KIND, MODE>(a, b, salt, i);
+    if ((key & prefix_mask) == prefix) ++L[(key >> shift) & 0xFFFFu];
+  }
+}
 
 void key_histogram_(torch::Tensor& hist, const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind,
                     int64_t mode, int64_t seed, int64_t stream, int64_t prefix_mask, int64_t prefix,
@@ -279,52 +329,39 @@ void key_histogram_(torch::Tensor& hist, const torch::Tensor& base, const torch:
   const int64_t n = tuned.numel();
   const uint64_t salt = stream_salt(seed, stream);
   int64_t* H = hist.data_ptr<int64_t>();
-  dispatch_float(tuned.scalar_type(), "key_histogram_", [&](auto tag) {
+  const int nt = max_threads();
+  dispatch_keys(tuned.scalar_type(), kind, mode, "key_histogram_", [&](auto tag, auto K, auto M) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
+    constexpr KeyMode MODE = decltype(M)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
-      constexpr int KIND = decltype(K)::value;
-      constexpr int MODE = decltype(M)::value;
-      auto count_range = [&](int64_t lo, int64_t hi, int64_t* L) {  // serial path
-        for (int64_t i = lo; i < hi; ++i) {
-          const float s = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
-          const uint32_t key = key_from<MODE>(s, salt, i);
-          if ((key & pm) == pv) ++L[(key >> sh) & 0xFFFFu];
-        }
-      };
-      const int nt = max_threads();
-      if (n <= kChunk || nt <= 1) {
-        count_range(0, n, H);
-        return;
-      }
-      // One private uint32 histogram per thread (256 KiB, cache-friendly), summed
-      // into the int64 output after each slice of < 2^32 elements: no atomics.
-      std::vector<uint32_t> local(static_cast<size_t>(nt) * kBins);
-      constexpr int64_t kSlice = int64_t(1) << 31;
-      for (int64_t s0 = 0; s0 < n; s0 += kSlice) {
-        const int64_t s1 = std::min(n, s0 + kSlice);
-        std::fill(local.begin(), local.end(), 0u);
-        const int64_t nc = (s1 - s0 + kChunk - 1) / kChunk;
+    if (n <= kChunk || nt <= 1) {
+      count_digits<scalar_t, KIND, MODE>(a, b, salt, 0, n, pm, pv, sh, H);
+      return;
+    }
+    // One private uint32 histogram per thread (256 KiB, cache-friendly), summed
+    // into the int64 output after each slice of < 2^32 elements: no atomics.
+    std::vector<uint32_t> local(static_cast<size_t>(nt) * kBins);
+    constexpr int64_t kSlice = int64_t(1) << 31;
+    for (int64_t s0 = 0; s0 < n; s0 += kSlice) {
+      const int64_t s1 = std::min(n, s0 + kSlice);
+      std::fill(local.begin(), local.end(), 0u);
+      const int64_t nc = (s1 - s0 + kChunk - 1) / kChunk;
 #pragma omp parallel
-        {
-          uint32_t* L = local.data() + static_cast<size_t>(thread_id()) * kBins;
+      {
+        uint32_t* L = local.data() + static_cast<size_t>(thread_id()) * kBins;
 #pragma omp for schedule(static)
-          for (int64_t c = 0; c < nc; ++c) {
-            const int64_t lo = s0 + c * kChunk, hi = std::min(s1, lo + kChunk);
-            for (int64_t i = lo; i < hi; ++i) {
-              const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
-              const uint32_t key = key_from<MODE>(sc, salt, i);
-              if ((key & pm) == pv) ++L[(key >> sh) & 0xFFFFu];
-            }
-          }
-        }
-        for (int t = 0; t < nt; ++t) {
-          const uint32_t* L = local.data() + static_cast<size_t>(t) * kBins;
-          for (int64_t j = 0; j < kBins; ++j) H[j] += L[j];
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t lo = s0 + c * kChunk;
+          count_digits<scalar_t, KIND, MODE>(a, b, salt, lo, std::min(s1, lo + kChunk), pm, pv, sh, L);
         }
       }
-    });
+      for (int t = 0; t < nt; ++t) {
+        const uint32_t* L = local.data() + static_cast<size_t>(t) * kBins;
+        for (int64_t j = 0; j < kBins; ++j) H[j] += L[j];
+      }
+    }
   });
 }
 
@@ -350,18 +387,13 @@ namespace {
 void keys_at(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed,
              int64_t stream, const int64_t* offs, int64_t count, uint32_t* out) {
   const uint64_t salt = stream_salt(seed, stream);
-  dispatch_float(tuned.scalar_type(), "select_threshold", [&](auto tag) {
+  dispatch_keys(tuned.scalar_type(), kind, mode, "select_threshold", [&](auto tag, auto K, auto M) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
+    constexpr KeyMode MODE = decltype(M)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
-      constexpr int KIND = decltype(K)::value;
-      constexpr int MODE = decltype(M)::value;
-      for (int64_t j = 0; j < count; ++j) {
-        const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, offs[j]);
-        out[j] = key_from<MODE>(sc, salt, offs[j]);
-      }
-    });
+    for (int64_t j = 0; j < count; ++j) out[j] = key_at<scalar_t, KIND, MODE>(a, b, salt, offs[j]);
   });
 }
 
@@ -373,46 +405,43 @@ bool window_pass(const torch::Tensor& base, const torch::Tensor& tuned, int64_t 
   const int64_t n = tuned.numel();
   const uint64_t salt = stream_salt(seed, stream);
   bool ok = true;
-  dispatch_float(tuned.scalar_type(), "select_threshold", [&](auto tag) {
+  dispatch_keys(tuned.scalar_type(), kind, mode, "select_threshold", [&](auto tag, auto K, auto M) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
+    constexpr KeyMode MODE = decltype(M)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
-      constexpr int KIND = decltype(K)::value;
-      constexpr int MODE = decltype(M)::value;
-      const int64_t nc = num_chunks(n);
-      int64_t above_local = 0;
-      const uint32_t width = hi - lo;  // key in [lo, hi]  <=>  key - lo <= width (unsigned)
+    const int64_t nc = num_chunks(n);
+    int64_t above_local = 0;
+    const uint32_t width = hi - lo;  // key in [lo, hi]  <=>  key - lo <= width (unsigned)
 #pragma omp parallel reduction(+ : above_local)
-      {
-        std::vector<uint32_t> mine;
-        std::vector<uint32_t> buf(static_cast<size_t>(kChunk));
+    {
+      std::vector<uint32_t> mine;
+      std::vector<uint32_t> buf(static_cast<size_t>(kChunk));
 #pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < nc; ++c) {
-          int64_t cnt = 0;
-          size_t m = 0;
-          uint32_t* B = buf.data();
-          for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
-            const float sc = MODE == 2 ? 0.0f : score_of<scalar_t, KIND>(a, b, i);
-            const uint32_t key = key_from<MODE>(sc, salt, i);
-            cnt += key > hi;
-            B[m] = key;  // branch-free append: keep the slot only when inside
-            m += (key - lo) <= width;
-          }
-          above_local += cnt;
-          if (mine.size() <= cap) mine.insert(mine.end(), B, B + m);
+      for (int64_t c = 0; c < nc; ++c) {
+        int64_t cnt = 0;
+        size_t m = 0;
+        uint32_t* B = buf.data();
+        for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
+          const uint32_t key = key_at<scalar_t, KIND, MODE>(a, b, salt, i);
+          cnt += key > hi;
+          B[m] = key;  // branch-free append: keep the slot only when inside
+          m += (key - lo) <= width;
         }
+        above_local += cnt;
+        if (mine.size() <= cap) mine.insert(mine.end(), B, B + m);
+      }
 #pragma omp critical
-        {
-          if (ok && cand.size() + mine.size() <= cap) {
-            cand.insert(cand.end(), mine.begin(), mine.end());
-          } else {
-            ok = false;
-          }
+      {
+        if (ok && cand.size() + mine.size() <= cap) {
+          cand.insert(cand.end(), mine.begin(), mine.end());
+        } else {
+          ok = false;
         }
       }
-      above += above_local;
-    });
+    }
+    above += above_local;
   });
   return ok;
 }
@@ -494,6 +523,146 @@ std::tuple<int64_t, int64_t> select_threshold(const std::vector<torch::Tensor>& 
 
 // ---------------------------------------------------------------- masks from a threshold
 
+namespace {
+
+// One mask byte: the chosen bits of up to 8 elements, the ties among them, and
+// their fp32 score sums (0 unless STATS).
+struct MaskByte {
+  uint32_t bits;
+  int64_t ties;
+  float score_sum;
+  float chosen_sum;
+};
+
+// The mask byte of elements [j, j + count). FULL (count == 8) gives the compiler
+// a constant trip count to unroll; the tail byte of a chunk takes the other
+// instantiation of the same body. Every tie is chosen unless take_ties is false.
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE, bool STATS, bool FULL>
+inline MaskByte mask_byte(const scalar_t* a, const scalar_t* b, uint64_t salt, int64_t j, int count,
+                          int64_t threshold, bool take_ties) {
+  const int e = FULL ? 8 : count;
+  uint32_t bits = 0;
+  int64_t ties = 0;
+  float all = 0.0f, chosen_sum = 0.0f;
+  for (int q = 0; q < e; ++q) {
+    const float sc = score_of<scalar_t, KIND>(a, b, j + q);
+    const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
+    const bool eq = key == threshold;
+    const bool ch = (key > threshold) | (eq & take_ties);
+    ties += eq;
+    bits |= static_cast<uint32_t>(ch) << q;
+    if constexpr (STATS) {
+      all += sc;
+      chosen_sum += sc * static_cast<float>(ch);  // branch-free
+    }
+  }
+  return {bits, ties, all, chosen_sum};
+}
+
+// What pass 1 found in one chunk (and, summed, in the tensor).
+struct ChunkCounts {
+  int64_t selected;
+  int64_t ties;
+  double chosen_sum;
+  double score_sum;
+};
+
+// Pass 1 over the chunk [lo, hi) (lo a multiple of 8): writes its mask bytes.
+// The running counts are plain locals returned by value, not references into
+// the caller or lambda captures: the byte stores through uint8_t* may alias
+// anything whose address escapes, which would force a reload of every
+// accumulator after each byte.
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE, bool STATS>
+ChunkCounts mask_chunk(const scalar_t* a, const scalar_t* b, uint64_t salt, int64_t lo, int64_t hi,
+                       int64_t threshold, bool take_ties, uint8_t* P) {
+  int64_t selected = 0, ties = 0;
+  double chosen = 0.0, all = 0.0;
+  for (int64_t j = lo; j < hi; j += 8) {
+    const int e = static_cast<int>(std::min<int64_t>(8, hi - j));
+    const MaskByte m = e == 8 ? mask_byte<scalar_t, KIND, MODE, STATS, true>(a, b, salt, j, 8, threshold, take_ties)
+                              : mask_byte<scalar_t, KIND, MODE, STATS, false>(a, b, salt, j, e, threshold, take_ties);
+    P[j >> 3] = static_cast<uint8_t>(m.bits);
+    selected += __builtin_popcount(m.bits);
+    ties += m.ties;
+    chosen += m.chosen_sum;
+    all += m.score_sum;
+  }
+  return {selected, ties, chosen, all};
+}
+
+// Pass 2 over the chunk [lo, hi): keeps its first `keep` ties in index order and
+// clears the others; returns how many it cleared and their score sum.
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE>
+std::pair<int64_t, double> clear_extra_ties(const scalar_t* a, const scalar_t* b, uint64_t salt, int64_t lo,
+                                            int64_t hi, int64_t threshold, int64_t keep, uint8_t* P) {
+  int64_t seen = 0, cleared = 0;
+  double cleared_sum = 0.0;
+  for (int64_t i = lo; i < hi; ++i) {
+    const float sc = score_of<scalar_t, KIND>(a, b, i);
+    if (static_cast<int64_t>(key_from<MODE>(sc, salt, i)) != threshold) continue;
+    if (seen++ >= keep) {
+      P[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
+      ++cleared;
+      cleared_sum += sc;
+    }
+  }
+  return {cleared, cleared_sum};
+}
+
+struct MaskResult {
+  int64_t selected;
+  int64_t ties_taken;
+  double chosen_sum;
+  double score_sum;
+};
+
+// build_mask for one dtype, score kind, key mode and stats flag: pass 1 over all
+// chunks in parallel, then pass 2 over the chunks holding ties beyond the quota.
+template <typename scalar_t, ScoreKind KIND, KeyMode MODE, bool STATS>
+MaskResult build_mask_typed(const scalar_t* a, const scalar_t* b, int64_t n, uint64_t salt, int64_t threshold,
+                            int64_t tie_quota, uint8_t* P) {
+  const int64_t nc = num_chunks(n);
+  const bool take_ties = tie_quota != 0;
+  std::vector<int64_t> ties(nc, 0);
+  int64_t selected = 0;
+  double chosen_sum = 0.0, score_sum = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : selected, chosen_sum, score_sum) if (nc > 1)
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t lo = c * kChunk;
+    const ChunkCounts cc =
+        mask_chunk<scalar_t, KIND, MODE, STATS>(a, b, salt, lo, std::min(n, lo + kChunk), threshold, take_ties, P);
+    selected += cc.selected;
+    chosen_sum += cc.chosen_sum;
+    score_sum += cc.score_sum;
+    ties[c] = cc.ties;
+  }
+  int64_t all_ties = 0;
+  for (int64_t c = 0; c < nc; ++c) all_ties += ties[c];
+  if (!take_ties || tie_quota < 0 || all_ties <= tie_quota) {
+    return {selected, take_ties ? all_ties : 0, chosen_sum, score_sum};
+  }
+  std::vector<int64_t> keep(nc, 0);  // the first tie_quota ties in index order
+  int64_t left = tie_quota;
+  for (int64_t c = 0; c < nc; ++c) {
+    keep[c] = std::min(ties[c], left);
+    left -= keep[c];
+  }
+  int64_t cleared = 0;
+  double cleared_sum = 0.0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : cleared, cleared_sum) if (nc > 1)
+  for (int64_t c = 0; c < nc; ++c) {
+    if (keep[c] == ties[c]) continue;
+    const int64_t lo = c * kChunk;
+    const auto [cl, cl_sum] =
+        clear_extra_ties<scalar_t, KIND, MODE>(a, b, salt, lo, std::min(n, lo + kChunk), threshold, keep[c], P);
+    cleared += cl;
+    cleared_sum += cl_sum;
+  }
+  return {selected - cleared, tie_quota, chosen_sum - cleared_sum, score_sum};
+}
+
+}  // namespace
+
 std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
     const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind, int64_t mode, int64_t seed, int64_t stream,
     int64_t threshold, int64_t tie_quota, bool with_stats) {
@@ -504,114 +673,17 @@ std::tuple<torch::Tensor, int64_t, int64_t, double, double> build_mask(
   const uint64_t salt = stream_salt(seed, stream);
   auto packed = torch::empty({(n + 7) / 8}, torch::dtype(torch::kUInt8));
   uint8_t* P = packed.data_ptr<uint8_t>();
-  const int64_t nc = num_chunks(n);
-  std::vector<int64_t> ties(nc, 0), take(nc, 0);
-  int64_t selected = 0, ties_taken = 0;
-  double sel_sum = 0.0, total_sum = 0.0;
-  const bool take_ties = tie_quota != 0;
-  dispatch_float(tuned.scalar_type(), "build_mask", [&](auto tag) {
+  MaskResult r{};
+  dispatch_keys(tuned.scalar_type(), kind, mode, "build_mask", [&](auto tag, auto K, auto M) {
     using scalar_t = decltype(tag);
+    constexpr ScoreKind KIND = decltype(K)::value;
+    constexpr KeyMode MODE = decltype(M)::value;
     const scalar_t* a = base.data_ptr<scalar_t>();
     const scalar_t* b = tuned.data_ptr<scalar_t>();
-    auto with_flag = [&](auto F) {
-    dispatch_kind_mode(kind, mode, [&](auto K, auto M) {
-      constexpr int KIND = decltype(K)::value;
-      constexpr int MODE = decltype(M)::value;
-      constexpr bool STATS = decltype(F)::value;
-      // Pass 1: one byte (8 elements) at a time; every tie is taken provisionally
-      // (unless the quota is 0) and counted per chunk.
-#pragma omp parallel for schedule(static) reduction(+ : selected, sel_sum, total_sum) if (nc > 1)
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-        int64_t eq_count = 0;
-        // Plain locals (no lambda captures): byte stores through uint8_t* may alias
-        // anything whose address escapes, which would force reloads every byte.
-        int64_t sel_c = 0;
-        double all_c = 0.0, chosen_c = 0.0;
-        for (int64_t j = lo; j < hi; j += 8) {
-          const int e = static_cast<int>(std::min<int64_t>(8, hi - j));
-          uint32_t byte = 0;
-          float all = 0.0f, chosen_sum = 0.0f;
-          int64_t eqs = 0;
-          if (e == 8) {
-            for (int q = 0; q < 8; ++q) {
-              const float sc = score_of<scalar_t, KIND>(a, b, j + q);
-              const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
-              const bool eq = key == threshold;
-              const bool ch = (key > threshold) | (eq & take_ties);
-              eqs += eq;
-              byte |= static_cast<uint32_t>(ch) << q;
-              if constexpr (STATS) {
-                all += sc;
-                chosen_sum += sc * static_cast<float>(ch);  // branch-free
-              }
-            }
-          } else {
-            for (int q = 0; q < e; ++q) {
-              const float sc = score_of<scalar_t, KIND>(a, b, j + q);
-              const int64_t key = static_cast<int64_t>(key_from<MODE>(sc, salt, j + q));
-              const bool eq = key == threshold;
-              const bool ch = (key > threshold) | (eq & take_ties);
-              eqs += eq;
-              byte |= static_cast<uint32_t>(ch) << q;
-              if constexpr (STATS) {
-                all += sc;
-                chosen_sum += sc * static_cast<float>(ch);  // branch-free
-              }
-            }
-          }
-          P[j >> 3] = static_cast<uint8_t>(byte);
-          eq_count += eqs;
-          sel_c += __builtin_popcount(byte);
-          all_c += all;
-          chosen_c += chosen_sum;
-        }
-        selected += sel_c;
-        total_sum += all_c;
-        sel_sum += chosen_c;
-        ties[c] = eq_count;
-      }
-      int64_t all_ties = 0;
-      for (int64_t c = 0; c < nc; ++c) all_ties += ties[c];
-      if (!take_ties || tie_quota < 0 || all_ties <= tie_quota) {
-        ties_taken = take_ties ? all_ties : 0;
-        return;
-      }
-      // Pass 2 (only chunks holding ties beyond the quota): keep the first ties
-      // in index order, clear the rest.
-      int64_t left = tie_quota;
-      for (int64_t c = 0; c < nc; ++c) {
-        take[c] = std::min(ties[c], left);
-        left -= take[c];
-      }
-      ties_taken = tie_quota;
-      int64_t cleared = 0;
-      double cleared_sum = 0.0;
-#pragma omp parallel for schedule(dynamic) reduction(+ : cleared, cleared_sum) if (nc > 1)
-      for (int64_t c = 0; c < nc; ++c) {
-        if (take[c] == ties[c]) continue;
-        int64_t seen = 0;
-        for (int64_t i = c * kChunk, hi = std::min(n, (c + 1) * kChunk); i < hi; ++i) {
-          const float sc = score_of<scalar_t, KIND>(a, b, i);
-          if (static_cast<int64_t>(key_from<MODE>(sc, salt, i)) != threshold) continue;
-          if (seen++ >= take[c]) {
-            P[i >> 3] &= static_cast<uint8_t>(~(1u << (i & 7)));
-            ++cleared;
-            cleared_sum += sc;
-          }
-        }
-      }
-      selected -= cleared;
-      sel_sum -= cleared_sum;
-    });
-    };
-    if (with_stats) {
-      with_flag(std::integral_constant<bool, true>{});
-    } else {
-      with_flag(std::integral_constant<bool, false>{});
-    }
+    r = with_stats ? build_mask_typed<scalar_t, KIND, MODE, true>(a, b, n, salt, threshold, tie_quota, P)
+                   : build_mask_typed<scalar_t, KIND, MODE, false>(a, b, n, salt, threshold, tie_quota, P);
   });
-  return {packed, selected, ties_taken, sel_sum, total_sum};
+  return {packed, r.selected, r.ties_taken, r.chosen_sum, r.score_sum};
 }
 
 void restore_(torch::Tensor& out, const torch::Tensor& base, const torch::Tensor& packed, double scale) {

@@ -5,15 +5,12 @@
 // - A "packed" mask is a contiguous uint8 tensor of ceil(numel / 8) bytes; bit j
 //   (LSB-first) of byte i is element 8 * i + j of the flattened tensor. Padding
 //   bits of the last byte are always written as 0.
-// - Scores are computed in fp32 whatever the storage dtype (fp32, fp16, bf16):
-//     kind 0 "value":    s = x
-//     kind 1 "abs":      s = |tuned - base|
-//     kind 2 "relative": s = |tuned - base| / (|base| + 1e-8)
-// - Selection works on 32-bit unsigned keys that order like the scores:
-//     mode 0 "top":    key = order-preserving bits of s (NaN largest, -0 == +0)
-//     mode 1 "bottom": key = ~key(s)   (so the smallest scores have the largest keys)
-//     mode 2 "random": key = upper 32 bits of splitmix64(mix(seed, stream) + index)
-//   and the chosen elements are always the k largest keys.
+// - Scores are computed in fp32 whatever the storage dtype (fp32, fp16, bf16);
+//   the score kind is a ScoreKind below (Python: rankwise.masking.Score).
+// - Selection works on 32-bit unsigned keys that order like the scores; the key
+//   mode is a KeyMode below (Python: rankwise.masking.Select), and the chosen
+//   elements are always the k largest keys.
+//   The ops take both as int64 codes (the enum values) and refuse others.
 // - Ties at the threshold key are broken by position: the tensor that comes first
 //   in the list, then the lower flat index, wins.
 #pragma once
@@ -25,6 +22,20 @@
 
 namespace rankwise {
 
+// What an element's score is; the same values as rankwise.masking.Score.
+enum class ScoreKind : int64_t {
+  kValue = 0,     // s = tuned
+  kAbs = 1,       // s = |tuned - base|
+  kRelative = 2,  // s = |tuned - base| / (|base| + 1e-8)
+};
+
+// How a score becomes a key; the same values as rankwise.masking.Select.
+enum class KeyMode : int64_t {
+  kTop = 0,     // key = order-preserving bits of s (NaN largest, -0 == +0)
+  kBottom = 1,  // key = ~key(s), so the smallest scores have the largest keys
+  kRandom = 2,  // key = upper 32 bits of splitmix64(salt(seed, stream) + index)
+};
+
 torch::Tensor pack_mask(const torch::Tensor& mask);
 torch::Tensor unpack_mask(const torch::Tensor& packed, int64_t numel);
 void apply_mask_(torch::Tensor& tensor, const torch::Tensor& packed);
@@ -33,6 +44,10 @@ int64_t mask_count(const torch::Tensor& packed, int64_t numel);
 torch::Tensor compute_score(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind);
 torch::Tensor compute_keys(const torch::Tensor& base, const torch::Tensor& tuned, int64_t kind,
                            int64_t mode, int64_t seed, int64_t stream);
+
+// Element-wise splitmix64 of an int64 tensor of uint64 bit patterns: the CPU twin
+// of rankwise.masking.keys.splitmix64, exposed so tests can compare them bit for bit.
+torch::Tensor splitmix64(const torch::Tensor& z);
 
 // Adds the 16-bit digit (key >> shift) & 0xFFFF of every element whose key
 // satisfies (key & prefix_mask) == prefix into hist (int64[65536]).

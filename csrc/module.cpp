@@ -1,5 +1,6 @@
 // rankwise._C: the C++ extension. One PYBIND11_MODULE block; the ops live in
-// their own .cpp files and are declared in ops.h.
+// their own .cpp files (today only masking.cpp) and are declared in the header
+// of the same name (masking.h).
 #include <torch/extension.h>
 
 #include "masking.h"
@@ -22,8 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Number of OpenMP threads the extension's parallel loops use.");
 
   // Sparse update masking (masking.cpp). Bit order: bit j (LSB-first) of byte i
-  // is element 8*i + j. Score kinds: 0 value, 1 abs, 2 relative (fp32 math,
-  // eps 1e-8). Key modes: 0 top, 1 bottom, 2 seeded random.
+  // is element 8*i + j. `kind` is a ScoreKind and `mode` a KeyMode code
+  // (masking.h; rankwise.masking.Score and Select in Python).
   m.def("pack_mask", &rankwise::pack_mask, "pack_mask(mask: bool) -> uint8[ceil(n/8)], LSB-first bits",
         py::arg("mask"));
   m.def("unpack_mask", &rankwise::unpack_mask, "unpack_mask(packed, numel) -> bool[numel]", py::arg("packed"),
@@ -32,11 +33,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("numel"));
   m.def("apply_mask_", &rankwise::apply_mask_, "apply_mask_(tensor, packed): zero, in place, where the bit is 0",
         py::arg("tensor"), py::arg("packed"));
-  m.def("compute_score", &rankwise::compute_score, "compute_score(base, tuned, kind) -> fp32 score",
+  m.def("compute_score", &rankwise::compute_score, "compute_score(base, tuned, kind: ScoreKind code) -> fp32 score",
         py::arg("base"), py::arg("tuned"), py::arg("kind"));
   m.def("compute_keys", &rankwise::compute_keys,
         "compute_keys(base, tuned, kind, mode, seed, stream) -> int64 tensor of the 32-bit selection keys",
         py::arg("base"), py::arg("tuned"), py::arg("kind"), py::arg("mode"), py::arg("seed"), py::arg("stream"));
+  m.def("splitmix64", &rankwise::splitmix64,
+        "splitmix64(z: int64) -> int64: element-wise splitmix64 of uint64 bit patterns (the twin of "
+        "rankwise.masking.keys.splitmix64)",
+        py::arg("z"));
   m.def("key_histogram_", &rankwise::key_histogram_,
         "key_histogram_(hist, base, tuned, kind, mode, seed, stream, prefix_mask, prefix, shift): add the 16-bit "
         "digit (key >> shift) & 0xFFFF of every key with (key & prefix_mask) == prefix to hist (int64[65536])",
