@@ -15,6 +15,8 @@ import rankwise  # noqa: F401  (loads torch before rankwise._C)
 from rankwise import _C
 from rankwise import masking as M
 from rankwise.kernels import masked_adamw as K
+from rankwise.masking import bits, keys, selection
+from rankwise.masking.keys import Score, Select
 
 SIZES = [0, 1, 7, 8, 9, 63, 1000, 65536 + 13, 300007]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -39,8 +41,8 @@ def test_pack_unpack_matches_numpy_little_bit_order(n):
     _assert_equal(M.unpack_mask(packed, n), mask, "unpack_mask")
     assert M.mask_count(packed, n) == int(mask.sum())
     # The torch path (used for CUDA tensors) packs the same bytes.
-    _assert_equal(M._pack_mask_torch(mask), ref, "torch pack")
-    _assert_equal(M._unpack_mask_torch(ref, n), mask, "torch unpack")
+    _assert_equal(bits.pack_mask_torch(mask), ref, "torch pack")
+    _assert_equal(bits.unpack_mask_torch(ref, n), mask, "torch unpack")
 
 
 def test_pack_mask_bit_order_documented_example():
@@ -107,14 +109,53 @@ def test_scores_are_fp32_math(dtype):
 
 def test_keys_order_like_scores_and_torch_path_agrees():
     vals = torch.tensor([-math.inf, -3.0, -1e-30, -0.0, 0.0, 1e-40, 2.0, math.inf, math.nan])
-    keys = _C.compute_keys(vals, vals, 0, 0, 0, 0)
-    assert keys.tolist() == sorted(keys.tolist())
-    assert keys[3] == keys[4]  # -0 == +0
+    k = _C.compute_keys(vals, vals, Score.VALUE, Select.TOP, 0, 0)
+    assert k.tolist() == sorted(k.tolist())
+    assert k[3] == k[4]  # -0 == +0
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(5003, generator=g), torch.randn(5003, generator=g)
-    for kind in range(3):
-        for mode in range(3):
-            _assert_equal(_C.compute_keys(a, b, kind, mode, 11, 12345), M._torch_keys(a, b, kind, mode, 11, 12345), f"keys {kind} {mode}")
+    for score in Score:
+        for select in Select:
+            for seed, stream in ((11, 12345), (-3, 2**32 - 1), (2**63 - 1, 0)):
+                _assert_equal(_C.compute_keys(a, b, score, select, seed, stream),
+                              keys.keys_torch(a, b, score, select, seed, stream), f"keys {score!r} {select!r} {seed}")
+
+
+def test_enum_values_are_the_extension_codes():
+    # The C++ side has the same enums (csrc/masking.h); out-of-range codes are refused by name.
+    assert [int(s) for s in Score] == [0, 1, 2] and [s.label for s in Score] == ["value", "abs", "relative"]
+    assert [int(s) for s in Select] == [0, 1, 2] and [s.label for s in Select] == ["top", "bottom", "random"]
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="score kind must be 0 \\(value\\), 1 \\(abs\\) or 2 \\(relative\\)"):
+        _C.compute_keys(x, x, 3, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="selection mode must be 0 \\(top\\), 1 \\(bottom\\) or 2 \\(random\\)"):
+        _C.compute_keys(x, x, 0, -1, 0, 0)
+    with pytest.raises(ValueError, match=r"score must be one of \['abs', 'relative'\], got 'value'"):
+        M.compute_score(x, x, "value")
+    assert keys.parse_choice(Select, "bottom", "select") is Select.BOTTOM
+
+
+# --------------------------------------------------------------------------- splitmix64
+
+
+def test_splitmix64_known_answers():
+    # Vigna's splitmix64.c: seeded with s, the first output is splitmix64(s).
+    z = torch.tensor([0, 1234567], dtype=torch.int64)
+    got = [v & (2**64 - 1) for v in keys.splitmix64(z).tolist()]
+    assert got == [0xE220A8397B1DCDAF, 6457827717110365317]
+
+
+def test_splitmix64_python_and_extension_agree_bit_for_bit():
+    # One function, two implementations: rankwise.masking.keys.splitmix64 (torch, the CUDA path)
+    # and mix64 in csrc/masking.cpp (bound as rankwise._C.splitmix64, the CPU key loops).
+    g = torch.Generator().manual_seed(12)
+    edge = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 0x9E3779B97F4A7C15 - 2**64], dtype=torch.int64)
+    z = torch.cat([edge, torch.randint(-(2**63), 2**63 - 1, (100003,), generator=g, dtype=torch.int64)])
+    _assert_equal(_C.splitmix64(z), keys.splitmix64(z), "splitmix64")
+    # ...and so do the random keys built on it (salt from seed and stream, then the index).
+    for seed, stream in ((0, 0), (7, M.name_stream("model.layers.0.mlp.up_proj.weight")), (-5, 2**40)):
+        ext = _C.compute_keys(torch.zeros(5000), torch.zeros(5000), Score.ABS, Select.RANDOM, seed, stream)
+        _assert_equal(ext, keys.random_keys(5000, seed, stream, "cpu"), f"random keys {seed} {stream}")
 
 
 def test_random_score_is_uniform_and_seeded():
@@ -182,9 +223,10 @@ def test_topk_mask_large_uses_sampled_bracket_exactly(data):
         k = M.select_count(sum(sizes), fraction)
         got = torch.cat(M.topk_mask(tensors, fraction, largest=largest))
         _assert_equal(got, _reference_topk(tensors, k, largest), f"{data} {fraction}")
-        mode, streams = 0 if largest else 1, [0] * len(tensors)
-        sampled = _C.select_threshold(tensors, tensors, k, 0, mode, 0, streams)
-        assert tuple(sampled) == tuple(_C.select_threshold(tensors, tensors, k, 0, mode, 0, streams, sampled=False))
+        select, streams = Select.TOP if largest else Select.BOTTOM, [0] * len(tensors)
+        sampled = _C.select_threshold(tensors, tensors, k, Score.VALUE, select, 0, streams)
+        assert tuple(sampled) == tuple(_C.select_threshold(tensors, tensors, k, Score.VALUE, select, 0, streams,
+                                                           sampled=False))
 
 
 def test_topk_mask_packed_and_nan():
@@ -199,16 +241,18 @@ def test_torch_backend_selects_like_extension():
     g = torch.Generator().manual_seed(6)
     bases = [torch.randn(s, generator=g) for s in (1000, 4097, 3)]
     tuneds = [b + torch.randint(0, 3, b.shape, generator=g) * 0.01 for b in bases]
-    for kind in (1, 2):
-        for mode in range(3):
+    for score in (Score.ABS, Score.RELATIVE):
+        for select in Select:
             k = 1234
-            ref = _C.select_threshold(bases, tuneds, k, kind, mode, 9, [1, 2, 3])
-            got = M._select_threshold(lambda: zip(bases, tuneds, [1, 2, 3]), k, kind, mode, 9, M._TorchBackend)
+            ref = _C.select_threshold(bases, tuneds, k, score, select, 9, [1, 2, 3])
+            triples = lambda: zip(bases, tuneds, [1, 2, 3])  # noqa: E731
+            got = selection.radix_threshold(triples, k, score, select, 9, selection.TorchBackend)
             assert tuple(ref) == got
+            assert selection.radix_threshold(triples, k, score, select, 9, selection.ExtensionBackend) == got
             left_c, left_t = ref[1], got[1]
             for b, t, s in zip(bases, tuneds, [1, 2, 3]):
-                pc = M._CPUBackend.build(b, t, kind, mode, 9, s, ref[0], left_c)
-                pt = M._TorchBackend.build(b, t, kind, mode, 9, s, got[0], left_t)
+                pc = selection.ExtensionBackend.build(b, t, score, select, 9, s, ref[0], left_c)
+                pt = selection.TorchBackend.build(b, t, score, select, 9, s, got[0], left_t)
                 _assert_equal(pc[0], pt[0], "masks")
                 assert pc[1:3] == pt[1:3]
                 assert math.isclose(pc[3], pt[3], rel_tol=1e-6) and math.isclose(pc[4], pt[4], rel_tol=1e-6)  # sums: fp32 per byte, fp64 across

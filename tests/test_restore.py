@@ -207,3 +207,74 @@ def test_cli_bad_input(pair, tmp_path, capsys):
     with pytest.raises(ValueError, match="max-shard-size"):
         parse_size("lots")
     assert parse_size("2GB") == 2 * 10**9 and parse_size("64KiB") == 65536
+
+
+# --------------------------------------------------------------------------- the public planner
+
+
+def _masking_private_uses(path):
+    """``(line, name)`` of every private name of rankwise.masking (or its modules) that ``path`` uses."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    aliases, found = set(), []
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if mod in ("rankwise", "") or mod.endswith(".rankwise"):  # from rankwise import masking as M
+                aliases |= {a.asname or a.name for a in node.names if a.name == "masking"}
+            if "masking" in mod.split("."):
+                found += [(node.lineno, a.name) for a in node.names if a.name.startswith("_")]
+                aliases |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.asname and "masking" in a.name.split(".")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if isinstance(node.value, ast.Name) and node.value.id in aliases:
+                found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return found
+
+
+def test_only_public_names_of_masking_are_used_outside_it():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    restore_py = os.path.join(root, "src", "rankwise", "restore.py")
+    assert "plan_restore" in open(restore_py, encoding="utf-8").read()
+    paths = [restore_py]
+    for top in ("src", "tests", "benchmarks", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            if os.sep + "masking" in dirpath:
+                continue
+            paths += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
+    bad = {os.path.relpath(p, root): _masking_private_uses(p) for p in paths}
+    assert not {p: uses for p, uses in bad.items() if uses}
+
+
+def test_private_use_scan_catches_what_it_should(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("from . import masking as M\nfrom .masking.selection import _walk\nM._Plan(1)\nM.plan_restore()\n")
+    assert _masking_private_uses(str(src)) == [(2, "_walk"), (3, "M._Plan")]
+
+
+def test_plan_enforces_sorted_order_and_matches_restore(pair):
+    base_dir, tuned_dir = pair
+    base, tuned = _load_dir(base_dir), _load_dir(tuned_dir)
+    meta = {n: (tuple(t.shape), t.dtype) for n, t in tuned.items()}
+    expected, stats = M.restore(base, tuned, 0.3, select="bottom", score=M.Score.ABS)
+    plan = M.plan_restore(meta, meta, 0.3, select=M.Select.BOTTOM, score="abs")
+    assert plan.names == sorted(plan.names) and plan.k == stats["k"]
+    plan.select(lambda: ((n, base[n].reshape(-1), tuned[n].reshape(-1)) for n in plan.names))
+    with pytest.raises(ValueError, match="sorted-name order"):
+        plan.mask(plan.names[1], base[plan.names[1]], tuned[plan.names[1]])
+    for n in plan.names:
+        assert torch.equal(plan.restore_tensor(n, base[n], tuned[n]), expected[n]), n
+    assert plan.stats() == stats
+    # The torch backend (the CUDA path) plans the same masks, here on CPU tensors.
+    plan = M.plan_restore(meta, meta, 0.3, select="bottom", score="abs", device="cuda")
+    plan.select(lambda: ((n, base[n].reshape(-1), tuned[n].reshape(-1)) for n in plan.names))
+    for n in plan.names:
+        assert torch.equal(plan.restore_tensor(n, base[n], tuned[n]), expected[n]), n
+    with pytest.raises(ValueError, match="scope must be one of"):
+        M.plan_restore(meta, meta, 0.3, scope="everywhere")
+    with pytest.raises(TypeError, match="seed"):
+        M.plan_restore(meta, meta, 0.3, seed=1.5)

@@ -163,9 +163,8 @@ def restore_checkpoint(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from . import masking as M
+    from .masking import plan_restore
 
-    M._check_restore_args(fraction, score, select, scope, seed)
     include = include or None
     exclude = exclude or None
     for arg, d in (("--base", base_dir), ("--tuned", tuned_dir)):
@@ -175,19 +174,15 @@ def restore_checkpoint(
         raise ValueError(f"--out {out_dir} exists and is not empty (pass --force to replace it)")
     t0 = time.time()
     base, tuned = _Reader(base_dir), _Reader(tuned_dir)
-    M._compare_tensor_dicts(None, None, base.meta, tuned.meta)
-    names = M._scope_names(tuned.meta, include, exclude)
-    numels = {n: int(torch.Size(tuned.meta[n][0]).numel()) for n in names}
-    plan = M._Plan(names, numels, fraction, score, select, scope, seed, rescale)
-    backend = M._CPUBackend
+    plan = plan_restore(base.meta, tuned.meta, fraction, score=score, select=select, scope=scope,
+                        include=include, exclude=exclude, seed=seed, rescale=rescale)
 
     def pairs(desc):
-        for n in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
+        for n in tqdm(plan.names, desc=desc, unit="tensor", disable=not progress, leave=False):
             yield n, base.get(n).reshape(-1).contiguous(), tuned.get(n).reshape(-1).contiguous()
 
-    if scope == "global":
-        levels = iter(["select (high digits)", "select (low digits)"])
-        plan.select_global(lambda: pairs(next(levels, "select")), backend)
+    levels = iter(["select (high digits)", "select (low digits)"])
+    plan.select(lambda: pairs(next(levels, "select")))  # streaming: one tensor pair at a time
     t_select = time.time() - t0
 
     # Output shards in sorted-name order (the tie order), sized like the input by default.
@@ -200,7 +195,7 @@ def restore_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
     try:
         weight_map = {}
-        scope_set = set(names)
+        scope_set = set(plan.names)
         bar = tqdm(total=len(all_names), desc="write", unit="tensor", disable=not progress, leave=False)
         for i, shard in enumerate(shards):
             fname = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -208,10 +203,7 @@ def restore_checkpoint(
             for n in shard:
                 t = tuned.get(n)
                 if n in scope_set:
-                    b = base.get(n)
-                    packed = plan.mask(n, b.reshape(-1).contiguous(), t.reshape(-1).contiguous(), backend)
-                    t = plan.apply(b, t, packed).view(t.shape)
-                    del b
+                    t = plan.restore_tensor(n, base.get(n), t)
                 out[n] = t.contiguous()
                 weight_map[n] = fname
                 bar.update(1)
