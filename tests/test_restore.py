@@ -269,11 +269,16 @@ def test_plan_enforces_sorted_order_and_matches_restore(pair):
     for n in plan.names:
         assert torch.equal(plan.restore_tensor(n, base[n], tuned[n]), expected[n]), n
     assert plan.stats() == stats
-    # The torch backend (the CUDA path) plans the same masks, here on CPU tensors.
+    # The torch backend (the CUDA path: selection and restoring) does the same on CPU tensors.
     plan = M.plan_restore(meta, meta, 0.3, select="bottom", score="abs", device="cuda")
     plan.select(lambda: ((n, base[n].reshape(-1), tuned[n].reshape(-1)) for n in plan.names))
     for n in plan.names:
         assert torch.equal(plan.restore_tensor(n, base[n], tuned[n]), expected[n]), n
+    rescaled, _ = M.restore(base, tuned, 0.3, select="random", seed=4, rescale=True)
+    plan = M.plan_restore(meta, meta, 0.3, select="random", seed=4, rescale=True, device="cuda")
+    plan.select(lambda: ((n, base[n].reshape(-1), tuned[n].reshape(-1)) for n in plan.names))
+    for n in plan.names:
+        torch.testing.assert_close(plan.restore_tensor(n, base[n], tuned[n]), rescaled[n], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="scope must be one of"):
         M.plan_restore(meta, meta, 0.3, scope="everywhere")
     with pytest.raises(TypeError, match="seed"):

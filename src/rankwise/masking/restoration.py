@@ -19,7 +19,7 @@ import torch
 from .. import _C
 from .bits import FLOAT_DTYPES, unpack_mask
 from .keys import UPDATE_SCORES, Score, Select, name_stream, parse_choice
-from .selection import NO_THRESHOLD, backend_for, check_fraction, device_type, select_count, select_threshold
+from .selection import NO_THRESHOLD, ExtensionBackend, backend_for, check_fraction, device_type, select_count, select_threshold
 
 # {name: (shape, dtype)}: what a plan needs to know of a state dict.
 Meta = Mapping[str, Tuple[Sequence[int], torch.dtype]]
@@ -161,7 +161,7 @@ class RestorePlan:
     def apply(self, base: torch.Tensor, tuned: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """A copy of ``tuned`` with the masked elements set to ``base`` (and the kept deltas scaled)."""
         out = tuned.detach().clone().contiguous()
-        if out.device.type == "cpu":
+        if self.backend is ExtensionBackend:
             _C.restore_(out.view(-1), base.detach().reshape(-1).contiguous(), packed, self.scale)
             return out
         chosen = unpack_mask(packed, out.shape)
@@ -215,7 +215,8 @@ def plan_restore(
         fraction, score, select, scope, include, exclude, seed, rescale: as :func:`restore`
             (``score``, ``select`` and ``scope`` as strings or :class:`Score`,
             :class:`Select`, :class:`Scope` members).
-        device: where the tensors will be (CPU: ``rankwise._C``; CUDA: torch ops).
+        device: where the tensors will be; it picks the backend (CPU: ``rankwise._C``;
+            otherwise torch ops, which also run on CPU tensors as a cross-check).
     Raises:
         ValueError (bad fraction or choice, mismatched dicts, nothing in scope),
         TypeError (wrong argument types, non-float tensors in scope).
