@@ -92,7 +92,7 @@ class RestorePlan:
     Attributes:
         names: the in-scope names, sorted.
         n, k: in-scope elements, and how many are restored.
-        score, select, scope: the parsed choices.
+        score, select_mode, scope: the parsed choices (:class:`Score`, :class:`Select`, :class:`Scope`).
         scale: the factor of the kept deltas (``1 / (1 - fraction)`` with rescale, else 1).
     """
 
