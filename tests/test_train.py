@@ -112,7 +112,7 @@ def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
     with pytest.raises(Crash):
         rt.train(cfg_b)
     monkeypatch.setattr(rt, "lr_at", real_lr_at)
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # tensors and plain values only
     assert ckpt["step"] == 6 and set(ckpt) >= {"optimizer", "rng", "trainable", "config", "data", "scheduler"}
     with pytest.raises(ValueError, match="already holds a run"):
         rt.train(cfg_b)
@@ -333,3 +333,38 @@ def test_lora_on_nf4_base(world, tmp_path, caplog):
     assert summary["eval_loss"] < losses[0]
     keys = load_file(tmp_path / "nf4" / "adapter" / "adapter_model.safetensors")
     assert keys["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.float32
+
+
+def test_save_pretrained_dir_replaces_the_directory_whole(tmp_path):
+    """model/ is the old directory or the new one, never a mix: a failed write leaves the old one untouched."""
+    from rankwise.checkpoint import replace_dir
+
+    target = tmp_path / "model"
+    replace_dir(target, lambda d: (open(os.path.join(d, "a.txt"), "w").write("old"),))
+    assert (target / "a.txt").read_text() == "old"
+
+    def failing(d):
+        open(os.path.join(d, "b.txt"), "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_dir(target, failing)
+    assert os.listdir(target) == ["a.txt"] and (target / "a.txt").read_text() == "old"
+    replace_dir(target, lambda d: (open(os.path.join(d, "b.txt"), "w").write("new"),))
+    assert os.listdir(target) == ["b.txt"], "the old files must not survive the replacement"
+    assert sorted(os.listdir(tmp_path)) == ["model"], "no temporary or old directory is left behind"
+
+
+def test_train_backend_reaches_the_lora_layers(world, tmp_path, monkeypatch):
+    import rankwise.lora
+
+    seen = []
+    real = rankwise.lora.inject_lora
+
+    def spy(*a, **k):
+        seen.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(rankwise.lora, "inject_lora", spy)
+    rt.train(make_cfg(world, tmp_path / "b", "lora", max_steps=1, backend="torch"))
+    assert seen == ["torch"]
