@@ -30,7 +30,7 @@ VERBS = {
 
 # Verbs whose modules still raise ValueError / FileNotFoundError for bad input (not yet ConfigError): those
 # keep the one-line report until they move over; every other verb shows a traceback for them.
-_NOT_YET_CONFIG_ERROR = {"restore", "analyze", "world", "demo"}
+_NOT_YET_CONFIG_ERROR = {"restore", "demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
