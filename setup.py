@@ -1,14 +1,23 @@
-"""Build script: packages `src/rankwise` and `kernels/` (as `rankwise.kernels`) and
+"""Build script: packages `src/rankwise` with every subpackage under it (found, not
+listed, so a new subpackage cannot be left out of the wheel) and `kernels/` (as
+`rankwise.kernels`), and
 compiles the C++ extension `rankwise._C` from `csrc/` against the installed torch.
 
-Install with ``pip install --no-build-isolation -e .`` so the extension is built
-against the torch already in the environment (an isolated build would fetch another).
+Install with ``pip install --no-build-isolation -e .`` (or build a wheel with
+``pip wheel --no-build-isolation --no-deps .``) so the extension is built against
+the torch already in the environment (an isolated build would fetch another).
+
+``RANKWISE_PREBUILT_EXT=/path/to/_C.so`` puts that already compiled extension
+into the build instead of compiling ``csrc/`` again; the packaging test uses it
+to build a wheel in seconds with the extension ``make install`` compiled from the
+same sources against the same torch.
 """
 import glob
 import os
+import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -30,10 +39,21 @@ def _extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=False)):
+    def build_extension(self, ext):
+        prebuilt = os.environ.get("RANKWISE_PREBUILT_EXT")
+        if not prebuilt:
+            return super().build_extension(ext)
+        if not os.path.isfile(prebuilt):
+            raise SystemExit(f"RANKWISE_PREBUILT_EXT: no such file: {prebuilt}")
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(prebuilt, target)
+
+
 setup(
-    packages=["rankwise", "rankwise.kernels"],
-    package_dir={"rankwise": "src/rankwise", "rankwise.kernels": "kernels"},
-    package_data={"rankwise": ["data/*", "data/**/*"]},
+    packages=find_packages("src") + ["rankwise.kernels"],
+    package_dir={"": "src", "rankwise.kernels": "kernels"},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    cmdclass={"build_ext": BuildExt},
 )
