@@ -273,6 +273,14 @@ class Trainable:
         """Weights that may change: the masked count for masked SFT, every trainable weight otherwise."""
         return sum(int(m.sum()) for m in self.masks) if self.masks is not None else self.numel
 
+    def keep_masked_grads(self) -> None:
+        """Masked SFT: zero the gradient outside the mask, so only masked weights count for clipping."""
+        if self.masks is None:
+            return
+        for (_, p), m in zip(self.named, self.masks):
+            if p.grad is not None:
+                p.grad.masked_fill_(~m, 0.0)
+
 
 def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
     """Set ``requires_grad`` for the method: LoRA layers injected, every weight, or the mask candidates."""
@@ -373,6 +381,19 @@ def choose_mask(m: C.MaskCfg, trainable: Trainable, loss_fn, batches: Batches, g
     else:
         scores = score_by_grad(loss_fn, trainable, batches, m.warmup_steps, grad_accum, dist)
     return [mask.to(dist.device) for mask in topk_mask(scores, m.fraction)]
+
+
+def setup_mask(cfg: C.RunConfig, trainable: Trainable, ckpt, loss_fn, batches: Batches, dist: Dist) -> None:
+    """Masked SFT: the checkpoint's masks when resuming, else ``choose_mask``; other methods have none."""
+    if cfg.method != "masked":
+        return
+    if ckpt is not None:
+        trainable.masks = [ckpt["mask"][n].to(dist.device) for n, _ in trainable.named]
+    else:
+        trainable.masks = choose_mask(cfg.mask, trainable, loss_fn, batches, cfg.train.grad_accum, dist)
+    if dist.master:
+        log.info("mask (%s): %s of %s candidate weights may change", cfg.mask.score, f"{trainable.n_changing:,}",
+                 f"{trainable.numel:,}")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -632,12 +653,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
 
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     ckpt = load_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
-    if cfg.method == "masked":
-        trainable.masks = [ckpt["mask"][n].to(device) for n, _ in trainable.named] if ckpt is not None else \
-            choose_mask(cfg.mask, trainable, loss_sum_of, batches, ga, dist)
-        if master:
-            log.info("mask (%s): %s of %s candidate weights may change", cfg.mask.score,
-                     f"{trainable.n_changing:,}", f"{trainable.numel:,}")
+    setup_mask(cfg, trainable, ckpt, loss_sum_of, batches, dist)
     optimizer = build_optimizer(t, trainable, device)
     start_step, window = 0, torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last row
     if ckpt is not None:
@@ -655,7 +671,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.method}", dynamic_ncols=True)
-    params, masks = trainable.params, trainable.masks
+    params = trainable.params
     model.train()
     t_window, last = time.time(), {}
     try:
@@ -678,10 +694,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 raise NonFiniteLossError(f"training loss is {loss_sum / n_tgt} at step {step + 1}")
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if masks is not None:  # only masked weights move; their gradient alone counts for clipping
-                for p, m in zip(params, masks):
-                    if p.grad is not None:
-                        p.grad.masked_fill_(~m, 0.0)
+            trainable.keep_masked_grads()
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if scaler is not None:
