@@ -24,6 +24,8 @@ from .atomic import atomic_write, atomic_write_text
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT LoRA options rankwise does not implement; an adapter that sets any of them is refused
+UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
 
 def lora_modules(model: torch.nn.Module) -> dict:
@@ -116,13 +118,20 @@ def read_adapter(adapter_dir) -> tuple[dict, dict]:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise ValueError(f"{cfg_path}: missing key {key!r}")
+    # What rankwise reads, merges and analyses: one rank and alpha for every module, and
+    # ΔW = scaling * B @ A in nn.Linear's layout. Anything else would be silently misread.
+    unsupported = [k for k in UNSUPPORTED if cfg.get(k)]
+    if unsupported:
+        raise ValueError(f"{cfg_path}: adapters with {', '.join(unsupported)} are not supported "
+                         "(rankwise reads one rank and alpha for every module, ΔW = scaling * B @ A)")
     return cfg, load_file(w_path)
 
 
 def scaling_of(cfg: dict) -> float:
     """The LoRA scaling of an adapter config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    from .lora import lora_scaling
+
+    return lora_scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
 
 
 def _split_keys(tensors, path):
@@ -182,11 +191,11 @@ def merge_adapter(model, adapter_dir):
             lin = modules.get(name)
             if not isinstance(lin, torch.nn.Linear):
                 raise ValueError(f"{adapter_dir}: {name!r} is not an nn.Linear of the base model")
-            delta = ab["lora_B"].float() @ ab["lora_A"].float()
+            delta = lora_delta(ab["lora_A"].to(lin.weight.device), ab["lora_B"], scale)
             if delta.shape != lin.weight.shape:
                 raise ValueError(f"{adapter_dir}: {name} update has shape {tuple(delta.shape)}, "
                                  f"the weight has {tuple(lin.weight.shape)}")
-            lin.weight.copy_((lin.weight.float() + scale * delta.to(lin.weight.device)).to(lin.weight.dtype))
+            lin.weight.copy_((lin.weight.float() + delta).to(lin.weight.dtype))
     return model
 
 
@@ -195,7 +204,7 @@ def unwrap_lora(model):
     for name, m in list(lora_modules(model).items()):
         base = m.base
         with torch.no_grad():
-            delta = (m.lora_B.float() @ m.lora_A.float()) * float(m.scaling)
+            delta = lora_delta(m.lora_A, m.lora_B, m.scaling)
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -208,7 +217,7 @@ def lora_delta_norms(model) -> dict:
     out = {}
     with torch.no_grad():
         for name, m in lora_modules(model).items():
-            out[name] = float(((m.lora_B.float() @ m.lora_A.float()) * float(m.scaling)).norm())
+            out[name] = float(lora_delta(m.lora_A, m.lora_B, m.scaling).norm())
     return out
 
 

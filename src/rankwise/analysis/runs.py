@@ -85,12 +85,6 @@ class Run:
                 acfg, self._pairs = lora_pairs(adapter_dir)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(str(e)) from None
-            # What rankwise.adapter.merge_adapter and scaling_of implement: one rank and alpha
-            # for every module, ΔW = scaling * B @ A in the nn.Linear layout.
-            unsupported = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern") if acfg.get(k)]
-            if unsupported:
-                raise ConfigError(f"{adapter_dir}: adapters with {', '.join(unsupported)} are not supported "
-                                  "(rankwise reads one rank and alpha for every module, ΔW = scaling * B @ A)")
             self.rank = int(acfg["r"])
             self.alpha = float(acfg["lora_alpha"])
             self.rslora = bool(acfg.get("use_rslora", False))
