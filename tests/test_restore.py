@@ -201,7 +201,12 @@ def test_cli_bad_input(pair, tmp_path, capsys):
     assert rc == 2 and "--force" in err
     rc, _ = run("--fraction", "0.1", "--force")
     assert rc == 0 and "keep.txt" not in os.listdir(out)
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".o.")] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == [], "temporary or old directories left"
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("mine")
+    rc = cli.main(["restore", "--base", base_dir, "--tuned", tuned_dir, "--out", str(a_file), "--fraction", "0.1",
+                   "--force"])
+    assert rc == 2 and "is not a directory" in capsys.readouterr().err and a_file.read_text() == "mine"
     rc = cli.main(["restore", "--base", base_dir, "--tuned", tuned_dir, "--out", tuned_dir, "--fraction", "0.1", "--force"])
     assert rc == 2 and "--out must differ from --tuned" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max-shard-size"):

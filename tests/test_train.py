@@ -337,7 +337,7 @@ def test_lora_on_nf4_base(world, tmp_path, caplog):
 
 def test_save_pretrained_dir_replaces_the_directory_whole(tmp_path):
     """model/ is the old directory or the new one, never a mix: a failed write leaves the old one untouched."""
-    from rankwise.checkpoint import replace_dir
+    from rankwise.atomic import replace_dir
 
     target = tmp_path / "model"
     replace_dir(target, lambda d: (open(os.path.join(d, "a.txt"), "w").write("old"),))
@@ -368,3 +368,39 @@ def test_train_backend_reaches_the_lora_layers(world, tmp_path, monkeypatch):
     monkeypatch.setattr(rankwise.lora, "inject_lora", spy)
     rt.train(make_cfg(world, tmp_path / "b", "lora", max_steps=1, backend="torch"))
     assert seen == ["torch"]
+
+
+class _RunsCode:
+    """Unpickling this runs code: here it only creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_and_runs_no_code(world, tmp_path):
+    cfg = make_cfg(world, tmp_path / "run", "lora", max_steps=2, save_every=1)
+    os.makedirs(tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    torch.save({"step": 1, "payload": _RunsCode(str(marker))}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(ConfigError, match="refusing to load it: it needs full unpickling"):
+        rt.train(cfg, resume=True)
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+    assert ckpt.read_bytes() == before, "the refused checkpoint must be left as it was"
+
+
+def test_written_files_and_directories_follow_the_umask(tmp_path):
+    from rankwise.atomic import atomic_write_text, replace_dir
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+        replace_dir(tmp_path / "d", lambda d: None)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750

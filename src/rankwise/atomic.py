@@ -1,11 +1,22 @@
 """Atomic file writes: write a temporary file in the target's directory, flush
 it to disk, then ``os.replace`` it over the target, so a reader (or a resumed
-run after a crash) sees either the old file or the new one, never half of one."""
+run after a crash) sees either the old file or the new one, never half of one.
+``replace_dir`` does the same for a whole directory, as far as renames allow.
+
+Files and directories get the usual permissions (0666 / 0777 less the umask),
+not the 0600 / 0700 of ``tempfile``."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path, writer: Callable[[str], None]) -> None:
@@ -23,6 +34,7 @@ def atomic_write(path, writer: Callable[[str], None]) -> None:
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,3 +54,35 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(path, write) -> None:
+    """Produce the directory ``path`` with ``write(tmp_dir)``, replacing any old one as atomically as POSIX allows.
+
+    ``write`` fills a fresh temporary directory beside ``path`` (same file
+    system). Then the old ``path`` (if any) is renamed aside, the new one renamed
+    into place, and the old one deleted. Guarantee: at every instant ``path`` is
+    either absent or a complete directory (the old one or the new one), never a
+    half-written one; if ``write`` fails, the old directory is untouched. A crash
+    between the two renames leaves ``path`` absent with the old copy kept as
+    ``.old-*`` beside it (directories cannot be swapped in one rename on Linux
+    without ``renameat2(RENAME_EXCHANGE)``, which Python does not expose).
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{name}-")
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -6,8 +6,7 @@ written to a temporary file beside ``checkpoint.pt`` and renamed over it. The
 RNG states are stored as tensors and plain Python values only, so the file
 loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
-``replace_dir`` gives a directory (``model/``) the strongest guarantee a
-directory rename allows; see its docstring.
+Old checkpoints that need full unpickling are refused: unpickling can run code.
 """
 from __future__ import annotations
 
@@ -15,12 +14,11 @@ import logging
 import os
 import pickle
 import random
-import shutil
-import tempfile
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, replace_dir  # noqa: F401  (replace_dir re-exported)
+from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
 
@@ -59,44 +57,13 @@ def save_checkpoint(path, state: dict) -> None:
 def load_checkpoint(path) -> dict:
     """Load a checkpoint on the CPU with ``weights_only=True``.
 
-    Checkpoints written before the RNG states were stored as tensors pickle a
-    numpy array; those are loaded with ``weights_only=False`` after a warning
-    (they were written by this user's own earlier run in this output_dir).
+    A file that needs full unpickling (a checkpoint of an older rankwise, which
+    pickled a numpy RNG state, or a crafted one) is refused with a ``ConfigError``:
+    unpickling arbitrary objects can run code. The file is left as it is.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s was written by an older rankwise (a pickled numpy RNG state); loading it with "
-                    "weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def replace_dir(path, write) -> None:
-    """Produce the directory ``path`` with ``write(tmp_dir)``, replacing any old one as atomically as POSIX allows.
-
-    ``write`` fills a fresh temporary directory beside ``path`` (same file
-    system). Then the old ``path`` (if any) is renamed aside, the new one renamed
-    into place, and the old one deleted. Guarantee: at every instant ``path`` is
-    either absent or a complete directory (the old one or the new one), never a
-    half-written one; if ``write`` fails, the old directory is untouched. A crash
-    between the two renames leaves ``path`` absent with the old copy kept as
-    ``.old-*`` beside it (directories cannot be swapped in one rename on Linux
-    without ``renameat2(RENAME_EXCHANGE)``, which Python does not expose).
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.dirname(path), os.path.basename(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{name}-")
-        os.rmdir(old)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: refusing to load it: it needs full unpickling, which can run code (an older "
+                          f"rankwise wrote checkpoints that way); move it away to start the run over "
+                          f"({str(e).splitlines()[0][:120]})") from None

@@ -1,8 +1,8 @@
 """The ``rankwise`` command line.
 
 Each verb lives in its own module, which defines ``add_arguments(parser)`` and
-``main(args) -> int | None``. Modules are imported only when their verb is
-listed or run, so heavy imports stay out of ``rankwise --help``.
+``main(args) -> int | None``; ``build_parser`` imports every verb's module (a
+missing one is an error, never a silently absent verb).
 
 Errors: a ``rankwise.errors.ConfigError`` (bad input the user can fix: a config
 key or value, a path, a data row) is printed as one line,
@@ -28,11 +28,6 @@ VERBS = {
     "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
 }
 
-# Verbs whose modules still raise ValueError / FileNotFoundError for bad input (not yet ConfigError): those
-# keep the one-line report until they move over; every other verb shows a traceback for them.
-_NOT_YET_CONFIG_ERROR = {"restore", "demo"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -44,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of configuration errors too (other errors always show it)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module_name, help_text) in VERBS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a verb whose module is not there yet
-            if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-                continue
-            raise
+        module = importlib.import_module(module_name)
         p = sub.add_parser(verb, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
@@ -69,11 +59,6 @@ def main(argv=None) -> int:
         return 130
     except ConfigError as e:  # bad input: one clear line; anything else is a bug and keeps its traceback
         if args.debug:
-            raise
-        print(f"rankwise {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        if args.verb not in _NOT_YET_CONFIG_ERROR or args.debug:
             raise
         print(f"rankwise {args.verb}: error: {e}", file=sys.stderr)
         return 2

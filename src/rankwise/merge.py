@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .checkpoint import replace_dir
+from .atomic import replace_dir
 from .errors import ConfigError
 
 

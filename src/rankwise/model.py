@@ -116,6 +116,12 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# safetensors header dtype codes -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def safetensors_files(path) -> dict:
@@ -178,6 +184,24 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple:
         """The shape of tensor ``name``, read from the header only."""
         return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype of tensor ``name``, read from the header only."""
+        code = self._handles[self.files[name]].get_slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has a dtype rankwise does not read ({code})")
+        return SAFETENSORS_DTYPES[code]
+
+    def meta(self) -> dict:
+        """``{name: (shape, dtype)}`` of every tensor, from the headers (nothing is loaded)."""
+        return {n: (self.shape(n), self.dtype(n)) for n in self.files}
+
+    def nbytes(self, name: str) -> int:
+        """Bytes tensor ``name`` takes, from the header."""
+        n = 1
+        for s in self.shape(name):
+            n *= s
+        return n * torch.empty((), dtype=self.dtype(name)).element_size()
 
     def get(self, name: str, device=None) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, on the CPU or moved to ``device``."""

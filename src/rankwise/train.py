@@ -45,7 +45,8 @@ import torch
 
 from . import config as C
 from .atomic import atomic_write, atomic_write_text
-from .checkpoint import load_checkpoint, replace_dir, rng_state, save_checkpoint, set_rng_state
+from .atomic import replace_dir
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
@@ -567,7 +568,7 @@ class MetricsLog:
 
 
 def save_pretrained_dir(model, tokenizer, path) -> None:
-    """``save_pretrained`` of model and tokenizer into ``path``, replaced whole (see ``checkpoint.replace_dir``)."""
+    """``save_pretrained`` of model and tokenizer into ``path``, replaced whole (see ``atomic.replace_dir``)."""
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
