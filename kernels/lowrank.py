@@ -47,10 +47,10 @@ from .utils import (
     upcast_for_dot,
 )
 
-
 # ----------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------
+
 
 @triton.jit
 def lowrank_fwd_tail(acc, S, B, BIAS, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
@@ -239,6 +239,8 @@ def _dropout_mask_kernel(OUT, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr)
 
 
 def dropout_args(dropout_p: float, seed: Optional[int]):
+    """The kernels' dropout arguments ``(HAS_DROPOUT, seed, p, 1 / (1 - p))``; seed 0
+    and scale 1 when dropout is off."""
     has = dropout_p > 0.0
     return has, (int(seed) if has else 0), float(dropout_p), (1.0 / (1.0 - dropout_p) if has else 1.0)
 

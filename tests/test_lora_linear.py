@@ -219,3 +219,45 @@ def test_bad_input_raises_naming_the_argument():
         args.update(override)
         with pytest.raises((ValueError, TypeError), match=word):
             lora_linear(**args)
+
+
+def test_kernel_modules_share_only_public_names_and_have_no_cycle():
+    """kernels/: no module imports another's private (underscore) names or the rankwise
+    package, and the imports between its modules (module level or inside functions) form
+    no cycle."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    mods = {p.stem: p for p in root.glob("*.py")}
+    edges, bad = {m: set() for m in mods}, []
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                bad += [f"{m} imports {a.name}" for a in node.names if a.name.startswith("rankwise")]
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = node.module or ""
+            if node.level == 0:
+                if mod.startswith("rankwise"):
+                    bad.append(f"{m} imports {mod}")
+                continue
+            targets = [mod.split(".")[0]] if mod else [a.name for a in node.names if a.name in mods]
+            edges[m] |= set(targets)
+            if mod:
+                bad += [f"{m} imports {mod}.{a.name}" for a in node.names if a.name.startswith("_")]
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(edges[m] & set(mods)):
+            if state.get(n) == "open":
+                bad.append("cycle: " + " -> ".join(path + [m, n]))
+            elif n not in state:
+                visit(n, path + [m])
+        state[m] = "done"
+
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [])
+    assert not bad, bad
