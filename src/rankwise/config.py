@@ -501,6 +501,47 @@ def resolve(config, overrides=None) -> dict:
     return parse(config, overrides).to_dict()
 
 
+# Keys that say how or where a run computes, not what it trains: changing them keeps the run the same run
+# (a resume, or a sweep reusing a finished arm, is allowed across them). Every other key is a setting.
+NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "train.log_every", "train.save_every",
+                "train.device", "train.backend", "eval.every")
+
+
+def settings(cfg) -> dict:
+    """The flat ``{key: value}`` of the keys that change a run's result (all but ``NOT_SETTINGS``).
+
+    Local data files also contribute their content: ``data.train#sha256`` etc., so a
+    file rewritten under the same name counts as a change.
+    """
+    import hashlib
+
+    cfg = cfg if isinstance(cfg, RunConfig) else validate_config(cfg)
+    out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS}
+    for k in ("data.train", "data.eval", "data.eval_ood"):
+        path = out.get(k)
+        if path and os.path.isfile(path):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[f"{k}#sha256"] = h.hexdigest()
+    return out
+
+
+def settings_hash(values: Mapping) -> str:
+    """A short stable hash of ``settings(cfg)`` (sorted JSON, sha256, 16 hex digits)."""
+    import hashlib
+    import json
+
+    text = json.dumps(dict(values), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def changed_settings(old: Mapping, new: Mapping) -> list:
+    """Keys whose values differ between two ``settings`` dicts, sorted (keys missing on one side count)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k, object()) != new.get(k, object()))
+
+
 def dump_yaml(cfg, path) -> None:
     """Write ``cfg`` (a dict or a ``RunConfig``) as YAML to ``path`` atomically (temp file, then rename)."""
     import yaml

@@ -1,0 +1,87 @@
+"""rankwise.ownership: what rankwise may write, checked before any work; and the run settings hash."""
+import os
+
+import pytest
+
+from rankwise import config as C
+from rankwise.errors import ConfigError
+from rankwise.ownership import MARKER, check_output, claim, owner
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root (what must stay byte-identical)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def test_a_new_directory_is_claimed_and_then_reusable(tmp_path):
+    out = tmp_path / "a" / "b"
+    check_output(out)
+    claim(out, "train")
+    assert owner(out)["kind"] == "train"
+    (out / "metrics.jsonl").write_text("{}\n")
+    check_output(out, kinds=["train"])  # ours: no --force needed
+    with pytest.raises(ConfigError, match="holds a rankwise 'train' output, not a merge one"):
+        check_output(out, kinds=["merge"])
+    check_output(out, kinds=["merge"], force=True)
+
+
+def test_a_users_directory_needs_force_and_is_left_alone(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=f"was not made by rankwise \\(no {MARKER}\\); pass --force"):
+        check_output(mine, flag="--out")
+    assert snapshot(tmp_path) == before
+    check_output(mine, force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_output(empty)  # an empty directory holds nothing to lose
+
+
+@pytest.mark.parametrize("relation", ["equal", "inside", "contains"])
+def test_outputs_overlapping_an_input_are_refused_even_with_force(tmp_path, relation):
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    out = {"equal": model, "inside": model / "merged", "contains": tmp_path / "models"}[relation]
+    before = snapshot(tmp_path)
+    word = {"equal": "is the base model", "inside": "lies inside the base model",
+            "contains": "contains the base model"}[relation]
+    with pytest.raises(ConfigError, match=word):
+        check_output(out, force=True, inputs=[("base model", model), ("tokenizer", None), "hub/id-not-a-path"])
+    assert snapshot(tmp_path) == before
+
+
+def test_files_in_the_way_and_unwritable_parents(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_output(f, force=True)
+    with pytest.raises(ConfigError, match="lies under the file"):
+        check_output(f / "sub", force=True)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        with pytest.raises(ConfigError, match="not writable"):
+            check_output(ro / "out")
+
+
+def test_settings_hash_tracks_what_changes_the_result_and_data_content(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    base = {"model": "m", "data": {"train": str(data)}, "output_dir": str(tmp_path / "o")}
+    s0 = C.settings(C.parse(base))
+    same = C.settings(C.parse({**base, "output_dir": "elsewhere", "train": {"log_every": 1, "save_every": 0}}))
+    assert C.settings_hash(s0) == C.settings_hash(same)
+    lr = C.settings(C.parse({**base, "train": {"lr": 0.5}}))
+    assert C.changed_settings(s0, lr) == ["train.lr"]
+    data.write_text('{"prompt": "a", "completion": "c"}\n')
+    assert C.changed_settings(s0, C.settings(C.parse(base))) == ["data.train#sha256"]
