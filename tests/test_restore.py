@@ -201,14 +201,16 @@ def test_cli_bad_input(pair, tmp_path, capsys):
     assert rc == 2 and "--force" in err
     rc, _ = run("--fraction", "0.1", "--force")
     assert rc == 0 and "keep.txt" not in os.listdir(out)
+    rc, _ = run("--fraction", "0.2")  # now rankwise's own restore output: replaced without --force
+    assert rc == 0 and json.load(open(os.path.join(out, ".rankwise-run.json")))["kind"] == "restore"
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == [], "temporary or old directories left"
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("mine")
     rc = cli.main(["restore", "--base", base_dir, "--tuned", tuned_dir, "--out", str(a_file), "--fraction", "0.1",
                    "--force"])
-    assert rc == 2 and "is not a directory" in capsys.readouterr().err and a_file.read_text() == "mine"
+    assert rc == 2 and "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
     rc = cli.main(["restore", "--base", base_dir, "--tuned", tuned_dir, "--out", tuned_dir, "--fraction", "0.1", "--force"])
-    assert rc == 2 and "--out must differ from --tuned" in capsys.readouterr().err
+    assert rc == 2 and f"--out {tuned_dir} is the tuned" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max-shard-size"):
         parse_size("lots")
     assert parse_size("2GB") == 2 * 10**9 and parse_size("64KiB") == 65536

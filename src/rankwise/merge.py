@@ -1,21 +1,35 @@
 """``rankwise merge``: fold a trained LoRA adapter into its base model and save a plain model.
 
-    rankwise merge runs/example --out runs/example/merged
+    rankwise merge runs/example --out runs/example-merged
     rankwise merge path/to/adapter --base meta-llama/Llama-3.2-1B --out merged --dtype bf16
 
 The update ``scaling * B @ A`` is added to each adapted weight in fp32 and the
 result is rounded once to the output dtype. The output directory holds a model
-(``save_pretrained``) and the base model's tokenizer, loadable with
+(``save_pretrained``), the base model's tokenizer and rankwise's marker
+(``.rankwise-run.json``, kind ``merge``), loadable with
 ``AutoModelForCausalLM.from_pretrained``.
+
+Safety: ``--out`` may not be, lie inside, or contain the run, the adapter or
+the base model (refused even with ``--force``); an existing non-empty ``--out``
+is replaced only when rankwise made it (a merge output), otherwise only with
+``--force``. Everything is checked before the base model is loaded, and the
+output is written beside ``--out`` and swapped in whole.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from .atomic import replace_dir
 from .errors import ConfigError
+from .ownership import check_output, write_marker
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def find_adapter(path: str) -> str:
@@ -28,32 +42,56 @@ def find_adapter(path: str) -> str:
     raise ConfigError(f"no LoRA adapter in {path} (expected {CONFIG_NAME} there or in {path}/adapter)")
 
 
-def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto") -> str:
+def check_adapter(adapter_dir: str) -> dict:
+    """The adapter's config, after checking that its JSON and its weights can be read; one line naming the file if not."""
+    from safetensors import SafetensorError
+
+    from .adapter import CONFIG_NAME, WEIGHTS_NAME, lora_pairs
+
+    cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{cfg_path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        cfg, _ = lora_pairs(adapter_dir)  # reads the weights and pairs every lora_A with its lora_B
+    except SafetensorError as e:
+        raise ConfigError(f"{w_path}: not a readable safetensors file ({e})") from None
+    except (FileNotFoundError, ValueError) as e:  # missing keys or files, unsupported options, unpaired tensors
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto", force: bool = False) -> str:
     """Merge the adapter at ``path`` (adapter or run directory) into its base model; save to ``out_dir``.
 
     ``base`` defaults to the adapter's ``base_model_name_or_path``. ``dtype``:
     ``auto`` keeps the base model's saved dtype, or one of ``bf16``, ``fp16``, ``fp32``.
+    ``force`` allows replacing an existing non-empty ``out_dir`` that rankwise did not make.
     Returns ``out_dir``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from .adapter import merge_adapter, read_adapter
+    from .adapter import merge_adapter
     from .model import DTYPES, load_tokenizer
 
     adapter_dir = find_adapter(path)
-    try:
-        cfg, _ = read_adapter(adapter_dir)
-    except (FileNotFoundError, ValueError) as e:  # a malformed adapter directory is bad input
-        raise ConfigError(str(e)) from None
+    cfg = check_adapter(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --base")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    check_output(out_dir, force=force, flag="--out", kinds=["merge"],
+                 inputs=[("run", path), ("adapter", adapter_dir), ("base model", base)])
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except OSError as e:
-        raise ConfigError(f"cannot load base model {base!r}: {e}") from None
+    except (OSError, SafetensorError, ValueError) as e:  # missing, truncated or unreadable base model
+        raise ConfigError(f"cannot load base model {base!r}: {_first_line(e)}") from None
     saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
@@ -68,6 +106,7 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto")
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_marker(tmp, "merge")
 
     replace_dir(out_dir, write)  # out_dir is the old directory or the new one, never half of one
     return out_dir
@@ -76,14 +115,17 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto")
 def add_arguments(parser) -> None:
     """Arguments of ``rankwise merge``."""
     parser.add_argument("path", help="a run directory (with adapter/) or a PEFT LoRA adapter directory")
-    parser.add_argument("--out", required=True, help="output directory for the merged model")
+    parser.add_argument("--out", required=True, help="output directory for the merged model (outside the run, "
+                        "the adapter and the base model)")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="dtype of the saved weights (auto: the base model's)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it is a non-empty directory rankwise did not make")
 
 
 def main(args) -> int:
     """Entry point of ``rankwise merge``."""
-    out = merge(args.path, args.out, base=args.base, dtype=args.dtype)
+    out = merge(args.path, args.out, base=args.base, dtype=args.dtype, force=args.force)
     print(f"merged model written to {out}")
     return 0

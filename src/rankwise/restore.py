@@ -13,8 +13,12 @@ Two passes over the checkpoints, one tensor at a time (``safe_open``, memory-map
 Peak memory is one output shard plus one base and one tuned tensor; the whole
 model is never held, let alone twice. The output (a temporary directory renamed
 into place) holds the restored safetensors (+ index when sharded), every other
-file of the tuned checkpoint (config, generation config, tokenizer) and
-``restore_stats.json``. The selection is exactly :func:`rankwise.masking.restore`
+file of the tuned checkpoint (config, generation config, tokenizer),
+``restore_stats.json`` and rankwise's marker (``.rankwise-run.json``, kind
+``restore``). ``--out`` may not be, lie inside or contain ``--base`` or
+``--tuned`` (refused even with ``--force``); an existing non-empty ``--out`` is
+replaced only when it is a restore output of rankwise, otherwise only with
+``--force``. The selection is exactly :func:`rankwise.masking.restore`
 on the same tensors (ties: sorted names, then index).
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from .atomic import replace_dir
 from .errors import ConfigError
 from .model import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsCheckpoint
+from .ownership import MARKER, check_output, write_marker
 
 STATS_FILE = "restore_stats.json"
 
@@ -46,7 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of --select random")
     parser.add_argument("--rescale", action="store_true", help="DARE: scale kept deltas by 1/(1-fraction)")
     parser.add_argument("--max-shard-size", default="auto", help="output shard size, e.g. 2GB, 500MB (default: largest input shard)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--force", action="store_true", help="replace --out even if it is a non-empty directory rankwise did not make")
 
 
 def parse_size(text) -> int:
@@ -101,13 +106,9 @@ def restore_checkpoint(
 
     include = include or None
     exclude = exclude or None
-    for arg, d in (("--base", base_dir), ("--tuned", tuned_dir)):
-        if os.path.abspath(out_dir) == os.path.abspath(d):
-            raise ConfigError(f"--out must differ from {arg} ({d})")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ConfigError(f"--out {out_dir} exists and is not empty (pass --force to replace it)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} exists and is not a directory")
+    # before any work: --out is not an input, not a file, and ours (a restore output) or --force
+    check_output(out_dir, force=force, inputs=[("base", base_dir), ("tuned", tuned_dir)], flag="--out",
+                 kinds=["restore"])
     t0 = time.time()
     try:
         base, tuned = SafetensorsCheckpoint(base_dir), SafetensorsCheckpoint(tuned_dir)
@@ -160,7 +161,7 @@ def restore_checkpoint(
             with open(os.path.join(tmp, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
         # Everything else of the tuned checkpoint: config, generation config, tokenizer files.
-        skip = {SAFETENSORS_SINGLE, SAFETENSORS_INDEX, STATS_FILE} | {os.path.basename(p) for p in tuned.files.values()}
+        skip = {SAFETENSORS_SINGLE, SAFETENSORS_INDEX, STATS_FILE, MARKER} | {os.path.basename(p) for p in tuned.files.values()}
         for entry in sorted(os.listdir(tuned_dir)):
             src = os.path.join(tuned_dir, entry)
             if entry in skip or entry.endswith((".safetensors", ".bin")) or not os.path.isfile(src):
@@ -179,6 +180,7 @@ def restore_checkpoint(
         )
         with open(os.path.join(tmp, STATS_FILE), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=2)
+        write_marker(tmp, "restore")
 
     replace_dir(out_dir, write)  # out_dir is the old directory or the new one, never half of one
     return stats
