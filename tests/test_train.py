@@ -10,6 +10,7 @@ from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 import rankwise.train as rt
 from rankwise import cli
+from rankwise.checkpoint import load_checkpoint
 from rankwise.errors import ConfigError
 from rankwise.evaluate import eval_loss, generate_answers, is_correct, qa_accuracy
 
@@ -51,10 +52,13 @@ def test_loss_falls_and_outputs_are_written(world, tmp_path, method):
     assert final < 0.8 * first, f"{method}: loss {first:.3f} -> {final:.3f}"
     assert rows[-1]["step"] == 30 and "eval_loss" in rows[-1] and "eval_accuracy" in rows[-1]
     assert summary["train_loss"] == final and summary["eval_loss"] == rows[-1]["eval_loss"]
-    with open(out / "config.yaml") as f:
+    with open(out / "resolved_config.yaml") as f:
         resolved = yaml.safe_load(f)
     assert resolved["method"] == method and resolved["train"]["schedule"] == "cosine"
-    assert not (out / "checkpoint.pt").exists() and (out / "summary.json").exists()
+    assert not (out / "config.yaml").exists(), "config.yaml is the user's name; the run writes resolved_config.yaml"
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["settings"]["method"] == method and summary["settings_hash"] == settings["hash"]
+    assert not (out / "checkpoint").exists() and (out / "summary.json").exists()
     if method == "lora":
         assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
         keys = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -112,8 +116,9 @@ def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
     with pytest.raises(Crash):
         rt.train(cfg_b)
     monkeypatch.setattr(rt, "lr_at", real_lr_at)
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # tensors and plain values only
-    assert ckpt["step"] == 6 and set(ckpt) >= {"optimizer", "rng", "trainable", "config", "data", "scheduler"}
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoint")) == ["state.json", "tensors.safetensors"]
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint")  # safetensors and JSON only
+    assert ckpt["step"] == 6 and set(ckpt) >= {"optimizer", "rng", "trainable", "settings", "data", "scheduler"}
     with pytest.raises(ValueError, match="already holds a run"):
         rt.train(cfg_b)
     resumed = rt.train(cfg_b, resume=True)
@@ -387,10 +392,12 @@ def test_a_crafted_pickle_checkpoint_is_refused_and_runs_no_code(world, tmp_path
     ckpt = tmp_path / "run" / "checkpoint.pt"
     torch.save({"step": 1, "payload": _RunsCode(str(marker))}, ckpt)
     before = ckpt.read_bytes()
-    with pytest.raises(ConfigError, match="refusing to load it: it needs full unpickling"):
-        rt.train(cfg, resume=True)
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="refusing to load it: it is a pickle checkpoint.*can run code"):
+            rt.train(cfg, resume=True, force=force)
     assert not marker.exists(), "unpickling the checkpoint ran code"
     assert ckpt.read_bytes() == before, "the refused checkpoint must be left as it was"
+    assert os.listdir(tmp_path / "run") == ["checkpoint.pt"], "nothing is written beside a refused checkpoint"
 
 
 def test_written_files_and_directories_follow_the_umask(tmp_path):

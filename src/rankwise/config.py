@@ -12,7 +12,7 @@ suggestion).
 
     cfg = parse("examples/lora.yaml", ["lora.r=8"])   # -> RunConfig
     cfg.lora.r, cfg.train.backend                      # 8, 'auto'
-    cfg.to_dict()                                      # the nested dict written to config.yaml
+    cfg.to_dict()                                      # the nested dict written to resolved_config.yaml
 
 The dict-level helpers stay for code that reads and writes YAML: ``resolve``
 (-> the validated nested dict, ``parse(...).to_dict()``), ``validate``,
@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -204,7 +205,7 @@ class RunConfig:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
-    output_dir: str = key("runs/rankwise", "where config.yaml, metrics.jsonl, checkpoints, adapter/ go")
+    output_dir: str = key("runs/rankwise", "where resolved_config.yaml, metrics.jsonl, checkpoint/, adapter/ go")
 
     def __post_init__(self):  # checks between keys
         if self.method == "masked" and self.mask.score == "update" and not self.mask.from_:
@@ -215,7 +216,7 @@ class RunConfig:
                               f"(the quantized base weights are frozen), got method {self.method!r}")
 
     def to_dict(self) -> dict:
-        """The nested config dict (what ``config.yaml`` holds)."""
+        """The nested config dict (what a run's ``resolved_config.yaml`` holds)."""
         return unflatten({k: copy.deepcopy(_attr(self, k)) for k in SCHEMA})
 
     def get(self, dotted: str):
@@ -371,6 +372,8 @@ def _coerce(dotted: str, value: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {dotted!r} must be a finite number, got {value!r}")
     if int in types and isinstance(value, float) and value.is_integer() and float not in types:
         value = int(value)
     if list in types and isinstance(value, (tuple, str)):
@@ -448,8 +451,9 @@ def parse_overrides(items) -> dict:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {k}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); "
+                              f"quote it to pass a string, e.g. --set '{k}=\"...\"'") from None
         out[k] = value
     return out
 
@@ -468,6 +472,13 @@ def apply_overrides(cfg: Mapping, overrides) -> dict:
     return unflatten(flat)
 
 
+def _yaml_problem(e) -> str:
+    """A YAML error on one line: what is wrong and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return (" ".join(str(getattr(e, "problem", None) or e).split()) + where)
+
+
 def load_yaml(path) -> dict:
     """Read a YAML config file into a dict (an empty file gives ``{}``)."""
     import yaml
@@ -478,7 +489,7 @@ def load_yaml(path) -> dict:
         try:
             cfg = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ConfigError
 
@@ -13,7 +14,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``."""
+    """``auto`` -> ``cuda`` (the local rank's GPU under torchrun) if available, else ``cpu``.
+
+    ``cuda`` / ``cuda:N`` on a machine without that GPU is a ``ConfigError`` (one line), not a failure later.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             import os
@@ -21,9 +25,18 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device {device}: no CUDA device is available on this machine; "
+                              f"use train.device=cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -66,6 +79,10 @@ def _cuda_bytes(device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
 def load_tokenizer(path: str):
     """``AutoTokenizer.from_pretrained(path)`` with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -73,7 +90,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise ConfigError(f"cannot load tokenizer {path!r}: {e}") from None
+        raise ConfigError(f"cannot load tokenizer {path!r}: {_one_line(e)}") from None
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -95,8 +112,8 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
     attn = resolve_attention(attention, device, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
-    except OSError as e:
-        raise ConfigError(f"cannot load model {path!r}: {e}") from None
+    except (OSError, SafetensorError) as e:  # missing, unreadable, truncated or corrupt files
+        raise ConfigError(f"cannot load model {path!r}: {_one_line(e)}") from None
     model.to(device)
     if quantization == "nf4":
         from .quant import quantize_model_nf4

@@ -1,6 +1,6 @@
 """Train one run: LoRA, full SFT or masked SFT of a Hugging Face causal LM.
 
-    rankwise train CONFIG.yaml [--set key=value ...] [--resume]
+    rankwise train CONFIG.yaml [--set key=value ...] [--resume] [--force]
     torchrun --nproc_per_node N -m rankwise.cli train CONFIG.yaml   # DDP, same config
 
     from rankwise.train import train
@@ -15,15 +15,27 @@ parsed once, at the top of ``train``, into a ``rankwise.config.RunConfig``;
 the functions below receive its sections or plain values. Config keys are
 documented in ``rankwise.config`` and ``examples/lora.yaml``.
 
-Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one
-JSON object per logging step: step, loss, lr, tokens_per_s, grad_norm, and on CUDA
-peak_mem_mb, the peak allocated since the previous row; eval rows
-carry eval_loss / eval_accuracy / eval_ood_*), ``checkpoint.pt`` (the latest, for
-``--resume``; removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or
-``model/`` (``save_pretrained``, full and masked SFT; masked SFT adds
-``mask.safetensors``), and ``summary.json`` (final metrics; its presence marks
-the run as finished). With ``lora.init: pissa`` the adapter is saved as a
-rank-2r update of the original base weights (see ``adapter.pissa_to_lora``).
+Outputs in ``output_dir``: ``.rankwise-run.json`` (the ownership marker, see
+``rankwise.ownership``), ``resolved_config.yaml`` (the config with every default
+filled in; a ``config.yaml`` of the user's there is never touched),
+``settings.json`` (``{"hash", "settings"}``: the keys that change the result, see
+``config.settings``), ``metrics.jsonl`` (one JSON object per logging step: step,
+loss, lr, tokens_per_s, grad_norm, and on CUDA peak_mem_mb, the peak allocated
+since the previous row; eval rows carry eval_loss / eval_accuracy / eval_ood_*),
+``checkpoint/`` (the latest, for ``--resume``, see ``rankwise.checkpoint``;
+removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or ``model/``
+(``save_pretrained``, full and masked SFT; masked SFT adds
+``mask.safetensors``), and ``summary.json`` (final metrics and the settings
+hash; its presence marks the run as finished). With ``lora.init: pissa`` the
+adapter is saved as a rank-2r update of the original base weights (see
+``adapter.pissa_to_lora``).
+
+Safety: the output directory is checked before any work (``ownership.check_output``:
+never an input, never a file, a directory of someone else's only with
+``--force``); a resume must have the settings of the checkpoint (or of the
+finished run), else it is refused naming the keys that differ; the run files are
+written only after every check passed. A NaN/inf loss stops the run with one line
+naming the step and the last good checkpoint, which is kept.
 
 Departures from the studies' protocol worth knowing: the loss is the mean over
 completion tokens of each optimizer step (not per example); masked SFT chooses
@@ -37,6 +49,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -44,19 +57,23 @@ from typing import Optional
 import torch
 
 from . import config as C
+from . import ownership
 from .atomic import atomic_write, atomic_write_text
 from .atomic import replace_dir
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_checkpoint, refuse_legacy, rng_state,
+                         save_checkpoint, set_rng_state)
 from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_DIR
 SUMMARY = "summary.json"
+RESOLVED_CONFIG = "resolved_config.yaml"
+SETTINGS = "settings.json"
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLossError(ConfigError):
+    """The training loss became NaN or infinite (a user error: the settings diverge); the last checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- LR schedule
@@ -128,20 +145,101 @@ def setup_processes(device_name: str) -> Dist:
     return dist
 
 
-def prepare_output_dir(cfg: C.RunConfig, resume: bool) -> Optional[dict]:
-    """Create ``output_dir`` and write ``config.yaml``; returns the summary of a run that already finished."""
-    out_dir = cfg.output_dir
-    done = os.path.join(out_dir, SUMMARY)
-    if os.path.exists(done) and resume:
-        with open(done) as f:
-            log.info("%s already finished; nothing to resume", out_dir)
+def run_inputs(cfg: C.RunConfig) -> list:
+    """``(description, path)`` of everything the run reads: the output directory may overlap none of them."""
+    return [("base model", cfg.model), ("tokenizer", cfg.tokenizer), ("data.train", cfg.data.train),
+            ("data.eval", cfg.data.eval), ("data.eval_ood", cfg.data.eval_ood), ("mask.from run", cfg.mask.from_)]
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """``lora.r (4 -> 8), train.lr (0.01 -> 0.5)``: the settings that differ, with both values."""
+    def short(v):
+        text = "(none)" if v is _MISSING else json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = C.changed_settings(old, new)
+    return ", ".join(f"{k} ({short(old.get(k, _MISSING))} -> {short(new.get(k, _MISSING))})" for k in keys) \
+        or "the settings hash"
+
+
+_MISSING = object()
+
+
+def read_json(path, what: str):
+    """A JSON file of a run; unreadable -> one ``ConfigError`` line naming it (the file is left as it is)."""
+    try:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    if (os.path.exists(os.path.join(out_dir, CHECKPOINT)) or os.path.exists(done)) and not resume:
-        raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue it "
-                          f"or choose another output_dir")
-    os.makedirs(out_dir, exist_ok=True)
-    C.dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-    return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+def finished_summary(cfg: C.RunConfig, run_settings: dict) -> dict:
+    """``--resume`` of a finished run: its summary, if it was trained with these settings; else refused."""
+    out_dir = cfg.output_dir
+    summary = read_json(os.path.join(out_dir, SUMMARY), "the summary of the finished run")
+    settings_path = os.path.join(out_dir, SETTINGS)
+    if os.path.exists(settings_path):
+        recorded = read_json(settings_path, "the settings of the finished run")
+        old = recorded.get("settings") if isinstance(recorded, dict) else None
+        if not isinstance(old, dict):
+            raise ConfigError(f"cannot read the settings of the finished run {settings_path}: no 'settings' mapping")
+        if C.settings_hash(old) != C.settings_hash(run_settings):
+            raise ConfigError(f"--resume: {out_dir} is a finished run trained with other settings: "
+                              f"{describe_changes(old, run_settings)}; choose another output_dir for these settings")
+    else:
+        log.warning("%s: no %s (a run of an older rankwise): its settings cannot be checked", out_dir, SETTINGS)
+    log.info("%s already finished; nothing to resume", out_dir)
+    return summary
+
+
+def prepare_output_dir(cfg: C.RunConfig, resume: bool, force: bool, run_settings: dict):
+    """Check ``output_dir`` and what it holds, then claim it; returns ``(finished summary or None, checkpoint or None)``.
+
+    Nothing is written before every check passed: the directory may be written
+    (``ownership.check_output``), a finished run resumed with the same settings
+    is returned as is, a checkpoint to resume is readable and was made with
+    these settings. Then the directory is created and marked as rankwise's.
+    """
+    out_dir = cfg.output_dir
+    legacy = os.path.join(out_dir, LEGACY_CHECKPOINT)
+    if resume and os.path.isfile(legacy):
+        refuse_legacy(legacy)
+    ownership.check_output(out_dir, force=force, inputs=run_inputs(cfg), flag="output_dir", kinds=["train"])
+    done, ckpt_path = os.path.join(out_dir, SUMMARY), os.path.join(out_dir, CHECKPOINT)
+    if resume and os.path.exists(done):
+        return finished_summary(cfg, run_settings), None
+    ckpt = None
+    if os.path.exists(done) or os.path.exists(ckpt_path):
+        if not resume and not force:
+            raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue "
+                              f"it, --force to train it again from step 0, or choose another output_dir")
+        if resume:
+            ckpt = load_checkpoint(ckpt_path)
+            check_same_settings(ckpt, run_settings, ckpt_path)
+    ownership.claim(out_dir, "train")
+    if force and not resume and os.path.exists(done):
+        os.unlink(done)  # trained again from step 0 with --force: the run is no longer finished
+    return None, ckpt
+
+
+def check_same_settings(ckpt: dict, run_settings: dict, ckpt_path: str) -> None:
+    """``--resume`` continues the same run: the checkpoint's settings must be these (``config.NOT_SETTINGS`` aside)."""
+    old = ckpt["settings"]
+    if not isinstance(old, dict):
+        raise ConfigError(f"cannot read checkpoint {ckpt_path}: its settings are not a mapping")
+    if ckpt["settings_hash"] != C.settings_hash(run_settings) or C.changed_settings(old, run_settings):
+        raise ConfigError(f"--resume: settings changed since the checkpoint {ckpt_path}: "
+                          f"{describe_changes(old, run_settings)}; put them back to resume, or choose another "
+                          f"output_dir for a new run")
+
+
+def write_run_files(cfg: C.RunConfig, run_settings: dict) -> None:
+    """``resolved_config.yaml`` and ``settings.json``: written once every check passed."""
+    out_dir = cfg.output_dir
+    C.dump_yaml(cfg, os.path.join(out_dir, RESOLVED_CONFIG))
+    atomic_write_text(os.path.join(out_dir, SETTINGS),
+                      json.dumps({"hash": C.settings_hash(run_settings), "settings": run_settings}, indent=1) + "\n")
 
 
 def setup_precision(precision: str, device: torch.device, master: bool):
@@ -389,7 +487,11 @@ def setup_mask(cfg: C.RunConfig, trainable: Trainable, ckpt, loss_fn, batches: B
     if cfg.method != "masked":
         return
     if ckpt is not None:
-        trainable.masks = [ckpt["mask"][n].to(dist.device) for n, _ in trainable.named]
+        saved = ckpt.get("mask") or {}
+        for n, p in trainable.named:
+            if n not in saved or saved[n].shape != p.shape or saved[n].dtype != torch.bool:
+                raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} has no mask of {p.shape} for {n}")
+        trainable.masks = [saved[n].to(dist.device) for n, _ in trainable.named]
     else:
         trainable.masks = choose_mask(cfg.mask, trainable, loss_fn, batches, cfg.train.grad_accum, dist)
     if dist.master:
@@ -444,12 +546,14 @@ def evaluate(model, tokenizer, evals: dict, e: C.EvalCfg, autocast) -> dict:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_state(step, total_steps, cfg: C.RunConfig, trainable: Trainable, optimizer, scaler, device,
-                     micro_per_step, window) -> dict:
-    """Everything a resumed run needs, as one dict of tensors and plain values."""
+def checkpoint_state(step, total_steps, cfg: C.RunConfig, run_settings: dict, trainable: Trainable, optimizer,
+                     scaler, device, micro_per_step, window) -> dict:
+    """Everything a resumed run needs, as one dict of tensors and plain values (see ``rankwise.checkpoint``)."""
     return {
         "step": step,
         "total_steps": total_steps,
+        "settings_hash": C.settings_hash(run_settings),
+        "settings": run_settings,
         "config": cfg.to_dict(),
         "trainable": {n: p.detach().to("cpu", copy=True) for n, p in trainable.named},
         "mask": ({n: m.cpu() for (n, _), m in zip(trainable.named, trainable.masks)}
@@ -469,13 +573,23 @@ def restore_checkpoint(ckpt: dict, cfg: C.RunConfig, trainable: Trainable, optim
     """Load weights, optimizer, scaler and RNG states from ``ckpt``; returns ``(step, log window)``."""
     from .masking import pack_mask
 
+    where = f"the checkpoint in {cfg.output_dir}"
     if ckpt.get("total_steps") != total_steps:
-        raise ConfigError(f"--resume: the checkpoint was made for {ckpt.get('total_steps')} steps, "
+        raise ConfigError(f"--resume: {where} was made for {ckpt.get('total_steps')} steps, "
                           f"the config now gives {total_steps}")
+    saved = ckpt.get("trainable") or {}
+    for n, p in trainable.named:
+        if n not in saved or saved[n].shape != p.shape:
+            raise ConfigError(f"--resume: {where} does not match this model: "
+                              f"{n} {'is missing' if n not in saved else f'has shape {tuple(saved[n].shape)}'}")
     with torch.no_grad():
         for n, p in trainable.named:
-            p.copy_(ckpt["trainable"][n])
-    optimizer.load_state_dict(ckpt["optimizer"])
+            p.copy_(saved[n])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"--resume: {where} holds an optimizer state this optimizer cannot take: "
+                          f"{' '.join(str(e).split())[:200]}") from None
     if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
         for p, m in zip(trainable.params, trainable.masks):
             optimizer.state[p]["mask"] = pack_mask(m)
@@ -483,10 +597,10 @@ def restore_checkpoint(ckpt: dict, cfg: C.RunConfig, trainable: Trainable, optim
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
     trainable.pissa_init = ckpt.get("pissa_init", trainable.pissa_init)
-    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt["config"])
-    changed = sorted(k for k, v in now.items() if then.get(k) != v)
+    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt.get("config") or {})
+    changed = sorted(k for k, v in now.items() if k in then and then[k] != v)  # NOT_SETTINGS keys only
     if changed and master:
-        log.warning("--resume: config keys changed since the checkpoint: %s", ", ".join(changed))
+        log.info("--resume: keys changed since the checkpoint (they do not change the result): %s", ", ".join(changed))
     return ckpt["step"], ckpt["log_window"].clone()
 
 
@@ -530,6 +644,14 @@ def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> 
         row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         torch.cuda.reset_peak_memory_stats(device)
     return row
+
+
+def non_finite_message(loss: float, step: int, ckpt_path: str, last_saved: Optional[int], t: C.TrainCfg) -> str:
+    """The one line of a NaN/inf loss: the step, and the last good checkpoint (kept) if there is one."""
+    kept = (f"the last good checkpoint, {ckpt_path} (step {last_saved}), is kept" if last_saved
+            else f"no checkpoint was saved before it (train.save_every {t.save_every})")
+    return (f"training loss is {loss} at step {step}; the run stopped and {kept}. Settings that diverge "
+            f"(train.lr {t.lr}, train.max_grad_norm {t.max_grad_norm}) need a new run")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -607,13 +729,19 @@ def save_outputs(cfg: C.RunConfig, model, tokenizer, trainable: Trainable) -> di
 
 # ----------------------------------------------------------------------------- the run
 
-def train(config, overrides=None, resume: bool = False) -> dict:
+def train(config, overrides=None, resume: bool = False, force: bool = False) -> dict:
     """Run one training job; returns the summary dict (also written to ``output_dir/summary.json``).
 
     Args:
         config: a ``RunConfig``, a config dict or a YAML path (keys: ``rankwise.config``).
         overrides: ``{"lora.r": 8}`` or ``["lora.r=8"]`` applied on top of ``config``.
-        resume: continue from ``output_dir/checkpoint.pt`` (a finished run is returned as is).
+        resume: continue from ``output_dir/checkpoint/`` (a finished run is returned as is); refused when
+            the settings (``config.settings``) differ from the checkpoint's or the finished run's.
+        force: write into an existing directory rankwise did not make, or train a finished run again from step 0.
+
+    Every user error (config, paths, an unreadable checkpoint, changed settings on
+    resume, a NaN loss) is a ``ConfigError``; the output directory is checked
+    before the model is loaded.
 
     The summary holds at least ``output_dir``, ``status``, ``steps``, ``train_loss``
     (mean over the last logging window), ``trainable_params``, and the final eval
@@ -625,13 +753,20 @@ def train(config, overrides=None, resume: bool = False) -> dict:
 
     cfg = C.parse(config, overrides)
     t, out_dir, t_start = cfg.train, cfg.output_dir, time.time()
+    run_settings = C.settings(cfg)
 
     # ---- setup ------------------------------------------------------------------------------
     dist = setup_processes(t.device)
     check_backend(t.backend, dist.device)
     device, master = dist.device, dist.master
-    if master and (finished := prepare_output_dir(cfg, resume)) is not None:
-        return finished
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    ckpt = None
+    if master:
+        finished, ckpt = prepare_output_dir(cfg, resume, force, run_settings)
+        if finished is not None:
+            return finished
+    elif resume and os.path.isdir(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     autocast, scaler, amp_dtype = setup_precision(t.precision, device, master)
@@ -652,8 +787,6 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         with autocast():
             return batch_loss_sum(model, batch)
 
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    ckpt = load_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
     setup_mask(cfg, trainable, ckpt, loss_sum_of, batches, dist)
     optimizer = build_optimizer(t, trainable, device)
     start_step, window = 0, torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last row
@@ -664,6 +797,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
     elif resume and master:
         log.info("--resume: no checkpoint in %s, starting from step 0", out_dir)
     del ckpt
+    last_saved = start_step or None  # the step of the last good checkpoint on disk, if any
+    if master:
+        write_run_files(cfg, run_settings)
     metrics = MetricsLog(out_dir, start_step, cfg.log.tensorboard, master)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -692,7 +828,7 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                 loss_sum += ls.detach().double()
             loss_sum = float(loss_sum)  # one device sync per step
             if not math.isfinite(loss_sum):
-                raise NonFiniteLossError(f"training loss is {loss_sum / n_tgt} at step {step + 1}")
+                raise NonFiniteLossError(non_finite_message(loss_sum / n_tgt, step + 1, ckpt_path, last_saved, t))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             trainable.keep_masked_grads()
@@ -724,8 +860,9 @@ def train(config, overrides=None, resume: bool = False) -> dict:
                     torch.distributed.barrier()
                 t_window = time.time()
             if t.save_every and done % t.save_every == 0 and done != total_steps and master:
-                save_checkpoint(ckpt_path, checkpoint_state(done, total_steps, cfg, trainable, optimizer, scaler,
-                                                            device, micro_per_step, window))
+                save_checkpoint(ckpt_path, checkpoint_state(done, total_steps, cfg, run_settings, trainable, optimizer,
+                                                            scaler, device, micro_per_step, window))
+                last_saved = done
     finally:
         if bar is not None:
             bar.close()
@@ -741,9 +878,10 @@ def train(config, overrides=None, resume: bool = False) -> dict:
         summary.update(final_eval)
         summary.update(save_outputs(cfg, raw_model, tokenizer, trainable))
         summary["runtime_s"] = round(time.time() - t_start, 3)
+        summary["settings_hash"] = C.settings_hash(run_settings)
         atomic_write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2, sort_keys=False) + "\n")
-        if os.path.exists(ckpt_path):
-            os.unlink(ckpt_path)
+        if os.path.isdir(ckpt_path):
+            shutil.rmtree(ckpt_path)
     metrics.close()
     if dist.ddp:
         torch.distributed.barrier()
@@ -759,7 +897,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="YAML config file (see examples/lora.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted (e.g. --set lora.r=8 --set train.lr=1e-4); repeatable")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from output_dir/checkpoint/ (refused if the settings changed)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an output_dir rankwise did not make, or train a finished run again")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -771,7 +912,7 @@ def main(args) -> int:
         print(yaml.safe_dump(C.resolve(args.config, args.overrides), sort_keys=False), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    summary = train(args.config, args.overrides, resume=args.resume)
+    summary = train(args.config, args.overrides, resume=args.resume, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
