@@ -107,7 +107,9 @@ def test_sweep_cli_and_bad_arguments(cfg, tmp_path, capsys):
     assert "lora_r1" in capsys.readouterr().out
     with open(tmp_path / "cli" / "arms" / "lora_r1" / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["lora_alpha"] == 2.0
-    arm_cfg = yaml.safe_load((tmp_path / "cli" / "arms" / "lora_r1" / "config.yaml").read_text())
+    arm = tmp_path / "cli" / "arms" / "lora_r1"
+    resolved = arm / "resolved_config.yaml"  # config.yaml before rankwise train stopped writing it
+    arm_cfg = yaml.safe_load((resolved if resolved.exists() else arm / "config.yaml").read_text())
     assert arm_cfg["train"]["backend"] == "torch"  # --backend reaches every arm's train.backend
     with pytest.raises(SystemExit):
         cli.main(["sweep", str(path), "--ranks", "1", "--backend", "cuda"])

@@ -4,10 +4,24 @@
 
 Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
 changed, so all arms share the seed and therefore the data order and the
-evaluation sets. Arms run one after the other in ``OUT/arms/<arm>/``: a
-finished arm (``summary.json`` present) is skipped, an interrupted one resumes
-from its checkpoint, and an arm that fails (out of memory, NaN loss, another
-runtime error) is recorded with its reason while the sweep goes on.
+evaluation sets. Arms run one after the other in ``OUT/arms/<arm>/`` (each a
+``rankwise train`` run directory): a finished arm (``summary.json`` present) is
+skipped, an interrupted one resumes from its checkpoint, and an arm that fails
+(out of memory, NaN loss, another runtime error) is recorded with its reason
+while the sweep goes on.
+
+Reusing an arm means it was trained with the settings it would get now. Before
+anything is written, every existing arm's recorded settings (``settings.json``,
+or for arms of older rankwise versions the settings of its resolved config) are
+compared with the arm's new ones (:func:`rankwise.config.settings`: the keys
+that change a result, data file contents included); a difference is refused,
+naming the arms and keys, unless ``--rerun-changed``, which re-trains exactly
+the changed arms and keeps the others. ``sweep.yaml`` is written after these
+checks and records the config and each arm's settings hash.
+
+The sweep directory is rankwise's (marker kind ``sweep``); one that rankwise
+did not make, if not empty, needs ``--force``. It may not be, lie inside or
+contain the model, tokenizer or data files.
 
 Outputs in ``OUT`` (default: the config's ``output_dir``): ``sweep.csv``,
 ``sweep.md`` and the PNG plots ``sweep_in_domain.png`` (``data.eval``) and
@@ -23,17 +37,23 @@ import io
 import json
 import logging
 import os
+import shutil
 
 import torch
 
 from . import config as C
 from .errors import ConfigError
+from .ownership import check_output, claim
 
 log = logging.getLogger("rankwise")
 
 COLUMNS = ["arm", "method", "rank", "fraction", "status", "reason", "steps", "train_loss", "eval_loss",
            "eval_accuracy", "eval_ood_loss", "eval_ood_accuracy", "trainable_params", "delta_norm", "runtime_s",
            "output_dir"]
+
+
+# The keys an arm sets on top of the sweep's config (recorded per arm in sweep.yaml).
+ARM_KEYS = ("method", "lora.r", "lora.alpha", "mask.fraction", "quantization")
 
 
 def arm_name(method: str, rank=None, fraction=None) -> str:
@@ -67,8 +87,57 @@ def _failure_reason(e: BaseException) -> str:
     return f"{kind}: {msg}"[:300] if msg else kind
 
 
+def arm_config(base: dict, method: str, rank, fraction, arm_dir: str, alpha_ratio=None) -> dict:
+    """The train config of one arm: ``base`` with the arm's method, rank / mask fraction and directory."""
+    cfg = copy.deepcopy(base)
+    cfg["method"], cfg["output_dir"] = method, arm_dir
+    if method == "lora":
+        cfg["lora"]["r"] = rank
+        if alpha_ratio is not None:
+            cfg["lora"]["alpha"] = float(alpha_ratio) * rank
+    elif method == "masked":
+        cfg["mask"]["fraction"] = fraction
+    if method != "lora" and cfg["quantization"] != "none":
+        cfg["quantization"] = "none"  # SFT arms train the base weights, which cannot stay quantized
+    return cfg
+
+
+def recorded_settings(arm_dir: str):
+    """The settings an existing arm was trained with, or None when it records none.
+
+    ``settings.json`` (``{"hash", "settings"}``, written by ``rankwise train``), or
+    for runs of older rankwise versions the settings of ``resolved_config.yaml`` /
+    ``config.yaml`` (their data files are hashed as they are now).
+    """
+    path = os.path.join(arm_dir, "settings.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)["settings"]
+            if not isinstance(recorded, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is not a rankwise settings file (expected {{\"hash\", \"settings\"}}); "
+                              "pass --rerun-changed to re-train this arm") from None
+        return recorded
+    for name in ("resolved_config.yaml", "config.yaml"):
+        path = os.path.join(arm_dir, name)
+        if os.path.isfile(path):
+            try:
+                return C.settings(C.parse(path))
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    return None
+
+
+def _inputs(base: dict) -> list:
+    data = base["data"]
+    return [("model", base["model"]), ("tokenizer", base.get("tokenizer")), ("train data", data.get("train")),
+            ("eval data", data.get("eval")), ("eval_ood data", data.get("eval_ood"))]
+
+
 def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
-          alpha_ratio=None, backend=None) -> list[dict]:
+          alpha_ratio=None, backend=None, rerun_changed: bool = False, force: bool = False) -> list[dict]:
     """Run the arms of a rank sweep; returns one result row per arm (also written to ``sweep.csv``).
 
     Args:
@@ -81,6 +150,9 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         alpha_ratio: when set, each LoRA arm uses ``alpha = alpha_ratio * r`` (e.g. 2);
             otherwise ``lora.alpha`` is the same for every rank.
         backend: ``train.backend`` of every arm (``auto``, ``triton``, ``torch``); None keeps the config's.
+        rerun_changed: re-train the existing arms whose recorded settings differ from their
+            settings now (otherwise such arms are refused with a ``ConfigError``).
+        force: write into ``out_dir`` even if it is a non-empty directory rankwise did not make.
     """
     from . import train as _train
 
@@ -95,31 +167,54 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
     for f in fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"masked fraction must be in (0, 1], got {f}")
+    flag = "--out" if out_dir else "output_dir"
     out_dir = out_dir or base["output_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    arms = [("lora", r, None) for r in sorted(ranks)] + ([("full", None, None)] if full_sft else []) \
-        + [("masked", None, f) for f in fractions]
+    check_output(out_dir, force=force, inputs=_inputs(base), flag=flag, kinds=["sweep"])
+    arms = []
+    for method, rank, fraction in [("lora", r, None) for r in sorted(ranks)] \
+            + ([("full", None, None)] if full_sft else []) + [("masked", None, f) for f in fractions]:
+        name = arm_name(method, rank, fraction)
+        cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio)
+        arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
+
+    # An existing arm is reused only if it was trained with the settings it would get now.
+    changed = {}
+    for name, _, _, _, cfg, now in arms:
+        arm_dir = cfg["output_dir"]
+        try:
+            old = recorded_settings(arm_dir) if os.path.isdir(arm_dir) else None
+        except ConfigError:
+            if not rerun_changed:
+                raise
+            changed[name] = ["(unreadable settings record)"]
+            continue
+        keys = C.changed_settings(old, now) if old is not None else []
+        if keys:
+            changed[name] = keys
+    if changed and not rerun_changed:
+        listed = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in changed.items())
+        raise ConfigError(f"{out_dir} holds arms trained with other settings: {listed}; pass --rerun-changed "
+                          "to re-train them (the other arms are kept), or choose another output directory")
+    claim(out_dir, "sweep")
     C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
-                 "alpha_ratio": alpha_ratio}, os.path.join(out_dir, "sweep.yaml"))
+                 "alpha_ratio": alpha_ratio,
+                 "arms": {name: {"method": method, "rank": rank, "fraction": fraction,
+                                 "settings_hash": C.settings_hash(now),
+                                 "settings": {k: v for k, v in now.items() if k in ARM_KEYS}}
+                          for name, method, rank, fraction, _, now in arms}},
+                os.path.join(out_dir, "sweep.yaml"))
 
     from tqdm.auto import tqdm
 
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
-    for method, rank, fraction in bar:
-        name = arm_name(method, rank, fraction)
+    for name, method, rank, fraction, cfg, _ in bar:
         bar.set_postfix(arm=name)
-        arm_dir = os.path.join(out_dir, "arms", name)
-        cfg = copy.deepcopy(base)
-        cfg["method"], cfg["output_dir"] = method, arm_dir
-        if method == "lora":
-            cfg["lora"]["r"] = rank
-            if alpha_ratio is not None:
-                cfg["lora"]["alpha"] = float(alpha_ratio) * rank
-        elif method == "masked":
-            cfg["mask"]["fraction"] = fraction
-        if method != "lora" and cfg["quantization"] != "none":
-            cfg["quantization"] = "none"  # SFT arms train the base weights, which cannot stay quantized
+        arm_dir = cfg["output_dir"]
+        if name in changed:  # trained with other settings: its directory (rankwise's) is replaced
+            log.info("sweep: %s was trained with other %s; training it again", name, ", ".join(changed[name]))
+            shutil.rmtree(arm_dir)
+        claim(arm_dir, "train")
         row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
         summary_path = os.path.join(arm_dir, _train.SUMMARY)
         if os.path.exists(summary_path):
@@ -236,6 +331,11 @@ def add_arguments(parser) -> None:
                              "TRITON_INTERPRET=1), torch (default: the config's train.backend)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every arm; repeatable")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="re-train the existing arms whose settings differ from their settings now "
+                             "(default: refuse, naming the arms and keys); the other arms are kept")
+    parser.add_argument("--force", action="store_true",
+                        help="write into the sweep directory even if it is a non-empty directory rankwise did not make")
 
 
 def main(args) -> int:
@@ -244,7 +344,8 @@ def main(args) -> int:
     ranks = _parse_list(args.ranks, int, "--ranks")
     masked = _parse_list(args.masked, float, "--masked") if args.masked else None
     results = sweep(args.config, ranks, full_sft=args.full_sft, masked=masked, out_dir=args.out,
-                    overrides=args.overrides, alpha_ratio=args.alpha_ratio, backend=args.backend)
+                    overrides=args.overrides, alpha_ratio=args.alpha_ratio, backend=args.backend,
+                    rerun_changed=args.rerun_changed, force=args.force)
     out = args.out or C.parse(args.config, args.overrides).output_dir
     print(open(os.path.join(out, "sweep.md")).read(), end="")
     failed = [r for r in results if r["status"] == "failed"]
