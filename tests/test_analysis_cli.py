@@ -65,7 +65,8 @@ def _write_adapter(run_dir, base_dir, r, alpha, rslora, seed):
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
     with open(os.path.join(run_dir, "adapter", "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+    # rankwise train writes resolved_config.yaml; runs of older versions hold config.yaml: both are read
+    with open(os.path.join(run_dir, "config.yaml" if r == 2 else "resolved_config.yaml"), "w") as f:
         yaml.safe_dump({"model": base_dir, "method": "lora", "lora": {"r": r, "alpha": alpha, "rslora": rslora}}, f)
     return deltas
 
@@ -300,7 +301,8 @@ def test_unsupported_adapters_and_sharded_base_are_read_through_the_library(worl
 
 def test_base_defaults_to_the_runs_config_model(world, tmp_path):
     out = str(tmp_path / "o")
-    assert cli.main(["analyze", world["r2"], world["full"], "--out", out, "--quiet", "--no-intruders",
+    # r4 holds resolved_config.yaml, full an older run's config.yaml
+    assert cli.main(["analyze", world["r4"], world["full"], "--out", out, "--quiet", "--no-intruders",
                      "--no-plots"]) == 0
     a = json.load(open(os.path.join(out, "analysis.json")))
     assert a["base"] == world["base"] and a["files"]["plots"] == {}

@@ -1,7 +1,9 @@
 """``rankwise analyze RUN_DIR... --base MODEL --probe DATA --out DIR``.
 
 Writes ``analysis.json``, PNG plots and ``analysis.md`` (a markdown section) for
-the given runs against their base model.
+the given runs against their base model. ``--out`` is rankwise's (marker kind
+``analyze``): it may not be, lie inside or contain a run or the base model, and
+an existing non-empty directory rankwise did not make needs ``--force``.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories (adapter/ for LoRA, model/ for full or masked SFT)")
     parser.add_argument("--base", default=None,
                         help="base model directory (or a name in the local HF cache); default: the 'model' "
-                             "of the runs' config.yaml")
+                             "of the runs' resolved_config.yaml (config.yaml in older runs)")
     parser.add_argument("--probe", default=None,
                         help="probe jsonl (prompt, optional bucket) for attention, CKA and token KL")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (outside the runs and the base model)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even if it is a non-empty directory rankwise did not make")
     parser.add_argument("--device", default=None, help="analysis device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype for the probe pass (auto: bf16 on a GPU that supports it, fp16 on "
@@ -102,6 +106,7 @@ def main(args) -> int:
         batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
         restore_sets=_parse_restore(args.restore) or None, restore_fractions=args.restore_fractions,
         restore_selections=selections, seed=args.seed, plots=not args.no_plots, progress=not args.quiet,
+        force=args.force,
     )
     files = analysis["files"]
     print(f"wrote {os.path.join(args.out, files['json'])}, {os.path.join(args.out, files['markdown'])} "

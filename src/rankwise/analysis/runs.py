@@ -1,6 +1,7 @@
 """Reading run directories and analysing them against their base model.
 
-A run directory (written by ``rankwise train``) holds ``config.yaml`` and either
+A run directory (written by ``rankwise train``) holds ``resolved_config.yaml``
+(``config.yaml`` in runs of older rankwise versions) and either
 ``adapter/`` (PEFT format, read with :func:`rankwise.adapter.lora_pairs`) or
 ``model/`` (``save_pretrained`` output of full or masked SFT, read tensor by
 tensor with :class:`rankwise.model.SafetensorsCheckpoint`). The spectral pass
@@ -15,10 +16,12 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ..adapter import lora_delta, lora_pairs, merge_adapter, scaling_of
 from ..errors import ConfigError
 from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
+from ..ownership import check_output, claim
 from . import report, spectral
 from .probe import compare_on_probe
 from .restoration import DEFAULT_FRACTIONS, SELECTIONS, restoration_curve
@@ -41,6 +44,27 @@ def resolve_model_dir(model: str) -> str:
 
 
 # --------------------------------------------------------------------------- runs
+RUN_CONFIGS = ("resolved_config.yaml", "config.yaml")  # config.yaml: runs of older rankwise versions
+
+
+def read_run_config(path: str) -> dict:
+    """The resolved config of a run directory (``resolved_config.yaml``, else ``config.yaml``), or ``{}``."""
+    import yaml
+
+    for name in RUN_CONFIGS:
+        cfg_path = os.path.join(path, name)
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    cfg = yaml.safe_load(f) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise ConfigError(f"{cfg_path}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+            if not isinstance(cfg, dict):
+                raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
+            return cfg
+    return {}
+
+
 def _split_name(name: str):
     m = _LAYER_RE.search(name)
     if not m:
@@ -60,15 +84,7 @@ class Run:
             raise ConfigError(f"run directory {path!r} does not exist")
         self.path = os.path.abspath(path)
         self.name = os.path.basename(os.path.normpath(path))
-        cfg = {}
-        cfg_path = os.path.join(path, "config.yaml")
-        if os.path.isfile(cfg_path):
-            import yaml
-
-            with open(cfg_path) as f:
-                cfg = yaml.safe_load(f) or {}
-            if not isinstance(cfg, dict):
-                raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
+        cfg = read_run_config(path)
         adapter_dir = os.path.join(path, "adapter")
         model_dir = os.path.join(path, "model")
         self.config = cfg
@@ -83,8 +99,10 @@ class Run:
             self.adapter_dir = adapter_dir
             try:
                 acfg, self._pairs = lora_pairs(adapter_dir)
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(str(e)) from None
+            except SafetensorError as e:
+                raise ConfigError(f"{adapter_dir}: its weights are not a readable safetensors file ({e})") from None
+            except (FileNotFoundError, ValueError) as e:  # bad JSON, missing keys, unpaired tensors
+                raise ConfigError(f"{adapter_dir}: {e}" if adapter_dir not in str(e) else str(e)) from None
             self.rank = int(acfg["r"])
             self.alpha = float(acfg["lora_alpha"])
             self.rslora = bool(acfg.get("use_rslora", False))
@@ -355,17 +373,20 @@ def analyze_runs(
     seed: int = 0,
     plots: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Analyse fine-tuning runs against their base model and write the results to ``out_dir``.
 
     Args:
         run_dirs: run directories (``adapter/`` for LoRA, ``model/`` for full or masked SFT).
         base: the base model (a directory, or a name in the local Hugging Face cache);
-            ``None`` takes the ``model`` named by the runs' ``config.yaml`` (they must agree).
+            ``None`` takes the ``model`` named by the runs' resolved configs (they must agree).
         probe_rows: probe rows (``prompt``, optional ``bucket``), or the path of a jsonl file of
             them, for the attention, representation and token-level analyses; ``None`` or
             empty skips them.
-        out_dir: where ``analysis.json``, the PNG plots and ``analysis.md`` go.
+        out_dir: where ``analysis.json``, the PNG plots and ``analysis.md`` go; rankwise's
+            (marker kind ``analyze``). It may not be, lie inside or contain a run or the base
+            model; an existing non-empty directory rankwise did not make needs ``force``.
         device: analysis device (default: CUDA if available, else CPU). SVDs run there in fp32.
         dtype: model dtype for the probe pass: ``auto`` (as :func:`rankwise.model.resolve_dtype`:
             bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on the CPU), ``bf16``,
@@ -411,13 +432,17 @@ def analyze_runs(
             r.name = f"{r.name}#{seen[r.name]}"
         else:
             seen[r.name] = 0
-    if base is None:  # fall back to the runs' own config.yaml "model"
+    if base is None:  # fall back to the runs' own resolved config's "model"
         models = {str(r.config.get("model")) for r in runs if r.config.get("model")}
         if len(models) != 1:
-            raise ConfigError("base must be given: the runs' config.yaml files name "
+            raise ConfigError("base must be given: the runs' config files name "
                              + (f"different models {sorted(models)}" if models else "no model"))
         base = models.pop()
     base_dir = resolve_model_dir(base)
+    # before any work: the output is not an input, and it is ours (an analysis) or forced
+    check_output(out_dir, force=force, flag="--out", kinds=["analyze"],
+                 inputs=[("run", p) for p in run_dirs] + [("base model", base_dir)])
+    claim(out_dir, "analyze")
     try:
         base_w = SafetensorsCheckpoint(base_dir)
     except FileNotFoundError as e:
