@@ -57,7 +57,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world and model preset")
     parser.add_argument("--fresh", action="store_true", help="discard this output directory's cached stages "
-                        "(the pretrained base stays cached)")
+                        "(the pretrained base stays cached; only a stage directory rankwise made is deleted)")
+    parser.add_argument("--force", action="store_true",
+                        help="use --out even if it is a non-empty directory rankwise did not make")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default on a CPU-only machine: half the cores, at least 1: "
                         "a busy machine slows oversubscribed threads down many times over)")
@@ -73,7 +75,7 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    res = run_demo(args.out, scale=args.scale, fresh=args.fresh)
+    res = run_demo(args.out, scale=args.scale, fresh=args.fresh, force=args.force)
     best = res["summary"]
     print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); best arm {best['best_arm']}: "
           f"in-domain D3+D4 {_pct(best['best_d34'])}%, D0 {_pct(best['best_d0'])}%")
@@ -86,6 +88,13 @@ def _write_json(path, obj) -> None:
     from .atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def _read_stamp(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the cached stages count as stale
 
 
 def _read_jsonl(path) -> list:
@@ -184,22 +193,28 @@ def plan_arms(settings: dict, work: Path) -> list:
 # ----------------------------------------------------------------------------- the demo
 
 def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, settings: dict | None = None,
-             world_overrides: dict | None = None, cache_dir=None, progress: bool = True) -> dict:
+             world_overrides: dict | None = None, cache_dir=None, progress: bool = True,
+             force: bool = False) -> dict:
     """Run the whole study; returns the results dict (also written to ``out_dir/results.json``).
 
     Args:
         out_dir: output directory (report.md, results.json, plots, and the cached stages in ``work/``).
         scale: world/model preset (``cpu`` or ``gpu``).
-        fresh: delete ``out_dir/work`` first.
+        fresh: delete ``out_dir/work`` first (only if rankwise made it, or with ``force``).
         settings: overrides of :data:`DEMO`.
         world_overrides: ``{"world"|"model"|"train": {...}}`` overrides of the pretraining preset.
         cache_dir: where the world and base live (default: the user cache keyed by the settings).
         progress: show the stage progress bar.
+        force: use ``out_dir`` even if it is a non-empty directory rankwise did not make.
+
+    ``out_dir`` is rankwise's (marker kind ``demo``); it may not be, lie inside or contain
+    ``cache_dir``. Stale cached stages are deleted only from a ``work/`` rankwise made.
     """
     from tqdm.auto import tqdm
 
     from .errors import ConfigError
     from .masking import restore
+    from .ownership import MARKER, check_output, claim, owner
     from .train import train
     from .world import mastery as M
     from .world.pretrain import pretrain, preset, settings_key
@@ -212,13 +227,17 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     s.update(settings or {})
     out = Path(out_dir)
     work = out / "work"
-    out.mkdir(parents=True, exist_ok=True)
     pre = preset(scale, world_overrides)
+    check_output(out, force=force, flag="--out", kinds=["demo"], inputs=[("world cache", cache_dir)])
     key = {"demo": s, "scale": scale, "base_key": settings_key(pre)}
     stamp = work / "settings.json"
-    if fresh or (stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(key))):
-        shutil.rmtree(work, ignore_errors=True)  # settings changed: the cached stages are stale
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and (fresh or not stamp.exists() or _read_stamp(stamp) != json.loads(json.dumps(key))):
+        if owner(work) is None and not force:  # the cached stages are stale: delete them, if they are ours
+            raise ConfigError(f"{work} holds stages rankwise did not make (no {MARKER}); delete it yourself, "
+                              "pass --force, or choose another --out")
+        shutil.rmtree(work)
+    claim(out, "demo")
+    claim(work, "demo")
     _write_json(stamp, key)
 
     arms = plan_arms(s, work)

@@ -1,12 +1,17 @@
 """``rankwise world``: build the synthetic knowledge world, pretrain its base model, measure mastery.
 
-    rankwise world build --out DIR [--scale cpu|gpu] [--seed N] [--people N]
+    rankwise world build --out DIR [--scale cpu|gpu] [--seed N] [--people N] [--force]
     rankwise world pretrain [--scale cpu|gpu] [--out DIR] [--steps N] [--force]
-    rankwise world mastery --base DIR --world DIR --out FILE [--samples N]
+    rankwise world mastery --base DIR --world DIR --out FILE [--samples N] [--force]
+
+Output directories are rankwise's (marker kind ``world``): a non-empty one that
+rankwise did not make needs ``--force``. ``mastery``'s ``--out`` file may not lie
+inside ``--base`` or ``--world``, and an existing file is replaced only with ``--force``.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,18 +24,42 @@ def add_arguments(parser) -> None:
     b.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world size preset")
     b.add_argument("--seed", type=int, default=None, help="world seed (default: the preset's)")
     b.add_argument("--people", type=int, default=None, help="number of people (default: the preset's)")
+    b.add_argument("--force", action="store_true",
+                   help="write into --out even if it is a non-empty directory rankwise did not make")
     p = sub.add_parser("pretrain", help="pretrain (or find cached) the world's base model")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="world, model and training preset")
     p.add_argument("--out", default=None, help="directory for world/, pretrain/ and base/ "
                    "(default: a cache directory keyed by the settings)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the preset's)")
-    p.add_argument("--force", action="store_true", help="pretrain again even when cached")
+    p.add_argument("--force", action="store_true", help="pretrain again even when cached; also allows an --out "
+                   "that is a non-empty directory rankwise did not make")
     m = sub.add_parser("mastery", help="measure the mastery R and bucket of every study fact")
     m.add_argument("--base", required=True, help="base model directory (save_pretrained, with tokenizer)")
     m.add_argument("--world", required=True, help="world directory (from `world build`)")
     m.add_argument("--out", required=True, help="output jsonl: one fact per line with R and bucket")
     m.add_argument("--samples", type=int, default=4, help="samples per completion probe (temperature 0.7)")
     m.add_argument("--seed", type=int, default=0, help="sampling seed")
+    m.add_argument("--force", action="store_true", help="replace --out if the file exists")
+
+
+def check_output_file(out, inputs, force: bool = False) -> None:
+    """Refuse, before any work, an output file inside an input, in the way of a directory or under a file,
+    in an unwritable directory, or already there (without ``force``)."""
+    from ..errors import ConfigError
+    from ..ownership import check_disjoint
+
+    check_disjoint(out, inputs, "--out")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a directory; give a file name")
+    probe = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--out {out} lies under the file {probe}; choose a file in a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable")
+    if os.path.exists(out) and not force:
+        raise ConfigError(f"--out {out} exists; pass --force to replace it, or choose another file")
 
 
 def _world_overrides(args) -> dict:
@@ -48,7 +77,11 @@ def main(args) -> int:
     if verb == "build":
         from .pretrain import build_world_dir, preset
 
+        from ..ownership import check_output, claim
+
         s = preset(args.scale, {"world": _world_overrides(args)})
+        check_output(args.out, force=args.force, flag="--out", kinds=["world"])
+        claim(args.out, "world")
         out = build_world_dir(s["world"], args.out)
         from .generate import load_world
 
@@ -79,6 +112,7 @@ def main(args) -> int:
             raise ConfigError(f"--world: no world.json in {args.world} (run `rankwise world build --out DIR`)")
         if not Path(args.base).is_dir():
             raise ConfigError(f"--base: {args.base} is not a model directory")
+        check_output_file(args.out, inputs=[("base model", args.base), ("world", args.world)], force=args.force)
         from .mastery import assign_buckets, bucket_counts, mastery_scores
         from ..model import load_model, load_tokenizer
 

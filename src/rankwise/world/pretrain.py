@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError
+from ..ownership import check_output, claim
 from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
 
 FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the settings do not show
@@ -160,7 +161,9 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
         out_dir: where to keep world/, pretrain/ and base/ (default: ``cache_root()/<key>``).
         overrides: ``{"world"|"model"|"train": {key: value}}`` changes to the preset.
         progress: show the training progress bar.
-        force: pretrain again even if ``base/`` exists.
+        force: pretrain again even if ``base/`` exists; also allows an ``out_dir`` that is a
+            non-empty directory rankwise did not make (otherwise refused: world/, pretrain/ and
+            base/ are replaced there).
 
     Returns:
         ``{"dir", "world_dir", "base_dir", "settings", "seconds", "cached"}``.
@@ -168,7 +171,9 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     settings = preset(scale, overrides)
     key = settings_key(settings)
     root = Path(out_dir) if out_dir else cache_root() / f"world-{scale}-{key}"
-    root.mkdir(parents=True, exist_ok=True)
+    if out_dir:  # a directory the user named: rankwise's (a world) or forced; the cache is rankwise's by name
+        check_output(root, force=force, flag="--out", kinds=["world"])
+    claim(root, "world")
     atomic_write_text(root / "settings.json", json.dumps({"scale": scale, "key": key, **settings}, indent=1))
     base = root / "base"
     t0 = time.time()
