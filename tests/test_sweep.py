@@ -9,6 +9,7 @@ from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 import rankwise.train as rt
 from rankwise import cli
+from rankwise.checkpoint import load_checkpoint
 from rankwise.errors import ConfigError
 from rankwise.sweep import sweep
 
@@ -57,7 +58,7 @@ def test_two_rank_sweep_writes_table_plots_and_resumes(cfg, tmp_path, monkeypatc
         sweep(cfg, [2, 1], out_dir=str(out))
     assert calls == ["lora_r1", "lora_r2"]
     assert (out / "arms" / "lora_r1" / "summary.json").exists()
-    assert torch.load(out / "arms" / "lora_r2" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(out / "arms" / "lora_r2" / "checkpoint")["step"] == 4  # safetensors + JSON
     monkeypatch.setattr(rt, "lr_at", real_lr_at)
 
     # the full-SFT arm "runs out of memory"; it is recorded and the sweep goes on

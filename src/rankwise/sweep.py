@@ -6,7 +6,9 @@ Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
 changed, so all arms share the seed and therefore the data order and the
 evaluation sets. Arms run one after the other in ``OUT/arms/<arm>/`` (each a
 ``rankwise train`` run directory): a finished arm (``summary.json`` present) is
-skipped, an interrupted one resumes from its checkpoint, and an arm that fails
+skipped, an interrupted one resumes from its checkpoint (safetensors and JSON;
+an older rankwise's pickle ``checkpoint.pt`` is refused before anything runs,
+never loaded), and an arm that fails
 (out of memory, NaN loss, another runtime error) is recorded with its reason
 while the sweep goes on.
 
@@ -42,6 +44,7 @@ import shutil
 import torch
 
 from . import config as C
+from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
 from .ownership import check_output, claim
 
@@ -191,6 +194,9 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         keys = C.changed_settings(old, now) if old is not None else []
         if keys:
             changed[name] = keys
+        elif os.path.isfile(os.path.join(arm_dir, LEGACY_CHECKPOINT)) \
+                and not os.path.exists(os.path.join(arm_dir, _train.SUMMARY)):
+            refuse_legacy(os.path.join(arm_dir, LEGACY_CHECKPOINT))  # a pickle is never loaded: refused up front
     if changed and not rerun_changed:
         listed = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in changed.items())
         raise ConfigError(f"{out_dir} holds arms trained with other settings: {listed}; pass --rerun-changed "

@@ -1,0 +1,358 @@
+"""Issue 13 from the command line: nothing the user owns is touched, no file runs code, every bad input is one line.
+
+Each case runs ``rankwise.cli.main([...])`` as a user would and asserts the
+exit status (2), the one-line message on stderr, and that every file that
+existed before is byte-identical afterwards (the snapshot of every directory
+involved: the base model, the run, the user's directories).
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from test_data import build_tiny_llama, qa_rows, write_jsonl
+from test_ownership import snapshot
+
+import rankwise.train as rt
+from rankwise import cli
+from rankwise.ownership import owner, write_marker
+from rankwise.sweep import recorded_settings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model, its data, a finished LoRA run, and a "tuned" checkpoint for restore."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("safety")
+    base = build_tiny_llama(d / "base")
+    data = d / "data"
+    data.mkdir()
+    cfg = {"model": base, "lora": {"r": 2, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+           "data": {"train": write_jsonl(data / "train.jsonl", qa_rows(8)), "max_length": 40},
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, "save_every": 0},
+           "eval": {"every": 0}, "log": {"progress": False}, "output_dir": str(d / "run")}
+    rt.train(cfg)
+    tuned = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tuned.save_pretrained(d / "tuned")
+    return {"root": d, "base": base, "run": str(d / "run"), "tuned": str(d / "tuned"), "cfg": cfg, "data": str(data)}
+
+
+def cli_rc(argv):
+    return cli.main([str(a) for a in argv])
+
+
+def refused(capsys, argv, *words, roots=()):
+    """Run the CLI; assert exit 2, one line ``rankwise VERB: error: ...`` holding ``words``, nothing changed."""
+    before = {str(r): snapshot(r) for r in roots}
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"rankwise {argv[0]}: error: ")]
+    assert rc == 2 and len(lines) == 1, err
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    for r in roots:
+        assert snapshot(r) == before[str(r)], f"a file under {r} changed"
+    return lines[0]
+
+
+def mine(path, files=("notes.txt",)):
+    """A directory of the user's with files in it."""
+    os.makedirs(path, exist_ok=True)
+    for f in files:
+        with open(os.path.join(path, f), "w") as fh:
+            fh.write(f"the user's {f}\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- merge
+
+def test_merge_refuses_outputs_that_overlap_its_inputs(world, capsys, tmp_path):
+    roots = [world["root"]]
+    run, base = world["run"], world["base"]
+    refused(capsys, ["merge", run, "--out", run, "--force"], f"--out {run} is the run", roots=roots)
+    refused(capsys, ["merge", run, "--out", base, "--force"], f"--out {base} is the base model", roots=roots)
+    refused(capsys, ["merge", run, "--out", os.path.join(run, "merged")], "lies inside the run", roots=roots)
+    refused(capsys, ["merge", os.path.join(run, "adapter"), "--out", os.path.join(run, "adapter", "m")],
+            "lies inside the run", roots=roots)
+    refused(capsys, ["merge", run, "--out", os.path.join(base, "merged")], "lies inside the base model", roots=roots)
+    refused(capsys, ["merge", run, "--out", world["root"], "--force"], "contains the run", roots=roots)
+
+
+def test_merge_into_a_users_directory_needs_force_and_a_file_is_refused(world, capsys, tmp_path):
+    roots = [world["root"], tmp_path]
+    users = mine(tmp_path / "users", ["notes.txt", "model.safetensors"])
+    refused(capsys, ["merge", world["run"], "--out", users], f"--out {users} exists and was not made by rankwise",
+            "--force", roots=roots)
+    a_file = tmp_path / "merged.txt"
+    a_file.write_text("the user's file\n")
+    refused(capsys, ["merge", world["run"], "--out", a_file, "--force"], "is a file", roots=roots)
+    refused(capsys, ["merge", world["run"], "--out", a_file / "sub"], "lies under the file", roots=roots)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))], "temporary directory left behind"
+
+
+def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys, tmp_path):
+    out = tmp_path / "merged"
+    assert cli.main(["merge", world["run"], "--out", str(out)]) == 0
+    assert owner(out)["kind"] == "merge"
+    assert cli.main(["merge", world["run"], "--out", str(out), "--dtype", "fp32"]) == 0  # ours: replaced
+    # a train run is rankwise's, but not a merge output: --force needed
+    run_copy = tmp_path / "run_copy"
+    shutil.copytree(world["run"], run_copy)
+    write_marker(run_copy, "train")
+    refused(capsys, ["merge", world["run"], "--out", run_copy], "holds a rankwise 'train' output, not a merge one",
+            roots=[world["root"], tmp_path])
+    users = mine(tmp_path / "users")
+    capsys.readouterr()
+    assert cli.main(["merge", world["run"], "--out", users, "--force"]) == 0
+    assert not os.path.exists(os.path.join(users, "notes.txt")) and owner(users)["kind"] == "merge"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))]
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("bad_json", "adapter_config.json"),
+    ("not_an_object", "adapter_config.json"),
+    ("missing_key", "adapter_config.json"),
+    ("truncated_weights", "adapter_model.safetensors"),
+    ("garbage_weights", "adapter_model.safetensors"),
+    ("unpaired_tensor", "lora_B"),
+])
+def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, tmp_path, damage, named):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(os.path.join(world["run"], "adapter"), adapter)
+    cfg_path, w_path = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if damage == "bad_json":
+        cfg_path.write_text(cfg_path.read_text()[:-10])
+    elif damage == "not_an_object":
+        cfg_path.write_text("[1, 2]")
+    elif damage == "missing_key":
+        c = json.loads(cfg_path.read_text())
+        del c["r"]
+        cfg_path.write_text(json.dumps(c))
+    elif damage == "truncated_weights":
+        w_path.write_bytes(w_path.read_bytes()[: w_path.stat().st_size // 2])
+    elif damage == "garbage_weights":
+        w_path.write_bytes(b"\x00" * 3)
+    else:
+        t = load_file(w_path)
+        del t[next(k for k in sorted(t) if "lora_B" in k)]
+        save_file(t, w_path)
+    out = tmp_path / "merged"
+    refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
+            roots=[world["root"], tmp_path])
+    assert not out.exists()
+
+
+def test_merge_of_a_truncated_base_model_is_one_line(world, capsys, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(world["base"], base)
+    w = base / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    refused(capsys, ["merge", world["run"], "--base", base, "--out", tmp_path / "merged"], "cannot load base model",
+            roots=[world["root"], tmp_path])
+
+
+# ----------------------------------------------------------------------------- restore
+
+def test_restore_refuses_overlaps_users_directories_files_and_other_kinds(world, capsys, tmp_path):
+    roots = [world["root"], tmp_path]
+    base, tuned = world["base"], world["tuned"]
+
+    def argv(out, *extra):
+        return ["restore", "--base", base, "--tuned", tuned, "--out", out, "--fraction", "0.1", *extra]
+
+    refused(capsys, argv(tuned, "--force"), f"--out {tuned} is the tuned", roots=roots)
+    refused(capsys, argv(base, "--force"), f"--out {base} is the base", roots=roots)
+    refused(capsys, argv(os.path.join(base, "restored")), "lies inside the base", roots=roots)
+    refused(capsys, argv(world["root"], "--force"), "contains the base", roots=roots)
+    users = mine(tmp_path / "users")
+    refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", world["run"], "--out", str(merged)]) == 0
+    refused(capsys, argv(merged), "holds a rankwise 'merge' output, not a restore one", roots=roots)
+    out = tmp_path / "restored"
+    assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "restore"
+    assert cli_rc(argv(out)) == 0  # its own output: replaced without --force
+    assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))]
+
+
+# ----------------------------------------------------------------------------- analyze
+
+def test_analyze_refuses_outputs_in_its_inputs_and_users_directories(world, capsys, tmp_path):
+    roots = [world["root"], tmp_path]
+    run, base = world["run"], world["base"]
+
+    def argv(out, *extra):
+        return ["analyze", run, "--base", base, "--out", out, "--quiet", "--no-intruders", "--no-plots", *extra]
+
+    refused(capsys, argv(run, "--force"), f"--out {run} is the run", roots=roots)
+    refused(capsys, argv(os.path.join(run, "analysis")), "lies inside the run", roots=roots)
+    refused(capsys, argv(os.path.join(base, "analysis")), "lies inside the base model", roots=roots)
+    refused(capsys, argv(world["root"], "--force"), "contains the run", roots=roots)
+    users = mine(tmp_path / "users")
+    refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("mine")
+    refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
+    out = tmp_path / "analysis"
+    assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "analyze"
+    assert cli_rc(argv(out)) == 0  # its own output: rewritten without --force
+    assert cli_rc(argv(users, "--force")) == 0 and (tmp_path / "users" / "notes.txt").exists()
+
+
+def test_analyze_reads_resolved_config_and_a_bad_one_is_one_line(world, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    for name in ("config.yaml", "resolved_config.yaml"):
+        if (run / name).exists():
+            (run / name).unlink()
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump({"model": world["base"], "method": "lora"}))
+    out = tmp_path / "a"
+    assert cli.main(["analyze", str(run), "--out", str(out), "--quiet", "--no-intruders", "--no-plots"]) == 0
+    assert json.loads((out / "analysis.json").read_text())["base"] == world["base"]
+    (run / "resolved_config.yaml").write_text("model: [unclosed\n")
+    refused(capsys, ["analyze", run, "--out", tmp_path / "b"], "resolved_config.yaml", "not a readable YAML file",
+            roots=[world["root"], tmp_path])
+    (run / "resolved_config.yaml").unlink()
+    w = run / "adapter" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:50])
+    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"], "adapter",
+            "not a readable safetensors file", roots=[world["root"], tmp_path])
+
+
+# ----------------------------------------------------------------------------- demo and world
+
+def test_demo_and_world_outputs_go_through_ownership(world, capsys, tmp_path):
+    roots = [tmp_path]
+    users = mine(tmp_path / "users", ["notes.txt", "report.md"])
+    refused(capsys, ["demo", "--out", users], "was not made by rankwise", "--force", roots=roots)
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("mine")
+    refused(capsys, ["demo", "--out", a_file], "is a file", roots=roots)
+    # --fresh deletes only a stage directory rankwise made
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    write_marker(demo, "demo")
+    mine(demo / "work", ["thesis.tex"])
+    refused(capsys, ["demo", "--out", demo, "--fresh"], "holds stages rankwise did not make", roots=roots)
+
+    refused(capsys, ["world", "build", "--out", users], "was not made by rankwise", roots=roots)
+    refused(capsys, ["world", "build", "--out", a_file], "is a file", roots=roots)
+    refused(capsys, ["world", "pretrain", "--out", users], "was not made by rankwise", roots=roots)
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    (wdir / "world.json").write_text("{}")
+    argv = ["world", "mastery", "--base", world["base"], "--world", wdir]
+    refused(capsys, argv + ["--out", wdir / "world.json", "--force"], "lies inside the world", roots=roots)
+    refused(capsys, argv + ["--out", os.path.join(world["base"], "m.jsonl")], "lies inside the base model",
+            roots=roots + [world["root"]])
+    refused(capsys, argv + ["--out", a_file], "exists; pass --force", roots=roots)
+    refused(capsys, argv + ["--out", users], "is a directory", roots=roots)
+    refused(capsys, argv + ["--out", a_file / "m.jsonl"], "lies under the file", roots=roots)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def sweep_config(world, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    cfg = {**world["cfg"], "train": {**world["cfg"]["train"], "save_every": 1}, "output_dir": str(tmp_path / "sw")}
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_sweep_restarted_with_other_settings_is_refused_then_rerun_changed_retrains_only_those(
+        world, capsys, tmp_path):
+    config = sweep_config(world, tmp_path)
+    out = tmp_path / "sw"
+    assert cli.main(["sweep", config, "--ranks", "1,2"]) == 0
+    assert owner(out)["kind"] == "sweep"
+    refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5"],
+            "lora_r1 (train.lr)", "lora_r2 (train.lr)", "--rerun-changed", roots=[tmp_path, world["root"]])
+
+    capsys.readouterr()
+    assert cli.main(["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--rerun-changed"]) == 0
+    for arm in ("lora_r1", "lora_r2"):
+        assert recorded_settings(out / "arms" / arm)["train.lr"] == 0.5
+    recorded = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert recorded["config"]["train"]["lr"] == 0.5
+    r2_summary = (out / "arms" / "lora_r2" / "summary.json").read_bytes()
+    r1_summary = (out / "arms" / "lora_r1" / "summary.json").read_bytes()
+
+    # --alpha-ratio 4 changes r=1's alpha (8 -> 4) but not r=2's (8 = 4 * 2): only lora_r1 is named, and re-trained
+    line = refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4"],
+                   "lora_r1 (lora.alpha)", roots=[tmp_path])
+    assert "lora_r2" not in line
+    assert cli.main(["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4",
+                     "--rerun-changed"]) == 0
+    assert (out / "arms" / "lora_r2" / "summary.json").read_bytes() == r2_summary, "an unchanged arm was re-trained"
+    assert (out / "arms" / "lora_r1" / "summary.json").read_bytes() != r1_summary
+    assert recorded_settings(out / "arms" / "lora_r1")["lora.alpha"] == 4.0
+    arms = yaml.safe_load((out / "sweep.yaml").read_text())["arms"]
+    assert arms["lora_r1"]["settings"]["lora.alpha"] == 4.0 and arms["lora_r2"]["settings"]["lora.alpha"] == 8.0
+
+
+def test_sweep_refuses_users_directories_inputs_and_bad_records(world, capsys, tmp_path):
+    config = sweep_config(world, tmp_path)
+    roots = [tmp_path, world["root"]]
+    users = mine(tmp_path / "users")
+    refused(capsys, ["sweep", config, "--ranks", "1", "--out", users], "was not made by rankwise", "--force",
+            roots=roots)
+    refused(capsys, ["sweep", config, "--ranks", "1", "--out", world["data"], "--force"], "contains the train data",
+            roots=roots)
+    refused(capsys, ["sweep", config, "--ranks", "1", "--out", os.path.join(world["base"], "sw")],
+            "lies inside the model", roots=roots)
+    out = tmp_path / "bad"
+    arm = out / "arms" / "lora_r1"
+    arm.mkdir(parents=True)
+    write_marker(out, "sweep")
+    (arm / "settings.json").write_text("{not json")
+    refused(capsys, ["sweep", config, "--ranks", "1", "--out", out], "settings.json", roots=roots)
+    # an arm of an older rankwise records its settings only in config.yaml: compared all the same
+    legacy = tmp_path / "legacy"
+    arm = legacy / "arms" / "lora_r1"
+    arm.mkdir(parents=True)
+    write_marker(legacy, "sweep")
+    old = yaml.safe_load(open(config))
+    old["lora"]["r"], old["train"]["lr"], old["output_dir"] = 1, 0.3, str(arm)
+    (arm / "config.yaml").write_text(yaml.safe_dump(old))
+    (arm / "summary.json").write_text('{"status": "finished"}\n')
+    refused(capsys, ["sweep", config, "--ranks", "1", "--out", legacy], "lora_r1 (train.lr)", roots=roots)
+
+
+class _RunsCode:
+    """Unpickling this runs code: here it only creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_sweep_never_unpickles_a_crafted_arm_checkpoint(world, capsys, tmp_path):
+    config = sweep_config(world, tmp_path)
+    out = tmp_path / "sw"
+    arm = out / "arms" / "lora_r1"
+    arm.mkdir(parents=True)
+    write_marker(out, "sweep")
+    ran = tmp_path / "code-ran"
+    torch.save({"step": 1, "payload": _RunsCode(str(ran))}, arm / "checkpoint.pt")
+    before = (arm / "checkpoint.pt").read_bytes()
+    line = refused(capsys, ["sweep", config, "--ranks", "1"], "checkpoint.pt", "pickle", roots=[world["root"], tmp_path])
+    assert not ran.exists(), "loading the arm's checkpoint ran code"
+    assert (arm / "checkpoint.pt").read_bytes() == before, "the refused checkpoint must be left as it was"
+    assert os.listdir(arm) == ["checkpoint.pt"] and not (out / "sweep.yaml").exists(), "refused before any write"
+    assert "move it away" in line
