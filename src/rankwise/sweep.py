@@ -112,7 +112,9 @@ def recorded_settings(arm_dir: str):
     for runs of older rankwise versions the settings of ``resolved_config.yaml`` /
     ``config.yaml`` (their data files are hashed as they are now).
     """
-    path = os.path.join(arm_dir, "settings.json")
+    from . import train as _train
+
+    path = os.path.join(arm_dir, _train.SETTINGS)
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -123,7 +125,7 @@ def recorded_settings(arm_dir: str):
             raise ConfigError(f"{path} is not a rankwise settings file (expected {{\"hash\", \"settings\"}}); "
                               "pass --rerun-changed to re-train this arm") from None
         return recorded
-    for name in ("resolved_config.yaml", "config.yaml"):
+    for name in (_train.RESOLVED_CONFIG, "config.yaml"):  # config.yaml: arms of older rankwise versions
         path = os.path.join(arm_dir, name)
         if os.path.isfile(path):
             try:
