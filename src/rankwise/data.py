@@ -60,7 +60,14 @@ def load_rows(source: str, name: str = "data.train") -> list[dict]:
         if ext not in LOCAL_FORMATS:
             raise ConfigError(f"{name}: unsupported file type {ext!r} for {source}; "
                              f"expected one of {', '.join(LOCAL_FORMATS)}")
-        return _READERS[LOCAL_FORMATS[ext]](source, name)
+        try:
+            return _READERS[LOCAL_FORMATS[ext]](source, name)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name}: {source} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except csv.Error as e:
+            raise ConfigError(f"{name}: {source} is not a readable CSV file: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{name}: cannot read {source}: {e.strerror or e}") from None
     if ext in LOCAL_FORMATS or source.startswith((".", "/", "~")):
         raise ConfigError(f"{name}: file not found: {source}")
     return _read_hub(ds_name, split, name)
@@ -119,9 +126,13 @@ def _read_csv(path, name):
 
 
 def _read_parquet(path, name):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except pa.ArrowException as e:  # not a parquet file, truncated, corrupt
+        raise ConfigError(f"{name}: {path} is not a readable parquet file: {' '.join(str(e).split())[:200]}") from None
 
 
 def _read_hub(ds_name, split, name):
@@ -132,7 +143,8 @@ def _read_hub(ds_name, split, name):
     try:
         ds = datasets.load_dataset(ds_name, split=split)
     except Exception as e:  # the hub raises many kinds; say which source failed
-        raise ConfigError(f"{name}: cannot load hub data set {ds_name!r} split {split!r}: {e}") from e
+        raise ConfigError(f"{name}: cannot load hub data set {ds_name!r} split {split!r}: "
+                          f"{' '.join(str(e).split())[:300]}") from e
     return [dict(r) for r in ds]
 
 

@@ -650,8 +650,8 @@ def non_finite_message(loss: float, step: int, ckpt_path: str, last_saved: Optio
     """The one line of a NaN/inf loss: the step, and the last good checkpoint (kept) if there is one."""
     kept = (f"the last good checkpoint, {ckpt_path} (step {last_saved}), is kept" if last_saved
             else f"no checkpoint was saved before it (train.save_every {t.save_every})")
-    return (f"training loss is {loss} at step {step}; the run stopped and {kept}. Settings that diverge "
-            f"(train.lr {t.lr}, train.max_grad_norm {t.max_grad_norm}) need a new run")
+    return (f"training loss is {loss} at step {step}; the run stopped, and {kept}; a lower train.lr (now {t.lr}) "
+            f"or train.max_grad_norm (now {t.max_grad_norm}) makes a new run (another output_dir)")
 
 
 # ----------------------------------------------------------------------------- outputs
