@@ -242,6 +242,11 @@ def test_world_cli_build(tmp_path, capsys):
         assert (tmp_path / "w" / f).exists(), f
     w = G.load_world(tmp_path / "w")
     assert w["config"]["seed"] == 5 and w["config"]["n_people"] == 20
+    from rankwise.ownership import owner
+
+    assert owner(tmp_path / "w")["kind"] == "world"
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--people", "20", "--seed", "5"]) == 0  # its own
+    capsys.readouterr()
     assert main(["world", "build", "--out", str(tmp_path / "w2"), "--people", "1"]) == 2  # one-line error
     assert "n_people" in capsys.readouterr().err
 
