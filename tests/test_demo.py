@@ -104,6 +104,13 @@ def test_demo_end_to_end_and_resume(tmp_path):
     assert "## Analysis" in report and "](analysis/" in report
     assert "analysis" in saved["stage_seconds"] and "restore" in saved["stage_seconds"]
 
+    # every directory the demo wrote is marked as rankwise's, so a rerun (or --fresh) may replace it
+    from rankwise.ownership import owner
+
+    assert owner(out)["kind"] == "demo" and owner(out / "work")["kind"] == "demo"
+    assert owner(adir)["kind"] == "analyze" and owner(out / "work" / "arms" / "lora-r1")["kind"] == "train"
+    assert owner(tmp_path / "cache")["kind"] == "world"
+
     # Re-running reuses every cached stage: no arm is trained again.
     adapter = out / "work" / "arms" / "lora-r1" / "adapter" / "adapter_model.safetensors"
     mtime = os.path.getmtime(adapter)
@@ -123,7 +130,8 @@ def test_demo_cli_parses():
     p = argparse.ArgumentParser()
     demo.add_arguments(p)
     a = p.parse_args(["--out", "x", "--scale", "gpu"])
-    assert a.out == "x" and a.scale == "gpu" and not a.fresh
+    assert a.out == "x" and a.scale == "gpu" and not a.fresh and not a.force
+    assert p.parse_args(["--fresh", "--force"]).force
 
 
 def test_demo_rejects_bad_threads():
