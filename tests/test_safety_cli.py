@@ -81,8 +81,9 @@ def test_merge_refuses_outputs_that_overlap_its_inputs(world, capsys, tmp_path):
     refused(capsys, ["merge", run, "--out", run, "--force"], f"--out {run} is the run", roots=roots)
     refused(capsys, ["merge", run, "--out", base, "--force"], f"--out {base} is the base model", roots=roots)
     refused(capsys, ["merge", run, "--out", os.path.join(run, "merged")], "lies inside the run", roots=roots)
-    refused(capsys, ["merge", os.path.join(run, "adapter"), "--out", os.path.join(run, "adapter", "m")],
-            "lies inside the run", roots=roots)
+    adapter = os.path.join(run, "adapter")
+    refused(capsys, ["merge", adapter, "--out", adapter, "--force"], f"--out {adapter} is the adapter", roots=roots)
+    refused(capsys, ["merge", adapter, "--out", os.path.join(adapter, "m")], "lies inside the adapter", roots=roots)
     refused(capsys, ["merge", run, "--out", os.path.join(base, "merged")], "lies inside the base model", roots=roots)
     refused(capsys, ["merge", run, "--out", world["root"], "--force"], "contains the run", roots=roots)
 
@@ -229,8 +230,12 @@ def test_analyze_reads_resolved_config_and_a_bad_one_is_one_line(world, capsys, 
     (run / "resolved_config.yaml").unlink()
     w = run / "adapter" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:50])
-    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"], "adapter",
-            "not a readable safetensors file", roots=[world["root"], tmp_path])
+    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
+            f"{w}: not a readable safetensors file", roots=[world["root"], tmp_path])
+    w.unlink()
+    (run / "adapter" / "adapter_config.json").write_text("{")
+    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
+            "adapter_config.json: not a readable JSON file", roots=[world["root"], tmp_path])
 
 
 # ----------------------------------------------------------------------------- demo and world

@@ -42,8 +42,12 @@ def find_adapter(path: str) -> str:
     raise ConfigError(f"no LoRA adapter in {path} (expected {CONFIG_NAME} there or in {path}/adapter)")
 
 
-def check_adapter(adapter_dir: str) -> dict:
-    """The adapter's config, after checking that its JSON and its weights can be read; one line naming the file if not."""
+def checked_lora_pairs(adapter_dir: str) -> tuple[dict, dict]:
+    """:func:`rankwise.adapter.lora_pairs` with every problem of the files as a ``ConfigError`` naming the file.
+
+    Bad or non-object JSON, missing keys, unreadable safetensors, a ``lora_A``
+    without its ``lora_B``: one line each, nothing else read or written.
+    """
     from safetensors import SafetensorError
 
     from .adapter import CONFIG_NAME, WEIGHTS_NAME, lora_pairs
@@ -57,12 +61,11 @@ def check_adapter(adapter_dir: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     try:
-        cfg, _ = lora_pairs(adapter_dir)  # reads the weights and pairs every lora_A with its lora_B
+        return lora_pairs(adapter_dir)  # reads the weights and pairs every lora_A with its lora_B
     except SafetensorError as e:
         raise ConfigError(f"{w_path}: not a readable safetensors file ({e})") from None
     except (FileNotFoundError, ValueError) as e:  # missing keys or files, unsupported options, unpaired tensors
         raise ConfigError(str(e)) from None
-    return cfg
 
 
 def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto", force: bool = False) -> str:
@@ -80,14 +83,16 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto",
     from .model import DTYPES, load_tokenizer
 
     adapter_dir = find_adapter(path)
-    cfg = check_adapter(adapter_dir)
+    cfg, _ = checked_lora_pairs(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --base")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    check_output(out_dir, force=force, flag="--out", kinds=["merge"],
-                 inputs=[("run", path), ("adapter", adapter_dir), ("base model", base)])
+    inputs = [("adapter", adapter_dir), ("base model", base)]
+    if os.path.realpath(path) != os.path.realpath(adapter_dir):
+        inputs.insert(0, ("run", path))
+    check_output(out_dir, force=force, flag="--out", kinds=["merge"], inputs=inputs)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, SafetensorError, ValueError) as e:  # missing, truncated or unreadable base model

@@ -2,7 +2,7 @@
 
 A run directory (written by ``rankwise train``) holds ``resolved_config.yaml``
 (``config.yaml`` in runs of older rankwise versions) and either
-``adapter/`` (PEFT format, read with :func:`rankwise.adapter.lora_pairs`) or
+``adapter/`` (PEFT format, read with :func:`rankwise.merge.checked_lora_pairs`) or
 ``model/`` (``save_pretrained`` output of full or masked SFT, read tensor by
 tensor with :class:`rankwise.model.SafetensorsCheckpoint`). The spectral pass
 holds one base matrix and one update at a time, in fp32 on the analysis device.
@@ -16,10 +16,10 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
 
-from ..adapter import lora_delta, lora_pairs, merge_adapter, scaling_of
+from ..adapter import lora_delta, merge_adapter, scaling_of
 from ..errors import ConfigError
+from ..merge import checked_lora_pairs
 from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..ownership import check_output, claim
 from . import report, spectral
@@ -97,12 +97,7 @@ class Run:
             self.kind = "adapter"
             self.method = str(cfg.get("method", "lora"))
             self.adapter_dir = adapter_dir
-            try:
-                acfg, self._pairs = lora_pairs(adapter_dir)
-            except SafetensorError as e:
-                raise ConfigError(f"{adapter_dir}: its weights are not a readable safetensors file ({e})") from None
-            except (FileNotFoundError, ValueError) as e:  # bad JSON, missing keys, unpaired tensors
-                raise ConfigError(f"{adapter_dir}: {e}" if adapter_dir not in str(e) else str(e)) from None
+            acfg, self._pairs = checked_lora_pairs(adapter_dir)  # a corrupt file is one line naming it
             self.rank = int(acfg["r"])
             self.alpha = float(acfg["lora_alpha"])
             self.rslora = bool(acfg.get("use_rslora", False))
