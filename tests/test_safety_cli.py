@@ -98,6 +98,11 @@ def test_merge_into_a_users_directory_needs_force_and_a_file_is_refused(world, c
     refused(capsys, ["merge", world["run"], "--out", a_file, "--force"], "is a file", roots=roots)
     refused(capsys, ["merge", world["run"], "--out", a_file / "sub"], "lies under the file", roots=roots)
     assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))], "temporary directory left behind"
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        refused(capsys, ["merge", world["run"], "--out", ro / "merged"], "is not writable", roots=roots)
 
 
 def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys, tmp_path):
@@ -184,6 +189,8 @@ def test_restore_refuses_overlaps_users_directories_files_and_other_kinds(world,
     merged = tmp_path / "merged"
     assert cli.main(["merge", world["run"], "--out", str(merged)]) == 0
     refused(capsys, argv(merged), "holds a rankwise 'merge' output, not a restore one", roots=roots)
+    refused(capsys, ["analyze", world["run"], "--base", base, "--out", merged], "holds a rankwise 'merge' output",
+            roots=roots)
     out = tmp_path / "restored"
     assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "restore"
     assert cli_rc(argv(out)) == 0  # its own output: replaced without --force
