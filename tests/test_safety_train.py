@@ -238,7 +238,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world,
     monkeypatch.setattr(rankwise.evaluate, "batch_loss_sum", loss)
     with pytest.raises(rt.NonFiniteLossError) as e:
         rt.train(small_cfg(world, out))
-    assert isinstance(e.value, ConfigError)
+    assert isinstance(e.value, ConfigError) and isinstance(e.value, RuntimeError)  # sweep records a failed arm
     msg = str(e.value)
     assert "training loss is nan at step 4" in msg and "\n" not in msg
     assert f"the last good checkpoint, {out / 'checkpoint'} (step 2), is kept" in msg
@@ -382,10 +382,31 @@ def test_a_corrupt_model_is_one_line_naming_the_model(world, tmp_path, damage): 
     assert "deserializing header" in msg
 
 
-def test_a_missing_model_or_tokenizer(world, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("damage", ["no tokenizer", "tokenizer.json garbage", "config.json garbage"])
+def test_a_missing_or_corrupt_tokenizer_or_config(world, tmp_path, damage):  # noqa: F811
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
     cfg = small_cfg(world, tmp_path / "out")
-    cfg["tokenizer"] = str(tmp_path / "no-tokenizer")
-    refused(lambda: rt.train(cfg), "cannot load tokenizer", tmp_path, new={"out/.rankwise-run.json"})
+    cfg["model"] = str(model)
+    if damage == "no tokenizer":
+        cfg["tokenizer"] = str(tmp_path / "no-tokenizer")
+    else:
+        (model / damage.split()[0]).write_text("{garbage")
+    refused(lambda: rt.train(cfg), f"cannot load tokenizer '{cfg.get('tokenizer') or model}'", tmp_path,
+            new={"out/.rankwise-run.json"})
+
+
+def test_a_crash_while_saving_the_checkpoint_is_not_a_silent_restart(world, run_copy):  # noqa: F811
+    os.rename(run_copy / "checkpoint", run_copy / ".old-checkpoint-abc123")  # between replace_dir's two renames
+    refused(lambda: rt.train(small_cfg(world, run_copy), resume=True),
+            r"checkpoint is missing but .*\.old-checkpoint-abc123 is there .*rename it", run_copy)
+
+
+def test_empty_model_or_output_dir_in_the_config(world, tmp_path):  # noqa: F811
+    for key in ("model", "output_dir"):
+        cfg = small_cfg(world, tmp_path / "out")
+        cfg[key] = " "
+        refused(lambda: rt.train(cfg), f"config key '{key}' must not be empty", tmp_path)
 
 
 # ----------------------------------------------------------------------------- optimizers through the checkpoint

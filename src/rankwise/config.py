@@ -67,6 +67,10 @@ def _in_unit(lo_open: bool, hi_open: bool) -> Callable:
     return check
 
 
+def _non_empty(v):
+    return None if v.strip() else "must not be empty"
+
+
 def _targets(v):
     return None if v and all(isinstance(t, str) and t for t in v) else "must be a non-empty list of module names"
 
@@ -191,7 +195,7 @@ class LogCfg:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """One run, fully defaulted and validated; attribute paths are the config keys."""
-    model: str = key(REQUIRED, "base model: local directory or hub id")
+    model: str = key(REQUIRED, "base model: local directory or hub id", check=_non_empty)
     tokenizer: Optional[str] = key(None, "tokenizer path or hub id (default: the model's)")
     dtype: str = key("auto", "dtype of the (frozen) base weights", choices=("auto", "bf16", "fp16", "fp32"))
     quantization: str = key("none", "quantize the frozen base linear weights (lora only)", choices=("none", "nf4"))
@@ -205,7 +209,8 @@ class RunConfig:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
-    output_dir: str = key("runs/rankwise", "where resolved_config.yaml, metrics.jsonl, checkpoint/, adapter/ go")
+    output_dir: str = key("runs/rankwise", "where resolved_config.yaml, metrics.jsonl, checkpoint/, adapter/ go",
+                          check=_non_empty)
 
     def __post_init__(self):  # checks between keys
         if self.method == "masked" and self.mask.score == "update" and not self.mask.from_:

@@ -1,6 +1,7 @@
 """Loading Hugging Face causal LMs and tokenizers with rankwise's dtype / attention / NF4 choices."""
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -89,7 +90,7 @@ def load_tokenizer(path: str):
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, json.JSONDecodeError) as e:  # missing or unreadable files, a corrupt tokenizer.json
         raise ConfigError(f"cannot load tokenizer {path!r}: {_one_line(e)}") from None
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -72,8 +72,12 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 SETTINGS = "settings.json"
 
 
-class NonFiniteLossError(ConfigError):
-    """The training loss became NaN or infinite (a user error: the settings diverge); the last checkpoint is kept."""
+class NonFiniteLossError(ConfigError, RuntimeError):
+    """The training loss became NaN or infinite; the last checkpoint is kept.
+
+    A ``ConfigError`` (the settings diverge: the CLI prints one line) and a
+    ``RuntimeError`` (a failed run: ``rankwise sweep`` records the arm as failed and goes on).
+    """
 
 
 # ----------------------------------------------------------------------------- LR schedule
@@ -210,6 +214,12 @@ def prepare_output_dir(cfg: C.RunConfig, resume: bool, force: bool, run_settings
     if resume and os.path.exists(done):
         return finished_summary(cfg, run_settings), None
     ckpt = None
+    if resume and not os.path.exists(ckpt_path):
+        half = sorted(n for n in os.listdir(out_dir) if n.startswith(f".old-{CHECKPOINT}-")) \
+            if os.path.isdir(out_dir) else []
+        if half:  # a crash between the two renames of replace_dir: the last checkpoint is kept under that name
+            raise ConfigError(f"--resume: {ckpt_path} is missing but {os.path.join(out_dir, half[-1])} is there (a "
+                              f"crash while a checkpoint was saved); rename it to {ckpt_path} to resume from it")
     if os.path.exists(done) or os.path.exists(ckpt_path):
         if not resume and not force:
             raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue "
