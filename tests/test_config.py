@@ -46,6 +46,16 @@ def test_defaults_fill_every_key():
     ({**MIN, "train": {"backend": "cuda"}}, r"'train.backend' must be one of auto, triton, torch; got 'cuda'"),
     ({**MIN, "train": {"max_grad_norm": 0}}, r"'train.max_grad_norm' must be > 0"),
     ({**MIN, "lora": {"dropout": 1.0}}, r"'lora.dropout' must be in \[0, 1\)"),
+    ({**MIN, "train": {"lr": float("inf")}}, r"'train.lr' must be a finite number, got inf"),
+    ({**MIN, "train": {"lr": float("nan")}}, r"'train.lr' must be a finite number, got nan"),
+    ({**MIN, "train": {"warmup": float("inf")}}, r"'train.warmup' must be a finite number"),
+    ({**MIN, "train": {"epochs": "inf"}}, r"'train.epochs' must be a finite number"),
+    ({**MIN, "lora": {"alpha": float("inf")}}, r"'lora.alpha' must be a finite number"),
+    ({**MIN, "train": {"betas": [0.9, float("nan")]}}, r"'train.betas' must be two numbers in \[0, 1\)"),
+    ({**MIN, "output_dir": ""}, r"config key 'output_dir' must not be empty"),
+    ({**MIN, "model": " "}, r"config key 'model' must not be empty"),
+    ({**MIN, 1: 2}, r"config key 1 must be a string"),
+    ({**MIN, "train": {None: 2}}, r"config key train.None must be a string"),
 ])
 def test_bad_configs_name_the_key(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -62,7 +72,7 @@ def test_run_config_is_typed_and_frozen():
     assert cfg.data.fields.prompt == "prompt" and cfg.train.betas == [0.9, 0.999]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lora.r = 4
-    # the dict view is what resolve() returns and what config.yaml holds; parsing it again gives the same object
+    # the dict view is what resolve() returns and what resolved_config.yaml holds; parsing it again gives the same object
     assert cfg.to_dict() == C.resolve(MIN, ["lora.r=8", "lora.init=pissa_niter_4", "train.backend=torch",
                                             "mask.from=runs/full"])
     assert C.parse(cfg.to_dict()) == cfg and C.parse(cfg) is cfg
@@ -88,6 +98,19 @@ def test_overrides_dotted_and_typed():
         C.resolve(MIN, ["lora.r"])
     with pytest.raises(ValueError, match="'train.batch_size' must be int, got float 2.5"):
         C.resolve(MIN, ["train.batch_size=2.5"])
+    # broken YAML in an override is an error, never taken as the string it happens to be
+    for item in ["lora.targets=[q_proj", "lora.targets={a: ", "model=a: b: c"]:
+        with pytest.raises(ConfigError, match=r"--set \S+: the value .* is not valid YAML .*quote it"):
+            C.resolve(MIN, [item])
+    assert C.resolve(MIN, ['model="a: b: c"'])["model"] == "a: b: c"
+
+
+def test_a_broken_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ndata: {train: t}\n? [a, b]\n: c\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: found unhashable key at line 3, column 3$") as e:
+        C.parse(str(path))
+    assert "\n" not in str(e.value)
 
 
 def test_yaml_round_trip_and_example(tmp_path):
