@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from test_data import write_jsonl
 from test_ownership import snapshot
 from test_train import make_cfg, world  # noqa: F401  (world: the module's tiny model and data fixture)
 
@@ -164,7 +163,7 @@ def write_cfg(d, cfg):
 
 @pytest.mark.parametrize("change, match", [
     ({"lora": {"r": 8}}, r"settings changed since the checkpoint .*: lora\.r \(4 -> 8\)"),
-    ({"lora": {"targets": ["q_proj"]}}, r"lora\.targets \(\[\"q_proj\", \"v_proj\", \"down_proj\"\] -> \[\"q_proj\"\]\)"),
+    ({"lora": {"targets": ["q_proj"]}}, r'lora\.targets \(\["q_proj", "v_proj", "down_proj"\] -> \["q_proj"\]\)'),
     ({"train": {"lr": 0.5}}, r"train\.lr \(0\.01 -> 0\.5\)"),
     ({"train": {"max_steps": 6}}, r"train\.max_steps \(4 -> 6\)"),
 ])
@@ -221,7 +220,8 @@ def test_force_trains_a_finished_run_again_from_step_0(world, run_copy):  # noqa
 
 # ----------------------------------------------------------------------------- a NaN loss
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world, tmp_path, monkeypatch,  # noqa: F811
+                                                                          capsys):
     out = tmp_path / "run"
     now = {"step": 0}
     real_lr_at, real_loss = rt.lr_at, rankwise.evaluate.batch_loss_sum
@@ -340,7 +340,8 @@ def test_output_dir_overlapping_an_input_is_refused_even_with_force(world, tmp_p
     refused(lambda: rt.train(cfg, force=True), word, data, tmp_path)
 
 
-def test_a_users_directory_needs_force_and_their_config_yaml_is_never_overwritten(world, tmp_path, capsys):  # noqa: F811
+def test_a_users_directory_needs_force_and_their_config_yaml_is_never_overwritten(world, tmp_path,  # noqa: F811
+                                                                                   capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.yaml").write_text("# my notes, with comments\nmodel: keep-me\n")

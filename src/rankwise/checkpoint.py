@@ -20,7 +20,6 @@ deleted; so is a checkpoint that cannot be read, with one line naming the file.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -30,7 +29,6 @@ import torch
 from .atomic import replace_dir
 from .errors import ConfigError
 
-log = logging.getLogger("rankwise")
 
 CHECKPOINT_DIR = "checkpoint"
 LEGACY_CHECKPOINT = "checkpoint.pt"

@@ -155,6 +155,9 @@ def run_inputs(cfg: C.RunConfig) -> list:
             ("data.eval", cfg.data.eval), ("data.eval_ood", cfg.data.eval_ood), ("mask.from run", cfg.mask.from_)]
 
 
+_MISSING = object()
+
+
 def describe_changes(old: dict, new: dict) -> str:
     """``lora.r (4 -> 8), train.lr (0.01 -> 0.5)``: the settings that differ, with both values."""
     def short(v):
@@ -164,9 +167,6 @@ def describe_changes(old: dict, new: dict) -> str:
     keys = C.changed_settings(old, new)
     return ", ".join(f"{k} ({short(old.get(k, _MISSING))} -> {short(new.get(k, _MISSING))})" for k in keys) \
         or "the settings hash"
-
-
-_MISSING = object()
 
 
 def read_json(path, what: str):
@@ -198,7 +198,7 @@ def finished_summary(cfg: C.RunConfig, run_settings: dict) -> dict:
 
 
 def prepare_output_dir(cfg: C.RunConfig, resume: bool, force: bool, run_settings: dict):
-    """Check ``output_dir`` and what it holds, then claim it; returns ``(finished summary or None, checkpoint or None)``.
+    """Check ``output_dir`` and what it holds, then claim it; returns ``(finished summary, checkpoint)`` (or Nones).
 
     Nothing is written before every check passed: the directory may be written
     (``ownership.check_output``), a finished run resumed with the same settings
