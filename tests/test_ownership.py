@@ -85,3 +85,14 @@ def test_settings_hash_tracks_what_changes_the_result_and_data_content(tmp_path)
     assert C.changed_settings(s0, lr) == ["train.lr"]
     data.write_text('{"prompt": "a", "completion": "c"}\n')
     assert C.changed_settings(s0, C.settings(C.parse(base))) == ["data.train#sha256"]
+
+
+def test_settings_leave_out_the_sections_a_method_does_not_use(tmp_path):
+    base = {"model": "m", "data": {"train": "x.jsonl"}}
+    full = C.settings(C.parse({**base, "method": "full"}))
+    assert not any(k.startswith(("lora.", "mask.")) for k in full)
+    assert C.changed_settings(full, C.settings(C.parse({**base, "method": "full", "lora": {"r": 64}}))) == []
+    lora = C.settings(C.parse(base))
+    assert "lora.r" in lora and not any(k.startswith("mask.") for k in lora)
+    masked = C.settings(C.parse({**base, "method": "masked"}))
+    assert "mask.fraction" in masked and not any(k.startswith("lora.") for k in masked)

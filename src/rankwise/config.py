@@ -524,7 +524,8 @@ NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "train.log_ever
 
 
 def settings(cfg) -> dict:
-    """The flat ``{key: value}`` of the keys that change a run's result (all but ``NOT_SETTINGS``).
+    """The flat ``{key: value}`` of the keys that change a run's result (all but ``NOT_SETTINGS``, and the
+    sections the method does not use: ``mask.*`` for LoRA, ``lora.*`` for full and masked SFT).
 
     Local data files also contribute their content: ``data.train#sha256`` etc., so a
     file rewritten under the same name counts as a change.
@@ -532,7 +533,8 @@ def settings(cfg) -> dict:
     import hashlib
 
     cfg = cfg if isinstance(cfg, RunConfig) else validate_config(cfg)
-    out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS}
+    unused = {"lora": ("mask.",), "full": ("lora.", "mask."), "masked": ("lora.",)}[cfg.method]
+    out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS and not k.startswith(unused)}
     for k in ("data.train", "data.eval", "data.eval_ood"):
         path = out.get(k)
         if path and os.path.isfile(path):
