@@ -26,6 +26,7 @@ and nothing here imports the ``rankwise`` package.
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import dropout_mask, lora_linear, lora_linear_reference
 from .masked_adamw import apply_mask, masked_adamw_step
+from .multi_lora import multi_lora_linear
 from .nf4 import nf4_dequantize, nf4_dequantize_reference
 from .nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
 from .rms_norm import rms_norm, rms_norm_reference
@@ -37,4 +38,5 @@ __all__ = [
     "linear_cross_entropy", "linear_cross_entropy_reference",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "masked_adamw_step", "apply_mask",
+    "multi_lora_linear",
 ]

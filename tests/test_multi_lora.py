@@ -1,0 +1,237 @@
+"""The segmented multi-arm LoRA op (``multi_lora_linear``) against a float64
+per-arm reference written here, forward and every gradient, both backends.
+
+The reference (``multi_lora_ref``) loops over the arms with explicit keep-masks
+and plain matmuls, independently of the op's torch path. On a CPU machine the
+Triton kernels run under TRITON_INTERPRET=1 (conftest.py); shapes are small.
+
+Tolerances, as max|out - ref64| / max|ref64| per tensor (``helpers.check``):
+- fp32: 2e-5 (fp32 accumulation over at most a few hundred terms);
+- fp16: at most 2x the error of the same per-arm math done by torch in fp16
+  (``multi_lora_ref`` on fp16 tensors), with a floor of 1e-3.
+"""
+import pytest
+import torch
+
+from helpers import check, nf4_dequantize_ref64, rel_err
+from rankwise.kernels import dropout_mask, lora_linear
+from rankwise.kernels.multi_lora import multi_lora_linear
+from rankwise.quant import quantize_nf4
+
+TOL32 = 2e-5
+BACKENDS = ["torch"]  # "triton" joins when its kernels land
+
+# (rows per arm, ranks per arm, in K, out N): empty arms, one-row arms, blocks
+# that are not multiples of the interpreter's 32-row tiles, ranks 1 and 128.
+CASES = [
+    ((0, 1, 17), (1, 128, 4), 24, 40),
+    ((5, 33, 2, 0), (3, 1, 16, 2), 40, 24),
+    ((9,), (7,), 30, 26),
+]
+SCALINGS = (1.7, 0.5, 2.0, 0.25)
+
+
+def multi_lora_ref(x, W, A, B, ranks, scalings, rows, bias=None, ps=None, masks=None):
+    """``y[rows_k] = x_k @ W.T + b + s_k * ((x_k * m_k / (1 - p_k)) @ A_k.T) @ B_k.T``
+    arm by arm, in the inputs' dtype (float64 for the oracle); differentiable."""
+    outs, m0, o = [], 0, 0
+    for k, (M_k, r, s) in enumerate(zip(rows, ranks, scalings)):
+        x_k = x[m0:m0 + M_k]
+        xd = x_k
+        if ps is not None and ps[k] > 0:
+            xd = torch.where(masks[k], x_k / (1.0 - ps[k]), torch.zeros_like(x_k))
+        y_k = x_k @ W.t() + s * ((xd @ A[o:o + r].t()) @ B[:, o:o + r].t())
+        outs.append(y_k if bias is None else y_k + bias)
+        m0 += M_k
+        o += r
+    return torch.cat(outs)
+
+
+def triton_masks(rows, K, ps, seeds):
+    """The Triton backend's per-arm masks: ``dropout_mask`` of each arm's rows alone."""
+    return [dropout_mask((M_k, K), p, s) if p > 0 else None for M_k, p, s in zip(rows, ps, seeds)]
+
+
+def torch_masks(rows, K, ps, seeds):
+    """The torch backend's per-arm masks: ``torch.rand`` from a generator seeded per arm."""
+    return [torch.rand((M_k, K), generator=torch.Generator().manual_seed(s)) >= p if p > 0 else None
+            for M_k, p, s in zip(rows, ps, seeds)]
+
+
+def make_inputs(rows, ranks, K, N, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M, R = sum(rows), sum(ranks)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(R, K, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(N, R, generator=g) / 4).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    return x, W, A, B, b, dy
+
+
+def run_op(x, W, A, B, b, dy, ranks, scalings, rows, backend, *, x_view=None, weight=None, **kw):
+    """y and the gradients (x, A, B) of the op; ``x_view`` reshapes/strides x on the way in."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    xin = leaves[0] if x_view is None else x_view(leaves[0])
+    y = multi_lora_linear(xin, W if weight is None else weight, leaves[1], leaves[2], ranks, scalings, rows,
+                          bias=b, backend=backend, **kw)
+    y.backward(dy.reshape(y.shape))
+    return [y.detach().reshape(dy.shape)] + [t.grad for t in leaves]
+
+
+def run_ref(x, W, A, B, b, dy, ranks, scalings, rows, ps=None, masks=None, dtype=torch.float64):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, A, B)]
+    y = multi_lora_ref(leaves[0], W.to(dtype), leaves[1], leaves[2], ranks, scalings, rows,
+                       None if b is None else b.to(dtype), ps, masks)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def compare(got, ref64, dtype, low=None):
+    for name, g_, r_, *l_ in zip(("y", "dx", "dA", "dB"), got, ref64, *([low] if low else [])):
+        assert g_.dtype == dtype, f"{name}: dtype {g_.dtype}"
+        tol = TOL32 if dtype == torch.float32 else max(2 * rel_err(l_[0], r_), 1e-3)
+        check(name, g_, r_, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,ranks,K,N", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_grads_match_float64(rows, ranks, K, N, dtype, backend):
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, dtype)
+    sc = SCALINGS[:len(rows)]
+    got = run_op(x, W, A, B, b, dy, ranks, sc, rows, backend)
+    ref = run_ref(x, W, A, B, b, dy, ranks, sc, rows)
+    low = run_ref(x, W, A, B, b, dy, ranks, sc, rows, dtype=dtype) if dtype != torch.float32 else None
+    compare(got, ref, dtype, low)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_and_non_contiguous_x_and_no_bias(backend):
+    rows, ranks, K, N = (7, 0, 11), (2, 5, 1), 26, 30
+    x, W, A, B, _, dy = make_inputs(rows, ranks, K, N, torch.float32, bias=False)
+    ref = run_ref(x, W, A, B, None, dy, ranks, (1.0, 2.0, 3.0), rows)
+    # 3-D: (2, 9, K) holding the 18 rows in order
+    got = run_op(x, W, A, B, None, dy, ranks, (1.0, 2.0, 3.0), rows, backend, x_view=lambda t: t.reshape(2, 9, K))
+    compare(got, ref, torch.float32)
+    # non-contiguous: every other element of an interleaved tensor, then a transposed 3-D view
+    got = run_op(x, W, A, B, None, dy, ranks, (1.0, 2.0, 3.0), rows, backend,
+                 x_view=lambda t: torch.stack([t, t], dim=-1)[..., 0])
+    compare(got, ref, torch.float32)
+    got = run_op(x, W, A, B, None, dy, ranks, (1.0, 2.0, 3.0), rows, backend,
+                 x_view=lambda t: t.reshape(2, 9, K).transpose(0, 1).contiguous().transpose(0, 1))
+    compare(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_base(backend, double_quant):
+    rows, ranks, K, N = (3, 20, 0, 6), (4, 1, 2, 9), 70, 36   # K not a multiple of the 64-value block
+    x, _, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    q = quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(5)) / K**0.5,
+                     double_quant=double_quant)
+    W64 = nf4_dequantize_ref64(q)
+    got = run_op(x, None, A, B, b, dy, ranks, SCALINGS, rows, backend, weight=q)
+    ref = run_ref(x, W64, A, B, b, dy, ranks, SCALINGS, rows)
+    compare(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_per_arm_matches_reference_with_the_per_arm_masks(backend):
+    rows, ranks, K, N = (6, 0, 19, 1), (2, 3, 1, 8), 34, 22
+    ps, seeds = (0.3, 0.5, 0.0, 0.6), (11, 12, 13, 14)
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    got = run_op(x, W, A, B, b, dy, ranks, SCALINGS, rows, backend, dropout_p=ps, seeds=seeds)
+    masks = (triton_masks if backend == "triton" else torch_masks)(rows, K, ps, seeds)
+    compare(got, run_ref(x, W, A, B, b, dy, ranks, SCALINGS, rows, ps, masks), torch.float32)
+    # one float for all arms, and seeds reproduce
+    again = run_op(x, W, A, B, b, dy, ranks, SCALINGS, rows, backend, dropout_p=0.3, seeds=seeds)
+    masks = (triton_masks if backend == "triton" else torch_masks)(rows, K, (0.3,) * 4, seeds)
+    compare(again, run_ref(x, W, A, B, b, dy, ranks, SCALINGS, rows, (0.3,) * 4, masks), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arms_together_equal_their_solo_lora_linear_runs_with_dropout(backend):
+    """With the same seed and rows, each arm equals ``lora_linear`` on its rows alone
+    on the same backend (same mask), forward and gradients."""
+    rows, ranks, K, N = (5, 18, 3), (1, 6, 2), 28, 20
+    ps, seeds = (0.25, 0.4, 0.1), (101, 202, 303)
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    y, dx, dA, dB = run_op(x, W, A, B, b, dy, ranks, SCALINGS[:3], rows, backend, dropout_p=ps, seeds=seeds)
+    m0 = o = 0
+    for k, (M_k, r) in enumerate(zip(rows, ranks)):
+        xs = x[m0:m0 + M_k].clone().requires_grad_()
+        As = A[o:o + r].clone().requires_grad_()
+        Bs = B[:, o:o + r].clone().requires_grad_()
+        ys = lora_linear(xs, W, As, Bs, SCALINGS[k], b, dropout_p=ps[k], seed=seeds[k], backend=backend)
+        ys.backward(dy[m0:m0 + M_k])
+        for name, got, want in (("y", y[m0:m0 + M_k], ys), ("dx", dx[m0:m0 + M_k], xs.grad),
+                                ("dA", dA[o:o + r], As.grad), ("dB", dB[:, o:o + r], Bs.grad)):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=f"arm {k} {name}")
+        m0 += M_k
+        o += r
+
+
+def test_seeds_none_draws_per_arm_seeds_from_torch_generator():
+    rows, ranks, K, N = (4, 6), (2, 3), 16, 12
+    x, W, A, B, b, _ = make_inputs(rows, ranks, K, N, torch.float32)
+    torch.manual_seed(3)
+    y1 = multi_lora_linear(x, W, A, B, ranks, (1.0, 1.0), rows, b, dropout_p=0.5, backend="torch")
+    torch.manual_seed(3)
+    y2 = multi_lora_linear(x, W, A, B, ranks, (1.0, 1.0), rows, b, dropout_p=0.5, backend="torch")
+    assert torch.equal(y1, y2)
+
+
+def test_weight_and_bias_grads_and_auto_is_torch_on_cpu():
+    rows, ranks, K, N = (3, 8), (2, 4), 18, 14
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+    for backend in BACKENDS:
+        Wg.grad = bg.grad = None
+        y = multi_lora_linear(x, Wg, A, B, ranks, (1.0, 0.5), rows, bg, backend=backend)
+        y.backward(dy)
+        W64, b64 = W.double().requires_grad_(), b.double().requires_grad_()
+        multi_lora_ref(x.double(), W64, A.double(), B.double(), ranks, (1.0, 0.5), rows, b64).backward(dy.double())
+        check(f"dW ({backend})", Wg.grad, W64.grad, TOL32)
+        check(f"dbias ({backend})", bg.grad, b64.grad, TOL32)
+    ya = multi_lora_linear(x, W, A, B, ranks, (1.0, 0.5), rows, b)
+    yt = multi_lora_linear(x, W, A, B, ranks, (1.0, 0.5), rows, b, backend="torch")
+    assert torch.equal(ya, yt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_empty(backend):
+    x, W, A, B, b, _ = make_inputs((0, 0), (2, 1), 16, 8, torch.float32)
+    A.requires_grad_()
+    y = multi_lora_linear(x, W, A, B, (2, 1), (1.0, 1.0), (0, 0), b, backend=backend)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert A.grad is not None and torch.count_nonzero(A.grad) == 0
+
+
+def test_bad_input_raises_naming_the_argument():
+    x, W, A, B, b, _ = make_inputs((3, 5), (2, 4), 12, 10, torch.float32)
+    base = dict(x=x, weight=W, lora_A=A, lora_B=B, ranks=(2, 4), scalings=(1.0, 1.0), rows=(3, 5), bias=b)
+    cases = [
+        (dict(rows=(3, 4)), "rows"),
+        (dict(rows=(3, 5, 0)), "ranks"),
+        (dict(rows=(9, -1)), "rows"),
+        (dict(rows=()), "rows"),
+        (dict(ranks=(2, 3)), "ranks"),
+        (dict(ranks=(6, 0)), "ranks"),
+        (dict(ranks=(1, 1, 4)), "ranks"),
+        (dict(scalings=(1.0,)), "scalings"),
+        (dict(scalings=("a", 1.0)), "scalings"),
+        (dict(dropout_p=(0.1, 0.2, 0.3)), "dropout_p"),
+        (dict(dropout_p=(0.1, 1.0)), "dropout_p"),
+        (dict(seeds=(1,)), "seeds"),
+        (dict(seeds=(1, "x"), dropout_p=0.1), "seeds"),
+        (dict(lora_B=torch.randn(10, 5)), "lora_B"),
+        (dict(lora_A=torch.randn(6, 11)), "lora_A"),
+        (dict(x=torch.randn(8, 11)), "x"),
+        (dict(backend="cuda"), "backend"),
+    ]
+    for override, word in cases:
+        with pytest.raises(ValueError, match=word):
+            multi_lora_linear(**{**base, **override})
