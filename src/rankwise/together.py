@@ -1,0 +1,538 @@
+"""Train K LoRA arms together: one base model, one data pipeline, one pass per step.
+
+    from rankwise.together import train_together
+    summaries = train_together([cfg_r1, cfg_r8, cfg_r64])   # one config per arm, as for rankwise train
+
+    rankwise sweep CONFIG.yaml --ranks 1,8,64 --together
+
+Every arm is the run ``rankwise train`` would make of its own config, and ends
+with that run's outputs in its own ``output_dir`` (marker, ``resolved_config.yaml``,
+``settings.json``, ``metrics.jsonl``, ``adapter/``, ``summary.json``). The configs
+may differ only in the per-arm keys (``PER_ARM``: rank, alpha, dropout, learning
+rate, weight decay, clipping norm, output directory and logging); everything else
+(model, data, seed, schedule, batch size, steps) is shared, so the arms see the
+same batches in the same order.
+
+How the K arms share one pass:
+
+- **Stacking.** The solo run's micro-batch is one padding-free row ``(1, T)``; here
+  it is repeated K times along the batch dimension, ``(K, T)``. Hugging Face
+  attention (and the packed-sequence mask built from ``position_ids``) works per
+  batch row, so no arm ever attends to another's tokens; every frozen linear sees
+  ``K*T`` rows, arm k's being the k-th block of ``T``.
+- **Layers.** Each targeted linear becomes a ``MultiLoRALinear`` that calls
+  ``rankwise.kernels.multi_lora_linear``: one base GEMM over all rows, each arm's
+  low-rank term on its own rows.
+- **Parameters.** Arm k's ``A_k`` (r_k, in) and ``B_k`` (out, r_k) are Parameters
+  of their own (``arm_A[k]``, ``arm_B[k]``), concatenated (``torch.cat``, not
+  padded) in each forward into the op's ``(sum r, in)`` / ``(out, sum r)`` layout.
+  Separate leaves make everything per arm exact and plain: arm k's gradient norm
+  is ``clip_grad_norm_`` over its own leaves, and its optimizer is the very
+  optimizer its solo run builds (``train.build_optimizer`` over the arm's
+  parameters, in the solo run's order), so one step of the K optimizers *is* K
+  independent AdamW steps, with each arm's own learning rate and weight decay.
+  (A single concatenated Parameter would need a hand-written AdamW over slices to
+  get the same; the concatenation costs one copy of sum(r) x (in + out) numbers
+  per layer and forward, small next to the activations.)
+- **Initialisation.** Arm k's ``A_k`` is drawn exactly as its solo run draws it:
+  ``torch.manual_seed(seed)`` then ``rankwise.lora.inject_lora`` with the arm's
+  rank, whose LoRA layers are then taken apart again (``inject_multi_lora``);
+  ``B_k`` is zero. Arm k's dropout seeds come from a generator holding the RNG
+  state its solo run has after that draw, one seed per layer and forward, as
+  ``lora_linear`` draws them; ``multi_lora_linear`` draws arm k's mask from its
+  seed for the arm's rows alone, so with dropout the masks equal the solo run's too.
+- **Loss.** Each arm's loss is its own mean over its completion tokens (the same
+  tokens for every arm); the K losses are summed only to run one backward, and
+  no gradient crosses arms (each arm's term depends on its own rows only).
+- **Failures.** A non-finite loss stops that arm alone: it takes no optimizer
+  step, is dropped from the stacked batch from the next step on, and its summary
+  is ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
+
+Evaluation and saving run arm by arm on the same model (``select_arms`` makes
+the model compute one arm; the adapter helpers then see arm k's solo model).
+Not yet here: a batched evaluation of the K arms, a checkpoint of a together run
+(an interrupted together run starts over), DDP, and the ``lora.init: pissa``
+initialisation (its base weights depend on the rank, so the arms could not share one).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import time
+
+import torch
+from torch import nn
+
+from . import config as C
+from . import ownership
+from .errors import ConfigError
+
+log = logging.getLogger("rankwise")
+
+# Keys that may differ between the arms of one together run; all others must be equal.
+PER_ARM = ("lora.r", "lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.max_grad_norm",
+           "output_dir", "log.tensorboard", "log.progress")
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer plus K LoRA arms, each applied to its own block of rows.
+
+    With ``x`` of shape ``(n * G, ..., in)`` where the selected arms are ``G``
+    (see ``select_arms``), the g-th block of ``n`` leading rows belongs to the
+    g-th selected arm ``k``::
+
+        y[block g] = x_g @ W.T + b + s_k * (drop_k(x_g) @ A_k.T) @ B_k.T
+
+    with ``A_k`` (r_k, in), ``B_k`` (out, r_k), ``s_k = alpha_k / r_k`` (or
+    ``alpha_k / sqrt(r_k)`` with rsLoRA), computed by ``multi_lora_linear`` on the
+    concatenated ``[A_k]`` / ``[B_k]`` of the selected arms.
+
+    Args:
+        base: the frozen ``nn.Linear`` or NF4 linear.
+        A_init: one ``(r_k, in)`` tensor per arm, the arms' initial A (copied, fp32).
+        alphas, dropouts: per arm.
+        use_rslora: rank-stabilised scaling for every arm.
+        generators: per arm, a ``torch.Generator`` the dropout seeds are drawn from
+            (one per forward with dropout); None: torch's default generator.
+        backend: passed to ``multi_lora_linear``.
+
+    When exactly one arm is selected, ``lora_A``, ``lora_B``, ``scaling``, ``r``
+    and ``alpha`` are that arm's, so ``rankwise.adapter``'s helpers see the
+    model as the arm's solo LoRA model; otherwise ``lora_A`` / ``lora_B`` are None.
+    """
+
+    def __init__(self, base: nn.Module, A_init, alphas, dropouts, use_rslora: bool = False, generators=None,
+                 backend: str = "auto"):
+        super().__init__()
+        from .lora import lora_scaling
+
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.ranks = [int(a.shape[0]) for a in A_init]
+        self.alphas = [float(a) for a in alphas]
+        self.dropouts = [float(p) for p in dropouts]
+        self.use_rslora = bool(use_rslora)
+        self.scalings = [lora_scaling(r, a, use_rslora) for r, a in zip(self.ranks, self.alphas)]
+        self.generators = list(generators) if generators is not None else [None] * len(self.ranks)
+        self.backend = backend
+        dev = base.weight.device
+        self.arm_A = nn.ParameterList([nn.Parameter(a.detach().to(dev, torch.float32).clone()) for a in A_init])
+        self.arm_B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, r, device=dev))
+                                       for r in self.ranks])
+        self.arms = list(range(len(self.ranks)))  # the arms the next forward computes, in row-block order
+
+    @property
+    def n_arms(self) -> int:
+        return len(self.ranks)
+
+    def _one(self, what):
+        return getattr(self, what)[self.arms[0]] if len(self.arms) == 1 else None
+
+    lora_A = property(lambda self: self._one("arm_A"))
+    lora_B = property(lambda self: self._one("arm_B"))
+    scaling = property(lambda self: self._one("scalings"))
+    r = property(lambda self: self._one("ranks"))
+    alpha = property(lambda self: self._one("alphas"))
+
+    def _seed(self, k: int, p: float) -> int:
+        if p == 0.0:
+            return 0
+        return torch.randint(0, 2**31 - 1, (1,), generator=self.generators[k]).item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from rankwise.kernels import multi_lora_linear
+
+        arms = self.arms
+        if not arms:
+            raise RuntimeError("MultiLoRALinear: no arm is selected")
+        if x.dim() < 2 or x.shape[0] % len(arms):
+            raise ValueError(f"MultiLoRALinear: the input's leading dimension ({tuple(x.shape)}) must hold one "
+                             f"block of rows per selected arm ({len(arms)})")
+        rows = [x.numel() // x.shape[-1] // len(arms)] * len(arms)
+        if len(arms) == 1:
+            A, B = self.arm_A[arms[0]], self.arm_B[arms[0]]
+        else:
+            A = torch.cat([self.arm_A[k] for k in arms], 0)
+            B = torch.cat([self.arm_B[k] for k in arms], 1)
+        ps = [self.dropouts[k] if self.training else 0.0 for k in arms]
+        seeds = [self._seed(k, p) for k, p in zip(arms, ps)]
+        return multi_lora_linear(x, self.base.weight, A, B, [self.ranks[k] for k in arms],
+                                 [self.scalings[k] for k in arms], rows, bias=self.base.bias, dropout_p=ps,
+                                 seeds=seeds, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}, "
+                f"alphas={self.alphas}, dropouts={self.dropouts}, rslora={self.use_rslora}, arms={self.arms}")
+
+
+def multi_lora_layers(model: nn.Module) -> list:
+    """``(name, MultiLoRALinear)`` pairs of a model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+def select_arms(model: nn.Module, arms) -> None:
+    """Make every ``MultiLoRALinear`` of ``model`` compute ``arms`` (indices), one row block each, in that order."""
+    for _, m in multi_lora_layers(model):
+        m.arms = [int(k) for k in arms]
+
+
+def arm_parameters(model: nn.Module, k: int) -> list:
+    """Arm k's ``(name, Parameter)`` pairs under the solo run's names and order (``...q_proj.lora_A``, ``lora_B``)."""
+    out = []
+    for name, m in multi_lora_layers(model):
+        out += [(f"{name}.lora_A", m.arm_A[k]), (f"{name}.lora_B", m.arm_B[k])]
+    return out
+
+
+def _per_arm(value, n: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{what}: expected one value per arm ({n}), got {len(values)}")
+    return values
+
+
+def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rslora: bool = False,
+                      init: str = "default", seed=0, backend: str = "auto") -> nn.Module:
+    """Replace the linear layers ``rankwise.lora.inject_lora`` would adapt by ``MultiLoRALinear`` with K arms.
+
+    Arm k's initial A is exactly what a solo run draws: ``torch.manual_seed(seed_k)``,
+    then ``inject_lora`` with the arm's rank (its layers are taken apart again and
+    only their A kept); B starts at zero. Every other parameter is frozen.
+
+    Args:
+        model: a causal LM (modified in place and returned).
+        targets: as ``inject_lora``'s ``target_modules``.
+        ranks: one rank per arm; alphas, dropouts, seed: one value, or one per arm.
+        rslora: rank-stabilised scaling; init: ``default`` or ``gaussian`` (not ``pissa``).
+        backend: ``multi_lora_linear``'s.
+
+    Leaves torch's global RNG as the last arm's solo run would have it after its init.
+    """
+    from .lora import inject_lora, lora_layers
+
+    n = len(ranks)
+    if n == 0:
+        raise ValueError("ranks: expected at least one arm")
+    alphas, dropouts = _per_arm(alphas, n, "alphas"), _per_arm(dropouts, n, "dropouts")
+    seeds = _per_arm(seed, n, "seed")
+    if str(init).startswith("pissa"):
+        raise ValueError("init: pissa rewrites the base weights per rank, so arms cannot share one base; "
+                         "use default or gaussian")
+    if multi_lora_layers(model) or lora_layers(model):
+        raise ValueError("model: it already carries LoRA layers")
+    A_init, generators = {}, []
+    for k in range(n):
+        torch.manual_seed(int(seeds[k]))
+        inject_lora(model, targets, int(ranks[k]), alphas[k], dropout=dropouts[k], use_rslora=rslora, init=init,
+                    backend=backend)
+        g = torch.Generator()
+        g.set_state(torch.get_rng_state())  # where the solo run's dropout seeds start
+        generators.append(g)
+        for name, m in lora_layers(model):
+            A_init.setdefault(name, []).append(m.lora_A.detach().float())
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+    info = model.rankwise_lora
+    for name in A_init:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MultiLoRALinear(getattr(parent, child), A_init[name], alphas, dropouts, rslora,
+                                               generators, backend))
+    # what adapter/save code reads of a LoRA model (targets); the ranks of the arms are on the layers
+    model.rankwise_lora = dict(target_modules=info["target_modules"], replaced=info["replaced"],
+                               ranks=[int(r) for r in ranks], alphas=alphas, dropouts=dropouts,
+                               use_rslora=rslora, init=init)
+    return model
+
+
+# ----------------------------------------------------------------------------- checks
+
+def target_dims(cfg: C.RunConfig) -> dict:
+    """``{module path: (in_features, out_features)}`` of the layers ``cfg.lora.targets`` selects.
+
+    Read from the model's config alone: the model is built on the meta device, no weights are loaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .lora import inject_lora, lora_layers
+
+    try:
+        mcfg = AutoConfig.from_pretrained(cfg.model)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(mcfg)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read the model config of {cfg.model}: {' '.join(str(e).split())[:200]}") from None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            inject_lora(model, cfg.lora.targets, 1, 1.0)
+        except ValueError as e:
+            raise ConfigError(f"lora.targets: {e}") from None
+    return {n: (m.in_features, m.out_features) for n, m in lora_layers(model)}
+
+
+def check_ranks(cfg: C.RunConfig, ranks) -> None:
+    """Refuse a rank above ``min(in, out)`` of a targeted layer (one line; nothing is loaded or written)."""
+    dims = target_dims(cfg)
+    name, (i, o) = min(dims.items(), key=lambda kv: min(kv[1]))
+    too_big = sorted(r for r in ranks if r > min(i, o))
+    if too_big:
+        raise ConfigError(f"ranks {too_big} exceed the dimensions of {name} ({i} -> {o}): a LoRA rank can be at "
+                          f"most {min(i, o)} there")
+
+
+def check_arms(cfgs: list) -> None:
+    """The configs of one together run: LoRA, no PiSSA, equal in everything but ``PER_ARM``."""
+    if not cfgs:
+        raise ConfigError("a together run needs at least one arm")
+    first = C.flatten(cfgs[0].to_dict())
+    dirs = set()
+    for cfg in cfgs:
+        if cfg.method != "lora":
+            raise ConfigError(f"arms trained together are LoRA arms; method {cfg.method!r} "
+                              f"({cfg.output_dir}) trains on its own")
+        if cfg.lora.init.startswith("pissa"):
+            raise ConfigError(f"lora.init {cfg.lora.init} cannot train together: PiSSA rewrites the base weights "
+                              f"for each rank, and the arms share one base")
+        if cfg.train.gradient_checkpointing and cfg.lora.dropout > 0:
+            raise ConfigError("lora.dropout with train.gradient_checkpointing cannot train together yet (the "
+                              "recomputed forward would draw other dropout masks)")
+        flat = C.flatten(cfg.to_dict())
+        differ = sorted(k for k in set(first) | set(flat) if k not in PER_ARM and first.get(k) != flat.get(k))
+        if differ:
+            raise ConfigError(f"arms trained together must share every key but {', '.join(PER_ARM)}; "
+                              f"{cfg.output_dir} differs in {', '.join(differ)}")
+        real = os.path.realpath(cfg.output_dir)
+        if real in dirs:
+            raise ConfigError(f"two arms share the output_dir {cfg.output_dir}")
+        dirs.add(real)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a together run is one process; DDP (torchrun) is not supported")
+
+
+# ----------------------------------------------------------------------------- the loss of the stacked batch
+
+def stacked(batch: dict, n: int, device) -> dict:
+    """The solo micro-batch ``(1, T)`` repeated ``n`` times along the batch dimension: ``(n, T)``."""
+    return {k: batch[k].to(device).expand(n, -1) for k in ("input_ids", "position_ids", "targets")}
+
+
+def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torch.Tensor:
+    """``(n,)`` fp32: each arm's summed cross entropy over the completion tokens of its copy of ``batch``.
+
+    ``fused``: the output head and the loss through ``linear_cross_entropy`` (the solo
+    run's ``FusedLossLM``), one call per arm; else the model's logits at the target positions.
+    """
+    dev = next(model.parameters()).device
+    b = stacked(batch, n, dev)
+    keep = (batch["targets"][0] != -100).nonzero().squeeze(1).to(dev)
+    targets = batch["targets"][0].to(dev)[keep]
+    if fused:
+        from rankwise.kernels import linear_cross_entropy
+
+        out = model.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        head = model.get_output_embeddings()
+        return torch.stack([linear_cross_entropy(hidden[i, keep], head.weight, targets, head.bias, reduction="sum",
+                                                 backend=backend) for i in range(n)])
+    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, keep]
+    return torch.stack([torch.nn.functional.cross_entropy(logits[i].float(), targets, reduction="sum")
+                        for i in range(n)])
+
+
+def uses_fused_loss(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype) -> bool:
+    """Whether the solo run would train through the fused loss (``train.wrap_model``'s choice, with its check).
+
+    Called before the arms are injected: with B = 0 the LoRA layers add exactly
+    nothing, so the check sees the outputs the solo run's check sees.
+    """
+    from .loss import FusedLossLM
+    from .train import Dist, wrap_model
+
+    wrapped = wrap_model(model, cfg, first_batch, autocast, amp_dtype, Dist(1, 0, first_device(model)))
+    return isinstance(wrapped, FusedLossLM)
+
+
+def first_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _write_failed(cfg: C.RunConfig, reason: str) -> dict:
+    """The summary of a stopped arm, also written to its ``failed.json`` (as ``rankwise sweep`` records failures)."""
+    summary = {"status": "failed", "reason": reason}
+    C.atomic_write_text(os.path.join(cfg.output_dir, "failed.json"), json.dumps(summary) + "\n")
+    return summary
+
+
+def train_together(configs, force: bool = False) -> list:
+    """Train the LoRA arms of ``configs`` (one ``rankwise train`` config each) in one pass per step.
+
+    Args:
+        configs: ``RunConfig``s, config dicts or YAML paths, one per arm (see ``PER_ARM``).
+        force: write into output directories rankwise did not make, or train finished arms again.
+
+    Returns one summary per arm, in order: the solo run's summary (also written
+    to the arm's ``summary.json``), or ``{"status": "failed", "reason": ...}`` for
+    an arm stopped by a non-finite loss. Every user error is a ``ConfigError``
+    raised before anything is written.
+    """
+    from . import train as T
+    from .model import load_tokenizer
+
+    cfgs = [C.parse(c) for c in configs]
+    check_arms(cfgs)
+    check_ranks(cfgs[0], [c.lora.r for c in cfgs])
+    cfg0, K, t_start = cfgs[0], len(cfgs), time.time()
+    t = cfg0.train
+    arm_settings = [C.settings(c) for c in cfgs]
+
+    # ---- setup: every output directory checked before any is written ------------------------
+    device = T.setup_processes(t.device).device
+    T.check_backend(t.backend, device)
+    for cfg in cfgs:
+        ownership.check_output(cfg.output_dir, force=force, inputs=T.run_inputs(cfg), flag="output_dir",
+                               kinds=["train"])
+        held = [n for n in (T.SUMMARY, T.CHECKPOINT) if os.path.exists(os.path.join(cfg.output_dir, n))]
+        if held and not force:
+            raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({held[0]}); pass --force "
+                              f"(force=True) to train it again from step 0, or choose another output_dir")
+    for cfg, s in zip(cfgs, arm_settings):
+        T.prepare_output_dir(cfg, resume=False, force=force, run_settings=s)
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    autocast, scaler, amp_dtype = T.setup_precision(t.precision, device, True)
+    if scaler is not None:
+        raise ConfigError("train.precision fp16 (loss scaling) cannot train together yet; use bf16 or fp32")
+    tokenizer = load_tokenizer(cfg0.tokenizer or cfg0.model)
+    batches, evals = T.load_data(cfg0, tokenizer, True)
+    ga = t.grad_accum
+    total_steps = T.count_steps(t, batches, 1)
+    one = T.Dist(1, 0, device)
+
+    # ---- one base model, K arms, K optimizers -----------------------------------------------
+    model = T.load_base_model(cfg0, device)
+    fused = cfg0.train.fused_loss and uses_fused_loss(model, cfg0, batches.micro_batch(0)[1], autocast, amp_dtype)
+    lc = cfg0.lora
+    inject_multi_lora(model, lc.targets, [c.lora.r for c in cfgs], [c.lora.alpha for c in cfgs],
+                      [c.lora.dropout for c in cfgs], lc.rslora, lc.init, t.seed, t.backend)
+    trainables = [T.Trainable(arm_parameters(model, k)) for k in range(K)]
+    optimizers = [T.build_optimizer(c.train, tr, device) for c, tr in zip(cfgs, trainables)]
+    log.info("together: %d LoRA arms (ranks %s), %s trainable parameters in all", K, [c.lora.r for c in cfgs],
+             f"{sum(tr.numel for tr in trainables):,}")
+    for cfg, s in zip(cfgs, arm_settings):
+        T.write_run_files(cfg, s)
+    metrics = [T.MetricsLog(c.output_dir, 0, c.log.tensorboard, True) for c in cfgs]
+
+    # ---- the loop ---------------------------------------------------------------------------
+    live = list(range(K))  # arms still training, in row-block order
+    failed = {}  # arm -> reason
+    windows = torch.zeros(K, 3, dtype=torch.float64)  # per arm: loss sum, target tokens, tokens since the last row
+    last = [{} for _ in range(K)]
+    bar = None
+    if cfg0.log.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc=f"together {K} arms", dynamic_ncols=True)
+    model.train()
+    t_window = time.time()
+    try:
+        for step in range(total_steps):
+            if not live:
+                break
+            lrs = [T.lr_at(step, total_steps, c.train.lr, t.warmup, t.schedule, t.min_lr_ratio) for c in cfgs]
+            for k in live:
+                for group in optimizers[k].param_groups:
+                    group["lr"] = lrs[k]
+            select_arms(model, live)
+            step_batches = batches.step(step, ga, one)
+            n_tgt = sum(b["n_targets"] for _, b in step_batches)
+            sums = torch.zeros(len(live), dtype=torch.float64, device=device)
+            for _, b in step_batches:
+                with autocast():
+                    ls = arm_loss_sums(model, b, len(live), fused, t.backend)
+                (ls / n_tgt).sum().backward()  # the arms' means, summed for one backward: no term crosses arms
+                sums += ls.detach().double()
+            sums = sums.tolist()  # one device sync per step
+            stepped = []
+            for i, k in enumerate(live):
+                if not math.isfinite(sums[i]):
+                    msg = T.non_finite_message(sums[i] / n_tgt, step + 1, "(a together run keeps no checkpoint)",
+                                               None, cfgs[k].train)
+                    failed[k] = f"non-finite loss: {msg}"[:300]
+                    log.warning("together: arm %s stopped: %s", cfgs[k].output_dir, failed[k])
+                    for p in trainables[k].params:
+                        p.grad = None
+                        p.requires_grad_(False)
+                    continue
+                max_norm = cfgs[k].train.max_grad_norm
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainables[k].params,
+                                                           max_norm if max_norm is not None else float("inf"))
+                optimizers[k].step()
+                optimizers[k].zero_grad(set_to_none=True)
+                windows[k] += torch.tensor([sums[i], n_tgt, sum(b["n_tokens"] for _, b in step_batches)],
+                                           dtype=torch.float64)
+                stepped.append((k, grad_norm))
+            live = [k for k in live if k not in failed]
+            done = step + 1
+            if done % t.log_every == 0 or done == total_steps:
+                for k, grad_norm in stepped:
+                    last[k] = T.train_row(done, windows[k], lrs[k], grad_norm, step_batches[-1][0], t_window,
+                                          t_start, device)
+                    metrics[k].write(last[k])
+                windows.zero_()
+                t_window = time.time()
+            if bar is not None:
+                bar.update(1)
+            if evals and cfg0.eval.every and done % cfg0.eval.every == 0 and done != total_steps:
+                for k in live:
+                    metrics[k].write({"step": done, **evaluate_arm(model, k, tokenizer, evals, cfgs[k], autocast)})
+                select_arms(model, live)
+                t_window = time.time()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- outputs, arm by arm ----------------------------------------------------------------
+    summaries = []
+    for k, cfg in enumerate(cfgs):
+        if k in failed:
+            metrics[k].close()
+            summaries.append(_write_failed(cfg, failed[k]))
+            continue
+        summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": "lora",
+                   "rank": cfg.lora.r, "steps": total_steps, "train_loss": last[k].get("loss"),
+                   "trainable_params": trainables[k].n_changing}
+        final_eval = evaluate_arm(model, k, tokenizer, evals, cfg, autocast) if evals else {}
+        if final_eval:
+            metrics[k].write({"step": total_steps, **final_eval})
+        summary.update(final_eval)
+        select_arms(model, [k])
+        summary.update(T.save_outputs(cfg, model, tokenizer, trainables[k]))
+        summary["runtime_s"] = round(time.time() - t_start, 3)  # the together run's, for every arm
+        summary["settings_hash"] = C.settings_hash(arm_settings[k])
+        C.atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
+        metrics[k].close()
+        summaries.append(summary)
+    select_arms(model, range(K))
+    return summaries
+
+
+def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:
+    """``train.evaluate`` of arm k alone (the model computes only that arm meanwhile)."""
+    from .train import evaluate
+
+    select_arms(model, [k])
+    return evaluate(model, tokenizer, evals, cfg.eval, autocast)
