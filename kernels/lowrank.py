@@ -253,6 +253,12 @@ def _wide_rank_warps(cfg: dict, BR: int) -> int:
     return cfg["num_warps"] if (INTERPRET or BR <= 64) else 2 * cfg["num_warps"]
 
 
+def wide_rank_warps(cfg: dict, BR: int) -> int:
+    """``_wide_rank_warps`` under a public name, for the other skinny (rank-sized)
+    kernels of the package (``multi_lora.py``'s segmented ones)."""
+    return _wide_rank_warps(cfg, BR)
+
+
 def lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
     """S = dropout(x2) @ A.T, (M, r) in x2's dtype."""
     M, K = x2.shape

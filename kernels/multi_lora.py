@@ -1,56 +1,621 @@
 """Segmented multi-arm LoRA linear layer: K LoRA arms (adapters of different
-ranks) over one frozen base weight, each arm on its own contiguous block of rows.
+ranks) over one frozen base weight, each arm on its own contiguous block of rows
+(issue 14: a rank sweep trained in one pass, the K arms' copies of a batch
+stacked along the rows).
 
 Math (x: (M, K) after flattening leading dims, rows of arm k the block
 [m_k, m_k + M_k) with sum_k M_k = M; W: (N, K) dense or NF4; arm k has rank r_k,
 A_k = lora_A[o_k : o_k + r_k] (r_k, K), B_k = lora_B[:, o_k : o_k + r_k] (N, r_k),
 o_k = r_1 + ... + r_{k-1}, scaling s_k, dropout keep-mask m_k with probability
-p_k, x_k = x[m_k : m_k + M_k], x_dk = x_k * m_k / (1 - p_k)):
+p_k, x_k = x[rows_k], x_dk = x_k * m_k / (1 - p_k)):
 
     forward
-        Y   = x @ W.T + b                                       (M, N)  one base GEMM, all rows
-        S_k = x_dk @ A_k.T                                      (M_k, r_k)
-        Y[rows_k] += s_k * S_k @ B_k.T
+        S_k = x_dk @ A_k.T                                 (M_k, r_k) kernel 1, per tile of arm k
+        Y   = x @ W.T + b,  Y[rows_k] += s_k * S_k @ B_k.T (M, N)     kernel 2: one base GEMM over
+                                                                      all rows, each tile adds
+                                                                      its arm's low-rank term
     backward, with dY = dL/dY and dY_k = dY[rows_k]
-        dS_k = s_k * dY_k @ B_k                                 (M_k, r_k)
-        dB_k = s_k * dY_k.T @ S_k       -> dB[:, o_k : o_k + r_k]
-        dX   = dY @ W,  dX[rows_k] += (dS_k @ A_k) * m_k / (1 - p_k)
-        dA_k = dS_k.T @ x_dk            -> dA[o_k : o_k + r_k]
+        dS_k = s_k * dY_k @ B_k                            (M_k, r_k) \\ kernel 3, reads dY once
+        dB_k = s_k * dY_k.T @ S_k  -> dB[:, o_k : o_k + r_k]          /
+        dX   = dY @ W,  dX[rows_k] += (dS_k @ A_k) * m_k / (1 - p_k)  kernel 4 (one GEMM)
+        dA_k = dS_k.T @ x_dk       -> dA[o_k : o_k + r_k]             kernel 5, per arm
+        dW = dY.T @ x,  db = sum_rows(dY)                  torch, only if a dense W / b require grad
 
-    Derivation: arm k's rows are a single-arm LoRA layer (``lora_linear.py``)
-    whose low-rank term depends only on x_k, A_k, B_k; the arms share nothing
-    but W and b, so each gradient is the single-arm one restricted to the arm's
-    rows and columns, and the base term's gradient dY @ W is taken over all rows
-    at once. A rank or a row block of another arm never enters arm k's terms.
+    Derivation: the rows of arm k are a single-arm LoRA layer (``lora_linear.py``
+    derives each gradient) whose low-rank term depends on x_k, A_k, B_k only; the
+    arms share nothing but W and b. So L's gradient with respect to S_k, B_k, A_k
+    and x_k's LoRA input is the single-arm one on the arm's rows and columns
+    (dL/dS_k = s_k dY_k B_k, dL/dB_k = s_k dY_k.T S_k, dL/dA_k = dS_k.T x_dk,
+    dL/dx_k gets (dS_k A_k) * m_k / (1 - p_k)), and the base term x @ W.T adds
+    dY @ W over all rows at once. Rows and columns of other arms never enter.
 
 Layout: lora_A is the arms' A matrices concatenated along dim 0 and lora_B the
 B matrices along dim 1, not padded to the largest rank (ranks 1..128 sum to
 255: padding would do ~4x the low-rank work and hold ~4x the optimizer state).
 
+Tiling and routing (the Triton backend; details above the kernels): rows are
+cut into tiles of BM rows per arm (an arm's last tile partly masked), listed
+in a tile map of (arm, first local row); every program reads its tile's arm
+and takes that arm's rank, A_k / B_k offsets, S offset, scaling and dropout
+from per-arm tables. A tile never holds two arms' rows, so it never mixes
+their low-rank terms; the base GEMM still runs once over every row (at most
+one partial tile per arm more than a plain GEMM). Nothing is copied or padded
+in memory. kernel 5 runs one program column per arm over that arm's rows.
+
+Saved for backward: x and the compact S (arm k's (M_k, r_k) block after
+the others: sum_k M_k r_k values, not M * max r); W, A, B, b are the layer's own
+tensors, kept by reference; the per-arm seeds (in the launch plan). The dropout
+masks are never stored: kernels 1, 4 and 5 regenerate them.
+
 Dropout: arm k's mask is drawn for x_k alone from seeds[k], exactly as
-``lora_linear`` draws it for an input x_k with that seed (per backend: the
-Triton backend with Philox of (seed, local flat index), the torch backend with
-a ``torch.Generator`` seeded with it). So an arm run together with others, with
-the same seed and the same rows, sees the mask of its solo run.
+``lora_linear`` draws it for an input x_k with that seed, on each backend: the
+Triton kernels use Philox of (seed, local row * K + column), ``utils.dropout_keep``
+on the arm's local rows; the torch path a ``torch.Generator`` seeded with it for
+x_k's shape. So an arm run together with others, with the same seed and the
+same rows, sees the mask of its solo run (tested). The two backends draw
+different masks for one seed, as ``lora_linear``'s do.
 
 Backends (the convention of ``rankwise.kernels``): ``"torch"`` runs one base
 matmul over all rows plus a loop over the arms with the single-arm low-rank
 math (differentiated by autograd), correct for any input and device;
 ``"triton"`` runs the kernels (on a CPU only under ``TRITON_INTERPRET=1``);
-``"auto"`` picks Triton on CUDA, torch otherwise. Dense and NF4 bases in both.
-The tests compare both with a float64 per-arm reference of their own.
+``"auto"`` picks Triton on CUDA, torch otherwise. Dense and NF4 bases in both;
+the NF4 kernels dequantize W tiles in registers, as ``nf4_lora.py``'s do. The
+tests compare both backends with a float64 per-arm reference of their own.
+
+torch.compile: the Triton backend is an autograd.Function (not yet a
+torch.library custom op), so dynamo graph-breaks around it.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
-from .lowrank import check_tensor, compute_dtype, draw_seed, validate_lora_args
-from .nf4 import NF4Weight, dequantize_nf4
+from .lowrank import (
+    check_tensor,
+    compute_dtype,
+    draw_seed,
+    lowrank_dx_tail,
+    lowrank_fwd_tail,
+    validate_lora_args,
+    wide_rank_warps,
+)
+from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_kernel_args, nf4_rows_tile, nf4_tile
+from .nf4_lora import nf4_gemm_config
+from .utils import (
+    INTERPRET,
+    check_triton_tensor,
+    dot_precision,
+    dropout_keep,
+    fit_shared_memory,
+    gemm_config,
+    rank_block,
+    round_bf16,
+    rounds_bf16_itself,
+    skinny_config,
+    swizzle_tile,
+    upcast_for_dot,
+)
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_torch"]
+__all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunction"]
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+#
+# Routing: the rows are cut into tiles per arm. A tile map (``_tile_map``, one
+# per row-block size BM) lists, for each tile t, its arm k, its first row inside
+# the arm (a multiple of BM) and, for dB in deterministic mode, its slot in the
+# per-tile dB buffer; an arm of M_k rows gets ceil(M_k / BM) tiles, the last one
+# partly masked, and an empty arm none. A program reads its tile's arm from the
+# map, then the arm's row start, row count, rank offset, rank, S offset, seed,
+# scaling and dropout (``_arm``): every tile belongs to exactly one arm, so no
+# tile ever mixes two arms' low-rank terms, and the base GEMM still covers every
+# row once (over all arms, with at most one partial tile per arm: <= K extra
+# tiles against a plain GEMM's cdiv(M, BM)). No row is copied or padded in memory.
+#
+# S and dS are stored compactly, arm after arm: arm k's (M_k, r_k) block starts
+# at s_k = sum_{j<k} M_j * r_j (row stride r_k), so they hold sum_k M_k * r_k
+# values, not M * max(r) or M * sum(r).
+#
+# Dropout: the keep-mask of arm k at (local row i, column c) is Philox of
+# (seeds[k], i * K + c) (``utils.dropout_keep`` on local rows): the single-arm
+# kernels' mask for an input of the arm's rows alone. An arm with p = 0 keeps
+# every element (rand >= 0) with scale 1.
+# ----------------------------------------------------------------------------
+
+# per-arm int64 fields (ARM_I) and fp32 fields (ARM_F)
+_ROW0, _ROWS, _AOFF, _RANK, _SOFF, _SEED = range(6)
+_NI = 6
+_SCALE, _P, _KEEP = range(3)
+_NF = 3
+
+
+@triton.jit
+def _tile(TILES, t):
+    """(arm, first local row, dB slot) of tile t."""
+    return tl.load(TILES + 3 * t), tl.load(TILES + 3 * t + 1), tl.load(TILES + 3 * t + 2)
+
+
+@triton.jit
+def _arm(ARM_I, ARM_F, arm):
+    """(row start, rows, rank offset, rank, S offset, seed, scaling, p, 1 / (1 - p)) of an arm."""
+    base_i = ARM_I + 6 * arm
+    base_f = ARM_F + 3 * arm
+    return (tl.load(base_i), tl.load(base_i + 1), tl.load(base_i + 2), tl.load(base_i + 3), tl.load(base_i + 4),
+            tl.load(base_i + 5), tl.load(base_f), tl.load(base_f + 1), tl.load(base_f + 2))
+
+
+@triton.jit
+def _multi_down_kernel(
+    X, A, S, TILES, ARM_I, ARM_F,
+    K,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """S_k[i, r] = sum_c x_dk[i, c] * A_k[r, c] for the BM rows of one tile of arm k."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    arm, lrow0, _slot = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    if pid_r * BR < R:
+        lm = lrow0 + tl.arange(0, BM)
+        rr = pid_r * BR + tl.arange(0, BR)
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(X + (row0 + lm)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(lm[:, None] < Mk) & (rk[None, :] < K), other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(dropout_keep(seed, lm, rk, K, p), x, 0.0)
+            a = tl.load(A + (aoff + rr)[None, :] * stride_ar + rk[:, None] * stride_ak,
+                        mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(x, a, acc, input_precision=PREC)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        tl.store(S + soff + lm[:, None] * R + rr[None, :], acc.to(S.dtype.element_ty),
+                 mask=(lm[:, None] < Mk) & (rr[None, :] < R))
+
+
+@triton.jit
+def _w_tile(W, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, rk, k0, N, K, stride_wn, stride_wk,
+            NF4: tl.constexpr, TRANS: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE: tl.constexpr,
+            NESTED_BLOCK: tl.constexpr, WDTYPE: tl.constexpr, EVEN_K: tl.constexpr, W_RNE: tl.constexpr,
+            BK: tl.constexpr):
+    """The base weight's tile W[rn, rk] (rk = k0 + arange(BK)), as (BK, BN) = W.T's tile
+    when TRANS, else (BN, BK): loaded from a dense W, or dequantized in registers from
+    NF4 (the values ``dequantize_nf4(W)`` holds, as in ``nf4_lora.py``)."""
+    if NF4:
+        if EVEN_K:
+            w = nf4_rows_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, k0, N, K,
+                              BK, QBLOCK, DOUBLE, NESTED_BLOCK)
+            if TRANS:
+                w = tl.trans(w)
+        else:
+            if TRANS:
+                w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[None, :] * K + rk[:, None],
+                             (rn[None, :] < N) & (rk[:, None] < K), QBLOCK, DOUBLE, NESTED_BLOCK)
+            else:
+                w = nf4_tile(PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn[:, None] * K + rk[None, :],
+                             (rn[:, None] < N) & (rk[None, :] < K), QBLOCK, DOUBLE, NESTED_BLOCK)
+        if W_RNE:  # W rounded to its bf16 dtype by hand: the interpreter's cast truncates
+            w = round_bf16(w)
+        w = w.to(WDTYPE)
+    else:
+        if TRANS:
+            w = tl.load(W + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        else:
+            w = tl.load(W + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+    return w
+
+
+@triton.jit
+def _multi_fwd_kernel(
+    X, W, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, S, B, BIAS, Y, TILES, ARM_I, ARM_F,
+    NT, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
+    NF4: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+    WDTYPE: tl.constexpr, EVEN_K: tl.constexpr, W_RNE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[tile] = x[tile] @ W.T + (s_k * S_k[tile]) @ B_k.T + b: the base GEMM over the
+    tile's rows and arm k's low-rank tail, one accumulator."""
+    t, pid_n = swizzle_tile(NT * BM, N, BM, BN, GROUP_M)
+    arm, lrow0, _slot = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, _seed, scaling, _p, _ks = _arm(ARM_I, ARM_F, arm)
+    lm = lrow0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + (row0 + lm)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(lm[:, None] < Mk) & (rk[None, :] < K), other=0.0)
+        w = _w_tile(W, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, rk, k0, N, K, stride_wn, stride_wk,
+                    NF4, True, QBLOCK, DOUBLE, NESTED_BLOCK, WDTYPE, EVEN_K, W_RNE, BK)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        else:
+            w = w.to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    acc = lowrank_fwd_tail(acc, S + soff, B + aoff * stride_br, BIAS, lm, rn, Mk, N, R, R, 1,
+                           stride_bn, stride_br, scaling, HAS_BIAS, UPCAST, PREC, BR)
+    tl.store(Y + (row0 + lm)[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(Y.dtype.element_ty), mask=(lm[:, None] < Mk) & (rn[None, :] < N))
+
+
+@triton.jit
+def _multi_dsdb_kernel(
+    DY, B, S, DS, DB, TILES, ARM_I, ARM_F,
+    N, RT,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    """dS_k[tile] = s_k * dY[tile] @ B_k and the tile's share of dB_k = s_k * dY_k.T @ S_k,
+    from one read of dY. dB goes to the fp32 (N, sum r) buffer with atomics (columns
+    o_k : o_k + r_k), or in deterministic mode to the tile's own (N, r_k) slot of a
+    per-tile buffer that the launcher sums arm by arm in a fixed order."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    arm, lrow0, slot = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, _seed, scaling, _p, _ks = _arm(ARM_I, ARM_F, arm)
+    if pid_r * BR < R:
+        lm = lrow0 + tl.arange(0, BM)
+        rr = pid_r * BR + tl.arange(0, BR)
+        smask = (lm[:, None] < Mk) & (rr[None, :] < R)
+        s = tl.load(S + soff + lm[:, None] * R + rr[None, :], mask=smask, other=0.0)
+        if UPCAST:
+            s = s.to(tl.float32)
+        ds = tl.zeros((BM, BR), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            rn = n0 + tl.arange(0, BN)
+            dy = tl.load(DY + (row0 + lm)[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                         mask=(lm[:, None] < Mk) & (rn[None, :] < N), other=0.0)
+            b = tl.load(B + rn[:, None] * stride_bn + (aoff + rr)[None, :] * stride_br,
+                        mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                b = b.to(tl.float32)
+            ds = tl.dot(dy, b, ds, input_precision=PREC)
+            db = tl.dot(tl.trans(dy), s, input_precision=PREC) * scaling
+            db_mask = (rn[:, None] < N) & (rr[None, :] < R)
+            if DETERMINISTIC:
+                tl.store(DB + slot * N + rn[:, None] * R + rr[None, :], db, mask=db_mask)
+            else:
+                tl.atomic_add(DB + rn[:, None] * RT + (aoff + rr)[None, :], db, mask=db_mask)
+        tl.store(DS + soff + lm[:, None] * R + rr[None, :], (ds * scaling).to(DS.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _multi_dx_kernel(
+    DY, W, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, DS, A, DX, TILES, ARM_I, ARM_F,
+    NT, N, K,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    NF4: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+    WDTYPE: tl.constexpr, EVEN_K: tl.constexpr, W_RNE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX[tile] = dY[tile] @ W + (dS_k[tile] @ A_k) * m_k / (1 - p_k): the base GEMM and
+    arm k's low-rank tail, the mask regenerated from the arm's seed on local rows."""
+    t, pid_k = swizzle_tile(NT * BM, K, BM, BK, GROUP_M)
+    arm, lrow0, _slot = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    lm = lrow0 + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(DY + (row0 + lm)[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(lm[:, None] < Mk) & (rn[None, :] < N), other=0.0)
+        w = _w_tile(W, PACKED, ABSMAX, QMAP, NESTED, NMAP, OFFSET, rn, rk, pid_k * BK, N, K, stride_wn, stride_wk,
+                    NF4, False, QBLOCK, DOUBLE, NESTED_BLOCK, WDTYPE, EVEN_K, W_RNE, BK)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            w = w.to(tl.float32)
+        else:
+            w = w.to(dy.dtype)
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    acc = lowrank_dx_tail(acc, DS + soff, A + aoff * stride_ar, lm, rk, Mk, K, R, R, 1, stride_ar, stride_ak,
+                          seed, p, keep_scale, HAS_DROPOUT, UPCAST, PREC, BM, BK, BR)
+    tl.store(DX + (row0 + lm)[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(DX.dtype.element_ty), mask=(lm[:, None] < Mk) & (rk[None, :] < K))
+
+
+@triton.jit
+def _multi_da_kernel(
+    DS, X, DA, ARM_I, ARM_F,
+    K,
+    stride_xm, stride_xk, stride_dar, stride_dak,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+):
+    """dA_k = dS_k.T @ x_dk over the arm's own rows (grid axis 2 = arm), written to
+    rows o_k : o_k + r_k of dA; an arm without rows writes zeros."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    arm = tl.program_id(2).to(tl.int64)
+    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    if pid_r * BR < R:
+        rk = pid_k * BK + tl.arange(0, BK)
+        rr = pid_r * BR + tl.arange(0, BR)
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        for m0 in range(0, Mk, BM):
+            lm = m0 + tl.arange(0, BM).to(tl.int64)
+            ds = tl.load(DS + soff + lm[None, :] * R + rr[:, None],
+                         mask=(lm[None, :] < Mk) & (rr[:, None] < R), other=0.0)
+            x = tl.load(X + (row0 + lm)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(lm[:, None] < Mk) & (rk[None, :] < K), other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(dropout_keep(seed, lm, rk, K, p), x, 0.0)
+            if UPCAST:
+                ds = ds.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(ds, x, acc, input_precision=PREC)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        tl.store(DA + (aoff + rr)[:, None] * stride_dar + rk[None, :] * stride_dak,
+                 acc.to(DA.dtype.element_ty), mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+# ----------------------------------------------------------------------------
+# Launchers: own the shapes, allocate outputs, pick the grid. x2 / dY are 2-D
+# (any strides); S and dS are the compact flat buffers described above.
+# ----------------------------------------------------------------------------
+
+
+class MultiPlan(NamedTuple):
+    """Everything the launchers need about the arms, built once per call
+    (``multi_plan``): the per-arm tables and the two tile maps on the device,
+    the tile sizes, and host copies of what the launchers size buffers with."""
+    rows: tuple
+    ranks: tuple
+    arm_i: torch.Tensor        # (n, 6) int64: row start, rows, rank offset, rank, S offset, seed
+    arm_f: torch.Tensor        # (n, 3) fp32: scaling, p, 1 / (1 - p)
+    gemm_tiles: torch.Tensor   # (T_gemm, 3) int64: arm, first local row, dB slot (unused)
+    skinny_tiles: torch.Tensor  # (T_skinny, 3) int64: arm, first local row, dB slot
+    gemm_cfg: dict
+    gemm_br: int
+    skinny_cfg: dict
+    skinny_br: int
+    has_dropout: bool
+    s_size: int                # sum_k M_k * r_k: length of S and dS
+    slot_first: tuple          # per arm: its first dB slot in the skinny map (deterministic dB)
+    skinny_count: tuple        # per arm: its number of skinny tiles
+    slots: int                 # total dB slots: sum over skinny tiles of the tile's rank
+
+
+def _tiles(rows, ranks, BM):
+    """Host tile map for row blocks of BM: [(arm, first local row, dB slot)], plus each
+    arm's first slot and tile count, and the slot total."""
+    out, first, count, slot = [], [], [], 0
+    for k, (M_k, r) in enumerate(zip(rows, ranks)):
+        first.append(slot)
+        n = -(-M_k // BM)
+        count.append(n)
+        for i in range(n):
+            out.append((k, i * BM, slot))
+            slot += r
+    return out, tuple(first), tuple(count), slot
+
+
+@functools.lru_cache(maxsize=128)
+def _device_tables(rows, ranks, scalings, ps, seeds, gemm_bm, skinny_bm, device):
+    """The per-arm tables and tile maps as device tensors (two host-to-device
+    copies), memoised on their arguments: a training step calls each layer with
+    the same arms again and again."""
+    arm_i, arm_f, row0, aoff, soff = [], [], 0, 0, 0
+    for M_k, r, s, p, seed in zip(rows, ranks, scalings, ps, seeds):
+        arm_i.append((row0, M_k, aoff, r, soff, seed if p > 0.0 else 0))
+        arm_f.append((s, p, 1.0 / (1.0 - p) if p > 0.0 else 1.0))
+        row0, aoff, soff = row0 + M_k, aoff + r, soff + M_k * r
+    gemm = _tiles(rows, ranks, gemm_bm)[0]
+    skinny, first, count, slots = _tiles(rows, ranks, skinny_bm)
+    flat = [v for row in arm_i for v in row] + [v for row in gemm for v in row] + [v for row in skinny for v in row]
+    ints = torch.tensor(flat, dtype=torch.int64).to(device)
+    n, tg = len(rows), len(gemm)
+    return (ints[:6 * n].view(n, 6), torch.tensor(arm_f, dtype=torch.float32).reshape(n, 3).to(device),
+            ints[6 * n:6 * n + 3 * tg].view(tg, 3), ints[6 * n + 3 * tg:].view(-1, 3), soff, first, count, slots)
+
+
+def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, device: torch.device,
+               nf4: bool) -> MultiPlan:
+    """The launch plan of one call: tile sizes for ``dtype`` on ``device`` (NF4 or
+    dense base GEMMs) and the device tables of the arms."""
+    r_max = max(ranks)
+    gemm_cfg = nf4_gemm_config(dtype, device) if nf4 else gemm_config(dtype)
+    gemm_br = rank_block(r_max)
+    if not nf4:
+        gemm_cfg = fit_shared_memory(gemm_cfg, device, gemm_br, dtype)
+    skinny_br = rank_block(r_max, cap=32 if INTERPRET else 128)
+    skinny_cfg = fit_shared_memory(skinny_config(dtype), device, skinny_br, dtype)
+    arm_i, arm_f, gemm_tiles, skinny_tiles, s_size, first, count, slots = _device_tables(
+        tuple(rows), tuple(ranks), tuple(scalings), tuple(dropout_ps), tuple(seeds),
+        gemm_cfg["BM"], skinny_cfg["BM"], device)
+    return MultiPlan(tuple(rows), tuple(ranks), arm_i, arm_f, gemm_tiles, skinny_tiles, gemm_cfg, gemm_br,
+                     skinny_cfg, skinny_br, any(p > 0.0 for p in dropout_ps), s_size, first, count, slots)
+
+
+def _base_args(base, K: int):
+    """The base weight's kernel arguments: (W, six NF4 tensors), (stride_wn, stride_wk)
+    and the NF4 constexprs; for a dense W the NF4 slots are placeholders (W)."""
+    if isinstance(base, NF4Weight):
+        tensors, const = nf4_kernel_args(base)
+        return (tensors[0],) + tuple(tensors), (0, 0), dict(
+            NF4=True, QBLOCK=const["BLOCKSIZE"], DOUBLE=const["DOUBLE"], NESTED_BLOCK=const["NESTED_BLOCKSIZE"],
+            WDTYPE=TL_DTYPES[base.dtype], EVEN_K=K % 2 == 0, W_RNE=rounds_bf16_itself(base.dtype))
+    return (base,) * 7, (base.stride(0), base.stride(1)), dict(
+        NF4=False, QBLOCK=64, DOUBLE=False, NESTED_BLOCK=256, WDTYPE=tl.float32, EVEN_K=True, W_RNE=False)
+
+
+def multi_lora_down(x2, A, plan: MultiPlan) -> torch.Tensor:
+    """S_k = dropout_k(x_k) @ A_k.T for every arm, the compact flat S in x2's dtype."""
+    K = x2.shape[1]
+    S = torch.empty(plan.s_size, device=x2.device, dtype=x2.dtype)
+    T = plan.skinny_tiles.shape[0]
+    if T == 0:
+        return S
+    cfg, BR = plan.skinny_cfg, plan.skinny_br
+    grid = (T, triton.cdiv(max(plan.ranks), BR))
+    _multi_down_kernel[grid](
+        x2, A, S, plan.skinny_tiles, plan.arm_i, plan.arm_f, K,
+        x2.stride(0), x2.stride(1), A.stride(0), A.stride(1),
+        HAS_DROPOUT=plan.has_dropout, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BR=BR, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return S
+
+
+def _multi_fwd_gemm(x2, base, S, B, bias, plan: MultiPlan) -> torch.Tensor:
+    """Y = x2 @ W.T + b, plus each arm's s_k * S_k @ B_k.T on its rows; (M, N) in x2's dtype."""
+    M, K = x2.shape
+    N = B.shape[0]
+    Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    T = plan.gemm_tiles.shape[0]
+    if T == 0:
+        return Y
+    w, (swn, swk), const = _base_args(base, K)
+    cfg = plan.gemm_cfg
+    grid = (T * triton.cdiv(N, cfg["BN"]),)
+    _multi_fwd_kernel[grid](
+        x2, *w, S, B, bias if bias is not None else x2, Y, plan.gemm_tiles, plan.arm_i, plan.arm_f,
+        T, N, K,
+        x2.stride(0), x2.stride(1), swn, swk, B.stride(0), B.stride(1), Y.stride(0), Y.stride(1),
+        **const, HAS_BIAS=bias is not None, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BR=plan.gemm_br, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return Y
+
+
+def multi_lora_ds_db(dY, S, B, plan: MultiPlan):
+    """dS_k = s_k * dY_k @ B_k (compact flat, S's dtype) and dB (N, sum r) in B's dtype,
+    arm k's columns s_k * dY_k.T @ S_k (zeros for an arm without rows)."""
+    N, RT = B.shape
+    dS = torch.empty_like(S)
+    T = plan.skinny_tiles.shape[0]
+    if T == 0:
+        return dS, torch.zeros((N, RT), device=B.device, dtype=B.dtype)
+    cfg, BR = plan.skinny_cfg, plan.skinny_br
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:  # one (N, r_k) fp32 slot per tile, summed per arm in a fixed order
+        dB32 = torch.empty(plan.slots * N, device=dY.device, dtype=torch.float32)
+    else:
+        dB32 = torch.zeros((N, RT), device=dY.device, dtype=torch.float32)
+    grid = (T, triton.cdiv(max(plan.ranks), BR))
+    _multi_dsdb_kernel[grid](
+        dY, B, S, dS, dB32, plan.skinny_tiles, plan.arm_i, plan.arm_f,
+        N, RT,
+        dY.stride(0), dY.stride(1), B.stride(0), B.stride(1),
+        DETERMINISTIC=deterministic, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+    )
+    if deterministic:
+        slots, dB32 = dB32, torch.zeros((N, RT), device=dY.device, dtype=torch.float32)
+        o = 0
+        for r, first, n in zip(plan.ranks, plan.slot_first, plan.skinny_count):
+            if n:
+                dB32[:, o:o + r] = slots[first * N:(first + n * r) * N].view(n, N, r).sum(0)
+            o += r
+    return dS, dB32.to(B.dtype)
+
+
+def _multi_dx(dY, base, dS, A, plan: MultiPlan) -> torch.Tensor:
+    """dX = dY @ W, plus each arm's (dS_k @ A_k) * m_k / (1 - p_k) on its rows; (M, K) in dY's dtype."""
+    M, N = dY.shape
+    K = A.shape[1]
+    dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
+    T = plan.gemm_tiles.shape[0]
+    if T == 0:
+        return dX
+    w, (swn, swk), const = _base_args(base, K)
+    cfg = plan.gemm_cfg
+    grid = (T * triton.cdiv(K, cfg["BN"]),)
+    _multi_dx_kernel[grid](
+        dY, *w, dS, A, dX, plan.gemm_tiles, plan.arm_i, plan.arm_f,
+        T, N, K,
+        dY.stride(0), dY.stride(1), swn, swk, A.stride(0), A.stride(1), dX.stride(0), dX.stride(1),
+        **const, HAS_DROPOUT=plan.has_dropout, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
+        BM=cfg["BM"], BK=cfg["BN"], BN=cfg["BK"], BR=plan.gemm_br, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dX
+
+
+def multi_lora_da(dS, x2, plan: MultiPlan, out_dtype) -> torch.Tensor:
+    """dA (sum r, K) in ``out_dtype``: arm k's rows dS_k.T @ dropout_k(x_k)."""
+    K = x2.shape[1]
+    RT = sum(plan.ranks)
+    dA = torch.empty((RT, K), device=x2.device, dtype=out_dtype)
+    cfg, BR = plan.skinny_cfg, plan.skinny_br
+    grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(max(plan.ranks), BR), len(plan.ranks))
+    _multi_da_kernel[grid](
+        dS, x2, dA, plan.arm_i, plan.arm_f, K,
+        x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
+        HAS_DROPOUT=plan.has_dropout, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+    )
+    return dA
+
+
+# ----------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Forward (S, then the base GEMM with the arms' tails) and backward (dS / dB,
+    dX, dA) of the Triton backend on a 2-D x; inputs validated and cast by
+    ``multi_lora_linear``. ``weight`` is the dense base (None for NF4), ``nf4`` the
+    NF4Weight (None for dense), ``plan`` a ``MultiPlan``."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lora_A, lora_B, bias, nf4, plan):
+        base = nf4 if nf4 is not None else weight
+        S = multi_lora_down(x2, lora_A, plan)
+        Y = _multi_fwd_gemm(x2, base, S, lora_B, bias, plan)
+        # Saved: x and the compact S (activations, sum_k M_k r_k values); W, A, B
+        # are the layer's own tensors, kept by reference; the per-arm seeds live in
+        # the plan: the dropout masks are regenerated, never stored.
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
+        ctx.nf4, ctx.plan = nf4, plan
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        x2, weight, lora_A, lora_B, S = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        plan = ctx.plan
+        dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+        dX = dW = dA = dB = dbias = None
+        if need_x or need_a or need_b:
+            dS, dB = multi_lora_ds_db(dY, S, lora_B, plan)
+            if need_x:
+                dX = _multi_dx(dY, ctx.nf4 if ctx.nf4 is not None else weight, dS, lora_A, plan)
+            if need_a:
+                dA = multi_lora_da(dS, x2, plan, lora_A.dtype)
+            if not need_b:
+                dB = None
+        # A dense base weight and the bias are frozen in LoRA, but get their gradients
+        # (in torch) when they require grad, like nn.Linear's; an NF4 weight gets none.
+        if need_w:
+            dW = (dY.t() @ x2).to(weight.dtype)
+        if need_bias:
+            dbias = dY.float().sum(0).to(dY.dtype)
+        return dX, dW, dA, dB, dbias, None, None
 
 
 # ----------------------------------------------------------------------------
@@ -236,4 +801,10 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
         with torch.autocast(device_type, enabled=False):
             y = multi_lora_linear_torch(x2, W, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds)
         return y.reshape(*lead, N)
-    raise NotImplementedError("multi_lora_linear: the Triton backend is not written yet; use backend='torch'")
+    for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")) + (() if is_nf4 else ((weight, "weight"),)):
+        check_triton_tensor(t, name)
+    plan = multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype, x.device, is_nf4)
+    with torch.autocast(device_type, enabled=False):
+        y = MultiLoRALinearFunction.apply(x2, None if is_nf4 else weight, lora_A, lora_B, bias,
+                                          weight if is_nf4 else None, plan)
+    return y.reshape(*lead, N)

@@ -19,7 +19,7 @@ from rankwise.kernels.multi_lora import multi_lora_linear
 from rankwise.quant import quantize_nf4
 
 TOL32 = 2e-5
-BACKENDS = ["torch"]  # "triton" joins when its kernels land
+BACKENDS = ["torch", "triton"]
 
 # (rows per arm, ranks per arm, in K, out N): empty arms, one-row arms, blocks
 # that are not multiples of the interpreter's 32-row tiles, ranks 1 and 128.
@@ -235,3 +235,37 @@ def test_bad_input_raises_naming_the_argument():
     for override, word in cases:
         with pytest.raises(ValueError, match=word):
             multi_lora_linear(**{**base, **override})
+
+
+def test_deterministic_mode_gives_the_same_grads():
+    """dB from per-tile slots summed per arm in a fixed order equals the atomic dB."""
+    rows, ranks, K, N = (40, 0, 7, 33), (3, 2, 17, 1), 20, 36   # arms of two tiles, an empty arm
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    atomic = run_op(x, W, A, B, b, dy, ranks, SCALINGS, rows, "triton")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = run_op(x, W, A, B, b, dy, ranks, SCALINGS, rows, "triton")
+        again = run_op(x, W, A, B, b, dy, ranks, SCALINGS, rows, "triton")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for name, a, d, d2 in zip(("y", "dx", "dA", "dB"), atomic, det, again):
+        torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-6, msg=name)
+        assert torch.equal(d, d2), name
+    compare(det, run_ref(x, W, A, B, b, dy, ranks, SCALINGS, rows), torch.float32)
+
+
+def test_tile_map_never_mixes_arms():
+    """Each tile of the map lies inside one arm's rows, and the tiles cover every row once."""
+    from rankwise.kernels.multi_lora import multi_plan
+
+    rows, ranks = (0, 1, 31, 32, 33, 0, 70), (1, 128, 2, 3, 4, 5, 6)
+    plan = multi_plan(rows, ranks, (1.0,) * 7, (0.0,) * 7, (0,) * 7, torch.float32, torch.device("cpu"), False)
+    for tiles, BM in ((plan.gemm_tiles, plan.gemm_cfg["BM"]), (plan.skinny_tiles, plan.skinny_cfg["BM"])):
+        covered = []
+        starts = [sum(rows[:k]) for k in range(len(rows))]
+        for arm, lrow0, _slot in tiles.tolist():
+            assert lrow0 % BM == 0 and 0 <= lrow0 < rows[arm]
+            covered += range(starts[arm] + lrow0, starts[arm] + min(lrow0 + BM, rows[arm]))
+        assert covered == list(range(sum(rows)))
+        assert len(tiles) == sum(-(-m // BM) for m in rows)
