@@ -142,7 +142,8 @@ def _inputs(base: dict) -> list:
 
 
 def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
-          alpha_ratio=None, backend=None, rerun_changed: bool = False, force: bool = False) -> list[dict]:
+          alpha_ratio=None, backend=None, rerun_changed: bool = False, force: bool = False,
+          together: bool = False, group_size=None) -> list[dict]:
     """Run the arms of a rank sweep; returns one result row per arm (also written to ``sweep.csv``).
 
     Args:
@@ -158,6 +159,11 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         rerun_changed: re-train the existing arms whose recorded settings differ from their
             settings now (otherwise such arms are refused with a ``ConfigError``).
         force: write into ``out_dir`` even if it is a non-empty directory rankwise did not make.
+        together: train the LoRA arms in one process and one pass per step
+            (``rankwise.together.train_together``: one base model, one data pipeline); each arm
+            ends as its solo run would, in the same directory. Full and masked SFT arms still
+            run on their own, after them. Needs a config with ``method: lora``.
+        group_size: with ``together``, train at most this many LoRA arms at a time (None: all).
     """
     from . import train as _train
 
@@ -168,6 +174,17 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
     ranks = [int(r) for r in ranks]
     if any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
         raise ConfigError(f"ranks must be distinct integers >= 1, got {ranks}")
+    if together:
+        if not ranks:
+            raise ConfigError("--together: --ranks is empty; give the LoRA ranks to train together")
+        if base["method"] != "lora":
+            raise ConfigError(f"--together trains LoRA arms, but the config has method {base['method']!r}; "
+                              "set method: lora (full and masked SFT arms come from --full-sft / --masked)")
+        if group_size is not None and (isinstance(group_size, bool) or int(group_size) != group_size
+                                       or group_size < 1):
+            raise ConfigError(f"--group-size must be an integer >= 1, got {group_size!r}")
+    elif group_size is not None:
+        raise ConfigError("--group-size applies to --together sweeps only")
     fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
     for f in fractions:
         if not 0 < f <= 1:
@@ -181,6 +198,11 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         name = arm_name(method, rank, fraction)
         cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio)
         arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
+
+    if together:  # a rank the layers cannot hold: refused before anything is written
+        from .together import check_ranks
+
+        check_ranks(C.parse(arms[0][4]), ranks)
 
     # An existing arm is reused only if it was trained with the settings it would get now.
     changed = {}
@@ -205,7 +227,7 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
                           "to re-train them (the other arms are kept), or choose another output directory")
     claim(out_dir, "sweep")
     C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
-                 "alpha_ratio": alpha_ratio,
+                 "alpha_ratio": alpha_ratio, "together": bool(together), "group_size": group_size,
                  "arms": {name: {"method": method, "rank": rank, "fraction": fraction,
                                  "settings_hash": C.settings_hash(now),
                                  "settings": {k: v for k, v in now.items() if k in ARM_KEYS}}
@@ -214,18 +236,24 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
 
     from tqdm.auto import tqdm
 
+    def prepare_arm(name, arm_dir):
+        if name in changed:  # trained with other settings: its directory (rankwise's) is replaced
+            log.info("sweep: %s was trained with other %s; training it again", name, ", ".join(changed.pop(name)))
+            shutil.rmtree(arm_dir)
+        claim(arm_dir, "train")
+
+    grouped = train_groups(arms, group_size, prepare_arm) if together else {}
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
     for name, method, rank, fraction, cfg, _ in bar:
         bar.set_postfix(arm=name)
         arm_dir = cfg["output_dir"]
-        if name in changed:  # trained with other settings: its directory (rankwise's) is replaced
-            log.info("sweep: %s was trained with other %s; training it again", name, ", ".join(changed[name]))
-            shutil.rmtree(arm_dir)
-        claim(arm_dir, "train")
+        prepare_arm(name, arm_dir)
         row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
         summary_path = os.path.join(arm_dir, _train.SUMMARY)
-        if os.path.exists(summary_path):
+        if name in grouped:
+            summary = grouped[name]
+        elif os.path.exists(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
             log.info("sweep: %s already finished, skipped", name)
@@ -233,13 +261,12 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             try:
                 summary = _train.train(cfg, resume=True)  # resumes from a checkpoint when there is one
             except (RuntimeError, MemoryError) as e:  # OOM, NaN loss, CUDA errors: record and go on
-                reason = _failure_reason(e)
-                log.warning("sweep: arm %s failed: %s", name, reason)
-                summary = {"status": "failed", "reason": reason}
-                C.atomic_write_text(os.path.join(arm_dir, "failed.json"), json.dumps(summary) + "\n")
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                summary = {"status": "failed", "reason": _failure_reason(e)}
+                _release_memory()
+        if summary.get("status") == "failed":
+            log.warning("sweep: arm %s failed: %s", name, summary.get("reason"))
+            C.atomic_write_text(os.path.join(arm_dir, "failed.json"),
+                                json.dumps({"status": "failed", "reason": summary.get("reason")}) + "\n")
         row.update({k: summary.get(k) for k in COLUMNS if k not in row})
         row["status"] = summary.get("status", "finished")
         if row["status"] == "finished" and os.path.exists(os.path.join(arm_dir, "failed.json")):
@@ -249,6 +276,46 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
     plot(results, out_dir)
     write_tables(results, out_dir)  # again, now linking the plots
     return results
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def train_groups(arms, group_size, prepare_arm) -> dict:
+    """``--together``: train the LoRA arms that need training in groups; ``{arm name: summary}``.
+
+    An arm with ``summary.json`` is reused and one with a solo checkpoint (an
+    interrupted sequential sweep) resumes on its own, as without ``--together``.
+    A group that fails as a whole (out of memory, a CUDA error) records every
+    arm of it as failed; an arm stopped by a non-finite loss fails alone.
+    """
+    from . import train as _train
+    from .together import train_together
+
+    todo = []
+    for name, method, _, _, cfg, _ in arms:
+        if method != "lora":
+            continue
+        prepare_arm(name, cfg["output_dir"])
+        held = [os.path.exists(os.path.join(cfg["output_dir"], n)) for n in (_train.SUMMARY, _train.CHECKPOINT)]
+        if not any(held):
+            todo.append((name, cfg))
+    size = group_size or len(todo) or 1
+    out = {}
+    for i in range(0, len(todo), size):
+        group = todo[i:i + size]
+        log.info("sweep: training %s together", ", ".join(name for name, _ in group))
+        try:
+            summaries = train_together([cfg for _, cfg in group])
+        except (RuntimeError, MemoryError) as e:
+            reason = _failure_reason(e)
+            summaries = [{"status": "failed", "reason": reason}] * len(group)
+            _release_memory()
+        out.update({name: s for (name, _), s in zip(group, summaries)})
+    return out
 
 
 def _fmt(v):
@@ -342,6 +409,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerun-changed", action="store_true",
                         help="re-train the existing arms whose settings differ from their settings now "
                              "(default: refuse, naming the arms and keys); the other arms are kept")
+    parser.add_argument("--together", action="store_true",
+                        help="train the LoRA arms together: one base model and one data pass for all ranks "
+                             "(each arm's result is its solo run's); full/masked arms run after, on their own")
+    parser.add_argument("--group-size", type=int, default=None, metavar="G",
+                        help="with --together: at most G LoRA arms at a time (default: all)")
     parser.add_argument("--force", action="store_true",
                         help="write into the sweep directory even if it is a non-empty directory rankwise did not make")
 
@@ -353,7 +425,8 @@ def main(args) -> int:
     masked = _parse_list(args.masked, float, "--masked") if args.masked else None
     results = sweep(args.config, ranks, full_sft=args.full_sft, masked=masked, out_dir=args.out,
                     overrides=args.overrides, alpha_ratio=args.alpha_ratio, backend=args.backend,
-                    rerun_changed=args.rerun_changed, force=args.force)
+                    rerun_changed=args.rerun_changed, force=args.force, together=args.together,
+                    group_size=args.group_size)
     out = args.out or C.parse(args.config, args.overrides).output_dir
     print(open(os.path.join(out, "sweep.md")).read(), end="")
     failed = [r for r in results if r["status"] == "failed"]

@@ -1,0 +1,232 @@
+"""LoRA arms trained together (``rankwise sweep --together``, ``rankwise.together``) against their solo runs.
+
+Each arm of a together run must be the run ``rankwise train`` makes of the same
+config: the same logged losses, the same final update ``scaling * B @ A`` (the
+issue asks for 5e-3 and 5e-2 relative; on this CPU both agree to ~1e-5, see
+``test_together_sweep_arms_equal_their_solo_runs``), and the same files.
+"""
+import json
+import os
+
+import pytest
+import torch
+from test_data import build_tiny_llama, qa_rows, write_jsonl
+
+import rankwise.together as rtog
+import rankwise.train as rt
+from rankwise import cli
+from rankwise.adapter import lora_delta, lora_pairs, scaling_of
+from rankwise.errors import ConfigError
+from rankwise.ownership import owner
+from rankwise.sweep import sweep
+from rankwise.together import MultiLoRALinear, inject_multi_lora, train_together
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOSS_RTOL, DELTA_RTOL = 5e-3, 5e-2  # the issue's bounds; the measured errors are printed (pytest -s)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("togetherworld")
+    return {"model": build_tiny_llama(d / "model"),
+            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+            "data": {"train": write_jsonl(d / "train.jsonl", qa_rows(16)),
+                     "eval": write_jsonl(d / "eval.jsonl", qa_rows(4)), "max_length": 40},
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "log_every": 2, "save_every": 0},
+            "eval": {"every": 0, "max_new_tokens": 3}, "log": {"progress": False}, "output_dir": str(d / "unused")}
+
+
+def arm_cfg(cfg, r, out, **train):
+    return {**cfg, "lora": {**cfg["lora"], "r": r}, "train": {**cfg["train"], **train}, "output_dir": str(out)}
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def rel(a, b) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def compare_with_solo(arm_dir, solo_dir) -> tuple:
+    """(worst relative loss error over the logged rows, worst relative ||ΔW - ΔW_solo|| / ||ΔW_solo||)."""
+    ours, solo = read_rows(arm_dir), read_rows(solo_dir)
+    assert [r["step"] for r in ours] == [r["step"] for r in solo]
+    loss_err = 0.0
+    for a, b in zip(ours, solo):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                loss_err = max(loss_err, rel(a[key], b[key]))
+    cfg_a, pairs_a = lora_pairs(os.path.join(arm_dir, "adapter"))
+    cfg_b, pairs_b = lora_pairs(os.path.join(solo_dir, "adapter"))
+    assert cfg_a == cfg_b, "adapter_config.json differs from the solo run's"
+    assert pairs_a.keys() == pairs_b.keys()
+    delta_err = 0.0
+    for name in pairs_b:
+        da, db = lora_delta(*pairs_a[name], scaling_of(cfg_a)), lora_delta(*pairs_b[name], scaling_of(cfg_b))
+        delta_err = max(delta_err, float((da - db).norm() / db.norm()))
+    return loss_err, delta_err
+
+
+def check_like_solo(arm_dir, solo_dir, solo_summary, label):
+    loss_err, delta_err = compare_with_solo(arm_dir, solo_dir)
+    print(f"{label}: losses within {loss_err:.2g}, scaling*B@A within {delta_err:.2g} (relative)")
+    assert loss_err <= LOSS_RTOL, f"{label}: logged loss off by {loss_err:.3g} relative"
+    assert delta_err <= DELTA_RTOL, f"{label}: scaling*B@A off by {delta_err:.3g} relative"
+    with open(os.path.join(arm_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary.keys() == solo_summary.keys()
+    assert summary["status"] == "finished" and summary["steps"] == solo_summary["steps"]
+    assert summary["trainable_params"] == solo_summary["trainable_params"]
+    assert summary["settings_hash"] == solo_summary["settings_hash"], "the arm's settings are the solo run's"
+    assert rel(summary["delta_norm"], solo_summary["delta_norm"]) <= DELTA_RTOL
+    for name in (rt.RESOLVED_CONFIG, rt.SETTINGS):
+        assert os.path.isfile(os.path.join(arm_dir, name)), name
+    assert owner(arm_dir)["kind"] == "train"
+    assert not os.path.exists(os.path.join(arm_dir, "checkpoint"))
+    return summary
+
+
+def test_inject_multi_lora_draws_each_arms_solo_init(cfg):
+    from rankwise.lora import inject_lora, lora_layers
+    from rankwise.model import load_model
+
+    ranks = [1, 5, 16]
+    model = inject_multi_lora(load_model(cfg["model"], dtype="fp32"), ["q_proj", "v_proj"], ranks, [2.0, 8.0, 4.0],
+                              seed=3)
+    layers = rtog.multi_lora_layers(model)
+    assert len(layers) == 4 and all(m.ranks == ranks for _, m in layers)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and "arm_" not in n]
+    for k, r in enumerate(ranks):
+        torch.manual_seed(3)
+        solo = dict(lora_layers(inject_lora(load_model(cfg["model"], dtype="fp32"), ["q_proj", "v_proj"], r, 1.0)))
+        for name, m in layers:
+            assert torch.equal(m.arm_A[k], solo[name].lora_A), f"arm {k} (r={r}) {name}: A is not the solo draw"
+            assert not m.arm_B[k].any()
+    x = torch.randn(3 * 2, 5, 32)  # three row blocks of (2, 5): the same input for each arm
+    x[2:4], x[4:] = x[:2], x[:2]
+    name, m = layers[0]
+    with torch.no_grad():
+        for k in range(3):
+            m.arm_B[k].normal_()
+        y = m(x)
+        for k in range(3):
+            rtog.select_arms(model, [k])
+            assert m.lora_A is m.arm_A[k] and m.scaling == m.scalings[k]
+            torch.testing.assert_close(y[2 * k:2 * k + 2], m(x[:2]), rtol=1e-5, atol=1e-5)
+    rtog.select_arms(model, [0, 2])
+    assert m.lora_A is None
+    with pytest.raises(ValueError, match="one block of rows per selected arm"):
+        m(torch.randn(3, 4, 32))
+    assert isinstance(m, MultiLoRALinear) and "ranks=[1, 5, 16]" in repr(m)
+
+
+def test_together_sweep_arms_equal_their_solo_runs(cfg, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    ranks = [1, 4, 16]  # 16: the most v_proj (32 -> 16) can hold
+    results = sweep(cfg, ranks, out_dir=str(out), alpha_ratio=2, together=True)
+    assert [r["arm"] for r in results] == ["lora_r1", "lora_r4", "lora_r16"]
+    assert all(r["status"] == "finished" for r in results)
+    md = (out / "sweep.md").read_text()
+    assert "| lora_r16 |" in md and (out / "sweep_in_domain.png").exists()
+    for r in ranks:
+        solo_dir = tmp_path / f"solo_r{r}"
+        solo = rt.train({**arm_cfg(cfg, r, solo_dir), "lora": {**cfg["lora"], "r": r, "alpha": 2.0 * r}})
+        check_like_solo(out / "arms" / f"lora_r{r}", solo_dir, solo, f"r={r}")
+        assert [x["step"] for x in read_rows(solo_dir)] == [2, 4, 6, 6]  # three loss rows, then the final eval
+
+    # a second sweep reuses every finished arm: nothing trains
+    def refuse(*a, **k):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(rtog, "train_together", refuse)
+    monkeypatch.setattr(rt, "train", refuse)
+    again = sweep(cfg, ranks, out_dir=str(out), alpha_ratio=2, together=True)
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in results]
+
+
+def test_nf4_base_arms_equal_their_solo_runs(cfg, tmp_path):
+    base = {**cfg, "quantization": "nf4"}
+    ranks = [2, 8]
+    summaries = train_together([arm_cfg(base, r, tmp_path / f"arm_r{r}") for r in ranks])
+    assert [s["rank"] for s in summaries] == ranks
+    for r in ranks:
+        solo = rt.train(arm_cfg(base, r, tmp_path / f"solo_r{r}"))
+        check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"nf4 r={r}")
+
+
+def test_a_nan_arm_stops_alone(cfg, tmp_path):
+    cfgs = [arm_cfg(cfg, 2, tmp_path / "ok_r2"), arm_cfg(cfg, 4, tmp_path / "bad_r4", lr=1e30),
+            arm_cfg(cfg, 8, tmp_path / "ok_r8")]
+    summaries = train_together(cfgs)
+    bad = summaries[1]
+    assert bad["status"] == "failed" and bad["reason"].startswith("non-finite loss: training loss is nan at step ")
+    assert json.loads((tmp_path / "bad_r4" / "failed.json").read_text())["reason"] == bad["reason"]
+    assert not (tmp_path / "bad_r4" / "summary.json").exists()
+    for r, k in ((2, 0), (8, 2)):
+        assert summaries[k]["status"] == "finished"
+        solo = rt.train(arm_cfg(cfg, r, tmp_path / f"solo_r{r}"))
+        check_like_solo(tmp_path / f"ok_r{r}", tmp_path / f"solo_r{r}", solo, f"next to a NaN arm, r={r}")
+
+
+def test_group_size_trains_the_arms_in_groups(cfg, tmp_path, monkeypatch):
+    groups, real = [], rtog.train_together
+
+    def recording(cfgs, *a, **k):
+        groups.append([c["lora"]["r"] for c in cfgs])
+        return real(cfgs, *a, **k)
+
+    monkeypatch.setattr(rtog, "train_together", recording)
+    results = sweep(cfg, [1, 2, 4], out_dir=str(tmp_path / "g"), together=True, group_size=2)
+    assert groups == [[1, 2], [4]]
+    assert [r["status"] for r in results] == ["finished"] * 3
+    whole = sweep(cfg, [1, 2, 4], out_dir=str(tmp_path / "whole"), together=True)
+    for a, b in zip(results, whole):
+        assert rel(a["train_loss"], b["train_loss"]) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ranks": []}, "--ranks is empty"),
+    ({"ranks": [2], "overrides": ["method=full"]}, "--together trains LoRA arms, but the config has method 'full'"),
+    ({"ranks": [1, 17]}, r"ranks \[17\] exceed the dimensions of model.layers.0.self_attn.v_proj \(32 -> 16\)"),
+    ({"ranks": [1], "group_size": 0}, "--group-size must be an integer >= 1"),
+    ({"ranks": [1], "together": False, "group_size": 2}, "--group-size applies to --together sweeps only"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(cfg, tmp_path, kwargs, match):
+    out = tmp_path / "bad"
+    kwargs = {"together": True, **kwargs}
+    with pytest.raises(ConfigError, match=match) as e:
+        sweep(cfg, out_dir=str(out), **kwargs)
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+
+
+def test_cli_together_and_its_refusals(cfg, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "cli")}))
+    assert cli.main(["sweep", str(path), "--ranks", "1,2", "--together", "--set", "train.max_steps=2"]) == 0
+    assert "lora_r2" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "arms" / "lora_r2" / "adapter" / "adapter_config.json").exists()
+    for argv, message in (([",", "--together"], "--ranks is empty"),
+                          (["1", "--together", "--set", "method=full"], "--together trains LoRA arms"),
+                          (["1,64", "--together"], "ranks [64] exceed the dimensions")):
+        out = tmp_path / "refused"
+        assert cli.main(["sweep", str(path), "--ranks", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_train_together_refuses_arms_that_differ_in_shared_keys(cfg, tmp_path):
+    cfgs = [arm_cfg(cfg, 1, tmp_path / "a"), arm_cfg(cfg, 2, tmp_path / "b", max_steps=3)]
+    with pytest.raises(ConfigError, match="differs in train.max_steps"):
+        train_together(cfgs)
+    with pytest.raises(ConfigError, match="share the output_dir"):
+        train_together([arm_cfg(cfg, 1, tmp_path / "a"), arm_cfg(cfg, 2, tmp_path / "a")])
+    with pytest.raises(ConfigError, match="PiSSA"):
+        train_together([{**arm_cfg(cfg, 1, tmp_path / "a"), "lora": {**cfg["lora"], "init": "pissa"}}])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
