@@ -230,3 +230,45 @@ def test_train_together_refuses_arms_that_differ_in_shared_keys(cfg, tmp_path):
     with pytest.raises(ConfigError, match="PiSSA"):
         train_together([{**arm_cfg(cfg, 1, tmp_path / "a"), "lora": {**cfg["lora"], "init": "pissa"}}])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_an_interrupted_together_sweep_resumes_from_its_checkpoint(cfg, tmp_path, monkeypatch):
+    """Stopped after the step-4 checkpoint, run again: every arm ends bit for bit as in an uninterrupted sweep."""
+    c = {**cfg, "train": {**cfg["train"], "save_every": 2}, "lora": {**cfg["lora"], "dropout": 0.1}}
+    whole = sweep(c, [1, 4], out_dir=str(tmp_path / "whole"), together=True)
+    real_lr_at = rt.lr_at
+
+    def crash_at_step_5(step, *a, **k):
+        if step == 4:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    with pytest.raises(Crash):
+        sweep(c, [1, 4], out_dir=str(out), together=True)
+    ckpt = out / "together" / "lora_r1+lora_r4"
+    assert (ckpt / "tensors.safetensors").exists() and not (out / "arms" / "lora_r1" / "summary.json").exists()
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    resumed = sweep(c, [1, 4], out_dir=str(out), together=True)
+    assert not ckpt.exists(), "the checkpoint is removed when the group finishes"
+    for a, b in zip(resumed, whole):
+        assert a["train_loss"] == b["train_loss"] and a["eval_loss"] == b["eval_loss"]
+        _, pa = lora_pairs(out / "arms" / a["arm"] / "adapter")
+        _, pb = lora_pairs(tmp_path / "whole" / "arms" / b["arm"] / "adapter")
+        assert all(torch.equal(pa[n][i], pb[n][i]) for n in pb for i in (0, 1))
+        rows = lambda d: [(r["step"], r.get("loss")) for r in read_rows(d)]  # noqa: E731
+        assert rows(out / "arms" / a["arm"]) == rows(tmp_path / "whole" / "arms" / b["arm"])
+
+
+def test_dropout_masks_are_the_solo_runs(cfg, tmp_path):
+    """With dropout each arm draws its solo run's seeds, and the op its solo run's masks: the runs agree."""
+    c = {**cfg, "lora": {**cfg["lora"], "dropout": 0.2}}
+    train_together([arm_cfg(c, r, tmp_path / f"arm_r{r}") for r in (1, 4)])
+    for r in (1, 4):
+        solo = rt.train(arm_cfg(c, r, tmp_path / f"solo_r{r}"))
+        check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"dropout 0.2, r={r}")

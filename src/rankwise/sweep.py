@@ -55,6 +55,8 @@ COLUMNS = ["arm", "method", "rank", "fraction", "status", "reason", "steps", "tr
            "output_dir"]
 
 
+TOGETHER_DIR = "together"  # OUT/together/<arm names>: the checkpoint of a group of arms trained together
+
 # The keys an arm sets on top of the sweep's config (recorded per arm in sweep.yaml).
 ARM_KEYS = ("method", "lora.r", "lora.alpha", "mask.fraction", "quantization")
 
@@ -242,7 +244,7 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             shutil.rmtree(arm_dir)
         claim(arm_dir, "train")
 
-    grouped = train_groups(arms, group_size, prepare_arm) if together else {}
+    grouped = train_groups(arms, group_size, prepare_arm, out_dir) if together else {}
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
     for name, method, rank, fraction, cfg, _ in bar:
@@ -284,16 +286,18 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def train_groups(arms, group_size, prepare_arm) -> dict:
+def train_groups(arms, group_size, prepare_arm, out_dir) -> dict:
     """``--together``: train the LoRA arms that need training in groups; ``{arm name: summary}``.
 
     An arm with ``summary.json`` is reused and one with a solo checkpoint (an
     interrupted sequential sweep) resumes on its own, as without ``--together``.
     A group that fails as a whole (out of memory, a CUDA error) records every
-    arm of it as failed; an arm stopped by a non-finite loss fails alone.
+    arm of it as failed; an arm stopped by a non-finite loss fails alone. Each
+    group checkpoints (every ``train.save_every`` steps) into
+    ``OUT/together/<arm>+<arm>...``, and a sweep run again resumes it from there.
     """
     from . import train as _train
-    from .together import train_together
+    from .together import checkpoint_matches, train_together
 
     todo = []
     for name, method, _, _, cfg, _ in arms:
@@ -308,8 +312,12 @@ def train_groups(arms, group_size, prepare_arm) -> dict:
     for i in range(0, len(todo), size):
         group = todo[i:i + size]
         log.info("sweep: training %s together", ", ".join(name for name, _ in group))
+        ckpt = os.path.join(out_dir, TOGETHER_DIR, "+".join(name for name, _ in group))
+        if os.path.exists(ckpt) and not checkpoint_matches(ckpt, [cfg for _, cfg in group]):
+            log.info("sweep: %s is a checkpoint of other arms or settings; the group starts over", ckpt)
+            shutil.rmtree(ckpt)
         try:
-            summaries = train_together([cfg for _, cfg in group])
+            summaries = train_together([cfg for _, cfg in group], checkpoint_dir=ckpt, resume=True)
         except (RuntimeError, MemoryError) as e:
             reason = _failure_reason(e)
             summaries = [{"status": "failed", "reason": reason}] * len(group)

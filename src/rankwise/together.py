@@ -50,8 +50,11 @@ How the K arms share one pass:
 
 Evaluation and saving run arm by arm on the same model (``select_arms`` makes
 the model compute one arm; the adapter helpers then see arm k's solo model).
-Not yet here: a batched evaluation of the K arms, a checkpoint of a together run
-(an interrupted together run starts over), DDP, and the ``lora.init: pissa``
+**Checkpoint.** With ``checkpoint_dir``, the run saves one checkpoint of every arm
+(weights, optimizer state, dropout generator, log window, stopped or not) every
+``train.save_every`` steps, and ``resume=True`` continues from it.
+
+Not yet here: a batched evaluation of the K arms, DDP, and the ``lora.init: pissa``
 initialisation (its base weights depend on the rank, so the arms could not share one).
 """
 from __future__ import annotations
@@ -62,6 +65,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -69,6 +73,7 @@ from torch import nn
 
 from . import config as C
 from . import ownership
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import ConfigError
 
 log = logging.getLogger("rankwise")
@@ -377,12 +382,17 @@ def _write_failed(cfg: C.RunConfig, reason: str) -> dict:
     return summary
 
 
-def train_together(configs, force: bool = False) -> list:
+def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bool = False) -> list:
     """Train the LoRA arms of ``configs`` (one ``rankwise train`` config each) in one pass per step.
 
     Args:
         configs: ``RunConfig``s, config dicts or YAML paths, one per arm (see ``PER_ARM``).
         force: write into output directories rankwise did not make, or train finished arms again.
+        checkpoint_dir: where the run's one checkpoint (every arm) is saved every
+            ``train.save_every`` steps (``rankwise.checkpoint``: safetensors + JSON);
+            None: no checkpoint. Removed when the run finishes.
+        resume: continue from ``checkpoint_dir`` when it holds a checkpoint (refused,
+            naming the keys, when the arms or their settings differ from it).
 
     Returns one summary per arm, in order: the solo run's summary (also written
     to the arm's ``summary.json``), or ``{"status": "failed", "reason": ...}`` for
@@ -409,6 +419,10 @@ def train_together(configs, force: bool = False) -> list:
         if held and not force:
             raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({held[0]}); pass --force "
                               f"(force=True) to train it again from step 0, or choose another output_dir")
+    ckpt = None
+    if resume and checkpoint_dir is not None and os.path.exists(checkpoint_dir):
+        ckpt = load_checkpoint(checkpoint_dir)
+        check_checkpoint(ckpt, cfgs, arm_settings, checkpoint_dir)
     for cfg, s in zip(cfgs, arm_settings):
         T.prepare_output_dir(cfg, resume=False, force=force, run_settings=s)
     random.seed(t.seed)
@@ -432,24 +446,30 @@ def train_together(configs, force: bool = False) -> list:
     optimizers = [T.build_optimizer(c.train, tr, device) for c, tr in zip(cfgs, trainables)]
     log.info("together: %d LoRA arms (ranks %s), %s trainable parameters in all", K, [c.lora.r for c in cfgs],
              f"{sum(tr.numel for tr in trainables):,}")
-    for cfg, s in zip(cfgs, arm_settings):
-        T.write_run_files(cfg, s)
-    metrics = [T.MetricsLog(c.output_dir, 0, c.log.tensorboard, True) for c in cfgs]
-
-    # ---- the loop ---------------------------------------------------------------------------
-    live = list(range(K))  # arms still training, in row-block order
-    failed = {}  # arm -> reason
+    generators = multi_lora_layers(model)[0][1].generators  # per arm, shared by its layers
+    start_step, failed = 0, {}  # failed: arm -> reason
     windows = torch.zeros(K, 3, dtype=torch.float64)  # per arm: loss sum, target tokens, tokens since the last row
     last = [{} for _ in range(K)]
+    if ckpt is not None:
+        start_step = restore(ckpt, trainables, optimizers, generators, windows, last, failed, total_steps, device,
+                             checkpoint_dir)
+        log.info("together: resumed from %s at step %d", checkpoint_dir, start_step)
+    del ckpt
+    for cfg, s in zip(cfgs, arm_settings):
+        T.write_run_files(cfg, s)
+    metrics = [T.MetricsLog(c.output_dir, start_step, c.log.tensorboard, True) for c in cfgs]
+
+    # ---- the loop ---------------------------------------------------------------------------
+    live = [k for k in range(K) if k not in failed]  # arms still training, in row-block order
     bar = None
     if cfg0.log.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, desc=f"together {K} arms", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"together {K} arms", dynamic_ncols=True)
     model.train()
     t_window = time.time()
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             if not live:
                 break
             lrs = [T.lr_at(step, total_steps, c.train.lr, t.warmup, t.schedule, t.min_lr_ratio) for c in cfgs]
@@ -501,6 +521,10 @@ def train_together(configs, force: bool = False) -> list:
                     metrics[k].write({"step": done, **evaluate_arm(model, k, tokenizer, evals, cfgs[k], autocast)})
                 select_arms(model, live)
                 t_window = time.time()
+            if checkpoint_dir is not None and t.save_every and done % t.save_every == 0 and done != total_steps:
+                state = checkpoint_state(done, total_steps, arm_settings, trainables, optimizers, generators, windows,
+                                         last, failed, device)
+                save_checkpoint(checkpoint_dir, state)
     finally:
         if bar is not None:
             bar.close()
@@ -527,7 +551,74 @@ def train_together(configs, force: bool = False) -> list:
         metrics[k].close()
         summaries.append(summary)
     select_arms(model, range(K))
+    if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
+        shutil.rmtree(checkpoint_dir)
     return summaries
+
+
+def checkpoint_state(step, total_steps, arm_settings, trainables, optimizers, generators, windows, last, failed,
+                     device) -> dict:
+    """Everything a resumed together run needs, every arm's part in ``arms`` (see ``rankwise.checkpoint``)."""
+    return {"step": step, "total_steps": total_steps, "settings_hash": C.settings_hash({"arms": arm_settings}),
+            "settings": {"arms": arm_settings}, "rng": rng_state(device),
+            "arms": [{"trainable": {n: p.detach().to("cpu", copy=True) for n, p in tr.named},
+                      "optimizer": opt.state_dict(), "generator": g.get_state(), "log_window": windows[k].clone(),
+                      "last": last[k], "failed": failed.get(k)}
+                     for k, (tr, opt, g) in enumerate(zip(trainables, optimizers, generators))]}
+
+
+def check_checkpoint(ckpt: dict, cfgs: list, arm_settings: list, path) -> None:
+    """``resume``: the checkpoint must hold these arms with these settings (``config.NOT_SETTINGS`` aside)."""
+    from .train import describe_changes
+
+    old = (ckpt.get("settings") or {}).get("arms") if isinstance(ckpt.get("settings"), dict) else None
+    if not isinstance(old, list) or not all(isinstance(o, dict) for o in old):
+        raise ConfigError(f"cannot read checkpoint {path}: not a checkpoint of a together run")
+    if len(old) != len(cfgs):
+        raise ConfigError(f"--resume: the checkpoint {path} holds {len(old)} arms, this run has {len(cfgs)}; "
+                          f"choose another checkpoint directory for these arms")
+    for cfg, o, now in zip(cfgs, old, arm_settings):
+        if C.changed_settings(o, now):
+            raise ConfigError(f"--resume: the settings of the arm {cfg.output_dir} changed since the checkpoint "
+                              f"{path}: {describe_changes(o, now)}")
+
+
+def checkpoint_matches(path, configs) -> bool:
+    """Whether ``path`` holds a readable checkpoint of these arms with their settings now (see ``check_checkpoint``)."""
+    cfgs = [C.parse(c) for c in configs]
+    try:
+        check_checkpoint(load_checkpoint(path), cfgs, [C.settings(c) for c in cfgs], path)
+    except ConfigError:
+        return False
+    return True
+
+
+def restore(ckpt: dict, trainables, optimizers, generators, windows, last, failed, total_steps, device, path) -> int:
+    """Load every arm's weights, optimizer, dropout generator, log window and status; returns the step."""
+    if ckpt.get("total_steps") != total_steps:
+        raise ConfigError(f"--resume: the checkpoint {path} was made for {ckpt.get('total_steps')} steps, the "
+                          f"config now gives {total_steps}")
+    arms = ckpt.get("arms")
+    if not isinstance(arms, list) or len(arms) != len(trainables):
+        raise ConfigError(f"cannot read checkpoint {path}: it does not hold {len(trainables)} arms")
+    try:
+        with torch.no_grad():
+            for k, (arm, tr, opt, g) in enumerate(zip(arms, trainables, optimizers, generators)):
+                for n, p in tr.named:
+                    p.copy_(arm["trainable"][n])
+                opt.load_state_dict(arm["optimizer"])
+                g.set_state(arm["generator"])
+                windows[k] = arm["log_window"]
+                last[k] = dict(arm["last"] or {})
+                if arm.get("failed"):
+                    failed[k] = arm["failed"]
+                    for p in tr.params:
+                        p.requires_grad_(False)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"--resume: the checkpoint {path} does not fit these arms: "
+                          f"{' '.join(str(e).split())[:200]}") from None
+    set_rng_state(ckpt["rng"], device)
+    return int(ckpt["step"])
 
 
 def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:
