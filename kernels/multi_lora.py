@@ -63,14 +63,19 @@ math (differentiated by autograd), correct for any input and device;
 the NF4 kernels dequantize W tiles in registers, as ``nf4_lora.py``'s do. The
 tests compare both backends with a float64 per-arm reference of their own.
 
-torch.compile: the Triton backend is an autograd.Function (not yet a
-torch.library custom op), so dynamo graph-breaks around it.
+torch.compile: the Triton backend is registered as torch.library custom ops
+(``rankwise::multi_lora_linear`` / ``rankwise::multi_nf4_lora_linear`` returning
+(Y, S) with the autograd formula, and the backward ops
+``rankwise::multi_lora_ds_db``, ``rankwise::multi_lora_dx``,
+``rankwise::multi_nf4_lora_dx``, ``rankwise::multi_lora_da``), each with a fake
+function, so a compiled graph calls kernels 1-2 forward and 3-5 backward as
+eager does; eager calls take their autograd.Function twins (cheaper dispatch).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -93,6 +98,7 @@ from .utils import (
     dot_precision,
     dropout_keep,
     fit_shared_memory,
+    fused_apply,
     gemm_config,
     rank_block,
     round_bf16,
@@ -102,7 +108,7 @@ from .utils import (
     upcast_for_dot,
 )
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunction"]
+__all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunction", "MultiNF4LoRALinearFunction"]
 
 
 # ----------------------------------------------------------------------------
@@ -451,12 +457,14 @@ def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, dev
 
 def _base_args(base, K: int):
     """The base weight's kernel arguments: (W, six NF4 tensors), (stride_wn, stride_wk)
-    and the NF4 constexprs; for a dense W the NF4 slots are placeholders (W)."""
-    if isinstance(base, NF4Weight):
-        tensors, const = nf4_kernel_args(base)
+    and the NF4 constexprs. ``base`` is a dense W (the NF4 slots get placeholders)
+    or ``(the six tensors of nf4_kernel_args, (blocksize, double_quant,
+    nested_blocksize, W's original dtype))``."""
+    if isinstance(base, tuple):
+        tensors, (blocksize, double_quant, nested_blocksize, wdtype) = base
         return (tensors[0],) + tuple(tensors), (0, 0), dict(
-            NF4=True, QBLOCK=const["BLOCKSIZE"], DOUBLE=const["DOUBLE"], NESTED_BLOCK=const["NESTED_BLOCKSIZE"],
-            WDTYPE=TL_DTYPES[base.dtype], EVEN_K=K % 2 == 0, W_RNE=rounds_bf16_itself(base.dtype))
+            NF4=True, QBLOCK=blocksize, DOUBLE=double_quant, NESTED_BLOCK=nested_blocksize,
+            WDTYPE=TL_DTYPES[wdtype], EVEN_K=K % 2 == 0, W_RNE=rounds_bf16_itself(wdtype))
     return (base,) * 7, (base.stride(0), base.stride(1)), dict(
         NF4=False, QBLOCK=64, DOUBLE=False, NESTED_BLOCK=256, WDTYPE=tl.float32, EVEN_K=True, W_RNE=False)
 
@@ -572,50 +580,232 @@ def multi_lora_da(dS, x2, plan: MultiPlan, out_dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# Autograd
+# Autograd: as in lora_linear.py, one forward, setup_context and backward used
+# twice: as torch.library custom ops for torch.compile (forward ops
+# ``rankwise::multi_lora_linear`` (dense W) and ``rankwise::multi_nf4_lora_linear``
+# carry the autograd formula; backward ops ``rankwise::multi_lora_ds_db``,
+# ``rankwise::multi_lora_dx``, ``rankwise::multi_nf4_lora_dx``,
+# ``rankwise::multi_lora_da``; each with a fake function giving its output
+# shapes), and as autograd.Functions calling the same functions directly for
+# eager calls (cheaper to dispatch). The arms enter every op as five lists
+# (ranks, scalings, rows, dropout_ps, seeds: ``arms`` below); each op builds its
+# launch plan from them (``multi_plan``, its device tables memoised). An NF4
+# weight enters as the six tensors of ``nf4_kernel_args`` and four constants.
 # ----------------------------------------------------------------------------
 
 
+def _plan(t: torch.Tensor, ranks, scalings, rows, dropout_ps, seeds, nf4: bool) -> MultiPlan:
+    return multi_plan(rows, ranks, scalings, dropout_ps, seeds, t.dtype, t.device, nf4)
+
+
+def _s_numel(ranks, rows) -> int:
+    return sum(r * m for r, m in zip(ranks, rows))
+
+
+def _multi_lora_fwd(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    bias: Optional[torch.Tensor], ranks: list[int], scalings: list[float], rows: list[int],
+                    dropout_ps: list[float], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on a 2-D x and a dense W (kernels 1 and 2): ``(Y, S)``, the compact S
+    returned only so that backward can save it (marked non-differentiable)."""
+    plan = _plan(x2, ranks, scalings, rows, dropout_ps, seeds, False)
+    S = multi_lora_down(x2, lora_A, plan)
+    return _multi_fwd_gemm(x2, weight, S, lora_B, bias, plan), S
+
+
+def _multi_nf4_lora_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
+                        packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                        nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
+                        blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
+                        ranks: list[int], scalings: list[float], rows: list[int], dropout_ps: list[float],
+                        seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on a 2-D x and an NF4 W: ``(Y, S)`` as ``rankwise::multi_lora_linear``."""
+    plan = _plan(x2, ranks, scalings, rows, dropout_ps, seeds, True)
+    nf4 = ((packed, absmax, quant_map, nested_absmax, nested_map, offset),
+           (blocksize, double_quant, nested_blocksize, wdtype))
+    S = multi_lora_down(x2, lora_A, plan)
+    return _multi_fwd_gemm(x2, nf4, S, lora_B, bias, plan), S
+
+
+def _multi_ds_db(dY: torch.Tensor, S: torch.Tensor, lora_B: torch.Tensor, ranks: list[int], scalings: list[float],
+                 rows: list[int], dropout_ps: list[float], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dS, dB)`` of kernel 3; reads torch's deterministic flag when it runs."""
+    return multi_lora_ds_db(dY, S, lora_B, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, False))
+
+
+def _multi_dx_dense(dY: torch.Tensor, weight: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor,
+                    ranks: list[int], scalings: list[float], rows: list[int], dropout_ps: list[float],
+                    seeds: list[int]) -> torch.Tensor:
+    """dX of kernel 4 on a dense W, the masks regenerated from the seeds."""
+    return _multi_dx(dY, weight, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, False))
+
+
+def _multi_dx_nf4(dY: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                  nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
+                  blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
+                  dS: torch.Tensor, lora_A: torch.Tensor, ranks: list[int], scalings: list[float], rows: list[int],
+                  dropout_ps: list[float], seeds: list[int]) -> torch.Tensor:
+    """dX of kernel 4 on an NF4 W (tiles dequantized in registers)."""
+    nf4 = ((packed, absmax, quant_map, nested_absmax, nested_map, offset),
+           (blocksize, double_quant, nested_blocksize, wdtype))
+    return _multi_dx(dY, nf4, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, True))
+
+
+def _multi_da(dS: torch.Tensor, x2: torch.Tensor, ranks: list[int], scalings: list[float], rows: list[int],
+              dropout_ps: list[float], seeds: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """dA of kernel 5 in ``out_dtype``, the masks regenerated from the seeds."""
+    return multi_lora_da(dS, x2, _plan(x2, ranks, scalings, rows, dropout_ps, seeds, False), out_dtype)
+
+
+_fwd_op = torch.library.custom_op("rankwise::multi_lora_linear", _multi_lora_fwd, mutates_args=())
+_nf4_fwd_op = torch.library.custom_op("rankwise::multi_nf4_lora_linear", _multi_nf4_lora_fwd, mutates_args=())
+_ds_db_op = torch.library.custom_op("rankwise::multi_lora_ds_db", _multi_ds_db, mutates_args=())
+_dx_op = torch.library.custom_op("rankwise::multi_lora_dx", _multi_dx_dense, mutates_args=())
+_nf4_dx_op = torch.library.custom_op("rankwise::multi_nf4_lora_dx", _multi_dx_nf4, mutates_args=())
+_da_op = torch.library.custom_op("rankwise::multi_lora_da", _multi_da, mutates_args=())
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds):
+    return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((_s_numel(ranks, rows),))
+
+
+@_nf4_fwd_op.register_fake
+def _nf4_fwd_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
+                  blocksize, double_quant, nested_blocksize, wdtype, ranks, scalings, rows, dropout_ps, seeds):
+    return x2.new_empty((x2.shape[0], lora_B.shape[0])), x2.new_empty((_s_numel(ranks, rows),))
+
+
+@_ds_db_op.register_fake
+def _ds_db_fake(dY, S, lora_B, ranks, scalings, rows, dropout_ps, seeds):
+    return S.new_empty(S.shape), lora_B.new_empty(lora_B.shape)
+
+
+@_dx_op.register_fake
+def _dx_fake(dY, weight, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds):
+    return dY.new_empty((dY.shape[0], lora_A.shape[1]))
+
+
+@_nf4_dx_op.register_fake
+def _nf4_dx_fake(dY, packed, absmax, quant_map, nested_absmax, nested_map, offset, blocksize, double_quant,
+                 nested_blocksize, wdtype, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds):
+    return dY.new_empty((dY.shape[0], lora_A.shape[1]))
+
+
+@_da_op.register_fake
+def _da_fake(dS, x2, ranks, scalings, rows, dropout_ps, seeds, out_dtype):
+    return x2.new_empty((sum(ranks), x2.shape[1]), dtype=out_dtype)
+
+
+class _Backward(NamedTuple):
+    """Kernels 3 and 5 as callables: the plain functions (eager) or the ops (traced)."""
+    ds_db: Callable
+    da: Callable
+
+
+_EAGER = _Backward(_multi_ds_db, _multi_da)
+_TRACED = _Backward(lambda *a: torch.ops.rankwise.multi_lora_ds_db(*a), lambda *a: torch.ops.rankwise.multi_lora_da(*a))
+
+
+def _lowrank_grads(k: _Backward, dY, x2, lora_A, lora_B, S, arms, need, dx):
+    """``(dX, dA, dB)`` (None where ``need`` says no gradient); ``dx(dY, dS)`` runs kernel 4."""
+    need_x, need_a, need_b = need
+    dX = dA = dB = None
+    if need_x or need_a or need_b:
+        dS, dB = k.ds_db(dY, S, lora_B, *arms)
+        if need_x:
+            dX = dx(dY, dS)
+        if need_a:
+            dA = k.da(dS, x2, *arms, lora_A.dtype)
+        if not need_b:
+            dB = None
+    return dX, dA, dB
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, lora_A, lora_B, bias, *arms = inputs
+    S = output[1]
+    # Saved: x and the compact S (activations, sum_k M_k r_k values); W, A, B are
+    # the layer's own tensors, kept by reference; the seeds (in ``arms``): the
+    # dropout masks are regenerated, never stored.
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
+    ctx.arms = tuple(arms)
+    ctx.mark_non_differentiable(S)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dY, k: _Backward, dx):
+    """Gradients of the ten inputs of ``rankwise::multi_lora_linear``."""
+    x2, weight, lora_A, lora_B, S = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    if dY is None:
+        return (None,) * 10
+    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+    dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
+                                lambda dY, dS: dx(dY, weight, dS, lora_A, *ctx.arms))
+    # A dense base weight and the bias are frozen in LoRA, but get their gradients
+    # (in torch) when they require grad, like nn.Linear's.
+    dW = (dY.t() @ x2).to(weight.dtype) if need_w else None
+    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
+    return (dX, dW, dA, dB, dbias) + (None,) * 5
+
+
+def _nf4_setup_context(ctx, inputs, output):
+    # As the dense one; the NF4 tensors are the frozen W's own, kept by reference.
+    ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
+    ctx.nf4_meta = tuple(inputs[10:14])
+    ctx.arms = tuple(inputs[14:19])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _nf4_backward(ctx, dY, k: _Backward, dx):
+    """Gradients of the 19 inputs of ``rankwise::multi_nf4_lora_linear`` (the NF4 W gets none)."""
+    x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
+    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+    if dY is None:
+        return (None,) * 19
+    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
+    dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
+                                lambda dY, dS: dx(dY, *nf4, *ctx.nf4_meta, dS, lora_A, *ctx.arms))
+    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
+    return (dX, dA, dB, dbias) + (None,) * 15
+
+
+_fwd_op.register_autograd(
+    lambda ctx, dY, _dS: _backward(ctx, dY, _TRACED, lambda *a: torch.ops.rankwise.multi_lora_dx(*a)),
+    setup_context=_setup_context)
+_nf4_fwd_op.register_autograd(
+    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, _TRACED, lambda *a: torch.ops.rankwise.multi_nf4_lora_dx(*a)),
+    setup_context=_nf4_setup_context)
+
+
 class MultiLoRALinearFunction(torch.autograd.Function):
-    """Forward (S, then the base GEMM with the arms' tails) and backward (dS / dB,
-    dX, dA) of the Triton backend on a 2-D x; inputs validated and cast by
-    ``multi_lora_linear``. ``weight`` is the dense base (None for NF4), ``nf4`` the
-    NF4Weight (None for dense), ``plan`` a ``MultiPlan``."""
+    """The eager twin of ``rankwise::multi_lora_linear`` (dense W): same arguments,
+    outputs and autograd formula, functions called directly."""
 
     @staticmethod
-    def forward(ctx, x2, weight, lora_A, lora_B, bias, nf4, plan):
-        base = nf4 if nf4 is not None else weight
-        S = multi_lora_down(x2, lora_A, plan)
-        Y = _multi_fwd_gemm(x2, base, S, lora_B, bias, plan)
-        # Saved: x and the compact S (activations, sum_k M_k r_k values); W, A, B
-        # are the layer's own tensors, kept by reference; the per-arm seeds live in
-        # the plan: the dropout masks are regenerated, never stored.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
-        ctx.nf4, ctx.plan = nf4, plan
-        return Y
+    def forward(ctx, *inputs):
+        output = _multi_lora_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
-    def backward(ctx, dY):
-        x2, weight, lora_A, lora_B, S = ctx.saved_tensors
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        plan = ctx.plan
-        dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-        dX = dW = dA = dB = dbias = None
-        if need_x or need_a or need_b:
-            dS, dB = multi_lora_ds_db(dY, S, lora_B, plan)
-            if need_x:
-                dX = _multi_dx(dY, ctx.nf4 if ctx.nf4 is not None else weight, dS, lora_A, plan)
-            if need_a:
-                dA = multi_lora_da(dS, x2, plan, lora_A.dtype)
-            if not need_b:
-                dB = None
-        # A dense base weight and the bias are frozen in LoRA, but get their gradients
-        # (in torch) when they require grad, like nn.Linear's; an NF4 weight gets none.
-        if need_w:
-            dW = (dY.t() @ x2).to(weight.dtype)
-        if need_bias:
-            dbias = dY.float().sum(0).to(dY.dtype)
-        return dX, dW, dA, dB, dbias, None, None
+    def backward(ctx, dY, _dS):
+        return _backward(ctx, dY, _EAGER, _multi_dx_dense)
+
+
+class MultiNF4LoRALinearFunction(torch.autograd.Function):
+    """The eager twin of ``rankwise::multi_nf4_lora_linear``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _multi_nf4_lora_fwd(*inputs)
+        _nf4_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dY, _dS):
+        return _nf4_backward(ctx, dY, _EAGER, _multi_dx_nf4)
 
 
 # ----------------------------------------------------------------------------
@@ -803,8 +993,14 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
         return y.reshape(*lead, N)
     for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")) + (() if is_nf4 else ((weight, "weight"),)):
         check_triton_tensor(t, name)
-    plan = multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype, x.device, is_nf4)
+    arms = (list(ranks), list(scalings), list(rows), list(dropout_ps), list(seeds))
     with torch.autocast(device_type, enabled=False):
-        y = MultiLoRALinearFunction.apply(x2, None if is_nf4 else weight, lora_A, lora_B, bias,
-                                          weight if is_nf4 else None, plan)
+        if is_nf4:
+            tensors, const = nf4_kernel_args(weight)
+            y, _ = fused_apply(MultiNF4LoRALinearFunction, torch.ops.rankwise.multi_nf4_lora_linear)(
+                x2, lora_A, lora_B, bias, *tensors,
+                const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype, *arms)
+        else:
+            y, _ = fused_apply(MultiLoRALinearFunction, torch.ops.rankwise.multi_lora_linear)(
+                x2, weight, lora_A, lora_B, bias, *arms)
     return y.reshape(*lead, N)

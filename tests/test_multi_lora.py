@@ -269,3 +269,58 @@ def test_tile_map_never_mixes_arms():
             covered += range(starts[arm] + lrow0, starts[arm] + min(lrow0 + BM, rows[arm]))
         assert covered == list(range(sum(rows)))
         assert len(tiles) == sum(-(-m // BM) for m in rows)
+
+
+# ----------------------------------------------------------------------------
+# torch.compile: the custom ops pass opcheck, and a compiled call equals eager
+# (aot_eager: AOTAutograd's graphs run by eager torch, the kernels under the
+# interpreter on a CPU machine).
+# ----------------------------------------------------------------------------
+
+ARMS = ([2, 1, 5], [1.7, 0.5, 2.0], [6, 0, 11], [0.3, 0.0, 0.2], [7, 0, 9])   # ranks, scalings, rows, ps, seeds
+
+
+def test_opcheck_multi_lora_ops():
+    from rankwise.kernels.nf4 import nf4_kernel_args
+
+    ranks, _, rows, _, _ = ARMS
+    x, W, A, B, b, dy = make_inputs(rows, ranks, 30, 20, torch.float32)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_linear.default, (x, W, A, B, b, *ARMS))
+    q = quantize_nf4(W, double_quant=True)
+    tensors, c = nf4_kernel_args(q)
+    nf4 = (*tensors, c["BLOCKSIZE"], c["DOUBLE"], c["NESTED_BLOCKSIZE"], q.dtype)
+    torch.library.opcheck(torch.ops.rankwise.multi_nf4_lora_linear.default, (x, A, B, b, *nf4, *ARMS))
+    S = torch.randn(sum(r * m for r, m in zip(ranks, rows)))
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_ds_db.default, (dy, S, B.detach(), *ARMS))
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_dx.default, (dy, W, S, A.detach(), *ARMS))
+    torch.library.opcheck(torch.ops.rankwise.multi_nf4_lora_dx.default, (dy, *nf4, S, A.detach(), *ARMS))
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_da.default, (S, x.detach(), *ARMS, torch.float32))
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_compiled_call_matches_eager_and_calls_the_ops(nf4):
+    from helpers import op_names, recording_backend
+
+    ranks, sc, rows, ps, seeds = ARMS
+    x, W, A, B, b, dy = make_inputs(rows, ranks, 30, 20, torch.float32)
+    weight = quantize_nf4(W) if nf4 else W
+
+    def fn(x, A, B):
+        return multi_lora_linear(x, weight, A, B, ranks, sc, rows, b, dropout_p=ps, seeds=seeds, backend="triton")
+
+    torch._dynamo.reset()
+    backend, graphs = recording_backend()
+    try:
+        got = run_op(x, W, A, B, b, dy, ranks, sc, rows, "triton", weight=weight, dropout_p=ps, seeds=seeds)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        y = torch.compile(fn, backend=backend, fullgraph=True)(*leaves)
+        y.backward(dy)
+    finally:
+        torch._dynamo.reset()
+    for name, a, c in zip(("y", "dx", "dA", "dB"), got, [y.detach()] + [t.grad for t in leaves]):
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6, msg=name)
+    prefix = "rankwise.multi_nf4_lora" if nf4 else "rankwise.multi_lora"
+    assert f"{prefix}_linear.default" in op_names(graphs["forward"][0])
+    assert {"rankwise.multi_lora_ds_db.default", f"{prefix}_dx.default",
+            "rankwise.multi_lora_da.default"} <= op_names(graphs["backward"][0])
