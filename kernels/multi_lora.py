@@ -114,10 +114,10 @@ __all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunct
 # ----------------------------------------------------------------------------
 # Triton kernels
 #
-# Routing: the rows are cut into tiles per arm. A tile map (``_tile_map``, one
-# per row-block size BM) lists, for each tile t, its arm k, its first row inside
-# the arm (a multiple of BM) and, for dB in deterministic mode, its slot in the
-# per-tile dB buffer; an arm of M_k rows gets ceil(M_k / BM) tiles, the last one
+# Routing: the rows are cut into tiles per arm. A tile map (``_tiles``, one per
+# row-block size BM, built by ``multi_plan``) lists, for each tile t, its arm k,
+# its first row inside the arm (a multiple of BM) and, for dB in deterministic
+# mode, its slot in the per-tile dB buffer; an arm of M_k rows gets ceil(M_k / BM) tiles, the last one
 # partly masked, and an empty arm none. A program reads its tile's arm from the
 # map, then the arm's row start, row count, rank offset, rank, S offset, seed,
 # scaling and dropout (``_arm``): every tile belongs to exactly one arm, so no
@@ -134,12 +134,6 @@ __all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunct
 # kernels' mask for an input of the arm's rows alone. An arm with p = 0 keeps
 # every element (rand >= 0) with scale 1.
 # ----------------------------------------------------------------------------
-
-# per-arm int64 fields (ARM_I) and fp32 fields (ARM_F)
-_ROW0, _ROWS, _AOFF, _RANK, _SOFF, _SEED = range(6)
-_NI = 6
-_SCALE, _P, _KEEP = range(3)
-_NF = 3
 
 
 @triton.jit

@@ -6,9 +6,16 @@ and plain matmuls, independently of the op's torch path. On a CPU machine the
 Triton kernels run under TRITON_INTERPRET=1 (conftest.py); shapes are small.
 
 Tolerances, as max|out - ref64| / max|ref64| per tensor (``helpers.check``):
-- fp32: 2e-5 (fp32 accumulation over at most a few hundred terms);
+- fp32: 2e-6 (fp32 accumulation over at most a few hundred terms; both backends
+  reach <= 3e-7 on these shapes);
 - fp16: at most 2x the error of the same per-arm math done by torch in fp16
-  (``multi_lora_ref`` on fp16 tensors), with a floor of 1e-3.
+  (``multi_lora_ref`` on fp16 tensors), with a floor of half a unit in the last
+  place (2^-12) for a torch error that happens to be tiny. Measured: within
+  1.6x torch's own error.
+- bf16: the torch backend as fp16 (2x torch's bf16 error, floor 2^-9); the
+  Triton backend under the interpreter 3e-2, as ``test_lora_linear``'s bf16
+  path: the interpreter truncates fp32 -> bf16 when the kernels store S and dS,
+  which biases dA (~4x torch's error here); a GPU rounds to nearest.
 """
 import pytest
 import torch
@@ -16,9 +23,11 @@ import torch
 from helpers import check, nf4_dequantize_ref64, rel_err
 from rankwise.kernels import dropout_mask, lora_linear
 from rankwise.kernels.multi_lora import multi_lora_linear
+from rankwise.kernels.utils import INTERPRET
 from rankwise.quant import quantize_nf4
 
-TOL32 = 2e-5
+TOL32 = 2e-6
+FLOOR = {torch.float16: 2.0**-12, torch.bfloat16: 2.0**-9}
 BACKENDS = ["torch", "triton"]
 
 # (rows per arm, ranks per arm, in K, out N): empty arms, one-row arms, blocks
@@ -88,11 +97,11 @@ def run_ref(x, W, A, B, b, dy, ranks, scalings, rows, ps=None, masks=None, dtype
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def compare(got, ref64, dtype, low=None):
+def compare(got, ref64, dtype, low=None, tol=None):
     for name, g_, r_, *l_ in zip(("y", "dx", "dA", "dB"), got, ref64, *([low] if low else [])):
         assert g_.dtype == dtype, f"{name}: dtype {g_.dtype}"
-        tol = TOL32 if dtype == torch.float32 else max(2 * rel_err(l_[0], r_), 1e-3)
-        check(name, g_, r_, tol)
+        t = tol or (TOL32 if dtype == torch.float32 else max(2 * rel_err(l_[0], r_), FLOOR[dtype]))
+        check(name, g_, r_, t)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,6 +114,17 @@ def test_forward_and_grads_match_float64(rows, ranks, K, N, dtype, backend):
     ref = run_ref(x, W, A, B, b, dy, ranks, sc, rows)
     low = run_ref(x, W, A, B, b, dy, ranks, sc, rows, dtype=dtype) if dtype != torch.float32 else None
     compare(got, ref, dtype, low)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16(backend):
+    """bf16 (under the interpreter the kernels upcast bf16 tiles before tl.dot)."""
+    rows, ranks, K, N = (3, 18), (1, 6), 26, 20
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.bfloat16)
+    got = run_op(x, W, A, B, b, dy, ranks, (1.5, 0.5), rows, backend)
+    ref = run_ref(x, W, A, B, b, dy, ranks, (1.5, 0.5), rows)
+    low = run_ref(x, W, A, B, b, dy, ranks, (1.5, 0.5), rows, dtype=torch.bfloat16)
+    compare(got, ref, torch.bfloat16, low, tol=3e-2 if backend == "triton" and INTERPRET else None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
