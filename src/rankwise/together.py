@@ -333,7 +333,8 @@ def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torc
     """``(n,)`` fp32: each arm's summed cross entropy over the completion tokens of its copy of ``batch``.
 
     ``fused``: the output head and the loss through ``linear_cross_entropy`` (the solo
-    run's ``FusedLossLM``), one call per arm; else the model's logits at the target positions.
+    run's ``FusedLossLM``), one call over every arm's target rows with per-row losses
+    summed per arm; else the model's logits at the target positions.
     """
     dev = next(model.parameters()).device
     b = stacked(batch, n, dev)
@@ -345,8 +346,9 @@ def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torc
         out = model.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         head = model.get_output_embeddings()
-        return torch.stack([linear_cross_entropy(hidden[i, keep], head.weight, targets, head.bias, reduction="sum",
-                                                 backend=backend) for i in range(n)])
+        rows = linear_cross_entropy(hidden[:, keep].reshape(n * len(keep), -1), head.weight, targets.repeat(n),
+                                    head.bias, reduction="none", backend=backend)
+        return rows.view(n, -1).sum(1)
     inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         logits = model(**inputs, logits_to_keep=keep).logits
@@ -467,7 +469,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
 
         bar = tqdm(total=total_steps, initial=start_step, desc=f"together {K} arms", dynamic_ncols=True)
     model.train()
-    t_window = time.time()
+    t_window, selected = time.time(), None
     try:
         for step in range(start_step, total_steps):
             if not live:
@@ -476,7 +478,9 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
             for k in live:
                 for group in optimizers[k].param_groups:
                     group["lr"] = lrs[k]
-            select_arms(model, live)
+            if selected != live:  # the first step, or an arm stopped: the row blocks change
+                select_arms(model, live)
+                selected = list(live)
             step_batches = batches.step(step, ga, one)
             n_tgt = sum(b["n_targets"] for _, b in step_batches)
             sums = torch.zeros(len(live), dtype=torch.float64, device=device)
