@@ -413,28 +413,32 @@ def _tiles(rows, ranks, BM):
 
 
 @functools.lru_cache(maxsize=128)
-def _device_tables(rows, ranks, scalings, ps, seeds, gemm_bm, skinny_bm, device):
-    """The per-arm tables and tile maps as device tensors (two host-to-device
-    copies), memoised on their arguments: a training step calls each layer with
-    the same arms again and again."""
+def _arm_tables(rows, ranks, scalings, ps, seeds, device):
+    """The per-arm tables on the device, ``(arm_i, arm_f, sum_k M_k r_k)``, memoised:
+    a training step calls each layer with the same arms again and again (with
+    per-step dropout seeds, only these two small tables are copied anew)."""
     arm_i, arm_f, row0, aoff, soff = [], [], 0, 0, 0
     for M_k, r, s, p, seed in zip(rows, ranks, scalings, ps, seeds):
         arm_i.append((row0, M_k, aoff, r, soff, seed if p > 0.0 else 0))
         arm_f.append((s, p, 1.0 / (1.0 - p) if p > 0.0 else 1.0))
         row0, aoff, soff = row0 + M_k, aoff + r, soff + M_k * r
-    gemm = _tiles(rows, ranks, gemm_bm)[0]
-    skinny, first, count, slots = _tiles(rows, ranks, skinny_bm)
-    flat = [v for row in arm_i for v in row] + [v for row in gemm for v in row] + [v for row in skinny for v in row]
-    ints = torch.tensor(flat, dtype=torch.int64).to(device)
-    n, tg = len(rows), len(gemm)
-    return (ints[:6 * n].view(n, 6), torch.tensor(arm_f, dtype=torch.float32).reshape(n, 3).to(device),
-            ints[6 * n:6 * n + 3 * tg].view(tg, 3), ints[6 * n + 3 * tg:].view(-1, 3), soff, first, count, slots)
+    return (torch.tensor(arm_i, dtype=torch.int64).to(device), torch.tensor(arm_f, dtype=torch.float32).to(device),
+            soff)
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_table(rows, ranks, BM, device):
+    """The tile map for row blocks of BM on the device, (T, 3) int64, with ``_tiles``'
+    per-arm first slots, tile counts and slot total; memoised like ``_arm_tables``."""
+    tiles, first, count, slots = _tiles(rows, ranks, BM)
+    return torch.tensor(tiles, dtype=torch.int64).reshape(-1, 3).to(device), first, count, slots
 
 
 def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, device: torch.device,
                nf4: bool) -> MultiPlan:
     """The launch plan of one call: tile sizes for ``dtype`` on ``device`` (NF4 or
     dense base GEMMs) and the device tables of the arms."""
+    rows, ranks = tuple(rows), tuple(ranks)
     r_max = max(ranks)
     gemm_cfg = nf4_gemm_config(dtype, device) if nf4 else gemm_config(dtype)
     gemm_br = rank_block(r_max)
@@ -442,10 +446,10 @@ def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, dev
         gemm_cfg = fit_shared_memory(gemm_cfg, device, gemm_br, dtype)
     skinny_br = rank_block(r_max, cap=32 if INTERPRET else 128)
     skinny_cfg = fit_shared_memory(skinny_config(dtype), device, skinny_br, dtype)
-    arm_i, arm_f, gemm_tiles, skinny_tiles, s_size, first, count, slots = _device_tables(
-        tuple(rows), tuple(ranks), tuple(scalings), tuple(dropout_ps), tuple(seeds),
-        gemm_cfg["BM"], skinny_cfg["BM"], device)
-    return MultiPlan(tuple(rows), tuple(ranks), arm_i, arm_f, gemm_tiles, skinny_tiles, gemm_cfg, gemm_br,
+    arm_i, arm_f, s_size = _arm_tables(rows, ranks, tuple(scalings), tuple(dropout_ps), tuple(seeds), device)
+    gemm_tiles = _tile_table(rows, ranks, gemm_cfg["BM"], device)[0]
+    skinny_tiles, first, count, slots = _tile_table(rows, ranks, skinny_cfg["BM"], device)
+    return MultiPlan(rows, ranks, arm_i, arm_f, gemm_tiles, skinny_tiles, gemm_cfg, gemm_br,
                      skinny_cfg, skinny_br, any(p > 0.0 for p in dropout_ps), s_size, first, count, slots)
 
 

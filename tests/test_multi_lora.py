@@ -344,3 +344,15 @@ def test_compiled_call_matches_eager_and_calls_the_ops(nf4):
     assert f"{prefix}_linear.default" in op_names(graphs["forward"][0])
     assert {"rankwise.multi_lora_ds_db.default", f"{prefix}_dx.default",
             "rankwise.multi_lora_da.default"} <= op_names(graphs["backward"][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_cast_to_x_and_autocast(backend):
+    rows, ranks, K, N = (4, 5), (2, 3), 16, 12
+    x, W, A, B, b, _ = make_inputs(rows, ranks, K, N, torch.float16)
+    y = multi_lora_linear(x, W, A.float(), B.float(), ranks, (1.0, 2.0), rows, b, backend=backend)
+    assert y.dtype == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = multi_lora_linear(x.float(), W.float(), A.float(), B.float(), ranks, (1.0, 2.0), rows, b.float(),
+                              backend=backend)
+    assert y.dtype == torch.bfloat16
