@@ -1,7 +1,7 @@
-"""Segmented multi-arm LoRA linear layer: K LoRA arms (adapters of different
-ranks) over one frozen base weight, each arm on its own contiguous block of rows
-(issue 14: a rank sweep trained in one pass, the K arms' copies of a batch
-stacked along the rows).
+"""Segmented multi-arm LoRA linear layer: several LoRA arms (adapters of
+different ranks) over one frozen base weight, each arm on its own contiguous
+block of rows (issue 14: a rank sweep trained in one pass, the arms' copies of
+a batch stacked along the rows).
 
 Math (x: (M, K) after flattening leading dims, rows of arm k the block
 [m_k, m_k + M_k) with sum_k M_k = M; W: (N, K) dense or NF4; arm k has rank r_k,
@@ -44,8 +44,10 @@ in memory. kernel 5 runs one program column per arm over that arm's rows.
 
 Saved for backward: x and the compact S (arm k's (M_k, r_k) block after
 the others: sum_k M_k r_k values, not M * max r); W, A, B, b are the layer's own
-tensors, kept by reference; the per-arm seeds (in the launch plan). The dropout
-masks are never stored: kernels 1, 4 and 5 regenerate them.
+tensors, kept by reference; the per-arm lists (ranks, scalings, rows, dropout,
+seeds). The dropout masks are never stored: kernels 1, 4 and 5 regenerate them
+from the seeds. Accumulation is fp32 throughout; S and dS are stored in the
+compute dtype, as in the single-arm op.
 
 Dropout: arm k's mask is drawn for x_k alone from seeds[k], exactly as
 ``lora_linear`` draws it for an input x_k with that seed, on each backend: the
@@ -117,13 +119,14 @@ __all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunct
 # Routing: the rows are cut into tiles per arm. A tile map (``_tiles``, one per
 # row-block size BM, built by ``multi_plan``) lists, for each tile t, its arm k,
 # its first row inside the arm (a multiple of BM) and, for dB in deterministic
-# mode, its slot in the per-tile dB buffer; an arm of M_k rows gets ceil(M_k / BM) tiles, the last one
-# partly masked, and an empty arm none. A program reads its tile's arm from the
-# map, then the arm's row start, row count, rank offset, rank, S offset, seed,
-# scaling and dropout (``_arm``): every tile belongs to exactly one arm, so no
-# tile ever mixes two arms' low-rank terms, and the base GEMM still covers every
-# row once (over all arms, with at most one partial tile per arm: <= K extra
-# tiles against a plain GEMM's cdiv(M, BM)). No row is copied or padded in memory.
+# mode, its slot in the per-tile dB buffer; an arm of M_k rows gets
+# ceil(M_k / BM) tiles, the last one partly masked, and an empty arm none. A
+# program reads its tile's arm from the map, then the arm's row start, row
+# count, rank offset, rank, S offset, seed, scaling and dropout (``_arm``):
+# every tile belongs to exactly one arm, so no tile ever mixes two arms'
+# low-rank terms, and the base GEMM still covers every row once (at most one
+# extra tile per arm against a plain GEMM's cdiv(M, BM)). No row is copied or
+# padded in memory. dA (kernel 5) needs no map: its grid has one axis per arm.
 #
 # S and dS are stored compactly, arm after arm: arm k's (M_k, r_k) block starts
 # at s_k = sum_{j<k} M_j * r_j (row stride r_k), so they hold sum_k M_k * r_k
