@@ -1,14 +1,18 @@
-"""Wall time of ``rankwise sweep`` over several ranks against the same arms run
-one by one with ``rankwise train`` (the baseline that training several adapters
-in one pass will have to beat).
+"""``rankwise sweep --together`` against the same sweep run arm after arm, for K = 4 and 8 ranks.
 
     python -m benchmarks.bench_sweep [--out DIR] [--smoke] [--ranks 4,8,16]
 
 The model is a small Llama built from a config with a word-level tokenizer
-(no hub); the data is a toy closed-book QA set. Both sides use the same config,
-seed and number of steps, after one untimed warm-up run (first-call costs:
-imports, kernel and tokenizer caches). Reported: seconds per arm on each side
-and the ratio of the totals. Today the sweep runs its arms one after the other.
+(no hub); the data is a toy closed-book QA set. Both sides are ``rankwise.sweep.sweep``
+calls on the same config, seed and number of steps (each arm the run ``rankwise train``
+makes of it), one with ``together=True``; each starts from an empty sweep directory,
+after untimed warm-up runs of both (first-call costs: imports, kernel and tokenizer
+caches). Reported per K: wall time, CPU time of the process with torch on one thread
+(``time.process_time``), on CUDA the peak allocated memory, and the ratios
+together / sequential (the issue's target on a CPU: wall time at most 0.6x for K = 4).
+Each side runs ``--repeat`` times, alternating; the figures take each side's
+best time (every sample is in the JSON): on a shared machine the minimum is the
+least disturbed measure of the work itself.
 """
 from __future__ import annotations
 
@@ -57,56 +61,94 @@ def build_setup(root: Path, hidden: int, layers: int, n_train: int) -> dict:
             "log": {"progress": False}, "output_dir": str(root / "unused")}
 
 
+def run_side(cfg, ranks, out, together: bool) -> dict:
+    """One sweep (``together`` or arm after arm) into ``out``: wall, CPU time and peak memory."""
+    from rankwise.sweep import sweep
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    w0, c0 = time.perf_counter(), time.process_time()
+    rows = sweep(cfg, ranks, out_dir=str(out), together=together)
+    if cuda:
+        torch.cuda.synchronize()
+    res = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+           "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+           "arms": {r["arm"]: r["status"] for r in rows}}
+    failed = [a for a, st in res["arms"].items() if st != "finished"]
+    if failed:
+        raise RuntimeError(f"bench_sweep: arms {failed} failed")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--ranks", default=None, help="comma-separated ranks")
+    ap.add_argument("--ranks", default=None, help="comma-separated ranks: one K instead of the default K = 4, 8")
+    ap.add_argument("--repeat", type=int, default=None, help="runs of each side, alternating (default: 3, smoke 1)")
     args = ap.parse_args(argv)
     from rankwise.sweep import sweep
-    from rankwise.train import train
 
     cuda = torch.cuda.is_available()
     if args.smoke:
-        hidden, layers, steps, ranks = 32, 1, 3, [2, 4]
+        hidden, layers, steps, rank_sets = 32, 1, 3, [[2, 4]]
     elif cuda:
-        hidden, layers, steps, ranks = 1024, 8, 100, [8, 16, 32, 64]
+        hidden, layers, steps, rank_sets = 1024, 8, 100, [[1, 8, 32, 128], [1, 2, 4, 8, 16, 32, 64, 128]]
     else:
-        hidden, layers, steps, ranks = 64, 2, 30, [4, 8, 16]
+        hidden, layers, steps, rank_sets = 128, 2, 30, [[1, 4, 16, 64], [1, 2, 4, 8, 16, 32, 48, 64]]
     if args.ranks:
-        ranks = [int(r) for r in args.ranks.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        cfg = build_setup(root, hidden, layers, n_train=64)
-        cfg["train"] = {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "log_every": max(1, steps // 3),
-                        "save_every": 0, "seed": 0}
-        cfg["eval"] = {"every": 0, "generate": False}
-        warm = json.loads(json.dumps(cfg))
-        warm["train"]["max_steps"], warm["output_dir"] = 1, str(root / "warmup")
-        train(warm)
-        t0 = time.perf_counter()
-        results = sweep(cfg, ranks, out_dir=str(root / "sweep"))
-        sweep_s = time.perf_counter() - t0
-        per_arm_sweep = {r_["arm"]: r_.get("runtime_s") for r_ in results}
-        one_by_one = {}
-        for r in ranks:
-            c = json.loads(json.dumps(cfg))
-            c["lora"]["r"] = r
-            c["output_dir"] = str(root / f"single_r{r}")
-            t = time.perf_counter()
-            train(c)
-            one_by_one[f"lora_r{r}"] = time.perf_counter() - t
-    total_single = sum(one_by_one.values())
-    payload = dict(benchmark="bench_sweep", env=environment(), ranks=ranks, steps=steps,
-                   model=dict(hidden=hidden, layers=layers), sweep_total_s=sweep_s, sweep_arm_s=per_arm_sweep,
-                   one_by_one_s=one_by_one, one_by_one_total_s=total_single,
-                   summary=[dict(figure=f"sweep of {len(ranks)} ranks, wall time over one-by-one train",
-                                 value=sweep_s / total_single, unit="x", baseline="rankwise train per arm"),
-                            dict(figure="sweep wall time", value=sweep_s, unit="s", baseline="-"),
-                            dict(figure="one-by-one wall time", value=total_single, unit="s", baseline="-")])
+        rank_sets = [[int(r) for r in args.ranks.split(",")]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time with one thread: the work each side does, not how it spreads
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            cfg = build_setup(root, hidden, layers, n_train=64)
+            cfg["train"] = {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "log_every": max(1, steps // 3),
+                            "save_every": 0, "seed": 0}
+            cfg["eval"] = {"every": 0, "generate": False}
+            warm = json.loads(json.dumps(cfg))
+            warm["train"]["max_steps"] = 1
+            for together in (False, True):
+                sweep(warm, rank_sets[0][:2], out_dir=str(root / f"warmup_{together}"), together=together)
+            runs = []
+            repeat = args.repeat or (1 if args.smoke else 3)
+            for i, ranks in enumerate(rank_sets):
+                samples = {"sequential": [], "together": []}
+                for j in range(repeat):  # alternating, so a busy spell of a shared machine hits both sides
+                    for side in samples:
+                        samples[side].append(run_side(cfg, ranks, root / f"{side}_{i}_{j}", side == "together"))
+                best = {side: {m: min(x[m] for x in xs) for m in ("wall_s", "cpu_s")} | {
+                    "peak_mem_mb": xs[0]["peak_mem_mb"], "samples": xs} for side, xs in samples.items()}
+                seq, tog = best["sequential"], best["together"]
+                runs.append({"K": len(ranks), "ranks": ranks, "repeat": repeat, "sequential": seq, "together": tog,
+                             "wall_ratio": tog["wall_s"] / seq["wall_s"], "cpu_ratio": tog["cpu_s"] / seq["cpu_s"]})
+    finally:
+        torch.set_num_threads(threads)
+    summary = []
+    for r in runs:
+        K = r["K"]
+        summary += [dict(figure=f"together sweep of {K} ranks, wall time over the sequential sweep",
+                         value=r["wall_ratio"], unit="x", baseline="rankwise sweep, arm after arm"),
+                    dict(figure=f"together sweep of {K} ranks, CPU time (1 thread) over the sequential sweep",
+                         value=r["cpu_ratio"], unit="x", baseline="rankwise sweep, arm after arm"),
+                    dict(figure=f"together sweep of {K} ranks, wall time", value=r["together"]["wall_s"], unit="s",
+                         baseline="-"),
+                    dict(figure=f"sequential sweep of {K} ranks, wall time", value=r["sequential"]["wall_s"],
+                         unit="s", baseline="-")]
+        if r["together"]["peak_mem_mb"] is not None:
+            summary.append(dict(figure=f"together sweep of {K} ranks, peak memory over the sequential sweep's",
+                                value=r["together"]["peak_mem_mb"] / r["sequential"]["peak_mem_mb"], unit="x",
+                                baseline="rankwise sweep, arm after arm"))
+    payload = dict(benchmark="bench_sweep", env=environment(), steps=steps, model=dict(hidden=hidden, layers=layers),
+                   torch_threads=1, runs=runs, summary=summary)
     path = write_json(payload, "bench_sweep", args.out)
     print(f"wrote {path}")
-    print(f"  sweep {sweep_s:.1f}s vs one by one {total_single:.1f}s ({sweep_s / total_single:.2f}x)")
+    for r in runs:
+        print(f"  K={r['K']} {r['ranks']}: together {r['together']['wall_s']:.2f}s vs sequential "
+              f"{r['sequential']['wall_s']:.2f}s wall ({r['wall_ratio']:.2f}x), CPU {r['cpu_ratio']:.2f}x")
     return 0
 
 

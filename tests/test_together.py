@@ -272,3 +272,12 @@ def test_dropout_masks_are_the_solo_runs(cfg, tmp_path):
     for r in (1, 4):
         solo = rt.train(arm_cfg(c, r, tmp_path / f"solo_r{r}"))
         check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"dropout 0.2, r={r}")
+
+
+def test_fused_kernels_model_logits_and_checkpointing_like_solo(cfg, tmp_path):
+    """The other paths of the solo run: fused RMSNorm/SwiGLU, the model's own logits, gradient checkpointing."""
+    c = {**cfg, "train": {**cfg["train"], "fused_kernels": True, "fused_loss": False, "gradient_checkpointing": True}}
+    train_together([arm_cfg(c, r, tmp_path / f"arm_r{r}") for r in (1, 4)])
+    for r in (1, 4):
+        solo = rt.train(arm_cfg(c, r, tmp_path / f"solo_r{r}"))
+        check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"fused kernels, logits, r={r}")

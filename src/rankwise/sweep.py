@@ -1,6 +1,7 @@
 """``rankwise sweep``: a LoRA rank sweep against full (and masked) SFT, as in the rank trade-off study.
 
     rankwise sweep CONFIG.yaml --ranks 1,2,4,8,16,32,64,128 --full-sft [--masked 0.01,0.1] [--backend triton]
+    rankwise sweep CONFIG.yaml --ranks 1,4,16,64 --together [--group-size G]
 
 Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
 changed, so all arms share the seed and therefore the data order and the
@@ -20,6 +21,17 @@ that change a result, data file contents included); a difference is refused,
 naming the arms and keys, unless ``--rerun-changed``, which re-trains exactly
 the changed arms and keeps the others. ``sweep.yaml`` is written after these
 checks and records the config and each arm's settings hash.
+
+With ``--together`` the LoRA arms train in one process and one pass per step
+(``rankwise.together``: one base model, dense or NF4, loaded once; one data
+pipeline; the arms' copies of each batch stacked along the batch dimension), in
+groups of ``--group-size`` arms (default: all), each arm ending exactly as its
+solo run would, in the same ``OUT/arms/<arm>/``; reuse, ``--rerun-changed`` and
+the tables work unchanged. A group checkpoints into ``OUT/together/<arms>/``
+every ``train.save_every`` steps and resumes from it when the sweep runs again.
+Full and masked SFT arms run after, on their own. An empty ``--ranks``, a config
+with ``method: full`` and a rank above a targeted layer's dimensions are refused
+before anything is written.
 
 The sweep directory is rankwise's (marker kind ``sweep``); one that rankwise
 did not make, if not empty, needs ``--force``. It may not be, lie inside or

@@ -358,11 +358,13 @@ def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torc
                         for i in range(n)])
 
 
-def uses_fused_loss(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype) -> bool:
-    """Whether the solo run would train through the fused loss (``train.wrap_model``'s choice, with its check).
+def wrap_base_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype) -> bool:
+    """``train.wrap_model`` on the base model: the fused decoder kernels when ``train.fused_kernels``;
+    returns whether the solo run would train through the fused loss (its choice, with its check).
 
-    Called before the arms are injected: with B = 0 the LoRA layers add exactly
-    nothing, so the check sees the outputs the solo run's check sees.
+    Called before the arms are injected (the checks run the modules on inputs of
+    their own shape): with B = 0 the LoRA layers add exactly nothing, so the checks
+    see the outputs the solo run's checks see.
     """
     from .loss import FusedLossLM
     from .train import Dist, wrap_model
@@ -440,7 +442,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
 
     # ---- one base model, K arms, K optimizers -----------------------------------------------
     model = T.load_base_model(cfg0, device)
-    fused = cfg0.train.fused_loss and uses_fused_loss(model, cfg0, batches.micro_batch(0)[1], autocast, amp_dtype)
+    fused = wrap_base_model(model, cfg0, batches.micro_batch(0)[1], autocast, amp_dtype)
     lc = cfg0.lora
     inject_multi_lora(model, lc.targets, [c.lora.r for c in cfgs], [c.lora.alpha for c in cfgs],
                       [c.lora.dropout for c in cfgs], lc.rslora, lc.init, t.seed, t.backend)
