@@ -73,6 +73,7 @@ from torch import nn
 
 from . import config as C
 from . import ownership
+from .atomic import atomic_write_text
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import ConfigError
 
@@ -382,7 +383,7 @@ def first_device(model) -> torch.device:
 def _write_failed(cfg: C.RunConfig, reason: str) -> dict:
     """The summary of a stopped arm, also written to its ``failed.json`` (as ``rankwise sweep`` records failures)."""
     summary = {"status": "failed", "reason": reason}
-    C.atomic_write_text(os.path.join(cfg.output_dir, "failed.json"), json.dumps(summary) + "\n")
+    atomic_write_text(os.path.join(cfg.output_dir, "failed.json"), json.dumps(summary) + "\n")
     return summary
 
 
@@ -553,7 +554,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
         summary.update(T.save_outputs(cfg, model, tokenizer, trainables[k]))
         summary["runtime_s"] = round(time.time() - t_start, 3)  # the together run's, for every arm
         summary["settings_hash"] = C.settings_hash(arm_settings[k])
-        C.atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
         metrics[k].close()
         summaries.append(summary)
     select_arms(model, range(K))
