@@ -281,3 +281,43 @@ def test_fused_kernels_model_logits_and_checkpointing_like_solo(cfg, tmp_path):
     for r in (1, 4):
         solo = rt.train(arm_cfg(c, r, tmp_path / f"solo_r{r}"))
         check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"fused kernels, logits, r={r}")
+
+
+def test_a_group_that_fails_whole_is_recorded_and_the_sweep_goes_on(cfg, tmp_path, monkeypatch):
+    def out_of_memory(cfgs, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(rtog, "train_together", out_of_memory)
+    out = tmp_path / "oom"
+    results = sweep({**cfg, "train": {**cfg["train"], "max_steps": 2}}, [1, 2], full_sft=True, out_dir=str(out),
+                    together=True)
+    by_arm = {r["arm"]: r for r in results}
+    for arm in ("lora_r1", "lora_r2"):
+        assert by_arm[arm]["status"] == "failed" and by_arm[arm]["reason"].startswith("out of memory")
+        assert json.loads((out / "arms" / arm / "failed.json").read_text())["status"] == "failed"
+    assert by_arm["full_sft"]["status"] == "finished", "full SFT runs on its own, after the LoRA group"
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(cfg, tmp_path, monkeypatch):
+    c = {**cfg, "train": {**cfg["train"], "save_every": 2}}
+    real_lr_at = rt.lr_at
+
+    def crash_at_step_3(step, *a, **k):
+        if step == 2:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(rt, "lr_at", crash_at_step_3)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        train_together([arm_cfg(c, r, tmp_path / f"r{r}") for r in (1, 2)], checkpoint_dir=str(ckpt))
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    assert (ckpt / "state.json").exists()
+    with pytest.raises(ConfigError, match=r"the settings of the arm .*r2 changed since the checkpoint .*train.lr"):
+        train_together([arm_cfg(c, 1, tmp_path / "r1"), arm_cfg(c, 2, tmp_path / "r2", lr=0.5)],
+                       checkpoint_dir=str(ckpt), resume=True)
+    with pytest.raises(ConfigError, match="holds 2 arms, this run has 1"):
+        train_together([arm_cfg(c, 1, tmp_path / "r1")], checkpoint_dir=str(ckpt), resume=True)
+    summaries = train_together([arm_cfg(c, r, tmp_path / f"r{r}") for r in (1, 2)], checkpoint_dir=str(ckpt),
+                               resume=True)
+    assert [s["status"] for s in summaries] == ["finished", "finished"] and not ckpt.exists()
