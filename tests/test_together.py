@@ -321,3 +321,53 @@ def test_resume_refuses_a_checkpoint_of_other_settings(cfg, tmp_path, monkeypatc
     summaries = train_together([arm_cfg(c, r, tmp_path / f"r{r}") for r in (1, 2)], checkpoint_dir=str(ckpt),
                                resume=True)
     assert [s["status"] for s in summaries] == ["finished", "finished"] and not ckpt.exists()
+
+
+def test_peak_estimate_is_linear_in_the_arms_and_their_ranks(cfg):
+    """base + K * activations + (adapters, grads, AdamW moments, concat copy) * sum r: as modelled, exactly."""
+    c = {**cfg, "method": "lora"}
+    est = lambda ranks: rtog.estimate_peak_bytes(c, ranks, device="cpu")  # noqa: E731
+    shape = rtog.model_shape(rt.C.parse(c))
+    per_rank = rtog.ADAPTER_COPIES * 4 * sum(i + o for i, o in shape["targets"].values())
+    act = est([4, 4]) - est([4]) - 4 * per_rank
+    assert act > 0
+    for k in (1, 2, 5):
+        assert abs(est([4] * (k + 1)) - est([4] * k) - (act + 4 * per_rank)) <= 1, k  # linear in K
+    assert abs(est([1, 5]) - est([2, 4])) <= 1  # same K, same sum of ranks
+    assert abs(est([1, 13]) - est([1, 5]) - 8 * per_rank) <= 1  # linear in sum r
+    nf4 = rtog.estimate_peak_bytes({**c, "quantization": "nf4"}, [4], device="cpu")
+    assert abs(est([4]) - nf4 - shape["target_params"] * (4 - rtog.NF4_BYTES)) <= 1  # NF4: targeted weights only
+    ckpt = rtog.estimate_peak_bytes({**c, "train": {**cfg["train"], "gradient_checkpointing": True}}, [4], device="cpu")
+    assert ckpt < est([4])
+
+
+def test_a_small_memory_budget_splits_the_arms_into_groups_that_fit(cfg, tmp_path, monkeypatch):
+    c = {**cfg, "method": "lora"}
+    budget = rtog.estimate_peak_bytes(c, [1, 2], device="cpu") + 1  # room for ranks 1+2, then 4 and 8 alone
+    assert rtog.plan_groups(c, [1, 2, 4, 8], budget, device="cpu") == [[1, 2], [4], [8]]
+    groups, real = [], rtog.train_together
+
+    def recording(cfgs, *a, **k):
+        groups.append([x["lora"]["r"] for x in cfgs])
+        return real(cfgs, *a, **k)
+
+    monkeypatch.setattr(rtog, "memory_budget", lambda device: budget)
+    monkeypatch.setattr(rtog, "train_together", recording)
+    out = tmp_path / "planned"
+    results = sweep(cfg, [1, 2, 4, 8], out_dir=str(out), together=True)
+    assert groups == [[1, 2], [4], [8]]
+    assert [r["status"] for r in results] == ["finished"] * 4
+    for r in (1, 2, 4, 8):
+        solo = rt.train(arm_cfg(cfg, r, tmp_path / f"solo_r{r}"))
+        check_like_solo(out / "arms" / f"lora_r{r}", tmp_path / f"solo_r{r}", solo, f"planned group, r={r}")
+
+
+def test_an_arm_too_big_for_memory_alone_is_refused_in_one_line(cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(rtog, "memory_budget", lambda device: 4096)
+    out = tmp_path / "too_big"
+    with pytest.raises(ConfigError, match=r"the LoRA arm of rank 1 alone needs about .* GiB .* more than the") as e:
+        sweep(cfg, [1, 2], out_dir=str(out), together=True)
+    assert "\n" not in str(e.value) and not out.exists()
+    monkeypatch.setattr(rtog, "memory_budget", lambda device: None)  # unknown memory: one group, no refusal
+    assert [r["status"] for r in sweep({**cfg, "train": {**cfg["train"], "max_steps": 2}}, [1, 2], out_dir=str(out),
+                                       together=True)] == ["finished"] * 2

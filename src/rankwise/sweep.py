@@ -25,7 +25,9 @@ checks and records the config and each arm's settings hash.
 With ``--together`` the LoRA arms train in one process and one pass per step
 (``rankwise.together``: one base model, dense or NF4, loaded once; one data
 pipeline; the arms' copies of each batch stacked along the batch dimension), in
-groups of ``--group-size`` arms (default: all), each arm ending exactly as its
+groups of ``--group-size`` arms (default: the groups that fit the device's memory
+by ``rankwise.together.estimate_peak_bytes``, logged; one arm too big even alone
+is refused before anything is written), each arm ending exactly as its
 solo run would, in the same ``OUT/arms/<arm>/``; reuse, ``--rerun-changed`` and
 the tables work unchanged. A group checkpoints into ``OUT/together/<arms>/``
 every ``train.save_every`` steps and resumes from it when the sweep runs again.
@@ -177,7 +179,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             (``rankwise.together.train_together``: one base model, one data pipeline); each arm
             ends as its solo run would, in the same directory. Full and masked SFT arms still
             run on their own, after them. Needs a config with ``method: lora``.
-        group_size: with ``together``, train at most this many LoRA arms at a time (None: all).
+        group_size: with ``together``, train at most this many LoRA arms at a time (None: the groups
+            that fit the device's free memory, ``rankwise.together.plan_groups``; all when it is unknown).
     """
     from . import train as _train
 
@@ -213,10 +216,19 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio)
         arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
 
-    if together:  # a rank the layers cannot hold: refused before anything is written
-        from .together import check_ranks
+    budget = None
+    if together:  # a rank the layers cannot hold, or an arm too big for memory: refused before anything is written
+        from .model import resolve_device
+        from .together import check_ranks, memory_budget, plan_groups
 
-        check_ranks(C.parse(arms[0][4]), ranks)
+        first = C.parse(arms[0][4])
+        check_ranks(first, ranks)
+        if group_size is None:
+            budget = memory_budget(resolve_device(first.train.device))
+            if budget is not None:
+                plan = plan_groups(first, sorted(ranks), budget)
+                log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
+                         " then ".join("ranks " + ",".join(map(str, g)) for g in plan))
 
     # An existing arm is reused only if it was trained with the settings it would get now.
     changed = {}
@@ -256,7 +268,7 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             shutil.rmtree(arm_dir)
         claim(arm_dir, "train")
 
-    grouped = train_groups(arms, group_size, prepare_arm, out_dir) if together else {}
+    grouped = train_groups(arms, group_size, prepare_arm, out_dir, budget) if together else {}
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
     for name, method, rank, fraction, cfg, _ in bar:
@@ -298,8 +310,11 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def train_groups(arms, group_size, prepare_arm, out_dir) -> dict:
+def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
     """``--together``: train the LoRA arms that need training in groups; ``{arm name: summary}``.
+
+    Groups of ``group_size`` arms; without it, the groups ``rankwise.together.plan_groups``
+    makes for ``budget`` bytes (the device's memory), or one group when ``budget`` is None.
 
     An arm with ``summary.json`` is reused and one with a solo checkpoint (an
     interrupted sequential sweep) resumes on its own, as without ``--together``.
@@ -319,10 +334,18 @@ def train_groups(arms, group_size, prepare_arm, out_dir) -> dict:
         held = [os.path.exists(os.path.join(cfg["output_dir"], n)) for n in (_train.SUMMARY, _train.CHECKPOINT)]
         if not any(held):
             todo.append((name, cfg))
-    size = group_size or len(todo) or 1
-    out = {}
-    for i in range(0, len(todo), size):
+    if group_size:
+        sizes = [group_size] * -(-len(todo) // group_size)
+    elif budget is not None and todo:
+        from .together import plan_groups
+
+        sizes = [len(g) for g in plan_groups(C.parse(todo[0][1]), [cfg["lora"]["r"] for _, cfg in todo], budget)]
+    else:
+        sizes = [len(todo)] if todo else []
+    out, i = {}, 0
+    for size in sizes:
         group = todo[i:i + size]
+        i += size
         log.info("sweep: training %s together", ", ".join(name for name, _ in group))
         ckpt = os.path.join(out_dir, TOGETHER_DIR, "+".join(name for name, _ in group))
         if os.path.exists(ckpt) and not checkpoint_matches(ckpt, [cfg for _, cfg in group]):
@@ -433,7 +456,8 @@ def add_arguments(parser) -> None:
                         help="train the LoRA arms together: one base model and one data pass for all ranks "
                              "(each arm's result is its solo run's); full/masked arms run after, on their own")
     parser.add_argument("--group-size", type=int, default=None, metavar="G",
-                        help="with --together: at most G LoRA arms at a time (default: all)")
+                        help="with --together: at most G LoRA arms at a time (default: the groups that fit "
+                             "the device's memory, by an estimate of the peak; logged)")
     parser.add_argument("--force", action="store_true",
                         help="write into the sweep directory even if it is a non-empty directory rankwise did not make")
 
