@@ -38,9 +38,34 @@ def _layer_elements(base_dir):
     return sum(math.prod(ck.shape(k)) for k in ck.keys() if "layers" in k and "norm" not in k)
 
 
-def test_demo_end_to_end_and_resume(tmp_path):
+def _adapter_delta_error(run_dir, solo_dir) -> float:
+    """Worst relative ||scaling B A - (scaling B A)_solo|| / ||(scaling B A)_solo|| over the adapted layers."""
+    from rankwise.adapter import lora_delta, lora_pairs, scaling_of
+
+    cfg_a, pa = lora_pairs(os.path.join(run_dir, "adapter"))
+    cfg_b, pb = lora_pairs(os.path.join(solo_dir, "adapter"))
+    assert cfg_a == cfg_b and pa.keys() == pb.keys()
+    worst = 0.0
+    for n in pb:
+        da, db = lora_delta(*pa[n], scaling_of(cfg_a)), lora_delta(*pb[n], scaling_of(cfg_b))
+        worst = max(worst, float((da - db).norm() / db.norm()))
+    return worst
+
+
+def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
+    import rankwise.together as rtog
+
+    calls, real = [], rtog.train_together
+
+    def spy(cfgs, *a, **k):  # the small-set LoRA arms go through train_together, in one call
+        calls.append(([c["lora"]["r"] for c in cfgs], k.get("checkpoint_dir")))
+        return real(cfgs, *a, **k)
+
+    monkeypatch.setattr(rtog, "train_together", spy)
     out = tmp_path / "demo"
     res = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
+    assert [c[0] for c in calls] == [[1, 2]]
+    assert calls[0][1] == str(out / "work" / "together" / "lora-r1+lora-r2") and not os.path.exists(calls[0][1])
     for f in ("report.md", "results.json", "accuracy_vs_rank.png", "accuracy_vs_data_size.png",
               "accuracy_vs_restored_fraction.png"):
         assert (out / f).exists(), f
@@ -59,6 +84,24 @@ def test_demo_end_to_end_and_resume(tmp_path):
             _check_accuracy(a[dom], counts[dom], (a["name"], dom))
     assert [a["train_size"] for a in saved["arms"][1:]] == [2, 2, 2, 8, 8]
     assert saved["seconds"] > 0 and isinstance(saved["stage_seconds"], dict)
+
+    # the LoRA arms of the small set trained together, each ending as its solo run
+    tg = saved["together"]
+    assert [(g["arms"], g["trained"]) for g in tg] == [(["lora-r1", "lora-r2"], ["lora-r1", "lora-r2"])]
+    assert "train together lora-r1+lora-r2" in saved["stage_seconds"] and "train lora-r1" not in saved["stage_seconds"]
+    assert [a.get("trained_together") for a in saved["arms"]] == [None, "lora-r1+lora-r2", "lora-r1+lora-r2", None,
+                                                                   None, None]
+    from rankwise.demo import DEMO, arm_config, plan_arms
+    from rankwise.train import train
+
+    arm = plan_arms({**DEMO, **SETTINGS}, out / "work")[1]
+    assert arm["name"] == "lora-r2"
+    solo = train(arm_config({**arm, "output_dir": str(tmp_path / "solo-r2")}, saved["settings"]["base_dir"],
+                            out / "work" / "data", saved["settings"]["demo"]))
+    together_r2 = saved["arms"][names.index("lora-r2")]
+    assert together_r2["train_loss"] == pytest.approx(solo["train_loss"], rel=1e-5)
+    assert _adapter_delta_error(out / "work" / "arms" / "lora-r2", tmp_path / "solo-r2") <= 1e-4
+    assert "trained together" in (out / "report.md").read_text()
 
     # restoration of the large full-SFT arm: the 0% point is that arm, every asked fraction follows
     rest = saved["restoration"]
@@ -115,7 +158,8 @@ def test_demo_end_to_end_and_resume(tmp_path):
     adapter = out / "work" / "arms" / "lora-r1" / "adapter" / "adapter_model.safetensors"
     mtime = os.path.getmtime(adapter)
     res2 = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
-    assert os.path.getmtime(adapter) == mtime
+    assert os.path.getmtime(adapter) == mtime and len(calls) == 1
+    assert res2["together"][0]["trained"] == []
     assert res2["arms"] == res["arms"] and res2["restoration"] == res["restoration"]
     assert res2["settings"]["base_cached"]
     with pytest.raises(ValueError, match="unknown demo settings"):

@@ -9,7 +9,11 @@ Stages (each cached, so an interrupted demo continues where it stopped):
 3. draw a small fine-tuning set and an 8x larger one from the train people's in-domain
    facts, and test sets from the test people (in-domain and out-of-domain);
 4. fine-tune: LoRA at several ranks and full SFT on the small set, LoRA and full SFT on
-   the large set (all with :func:`rankwise.train.train`);
+   the large set. The LoRA arms of one data set (configs that differ only in rank and
+   alpha) train together, one base model and one pass per step
+   (:func:`rankwise.together.train_together`, each arm ending exactly as its solo run;
+   checkpointed in ``work/together/`` so an interrupted demo resumes); the other arms with
+   :func:`rankwise.train.train`;
 5. restore the top-k% relative updates of the large full-SFT model for a few k
    (:func:`rankwise.masking.restore`);
 6. analyse the updates of every arm (:func:`rankwise.analysis.analyze_runs`: spectra,
@@ -18,6 +22,7 @@ Stages (each cached, so an interrupted demo continues where it stopped):
    ``report.md``, ``results.json`` and PNG plots into ``--out``.
 
 The study uses the library's public API only: :func:`rankwise.train.train`,
+:func:`rankwise.together.train_together`,
 :func:`rankwise.model.load_model`, :func:`rankwise.adapter.merge_adapter`,
 :func:`rankwise.evaluate.generate_answers`, :func:`rankwise.masking.restore`.
 """
@@ -190,6 +195,42 @@ def plan_arms(settings: dict, work: Path) -> list:
     return arms
 
 
+def together_groups(arms: list) -> list:
+    """The LoRA arms that train together: those of one data set (their configs differ only in rank and
+    alpha), in plan order; a data set with one LoRA arm makes no group."""
+    by_data: dict = {}
+    for a in arms:
+        if a["method"] == "lora":
+            by_data.setdefault(a["data"], []).append(a)
+    return [g for g in by_data.values() if len(g) > 1]
+
+
+def train_group(group: list, base_dir, data_dir, settings: dict, work: Path) -> tuple:
+    """Train the arms of ``group`` that need it in one together run; ``({arm name: summary}, names trained)``.
+
+    An arm with a ``summary.json`` (finished) or a solo checkpoint is left to
+    :func:`rankwise.train.train` (reused or resumed, as before); with fewer than two
+    arms left nothing trains here. The run checkpoints into ``work/together/<arms>``
+    and resumes from it when that checkpoint holds these arms with these settings.
+    """
+    from . import train as T
+    from . import together as TG
+    from .errors import ConfigError
+
+    todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (T.SUMMARY, T.CHECKPOINT))]
+    if len(todo) < 2:
+        return {}, []
+    cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
+    ckpt = work / "together" / "+".join(a["name"] for a in todo)
+    if ckpt.exists() and not TG.checkpoint_matches(ckpt, cfgs):
+        shutil.rmtree(ckpt)  # a checkpoint of other settings (work/ is rankwise's): start the group over
+    summaries = TG.train_together(cfgs, checkpoint_dir=str(ckpt), resume=True)
+    for a, summ in zip(todo, summaries):
+        if summ.get("status") == "failed":
+            raise ConfigError(f"demo arm {a['name']} failed: {summ.get('reason')}")
+    return {a["name"]: summ for a, summ in zip(todo, summaries)}, [a["name"] for a in todo]
+
+
 # ----------------------------------------------------------------------------- the demo
 
 def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, settings: dict | None = None,
@@ -241,8 +282,13 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     _write_json(stamp, key)
 
     arms = plan_arms(s, work)
+    groups = together_groups(arms)
+    for g in groups:
+        for a in g:
+            a["together"] = "+".join(b["name"] for b in g)
     fractions = list(s["restore_fractions"])
-    stages = ["pretrain", "mastery", "data"] + [f"train {a['name']}" for a in arms] + \
+    stages = ["pretrain", "mastery", "data"] + [f"train together {g[0]['together']}" for g in groups] + \
+             [f"train {a['name']}" for a in arms if "together" not in a] + \
              [f"eval {a['name']}" for a in arms] + ["restore"] + (["analysis"] if s["analysis"] else []) + ["report"]
     bar = tqdm(total=len(stages), desc="demo", disable=not progress, dynamic_ncols=True)
     times: dict = {}
@@ -295,13 +341,26 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
             _write_jsonl(data_dir / f"test-{k}.jsonl", rows)
         done("data", t0)
 
-        # 4. fine-tuning arms
+        # 4. fine-tuning arms: each group of LoRA arms together, then every other arm on its own
+        together_runs, trained = [], {}
+        for g in groups:
+            name = f"train together {g[0]['together']}"
+            t0 = stage(name)
+            summ, names = train_group(g, base_dir, data_dir, s, work)
+            trained.update(summ)
+            done(name, t0)
+            together_runs.append({"arms": [a["name"] for a in g], "trained": names, "seconds": times[name],
+                                  "checkpoint_dir": str(work / "together" / "+".join(names)) if names else None})
         for a in arms:
-            t0 = stage(f"train {a['name']}")
-            summ = train(arm_config(a, base_dir, data_dir, s), resume=True)
+            if a["name"] in trained:
+                summ = trained[a["name"]]
+            else:
+                t0 = stage(f"train {a['name']}")
+                summ = train(arm_config(a, base_dir, data_dir, s), resume=True)  # a finished arm is returned as is
+                if "together" not in a:
+                    done(f"train {a['name']}", t0)
             a["train_loss"] = summ.get("train_loss")
             a["train_seconds"] = summ.get("runtime_s")
-            done(f"train {a['name']}", t0)
 
         # 5. evaluation (base model as a reference arm, then every arm)
         base_model, tok = _load_base(base_dir)
@@ -351,6 +410,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
         t0 = stage("report")
         seconds = round(time.time() - t_all, 1)
         results = _results(facts, tests, arms, base_eval, restoration, s, pr, scale, times, seconds)
+        results["together"] = together_runs
         _write_report(out, results, analysis_md)
         done("report", t0)
     finally:
@@ -413,7 +473,8 @@ def _results(facts, tests, arms, base_eval, restoration, s, pr, scale, times, se
                          "in_domain": _strip(a["eval"]["in_domain"]),
                          "out_of_domain": _strip(a["eval"]["out_of_domain"]),
                          "in_domain_d34": _d34(a["eval"]["in_domain"]),
-                         "train_loss": a.get("train_loss"), "train_seconds": a.get("train_seconds")})
+                         "train_loss": a.get("train_loss"), "train_seconds": a.get("train_seconds"),
+                         "trained_together": a.get("together")})
     tuned = [a for a in out_arms if a["name"] != "base"]
     best = max(tuned, key=lambda a: -1.0 if a["in_domain_d34"] is None else a["in_domain_d34"])
     full_big = next(a for a in out_arms if a["method"] == "full" and a["train_size"] == s["small_size"] * s["large_factor"])
@@ -586,6 +647,10 @@ def _write_report(out: Path, results: dict, analysis_md: str | None = None) -> N
           f"people (bucket: {d['train_bucket']}), {d['epochs']} epochs, batch {d['batch_size']}, cosine, "
           f"LoRA lr {d['lora_lr']} (alpha = {d['lora_alpha_per_rank']:g} r, all linear layers of the blocks), "
           f"full SFT lr {d['full_lr']}; seed {d['seed']}",
+          *[f"- LoRA arms {', '.join(g['arms'])} trained together (`rankwise.together`: one base model, one pass "
+            f"per step, each arm its solo run's result); this run trained "
+            f"{', '.join(g['trained']) if g['trained'] else 'none of them (all cached)'} in {g['seconds']} s"
+            for g in results.get("together", [])],
           f"- evaluation: greedy, {d['max_new_tokens']} new tokens, correct when the answer is contained in the "
           "output; mean = unweighted mean over the buckets",
           "", "## Times (s)", "",
