@@ -371,3 +371,33 @@ def test_an_arm_too_big_for_memory_alone_is_refused_in_one_line(cfg, tmp_path, m
     monkeypatch.setattr(rtog, "memory_budget", lambda device: None)  # unknown memory: one group, no refusal
     assert [r["status"] for r in sweep({**cfg, "train": {**cfg["train"], "max_steps": 2}}, [1, 2], out_dir=str(out),
                                        together=True)] == ["finished"] * 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_batched_evaluation_equals_arm_by_arm(cfg, fused):
+    """evaluate_arms: every arm's eval loss from one stacked pass equals its own pass; accuracies are the same."""
+    import contextlib
+
+    from rankwise.model import load_model, load_tokenizer
+
+    c = rt.C.parse({**cfg, "method": "lora"})
+    tok = load_tokenizer(cfg["model"])
+    _, evals = rt.load_data(c, tok, True)
+    assert evals["eval"][0] is not None and evals["eval"][1] is not None  # loss batches and QA items
+    model = inject_multi_lora(load_model(cfg["model"], dtype="fp32"), cfg["lora"]["targets"], [1, 4, 16],
+                              [2.0, 8.0, 32.0], seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in rtog.multi_lora_layers(model):
+            for B in m.arm_B:
+                B.normal_(std=0.5)
+    model.train()
+    nullctx = contextlib.nullcontext
+    batched = rtog.evaluate_arms(model, [0, 2, 1], tok, evals, [c] * 3, nullctx, fused, "torch")
+    assert model.training and rtog.multi_lora_layers(model)[0][1].arms == [0, 2, 1]
+    for k in range(3):
+        one = rtog.evaluate_arm(model, k, tok, evals, c, nullctx)
+        assert batched[k].keys() == one.keys() == {"eval_loss", "eval_accuracy"}
+        assert rel(batched[k]["eval_loss"], one["eval_loss"]) <= 1e-5, (k, batched[k], one)
+        assert batched[k]["eval_accuracy"] == one["eval_accuracy"]
+    assert len({round(batched[k]["eval_loss"], 6) for k in range(3)}) == 3  # the arms differ: no arm got another's

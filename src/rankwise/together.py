@@ -48,13 +48,23 @@ How the K arms share one pass:
   step, is dropped from the stacked batch from the next step on, and its summary
   is ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
 
-Evaluation and saving run arm by arm on the same model (``select_arms`` makes
-the model compute one arm; the adapter helpers then see arm k's solo model).
+**Evaluation.** The eval loss of every arm comes from one stacked pass per eval
+batch (``evaluate_arms``; each arm's own token-weighted mean, as the solo run's
+``eval_loss``); the greedy QA generation and saving run arm by arm on the same
+model (``select_arms`` makes the model compute one arm; the adapter helpers then
+see arm k's solo model).
 **Checkpoint.** With ``checkpoint_dir``, the run saves one checkpoint of every arm
 (weights, optimizer state, dropout generator, log window, stopped or not) every
 ``train.save_every`` steps, and ``resume=True`` continues from it.
 
-Not yet here: a batched evaluation of the K arms, DDP, and the ``lora.init: pissa``
+**Memory.** ``estimate_peak_bytes`` models a together run's peak (base weights +
+K x one micro-batch's activations + every arm's adapter, gradient and AdamW
+state; the constants are stated next to it) and ``plan_groups`` splits the arms
+into groups that fit a budget (``memory_budget``: the CUDA free memory or the
+CPU's available memory, times a safety fraction); ``rankwise sweep --together``
+uses it when ``--group-size`` is not given.
+
+Not yet here: batched QA generation of the K arms, DDP, and the ``lora.init: pissa``
 initialisation (its base weights depend on the rank, so the arms could not share one).
 """
 from __future__ import annotations
@@ -655,8 +665,9 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
             if bar is not None:
                 bar.update(1)
             if evals and cfg0.eval.every and done % cfg0.eval.every == 0 and done != total_steps:
+                rows = evaluate_arms(model, live, tokenizer, evals, cfgs, autocast, fused, t.backend)
                 for k in live:
-                    metrics[k].write({"step": done, **evaluate_arm(model, k, tokenizer, evals, cfgs[k], autocast)})
+                    metrics[k].write({"step": done, **rows[k]})
                 select_arms(model, live)
                 t_window = time.time()
             if checkpoint_dir is not None and t.save_every and done % t.save_every == 0 and done != total_steps:
@@ -668,6 +679,9 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
             bar.close()
 
     # ---- outputs, arm by arm ----------------------------------------------------------------
+    finished = [k for k in range(K) if k not in failed]
+    final_evals = evaluate_arms(model, finished, tokenizer, evals, cfgs, autocast, fused, t.backend) \
+        if evals and finished else {}
     summaries = []
     for k, cfg in enumerate(cfgs):
         if k in failed:
@@ -677,7 +691,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
         summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": "lora",
                    "rank": cfg.lora.r, "steps": total_steps, "train_loss": last[k].get("loss"),
                    "trainable_params": trainables[k].n_changing}
-        final_eval = evaluate_arm(model, k, tokenizer, evals, cfg, autocast) if evals else {}
+        final_eval = final_evals.get(k, {})
         if final_eval:
             metrics[k].write({"step": total_steps, **final_eval})
         summary.update(final_eval)
@@ -757,6 +771,51 @@ def restore(ckpt: dict, trainables, optimizers, generators, windows, last, faile
                           f"{' '.join(str(e).split())[:200]}") from None
     set_rng_state(ckpt["rng"], device)
     return int(ckpt["step"])
+
+
+def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fused: bool, backend: str) -> dict:
+    """``{k: train.evaluate's metrics of arm k}`` for the arms ``arms``, the eval loss of all of them at once.
+
+    Each eval batch is stacked once per arm (``arm_loss_sums``, as in training: one
+    base GEMM over every arm's rows) and each arm's loss is its own token-weighted
+    mean, as ``rankwise.evaluate.eval_loss`` computes it for the solo run; the greedy
+    QA generation runs arm by arm (``evaluate_arm``). Leaves ``arms`` selected.
+    """
+    from .evaluate import generate_answers, is_correct
+
+    arms = [int(k) for k in arms]
+    res = {k: {} for k in arms}
+    was_training = model.training
+    model.eval()
+    try:
+        for prefix, (batches, qa) in evals.items():
+            if batches is not None:
+                select_arms(model, arms)
+                sums, n = torch.zeros(len(arms), dtype=torch.float64), 0
+                with torch.no_grad():
+                    for b in batches:
+                        if not int(b["n_targets"]):
+                            continue
+                        with autocast():
+                            sums += arm_loss_sums(model, b, len(arms), fused, backend).double().cpu()
+                        n += int(b["n_targets"])
+                if n == 0:
+                    raise ValueError("eval_loss: the batches hold no target tokens")
+                for i, k in enumerate(arms):
+                    res[k][f"{prefix}_loss"] = float(sums[i]) / n
+            if qa is not None:
+                prompts, golds, add_special = qa
+                for k in arms:
+                    select_arms(model, [k])
+                    e = cfgs[k].eval
+                    with autocast():
+                        outs = generate_answers(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
+                                                batch_size=e.batch_size, add_special_tokens=add_special)
+                    res[k][f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs, golds)) / len(golds)
+    finally:
+        model.train(was_training)
+    select_arms(model, arms)
+    return res
 
 
 def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:
