@@ -210,7 +210,7 @@ def train_group(group: list, base_dir, data_dir, settings: dict, work: Path) -> 
 
     An arm with a ``summary.json`` (finished) or a solo checkpoint is left to
     :func:`rankwise.train.train` (reused or resumed, as before); with fewer than two
-    arms left nothing trains here. The run checkpoints into ``work/together/<arms>``
+    arms left, or on a GPU without bf16 (fp16 needs loss scaling), nothing trains here. The run checkpoints into ``work/together/<arms>``
     and resumes from it when that checkpoint holds these arms with these settings.
     """
     from . import train as T
@@ -220,6 +220,8 @@ def train_group(group: list, base_dir, data_dir, settings: dict, work: Path) -> 
     todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (T.SUMMARY, T.CHECKPOINT))]
     if len(todo) < 2:
         return {}, []
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return {}, []  # fp16 autocast needs loss scaling, which a together run does not do yet: solo runs
     cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
     ckpt = work / "together" / "+".join(a["name"] for a in todo)
     if ckpt.exists() and not TG.checkpoint_matches(ckpt, cfgs):
