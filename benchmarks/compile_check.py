@@ -137,6 +137,20 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
                 ops.nf4.nf4_quantize_packed(t(128, 64, dtype=dt), 64, q.code if hasattr(q, "code") else
                                           torch.linspace(-1, 1, 16))
             case(f"nf4 {dt} double_quant={dq}", nf4)
+        # K arms over one base: mixed ranks (one and two rank blocks), an empty arm, dense and NF4, dropout
+        for ranks, rows, nf4_base, dropout in (((1, 16, 3), (37, 0, 20), False, 0.0),
+                                               ((128, 2), (24, 40), False, 0.1),
+                                               ((16, 4, 1), (8, 33, 5), True, 0.1)):
+            def multi(ranks=ranks, rows=rows, nf4_base=nf4_base, dropout=dropout, dt=dt):
+                K, N, R = 64, 80, sum(ranks)
+                W = quantize_nf4(t(N, K, dtype=dt)) if nf4_base else t(N, K, dtype=dt)
+                x = t(sum(rows), K, dtype=dt, grad=True)
+                A, B = t(R, K, dtype=dt, grad=True), t(N, R, dtype=dt, grad=True)
+                y = ops.multi_lora_linear(x, W, A, B, ranks, [2.0] * len(ranks), rows,
+                                          bias=None if nf4_base else t(N, dtype=dt), dropout_p=dropout,
+                                          seeds=list(range(1, len(ranks) + 1)), backend="triton")
+                y.backward(torch.ones_like(y))
+            case(f"multi_lora_linear {dt} ranks={ranks} rows={rows} nf4={nf4_base} p={dropout}", multi)
         for (N, H, V, red) in ((48, 32, 1000, "mean"), (48, 32, 70000, "none"), (16, 32, 100, "sum")):
             def lce(N=N, H=H, V=V, red=red, dt=dt):
                 h, W = t(N, H, dtype=dt, grad=True), t(V, H, dtype=dt, grad=True)

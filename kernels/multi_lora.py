@@ -102,6 +102,7 @@ from .utils import (
     fit_shared_memory,
     fused_apply,
     gemm_config,
+    max_shared_memory,
     rank_block,
     round_bf16,
     rounds_bf16_itself,
@@ -447,8 +448,17 @@ def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, dev
     gemm_br = rank_block(r_max)
     if not nf4:
         gemm_cfg = fit_shared_memory(gemm_cfg, device, gemm_br, dtype)
+    elif not INTERPRET and max_shared_memory(device) < 200 * 1024:
+        # NF4 below Hopper: the arm-table registers on top of nf4_gemm_config's tiles spilled in the dX
+        # GEMM at sm_89 (benchmarks/compile_check.py); BM sizes the tile table, so it is set here
+        gemm_cfg = {**gemm_cfg, "BM": 64}
     skinny_br = rank_block(r_max, cap=32 if INTERPRET else 128)
     skinny_cfg = fit_shared_memory(skinny_config(dtype), device, skinny_br, dtype)
+    if not INTERPRET and skinny_br > 64:
+        # dS/dB with a rank block over 64: the arm-table registers on top of the (BM + BN) x BR fp32
+        # accumulators spilled at sm_90 with BM=64 (benchmarks/compile_check.py); BM sizes the tile
+        # tables too, so it is chosen here, once, for every skinny kernel
+        skinny_cfg = {**skinny_cfg, "BM": 32, "BN": min(skinny_cfg["BN"], 64)}
     arm_i, arm_f, s_size = _arm_tables(rows, ranks, tuple(scalings), tuple(dropout_ps), tuple(seeds), device)
     gemm_tiles = _tile_table(rows, ranks, gemm_cfg["BM"], device)[0]
     skinny_tiles, first, count, slots = _tile_table(rows, ranks, skinny_cfg["BM"], device)
@@ -483,7 +493,7 @@ def multi_lora_down(x2, A, plan: MultiPlan) -> torch.Tensor:
         x2, A, S, plan.skinny_tiles, plan.arm_i, plan.arm_f, K,
         x2.stride(0), x2.stride(1), A.stride(0), A.stride(1),
         HAS_DROPOUT=plan.has_dropout, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
-        BM=cfg["BM"], BR=BR, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BM=cfg["BM"], BR=BR, BK=cfg["BK"], num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
     )
     return S
 
