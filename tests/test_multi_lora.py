@@ -356,3 +356,33 @@ def test_mixed_dtypes_cast_to_x_and_autocast(backend):
         y = multi_lora_linear(x.float(), W.float(), A.float(), B.float(), ranks, (1.0, 2.0), rows, b.float(),
                               backend=backend)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_gpu_tile_plans_compute_the_same_under_the_interpreter(monkeypatch, nf4):
+    """The tile sizes multi_plan picks for GPUs (skinny BM=32/BN=64 for rank blocks over 64, NF4 BM=64
+    below Hopper) re-cut the tile tables; run them under the interpreter against the torch path."""
+    import importlib
+
+    from rankwise.quant import quantize_nf4
+
+    ml = importlib.import_module("rankwise.kernels.multi_lora")
+    monkeypatch.setattr(ml, "INTERPRET", False)
+    monkeypatch.setattr(ml, "max_shared_memory", lambda device: 99 * 1024)
+    plan = ml.multi_plan((24, 40), (128, 2), (2.0, 0.5), (0.0, 0.0), (0, 0), torch.float32, torch.device("cpu"), nf4)
+    assert plan.skinny_cfg["BM"] == 32 and plan.skinny_br == 128
+    if nf4:
+        assert plan.gemm_cfg["BM"] == 64
+    g = torch.Generator().manual_seed(0)
+    K, N, ranks, rows = 40, 36, [128, 2], [24, 40]
+    W = torch.randn(N, K, generator=g)
+    W = quantize_nf4(W) if nf4 else W
+    x = torch.randn(sum(rows), K, generator=g, requires_grad=True)
+    A = torch.randn(sum(ranks), K, generator=g, requires_grad=True)
+    B = torch.randn(N, sum(ranks), generator=g, requires_grad=True)
+    outs = []
+    for backend in ("triton", "torch"):
+        y = ml.multi_lora_linear(x, W, A, B, ranks, [2.0, 0.5], rows, backend=backend)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), (x, A, B))))
+    for a, b in zip(*outs):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 2e-6
