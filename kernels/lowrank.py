@@ -245,18 +245,13 @@ def dropout_args(dropout_p: float, seed: Optional[int]):
     return has, (int(seed) if has else 0), float(dropout_p), (1.0 / (1.0 - dropout_p) if has else 1.0)
 
 
-def _wide_rank_warps(cfg: dict, BR: int) -> int:
-    """Warps of the skinny backward kernels: twice as many for a rank block over 64 on a GPU,
-    where the (BM or BN) x BR fp32 accumulators otherwise spill registers (sm_90:
+def wide_rank_warps(cfg: dict, BR: int) -> int:
+    """Warps of the skinny (rank-sized) kernels, here and in ``multi_lora.py``: twice as
+    many for a rank block over 64 on a GPU, where the (BM or BN) x BR fp32
+    accumulators otherwise spill registers (sm_90:
     255 registers and 200-1900 bytes of stack at r = 128-256 with 4 warps;
     benchmarks/compile_check.py)."""
     return cfg["num_warps"] if (INTERPRET or BR <= 64) else 2 * cfg["num_warps"]
-
-
-def wide_rank_warps(cfg: dict, BR: int) -> int:
-    """``_wide_rank_warps`` under a public name, for the other skinny (rank-sized)
-    kernels of the package (``multi_lora.py``'s segmented ones)."""
-    return _wide_rank_warps(cfg, BR)
 
 
 def lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
@@ -307,7 +302,7 @@ def lora_ds_db(dY, S, B, scaling: float):
         dS.stride(0), dS.stride(1), *strides,
         float(scaling),
         DETERMINISTIC=deterministic, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
-        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=_wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
     )
     dB = dB32.sum(0) if deterministic else dB32
     return dS, dB.to(B.dtype)
@@ -332,7 +327,7 @@ def lora_da(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtyp
         dS.stride(0), dS.stride(1), x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
         seed, p, keep_scale,
         HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
-        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=_wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
     )
     return dA
 
