@@ -118,3 +118,106 @@ def test_sweep_cli_and_bad_arguments(cfg, tmp_path, capsys):
     assert "--ranks must be a comma-separated list of ints" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ranks must be distinct integers >= 1"):
         sweep(cfg, [0, 1], out_dir=str(tmp_path / "bad"))
+
+
+# ------------------------------------------------------------- lr / alpha / dropout crossed with the ranks
+
+def test_arm_names_and_number_format():
+    from rankwise.sweep import arm_name, number
+
+    assert arm_name("lora", 4) == "lora_r4"
+    assert arm_name("lora", 4, lr=3e-4, alpha=16.0, dropout=0.1) == "lora_r4_lr0.0003_a16_d0.1"
+    assert arm_name("lora", 1, dropout=0.0, lr=1e-5) == "lora_r1_lr1e-5_d0"  # fixed order: lr, alpha, dropout
+    for v in (3e-4, 1e-5, 16.0, 0.1, 2.5e-7, 1e20, 0.30000000000000004, 123456.789):
+        s = number(v)
+        assert float(s) == v and all(c in "0123456789.e-" for c in s), s
+
+
+def test_crossed_hyperparameters_name_the_arms_and_reach_their_configs(cfg, tmp_path):
+    import yaml
+
+    out = tmp_path / "cross"
+    small = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k not in ("eval", "eval_ood")},
+             "train": {**cfg["train"], "max_steps": 1, "save_every": 0}}
+    results = sweep(small, [2, 1], out_dir=str(out), lrs=[3e-2, 1e-2], alphas=[8], dropouts=[0, 0.1],
+                    together=True)
+    names = [f"lora_r{r}_lr{lr}_d{d}" for r in (1, 2) for lr in ("0.01", "0.03") for d in ("0", "0.1")]
+    assert [r["arm"] for r in results] == names  # ranks x lrs x dropouts; the one-value alphas is not in the names
+    assert all(r["status"] == "finished" for r in results)
+    for r in results:
+        arm = yaml.safe_load((out / "arms" / r["arm"] / "resolved_config.yaml").read_text())
+        rank, lr, d = r["arm"].removeprefix("lora_r").split("_")
+        assert (arm["lora"]["r"], arm["train"]["lr"], arm["lora"]["dropout"], arm["lora"]["alpha"]) == \
+            (int(rank), float(lr[2:]), float(d[1:]), 8.0)
+        assert (r["lr"], r["dropout"]) == (float(lr[2:]), float(d[1:]))
+    rows = read_csv(out / "sweep.csv")
+    header = list(rows[0])
+    assert header[:5] == ["arm", "method", "rank", "lr", "dropout"] and "alpha" not in header
+    assert [float(x["lr"]) for x in rows] == [r["lr"] for r in results]
+    assert "| lr | dropout |" in (out / "sweep.md").read_text()
+    assert (out / "sweep_in_domain.png").read_bytes()[:4] == b"\x89PNG"  # one line per (lr, dropout)
+    recorded = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert recorded["lrs"] == [0.01, 0.03] and recorded["dropouts"] == [0.0, 0.1] and "alphas" not in recorded
+    assert recorded["arms"][names[-1]]["settings"]["train.lr"] == 0.03
+
+
+def test_a_together_sweep_of_two_lrs_equals_the_solo_runs(cfg, tmp_path):
+    from test_together import check_like_solo
+
+    small = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "eval_ood"},
+             "train": {**cfg["train"], "max_steps": 4, "save_every": 0}}
+    out = tmp_path / "sweep"
+    results = sweep(small, [2], out_dir=str(out), lrs=[1e-2, 3e-2], together=True)
+    assert [r["arm"] for r in results] == ["lora_r2_lr0.01", "lora_r2_lr0.03"]
+    for lr, r in zip((1e-2, 3e-2), results):
+        solo_dir = tmp_path / f"solo_{lr}"
+        solo = rt.train({**small, "lora": {**cfg["lora"], "r": 2}, "train": {**small["train"], "lr": lr},
+                         "output_dir": str(solo_dir)})
+        check_like_solo(out / "arms" / r["arm"], solo_dir, solo, f"lr={lr}")
+    assert results[0]["train_loss"] != results[1]["train_loss"]
+
+
+def test_solo_alphas_sweep_and_cli(cfg, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    small = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k not in ("eval", "eval_ood")},
+             "train": {**cfg["train"], "max_steps": 1, "save_every": 0}, "output_dir": str(tmp_path / "cli")}
+    path.write_text(yaml.safe_dump(small))
+    assert cli.main(["sweep", str(path), "--ranks", "1", "--alphas", "16,4", "--lrs", "0.02"]) == 0
+    assert "lora_r1_a4" in capsys.readouterr().out
+    for alpha in (4, 16):
+        arm = tmp_path / "cli" / "arms" / f"lora_r1_a{alpha}"
+        with open(arm / "adapter" / "adapter_config.json") as f:
+            assert json.load(f)["lora_alpha"] == alpha
+        resolved = yaml.safe_load((arm / "resolved_config.yaml").read_text())
+        assert resolved["train"]["lr"] == 0.02  # a one-value list: every arm's value, not in the names
+    assert [r["alpha"] for r in read_csv(tmp_path / "cli" / "sweep.csv")] == ["4.0", "16.0"]
+    for argv, message in ((["--lrs", "1e-3,x"], "--lrs must be a comma-separated list of floats"),
+                          (["--dropouts", ","], "--dropouts is empty"),
+                          (["--alphas", "4,8", "--alpha-ratio", "2"], "--alphas and --alpha-ratio"),
+                          (["--lrs", "0,1e-3"], "--lrs: lr must be > 0, got 0"),
+                          (["--dropouts", "0.5,1", "--together"], "--dropouts: dropout must be in [0, 1), got 1")):
+        out = tmp_path / "refused"
+        assert cli.main(["sweep", str(path), "--ranks", "1", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lrs": []}, "--lrs is empty"),
+    ({"lrs": [-1e-3]}, "lr must be > 0"),
+    ({"lrs": [float("nan")]}, "lr must be > 0, got nan"),
+    ({"alphas": [-1, 8]}, "alpha must be >= 0, got -1"),
+    ({"alphas": [8, 16], "alpha_ratio": 2}, "--alphas and --alpha-ratio"),
+    ({"dropouts": [0.1, -0.1]}, r"dropout must be in \[0, 1\)"),
+    ({"dropouts": ["x"]}, "--dropouts must be numbers"),
+    ({"lrs": [1e-3, 0.001]}, "--lrs has repeated values"),
+])
+def test_bad_hyperparameter_lists_are_one_line_and_write_nothing(cfg, tmp_path, kwargs, match):
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=match) as e:
+        sweep(cfg, [1], out_dir=str(out), **kwargs)
+    assert "\n" not in str(e.value)
+    assert not out.exists()

@@ -2,9 +2,11 @@
 
     rankwise sweep CONFIG.yaml --ranks 1,2,4,8,16,32,64,128 --full-sft [--masked 0.01,0.1] [--backend triton]
     rankwise sweep CONFIG.yaml --ranks 1,4,16,64 --together [--group-size G]
+    rankwise sweep CONFIG.yaml --ranks 1,4 [--lrs 1e-4,3e-4] [--alphas 8,16] [--dropouts 0,0.1] [--together]
 
-Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``)
-changed, so all arms share the seed and therefore the data order and the
+Every arm is the config with only ``method`` / ``lora.r`` (/ ``mask.fraction``,
+and for LoRA arms ``train.lr`` / ``lora.alpha`` / ``lora.dropout``) changed, so
+all arms share the seed and therefore the data order and the
 evaluation sets. Arms run one after the other in ``OUT/arms/<arm>/`` (each a
 ``rankwise train`` run directory): a finished arm (``summary.json`` present) is
 skipped, an interrupted one resumes from its checkpoint (safetensors and JSON;
@@ -35,6 +37,18 @@ Full and masked SFT arms run after, on their own. An empty ``--ranks``, a config
 with ``method: full`` and a rank above a targeted layer's dimensions are refused
 before anything is written.
 
+``--lrs``, ``--alphas`` and ``--dropouts`` (each defaulting to the config's one
+value) are crossed with the ranks: the LoRA arms are ranks x lrs x alphas x
+dropouts. An arm is named ``lora_r{r}`` when only the rank varies, and otherwise
+gets the varying values appended in that order, e.g. ``lora_r4_lr0.0003_a16_d0.1``
+(numbers as Python's shortest round-tripping ``repr``, without a trailing ``.0``
+or exponent padding: ``1e-5``, ``16``, ``0.1``). A one-value list varies nothing and
+adds nothing to the names (its value is still the arms'). ``--alphas`` with
+``--alpha-ratio``, an empty or malformed list, a non-positive lr, a negative alpha
+or a dropout outside [0, 1) are refused in one line before anything is written.
+The varying ones become columns ``lr`` / ``alpha`` / ``dropout`` of the tables, and
+the plots draw one line against rank per combination of them.
+
 The sweep directory is rankwise's (marker kind ``sweep``); one that rankwise
 did not make, if not empty, needs ``--force``. It may not be, lie inside or
 contain the model, tokenizer or data files.
@@ -51,7 +65,9 @@ import csv
 import gc
 import io
 import json
+import itertools
 import logging
+import math
 import os
 import shutil
 
@@ -69,19 +85,71 @@ COLUMNS = ["arm", "method", "rank", "fraction", "status", "reason", "steps", "tr
            "output_dir"]
 
 
+# Hyperparameters a sweep may cross with the ranks: (column / name, config key, name prefix, sweep() argument).
+HYPER = (("lr", "train.lr", "lr", "lrs"), ("alpha", "lora.alpha", "a", "alphas"),
+         ("dropout", "lora.dropout", "d", "dropouts"))
+
 TOGETHER_DIR = "together"  # OUT/together/<arm names>: the checkpoint of a group of arms trained together
 
 # The keys an arm sets on top of the sweep's config (recorded per arm in sweep.yaml).
-ARM_KEYS = ("method", "lora.r", "lora.alpha", "mask.fraction", "quantization")
+ARM_KEYS = ("method", "lora.r", "lora.alpha", "lora.dropout", "train.lr", "mask.fraction", "quantization")
 
 
-def arm_name(method: str, rank=None, fraction=None) -> str:
-    """Directory name of an arm: ``lora_r8``, ``full_sft``, ``masked_0.1``."""
+def number(v) -> str:
+    """A compact, filesystem-safe text of ``v`` that ``float()`` reads back exactly: ``3e-4`` -> ``0.0003``,
+    ``16.0`` -> ``16``, ``1e-05`` -> ``1e-5``."""
+    s = repr(float(v))
+    mant, _, exp = s.partition("e")
+    if mant.endswith(".0"):
+        mant = mant[:-2]
+    return f"{mant}e{int(exp)}" if exp else mant
+
+
+def arm_name(method: str, rank=None, fraction=None, **varying) -> str:
+    """Directory name of an arm: ``lora_r8``, ``full_sft``, ``masked_0.1``; with ``varying``
+    hyperparameters (``lr``, ``alpha``, ``dropout``) e.g. ``lora_r8_lr0.0003_a16_d0.1``."""
     if method == "lora":
-        return f"lora_r{rank}"
+        return f"lora_r{rank}" + "".join(f"_{prefix}{number(varying[col])}"
+                                         for col, _, prefix, _ in HYPER if col in varying)
     if method == "full":
         return "full_sft"
     return f"masked_{fraction:g}"
+
+
+def _hyper_lists(base: dict, alpha_ratio, given: dict) -> dict:
+    """``{column: sorted distinct values}`` of the hyperparameters crossed with the ranks, checked (one-line
+    ``ConfigError``s); a list not given is the config's one value."""
+    if given.get("alphas") is not None and alpha_ratio is not None:
+        raise ConfigError("--alphas and --alpha-ratio both set lora.alpha; give one of them")
+    checks = {"lr": (lambda v: v > 0, "> 0"), "alpha": (lambda v: v >= 0, ">= 0"),
+              "dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
+    out = {}
+    for col, key, _, arg in HYPER:
+        values = given.get(arg)
+        if values is None:
+            section, name = key.split(".")
+            out[col] = [base[section][name]]
+            continue
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            values = [values]
+        values = list(values)
+        if not values:
+            raise ConfigError(f"--{arg} is empty")
+        try:
+            if any(isinstance(v, bool) for v in values):
+                raise TypeError
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{arg} must be numbers, got {values!r}") from None
+        ok, rule = checks[col]
+        bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+        if bad:
+            shown = ", ".join(number(v) if math.isfinite(v) else str(v) for v in bad)
+            raise ConfigError(f"--{arg}: {col} must be {rule}, got {shown}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--{arg} has repeated values: {', '.join(map(number, values))}")
+        out[col] = sorted(values)
+    return out
 
 
 def _parse_list(text, kind, what):
@@ -106,12 +174,17 @@ def _failure_reason(e: BaseException) -> str:
     return f"{kind}: {msg}"[:300] if msg else kind
 
 
-def arm_config(base: dict, method: str, rank, fraction, arm_dir: str, alpha_ratio=None) -> dict:
-    """The train config of one arm: ``base`` with the arm's method, rank / mask fraction and directory."""
+def arm_config(base: dict, method: str, rank, fraction, arm_dir: str, alpha_ratio=None, hyper=None) -> dict:
+    """The train config of one arm: ``base`` with the arm's method, rank / mask fraction and directory
+    (and for a LoRA arm the ``hyper`` values, ``{"lr", "alpha", "dropout"}``, that it sets)."""
     cfg = copy.deepcopy(base)
     cfg["method"], cfg["output_dir"] = method, arm_dir
     if method == "lora":
         cfg["lora"]["r"] = rank
+        for col, key, _, _ in HYPER:
+            if hyper and col in hyper:
+                section, name = key.split(".")
+                cfg[section][name] = hyper[col]
         if alpha_ratio is not None:
             cfg["lora"]["alpha"] = float(alpha_ratio) * rank
     elif method == "masked":
@@ -159,7 +232,7 @@ def _inputs(base: dict) -> list:
 
 def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
           alpha_ratio=None, backend=None, rerun_changed: bool = False, force: bool = False,
-          together: bool = False, group_size=None) -> list[dict]:
+          together: bool = False, group_size=None, lrs=None, alphas=None, dropouts=None) -> list[dict]:
     """Run the arms of a rank sweep; returns one result row per arm (also written to ``sweep.csv``).
 
     Args:
@@ -181,6 +254,9 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             run on their own, after them. Needs a config with ``method: lora``.
         group_size: with ``together``, train at most this many LoRA arms at a time (None: the groups
             that fit the device's free memory, ``rankwise.together.plan_groups``; all when it is unknown).
+        lrs, alphas, dropouts: ``train.lr`` / ``lora.alpha`` / ``lora.dropout`` values crossed with the
+            ranks (None: the config's one value); when one has several values the arm names, the tables
+            and the plots show it (``lora_r4_lr0.0003_a16_d0.1``). ``alphas`` excludes ``alpha_ratio``.
     """
     from . import train as _train
 
@@ -202,6 +278,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             raise ConfigError(f"--group-size must be an integer >= 1, got {group_size!r}")
     elif group_size is not None:
         raise ConfigError("--group-size applies to --together sweeps only")
+    hyper = _hyper_lists(base, alpha_ratio, {"lrs": lrs, "alphas": alphas, "dropouts": dropouts})
+    varying = [col for col, values in hyper.items() if len(values) > 1]
     fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
     for f in fractions:
         if not 0 < f <= 1:
@@ -210,11 +288,14 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
     out_dir = out_dir or base["output_dir"]
     check_output(out_dir, force=force, inputs=_inputs(base), flag=flag, kinds=["sweep"])
     arms = []
-    for method, rank, fraction in [("lora", r, None) for r in sorted(ranks)] \
-            + ([("full", None, None)] if full_sft else []) + [("masked", None, f) for f in fractions]:
-        name = arm_name(method, rank, fraction)
-        cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio)
+    combos = [dict(zip(hyper, values)) for values in itertools.product(*hyper.values())]
+    for method, rank, fraction, combo in [("lora", r, None, h) for r in sorted(ranks) for h in combos] \
+            + ([("full", None, None, None)] if full_sft else []) + [("masked", None, f, None) for f in fractions]:
+        name = arm_name(method, rank, fraction, **{c: combo[c] for c in varying} if combo else {})
+        cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio,
+                         combo if lrs is not None or alphas is not None or dropouts is not None else None)
         arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
+    lora_ranks = [rank for _, method, rank, _, _, _ in arms if method == "lora"]
 
     budget = None
     if together:  # a rank the layers cannot hold, or an arm too big for memory: refused before anything is written
@@ -226,7 +307,7 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         if group_size is None:
             budget = memory_budget(resolve_device(first.train.device))
             if budget is not None:
-                plan = plan_groups(first, sorted(ranks), budget)
+                plan = plan_groups(first, lora_ranks, budget)
                 log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
                          " then ".join("ranks " + ",".join(map(str, g)) for g in plan))
 
@@ -253,7 +334,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
                           "to re-train them (the other arms are kept), or choose another output directory")
     claim(out_dir, "sweep")
     C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
-                 "alpha_ratio": alpha_ratio, "together": bool(together), "group_size": group_size,
+                 "alpha_ratio": alpha_ratio, **{arg: hyper[col] for col, _, _, arg in HYPER if col in varying},
+                 "together": bool(together), "group_size": group_size,
                  "arms": {name: {"method": method, "rank": rank, "fraction": fraction,
                                  "settings_hash": C.settings_hash(now),
                                  "settings": {k: v for k, v in now.items() if k in ARM_KEYS}}
@@ -276,6 +358,8 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         arm_dir = cfg["output_dir"]
         prepare_arm(name, arm_dir)
         row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
+        if method == "lora":
+            row.update({"lr": cfg["train"]["lr"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]})
         summary_path = os.path.join(arm_dir, _train.SUMMARY)
         if name in grouped:
             summary = grouped[name]
@@ -298,9 +382,9 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         if row["status"] == "finished" and os.path.exists(os.path.join(arm_dir, "failed.json")):
             os.unlink(os.path.join(arm_dir, "failed.json"))
         results.append(row)
-        write_tables(results, out_dir)  # partial results are visible while the sweep runs
-    plot(results, out_dir)
-    write_tables(results, out_dir)  # again, now linking the plots
+        write_tables(results, out_dir, varying)  # partial results are visible while the sweep runs
+    plot(results, out_dir, varying)
+    write_tables(results, out_dir, varying)  # again, now linking the plots
     return results
 
 
@@ -369,15 +453,24 @@ def _fmt(v):
     return str(v)
 
 
-def write_tables(results, out_dir) -> None:
-    """Write ``sweep.csv`` (every column) and ``sweep.md`` (a readable table) atomically."""
+def columns(varying=()) -> list:
+    """The table columns: ``COLUMNS`` with the ``varying`` hyperparameters (``lr``, ``alpha``, ``dropout``)
+    after ``rank``."""
+    i = COLUMNS.index("rank") + 1
+    return COLUMNS[:i] + [col for col, _, _, _ in HYPER if col in varying] + COLUMNS[i:]
+
+
+def write_tables(results, out_dir, varying=()) -> None:
+    """Write ``sweep.csv`` (every column) and ``sweep.md`` (a readable table) atomically; ``varying``: the
+    hyperparameters crossed with the ranks that have several values (each a column after ``rank``)."""
+    cols = columns(varying)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in results:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     C.atomic_write_text(os.path.join(out_dir, "sweep.csv"), buf.getvalue())
-    shown = [c for c in COLUMNS if c not in ("output_dir", "reason")
+    shown = [c for c in cols if c not in ("output_dir", "reason")
              and any(r.get(c) is not None for r in results)]
     lines = ["# Rank sweep", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in results:
@@ -392,8 +485,11 @@ def write_tables(results, out_dir) -> None:
     C.atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(lines) + "\n")
 
 
-def plot(results, out_dir) -> list[str]:
-    """PNG plots of the in-domain and out-of-domain metrics against rank; returns the paths written."""
+def plot(results, out_dir, varying=()) -> list[str]:
+    """PNG plots of the in-domain and out-of-domain metrics against rank; returns the paths written.
+
+    With ``varying`` hyperparameters (``lr``, ``alpha``, ``dropout``) each combination of them is its own
+    line against rank, labelled with its values."""
     from matplotlib.figure import Figure
 
     written = []
@@ -411,16 +507,23 @@ def plot(results, out_dir) -> list[str]:
         fig = Figure(figsize=(5.2 * len(metrics), 4.0), layout="constrained")
         for i, metric in enumerate(metrics):
             ax = fig.add_subplot(1, len(metrics), i + 1)
-            pts = [(r["rank"], r[metric]) for r in lora if r.get(metric) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="LoRA")
+            lines = {}
+            for r in lora:
+                if r.get(metric) is not None:
+                    lines.setdefault(tuple(r.get(c) for c in varying), []).append((r["rank"], r[metric]))
+            for combo, pts in lines.items():
+                label = "LoRA" + "".join(f" {c}={number(v)}" for c, v in zip(varying, combo) if v is not None)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            ticks = sorted({p[0] for pts in lines.values() for p in pts})
+            if ticks:
                 ax.set_xscale("log", base=2)
-                ax.set_xticks([p[0] for p in pts], [str(p[0]) for p in pts])
+                ax.set_xticks(ticks, [str(t) for t in ticks])
             for j, r in enumerate(refs):
                 if r.get(metric) is None:
                     continue
                 label = "full SFT" if r["method"] == "full" else f"masked SFT ({r['fraction']:g})"
-                ax.axhline(r[metric], linestyle="--" if r["method"] == "full" else ":", color=f"C{j + 1}", label=label)
+                ax.axhline(r[metric], linestyle="--" if r["method"] == "full" else ":",
+                           color=f"C{j + max(len(lines), 1)}", label=label)
             ax.set_xlabel("LoRA rank")
             ax.set_ylabel(metric)
             ax.grid(True, alpha=0.3)
@@ -443,6 +546,13 @@ def add_arguments(parser) -> None:
                         help="add masked-SFT arms with these mask fractions")
     parser.add_argument("--alpha-ratio", type=float, default=None,
                         help="use alpha = ratio * r for every LoRA arm (default: the config's lora.alpha)")
+    parser.add_argument("--lrs", default=None, metavar="LR[,LR...]",
+                        help="learning rates crossed with the ranks (default: the config's train.lr)")
+    parser.add_argument("--alphas", default=None, metavar="ALPHA[,ALPHA...]",
+                        help="LoRA alphas crossed with the ranks (default: the config's lora.alpha; "
+                             "not with --alpha-ratio)")
+    parser.add_argument("--dropouts", default=None, metavar="P[,P...]",
+                        help="LoRA dropouts crossed with the ranks (default: the config's lora.dropout)")
     parser.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
     parser.add_argument("--backend", default=None, choices=list(C.BACKENDS),
                         help="kernels of every arm: auto (Triton on CUDA, torch elsewhere), triton (on a CPU: "
@@ -467,10 +577,12 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ranks = _parse_list(args.ranks, int, "--ranks")
     masked = _parse_list(args.masked, float, "--masked") if args.masked else None
+    hyper = {arg: _parse_list(getattr(args, arg), float, f"--{arg}")
+             for arg in ("lrs", "alphas", "dropouts") if getattr(args, arg) is not None}
     results = sweep(args.config, ranks, full_sft=args.full_sft, masked=masked, out_dir=args.out,
                     overrides=args.overrides, alpha_ratio=args.alpha_ratio, backend=args.backend,
                     rerun_changed=args.rerun_changed, force=args.force, together=args.together,
-                    group_size=args.group_size)
+                    group_size=args.group_size, **hyper)
     out = args.out or C.parse(args.config, args.overrides).output_dir
     print(open(os.path.join(out, "sweep.md")).read(), end="")
     failed = [r for r in results if r["status"] == "failed"]
