@@ -271,14 +271,9 @@ def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rs
 
 # ----------------------------------------------------------------------------- checks
 
-def target_dims(cfg: C.RunConfig) -> dict:
-    """``{module path: (in_features, out_features)}`` of the layers ``cfg.lora.targets`` selects.
-
-    Read from the model's config alone: the model is built on the meta device, no weights are loaded.
-    """
+def meta_model(cfg: C.RunConfig):
+    """``(model config, model on the meta device)`` of ``cfg.model``: shapes only, no weights loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .lora import inject_lora, lora_layers
 
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model)
@@ -286,6 +281,17 @@ def target_dims(cfg: C.RunConfig) -> dict:
             model = AutoModelForCausalLM.from_config(mcfg)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot read the model config of {cfg.model}: {' '.join(str(e).split())[:200]}") from None
+    return mcfg, model
+
+
+def target_dims(cfg: C.RunConfig) -> dict:
+    """``{module path: (in_features, out_features)}`` of the layers ``cfg.lora.targets`` selects.
+
+    Read from the model's config alone: the model is built on the meta device, no weights are loaded.
+    """
+    from .lora import inject_lora, lora_layers
+
+    _, model = meta_model(cfg)
     with torch.random.fork_rng(devices=[]):
         try:
             inject_lora(model, cfg.lora.targets, 1, 1.0)
@@ -369,14 +375,7 @@ def model_shape(cfg: C.RunConfig) -> dict:
     ``{"params", "target_params", "targets": {name: (in, out)}, "hidden", "intermediate", "layers",
     "heads", "vocab"}``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        mcfg = AutoConfig.from_pretrained(cfg.model)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(mcfg)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read the model config of {cfg.model}: {' '.join(str(e).split())[:200]}") from None
+    mcfg, model = meta_model(cfg)
     targets = target_dims(cfg)
     hidden = int(getattr(mcfg, "hidden_size"))
     return {"params": sum(p.numel() for p in model.parameters()),
