@@ -49,7 +49,7 @@ def cli_rc(argv):
     return cli.main([str(a) for a in argv])
 
 
-def refused(capsys, argv, *words, roots=()):
+def assert_refused(capsys, argv, *words, roots=()):
     """Run the CLI; assert exit 2, one line ``rankwise VERB: error: ...`` holding ``words``, nothing changed."""
     before = {str(r): snapshot(r) for r in roots}
     rc = cli.main([str(a) for a in argv])
@@ -78,31 +78,31 @@ def mine(path, files=("notes.txt",)):
 def test_merge_refuses_outputs_that_overlap_its_inputs(world, capsys, tmp_path):
     roots = [world["root"]]
     run, base = world["run"], world["base"]
-    refused(capsys, ["merge", run, "--out", run, "--force"], f"--out {run} is the run", roots=roots)
-    refused(capsys, ["merge", run, "--out", base, "--force"], f"--out {base} is the base model", roots=roots)
-    refused(capsys, ["merge", run, "--out", os.path.join(run, "merged")], "lies inside the run", roots=roots)
+    assert_refused(capsys, ["merge", run, "--out", run, "--force"], f"--out {run} is the run", roots=roots)
+    assert_refused(capsys, ["merge", run, "--out", base, "--force"], f"--out {base} is the base model", roots=roots)
+    assert_refused(capsys, ["merge", run, "--out", os.path.join(run, "merged")], "lies inside the run", roots=roots)
     adapter = os.path.join(run, "adapter")
-    refused(capsys, ["merge", adapter, "--out", adapter, "--force"], f"--out {adapter} is the adapter", roots=roots)
-    refused(capsys, ["merge", adapter, "--out", os.path.join(adapter, "m")], "lies inside the adapter", roots=roots)
-    refused(capsys, ["merge", run, "--out", os.path.join(base, "merged")], "lies inside the base model", roots=roots)
-    refused(capsys, ["merge", run, "--out", world["root"], "--force"], "contains the run", roots=roots)
+    assert_refused(capsys, ["merge", adapter, "--out", adapter, "--force"], f"--out {adapter} is the adapter", roots=roots)
+    assert_refused(capsys, ["merge", adapter, "--out", os.path.join(adapter, "m")], "lies inside the adapter", roots=roots)
+    assert_refused(capsys, ["merge", run, "--out", os.path.join(base, "merged")], "lies inside the base model", roots=roots)
+    assert_refused(capsys, ["merge", run, "--out", world["root"], "--force"], "contains the run", roots=roots)
 
 
 def test_merge_into_a_users_directory_needs_force_and_a_file_is_refused(world, capsys, tmp_path):
     roots = [world["root"], tmp_path]
     users = mine(tmp_path / "users", ["notes.txt", "model.safetensors"])
-    refused(capsys, ["merge", world["run"], "--out", users], f"--out {users} exists and was not made by rankwise",
+    assert_refused(capsys, ["merge", world["run"], "--out", users], f"--out {users} exists and was not made by rankwise",
             "--force", roots=roots)
     a_file = tmp_path / "merged.txt"
     a_file.write_text("the user's file\n")
-    refused(capsys, ["merge", world["run"], "--out", a_file, "--force"], "is a file", roots=roots)
-    refused(capsys, ["merge", world["run"], "--out", a_file / "sub"], "lies under the file", roots=roots)
+    assert_refused(capsys, ["merge", world["run"], "--out", a_file, "--force"], "is a file", roots=roots)
+    assert_refused(capsys, ["merge", world["run"], "--out", a_file / "sub"], "lies under the file", roots=roots)
     assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))], "temporary directory left behind"
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        refused(capsys, ["merge", world["run"], "--out", ro / "merged"], "is not writable", roots=roots)
+        assert_refused(capsys, ["merge", world["run"], "--out", ro / "merged"], "is not writable", roots=roots)
 
 
 def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys, tmp_path):
@@ -114,7 +114,7 @@ def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys
     run_copy = tmp_path / "run_copy"
     shutil.copytree(world["run"], run_copy)
     write_marker(run_copy, "train")
-    refused(capsys, ["merge", world["run"], "--out", run_copy], "holds a rankwise 'train' output, not a merge one",
+    assert_refused(capsys, ["merge", world["run"], "--out", run_copy], "holds a rankwise 'train' output, not a merge one",
             roots=[world["root"], tmp_path])
     users = mine(tmp_path / "users")
     capsys.readouterr()
@@ -154,7 +154,7 @@ def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, t
         del t[next(k for k in sorted(t) if "lora_B" in k)]
         save_file(t, w_path)
     out = tmp_path / "merged"
-    refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
+    assert_refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
             roots=[world["root"], tmp_path])
     assert not out.exists()
 
@@ -164,7 +164,7 @@ def test_merge_of_a_truncated_base_model_is_one_line(world, capsys, tmp_path):
     shutil.copytree(world["base"], base)
     w = base / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    refused(capsys, ["merge", world["run"], "--base", base, "--out", tmp_path / "merged"], "cannot load base model",
+    assert_refused(capsys, ["merge", world["run"], "--base", base, "--out", tmp_path / "merged"], "cannot load base model",
             roots=[world["root"], tmp_path])
 
 
@@ -177,19 +177,19 @@ def test_restore_refuses_overlaps_users_directories_files_and_other_kinds(world,
     def argv(out, *extra):
         return ["restore", "--base", base, "--tuned", tuned, "--out", out, "--fraction", "0.1", *extra]
 
-    refused(capsys, argv(tuned, "--force"), f"--out {tuned} is the tuned", roots=roots)
-    refused(capsys, argv(base, "--force"), f"--out {base} is the base", roots=roots)
-    refused(capsys, argv(os.path.join(base, "restored")), "lies inside the base", roots=roots)
-    refused(capsys, argv(world["root"], "--force"), "contains the base", roots=roots)
+    assert_refused(capsys, argv(tuned, "--force"), f"--out {tuned} is the tuned", roots=roots)
+    assert_refused(capsys, argv(base, "--force"), f"--out {base} is the base", roots=roots)
+    assert_refused(capsys, argv(os.path.join(base, "restored")), "lies inside the base", roots=roots)
+    assert_refused(capsys, argv(world["root"], "--force"), "contains the base", roots=roots)
     users = mine(tmp_path / "users")
-    refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
+    assert_refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
     a_file = tmp_path / "out.txt"
     a_file.write_text("mine")
-    refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
+    assert_refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
     merged = tmp_path / "merged"
     assert cli.main(["merge", world["run"], "--out", str(merged)]) == 0
-    refused(capsys, argv(merged), "holds a rankwise 'merge' output, not a restore one", roots=roots)
-    refused(capsys, ["analyze", world["run"], "--base", base, "--out", merged], "holds a rankwise 'merge' output",
+    assert_refused(capsys, argv(merged), "holds a rankwise 'merge' output, not a restore one", roots=roots)
+    assert_refused(capsys, ["analyze", world["run"], "--base", base, "--out", merged], "holds a rankwise 'merge' output",
             roots=roots)
     out = tmp_path / "restored"
     assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "restore"
@@ -206,15 +206,15 @@ def test_analyze_refuses_outputs_in_its_inputs_and_users_directories(world, caps
     def argv(out, *extra):
         return ["analyze", run, "--base", base, "--out", out, "--quiet", "--no-intruders", "--no-plots", *extra]
 
-    refused(capsys, argv(run, "--force"), f"--out {run} is the run", roots=roots)
-    refused(capsys, argv(os.path.join(run, "analysis")), "lies inside the run", roots=roots)
-    refused(capsys, argv(os.path.join(base, "analysis")), "lies inside the base model", roots=roots)
-    refused(capsys, argv(world["root"], "--force"), "contains the run", roots=roots)
+    assert_refused(capsys, argv(run, "--force"), f"--out {run} is the run", roots=roots)
+    assert_refused(capsys, argv(os.path.join(run, "analysis")), "lies inside the run", roots=roots)
+    assert_refused(capsys, argv(os.path.join(base, "analysis")), "lies inside the base model", roots=roots)
+    assert_refused(capsys, argv(world["root"], "--force"), "contains the run", roots=roots)
     users = mine(tmp_path / "users")
-    refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
+    assert_refused(capsys, argv(users), "was not made by rankwise", "--force", roots=roots)
     a_file = tmp_path / "a.txt"
     a_file.write_text("mine")
-    refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
+    assert_refused(capsys, argv(a_file, "--force"), "is a file", roots=roots)
     out = tmp_path / "analysis"
     assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "analyze"
     assert cli_rc(argv(out)) == 0  # its own output: rewritten without --force
@@ -232,16 +232,16 @@ def test_analyze_reads_resolved_config_and_a_bad_one_is_one_line(world, capsys, 
     assert cli.main(["analyze", str(run), "--out", str(out), "--quiet", "--no-intruders", "--no-plots"]) == 0
     assert json.loads((out / "analysis.json").read_text())["base"] == world["base"]
     (run / "resolved_config.yaml").write_text("model: [unclosed\n")
-    refused(capsys, ["analyze", run, "--out", tmp_path / "b"], "resolved_config.yaml", "not a readable YAML file",
+    assert_refused(capsys, ["analyze", run, "--out", tmp_path / "b"], "resolved_config.yaml", "not a readable YAML file",
             roots=[world["root"], tmp_path])
     (run / "resolved_config.yaml").unlink()
     w = run / "adapter" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:50])
-    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
+    assert_refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
             f"{w}: not a readable safetensors file", roots=[world["root"], tmp_path])
     w.unlink()
     (run / "adapter" / "adapter_config.json").write_text("{")
-    refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
+    assert_refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
             "adapter_config.json: not a readable JSON file", roots=[world["root"], tmp_path])
 
 
@@ -250,30 +250,30 @@ def test_analyze_reads_resolved_config_and_a_bad_one_is_one_line(world, capsys, 
 def test_demo_and_world_outputs_go_through_ownership(world, capsys, tmp_path):
     roots = [tmp_path]
     users = mine(tmp_path / "users", ["notes.txt", "report.md"])
-    refused(capsys, ["demo", "--out", users], "was not made by rankwise", "--force", roots=roots)
+    assert_refused(capsys, ["demo", "--out", users], "was not made by rankwise", "--force", roots=roots)
     a_file = tmp_path / "a.txt"
     a_file.write_text("mine")
-    refused(capsys, ["demo", "--out", a_file], "is a file", roots=roots)
+    assert_refused(capsys, ["demo", "--out", a_file], "is a file", roots=roots)
     # --fresh deletes only a stage directory rankwise made
     demo = tmp_path / "demo"
     demo.mkdir()
     write_marker(demo, "demo")
     mine(demo / "work", ["thesis.tex"])
-    refused(capsys, ["demo", "--out", demo, "--fresh"], "holds stages rankwise did not make", roots=roots)
+    assert_refused(capsys, ["demo", "--out", demo, "--fresh"], "holds stages rankwise did not make", roots=roots)
 
-    refused(capsys, ["world", "build", "--out", users], "was not made by rankwise", roots=roots)
-    refused(capsys, ["world", "build", "--out", a_file], "is a file", roots=roots)
-    refused(capsys, ["world", "pretrain", "--out", users], "was not made by rankwise", roots=roots)
+    assert_refused(capsys, ["world", "build", "--out", users], "was not made by rankwise", roots=roots)
+    assert_refused(capsys, ["world", "build", "--out", a_file], "is a file", roots=roots)
+    assert_refused(capsys, ["world", "pretrain", "--out", users], "was not made by rankwise", roots=roots)
     wdir = tmp_path / "w"
     wdir.mkdir()
     (wdir / "world.json").write_text("{}")
     argv = ["world", "mastery", "--base", world["base"], "--world", wdir]
-    refused(capsys, argv + ["--out", wdir / "world.json", "--force"], "lies inside the world", roots=roots)
-    refused(capsys, argv + ["--out", os.path.join(world["base"], "m.jsonl")], "lies inside the base model",
+    assert_refused(capsys, argv + ["--out", wdir / "world.json", "--force"], "lies inside the world", roots=roots)
+    assert_refused(capsys, argv + ["--out", os.path.join(world["base"], "m.jsonl")], "lies inside the base model",
             roots=roots + [world["root"]])
-    refused(capsys, argv + ["--out", a_file], "exists; pass --force", roots=roots)
-    refused(capsys, argv + ["--out", users], "is a directory", roots=roots)
-    refused(capsys, argv + ["--out", a_file / "m.jsonl"], "lies under the file", roots=roots)
+    assert_refused(capsys, argv + ["--out", a_file], "exists; pass --force", roots=roots)
+    assert_refused(capsys, argv + ["--out", users], "is a directory", roots=roots)
+    assert_refused(capsys, argv + ["--out", a_file / "m.jsonl"], "lies under the file", roots=roots)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -291,7 +291,7 @@ def test_sweep_restarted_with_other_settings_is_refused_then_rerun_changed_retra
     out = tmp_path / "sw"
     assert cli.main(["sweep", config, "--ranks", "1,2"]) == 0
     assert owner(out)["kind"] == "sweep"
-    refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5"],
+    assert_refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5"],
             "lora_r1 (train.lr)", "lora_r2 (train.lr)", "--rerun-changed", roots=[tmp_path, world["root"]])
 
     capsys.readouterr()
@@ -304,7 +304,7 @@ def test_sweep_restarted_with_other_settings_is_refused_then_rerun_changed_retra
     r1_summary = (out / "arms" / "lora_r1" / "summary.json").read_bytes()
 
     # --alpha-ratio 4 changes r=1's alpha (8 -> 4) but not r=2's (8 = 4 * 2): only lora_r1 is named, and re-trained
-    line = refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4"],
+    line = assert_refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4"],
                    "lora_r1 (lora.alpha)", roots=[tmp_path])
     assert "lora_r2" not in line
     assert cli.main(["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4",
@@ -320,18 +320,18 @@ def test_sweep_refuses_users_directories_inputs_and_bad_records(world, capsys, t
     config = sweep_config(world, tmp_path)
     roots = [tmp_path, world["root"]]
     users = mine(tmp_path / "users")
-    refused(capsys, ["sweep", config, "--ranks", "1", "--out", users], "was not made by rankwise", "--force",
+    assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", users], "was not made by rankwise", "--force",
             roots=roots)
-    refused(capsys, ["sweep", config, "--ranks", "1", "--out", world["data"], "--force"], "contains the train data",
+    assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", world["data"], "--force"], "contains the train data",
             roots=roots)
-    refused(capsys, ["sweep", config, "--ranks", "1", "--out", os.path.join(world["base"], "sw")],
+    assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", os.path.join(world["base"], "sw")],
             "lies inside the model", roots=roots)
     out = tmp_path / "bad"
     arm = out / "arms" / "lora_r1"
     arm.mkdir(parents=True)
     write_marker(out, "sweep")
     (arm / "settings.json").write_text("{not json")
-    refused(capsys, ["sweep", config, "--ranks", "1", "--out", out], "settings.json", roots=roots)
+    assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", out], "settings.json", roots=roots)
     # an arm of an older rankwise records its settings only in config.yaml: compared all the same
     legacy = tmp_path / "legacy"
     arm = legacy / "arms" / "lora_r1"
@@ -341,7 +341,7 @@ def test_sweep_refuses_users_directories_inputs_and_bad_records(world, capsys, t
     old["lora"]["r"], old["train"]["lr"], old["output_dir"] = 1, 0.3, str(arm)
     (arm / "config.yaml").write_text(yaml.safe_dump(old))
     (arm / "summary.json").write_text('{"status": "finished"}\n')
-    refused(capsys, ["sweep", config, "--ranks", "1", "--out", legacy], "lora_r1 (train.lr)", roots=roots)
+    assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", legacy], "lora_r1 (train.lr)", roots=roots)
 
 
 class _RunsCode:
@@ -363,7 +363,7 @@ def test_sweep_never_unpickles_a_crafted_arm_checkpoint(world, capsys, tmp_path)
     ran = tmp_path / "code-ran"
     torch.save({"step": 1, "payload": _RunsCode(str(ran))}, arm / "checkpoint.pt")
     before = (arm / "checkpoint.pt").read_bytes()
-    line = refused(capsys, ["sweep", config, "--ranks", "1"], "checkpoint.pt", "pickle", roots=[world["root"], tmp_path])
+    line = assert_refused(capsys, ["sweep", config, "--ranks", "1"], "checkpoint.pt", "pickle", roots=[world["root"], tmp_path])
     assert not ran.exists(), "loading the arm's checkpoint ran code"
     assert (arm / "checkpoint.pt").read_bytes() == before, "the refused checkpoint must be left as it was"
     assert os.listdir(arm) == ["checkpoint.pt"] and not (out / "sweep.yaml").exists(), "refused before any write"

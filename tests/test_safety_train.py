@@ -61,7 +61,7 @@ def run_copy(interrupted, tmp_path):
     return out
 
 
-def refused(call, match, *roots, new=()):
+def assert_refused(call, match, *roots, new=()):
     """``call()`` raises a one-line ConfigError matching ``match``; every file under ``roots`` is unchanged.
 
     ``new``: files (relative to the first root) the failed call may have added, e.g. the marker of an output
@@ -131,17 +131,17 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_is_kept(world,
         path.unlink()
     else:
         path.write_bytes(damage(path.read_bytes()))
-    refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), match, run_copy)
+    assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), match, run_copy)
 
 
 def test_a_checkpoint_that_is_a_file_or_an_empty_directory(world, run_copy):  # noqa: F811
     shutil.rmtree(run_copy / "checkpoint")
     (run_copy / "checkpoint").mkdir()
-    refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "incomplete: .*state.json is missing",
+    assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "incomplete: .*state.json is missing",
             run_copy)
     (run_copy / "checkpoint").rmdir()
     (run_copy / "checkpoint").write_text("not a directory")
-    refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "is a file, not a checkpoint directory",
+    assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "is a file, not a checkpoint directory",
             run_copy)
 
 
@@ -171,7 +171,7 @@ def test_resume_with_changed_settings_is_refused_and_nothing_is_rewritten(world,
     cfg = small_cfg(world, run_copy)
     for section, values in change.items():
         cfg[section] = {**cfg[section], **values}
-    msg = refused(lambda: rt.train(cfg, resume=True), match, run_copy)
+    msg = assert_refused(lambda: rt.train(cfg, resume=True), match, run_copy)
     assert "put them back to resume, or choose another output_dir" in msg
 
 
@@ -180,11 +180,11 @@ def test_resume_after_the_data_file_changed_is_refused(world, run_copy, tmp_path
     shutil.copy(world["train"], data)
     cfg = small_cfg(world, run_copy)
     cfg["data"] = {**cfg["data"], "train": str(data)}
-    msg = refused(lambda: rt.train(cfg, resume=True), r"data\.train \(", run_copy)  # the path changed
+    msg = assert_refused(lambda: rt.train(cfg, resume=True), r"data\.train \(", run_copy)  # the path changed
     assert "data.train#sha256" not in msg, "same content under another name: only the path differs"
     with open(data, "a") as f:
         f.write('{"prompt": "Q: new? A:", "completion": " yes"}\n')
-    refused(lambda: rt.train(cfg, resume=True), r"data\.train#sha256 \(", run_copy)
+    assert_refused(lambda: rt.train(cfg, resume=True), r"data\.train#sha256 \(", run_copy)
 
 
 def test_resume_across_keys_that_do_not_change_the_result(world, run_copy):  # noqa: F811
@@ -201,11 +201,11 @@ def test_resume_of_a_finished_run(world, run_copy):  # noqa: F811
     again = rt.train(cfg, resume=True)  # the same settings: the finished run, as it is
     assert again == json.loads((run_copy / "summary.json").read_text()) and again["train_loss"] == done["train_loss"]
     cfg["lora"] = {**cfg["lora"], "r": 8}
-    refused(lambda: rt.train(cfg, resume=True),
+    assert_refused(lambda: rt.train(cfg, resume=True),
             r"is a finished run trained with other settings: lora\.r \(4 -> 8\); choose another output_dir", run_copy)
-    refused(lambda: rt.train(cfg), "already holds a run; pass --resume", run_copy)
+    assert_refused(lambda: rt.train(cfg), "already holds a run; pass --resume", run_copy)
     (run_copy / "settings.json").write_text("{not json")
-    refused(lambda: rt.train(cfg, resume=True), "cannot read the settings of the finished run .*settings.json",
+    assert_refused(lambda: rt.train(cfg, resume=True), "cannot read the settings of the finished run .*settings.json",
             run_copy)
 
 
@@ -285,17 +285,17 @@ def test_data_errors_are_one_line(world, tmp_path):  # noqa: F811
     cfg = small_cfg(world, tmp_path / "out")
     cfg["data"] = {**cfg["data"], "train": str(tmp_path / "missing.jsonl")}
     claimed = {"out/.rankwise-run.json"}  # the new output directory was claimed before the data was read
-    refused(lambda: rt.train(cfg), "data.train: file not found", tmp_path, new=claimed)
+    assert_refused(lambda: rt.train(cfg), "data.train: file not found", tmp_path, new=claimed)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n\xff\xfe{garbage\n')
     cfg["data"]["train"] = str(bad)
-    refused(lambda: rt.train(cfg), "data.train: .*bad.jsonl is not UTF-8 text", tmp_path, new=claimed)
+    assert_refused(lambda: rt.train(cfg), "data.train: .*bad.jsonl is not UTF-8 text", tmp_path, new=claimed)
     for name, content, match in [("bad.parquet", b"PAR1 not really", "is not a readable parquet file"),
                                  ("bad.csv", b"prompt,completion\n\xff,1\n", "is not UTF-8 text"),
                                  ("rows.jsonl", b'[1, 2]\n', "must be a JSON object")]:
         (tmp_path / name).write_bytes(content)
         cfg["data"]["train"] = str(tmp_path / name)
-        refused(lambda: rt.train(cfg), f"data.train.*{name}.*{match}", tmp_path, new=claimed)
+        assert_refused(lambda: rt.train(cfg), f"data.train.*{name}.*{match}", tmp_path, new=claimed)
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -303,8 +303,8 @@ def test_data_errors_are_one_line(world, tmp_path):  # noqa: F811
 def test_output_dir_that_is_a_file_or_lies_under_one(world, tmp_path):  # noqa: F811
     f = tmp_path / "notes.txt"
     f.write_text("mine")
-    refused(lambda: rt.train(small_cfg(world, f)), "output_dir .*notes.txt is a file", tmp_path)
-    refused(lambda: rt.train(small_cfg(world, f / "run")), "lies under the file .*notes.txt", tmp_path)
+    assert_refused(lambda: rt.train(small_cfg(world, f)), "output_dir .*notes.txt is a file", tmp_path)
+    assert_refused(lambda: rt.train(small_cfg(world, f / "run")), "lies under the file .*notes.txt", tmp_path)
 
 
 def test_a_read_only_output_dir(world, tmp_path, monkeypatch):  # noqa: F811
@@ -312,12 +312,12 @@ def test_a_read_only_output_dir(world, tmp_path, monkeypatch):  # noqa: F811
     ro.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.fspath(p) == str(ro) else real(p, mode, **k))
-    refused(lambda: rt.train(small_cfg(world, ro / "run")), f"output_dir .* {ro} is not writable", tmp_path)
+    assert_refused(lambda: rt.train(small_cfg(world, ro / "run")), f"output_dir .* {ro} is not writable", tmp_path)
     if os.geteuid() != 0:  # root writes anywhere: the real permission check only means something for a user
         monkeypatch.setattr(os, "access", real)
         ro.chmod(0o555)
         try:
-            refused(lambda: rt.train(small_cfg(world, ro / "run")), "is not writable", tmp_path)
+            assert_refused(lambda: rt.train(small_cfg(world, ro / "run")), "is not writable", tmp_path)
         finally:
             ro.chmod(0o755)
 
@@ -337,7 +337,7 @@ def test_output_dir_overlapping_an_input_is_refused_even_with_force(world, tmp_p
     word = {"the model": "is the base model", "inside the model": "lies inside the base model",
             "contains the model": "contains the base model", "the data": "is the data.train",
             "the mask.from run": "is the mask.from run"}[where]
-    refused(lambda: rt.train(cfg, force=True), word, data, tmp_path)
+    assert_refused(lambda: rt.train(cfg, force=True), word, data, tmp_path)
 
 
 def test_a_users_directory_needs_force_and_their_config_yaml_is_never_overwritten(world, tmp_path,  # noqa: F811
@@ -346,7 +346,7 @@ def test_a_users_directory_needs_force_and_their_config_yaml_is_never_overwritte
     out.mkdir()
     (out / "config.yaml").write_text("# my notes, with comments\nmodel: keep-me\n")
     before = (out / "config.yaml").read_bytes()
-    refused(lambda: rt.train(small_cfg(world, out, save_every=0)), "was not made by rankwise .*pass --force", out)
+    assert_refused(lambda: rt.train(small_cfg(world, out, save_every=0)), "was not made by rankwise .*pass --force", out)
     err = cli_line(capsys, ["train", str(write_cfg(tmp_path, small_cfg(world, out, save_every=0)))])
     assert "pass --force" in err
     assert cli.main(["train", str(tmp_path / "cfg.yaml"), "--force"]) == 0
@@ -361,11 +361,11 @@ def test_an_output_of_another_kind_is_refused(world, tmp_path):  # noqa: F811
     out = tmp_path / "merged"
     claim(out, "merge")
     (out / "model.safetensors").write_bytes(b"weights")
-    refused(lambda: rt.train(small_cfg(world, out)), "holds a rankwise 'merge' output, not a train one", out)
+    assert_refused(lambda: rt.train(small_cfg(world, out)), "holds a rankwise 'merge' output, not a train one", out)
 
 
 def test_a_run_is_not_started_over_without_resume_or_force(world, run_copy):  # noqa: F811
-    refused(lambda: rt.train(small_cfg(world, run_copy)), "already holds a run; pass --resume", run_copy)
+    assert_refused(lambda: rt.train(small_cfg(world, run_copy)), "already holds a run; pass --resume", run_copy)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -379,7 +379,7 @@ def test_a_corrupt_model_is_one_line_naming_the_model(world, tmp_path, damage): 
     weights.write_bytes({"truncated": b[: len(b) // 2], "empty": b"", "garbage": b"\x00garbage" * 20}[damage])
     cfg = small_cfg(world, tmp_path / "out")
     cfg["model"] = str(model)
-    msg = refused(lambda: rt.train(cfg), f"cannot load model '{model}'", model)
+    msg = assert_refused(lambda: rt.train(cfg), f"cannot load model '{model}'", model)
     assert "deserializing header" in msg
 
 
@@ -393,13 +393,13 @@ def test_a_missing_or_corrupt_tokenizer_or_config(world, tmp_path, damage):  # n
         cfg["tokenizer"] = str(tmp_path / "no-tokenizer")
     else:
         (model / damage.split()[0]).write_text("{garbage")
-    refused(lambda: rt.train(cfg), f"cannot load tokenizer '{cfg.get('tokenizer') or model}'", tmp_path,
+    assert_refused(lambda: rt.train(cfg), f"cannot load tokenizer '{cfg.get('tokenizer') or model}'", tmp_path,
             new={"out/.rankwise-run.json"})
 
 
 def test_a_crash_while_saving_the_checkpoint_is_not_a_silent_restart(world, run_copy):  # noqa: F811
     os.rename(run_copy / "checkpoint", run_copy / ".old-checkpoint-abc123")  # between replace_dir's two renames
-    refused(lambda: rt.train(small_cfg(world, run_copy), resume=True),
+    assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True),
             r"checkpoint is missing but .*\.old-checkpoint-abc123 is there .*rename it", run_copy)
 
 
@@ -407,7 +407,7 @@ def test_empty_model_or_output_dir_in_the_config(world, tmp_path):  # noqa: F811
     for key in ("model", "output_dir"):
         cfg = small_cfg(world, tmp_path / "out")
         cfg[key] = " "
-        refused(lambda: rt.train(cfg), f"config key '{key}' must not be empty", tmp_path)
+        assert_refused(lambda: rt.train(cfg), f"config key '{key}' must not be empty", tmp_path)
 
 
 # ----------------------------------------------------------------------------- optimizers through the checkpoint
