@@ -92,7 +92,7 @@ def test_merge_into_a_users_directory_needs_force_and_a_file_is_refused(world, c
     roots = [world["root"], tmp_path]
     users = mine(tmp_path / "users", ["notes.txt", "model.safetensors"])
     assert_refused(capsys, ["merge", world["run"], "--out", users], f"--out {users} exists and was not made by rankwise",
-            "--force", roots=roots)
+                   "--force", roots=roots)
     a_file = tmp_path / "merged.txt"
     a_file.write_text("the user's file\n")
     assert_refused(capsys, ["merge", world["run"], "--out", a_file, "--force"], "is a file", roots=roots)
@@ -115,7 +115,7 @@ def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys
     shutil.copytree(world["run"], run_copy)
     write_marker(run_copy, "train")
     assert_refused(capsys, ["merge", world["run"], "--out", run_copy], "holds a rankwise 'train' output, not a merge one",
-            roots=[world["root"], tmp_path])
+                   roots=[world["root"], tmp_path])
     users = mine(tmp_path / "users")
     capsys.readouterr()
     assert cli.main(["merge", world["run"], "--out", users, "--force"]) == 0
@@ -155,7 +155,7 @@ def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, t
         save_file(t, w_path)
     out = tmp_path / "merged"
     assert_refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
-            roots=[world["root"], tmp_path])
+                   roots=[world["root"], tmp_path])
     assert not out.exists()
 
 
@@ -165,7 +165,7 @@ def test_merge_of_a_truncated_base_model_is_one_line(world, capsys, tmp_path):
     w = base / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     assert_refused(capsys, ["merge", world["run"], "--base", base, "--out", tmp_path / "merged"], "cannot load base model",
-            roots=[world["root"], tmp_path])
+                   roots=[world["root"], tmp_path])
 
 
 # ----------------------------------------------------------------------------- restore
@@ -190,7 +190,7 @@ def test_restore_refuses_overlaps_users_directories_files_and_other_kinds(world,
     assert cli.main(["merge", world["run"], "--out", str(merged)]) == 0
     assert_refused(capsys, argv(merged), "holds a rankwise 'merge' output, not a restore one", roots=roots)
     assert_refused(capsys, ["analyze", world["run"], "--base", base, "--out", merged], "holds a rankwise 'merge' output",
-            roots=roots)
+                   roots=roots)
     out = tmp_path / "restored"
     assert cli_rc(argv(out)) == 0 and owner(out)["kind"] == "restore"
     assert cli_rc(argv(out)) == 0  # its own output: replaced without --force
@@ -233,16 +233,16 @@ def test_analyze_reads_resolved_config_and_a_bad_one_is_one_line(world, capsys, 
     assert json.loads((out / "analysis.json").read_text())["base"] == world["base"]
     (run / "resolved_config.yaml").write_text("model: [unclosed\n")
     assert_refused(capsys, ["analyze", run, "--out", tmp_path / "b"], "resolved_config.yaml", "not a readable YAML file",
-            roots=[world["root"], tmp_path])
+                   roots=[world["root"], tmp_path])
     (run / "resolved_config.yaml").unlink()
     w = run / "adapter" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:50])
     assert_refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
-            f"{w}: not a readable safetensors file", roots=[world["root"], tmp_path])
+                   f"{w}: not a readable safetensors file", roots=[world["root"], tmp_path])
     w.unlink()
     (run / "adapter" / "adapter_config.json").write_text("{")
     assert_refused(capsys, ["analyze", run, "--base", world["base"], "--out", tmp_path / "b"],
-            "adapter_config.json: not a readable JSON file", roots=[world["root"], tmp_path])
+                   "adapter_config.json: not a readable JSON file", roots=[world["root"], tmp_path])
 
 
 # ----------------------------------------------------------------------------- demo and world
@@ -270,7 +270,7 @@ def test_demo_and_world_outputs_go_through_ownership(world, capsys, tmp_path):
     argv = ["world", "mastery", "--base", world["base"], "--world", wdir]
     assert_refused(capsys, argv + ["--out", wdir / "world.json", "--force"], "lies inside the world", roots=roots)
     assert_refused(capsys, argv + ["--out", os.path.join(world["base"], "m.jsonl")], "lies inside the base model",
-            roots=roots + [world["root"]])
+                   roots=roots + [world["root"]])
     assert_refused(capsys, argv + ["--out", a_file], "exists; pass --force", roots=roots)
     assert_refused(capsys, argv + ["--out", users], "is a directory", roots=roots)
     assert_refused(capsys, argv + ["--out", a_file / "m.jsonl"], "lies under the file", roots=roots)
@@ -292,7 +292,7 @@ def test_sweep_restarted_with_other_settings_is_refused_then_rerun_changed_retra
     assert cli.main(["sweep", config, "--ranks", "1,2"]) == 0
     assert owner(out)["kind"] == "sweep"
     assert_refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5"],
-            "lora_r1 (train.lr)", "lora_r2 (train.lr)", "--rerun-changed", roots=[tmp_path, world["root"]])
+                   "lora_r1 (train.lr)", "lora_r2 (train.lr)", "--rerun-changed", roots=[tmp_path, world["root"]])
 
     capsys.readouterr()
     assert cli.main(["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--rerun-changed"]) == 0
@@ -305,7 +305,7 @@ def test_sweep_restarted_with_other_settings_is_refused_then_rerun_changed_retra
 
     # --alpha-ratio 4 changes r=1's alpha (8 -> 4) but not r=2's (8 = 4 * 2): only lora_r1 is named, and re-trained
     line = assert_refused(capsys, ["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4"],
-                   "lora_r1 (lora.alpha)", roots=[tmp_path])
+                          "lora_r1 (lora.alpha)", roots=[tmp_path])
     assert "lora_r2" not in line
     assert cli.main(["sweep", config, "--ranks", "1,2", "--set", "train.lr=0.5", "--alpha-ratio", "4",
                      "--rerun-changed"]) == 0
@@ -321,11 +321,11 @@ def test_sweep_refuses_users_directories_inputs_and_bad_records(world, capsys, t
     roots = [tmp_path, world["root"]]
     users = mine(tmp_path / "users")
     assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", users], "was not made by rankwise", "--force",
-            roots=roots)
+                   roots=roots)
     assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", world["data"], "--force"], "contains the train data",
-            roots=roots)
+                   roots=roots)
     assert_refused(capsys, ["sweep", config, "--ranks", "1", "--out", os.path.join(world["base"], "sw")],
-            "lies inside the model", roots=roots)
+                   "lies inside the model", roots=roots)
     out = tmp_path / "bad"
     arm = out / "arms" / "lora_r1"
     arm.mkdir(parents=True)

@@ -138,11 +138,11 @@ def test_a_checkpoint_that_is_a_file_or_an_empty_directory(world, run_copy):  # 
     shutil.rmtree(run_copy / "checkpoint")
     (run_copy / "checkpoint").mkdir()
     assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "incomplete: .*state.json is missing",
-            run_copy)
+                   run_copy)
     (run_copy / "checkpoint").rmdir()
     (run_copy / "checkpoint").write_text("not a directory")
     assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True), "is a file, not a checkpoint directory",
-            run_copy)
+                   run_copy)
 
 
 def test_a_pickle_checkpoint_next_to_a_run_is_never_loaded(world, run_copy, capsys):  # noqa: F811
@@ -202,11 +202,11 @@ def test_resume_of_a_finished_run(world, run_copy):  # noqa: F811
     assert again == json.loads((run_copy / "summary.json").read_text()) and again["train_loss"] == done["train_loss"]
     cfg["lora"] = {**cfg["lora"], "r": 8}
     assert_refused(lambda: rt.train(cfg, resume=True),
-            r"is a finished run trained with other settings: lora\.r \(4 -> 8\); choose another output_dir", run_copy)
+                   r"is a finished run trained with other settings: lora\.r \(4 -> 8\); choose another output_dir", run_copy)
     assert_refused(lambda: rt.train(cfg), "already holds a run; pass --resume", run_copy)
     (run_copy / "settings.json").write_text("{not json")
     assert_refused(lambda: rt.train(cfg, resume=True), "cannot read the settings of the finished run .*settings.json",
-            run_copy)
+                   run_copy)
 
 
 def test_force_trains_a_finished_run_again_from_step_0(world, run_copy):  # noqa: F811
@@ -394,13 +394,13 @@ def test_a_missing_or_corrupt_tokenizer_or_config(world, tmp_path, damage):  # n
     else:
         (model / damage.split()[0]).write_text("{garbage")
     assert_refused(lambda: rt.train(cfg), f"cannot load tokenizer '{cfg.get('tokenizer') or model}'", tmp_path,
-            new={"out/.rankwise-run.json"})
+                   new={"out/.rankwise-run.json"})
 
 
 def test_a_crash_while_saving_the_checkpoint_is_not_a_silent_restart(world, run_copy):  # noqa: F811
     os.rename(run_copy / "checkpoint", run_copy / ".old-checkpoint-abc123")  # between replace_dir's two renames
     assert_refused(lambda: rt.train(small_cfg(world, run_copy), resume=True),
-            r"checkpoint is missing but .*\.old-checkpoint-abc123 is there .*rename it", run_copy)
+                   r"checkpoint is missing but .*\.old-checkpoint-abc123 is there .*rename it", run_copy)
 
 
 def test_empty_model_or_output_dir_in_the_config(world, tmp_path):  # noqa: F811
