@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import difflib
 import math
 import os
@@ -530,20 +531,29 @@ def settings(cfg) -> dict:
     Local data files also contribute their content: ``data.train#sha256`` etc., so a
     file rewritten under the same name counts as a change.
     """
-    import hashlib
-
     cfg = cfg if isinstance(cfg, RunConfig) else validate_config(cfg)
     unused = {"lora": ("mask.",), "full": ("lora.", "mask."), "masked": ("lora.",)}[cfg.method]
     out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS and not k.startswith(unused)}
     for k in ("data.train", "data.eval", "data.eval_ood"):
         path = out.get(k)
         if path and os.path.isfile(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[f"{k}#sha256"] = h.hexdigest()
+            st = os.stat(path)
+            out[f"{k}#sha256"] = _file_sha256(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """sha256 of a file, read once per (path, inode, size, mtime, ctime) in a process: a sweep asks for its
+    data's digest once per arm. (A rewrite to the same size within one file-system timestamp tick would
+    be missed, in this process only.)"""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def settings_hash(values: Mapping) -> str:
