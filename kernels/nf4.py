@@ -43,6 +43,8 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 WEIGHT_DTYPES = tuple(TL_DTYPES)
 #: absmax values per nested (double-quantization) block
 NESTED_BLOCKSIZE = 256
+#: the smallest quantization block (bitsandbytes' CPU and CUDA paths accept 32 too)
+MIN_BLOCKSIZE = 32
 
 # The 16 NF4 code values (quantiles of N(0, 1) normalised to [-1, 1], QLoRA).
 NF4_VALUES = (
@@ -159,8 +161,8 @@ class NF4Weight:
 
 
 def _validate_weight(q: NF4Weight) -> None:
-    if not is_pow2(q.blocksize) or q.blocksize < 64:
-        raise ValueError(f"blocksize: expected a power of two >= 64, got {q.blocksize!r}")
+    if not is_pow2(q.blocksize) or q.blocksize < MIN_BLOCKSIZE:
+        raise ValueError(f"blocksize: expected a power of two >= {MIN_BLOCKSIZE}, got {q.blocksize!r}")
     if q.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {q.dtype}")
     if not isinstance(q.packed, torch.Tensor) or q.packed.dtype != torch.uint8:

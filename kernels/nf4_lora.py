@@ -17,7 +17,7 @@ B: (N, r), s = scaling, m = dropout keep-mask, x_d = x * m / (1 - p)):
     The derivation is the dense one (see ``lora_linear.py``); W is frozen, so it
     gets no gradient.
 
-Each W tile is read as packed 4-bit bytes plus its per-64 fp32 scale (or the
+Each W tile is read as packed 4-bit bytes plus its per-block fp32 scale (blocks of 32 to 4096 values) (or the
 8-bit double-quantized scale, decoded in registers too): ``w = code[nib] *
 absmax``, rounded to the weight's original dtype and then to the compute dtype,
 exactly the values ``dequantize_nf4(W).to(x.dtype)`` would hold, so the op equals

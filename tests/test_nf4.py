@@ -88,6 +88,29 @@ def test_quantize_other_blocksizes_and_many_nested_blocks(bnbF, blocksize):
     assert_bytes_equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, st), "dequantized")
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 51), (129,), (3, 5, 70), (70, 130)])
+def test_blocksize_32_matches_bitsandbytes(bnbF, shape, dtype, double_quant):
+    """bitsandbytes accepts blocksize 32 (its CPU path too): the same bytes from both of
+    our quantizers, the same dequantized values from both of our dequantizers."""
+    from rankwise.kernels.nf4 import nf4_dequantize
+
+    W = _weight(shape, dtype, seed=32 + DTYPES.index(dtype))
+    packed, st = bnbF.quantize_4bit(W, blocksize=32, quant_type="nf4", compress_statistics=double_quant)
+    ref = bnbF.dequantize_4bit(packed, st).reshape(W.shape)
+    for backend in ("torch", "triton"):
+        q = quantize_nf4(W, blocksize=32, double_quant=double_quant, backend=backend)
+        assert q.blocksize == 32 and q.absmax.numel() == math.ceil(W.numel() / 32)
+        assert_bytes_equal(q.packed, packed, f"packed ({backend})")
+        assert_bytes_equal(q.absmax, st.absmax, f"absmax ({backend})")
+        if double_quant:
+            assert_bytes_equal(q.nested_absmax, st.state2.absmax, f"nested_absmax ({backend})")
+            assert torch.equal(q.offset, st.offset), (q.offset, st.offset)
+        assert_bytes_equal(nf4_dequantize(q, backend=backend), ref, f"dequantized ({backend})")
+    assert_bytes_equal(dequantize_nf4(from_bnb(packed, st)), ref, "from_bnb")
+
+
 def test_code_tables_match_bitsandbytes(bnbF):
     assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
@@ -181,8 +204,8 @@ def test_nf4weight_basics():
 
 def test_errors():
     W = torch.randn(8, 64)
-    for bs in (32, 100, 0, 48):
-        with pytest.raises(ValueError, match="blocksize.*power of two >= 64"):
+    for bs in (16, 100, 0, 48):
+        with pytest.raises(ValueError, match="blocksize.*power of two >= 32"):
             quantize_nf4(W, blocksize=bs)
     with pytest.raises(TypeError, match="W: expected a float32"):
         quantize_nf4(torch.ones(8, 64, dtype=torch.int32))

@@ -22,9 +22,10 @@ SHAPES = [((37,), 70, 45, 3), ((5,), 33, 45, 1), ((2, 7), 96, 40, 20)]
 TOL32 = dict(rtol=2e-5, atol=2e-5)
 
 
-def _inputs(lead, K, N, r, dtype, double_quant, seed, bias=True, wdtype=torch.float32):
+def _inputs(lead, K, N, r, dtype, double_quant, seed, bias=True, wdtype=torch.float32, blocksize=64):
     g = torch.Generator().manual_seed(seed)
-    q = quantize_nf4((torch.randn(N, K, generator=g) / K**0.5).to(wdtype), double_quant=double_quant)
+    q = quantize_nf4((torch.randn(N, K, generator=g) / K**0.5).to(wdtype), double_quant=double_quant,
+                     blocksize=blocksize)
     x = torch.randn(*lead, K, generator=g).to(dtype)
     A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
     B = (torch.randn(N, r, generator=g) / r**0.5).to(dtype)
@@ -102,6 +103,19 @@ def test_half_precision_weight_rounds_once_to_its_dtype(wdtype):
     outs = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 1.3, b_, backend="triton"), x, A, B, b, dy)
     W64 = nf4_dequantize_ref64(q).float().to(wdtype).double()
     refs = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 1.3, b_),
+                x.double(), A.double(), B.double(), b.double(), dy.double())
+    _check(outs, refs)
+
+
+@pytest.mark.parametrize("K,double_quant", [(70, True), (33, False)])
+def test_blocksize_32(K, double_quant):
+    """Quantization blocks of 32 values (smaller than the kernels' K tiles, straddling
+    rows; odd K takes the per-value path): forward and every gradient vs float64."""
+    q, x, A, B, b, dy = _inputs((11,), K, 45, 3, torch.float32, double_quant, seed=K, blocksize=32)
+    assert q.blocksize == 32
+    outs = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 1.5, b_, backend="triton"), x, A, B, b, dy)
+    W64 = nf4_dequantize_ref64(q).float().to(q.dtype).double()
+    refs = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 1.5, b_),
                 x.double(), A.double(), B.double(), b.double(), dy.double())
     _check(outs, refs)
 

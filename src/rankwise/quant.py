@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from rankwise.kernels.nf4 import (
+    MIN_BLOCKSIZE,
     NESTED_BLOCKSIZE,
     NF4_CODE,
     WEIGHT_DTYPES,
@@ -144,7 +145,7 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
     Args:
         W: the weight; any device (torch ops only).
-        blocksize: values per absmax scale; a power of two >= 64.
+        blocksize: values per absmax scale; a power of two >= 32 (bitsandbytes' default is 64).
         double_quant: also quantize the absmax scales to 8 bits (blocks of 256).
         backend: ``"triton"`` (``rankwise.kernels.nf4``'s quantize kernel; on the CPU only
             under ``TRITON_INTERPRET=1``), ``"torch"``, or ``"auto"`` (Triton for CUDA
@@ -157,8 +158,8 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
     if W.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"W: expected a float32, float16 or bfloat16 tensor, got {W.dtype}")
-    if not is_pow2(blocksize) or blocksize < 64:
-        raise ValueError(f"blocksize: expected a power of two >= 64, got {blocksize!r}")
+    if not is_pow2(blocksize) or blocksize < MIN_BLOCKSIZE:
+        raise ValueError(f"blocksize: expected a power of two >= {MIN_BLOCKSIZE}, got {blocksize!r}")
     if W.numel() == 0:
         raise ValueError(f"W: cannot quantize an empty tensor (shape {tuple(W.shape)})")
     if backend not in ("auto", "torch", "triton"):
