@@ -59,6 +59,7 @@ def compare_with_solo(arm_dir, solo_dir) -> tuple:
         for key in ("loss", "eval_loss"):
             if key in b:
                 loss_err = max(loss_err, rel(a[key], b[key]))
+        assert a.get("eval_accuracy") == b.get("eval_accuracy"), f"step {b['step']}: QA accuracy differs"
     cfg_a, pairs_a = lora_pairs(os.path.join(arm_dir, "adapter"))
     cfg_b, pairs_b = lora_pairs(os.path.join(solo_dir, "adapter"))
     assert cfg_a == cfg_b, "adapter_config.json differs from the solo run's"
@@ -401,3 +402,56 @@ def test_batched_evaluation_equals_arm_by_arm(cfg, fused):
         assert rel(batched[k]["eval_loss"], one["eval_loss"]) <= 1e-5, (k, batched[k], one)
         assert batched[k]["eval_accuracy"] == one["eval_accuracy"]
     assert len({round(batched[k]["eval_loss"], 6) for k in range(3)}) == 3  # the arms differ: no arm got another's
+
+
+def _arms_with_distinct_adapters(cfg, ranks, alphas):
+    from rankwise.model import load_model
+
+    model = inject_multi_lora(load_model(cfg["model"], dtype="fp32"), cfg["lora"]["targets"], ranks, alphas, seed=0)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for _, m in rtog.multi_lora_layers(model):
+            for B in m.arm_B:
+                B.normal_(std=1.0)
+    return model
+
+
+def _solo_model(cfg, model, k, eos):
+    """Arm k of ``model`` as a LoRA-injected solo model (``inject_lora`` with its rank, its A and B copied)."""
+    from rankwise.lora import inject_lora, lora_layers
+    from rankwise.model import load_model
+
+    layers = dict(rtog.multi_lora_layers(model))
+    m0 = next(iter(layers.values()))
+    solo = inject_lora(load_model(cfg["model"], dtype="fp32"), cfg["lora"]["targets"], m0.ranks[k], m0.alphas[k])
+    with torch.no_grad():
+        for name, lm in lora_layers(solo):
+            lm.lora_A.copy_(layers[name].arm_A[k])
+            lm.lora_B.copy_(layers[name].arm_B[k])
+    solo.generation_config.eos_token_id = eos
+    return solo
+
+
+def test_batched_generation_equals_each_arms_solo_generation(cfg):
+    """generate_arms: each arm's greedy answers, token for token, are its solo model's (generate_answers), with
+    mixed ranks (1, 3, 8), prompts of awkward lengths in chunks of 3 (the last one short) and an EOS that stops
+    some rows of a chunk early; the arms answer differently, so arms swapped between streams would fail."""
+    from rankwise.evaluate import generate_answers
+    from rankwise.model import load_tokenizer
+
+    tok = load_tokenizer(cfg["model"])
+    ranks, alphas = [1, 3, 8], [4.0, 3.0, 16.0]
+    model = _arms_with_distinct_adapters(cfg, ranks, alphas)
+    prompts = ["Q: a?", "Q: where was p12 born? A:", "x", "Q: where was p3 born, and when? A:", "ab cd", "Q:", "z."]
+    plain = rtog.generate_arms(model, [0, 1, 2], tok, prompts, max_new_tokens=6, batch_size=3)
+    eos = tok.convert_tokens_to_ids(plain[1][1][0][1])  # a token arm 1 emits: some rows now stop early
+    model.generation_config.eos_token_id = eos
+    model.train()
+    outs = rtog.generate_arms(model, [2, 0, 1], tok, prompts, max_new_tokens=6, batch_size=3)
+    assert model.training and rtog.multi_lora_layers(model)[0][1].arms == [2, 0, 1]
+    assert sorted(outs) == [0, 1, 2] and all(len(outs[k]) == len(prompts) for k in outs)
+    assert any(len(o[0]) < 6 for o in outs[1]), "no row met the EOS: the early stop is not exercised"
+    for k in range(3):
+        solo = generate_answers(_solo_model(cfg, model, k, eos), tok, prompts, max_new_tokens=6, batch_size=3)
+        assert outs[k] == solo, f"arm {k} (r={ranks[k]}): {outs[k]} != its solo model's {solo}"
+    assert len({tuple(o[0] for o in outs[k]) for k in range(3)}) == 3, "the arms answer alike: a mix-up would pass"

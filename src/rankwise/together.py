@@ -50,9 +50,11 @@ How the K arms share one pass:
 
 **Evaluation.** The eval loss of every arm comes from one stacked pass per eval
 batch (``evaluate_arms``; each arm's own token-weighted mean, as the solo run's
-``eval_loss``); the greedy QA generation and saving run arm by arm on the same
-model (``select_arms`` makes the model compute one arm; the adapter helpers then
-see arm k's solo model).
+``eval_loss``), and the greedy QA answers of every arm from one batched decoding
+(``generate_arms``: each chunk of prompts repeated once per arm, one stacked
+forward per new token with the KV cache; each arm's answers are its solo model's,
+token for token). Saving runs arm by arm on the same model (``select_arms`` makes
+the model compute one arm; the adapter helpers then see arm k's solo model).
 **Checkpoint.** With ``checkpoint_dir``, the run saves one checkpoint of every arm
 (weights, optimizer state, dropout generator, log window, stopped or not) every
 ``train.save_every`` steps, and ``resume=True`` continues from it.
@@ -64,7 +66,7 @@ into groups that fit a budget (``memory_budget``: the CUDA free memory or the
 CPU's available memory, times a safety fraction); ``rankwise sweep --together``
 uses it when ``--group-size`` is not given.
 
-Not yet here: batched QA generation of the K arms, DDP, and the ``lora.init: pissa``
+Not yet here: DDP, and the ``lora.init: pissa``
 initialisation (its base weights depend on the rank, so the arms could not share one).
 """
 from __future__ import annotations
@@ -773,17 +775,21 @@ def restore(ckpt: dict, trainables, optimizers, generators, windows, last, faile
 
 
 def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fused: bool, backend: str) -> dict:
-    """``{k: train.evaluate's metrics of arm k}`` for the arms ``arms``, the eval loss of all of them at once.
+    """``{k: train.evaluate's metrics of arm k}`` for the arms ``arms``, every arm in one stacked pass.
 
     Each eval batch is stacked once per arm (``arm_loss_sums``, as in training: one
     base GEMM over every arm's rows) and each arm's loss is its own token-weighted
     mean, as ``rankwise.evaluate.eval_loss`` computes it for the solo run; the greedy
-    QA generation runs arm by arm (``evaluate_arm``). Leaves ``arms`` selected.
+    QA answers of every arm come from one batched decoding (``generate_arms``), each
+    arm's equal to what ``generate_answers`` gives on its solo model. The arms share
+    the ``eval`` keys (not ``PER_ARM``), so one ``max_new_tokens`` and ``batch_size``
+    hold for all. Leaves ``arms`` selected.
     """
-    from .evaluate import generate_answers, is_correct
+    from .evaluate import is_correct
 
     arms = [int(k) for k in arms]
     res = {k: {} for k in arms}
+    e = cfgs[arms[0]].eval if arms else None
     was_training = model.training
     model.eval()
     try:
@@ -802,19 +808,70 @@ def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fus
                     raise ValueError("eval_loss: the batches hold no target tokens")
                 for i, k in enumerate(arms):
                     res[k][f"{prefix}_loss"] = float(sums[i]) / n
-            if qa is not None:
+            if qa is not None and arms:
                 prompts, golds, add_special = qa
+                with autocast():
+                    outs = generate_arms(model, arms, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
+                                         batch_size=e.batch_size, add_special_tokens=add_special)
                 for k in arms:
-                    select_arms(model, [k])
-                    e = cfgs[k].eval
-                    with autocast():
-                        outs = generate_answers(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
-                                                batch_size=e.batch_size, add_special_tokens=add_special)
-                    res[k][f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs, golds)) / len(golds)
+                    res[k][f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs[k], golds)) / len(golds)
     finally:
         model.train(was_training)
     select_arms(model, arms)
     return res
+
+
+@torch.no_grad()
+def generate_arms(model, arms, tokenizer, prompts, max_new_tokens: int = 16, batch_size: int = 32,
+                  add_special_tokens: bool = True) -> dict:
+    """Greedy answers of every arm of ``arms`` to ``prompts``, all arms decoded in one batch per token.
+
+    ``{k: [[text], ...]}``: for each arm, what ``rankwise.evaluate.generate_answers``
+    (greedy, ``num_samples=1``) returns on that arm's solo model, prompt for prompt.
+    The prompts are cut into the same chunks of ``batch_size`` and left-padded the
+    same way; each chunk's ``(b, L)`` tokens are then repeated once per arm,
+    ``(G * b, L)``, arm g's copy being the g-th block of ``b`` rows (the layout
+    ``MultiLoRALinear`` reads), and ``model.generate`` decodes all of them with its
+    KV cache: one stacked forward per new token, each row attending to its own
+    tokens only. Greedy decoding is row by row, so each row's tokens are its solo
+    run's; a row that meets EOS is filled with the pad token (as in a solo chunk
+    whose other rows go on) until every row of the chunk stops, and decoding skips
+    special tokens, so the texts are the solo run's. Leaves ``arms`` selected.
+
+    Args:
+        model: a causal LM carrying ``MultiLoRALinear`` layers (``inject_multi_lora``).
+        arms: arm indices, in any order.
+        tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens: as ``generate_answers``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("generate_arms: prompts must be a list of strings, not one string")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"generate_arms: batch_size and max_new_tokens must be >= 1, got {batch_size}, "
+                         f"{max_new_tokens}")
+    arms = [int(k) for k in arms]
+    if not arms:
+        raise ValueError("generate_arms: expected at least one arm")
+    G, dev = len(arms), first_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training, old_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    select_arms(model, arms)
+    results = {k: [] for k in arms}
+    try:
+        for s in range(0, len(prompts), batch_size):
+            chunk = list(prompts[s:s + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+            enc = {k: v.to(dev).repeat(G, 1) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, num_return_sequences=1,
+                                 do_sample=False, temperature=None, top_k=None, top_p=None)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for g, k in enumerate(arms):
+                results[k] += [[t] for t in texts[g * len(chunk):(g + 1) * len(chunk)]]
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return results
 
 
 def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:
