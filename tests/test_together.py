@@ -455,3 +455,110 @@ def test_batched_generation_equals_each_arms_solo_generation(cfg):
         solo = generate_answers(_solo_model(cfg, model, k, eos), tok, prompts, max_new_tokens=6, batch_size=3)
         assert outs[k] == solo, f"arm {k} (r={ranks[k]}): {outs[k]} != its solo model's {solo}"
     assert len({tuple(o[0] for o in outs[k]) for k in range(3)}) == 3, "the arms answer alike: a mix-up would pass"
+
+
+class RecordingScaler(torch.amp.GradScaler):
+    """A CPU GradScaler that records its scale after every update (fast growth, so growth shows in six steps)."""
+
+    def __init__(self, init_scale=2.0 ** 10, growth_interval=2):
+        super().__init__("cpu", init_scale=init_scale, growth_interval=growth_interval)
+        self.history = []
+
+    def update(self, new_scale=None):
+        super().update(new_scale)
+        self.history.append(self.get_scale())
+
+
+def fp16_precision(monkeypatch, made, autocast_fp16=False, **scaler_kw):
+    """``train.setup_precision`` as on a GPU without bf16: a GradScaler (recorded in ``made``, one per call) with
+    CPU fp16 autocast, or with fp32 math (the scaler's logic alone, exactly)."""
+    import contextlib
+
+    def setup(precision, device, master):
+        made.append(RecordingScaler(**scaler_kw))
+        if autocast_fp16:
+            return (lambda: torch.autocast("cpu", dtype=torch.float16)), made[-1], torch.float16
+        return contextlib.nullcontext, made[-1], None
+
+    monkeypatch.setattr(rt, "setup_precision", setup)
+
+
+def inject_inf(monkeypatch, rank, calls):
+    """An inf in one gradient element of the rank-``rank`` LoRA's first ``lora_A`` at these backward calls
+    (0-based), in a solo run and in a together run alike (a hook on the leaf the optimizer is built over)."""
+    real = rt.build_optimizer
+
+    def build(t, trainable, device):
+        _, p = trainable.named[0]
+        if p.shape[0] == rank:
+            seen = [0]
+
+            def hook(g):
+                seen[0] += 1
+                if seen[0] - 1 in calls:
+                    g = g.clone()
+                    g.view(-1)[0] = float("inf")
+                return g
+
+            p.register_hook(hook)
+        return real(t, trainable, device)
+
+    monkeypatch.setattr(rt, "build_optimizer", build)
+
+
+def test_fp16_loss_scaling_skips_and_scales_per_arm_like_solo(cfg, tmp_path, monkeypatch):
+    """GradScaler semantics per arm: an inf in the rank-4 arm's gradients at steps 2 and 3 skips that arm's steps
+    and halves its scale alone; the scales grow per arm; every arm ends as its solo run with the same scaler."""
+    made = []
+    fp16_precision(monkeypatch, made)
+    inject_inf(monkeypatch, 4, {1, 2})
+    ranks = [2, 4, 8]
+    summaries = train_together([arm_cfg(cfg, r, tmp_path / f"arm_r{r}") for r in ranks])
+    assert [s["status"] for s in summaries] == ["finished"] * 3
+    together = [s.history for s in made]
+    assert len(together) == 3, "one GradScaler per arm"
+    assert together[1] == [1024, 512, 256, 256, 512, 512], "the rank-4 arm: two skipped steps, then growth"
+    assert together[0] == together[2] == [1024, 2048, 2048, 4096, 4096, 8192], "the other arms never skip"
+    for k, r in enumerate(ranks):
+        made.clear()
+        solo = rt.train(arm_cfg(cfg, r, tmp_path / f"solo_r{r}"))
+        assert [s.history for s in made] == [together[k]], f"r={r}: the scale history is not the solo run's"
+        check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"fp16 scaler, r={r}")
+
+
+def test_fp16_autocast_arms_overflow_and_resume_like_solo(cfg, tmp_path, monkeypatch):
+    """CPU fp16 autocast with a 2**16 initial scale: the arms overflow on their own, at other steps (ranks 1 and 4
+    differ), each exactly when its solo run does; an interrupted run resumes every arm's scaler bit for bit."""
+    made = []
+    fp16_precision(monkeypatch, made, autocast_fp16=True, init_scale=2.0 ** 16)
+    c = {**cfg, "train": {**cfg["train"], "save_every": 2}}
+    ranks = [1, 4]
+    train_together([arm_cfg(c, r, tmp_path / f"arm_r{r}") for r in ranks])
+    together = [s.history for s in made]
+    skipped = [[b < a for a, b in zip([2.0 ** 16] + h, h)] for h in together]  # a scale that fell: an overflow
+    assert all(any(s) for s in skipped) and skipped[0] != skipped[1], together
+    for k, r in enumerate(ranks):
+        made.clear()
+        solo = rt.train(arm_cfg(c, r, tmp_path / f"solo_r{r}"))
+        assert [s.history for s in made] == [together[k]], f"r={r}: the scale history is not the solo run's"
+        check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"fp16 autocast, r={r}")
+
+    real_lr_at = rt.lr_at
+
+    def crash_at_step_5(step, *a, **k):
+        if step == 4:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    with pytest.raises(Crash):
+        train_together([arm_cfg(c, r, tmp_path / f"cut_r{r}") for r in ranks], checkpoint_dir=str(ckpt))
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    made.clear()
+    train_together([arm_cfg(c, r, tmp_path / f"cut_r{r}") for r in ranks], checkpoint_dir=str(ckpt), resume=True)
+    assert [s.history for s in made] == [h[4:] for h in together], "the scalers did not resume their state"
+    for r in ranks:
+        _, pa = lora_pairs(tmp_path / f"cut_r{r}" / "adapter")
+        _, pb = lora_pairs(tmp_path / f"arm_r{r}" / "adapter")
+        assert all(torch.equal(pa[n][i], pb[n][i]) for n in pb for i in (0, 1)), f"r={r}: resumed != uninterrupted"

@@ -44,6 +44,11 @@ How the K arms share one pass:
 - **Loss.** Each arm's loss is its own mean over its completion tokens (the same
   tokens for every arm); the K losses are summed only to run one backward, and
   no gradient crosses arms (each arm's term depends on its own rows only).
+- **fp16.** Under fp16 autocast every arm has its own ``GradScaler``, the one its
+  solo run makes: arm k's loss term is multiplied by its own scale before the one
+  backward, and its ``unscale_`` / ``step`` / ``update`` run on its own optimizer,
+  so an inf or NaN in arm k's gradients skips arm k's step alone and halves its
+  scale alone, and each scale grows on its own count of good steps, as solo.
 - **Failures.** A non-finite loss stops that arm alone: it takes no optimizer
   step, is dropped from the stacked batch from the next step on, and its summary
   is ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
@@ -56,7 +61,7 @@ forward per new token with the KV cache; each arm's answers are its solo model's
 token for token). Saving runs arm by arm on the same model (``select_arms`` makes
 the model compute one arm; the adapter helpers then see arm k's solo model).
 **Checkpoint.** With ``checkpoint_dir``, the run saves one checkpoint of every arm
-(weights, optimizer state, dropout generator, log window, stopped or not) every
+(weights, optimizer state, dropout generator, log window, fp16 GradScaler, stopped or not) every
 ``train.save_every`` steps, and ``resume=True`` continues from it.
 
 **Memory.** ``estimate_peak_bytes`` models a together run's peak (base weights +
@@ -575,8 +580,9 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     autocast, scaler, amp_dtype = T.setup_precision(t.precision, device, True)
-    if scaler is not None:
-        raise ConfigError("train.precision fp16 (loss scaling) cannot train together yet; use bf16 or fp32")
+    # fp16: one GradScaler per arm, each the one its solo run makes (its own scale, growth and skipped steps)
+    scalers = [scaler] + [T.setup_precision(t.precision, device, False)[1] for _ in range(K - 1)] \
+        if scaler is not None else None
     tokenizer = load_tokenizer(cfg0.tokenizer or cfg0.model)
     batches, evals = T.load_data(cfg0, tokenizer, True)
     ga = t.grad_accum
@@ -599,7 +605,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
     last = [{} for _ in range(K)]
     if ckpt is not None:
         start_step = restore(ckpt, trainables, optimizers, generators, windows, last, failed, total_steps, device,
-                             checkpoint_dir)
+                             checkpoint_dir, scalers)
         log.info("together: resumed from %s at step %d", checkpoint_dir, start_step)
     del ckpt
     for cfg, s in zip(cfgs, arm_settings):
@@ -632,7 +638,10 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
             for _, b in step_batches:
                 with autocast():
                     ls = arm_loss_sums(model, b, len(live), fused, t.backend)
-                (ls / n_tgt).sum().backward()  # the arms' means, summed for one backward: no term crosses arms
+                terms = ls / n_tgt  # the arms' means, summed for one backward: no term crosses arms
+                if scalers is not None:  # each arm's mean times its own scale, as its solo run's scaler.scale(loss)
+                    terms = torch.stack([scalers[k].scale(terms[i]) for i, k in enumerate(live)])
+                terms.sum().backward()
                 sums += ls.detach().double()
             sums = sums.tolist()  # one device sync per step
             stepped = []
@@ -646,10 +655,16 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                         p.grad = None
                         p.requires_grad_(False)
                     continue
+                if scalers is not None:
+                    scalers[k].unscale_(optimizers[k])
                 max_norm = cfgs[k].train.max_grad_norm
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainables[k].params,
                                                            max_norm if max_norm is not None else float("inf"))
-                optimizers[k].step()
+                if scalers is not None:  # skips the step when arm k's gradients hold an inf or NaN, as solo
+                    scalers[k].step(optimizers[k])
+                    scalers[k].update()
+                else:
+                    optimizers[k].step()
                 optimizers[k].zero_grad(set_to_none=True)
                 windows[k] += torch.tensor([sums[i], n_tgt, sum(b["n_tokens"] for _, b in step_batches)],
                                            dtype=torch.float64)
@@ -673,7 +688,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                 t_window = time.time()
             if checkpoint_dir is not None and t.save_every and done % t.save_every == 0 and done != total_steps:
                 state = checkpoint_state(done, total_steps, arm_settings, trainables, optimizers, generators, windows,
-                                         last, failed, device)
+                                         last, failed, device, scalers)
                 save_checkpoint(checkpoint_dir, state)
     finally:
         if bar is not None:
@@ -710,13 +725,14 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
 
 
 def checkpoint_state(step, total_steps, arm_settings, trainables, optimizers, generators, windows, last, failed,
-                     device) -> dict:
+                     device, scalers=None) -> dict:
     """Everything a resumed together run needs, every arm's part in ``arms`` (see ``rankwise.checkpoint``)."""
     return {"step": step, "total_steps": total_steps, "settings_hash": C.settings_hash({"arms": arm_settings}),
             "settings": {"arms": arm_settings}, "rng": rng_state(device),
             "arms": [{"trainable": {n: p.detach().to("cpu", copy=True) for n, p in tr.named},
                       "optimizer": opt.state_dict(), "generator": g.get_state(), "log_window": windows[k].clone(),
-                      "last": last[k], "failed": failed.get(k)}
+                      "last": last[k], "failed": failed.get(k),
+                      "scaler": scalers[k].state_dict() if scalers is not None else None}
                      for k, (tr, opt, g) in enumerate(zip(trainables, optimizers, generators))]}
 
 
@@ -746,8 +762,10 @@ def checkpoint_matches(path, configs) -> bool:
     return True
 
 
-def restore(ckpt: dict, trainables, optimizers, generators, windows, last, failed, total_steps, device, path) -> int:
-    """Load every arm's weights, optimizer, dropout generator, log window and status; returns the step."""
+def restore(ckpt: dict, trainables, optimizers, generators, windows, last, failed, total_steps, device, path,
+            scalers=None) -> int:
+    """Load every arm's weights, optimizer, dropout generator, log window, status and (fp16) GradScaler;
+    returns the step."""
     if ckpt.get("total_steps") != total_steps:
         raise ConfigError(f"--resume: the checkpoint {path} was made for {ckpt.get('total_steps')} steps, the "
                           f"config now gives {total_steps}")
@@ -761,6 +779,8 @@ def restore(ckpt: dict, trainables, optimizers, generators, windows, last, faile
                     p.copy_(arm["trainable"][n])
                 opt.load_state_dict(arm["optimizer"])
                 g.set_state(arm["generator"])
+                if scalers is not None and arm.get("scaler"):
+                    scalers[k].load_state_dict(arm["scaler"])
                 windows[k] = arm["log_window"]
                 last[k] = dict(arm["last"] or {})
                 if arm.get("failed"):
