@@ -5,13 +5,17 @@
   ``y = base(x) + scaling * B(A(dropout(x)))`` with PEFT's shapes and semantics.
 - ``inject_lora``: swaps matching linear layers of a model for ``LoRALinear`` and
   freezes everything else.
-- ``patch_peft_model``: makes an existing PEFT LoRA model run its LoRA layers
-  through the fused op (instance-level rebinding, undone by ``unpatch_peft_model``).
+- ``patch_peft_model``: makes an existing PEFT LoRA model (QLoRA included: PEFT's
+  bitsandbytes 4-bit layers) run its LoRA layers through the fused op
+  (instance-level rebinding, undone by ``unpatch_peft_model``); ``peft_fusion_report``
+  says which layers run fused and why the others do not.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
+import sys
 import types
 from typing import Iterable, Union
 
@@ -19,9 +23,11 @@ import torch
 from torch import nn
 
 from rankwise.kernels import lora_linear
-from rankwise.quant import NF4Weight, dequantize_nf4, quantize_nf4
+from rankwise.kernels.lowrank import compute_dtype
+from rankwise.quant import NF4Weight, dequantize_nf4, from_bnb, quantize_nf4
 
 INITS = ("default", "gaussian", "pissa")
+logger = logging.getLogger(__name__)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
@@ -240,51 +246,184 @@ def lora_layers(model: nn.Module):
 
 
 # -- PEFT integration ------------------------------------------------------------
+#
+# A PEFT LoRA layer runs fused when its base is one of
+#   - a dense ``nn.Linear`` with a floating-point weight: ``lora_linear`` on that weight;
+#   - a bitsandbytes NF4 ``Linear4bit`` (QLoRA, PEFT's ``lora.bnb.Linear4bit``): ``lora_linear``
+#     on an ``NF4Weight`` over bitsandbytes' own packed bytes and quant state (``quant.from_bnb``,
+#     zero-copy), in bitsandbytes' compute dtype, W's values rounded once to it as its matmul does;
+#   - a ``rankwise.quant.NF4Linear`` (e.g. after ``quant.from_bnb_model``): the same, on its weight;
+# and its call is the plain single-adapter one (``_adapter_reason``). Anything else takes PEFT's own
+# forward: a base of another kind is left unpatched, a call PEFT handles differently falls back per call.
+
+
+def _bnb_linear4bit_class():
+    """bitsandbytes' ``Linear4bit`` if bitsandbytes is imported (no such layer exists otherwise)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+
+
+def _base_reason(base: nn.Module):
+    """``(kind, None)`` for a base the fused op runs ("dense", "bnb" or "nf4"), ``(None, why)`` otherwise."""
+    bnb_cls = _bnb_linear4bit_class()
+    if bnb_cls is not None and isinstance(base, bnb_cls):
+        qs = getattr(base.weight, "quant_state", None)
+        if qs is None:
+            return None, "bitsandbytes 4-bit weight without a quant state"
+        try:
+            q = from_bnb(base.weight, qs)
+        except ValueError as e:
+            return None, str(e).split(": ", 1)[-1]
+        if q.dim() != 2 or tuple(q.shape) != (base.out_features, base.in_features):
+            return None, f"bitsandbytes weight of shape {tuple(q.shape)}"
+        return "bnb", None
+    if _is_nf4_linear(base):
+        return "nf4", None
+    w = getattr(base, "weight", None)
+    if isinstance(base, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype.is_floating_point \
+            and not hasattr(w, "quant_state"):
+        return "dense", None
+    return None, f"base layer {type(base).__module__}.{type(base).__name__} (weight {getattr(w, 'dtype', None)})"
+
+
+def _adapter_reason(layer: nn.Module, args=(), kwargs=None):
+    """``(adapter name, None)`` when a call of a PEFT LoRA layer is the plain single-adapter
+    one the fused op computes, ``(None, why)`` otherwise."""
+    if getattr(layer, "disable_adapters", False):
+        return None, "adapters disabled"
+    if getattr(layer, "merged", False):
+        return None, "adapter merged"
+    if args or kwargs:
+        return None, "extra forward arguments (adapter_names, variant arguments)"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters"
+    name = active[0]
+    if getattr(layer, "fan_in_fan_out", False):
+        return None, "fan_in_fan_out"
+    if getattr(layer, "use_dora", {}).get(name, False) or name in getattr(layer, "lora_variant", {}):
+        return None, "a LoRA variant (DoRA, aLoRA, ...)"
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+        return None, "LoRA bias or LoRA modules other than nn.Linear"
+    drop = layer.lora_dropout[name]
+    if type(drop) not in (nn.Identity, nn.Dropout):
+        return None, f"dropout module {type(drop).__name__}"
+    return name, None
 
 
 def _peft_lora_forward(self, x, *args, **kwargs):
-    """Replacement ``forward`` of a PEFT ``lora.Linear``: the fused op for the plain
-    single-adapter case, PEFT's own forward for everything else (merged, disabled,
-    several adapters, DoRA, LoRA bias, fan-in-fan-out, quantized bases)."""
-    cls_forward = type(self).forward
-    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
-        return cls_forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
+    """Replacement ``forward`` of a patched PEFT LoRA layer: the fused op for a fusable
+    base and call (see above), PEFT's own forward for everything else."""
+    kind, _ = _base_reason(self.get_base_layer())
+    name, _ = _adapter_reason(self, args, kwargs) if kind else (None, None)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
-    if len(active) != 1 or not isinstance(base, nn.Linear) or getattr(self, "fan_in_fan_out", False):
-        return cls_forward(self, x, *args, **kwargs)
-    name = active[0]
-    if getattr(self, "use_dora", {}).get(name, False) or self.lora_B[name].bias is not None:
-        return cls_forward(self, x, *args, **kwargs)
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    A, B = self.lora_A[name].weight, self.lora_B[name].weight
-    return lora_linear(x, base.weight, A, B, self.scaling[name], bias=base.bias, dropout_p=p,
-                       backend=self._rankwise_backend)
+    A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    if kind == "dense":
+        return lora_linear(x, base.weight, A, B, s, bias=base.bias, dropout_p=p, backend=self._rankwise_backend)
+    if kind == "bnb":
+        # bitsandbytes' Linear4bit: x cast to its compute dtype (chosen from the first input when
+        # unset, as it does), W dequantized straight to the dtype of the matmul, the output in x's dtype
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        xc = x if base.compute_dtype is None else x.to(base.compute_dtype)
+        weight = from_bnb(base.weight, base.weight.quant_state, dtype=compute_dtype(xc))
+    else:  # NF4Linear: the same rules with its compute dtype
+        xc = x.to(base.compute_dtype or base.weight.dtype)
+        q = base.weight
+        weight = NF4Weight(q.packed, q.absmax, q.quant_map, q.blocksize, q.shape, compute_dtype(xc),
+                           q.nested_absmax, q.nested_quant_map, q.offset, q.nested_blocksize)
+    y = lora_linear(xc, weight, A, B, s, bias=base.bias, dropout_p=p, backend=self._rankwise_backend)
+    return y.to(x.dtype)
+
+
+def _peft_lora_layers(peft_model: nn.Module):
+    """``(name, module, patchable)`` for every PEFT LoRA layer (a ``LoraLayer``); patchable: a
+    ``lora.Linear`` or ``lora.bnb.Linear4bit``, the classes whose forward the fused op replaces."""
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("patch_peft_model needs peft installed (pip install peft)") from e
+    classes = [PeftLoraLinear]
+    if _bnb_linear4bit_class() is not None:
+        try:
+            from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+            classes.append(PeftLoraLinear4bit)
+        except ImportError:  # pragma: no cover
+            pass
+    return [(n, m, type(m) in classes) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def peft_fusion_report(peft_model: nn.Module) -> dict:
+    """Whether each PEFT LoRA layer of a model runs through the fused op now.
+
+    Returns:
+        ``{layer name: None if it does (patched, fusable base, plain single-adapter
+        call), else the reason it takes PEFT's own forward}``; ``patch_peft_model``
+        logs the same reasons, counted.
+    """
+    report = {}
+    for name, module, patchable in _peft_lora_layers(peft_model):
+        if not patchable:
+            report[name] = f"PEFT layer {type(module).__name__}"
+            continue
+        _, why = _base_reason(module.get_base_layer())
+        if why is None:
+            _, why = _adapter_reason(module)
+        if why is None and not _is_patched(module):
+            why = "not patched"
+        report[name] = why
+    return report
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _peft_lora_forward
 
 
 def patch_peft_model(peft_model: nn.Module, backend: str = "auto") -> int:
     """Route the LoRA layers of an existing PEFT model through rankwise's fused op.
 
-    Rebinds ``forward`` on each PEFT ``lora.Linear`` instance (nothing changes at
-    class level, so other models are unaffected). Outputs and gradients are those
-    of PEFT's layer; cases the op does not cover fall back to PEFT's forward.
+    Rebinds ``forward`` on each PEFT ``lora.Linear`` and QLoRA ``lora.bnb.Linear4bit``
+    instance whose base the op runs: a dense ``nn.Linear``, a bitsandbytes NF4
+    ``Linear4bit`` (read in place: its packed bytes and quant state, double
+    quantization and compute dtype as bitsandbytes uses them; no dequantized or
+    second copy of W) or a ``rankwise.quant.NF4Linear``. Nothing changes at class
+    level, so other models are unaffected. Outputs and gradients are those of PEFT's
+    layer up to rounding; a call the op does not cover (merged or disabled adapters,
+    several active adapters, DoRA and other variants, LoRA bias, dropout modules other
+    than ``nn.Dropout``, extra arguments) takes PEFT's forward. Layers whose base the
+    op cannot run (fp4, 8-bit, bitsandbytes' CPU-repacked weights, other layer types)
+    are left unpatched. The counts and reasons are logged (logger ``rankwise.lora``);
+    ``peft_fusion_report`` lists them per layer.
 
     Returns:
         The number of layers patched. ``unpatch_peft_model`` undoes it.
+
+    Raises:
+        ValueError: the model has no PEFT LoRA layer at all.
     """
-    try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("patch_peft_model needs peft installed (pip install peft)") from e
-    n = 0
-    for module in peft_model.modules():
-        if isinstance(module, PeftLoraLinear):
-            module._rankwise_backend = backend
-            module.forward = types.MethodType(_peft_lora_forward, module)
-            n += 1
-    if n == 0:
+    layers = _peft_lora_layers(peft_model)
+    if not layers:
         raise ValueError("peft_model: found no PEFT LoRA linear layer to patch")
+    n, left = 0, {}
+    for name, module, patchable in layers:
+        why = f"PEFT layer {type(module).__name__}" if not patchable else _base_reason(module.get_base_layer())[1]
+        if why is not None:
+            left[why] = left.get(why, 0) + 1
+            continue
+        module._rankwise_backend = backend
+        module.forward = types.MethodType(_peft_lora_forward, module)
+        n += 1
+    msg = f"patch_peft_model: {n} of {len(layers)} PEFT LoRA layers run through the fused op"
+    if left:
+        msg += "; left to PEFT: " + "; ".join(f"{k} ({v})" for k, v in left.items())
+    (logger.warning if left else logger.info)(msg)
     return n
 
 
@@ -292,7 +431,7 @@ def unpatch_peft_model(peft_model: nn.Module) -> int:
     """Undo ``patch_peft_model``; returns the number of layers restored."""
     n = 0
     for module in peft_model.modules():
-        if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _peft_lora_forward:
+        if _is_patched(module):
             del module.forward
             module.__dict__.pop("_rankwise_backend", None)
             n += 1

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -50,6 +51,7 @@ from rankwise.kernels.nf4 import (
     NF4Weight,
     dequantize_nf4,
     is_pow2,
+    nf4_dequantize,
     nf4_quantize_packed,
 )
 
@@ -61,6 +63,7 @@ __all__ = [
     "to_bnb",
     "to_bnb_params",
     "from_bnb",
+    "from_bnb_model",
     "nf4_state_dict",
     "nf4_from_state_dict",
     "NF4Linear",
@@ -231,28 +234,49 @@ def to_bnb_params(q: NF4Weight, requires_grad: bool = False):
                       bnb_quantized=True)
 
 
-def from_bnb(packed, quant_state=None) -> NF4Weight:
-    """An ``NF4Weight`` from bitsandbytes' ``(packed, QuantState)`` or a ``Params4bit``."""
+def from_bnb(packed, quant_state=None, dtype: Optional[torch.dtype] = None) -> NF4Weight:
+    """An ``NF4Weight`` over bitsandbytes' ``(packed, QuantState)`` or a ``Params4bit``.
+
+    Zero-copy: the result holds bitsandbytes' own tensors (the packed bytes viewed as
+    uint8, the absmax, the nested absmax and maps), never copies of them.
+
+    Args:
+        packed: the packed 4-bit weight (any ``quant_storage`` dtype), or a quantized
+            ``bitsandbytes.nn.Params4bit`` (its ``quant_state`` is then used).
+        quant_state: bitsandbytes' ``QuantState`` (nf4 only).
+        dtype: the dtype the weight dequantizes to (default ``quant_state.dtype``).
+            bitsandbytes' 4-bit matmul dequantizes straight to its compute dtype (one
+            rounding of ``code * absmax``); pass that dtype to get its values.
+
+    Raises:
+        ValueError: no quant state, a quant type other than nf4, or a layout this
+            format does not describe (bitsandbytes' CPU inference repacking, a
+            blocksize that is not a power of two >= 32).
+    """
     if quant_state is None:
         quant_state = getattr(packed, "quant_state", None)
         if quant_state is None:
             raise ValueError("quant_state: required unless packed is a quantized Params4bit")
     if quant_state.quant_type != "nf4":
         raise ValueError(f"quant_state: expected quant_type 'nf4', got {quant_state.quant_type!r}")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("quant_state: the weight was repacked for bitsandbytes' CPU inference kernel "
+                         "(packing_format_for_cpu); its bytes are not in the NF4 layout")
     data = packed.data if isinstance(packed, nn.Parameter) else packed
     data = data.detach()
     if data.dtype != torch.uint8:
-        data = data.contiguous().view(torch.uint8)
+        data = data.contiguous().view(torch.uint8)  # bitsandbytes' storage is contiguous: a view
     data = data.reshape(-1, 1)
+    dtype = dtype or quant_state.dtype
     if quant_state.nested:
         s2 = quant_state.state2
         off = quant_state.offset
         off = off if isinstance(off, torch.Tensor) else torch.tensor(float(off))
         return NF4Weight(data, quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.shape,
-                         quant_state.dtype, nested_absmax=s2.absmax, nested_quant_map=s2.code,
+                         dtype, nested_absmax=s2.absmax, nested_quant_map=s2.code,
                          offset=off.to(torch.float32), nested_blocksize=s2.blocksize)
     return NF4Weight(data, quant_state.absmax.float(), quant_state.code, quant_state.blocksize,
-                     quant_state.shape, quant_state.dtype)
+                     quant_state.shape, dtype)
 
 
 def _pack_json(d: dict) -> torch.Tensor:
@@ -327,14 +351,17 @@ class NF4Linear(nn.Module):
     ``weight`` is an ``NF4Weight`` (not a Parameter, never trained); ``bias``
     stays a (frozen) full-precision Parameter. ``compute_dtype`` is the dtype of
     the matmul (default: the weight's original dtype); inputs are cast to it and
-    the output is returned in it. The forward dequantizes then calls
-    ``F.linear`` (LoRA layers on top go through the fused op instead, which never
-    materialises W). ``state_dict`` uses bitsandbytes' keys, so checkpoints load
-    in ``bitsandbytes.nn.Linear4bit`` and back.
+    W dequantizes straight to it (``code * absmax`` in fp32, rounded once, as
+    bitsandbytes' 4-bit matmul does). The output is returned in the compute
+    dtype, or with ``cast_output`` in the input's dtype (bitsandbytes' ``Linear4bit``).
+    The forward dequantizes then calls ``F.linear`` (LoRA layers on top go through
+    the fused op instead, which never materialises W). ``state_dict`` uses
+    bitsandbytes' keys, so checkpoints load in ``bitsandbytes.nn.Linear4bit`` and back.
     """
 
     def __init__(self, in_features: int, out_features: int, weight: NF4Weight,
-                 bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None):
+                 bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
+                 cast_output: bool = False):
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
@@ -344,6 +371,7 @@ class NF4Linear(nn.Module):
         self.out_features = int(out_features)
         self.weight = weight
         self.compute_dtype = compute_dtype
+        self.cast_output = bool(cast_output)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -361,9 +389,10 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or self.weight.dtype
-        W = dequantize_nf4(self.weight).to(dtype)
+        W = nf4_dequantize(self.weight, dtype, backend="torch")
         bias = None if self.bias is None else self.bias.to(dtype)
-        return torch.nn.functional.linear(x.to(dtype), W, bias)
+        y = torch.nn.functional.linear(x.to(dtype), W, bias)
+        return y.to(x.dtype) if self.cast_output else y
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -406,7 +435,8 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
-                f"compute_dtype={self.compute_dtype or self.weight.dtype}")
+                f"compute_dtype={self.compute_dtype or self.weight.dtype}"
+                + (", cast_output=True" if self.cast_output else ""))
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -451,3 +481,41 @@ def quantize_model_nf4(model: nn.Module, double_quant: bool = False, compute_dty
         del lin
     after = model_bytes(model)
     return {"bytes_before": before, "bytes_after": after, "n_quantized": len(targets), "quantized": targets}
+
+
+def from_bnb_model(model: nn.Module) -> int:
+    """Replace a bitsandbytes-4-bit model's NF4 ``bitsandbytes.nn.Linear4bit`` layers by
+    ``NF4Linear``, in place and zero-copy, as ``from_pretrained(...,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))``
+    makes them (also the base layers inside PEFT's LoRA layers).
+
+    Each ``NF4Linear`` holds the very tensors bitsandbytes held (packed bytes, absmax,
+    nested absmax, maps: ``from_bnb``) and the same bias Parameter (frozen), keeps the
+    layer's compute dtype and returns the input's dtype, so the model's forward is
+    the bitsandbytes model's. Layers that are not NF4 (fp4), not quantized yet, or
+    repacked by bitsandbytes for its CPU inference kernel are left as they are.
+
+    Returns:
+        the number of layers converted.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # no bitsandbytes layer can exist before bitsandbytes is imported
+        return 0
+    targets = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and name:
+            try:
+                q = from_bnb(mod.weight)
+            except ValueError:
+                continue
+            targets.append((name, mod, q))
+    for name, mod, q in targets:
+        compute = mod.compute_dtype if getattr(mod, "compute_type_is_set", True) else None
+        new = NF4Linear(mod.in_features, mod.out_features, q, None, compute, cast_output=True)
+        if mod.bias is not None:
+            new.bias = mod.bias  # the same Parameter, not a copy
+            new.bias.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return len(targets)
