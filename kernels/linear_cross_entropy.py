@@ -1,35 +1,58 @@
 """Fused linear + cross entropy: the output head and the loss without the full logits.
 
 Math, for hidden states h (N, H), head weight W (V, H), optional bias b (V,) and
-targets t (N,) (``ignore_index`` marks rows without a target):
+targets t (N,) (``ignore_index`` marks rows without a target), with the options
+softcap s (None: c = z), label smoothing e in [0, 1], class weights w (V,) (None:
+w = 1), z-loss scale lam >= 0:
 
     z_i    = h_i W^T + b                        (one row of logits, V values)
-    lse_i  = log sum_j exp(z_ij)                (fp32, online max/sum over V blocks)
-    loss_i = lse_i - z_{i, t_i}                 (0 for an ignored row)
-    L      = sum_i loss_i        (reduction "sum")
-           = L_sum / n_valid     ("mean", n_valid = number of rows with a target; 0/0 = nan as in torch)
-           = (loss_i)_i          ("none")
+    c_ij   = s tanh(z_ij / s)                   (softcap; c = z without it)
+    lse_i  = log sum_j exp(c_ij)                (fp32, online max/sum over V blocks)
+    ce_i   = (1 - e) w_{t_i} (lse_i - c_{i,t_i}) + (e / V) sum_j w_j (lse_i - c_ij)
+           = (1 - e) w_{t_i} (lse_i - c_{i,t_i}) + (e / V) (S_w lse_i - sum_j w_j c_ij),  S_w = sum_j w_j
+    zl_i   = lam lse_i^2                        (z-loss, PaLM)
+    (ce_i = zl_i = 0 for an ignored row; e = 0, w = 1: ce_i = lse_i - z_{i,t_i})
+    L      = sum_i ce_i / D + sum_i zl_i / n    ("mean": D = sum_{i valid} w_{t_i}, n = number of
+                                                  valid rows; 0/0 = nan, as torch)
+           = sum_i (ce_i + zl_i)                ("sum")
+           = (ce_i + zl_i)_i                    ("none")
 
-Backward: with g_i = dL/dloss_i (1, 1 / n_valid, or the incoming per-row gradient;
-0 for an ignored row), since d lse_i / d z_ij = softmax_ij and d z_{i,t_i} / d z_ij = [j = t_i]:
+ce_i and D are torch's ``F.cross_entropy(c, t, weight=w, label_smoothing=e)``; the
+z-loss is not class-weighted and its mean is over the valid rows (as Liger-Kernel).
+The z-loss returned on request is its part of L (sum zl_i / n, sum zl_i, or zl_i),
+already included in L; the token accuracy is [argmax_j z_ij = t_i] (first index on
+ties; the softcap is monotone and does not change it), 0 for an ignored row, and
+for "mean"/"sum" its mean over the valid rows. Neither has a gradient.
 
-    dz_ij = g_i (softmax_ij - [j = t_i])
+Backward: with g_i = dL/dce_i (1, 1 / D, or the incoming per-row gradient) and
+gz_i = dL/dzl_i (1, 1 / n, or the same per-row gradient), both 0 for an ignored
+row, and p_ij = softmax_j(c_i) = exp(c_ij - lse_i), since d lse_i / d c_ij = p_ij:
+
+    d ce_i / d c_ij = (1 - e) w_{t_i} (p_ij - [j = t_i]) + (e / V) (S_w p_ij - w_j)
+    d zl_i / d c_ij = 2 lam lse_i p_ij
+    d c_ij / d z_ij = 1 - tanh^2(z_ij / s) = 1 - (c_ij / s)^2      (1 without softcap)
+    dz_ij = (g_i d ce_i / d c_ij + gz_i d zl_i / d c_ij) (1 - (c_ij / s)^2)
     dh    = dz W,    dW = dz^T h,    db = sum_i dz_i
+
+(no options: dz_ij = g_i (p_ij - [j = t_i])). The class weights and e are constants
+(no gradient to ``ce_weight``).
 
 The (N, V) logits are the largest activation of a language model's training
 step (N = 8192 tokens at V = 128k is 4 GiB in fp32). Here the rows go through in
 chunks of C rows: the chunk's logits are computed by one GEMM, one Triton program
-per row turns them into loss_i and, in the same buffer, dz (two passes over the
-row: online max/sum, then softmax - one-hot), and two GEMMs turn dz into the
-chunk's dh and its share of dW. Peak extra memory is one (C, V) chunk.
+per row turns them into ce_i, zl_i, the accuracy and, in the same buffer, dz (two
+passes over the row: online max/sum with the running argmax and the smoothing
+sums, then dz), and two GEMMs turn dz into the chunk's dh and its share of dW.
+Peak extra memory is one (C, V) chunk.
 
 What is kept for backward and why:
 - reduction "mean"/"sum" with gradients needed: the gradient is computed during
-  the forward pass (the scalar incoming gradient only scales it), so backward is
-  one multiply; kept are dh (the size of h), and dW (fp32) / db only when the head
-  weight / bias require grad. No logits and no h are kept.
+  the forward pass (the scalar incoming gradient only scales it, L being linear
+  in g and gz), so backward is one multiply; kept are dh (the size of h), and
+  dW (fp32) / db only when the head weight / bias require grad. No logits and no h are kept.
 - reduction "none" (per-row incoming gradients), or no grad at forward time:
-  kept are h, W, b, t; backward recomputes each chunk's logits (one more GEMM).
+  kept are h, W, b, t and the class weights; backward recomputes each chunk's
+  logits (one more GEMM).
 
 Backends: ``"triton"`` turns each chunk's logits into losses and dz with the row
 kernel; ``"torch"`` (the CPU path) does the same chunks with ``_ce_rows_torch``;
@@ -40,7 +63,7 @@ public name; the tests compare both backends with their own full-logits referenc
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -51,20 +74,62 @@ from .utils import BACKENDS, INTERPRET, check_triton_tensor, fused_apply, next_p
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+class LinearCrossEntropyOutput(NamedTuple):
+    """What ``linear_cross_entropy`` returns when ``return_z_loss`` or
+    ``return_token_accuracy`` is set (the fields of Liger-Kernel's ``CrossEntropyOutput``);
+    a field not asked for is None. ``loss`` already includes the z-loss."""
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
+    token_accuracy: Optional[torch.Tensor] = None
+
+
+class _Options(NamedTuple):
+    """The loss options as the row functions take them: ``weight`` fp32 contiguous (V,) or None."""
+
+    weight: Optional[torch.Tensor]
+    label_smoothing: float
+    lse_square_scale: float
+    softcap: Optional[float]
+    want_z: bool
+    want_acc: bool
+
+
 # ----------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------
 
 
 @triton.jit
-def _ce_rows_kernel(Z, stride_z, T, LOSS, G, stride_g, V, ignore_index,
-                    DO_GRAD: tl.constexpr, BV: tl.constexpr):
-    """One program per row of a chunk of logits Z (rows, V), any float dtype.
+def _tanh(x):
+    """tanh in fp32 from ``tl.exp`` (libdevice's is not in the interpreter): an odd
+    Taylor polynomial below |x| = 1/8 (where (1 - e)/(1 + e) would cancel; next term
+    < 2e-10 relative), (1 - e)/(1 + e) with e = exp(-2|x|) above (-> 1 at infinity)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * -0.05396825396825397)))
+    r = tl.where(a < 0.125, small, big)
+    return tl.where(x < 0, -r, r)
 
-    Pass 1: online max m and sum s of exp(z - m) over BV-wide blocks (fp32), so
-    lse = m + log s; loss = lse - z[t] (0 when t == ignore_index).
-    Pass 2 (DO_GRAD): overwrite the row with dz = g (exp(z - lse) - [j == t]),
-    g = G[row * stride_g] (stride 0: one scale for every row), 0 for an ignored row.
+
+@triton.jit
+def _ce_rows_kernel(Z, stride_z, T, LOSS, ZLOSS, ACC, G, stride_g, GZ, stride_gz, CW, V, ignore_index,
+                    label_smoothing, lse_square_scale, softcap,
+                    DO_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                    ZLOSS_ON: tl.constexpr, SOFTCAP: tl.constexpr, ACC_ON: tl.constexpr, BV: tl.constexpr):
+    """One program per row of a chunk of logits Z (rows, V), any float dtype; the
+    math is the module docstring's (c, lse, ce, zl, dz), all in fp32.
+
+    Pass 1: c = softcap * tanh(z / softcap) (SOFTCAP) or z; online max m and sum s of
+    exp(c - m) over BV-wide blocks, so lse = m + log s; with SMOOTH also sum_j w_j c_j
+    and S_w = sum_j w_j (w = CW, or 1 without HAS_WEIGHT); with ACC_ON the running
+    argmax of z (a later block replaces it only when strictly larger: first index).
+    LOSS = ce, ZLOSS = lam lse^2 (ZLOSS_ON), ACC = [argmax = t] (ACC_ON); 0 for an ignored row.
+    Pass 2 (DO_GRAD): overwrite the row with dz = (g dce/dc + gz dzl/dc) (1 - (c/softcap)^2),
+    g = G[row * stride_g], gz = GZ[row * stride_gz] (stride 0: one scale for every row),
+    both 0 for an ignored row.
     """
     row = tl.program_id(0).to(tl.int64)
     zrow = Z + row * stride_z
@@ -72,23 +137,76 @@ def _ce_rows_kernel(Z, stride_z, T, LOSS, G, stride_g, V, ignore_index,
     valid = t != ignore_index
     m = -float("inf")
     s = 0.0
+    swc = 0.0  # sum_j w_j c_j (SMOOTH)
+    sw = 0.0   # sum_j w_j (SMOOTH)
+    best = -float("inf")  # running max of z and its index (ACC_ON)
+    best_idx = 0
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
-        z = tl.load(zrow + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        cmask = cols < V
+        z = tl.load(zrow + cols, mask=cmask, other=-float("inf")).to(tl.float32)
+        if ACC_ON:
+            bmax = tl.max(z, axis=0)
+            bidx = tl.argmax(z, axis=0, tie_break_left=True)
+            best_idx = tl.where(bmax > best, v0 + bidx, best_idx)
+            best = tl.maximum(best, bmax)
+        if SOFTCAP:
+            z = tl.where(cmask, softcap * _tanh(z / softcap), -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
+        if SMOOTH:
+            zc = tl.where(cmask, z, 0.0)  # -inf past V: masked before any product
+            if HAS_WEIGHT:
+                w = tl.load(CW + cols, mask=cmask, other=0.0)
+                swc += tl.sum(w * zc, axis=0)
+                sw += tl.sum(w, axis=0)
+            else:
+                swc += tl.sum(zc, axis=0)
+    if SMOOTH and not HAS_WEIGHT:
+        sw = V * 1.0
     lse = m + tl.log(s)
-    zt = tl.load(zrow + t, mask=valid, other=0.0).to(tl.float32)
-    tl.store(LOSS + row, tl.where(valid, lse - zt, 0.0))
+    ct = tl.load(zrow + t, mask=valid, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        ct = softcap * _tanh(ct / softcap)
+    if HAS_WEIGHT:
+        wt = tl.load(CW + t, mask=valid, other=0.0)
+    else:
+        wt = 1.0
+    ce = wt * (lse - ct)
+    if SMOOTH:
+        ce = (1.0 - label_smoothing) * ce + (label_smoothing / V) * (sw * lse - swc)
+    tl.store(LOSS + row, tl.where(valid, ce, 0.0))
+    if ZLOSS_ON:
+        tl.store(ZLOSS + row, tl.where(valid, lse_square_scale * lse * lse, 0.0))
+    if ACC_ON:
+        tl.store(ACC + row, tl.where(valid & (best_idx == t), 1.0, 0.0))
     if DO_GRAD:
         g = tl.load(G + row * stride_g).to(tl.float32)
         g = tl.where(valid, g, 0.0)
+        a_hot = g * wt * (1.0 - label_smoothing)  # coefficient of (p - [j = t])
+        a_p = a_hot
+        if SMOOTH:
+            a_p += g * (label_smoothing / V) * sw
+        if ZLOSS_ON:
+            gz = tl.load(GZ + row * stride_gz).to(tl.float32)
+            a_p += tl.where(valid, gz, 0.0) * 2.0 * lse_square_scale * lse
         for v0 in range(0, V, BV):
             cols = v0 + tl.arange(0, BV)
             cmask = cols < V
             z = tl.load(zrow + cols, mask=cmask, other=0.0).to(tl.float32)
-            d = (tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0)) * g
+            if SOFTCAP:
+                th = _tanh(z / softcap)
+                z = softcap * th
+            # dc = a_p p - a_hot [j = t] - g (e / V) w_j
+            d = a_p * tl.exp(z - lse) - tl.where(cols == t, a_hot, 0.0)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    d -= g * (label_smoothing / V) * tl.load(CW + cols, mask=cmask, other=0.0)
+                else:
+                    d -= g * (label_smoothing / V)
+            if SOFTCAP:
+                d = d * (1.0 - th * th)
             tl.store(zrow + cols, d.to(Z.dtype.element_ty), mask=cmask)
 
 
@@ -97,9 +215,10 @@ def _ce_rows_kernel(Z, stride_z, T, LOSS, G, stride_g, V, ignore_index,
 # ----------------------------------------------------------------------------
 
 
-def _ce_rows_triton(z, t, loss, g, ignore_index, do_grad):
-    """Per-row loss of the logits chunk ``z`` (rows, V) into ``loss`` (fp32, rows);
-    with ``do_grad`` ``z`` is overwritten by dz scaled by ``g`` (a 1-element or (rows,) fp32 tensor)."""
+def _ce_rows_triton(z, t, out, g, gz, ignore_index, do_grad, opt: _Options):
+    """Per-row ce, z-loss and accuracy of the logits chunk ``z`` (rows, V) into ``out``
+    = (loss, zloss or None, acc or None) (fp32, rows); with ``do_grad`` ``z`` is overwritten
+    by dz, ``g`` / ``gz`` (1-element or (rows,) fp32 tensors) scaling the ce / z-loss parts."""
     rows, V = z.shape
     if rows == 0:
         return
@@ -108,22 +227,63 @@ def _ce_rows_triton(z, t, loss, g, ignore_index, do_grad):
     else:
         BV = min(4096, next_pow2(V))
         warps = 16 if BV >= 4096 else (8 if BV >= 2048 else 4)
-    _ce_rows_kernel[(rows,)](z, z.stride(0), t, loss, g, 0 if g.numel() == 1 else g.stride(0), V, ignore_index,
-                             DO_GRAD=do_grad, BV=BV, num_warps=warps)
+    loss, zloss, acc = out
+    z_on = opt.lse_square_scale != 0.0
+    _ce_rows_kernel[(rows,)](
+        z, z.stride(0), t, loss, zloss if zloss is not None else loss, acc if acc is not None else loss,
+        g, 0 if g.numel() == 1 else g.stride(0), gz, 0 if gz.numel() == 1 else gz.stride(0),
+        opt.weight if opt.weight is not None else loss, V, ignore_index,
+        float(opt.label_smoothing), float(opt.lse_square_scale), float(opt.softcap or 1.0),
+        DO_GRAD=do_grad, HAS_WEIGHT=opt.weight is not None, SMOOTH=opt.label_smoothing != 0.0,
+        ZLOSS_ON=z_on and zloss is not None, SOFTCAP=opt.softcap is not None, ACC_ON=acc is not None,
+        BV=BV, num_warps=warps)
 
 
-def _ce_rows_torch(z, t, loss, g, ignore_index, do_grad):
+def _ce_rows_torch(z, t, out, g, gz, ignore_index, do_grad, opt: _Options):
     """Plain-torch twin of ``_ce_rows_triton`` (the CPU path): same contract.
-    One fp32 log-softmax of the chunk; its exp is the softmax of the gradient."""
-    lsm = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    One fp32 log-softmax of the (softcapped) chunk; its exp is the softmax of the gradient."""
+    loss, zloss, acc = out
+    rows, V = z.shape
     valid = t != ignore_index
     tc = torch.where(valid, t, 0)
-    loss.copy_(torch.where(valid, -lsm.gather(1, tc[:, None]).squeeze(1), 0.0))
-    if do_grad:
-        gr = torch.where(valid, g.expand(t.shape[0]), 0.0)
-        d = lsm.exp_()
-        d[torch.arange(t.shape[0], device=z.device), tc] -= 1.0
-        z.copy_(d.mul_(gr[:, None]))
+    if acc is not None:
+        acc.copy_((z.argmax(1) == t) & valid)
+    c = z.to(torch.float32)
+    th = None
+    if opt.softcap is not None:
+        th = torch.tanh(c / opt.softcap)
+        c = th * opt.softcap
+    lse = torch.logsumexp(c, dim=-1)
+    lsm = c.sub_(lse[:, None])  # c is no longer needed: the log-softmax in its place
+    w = opt.weight
+    wt = w[tc] if w is not None else None
+    ce = -lsm.gather(1, tc[:, None]).squeeze(1)
+    if wt is not None:
+        ce = ce * wt
+    eps = opt.label_smoothing
+    if eps:
+        smooth = -(lsm * w).sum(1) if w is not None else -lsm.sum(1)
+        ce = (1.0 - eps) * ce + (eps / V) * smooth
+    loss.copy_(torch.where(valid, ce, 0.0))
+    z_on = opt.lse_square_scale != 0.0 and zloss is not None
+    if z_on:
+        zloss.copy_(torch.where(valid, opt.lse_square_scale * lse * lse, 0.0))
+    if not do_grad:
+        return
+    gr = torch.where(valid, g.expand(rows), 0.0)
+    a_hot = gr * (1.0 - eps) if wt is None else gr * wt * (1.0 - eps)
+    a_p = a_hot
+    if eps:
+        a_p = a_p + gr * (eps / V) * (w.sum() if w is not None else V)
+    if z_on:
+        a_p = a_p + torch.where(valid, gz.expand(rows), 0.0) * (2.0 * opt.lse_square_scale) * lse
+    d = lsm.exp_().mul_(a_p[:, None])
+    d[torch.arange(rows, device=z.device), tc] -= a_hot
+    if eps:
+        d.sub_((gr * (eps / V))[:, None] * (w if w is not None else 1.0))
+    if th is not None:
+        d.mul_(th.square_().neg_().add_(1.0))
+    z.copy_(d)
 
 
 # A chunk of logits holds about max(N * H, 2^24) values: the size of h (so the
@@ -140,24 +300,30 @@ def _chunk_rows(N: int, V: int, H: int, chunk_size: Optional[int]) -> int:
     return max(1, min(max(N, 1), next_pow2(math.ceil(max(N * H, _MIN_CHUNK_VALUES) / V))))
 
 
-def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b, do_grad=True):
+def _fused_pass(h, W, b, t, g, gz, ignore_index, chunk, backend, need_h, need_W, need_b, opt: _Options,
+                do_grad=True):
     """Loop over row chunks: logits, loss rows, and (``do_grad``) dz and its products.
 
-    h (N, H), W (V, H), b (V,) or None in the compute dtype; t (N,) int64; g fp32
-    (1 element, or (N,) per row). Returns (loss rows fp32 (N,), dh or None,
-    dW fp32 or None, db fp32 or None)."""
+    h (N, H), W (V, H), b (V,) or None in the compute dtype; t (N,) int64; g / gz fp32
+    (1 element, or (N,) per row) scale the ce / z-loss parts of dz. Returns (ce rows fp32 (N,),
+    z-loss rows fp32 or None, accuracy rows fp32 or None, dh or None, dW fp32 or None, db fp32 or None)."""
     N, V = h.shape[0], W.shape[0]
     ce_rows = _ce_rows_triton if backend == "triton" else _ce_rows_torch
-    loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    loss = torch.empty(N, **f32)
+    zloss = torch.zeros(N, **f32) if (opt.want_z or opt.lse_square_scale != 0.0) else None
+    acc = torch.empty(N, **f32) if opt.want_acc else None
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if (do_grad and need_h) else None
-    dW = torch.zeros(W.shape, dtype=torch.float32, device=h.device) if (do_grad and need_W) else None
-    db = torch.zeros(V, dtype=torch.float32, device=h.device) if (do_grad and need_b) else None
+    dW = torch.zeros(W.shape, **f32) if (do_grad and need_W) else None
+    db = torch.zeros(V, **f32) if (do_grad and need_b) else None
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         hc = h[c0:c1]
         z = torch.addmm(b, hc, W.t()) if b is not None else torch.mm(hc, W.t())
         gc_ = g if g.numel() == 1 else g[c0:c1]
-        ce_rows(z, t[c0:c1], loss[c0:c1], gc_, ignore_index, do_grad)
+        gzc = gz if gz.numel() == 1 else gz[c0:c1]
+        out = tuple(None if x is None else x[c0:c1] for x in (loss, zloss, acc))
+        ce_rows(z, t[c0:c1], out, gc_, gzc, ignore_index, do_grad, opt)
         if not do_grad:
             continue
         if dh is not None:
@@ -169,7 +335,7 @@ def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, nee
                 dW.add_(torch.mm(z.t(), hc))
         if db is not None:
             db.add_(z.sum(0, dtype=torch.float32))
-    return loss, dh, dW, db
+    return loss, zloss, acc, dh, dW, db
 
 
 # ----------------------------------------------------------------------------
@@ -179,9 +345,10 @@ def _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, nee
 # ``rankwise::linear_cross_entropy_bwd``), and as an autograd.Function calling
 # the same functions directly for eager calls (cheaper to dispatch).
 #
-# The forward returns (loss, dh, dW, db): the gradients are outputs so that they
-# can be saved (a custom op's intermediates are invisible to autograd); they are
-# non-differentiable, and empty (0 elements) when not computed.
+# The forward returns (loss, z_loss, token_accuracy, dh, dW, db): the gradients are
+# outputs so that they can be saved (a custom op's intermediates are invisible to
+# autograd); all but the loss are non-differentiable, and empty (0 elements) when
+# not computed. The loss options come last, with defaults: no option is the plain loss.
 # ----------------------------------------------------------------------------
 
 
@@ -190,37 +357,65 @@ def _eager_grads(reduction: str, need_h: bool, need_W: bool, need_b: bool) -> bo
     return reduction != "none" and (need_h or need_W or need_b)
 
 
+def _options(ce_weight, label_smoothing, lse_square_scale, softcap, want_z=False, want_acc=False) -> _Options:
+    return _Options(ce_weight, float(label_smoothing), float(lse_square_scale),
+                    None if softcap is None else float(softcap), bool(want_z), bool(want_acc))
+
+
 def _lce_fwd(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor, ignore_index: int,
-             reduction: str, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss (fp32: scalar, or (N,) for "none") and, for mean/sum with gradients
-    wanted, (dh, dW fp32, db fp32) of the loss; empty tensors where not computed."""
+             reduction: str, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool,
+             ce_weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
+             lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+             return_z_loss: bool = False, return_token_accuracy: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (fp32: scalar, or (N,) for "none"), z-loss and token accuracy (fp32, the loss's
+    shape, when asked for) and, for mean/sum with gradients wanted, (dh, dW fp32, db fp32)
+    of the loss; empty tensors where not computed. ``ce_weight``: fp32 (V,) or None."""
     need_b = need_b and b is not None
     eager = _eager_grads(reduction, need_h, need_W, need_b)
-    if reduction == "mean":  # 1/0 = inf when nothing is a target: loss nan and gradients 0, as torch
-        scale = (1.0 / (t != ignore_index).sum().to(torch.float32)).reshape(1)
+    opt = _options(ce_weight, label_smoothing, lse_square_scale, softcap, return_z_loss, return_token_accuracy)
+    valid = t != ignore_index
+    # 1/0 = inf when nothing is a target: loss nan and gradients 0 (g is zeroed per ignored row), as torch
+    inv_n = (1.0 / valid.sum().to(torch.float32)).reshape(1)
+    if reduction == "mean":
+        if ce_weight is not None:  # torch's weighted mean: divided by the summed weights of the targets
+            g = (1.0 / (ce_weight[torch.where(valid, t, 0)] * valid).sum()).reshape(1)
+        else:
+            g = inv_n
+        gz = inv_n
     else:
-        scale = torch.ones(1, dtype=torch.float32, device=h.device)
-    loss_rows, dh, dW, db = _fused_pass(h, W, b, t, scale, ignore_index, chunk, backend,
-                                        need_h, need_W, need_b, do_grad=eager)
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() * scale[0]
+        g = gz = torch.ones(1, dtype=torch.float32, device=h.device)
+    ce, zl, acc, dh, dW, db = _fused_pass(h, W, b, t, g, gz, ignore_index, chunk, backend,
+                                          need_h, need_W, need_b, opt, do_grad=eager)
     empty32 = h.new_empty(0, dtype=torch.float32)
-    return (loss, dh if dh is not None else h.new_empty(0), dW if dW is not None else empty32,
+    if reduction == "none":
+        zl_out = zl
+        loss = ce if zl is None or lse_square_scale == 0.0 else ce + zl
+    elif reduction == "sum":
+        zl_out = None if zl is None else zl.sum()
+        loss = ce.sum() if zl_out is None or lse_square_scale == 0.0 else ce.sum() + zl_out
+    else:
+        zl_out = None if zl is None else zl.sum() * gz[0]
+        loss = ce.sum() * g[0]
+        if zl_out is not None and lse_square_scale != 0.0:
+            loss = loss + zl_out
+    if acc is not None and reduction != "none":
+        acc = acc.sum() * inv_n[0]
+    return (loss, zl_out if return_z_loss else empty32.clone(), acc if acc is not None else empty32.clone(),
+            dh if dh is not None else h.new_empty(0), dW if dW is not None else empty32.clone(),
             db if db is not None else empty32.clone())
 
 
 def _lce_bwd(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor, g: torch.Tensor,
-             ignore_index: int, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool
+             ignore_index: int, chunk: int, backend: str, need_h: bool, need_W: bool, need_b: bool,
+             ce_weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
+             lse_square_scale: float = 0.0, softcap: Optional[float] = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dW fp32, db fp32) for per-row incoming gradients ``g`` (fp32, (N,)),
-    recomputing the logits chunk by chunk; empty tensors where not wanted."""
+    """(dh, dW fp32, db fp32) for per-row incoming gradients ``g`` (fp32, (N,)) of
+    ce_i + zl_i, recomputing the logits chunk by chunk; empty tensors where not wanted."""
     need_b = need_b and b is not None
-    _, dh, dW, db = _fused_pass(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b)
+    opt = _options(ce_weight, label_smoothing, lse_square_scale, softcap)
+    *_, dh, dW, db = _fused_pass(h, W, b, t, g, g, ignore_index, chunk, backend, need_h, need_W, need_b, opt)
     empty32 = h.new_empty(0, dtype=torch.float32)
     return (dh if dh is not None else h.new_empty(0), dW if dW is not None else empty32,
             db if db is not None else empty32.clone())
@@ -231,45 +426,55 @@ _lce_bwd_op = torch.library.custom_op("rankwise::linear_cross_entropy_bwd", _lce
 
 
 @_lce_op.register_fake
-def _lce_fake(h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b):
+def _lce_fake(h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b,
+              ce_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
+              return_z_loss=False, return_token_accuracy=False):
     need_b = need_b and b is not None
     eager = _eager_grads(reduction, need_h, need_W, need_b)
     f32 = torch.float32
-    return (h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=f32),
+    shape = (h.shape[0],) if reduction == "none" else ()
+    return (h.new_empty(shape, dtype=f32),
+            h.new_empty(shape if return_z_loss else (0,), dtype=f32),
+            h.new_empty(shape if return_token_accuracy else (0,), dtype=f32),
             h.new_empty(h.shape if eager and need_h else (0,)),
             h.new_empty(W.shape if eager and need_W else (0,), dtype=f32),
             h.new_empty((W.shape[0],) if eager and need_b else (0,), dtype=f32))
 
 
 @_lce_bwd_op.register_fake
-def _lce_bwd_fake(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b):
+def _lce_bwd_fake(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b,
+                  ce_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None):
     f32 = torch.float32
     return (h.new_empty(h.shape if need_h else (0,)), h.new_empty(W.shape if need_W else (0,), dtype=f32),
             h.new_empty((W.shape[0],) if need_b and b is not None else (0,), dtype=f32))
 
 
 def _lce_setup_context(ctx, inputs, output):
-    h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b = inputs
-    _, dh, dW, db = output
+    inputs = tuple(inputs) + (None, 0.0, 0.0, None, False, False)[len(inputs) - 11:]  # the defaults
+    h, W, b, t, ignore_index, reduction, chunk, backend, need_h, need_W, need_b, ce_weight = inputs[:12]
+    label_smoothing, lse_square_scale, softcap = inputs[12:15]
+    _, z_loss, acc, dh, dW, db = output
     ctx.eager = _eager_grads(reduction, need_h, need_W, need_b and b is not None)
-    ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype)
+    ctx.meta = (ignore_index, chunk, backend, W.dtype, None if b is None else b.dtype,
+                label_smoothing, lse_square_scale, softcap)
     if ctx.eager:
         # Saved: the loss's own gradients (dh the size of h; dW / db only for a trainable head),
         # scaled by the incoming gradient in backward. No logits and no h.
         ctx.save_for_backward(dh, dW, db)
     else:
         # "none" (per-row incoming gradients) or no gradient at forward time: backward
-        # recomputes the logits chunk by chunk from h, W, b, t.
-        ctx.save_for_backward(h, W, b, t)
-    ctx.mark_non_differentiable(dh, dW, db)
+        # recomputes the logits chunk by chunk from h, W, b, t (and the class weights).
+        ctx.save_for_backward(h, W, b, t, ce_weight)
+    ctx.mark_non_differentiable(z_loss, acc, dh, dW, db)
     ctx.set_materialize_grads(False)
 
 
 def _lce_backward(ctx, grad_loss, bwd):
-    """Gradients of the eleven inputs (None for the non-tensor ones and those that need none)."""
-    ignore_index, chunk, backend, w_dtype, b_dtype = ctx.meta
+    """Gradients of the inputs (None for the non-tensor ones and those that need none).
+    The z-loss and the accuracy outputs have none: the z-loss's gradient comes through the loss."""
+    ignore_index, chunk, backend, w_dtype, b_dtype, label_smoothing, lse_square_scale, softcap = ctx.meta
     need_h, need_W, need_b = ctx.needs_input_grad[:3]
-    none = (None,) * 8
+    none = (None,) * (len(ctx.needs_input_grad) - 3)
     if grad_loss is None:
         return (None, None, None) + none
     if ctx.eager:
@@ -279,9 +484,10 @@ def _lce_backward(ctx, grad_loss, bwd):
         dW = (dW * go).to(w_dtype) if need_W else None
         db = (db * go).to(b_dtype) if need_b else None
         return (dh, dW, db) + none
-    h, W, b, t = ctx.saved_tensors
+    h, W, b, t, ce_weight = ctx.saved_tensors
     g = grad_loss.reshape(-1).to(torch.float32).contiguous()
-    dh, dW, db = bwd(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b)
+    dh, dW, db = bwd(h, W, b, t, g, ignore_index, chunk, backend, need_h, need_W, need_b,
+                     ce_weight, label_smoothing, lse_square_scale, softcap)
     return (dh if need_h else None, dW.to(w_dtype) if need_W else None,
             db.to(b_dtype) if need_b else None) + none
 
@@ -312,12 +518,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_index: int = -100,
-                                   reduction: str = "mean"):
+                                   reduction: str = "mean", **options):
     """``linear_cross_entropy(..., backend="torch")``: the plain-torch path (the same
-    chunks as the kernel, no full logits), public under its old name. The tests
-    compare both backends with a reference of their own (``tests/helpers.py``:
-    ``F.cross_entropy`` on the full logits), not with this."""
-    return linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction, backend="torch")
+    chunks as the kernel, no full logits), public under its old name; ``options`` are
+    ``linear_cross_entropy``'s loss options. The tests compare both backends with a
+    reference of their own (``F.cross_entropy`` on the full logits), not with this."""
+    return linear_cross_entropy(hidden, weight, targets, bias, ignore_index, reduction, backend="torch", **options)
 
 
 # ----------------------------------------------------------------------------
@@ -372,11 +578,37 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size
                              f"{ignore_index}; got {int(targets.reshape(-1)[i])} at flat position {i}")
 
 
+def _validate_options(weight, ce_weight, label_smoothing, lse_square_scale, softcap, return_z_loss,
+                      return_token_accuracy):
+    def real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
+    if not real(lse_square_scale) or lse_square_scale < 0.0:
+        raise ValueError(f"lse_square_scale: expected a finite float >= 0 (the z-loss scale), got {lse_square_scale!r}")
+    if softcap is not None and (not real(softcap) or softcap <= 0.0):
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
+    V = weight.shape[0]
+    if ce_weight is not None and (not isinstance(ce_weight, torch.Tensor) or not ce_weight.is_floating_point()
+                                  or tuple(ce_weight.shape) != (V,) or ce_weight.device != weight.device):
+        got = (f"dtype {ce_weight.dtype}, shape {tuple(ce_weight.shape)} on {ce_weight.device}"
+               if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__)
+        raise ValueError(f"ce_weight: expected a floating-point tensor of shape ({V},) (one weight per class) "
+                         f"on {weight.device}, got {got}")
+    for flag, name in ((return_z_loss, "return_z_loss"), (return_token_accuracy, "return_token_accuracy")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                         chunk_size: Optional[int] = None, backend: str = "auto", *,
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         return_z_loss: bool = False, softcap: Optional[float] = None,
+                         ce_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False):
     """Cross entropy of the logits ``hidden @ weight.T + bias`` against ``targets``,
-    without materialising the full logits.
+    without materialising the full logits; with Liger-Kernel's loss options.
 
     Args:
         hidden: shape ``(..., hidden_size)``, any strides (the last hidden states).
@@ -394,13 +626,38 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             ``"torch"`` (the same chunked loop with torch ops) or ``"auto"`` (Triton on
             CUDA, else torch).
 
+    Loss options (keyword only; they compose, e.g. softcap + smoothing + weights + z-loss):
+        label_smoothing: in [0, 1], as ``F.cross_entropy``'s (with ``ce_weight`` and
+            ``ignore_index`` too): the target distribution is ``(1 - e) one_hot + e / vocab_size``.
+        lse_square_scale: the z-loss ``lse_square_scale * logsumexp(logits)^2`` added per
+            non-ignored position (not class-weighted), summed, or averaged over the
+            non-ignored positions for ``"mean"`` (Liger-Kernel's z-loss).
+        return_z_loss: also return the z-loss part of the loss (reduced as above), for logging.
+        softcap: ``logits -> softcap * tanh(logits / softcap)`` before the softmax (Gemma 2's
+            ``final_logit_softcapping``); gradients go through the tanh. None: no cap.
+        ce_weight: per-class weights, shape ``(vocab_size,)``, as ``F.cross_entropy``'s
+            ``weight``: ``"mean"`` divides by the summed weights of the non-ignored targets.
+            A constant: no gradient reaches it.
+        return_token_accuracy: also return the accuracy of ``argmax(logits) == targets``
+            over the non-ignored positions (first index on ties; the softcap does not change it).
+
     Dtypes: the logits are computed in ``hidden``'s dtype (or the autocast dtype),
     ``weight`` and ``bias`` cast to it as ``F.linear`` under autocast would; the
-    softmax and the loss in fp32. Returns an fp32 tensor: a scalar, or
-    ``targets``' shape for ``reduction="none"``. Gradients flow to ``hidden``,
-    and to ``weight`` / ``bias`` when they require grad (accumulated in fp32).
+    softmax and the loss in fp32 (``ce_weight`` too).
+
+    Returns: without ``return_z_loss`` / ``return_token_accuracy``, the loss: an fp32
+    tensor, a scalar, or ``targets``' shape for ``reduction="none"``. With either, a
+    ``LinearCrossEntropyOutput(loss, z_loss, token_accuracy)`` named tuple (Liger-Kernel's
+    ``CrossEntropyOutput`` fields; a field not asked for is None), fp32 tensors of the
+    loss's shape: ``loss`` includes the z-loss; ``z_loss`` and ``token_accuracy`` carry no
+    gradient (for ``"none"`` per position, 0 where ignored; for ``"mean"`` and ``"sum"`` the
+    accuracy is the mean over the non-ignored positions, nan when there are none).
+    Gradients flow to ``hidden``, and to ``weight`` / ``bias`` when they require grad
+    (accumulated in fp32).
     """
     _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend)
+    _validate_options(weight, ce_weight, label_smoothing, lse_square_scale, softcap, return_z_loss,
+                      return_token_accuracy)
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
@@ -416,10 +673,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     lead = targets.shape
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1).to(torch.int64).contiguous()
+    cw = None if ce_weight is None else ce_weight.detach().to(torch.float32).contiguous()
     chunk = _chunk_rows(h2.shape[0], W.shape[0], W.shape[1], chunk_size)
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h2.requires_grad, grad_on and W.requires_grad, grad_on and b is not None and b.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        loss = fused_apply(LinearCrossEntropyFunction, torch.ops.rankwise.linear_cross_entropy)(
-            h2, W, b, t, int(ignore_index), reduction, chunk, backend, *need)[0]
-    return loss.reshape(lead) if reduction == "none" else loss
+        loss, z_loss, acc = fused_apply(LinearCrossEntropyFunction, torch.ops.rankwise.linear_cross_entropy)(
+            h2, W, b, t, int(ignore_index), reduction, chunk, backend, *need, cw, float(label_smoothing),
+            float(lse_square_scale), None if softcap is None else float(softcap), return_z_loss,
+            return_token_accuracy)[:3]
+    if reduction == "none":
+        loss = loss.reshape(lead)
+        z_loss = z_loss.reshape(lead) if return_z_loss else z_loss
+        acc = acc.reshape(lead) if return_token_accuracy else acc
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    return LinearCrossEntropyOutput(loss, z_loss if return_z_loss else None, acc if return_token_accuracy else None)
