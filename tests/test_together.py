@@ -562,3 +562,23 @@ def test_fp16_autocast_arms_overflow_and_resume_like_solo(cfg, tmp_path, monkeyp
         _, pa = lora_pairs(tmp_path / f"cut_r{r}" / "adapter")
         _, pb = lora_pairs(tmp_path / f"arm_r{r}" / "adapter")
         assert all(torch.equal(pa[n][i], pb[n][i]) for n in pb for i in (0, 1)), f"r={r}: resumed != uninterrupted"
+
+
+def test_model_shapes_are_read_once_per_config_file(tmp_path, monkeypatch):
+    """target_dims / model_shape build the meta model once per (config.json stamp, targets); a rewritten config
+    is read again; callers get copies."""
+    from test_data import build_tiny_llama
+
+    c = {"model": build_tiny_llama(tmp_path / "m"), "lora": {"r": 1, "targets": ["q_proj"]},
+         "data": {"train": "unused.jsonl"}, "output_dir": str(tmp_path / "out")}
+    builds, real = [], rtog._meta_model
+    monkeypatch.setattr(rtog, "_meta_model", lambda path: builds.append(path) or real(path))
+    dims = rtog.target_dims(c)
+    dims.clear()
+    assert len(rtog.target_dims(c)) == 2 and len(builds) == 1
+    assert rtog.model_shape(c)["layers"] == 2 and rtog.model_shape(c)["targets"] == rtog.target_dims(c)
+    assert len(builds) == 2
+    assert len(rtog.target_dims({**c, "lora": {"r": 1, "targets": ["q_proj", "v_proj"]}})) == 4 and len(builds) == 3
+    path = tmp_path / "m" / "config.json"
+    path.write_text(path.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 12'))
+    assert len(rtog.target_dims(c)) == 12 and len(builds) == 4

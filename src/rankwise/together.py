@@ -76,6 +76,8 @@ initialisation (its base weights depend on the rank, so the arms could not share
 """
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import json
 import logging
@@ -280,31 +282,71 @@ def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rs
 
 def meta_model(cfg: C.RunConfig):
     """``(model config, model on the meta device)`` of ``cfg.model``: shapes only, no weights loaded."""
+    return _meta_model(cfg.model)
+
+
+def _meta_model(path: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        mcfg = AutoConfig.from_pretrained(cfg.model)
+        mcfg = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(mcfg)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read the model config of {cfg.model}: {' '.join(str(e).split())[:200]}") from None
+        raise ConfigError(f"cannot read the model config of {path}: {' '.join(str(e).split())[:200]}") from None
     return mcfg, model
+
+
+def _config_stamp(path: str):
+    """``(path, inode, size, mtime, ctime)`` of a local model's ``config.json``; None for anything else."""
+    try:
+        st = os.stat(os.path.join(str(path), "config.json"))
+    except OSError:
+        return None
+    return os.path.realpath(os.path.join(str(path), "config.json")), st.st_ino, st.st_size, st.st_mtime_ns, \
+        st.st_ctime_ns
+
+
+def _read_once(fn, cfg: C.RunConfig):
+    """``fn(model, targets)``, computed once per (config file stamp, targets) in a process for a local model:
+    a together sweep asks for one model's shapes several times (rank check, memory plan, each group), and
+    each read builds the model on the meta device. Other models are read each time. (A config rewritten to
+    the same size within one file-system timestamp tick would be missed, in this process only.)"""
+    targets = cfg.lora.targets if isinstance(cfg.lora.targets, str) else tuple(cfg.lora.targets)
+    stamp = _config_stamp(cfg.model)
+    if stamp is None:
+        return fn(cfg.model, targets)
+    return copy.deepcopy(_memo(fn, cfg.model, targets, stamp))
+
+
+@functools.lru_cache(maxsize=32)
+def _memo(fn, model, targets, stamp):
+    return fn(model, targets)
+
+
+def _meta_targets(model, targets) -> dict:
+    return _targets_of(_meta_model(model)[1], targets)
+
+
+def _targets_of(meta, targets) -> dict:
+    """The LoRA targets' ``{name: (in, out)}`` of a model built on the meta device (LoRA is injected into it)."""
+    from .lora import inject_lora, lora_layers
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            inject_lora(meta, targets, 1, 1.0)
+        except ValueError as e:
+            raise ConfigError(f"lora.targets: {e}") from None
+    return {n: (m.in_features, m.out_features) for n, m in lora_layers(meta)}
 
 
 def target_dims(cfg: C.RunConfig) -> dict:
     """``{module path: (in_features, out_features)}`` of the layers ``cfg.lora.targets`` selects.
 
-    Read from the model's config alone: the model is built on the meta device, no weights are loaded.
+    Read from the model's config alone: the model is built on the meta device, no weights are loaded
+    (once per process for a local model whose ``config.json`` has not changed).
     """
-    from .lora import inject_lora, lora_layers
-
-    _, model = meta_model(cfg)
-    with torch.random.fork_rng(devices=[]):
-        try:
-            inject_lora(model, cfg.lora.targets, 1, 1.0)
-        except ValueError as e:
-            raise ConfigError(f"lora.targets: {e}") from None
-    return {n: (m.in_features, m.out_features) for n, m in lora_layers(model)}
+    return _read_once(_meta_targets, C.parse(cfg))
 
 
 def check_ranks(cfg: C.RunConfig, ranks) -> None:
@@ -377,17 +419,23 @@ BUDGET_FRACTION = {"cuda": 0.9, "cpu": 0.8}  # share of the free (CUDA) / availa
 
 
 def model_shape(cfg: C.RunConfig) -> dict:
-    """What the memory model reads of ``cfg.model``'s config (built on the meta device; no weights loaded).
+    """What the memory model reads of ``cfg.model``'s config (built on the meta device; no weights loaded;
+    once per process for a local model whose ``config.json`` has not changed).
 
     ``{"params", "target_params", "targets": {name: (in, out)}, "hidden", "intermediate", "layers",
     "heads", "vocab"}``.
     """
-    mcfg, model = meta_model(cfg)
-    targets = target_dims(cfg)
+    cfg = C.parse(cfg)
+    return _read_once(_meta_shape, cfg)
+
+
+def _meta_shape(model, targets) -> dict:
+    mcfg, meta = _meta_model(model)
+    params = sum(p.numel() for p in meta.parameters())
+    dims = _targets_of(meta, targets)
     hidden = int(getattr(mcfg, "hidden_size"))
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "target_params": sum(i * o for i, o in targets.values()), "targets": targets, "hidden": hidden,
-            "intermediate": int(getattr(mcfg, "intermediate_size", 4 * hidden) or 4 * hidden),
+    return {"params": params, "target_params": sum(i * o for i, o in dims.values()), "targets": dims,
+            "hidden": hidden, "intermediate": int(getattr(mcfg, "intermediate_size", 4 * hidden) or 4 * hidden),
             "layers": int(getattr(mcfg, "num_hidden_layers")), "heads": int(getattr(mcfg, "num_attention_heads")),
             "vocab": int(getattr(mcfg, "vocab_size"))}
 
