@@ -265,6 +265,24 @@ def test_per_call_fallbacks_match_peft(ckpt):
         torch.testing.assert_close(model(ids).logits, single, rtol=1e-6, atol=1e-6)
 
 
+def test_dropout_is_fused_in_training(ckpt):
+    """LoRA dropout (nn.Dropout) stays fused in training, with rankwise's own mask (same
+    keep probability, another random stream than torch's); in eval it is the identity."""
+    model = qlora(ckpt, lora_dropout=0.5)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    model.eval()
+    ref = loss_and_grads(model, ids)
+    assert patch_peft_model(model, backend="torch") == N_LORA
+    assert_matches(loss_and_grads(model, ids), ref, 1e-6, 1e-5, "eval with dropout configured")
+    model.train()
+    assert all(why is None for why in peft_fusion_report(model).values())
+    torch.manual_seed(5)
+    a = loss_and_grads(model, ids)
+    torch.manual_seed(6)
+    b = loss_and_grads(model, ids)
+    assert torch.isfinite(a[0]) and a[0] != b[0] and a[0] != ref[0]
+
+
 def test_cpu_repacked_weight_is_left(ckpt):
     """bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 inference kernel
     (eval, no grad, on such CPUs): those bytes are not NF4's layout, the layer is left."""

@@ -333,13 +333,13 @@ def _peft_lora_forward(self, x, *args, **kwargs):
             base.compute_type_is_set = True
         xc = x if base.compute_dtype is None else x.to(base.compute_dtype)
         weight = from_bnb(base.weight, base.weight.quant_state, dtype=compute_dtype(xc))
-    else:  # NF4Linear: the same rules with its compute dtype
+    else:  # NF4Linear: the same rules with its compute dtype, the output in it unless it casts back
         xc = x.to(base.compute_dtype or base.weight.dtype)
         q = base.weight
         weight = NF4Weight(q.packed, q.absmax, q.quant_map, q.blocksize, q.shape, compute_dtype(xc),
                            q.nested_absmax, q.nested_quant_map, q.offset, q.nested_blocksize)
     y = lora_linear(xc, weight, A, B, s, bias=base.bias, dropout_p=p, backend=self._rankwise_backend)
-    return y.to(x.dtype)
+    return y.to(x.dtype) if kind == "bnb" or base.cast_output else y
 
 
 def _peft_lora_layers(peft_model: nn.Module):
