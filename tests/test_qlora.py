@@ -30,7 +30,14 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 import rankwise.lora as rl  # noqa: E402
 from rankwise import patch_peft_model, unpatch_peft_model  # noqa: E402
 from rankwise.lora import peft_fusion_report  # noqa: E402
-from rankwise.quant import NF4Linear, dequantize_nf4, from_bnb, from_bnb_model, quantize_nf4, to_bnb_params  # noqa: E402
+from rankwise.quant import (  # noqa: E402
+    NF4Linear,
+    dequantize_nf4,
+    from_bnb,
+    from_bnb_model,
+    quantize_nf4,
+    to_bnb_params,
+)
 
 VOCAB = 128
 N_LORA = 2 * 7  # 2 decoder layers x (q, k, v, o, gate, up, down); lm_head is not a target

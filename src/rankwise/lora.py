@@ -272,7 +272,7 @@ def _base_reason(base: nn.Module):
             return None, "bitsandbytes 4-bit weight without a quant state"
         try:
             q = from_bnb(base.weight, qs)
-        except ValueError as e:
+        except (ValueError, TypeError, AttributeError) as e:  # a state this format does not describe
             return None, str(e).split(": ", 1)[-1]
         if q.dim() != 2 or tuple(q.shape) != (base.out_features, base.in_features):
             return None, f"bitsandbytes weight of shape {tuple(q.shape)}"

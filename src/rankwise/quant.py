@@ -506,7 +506,7 @@ def from_bnb_model(model: nn.Module) -> int:
         if isinstance(mod, bnb.nn.Linear4bit) and name:
             try:
                 q = from_bnb(mod.weight)
-            except ValueError:
+            except (ValueError, TypeError, AttributeError):  # fp4, not quantized, repacked, ...
                 continue
             targets.append((name, mod, q))
     for name, mod, q in targets:
