@@ -6,7 +6,7 @@ Tolerances, as max|out - ref64| / max|ref64| per tensor (``helpers.check``):
 - fp32: 1e-5, as the plain loss's tests (fp32 softmax over a few thousand logits);
 - fp16: at most 2x the error of the same math done by torch in fp16 (logits and the
   softcap in fp16, ``cross_entropy`` on the upcast logits, as Hugging Face's Gemma 2),
-  plus 1e-3 (dz is stored in fp16 before its GEMMs).
+  plus 1e-4 (reached: at most 1.6x torch's error; dz is stored in fp16 before its GEMMs).
 ``test_tolerances_catch_each_options_gradient`` shows that each option's part of the
 gradient is far above those tolerances, so a kernel that dropped it would fail.
 """
@@ -146,7 +146,7 @@ CASES = [
     ("weight", (29,), 20, 33, 4),
     ("smoothing+weight", (2, 13), 16, 1100, 8),
     ("accuracy", (41,), 16, 61, None),
-    ("all", (2, 3, 7), 20, 1030, 9),
+    ("all", (2, 2, 5), 20, 1030, 7),
 ]
 
 
@@ -183,14 +183,14 @@ def test_fp16_within_twice_torch_error(reduction, backend):
     torch_loss = lce_options_ref(h, W, t, b, reduction=reduction, **kw)[0]  # the same math in fp16
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
     ref = lce_options_ref(h64, W64, t, b64, reduction=reduction, **dict(kw, ce_weight=cw.double()))[0]
-    check("loss", loss, ref.detach(), 2 * rel_err(torch_loss.detach(), ref.detach()) + 1e-3)
+    check("loss", loss, ref.detach(), 2 * rel_err(torch_loss.detach(), ref.detach()) + 1e-4)
     g = grad_out_for(loss)
     ours = grads(loss, (h, W, b), g)
     base = grads(torch_loss, (h, W, b), g)
     theirs = grads(ref, (h64, W64, b64), g.double())
     for name, o, bt, r in zip(("hidden", "weight", "bias"), ours, base, theirs):
         assert o.dtype == dtype, name
-        check(f"d{name}", o, r, 2 * rel_err(bt, r) + 1e-3)
+        check(f"d{name}", o, r, 2 * rel_err(bt, r) + 1e-4)
 
 
 @pytest.mark.parametrize("mutant,opts", [
