@@ -59,7 +59,8 @@ different masks for one seed, as ``lora_linear``'s do.
 
 Backends (the convention of ``rankwise.kernels``): ``"torch"`` runs one base
 matmul over all rows plus a loop over the arms with the single-arm low-rank
-math (differentiated by autograd), correct for any input and device;
+math, its backward the formulas above written out in the op order autograd
+would run them (one graph node per layer), correct for any input and device;
 ``"triton"`` runs the kernels (on a CPU only under ``TRITON_INTERPRET=1``);
 ``"auto"`` picks Triton on CUDA, torch otherwise. Dense and NF4 bases in both;
 the NF4 kernels dequantize W tiles in registers, as ``nf4_lora.py``'s do. The
@@ -906,27 +907,80 @@ def torch_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
     return torch.rand(shape, generator=g, device=device) >= dropout_p
 
 
+class _MultiLoRATorchFunction(torch.autograd.Function):
+    """The torch path with its backward written out: the formulas of the module
+    docstring, each arm's in the op order autograd runs for ``lowrank.lora_linear_torch``
+    (``y + s * ((x_d @ A.T) @ B.T)``), so an arm's values and gradients are its solo
+    layer's; one graph node per layer instead of a dozen per arm (slices, matmuls,
+    scalings, the concatenation), and no full-size zero gradients for the slices.
+
+    Saved for backward: x, each arm's S_k, and per arm with dropout its dropped
+    input x_dk and keep-mask (bool; autograd would keep x_dk and the mask too);
+    W, A, B by reference."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds):
+        y = torch.nn.functional.linear(x2, weight, bias)
+        dropped, Ss = [], []  # per arm with dropout: x_dk and its keep-mask
+        m0 = o = 0
+        for M_k, r, s, p, seed in zip(rows, ranks, scalings, dropout_ps, seeds):
+            x_k = x2[m0:m0 + M_k]
+            if p > 0.0:
+                keep = torch_keep_mask(x_k.shape, p, seed, x2.device)
+                x_k = x_k * keep.to(x2.dtype) / (1.0 - p)
+                dropped += [x_k, keep]
+            S_k = torch.nn.functional.linear(x_k, lora_A[o:o + r])
+            y[m0:m0 + M_k] += s * torch.nn.functional.linear(S_k, lora_B[:, o:o + r])
+            Ss.append(S_k)
+            m0 += M_k
+            o += r
+        ctx.arms = (ranks, scalings, rows, dropout_ps)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, *dropped, *Ss)
+        return y
+
+    @staticmethod
+    def backward(ctx, dY):
+        ranks, scalings, rows, dropout_ps = ctx.arms
+        x2, weight, lora_A, lora_B, *rest = ctx.saved_tensors
+        Ss = rest[len(rest) - len(rows):]
+        dropped = iter(rest[:len(rest) - len(rows)])
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dX = dY.mm(weight) if need_x else None
+        dW = dY.t().mm(x2) if need_w else None
+        dBias = dY.sum(0) if need_bias else None
+        dA = torch.zeros_like(lora_A) if need_a else None
+        dB = torch.zeros_like(lora_B) if need_b else None
+        m0 = o = 0
+        for k, (M_k, r, s, p) in enumerate(zip(rows, ranks, scalings, dropout_ps)):
+            xd_k, keep = (next(dropped), next(dropped)) if p > 0.0 else (x2[m0:m0 + M_k], None)
+            dl = dY[m0:m0 + M_k] * s
+            dS = dl.mm(lora_B[:, o:o + r])
+            if need_b:
+                dB[:, o:o + r] = dl.t().mm(Ss[k])
+            if need_a:
+                dA[o:o + r] = dS.t().mm(xd_k)
+            if need_x:
+                dxd = dS.mm(lora_A[o:o + r])
+                if p > 0.0:
+                    dxd = dxd / (1.0 - p) * keep.to(dxd.dtype)
+                dX[m0:m0 + M_k] += dxd
+            m0 += M_k
+            o += r
+        return dX, dW, dA, dB, dBias, None, None, None, None, None
+
+
 def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, bias=None,
                             dropout_ps=None, seeds=None):
     """The torch path on a 2-D ``x2`` and a dense ``weight``: one base matmul over
-    all rows, then each arm's low-rank term on its own rows (autograd
-    differentiates it). ``ranks``, ``scalings``, ``rows``, ``dropout_ps``, ``seeds``:
+    all rows, then each arm's low-rank term on its own rows, with the backward
+    written out (``_MultiLoRATorchFunction``; it equals what autograd computes for
+    the same ops). ``ranks``, ``scalings``, ``rows``, ``dropout_ps``, ``seeds``:
     one entry per arm, already validated."""
     n = len(rows)
-    dropout_ps = dropout_ps or (0.0,) * n
-    seeds = seeds or (0,) * n
-    y = torch.nn.functional.linear(x2, weight, bias)
-    parts = []
-    m0 = o = 0
-    for M_k, r, s, p, seed in zip(rows, ranks, scalings, dropout_ps, seeds):
-        x_k = x2[m0:m0 + M_k]
-        if p > 0.0:
-            x_k = x_k * torch_keep_mask(x_k.shape, p, seed, x2.device).to(x2.dtype) / (1.0 - p)
-        S_k = torch.nn.functional.linear(x_k, lora_A[o:o + r])
-        parts.append(s * torch.nn.functional.linear(S_k, lora_B[:, o:o + r]))
-        m0 += M_k
-        o += r
-    return y + torch.cat(parts)
+    dropout_ps = tuple(dropout_ps or (0.0,) * n)
+    seeds = tuple(seeds or (0,) * n)
+    return _MultiLoRATorchFunction.apply(x2, weight, lora_A, lora_B, bias, tuple(ranks), tuple(scalings),
+                                         tuple(rows), dropout_ps, seeds)
 
 
 # ----------------------------------------------------------------------------
