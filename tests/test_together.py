@@ -582,3 +582,37 @@ def test_model_shapes_are_read_once_per_config_file(tmp_path, monkeypatch):
     path = tmp_path / "m" / "config.json"
     path.write_text(path.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 12'))
     assert len(rtog.target_dims(c)) == 12 and len(builds) == 4
+
+
+def test_step_arms_is_bit_for_bit_k_independent_adamw_steps():
+    """step_arms (foreach ops over every arm's tensors) equals each arm's own AdamW.step(): parameters and state
+    bit for bit, with per-arm lr and weight decay, a no-decay group, and a parameter without a gradient."""
+    def arms():
+        torch.manual_seed(0)
+        out = []
+        for r, lr, wd in ((1, 1e-3, 0.01), (4, 3e-4, 0.0), (16, 1e-2, 0.1)):
+            ps = [torch.nn.Parameter(torch.randn(r, 32)), torch.nn.Parameter(torch.randn(16, r)),
+                  torch.nn.Parameter(torch.randn(5))]
+            groups = [{"params": ps[:2], "weight_decay": wd}, {"params": ps[2:], "weight_decay": 0.0}]
+            out.append((ps, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)))
+        return out
+
+    solo, together = arms(), arms()
+    for step in range(4):
+        for side in (solo, together):
+            g = torch.Generator().manual_seed(step)
+            for k, (ps, opt) in enumerate(side):
+                for i, p in enumerate(ps):
+                    p.grad = None if (k, i, step) == (1, 2, 1) else torch.randn(p.shape, generator=g)
+                for group in opt.param_groups:
+                    group["lr"] *= 0.9
+        for _, opt in solo:
+            opt.step()
+        rtog.step_arms([opt for _, opt in together])
+    for (ps, opt), (qs, qopt) in zip(solo, together):
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), float((p - q).abs().max())
+            assert opt.state[p].keys() == qopt.state[q].keys()
+            for key in opt.state[p]:
+                a, b = opt.state[p][key], qopt.state[q][key]
+                assert a.dtype == b.dtype and torch.equal(a, b), key

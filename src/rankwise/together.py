@@ -30,7 +30,9 @@ How the K arms share one pass:
   is ``clip_grad_norm_`` over its own leaves, and its optimizer is the very
   optimizer its solo run builds (``train.build_optimizer`` over the arm's
   parameters, in the solo run's order), so one step of the K optimizers *is* K
-  independent AdamW steps, with each arm's own learning rate and weight decay.
+  independent AdamW steps, with each arm's own learning rate and weight decay
+  (on a CPU ``step_arms`` runs them as one set of foreach ops over every arm's
+  tensors, bit for bit the values of the K ``step()`` calls).
   (A single concatenated Parameter would need a hand-written AdamW over slices to
   get the same; the concatenation costs one copy of sum(r) x (in + out) numbers
   per layer and forward, small next to the activations.)
@@ -573,6 +575,75 @@ def first_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# ----------------------------------------------------------------------------- one AdamW step for every arm
+
+def _plain_cpu_adamw(opt) -> bool:
+    """Whether ``opt.step()`` runs torch's single-tensor AdamW: a ``torch.optim.AdamW`` whose groups take no
+    fused, foreach, AMSGrad, maximize, capturable or differentiable path, with float lrs and betas, over
+    fp32 CPU parameters."""
+    if type(opt) is not torch.optim.AdamW:
+        return False
+    for g in opt.param_groups:
+        if g.get("fused") or g.get("foreach") or g.get("amsgrad") or g.get("maximize") or g.get("capturable") \
+                or g.get("differentiable") or not g.get("decoupled_weight_decay", True):
+            return False
+        if not isinstance(g["lr"], float) or not all(isinstance(b, float) for b in g["betas"]):
+            return False
+        for p in g["params"]:
+            if p.device.type != "cpu" or p.dtype != torch.float32 or (p.grad is not None and p.grad.is_sparse):
+                return False
+    return True
+
+
+def step_arms(optimizers) -> None:
+    """``opt.step()`` for each of ``optimizers``, every arm's AdamW in one pass where that is exact.
+
+    When every optimizer is a plain CPU ``torch.optim.AdamW`` (``_plain_cpu_adamw``: what
+    ``train.build_optimizer`` makes on a CPU, where torch runs its single-tensor AdamW),
+    the step is a handful of ``torch._foreach_*`` ops over all the arms' tensors with
+    each tensor's own learning rate and weight decay, in the single-tensor AdamW's
+    order of operations (a CPU foreach op applies the same per-tensor op to each
+    tensor), so every value is the one ``opt.step()`` would give, bit for bit (tested);
+    each optimizer's ``state`` is kept as torch keeps it (``step``, ``exp_avg``,
+    ``exp_avg_sq``), so checkpoints and ``load_state_dict`` see torch's AdamW. Else,
+    and on a GPU (fused AdamW), one ``opt.step()`` after the other.
+    """
+    if not all(_plain_cpu_adamw(o) for o in optimizers):
+        for o in optimizers:
+            o.step()
+        return
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # torch's choice
+    by_hyper = {}  # (beta1, beta2, eps) -> [params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight decays]
+    for opt in optimizers:
+        for g in opt.param_groups:
+            lists = by_hyper.setdefault((*g["betas"], g["eps"]), [[] for _ in range(7)])
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if not state:  # as AdamW's first step makes it
+                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for lst, v in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], g["lr"],
+                                          g["weight_decay"])):
+                    lst.append(v)
+    with torch.no_grad():
+        for (beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds) in by_hyper.items():
+            torch._foreach_add_(steps, 1)
+            decayed = [i for i, wd in enumerate(wds) if wd != 0]
+            if decayed:
+                torch._foreach_mul_([params[i] for i in decayed], [1 - lrs[i] * wds[i] for i in decayed])
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            counts = [t.item() for t in steps]
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in counts])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
+
+
 # ----------------------------------------------------------------------------- the run
 
 def _write_failed(cfg: C.RunConfig, reason: str) -> dict:
@@ -692,7 +763,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                 terms.sum().backward()
                 sums += ls.detach().double()
             sums = sums.tolist()  # one device sync per step
-            stepped = []
+            stepped, plain = [], []  # arms that step; of them, those without a GradScaler (one step_arms call)
             for i, k in enumerate(live):
                 if not math.isfinite(sums[i]):
                     msg = T.non_finite_message(sums[i] / n_tgt, step + 1, "(a together run keeps no checkpoint)",
@@ -712,11 +783,13 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                     scalers[k].step(optimizers[k])
                     scalers[k].update()
                 else:
-                    optimizers[k].step()
-                optimizers[k].zero_grad(set_to_none=True)
+                    plain.append(optimizers[k])
                 windows[k] += torch.tensor([sums[i], n_tgt, sum(b["n_tokens"] for _, b in step_batches)],
                                            dtype=torch.float64)
                 stepped.append((k, grad_norm))
+            step_arms(plain)  # each arm's own AdamW step, all arms in one pass
+            for k, _ in stepped:
+                optimizers[k].zero_grad(set_to_none=True)
             live = [k for k in live if k not in failed]
             done = step + 1
             if done % t.log_every == 0 or done == total_steps:
