@@ -7,11 +7,12 @@ torch paths, one op per file.
 - ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format); ``nf4``
   also holds ``NF4Weight`` and ``dequantize_nf4`` (re-exported by ``rankwise.quant``).
 - ``linear_cross_entropy``: output head + cross entropy without the full logits.
-- ``rms_norm`` / ``swiglu``: Llama's RMSNorm and SwiGLU activation, fused forward and backward.
+- ``rms_norm`` / ``swiglu``: Llama's RMSNorm and SwiGLU activation, fused forward and backward;
+  ``geglu``: Gemma's gelu-tanh gated activation, the same shape of op.
 - ``masked_adamw_step`` / ``apply_mask``: bit-packed masked AdamW and mask application.
 
 ``lora_linear`` (and ``nf4_lora_linear``), ``nf4_dequantize``,
-``linear_cross_entropy``, ``rms_norm`` and ``swiglu`` take ``backend="auto" |
+``linear_cross_entropy``, ``rms_norm``, ``swiglu`` and ``geglu`` take ``backend="auto" |
 "triton" | "torch"``: ``"triton"`` runs the kernels (on a CPU only under
 ``TRITON_INTERPRET=1``), ``"torch"`` plain torch ops, ``"auto"`` Triton on CUDA
 and torch otherwise. The ``*_reference`` names are those torch paths under their
@@ -23,6 +24,7 @@ Imports within the package form a tree: ``utils`` <- ``lowrank``, ``nf4`` <-
 ``nf4_lora`` <- ``lora_linear``; no op file imports another's private names,
 and nothing here imports the ``rankwise`` package.
 """
+from .geglu import geglu, geglu_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import dropout_mask, lora_linear, lora_linear_reference
 from .masked_adamw import apply_mask, masked_adamw_step
@@ -36,7 +38,7 @@ __all__ = [
     "lora_linear", "lora_linear_reference", "dropout_mask",
     "nf4_lora_linear", "nf4_lora_linear_reference", "nf4_dequantize", "nf4_dequantize_reference",
     "linear_cross_entropy", "linear_cross_entropy_reference",
-    "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
+    "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference", "geglu", "geglu_reference",
     "masked_adamw_step", "apply_mask",
     "multi_lora_linear",
 ]
