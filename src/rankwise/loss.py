@@ -28,8 +28,11 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "mup_width_multiplier", "dim_model_base")
 
 
-def fused_loss_problem(model: nn.Module) -> Optional[str]:
-    """Why the fused loss cannot stand in for ``model``'s own logits, or None when it can."""
+def fused_loss_problem(model: nn.Module, allow_softcap: bool = False) -> Optional[str]:
+    """Why the fused loss cannot stand in for ``model``'s own logits, or None when it can.
+
+    ``allow_softcap``: the caller applies ``config.final_logit_softcapping`` itself
+    (``linear_cross_entropy(..., softcap=)``), so it is no problem."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return "the model has no output embeddings (get_output_embeddings() is None)"
@@ -40,6 +43,8 @@ def fused_loss_problem(model: nn.Module) -> Optional[str]:
         return "the model has no separate decoder (base_model)"
     cfg = getattr(model, "config", None)
     for key in _LOGIT_TRANSFORMS:
+        if allow_softcap and key == "final_logit_softcapping":
+            continue
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             return f"its config sets {key}={getattr(cfg, key)!r}, which changes the logits after the head"
     return None

@@ -1,17 +1,28 @@
-"""Route a Hugging Face decoder's RMSNorm and SwiGLU MLP through rankwise's fused kernels.
+"""Route a Hugging Face decoder's norms and gated MLPs through rankwise's fused kernels.
 
 ``patch_decoder_kernels(model)`` rebinds ``forward`` on the matching module
 instances (never on their classes, so nothing leaks into other models):
 
-- RMSNorm modules (a ``weight`` and ``variance_epsilon``; Llama, Mistral, Qwen2/3, ...)
+- RMSNorm modules (a ``weight`` and ``variance_epsilon``; Llama, Mistral, Qwen2/3, Phi-3, ...)
   -> ``rankwise.kernels.rms_norm``;
 - MLPs with ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``
   -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (the projections stay whatever
-  they are: nn.Linear, LoRALinear, NF4Linear).
+  they are: nn.Linear, LoRALinear, NF4Linear, PEFT LoRA layers).
 
-Each kind is checked once, on a random input, against the module's own forward;
-a module whose math differs (Gemma's ``1 + weight`` norm, say) is left alone and
-reported. ``unpatch_decoder_kernels`` restores the original forwards.
+With ``all_kinds=True`` (``rankwise.patch_model`` sets it) also:
+
+- Gemma's RMSNorm (``eps``, ``(1 + weight)``, all in fp32 and one rounding to x's dtype
+  at the end) -> ``rms_norm(x.float(), 1 + weight.float())`` cast to x's dtype (exactly
+  Gemma's math; in bf16 / fp16 it costs an fp32 copy of x, which the kernel keeps for
+  backward in place of x);
+- MLPs whose ``act_fn`` is gelu-tanh (Gemma 1/2/3) -> ``down_proj(geglu(gate, up))``;
+- MLPs with one fused ``gate_up_proj`` and a SiLU ``activation_fn`` (Phi-3)
+  -> ``down_proj(swiglu(gate, up))`` on the two halves of its output (no copy).
+
+Each kind is checked once per class, on a random input, against the module's own
+forward; a module whose math differs is left alone and reported (a norm tries the
+Llama form, then, with ``all_kinds``, the Gemma form: the one that agrees is kept).
+``unpatch_decoder_kernels`` restores the forwards the modules had before.
 """
 from __future__ import annotations
 
@@ -21,91 +32,155 @@ import types
 import torch
 from torch import nn
 
-from rankwise.kernels import rms_norm, swiglu
+from rankwise.kernels import geglu, rms_norm, swiglu
 
 log = logging.getLogger("rankwise")
 
 _MARK = "_rankwise_fused_forward"
+_PREV = "_rankwise_prev_forward"  # an instance-level forward the module had before (an accelerate hook, ...)
 
 
 def _rms_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self._rankwise_backend)
+    eps = getattr(self, "variance_epsilon", None)
+    eps = self.eps if eps is None else eps
+    return rms_norm(hidden_states, self.weight, eps, backend=self._rankwise_backend)
+
+
+def _offset_rms_forward(self, x):
+    # Gemma: x normalised in fp32, times (1 + weight) in fp32, one rounding to x's dtype
+    y = rms_norm(x.float(), 1.0 + self.weight.float(), self.eps, backend=self._rankwise_backend)
+    return y.to(x.dtype)
 
 
 def _mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._rankwise_backend))
 
 
-def _is_rms_norm(m: nn.Module) -> bool:
+def _geglu_mlp_forward(self, x):
+    return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x), backend=self._rankwise_backend))
+
+
+def _gate_up_mlp_forward(self, x):
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # Phi-3's order: gate first
+    return self.down_proj(swiglu(gate, up, backend=self._rankwise_backend))
+
+
+def _is_rms_norm(m: nn.Module, eps_names=("variance_epsilon",)) -> bool:
     return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), float))
+            and m.weight.dim() == 1 and any(isinstance(getattr(m, n, None), float) for n in eps_names))
+
+
+def _is_silu(act) -> bool:
+    return act is not None and (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"))
+
+
+def _is_gelu_tanh(act) -> bool:
+    return act is not None and ((isinstance(act, nn.GELU) and act.approximate == "tanh")
+                                or type(act).__name__ in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"))
+
+
+def _has_modules(m: nn.Module, names) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Module) for n in names)
 
 
 def _is_swiglu_mlp(m: nn.Module) -> bool:
-    act = getattr(m, "act_fn", None)
-    return (all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-            and act is not None and (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")))
+    return _has_modules(m, ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(m, "act_fn", None))
+
+
+def _is_geglu_mlp(m: nn.Module) -> bool:
+    return _has_modules(m, ("gate_proj", "up_proj", "down_proj")) and _is_gelu_tanh(getattr(m, "act_fn", None))
+
+
+def _is_gate_up_mlp(m: nn.Module) -> bool:
+    return (_has_modules(m, ("gate_up_proj", "down_proj")) and not hasattr(m, "gate_proj")
+            and _is_silu(getattr(m, "activation_fn", None)))
+
+
+def _in_width(m: nn.Module, proj: str):
+    return getattr(m, "hidden_size", None) or getattr(getattr(m, proj), "in_features", None)
 
 
 @torch.no_grad()
-def _agrees(module: nn.Module, fused, width: int) -> bool:
-    """The fused forward gives the module's own output on a random (2, 5, width) input."""
-    p = next(module.parameters())
-    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+def agrees(module: nn.Module, fused, width: int, reference=None, dtype=None) -> bool:
+    """The fused forward gives the module's own output on a random (2, 5, width) input.
+
+    ``reference(module, x)`` is the module's own forward (default ``module.forward``);
+    ``dtype`` the input's (default: the dtype of the module's first floating-point parameter)."""
+    p = next(q for q in module.parameters() if q.is_floating_point())
+    dtype = dtype or p.dtype
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(p.device, dtype)
     modes = [(m, m.training) for m in module.modules()]
     module.eval()  # no dropout in LoRA projections: both forwards must see the same function
     try:
         with torch.random.fork_rng(devices=[]):
-            ref = module.forward(x)
+            ref = module.forward(x) if reference is None else reference(module, x)
             out = fused(module, x)
     finally:
         for m, mode in modes:
             m.training = mode
-    tol = 1e-5 if p.dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 and p.dtype == torch.float32 else 2e-2
     return out.shape == ref.shape and out.dtype == ref.dtype and bool(
         ((out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max().clamp_min(1e-6)))
 
 
+def _candidates(m: nn.Module, rms_norm: bool, swiglu: bool, all_kinds: bool):
+    """[(kind, fused forward)] that may stand in for ``m`` (tried in order) and its input width."""
+    if rms_norm and _is_rms_norm(m, ("variance_epsilon", "eps") if all_kinds else ("variance_epsilon",)):
+        kinds = [("rms_norm", _rms_forward)] + ([("rms_norm_offset", _offset_rms_forward)] if all_kinds else [])
+        return kinds, m.weight.shape[0]
+    if swiglu and _is_swiglu_mlp(m):
+        return [("swiglu", _mlp_forward)], _in_width(m, "gate_proj")
+    if swiglu and all_kinds and _is_geglu_mlp(m):
+        return [("geglu", _geglu_mlp_forward)], _in_width(m, "gate_proj")
+    if swiglu and all_kinds and _is_gate_up_mlp(m):
+        return [("swiglu_gate_up", _gate_up_mlp_forward)], _in_width(m, "gate_up_proj")
+    return [], None
+
+
 def patch_decoder_kernels(model: nn.Module, rms_norm: bool = True, swiglu: bool = True,
-                          backend: str = "auto") -> dict:
-    """Rebind the RMSNorm and SwiGLU-MLP forwards of ``model`` to the fused kernels.
+                          backend: str = "auto", all_kinds: bool = False) -> dict:
+    """Rebind the RMSNorm and gated-MLP forwards of ``model`` to the fused kernels.
 
     Args:
         model: any module (a transformers causal LM, with or without LoRA layers).
-        rms_norm, swiglu: which kinds to patch.
+        rms_norm: patch RMSNorm modules; swiglu: patch gated MLPs.
         backend: passed to the kernels ("auto": Triton on CUDA, torch elsewhere).
+        all_kinds: also Gemma's ``(1 + weight)`` norms, GeGLU (gelu-tanh) MLPs and
+            Phi-3's fused ``gate_up_proj`` MLPs.
 
     Returns:
-        ``{"rms_norm": n, "swiglu": n, "skipped": [class names whose math differs]}``.
+        ``{"rms_norm": n, "swiglu": n, "skipped": [class names whose math differs]}``,
+        with ``all_kinds`` also ``"rms_norm_offset"``, ``"geglu"`` and ``"swiglu_gate_up"`` counts.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     counts = {"rms_norm": 0, "swiglu": 0, "skipped": []}
-    verdict = {}  # class -> agrees (checked once per class)
+    if all_kinds:
+        counts.update({"rms_norm_offset": 0, "geglu": 0, "swiglu_gate_up": 0})
+    verdict = {}  # class -> (kind, fused) that agrees, or None (checked once per class)
     for m in model.modules():
         if getattr(m, _MARK, False):
             continue
-        if rms_norm and _is_rms_norm(m):
-            kind, fused, width = "rms_norm", _rms_forward, m.weight.shape[0]
-        elif swiglu and _is_swiglu_mlp(m):
-            kind, fused = "swiglu", _mlp_forward
-            width = getattr(m, "hidden_size", None) or getattr(m.gate_proj, "in_features", None)
-            if width is None:
-                continue
-        else:
+        kinds, width = _candidates(m, rms_norm, swiglu, all_kinds)
+        if not kinds or width is None:
             continue
         m._rankwise_backend = backend
-        key = (type(m), kind)
+        key = (type(m), kinds[0][0])
         if key not in verdict:
-            verdict[key] = _agrees(m, fused, width)
-            if not verdict[key]:
+            verdict[key] = next(((k, f) for k, f in kinds if agrees(m, f, width)), None)
+            if verdict[key] is None:
                 counts["skipped"].append(type(m).__name__)
                 log.warning("patch_decoder_kernels: %s computes something else than the fused %s; left as it is",
-                            type(m).__name__, kind)
-        if verdict[key]:
-            m.forward = types.MethodType(fused, m)
-            setattr(m, _MARK, True)
-            counts[kind] += 1
+                            type(m).__name__, " or ".join(k for k, _ in kinds))
+        if verdict[key] is None:
+            del m._rankwise_backend
+            continue
+        kind, fused = verdict[key]
+        if "forward" in m.__dict__:
+            setattr(m, _PREV, m.__dict__["forward"])
+        m.forward = types.MethodType(fused, m)
+        setattr(m, _MARK, True)
+        counts[kind] += 1
     return counts
 
 
@@ -115,6 +190,9 @@ def unpatch_decoder_kernels(model: nn.Module) -> int:
     for m in model.modules():
         if getattr(m, _MARK, False):
             del m.forward  # the instance attribute; the class's forward shows through again
+            if _PREV in m.__dict__:
+                m.forward = m.__dict__.pop(_PREV)  # or the instance forward it had before
             delattr(m, _MARK)
+            m.__dict__.pop("_rankwise_backend", None)
             n += 1
     return n
