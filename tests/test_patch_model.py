@@ -238,9 +238,12 @@ def test_bf16_llama_loss():
     assert rel(out.loss, ref) < 1e-2
 
 
-def test_qlora_model(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qlora_model(tmp_path, backend):
     """A tiny Llama saved and reloaded in 4 bits (bitsandbytes NF4) + PEFT LoRA: the
     LoRA layers run the fused NF4 op on bitsandbytes' bytes; loss and LoRA gradients as PEFT's."""
+    from rankwise.lora import peft_fusion_report
+
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     build("llama").save_pretrained(tmp_path)
@@ -256,10 +259,11 @@ def test_qlora_model(tmp_path):
     model.train()
     ids, mask, labels = batch(7, L=7)
     ref = loss_and_grads(model, ids, mask, labels)
-    report = patch_model(model, backend="torch")
+    report = patch_model(model, backend=backend)
     assert report["patched"]["lora"] == 14 and report["patched"]["loss"] == 1, report
+    assert set(peft_fusion_report(model).values()) == {None}, "every LoRA layer through the fused NF4 op"
     got = loss_and_grads(model, ids, mask, labels)
-    assert_same(got, ref, 1e-5, 5e-5, "qlora")
+    assert_same(got, ref, 1e-5, 5e-5, f"qlora {backend}")
     assert unpatch_model(model)["lora"] == 14 and instance_forwards(model) == set()
 
 
@@ -289,26 +293,35 @@ def collate(rows):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def trainer_losses(tmp_path, patched, monkeypatch):
-    model = build("llama", seed=1)
+def trainer_losses(tmp_path, patched, monkeypatch, peft=False):
+    model = peft_llama() if peft else build("llama", seed=1)
     calls = []
     if patched:
         assert patch_model(model, backend="torch")["patched"]["loss"] == 1
         real = rankwise.kernels.linear_cross_entropy
         monkeypatch.setattr(rankwise.kernels, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = T.TrainingArguments(output_dir=str(tmp_path / f"run{int(patched)}"), max_steps=10,
+                               gradient_checkpointing=peft,
                                per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
                                logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
                                data_seed=0, disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
     trainer = T.Trainer(model=model, args=args, train_dataset=TokenRows(), data_collator=collate)
     trainer.train()
+    if patched and peft:
+        from rankwise.lora import peft_fusion_report
+
+        assert set(peft_fusion_report(model).values()) == {None}, "the LoRA layers stay fused under Trainer"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, len(calls)
 
 
-def test_hf_trainer_gradient_accumulation_matches(tmp_path, monkeypatch):
-    ref, _ = trainer_losses(tmp_path, False, monkeypatch)
-    got, fused_calls = trainer_losses(tmp_path, True, monkeypatch)
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "peft-lora-checkpointing"])
+def test_hf_trainer_gradient_accumulation_matches(tmp_path, monkeypatch, peft):
+    """10 steps of 2 micro-batches of rows of different lengths: Trainer passes
+    num_items_in_batch, and the patched model's logged losses are the unpatched ones
+    (a full fine-tune; a PEFT LoRA model with gradient checkpointing)."""
+    ref, _ = trainer_losses(tmp_path, False, monkeypatch, peft)
+    got, fused_calls = trainer_losses(tmp_path, True, monkeypatch, peft)
     assert fused_calls == 20, "every micro-batch's loss through the fused op"
     assert len(ref) == len(got) == 10
     for step, (a, b) in enumerate(zip(got, ref)):
