@@ -343,7 +343,7 @@ def _study_imports():
     import rankwise
 
     src = pathlib.Path(rankwise.__file__).parent
-    files = sorted(src.glob("analysis/*.py")) + sorted(src.glob("world/*.py")) + [src / "demo.py"]
+    files = sorted(src.glob("analysis/*.py")) + sorted(src.glob("world/*.py")) + sorted(src.glob("demo/*.py"))
     out = {}
     for f in files:
         parts = ["rankwise"] + list(f.relative_to(src).with_suffix("").parts)

@@ -11,10 +11,13 @@ from rankwise.demo import run_demo
 MICRO = {"world": {"n_people": 40, "max_exposures": 3, "seed": 2},
          "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
          "train": {"max_steps": 10, "batch_size": 4, "max_length": 128, "lr": 1e-2}}
-SETTINGS = {"ranks": [1, 2], "small_size": 2, "large_factor": 4, "large_lora_rank": 2, "epochs": 1,
-            "batch_size": 2, "mastery_samples": 2, "max_new_tokens": 2, "restore_fractions": [0.05, 0.6]}
+SETTINGS = {"seeds": [0, 1], "ranks": [1, 2], "small_size": 2, "large_factor": 4, "large_lora_rank": 2, "epochs": 1,
+            "batch_size": 2, "mastery_samples": 2, "max_new_tokens": 2, "restore_fractions": [0.05, 0.2],
+            "n_boot": 200}
 BUCKETS = ["D0", "D1", "D2", "D3", "D4"]
-ARMS = ["lora-r1", "lora-r2", "full", "lora-r2-x4", "full-x4"]
+ALL_ARMS = ["lora-r1", "lora-r2", "full", "full-D3D4", "full-D0", "lora-r2-x4", "full-x4"]
+FINDINGS = {"data_size", "data_size_lora", "mastery", "restore_top", "restore_vs_random", "lora_forgets_less",
+            "intruders"}
 
 
 def _check_accuracy(acc, counts, where):
@@ -25,9 +28,29 @@ def _check_accuracy(acc, counts, where):
         if counts[b] == 0:
             assert acc[b] is None, (where, b)
         else:
-            assert 0.0 <= acc[b] <= 1.0 and acc[b] * counts[b] == pytest.approx(round(acc[b] * counts[b])), (where, b)
+            assert 0.0 <= acc[b] <= 1.0, (where, b)
     vals = [acc[b] for b in BUCKETS if counts[b]]
     assert acc["mean"] == (pytest.approx(sum(vals) / len(vals)) if vals else None), where
+
+
+def _check_intervals(row, counts, seeds, where):
+    """An arm's (or restoration point's) intervals, counts and per-seed values, as results.json promises."""
+    from rankwise.analysis.stats import verdict  # noqa: F401  (the same module the report uses)
+
+    for dom in ("in_domain", "out_of_domain"):
+        _check_accuracy(row[dom], counts[dom], (where, dom))
+        assert set(row["ci95"][dom]) == set(row[dom]) == set(row["n"][dom]), where
+        for b in BUCKETS:
+            assert row["n"][dom][b] == counts[dom][b], (where, dom, b)
+            lo, hi = row["ci95"][dom][b]
+            if counts[dom][b] == 0:
+                assert lo is None and hi is None
+            else:
+                assert 0.0 <= lo <= row[dom][b] + 1e-9 and row[dom][b] - 1e-9 <= hi <= 1.0, (where, dom, b)
+                per_seed = [r[dom][b] for r in row["seeds"]]
+                assert row[dom][b] == pytest.approx(sum(per_seed) / len(per_seed)), (where, dom, b)
+        assert row["n"][dom]["mean"] == sum(counts[dom].values())
+    assert [r["seed"] for r in row["seeds"]] == seeds, where
 
 
 def _layer_elements(base_dir):
@@ -54,116 +77,140 @@ def _adapter_delta_error(run_dir, solo_dir) -> float:
 
 def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     import rankwise.together as rtog
+    from rankwise.analysis.stats import verdict
 
     calls, real = [], rtog.train_together
 
-    def spy(cfgs, *a, **k):  # the small-set LoRA arms go through train_together, in one call
-        calls.append(([c["lora"]["r"] for c in cfgs], k.get("checkpoint_dir")))
+    def spy(cfgs, *a, **k):  # the small-set LoRA arms of each seed go through train_together, in one call
+        calls.append(([c["lora"]["r"] for c in cfgs], [c["train"]["seed"] for c in cfgs], k.get("checkpoint_dir")))
         return real(cfgs, *a, **k)
 
     monkeypatch.setattr(rtog, "train_together", spy)
     out = tmp_path / "demo"
     res = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
-    assert [c[0] for c in calls] == [[1, 2]]
-    assert calls[0][1] == str(out / "work" / "together" / "lora-r1+lora-r2") and not os.path.exists(calls[0][1])
+    assert [c[:2] for c in calls] == [([1, 2], [0, 0]), ([1, 2], [1, 1])]
+    assert calls[0][2] == str(out / "work" / "together" / "seed0" / "lora-r1+lora-r2") and not os.path.exists(calls[0][2])
     for f in ("report.md", "results.json", "accuracy_vs_rank.png", "accuracy_vs_data_size.png",
-              "accuracy_vs_restored_fraction.png"):
+              "accuracy_vs_restored_fraction.png", "accuracy_by_train_bucket.png", "findings.png"):
         assert (out / f).exists(), f
     saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1]
     assert set(saved["buckets"]) == set(BUCKETS)
     assert sum(saved["buckets"].values()) == len((out / "work" / "mastery.jsonl").read_text().splitlines())
+
+    # the arms: base, then every planned arm whose fine-tuning set the world could fill (a skipped one says why)
     names = [a["name"] for a in saved["arms"]]
-    assert names == ["base"] + ARMS
+    skipped = saved["skipped_arms"]
+    assert set(skipped) <= {"full-D3D4", "full-D0"}
+    assert names == ["base"] + [n for n in ALL_ARMS if n not in skipped]
     counts = saved["test_buckets"]
     for dom in ("in_domain", "out_of_domain"):
         rows = (out / "work" / "data" / f"test-{dom}.jsonl").read_text().splitlines()
         assert sum(counts[dom].values()) == len(rows) > 0
     for a in saved["arms"]:
-        assert {"name", "method", "rank", "train_size", "in_domain", "out_of_domain"} <= set(a)
-        for dom in ("in_domain", "out_of_domain"):
-            _check_accuracy(a[dom], counts[dom], (a["name"], dom))
-    assert [a["train_size"] for a in saved["arms"][1:]] == [2, 2, 2, 8, 8]
+        assert {"name", "method", "rank", "train_size", "in_domain", "out_of_domain", "ci95", "n", "seeds",
+                "label"} <= set(a)
+        _check_intervals(a, counts, ["base"] if a["name"] == "base" else [0, 1], a["name"])
+    by = {a["name"]: a for a in saved["arms"]}
+    assert [by[n]["train_size"] for n in ("lora-r1", "lora-r2", "full", "lora-r2-x4", "full-x4")] == [2, 2, 2, 8, 8]
     assert saved["seconds"] > 0 and isinstance(saved["stage_seconds"], dict)
+    # each seed drew its own fine-tuning sample; the small set is the prefix of the large one
+    d0, d1 = (out / "work" / "data" / "seed0"), (out / "work" / "data" / "seed1")
+    large0 = (d0 / "train-large.jsonl").read_text().splitlines()
+    assert (d0 / "train-small.jsonl").read_text().splitlines() == large0[:2]
+    assert large0 != (d1 / "train-large.jsonl").read_text().splitlines()
+
+    # the findings: every required id, the verdict rule, a reason for each one not measured
+    fs = {f["id"]: f for f in saved["findings"]}
+    assert FINDINGS <= set(fs)
+    for f in saved["findings"]:
+        assert f["verdict"] == verdict(f["ci95"]), f["id"]
+        assert f["verdict"] in ("reproduced", "contradicted", "inconclusive")
+        if f["effect"] is None:
+            assert f["verdict"] == "inconclusive" and f["why"], f["id"]
+    for n in skipped:
+        assert n in fs["mastery"]["why"] and fs["mastery"]["effect"] is None
+    # data_size is full minus full-x4 over the same facts, paired; its effect is the difference of the means
+    assert fs["data_size"]["effect"] == pytest.approx(by["full"]["in_domain"]["mean"] - by["full-x4"]["in_domain"]["mean"])
+    report = (out / "report.md").read_text()
+    assert report.split("\n## ")[1].startswith("Findings")  # the report opens with the findings table
+    for fid in FINDINGS:
+        assert f"`{fid}`" in report
 
     # the LoRA arms of the small set trained together, each ending as its solo run
     tg = saved["together"]
-    assert [(g["arms"], g["trained"]) for g in tg] == [(["lora-r1", "lora-r2"], ["lora-r1", "lora-r2"])]
-    assert "train together lora-r1+lora-r2" in saved["stage_seconds"] and "train lora-r1" not in saved["stage_seconds"]
-    assert [a.get("trained_together") for a in saved["arms"]] == [None, "lora-r1+lora-r2", "lora-r1+lora-r2", None,
-                                                                   None, None]
+    assert [(g["seed"], g["arms"], g["trained"]) for g in tg] == [(s, ["lora-r1", "lora-r2"], ["lora-r1", "lora-r2"])
+                                                                   for s in (0, 1)]
+    assert "train together" in saved["stage_seconds"] and "train lora-r1" not in saved["stage_seconds"]
+    assert by["lora-r2"]["trained_together"] == "lora-r1+lora-r2" and by["full"]["trained_together"] is None
     from rankwise.demo import DEMO, arm_config, plan_arms
+    from rankwise.demo.run import data_dir_of, seed_arm
     from rankwise.train import train
 
-    arm = plan_arms({**DEMO, **SETTINGS}, out / "work")[1]
+    arm = seed_arm(plan_arms({**DEMO, **SETTINGS})[1], out / "work", 1)
     assert arm["name"] == "lora-r2"
     solo = train(arm_config({**arm, "output_dir": str(tmp_path / "solo-r2")}, saved["settings"]["base_dir"],
-                            out / "work" / "data", saved["settings"]["demo"]))
-    together_r2 = saved["arms"][names.index("lora-r2")]
-    assert together_r2["train_loss"] == pytest.approx(solo["train_loss"], rel=1e-5)
-    assert _adapter_delta_error(out / "work" / "arms" / "lora-r2", tmp_path / "solo-r2") <= 1e-4
-    assert "trained together" in (out / "report.md").read_text()
+                            data_dir_of(out / "work", 1), saved["settings"]["demo"]))
+    assert by["lora-r2"]["train_losses"][1] == pytest.approx(solo["train_loss"], rel=1e-5)
+    assert _adapter_delta_error(out / "work" / "arms" / "seed1" / "lora-r2", tmp_path / "solo-r2") <= 1e-4
+    assert "trained together" in report
 
-    # restoration of the large full-SFT arm: the 0% point is that arm, every asked fraction follows
+    # restoration of each seed's large full-SFT arm: the 0% point is that arm; top, bottom and random at
+    # every asked fraction follow
     rest = saved["restoration"]
-    assert (rest["of"], rest["select"], rest["score"], rest["scope"]) == ("full-x4", "top", "relative", "global")
+    assert (rest["of"], rest["score"], rest["scope"]) == ("full-x4", "relative", "global")
     points = rest["points"]
-    assert [p["fraction"] for p in points] == [0.0, 0.05, 0.6]
-    full_big = saved["arms"][names.index("full-x4")]
-    assert points[0]["in_domain"] == full_big["in_domain"] and points[0]["out_of_domain"] == full_big["out_of_domain"]
+    assert [(p["selection"], p["fraction"]) for p in points] == [("none", 0.0)] + [
+        (s, f) for s in ("top", "bottom", "random") for f in (0.05, 0.2)]
+    full_big = by["full-x4"]
+    assert points[0]["in_domain"] == full_big["in_domain"] and points[0]["ci95"] == full_big["ci95"]
     n = _layer_elements(saved["settings"]["base_dir"])
-    shares = []
+    shares = {}
     for p in points:
-        for dom in ("in_domain", "out_of_domain"):
-            _check_accuracy(p[dom], counts[dom], ("restore", p["fraction"], dom))
+        _check_intervals(p, counts, [0, 1], ("restore", p["selection"], p["fraction"]))
         if p["fraction"] == 0.0:
             continue
-        st = p["stats"]
-        # floor(n * k%) elements of the layers' weights (no norms) are put back, and the top
-        # selection holds at least that share of the total score (the top-k mean >= the mean)
-        assert st["n"] == n and st["k"] == math.floor(n * p["fraction"]) and st["restored"] == st["k"], st
-        assert st["k"] / n - 1e-9 <= st["score_share"] <= 1.0, st
-        shares.append(st["score_share"])
-    assert shares == sorted(shares)  # a larger top-k holds more of the score
+        for st in p["stats_by_seed"]:
+            assert st["n"] == n and st["k"] == math.floor(n * p["fraction"]) and st["restored"] == st["k"], st
+            assert st["select"] == p["selection"]
+        shares.setdefault(p["selection"], []).append(p["stats"]["score_share"])
+    assert shares["top"] == sorted(shares["top"])  # a larger top-k holds more of the score
+    assert all(t >= b for t, b in zip(shares["top"], shares["bottom"]))
 
-    # the analysis stage ran over every arm and wrote its outputs
+    # the analysis stage ran over every arm of the first seed and wrote its outputs
     adir = out / "analysis"
-    assert (adir / "analysis.json").exists() and (adir / "analysis.md").exists()
     analysis = json.loads((adir / "analysis.json").read_text())
-    assert sorted(r["name"] for r in analysis["runs"]) == sorted(ARMS)
-    n_probe = min(32, len((out / "work" / "data" / "test-in_domain.jsonl").read_text().splitlines())) + \
-        min(32, len((out / "work" / "data" / "test-out_of_domain.jsonl").read_text().splitlines()))
+    assert sorted(r["name"] for r in analysis["runs"]) == sorted(names[1:])
     for r in analysis["runs"]:
         sp = r["spectral"]
         assert sp["n_matrices"] > 0, r["name"]
         if r["kind"] == "adapter":  # a rank-r update has effective and stable rank at most r
             assert all(m["effective_rank"] <= r["rank"] + 1e-3 and m["stable_rank"] <= r["rank"] + 1e-3
                        for m in sp["matrices"]), r["name"]
-        assert r["probe"]["tokens"]["overall"]["n"] == n_probe, r["name"]
-    for name in analysis["files"]["plots"].values():
-        assert (adir / name).exists(), name
-    report = (out / "report.md").read_text()
-    assert "lora-r1" in report and "D3+D4" in report and "## Settings" in report
-    assert "## Restoring the top-k% relative updates" in report
-    assert "## Analysis" in report and "](analysis/" in report
+    assert fs["intruders"]["effect"] is not None and fs["intruders"]["seeds"] == [2, 2]
+    assert "## Analysis" in report and "](analysis/" in report and "## Where the time went" in report
     assert "analysis" in saved["stage_seconds"] and "restore" in saved["stage_seconds"]
 
     # every directory the demo wrote is marked as rankwise's, so a rerun (or --fresh) may replace it
     from rankwise.ownership import owner
 
     assert owner(out)["kind"] == "demo" and owner(out / "work")["kind"] == "demo"
-    assert owner(adir)["kind"] == "analyze" and owner(out / "work" / "arms" / "lora-r1")["kind"] == "train"
+    assert owner(adir)["kind"] == "analyze" and owner(out / "work" / "arms" / "seed0" / "lora-r1")["kind"] == "train"
     assert owner(tmp_path / "cache")["kind"] == "world"
 
-    # Re-running reuses every cached stage: no arm is trained again.
-    adapter = out / "work" / "arms" / "lora-r1" / "adapter" / "adapter_model.safetensors"
+    # Re-running reuses every cached stage: no arm is trained again, the numbers are the same.
+    adapter = out / "work" / "arms" / "seed0" / "lora-r1" / "adapter" / "adapter_model.safetensors"
     mtime = os.path.getmtime(adapter)
     res2 = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
-    assert os.path.getmtime(adapter) == mtime and len(calls) == 1
-    assert res2["together"][0]["trained"] == []
+    assert os.path.getmtime(adapter) == mtime and len(calls) == 2
+    assert [g["trained"] for g in res2["together"]] == [[], []]
     assert res2["arms"] == res["arms"] and res2["restoration"] == res["restoration"]
+    assert res2["findings"] == res["findings"]
     assert res2["settings"]["base_cached"]
     with pytest.raises(ValueError, match="unknown demo settings"):
         run_demo(out, settings={"rank": [3]}, world_overrides=MICRO, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="seeds"):
+        run_demo(out, settings={"seeds": []}, world_overrides=MICRO, cache_dir=tmp_path / "cache")
 
 
 def test_demo_cli_parses():

@@ -1,0 +1,109 @@
+"""A study's numbers with their uncertainty: per-arm accuracies with intervals, and findings with verdicts.
+
+An arm is a set of models (one per seed) evaluated on the same test items; its results
+are, per domain, a ``(seeds, items)`` matrix of 1/0 (right/wrong) with a mastery bucket
+per item. :func:`summarize_arm` turns that into the per-bucket means over seeds with
+their 95 % bootstrap intervals (over items and seeds, see :mod:`rankwise.analysis.stats`),
+the item counts and the per-seed accuracies.
+
+A finding compares two arms on the same items: its ``effect`` is defined so that a
+positive value means "as the claim says", its interval comes from the paired bootstrap,
+and its ``verdict`` follows :func:`rankwise.analysis.stats.verdict`. A finding that
+cannot be measured (an arm missing, no items) is ``inconclusive`` and says why.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .stats import N_BOOT, accuracy_with_ci, difference_ci, verdict
+
+__all__ = ["BUCKETS", "D34", "summarize_arm", "difference_finding", "unmeasured_finding"]
+
+BUCKETS = ("D0", "D1", "D2", "D3", "D4")
+D34 = ("D3", "D4")
+
+
+def summarize_arm(correct: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence[str]], *,
+                  seeds: Sequence | None = None, n_boot: int = N_BOOT, boot_seed: int = 0) -> dict:
+    """One arm's accuracies, intervals, counts and per-seed values.
+
+    Args:
+        correct: ``{domain: (S, F_domain) 0/1 matrix}`` (rows: seeds).
+        buckets: ``{domain: F_domain bucket labels}``.
+        seeds: the ``S`` seed names (default ``0..S-1``).
+
+    Returns:
+        ``{domain: {D0..D4, "mean"}, "in_domain_d34", "ci95": {domain: {D0..D4, "mean"}, "in_domain_d34"},
+        "n": {domain: {D0..D4, "mean"}, "in_domain_d34"}, "seeds": [{"seed", domain: {...}, "in_domain_d34"}]}``;
+        ``mean`` is the unweighted mean over the non-empty buckets, ``in_domain_d34`` the
+        accuracy over the in-domain D3 and D4 items together; an empty bucket is ``None``.
+    """
+    out: dict = {"ci95": {}, "n": {}}
+    per_seed: dict = {}
+    S = None
+    for dom, c in correct.items():
+        c = np.asarray(c, dtype=np.float64)
+        c = c[None, :] if c.ndim == 1 else c
+        S = c.shape[0] if S is None else S
+        if c.shape[0] != S:
+            raise ValueError(f"domain {dom!r} has {c.shape[0]} seeds, another has {S}")
+        labels = list(buckets[dom])
+        has34 = dom == "in_domain" and any(b in D34 for b in labels)
+        combine = ("mean", D34) if has34 else ("mean",)
+        r = accuracy_with_ci(c, _full_strata(labels), combine=combine, n_boot=n_boot, seed=boot_seed)
+        keys = [*BUCKETS, "mean"]
+        out[dom] = {k: r["value"].get(k) for k in keys}
+        out["ci95"][dom] = {k: r["ci95"].get(k, [None, None]) for k in keys}
+        out["n"][dom] = {k: r["n"].get(k, 0) for k in keys}
+        per_seed[dom] = {k: r["seeds"].get(k, [None] * S) for k in keys}
+        if dom == "in_domain":
+            key = str(D34)
+            out["in_domain_d34"] = r["value"].get(key)
+            out["ci95"]["in_domain_d34"] = r["ci95"].get(key, [None, None])
+            out["n"]["in_domain_d34"] = r["n"].get(key, 0)
+            per_seed["in_domain_d34"] = r["seeds"].get(key, [None] * S)
+    names = list(seeds) if seeds is not None else list(range(S or 0))
+    if len(names) != (S or 0):
+        raise ValueError(f"{len(names)} seed names for {S} seeds")
+    out["seeds"] = []
+    for i, name in enumerate(names):
+        row: dict = {"seed": name}
+        for dom in correct:
+            row[dom] = {k: v[i] for k, v in per_seed[dom].items()}
+        if "in_domain_d34" in per_seed:
+            row["in_domain_d34"] = per_seed["in_domain_d34"][i]
+        out["seeds"].append(row)
+    return out
+
+
+def _full_strata(labels: Sequence[str]):
+    bad = sorted({b for b in labels if b not in BUCKETS})
+    if bad:
+        raise ValueError(f"unknown buckets {bad}; expected {BUCKETS}")
+    return labels
+
+
+def difference_finding(fid: str, claim: str, source: str, a: np.ndarray, b: np.ndarray, strata=None, *,
+                       combine="mean", a_name: str = "a", b_name: str = "b", metric: str = "",
+                       n_boot: int = N_BOOT, boot_seed: int = 0, pair_seeds: bool = True) -> dict:
+    """A finding whose effect is ``stat(a) - stat(b)`` over the same items (paired bootstrap).
+
+    Returns ``{"id", "claim", "source", "effect", "ci95", "verdict", "a", "b", "n", "metric", "why"}``.
+    """
+    r = difference_ci(a, b, strata, combine=combine, n_boot=n_boot, seed=boot_seed, pair_seeds=pair_seeds)
+    if r["effect"] is None:
+        return unmeasured_finding(fid, claim, source, f"no test items in {combine!r} for {a_name} or {b_name}")
+    return {"id": fid, "claim": claim, "source": source, "effect": r["effect"], "ci95": r["ci95"],
+            "verdict": verdict(r["ci95"]), "a": {"arm": a_name, "value": r["a"]},
+            "b": {"arm": b_name, "value": r["b"]}, "n": r["n"], "seeds": [int(np.shape(a)[0]) if np.ndim(a) == 2
+                                                                           else 1, int(np.shape(b)[0])
+                                                                           if np.ndim(b) == 2 else 1],
+            "metric": metric, "why": None}
+
+
+def unmeasured_finding(fid: str, claim: str, source: str, why: str) -> dict:
+    """A finding that could not be measured: ``inconclusive``, with the reason."""
+    return {"id": fid, "claim": claim, "source": source, "effect": None, "ci95": [None, None],
+            "verdict": "inconclusive", "a": None, "b": None, "n": 0, "seeds": None, "metric": "", "why": why}

@@ -1,0 +1,505 @@
+"""The demo's results: per-arm accuracies with intervals, the findings with verdicts, plots and report.md.
+
+Every accuracy is the mean over seeds of the per-seed accuracy, with a 95 % bootstrap
+interval over test facts and seeds (:mod:`rankwise.analysis.stats`) and the number of
+test facts; every finding is a paired difference between two arms tested on the same
+facts (:mod:`rankwise.analysis.findings`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..analysis.findings import BUCKETS, difference_finding, summarize_arm, unmeasured_finding
+
+DOMAINS = ("in_domain", "out_of_domain")
+KNOWLEDGE = "Ye et al. 2025, SFT and model knowledge (arXiv 2509.16596)"
+RANKS = "Rathore et al. 2025, LoRA rank trade-offs (arXiv 2512.15634); Biderman et al. 2024 (arXiv 2405.09673)"
+INTRUDERS = "Shuttleworth et al. 2024, LoRA vs full fine-tuning: an illusion of equivalence (arXiv 2410.21228)"
+
+
+def _matrices(evals: list, domains=DOMAINS) -> dict:
+    return {d: np.asarray([e[d]["correct"] for e in evals], dtype=np.float64) for d in domains}
+
+
+def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders, settings, pretrain, scale,
+                  together, skipped=None) -> dict:
+    """The results dict (``results.json``) from the per-fact results of every arm and seed."""
+    from ..world.mastery import bucket_counts
+
+    s = settings
+    seeds = list(s["seeds"])
+    buckets = {d: [r["bucket"] for r in tests[d]] for d in DOMAINS}
+    boot = {"n_boot": s["n_boot"], "boot_seed": s["seed"]}
+
+    base = {"name": "base", "method": "none", "rank": None, "train_size": 0, "data": None,
+            "label": "base model (no fine-tuning)", "train_loss": None, "train_seconds": None,
+            "trained_together": None}
+    base.update(summarize_arm(_matrices([base_eval]), buckets, seeds=["base"], **boot))
+    out_arms = [base]
+    C = {"base": _matrices([base_eval])}
+    for a in arms:
+        ev = [runs[(seed, a["name"])] for seed in seeds]
+        C[a["name"]] = _matrices([r["eval"] for r in ev])
+        row = {k: a[k] for k in ("name", "method", "rank", "train_size", "data", "train_buckets", "label")}
+        losses = [r.get("train_loss") for r in ev]
+        row["train_loss"] = float(np.mean(losses)) if all(v is not None for v in losses) else None
+        row["train_losses"] = losses
+        secs = [r.get("train_seconds") for r in ev]
+        row["train_seconds"] = round(float(sum(secs)), 2) if all(v is not None for v in secs) else None
+        row["trained_together"] = ev[0].get("trained_together")
+        row.update(summarize_arm(C[a["name"]], buckets, seeds=seeds, **boot))
+        out_arms.append(row)
+
+    full_big = next(a for a in arms if a["method"] == "full" and a["data"] == "large")
+    points = []
+    R = {}
+    if restoration and any(restoration.values()):
+        zero = next(r for r in out_arms if r["name"] == full_big["name"])
+        points.append({"selection": "none", "fraction": 0.0,
+                       **{k: zero[k] for k in ("in_domain", "out_of_domain", "in_domain_d34", "ci95", "n", "seeds")}})
+        for sel in s["restore_selections"]:
+            for f in s["restore_fractions"]:
+                got = [restoration[seed][(sel, f)] for seed in seeds]
+                R[(sel, f)] = _matrices([g["eval"] for g in got])
+                p = {"selection": sel, "fraction": f}
+                p.update(summarize_arm(R[(sel, f)], buckets, seeds=seeds, **boot))
+                p["stats"] = got[0]["stats"]
+                p["stats_by_seed"] = [g["stats"] for g in got]
+                points.append(p)
+
+    findings = build_findings(C, R, buckets, intruders, s, skipped or {}, arms)
+    tuned = out_arms[1:]
+    best = max(tuned, key=lambda a: -1.0 if a["in_domain_d34"] is None else a["in_domain_d34"])
+    bd34 = best["in_domain_d34"] or 0.0
+    base_mean = base["in_domain"]["mean"] or 0.0
+    return {
+        "buckets": bucket_counts(facts),
+        "test_buckets": {"in_domain": bucket_counts(tests["in_domain"]),
+                         "out_of_domain": bucket_counts(tests["out_of_domain"])},
+        "train_buckets": bucket_counts(facts, split="train", domain="in"),
+        "findings": findings,
+        "arms": out_arms,
+        "restoration": {"of": full_big["name"], "select": "top", "selections": list(s["restore_selections"]),
+                        "score": "relative", "scope": "global", "points": points},
+        "summary": {"best_arm": best["name"], "best_d34": best["in_domain_d34"],
+                    "best_d34_ci95": best["ci95"]["in_domain_d34"], "best_d0": best["in_domain"]["D0"],
+                    "base_in_domain": base["in_domain"]["mean"], "base_in_domain_ci95": base["ci95"]["in_domain"]["mean"],
+                    "base_d34": base["in_domain_d34"],
+                    "criterion_base_le_15": bool(base_mean <= 0.15),
+                    "criterion_best_d34_ge_60": bool(bd34 >= 0.6),
+                    "criterion_d34_ge_50": bool(bd34 >= 0.5),
+                    "all_buckets_nonempty": all(v > 0 for v in bucket_counts(facts).values()),
+                    "verdicts": {f["id"]: f["verdict"] for f in findings}},
+        "seeds": seeds,
+        "settings": {"demo": s, "scale": scale, "world": pretrain["settings"], "base_dir": str(pretrain["base_dir"]),
+                     "base_cached": pretrain["cached"]},
+        "together": together,
+        "skipped_arms": dict(skipped or {}),
+    }
+
+
+def build_findings(C: dict, R: dict, buckets: dict, intruders, s: dict, skipped: dict | None = None,
+                   arms: list | None = None) -> list:
+    """The findings, in the order of the issue; each with ``id``, ``claim``, ``source``, ``effect``,
+    ``ci95`` and ``verdict``. ``C``: ``{arm: {domain: (S, F)}}``; ``R``: ``{(selection, fraction): ...}``."""
+    f = s["large_factor"]
+    rl = s["large_lora_rank"]
+    known, unknown = "".join(s["known_buckets"]), "".join(s["unknown_buckets"])
+    frac = s["finding_fraction"]
+    pct = f"{100 * frac:g} %"
+    boot = {"n_boot": s["n_boot"], "boot_seed": s["seed"]}
+    mean_in = "in-domain accuracy (unweighted mean over the mastery buckets)"
+    mean_out = "out-of-domain accuracy (unweighted mean over the mastery buckets)"
+
+    def diff(fid, claim, source, a, b, dom="in_domain", metric=mean_in, table=C):
+        if a not in table or b not in table:
+            missing = a if a not in table else b
+            why = (skipped or {}).get(missing, "not run with these settings")
+            return unmeasured_finding(fid, claim, source, f"no arm {missing!r}: {why}")
+        name = (lambda k: k if isinstance(k, str) else f"restore-{k[0]}-{100 * k[1]:g}%")
+        return difference_finding(fid, claim, source, table[a][dom], table[b][dom], buckets[dom], combine="mean",
+                                  a_name=name(a), b_name=name(b), metric=metric, **boot)
+
+    R0 = dict(R)
+    if R:
+        R0["unrestored"] = C.get(f"full-x{f}")
+    out = [
+        diff("data_size", f"Full SFT on the small set gives higher in-domain accuracy than on the {f}x larger set.",
+             KNOWLEDGE, "full", f"full-x{f}"),
+        diff("data_size_lora", f"LoRA (r = {rl}) on the small set gives higher in-domain accuracy than on the {f}x "
+             "larger set.", KNOWLEDGE, f"lora-r{rl}", f"lora-r{rl}-x{f}"),
+        diff("mastery", f"Full SFT on well-known facts ({known}) gives higher in-domain accuracy than on unknown "
+             f"facts ({unknown}) of the same number.", KNOWLEDGE, f"full-{known}", f"full-{unknown}"),
+    ]
+    top, rnd, bot = ("top", frac), ("random", frac), ("bottom", frac)
+    if R and top in R and R0.get("unrestored") is not None:
+        out.append(diff("restore_top", f"Restoring the top {pct} of relative updates of the {f}x full-SFT model "
+                        "raises its in-domain accuracy.", KNOWLEDGE, top, "unrestored", table=R0))
+        out.append(diff("restore_vs_random", f"Restoring the top {pct} of relative updates beats restoring a random "
+                        f"{pct}.", KNOWLEDGE, top, rnd, table=R0))
+        out.append(diff("restore_vs_bottom", f"Restoring the top {pct} of relative updates beats restoring the "
+                        f"bottom {pct}.", KNOWLEDGE, top, bot, table=R0))
+    else:
+        why = f"no restoration at {pct} was run (restore_fractions, restore_selections)"
+        for fid, claim in (("restore_top", "Restoring the top updates raises in-domain accuracy."),
+                           ("restore_vs_random", "Restoring the top updates beats restoring random ones."),
+                           ("restore_vs_bottom", "Restoring the top updates beats restoring the bottom ones.")):
+            out.append(unmeasured_finding(fid, claim, KNOWLEDGE, why))
+    out.append(diff("lora_forgets_less", f"LoRA (r = {rl}) keeps more out-of-domain accuracy than full SFT on the "
+                    "same (small) data.", RANKS, f"lora-r{rl}", "full", dom="out_of_domain", metric=mean_out))
+    out.append(diff("lora_forgets_less_large", f"LoRA (r = {rl}) keeps more out-of-domain accuracy than full SFT on "
+                    f"the same {f}x larger data.", RANKS, f"lora-r{rl}-x{f}", f"full-x{f}", dom="out_of_domain",
+                    metric=mean_out))
+    out.append(_intruder_finding(intruders, s, boot))
+    return out
+
+
+def _intruder_finding(intruders, s: dict, boot: dict) -> dict:
+    rl = s["large_lora_rank"]
+    claim = f"LoRA (r = {rl}) updates carry more intruder dimensions than full SFT's (same small data)."
+    lora, full = f"lora-r{rl}", "full"
+    if not intruders:
+        why = "the analysis stage is off (analysis: false)" if not s["analysis"] else \
+            f"LoRA rank {rl} is not among the small-set ranks {s['ranks']}"
+        return unmeasured_finding("intruders", claim, INTRUDERS, why)
+    seeds = list(intruders)
+    names = None
+    for seed in seeds:
+        got = intruders[seed]
+        if lora not in got or full not in got:
+            return unmeasured_finding("intruders", claim, INTRUDERS, f"seed {seed} has no intruder counts")
+        common = set(got[lora]) & set(got[full])
+        names = common if names is None else names & common
+    names = sorted(names or [])
+    if not names:
+        return unmeasured_finding("intruders", claim, INTRUDERS, "the LoRA and full-SFT runs share no matrix")
+    a = np.asarray([[intruders[seed][lora][n] for n in names] for seed in seeds], dtype=np.float64)
+    b = np.asarray([[intruders[seed][full][n] for n in names] for seed in seeds], dtype=np.float64)
+    return difference_finding("intruders", claim, INTRUDERS, a, b, None, combine="mean", a_name=lora, b_name=full,
+                              metric="intruder dimensions per weight matrix (top-10 left singular vectors of "
+                              "W_tuned with max |cos| < 0.5 to W_base's; bootstrap over matrices and seeds)", **boot)
+
+
+# ----------------------------------------------------------------------------- text
+
+def _pct(v) -> str:
+    return "–" if v is None or v != v else f"{100 * v:.1f}"
+
+
+def _ci(ci) -> str:
+    if not ci or ci[0] is None:
+        return "–"
+    return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def _cell(value, ci) -> str:
+    return "–" if value is None else f"{_pct(value)} {_ci(ci)}"
+
+
+def _num(v, digits=3) -> str:
+    return "–" if v is None else f"{v:+.{digits}f}"
+
+
+def headline(results: dict) -> str:
+    """One line: the base arm, the best arm with intervals, and the verdicts."""
+    sm = results["summary"]
+    v = sm.get("verdicts", {})
+    tally = ", ".join(f"{k} {sum(1 for x in v.values() if x == k)}" for k in ("reproduced", "contradicted",
+                                                                             "inconclusive"))
+    return (f"base in-domain {_pct(sm['base_in_domain'])}%; best arm {sm['best_arm']}: in-domain D3+D4 "
+            f"{_pct(sm['best_d34'])}% {_ci(sm['best_d34_ci95'])}, D0 {_pct(sm['best_d0'])}%; findings: {tally}")
+
+
+def _findings_table(results: dict) -> list:
+    L = ["## Findings", "",
+         "Each finding compares two arms on the same test facts. `effect` is defined so that a positive value "
+         "means \"as the claim says\" (accuracies as fractions, e.g. +0.050 = 5 points); its 95 % interval is a "
+         "paired bootstrap over test facts and seeds. Verdict: **reproduced** when the whole interval is above "
+         "0, **contradicted** when it is below 0, **inconclusive** otherwise.", "",
+         "| id | claim | effect | 95 % CI | verdict | arms (a − b) | source |", "|---|---|---|---|---|---|---|"]
+    for f in results["findings"]:
+        ci = f["ci95"]
+        ci_s = "–" if ci[0] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        arms = f"{f['a']['arm']} − {f['b']['arm']}" if f.get("a") else f"not measured: {f['why']}"
+        L.append(f"| `{f['id']}` | {f['claim']} | {_num(f['effect'])} | {ci_s} | **{f['verdict']}** | {arms} | "
+                 f"{f['source']} |")
+    L.append("")
+    return L
+
+
+def write_report(out: Path, results: dict, analysis_md: str | None = None) -> None:
+    """Plots and ``report.md`` (the findings first)."""
+    from ..atomic import atomic_write_text
+
+    files = plots(out, results)
+    results["plots"] = files
+    s = results["settings"]
+    d = s["demo"]
+    w = s["world"]
+    sm = results["summary"]
+    nseeds = len(results["seeds"])
+    L = ["# rankwise demo: the knowledge study on the embedded synthetic world", ""]
+    L += _findings_table(results)
+    L += [f"![findings]({files['findings']})", ""]
+    L += ["## Headline", "",
+          f"- Base model, before fine-tuning, in the fine-tuning QA format: in-domain "
+          f"{_cell(sm['base_in_domain'], sm['base_in_domain_ci95'])} % (D3+D4 {_pct(sm['base_d34'])} %); "
+          f"criterion <= 15 %: {'met' if sm['criterion_base_le_15'] else 'NOT met'}.",
+          f"- Best arm **{sm['best_arm']}**: in-domain D3+D4 {_cell(sm['best_d34'], sm['best_d34_ci95'])} %, "
+          f"D0 {_pct(sm['best_d0'])} %; criterion D3+D4 >= 60 %: "
+          f"{'met' if sm['criterion_best_d34_ge_60'] else 'NOT met'}; all five buckets non-empty: "
+          f"{'yes' if sm['all_buckets_nonempty'] else 'NO'}.",
+          f"- Every accuracy below is the mean over {nseeds} seed(s) (each seed draws the fine-tuning sample, "
+          "its order and the adapter init) in %, followed by its 95 % interval [lo, hi] (bootstrap over test facts "
+          "and seeds); `n` is the number of test facts.", ""]
+    B = list(BUCKETS)
+    L += ["## Mastery buckets", "",
+          "R = share of (completion probes x samples at temperature "
+          f"{d['mastery_temperature']}) whose output contains the answer; "
+          f"{d['mastery_samples']} samples per probe, {d['max_new_tokens']} new tokens.", "",
+          "| | " + " | ".join(B) + " |", "|---|" + "---|" * len(B),
+          "| all study facts | " + " | ".join(str(results["buckets"][b]) for b in B) + " |",
+          "| train pool (in-domain) | " + " | ".join(str(results["train_buckets"][b]) for b in B) + " |",
+          "| test, in-domain (n) | " + " | ".join(str(results["test_buckets"]["in_domain"][b]) for b in B) + " |",
+          "| test, out-of-domain (n) | " + " | ".join(str(results["test_buckets"]["out_of_domain"][b]) for b in B)
+          + " |", ""]
+    for dom, title in (("in_domain", "In-domain (held-out facts of the location relations)"),
+                       ("out_of_domain", "Out-of-domain (the other relations)")):
+        n = results["test_buckets"][dom]
+        extra = " | D3+D4" if dom == "in_domain" else ""
+        L += [f"## {title}: accuracy (%) by mastery bucket", "",
+              "| arm | train facts | " + " | ".join(f"{b} (n={n[b]})" for b in B) + f" | mean{extra} |",
+              "|---" * (3 + len(B) + (1 if extra else 0)) + "|"]
+        for a in results["arms"]:
+            cells = [_cell(a[dom][b], a["ci95"][dom][b]) for b in B]
+            row = f"| {a['name']} | {a['train_size'] or '–'} | " + " | ".join(cells) + \
+                f" | {_cell(a[dom]['mean'], a['ci95'][dom]['mean'])}"
+            if extra:
+                row += f" | {_cell(a['in_domain_d34'], a['ci95']['in_domain_d34'])}"
+            L.append(row + " |")
+        L.append("")
+    L += ["## Per seed", "", "In-domain mean and D3+D4, out-of-domain mean (%), one column per seed.", "",
+          "| arm | " + " | ".join(f"seed {x}" for x in results["seeds"]) + " |",
+          "|---" * (1 + nseeds) + "|"]
+    for a in results["arms"][1:]:
+        L.append(f"| {a['name']} | " + " | ".join(
+            f"{_pct(r['in_domain']['mean'])} / {_pct(r['in_domain_d34'])} / {_pct(r['out_of_domain']['mean'])}"
+            for r in a["seeds"]) + " |")
+    L.append("")
+    L += [f"![accuracy vs rank]({files['rank']})", "", f"![accuracy vs data size]({files['data_size']})", "",
+          f"![accuracy by training bucket]({files['mastery']})", ""]
+    r = results["restoration"]
+    L += ["## Restoring updates of the large full-SFT model", ""]
+    if r["points"]:
+        L += [f"Model: {r['of']} (each seed's). r_i = |tuned - base| / (|base| + 1e-8) over the decoder-layer "
+              "weights (`layers`, no norms), one global ranking; the top, bottom or a random k% are set back to the "
+              "base values (random: drawn with the seed).", "",
+              "| selection | restored % | in mean | in D3+D4 | in D0 | out mean |", "|---" * 6 + "|"]
+        for p in r["points"]:
+            L.append(f"| {p['selection']} | {100 * p['fraction']:g} | "
+                     f"{_cell(p['in_domain']['mean'], p['ci95']['in_domain']['mean'])} | "
+                     f"{_cell(p['in_domain_d34'], p['ci95']['in_domain_d34'])} | "
+                     f"{_cell(p['in_domain']['D0'], p['ci95']['in_domain']['D0'])} | "
+                     f"{_cell(p['out_of_domain']['mean'], p['ci95']['out_of_domain']['mean'])} |")
+        L += ["", f"![accuracy vs restored fraction]({files['restoration']})", ""]
+    else:
+        L += ["No restoration fractions were asked for.", ""]
+    L += ["## Settings", "",
+          f"- world ({s['scale']} preset): {json.dumps(w['world'])}",
+          f"- base model: {json.dumps(w['model'])}; pretraining: {json.dumps(w['train'])}",
+          f"- base directory: `{s['base_dir']}` ({'cached' if s['base_cached'] else 'pretrained in this run'})",
+          "- the regime: each seen person appears in several biographies (templates and sentence order drawn at "
+          "random, each fact kept with probability `fact_keep`); question-answer text about the *anchor* people "
+          "covers only the out-of-domain relations, so questions about the in-domain (location) relations never "
+          "appear in pretraining: the base model stores those facts (mastery is measured with completion probes) "
+          "but has to be taught by fine-tuning to answer them; the *study* people (mastery, fine-tuning and test "
+          "sets) never appear in QA text",
+          f"- fine-tuning, for each of the seeds {results['seeds']}: {d['small_size']} in-domain facts of the train "
+          f"people (bucket: {d['train_bucket']}) and the {d['large_factor']}x larger set that contains them; "
+          f"{d['small_size']} facts of buckets {'+'.join(d['known_buckets'])} and of {'+'.join(d['unknown_buckets'])}; "
+          f"{d['epochs']} epochs, batch {d['batch_size']}, cosine, LoRA lr {d['lora_lr']} (alpha = "
+          f"{d['lora_alpha_per_rank']:g} r, all linear layers of the blocks), full SFT lr {d['full_lr']}",
+          *[f"- seed {g['seed']}: LoRA arms {', '.join(g['arms'])} trained together (`rankwise.together`: one base "
+            f"model, one pass per step, each arm its solo run's result); this run trained "
+            f"{', '.join(g['trained']) if g['trained'] else 'none of them (all cached)'} in {g['seconds']} s"
+            for g in results.get("together", [])],
+          f"- evaluation: greedy, {d['max_new_tokens']} new tokens, correct when the answer is contained in the "
+          "output; mean = unweighted mean over the non-empty buckets; intervals: percentile bootstrap, "
+          f"{d['n_boot']} draws, facts resampled within their bucket, seeds resampled, paired across arms",
+          ""]
+    L += _times(results)
+    if analysis_md:
+        L += [analysis_md.rstrip(), ""]
+    atomic_write_text(out / "report.md", "\n".join(L))
+
+
+def _times(results: dict) -> list:
+    st = {k: v for k, v in results["stage_seconds"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    total = results["seconds"] or sum(st.values()) or 1.0
+    L = ["## Where the time went", "",
+         f"Stages summed over the {len(results['seeds'])} seeds; the base model was "
+         f"{'taken from the cache' if results['settings']['base_cached'] else 'pretrained in this run'}.", "",
+         "| stage | seconds | share |", "|---|---|---|"]
+    for k, v in sorted(st.items(), key=lambda kv: -kv[1]):
+        L.append(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |")
+    L += [f"| total | {total:.1f} | |", ""]
+    return L
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _err(value, ci):
+    if value is None or not ci or ci[0] is None:
+        return float("nan"), [[0.0], [0.0]]
+    return value, [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
+
+
+def _errorbar(ax, xs, pts, **kw):
+    """Points ``pts = [(value, ci), ...]`` at ``xs`` with their intervals as error bars."""
+    ys, lo, hi = [], [], []
+    for v, ci in pts:
+        y, e = _err(v, ci)
+        ys.append(y)
+        lo.append(e[0][0])
+        hi.append(e[1][0])
+    ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, marker="o", **kw)
+
+
+def plots(out: Path, results: dict) -> dict:
+    """The PNG plots; returns ``{kind: file name}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    d = results["settings"]["demo"]
+    small = d["small_size"]
+    arms = results["arms"]
+    by = {a["name"]: a for a in arms}
+    base = by["base"]
+    nseeds = len(results["seeds"])
+
+    # 1. accuracy vs rank on the small set (LoRA ranks, then full SFT)
+    sweep = [a for a in arms if a.get("data") == "small"]
+    labels = [f"r={a['rank']}" if a["method"] == "lora" else "full SFT" for a in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    xs = np.arange(len(sweep))
+    for ax, dom, title in zip(axes, DOMAINS, ("in-domain", "out-of-domain")):
+        series = [("mean", lambda a: (a[dom]["mean"], a["ci95"][dom]["mean"]), "-")]
+        if dom == "in_domain":
+            series += [("D3+D4", lambda a: (a["in_domain_d34"], a["ci95"]["in_domain_d34"]), "--"),
+                       ("D0", lambda a: (a["in_domain"]["D0"], a["ci95"]["in_domain"]["D0"]), ":")]
+        for i, (name, get, ls) in enumerate(series):
+            _errorbar(ax, xs + 0.06 * (i - 1), [get(a) for a in sweep], ls=ls, label=f"{name}, {small} facts")
+        ax.axhline(base[dom]["mean"] or 0.0, color="grey", ls=":", lw=1.5, label="base model, mean")
+        ax.set_xticks(xs, labels)
+        ax.set_title(f"{title} accuracy vs rank ({small} training facts, {nseeds} seeds)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean over seeds, 95 % CI)")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    files["rank"] = "accuracy_vs_rank.png"
+    fig.savefig(out / files["rank"], dpi=110)
+    plt.close(fig)
+
+    # 2. accuracy vs data size (LoRA at the large-set rank, full SFT)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rl = d["large_lora_rank"]
+    for method, label in (("lora", f"LoRA r={rl}"), ("full", "full SFT")):
+        group = sorted((a for a in arms if a.get("data") in ("small", "large") and a["method"] == method
+                        and (method == "full" or a["rank"] == rl)), key=lambda a: a["train_size"])
+        if len(group) < 2:
+            continue
+        for dom, ls in (("in_domain", "-"), ("out_of_domain", "--")):
+            _errorbar(ax, [a["train_size"] for a in group], [(a[dom]["mean"], a["ci95"][dom]["mean"]) for a in group],
+                      ls=ls, label=f"{label}, {dom.replace('_', '-')}")
+    ax.set_xscale("log", base=2)
+    sizes = sorted({a["train_size"] for a in arms if a.get("data") in ("small", "large")})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("fine-tuning set size (facts)")
+    ax.set_ylabel("mean accuracy over buckets (95 % CI)")
+    ax.set_title(f"accuracy vs data size ({nseeds} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["data_size"] = "accuracy_vs_data_size.png"
+    fig.savefig(out / files["data_size"], dpi=110)
+    plt.close(fig)
+
+    # 3. full SFT on the natural mix, the known and the unknown facts (same size)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    group = [a for a in arms if a["method"] == "full" and a.get("data") in ("small", "known", "unknown")]
+    xs = np.arange(len(group))
+    for i, (name, get) in enumerate((("in-domain mean", lambda a: (a["in_domain"]["mean"],
+                                                                     a["ci95"]["in_domain"]["mean"])),
+                                     ("in-domain D3+D4", lambda a: (a["in_domain_d34"], a["ci95"]["in_domain_d34"])),
+                                     ("out-of-domain mean", lambda a: (a["out_of_domain"]["mean"],
+                                                                       a["ci95"]["out_of_domain"]["mean"])))):
+        _errorbar(ax, xs + 0.08 * (i - 1), [get(a) for a in group], ls="none", label=name)
+    ax.set_xticks(xs, [f"{a['train_buckets']}\n({a['train_size']} facts)" for a in group])
+    ax.set_xlabel("buckets of the fine-tuning facts (full SFT)")
+    ax.set_ylabel("accuracy (95 % CI)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"what the fine-tuning facts are ({nseeds} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["mastery"] = "accuracy_by_train_bucket.png"
+    fig.savefig(out / files["mastery"], dpi=110)
+    plt.close(fig)
+
+    # 4. restoration: top / bottom / random vs fraction
+    pts = results["restoration"]["points"]
+    if pts:
+        zero = next(p for p in pts if p["selection"] == "none")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, dom, title in zip(axes, DOMAINS, ("in-domain", "out-of-domain")):
+            for i, sel in enumerate(results["restoration"]["selections"]):
+                ps = [p for p in pts if p["selection"] == sel]
+                _errorbar(ax, [100 * p["fraction"] * (1 + 0.04 * (i - 1)) for p in ps],
+                          [(p[dom]["mean"], p["ci95"][dom]["mean"]) for p in ps], label=f"{sel} k%")
+            v, ci = zero[dom]["mean"], zero["ci95"][dom]["mean"]
+            ax.axhline(v or 0.0, color="grey", ls=":", label=f"{results['restoration']['of']}, unrestored")
+            if ci and ci[0] is not None:
+                ax.axhspan(ci[0], ci[1], color="grey", alpha=0.15)
+            xs = sorted({100 * p["fraction"] for p in pts if p["fraction"] > 0})
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
+            ax.set_xlabel("updates restored to the base (%)")
+            ax.set_title(f"{title}: restoring {results['restoration']['of']} ({nseeds} seeds)")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("mean accuracy over buckets (95 % CI)")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        files["restoration"] = "accuracy_vs_restored_fraction.png"
+        fig.savefig(out / files["restoration"], dpi=110)
+        plt.close(fig)
+
+    # 5. the findings: effects with their intervals
+    fs = [f for f in results["findings"] if f["effect"] is not None and f["id"] != "intruders"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(3, len(fs)) + 1.2))
+    ys = np.arange(len(fs))[::-1]
+    colors = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:grey"}
+    for y, f in zip(ys, fs):
+        lo, hi = f["ci95"]
+        ax.errorbar([f["effect"]], [y], xerr=[[f["effect"] - lo], [hi - f["effect"]]], fmt="o", capsize=3,
+                    color=colors[f["verdict"]])
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(ys, [f"{f['id']} ({f['verdict']})" for f in fs])
+    ax.set_xlabel("effect (accuracy difference; > 0: as the claim says), 95 % CI")
+    ax.set_title(f"findings ({nseeds} seeds; intruders in the table)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    files["findings"] = "findings.png"
+    fig.savefig(out / files["findings"], dpi=110)
+    plt.close(fig)
+    return files

@@ -1,0 +1,595 @@
+"""The demo's stages, each cached so an interrupted demo continues where it stopped.
+
+1. build the world and pretrain its base model (cached under ``~/.cache/rankwise``). The
+   anchors' question-answer text covers only the out-of-domain relations, so the base
+   model stores the in-domain facts but was never shown questions about them;
+2. measure the mastery ``R`` of every study fact and put it in a bucket D0..D4;
+3. for every seed, draw the fine-tuning sets from the train people's in-domain facts: a
+   small set and an 8x larger one (the small set is its prefix), and two small sets of
+   well-known (D3+D4) and unknown (D0) facts; the test sets are every in-domain and
+   out-of-domain fact of the test people, the same for every seed;
+4. fine-tune every arm once per seed (the seed draws the sample, the order and the
+   adapter init): LoRA at several ranks and full SFT on the small set (the LoRA arms in
+   one together run, :func:`rankwise.together.train_together`), full SFT on the known and
+   unknown sets, LoRA and full SFT on the large set;
+5. evaluate the base model and every arm on every test fact (greedy, answer contained in
+   the output), keeping the per-fact results;
+6. restore the top, bottom and random k% relative updates of each seed's large full-SFT
+   model (:func:`rankwise.masking.restore`) and evaluate each;
+7. analyse the updates (:func:`rankwise.analysis.analyze_runs`): every arm of the first
+   seed for the report's analysis section, and the intruder dimensions of the compared
+   LoRA and full-SFT arms of every seed for the ``intruders`` finding;
+8. :mod:`rankwise.demo.report`: means over seeds with bootstrap intervals, the findings
+   with verdicts, plots, ``report.md`` and ``results.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+# The demo's settings (cpu scale). Every number in the report comes from these and the world preset.
+DEMO = {
+    "seeds": [0, 1, 2],
+    "ranks": [1, 4, 16],
+    "small_size": 24,
+    "large_factor": 8,
+    "train_bucket": "all",
+    "known_buckets": ["D3", "D4"],
+    "unknown_buckets": ["D0"],
+    "lora_alpha_per_rank": 2.0,  # alpha = 2 r
+    "lora_lr": 3.0e-3,
+    "full_lr": 3.0e-4,
+    "epochs": 10,
+    "batch_size": 8,
+    "large_lora_rank": 16,
+    "restore_fractions": [0.01, 0.05, 0.2, 0.6],
+    "restore_selections": ["top", "bottom", "random"],
+    "finding_fraction": 0.2,
+    "mastery_samples": 4,
+    "mastery_temperature": 0.7,
+    "max_new_tokens": 3,
+    "analysis": True,  # run rankwise.analysis over the arms and append its section (spectra, probes)
+    "seed": 0,  # mastery sampling and the bootstrap
+    "n_boot": 2000,
+}
+
+# Per scale, what differs from DEMO. "gpu" runs the knowledge study's sizes (240 and 1,920
+# fine-tuning facts) on the gpu world preset; it is meant for one GPU, not for this CPU.
+SCALE_SETTINGS = {
+    "cpu": {},
+    "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 4, 16, 64], "mastery_samples": 10, "max_new_tokens": 4,
+            "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16},
+}
+
+
+def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
+    """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused)."""
+    from ..errors import ConfigError
+
+    if scale not in SCALE_SETTINGS:
+        raise ConfigError(f"scale must be one of {', '.join(SCALE_SETTINGS)}, got {scale!r}")
+    unknown = set(overrides or {}) - set(DEMO)
+    if unknown:
+        raise ConfigError(f"unknown demo settings: {sorted(unknown)}")
+    s = copy.deepcopy(DEMO)
+    s.update(copy.deepcopy(SCALE_SETTINGS[scale]))
+    s.update(copy.deepcopy(overrides or {}))
+    seeds = s["seeds"]
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+        raise ConfigError(f"demo setting seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
+    bad = [x for x in s["restore_selections"] if x not in ("top", "bottom", "random")]
+    if bad:
+        raise ConfigError(f"restore_selections must be among top, bottom, random; got {bad}")
+    return s
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``rankwise demo``."""
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"],
+                        help="world, model and protocol preset: cpu (minutes on 2 cores) or gpu (the studies' "
+                        "sizes: 240 vs 1,920 fine-tuning facts, a larger world and model; for one GPU)")
+    parser.add_argument("--fresh", action="store_true", help="discard this output directory's cached stages "
+                        "(the pretrained base stays cached; only a stage directory rankwise made is deleted)")
+    parser.add_argument("--force", action="store_true",
+                        help="use --out even if it is a non-empty directory rankwise did not make")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on a CPU-only machine: half the cores, at least 1: "
+                        "a busy machine slows oversubscribed threads down many times over)")
+
+
+def main(args) -> int:
+    """Run the demo; returns 0."""
+    from ..errors import ConfigError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    res = run_demo(args.out, scale=args.scale, fresh=args.fresh, force=args.force)
+    from .report import headline
+
+    print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); {headline(res)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _write_json(path, obj) -> None:
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the cached stage counts as missing or stale
+
+
+def _read_jsonl(path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path, rows) -> None:
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_size: int = 256) -> dict:
+    """Greedy closed-book QA on each test set: ``{set: {"correct": [0/1 per row], "accuracy": by bucket}}``."""
+    from ..evaluate import generate_answers, is_correct
+    from ..world.mastery import accuracy_by_bucket
+
+    out = {}
+    for name, rows in sets.items():
+        outs = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+        correct = [int(bool(is_correct(o[0], r["answers"]))) for o, r in zip(outs, rows)]
+        out[name] = {"correct": correct, "accuracy": accuracy_by_bucket(rows, correct)}
+    return out
+
+
+def _device() -> torch.device:
+    from ..model import resolve_device
+
+    return resolve_device("auto")
+
+
+def _load_base(base_dir):
+    from ..model import load_model, load_tokenizer
+
+    return load_model(str(base_dir), dtype="fp32", device=_device()), load_tokenizer(str(base_dir))
+
+
+def arm_model(arm: dict, base_dir):
+    """The fine-tuned model of an arm: LoRA merged into the base, or the saved full model."""
+    from ..adapter import merge_adapter
+    from ..model import load_model
+
+    run = Path(arm["output_dir"])
+    if arm["method"] == "lora":
+        model, _ = _load_base(base_dir)
+        return merge_adapter(model, str(run / "adapter"))
+    return load_model(str(run / "model"), dtype="fp32", device=_device())
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def plan_arms(settings: dict, work: Path | None = None) -> list:
+    """The fine-tuning arms (without seeds): the rank sweep and full SFT on the small set, full SFT on
+    the known and unknown sets, then LoRA and full SFT on the large set."""
+    s = settings
+    n, f = s["small_size"], s["large_factor"]
+    big = n * f
+    rl = s["large_lora_rank"]
+    known = "".join(s["known_buckets"])
+    unknown = "".join(s["unknown_buckets"])
+    arms = [{"name": f"lora-r{r}", "method": "lora", "rank": r, "data": "small", "train_size": n}
+            for r in s["ranks"]]
+    arms.append({"name": "full", "method": "full", "rank": None, "data": "small", "train_size": n})
+    arms.append({"name": f"full-{known}", "method": "full", "rank": None, "data": "known", "train_size": n})
+    arms.append({"name": f"full-{unknown}", "method": "full", "rank": None, "data": "unknown", "train_size": n})
+    arms.append({"name": f"lora-r{rl}-x{f}", "method": "lora", "rank": rl, "data": "large", "train_size": big})
+    arms.append({"name": f"full-x{f}", "method": "full", "rank": None, "data": "large", "train_size": big})
+    buckets = {"small": s["train_bucket"], "large": s["train_bucket"], "known": "+".join(s["known_buckets"]),
+               "unknown": "+".join(s["unknown_buckets"])}
+    for a in arms:
+        a["train_buckets"] = buckets[a["data"]] if isinstance(buckets[a["data"]], str) else \
+            "+".join(buckets[a["data"]])
+        what = f"LoRA r={a['rank']}" if a["method"] == "lora" else "full SFT"
+        facts = f"{a['train_size']} facts" + ("" if a["data"] in ("small", "large") else f" ({a['train_buckets']})")
+        a["label"] = f"{what}, {facts}"
+    return arms
+
+
+def seed_arm(arm: dict, work: Path, seed: int) -> dict:
+    """``arm`` for one seed: its ``seed`` and ``output_dir`` (``work/arms/seed<N>/<name>``)."""
+    return {**arm, "seed": seed, "output_dir": str(Path(work) / "arms" / f"seed{seed}" / arm["name"])}
+
+
+def data_dir_of(work: Path, seed: int) -> Path:
+    return Path(work) / "data" / f"seed{seed}"
+
+
+def arm_config(arm: dict, base_dir, data_dir, settings: dict) -> dict:
+    """The ``rankwise.train`` config of one arm (its ``seed`` and ``output_dir`` set by :func:`seed_arm`)."""
+    lora = arm["method"] == "lora"
+    cfg = {
+        "model": str(base_dir),
+        "method": arm["method"],
+        "dtype": "fp32",
+        "data": {"train": str(Path(data_dir) / f"train-{arm['data']}.jsonl"), "format": "prompt_completion",
+                 "max_length": 64, "packing": False},
+        "train": {"epochs": float(settings["epochs"]), "batch_size": settings["batch_size"],
+                  "lr": settings["lora_lr"] if lora else settings["full_lr"], "schedule": "cosine",
+                  "warmup": 0.1, "seed": int(arm.get("seed", settings["seeds"][0])), "save_every": 0,
+                  "log_every": 5},
+        "eval": {"every": 0, "generate": False},
+        "log": {"progress": False},
+        "output_dir": str(arm["output_dir"]),
+    }
+    if lora:
+        cfg["lora"] = {"r": arm["rank"], "alpha": settings["lora_alpha_per_rank"] * arm["rank"]}
+    return cfg
+
+
+def together_group(arms: list) -> list:
+    """The LoRA arms of the small set: they differ only in rank and alpha, so they train together."""
+    g = [a for a in arms if a["method"] == "lora" and a["data"] == "small"]
+    return g if len(g) > 1 else []
+
+
+def train_group(group: list, base_dir, data_dir, settings: dict, ckpt_root: Path) -> tuple:
+    """Train the arms of ``group`` that need it in one together run; ``({arm name: summary}, names trained)``.
+
+    An arm with a ``summary.json`` (finished) or a solo checkpoint is left to
+    :func:`rankwise.train.train` (reused or resumed); with fewer than two arms left, or on a
+    GPU without bf16 (fp16 needs loss scaling), nothing trains here. The run checkpoints into
+    ``ckpt_root/<arms>`` and resumes from it when that checkpoint holds these arms with these settings.
+    """
+    from .. import together as TG
+    from .. import train as T
+    from ..errors import ConfigError
+
+    todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (T.SUMMARY, T.CHECKPOINT))]
+    if len(todo) < 2:
+        return {}, []
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return {}, []  # fp16 autocast needs loss scaling, which a together run does not do yet: solo runs
+    cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
+    ckpt = Path(ckpt_root) / "+".join(a["name"] for a in todo)
+    if ckpt.exists() and not TG.checkpoint_matches(ckpt, cfgs):
+        shutil.rmtree(ckpt)  # a checkpoint of other settings (work/ is rankwise's): start the group over
+    summaries = TG.train_together(cfgs, checkpoint_dir=str(ckpt), resume=True)
+    for a, summ in zip(todo, summaries):
+        if summ.get("status") == "failed":
+            raise ConfigError(f"demo arm {a['name']} (seed {a['seed']}) failed: {summ.get('reason')}")
+    return {a["name"]: summ for a, summ in zip(todo, summaries)}, [a["name"] for a in todo]
+
+
+def draw_sets(facts: list, s: dict, seed: int) -> tuple:
+    """The fine-tuning sets of one seed: ``({"small", "large", "known", "unknown"}: QA rows}, {name: why skipped})``.
+
+    The small and large sets are required (a world too small for them is a one-line error);
+    a known or unknown set whose bucket pool is smaller than ``small_size`` is skipped, with
+    the reason, and the arms and findings that need it report why they are missing.
+    """
+    from ..errors import ConfigError
+    from ..world import mastery as M
+
+    n = s["small_size"]
+    try:
+        large = M.draw_train_set(facts, n * s["large_factor"], bucket=s["train_bucket"], seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"the world is too small for the demo's fine-tuning sets: {e}") from None
+    sets, skipped = {"small": large[:n], "large": large}, {}
+    for name in ("known", "unknown"):
+        try:
+            sets[name] = M.draw_train_set(facts, n, bucket=list(s[f"{name}_buckets"]), seed=seed)
+        except ValueError as e:
+            skipped[name] = str(e)
+    return sets, skipped
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, settings: dict | None = None,
+             world_overrides: dict | None = None, cache_dir=None, progress: bool = True,
+             force: bool = False) -> dict:
+    """Run the whole study; returns the results dict (also written to ``out_dir/results.json``).
+
+    Args:
+        out_dir: output directory (report.md, results.json, plots, and the cached stages in ``work/``).
+        scale: world, model and protocol preset (``cpu`` or ``gpu``).
+        fresh: delete ``out_dir/work`` first (only if rankwise made it, or with ``force``).
+        settings: overrides of the scale's demo settings (:data:`DEMO`, :data:`SCALE_SETTINGS`).
+        world_overrides: ``{"world"|"model"|"train": {...}}`` overrides of the pretraining preset.
+        cache_dir: where the world and base live (default: the user cache keyed by the settings).
+        progress: show the stage progress bar.
+        force: use ``out_dir`` even if it is a non-empty directory rankwise did not make.
+
+    ``out_dir`` is rankwise's (marker kind ``demo``); it may not be, lie inside or contain
+    ``cache_dir``. Stale cached stages are deleted only from a ``work/`` rankwise made.
+    """
+    from tqdm.auto import tqdm
+
+    from ..errors import ConfigError
+    from ..ownership import MARKER, check_output, claim, owner
+    from ..world.pretrain import preset, settings_key
+    from . import report
+
+    _quiet_transformers()
+    s = settings_for(scale, settings)
+    out = Path(out_dir)
+    work = out / "work"
+    pre = preset(scale, world_overrides)
+    check_output(out, force=force, flag="--out", kinds=["demo"], inputs=[("world cache", cache_dir)])
+    key = {"demo": s, "scale": scale, "base_key": settings_key(pre)}
+    stamp = work / "settings.json"
+    if work.exists() and (fresh or _read_json(stamp) != json.loads(json.dumps(key))):
+        if owner(work) is None and not force:  # the cached stages are stale: delete them, if they are ours
+            raise ConfigError(f"{work} holds stages rankwise did not make (no {MARKER}); delete it yourself, "
+                              "pass --force, or choose another --out")
+        shutil.rmtree(work)
+    claim(out, "demo")
+    claim(work, "demo")
+    _write_json(stamp, key)
+
+    arms = plan_arms(s)
+    group = together_group(arms)
+    solo = [a for a in arms if a not in group]
+    seeds = list(s["seeds"])
+    per_seed = (1 if group else 0) + len(solo) + 2  # training stages, evaluation, restoration
+    total = 3 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
+    bar = tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True)
+    times: dict = {}
+    t_all = time.time()
+
+    def stage(name):
+        bar.set_description(f"demo: {name}")
+        return time.time()
+
+    def done(name, t0):
+        times[name] = round(times.get(name, 0.0) + time.time() - t0, 2)
+        bar.update(1)
+
+    try:
+        t0 = stage("pretrain")
+        pr = _pretrain(scale, cache_dir, world_overrides, progress)
+        base_dir = Path(pr["base_dir"])
+        done("pretrain", t0)
+        times["pretrain_cached"] = pr["cached"]
+
+        t0 = stage("mastery")
+        facts = _mastery(pr, base_dir, s, work)
+        done("mastery", t0)
+
+        t0 = stage("data")
+        tests, skipped = _data(facts, s, work, seeds)
+        done("data", t0)
+        skipped_arms = {a["name"]: f"its fine-tuning set was skipped: {skipped[a['data']]}" for a in arms
+                        if a["data"] in skipped}
+        if skipped_arms:
+            bar.total -= len(seeds) * len(skipped_arms)
+            arms = [a for a in arms if a["name"] not in skipped_arms]
+
+        base_model, tok = _load_base(base_dir)
+        bpath = work / "eval-base.json"
+        if _read_json(bpath) is None:
+            _write_json(bpath, evaluate_model(base_model, tok, tests, s["max_new_tokens"]))
+        base_eval = _read_json(bpath)
+        base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        del base_model
+
+        runs: dict = {}  # (seed, arm name) -> arm dict with summary and eval
+        together_runs, restoration = [], {}
+        for seed in seeds:
+            sarms = [seed_arm(a, work, seed) for a in arms]
+            data_dir = data_dir_of(work, seed)
+            # training: the small-set LoRA arms together, every other arm on its own
+            trained: dict = {}
+            if group:
+                t0 = stage(f"seed {seed}: train together")
+                sgroup = [a for a in sarms if a["name"] in {g["name"] for g in group}]
+                trained, names = train_group(sgroup, base_dir, data_dir, s, work / "together" / f"seed{seed}")
+                done("train together", t0)
+                together_runs.append({"seed": seed, "arms": [a["name"] for a in sgroup], "trained": names,
+                                      "seconds": round(time.time() - t0, 2)})
+            for a in sarms:
+                if a["name"] in trained:
+                    summ = trained[a["name"]]
+                else:
+                    t0 = stage(f"seed {seed}: train {a['name']}")
+                    from ..train import train
+
+                    summ = train(arm_config(a, base_dir, data_dir, s), resume=True)  # a finished arm: as is
+                    if a["name"] not in {g["name"] for g in group}:
+                        done(f"train {a['name']}", t0)
+                a["train_loss"] = summ.get("train_loss")
+                a["train_seconds"] = summ.get("runtime_s")
+                a["trained_together"] = "+".join(g["name"] for g in group) if a["name"] in \
+                    {g["name"] for g in group} else None
+            # evaluation of every arm on every test fact
+            t0 = stage(f"seed {seed}: eval")
+            for a in sarms:
+                epath = Path(a["output_dir"]) / "demo-eval.json"
+                if _read_json(epath) is None:
+                    model = arm_model(a, base_dir)
+                    _write_json(epath, evaluate_model(model, tok, tests, s["max_new_tokens"]))
+                    del model
+                a["eval"] = _read_json(epath)
+                runs[(seed, a["name"])] = a
+            done("eval", t0)
+            # restoration of this seed's large full-SFT model
+            t0 = stage(f"seed {seed}: restore")
+            full_big = next(a for a in sarms if a["method"] == "full" and a["data"] == "large")
+            restoration[seed] = _restore(full_big, base_dir, base_sd, tok, tests, s, work / "restore" / f"seed{seed}",
+                                         seed)
+            done("restore", t0)
+
+        analysis_md, intruders = None, None
+        if s["analysis"]:
+            t0 = stage("analysis")
+            analysis_md, intruders = _analysis(runs, arms, seeds, base_dir, tests, out, work, s)
+            done("analysis", t0)
+
+        t0 = stage("report")
+        results = report.build_results(facts=facts, tests=tests, arms=arms, runs=runs, base_eval=base_eval,
+                                       restoration=restoration, intruders=intruders, settings=s, pretrain=pr,
+                                       scale=scale, together=together_runs, skipped=skipped_arms)
+        times["report"] = 0.0
+        results["stage_seconds"] = times
+        results["seconds"] = round(time.time() - t_all, 1)
+        report.write_report(out, results, analysis_md)
+        done("report", t0)
+    finally:
+        bar.close()
+    results["stage_seconds"] = times
+    results["seconds"] = round(time.time() - t_all, 1)
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _pretrain(scale, cache_dir, world_overrides, progress) -> dict:
+    from ..world.pretrain import pretrain
+
+    return pretrain(scale, out_dir=cache_dir, overrides=world_overrides, progress=progress)
+
+
+def _mastery(pr: dict, base_dir, s: dict, work: Path) -> list:
+    """Every study fact with its mastery ``R`` and bucket (cached in ``work/mastery.jsonl``)."""
+    from ..world import mastery as M
+    from ..world.generate import load_world
+
+    mpath = work / "mastery.jsonl"
+    if mpath.exists():
+        return _read_jsonl(mpath)
+    world = load_world(pr["world_dir"])
+    model, tok = _load_base(base_dir)
+    scores = M.mastery_scores(model, tok, world["facts"], num_samples=s["mastery_samples"],
+                              temperature=s["mastery_temperature"], max_new_tokens=s["max_new_tokens"],
+                              seed=s["seed"], batch_size=512)
+    facts = M.assign_buckets(world["facts"], scores)
+    _write_jsonl(mpath, facts)
+    return facts
+
+
+def _data(facts: list, s: dict, work: Path, seeds: list) -> tuple:
+    """Write every seed's fine-tuning sets and the test sets; returns ``(test sets, {set: why skipped})``."""
+    from ..world import mastery as M
+
+    skipped: dict = {}
+    for seed in seeds:
+        d = data_dir_of(work, seed)
+        d.mkdir(parents=True, exist_ok=True)
+        sets, why = draw_sets(facts, s, seed)
+        skipped.update(why)
+        for name, rows in sets.items():
+            _write_jsonl(d / f"train-{name}.jsonl", rows)
+    _write_json(work / "data" / "skipped.json", skipped)
+    tests = M.test_sets(facts)
+    for k, rows in tests.items():
+        _write_jsonl(work / "data" / f"test-{k}.jsonl", rows)
+    return tests, skipped
+
+
+def _restore(full_big: dict, base_dir, base_sd: dict, tok, tests: dict, s: dict, rdir: Path, seed: int) -> dict:
+    """``{(selection, fraction): {"eval", "stats"}}`` for one seed's large full-SFT model (cached per point)."""
+    from ..masking import restore
+
+    points = {}
+    tuned = None
+    tuned_sd = None
+    for sel in s["restore_selections"]:
+        for f in s["restore_fractions"]:
+            rpath = rdir / f"{sel}-{f:g}.json"
+            got = _read_json(rpath)
+            if got is None:
+                if tuned is None:
+                    tuned = arm_model(full_big, base_dir)
+                    tuned_sd = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+                rdir.mkdir(parents=True, exist_ok=True)
+                restored, stats = restore(base_sd, tuned_sd, f, score="relative", select=sel, scope="global",
+                                          include=r"layers", exclude=r"norm", seed=seed)
+                tuned.load_state_dict(restored)
+                ev = evaluate_model(tuned, tok, tests, s["max_new_tokens"])
+                brief = {k: v for k, v in stats.items() if k != "tensors"}
+                got = {"selection": sel, "fraction": f, "eval": ev, "stats": _jsonable(brief)}
+                _write_json(rpath, got)
+            points[(sel, f)] = got
+    return points
+
+
+def _analysis(runs: dict, arms: list, seeds: list, base_dir, tests: dict, out: Path, work: Path, s: dict):
+    """The analysis section (every arm of the first seed) and the per-seed intruder counts of the
+    compared LoRA and full-SFT arms: ``(markdown, {seed: {arm name: {matrix: intruders}}})``."""
+    from ..analysis import analyze_runs, markdown_section
+
+    first = seeds[0]
+    adir = out / "analysis"
+    cached = work / "analysis.json"
+    analysis = _read_json(cached)
+    if analysis is None:
+        probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
+        analysis = analyze_runs([runs[(first, a["name"])]["output_dir"] for a in arms], str(base_dir), probe,
+                                str(adir), device=_device(), progress=False)
+        _write_json(cached, analysis)
+    md = markdown_section(analysis, str(adir), relative_to=str(out))
+    names = intruder_arms(s)
+    intr = {first: _intruder_counts(analysis, names)}
+    for seed in seeds[1:]:
+        cpath = work / f"analysis-seed{seed}.json"
+        got = _read_json(cpath)
+        if got is None:
+            res = analyze_runs([runs[(seed, n)]["output_dir"] for n in names], str(base_dir), None,
+                               str(work / "analysis" / f"seed{seed}"), device=_device(), attention=False,
+                               representations=False, tokens=False, plots=False, progress=False)
+            got = _intruder_counts(res, names)
+            _write_json(cpath, got)
+        intr[seed] = got
+    return md, intr
+
+
+def intruder_arms(s: dict) -> list:
+    """The arms the ``intruders`` finding compares: LoRA at the large-set rank and full SFT, small set."""
+    return [f"lora-r{s['large_lora_rank']}", "full"] if s["large_lora_rank"] in s["ranks"] else []
+
+
+def _intruder_counts(analysis: dict, names: list) -> dict:
+    out = {}
+    for r in analysis["runs"]:
+        if r["name"] in names:
+            out[r["name"]] = {m["name"]: m["intruders"] for m in r["spectral"].get("matrices", [])
+                              if "intruders" in m}
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return str(x)

@@ -1,0 +1,125 @@
+"""rankwise.analysis.findings and the demo's findings: per-arm summaries with intervals, and verdicts
+that follow the data whichever way it falls."""
+import numpy as np
+import pytest
+
+from rankwise.analysis.findings import summarize_arm
+from rankwise.analysis.stats import verdict
+from rankwise.demo.report import build_findings
+from rankwise.demo.run import DEMO, plan_arms
+
+BUCKETS = ["D0", "D1", "D2", "D3", "D4"]
+
+
+def _buckets(n_per):
+    return [b for b in BUCKETS for _ in range(n_per)]
+
+
+def test_summarize_arm_means_intervals_counts_and_seeds():
+    rng = np.random.default_rng(0)
+    labels = {"in_domain": _buckets(20), "out_of_domain": ["D0"] * 30 + ["D4"] * 10}
+    correct = {d: rng.integers(0, 2, size=(3, len(v))) for d, v in labels.items()}
+    s = summarize_arm(correct, labels, seeds=[0, 1, 2], n_boot=500)
+    for dom in labels:
+        c = correct[dom]
+        lab = np.array(labels[dom])
+        for b in BUCKETS:
+            if (lab == b).any():
+                v = c[:, lab == b].mean()
+                assert s[dom][b] == pytest.approx(v)
+                lo, hi = s["ci95"][dom][b]
+                assert lo - 1e-9 <= v <= hi + 1e-9
+                assert s["n"][dom][b] == int((lab == b).sum())
+                # the mean over seeds of the per-seed accuracies
+                assert s[dom][b] == pytest.approx(np.mean([r[dom][b] for r in s["seeds"]]))
+            else:
+                assert s[dom][b] is None and s["ci95"][dom][b] == [None, None] and s["n"][dom][b] == 0
+        present = [b for b in BUCKETS if (lab == b).any()]
+        assert s[dom]["mean"] == pytest.approx(np.mean([s[dom][b] for b in present]))
+    d34 = np.isin(np.array(labels["in_domain"]), ["D3", "D4"])
+    assert s["in_domain_d34"] == pytest.approx(correct["in_domain"][:, d34].mean())
+    assert s["n"]["in_domain_d34"] == 40
+    assert [r["seed"] for r in s["seeds"]] == [0, 1, 2]
+
+
+def test_summarize_arm_one_seed_and_no_d34():
+    s = summarize_arm({"in_domain": np.array([1, 0, 1, 1])}, {"in_domain": ["D0", "D0", "D1", "D1"]}, n_boot=200)
+    assert s["in_domain"]["D0"] == 0.5 and s["in_domain"]["D1"] == 1.0
+    assert s["in_domain_d34"] is None and s["ci95"]["in_domain_d34"] == [None, None]
+    assert len(s["seeds"]) == 1
+    with pytest.raises(ValueError, match="unknown buckets"):
+        summarize_arm({"in_domain": np.ones(2)}, {"in_domain": ["D0", "D9"]})
+
+
+S = {**DEMO, "ranks": [1, 16], "n_boot": 400, "analysis": False}
+F = len(_buckets(30))
+
+
+def _world(effects: dict, seeds=3, seed=0):
+    """Correctness matrices per arm: every arm right on a base share of the facts; ``effects`` adds
+    (or removes) a block of facts for one arm, so the true differences are known."""
+    rng = np.random.default_rng(seed)
+    base = (rng.random((seeds, F)) < 0.4).astype(float)
+    C = {}
+    for a in plan_arms(S):
+        m = base.copy()
+        k = int(round(abs(effects.get(a["name"], 0.0)) * F))
+        if k:
+            m[:, :k] = 1.0 if effects[a["name"]] > 0 else 0.0
+        C[a["name"]] = {"in_domain": m, "out_of_domain": m.copy()}
+    return C
+
+
+def _restoration(C, top=0.0):
+    R = {}
+    for sel in ("top", "bottom", "random"):
+        for f in S["restore_fractions"]:
+            m = C["full-x8"]["in_domain"].copy()
+            if sel == "top" and f == 0.2 and top:
+                k = int(round(abs(top) * F))
+                m[:, :k] = 1.0 if top > 0 else 0.0
+            R[(sel, f)] = {"in_domain": m, "out_of_domain": m.copy()}
+    return R
+
+
+def _by_id(fs):
+    return {f["id"]: f for f in fs}
+
+
+REQUIRED = {"data_size", "data_size_lora", "mastery", "restore_top", "restore_vs_random", "lora_forgets_less",
+            "intruders"}
+
+
+def test_findings_reproduced_contradicted_inconclusive():
+    buckets = {"in_domain": _buckets(30), "out_of_domain": _buckets(30)}
+    # full (small) far better than full-x8; LoRA large better than LoRA small; mastery arms equal
+    C = _world({"full": 0.5, "lora-r16-x8": 0.5})
+    R = _restoration(C, top=-0.5)
+    intr = {s: {"lora-r16": {"m1": 5, "m2": 6, "m3": 7}, "full": {"m1": 1, "m2": 0, "m3": 2}} for s in (0, 1, 2)}
+    fs = build_findings(C, R, buckets, intr, S)
+    got = _by_id(fs)
+    assert REQUIRED <= set(got)
+    for f in fs:
+        assert {"id", "claim", "source", "effect", "ci95", "verdict"} <= set(f)
+        assert f["verdict"] == verdict(f["ci95"])
+    assert got["data_size"]["verdict"] == "reproduced" and got["data_size"]["effect"] > 0.2
+    assert got["data_size_lora"]["verdict"] == "contradicted" and got["data_size_lora"]["effect"] < -0.2
+    assert got["mastery"]["verdict"] == "inconclusive" and got["mastery"]["effect"] == 0.0
+    assert got["restore_top"]["verdict"] == "contradicted"
+    assert got["restore_vs_random"]["verdict"] == "contradicted"
+    assert got["intruders"]["verdict"] == "reproduced" and got["intruders"]["effect"] == pytest.approx(5.0)
+    # the claim's direction: lora_forgets_less is LoRA minus full on out-of-domain facts
+    # (equal buckets: the unweighted bucket mean is the plain mean)
+    assert got["lora_forgets_less"]["effect"] == pytest.approx(
+        C["lora-r16"]["out_of_domain"].mean() - C["full"]["out_of_domain"].mean(), abs=1e-9)
+    assert got["lora_forgets_less"]["verdict"] == "contradicted"
+
+
+def test_unmeasurable_findings_say_why():
+    buckets = {"in_domain": _buckets(30), "out_of_domain": _buckets(30)}
+    C = _world({})
+    del C["full-D3D4"]
+    fs = _by_id(build_findings(C, {}, buckets, None, S, skipped={"full-D3D4": "only 3 train facts in D3+D4"}))
+    assert fs["mastery"]["verdict"] == "inconclusive" and "only 3 train facts" in fs["mastery"]["why"]
+    assert fs["restore_top"]["effect"] is None and "restoration" in fs["restore_top"]["why"]
+    assert fs["intruders"]["verdict"] == "inconclusive" and "analysis" in fs["intruders"]["why"]
