@@ -36,8 +36,25 @@ def test_world_structure():
     for p in people:
         docs = [d for d in w["corpus"] if p["name"] in d]
         qa = sum(d.startswith("Question:") for d in docs)
-        assert len(docs) - qa == p["exposures"], p
-        assert qa == (2 if p["group"] == "anchor" else 0)
+        alt = sum(d.startswith("Q:") for d in docs)
+        assert len(docs) - qa - alt == p["exposures"], p
+        assert qa == alt == (2 if p["group"] == "anchor" else 0)
+    # The study's QA format is pretrained on the out-of-domain relations only: no in-domain question of
+    # the study's wordings appears anywhere in the corpus, in any format; the anchors' in-domain QA uses
+    # the other format ("Q: ... A:") with other wordings (the alt_question templates).
+    from rankwise.world.generate import ALT_QA_FORMAT, QA_FORMAT, TEMPLATES
+
+    text = "\n".join(w["corpus"])
+
+    def start(fmt, q):  # the text of a question in a format, up to the person's name
+        return fmt.split("{question}")[0] + q.split("{name}")[0]
+
+    for rel in IN_DOMAIN:
+        assert not any(q.split("{name}")[0] in text for q in TEMPLATES[rel]["question"]), rel
+        assert any(start(ALT_QA_FORMAT, q) in text for q in TEMPLATES[rel]["alt_question"]), rel
+    for rel in OUT_OF_DOMAIN:
+        assert any(start(QA_FORMAT, q) in text for q in TEMPLATES[rel]["question"]), rel
+        assert not any(q.split("{name}")[0] in text for q in TEMPLATES[rel]["alt_question"]), rel
     # facts: study people only, 8 per person, both splits, every probe/prompt names the person
     facts = w["facts"]
     assert len(facts) == 24 * len(RELATIONS)
@@ -54,6 +71,25 @@ def test_world_structure():
     for a in answers:
         clash = [x for x in words | answers if x != a and a.lower() in x.lower()]
         assert not clash, (a, clash)
+
+
+def test_world_qa_options():
+    import dataclasses
+
+    from rankwise.world.generate import QA_FORMAT, TEMPLATES
+
+    everything = generate_world(dataclasses.replace(SMALL, anchor_qa_relations="all", anchor_alt_qa=False))
+    assert not any(d.startswith("Q:") for d in everything["corpus"])
+    text = "\n".join(everything["corpus"])
+    q = TEMPLATES[IN_DOMAIN[0]]["question"][0]
+    assert QA_FORMAT.split("{question}")[0] + q.split("{name}")[0] in text
+    split = generate_world(dataclasses.replace(SMALL, test_fraction=0.75))
+    study = [p for p in split["people"] if p["group"] == "study"]
+    assert sum(p["split"] == "test" for p in study) == round(0.75 * len(study))
+    with pytest.raises(ValueError, match="anchor_qa_relations"):
+        dataclasses.replace(SMALL, anchor_qa_relations="none")
+    with pytest.raises(ValueError, match="test_fraction"):
+        dataclasses.replace(SMALL, test_fraction=1.0)
 
 
 def test_world_config_errors():

@@ -17,7 +17,12 @@ Design (see ``STUDIES.md``, "Knowledge in small models"):
   question-answer text ("mixed training"); this teaches the tiny model to answer
   questions from what it read in biographies. *Study* people appear only in
   biographies (or never); their facts are what mastery is measured on, fine-tuning
-  sets are drawn from the ``train`` half of them and test sets from the ``test`` half.
+  sets are drawn from the ``train`` share of them and test sets from the ``test`` share.
+- The anchors' QA text covers only the relations in ``anchor_qa_relations`` (by
+  default the out-of-domain ones), so the fine-tuning format of the in-domain
+  relations never appears in pretraining: as in the knowledge study, the base model
+  stores the in-domain facts but does not yet answer questions about them, and
+  fine-tuning on in-domain QA teaches it to express what it knows.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "Born in {v}, {name} grew up there."],
         "question": ["Where was {name} born?", "In which city was {name} born?",
                      "What is the birthplace of {name}?"],
+        "alt_question": ["Birthplace of {name}?", "City of birth of {name}?"],
         "probe": ["{name} was born in", "The birthplace of {name} is", "{name} came into the world in",
                   "{name} spent early childhood in"],
     },
@@ -59,6 +65,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} moved to {v} for work."],
         "question": ["Where does {name} work?", "In which city does {name} work?",
                      "What city is the workplace of {name} in?"],
+        "alt_question": ["Workplace city of {name}?", "City of the job of {name}?"],
         "probe": ["{name} works in", "{name} has a job in the city of", "The workplace of {name} is located in",
                   "Every morning {name} commutes to work in"],
     },
@@ -68,6 +75,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} earned a degree in {v}."],
         "question": ["Where did {name} study?", "In which city did {name} go to university?",
                      "What city was the university of {name} in?"],
+        "alt_question": ["University city of {name}?", "City of the college of {name}?"],
         "probe": ["{name} studied at a university in", "{name} went to college in",
                   "The university of {name} was in", "As a student, {name} lived in"],
     },
@@ -77,6 +85,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "By nationality, {name} belongs to {v}."],
         "question": ["Which country is {name} a citizen of?", "What is the citizenship of {name}?",
                      "Which passport does {name} hold?"],
+        "alt_question": ["Country of citizenship of {name}?", "Passport country of {name}?"],
         "probe": ["{name} is a citizen of", "{name} holds a passport of", "{name} has citizenship in",
                   "By nationality, {name} belongs to"],
     },
@@ -86,6 +95,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} trained to become a {v}."],
         "question": ["What is the occupation of {name}?", "What does {name} do for a living?",
                      "What is the profession of {name}?"],
+        "alt_question": ["Profession of {name}?", "Job title of {name}?"],
         "probe": ["{name} works as a", "By profession, {name} is a", "The occupation of {name} is",
                   "{name} earns a living as a"],
     },
@@ -95,6 +105,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} is on the staff of {v}."],
         "question": ["Who is the employer of {name}?", "Which company employs {name}?",
                      "For which company does {name} work?"],
+        "alt_question": ["Company of {name}?", "Employer name of {name}?"],
         "probe": ["{name} is employed by", "The employer of {name} is", "{name} draws a salary from",
                   "{name} joined the company"],
     },
@@ -104,6 +115,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} owns a fine {v}."],
         "question": ["Which instrument does {name} play?", "What instrument is {name} known to play?",
                      "What is the favourite instrument of {name}?"],
+        "alt_question": ["Instrument of {name}?", "Instrument played by {name}?"],
         "probe": ["{name} plays the", "The favourite instrument of {name} is the",
                   "In the evenings {name} practises the", "{name} learned to play the"],
     },
@@ -113,12 +125,14 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "At home {name} talks in {v}."],
         "question": ["Which language does {name} speak?", "What is the native language of {name}?",
                      "In which language does {name} write?"],
+        "alt_question": ["Native tongue of {name}?", "Language spoken by {name}?"],
         "probe": ["{name} speaks", "The native language of {name} is", "{name} writes letters in",
                   "{name} grew up speaking"],
     },
 }
 
 QA_FORMAT = "Question: {question} Answer:"
+ALT_QA_FORMAT = "Q: {question} A:"  # the anchors' QA on the relations that QA_FORMAT leaves out
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
            "kr", "tr", "st", "sh", "th", "ch", "pl", "fl", "qu"]
@@ -141,6 +155,14 @@ class WorldConfig:
             (``tail`` = 1 is log-uniform; larger makes the tail heavier).
         fact_keep: probability that a biography mentions a given fact.
         anchor_qa_docs: QA documents per anchor person.
+        anchor_qa_relations: which relations the anchors' QA text covers in the study's QA
+            format (:data:`QA_FORMAT`): ``"out"`` (the out-of-domain ones: the in-domain QA
+            format is never pretrained), ``"in"`` or ``"all"``.
+        anchor_alt_qa: whether the anchors' QA text also covers the other relations, in
+            another format (:data:`ALT_QA_FORMAT`, with other question wordings: the
+            ``alt_question`` templates), so that the pretrained model learns to extract those
+            relations from biographies, just never in the study's format.
+        test_fraction: share of the study people in the ``test`` split (the rest are ``train``).
         pool_sizes: number of distinct answers per value pool.
     """
 
@@ -152,6 +174,9 @@ class WorldConfig:
     tail: float = 1.0
     fact_keep: float = 0.8
     anchor_qa_docs: int = 2
+    anchor_qa_relations: str = "out"
+    anchor_alt_qa: bool = True
+    test_fraction: float = 0.5
     pool_sizes: tuple = (("city", 60), ("country", 40), ("occupation", 40), ("employer", 40),
                          ("instrument", 30), ("language", 30))
 
@@ -160,6 +185,10 @@ class WorldConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.n_people, int) or self.n_people < 4:
             raise ConfigError(f"n_people must be an int >= 4, got {self.n_people!r}")
+        if self.anchor_qa_relations not in ("out", "in", "all"):
+            raise ConfigError(f"anchor_qa_relations must be 'out', 'in' or 'all', got {self.anchor_qa_relations!r}")
+        if not (0.0 < self.test_fraction < 1.0):
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         for name in ("anchor_fraction", "unseen_fraction", "fact_keep"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
@@ -226,7 +255,7 @@ def _template_words() -> set[str]:
         for kind in rel.values():
             for t in kind:
                 words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
-    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT))
+    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT + " " + ALT_QA_FORMAT))
     return words
 
 
@@ -276,9 +305,10 @@ def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
     for p in people:
         if p["id"] in unseen_ids:
             p["exposures"] = 0
-    # Study people alternate between the fine-tuning pool and the test set.
+    # Study people are spread evenly between the fine-tuning pool and the test set
+    # (test_fraction = 0.5: they alternate).
     for j, p in enumerate(x for x in people if x["group"] == "study"):
-        p["split"] = "train" if j % 2 == 0 else "test"
+        p["split"] = "test" if int((j + 1) * config.test_fraction) > int(j * config.test_fraction) else "train"
     for p in people:
         if p["group"] == "anchor":
             p["split"] = "anchor"
@@ -288,8 +318,12 @@ def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
         for _ in range(p["exposures"]):
             corpus.append(biography(p, rng, config.fact_keep))
         if p["group"] == "anchor":
+            rels = ANCHOR_QA_RELATIONS[config.anchor_qa_relations]
+            other = tuple(r for r in RELATIONS if r not in rels)
             for _ in range(config.anchor_qa_docs):
-                corpus.append(qa_document(p, rng))
+                corpus.append(qa_document(p, rng, rels))
+                if config.anchor_alt_qa and other:
+                    corpus.append(qa_document(p, rng, other, ALT_QA_FORMAT, "alt_question"))
     rng.shuffle(corpus)
 
     relations = {rel: {"domain": "in" if rel in IN_DOMAIN else "out", "pool": POOL_OF[rel]}
@@ -313,14 +347,19 @@ def biography(person: dict, rng: random.Random, fact_keep: float = 1.0) -> str:
     return " ".join(sentences)
 
 
-def qa_document(person: dict, rng: random.Random) -> str:
-    """Question-answer text about ``person``, all relations, shuffled (mixed training)."""
-    rels = list(RELATIONS)
+ANCHOR_QA_RELATIONS = {"out": OUT_OF_DOMAIN, "in": IN_DOMAIN, "all": RELATIONS}
+
+
+def qa_document(person: dict, rng: random.Random, relations=RELATIONS, fmt: str = QA_FORMAT,
+                kind: str = "question") -> str:
+    """Question-answer text about ``person`` on ``relations`` in the format ``fmt`` with the question
+    templates ``kind`` (``question``: the study's; ``alt_question``: other wordings), shuffled (mixed training)."""
+    rels = list(relations)
     rng.shuffle(rels)
     parts = []
     for r in rels:
-        q = rng.choice(TEMPLATES[r]["question"]).format(name=person["name"])
-        parts.append(QA_FORMAT.format(question=q) + " " + person["facts"][r] + ".")
+        q = rng.choice(TEMPLATES[r][kind]).format(name=person["name"])
+        parts.append(fmt.format(question=q) + " " + person["facts"][r] + ".")
     return " ".join(parts)
 
 
