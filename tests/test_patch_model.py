@@ -341,3 +341,24 @@ def test_trl_sft_trainer_takes_the_patched_model(tmp_path):
     trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    """A copy (a reference model, an EMA) computes with its own weights, not the original's."""
+    import copy
+
+    model = build("qwen3").train()
+    ids, mask, labels = batch(8)
+    patch_model(model, backend="torch")
+    twin = copy.deepcopy(model)
+    assert twin.forward.lm is twin
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        a = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        b = twin(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert twin(input_ids=ids, attention_mask=mask).logits is not None
+    unpatch_model(twin)
+    with torch.no_grad():
+        ref = twin(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert not torch.equal(a, b) and rel(b, ref) < 2e-6

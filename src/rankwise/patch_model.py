@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import types
 from typing import Optional
 
 import torch
@@ -68,11 +69,12 @@ def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
     return_dict = extra.pop("return_dict", None)
     out = lm.base_model(**arguments, **extra)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    head = lm.get_output_embeddings()
+    hidden = hidden.to(head.weight.device)  # a model split over devices: the head's
     if shift_labels is None:  # ForCausalLMLoss: position t predicts labels[t + 1]
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
     keep = (targets != ignore_index).nonzero().squeeze(1)
-    head = lm.get_output_embeddings()
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], head.weight, targets[keep], head.bias,
                                 ignore_index=ignore_index, reduction="sum", softcap=softcap, backend=backend)
     if num_items is None:
@@ -87,26 +89,37 @@ def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
     return result if return_dict else result.to_tuple()
 
 
-def _loss_forward(lm: nn.Module, original, signature: inspect.Signature):
-    """A forward for ``lm`` with ``original``'s signature: fused in training mode with labels."""
-    var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+class _FusedLossForward:
+    """The ``forward`` that ``patch_model`` sets on a causal LM instance: the fused head +
+    loss in training mode with labels, the model's own forward otherwise. A callable
+    object rather than a closure so that ``copy.deepcopy`` (a reference model, say)
+    rebinds it to the copy and ``pickle`` finds it; ``__signature__`` is the original
+    forward's, which is what ``inspect.signature`` (and so ``Trainer``) reads."""
 
-    def forward(*args, **kwargs):
-        if not lm.training:
-            return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop(var_kw, {}) if var_kw else {}
+    def __init__(self, lm: nn.Module, signature: inspect.Signature):
+        self.lm = lm
+        self.__signature__ = signature
+        self.var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def original(self):
+        """The forward the model had: an instance-level one (a hook) or its class's."""
+        prev = self.lm.__dict__.get(_LOSS_PREV)
+        return prev if prev is not None else types.MethodType(type(self.lm).forward, self.lm)
+
+    def split(self, args, kwargs) -> tuple[dict, dict]:
+        """(the named arguments bound to the original signature, its ``**kwargs``)."""
+        arguments = dict(self.__signature__.bind(*args, **kwargs).arguments)
+        return arguments, (arguments.pop(self.var_kw, {}) if self.var_kw else {})
+
+    def __call__(self, *args, **kwargs):
+        if not self.lm.training:
+            return self.original()(*args, **kwargs)
+        arguments, extra = self.split(args, kwargs)
         if arguments.get("labels") is None and extra.get("shift_labels") is None:
-            return original(*args, **kwargs)
+            return self.original()(*args, **kwargs)
         if arguments.get("labels") is None:
             arguments["labels"] = extra["shift_labels"]  # only its shape is used then
-        return _fused_loss_output(lm, arguments, extra)
-
-    forward.__signature__ = signature
-    forward.__wrapped__ = original
-    forward.__doc__ = getattr(original, "__doc__", None)
-    return forward
+        return _fused_loss_output(self.lm, arguments, extra)
 
 
 def _loss_problem(lm: nn.Module) -> Optional[str]:
@@ -142,24 +155,24 @@ def _check_batch(lm: nn.Module):
 
 
 @torch.no_grad()
-def _loss_agrees(lm: nn.Module, original) -> Optional[str]:
+def _loss_agrees(lm: nn.Module, fused: _FusedLossForward) -> Optional[str]:
     """Compare the fused loss with the model's own on ``_check_batch`` (eval mode, torch's
-    RNG untouched), as the mean and with ``num_items_in_batch``; a mismatch described, or None."""
+    RNG untouched), as the mean and with ``num_items_in_batch``; a mismatch (or the
+    error the fused path raised) described, or None."""
     ids, mask, labels = _check_batch(lm)
     dtype = lm.get_output_embeddings().weight.dtype
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
-    signature = inspect.signature(original)
     modes = [(m, m.training) for m in lm.modules()]
     lm.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             for extra in ({}, {"num_items_in_batch": torch.tensor(9)}):
                 kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **extra)
-                ref = float(original(**kwargs).loss)
-                bound = dict(signature.bind(**kwargs).arguments)
-                var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-                more = bound.pop(var_kw, {}) if var_kw else {}
-                ours = float(_fused_loss_output(lm, bound, more).loss)
+                ref = float(fused.original()(**kwargs).loss)
+                try:
+                    ours = float(_fused_loss_output(lm, *fused.split((), kwargs)).loss)
+                except Exception as e:  # noqa: BLE001  (any failure leaves the model's own loss in place)
+                    return f"the fused loss failed on a random batch: {type(e).__name__}: {e}"
                 if not (math.isfinite(ref) and math.isfinite(ours)) or abs(ours - ref) > rtol * max(abs(ref), 1e-6):
                     return f"fused loss {ours:.6g} vs the model's {ref:.6g} on a random batch"
     finally:
@@ -175,19 +188,21 @@ def _patch_loss(lm: nn.Module, backend: str) -> Optional[str]:
     problem = _loss_problem(lm)
     if problem:
         return problem
-    original = lm.forward  # the bound method, or an instance-level forward (a hook) that the class's would be
-    signature = inspect.signature(original)
+    signature = inspect.signature(lm.forward)  # the class's, or an instance-level forward's (a hook's)
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return "its forward takes no **kwargs (num_items_in_batch could not reach the loss)"
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     setattr(lm, _LOSS_MARK, (None if softcap is None else float(softcap), backend))
-    why = _loss_agrees(lm, original)
+    prev = lm.__dict__.get("forward")
+    if prev is not None:
+        setattr(lm, _LOSS_PREV, prev)
+    fused = _FusedLossForward(lm, signature)
+    why = _loss_agrees(lm, fused)
     if why is not None:
         delattr(lm, _LOSS_MARK)
+        lm.__dict__.pop(_LOSS_PREV, None)
         return why
-    if "forward" in lm.__dict__:
-        setattr(lm, _LOSS_PREV, lm.__dict__["forward"])
-    lm.forward = _loss_forward(lm, original, signature)
+    lm.forward = fused
     return None
 
 
