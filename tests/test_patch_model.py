@@ -333,7 +333,7 @@ def test_trl_sft_trainer_takes_the_patched_model(tmp_path):
     from datasets import Dataset
 
     model = build("llama", seed=2)
-    patch_model(model, backend="torch")
+    patch_model(model, backend="torch", return_logits=True)  # SFTTrainer logs entropy and accuracy from the logits
     rows = TokenRows(8)
     data = Dataset.from_list([{"input_ids": r.tolist()} for r in rows.rows])
     cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
@@ -362,3 +362,36 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     with torch.no_grad():
         ref = twin(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert not torch.equal(a, b) and rel(b, ref) < 2e-6
+
+
+def test_return_logits_for_trainers_that_log_from_them(tmp_path):
+    """``return_logits=True``: training mode returns the model's logits (soft-capped, no
+    gradient) beside the fused loss; a Trainer whose compute_loss reads them for a token
+    accuracy, as TRL's SFTTrainer does, runs; the loss and gradients stay the fused ones."""
+    model = build("gemma2").train()
+    ids, mask, labels = batch(9)
+    ref = loss_and_grads(model, ids, mask, labels)
+    patch_model(model, backend="torch", return_logits=True)
+    got = loss_and_grads(model, ids, mask, labels)
+    assert not got[0].logits.requires_grad and rel(got[0].logits, ref[0].logits.detach()) < 1e-6
+    assert_same(got, ref, 2e-6, 2e-5, "return_logits")
+    patch_model(model, backend="torch")  # again, without: the option changes, nothing else
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is None
+
+    accuracies = []
+
+    class MetricsTrainer(T.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            with torch.no_grad():
+                pred = outputs.logits[..., :-1, :].argmax(-1)
+                target = inputs["labels"][..., 1:]
+                accuracies.append(((pred == target) & (target != -100)).sum().item() / (target != -100).sum().item())
+            return (loss, outputs) if return_outputs else loss
+
+    model = build("llama", seed=3)
+    patch_model(model, backend="torch", return_logits=True)
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                               report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    MetricsTrainer(model=model, args=args, train_dataset=TokenRows(8), data_collator=collate).train()
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)

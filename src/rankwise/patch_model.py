@@ -14,7 +14,8 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
   passes it under gradient accumulation) through ``rankwise.kernels.linear_cross_entropy``
   with the final-logit soft-cap of Gemma 2 / 3 (``softcap=``), and returns
   ``CausalLMOutputWithPast(loss=..., logits=None)``: the ``(tokens, vocab)`` logits are
-  never held. In eval mode, or without labels, the model's own forward runs (eval and
+  never held (``return_logits=True``: computed after the loss, without gradient, for
+  trainers that log metrics from them, as TRL's ``SFTTrainer`` does). In eval mode, or without labels, the model's own forward runs (eval and
   generation get their logits). The rebound forward keeps the original's signature
   (``inspect.signature`` sees it), so ``Trainer`` and TRL's ``SFTTrainer`` drop the same
   columns and pass ``num_items_in_batch`` as before.
@@ -41,9 +42,8 @@ from rankwise.patch import agrees, patch_decoder_kernels, unpatch_decoder_kernel
 
 log = logging.getLogger("rankwise")
 
-_LOSS_MARK = "_rankwise_fused_loss"  # on the causal LM: (softcap, backend) while its forward is rebound
+_LOSS_MARK = "_rankwise_fused_loss"  # on the causal LM: (softcap, backend, return_logits) while its forward is rebound
 _LOSS_PREV = "_rankwise_loss_prev_forward"  # an instance-level forward it had before
-_LOSS_KEYS = ("num_items_in_batch", "shift_labels", "ignore_index")  # ForCausalLMLoss's own keyword arguments
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -59,7 +59,7 @@ def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
 
     from rankwise.kernels import linear_cross_entropy
 
-    softcap, backend = getattr(lm, _LOSS_MARK)
+    softcap, backend, return_logits = getattr(lm, _LOSS_MARK)
     arguments, extra = dict(arguments), dict(extra)
     labels = arguments.pop("labels", None)
     arguments.pop("logits_to_keep", None)
@@ -81,7 +81,13 @@ def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
         loss = loss / keep.numel()  # the mean over the target tokens (nan when there are none, as torch's)
     else:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+    logits = None
+    if return_logits:  # for trainers that log metrics from them; outside autograd: the loss never uses them
+        with torch.no_grad():
+            logits = nn.functional.linear(hidden, head.weight, head.bias)
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+    result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None),
                                     hidden_states=getattr(out, "hidden_states", None),
                                     attentions=getattr(out, "attentions", None))
     if return_dict is None:
@@ -181,9 +187,10 @@ def _loss_agrees(lm: nn.Module, fused: _FusedLossForward) -> Optional[str]:
     return None
 
 
-def _patch_loss(lm: nn.Module, backend: str) -> Optional[str]:
+def _patch_loss(lm: nn.Module, backend: str, return_logits: bool) -> Optional[str]:
     """Rebind ``lm.forward`` to the fused loss; returns why not, or None."""
-    if getattr(lm, _LOSS_MARK, None) is not None:
+    if getattr(lm, _LOSS_MARK, None) is not None:  # patched already: only the options change
+        setattr(lm, _LOSS_MARK, (getattr(lm, _LOSS_MARK)[0], backend, bool(return_logits)))
         return None
     problem = _loss_problem(lm)
     if problem:
@@ -192,7 +199,7 @@ def _patch_loss(lm: nn.Module, backend: str) -> Optional[str]:
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return "its forward takes no **kwargs (num_items_in_batch could not reach the loss)"
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    setattr(lm, _LOSS_MARK, (None if softcap is None else float(softcap), backend))
+    setattr(lm, _LOSS_MARK, (None if softcap is None else float(softcap), backend, bool(return_logits)))
     prev = lm.__dict__.get("forward")
     if prev is not None:
         setattr(lm, _LOSS_PREV, prev)
@@ -261,12 +268,12 @@ def _patch_lora(model: nn.Module, lm: nn.Module, backend: str, patched: dict, le
     for why in report.values():
         if why is not None:
             reasons[why] = reasons.get(why, 0) + 1
-    for why, count in reasons.items():
-        left[f"lora ({count} layer{'s' if count > 1 else ''})"] = why
+    if reasons:
+        left["lora"] = "left to PEFT's forward: " + "; ".join(f"{why} ({count} layers)" for why, count in reasons.items())
 
 
 def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms: bool = True, mlp: bool = True,
-                backend: str = "auto") -> dict:
+                backend: str = "auto", return_logits: bool = False) -> dict:
     """Route a Hugging Face causal LM, or a PEFT model around one, through rankwise's
     fused kernels, in place, per instance and reversibly (``unpatch_model``).
 
@@ -284,6 +291,11 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
         norms: RMSNorms (Llama's form and Gemma's ``1 + weight``).
         mlp: gated MLPs: SwiGLU, GeGLU (gelu-tanh), Phi-3's fused ``gate_up_proj``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        return_logits: in training mode also return the logits, computed after the fused
+            loss under ``torch.no_grad`` (the loss and its backward never hold them), for
+            trainers that log metrics from ``outputs.logits``: TRL's ``SFTTrainer`` computes
+            its entropy and token accuracy from them unless ``use_liger_kernel`` is set.
+            False (the default): ``logits=None``, as Liger returns.
 
     Returns:
         ``{"backend": backend, "patched": {kind: count}, "left": {part: reason}}``:
@@ -316,7 +328,7 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
     if not mlp:
         left["mlp"] = "not asked for (mlp=False)"
     if loss:
-        why = _patch_loss(lm, backend)
+        why = _patch_loss(lm, backend, return_logits)
         if why is None:
             patched["loss"] = 1
         else:
