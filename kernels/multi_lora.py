@@ -112,7 +112,7 @@ from .utils import (
     upcast_for_dot,
 )
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_torch", "MultiLoRALinearFunction", "MultiNF4LoRALinearFunction"]
+__all__ = ["multi_lora_linear", "multi_lora_linear_arms", "multi_lora_linear_torch", "MultiLoRALinearFunction", "MultiNF4LoRALinearFunction"]
 
 
 # ----------------------------------------------------------------------------
@@ -860,6 +860,12 @@ def validate_multi_args(x, weight_shape, weight_device, lora_A, lora_B, bias, ra
     from torch's default generator for arms with dropout and no seed). Errors name
     the argument."""
     validate_lora_args(x, weight_shape, weight_device, lora_A, lora_B, bias, 1.0, 0.0, backend)
+    return _arm_lists(x, lora_A.shape[0], ranks, scalings, rows, dropout_p, seeds)
+
+
+def _arm_lists(x, total_rank, ranks, scalings, rows, dropout_p, seeds):
+    """The per-arm lists of ``multi_lora_linear`` checked against x's rows and the
+    adapters' total rank, as tuples (see ``validate_multi_args``)."""
     rows = _int_list(rows, "rows", 0)
     ranks = _int_list(ranks, "ranks", 1)
     n = len(rows)
@@ -871,8 +877,8 @@ def validate_multi_args(x, weight_shape, weight_device, lora_A, lora_B, bias, ra
     if sum(rows) != M:
         raise ValueError(f"rows: the arms' row counts sum to {sum(rows)}, but x has {M} rows "
                          f"(x shape {tuple(x.shape)})")
-    if sum(ranks) != lora_A.shape[0]:
-        raise ValueError(f"ranks: sum {sum(ranks)} does not match lora_A's {lora_A.shape[0]} rows "
+    if sum(ranks) != total_rank:
+        raise ValueError(f"ranks: sum {sum(ranks)} does not match lora_A's {total_rank} rows "
                          f"(lora_A is the arms' A matrices concatenated along dim 0)")
     scalings = _float_list(scalings, "scalings", n)
     dropout_ps = _float_list(dropout_p, "dropout_p", n)
@@ -911,62 +917,61 @@ class _MultiLoRATorchFunction(torch.autograd.Function):
     """The torch path with its backward written out: the formulas of the module
     docstring, each arm's in the op order autograd runs for ``lowrank.lora_linear_torch``
     (``y + s * ((x_d @ A.T) @ B.T)``), so an arm's values and gradients are its solo
-    layer's; one graph node per layer instead of a dozen per arm (slices, matmuls,
-    scalings, the concatenation), and no full-size zero gradients for the slices.
+    layer's. The arms' A_k and B_k are inputs of their own (``*adapters``: A_1..A_n,
+    then B_1..B_n), so each arm's gradient lands in its own tensor: one graph node
+    per layer instead of a dozen per arm (slices, matmuls, scalings, concatenations),
+    and no full-size zero gradients for slices.
 
     Saved for backward: x, each arm's S_k, and per arm with dropout its dropped
     input x_dk and keep-mask (bool; autograd would keep x_dk and the mask too);
-    W, A, B by reference."""
+    W and the adapters by reference."""
 
     @staticmethod
-    def forward(ctx, x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds):
+    def forward(ctx, x2, weight, bias, arms, *adapters):
+        scalings, rows, dropout_ps, seeds = arms
+        n = len(rows)
+        As, Bs = adapters[:n], adapters[n:]
         y = torch.nn.functional.linear(x2, weight, bias)
         dropped, Ss = [], []  # per arm with dropout: x_dk and its keep-mask
-        m0 = o = 0
-        for M_k, r, s, p, seed in zip(rows, ranks, scalings, dropout_ps, seeds):
-            x_k = x2[m0:m0 + M_k]
+        for x_k, y_k, A_k, B_k, s, p, seed in zip(x2.split(rows), y.split(rows), As, Bs, scalings, dropout_ps,
+                                                  seeds):
             if p > 0.0:
                 keep = torch_keep_mask(x_k.shape, p, seed, x2.device)
                 x_k = x_k * keep.to(x2.dtype) / (1.0 - p)
                 dropped += [x_k, keep]
-            S_k = torch.nn.functional.linear(x_k, lora_A[o:o + r])
-            y[m0:m0 + M_k] += s * torch.nn.functional.linear(S_k, lora_B[:, o:o + r])
+            S_k = torch.nn.functional.linear(x_k, A_k)
+            y_k += s * torch.nn.functional.linear(S_k, B_k)
             Ss.append(S_k)
-            m0 += M_k
-            o += r
-        ctx.arms = (ranks, scalings, rows, dropout_ps)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, *dropped, *Ss)
+        ctx.arms = arms
+        ctx.save_for_backward(x2, weight, *adapters, *dropped, *Ss)
         return y
 
     @staticmethod
     def backward(ctx, dY):
-        ranks, scalings, rows, dropout_ps = ctx.arms
-        x2, weight, lora_A, lora_B, *rest = ctx.saved_tensors
-        Ss = rest[len(rest) - len(rows):]
-        dropped = iter(rest[:len(rest) - len(rows)])
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dX = dY.mm(weight) if need_x else None
-        dW = dY.t().mm(x2) if need_w else None
-        dBias = dY.sum(0) if need_bias else None
-        dA = torch.zeros_like(lora_A) if need_a else None
-        dB = torch.zeros_like(lora_B) if need_b else None
-        m0 = o = 0
-        for k, (M_k, r, s, p) in enumerate(zip(rows, ranks, scalings, dropout_ps)):
-            xd_k, keep = (next(dropped), next(dropped)) if p > 0.0 else (x2[m0:m0 + M_k], None)
-            dl = dY[m0:m0 + M_k] * s
-            dS = dl.mm(lora_B[:, o:o + r])
-            if need_b:
-                dB[:, o:o + r] = dl.t().mm(Ss[k])
-            if need_a:
-                dA[o:o + r] = dS.t().mm(xd_k)
-            if need_x:
-                dxd = dS.mm(lora_A[o:o + r])
+        scalings, rows, dropout_ps, _ = ctx.arms
+        n = len(rows)
+        x2, weight, *rest = ctx.saved_tensors
+        As, Bs, dropped, Ss = rest[:n], rest[n:2 * n], iter(rest[2 * n:len(rest) - n]), rest[len(rest) - n:]
+        need = ctx.needs_input_grad
+        dX = dY.mm(weight) if need[0] else None
+        dW = dY.t().mm(x2) if need[1] else None
+        dBias = dY.sum(0) if need[2] else None
+        dAs, dBs = [None] * n, [None] * n
+        dXs = dX.split(rows) if need[0] else None
+        for k, (dY_k, x_k, s, p) in enumerate(zip(dY.split(rows), x2.split(rows), scalings, dropout_ps)):
+            xd_k, keep = (next(dropped), next(dropped)) if p > 0.0 else (x_k, None)
+            dl = dY_k * s
+            dS = dl.mm(Bs[k])
+            if need[4 + n + k]:
+                dBs[k] = dl.t().mm(Ss[k])
+            if need[4 + k]:
+                dAs[k] = dS.t().mm(xd_k)
+            if need[0]:
+                dxd = dS.mm(As[k])
                 if p > 0.0:
                     dxd = dxd / (1.0 - p) * keep.to(dxd.dtype)
-                dX[m0:m0 + M_k] += dxd
-            m0 += M_k
-            o += r
-        return dX, dW, dA, dB, dBias, None, None, None, None, None
+                dXs[k].add_(dxd)
+        return dX, dW, dBias, None, *dAs, *dBs
 
 
 def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, bias=None,
@@ -974,13 +979,14 @@ def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, b
     """The torch path on a 2-D ``x2`` and a dense ``weight``: one base matmul over
     all rows, then each arm's low-rank term on its own rows, with the backward
     written out (``_MultiLoRATorchFunction``; it equals what autograd computes for
-    the same ops). ``ranks``, ``scalings``, ``rows``, ``dropout_ps``, ``seeds``:
-    one entry per arm, already validated."""
+    the same ops). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
+    own ``(r_k, in)`` / ``(out, r_k)`` tensors; ``ranks``, ``scalings``, ``rows``,
+    ``dropout_ps``, ``seeds``: one entry per arm, already validated."""
     n = len(rows)
-    dropout_ps = tuple(dropout_ps or (0.0,) * n)
-    seeds = tuple(seeds or (0,) * n)
-    return _MultiLoRATorchFunction.apply(x2, weight, lora_A, lora_B, bias, tuple(ranks), tuple(scalings),
-                                         tuple(rows), dropout_ps, seeds)
+    if isinstance(lora_A, torch.Tensor):
+        lora_A, lora_B = lora_A.split(list(ranks)), lora_B.split(list(ranks), 1)
+    arms = (tuple(scalings), tuple(rows), tuple(dropout_ps or (0.0,) * n), tuple(seeds or (0,) * n))
+    return _MultiLoRATorchFunction.apply(x2, weight, bias, arms, *lora_A, *lora_B)
 
 
 # ----------------------------------------------------------------------------
@@ -1036,14 +1042,54 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
     ranks, scalings, rows, dropout_ps, seeds = validate_multi_args(
         x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, ranks, scalings, rows, dropout_p, seeds,
         backend)
+    return _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend)
 
+
+def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+                           scalings: Sequence[float], rows: Sequence[int], bias: Optional[torch.Tensor] = None,
+                           dropout_p=0.0, seeds: Optional[Sequence[int]] = None, backend: str = "auto") -> torch.Tensor:
+    """``multi_lora_linear`` with each arm's adapters as tensors of their own.
+
+    ``lora_As[k]`` is arm k's A ``(r_k, in_features)`` and ``lora_Bs[k]`` its B
+    ``(out_features, r_k)`` (the ranks are read from them); everything else as
+    ``multi_lora_linear``, and so is the result. On the torch path each arm's
+    gradient goes straight to its own tensors (no concatenation, no split of the
+    gradients); the Triton path concatenates them once and runs the same kernels.
+    ``rankwise.together.MultiLoRALinear`` calls this with its arms' Parameters.
+    """
+    is_nf4 = isinstance(weight, NF4Weight)
+    if is_nf4:
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
+                             f"got shape {tuple(weight.shape)}")
+    else:
+        check_tensor(weight, "weight", 2)
+    lora_As, lora_Bs = list(lora_As), list(lora_Bs)
+    if not lora_As or len(lora_As) != len(lora_Bs):
+        raise ValueError(f"lora_As, lora_Bs: expected one A and one B per arm, got {len(lora_As)} and {len(lora_Bs)}")
+    for k, (A, B) in enumerate(zip(lora_As, lora_Bs)):
+        try:
+            validate_lora_args(x, tuple(weight.shape), weight.device, A, B, bias, 1.0, 0.0, backend)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"arm {k}: {e}") from None
+    ranks = [int(A.shape[0]) for A in lora_As]
+    ranks, scalings, rows, dropout_ps, seeds = _arm_lists(x, sum(ranks), ranks, scalings, rows, dropout_p, seeds)
+    return _run(x, weight, is_nf4, lora_As, lora_Bs, ranks, scalings, rows, bias, dropout_ps, seeds, backend)
+
+
+def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend):
+    """The validated op: ``lora_A`` / ``lora_B`` concatenated, or lists of the arms' own tensors."""
     device_type = x.device.type
     dtype = compute_dtype(x)
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)
 
-    x, lora_A, lora_B, bias = cast(x), cast(lora_A), cast(lora_B), cast(bias)
+    x, bias = cast(x), cast(bias)
+    if isinstance(lora_A, torch.Tensor):
+        lora_A, lora_B = cast(lora_A), cast(lora_B)
+    else:
+        lora_A, lora_B = [cast(a) for a in lora_A], [cast(b) for b in lora_B]
     if not is_nf4:
         weight = cast(weight)
     if backend == "auto":
@@ -1056,6 +1102,8 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
         with torch.autocast(device_type, enabled=False):
             y = multi_lora_linear_torch(x2, W, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds)
         return y.reshape(*lead, N)
+    if not isinstance(lora_A, torch.Tensor):
+        lora_A, lora_B = torch.cat(lora_A, 0), torch.cat(lora_B, 1)
     for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")) + (() if is_nf4 else ((weight, "weight"),)):
         check_triton_tensor(t, name)
     arms = (list(ranks), list(scalings), list(rows), list(dropout_ps), list(seeds))

@@ -21,11 +21,13 @@ How the K arms share one pass:
   batch row, so no arm ever attends to another's tokens; every frozen linear sees
   ``K*T`` rows, arm k's being the k-th block of ``T``.
 - **Layers.** Each targeted linear becomes a ``MultiLoRALinear`` that calls
-  ``rankwise.kernels.multi_lora_linear``: one base GEMM over all rows, each arm's
-  low-rank term on its own rows.
+  ``rankwise.kernels.multi_lora.multi_lora_linear_arms`` (``multi_lora_linear`` with
+  each arm's adapters as tensors of their own): one base GEMM over all rows, each
+  arm's low-rank term on its own rows.
 - **Parameters.** Arm k's ``A_k`` (r_k, in) and ``B_k`` (out, r_k) are Parameters
-  of their own (``arm_A[k]``, ``arm_B[k]``), concatenated (``torch.cat``, not
-  padded) in each forward into the op's ``(sum r, in)`` / ``(out, sum r)`` layout.
+  of their own (``arm_A[k]``, ``arm_B[k]``), passed to the op as they are (the torch
+  path gives each its gradient directly; the Triton path concatenates them, not
+  padded, into the kernels' ``(sum r, in)`` / ``(out, sum r)`` layout).
   Separate leaves make everything per arm exact and plain: arm k's gradient norm
   is ``clip_grad_norm_`` over its own leaves, and its optimizer is the very
   optimizer its solo run builds (``train.build_optimizer`` over the arm's
@@ -34,8 +36,8 @@ How the K arms share one pass:
   (on a CPU ``step_arms`` runs them as one set of foreach ops over every arm's
   tensors, bit for bit the values of the K ``step()`` calls).
   (A single concatenated Parameter would need a hand-written AdamW over slices to
-  get the same; the concatenation costs one copy of sum(r) x (in + out) numbers
-  per layer and forward, small next to the activations.)
+  get the same; on a GPU the concatenation costs one copy of sum(r) x (in + out)
+  numbers per layer and forward, small next to the activations.)
 - **Initialisation.** Arm k's ``A_k`` is drawn exactly as its solo run draws it:
   ``torch.manual_seed(seed)`` then ``rankwise.lora.inject_lora`` with the arm's
   rank, whose LoRA layers are then taken apart again (``inject_multi_lora``);
@@ -117,8 +119,8 @@ class MultiLoRALinear(nn.Module):
         y[block g] = x_g @ W.T + b + s_k * (drop_k(x_g) @ A_k.T) @ B_k.T
 
     with ``A_k`` (r_k, in), ``B_k`` (out, r_k), ``s_k = alpha_k / r_k`` (or
-    ``alpha_k / sqrt(r_k)`` with rsLoRA), computed by ``multi_lora_linear`` on the
-    concatenated ``[A_k]`` / ``[B_k]`` of the selected arms.
+    ``alpha_k / sqrt(r_k)`` with rsLoRA), computed by ``multi_lora_linear_arms`` on
+    the ``A_k`` / ``B_k`` of the selected arms.
 
     Args:
         base: the frozen ``nn.Linear`` or NF4 linear.
@@ -175,7 +177,7 @@ class MultiLoRALinear(nn.Module):
         return torch.randint(0, 2**31 - 1, (1,), generator=self.generators[k]).item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from rankwise.kernels import multi_lora_linear
+        from rankwise.kernels.multi_lora import multi_lora_linear_arms
 
         arms = self.arms
         if not arms:
@@ -184,16 +186,11 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRALinear: the input's leading dimension ({tuple(x.shape)}) must hold one "
                              f"block of rows per selected arm ({len(arms)})")
         rows = [x.numel() // x.shape[-1] // len(arms)] * len(arms)
-        if len(arms) == 1:
-            A, B = self.arm_A[arms[0]], self.arm_B[arms[0]]
-        else:
-            A = torch.cat([self.arm_A[k] for k in arms], 0)
-            B = torch.cat([self.arm_B[k] for k in arms], 1)
         ps = [self.dropouts[k] if self.training else 0.0 for k in arms]
         seeds = [self._seed(k, p) for k, p in zip(arms, ps)]
-        return multi_lora_linear(x, self.base.weight, A, B, [self.ranks[k] for k in arms],
-                                 [self.scalings[k] for k in arms], rows, bias=self.base.bias, dropout_p=ps,
-                                 seeds=seeds, backend=self.backend)
+        return multi_lora_linear_arms(x, self.base.weight, [self.arm_A[k] for k in arms],
+                                      [self.arm_B[k] for k in arms], [self.scalings[k] for k in arms], rows,
+                                      bias=self.base.bias, dropout_p=ps, seeds=seeds, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}, "
