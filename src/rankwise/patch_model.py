@@ -281,7 +281,8 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
     model defines (``num_items_in_batch`` included, as ``Trainer`` passes it under
     gradient accumulation), computed in training mode by the fused head + loss with
     ``logits=None``; the call signature is unchanged, so ``transformers.Trainer`` and
-    TRL's ``SFTTrainer`` take the patched model as they took the original.
+    TRL's ``SFTTrainer`` take the patched model as they took the original (SFTTrainer
+    reads ``outputs.logits`` for its metrics: patch with ``return_logits=True`` for it).
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``; bf16, fp16, fp32 or a
@@ -320,9 +321,10 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
         for name in counts["skipped"]:
             left[name] = "computes something else than the fused kernel (checked on a random input); left as it is"
         if norms and not (counts["rms_norm"] or counts["rms_norm_offset"]):
-            left.setdefault("norms", "no RMSNorm module the kernels cover")
+            left.setdefault("norms", "no RMSNorm the kernels cover left to patch (none found, or patched already)")
         if mlp and not (counts["swiglu"] or counts["geglu"] or counts["swiglu_gate_up"]):
-            left.setdefault("mlp", "no gated MLP the kernels cover (SwiGLU, GeGLU, fused gate_up)")
+            left.setdefault("mlp", "no gated MLP the kernels cover (SwiGLU, GeGLU, fused gate_up) left to patch "
+                                   "(none found, or patched already)")
     if not norms:
         left["norms"] = "not asked for (norms=False)"
     if not mlp:
