@@ -244,6 +244,7 @@ def test_half_precision_loss(family, dtype):
     assert rel(out.loss, ref) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_qlora_model(tmp_path, backend):
     """A tiny Llama saved and reloaded in 4 bits (bitsandbytes NF4) + PEFT LoRA: the
     LoRA layers run the fused NF4 op on bitsandbytes' bytes; loss and LoRA gradients as PEFT's."""
