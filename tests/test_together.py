@@ -616,3 +616,24 @@ def test_step_arms_is_bit_for_bit_k_independent_adamw_steps():
             for key in opt.state[p]:
                 a, b = opt.state[p][key], qopt.state[q][key]
                 assert a.dtype == b.dtype and torch.equal(a, b), key
+
+
+def test_clip_arms_is_bit_for_bit_clip_grad_norm_per_arm():
+    """clip_arms (one foreach norm and one foreach mul over every arm's gradients) equals clip_grad_norm_ arm by
+    arm: the norms and the clipped gradients, with arms clipped, unclipped (None) and without gradients."""
+    def arms():
+        torch.manual_seed(0)
+        return [[torch.nn.Parameter(torch.randn(r, 8)) for _ in range(3)] for r in (1, 4, 16, 2)]
+
+    solo, together = arms(), arms()
+    for side in (solo, together):
+        g = torch.Generator().manual_seed(1)
+        for k, ps in enumerate(side):
+            for p in ps:
+                p.grad = None if k == 3 else torch.randn(p.shape, generator=g) * (k + 1)
+    max_norms = [0.5, None, 100.0, 1.0]
+    want = [torch.nn.utils.clip_grad_norm_(ps, m if m is not None else float("inf")) for ps, m in zip(solo, max_norms)]
+    got = rtog.clip_arms(together, max_norms)
+    assert [float(n) for n in got] == [float(n) for n in want]
+    for ps, qs in zip(solo, together):
+        assert all((p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))

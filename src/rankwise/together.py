@@ -592,6 +592,37 @@ def _plain_cpu_adamw(opt) -> bool:
     return True
 
 
+def clip_arms(arm_params, max_norms) -> list:
+    """``clip_grad_norm_(arm_params[i], max_norms[i])`` for every arm; returns the arms' total norms.
+
+    One ``torch._foreach_norm`` over every arm's gradients (each tensor's norm, as
+    ``clip_grad_norm_`` takes them), each arm's total norm from its own tensors'
+    norms, and one ``torch._foreach_mul_`` by each tensor's arm's clamped
+    coefficient ``min(max_norm / (norm + 1e-6), 1)``: ``clip_grad_norm_``'s
+    operations per tensor, so the same values bit for bit (tested). Falls back to
+    one ``clip_grad_norm_`` per arm when the gradients are not all dense tensors of
+    one device and dtype. ``None`` as a max norm: no clipping (infinity), as solo.
+    """
+    grads = [[p.grad for p in ps if p.grad is not None] for ps in arm_params]
+    maxes = [float(m) if m is not None else float("inf") for m in max_norms]
+    flat = [g for gs in grads for g in gs]
+    if not flat or len({(g.device, g.dtype) for g in flat}) > 1 or any(g.is_sparse for g in flat):
+        return [torch.nn.utils.clip_grad_norm_(ps, m) for ps, m in zip(arm_params, maxes)]
+    with torch.no_grad():
+        norms = torch._foreach_norm(flat, 2.0)
+        totals, coefs, i = [], [], 0
+        for gs, max_norm in zip(grads, maxes):
+            if not gs:
+                totals.append(torch.tensor(0.0))
+                continue
+            total = torch.linalg.vector_norm(torch.stack(norms[i:i + len(gs)]), 2.0)
+            i += len(gs)
+            totals.append(total)
+            coefs += [torch.clamp(max_norm / (total + 1e-6), max=1.0)] * len(gs)
+        torch._foreach_mul_(flat, coefs)
+    return totals
+
+
 def step_arms(optimizers) -> None:
     """``opt.step()`` for each of ``optimizers``, every arm's AdamW in one pass where that is exact.
 
@@ -760,7 +791,8 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                 terms.sum().backward()
                 sums += ls.detach().double()
             sums = sums.tolist()  # one device sync per step
-            stepped, plain = [], []  # arms that step; of them, those without a GradScaler (one step_arms call)
+            n_tokens = sum(b["n_tokens"] for _, b in step_batches)
+            stepping = []  # the arms that step (a non-finite loss stops its arm instead)
             for i, k in enumerate(live):
                 if not math.isfinite(sums[i]):
                     msg = T.non_finite_message(sums[i] / n_tgt, step + 1, "(a together run keeps no checkpoint)",
@@ -773,20 +805,21 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
                     continue
                 if scalers is not None:
                     scalers[k].unscale_(optimizers[k])
-                max_norm = cfgs[k].train.max_grad_norm
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainables[k].params,
-                                                           max_norm if max_norm is not None else float("inf"))
-                if scalers is not None:  # skips the step when arm k's gradients hold an inf or NaN, as solo
+                windows[k] += torch.tensor([sums[i], n_tgt, n_tokens], dtype=torch.float64)
+                stepping.append(k)
+            # each arm's gradient clipped by its own norm, then its own AdamW step (the GradScaler's, which
+            # skips the step when the arm's gradients hold an inf or NaN, as solo); all arms in one pass
+            grad_norms = clip_arms([trainables[k].params for k in stepping],
+                                   [cfgs[k].train.max_grad_norm for k in stepping])
+            if scalers is not None:
+                for k in stepping:
                     scalers[k].step(optimizers[k])
                     scalers[k].update()
-                else:
-                    plain.append(optimizers[k])
-                windows[k] += torch.tensor([sums[i], n_tgt, sum(b["n_tokens"] for _, b in step_batches)],
-                                           dtype=torch.float64)
-                stepped.append((k, grad_norm))
-            step_arms(plain)  # each arm's own AdamW step, all arms in one pass
-            for k, _ in stepped:
+            else:
+                step_arms([optimizers[k] for k in stepping])
+            for k in stepping:
                 optimizers[k].zero_grad(set_to_none=True)
+            stepped = list(zip(stepping, grad_norms))
             live = [k for k in live if k not in failed]
             done = step + 1
             if done % t.log_every == 0 or done == total_steps:
