@@ -97,3 +97,12 @@ def test_geglu_matches_hf_activation_and_checks_arguments():
         geglu(gate, up[:, :3])
     with pytest.raises(TypeError, match="dtype"):
         geglu(gate, up.double())
+
+
+def test_geglu_custom_op_passes_opcheck_and_compiles():
+    gate, up, dy = inputs((3, 20), torch.float32, seed=4)
+    torch.library.opcheck(torch.ops.rankwise.geglu.default, (gate, up, "torch"))
+    compiled = torch.compile(lambda g, u: geglu(g, u, backend="torch"), backend="aot_eager", fullgraph=True)
+    got, want = against_float64(compiled, gate, up, dy)
+    for name, o, r in zip(("y", "dgate", "dup"), got, want):
+        check(f"compiled {name}", o, r, 1e-5)
