@@ -12,12 +12,17 @@ caches). Reported per K: wall time, CPU time of the process with torch on one th
 together / sequential (the issue's target on a CPU: wall time at most 0.6x for K = 4).
 Each side runs ``--repeat`` times, alternating; the figures take each side's
 best time (every sample is in the JSON): on a shared machine the minimum is the
-least disturbed measure of the work itself.
+least disturbed measure of the work itself. Because the load of a shared machine
+drifts, the JSON also holds the ratio of each alternating pair (a together run
+and the sequential run right after it) with their median and worst, and the
+1-minute load average before and after each run (``/proc/loadavg``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +66,14 @@ def build_setup(root: Path, hidden: int, layers: int, n_train: int) -> dict:
             "log": {"progress": False}, "output_dir": str(root / "unused")}
 
 
+def load_average():
+    """The 1-minute load average (None where ``os.getloadavg`` is not available)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run_side(cfg, ranks, out, together: bool) -> dict:
     """One sweep (``together`` or arm after arm) into ``out``: wall, CPU time and peak memory."""
     from rankwise.sweep import sweep
@@ -69,11 +82,12 @@ def run_side(cfg, ranks, out, together: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    load0 = load_average()
     w0, c0 = time.perf_counter(), time.process_time()
     rows = sweep(cfg, ranks, out_dir=str(out), together=together)
     if cuda:
         torch.cuda.synchronize()
-    res = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+    res = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "load_avg": [load0, load_average()],
            "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
            "arms": {r["arm"]: r["status"] for r in rows}}
     failed = [a for a, st in res["arms"].items() if st != "finished"]
@@ -118,13 +132,16 @@ def main(argv=None) -> int:
             for i, ranks in enumerate(rank_sets):
                 samples = {"sequential": [], "together": []}
                 for j in range(repeat):  # alternating, so a busy spell of a shared machine hits both sides
-                    for side in samples:
+                    for side in ("together", "sequential"):
                         samples[side].append(run_side(cfg, ranks, root / f"{side}_{i}_{j}", side == "together"))
                 best = {side: {m: min(x[m] for x in xs) for m in ("wall_s", "cpu_s")} | {
                     "peak_mem_mb": xs[0]["peak_mem_mb"], "samples": xs} for side, xs in samples.items()}
                 seq, tog = best["sequential"], best["together"]
+                pairs = [t["wall_s"] / s["wall_s"] for t, s in zip(samples["together"], samples["sequential"])]
                 runs.append({"K": len(ranks), "ranks": ranks, "repeat": repeat, "sequential": seq, "together": tog,
-                             "wall_ratio": tog["wall_s"] / seq["wall_s"], "cpu_ratio": tog["cpu_s"] / seq["cpu_s"]})
+                             "wall_ratio": tog["wall_s"] / seq["wall_s"], "cpu_ratio": tog["cpu_s"] / seq["cpu_s"],
+                             "pair_wall_ratios": pairs, "pair_wall_ratio_median": statistics.median(pairs),
+                             "pair_wall_ratio_worst": max(pairs)})
     finally:
         torch.set_num_threads(threads)
     summary = []
@@ -132,6 +149,9 @@ def main(argv=None) -> int:
         K = r["K"]
         summary += [dict(figure=f"together sweep of {K} ranks, wall time over the sequential sweep",
                          value=r["wall_ratio"], unit="x", baseline="rankwise sweep, arm after arm"),
+                    dict(figure=f"together sweep of {K} ranks, wall time over the sequential run right after it "
+                                f"(median of {r['repeat']} alternating pairs)", value=r["pair_wall_ratio_median"],
+                         unit="x", baseline="rankwise sweep, arm after arm"),
                     dict(figure=f"together sweep of {K} ranks, CPU time (1 thread) over the sequential sweep",
                          value=r["cpu_ratio"], unit="x", baseline="rankwise sweep, arm after arm"),
                     dict(figure=f"together sweep of {K} ranks, wall time", value=r["together"]["wall_s"], unit="s",
@@ -143,12 +163,13 @@ def main(argv=None) -> int:
                                 value=r["together"]["peak_mem_mb"] / r["sequential"]["peak_mem_mb"], unit="x",
                                 baseline="rankwise sweep, arm after arm"))
     payload = dict(benchmark="bench_sweep", env=environment(), steps=steps, model=dict(hidden=hidden, layers=layers),
-                   torch_threads=1, runs=runs, summary=summary)
+                   torch_threads=1, niceness=os.nice(0), runs=runs, summary=summary)
     path = write_json(payload, "bench_sweep", args.out)
     print(f"wrote {path}")
     for r in runs:
         print(f"  K={r['K']} {r['ranks']}: together {r['together']['wall_s']:.2f}s vs sequential "
-              f"{r['sequential']['wall_s']:.2f}s wall ({r['wall_ratio']:.2f}x), CPU {r['cpu_ratio']:.2f}x")
+              f"{r['sequential']['wall_s']:.2f}s wall ({r['wall_ratio']:.2f}x; pairs: median "
+              f"{r['pair_wall_ratio_median']:.2f}x, worst {r['pair_wall_ratio_worst']:.2f}x), CPU {r['cpu_ratio']:.2f}x")
     return 0
 
 
