@@ -597,7 +597,7 @@ def clip_arms(arm_params, max_norms) -> list:
 
     One ``torch._foreach_norm`` over every arm's gradients (each tensor's norm, as
     ``clip_grad_norm_`` takes them), each arm's total norm from its own tensors'
-    norms, and one ``torch._foreach_mul_`` by each tensor's arm's clamped
+    norms, and per arm one ``torch._foreach_mul_`` of its gradients by its clamped
     coefficient ``min(max_norm / (norm + 1e-6), 1)``: ``clip_grad_norm_``'s
     operations per tensor, so the same values bit for bit (tested). Falls back to
     one ``clip_grad_norm_`` per arm when the gradients are not all dense tensors of
@@ -610,7 +610,7 @@ def clip_arms(arm_params, max_norms) -> list:
         return [torch.nn.utils.clip_grad_norm_(ps, m) for ps, m in zip(arm_params, maxes)]
     with torch.no_grad():
         norms = torch._foreach_norm(flat, 2.0)
-        totals, coefs, i = [], [], 0
+        totals, i = [], 0
         for gs, max_norm in zip(grads, maxes):
             if not gs:
                 totals.append(torch.tensor(0.0))
@@ -618,8 +618,7 @@ def clip_arms(arm_params, max_norms) -> list:
             total = torch.linalg.vector_norm(torch.stack(norms[i:i + len(gs)]), 2.0)
             i += len(gs)
             totals.append(total)
-            coefs += [torch.clamp(max_norm / (total + 1e-6), max=1.0)] * len(gs)
-        torch._foreach_mul_(flat, coefs)
+            torch._foreach_mul_(gs, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return totals
 
 
