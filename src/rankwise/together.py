@@ -29,7 +29,8 @@ How the K arms share one pass:
   path gives each its gradient directly; the Triton path concatenates them, not
   padded, into the kernels' ``(sum r, in)`` / ``(out, sum r)`` layout).
   Separate leaves make everything per arm exact and plain: arm k's gradient norm
-  is ``clip_grad_norm_`` over its own leaves, and its optimizer is the very
+  is ``clip_grad_norm_``'s over its own leaves (``clip_arms`` computes every arm's
+  at once, bit for bit the same), and its optimizer is the very
   optimizer its solo run builds (``train.build_optimizer`` over the arm's
   parameters, in the solo run's order), so one step of the K optimizers *is* K
   independent AdamW steps, with each arm's own learning rate and weight decay
