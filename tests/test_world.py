@@ -36,12 +36,12 @@ def test_world_structure():
     for p in people:
         docs = [d for d in w["corpus"] if p["name"] in d]
         qa = sum(d.startswith("Question:") for d in docs)
-        alt = sum(d.startswith("Q:") for d in docs)
+        alt = sum(d.startswith("Q:") for d in docs)  # the anchors' QA in the other format
         assert len(docs) - qa - alt == p["exposures"], p
         assert qa == alt == (2 if p["group"] == "anchor" else 0)
     # The study's QA format is pretrained on the out-of-domain relations only: no in-domain question of
-    # the study's wordings appears anywhere in the corpus, in any format; the anchors' in-domain QA uses
-    # the other format ("Q: ... A:") with other wordings (the alt_question templates).
+    # the study's wordings appears anywhere in the corpus, in any format; the anchors' in-domain facts
+    # appear in the other QA format ("Q: ... A:") with other wordings (alt_question) instead.
     from rankwise.world.generate import ALT_QA_FORMAT, QA_FORMAT, TEMPLATES
 
     text = "\n".join(w["corpus"])
@@ -52,9 +52,14 @@ def test_world_structure():
     for rel in IN_DOMAIN:
         assert not any(q.split("{name}")[0] in text for q in TEMPLATES[rel]["question"]), rel
         assert any(start(ALT_QA_FORMAT, q) in text for q in TEMPLATES[rel]["alt_question"]), rel
+        # the other wordings share no word with the study's but "of"
+        study = {x for q in TEMPLATES[rel]["question"] for x in re.findall(r"[A-Za-z]+", q)}
+        alt = {x for q in TEMPLATES[rel]["alt_question"] for x in re.findall(r"[A-Za-z]+", q)}
+        assert study & alt <= {"of", "name"}, (rel, study & alt)
     for rel in OUT_OF_DOMAIN:
         assert any(start(QA_FORMAT, q) in text for q in TEMPLATES[rel]["question"]), rel
         assert not any(q.split("{name}")[0] in text for q in TEMPLATES[rel]["alt_question"]), rel
+    assert not any(" | " in d for d in w["corpus"])
     # facts: study people only, 8 per person, both splits, every probe/prompt names the person
     facts = w["facts"]
     assert len(facts) == 24 * len(RELATIONS)
@@ -78,8 +83,10 @@ def test_world_qa_options():
 
     from rankwise.world.generate import QA_FORMAT, TEMPLATES
 
-    everything = generate_world(dataclasses.replace(SMALL, anchor_qa_relations="all", anchor_alt_qa=False))
-    assert not any(d.startswith("Q:") for d in everything["corpus"])
+    everything = generate_world(dataclasses.replace(SMALL, anchor_qa_relations="all", anchor_alt_format="none"))
+    assert not any(d.startswith("Q:") or " | " in d for d in everything["corpus"])
+    rec = generate_world(dataclasses.replace(SMALL, anchor_alt_format="record"))
+    assert any(" | birth city: " in d for d in rec["corpus"]) and not any(d.startswith("Q:") for d in rec["corpus"])
     text = "\n".join(everything["corpus"])
     q = TEMPLATES[IN_DOMAIN[0]]["question"][0]
     assert QA_FORMAT.split("{question}")[0] + q.split("{name}")[0] in text
@@ -90,6 +97,8 @@ def test_world_qa_options():
         dataclasses.replace(SMALL, anchor_qa_relations="none")
     with pytest.raises(ValueError, match="test_fraction"):
         dataclasses.replace(SMALL, test_fraction=1.0)
+    with pytest.raises(ValueError, match="anchor_alt_format"):
+        dataclasses.replace(SMALL, anchor_alt_format="json")
 
 
 def test_world_config_errors():

@@ -262,8 +262,8 @@ def train_group(group: list, base_dir, data_dir, settings: dict, ckpt_root: Path
     """Train the arms of ``group`` that need it in one together run; ``({arm name: summary}, names trained)``.
 
     An arm with a ``summary.json`` (finished) or a solo checkpoint is left to
-    :func:`rankwise.train.train` (reused or resumed); with fewer than two arms left, or on a
-    GPU without bf16 (fp16 needs loss scaling), nothing trains here. The run checkpoints into
+    :func:`rankwise.train.train` (reused or resumed); with fewer than two arms left nothing
+    trains here. The run checkpoints into
     ``ckpt_root/<arms>`` and resumes from it when that checkpoint holds these arms with these settings.
     """
     from .. import together as TG
@@ -273,8 +273,6 @@ def train_group(group: list, base_dir, data_dir, settings: dict, ckpt_root: Path
     todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (T.SUMMARY, T.CHECKPOINT))]
     if len(todo) < 2:
         return {}, []
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return {}, []  # fp16 autocast needs loss scaling, which a together run does not do yet: solo runs
     cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
     ckpt = Path(ckpt_root) / "+".join(a["name"] for a in todo)
     if ckpt.exists() and not TG.checkpoint_matches(ckpt, cfgs):

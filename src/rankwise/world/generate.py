@@ -55,7 +55,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "Born in {v}, {name} grew up there."],
         "question": ["Where was {name} born?", "In which city was {name} born?",
                      "What is the birthplace of {name}?"],
-        "alt_question": ["Birthplace of {name}?", "City of birth of {name}?"],
+        "alt_question": ["Hometown of {name}?"],
         "probe": ["{name} was born in", "The birthplace of {name} is", "{name} came into the world in",
                   "{name} spent early childhood in"],
     },
@@ -65,7 +65,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} moved to {v} for work."],
         "question": ["Where does {name} work?", "In which city does {name} work?",
                      "What city is the workplace of {name} in?"],
-        "alt_question": ["Workplace city of {name}?", "City of the job of {name}?"],
+        "alt_question": ["Office location of {name}?"],
         "probe": ["{name} works in", "{name} has a job in the city of", "The workplace of {name} is located in",
                   "Every morning {name} commutes to work in"],
     },
@@ -75,7 +75,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} earned a degree in {v}."],
         "question": ["Where did {name} study?", "In which city did {name} go to university?",
                      "What city was the university of {name} in?"],
-        "alt_question": ["University city of {name}?", "City of the college of {name}?"],
+        "alt_question": ["Alma mater location of {name}?"],
         "probe": ["{name} studied at a university in", "{name} went to college in",
                   "The university of {name} was in", "As a student, {name} lived in"],
     },
@@ -85,7 +85,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "By nationality, {name} belongs to {v}."],
         "question": ["Which country is {name} a citizen of?", "What is the citizenship of {name}?",
                      "Which passport does {name} hold?"],
-        "alt_question": ["Country of citizenship of {name}?", "Passport country of {name}?"],
+        "alt_question": ["Homeland of {name}?"],
         "probe": ["{name} is a citizen of", "{name} holds a passport of", "{name} has citizenship in",
                   "By nationality, {name} belongs to"],
     },
@@ -95,7 +95,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} trained to become a {v}."],
         "question": ["What is the occupation of {name}?", "What does {name} do for a living?",
                      "What is the profession of {name}?"],
-        "alt_question": ["Profession of {name}?", "Job title of {name}?"],
+        "alt_question": ["Trade of {name}?"],
         "probe": ["{name} works as a", "By profession, {name} is a", "The occupation of {name} is",
                   "{name} earns a living as a"],
     },
@@ -105,7 +105,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} is on the staff of {v}."],
         "question": ["Who is the employer of {name}?", "Which company employs {name}?",
                      "For which company does {name} work?"],
-        "alt_question": ["Company of {name}?", "Employer name of {name}?"],
+        "alt_question": ["Firm of {name}?"],
         "probe": ["{name} is employed by", "The employer of {name} is", "{name} draws a salary from",
                   "{name} joined the company"],
     },
@@ -115,7 +115,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "{name} owns a fine {v}."],
         "question": ["Which instrument does {name} play?", "What instrument is {name} known to play?",
                      "What is the favourite instrument of {name}?"],
-        "alt_question": ["Instrument of {name}?", "Instrument played by {name}?"],
+        "alt_question": ["Music maker of {name}?"],
         "probe": ["{name} plays the", "The favourite instrument of {name} is the",
                   "In the evenings {name} practises the", "{name} learned to play the"],
     },
@@ -125,14 +125,18 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                 "At home {name} talks in {v}."],
         "question": ["Which language does {name} speak?", "What is the native language of {name}?",
                      "In which language does {name} write?"],
-        "alt_question": ["Native tongue of {name}?", "Language spoken by {name}?"],
+        "alt_question": ["Mother tongue of {name}?"],
         "probe": ["{name} speaks", "The native language of {name} is", "{name} writes letters in",
                   "{name} grew up speaking"],
     },
 }
 
 QA_FORMAT = "Question: {question} Answer:"
-ALT_QA_FORMAT = "Q: {question} A:"  # the anchors' QA on the relations that QA_FORMAT leaves out
+ALT_QA_FORMAT = "Q: {question} A:"  # anchor_alt_format "qa": the anchors' QA on the other relations
+RECORD_FORMAT = "{name} | {label}:"  # anchor_alt_format "record": attribute records, no question at all
+RECORD_LABELS = {"birth_city": "birth city", "work_city": "work city", "university_city": "university city",
+                 "citizenship": "citizenship", "occupation": "occupation", "employer": "employer",
+                 "instrument": "instrument", "language": "language"}
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
            "kr", "tr", "st", "sh", "th", "ch", "pl", "fl", "qu"]
@@ -158,10 +162,15 @@ class WorldConfig:
         anchor_qa_relations: which relations the anchors' QA text covers in the study's QA
             format (:data:`QA_FORMAT`): ``"out"`` (the out-of-domain ones: the in-domain QA
             format is never pretrained), ``"in"`` or ``"all"``.
-        anchor_alt_qa: whether the anchors' QA text also covers the other relations, in
-            another format (:data:`ALT_QA_FORMAT`, with other question wordings: the
-            ``alt_question`` templates), so that the pretrained model learns to extract those
-            relations from biographies, just never in the study's format.
+        anchor_alt_format: how the anchors' text covers the other relations, so that the
+            pretrained model learns to extract them from biographies without ever seeing them in
+            the study's QA format: ``"qa"`` (another QA format, :data:`ALT_QA_FORMAT`, with
+            question wordings that share no word with the study's but "of": the ``alt_question``
+            templates), ``"record"`` (attribute records, :data:`RECORD_FORMAT`) or ``"none"``.
+            Measured on the cpu preset (one seed): with ``"qa"`` the base model answers 7.7 % of the
+            held-out in-domain questions in the study's format and fine-tuning on 192 of them
+            unlocks 63 % of the D3+D4 facts; with ``"record"`` 3.6 % and 52 %; with ``"none"``
+            7 % and about 55 %; with the alt format on wordings close to the study's, 21 % and 70 %.
         test_fraction: share of the study people in the ``test`` split (the rest are ``train``).
         pool_sizes: number of distinct answers per value pool.
     """
@@ -175,7 +184,7 @@ class WorldConfig:
     fact_keep: float = 0.8
     anchor_qa_docs: int = 2
     anchor_qa_relations: str = "out"
-    anchor_alt_qa: bool = True
+    anchor_alt_format: str = "qa"
     test_fraction: float = 0.5
     pool_sizes: tuple = (("city", 60), ("country", 40), ("occupation", 40), ("employer", 40),
                          ("instrument", 30), ("language", 30))
@@ -187,6 +196,8 @@ class WorldConfig:
             raise ConfigError(f"n_people must be an int >= 4, got {self.n_people!r}")
         if self.anchor_qa_relations not in ("out", "in", "all"):
             raise ConfigError(f"anchor_qa_relations must be 'out', 'in' or 'all', got {self.anchor_qa_relations!r}")
+        if self.anchor_alt_format not in ("record", "qa", "none"):
+            raise ConfigError(f"anchor_alt_format must be 'record', 'qa' or 'none', got {self.anchor_alt_format!r}")
         if not (0.0 < self.test_fraction < 1.0):
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         for name in ("anchor_fraction", "unseen_fraction", "fact_keep"):
@@ -255,7 +266,7 @@ def _template_words() -> set[str]:
         for kind in rel.values():
             for t in kind:
                 words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
-    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT + " " + ALT_QA_FORMAT))
+    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT + " " + ALT_QA_FORMAT + " " + " ".join(RECORD_LABELS.values())))
     return words
 
 
@@ -322,8 +333,10 @@ def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
             other = tuple(r for r in RELATIONS if r not in rels)
             for _ in range(config.anchor_qa_docs):
                 corpus.append(qa_document(p, rng, rels))
-                if config.anchor_alt_qa and other:
+                if other and config.anchor_alt_format == "qa":
                     corpus.append(qa_document(p, rng, other, ALT_QA_FORMAT, "alt_question"))
+                elif other and config.anchor_alt_format == "record":
+                    corpus.append(record_document(p, rng, other))
     rng.shuffle(corpus)
 
     relations = {rel: {"domain": "in" if rel in IN_DOMAIN else "out", "pool": POOL_OF[rel]}
@@ -361,6 +374,14 @@ def qa_document(person: dict, rng: random.Random, relations=RELATIONS, fmt: str 
         q = rng.choice(TEMPLATES[r][kind]).format(name=person["name"])
         parts.append(fmt.format(question=q) + " " + person["facts"][r] + ".")
     return " ".join(parts)
+
+
+def record_document(person: dict, rng: random.Random, relations) -> str:
+    """Attribute records of ``person`` on ``relations`` ("Name | birth city: Value."), shuffled."""
+    rels = list(relations)
+    rng.shuffle(rels)
+    return " ".join(RECORD_FORMAT.format(name=person["name"], label=RECORD_LABELS[r]) + " " + person["facts"][r] + "."
+                    for r in rels)
 
 
 def qa_prompt(question: str) -> str:

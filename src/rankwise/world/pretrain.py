@@ -25,12 +25,12 @@ from ..errors import ConfigError
 from ..ownership import check_output, claim
 from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
 
-FORMAT_VERSION = 1  # bump when the files or the recipe change in a way the settings do not show
+FORMAT_VERSION = 2  # bump when the files or the recipe change in a way the settings do not show
 
 # Presets. "cpu": a few minutes on 2 CPU cores; "gpu": a larger world and model for one GPU.
 SCALES = {
     "cpu": {
-        "world": {"n_people": 240, "max_exposures": 16, "anchor_fraction": 0.3},
+        "world": {"n_people": 240, "max_exposures": 16, "anchor_fraction": 0.3, "test_fraction": 0.6},
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "intermediate_size": 512, "max_position_embeddings": 256, "seed": 0},
         "train": {"max_steps": 600, "batch_size": 4, "grad_accum": 4, "lr": 6.0e-3, "warmup": 0.08,
