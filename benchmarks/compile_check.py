@@ -122,6 +122,15 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
                     y = ops.lora_linear(x, W, A, B, 2.0, bias=b, dropout_p=dropout, seed=1, backend="triton")
                     y.backward(torch.ones_like(y))
                 case(f"lora_linear {dt} M={M} K={K} N={N} r={r} p={dropout} bias={bias}", lora)
+        # the split path's in-place tails (torch's GEMM runs for real on the CPU): odd shape, a rank past one block
+        for (M, K, N, r) in ((37, 45, 29, 3), (96, 64, 80, 128)):
+            def split(M=M, K=K, N=N, r=r, dt=dt):
+                x, W = t(M, K, dtype=dt, grad=True), t(N, K, dtype=dt)
+                A, B = t(r, K, dtype=dt, grad=True), t(N, r, dtype=dt, grad=True)
+                y = ops.lora_linear(x, W, A, B, 2.0, bias=t(N, dtype=dt), dropout_p=0.1, seed=1, backend="triton",
+                                    path="split")
+                y.backward(torch.ones_like(y))
+            case(f"lora_linear split {dt} M={M} K={K} N={N} r={r} p=0.1 bias=True", split)
         torch.use_deterministic_algorithms(True)
         case(f"lora_linear {dt} deterministic", lambda dt=dt: ops.lora_linear(
             t(40, 64, dtype=dt, grad=True), t(48, 64, dtype=dt), t(8, 64, dtype=dt, grad=True),

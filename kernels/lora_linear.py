@@ -37,6 +37,14 @@ does (eager calls take the cheaper autograd.Function; see "Autograd" below).
 Accumulation is fp32 throughout; outputs are stored in the compute dtype (S and
 dS too, as PEFT's eager layer keeps them).
 
+Split path (``path="split"``, or ``"auto"``'s measured choice on CUDA,
+``tuning.py``): kernel 2 becomes Y = torch.addmm(b, x, W.T) (cuBLAS) followed
+by one Triton kernel adding s * S @ B.T in place, and kernel 4 becomes
+dX = dY @ W (cuBLAS) followed by one adding (dS @ A) * m / (1 - p) in place
+(``lowrank.lowrank_fwd_add_`` / ``lowrank_dx_add_``); kernels 1, 3 and 5 are
+the same. The base product is rounded to the compute dtype before the tail is
+added (the fused path rounds once), as torch's own layer does.
+
 Layout: kernels 1, 3 and 5, the low-rank tails of kernels 2 and 4 and the
 torch path live in ``lowrank.py`` (shared with the NF4 layer); this file holds
 the dense base-weight kernels 2 and 4 and the public ``lora_linear``, the one
@@ -68,12 +76,15 @@ from .lowrank import (
     dropout_mask,
     lora_down,
     lora_linear_torch,
+    lowrank_dx_add_,
     lowrank_dx_tail,
+    lowrank_fwd_add_,
     lowrank_fwd_tail,
     lowrank_grads,
     op_seed,
     validate_lora_args,
 )
+from .tuning import PATHS, check_path, choose_path
 from .nf4 import NF4Weight
 from .nf4_lora import nf4_lora_linear
 from .utils import (
@@ -216,6 +227,37 @@ def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) ->
     return dX
 
 
+def _fwd_split(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The split path of ``_fwd_gemm``: Y = x2 @ W.T (+ bias) by torch (cuBLAS on CUDA),
+    then ``Y += scaling * S @ B.T`` in place by one Triton kernel."""
+    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+    return lowrank_fwd_add_(Y, S, B, scaling)
+
+
+def _bwd_dX_split(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """The split path of ``_bwd_dX``: dX = dY @ W by torch (cuBLAS on CUDA), then
+    ``dX += dropout_mask * (dS @ A) / (1 - p)`` in place by one Triton kernel."""
+    return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
+
+
+def _fwd_path(x2, W, S, B, scaling: float, bias, path: str) -> torch.Tensor:
+    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    M, K = x2.shape
+    path = choose_path(path, "lora_fwd", M, W.shape[0], K, x2, lambda: {
+        "fused": lambda: _fwd_gemm(x2, W, S, B, scaling, bias),
+        "split": lambda: _fwd_split(x2, W, S, B, scaling, bias)})
+    return (_fwd_split if path == "split" else _fwd_gemm)(x2, W, S, B, scaling, bias)
+
+
+def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
+    """dX by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    M, N = dY.shape
+    path = choose_path(path, "lora_dx", M, A.shape[1], N, dY, lambda: {
+        "fused": lambda: _bwd_dX(dY, W, dS, A, dropout_p, seed),
+        "split": lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed)})
+    return (_bwd_dX_split if path == "split" else _bwd_dX)(dY, W, dS, A, dropout_p, seed)
+
+
 # ----------------------------------------------------------------------------
 # Autograd: one forward, one setup_context and one backward, used twice:
 #
@@ -240,24 +282,26 @@ def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) ->
 
 
 def _lora_linear_fwd(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                     bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: int,
+                     path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the layer on a 2-D x (kernels 1 and 2): returns ``(Y, S)``.
 
     S = dropout(x) @ A.T (M, r) is returned so that backward can save it (a
     custom op's intermediates are invisible to autograd otherwise); it is marked
     non-differentiable and ``lora_linear`` drops it. ``seed`` is ignored when
-    ``dropout_p`` is 0.
+    ``dropout_p`` is 0. ``path`` picks kernel 2 (``"fused"``) or the split path
+    (``"split"``: torch's GEMM, then the in-place low-rank tail), ``"auto"`` the
+    measured choice on CUDA; the backward's dX follows the same rule.
     """
     S = lora_down(x2, lora_A, dropout_p, seed)
-    return _fwd_gemm(x2, weight, S, lora_B, scaling, bias), S
+    return _fwd_path(x2, weight, S, lora_B, scaling, bias, path), S
 
 
 _lora_linear_op = torch.library.custom_op("rankwise::lora_linear", _lora_linear_fwd, mutates_args=())
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_fake(x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+def _lora_linear_fake(x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, path="auto"):
     M = x2.shape[0]
     return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, lora_A.shape[0]))
 
@@ -266,45 +310,47 @@ def _lora_linear_fake(x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed
 
 @torch.library.custom_op("rankwise::lora_dx", mutates_args=())
 def _lora_dx_op(dY: torch.Tensor, weight: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor,
-                dropout_p: float, seed: int) -> torch.Tensor:
-    """dX of kernel 4, the dropout mask regenerated from ``seed``."""
-    return _bwd_dX(dY, weight, dS, lora_A, dropout_p, seed)
+                dropout_p: float, seed: int, path: str = "auto") -> torch.Tensor:
+    """dX of kernel 4 (or of the split path, per ``path``), the dropout mask regenerated from ``seed``."""
+    return _dx_path(dY, weight, dS, lora_A, dropout_p, seed, path)
 
 
 @_lora_dx_op.register_fake
-def _lora_dx_fake(dY, weight, dS, lora_A, dropout_p, seed):
+def _lora_dx_fake(dY, weight, dS, lora_A, dropout_p, seed, path="auto"):
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
 
 def _lora_linear_setup_context(ctx, inputs, output):
-    x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
+    x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs[:8]
     S = output[1]
     # Saved: x and S (activations), the seed (the mask is regenerated, never
     # stored); W, A, B are the layer's own tensors, saved by reference.
     ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
     ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.path, ctx.n_inputs = (inputs[8] if len(inputs) > 8 else "auto"), len(inputs)
     ctx.mark_non_differentiable(S)
     ctx.set_materialize_grads(False)  # S never gets a gradient: no zero (M, r) tensor for it
 
 
 def _lora_linear_backward(ctx, dY, k: LowRankBackward, dx):
-    """Gradients of all eight inputs (None for the non-tensor ones and those
-    that need none). ``k`` runs kernels 3 and 5, ``dx`` kernel 4 (launchers
-    when eager, custom ops when traced)."""
+    """Gradients of all inputs (None for the non-tensor ones and those that need
+    none). ``k`` runs kernels 3 and 5, ``dx`` kernel 4 or the split dX path
+    (launchers when eager, custom ops when traced)."""
     x2, weight, lora_A, lora_B, S = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    tail = (None,) * (ctx.n_inputs - 5)
     if dY is None:
-        return (None,) * 8
+        return (None,) * 5 + tail
     dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
     dX, dA, dB = lowrank_grads(
         k, dY, x2, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
-        lambda dY, dS: dx(dY, weight, dS, lora_A, ctx.dropout_p, ctx.seed))
+        lambda dY, dS: dx(dY, weight, dS, lora_A, ctx.dropout_p, ctx.seed, ctx.path))
     # The base weight and bias are frozen in LoRA, but get their gradients (in
     # torch) when they do require grad, like nn.Linear's.
     dW = (dY.t() @ x2).to(weight.dtype) if need_w else None
     dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return dX, dW, dA, dB, dbias, None, None, None
+    return (dX, dW, dA, dB, dbias) + tail
 
 
 _lora_linear_op.register_autograd(
@@ -326,7 +372,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY, _dS):
-        return _lora_linear_backward(ctx, dY, LAUNCHERS, _bwd_dX)
+        return _lora_linear_backward(ctx, dY, LAUNCHERS, _dx_path)
 
 
 # ----------------------------------------------------------------------------
@@ -347,7 +393,7 @@ lora_linear_reference = lora_linear_torch
 
 def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", path: str = "auto") -> torch.Tensor:
     """Fused LoRA linear layer.
 
     Returns ``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
@@ -367,6 +413,12 @@ def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
         backend: ``"triton"`` (our kernels; on the CPU only under ``TRITON_INTERPRET=1``),
             ``"torch"`` (plain torch ops, ``lora_linear_reference``) or ``"auto"`` (Triton on
             CUDA, else torch).
+        path: how the Triton backend does the two big GEMMs (forward Y and backward dX):
+            ``"fused"`` (one Triton GEMM with the low-rank term in its accumulator),
+            ``"split"`` (torch's GEMM, cuBLAS on CUDA, then one Triton kernel adding the
+            low-rank term in place) or ``"auto"`` (on CUDA the faster of the two per
+            shape, timed once and cached: ``kernels/tuning.py``; fused elsewhere).
+            Ignored by the torch backend.
 
     Dtypes: x is fp32, fp16 or bf16 (any float for the torch backend); ``weight``,
     ``lora_A``, ``lora_B`` and ``bias`` are cast to x's dtype (differentiably), as
@@ -384,8 +436,9 @@ def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
         Tensor of shape ``(..., out_features)`` in the compute dtype.
     """
     if isinstance(weight, NF4Weight):  # the one dense / NF4 dispatch of the LoRA layer
-        return nf4_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend)
+        return nf4_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend, path=path)
     check_tensor(weight, "weight", 2)
+    check_path(path)
     scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
                                  backend)
     dropout_p = float(dropout_p)
@@ -411,5 +464,5 @@ def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     x2 = x.reshape(-1, x.shape[-1])
     with torch.autocast(device_type, enabled=False):
         y, _ = fused_apply(LoRALinearFunction, torch.ops.rankwise.lora_linear)(
-            x2, weight, lora_A, lora_B, bias, scaling, dropout_p, op_seed(dropout_p, seed))
+            x2, weight, lora_A, lora_B, bias, scaling, dropout_p, op_seed(dropout_p, seed), path)
     return y.reshape(*lead, weight.shape[0])

@@ -15,6 +15,13 @@ inside their own accumulators:
     acc += (s * S) @ B.T (+ b)             ``lowrank_fwd_tail`` (forward tile)
     acc += (dS @ A) * m / (1 - p)          ``lowrank_dx_tail``  (dX tile)
 
+and the split path's two in-place tail kernels, which run those same tails on
+a product torch already made (``torch.addmm`` / ``mm``: cuBLAS on CUDA), one
+read and one write of each output tile:
+
+    Y  += s * S @ B.T                      ``lowrank_fwd_add_``  (after Y = x @ W.T + b)
+    dX += (dS @ A) * m / (1 - p)           ``lowrank_dx_add_``   (after dX = dY @ W)
+
 The dropout mask is never stored: every kernel that needs it regenerates it
 from (seed, flat element index) with Philox (``utils.dropout_keep``);
 ``dropout_mask`` returns it for tests and users.
@@ -222,6 +229,56 @@ def _lora_bwd_da_kernel(
 
 
 @triton.jit
+def _lowrank_fwd_add_kernel(
+    Y, S, B,
+    M, N, R,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_bn, stride_br,
+    scaling,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    """Y[m, n] += s * sum_r S[m, r] * B[n, r], in place   (the split path's forward tail).
+
+    Y already holds the base product x @ W.T + b (cuBLAS); each program reads its
+    (BM, BN) tile of Y once, adds the low-rank term with ``lowrank_fwd_tail`` in
+    fp32 and writes it back once."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    y_ptrs = Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc = lowrank_fwd_tail(acc, S, B, Y, rm, rn, M, N, R, stride_sm, stride_sr, stride_bn, stride_br,
+                           scaling, False, UPCAST, PREC, BR)
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lowrank_dx_add_kernel(
+    DX, DS, A,
+    M, K, R,
+    stride_dxm, stride_dxk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    """dX[m, k] += (sum_r dS[m, r] * A[r, k]) * m[m, k] / (1 - p), in place   (the split
+    path's dX tail; dX already holds dY @ W, and the keep-mask m is regenerated
+    from the seed by ``lowrank_dx_tail``)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    dx_ptrs = DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+    acc = tl.load(dx_ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc = lowrank_dx_tail(acc, DS, A, rm, rk, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                          seed, p, keep_scale, HAS_DROPOUT, UPCAST, PREC, BM, BK, BR)
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dropout_mask_kernel(OUT, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -330,6 +387,59 @@ def lora_da(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtyp
         BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
     )
     return dA
+
+
+def tail_config(dtype: torch.dtype) -> dict:
+    """Tiles of the split path's in-place tail kernels: memory-bound (one read and
+    one write of the output tile, the S / dS and B / A rows beside it), so wide
+    tiles of the output and a short rank loop."""
+    if INTERPRET:
+        return dict(BM=32, BN=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BM=64, BN=64, num_warps=4, num_stages=2)
+    return dict(BM=64, BN=128, num_warps=8, num_stages=2)
+
+
+def lowrank_fwd_add_(Y: torch.Tensor, S: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``Y += scaling * S @ B.T`` in place (Y: (M, N), S: (M, r), B: (N, r)); returns Y.
+    The split path's forward tail, after the base product ``Y = x @ W.T + b``."""
+    M, N = Y.shape
+    R = S.shape[1]
+    if M == 0 or N == 0:
+        return Y
+    BR = rank_block(R)
+    cfg = fit_shared_memory(tail_config(Y.dtype), Y.device, BR, Y.dtype)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
+    _lowrank_fwd_add_kernel[grid](
+        Y, S, B, M, N, R,
+        Y.stride(0), Y.stride(1), S.stride(0), S.stride(1), B.stride(0), B.stride(1),
+        float(scaling),
+        UPCAST=upcast_for_dot(Y.dtype), PREC=dot_precision(Y.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return Y
+
+
+def lowrank_dx_add_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0,
+                    seed: Optional[int] = None) -> torch.Tensor:
+    """``dX += dropout_mask * (dS @ A) / (1 - p)`` in place (dX: (M, K), dS: (M, r),
+    A: (r, K)); returns dX. The split path's dX tail, after ``dX = dY @ W``."""
+    M, K = dX.shape
+    R = dS.shape[1]
+    if M == 0 or K == 0:
+        return dX
+    BR = rank_block(R)
+    cfg = fit_shared_memory(tail_config(dX.dtype), dX.device, BR, dX.dtype)
+    has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(K, cfg["BN"]))
+    _lowrank_dx_add_kernel[grid](
+        dX, dS, A, M, K, R,
+        dX.stride(0), dX.stride(1), dS.stride(0), dS.stride(1), A.stride(0), A.stride(1),
+        seed, p, keep_scale,
+        HAS_DROPOUT=has_drop, UPCAST=upcast_for_dot(dX.dtype), PREC=dot_precision(dX.dtype),
+        BM=cfg["BM"], BK=cfg["BN"], BR=BR, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dX
 
 
 def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:

@@ -61,6 +61,7 @@ from .lowrank import (
     validate_lora_args,
 )
 from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_kernel_args, nf4_rows_tile, nf4_tile
+from .tuning import check_path
 from .utils import (
     INTERPRET,
     check_triton_tensor,
@@ -360,7 +361,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
 
 def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", path: str = "auto") -> torch.Tensor:
     """``x @ dequant(weight).T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
 
     Args are those of ``rankwise.kernels.lora_linear`` with ``weight`` an
@@ -368,6 +369,8 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     Backend ``"triton"`` dequantizes W tiles inside the GEMM kernels (no
     full-precision W is ever allocated); ``"torch"`` (and ``"auto"`` off CUDA)
     dequantizes W, then runs the plain-torch reference. The weight gets no gradient.
+    ``path``: only the fused path exists for an NF4 base so far; ``"auto"`` and
+    ``"fused"`` take it, ``"split"`` is refused.
 
     Returns:
         Tensor (..., out_features) in the compute dtype (x's, or autocast's).
@@ -379,6 +382,9 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
                          f"got shape {tuple(weight.shape)}")
     scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
                                  backend)
+    check_path(path)
+    if path == "split":
+        raise ValueError("path: the split path is not implemented for an NF4 base weight yet; use 'auto' or 'fused'")
     dropout_p = float(dropout_p)
     seed = draw_seed(dropout_p, seed)
 
