@@ -368,6 +368,15 @@ def _errorbar(ax, xs, pts, **kw):
     ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, marker="o", **kw)
 
 
+def _save(fig, out: Path, files: dict, key: str, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    files[key] = name
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+
+
 def plots(out: Path, results: dict) -> dict:
     """The PNG plots; returns ``{kind: file name}``."""
     import matplotlib
@@ -403,10 +412,7 @@ def plots(out: Path, results: dict) -> dict:
     axes[0].set_ylabel("accuracy (mean over seeds, 95 % CI)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    files["rank"] = "accuracy_vs_rank.png"
-    fig.savefig(out / files["rank"], dpi=110)
-    plt.close(fig)
+    _save(fig, out, files, "rank", "accuracy_vs_rank.png")
 
     # 2. accuracy vs data size (LoRA at the large-set rank, full SFT)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -428,10 +434,7 @@ def plots(out: Path, results: dict) -> dict:
     ax.set_title(f"accuracy vs data size ({nseeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["data_size"] = "accuracy_vs_data_size.png"
-    fig.savefig(out / files["data_size"], dpi=110)
-    plt.close(fig)
+    _save(fig, out, files, "data_size", "accuracy_vs_data_size.png")
 
     # 3. full SFT on the natural mix, the known and the unknown facts (same size)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -450,10 +453,7 @@ def plots(out: Path, results: dict) -> dict:
     ax.set_title(f"what the fine-tuning facts are ({nseeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["mastery"] = "accuracy_by_train_bucket.png"
-    fig.savefig(out / files["mastery"], dpi=110)
-    plt.close(fig)
+    _save(fig, out, files, "mastery", "accuracy_by_train_bucket.png")
 
     # 4. restoration: top / bottom / random vs fraction
     pts = results["restoration"]["points"]
@@ -479,10 +479,7 @@ def plots(out: Path, results: dict) -> dict:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("mean accuracy over buckets (95 % CI)")
         axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        files["restoration"] = "accuracy_vs_restored_fraction.png"
-        fig.savefig(out / files["restoration"], dpi=110)
-        plt.close(fig)
+        _save(fig, out, files, "restoration", "accuracy_vs_restored_fraction.png")
 
     # 5. the findings: effects with their intervals
     fs = [f for f in results["findings"] if f["effect"] is not None and f["id"] != "intruders"]
@@ -498,8 +495,5 @@ def plots(out: Path, results: dict) -> dict:
     ax.set_xlabel("effect (accuracy difference; > 0: as the claim says), 95 % CI")
     ax.set_title(f"findings ({nseeds} seeds; intruders in the table)")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    files["findings"] = "findings.png"
-    fig.savefig(out / files["findings"], dpi=110)
-    plt.close(fig)
+    _save(fig, out, files, "findings", "findings.png")
     return files
