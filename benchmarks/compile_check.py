@@ -142,6 +142,8 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
                 x = t(40, 64, dtype=dt, grad=True)
                 A, B = t(16, 64, dtype=dt, grad=True), t(128, 16, dtype=dt, grad=True)
                 ops.lora_linear(x, q, A, B, 2.0, dropout_p=0.1, seed=3, backend="triton").sum().backward()
+                ops.lora_linear(x, q, A, B, 2.0, dropout_p=0.1, seed=3, backend="triton",
+                                path="split").sum().backward()
                 ops.nf4_dequantize(q, backend="triton")
                 ops.nf4.nf4_quantize_packed(t(128, 64, dtype=dt), 64, q.code if hasattr(q, "code") else
                                           torch.linspace(-1, 1, 16))

@@ -54,14 +54,16 @@ from .lowrank import (
     dropout_args,
     lora_down,
     lora_linear_torch,
+    lowrank_dx_add_,
     lowrank_dx_tail,
+    lowrank_fwd_add_,
     lowrank_fwd_tail,
     lowrank_grads,
     op_seed,
     validate_lora_args,
 )
-from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_kernel_args, nf4_rows_tile, nf4_tile
-from .tuning import check_path
+from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_dequantize, nf4_kernel_args, nf4_rows_tile, nf4_tile
+from .tuning import check_path, choose_path
 from .utils import (
     INTERPRET,
     check_triton_tensor,
@@ -254,6 +256,51 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
     return dX
 
 
+def _nf4_dense(nf4, meta, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """The split path's W: the NF4 weight dequantized whole by ``nf4.nf4_dequantize``'s
+    kernel (bitsandbytes' values, in W's original dtype), then cast to ``dtype`` as
+    the torch path does. A transient (N, K) tensor, as in bitsandbytes + PEFT."""
+    packed, absmax, qmap, nested, nmap, offset = nf4
+    blocksize, double_quant, nested_blocksize, wdtype = meta
+    q = NF4Weight(packed, absmax, qmap, blocksize, (N, K), wdtype, nested if double_quant else None,
+                  nmap if double_quant else None, offset if double_quant else None, nested_blocksize)
+    W = nf4_dequantize(q, backend="triton")
+    return W if W.dtype == dtype else W.to(dtype)
+
+
+def _nf4_fwd_split(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The split path of ``_nf4_fwd_gemm``: dequantize W, Y = x2 @ W.T (+ bias) by torch
+    (cuBLAS on CUDA), then ``Y += scaling * S @ B.T`` in place by one Triton kernel."""
+    W = _nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype)
+    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+    return lowrank_fwd_add_(Y, S, B, scaling)
+
+
+def _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """The split path of ``_nf4_bwd_dX``: dequantize W, dX = dY @ W by torch, then
+    ``dX += dropout_mask * (dS @ A) / (1 - p)`` in place by one Triton kernel."""
+    W = _nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype)
+    return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
+
+
+def _nf4_fwd_path(x2, nf4, meta, S, B, scaling: float, bias, path: str) -> torch.Tensor:
+    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    M, K = x2.shape
+    path = choose_path(path, "nf4_fwd", M, B.shape[0], K, x2, lambda: {
+        "fused": lambda: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias),
+        "split": lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias)})
+    return (_nf4_fwd_split if path == "split" else _nf4_fwd_gemm)(x2, nf4, meta, S, B, scaling, bias)
+
+
+def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
+    """dX by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    M, N = dY.shape
+    path = choose_path(path, "nf4_dx", M, A.shape[1], N, dY, lambda: {
+        "fused": lambda: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed),
+        "split": lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed)})
+    return (_nf4_bwd_dX_split if path == "split" else _nf4_bwd_dX)(dY, nf4, meta, dS, A, dropout_p, seed)
+
+
 # ----------------------------------------------------------------------------
 # Autograd: a custom op for torch.compile and its autograd.Function twin for
 # eager calls, sharing forward, setup_context and backward (as in
@@ -270,12 +317,14 @@ def _nf4_lora_linear_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
                          packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                          nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
                          blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
-                         scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         scaling: float, dropout_p: float, seed: int, path: str = "auto"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on a 2-D x: ``(Y, S)``, S returned for backward only (see
-    ``rankwise::lora_linear``). W's out_features is lora_B's first dimension."""
+    ``rankwise::lora_linear``). W's out_features is lora_B's first dimension.
+    ``path``: fused kernel, split path (dequantize, torch's GEMM, in-place tail) or "auto"."""
     nf4 = (packed, absmax, quant_map, nested_absmax, nested_map, offset)
     S = lora_down(x2, lora_A, dropout_p, seed)
-    Y = _nf4_fwd_gemm(x2, nf4, (blocksize, double_quant, nested_blocksize, wdtype), S, lora_B, scaling, bias)
+    Y = _nf4_fwd_path(x2, nf4, (blocksize, double_quant, nested_blocksize, wdtype), S, lora_B, scaling, bias, path)
     return Y, S
 
 
@@ -284,7 +333,7 @@ _nf4_lora_linear_op = torch.library.custom_op("rankwise::nf4_lora_linear", _nf4_
 
 @_nf4_lora_linear_op.register_fake
 def _nf4_lora_linear_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
-                          blocksize, double_quant, nested_blocksize, wdtype, scaling, dropout_p, seed):
+                          blocksize, double_quant, nested_blocksize, wdtype, scaling, dropout_p, seed, path="auto"):
     M = x2.shape[0]
     return x2.new_empty((M, lora_B.shape[0])), x2.new_empty((M, lora_A.shape[0]))
 
@@ -292,10 +341,13 @@ def _nf4_lora_linear_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, n
 def _nf4_lora_dx(dY: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                  nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
                  blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
-                 dS: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """dX of kernel 2, W tiles dequantized in registers, the mask regenerated from ``seed``."""
+                 dS: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int,
+                 path: str = "auto") -> torch.Tensor:
+    """dX of kernel 2, W tiles dequantized in registers (or of the split path, per
+    ``path``), the mask regenerated from ``seed``."""
     nf4 = (packed, absmax, quant_map, nested_absmax, nested_map, offset)
-    return _nf4_bwd_dX(dY, nf4, (blocksize, double_quant, nested_blocksize, wdtype), dS, lora_A, dropout_p, seed)
+    return _nf4_dx_path(dY, nf4, (blocksize, double_quant, nested_blocksize, wdtype), dS, lora_A, dropout_p, seed,
+                        path)
 
 
 _nf4_lora_dx_op = torch.library.custom_op("rankwise::nf4_lora_dx", _nf4_lora_dx, mutates_args=())
@@ -303,7 +355,7 @@ _nf4_lora_dx_op = torch.library.custom_op("rankwise::nf4_lora_dx", _nf4_lora_dx,
 
 @_nf4_lora_dx_op.register_fake
 def _nf4_lora_dx_fake(dY, packed, absmax, quant_map, nested_absmax, nested_map, offset,
-                      blocksize, double_quant, nested_blocksize, wdtype, dS, lora_A, dropout_p, seed):
+                      blocksize, double_quant, nested_blocksize, wdtype, dS, lora_A, dropout_p, seed, path="auto"):
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
@@ -313,23 +365,24 @@ def _nf4_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
     ctx.nf4_meta = tuple(inputs[10:14])
     ctx.scaling, ctx.dropout_p, ctx.seed = inputs[14:17]
+    ctx.path, ctx.n_inputs = (inputs[17] if len(inputs) > 17 else "auto"), len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _nf4_backward(ctx, dY, k: LowRankBackward, dx_kernel):
-    """Gradients of all 17 inputs: x, A, B, bias, then None for the NF4 weight
-    (frozen), its constants, scaling, dropout_p and seed. ``k`` and
+    """Gradients of all inputs: x, A, B, bias, then None for the NF4 weight
+    (frozen), its constants, scaling, dropout_p, seed and path. ``k`` and
     ``dx_kernel`` are the launchers (eager) or the custom ops (traced)."""
     x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-    none_rest = (None,) * 13
+    none_rest = (None,) * (ctx.n_inputs - 4)
     if dY is None:
         return (None,) * 4 + none_rest
     dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
     dX, dA, dB = lowrank_grads(
         k, dY, x2, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
-        lambda dY, dS: dx_kernel(dY, *nf4, *ctx.nf4_meta, dS, lora_A, ctx.dropout_p, ctx.seed))
+        lambda dY, dS: dx_kernel(dY, *nf4, *ctx.nf4_meta, dS, lora_A, ctx.dropout_p, ctx.seed, ctx.path))
     dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
     return (dX, dA, dB, dbias) + none_rest
 
@@ -369,8 +422,10 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     Backend ``"triton"`` dequantizes W tiles inside the GEMM kernels (no
     full-precision W is ever allocated); ``"torch"`` (and ``"auto"`` off CUDA)
     dequantizes W, then runs the plain-torch reference. The weight gets no gradient.
-    ``path``: only the fused path exists for an NF4 base so far; ``"auto"`` and
-    ``"fused"`` take it, ``"split"`` is refused.
+    ``path``: ``"fused"`` (W tiles dequantized inside the Triton GEMMs), ``"split"``
+    (W dequantized whole by the NF4 kernel into a transient tensor, torch's GEMM,
+    then the in-place low-rank tail) or ``"auto"`` (the measured choice on CUDA,
+    ``kernels/tuning.py``; fused elsewhere).
 
     Returns:
         Tensor (..., out_features) in the compute dtype (x's, or autocast's).
@@ -383,8 +438,6 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
                                  backend)
     check_path(path)
-    if path == "split":
-        raise ValueError("path: the split path is not implemented for an NF4 base weight yet; use 'auto' or 'fused'")
     dropout_p = float(dropout_p)
     seed = draw_seed(dropout_p, seed)
 
@@ -409,7 +462,7 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
         y, _ = fused_apply(NF4LoRALinearFunction, torch.ops.rankwise.nf4_lora_linear)(
             x2, lora_A, lora_B, bias, *tensors,
             const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype,
-            scaling, dropout_p, op_seed(dropout_p, seed))
+            scaling, dropout_p, op_seed(dropout_p, seed), path)
     return y.reshape(*lead, weight.shape[0])
 
 

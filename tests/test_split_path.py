@@ -15,9 +15,10 @@ Tolerances, max|out - ref64| / max|ref64| per tensor:
 import pytest
 import torch
 
-from helpers import check, lora_linear_ref64, rel_err
+from helpers import check, lora_linear_ref64, nf4_dequantize_ref64, rel_err
 from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
 from rankwise.kernels.lowrank import lowrank_dx_add_, lowrank_fwd_add_
+from rankwise.quant import quantize_nf4
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 
@@ -42,11 +43,18 @@ def make_inputs(lead, K, N, r, dtype, bias=True, seed=0):
     return x, W, A, B, b
 
 
-def compare(lead, K, N, r, dtype, *, bias=True, dropout_p=0.0, scaling=1.7, x_transform=None, path="split"):
+def compare(lead, K, N, r, dtype, *, bias=True, dropout_p=0.0, scaling=1.7, x_transform=None, path="split",
+            nf4=None):
+    """``nf4``: None (dense W), else ``(double_quant, W's dtype)``: W quantized to NF4,
+    the reference on its float64 dequantization rounded to W's dtype."""
     x, W, A, B, b = make_inputs(lead, K, N, r, dtype, bias)
+    base = W
+    if nf4 is not None:
+        base = quantize_nf4(W.float().to(nf4[1]), double_quant=nf4[0])
+        W = nf4_dequantize_ref64(base).float().to(nf4[1]).to(dtype)
     x_in = x if x_transform is None else x_transform(x)
     seed = 99
-    y = lora_linear(x_in, W, A, B, scaling, bias=b, dropout_p=dropout_p, seed=seed, backend="triton", path=path)
+    y = lora_linear(x_in, base, A, B, scaling, bias=b, dropout_p=dropout_p, seed=seed, backend="triton", path=path)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     wanted = [t for t in (x, A, B, b) if t is not None]
     got = torch.autograd.grad(y, wanted, dy)
@@ -78,6 +86,17 @@ def test_split_forward_and_grads_match_float64(lead, K, N, r, dtype):
 @pytest.mark.parametrize("lead,K,N,r", [((41,), 70, 50, 6), ((3, 11), 33, 20, 1)])
 def test_split_with_dropout_matches_float64_with_the_kernel_mask(lead, K, N, r, dtype):
     compare(lead, K, N, r, dtype, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("dtype,double_quant,wdtype,dropout_p", [
+    (torch.float32, False, torch.float32, 0.0),
+    (torch.float32, True, torch.bfloat16, 0.3),
+    (torch.float16, True, torch.float16, 0.3),
+])
+@pytest.mark.parametrize("lead,K,N,r", [((37,), 64, 29, 1), ((2, 17), 70, 47, 16)])
+def test_split_nf4_base_matches_float64(lead, K, N, r, dtype, double_quant, wdtype, dropout_p):
+    """NF4 base: W dequantized whole (bitsandbytes' values in W's dtype), torch's GEMM, the tail."""
+    compare(lead, K, N, r, dtype, dropout_p=dropout_p, nf4=(double_quant, wdtype))
 
 
 def test_split_without_bias_and_non_contiguous_x():
@@ -140,3 +159,16 @@ def test_opcheck_split_path():
     A.requires_grad_()
     B.requires_grad_()
     torch.library.opcheck(torch.ops.rankwise.lora_linear.default, (x, W, A, B, b, 0.7, 0.2, 5, "split"))
+
+
+def test_opcheck_nf4_split_path():
+    from rankwise.kernels.nf4 import nf4_kernel_args
+
+    x, W, A, B, b = (t.detach() for t in make_inputs((9,), 64, 12, 3, torch.float32))
+    for t in (x, A, B):
+        t.requires_grad_()
+    q = quantize_nf4(W, double_quant=True)
+    tensors, c = nf4_kernel_args(q)
+    torch.library.opcheck(torch.ops.rankwise.nf4_lora_linear.default,
+                          (x, A, B, b, *tensors, c["BLOCKSIZE"], c["DOUBLE"], c["NESTED_BLOCKSIZE"], q.dtype,
+                           0.7, 0.2, 5, "split"))
