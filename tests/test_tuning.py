@@ -194,3 +194,53 @@ def test_auto_on_cuda_times_both_gemms_once_and_matches_float64(cache):
         assert sorted(k.split("|")[0] for k in choices) == ["lora_dx", "lora_fwd"]
     finally:
         tuning.set_tuner(old)
+
+
+# ---------------------------------------------------------------- rankwise tune
+
+
+def test_tune_cli_on_a_cpu_says_nothing_to_tune_in_one_line(capsys):
+    from rankwise import cli
+
+    root = Path(__file__).resolve().parents[1]
+    assert cli.main(["tune", str(root / "examples" / "lora.yaml"), "--set", "train.device=cpu"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("rankwise tune: nothing to tune (") and "cpu" in out[0]
+
+
+def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch):
+    """The GPU half of ``rankwise tune`` on the CPU (Triton interpreter): every distinct LoRA
+    layer shape goes forward and backward once per row bucket, each of its two GEMMs asking
+    the path choice (here a recorder standing in for the CUDA timing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.lora import inject_lora
+    from rankwise.tune import distinct_layers, row_buckets, tune_layers
+
+    seen = []
+
+    def record(path, op, M, N, K, t, cands):
+        seen.append((op, tuning.m_bucket(M), N, K))
+        return "split"
+
+    monkeypatch.setattr(sys.modules["rankwise.kernels.lora_linear"], "choose_path", record)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    inject_lora(model, ["q_proj", "v_proj", "down_proj"], 4, 8, backend="triton")
+    layers = distinct_layers(model)
+    assert sorted((m.out_features, m.in_features) for m in layers) == [(16, 32), (32, 32), (32, 40)]
+    assert tune_layers(layers, [5, 40], torch.device("cpu"), None) == 6
+    want = {(op, M, N, K) for (n_out, n_in) in ((16, 32), (32, 32), (32, 40)) for M in (8, 64)
+            for op, N, K in (("lora_fwd", n_out, n_in), ("lora_dx", n_in, n_out))}
+    assert set(seen) == want and len(seen) == 12
+    assert all(p.grad is None for m in layers for p in m.parameters())
+
+    class Batches:  # data.plan_epoch's micro-batches over examples of these lengths
+        examples = [[0] * 3, [0] * 5, [0] * 60, [0] * 70]
+
+        @staticmethod
+        def epoch_plan(e):
+            return [[0, 1], [2], [3, 0]]
+
+    assert row_buckets(Batches) == [8, 64, 128]

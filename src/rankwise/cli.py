@@ -26,6 +26,7 @@ VERBS = {
     "analyze": ("rankwise.analysis.cli", "spectral, attention, representation and token-level analysis"),
     "world": ("rankwise.world.cli", "build the synthetic knowledge world and pretrain its base model"),
     "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
+    "tune": ("rankwise.tune", "measure ahead of a run which GEMM path (fused or split) each LoRA layer shape takes on this GPU"),
 }
 
 def build_parser() -> argparse.ArgumentParser:
