@@ -4,6 +4,9 @@ torch paths, one op per file.
 - ``lora_linear``: the fused LoRA linear layer (dense or NF4 base weight; the one
   dense / NF4 dispatch is in ``lora_linear.lora_linear``, the NF4 layer is
   ``nf4_lora.nf4_lora_linear``, the low-rank kernels both share are ``lowrank``).
+  Its two big GEMMs run fused or split (torch's GEMM, then an in-place low-rank
+  tail kernel): ``path="fused" | "split" | "auto"``, "auto" being the faster one
+  per shape on CUDA, measured once and cached on disk by ``tuning``.
 - ``nf4_dequantize``: standalone NF4 dequantization (bitsandbytes format); ``nf4``
   also holds ``NF4Weight`` and ``dequantize_nf4`` (re-exported by ``rankwise.quant``).
 - ``linear_cross_entropy``: output head + cross entropy without the full logits.

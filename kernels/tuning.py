@@ -245,9 +245,14 @@ def choose_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor,
                 candidates: Callable[[], dict]) -> str:
     """``path`` itself unless it is ``"auto"``; "auto" is the measured choice for
     the GEMM (op, M, N, K) in ``t``'s dtype on ``t``'s CUDA device, and the
-    default (fused) elsewhere or while torch.compile traces."""
+    default (fused) elsewhere or while torch.compile traces. While a CUDA graph
+    is being captured nothing is timed (events and synchronisation are not
+    allowed there): a cached choice is used, else the default."""
     if path != "auto":
         return path
     if t.device.type != "cuda" or torch.compiler.is_compiling():
         return DEFAULT_PATH
-    return default_tuner().choose(device_name(t.device), shape_key(op, M, N, K, t.dtype), candidates)
+    tuner, device, key = default_tuner(), device_name(t.device), shape_key(op, M, N, K, t.dtype)
+    if torch.cuda.is_current_stream_capturing():
+        return tuner.cached(device, key) or DEFAULT_PATH
+    return tuner.choose(device, key, candidates)
