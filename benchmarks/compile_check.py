@@ -175,6 +175,8 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
             case(f"rms_norm {dt} H={H}", rms)
         case(f"swiglu {dt}", lambda dt=dt: ops.swiglu(t(24, 11008, dtype=dt, grad=True), t(24, 11008, dtype=dt, grad=True),
                                                     backend="triton").sum().backward())
+        case(f"geglu {dt}", lambda dt=dt: ops.geglu(t(24, 11008, dtype=dt, grad=True), t(24, 11008, dtype=dt, grad=True),
+                                                  backend="triton").sum().backward())
     def adamw():
         n = 1000
         p, g, m, v = (torch.randn(n) for _ in range(4))
