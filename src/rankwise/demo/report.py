@@ -313,10 +313,12 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
           f"- base directory: `{s['base_dir']}` ({'cached' if s['base_cached'] else 'pretrained in this run'})",
           "- the regime: each seen person appears in several biographies (templates and sentence order drawn at "
           "random, each fact kept with probability `fact_keep`); question-answer text about the *anchor* people "
-          "covers only the out-of-domain relations, so questions about the in-domain (location) relations never "
-          "appear in pretraining: the base model stores those facts (mastery is measured with completion probes) "
-          "but has to be taught by fine-tuning to answer them; the *study* people (mastery, fine-tuning and test "
-          "sets) never appear in QA text",
+          "(the mixed training that makes facts extractable) uses the fine-tuning format (`Question: ... "
+          "Answer:`) for the out-of-domain relations only, and another format (`Q: ... A:`) with other wordings "
+          f"for the in-domain ones (`anchor_alt_format`: {w['world'].get('anchor_alt_format', 'qa')}), so no "
+          "in-domain question of the study's wordings appears in pretraining: the base model stores those facts "
+          "(mastery is measured with completion probes) but has to be taught by fine-tuning to answer them in "
+          "the study's format; the *study* people (mastery, fine-tuning and test sets) never appear in QA text",
           f"- fine-tuning, for each of the seeds {results['seeds']}: {d['small_size']} in-domain facts of the train "
           f"people (bucket: {d['train_bucket']}) and the {d['large_factor']}x larger set that contains them; "
           f"{d['small_size']} facts of buckets {'+'.join(d['known_buckets'])} and of {'+'.join(d['unknown_buckets'])}; "
