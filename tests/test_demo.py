@@ -235,3 +235,31 @@ def test_demo_rejects_bad_threads():
     demo.add_arguments(p)
     with pytest.raises(ConfigError, match="--threads"):
         demo.main(p.parse_args(["--threads", "0"]))
+
+
+def test_gpu_scale_runs_the_studies_sizes():
+    """`--scale gpu` is the knowledge study's protocol: 240 and 1,920 fine-tuning facts (and 240 known and
+    240 unknown ones) drawn from its world, every seed, with no set skipped. The buckets here come from a
+    proxy of mastery (exposures), since the gpu base model is not trained in a test."""
+    from rankwise.demo.run import draw_sets, settings_for
+    from rankwise.world.generate import WorldConfig, generate_world
+    from rankwise.world.mastery import test_sets
+    from rankwise.world.pretrain import preset
+
+    s = settings_for("gpu")
+    assert (s["small_size"], s["small_size"] * s["large_factor"]) == (240, 1920) and len(s["seeds"]) >= 3
+    world = generate_world(WorldConfig.from_dict(preset("gpu")["world"]))
+
+    def bucket(e):
+        return "D0" if e == 0 else "D1" if e == 1 else "D2" if e == 2 else "D3" if e <= 4 else "D4"
+
+    facts = [{**f, "bucket": bucket(f["exposures"])} for f in world["facts"]]
+    for seed in s["seeds"]:
+        sets, skipped = draw_sets(facts, s, seed)
+        assert not skipped
+        assert {k: len(v) for k, v in sets.items()} == {"small": 240, "large": 1920, "known": 240, "unknown": 240}
+        assert sets["small"] == sets["large"][:240]
+    tests = test_sets(facts)
+    for dom in ("in_domain", "out_of_domain"):
+        counts = {b: sum(r["bucket"] == b for r in tests[dom]) for b in BUCKETS}
+        assert min(counts.values()) >= 60, (dom, counts)
