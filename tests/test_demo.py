@@ -149,8 +149,25 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
 
     arm = seed_arm(plan_arms({**DEMO, **SETTINGS})[1], out / "work", 1)
     assert arm["name"] == "lora-r2"
+    # the learning rates were chosen on validation facts (train people, outside seed 0's large set)
+    sel = saved["lr_selection"]
+    assert sel["why"] is None and sel["n_validation"] >= 20
+    for method, lrs in DEMO["lr_grid"].items():
+        accs = sel["validation"][method]
+        assert list(accs) == [f"{lr:g}" for lr in lrs]
+        assert sel["chosen"][method] in lrs and accs[f"{sel['chosen'][method]:g}"] == max(accs.values())
+    val_ids = {json.loads(r)["id"] for r in (out / "work" / "data" / "seed0" / "train-large.jsonl").read_text().splitlines()}
+    test_ids = {json.loads(r)["id"] for d in ("in_domain", "out_of_domain")
+                for r in (out / "work" / "data" / f"test-{d}.jsonl").read_text().splitlines()}
+    from rankwise.demo.run import validation_rows
+
+    facts = [json.loads(r) for r in (out / "work" / "mastery.jsonl").read_text().splitlines()]
+    val = validation_rows(facts, {**DEMO, **SETTINGS}, 0)
+    assert len(val) == sel["n_validation"] and not ({r["id"] for r in val} & (val_ids | test_ids))
+    assert "learning rates chosen on" in report
+    run_settings = {**saved["settings"]["demo"], "lora_lr": sel["chosen"]["lora"], "full_lr": sel["chosen"]["full"]}
     solo = train(arm_config({**arm, "output_dir": str(tmp_path / "solo-r2")}, saved["settings"]["base_dir"],
-                            data_dir_of(out / "work", 1), saved["settings"]["demo"]))
+                            data_dir_of(out / "work", 1), run_settings))
     assert by["lora-r2"]["train_losses"][1] == pytest.approx(solo["train_loss"], rel=1e-5)
     assert _adapter_delta_error(out / "work" / "arms" / "seed1" / "lora-r2", tmp_path / "solo-r2") <= 1e-4
     assert "trained together" in report

@@ -322,8 +322,9 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
           f"- fine-tuning, for each of the seeds {results['seeds']}: {d['small_size']} in-domain facts of the train "
           f"people (bucket: {d['train_bucket']}) and the {d['large_factor']}x larger set that contains them; "
           f"{d['small_size']} facts of buckets {'+'.join(d['known_buckets'])} and of {'+'.join(d['unknown_buckets'])}; "
-          f"{d['epochs']} epochs, batch {d['batch_size']}, cosine, LoRA lr {d['lora_lr']} (alpha = "
-          f"{d['lora_alpha_per_rank']:g} r, all linear layers of the blocks), full SFT lr {d['full_lr']}",
+          f"{d['epochs']} epochs, batch {d['batch_size']}, cosine, LoRA lr {_lr(results, 'lora')} (alpha = "
+          f"{d['lora_alpha_per_rank']:g} r, all linear layers of the blocks), full SFT lr {_lr(results, 'full')}",
+          _selection_line(results),
           *[f"- seed {g['seed']}: LoRA arms {', '.join(g['arms'])} trained together (`rankwise.together`: one base "
             f"model, one pass per step, each arm its solo run's result); this run trained "
             f"{', '.join(g['trained']) if g['trained'] else 'none of them (all cached)'} in {g['seconds']} s"
@@ -336,6 +337,24 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
     if analysis_md:
         L += [analysis_md.rstrip(), ""]
     atomic_write_text(out / "report.md", "\n".join(L))
+
+
+def _lr(results: dict, method: str):
+    sel = results.get("lr_selection")
+    return sel["chosen"][method] if sel else results["settings"]["demo"][f"{method}_lr"]
+
+
+def _selection_line(results: dict) -> str:
+    sel = results.get("lr_selection")
+    if not sel:
+        return "- learning rates: fixed"
+    if sel.get("why"):
+        return f"- learning rates: {sel['why']}"
+    parts = [f"{m}: " + ", ".join(f"{lr} → {100 * acc:.1f} %" for lr, acc in accs.items())
+             for m, accs in sel["validation"].items()]
+    return (f"- learning rates chosen on {sel['n_validation']} validation facts (the train people's in-domain facts "
+            f"outside seed {sel['seed']}'s large set; never the test facts), each candidate fine-tuning the large set "
+            f"once: {'; '.join(parts)}")
 
 
 def _times(results: dict) -> list:

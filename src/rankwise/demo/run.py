@@ -43,8 +43,14 @@ DEMO = {
     "known_buckets": ["D3", "D4"],
     "unknown_buckets": ["D0"],
     "lora_alpha_per_rank": 2.0,  # alpha = 2 r
-    "lora_lr": 3.0e-3,
+    "lora_lr": 3.0e-3,  # used when lr_grid is None (or no validation set can be drawn)
     "full_lr": 3.0e-4,
+    # Learning rates chosen on validation facts (the train people's in-domain facts outside the first
+    # seed's large set), never on the test facts: each candidate fine-tunes the large set (LoRA at
+    # large_lora_rank, full SFT) once with the first seed; the best validation accuracy wins, for
+    # every arm of that method.
+    "lr_grid": {"lora": [1.0e-3, 2.0e-3, 3.0e-3], "full": [1.0e-4, 3.0e-4, 6.0e-4]},
+    "min_validation": 20,
     "epochs": 10,
     "batch_size": 8,
     "large_lora_rank": 16,
@@ -64,7 +70,8 @@ DEMO = {
 SCALE_SETTINGS = {
     "cpu": {},
     "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 4, 16, 64], "mastery_samples": 10, "max_new_tokens": 4,
-            "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16},
+            "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16,
+            "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
 }
 
 
@@ -84,6 +91,11 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
             not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
         raise ConfigError(f"demo setting seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
+    grid = s["lr_grid"]
+    if grid is not None and (not isinstance(grid, dict) or set(grid) - {"lora", "full"} or
+                             not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and x > 0
+                                                                       for x in v) for v in grid.values())):
+        raise ConfigError(f"demo setting lr_grid must be None or {{'lora'|'full': [positive lrs]}}, got {grid!r}")
     bad = [x for x in s["restore_selections"] if x not in ("top", "bottom", "random")]
     if bad:
         raise ConfigError(f"restore_selections must be among top, bottom, random; got {bad}")
@@ -308,6 +320,67 @@ def draw_sets(facts: list, s: dict, seed: int) -> tuple:
     return sets, skipped
 
 
+def validation_rows(facts: list, s: dict, seed: int) -> list:
+    """QA rows of the train people's in-domain facts outside ``seed``'s large set (never test facts)."""
+    from ..world import mastery as M
+
+    sets, _ = draw_sets(facts, s, seed)
+    used = {r["id"] for r in sets["large"]}
+    return [M.qa_row(f) for f in facts if f["split"] == "train" and f["domain"] == "in" and f["id"] not in used]
+
+
+def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int) -> dict:
+    """The learning rate of each method, chosen on validation facts (cached in ``work/select/``).
+
+    Each candidate of ``s["lr_grid"][method]`` fine-tunes the large set once with ``seed`` (LoRA at
+    ``large_lora_rank``); the one with the highest accuracy on :func:`validation_rows` wins (the first
+    in grid order on a tie). Returns ``{"chosen": {method: lr}, "validation": {method: {lr: acc}},
+    "n_validation", "why"}``; without a grid, or with fewer than ``min_validation`` validation facts,
+    the fixed ``lora_lr`` / ``full_lr`` are kept and ``why`` says so.
+    """
+    chosen = {"lora": s["lora_lr"], "full": s["full_lr"]}
+    out = {"chosen": chosen, "validation": {}, "n_validation": 0, "why": None, "seed": seed}
+    if not s["lr_grid"]:
+        out["why"] = "lr_grid is None: the fixed lora_lr and full_lr"
+        return out
+    val = validation_rows(facts, s, seed)
+    out["n_validation"] = len(val)
+    if len(val) < s["min_validation"]:
+        out["why"] = f"only {len(val)} validation facts (< min_validation {s['min_validation']}): the fixed lrs"
+        return out
+    from ..train import train
+
+    sel = work / "select"
+    sel.mkdir(parents=True, exist_ok=True)
+    data_dir = data_dir_of(work, seed)
+    by_method = {"lora": next((a for a in arms if a["method"] == "lora" and a["data"] == "large"), None),
+                 "full": next((a for a in arms if a["method"] == "full" and a["data"] == "large"), None)}
+    for method, lrs in s["lr_grid"].items():
+        arm = by_method.get(method)
+        if arm is None:
+            continue
+        accs = {}
+        for lr in lrs:
+            cpath = sel / f"{method}-lr{lr:g}.json"
+            got = _read_json(cpath)
+            if got is None:
+                run = {**arm, "seed": seed, "output_dir": str(sel / f"{method}-lr{lr:g}")}
+                train(arm_config(run, base_dir, data_dir, {**s, f"{method}_lr": lr}), resume=True)
+                model = arm_model(run, base_dir)
+                from ..model import load_tokenizer
+
+                ev = evaluate_model(model, load_tokenizer(str(base_dir)), {"validation": val}, s["max_new_tokens"])
+                del model
+                got = {"lr": lr, "accuracy": sum(ev["validation"]["correct"]) / len(val)}
+                _write_json(cpath, got)
+                shutil.rmtree(run["output_dir"], ignore_errors=True)  # only its accuracy is kept
+            accs[f"{lr:g}"] = got["accuracy"]
+        best = max(lrs, key=lambda x: (accs[f"{x:g}"], -lrs.index(x)))
+        chosen[method] = best
+        out["validation"][method] = accs
+    return out
+
+
 # ----------------------------------------------------------------------------- the demo
 
 def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, settings: dict | None = None,
@@ -357,7 +430,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     solo = [a for a in arms if a not in group]
     seeds = list(s["seeds"])
     per_seed = (1 if group else 0) + len(solo) + 2  # training stages, evaluation, restoration
-    total = 3 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
+    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
     bar = tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True)
     times: dict = {}
     t_all = time.time()
@@ -390,6 +463,11 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
             bar.total -= len(seeds) * len(skipped_arms)
             arms = [a for a in arms if a["name"] not in skipped_arms]
 
+        t0 = stage("select lr")
+        selection = select_lrs(facts, arms, s, base_dir, work, seeds[0])
+        s_run = {**s, "lora_lr": selection["chosen"]["lora"], "full_lr": selection["chosen"]["full"]}
+        done("select lr", t0)
+
         base_model, tok = _load_base(base_dir)
         bpath = work / "eval-base.json"
         if _read_json(bpath) is None:
@@ -408,7 +486,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
             if group:
                 t0 = stage(f"seed {seed}: train together")
                 sgroup = [a for a in sarms if a["name"] in {g["name"] for g in group}]
-                trained, names = train_group(sgroup, base_dir, data_dir, s, work / "together" / f"seed{seed}")
+                trained, names = train_group(sgroup, base_dir, data_dir, s_run, work / "together" / f"seed{seed}")
                 done("train together", t0)
                 together_runs.append({"seed": seed, "arms": [a["name"] for a in sgroup], "trained": names,
                                       "seconds": round(time.time() - t0, 2)})
@@ -419,7 +497,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
                     t0 = stage(f"seed {seed}: train {a['name']}")
                     from ..train import train
 
-                    summ = train(arm_config(a, base_dir, data_dir, s), resume=True)  # a finished arm: as is
+                    summ = train(arm_config(a, base_dir, data_dir, s_run), resume=True)  # a finished arm: as is
                     if a["name"] not in {g["name"] for g in group}:
                         done(f"train {a['name']}", t0)
                 a["train_loss"] = summ.get("train_loss")
@@ -454,6 +532,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
         results = report.build_results(facts=facts, tests=tests, arms=arms, runs=runs, base_eval=base_eval,
                                        restoration=restoration, intruders=intruders, settings=s, pretrain=pr,
                                        scale=scale, together=together_runs, skipped=skipped_arms)
+        results["lr_selection"] = selection
         times["report"] = 0.0
         results["stage_seconds"] = times
         results["seconds"] = round(time.time() - t_all, 1)
