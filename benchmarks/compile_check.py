@@ -12,6 +12,12 @@ over one block, rows over one block), on CPU tensors, with a stand-in driver:
 each launch is compiled for ``sm_<arch>`` down to a cubin with Triton's bundled
 ptxas, and nothing is launched. Outputs are garbage; only the compilation counts.
 
+The big LoRA GEMMs (dense and NF4, forward Y and dX) are also compiled in
+every tile config they may be tuned over on the architecture (``kernels/utils.py``
+``TILES``, pruned by shared memory; cases labelled ``tiles ...``): by default
+each config in one dtype of its family (bf16; fp32 for the fp32 list) and one
+shape (``--quick``: bf16 only, the configs after the default); ``--all-tiles`` compiles them in bf16, fp16 and fp32 over more shapes.
+
 Written per kernel variant: name, num_warps, num_stages, shared memory (against
 the architecture's per-block limit), and, where Triton's bundled ``cuobjdump``
 is there, registers and spill stores. Exit status 1 if any launch failed to
@@ -33,7 +39,12 @@ from pathlib import Path
 MAX_SHARED = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
-def _child(arch: int, quick: bool, only: str = None) -> dict:
+def arch_family(arch: int) -> int:
+    """The tile family (``kernels.utils.device_arch``) of a compute capability x10."""
+    return 90 if arch >= 90 and arch != 120 else (80 if arch == 80 else 89)
+
+
+def _child(arch: int, quick: bool, only: str = None, all_tiles: bool = False) -> dict:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -89,6 +100,8 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
             mod.require_gpu_or_interpreter = lambda *a, **k: None
         if hasattr(mod, "max_shared_memory"):  # configs chosen for the target's shared memory
             mod.max_shared_memory = lambda device: smem
+        if hasattr(mod, "device_arch"):  # tile lists of the target's architecture
+            mod.device_arch = lambda device: arch_family(arch)
     assert not ku.INTERPRET, "run with TRITON_INTERPRET=0"
 
     failures = []
@@ -177,6 +190,33 @@ def _child(arch: int, quick: bool, only: str = None) -> dict:
                                                     backend="triton").sum().backward())
         case(f"geglu {dt}", lambda dt=dt: ops.geglu(t(24, 11008, dtype=dt, grad=True), t(24, 11008, dtype=dt, grad=True),
                                                   backend="triton").sum().backward())
+    # every tile config the big GEMMs may be tuned over on this architecture
+    ll, nl = sys.modules["rankwise.kernels.lora_linear"], sys.modules["rankwise.kernels.nf4_lora"]
+    tile_dtypes = ([torch.bfloat16, torch.float16, torch.float32] if all_tiles else
+                   [torch.bfloat16] if quick else [torch.bfloat16, torch.float32])
+    tile_shapes = [(256, 128, 192, 16), (37, 45, 29, 3), (96, 64, 80, 128)] if all_tiles else [(256, 128, 192, 16)]
+    cpu = torch.device("cpu")
+    for dt in tile_dtypes:
+        for (M, K, N, r) in tile_shapes:
+            # --quick: the configs after the default (the cases above compile the default)
+            for cfg in ll.tile_configs(dt, cpu, r)[1 if quick else 0:]:
+                def dense(M=M, K=K, N=N, r=r, dt=dt, cfg=cfg):
+                    x, W, dY = t(M, K, dtype=dt), t(N, K, dtype=dt), t(M, N, dtype=dt)
+                    A, B, S, dS = t(r, K, dtype=dt), t(N, r, dtype=dt), t(M, r, dtype=dt), t(M, r, dtype=dt)
+                    ll._fwd_gemm(x, W, S, B, 2.0, t(N, dtype=dt), cfg)
+                    ll._bwd_dX(dY, W, dS, A, 0.1, 1, cfg)
+                case(f"tiles lora {ku.config_name(cfg)} {dt} M={M} K={K} N={N} r={r}", dense)
+            for cfg in nl.nf4_tile_configs(dt, cpu, r)[1 if quick else 0:]:
+                def nf4(M=M, K=K, N=N, r=r, dt=dt, cfg=cfg):
+                    q = quantize_nf4(t(N, K, dtype=dt), double_quant=True)
+                    tensors, const = sys.modules["rankwise.kernels.nf4"].nf4_kernel_args(q)
+                    meta = (const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], q.dtype)
+                    x, dY = t(M, K, dtype=dt), t(M, N, dtype=dt)
+                    A, B, S, dS = t(r, K, dtype=dt), t(N, r, dtype=dt), t(M, r, dtype=dt), t(M, r, dtype=dt)
+                    nl._nf4_fwd_gemm(x, tensors, meta, S, B, 2.0, None, cfg)
+                    nl._nf4_bwd_dX(dY, tensors, meta, dS, A, 0.1, 1, cfg)
+                case(f"tiles nf4 {ku.config_name(cfg)} {dt} M={M} K={K} N={N} r={r}", nf4)
+
     def adamw():
         n = 1000
         p, g, m, v = (torch.randn(n) for _ in range(4))
@@ -220,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for compile_check.json (default: benchmarks/results/_scratch)")
     ap.add_argument("--quick", action="store_true", help="bf16 and fp16 only, fewer shapes")
     ap.add_argument("--only", default=None, help="only the cases whose label contains this text")
+    ap.add_argument("--all-tiles", action="store_true",
+                    help="compile every tuned tile config in bf16, fp16 and fp32 over several shapes "
+                         "(default: each config in one dtype of its family, one shape)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "_scratch"
@@ -228,9 +271,9 @@ def main(argv=None) -> int:
     if not args._child:  # triton must be imported with the interpreter off: a fresh process
         env = dict(os.environ, TRITON_INTERPRET="0")
         cmd = [sys.executable, "-m", "benchmarks.compile_check", "--_child", "--arch", str(args.arch),
-               "--out", str(out_dir)] + (["--quick"] if args.quick else []) + (["--only", args.only] if args.only else [])
+               "--out", str(out_dir)] + (["--quick"] if args.quick else []) + (["--only", args.only] if args.only else []) + (["--all-tiles"] if args.all_tiles else [])
         return subprocess.run(cmd, env=env, cwd=str(Path(__file__).resolve().parent.parent)).returncode
-    result = _child(args.arch, args.quick, args.only)
+    result = _child(args.arch, args.quick, args.only, args.all_tiles)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)

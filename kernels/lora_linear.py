@@ -84,7 +84,7 @@ from .lowrank import (
     op_seed,
     validate_lora_args,
 )
-from .tuning import PATHS, check_path, choose_path
+from .tuning import PATHS, check_path, choose_path, parse_choice
 from .nf4 import NF4Weight
 from .nf4_lora import nf4_lora_linear
 from .utils import (
@@ -92,7 +92,9 @@ from .utils import (
     dot_precision,
     fit_shared_memory,
     fused_apply,
+    fused_variants,
     gemm_config,
+    gemm_configs,
     rank_block,
     swizzle_tile,
     upcast_for_dot,
@@ -177,16 +179,26 @@ def _lora_bwd_dx_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _fwd_gemm(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Y = x2 @ W.T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype."""
+def default_tiles(dtype: torch.dtype, device: torch.device, R: int) -> dict:
+    """The heuristic tiles of kernels 2 and 4 (``gemm_config`` fitted to the device's shared memory)."""
+    return fit_shared_memory(gemm_config(dtype), device, rank_block(R), dtype)
+
+
+def tile_configs(dtype: torch.dtype, device: torch.device, R: int) -> list:
+    """The tile configs kernels 2 and 4 are tuned over: ``default_tiles`` first (``utils.gemm_configs``)."""
+    return gemm_configs(default_tiles(dtype, device, R), dtype, device, rank_block(R))
+
+
+def _fwd_gemm(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor], cfg: Optional[dict] = None) -> torch.Tensor:
+    """Y = x2 @ W.T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype; ``cfg``: tiles
+    (one of ``tile_configs``; None: ``default_tiles``)."""
     M, K = x2.shape
     N, R = B.shape
     Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return Y
-    cfg = gemm_config(x2.dtype)
     BR = rank_block(R)
-    cfg = fit_shared_memory(cfg, x2.device, BR, x2.dtype)
+    cfg = cfg or default_tiles(x2.dtype, x2.device, R)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     _lora_fwd_kernel[grid](
         x2, W, S, B, bias if bias is not None else x2, Y,
@@ -202,16 +214,17 @@ def _fwd_gemm(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torc
 
 
 
-def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """dX = dY @ W + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype."""
+def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None,
+            cfg: Optional[dict] = None) -> torch.Tensor:
+    """dX = dY @ W + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype; ``cfg`` as
+    in ``_fwd_gemm`` (its BN tiles K, its BK the reduction over N)."""
     M, N = dY.shape
     R, K = A.shape
     dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
     if M == 0:
         return dX
-    cfg = gemm_config(dY.dtype)
     BR = rank_block(R)
-    cfg = fit_shared_memory(cfg, dY.device, BR, dY.dtype)
+    cfg = cfg or default_tiles(dY.dtype, dY.device, R)
     has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BN"]),)
     _lora_bwd_dx_kernel[grid](
@@ -241,21 +254,32 @@ def _bwd_dX_split(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = No
 
 
 def _fwd_path(x2, W, S, B, scaling: float, bias, path: str) -> torch.Tensor:
-    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA over the
+    split path and the fused one in each of ``tile_configs``; fused elsewhere)."""
     M, K = x2.shape
-    path = choose_path(path, "lora_fwd", M, W.shape[0], K, x2, lambda: {
+    variants = lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1]))  # noqa: E731
+    choice = choose_path(path, "lora_fwd", M, W.shape[0], K, x2, lambda: {
         "fused": lambda: _fwd_gemm(x2, W, S, B, scaling, bias),
-        "split": lambda: _fwd_split(x2, W, S, B, scaling, bias)})
-    return (_fwd_split if path == "split" else _fwd_gemm)(x2, W, S, B, scaling, bias)
+        "split": lambda: _fwd_split(x2, W, S, B, scaling, bias),
+        **{name: (lambda c=c: _fwd_gemm(x2, W, S, B, scaling, bias, c)) for name, c in variants().items()}})
+    path, config = parse_choice(choice)
+    if path == "split":
+        return _fwd_split(x2, W, S, B, scaling, bias)
+    return _fwd_gemm(x2, W, S, B, scaling, bias, variants()[choice] if config else None)
 
 
 def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
-    """dX by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    """dX by the path ``path`` names (as ``_fwd_path``)."""
     M, N = dY.shape
-    path = choose_path(path, "lora_dx", M, A.shape[1], N, dY, lambda: {
+    variants = lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0]))  # noqa: E731
+    choice = choose_path(path, "lora_dx", M, A.shape[1], N, dY, lambda: {
         "fused": lambda: _bwd_dX(dY, W, dS, A, dropout_p, seed),
-        "split": lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed)})
-    return (_bwd_dX_split if path == "split" else _bwd_dX)(dY, W, dS, A, dropout_p, seed)
+        "split": lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed),
+        **{name: (lambda c=c: _bwd_dX(dY, W, dS, A, dropout_p, seed, c)) for name, c in variants().items()}})
+    path, config = parse_choice(choice)
+    if path == "split":
+        return _bwd_dX_split(dY, W, dS, A, dropout_p, seed)
+    return _bwd_dX(dY, W, dS, A, dropout_p, seed, variants()[choice] if config else None)
 
 
 # ----------------------------------------------------------------------------

@@ -63,13 +63,15 @@ from .lowrank import (
     validate_lora_args,
 )
 from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_dequantize, nf4_kernel_args, nf4_rows_tile, nf4_tile
-from .tuning import check_path, choose_path
+from .tuning import check_path, choose_path, parse_choice
 from .utils import (
     INTERPRET,
     check_triton_tensor,
     dot_precision,
     fused_apply,
+    fused_variants,
     gemm_config,
+    gemm_configs,
     max_shared_memory,
     rank_block,
     round_bf16,
@@ -104,6 +106,12 @@ def nf4_gemm_config(dtype: torch.dtype, device: torch.device) -> dict:
         if max_shared_memory(device) < 200 * 1024:
             cfg["BK"] = NF4_SMALL_BK
     return cfg
+
+
+def nf4_tile_configs(dtype: torch.dtype, device: torch.device, R: int) -> list:
+    """The tile configs the NF4 GEMMs are tuned over: ``nf4_gemm_config`` first, then
+    the architecture's NF4 list (``utils.gemm_configs``, pruned by shared memory)."""
+    return gemm_configs(nf4_gemm_config(dtype, device), dtype, device, rank_block(R), nf4=True)
 
 
 @triton.jit
@@ -204,16 +212,18 @@ def _nf4_consts(blocksize: int, double_quant: bool, nested_blocksize: int, wdtyp
                 EVEN_K=K % 2 == 0, W_RNE=rounds_bf16_itself(wdtype))
 
 
-def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor],
+                  cfg: Optional[dict] = None) -> torch.Tensor:
     """Y = x2 @ dequant(W).T + scaling * S @ B.T (+ bias), (M, N) in x2's dtype.
     ``nf4``: W's six kernel tensors (``nf4_kernel_args``); ``meta``: (blocksize,
-    double_quant, nested_blocksize, W's original dtype)."""
+    double_quant, nested_blocksize, W's original dtype); ``cfg``: tiles (one of
+    ``nf4_tile_configs``; None: ``nf4_gemm_config``)."""
     M, K = x2.shape
     N, R = B.shape
     Y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return Y
-    cfg = nf4_gemm_config(x2.dtype, x2.device)
+    cfg = cfg or nf4_gemm_config(x2.dtype, x2.device)
     BR = rank_block(R)
     const = _nf4_consts(*meta, K)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
@@ -230,15 +240,16 @@ def _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tens
     return Y
 
 
-def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None,
+                cfg: Optional[dict] = None) -> torch.Tensor:
     """dX = dY @ dequant(W) + dropout_mask * (dS @ A) / (1 - p), (M, K) in dY's dtype;
-    ``nf4`` and ``meta`` as in ``_nf4_fwd_gemm``."""
+    ``nf4``, ``meta`` and ``cfg`` as in ``_nf4_fwd_gemm``."""
     M, N = dY.shape
     R, K = A.shape
     dX = torch.empty((M, K), device=dY.device, dtype=dY.dtype)
     if M == 0:
         return dX
-    cfg = nf4_gemm_config(dY.dtype, dY.device)
+    cfg = cfg or nf4_gemm_config(dY.dtype, dY.device)
     BR = rank_block(R)
     has_drop, seed, p, keep_scale = dropout_args(dropout_p, seed)
     const = _nf4_consts(*meta, K)
@@ -286,19 +297,31 @@ def _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Option
 def _nf4_fwd_path(x2, nf4, meta, S, B, scaling: float, bias, path: str) -> torch.Tensor:
     """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
     M, K = x2.shape
-    path = choose_path(path, "nf4_fwd", M, B.shape[0], K, x2, lambda: {
+    variants = lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1]))  # noqa: E731
+    choice = choose_path(path, "nf4_fwd", M, B.shape[0], K, x2, lambda: {
         "fused": lambda: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias),
-        "split": lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias)})
-    return (_nf4_fwd_split if path == "split" else _nf4_fwd_gemm)(x2, nf4, meta, S, B, scaling, bias)
+        "split": lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias),
+        **{name: (lambda c=c: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, c))
+           for name, c in variants().items()}})
+    path, config = parse_choice(choice)
+    if path == "split":
+        return _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias)
+    return _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, variants()[choice] if config else None)
 
 
 def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
     """dX by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
     M, N = dY.shape
-    path = choose_path(path, "nf4_dx", M, A.shape[1], N, dY, lambda: {
+    variants = lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0]))  # noqa: E731
+    choice = choose_path(path, "nf4_dx", M, A.shape[1], N, dY, lambda: {
         "fused": lambda: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed),
-        "split": lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed)})
-    return (_nf4_bwd_dX_split if path == "split" else _nf4_bwd_dX)(dY, nf4, meta, dS, A, dropout_p, seed)
+        "split": lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed),
+        **{name: (lambda c=c: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, c))
+           for name, c in variants().items()}})
+    path, config = parse_choice(choice)
+    if path == "split":
+        return _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed)
+    return _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, variants()[choice] if config else None)
 
 
 # ----------------------------------------------------------------------------

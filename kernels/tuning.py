@@ -10,9 +10,14 @@ Each big GEMM of a LoRA layer (forward Y and backward dX) has two paths:
 Which one is faster depends on the GPU, the dtype and the shape (an untuned
 Triton GEMM can trail cuBLAS by 10-30 %; the split path pays one extra pass
 over Y). With ``path="auto"`` on CUDA, the first call that meets a shape key
-``(op, M bucket, N, K, dtype)`` times both paths with CUDA events (one warm-up,
-then the median of a few repeats) and keeps the faster; off CUDA, "auto" is the
-fused path and nothing is timed.
+``(op, M bucket, N, K, dtype)`` times the split path and the fused path in each
+of its tile configs (``utils.gemm_configs``: the heuristic one, named plain
+``"fused"``, then the architecture's curated list, named ``"fused:BMxBNxBK-wW-sS"``)
+with CUDA events (one warm-up, then the median of a few repeats) and keeps the
+fastest; off CUDA, "auto" is the fused path in its heuristic config and
+nothing is timed. A cached ``"fused:<config>"`` that the current list no longer
+holds (other architecture, edited list) is stale: ignored with a warning and
+measured again.
 
 Cache: in memory per process, and on disk in ``$RANKWISE_CACHE/tuning.json``
 (the cache directory as ``rankwise`` computes it: ``$RANKWISE_CACHE``, else
@@ -26,7 +31,7 @@ measured with other versions is ignored with a ``warnings.warn``, never an
 error; the next write replaces it.
 
 ``RANKWISE_TUNE=0`` turns timing off: a cached choice is used, else the
-default (fused).
+default (fused, heuristic tiles).
 
 Imports nothing of the ``rankwise`` package (kernels sit at the bottom).
 """
@@ -49,9 +54,24 @@ PATHS = ("auto", "fused", "split")
 #: the path "auto" takes when nothing is measured (off CUDA, RANKWISE_TUNE=0 without a cached choice)
 DEFAULT_PATH = "fused"
 #: bump when a kernel's tiles or code change what is faster: cached choices of other versions are ignored
-KERNELS_VERSION = "1"
+KERNELS_VERSION = "2"  # 2: the fused path's choices name a tile config
 FORMAT = "rankwise-tuning"
 FILE_NAME = "tuning.json"
+
+
+def parse_choice(choice: str) -> tuple:
+    """``(path, config name or None)`` of a cached choice: ``"split"``, ``"fused"`` (the
+    heuristic tiles) or ``"fused:<config name>"`` (``utils.config_name``)."""
+    path, _, config = choice.partition(":")
+    return path, (config or None)
+
+
+def valid_choice(choice) -> bool:
+    """Whether ``choice`` has the form of a choice (``parse_choice``)."""
+    if not isinstance(choice, str):
+        return False
+    path, config = parse_choice(choice)
+    return path in PATHS[1:] and (choice == path or (path == "fused" and config is not None))
 
 
 def check_path(path) -> None:
@@ -153,7 +173,7 @@ class Tuner:
         choices = section.get("choices")
         if not isinstance(choices, dict):
             return None
-        return {k: v for k, v in choices.items() if v in PATHS[1:]}
+        return {k: v for k, v in choices.items() if valid_choice(v)}
 
     def _load(self, device: str) -> dict:
         if device not in self._loaded:
@@ -200,13 +220,20 @@ class Tuner:
             return self._load(device).get(key)
 
     def choose(self, device: str, key: str, candidates: Callable[[], dict], default: str = DEFAULT_PATH) -> str:
-        """The path for ``key`` on ``device``: cached, else (tuning on) the one whose
+        """The choice for ``key`` on ``device``: cached, else (tuning on) the one whose
         callable ``timer`` finds fastest, recorded in memory and on disk; else ``default``.
-        ``candidates()`` returns ``{path: zero-argument callable}`` and is called only to time."""
+        ``candidates()`` returns ``{choice: zero-argument callable}`` (choices as in
+        ``parse_choice``); it is called to time, and to check that a cached
+        ``"fused:<config>"`` is still one of them (else it is stale: warned about, dropped)."""
         with self._lock:
             table = self._load(device)
             if key in table:
-                return table[key]
+                choice = table[key]
+                if parse_choice(choice)[1] is None or choice in candidates():
+                    return choice
+                warnings.warn(f"rankwise tuning cache {self.path}: {key} on {device!r} chose tile config "
+                              f"{choice!r}, not in the current list; ignored (measured again)", stacklevel=3)
+                del table[key]
             if not tuning_enabled():
                 return default
             costs = {name: self.timer(fn) for name, fn in candidates().items()}
@@ -243,7 +270,8 @@ def device_name(device: torch.device) -> str:
 
 def choose_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor,
                 candidates: Callable[[], dict]) -> str:
-    """``path`` itself unless it is ``"auto"``; "auto" is the measured choice for
+    """``path`` itself unless it is ``"auto"`` (so ``"fused"`` runs the heuristic tiles);
+    "auto" is the measured choice (``parse_choice``: a path and maybe a tile config) for
     the GEMM (op, M, N, K) in ``t``'s dtype on ``t``'s CUDA device, and the
     default (fused) elsewhere or while torch.compile traces. While a CUDA graph
     is being captured nothing is timed (events and synchronisation are not

@@ -113,6 +113,106 @@ def gemm_config(dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+# ----------------------------------------------------------------------------
+# Tuned tiles of the big LoRA GEMMs (forward Y and dX, dense and NF4).
+#
+# A handful of (BM, BN, BK, num_warps, num_stages) per architecture and dtype
+# family, after the configs of Triton's matmul tutorial (128x64 / 64x128 tiles
+# with 4 warps and 4 stages, 128x128x32 with 8 warps) and what
+# benchmarks/compile_check.py shows fits each architecture's shared memory
+# without register spills: at most 64 fp32 accumulators per thread, since the
+# dX kernel holds a second (BM, BK) accumulator with dropout (the tutorial's
+# 128x256 and 256x128 tiles, and 128x128 with 4 warps, spilled 600-4600 bytes
+# of stack in the dX kernel on sm_90; 64x128 tiles take 8 warps: with 4 they
+# spilled 8-48 bytes in the dX kernels on sm_80, sm_89 and sm_90; NF4 fp32 tiles
+# with 4 warps spilled 500-7000 bytes). The heuristic config (``gemm_config`` /
+# ``nf4_gemm_config``) always comes first and is what runs untuned; the rest are
+# timed by ``tuning.py`` on CUDA on first use per shape. GROUP_M is 8 throughout.
+# ----------------------------------------------------------------------------
+
+#: (BM, BN, BK, num_warps, num_stages) per architecture family, kind and dtype family
+TILES = {
+    90: {
+        ("dense", "16bit"): [(128, 64, 64, 4, 4), (64, 128, 64, 8, 4), (128, 128, 32, 8, 4)],
+        ("dense", "fp32"): [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4)],
+        ("nf4", "16bit"): [(128, 64, 64, 4, 2), (128, 128, 32, 8, 3)],
+        ("nf4", "fp32"): [(64, 64, 32, 8, 2)],
+    },
+    89: {
+        ("dense", "16bit"): [(128, 64, 64, 4, 3), (64, 128, 32, 8, 4), (128, 128, 32, 8, 4)],
+        ("dense", "fp32"): [(64, 64, 32, 4, 3)],
+        ("nf4", "16bit"): [(64, 128, 32, 8, 2), (128, 64, 32, 4, 2)],
+        ("nf4", "fp32"): [(64, 64, 32, 8, 2)],
+    },
+    80: {
+        ("dense", "16bit"): [(128, 64, 64, 4, 4), (64, 128, 64, 8, 4), (128, 128, 32, 8, 4)],
+        ("dense", "fp32"): [(64, 64, 32, 4, 4), (64, 128, 32, 8, 3)],
+        ("nf4", "16bit"): [(64, 128, 32, 8, 2), (128, 64, 32, 4, 2)],
+        ("nf4", "fp32"): [(64, 64, 32, 8, 2)],
+    },
+}
+
+#: bytes of shared memory per byte of one stage's operand tiles, NF4 GEMMs (its packed bytes,
+#: scales, codebook and the dequantized W tile on top of x's; 128x128x64 bf16 with double
+#: quantization needs ~256 KiB at three stages: benchmarks/compile_check.py)
+NF4_SHARED_FACTOR = 2.7
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    """``"fp32"`` or ``"16bit"``: the two tile families of the GEMMs."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def device_arch(device: torch.device) -> int:
+    """The architecture family whose tiles ``device`` takes: 90 (Hopper and newer, and
+    the CPU, whose interpreter never uses them), 80 (A100) or 89 (the other parts
+    below Hopper: RTX 3090/4090, A10, L4, with 99 KiB of shared memory per block).
+    (benchmarks/compile_check.py replaces it to compile for a chosen architecture.)"""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9 and major != 12:
+        return 90
+    return 80 if (major, minor) == (8, 0) else 89
+
+
+def config_name(cfg: dict) -> str:
+    """``"BMxBNxBK-wW-sS"``: how a tile config is named in the tuning cache."""
+    return f"{cfg['BM']}x{cfg['BN']}x{cfg['BK']}-w{cfg['num_warps']}-s{cfg['num_stages']}"
+
+
+def shared_estimate(cfg: dict, dtype: torch.dtype, BR: int, nf4: bool = False) -> int:
+    """Bytes of shared memory a GEMM config needs, estimated: its pipelined operand
+    tiles (num_stages copies of the (BM, BK) and (BK, BN) tiles), or the low-rank
+    tail's S and B tiles if larger; times ``NF4_SHARED_FACTOR`` for the NF4 GEMMs."""
+    size = torch.finfo(dtype).bits // 8
+    stage = (cfg["BM"] + cfg["BN"]) * cfg["BK"] * size
+    total = max(cfg["num_stages"] * stage, (cfg["BM"] + cfg["BN"]) * BR * size)
+    return int(total * NF4_SHARED_FACTOR) if nf4 else total
+
+
+def gemm_configs(default: dict, dtype: torch.dtype, device: torch.device, BR: int, nf4: bool = False) -> list:
+    """The tile configs a GEMM may be tuned over on ``device``: ``default`` (today's
+    heuristic, what runs untuned) first, then ``TILES`` of the device's architecture
+    for the kind and dtype family whose estimated shared memory fits the device's
+    (``shared_estimate``), without duplicates. Under the interpreter only ``default``."""
+    configs = [default]
+    if INTERPRET:
+        return configs
+    limit = max_shared_memory(device)
+    for bm, bn, bk, warps, stages in TILES[device_arch(device)][("nf4" if nf4 else "dense", dtype_family(dtype))]:
+        cfg = dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        if shared_estimate(cfg, dtype, BR, nf4) <= limit and config_name(cfg) not in map(config_name, configs):
+            configs.append(cfg)
+    return configs
+
+
+def fused_variants(configs: list) -> dict:
+    """``{"fused:<config name>": config}`` of the configs after the first (the default,
+    cached as plain ``"fused"``): the other fused choices ``tuning.py`` may time and cache."""
+    return {f"fused:{config_name(c)}": c for c in configs[1:]}
+
+
 def skinny_config(dtype: torch.dtype) -> dict:
     """Tile sizes of the skinny (rank-sized) kernels."""
     if INTERPRET:
