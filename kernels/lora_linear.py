@@ -84,7 +84,7 @@ from .lowrank import (
     op_seed,
     validate_lora_args,
 )
-from .tuning import PATHS, check_path, choose_path, parse_choice
+from .tuning import PATHS, check_path, run_path
 from .nf4 import NF4Weight
 from .nf4_lora import nf4_lora_linear
 from .utils import (
@@ -256,30 +256,18 @@ def _bwd_dX_split(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = No
 def _fwd_path(x2, W, S, B, scaling: float, bias, path: str) -> torch.Tensor:
     """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA over the
     split path and the fused one in each of ``tile_configs``; fused elsewhere)."""
-    M, K = x2.shape
-    variants = lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1]))  # noqa: E731
-    choice = choose_path(path, "lora_fwd", M, W.shape[0], K, x2, lambda: {
-        "fused": lambda: _fwd_gemm(x2, W, S, B, scaling, bias),
-        "split": lambda: _fwd_split(x2, W, S, B, scaling, bias),
-        **{name: (lambda c=c: _fwd_gemm(x2, W, S, B, scaling, bias, c)) for name, c in variants().items()}})
-    path, config = parse_choice(choice)
-    if path == "split":
-        return _fwd_split(x2, W, S, B, scaling, bias)
-    return _fwd_gemm(x2, W, S, B, scaling, bias, variants()[choice] if config else None)
+    return run_path(path, "lora_fwd", x2.shape[0], W.shape[0], x2.shape[1], x2,
+                    lambda c: _fwd_gemm(x2, W, S, B, scaling, bias, c),
+                    lambda: _fwd_split(x2, W, S, B, scaling, bias),
+                    lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1])))
 
 
 def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
     """dX by the path ``path`` names (as ``_fwd_path``)."""
-    M, N = dY.shape
-    variants = lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0]))  # noqa: E731
-    choice = choose_path(path, "lora_dx", M, A.shape[1], N, dY, lambda: {
-        "fused": lambda: _bwd_dX(dY, W, dS, A, dropout_p, seed),
-        "split": lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed),
-        **{name: (lambda c=c: _bwd_dX(dY, W, dS, A, dropout_p, seed, c)) for name, c in variants().items()}})
-    path, config = parse_choice(choice)
-    if path == "split":
-        return _bwd_dX_split(dY, W, dS, A, dropout_p, seed)
-    return _bwd_dX(dY, W, dS, A, dropout_p, seed, variants()[choice] if config else None)
+    return run_path(path, "lora_dx", dY.shape[0], A.shape[1], dY.shape[1], dY,
+                    lambda c: _bwd_dX(dY, W, dS, A, dropout_p, seed, c),
+                    lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed),
+                    lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0])))
 
 
 # ----------------------------------------------------------------------------

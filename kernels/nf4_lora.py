@@ -63,7 +63,7 @@ from .lowrank import (
     validate_lora_args,
 )
 from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_dequantize, nf4_kernel_args, nf4_rows_tile, nf4_tile
-from .tuning import check_path, choose_path, parse_choice
+from .tuning import check_path, run_path
 from .utils import (
     INTERPRET,
     check_triton_tensor,
@@ -296,32 +296,18 @@ def _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Option
 
 def _nf4_fwd_path(x2, nf4, meta, S, B, scaling: float, bias, path: str) -> torch.Tensor:
     """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
-    M, K = x2.shape
-    variants = lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1]))  # noqa: E731
-    choice = choose_path(path, "nf4_fwd", M, B.shape[0], K, x2, lambda: {
-        "fused": lambda: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias),
-        "split": lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias),
-        **{name: (lambda c=c: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, c))
-           for name, c in variants().items()}})
-    path, config = parse_choice(choice)
-    if path == "split":
-        return _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias)
-    return _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, variants()[choice] if config else None)
+    return run_path(path, "nf4_fwd", x2.shape[0], B.shape[0], x2.shape[1], x2,
+                    lambda c: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, c),
+                    lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias),
+                    lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1])))
 
 
 def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
-    """dX by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
-    M, N = dY.shape
-    variants = lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0]))  # noqa: E731
-    choice = choose_path(path, "nf4_dx", M, A.shape[1], N, dY, lambda: {
-        "fused": lambda: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed),
-        "split": lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed),
-        **{name: (lambda c=c: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, c))
-           for name, c in variants().items()}})
-    path, config = parse_choice(choice)
-    if path == "split":
-        return _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed)
-    return _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, variants()[choice] if config else None)
+    """dX by the path ``path`` names (as ``_nf4_fwd_path``)."""
+    return run_path(path, "nf4_dx", dY.shape[0], A.shape[1], dY.shape[1], dY,
+                    lambda c: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, c),
+                    lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed),
+                    lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0])))
 
 
 # ----------------------------------------------------------------------------

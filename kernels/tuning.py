@@ -284,3 +284,16 @@ def choose_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor,
     if torch.cuda.is_current_stream_capturing():
         return tuner.cached(device, key) or DEFAULT_PATH
     return tuner.choose(device, key, candidates)
+
+
+def run_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor, fused: Callable, split: Callable,
+             configs: Callable[[], dict]) -> torch.Tensor:
+    """Run the GEMM (op, M, N, K) by the path ``path`` names (``choose_path``): ``fused(cfg)`` with
+    ``cfg`` None for the heuristic tiles or one of ``configs()`` (``{name: config}``), or ``split()``."""
+    choice = choose_path(path, op, M, N, K, t, lambda: {
+        "fused": lambda: fused(None), "split": split,
+        **{name: (lambda c=c: fused(c)) for name, c in configs().items()}})
+    kind, config = parse_choice(choice)
+    if kind == "split":
+        return split()
+    return fused(configs()[choice] if config else None)

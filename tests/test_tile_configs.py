@@ -13,6 +13,7 @@ import torch
 
 from rankwise.kernels import tuning, utils
 from rankwise.kernels.tuning import Tuner, parse_choice, shape_key
+from helpers import FakeTimer
 from test_split_path import compare
 
 DEVICE = "NVIDIA H100 80GB HBM3"
@@ -20,18 +21,6 @@ KEY = shape_key("lora_fwd", 8192, 4096, 4096, torch.bfloat16)
 ARCH_SHARED = {90: 232448, 80: 166912, 89: 101376}
 LL = sys.modules["rankwise.kernels.lora_linear"]
 NL = sys.modules["rankwise.kernels.nf4_lora"]
-
-
-class FakeTimer:
-    """``timer(fn)``: runs ``fn`` (which returns its choice's name) and returns that choice's cost."""
-
-    def __init__(self, costs):
-        self.costs, self.calls = costs, []
-
-    def __call__(self, fn):
-        name = fn()
-        self.calls.append(name)
-        return self.costs[name]
 
 
 def no_timing(fn):
@@ -189,7 +178,8 @@ def force_config(monkeypatch):
         for mod, lister in ((LL, "tile_configs"), (NL, "nf4_tile_configs")):
             default = getattr(mod, lister)
             monkeypatch.setattr(mod, lister, lambda dt, dev, r, default=default: default(dt, dev, r) + [cfg])
-            monkeypatch.setattr(mod, "choose_path", lambda path, op, *a: used.append(op) or name)
+        monkeypatch.setattr(sys.modules["rankwise.kernels.tuning"], "choose_path",
+                            lambda path, op, *a: used.append(op) or name)
         for mod, fns in ((LL, ("_fwd_gemm", "_bwd_dX")), (NL, ("_nf4_fwd_gemm", "_nf4_bwd_dX"))):
             for fn in fns:
                 real = getattr(mod, fn)

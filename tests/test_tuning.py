@@ -15,21 +15,10 @@ import torch
 
 from rankwise.kernels import tuning
 from rankwise.kernels.tuning import Tuner, choose_path, shape_key
+from helpers import FakeTimer
 
 DEVICE = "NVIDIA H100 80GB HBM3"
 KEY = shape_key("lora_fwd", 8192, 4096, 4096, torch.bfloat16)
-
-
-class FakeTimer:
-    """``timer(fn)``: runs ``fn`` (which returns its path's name) and returns that path's cost."""
-
-    def __init__(self, costs):
-        self.costs, self.calls = costs, []
-
-    def __call__(self, fn):
-        name = fn()
-        self.calls.append(name)
-        return self.costs[name]
 
 
 def candidates():
@@ -223,7 +212,7 @@ def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch)
         seen.append((op, tuning.m_bucket(M), N, K))
         return "split"
 
-    monkeypatch.setattr(sys.modules["rankwise.kernels.lora_linear"], "choose_path", record)
+    monkeypatch.setattr(sys.modules["rankwise.kernels.tuning"], "choose_path", record)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
