@@ -110,3 +110,17 @@ def linear_cross_entropy_ref(hidden, weight, targets, bias=None, ignore_index=-1
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                              ignore_index=ignore_index, reduction=reduction
                                              ).reshape(targets.shape if reduction == "none" else ())
+
+
+class FakeTimer:
+    """A stand-in for the tuner's timer: ``timer(fn)`` runs ``fn`` (which returns the name of its
+    choice: a path, or a path and a tile config) and returns that choice's cost from ``costs``;
+    ``calls`` lists what ran, in order."""
+
+    def __init__(self, costs):
+        self.costs, self.calls = costs, []
+
+    def __call__(self, fn):
+        name = fn()
+        self.calls.append(name)
+        return self.costs[name]
