@@ -39,7 +39,9 @@ def _extension():
     )
 
 
-class BuildExt(BuildExtension.with_options(use_ninja=False)):
+# RANKWISE_NINJA=1: compile the sources in parallel with ninja (where it is installed, as on the GPU
+# machines' image); the default is setuptools' serial build, which needs nothing more.
+class BuildExt(BuildExtension.with_options(use_ninja=os.environ.get("RANKWISE_NINJA") == "1")):
     def build_extension(self, ext):
         prebuilt = os.environ.get("RANKWISE_PREBUILT_EXT")
         if not prebuilt:

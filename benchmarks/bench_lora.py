@@ -30,7 +30,8 @@ GPU_GRID = dict(tokens=[2048, 8192, 16384], shapes=[(4096, 4096), (4096, 11008),
 CPU_GRID = dict(tokens=[512], shapes=[(256, 256), (256, 688), (688, 256)], ranks=[8, 64], dtype=torch.float32)
 SMOKE_GRID = dict(tokens=[64], shapes=[(64, 96)], ranks=[4], dtype=torch.float32)
 TARGET = dict(tokens=8192, shape=(4096, 4096), r=16)
-IMPL_LABEL = dict(rankwise="rankwise fused LoRA", peft_eager="peft_eager LoRA", torch_compile="torch_compile LoRA",
+IMPL_LABEL = dict(rankwise="rankwise fused LoRA", rankwise_fused="rankwise LoRA, path=fused",
+                  rankwise_split="rankwise LoRA, path=split", peft_eager="peft_eager LoRA", torch_compile="torch_compile LoRA",
                   base="base layer")
 
 
@@ -50,11 +51,16 @@ def make_impls(compile_ok: bool, cuda: bool):
     if compile_ok:  # compiled afresh for every shape (see main), so no shape hits dynamo's recompile limit
         impls["torch_compile"] = peft_style
     impls["rankwise"] = lambda x, W, b, A, B, s, p: lora_linear(x, W, A, B, s, b, p, backend="triton")
+    if cuda:  # each GEMM path forced, to check what path="auto" (the tuning cache) picks against both
+        impls["rankwise_fused"] = lambda x, W, b, A, B, s, p: lora_linear(x, W, A, B, s, b, p, backend="triton",
+                                                                          path="fused")
+        impls["rankwise_split"] = lambda x, W, b, A, B, s, p: lora_linear(x, W, A, B, s, b, p, backend="triton",
+                                                                          path="split")
     return impls
 
 
 MODEL_NAME = dict(base="base_linear", peft_eager="lora_peft", torch_compile="lora_peft(fused_elementwise)",
-                  rankwise="lora_fused")
+                  rankwise="lora_fused", rankwise_fused="lora_fused", rankwise_split="lora_fused")
 
 
 def cost_model(name, n, k_in, k_out, r, dtype, dropout):
@@ -66,7 +72,7 @@ def cost_model(name, n, k_in, k_out, r, dtype, dropout):
         return rl.lora_peft(n, k_in, k_out, r, e, p=dropout)
     if name == "torch_compile":
         return rl.lora_peft(n, k_in, k_out, r, e, p=dropout, fused_elementwise=True)
-    if name == "rankwise":
+    if name in ("rankwise", "rankwise_fused", "rankwise_split"):  # the split path's extra bytes: 2 x n x r, small
         return rl.lora_fused(n, k_in, k_out, r, e)
     raise KeyError(name)
 
@@ -93,7 +99,7 @@ def bench_one(impl, name, n, k_in, k_out, r, dtype, device, cuda, dropout, ceili
 
     row = dict(impl=name, tokens=n, in_features=k_in, out_features=k_out, r=r, dtype=str(dtype).split(".")[-1],
                dropout=dropout)
-    timed = cuda or name != "rankwise"
+    timed = cuda or not name.startswith("rankwise")
     if timed:
         f = time_ms(fwd)
         fb = time_ms(fwd_bwd)
@@ -139,9 +145,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="one tiny configuration, seconds")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts instead of the grid's")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    grid = SMOKE_GRID if args.smoke else (GPU_GRID if cuda else CPU_GRID)
+    grid = dict(SMOKE_GRID if args.smoke else (GPU_GRID if cuda else CPU_GRID))
+    if args.tokens:
+        grid["tokens"] = [int(t) for t in args.tokens.split(",")]
     device = "cuda" if cuda else "cpu"
     impls = make_impls(compile_ok=not (args.no_compile or args.smoke), cuda=cuda)
     ceilings = rl.measure_ceilings(grid["dtype"], device)

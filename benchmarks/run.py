@@ -24,7 +24,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, device_slug, environment
 
-SCRIPTS = ["bench_lora", "bench_nf4", "bench_loss", "bench_masking", "bench_train", "bench_sweep"]
+SCRIPTS = ["bench_lora", "bench_nf4", "bench_loss", "bench_masking", "bench_train", "bench_sweep",
+           "bench_sweep_step"]
 
 
 def figures(name: str, payload: dict) -> list:
