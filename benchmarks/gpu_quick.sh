@@ -39,7 +39,7 @@ stage gpu_kernels 150 python3 -m pytest -q -rs tests/test_gpu_kernels.py -m gpu
 stage bench_sweep_step 170 python3 -m benchmarks.bench_sweep_step --out "$OUT/results"
 stage bench_lora 90 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$OUT/results"
 stage bench_nf4_loss 90 python3 -m benchmarks.run --suite gpu --only bench_nf4,bench_loss --out "$OUT/results"
-stage suite 600 python3 -m pytest -q -rs -x -p no:cacheprovider tests --ignore=tests/test_gpu_kernels.py \
+stage suite 600 python3 -m pytest -q -rs --timeout 120 -p no:cacheprovider tests --ignore=tests/test_gpu_kernels.py \
   --ignore=tests/test_benchmarks.py
 cp /tmp/rankwise-cache/tuning.json "$OUT/results/" 2>/dev/null || true
 # the device tool brings back at most 8 files: stages.txt, device.txt and one archive of the rest
