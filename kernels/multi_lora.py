@@ -120,15 +120,15 @@ __all__ = ["multi_lora_linear", "multi_lora_linear_arms", "multi_lora_linear_tor
 #
 # Routing: the rows are cut into tiles per arm. A tile map (``_tiles``, one per
 # row-block size BM, built by ``multi_plan``) lists, for each tile t, its arm k,
-# its first row inside the arm (a multiple of BM) and, for dB in deterministic
-# mode, its slot in the per-tile dB buffer; an arm of M_k rows gets
+# its first row inside the arm (a multiple of BM); an arm of M_k rows gets
 # ceil(M_k / BM) tiles, the last one partly masked, and an empty arm none. A
 # program reads its tile's arm from the map, then the arm's row start, row
 # count, rank offset, rank, S offset, seed, scaling and dropout (``_arm``):
 # every tile belongs to exactly one arm, so no tile ever mixes two arms'
 # low-rank terms, and the base GEMM still covers every row once (at most one
 # extra tile per arm against a plain GEMM's cdiv(M, BM)). No row is copied or
-# padded in memory. dA (kernel 5) needs no map: its grid has one axis per arm.
+# padded in memory. dA and dB (kernel 5, a reduction over each arm's rows) need
+# no map: their grid has one axis per arm.
 #
 # S and dS are stored compactly, arm after arm: arm k's (M_k, r_k) block starts
 # at s_k = sum_{j<k} M_j * r_j (row stride r_k), so they hold sum_k M_k * r_k
@@ -143,8 +143,8 @@ __all__ = ["multi_lora_linear", "multi_lora_linear_arms", "multi_lora_linear_tor
 
 @triton.jit
 def _tile(TILES, t):
-    """(arm, first local row, dB slot) of tile t."""
-    return tl.load(TILES + 3 * t), tl.load(TILES + 3 * t + 1), tl.load(TILES + 3 * t + 2)
+    """(arm, first local row) of tile t."""
+    return tl.load(TILES + 2 * t), tl.load(TILES + 2 * t + 1)
 
 
 @triton.jit
@@ -167,8 +167,8 @@ def _multi_down_kernel(
     """S_k[i, r] = sum_c x_dk[i, c] * A_k[r, c] for the BM rows of one tile of arm k."""
     t = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
-    arm, lrow0, _slot = _tile(TILES, t)
-    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    arm, lrow0 = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, seed, scaling, p, keep_scale = _arm(ARM_I, ARM_F, arm)
     if pid_r * BR < R:
         lm = lrow0 + tl.arange(0, BM)
         rr = pid_r * BR + tl.arange(0, BR)
@@ -238,7 +238,7 @@ def _multi_fwd_kernel(
     """Y[tile] = x[tile] @ W.T + (s_k * S_k[tile]) @ B_k.T + b: the base GEMM over the
     tile's rows and arm k's low-rank tail, one accumulator."""
     t, pid_n = swizzle_tile(NT * BM, N, BM, BN, GROUP_M)
-    arm, lrow0, _slot = _tile(TILES, t)
+    arm, lrow0 = _tile(TILES, t)
     row0, Mk, aoff, R, soff, _seed, scaling, _p, _ks = _arm(ARM_I, ARM_F, arm)
     lm = lrow0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -262,28 +262,28 @@ def _multi_fwd_kernel(
 
 
 @triton.jit
-def _multi_dsdb_kernel(
-    DY, B, S, DS, DB, TILES, ARM_I, ARM_F,
-    N, RT,
+def _multi_ds_kernel(
+    DY, B, S, DS, TILES, ARM_I, ARM_F,
+    N,
     stride_dym, stride_dyn, stride_bn, stride_br,
-    DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
-    """dS_k[tile] = s_k * dY[tile] @ B_k and the tile's share of dB_k = s_k * dY_k.T @ S_k,
-    from one read of dY. dB goes to the fp32 (N, sum r) buffer with atomics (columns
-    o_k : o_k + r_k), or in deterministic mode to the tile's own (N, r_k) slot of a
-    per-tile buffer that the launcher sums arm by arm in a fixed order."""
+    """dS_k[tile] = s_k * dY[tile] @ B_k (compact, arm after arm).
+
+    dB is not formed here: adding each row tile's (BN, BR) share of dB with
+    atomics, as the single-arm kernel 3 does, cost 20 ms of a 26 ms backward on
+    an H200 at 4 x 8192 rows, 2048 -> 8192, ranks 1/8/32/128 (every tile of every
+    arm adds a full rank block); ``multi_lora_ds_db`` reduces dB over each arm's
+    rows with kernel 5 instead."""
     t = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
-    arm, lrow0, slot = _tile(TILES, t)
+    arm, lrow0 = _tile(TILES, t)
     row0, Mk, aoff, R, soff, _seed, scaling, _p, _ks = _arm(ARM_I, ARM_F, arm)
     if pid_r * BR < R:
         lm = lrow0 + tl.arange(0, BM)
         rr = pid_r * BR + tl.arange(0, BR)
         smask = (lm[:, None] < Mk) & (rr[None, :] < R)
-        s = tl.load(S + soff + lm[:, None] * R + rr[None, :], mask=smask, other=0.0)
-        if UPCAST:
-            s = s.to(tl.float32)
         ds = tl.zeros((BM, BR), dtype=tl.float32)
         for n0 in range(0, N, BN):
             rn = n0 + tl.arange(0, BN)
@@ -295,12 +295,6 @@ def _multi_dsdb_kernel(
                 dy = dy.to(tl.float32)
                 b = b.to(tl.float32)
             ds = tl.dot(dy, b, ds, input_precision=PREC)
-            db = tl.dot(tl.trans(dy), s, input_precision=PREC) * scaling
-            db_mask = (rn[:, None] < N) & (rr[None, :] < R)
-            if DETERMINISTIC:
-                tl.store(DB + slot * N + rn[:, None] * R + rr[None, :], db, mask=db_mask)
-            else:
-                tl.atomic_add(DB + rn[:, None] * RT + (aoff + rr)[None, :], db, mask=db_mask)
         tl.store(DS + soff + lm[:, None] * R + rr[None, :], (ds * scaling).to(DS.dtype.element_ty), mask=smask)
 
 
@@ -317,8 +311,8 @@ def _multi_dx_kernel(
     """dX[tile] = dY[tile] @ W + (dS_k[tile] @ A_k) * m_k / (1 - p_k): the base GEMM and
     arm k's low-rank tail, the mask regenerated from the arm's seed on local rows."""
     t, pid_k = swizzle_tile(NT * BM, K, BM, BK, GROUP_M)
-    arm, lrow0, _slot = _tile(TILES, t)
-    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    arm, lrow0 = _tile(TILES, t)
+    row0, Mk, aoff, R, soff, seed, scaling, p, keep_scale = _arm(ARM_I, ARM_F, arm)
     lm = lrow0 + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
@@ -345,15 +339,16 @@ def _multi_da_kernel(
     DS, X, DA, ARM_I, ARM_F,
     K,
     stride_xm, stride_xk, stride_dar, stride_dak,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
 ):
     """dA_k = dS_k.T @ x_dk over the arm's own rows (grid axis 2 = arm), written to
-    rows o_k : o_k + r_k of dA; an arm without rows writes zeros."""
+    rows o_k : o_k + r_k of dA; an arm without rows writes zeros. ``SCALED``: times
+    the arm's scaling s_k (dB_k.T = s_k * S_k.T @ dY_k, see ``multi_lora_ds_db``)."""
     pid_k = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     arm = tl.program_id(2).to(tl.int64)
-    row0, Mk, aoff, R, soff, seed, _s, p, keep_scale = _arm(ARM_I, ARM_F, arm)
+    row0, Mk, aoff, R, soff, seed, scaling, p, keep_scale = _arm(ARM_I, ARM_F, arm)
     if pid_r * BR < R:
         rk = pid_k * BK + tl.arange(0, BK)
         rr = pid_r * BR + tl.arange(0, BR)
@@ -372,6 +367,8 @@ def _multi_da_kernel(
             acc = tl.dot(ds, x, acc, input_precision=PREC)
         if HAS_DROPOUT:
             acc = acc * keep_scale
+        if SCALED:
+            acc = acc * scaling
         tl.store(DA + (aoff + rr)[:, None] * stride_dar + rk[None, :] * stride_dak,
                  acc.to(DA.dtype.element_ty), mask=(rr[:, None] < R) & (rk[None, :] < K))
 
@@ -390,31 +387,19 @@ class MultiPlan(NamedTuple):
     ranks: tuple
     arm_i: torch.Tensor        # (n, 6) int64: row start, rows, rank offset, rank, S offset, seed
     arm_f: torch.Tensor        # (n, 3) fp32: scaling, p, 1 / (1 - p)
-    gemm_tiles: torch.Tensor   # (T_gemm, 3) int64: arm, first local row, dB slot (unused)
-    skinny_tiles: torch.Tensor  # (T_skinny, 3) int64: arm, first local row, dB slot
+    gemm_tiles: torch.Tensor   # (T_gemm, 2) int64: arm, first local row
+    skinny_tiles: torch.Tensor  # (T_skinny, 2) int64: arm, first local row
     gemm_cfg: dict
     gemm_br: int
     skinny_cfg: dict
     skinny_br: int
     has_dropout: bool
     s_size: int                # sum_k M_k * r_k: length of S and dS
-    slot_first: tuple          # per arm: its first dB slot in the skinny map (deterministic dB)
-    skinny_count: tuple        # per arm: its number of skinny tiles
-    slots: int                 # total dB slots: sum over skinny tiles of the tile's rank
 
 
 def _tiles(rows, ranks, BM):
-    """Host tile map for row blocks of BM: [(arm, first local row, dB slot)], plus each
-    arm's first slot and tile count, and the slot total."""
-    out, first, count, slot = [], [], [], 0
-    for k, (M_k, r) in enumerate(zip(rows, ranks)):
-        first.append(slot)
-        n = -(-M_k // BM)
-        count.append(n)
-        for i in range(n):
-            out.append((k, i * BM, slot))
-            slot += r
-    return out, tuple(first), tuple(count), slot
+    """Host tile map for row blocks of BM: [(arm, first local row)]."""
+    return [(k, i * BM) for k, M_k in enumerate(rows) for i in range(-(-M_k // BM))]
 
 
 @functools.lru_cache(maxsize=128)
@@ -433,10 +418,8 @@ def _arm_tables(rows, ranks, scalings, ps, seeds, device):
 
 @functools.lru_cache(maxsize=128)
 def _tile_table(rows, ranks, BM, device):
-    """The tile map for row blocks of BM on the device, (T, 3) int64, with ``_tiles``'
-    per-arm first slots, tile counts and slot total; memoised like ``_arm_tables``."""
-    tiles, first, count, slots = _tiles(rows, ranks, BM)
-    return torch.tensor(tiles, dtype=torch.int64).reshape(-1, 3).to(device), first, count, slots
+    """The tile map for row blocks of BM on the device, (T, 2) int64; memoised like ``_arm_tables``."""
+    return torch.tensor(_tiles(rows, ranks, BM), dtype=torch.int64).reshape(-1, 2).to(device)
 
 
 def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, device: torch.device,
@@ -461,10 +444,10 @@ def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, dev
         # tables too, so it is chosen here, once, for every skinny kernel
         skinny_cfg = {**skinny_cfg, "BM": 32, "BN": min(skinny_cfg["BN"], 64)}
     arm_i, arm_f, s_size = _arm_tables(rows, ranks, tuple(scalings), tuple(dropout_ps), tuple(seeds), device)
-    gemm_tiles = _tile_table(rows, ranks, gemm_cfg["BM"], device)[0]
-    skinny_tiles, first, count, slots = _tile_table(rows, ranks, skinny_cfg["BM"], device)
+    gemm_tiles = _tile_table(rows, ranks, gemm_cfg["BM"], device)
+    skinny_tiles = _tile_table(rows, ranks, skinny_cfg["BM"], device)
     return MultiPlan(rows, ranks, arm_i, arm_f, gemm_tiles, skinny_tiles, gemm_cfg, gemm_br,
-                     skinny_cfg, skinny_br, any(p > 0.0 for p in dropout_ps), s_size, first, count, slots)
+                     skinny_cfg, skinny_br, any(p > 0.0 for p in dropout_ps), s_size)
 
 
 def _base_args(base, K: int):
@@ -523,33 +506,36 @@ def _multi_fwd_gemm(x2, base, S, B, bias, plan: MultiPlan) -> torch.Tensor:
 
 def multi_lora_ds_db(dY, S, B, plan: MultiPlan):
     """dS_k = s_k * dY_k @ B_k (compact flat, S's dtype) and dB (N, sum r) in B's dtype,
-    arm k's columns s_k * dY_k.T @ S_k (zeros for an arm without rows)."""
+    arm k's columns s_k * dY_k.T @ S_k (zeros for an arm without rows).
+
+    dS by row tiles (``_multi_ds_kernel``); dB by kernel 5 (``_multi_da_kernel``, which
+    reduces ``T_k.T @ X_k`` over each arm's rows): with ``S`` for ``dS`` and ``dY`` for
+    ``x`` it gives ``S_k.T @ dY_k`` = dB_k.T, written transposed into the fp32
+    ``(N, sum r)`` buffer, times s_k. A fixed reduction order per
+    output tile, so no atomics and the same bits in torch's deterministic mode."""
     N, RT = B.shape
     dS = torch.empty_like(S)
     T = plan.skinny_tiles.shape[0]
     if T == 0:
         return dS, torch.zeros((N, RT), device=B.device, dtype=B.dtype)
     cfg, BR = plan.skinny_cfg, plan.skinny_br
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if deterministic:  # one (N, r_k) fp32 slot per tile, summed per arm in a fixed order
-        dB32 = torch.empty(plan.slots * N, device=dY.device, dtype=torch.float32)
-    else:
-        dB32 = torch.zeros((N, RT), device=dY.device, dtype=torch.float32)
-    grid = (T, triton.cdiv(max(plan.ranks), BR))
-    _multi_dsdb_kernel[grid](
-        dY, B, S, dS, dB32, plan.skinny_tiles, plan.arm_i, plan.arm_f,
-        N, RT,
+    upcast, prec = upcast_for_dot(dY.dtype), dot_precision(dY.dtype)
+    warps = wide_rank_warps(cfg, BR)
+    _multi_ds_kernel[(T, triton.cdiv(max(plan.ranks), BR))](
+        dY, B, S, dS, plan.skinny_tiles, plan.arm_i, plan.arm_f,
+        N,
         dY.stride(0), dY.stride(1), B.stride(0), B.stride(1),
-        DETERMINISTIC=deterministic, UPCAST=upcast_for_dot(dY.dtype), PREC=dot_precision(dY.dtype),
-        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
+        UPCAST=upcast, PREC=prec,
+        BM=cfg["BM"], BN=cfg["BN"], BR=BR, num_warps=warps, num_stages=cfg["num_stages"],
     )
-    if deterministic:
-        slots, dB32 = dB32, torch.zeros((N, RT), device=dY.device, dtype=torch.float32)
-        o = 0
-        for r, first, n in zip(plan.ranks, plan.slot_first, plan.skinny_count):
-            if n:
-                dB32[:, o:o + r] = slots[first * N:(first + n * r) * N].view(n, N, r).sum(0)
-            o += r
+    dB32 = torch.empty((N, RT), device=dY.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(max(plan.ranks), BR), len(plan.ranks))
+    _multi_da_kernel[grid](
+        S, dY, dB32, plan.arm_i, plan.arm_f, N,
+        dY.stride(0), dY.stride(1), dB32.stride(1), dB32.stride(0),
+        HAS_DROPOUT=False, SCALED=True, UPCAST=upcast, PREC=prec,
+        BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=warps, num_stages=cfg["num_stages"],
+    )
     return dS, dB32.to(B.dtype)
 
 
@@ -585,7 +571,7 @@ def multi_lora_da(dS, x2, plan: MultiPlan, out_dtype) -> torch.Tensor:
     _multi_da_kernel[grid](
         dS, x2, dA, plan.arm_i, plan.arm_f, K,
         x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
-        HAS_DROPOUT=plan.has_dropout, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
+        HAS_DROPOUT=plan.has_dropout, SCALED=False, UPCAST=upcast_for_dot(x2.dtype), PREC=dot_precision(x2.dtype),
         BR=BR, BK=cfg["BN"], BM=cfg["BK"], num_warps=wide_rank_warps(cfg, BR), num_stages=cfg["num_stages"],
     )
     return dA

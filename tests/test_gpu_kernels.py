@@ -121,3 +121,36 @@ def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
         tol = 2 * rel(tl_, w) + FLOOR[dtype]
         err = rel(a, w)
         assert err <= tol, f"{name}: kernel error {err:.3g} > {tol:.3g} (torch {dtype} error {rel(tl_, w):.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,ranks,K,N", [((2048, 2048, 2048, 2048), (1, 8, 32, 128), 2048, 8192),
+                                            ((333, 0, 1000, 77), (128, 4, 1, 16), 1000, 777)])
+def test_multi_lora_low_precision_on_gpu(dtype, rows, ranks, K, N):
+    """The segmented K-arm op (forward, dX, dA, dB of every arm) against float64 on a GPU;
+    the same tolerance rule as the single-arm op, against torch's own error in ``dtype``."""
+    from test_multi_lora import multi_lora_ref
+
+    from rankwise.kernels.multi_lora import multi_lora_linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, RT = sum(rows), sum(ranks)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(RT, K, device="cuda", generator=g) / K**0.5).to(dtype).requires_grad_()
+    B = (torch.randn(N, RT, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    sc = [2.0, 0.5, 1.0, 4.0]
+    y = multi_lora_linear(x, W, A, B, list(ranks), sc, list(rows), backend="triton")
+    got = (y,) + torch.autograd.grad(y, (x, A, B), dy)
+
+    def ref(dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (x, A, B)]
+        out = multi_lora_ref(xs[0], W.to(dt), xs[1], xs[2], list(ranks), sc, list(rows), None, None, None)
+        return (out,) + torch.autograd.grad(out, xs, dy.to(dt))
+
+    want, low = ref(torch.float64), ref(dtype)
+    for name, a, w, t in zip(("y", "dx", "dA", "dB"), got, want, low):
+        tol = 2 * rel(t, w) + FLOOR[dtype]
+        err = rel(a, w)
+        assert err <= tol, f"{name}: kernel error {err:.3g} > {tol:.3g} (torch {dtype} error {rel(t, w):.3g})"

@@ -284,7 +284,7 @@ def test_tile_map_never_mixes_arms():
     for tiles, BM in ((plan.gemm_tiles, plan.gemm_cfg["BM"]), (plan.skinny_tiles, plan.skinny_cfg["BM"])):
         covered = []
         starts = [sum(rows[:k]) for k in range(len(rows))]
-        for arm, lrow0, _slot in tiles.tolist():
+        for arm, lrow0 in tiles.tolist():
             assert lrow0 % BM == 0 and 0 <= lrow0 < rows[arm]
             covered += range(starts[arm] + lrow0, starts[arm] + min(lrow0 + BM, rows[arm]))
         assert covered == list(range(sum(rows)))
