@@ -171,6 +171,9 @@ def main(argv=None) -> int:
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 rows.append(dict(impl=name, tokens=n, in_features=k_in, out_features=k_out, r=r, error=f"OOM: {e}"))
                 torch.cuda.empty_cache()
+        # the rows so far, so a run cut off by a time limit (a device lease) keeps what it measured
+        write_json(dict(benchmark="bench_lora", env=environment(), partial=True, rows=rows, ratios=ratios(rows)),
+                   "bench_lora.partial", args.out)
     payload = dict(benchmark="bench_lora", env=environment(), grid={k: str(v) for k, v in grid.items()},
                    ceilings=ceilings, rows=rows, ratios=ratios(rows))
     if cuda and not args.smoke:
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
                                      f"{x['in_features']}->{x['out_features']}, r={x['r']}", x)] if f
     ]
     path = write_json(payload, "bench_lora", args.out)
+    (path.parent / "bench_lora.partial.json").unlink(missing_ok=True)
     print(f"wrote {path}")
     c = ceilings
     print(f"  ceilings ({c['dtype']}, {c['threads']} threads): matmul {c['peak_flops'] / 1e9:.1f} GFLOP/s, "

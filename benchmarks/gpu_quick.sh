@@ -37,7 +37,7 @@ stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import torch, triton, rankwise; print('torch', torch.__version__, 'triton', triton.__version__, 'rankwise', rankwise.__version__)" 2>&1 | tee -a "$OUT/device.txt"
 stage gpu_kernels 150 python3 -m pytest -q -rs tests/test_gpu_kernels.py -m gpu
 stage bench_sweep_step 170 python3 -m benchmarks.bench_sweep_step --out "$OUT/results"
-stage bench_lora 90 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$OUT/results"
+stage bench_lora 120 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$OUT/results"
 stage bench_nf4_loss 90 python3 -m benchmarks.run --suite gpu --only bench_nf4,bench_loss --out "$OUT/results"
 stage suite 600 python3 -m pytest -q -rs --timeout 120 -p no:cacheprovider tests --ignore=tests/test_gpu_kernels.py \
   --ignore=tests/test_benchmarks.py
