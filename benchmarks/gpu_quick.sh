@@ -5,6 +5,7 @@
 # 1. install the carried wheels, build rankwise (ninja, parallel), print the versions
 # 2. every Triton kernel in bf16/fp16 against float64 (tests/test_gpu_kernels.py)
 # 3. bench_sweep_step: the stacked K-arm step against K solo steps, 1B Llama shape, 1x512 and 4x2048
+# 3b. profile_step: where a solo 1B step's time goes (torch.profiler, CPU and CUDA)
 # 4. bench_lora at 8192 tokens with path=fused / split / auto (no torch.compile baseline: minutes)
 # 5. bench_nf4, bench_loss
 # 6. the rest of the suite on the GPU, in whatever time is left
@@ -37,6 +38,7 @@ stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import torch, triton, rankwise; print('torch', torch.__version__, 'triton', triton.__version__, 'rankwise', rankwise.__version__)" 2>&1 | tee -a "$OUT/device.txt"
 stage gpu_kernels 150 python3 -m pytest -q -rs tests/test_gpu_kernels.py -m gpu
 stage bench_sweep_step 170 python3 -m benchmarks.bench_sweep_step --out "$OUT/results"
+stage profile_step 60 python3 -m benchmarks.profile_step --out "$OUT/results"
 stage bench_lora 120 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$OUT/results"
 stage bench_nf4_loss 90 python3 -m benchmarks.run --suite gpu --only bench_nf4,bench_loss --out "$OUT/results"
 stage suite 600 python3 -m pytest -q -rs --timeout 120 -p no:cacheprovider tests --ignore=tests/test_gpu_kernels.py \
