@@ -10,6 +10,9 @@ after untimed warm-up runs of both (first-call costs: imports, kernel and tokeni
 caches). Reported per K: wall time, CPU time of the process with torch on one thread
 (``time.process_time``), on CUDA the peak allocated memory, and the ratios
 together / sequential (the issue's target on a CPU: wall time at most 0.6x for K = 4).
+On a GPU the whole sweeps use a small model; the JSON's ``step_1b`` (and its summary figures)
+adds ``bench_sweep_step``'s measurement: the training step of a 1B-class Llama shape at
+micro-batches 1x512 and 4x2048, K = 4 and 8, stacked against the K solo steps.
 Each side runs ``--repeat`` times, alternating; the figures take each side's
 best time (every sample is in the JSON): on a shared machine the minimum is the
 least disturbed measure of the work itself. Because the load of a shared machine
@@ -162,8 +165,16 @@ def main(argv=None) -> int:
             summary.append(dict(figure=f"together sweep of {K} ranks, peak memory over the sequential sweep's",
                                 value=r["together"]["peak_mem_mb"] / r["sequential"]["peak_mem_mb"], unit="x",
                                 baseline="rankwise sweep, arm after arm"))
+    step_1b = None
+    if cuda and not args.smoke and not args.ranks:  # the issue's GPU figures: the 1B-shape step, 1x512 and 4x2048
+        from benchmarks import bench_sweep_step
+
+        d = bench_sweep_step.defaults(cuda=True, smoke=False)
+        step_runs, step_summary = bench_sweep_step.run(d["shape"], d["micros"], d["rank_sets"], d["steps"])
+        step_1b = dict(shape=d["shape"], model=bench_sweep_step.SHAPES[d["shape"]], steps=d["steps"], runs=step_runs)
+        summary += step_summary
     payload = dict(benchmark="bench_sweep", env=environment(), steps=steps, model=dict(hidden=hidden, layers=layers),
-                   torch_threads=1, niceness=os.nice(0), runs=runs, summary=summary)
+                   torch_threads=1, niceness=os.nice(0), runs=runs, summary=summary, step_1b=step_1b)
     path = write_json(payload, "bench_sweep", args.out)
     print(f"wrote {path}")
     for r in runs:

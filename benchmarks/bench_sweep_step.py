@@ -162,26 +162,12 @@ def strip(model):
     model.requires_grad_(False)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
-    ap.add_argument("--micro", default=None, help="comma-separated BxT micro-batches (default 1x512,4x2048)")
-    ap.add_argument("--ranks", default=None, help="';'-separated rank sets (default 1,8,32,128;1,2,4,8,16,32,64,128)")
-    ap.add_argument("--steps", type=int, default=None)
-    args = ap.parse_args(argv)
+def run(shape: str, micros, rank_sets, steps: int) -> tuple:
+    """``(runs, summary)``: for each micro-batch ``(B, T)`` and rank set, the stacked step and the solo
+    steps of ``shape`` (rows as in the JSON), and the summary figures."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    shape = args.shape or ("1b" if cuda and not args.smoke else "tiny")
-    micro = args.micro or ("1x512,4x2048" if cuda and not args.smoke else "1x32")
-    rank_sets = args.ranks or ("1,8,32,128;1,2,4,8,16,32,64,128" if not args.smoke else "1,4")
-    steps = args.steps or (10 if not args.smoke else 2)
-    micros = [tuple(int(v) for v in m.split("x")) for m in micro.split(",")]
-    rank_sets = [[int(r) for r in s.split(",")] for s in rank_sets.split(";")]
     dtype = torch.bfloat16 if cuda else torch.float32
-    if not cuda:
-        torch.set_num_threads(1)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -213,6 +199,7 @@ def main(argv=None) -> int:
                    f"{row.get('sequential_step_s', float('nan')) * 1e3:.1f} ms, speedup {row.get('speedup', float('nan')):.2f}x"
                    + (f" ({tog['error']})" if "error" in tog else ""))
             print(msg, flush=True)
+    del model
     summary = []
     for r in runs:
         label = f"{r['micro']}, {r['K']} ranks {r['ranks']}"
@@ -222,8 +209,37 @@ def main(argv=None) -> int:
             summary.append(dict(figure=f"stacked step of {label}", value=r["together"]["step_s"] * 1e3, unit="ms",
                                 baseline="-"))
         # a side that ran out of memory has no figure; its error is in ``runs``
+    return runs, summary
+
+
+def defaults(cuda: bool, smoke: bool) -> dict:
+    """The shape, micro-batches, rank sets and steps of a run on this machine."""
+    big = cuda and not smoke
+    return dict(shape="1b" if big else "tiny", micros=[(1, 512), (4, 2048)] if big else [(1, 32)],
+                rank_sets=[[1, 8, 32, 128], [1, 2, 4, 8, 16, 32, 64, 128]] if not smoke else [[1, 4]],
+                steps=10 if not smoke else 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--micro", default=None, help="comma-separated BxT micro-batches (default 1x512,4x2048)")
+    ap.add_argument("--ranks", default=None, help="';'-separated rank sets (default 1,8,32,128;1,2,4,8,16,32,64,128)")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    d = defaults(cuda, args.smoke)
+    shape = args.shape or d["shape"]
+    micros = [tuple(int(v) for v in m.split("x")) for m in args.micro.split(",")] if args.micro else d["micros"]
+    rank_sets = [[int(r) for r in s.split(",")] for s in args.ranks.split(";")] if args.ranks else d["rank_sets"]
+    steps = args.steps or d["steps"]
+    if not cuda:
+        torch.set_num_threads(1)
+    runs, summary = run(shape, micros, rank_sets, steps)
     payload = dict(benchmark="bench_sweep_step", env=environment(), shape=shape, model=SHAPES[shape], steps=steps,
-                   targets=TARGETS, dtype=str(dtype), runs=runs, summary=summary)
+                   targets=TARGETS, dtype="bfloat16" if cuda else "float32", runs=runs, summary=summary)
     path = write_json(payload, "bench_sweep_step", args.out)
     print(f"wrote {path}")
     return 0
