@@ -11,7 +11,8 @@
 # carried in .whl/ (fetch them here with benchmarks/fetch_gpu_wheels.sh, name .whl in carry),
 # and build rankwise (the C++ extension against the device's torch).
 #
-# One device call may run 10 minutes and a session has 30, so split it, e.g.:
+# For a 15-minute lease use benchmarks/gpu_quick.sh (stages with time limits, one archive back).
+# One device call may run 10 minutes, so split this one, e.g.:
 #   1. bash benchmarks/gpu_check.sh tests
 #   2. bash benchmarks/gpu_check.sh bench:bench_lora,bench_nf4,bench_loss
 #   3. bash benchmarks/gpu_check.sh bench:bench_train
