@@ -258,3 +258,15 @@ def test_readme_table_prefers_gpu_results(tmp_path):
     readme_table.main(["--results", str(tmp_path / "nvidia"), "--readme", str(readme)])
     text = readme.read_text()
     assert "Measured on NVIDIA H100" in text and "| 0.97 x | base |" in text and "No GPU results" not in text
+
+
+def test_profile_step_writes_its_diagnosis(tmp_path, one_thread):
+    """``benchmarks.profile_step`` (a GPU diagnosis script) runs on the CPU at its tiny shape and
+    writes the wall time per step and the operators that took the CPU's time."""
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--out", str(tmp_path), "--steps", "1", "--rank", "2"]) == 0
+    payload = json.loads((tmp_path / "profile_step.json").read_text())
+    assert payload["shape"] == "tiny" and payload["rank"] == 2 and payload["wall_ms_per_step"] > 0
+    names = [r["name"] for r in payload["top_cpu_self"]]
+    assert names and any("mm" in n or "linear" in n for n in names), names
