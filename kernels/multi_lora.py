@@ -94,13 +94,16 @@ from .lowrank import (
     check_tensor,
     compute_dtype,
     draw_seed,
+    lowrank_dx_add_,
     lowrank_dx_tail,
+    lowrank_fwd_add_,
     lowrank_fwd_tail,
     validate_lora_args,
     wide_rank_warps,
 )
 from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_kernel_args, nf4_rows_tile, nf4_tile
-from .nf4_lora import nf4_gemm_config
+from .nf4_lora import nf4_dense, nf4_gemm_config
+from .tuning import check_path, run_path
 from .utils import (
     INTERPRET,
     check_triton_tensor,
@@ -584,6 +587,69 @@ def multi_lora_da(dS, x2, plan: MultiPlan, out_dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
+# The split path (``path="split"``, or ``"auto"``'s measured choice on CUDA): the
+# base product over all rows by torch (cuBLAS on CUDA; an NF4 W dequantized whole
+# first), then each arm's low-rank term added in place on its rows by the
+# single-arm tail kernels of ``lowrank.py`` (one launch per arm with rows; their
+# dropout mask is Philox of (seed, local row * K + column), the one kernels 1, 4
+# and 5 draw for the arm). On an H200 the fused kernel 2 ran at about half the
+# GEMM peak at 4 x 8192 rows (2048 -> 8192), where the single-arm op's tuning
+# chose cuBLAS (benchmarks/results/nvidia-h200-2026-11-28).
+# ----------------------------------------------------------------------------
+
+
+def _arm_spans(plan: MultiPlan):
+    """Per arm, on the host: (first row, rows, rank offset, rank, S offset)."""
+    row0 = o = soff = 0
+    for M_k, r in zip(plan.rows, plan.ranks):
+        yield row0, M_k, o, r, soff
+        row0, o, soff = row0 + M_k, o + r, soff + M_k * r
+
+
+def _dense_base(base, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """A dense W as it is, an NF4 one (``_base_args``' tuple) dequantized whole, in ``dtype``."""
+    return nf4_dense(base[0], base[1], N, K, dtype) if isinstance(base, tuple) else base
+
+
+def _multi_fwd_split(x2, base, S, B, bias, plan: MultiPlan, scalings) -> torch.Tensor:
+    """``_multi_fwd_gemm`` by the split path."""
+    W = _dense_base(base, B.shape[0], x2.shape[1], x2.dtype)
+    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+    for (row0, M_k, o, r, soff), s in zip(_arm_spans(plan), scalings):
+        if M_k:
+            lowrank_fwd_add_(Y[row0:row0 + M_k], S[soff:soff + M_k * r].view(M_k, r), B[:, o:o + r], s)
+    return Y
+
+
+def _multi_dx_split(dY, base, dS, A, plan: MultiPlan, dropout_ps, seeds) -> torch.Tensor:
+    """``_multi_dx`` by the split path."""
+    W = _dense_base(base, dY.shape[1], A.shape[1], dY.dtype)
+    dX = torch.mm(dY, W)
+    for (row0, M_k, o, r, soff), p, seed in zip(_arm_spans(plan), dropout_ps, seeds):
+        if M_k:
+            lowrank_dx_add_(dX[row0:row0 + M_k], dS[soff:soff + M_k * r].view(M_k, r), A[o:o + r], p,
+                            seed if p > 0.0 else None)
+    return dX
+
+
+def _fwd_path(x2, base, S, B, bias, plan: MultiPlan, scalings, path: str) -> torch.Tensor:
+    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path``'s measured choice
+    on CUDA between kernel 2 and the split path; kernel 2 elsewhere)."""
+    op = "multi_nf4_fwd" if isinstance(base, tuple) else "multi_fwd"
+    return run_path(path, op, x2.shape[0], B.shape[0], x2.shape[1], x2,
+                    lambda cfg: _multi_fwd_gemm(x2, base, S, B, bias, plan),
+                    lambda: _multi_fwd_split(x2, base, S, B, bias, plan, scalings), dict)
+
+
+def _dx_path(dY, base, dS, A, plan: MultiPlan, dropout_ps, seeds, path: str) -> torch.Tensor:
+    """dX by the path ``path`` names (as ``_fwd_path``)."""
+    op = "multi_nf4_dx" if isinstance(base, tuple) else "multi_dx"
+    return run_path(path, op, dY.shape[0], A.shape[1], dY.shape[1], dY,
+                    lambda cfg: _multi_dx(dY, base, dS, A, plan),
+                    lambda: _multi_dx_split(dY, base, dS, A, plan, dropout_ps, seeds), dict)
+
+
+# ----------------------------------------------------------------------------
 # Autograd: as in lora_linear.py, one forward, setup_context and backward used
 # twice: as torch.library custom ops for torch.compile (forward ops
 # ``rankwise::multi_lora_linear`` (dense W) and ``rankwise::multi_nf4_lora_linear``
@@ -608,12 +674,13 @@ def _s_numel(ranks, rows) -> int:
 
 def _multi_lora_fwd(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                     bias: Optional[torch.Tensor], ranks: list[int], scalings: list[float], rows: list[int],
-                    dropout_ps: list[float], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on a 2-D x and a dense W (kernels 1 and 2): ``(Y, S)``, the compact S
-    returned only so that backward can save it (marked non-differentiable)."""
+                    dropout_ps: list[float], seeds: list[int], path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on a 2-D x and a dense W (kernel 1, then kernel 2 or the split path per
+    ``path``): ``(Y, S)``, the compact S returned only so that backward can save it
+    (marked non-differentiable)."""
     plan = _plan(x2, ranks, scalings, rows, dropout_ps, seeds, False)
     S = multi_lora_down(x2, lora_A, plan)
-    return _multi_fwd_gemm(x2, weight, S, lora_B, bias, plan), S
+    return _fwd_path(x2, weight, S, lora_B, bias, plan, scalings, path), S
 
 
 def _multi_nf4_lora_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
@@ -621,13 +688,13 @@ def _multi_nf4_lora_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
                         nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
                         blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
                         ranks: list[int], scalings: list[float], rows: list[int], dropout_ps: list[float],
-                        seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                        seeds: list[int], path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on a 2-D x and an NF4 W: ``(Y, S)`` as ``rankwise::multi_lora_linear``."""
     plan = _plan(x2, ranks, scalings, rows, dropout_ps, seeds, True)
     nf4 = ((packed, absmax, quant_map, nested_absmax, nested_map, offset),
            (blocksize, double_quant, nested_blocksize, wdtype))
     S = multi_lora_down(x2, lora_A, plan)
-    return _multi_fwd_gemm(x2, nf4, S, lora_B, bias, plan), S
+    return _fwd_path(x2, nf4, S, lora_B, bias, plan, scalings, path), S
 
 
 def _multi_ds_db(dY: torch.Tensor, S: torch.Tensor, lora_B: torch.Tensor, ranks: list[int], scalings: list[float],
@@ -638,20 +705,23 @@ def _multi_ds_db(dY: torch.Tensor, S: torch.Tensor, lora_B: torch.Tensor, ranks:
 
 def _multi_dx_dense(dY: torch.Tensor, weight: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor,
                     ranks: list[int], scalings: list[float], rows: list[int], dropout_ps: list[float],
-                    seeds: list[int]) -> torch.Tensor:
-    """dX of kernel 4 on a dense W, the masks regenerated from the seeds."""
-    return _multi_dx(dY, weight, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, False))
+                    seeds: list[int], path: str = "auto") -> torch.Tensor:
+    """dX of kernel 4 (or of the split path, per ``path``) on a dense W, the masks regenerated
+    from the seeds."""
+    return _dx_path(dY, weight, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, False),
+                    dropout_ps, seeds, path)
 
 
 def _multi_dx_nf4(dY: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                   nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: torch.Tensor,
                   blocksize: int, double_quant: bool, nested_blocksize: int, wdtype: torch.dtype,
                   dS: torch.Tensor, lora_A: torch.Tensor, ranks: list[int], scalings: list[float], rows: list[int],
-                  dropout_ps: list[float], seeds: list[int]) -> torch.Tensor:
-    """dX of kernel 4 on an NF4 W (tiles dequantized in registers)."""
+                  dropout_ps: list[float], seeds: list[int], path: str = "auto") -> torch.Tensor:
+    """dX of kernel 4 on an NF4 W (tiles dequantized in registers), or of the split path."""
     nf4 = ((packed, absmax, quant_map, nested_absmax, nested_map, offset),
            (blocksize, double_quant, nested_blocksize, wdtype))
-    return _multi_dx(dY, nf4, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, True))
+    return _dx_path(dY, nf4, dS, lora_A, _plan(dY, ranks, scalings, rows, dropout_ps, seeds, True),
+                    dropout_ps, seeds, path)
 
 
 def _multi_da(dS: torch.Tensor, x2: torch.Tensor, ranks: list[int], scalings: list[float], rows: list[int],
@@ -669,13 +739,14 @@ _da_op = torch.library.custom_op("rankwise::multi_lora_da", _multi_da, mutates_a
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds):
+def _fwd_fake(x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds, path="auto"):
     return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((_s_numel(ranks, rows),))
 
 
 @_nf4_fwd_op.register_fake
 def _nf4_fwd_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
-                  blocksize, double_quant, nested_blocksize, wdtype, ranks, scalings, rows, dropout_ps, seeds):
+                  blocksize, double_quant, nested_blocksize, wdtype, ranks, scalings, rows, dropout_ps, seeds,
+                  path="auto"):
     return x2.new_empty((x2.shape[0], lora_B.shape[0])), x2.new_empty((_s_numel(ranks, rows),))
 
 
@@ -685,13 +756,13 @@ def _ds_db_fake(dY, S, lora_B, ranks, scalings, rows, dropout_ps, seeds):
 
 
 @_dx_op.register_fake
-def _dx_fake(dY, weight, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds):
+def _dx_fake(dY, weight, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds, path="auto"):
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
 @_nf4_dx_op.register_fake
 def _nf4_dx_fake(dY, packed, absmax, quant_map, nested_absmax, nested_map, offset, blocksize, double_quant,
-                 nested_blocksize, wdtype, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds):
+                 nested_blocksize, wdtype, dS, lora_A, ranks, scalings, rows, dropout_ps, seeds, path="auto"):
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
@@ -726,31 +797,32 @@ def _lowrank_grads(k: _Backward, dY, x2, lora_A, lora_B, S, arms, need, dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x2, weight, lora_A, lora_B, bias, *arms = inputs
+    x2, weight, lora_A, lora_B, bias = inputs[:5]
     S = output[1]
     # Saved: x and the compact S (activations, sum_k M_k r_k values); W, A, B are
     # the layer's own tensors, kept by reference; the seeds (in ``arms``): the
     # dropout masks are regenerated, never stored.
     ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
-    ctx.arms = tuple(arms)
+    ctx.arms = tuple(inputs[5:10])
+    ctx.path, ctx.n_inputs = (inputs[10] if len(inputs) > 10 else "auto"), len(inputs)
     ctx.mark_non_differentiable(S)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dY, k: _Backward, dx):
-    """Gradients of the ten inputs of ``rankwise::multi_lora_linear``."""
+    """Gradients of the inputs of ``rankwise::multi_lora_linear`` (ten, or eleven with ``path``)."""
     x2, weight, lora_A, lora_B, S = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     if dY is None:
-        return (None,) * 10
+        return (None,) * ctx.n_inputs
     dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
     dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
-                                lambda dY, dS: dx(dY, weight, dS, lora_A, *ctx.arms))
+                                lambda dY, dS: dx(dY, weight, dS, lora_A, *ctx.arms, ctx.path))
     # A dense base weight and the bias are frozen in LoRA, but get their gradients
     # (in torch) when they require grad, like nn.Linear's.
     dW = (dY.t() @ x2).to(weight.dtype) if need_w else None
     dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dW, dA, dB, dbias) + (None,) * 5
+    return (dX, dW, dA, dB, dbias) + (None,) * (ctx.n_inputs - 5)
 
 
 def _nf4_setup_context(ctx, inputs, output):
@@ -758,21 +830,23 @@ def _nf4_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
     ctx.nf4_meta = tuple(inputs[10:14])
     ctx.arms = tuple(inputs[14:19])
+    ctx.path, ctx.n_inputs = (inputs[19] if len(inputs) > 19 else "auto"), len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _nf4_backward(ctx, dY, k: _Backward, dx):
-    """Gradients of the 19 inputs of ``rankwise::multi_nf4_lora_linear`` (the NF4 W gets none)."""
+    """Gradients of the inputs of ``rankwise::multi_nf4_lora_linear`` (19, or 20 with ``path``;
+    the NF4 W gets none)."""
     x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     if dY is None:
-        return (None,) * 19
+        return (None,) * ctx.n_inputs
     dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
     dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
-                                lambda dY, dS: dx(dY, *nf4, *ctx.nf4_meta, dS, lora_A, *ctx.arms))
+                                lambda dY, dS: dx(dY, *nf4, *ctx.nf4_meta, dS, lora_A, *ctx.arms, ctx.path))
     dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dA, dB, dbias) + (None,) * 15
+    return (dX, dA, dB, dbias) + (None,) * (ctx.n_inputs - 4)
 
 
 _fwd_op.register_autograd(
@@ -989,7 +1063,7 @@ def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, b
 def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       ranks: Sequence[int], scalings: Sequence[float], rows: Sequence[int],
                       bias: Optional[torch.Tensor] = None, dropout_p=0.0, seeds: Optional[Sequence[int]] = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", path: str = "auto") -> torch.Tensor:
     """K LoRA arms over one frozen base weight, each on its own block of rows.
 
     Returns y with ``y[rows_k] = x_k @ W.T + b + s_k * (drop_k(x_k) @ A_k.T) @ B_k.T``
@@ -1017,6 +1091,11 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
             backend: an arm run together with others sees its solo run's mask.
             ``None`` draws one seed per arm with dropout from torch's default generator.
         backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA, else torch).
+        path: how the Triton backend does the two big GEMMs (forward Y, backward dX):
+            ``"fused"`` (kernels 2 and 4, each arm's low-rank term in the GEMM's
+            accumulator), ``"split"`` (torch's GEMM over all rows, then each arm's term
+            added in place by a small kernel) or ``"auto"`` (on CUDA, the faster of the
+            two as measured on first use and cached, as ``lora_linear``'s; fused elsewhere).
 
     Dtypes as ``lora_linear``: weight, adapters and bias are cast to x's dtype
     (or autocast's); accumulation is fp32 in the kernels.
@@ -1031,15 +1110,17 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
                              f"got shape {tuple(weight.shape)}")
     else:
         check_tensor(weight, "weight", 2)
+    check_path(path)
     ranks, scalings, rows, dropout_ps, seeds = validate_multi_args(
         x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, ranks, scalings, rows, dropout_p, seeds,
         backend)
-    return _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend)
+    return _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path)
 
 
 def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
                            scalings: Sequence[float], rows: Sequence[int], bias: Optional[torch.Tensor] = None,
-                           dropout_p=0.0, seeds: Optional[Sequence[int]] = None, backend: str = "auto") -> torch.Tensor:
+                           dropout_p=0.0, seeds: Optional[Sequence[int]] = None, backend: str = "auto",
+                           path: str = "auto") -> torch.Tensor:
     """``multi_lora_linear`` with each arm's adapters as tensors of their own.
 
     ``lora_As[k]`` is arm k's A ``(r_k, in_features)`` and ``lora_Bs[k]`` its B
@@ -1056,6 +1137,7 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
                              f"got shape {tuple(weight.shape)}")
     else:
         check_tensor(weight, "weight", 2)
+    check_path(path)
     lora_As, lora_Bs = list(lora_As), list(lora_Bs)
     if not lora_As or len(lora_As) != len(lora_Bs):
         raise ValueError(f"lora_As, lora_Bs: expected one A and one B per arm, got {len(lora_As)} and {len(lora_Bs)}")
@@ -1066,10 +1148,10 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
             raise type(e)(f"arm {k}: {e}") from None
     ranks = [int(A.shape[0]) for A in lora_As]
     ranks, scalings, rows, dropout_ps, seeds = _arm_lists(x, sum(ranks), ranks, scalings, rows, dropout_p, seeds)
-    return _run(x, weight, is_nf4, lora_As, lora_Bs, ranks, scalings, rows, bias, dropout_ps, seeds, backend)
+    return _run(x, weight, is_nf4, lora_As, lora_Bs, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path)
 
 
-def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend):
+def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path="auto"):
     """The validated op: ``lora_A`` / ``lora_B`` concatenated, or lists of the arms' own tensors."""
     device_type = x.device.type
     dtype = compute_dtype(x)
@@ -1104,8 +1186,8 @@ def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout
             tensors, const = nf4_kernel_args(weight)
             y, _ = fused_apply(MultiNF4LoRALinearFunction, torch.ops.rankwise.multi_nf4_lora_linear)(
                 x2, lora_A, lora_B, bias, *tensors,
-                const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype, *arms)
+                const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype, *arms, path)
         else:
             y, _ = fused_apply(MultiLoRALinearFunction, torch.ops.rankwise.multi_lora_linear)(
-                x2, weight, lora_A, lora_B, bias, *arms)
+                x2, weight, lora_A, lora_B, bias, *arms, path)
     return y.reshape(*lead, N)

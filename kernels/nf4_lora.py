@@ -267,7 +267,7 @@ def _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int
     return dX
 
 
-def _nf4_dense(nf4, meta, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+def nf4_dense(nf4, meta, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
     """The split path's W: the NF4 weight dequantized whole by ``nf4.nf4_dequantize``'s
     kernel (bitsandbytes' values, in W's original dtype), then cast to ``dtype`` as
     the torch path does. A transient (N, K) tensor, as in bitsandbytes + PEFT."""
@@ -282,7 +282,7 @@ def _nf4_dense(nf4, meta, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
 def _nf4_fwd_split(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The split path of ``_nf4_fwd_gemm``: dequantize W, Y = x2 @ W.T (+ bias) by torch
     (cuBLAS on CUDA), then ``Y += scaling * S @ B.T`` in place by one Triton kernel."""
-    W = _nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype)
+    W = nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype)
     Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
     return lowrank_fwd_add_(Y, S, B, scaling)
 
@@ -290,7 +290,7 @@ def _nf4_fwd_split(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Ten
 def _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
     """The split path of ``_nf4_bwd_dX``: dequantize W, dX = dY @ W by torch, then
     ``dX += dropout_mask * (dS @ A) / (1 - p)`` in place by one Triton kernel."""
-    W = _nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype)
+    W = nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype)
     return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
 
 

@@ -123,12 +123,14 @@ def test_linear_cross_entropy_on_gpu(dtype, N, H, V):
         assert err <= tol, f"{name}: kernel error {err:.3g} > {tol:.3g} (torch {dtype} error {rel(tl_, w):.3g})"
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,ranks,K,N", [((2048, 2048, 2048, 2048), (1, 8, 32, 128), 2048, 8192),
                                             ((333, 0, 1000, 77), (128, 4, 1, 16), 1000, 777)])
-def test_multi_lora_low_precision_on_gpu(dtype, rows, ranks, K, N):
-    """The segmented K-arm op (forward, dX, dA, dB of every arm) against float64 on a GPU;
-    the same tolerance rule as the single-arm op, against torch's own error in ``dtype``."""
+def test_multi_lora_low_precision_on_gpu(dtype, rows, ranks, K, N, path):
+    """The segmented K-arm op (forward, dX, dA, dB of every arm) against float64 on a GPU, by
+    either GEMM path; the same tolerance rule as the single-arm op, against torch's own error in
+    ``dtype``."""
     from test_multi_lora import multi_lora_ref
 
     from rankwise.kernels.multi_lora import multi_lora_linear
@@ -141,7 +143,7 @@ def test_multi_lora_low_precision_on_gpu(dtype, rows, ranks, K, N):
     B = (torch.randn(N, RT, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
     dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
     sc = [2.0, 0.5, 1.0, 4.0]
-    y = multi_lora_linear(x, W, A, B, list(ranks), sc, list(rows), backend="triton")
+    y = multi_lora_linear(x, W, A, B, list(ranks), sc, list(rows), backend="triton", path=path)
     got = (y,) + torch.autograd.grad(y, (x, A, B), dy)
 
     def ref(dt):

@@ -116,6 +116,50 @@ def test_forward_and_grads_match_float64(rows, ranks, K, N, dtype, backend):
     compare(got, ref, dtype, low)
 
 
+@pytest.mark.parametrize("rows,ranks,K,N", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_path_matches_float64(rows, ranks, K, N, dtype):
+    """``path="split"`` (torch's GEMM over all rows, then each arm's tail in place): the same
+    references and tolerances as the fused kernels."""
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, dtype)
+    sc = SCALINGS[:len(rows)]
+    got = run_op(x, W, A, B, b, dy, ranks, sc, rows, "triton", path="split")
+    low = run_ref(x, W, A, B, b, dy, ranks, sc, rows, dtype=dtype) if dtype != torch.float32 else None
+    compare(got, run_ref(x, W, A, B, b, dy, ranks, sc, rows), dtype, low)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_split_path_nf4_dropout_and_3d(double_quant):
+    """The split path on an NF4 base (W dequantized whole), with per-arm dropout (each arm's tail
+    regenerates the mask kernels 1 and 5 draw) and a 3-D non-contiguous x; and it agrees with
+    the fused path to fp32 rounding."""
+    rows, ranks, K, N = (6, 0, 19, 1), (2, 3, 1, 8), 70, 22
+    ps, seeds = (0.3, 0.5, 0.0, 0.6), (11, 12, 13, 14)
+    x, _, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    q = quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(5)) / K**0.5,
+                     double_quant=double_quant)
+    masks = triton_masks(rows, K, ps, seeds)
+    ref = run_ref(x, nf4_dequantize_ref64(q), A, B, b, dy, ranks, SCALINGS, rows, ps, masks)
+    outs = {}
+    for path in ("split", "fused"):
+        outs[path] = run_op(x, None, A, B, b, dy, ranks, SCALINGS, rows, "triton", weight=q, dropout_p=ps,
+                            seeds=seeds, path=path, x_view=lambda t: torch.stack([t, t], -1)[..., 1].reshape(2, 13, K))
+        compare(outs[path], ref, torch.float32)
+    for name, a, c in zip(("y", "dx", "dA", "dB"), outs["split"], outs["fused"]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bad_path_raises_naming_it():
+    x, W, A, B, b, _ = make_inputs((3, 5), (2, 4), 12, 10, torch.float32)
+    with pytest.raises(ValueError, match="path"):
+        multi_lora_linear(x, W, A, B, (2, 4), (1.0, 1.0), (3, 5), b, path="cublas")
+    from rankwise.kernels.multi_lora import multi_lora_linear_arms
+
+    with pytest.raises(ValueError, match="path"):
+        multi_lora_linear_arms(x, W, list(A.split((2, 4))), list(B.split((2, 4), 1)), (1.0, 1.0), (3, 5),
+                               path="x")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16(backend):
     """bf16 (under the interpreter the kernels upcast bf16 tiles before tl.dot)."""
@@ -316,6 +360,10 @@ def test_opcheck_multi_lora_ops():
     torch.library.opcheck(torch.ops.rankwise.multi_lora_dx.default, (dy, W, S, A.detach(), *ARMS))
     torch.library.opcheck(torch.ops.rankwise.multi_nf4_lora_dx.default, (dy, *nf4, S, A.detach(), *ARMS))
     torch.library.opcheck(torch.ops.rankwise.multi_lora_da.default, (S, x.detach(), *ARMS, torch.float32))
+    # with the optional path argument (the split path's torch GEMM and tails)
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_linear.default, (x, W, A, B, b, *ARMS, "split"))
+    torch.library.opcheck(torch.ops.rankwise.multi_nf4_lora_linear.default, (x, A, B, b, *nf4, *ARMS, "split"))
+    torch.library.opcheck(torch.ops.rankwise.multi_lora_dx.default, (dy, W, S, A.detach(), *ARMS, "split"))
 
 
 @pytest.mark.parametrize("nf4", [False, True])
@@ -414,3 +462,28 @@ def test_per_arm_adapters_equal_the_concatenated_op(backend):
         multi_lora_linear_arms(x, W, As, [Bs[0], Bs[2], Bs[1]], SCALINGS[:3], rows, backend=backend)
     with pytest.raises(ValueError, match="one A and one B per arm"):
         multi_lora_linear_arms(x, W, As, Bs[:2], SCALINGS[:3], rows, backend=backend)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("choice", ["fused", "split"])
+def test_auto_runs_the_measured_choice(monkeypatch, nf4, choice):
+    """``path="auto"`` asks ``tuning.choose_path`` for each big GEMM under the op names
+    ``multi_fwd`` / ``multi_dx`` (``multi_nf4_*`` on an NF4 base) and runs what it answers."""
+    import sys
+
+    ml = sys.modules["rankwise.kernels.multi_lora"]
+    asked, ran = [], []
+    monkeypatch.setattr(sys.modules["rankwise.kernels.tuning"], "choose_path",
+                        lambda path, op, M, N, K, t, candidates: asked.append((op, M, N, K)) or choice)
+    for fn in ("_multi_fwd_gemm", "_multi_fwd_split", "_multi_dx", "_multi_dx_split"):
+        real = getattr(ml, fn)
+        monkeypatch.setattr(ml, fn, lambda *a, real=real, fn=fn: ran.append(fn) or real(*a))
+    rows, ranks, K, N = (5, 9), (2, 3), 70, 22
+    x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
+    weight = quantize_nf4(W) if nf4 else W
+    got = run_op(x, W, A, B, b, dy, ranks, SCALINGS[:2], rows, "triton", weight=weight, path="auto")
+    ref = run_ref(x, nf4_dequantize_ref64(weight) if nf4 else W, A, B, b, dy, ranks, SCALINGS[:2], rows)
+    compare(got, ref, torch.float32)
+    prefix = "multi_nf4" if nf4 else "multi"
+    assert asked == [(f"{prefix}_fwd", 14, N, K), (f"{prefix}_dx", 14, K, N)]
+    assert ran == (["_multi_fwd_gemm", "_multi_dx"] if choice == "fused" else ["_multi_fwd_split", "_multi_dx_split"])
