@@ -2,8 +2,8 @@
 # GPU validation, for a session that is lent a device machine. From the repo root:
 #   bash benchmarks/gpu_check.sh [STAGE ...]        (no stage: tests, then every benchmark)
 # Stages:
-#   tests              every Triton kernel on the GPU in bf16 and fp16 against the references
-#                      (tests/test_gpu_kernels.py, tolerances stated there), then the whole
+#   tests              every test marked gpu (each Triton kernel on the GPU in bf16 and fp16
+#                      against the references, tolerances stated in each file), then the whole
 #                      suite on the GPU (tests that pick CUDA when it is there)
 #   bench:A,B,...      the named benchmark scripts of the GPU suite (benchmarks/run.py SCRIPTS)
 #   bench              every benchmark script
@@ -47,9 +47,9 @@ rc=0
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
-      python3 -m pytest -q -rs tests/test_gpu_kernels.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log"
+      python3 -m pytest -q -rs -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
       r=${PIPESTATUS[0]}; rc=$(( rc || r ))
-      python3 -m pytest -q -x tests --ignore=tests/test_gpu_kernels.py 2>&1 | tee "$OUT/tests.log"
+      python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$OUT/tests.log"
       r=${PIPESTATUS[0]}; rc=$(( rc || r ))
       echo "tests: gpu kernels and suite rc=$rc" | tee -a "$OUT/device.txt" ;;
     bench)

@@ -6,7 +6,8 @@
 # build rankwise (ninja, parallel: ~70 s on an H200 host), print the versions. Stages (default: the
 # order below, most needed first; the 2026-11-28 session ran the H200 numbers of
 # benchmarks/results/nvidia-h200-2026-11-28, so what it could not run comes first):
-#   kernels        every Triton kernel in bf16/fp16 against float64 (tests/test_gpu_kernels.py; ~130 s)
+#   kernels        every test marked gpu: each Triton kernel in bf16/fp16 against float64
+#                  (tests/test_gpu_kernels.py, test_gpu_norm_swiglu.py, the NF4, masking and tuning ones)
 #   profile        profile_step: where a solo 1B LoRA step's time goes (torch.profiler; ~40 s)
 #   lora           bench_lora at 8192 tokens, path=fused / split / auto, no torch.compile (~100 s)
 #   train          bench_train: end-to-end 1B LoRA, bf16 and 4-bit, rankwise vs HF + PEFT (+ bnb)
@@ -50,14 +51,14 @@ stages=("$@")
 R="$OUT/results"
 for s in "${stages[@]}"; do
   case "$s" in
-    kernels) stage gpu_kernels 180 python3 -m pytest -q -rs tests/test_gpu_kernels.py -m gpu ;;
+    kernels) stage gpu_kernels 240 python3 -m pytest -q -rs -m gpu tests ;;
     profile) stage profile_step 90 python3 -m benchmarks.profile_step --out "$R" ;;
     lora) stage bench_lora 150 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$R" ;;
     train) stage bench_train 300 python3 -m benchmarks.bench_train --out "$R" ;;
     sweep_step) stage bench_sweep_step 200 python3 -m benchmarks.bench_sweep_step --out "$R" ;;
     nf4_loss) stage bench_nf4_loss 90 python3 -m benchmarks.run --suite gpu --only bench_nf4,bench_loss --out "$R" ;;
     suite) stage suite 600 python3 -m pytest -q -rs --timeout 120 -p no:cacheprovider tests \
-             --ignore=tests/test_gpu_kernels.py --ignore=tests/test_benchmarks.py ;;
+             -m "not gpu" --ignore=tests/test_benchmarks.py ;;
     *) echo "unknown stage '$s': expected kernels profile lora train sweep_step nf4_loss suite" >&2; exit 2 ;;
   esac
 done

@@ -315,6 +315,7 @@ def test_base_defaults_to_the_runs_config_model(world, tmp_path):
         analyze_runs([world["r2"], str(other)], None, None, out, progress=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_analysis_on_cuda_matches_cpu(world, tmp_path):
     kw = dict(progress=False, plots=False, dtype="float32", intruder_k=4)

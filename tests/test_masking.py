@@ -558,6 +558,7 @@ def test_sparse_decode_rejects_corrupt_input():
 # --------------------------------------------------------------------------- CUDA (same semantics as CPU)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("select", ["top", "bottom", "random"])
 def test_cuda_restore_and_masks_match_cpu(select):
@@ -576,6 +577,7 @@ def test_cuda_restore_and_masks_match_cpu(select):
     _assert_equal(y.cpu(), torch.where(mask, x, torch.zeros_like(x)))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_masked_adamw_matches_cpu():
     params, masks, grads = _adamw_setup(seed=12)

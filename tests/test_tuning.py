@@ -164,6 +164,7 @@ def test_choose_path_times_nothing_off_cuda_and_keeps_explicit_paths(cache):
         tuning.check_path("fastest")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_times_both_gemms_once_and_matches_float64(cache):
     from rankwise.kernels import lora_linear
