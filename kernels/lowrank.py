@@ -32,8 +32,15 @@ torch.compile), ``lowrank_grads`` (dX, dA, dB given a dX kernel for the base
 weight at hand), argument checks and seed handling, and ``lora_linear_torch``,
 the plain-torch path (``backend="torch"``) of both ops on a dense W.
 
-Import rule: this module imports only ``utils``; the op files import it, never
-each other's private names.
+On CUDA each of the three skinny products is also a measured choice
+(``tuning.run_path``, as the big GEMMs are): the Triton kernel, or torch's GEMMs
+(``torch.mm`` / ``addmm`` with the scaling as the GEMM's alpha: cuBLAS), cached
+per shape under the op names ``lora_down`` / ``lora_ds_db`` / ``lora_da`` with
+"split" for torch. With dropout the down and dA products stay on the kernels
+(torch would have to materialise the mask). Elsewhere: the kernels.
+
+Import rule: this module imports only ``utils`` and ``tuning``; the op files
+import it, never each other's private names.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import run_path
 from .utils import (
     BACKENDS,
     INTERPRET,
@@ -312,7 +320,15 @@ def wide_rank_warps(cfg: dict, BR: int) -> int:
 
 
 def lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """S = dropout(x2) @ A.T, (M, r) in x2's dtype."""
+    """S = dropout(x2) @ A.T, (M, r) in x2's dtype (kernel 1, or torch's GEMM where measured faster)."""
+    if dropout_p > 0.0 or x2.shape[0] == 0:
+        return _lora_down_kernel_run(x2, A, dropout_p, seed)
+    return run_path("auto", "lora_down", x2.shape[0], A.shape[0], x2.shape[1], x2,
+                    lambda cfg: _lora_down_kernel_run(x2, A), lambda: torch.mm(x2, A.t().to(x2.dtype)), dict)
+
+
+def _lora_down_kernel_run(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0,
+                          seed: Optional[int] = None) -> torch.Tensor:
     M, K = x2.shape
     R = A.shape[0]
     S = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
@@ -335,12 +351,32 @@ def lora_down(x2: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0, seed: O
 
 
 def lora_ds_db(dY, S, B, scaling: float):
-    """dS = scaling * dY @ B (M, r, S's dtype) and dB = scaling * dY.T @ S (N, r, B's dtype)."""
+    """dS = scaling * dY @ B (M, r, S's dtype) and dB = scaling * dY.T @ S (N, r, B's dtype):
+    kernel 3, or torch's two GEMMs where measured faster."""
+    M, N = dY.shape
+    R = S.shape[1]
+    if M == 0:  # contiguous, like the non-empty result (and the custom op's fake function)
+        return (torch.empty((M, R), device=dY.device, dtype=S.dtype),
+                torch.zeros((N, R), device=B.device, dtype=B.dtype))
+    return run_path("auto", "lora_ds_db", M, N, R, dY, lambda cfg: _lora_ds_db_kernel_run(dY, S, B, scaling),
+                    lambda: _lora_ds_db_torch(dY, S, B, scaling), dict)
+
+
+def _alpha_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * a @ b`` with alpha applied inside the GEMM (one rounding, as the kernels)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+
+
+def _lora_ds_db_torch(dY, S, B, scaling: float):
+    dS = _alpha_mm(dY, B.to(dY.dtype), float(scaling))
+    dB = _alpha_mm(dY.t(), S.to(dY.dtype), float(scaling))
+    return dS.to(S.dtype), dB.to(B.dtype)
+
+
+def _lora_ds_db_kernel_run(dY, S, B, scaling: float):
     M, N = dY.shape
     R = S.shape[1]
     dS = torch.empty((M, R), device=dY.device, dtype=S.dtype)
-    if M == 0:  # contiguous, like the non-empty result (and the custom op's fake function)
-        return dS, torch.zeros((N, R), device=B.device, dtype=B.dtype)
     cfg = skinny_config(dY.dtype)
     BR = rank_block(R, cap=32 if INTERPRET else 128)
     cfg = fit_shared_memory(cfg, dY.device, BR, dY.dtype)
@@ -367,7 +403,15 @@ def lora_ds_db(dY, S, B, scaling: float):
 
 
 def lora_da(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtype=None) -> torch.Tensor:
-    """dA = dS.T @ dropout(x2), (r, K)."""
+    """dA = dS.T @ dropout(x2), (r, K) (kernel 5, or torch's GEMM where measured faster)."""
+    if dropout_p > 0.0 or x2.shape[0] == 0:
+        return _lora_da_kernel_run(dS, x2, dropout_p, seed, out_dtype)
+    return run_path("auto", "lora_da", x2.shape[0], dS.shape[1], x2.shape[1], x2,
+                    lambda cfg: _lora_da_kernel_run(dS, x2, 0.0, None, out_dtype),
+                    lambda: torch.mm(dS.t().to(x2.dtype), x2).to(out_dtype or x2.dtype), dict)
+
+
+def _lora_da_kernel_run(dS, x2, dropout_p: float = 0.0, seed: Optional[int] = None, out_dtype=None) -> torch.Tensor:
     M, K = x2.shape
     R = dS.shape[1]
     dA = torch.empty((R, K), device=x2.device, dtype=out_dtype or x2.dtype)

@@ -19,6 +19,12 @@ nothing is timed. A cached ``"fused:<config>"`` that the current list no longer
 holds (other architecture, edited list) is stale: ignored with a warning and
 measured again.
 
+The same choice, with the same two names, covers other products: the K-arm
+op's big GEMMs (``multi_lora``: ops ``multi_fwd`` / ``multi_dx`` / ``multi_nf4_*``,
+no tile configs) and a layer's three skinny low-rank products (``lowrank``: ops
+``lora_down`` / ``lora_ds_db`` / ``lora_da``, where "fused" is the Triton kernel
+and "split" torch's GEMMs).
+
 Cache: in memory per process, and on disk in ``$RANKWISE_CACHE/tuning.json``
 (the cache directory as ``rankwise`` computes it: ``$RANKWISE_CACHE``, else
 ``$XDG_CACHE_HOME/rankwise``, else ``~/.cache/rankwise``), one section per

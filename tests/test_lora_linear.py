@@ -261,3 +261,40 @@ def test_kernel_modules_share_only_public_names_and_have_no_cycle():
         if m not in state:
             visit(m, [])
     assert not bad, bad
+
+
+SKINNY = ("lora_down", "lora_ds_db", "lora_da")
+
+
+@pytest.mark.parametrize("skinny", ["fused", "split"])
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float16, 0.0), (torch.float32, 0.3)])
+def test_skinny_products_by_the_measured_choice_match_float64(monkeypatch, skinny, dtype, dropout_p):
+    """On CUDA the three skinny products (S, dS/dB, dA) are each a measured choice between the
+    Triton kernel ("fused") and torch's GEMMs ("split", the scaling as the GEMM's alpha). Either
+    answer gives the float64 results within the kernels' tolerances, dense and NF4; with dropout
+    S and dA are never offered to torch (it would have to materialise the mask)."""
+    import sys
+
+    from rankwise.quant import quantize_nf4
+
+    asked = []
+
+    def choose(path, op, M, N, K, t, candidates):
+        asked.append(op)
+        return skinny if op in SKINNY else path if path != "auto" else "fused"
+
+    monkeypatch.setattr(sys.modules["rankwise.kernels.tuning"], "choose_path", choose)
+    for lead, K, N, r in SHAPES[:3] + SHAPES[4:5]:
+        asked.clear()
+        run_and_compare(lead, K, N, r, dtype, dropout_p=dropout_p)
+        assert [op for op in asked if op in SKINNY] == (["lora_ds_db"] if dropout_p else list(SKINNY)[:1]
+                                                         + ["lora_ds_db", "lora_da"])
+    # an NF4 base shares the same products
+    x, W, A, B, b = make_inputs((37,), 70, 29, 3, torch.float32)
+    q = quantize_nf4(W.detach())
+    y = lora_linear(x, q, A, B, 1.7, bias=b, backend="triton")
+    yt = lora_linear(x, q, A, B, 1.7, bias=b, backend="torch")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    for name, a, c in zip(("y", "dx", "dA", "dB"), (y,) + grads_of(y, (x, A, B), dy),
+                          (yt,) + grads_of(yt, (x, A, B), dy)):
+        check(name, a, c.detach().double(), TOL[torch.float32])

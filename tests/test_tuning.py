@@ -200,8 +200,9 @@ def test_tune_cli_on_a_cpu_says_nothing_to_tune_in_one_line(capsys):
 
 def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch):
     """The GPU half of ``rankwise tune`` on the CPU (Triton interpreter): every distinct LoRA
-    layer shape goes forward and backward once per row bucket, each of its two GEMMs asking
-    the path choice (here a recorder standing in for the CUDA timing)."""
+    layer shape goes forward and backward once per row bucket, each of its two GEMMs and its
+    three skinny products (S, dS/dB, dA) asking the path choice (here a recorder standing in
+    for the CUDA timing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rankwise.lora import inject_lora
@@ -222,8 +223,9 @@ def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch)
     assert sorted((m.out_features, m.in_features) for m in layers) == [(16, 32), (32, 32), (32, 40)]
     assert tune_layers(layers, [5, 40], torch.device("cpu"), None) == 6
     want = {(op, M, N, K) for (n_out, n_in) in ((16, 32), (32, 32), (32, 40)) for M in (8, 64)
-            for op, N, K in (("lora_fwd", n_out, n_in), ("lora_dx", n_in, n_out))}
-    assert set(seen) == want and len(seen) == 12
+            for op, N, K in (("lora_fwd", n_out, n_in), ("lora_dx", n_in, n_out), ("lora_down", 4, n_in),
+                             ("lora_ds_db", n_out, 4), ("lora_da", 4, n_in))}
+    assert set(seen) == want and len(seen) == 30
     assert all(p.grad is None for m in layers for p in m.parameters())
 
     class Batches:  # data.plan_epoch's micro-batches over examples of these lengths

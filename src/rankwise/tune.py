@@ -4,7 +4,8 @@ Every LoRA layer's forward Y and backward dX run either fused (one Triton GEMM
 with the low-rank term in its accumulator) or split (torch's cuBLAS GEMM, then
 one Triton kernel adding the low-rank term in place). With the Triton backend on
 CUDA the first call that meets a shape times both and keeps the faster, cached in
-``$RANKWISE_CACHE/tuning.json`` (``rankwise.kernels.tuning``). This verb makes
+``$RANKWISE_CACHE/tuning.json`` (``rankwise.kernels.tuning``); so are the three
+skinny low-rank products (S, dS/dB, dA: Triton kernel or torch's GEMMs). This verb makes
 those first calls ahead of the run: it parses the config as ``rankwise train``
 does, loads the model, injects the LoRA layers, plans the first epoch's
 micro-batches, and runs each distinct layer shape forward and backward once per
