@@ -1103,14 +1103,7 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
     Returns:
         Tensor ``(..., out_features)`` in the compute dtype.
     """
-    is_nf4 = isinstance(weight, NF4Weight)
-    if is_nf4:
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
-                             f"got shape {tuple(weight.shape)}")
-    else:
-        check_tensor(weight, "weight", 2)
-    check_path(path)
+    is_nf4 = _check_weight_and_path(weight, path)
     ranks, scalings, rows, dropout_ps, seeds = validate_multi_args(
         x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, ranks, scalings, rows, dropout_p, seeds,
         backend)
@@ -1130,14 +1123,7 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
     gradients); the Triton path concatenates them once and runs the same kernels.
     ``rankwise.together.MultiLoRALinear`` calls this with its arms' Parameters.
     """
-    is_nf4 = isinstance(weight, NF4Weight)
-    if is_nf4:
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
-                             f"got shape {tuple(weight.shape)}")
-    else:
-        check_tensor(weight, "weight", 2)
-    check_path(path)
+    is_nf4 = _check_weight_and_path(weight, path)
     lora_As, lora_Bs = list(lora_As), list(lora_Bs)
     if not lora_As or len(lora_As) != len(lora_Bs):
         raise ValueError(f"lora_As, lora_Bs: expected one A and one B per arm, got {len(lora_As)} and {len(lora_Bs)}")
@@ -1149,6 +1135,19 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
     ranks = [int(A.shape[0]) for A in lora_As]
     ranks, scalings, rows, dropout_ps, seeds = _arm_lists(x, sum(ranks), ranks, scalings, rows, dropout_p, seeds)
     return _run(x, weight, is_nf4, lora_As, lora_Bs, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path)
+
+
+def _check_weight_and_path(weight, path: str) -> bool:
+    """Check the base weight (a 2-D tensor or NF4 weight) and ``path``; returns whether W is NF4."""
+    is_nf4 = isinstance(weight, NF4Weight)
+    if is_nf4:
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
+                             f"got shape {tuple(weight.shape)}")
+    else:
+        check_tensor(weight, "weight", 2)
+    check_path(path)
+    return is_nf4
 
 
 def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path="auto"):
