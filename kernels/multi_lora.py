@@ -65,8 +65,9 @@ different masks for one seed, as ``lora_linear``'s do.
 
 Backends (the convention of ``rankwise.kernels``): ``"torch"`` runs one base
 matmul over all rows plus a loop over the arms with the single-arm low-rank
-math, its backward the formulas above written out in the op order autograd
-would run them (one graph node per layer), correct for any input and device;
+math (each scaling applied to the arm's small factors, the low-rank terms added
+in place), its backward the formulas above written out (one graph node per
+layer), correct for any input and device;
 ``"triton"`` runs the kernels (on a CPU only under ``TRITON_INTERPRET=1``);
 ``"auto"`` picks Triton on CUDA, torch otherwise. Dense and NF4 bases in both;
 the NF4 kernels dequantize W tiles in registers, as ``nf4_lora.py``'s do. The
@@ -981,12 +982,20 @@ def torch_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
 
 class _MultiLoRATorchFunction(torch.autograd.Function):
     """The torch path with its backward written out: the formulas of the module
-    docstring, each arm's in the op order autograd runs for ``lowrank.lora_linear_torch``
-    (``y + s * ((x_d @ A.T) @ B.T)``), so an arm's values and gradients are its solo
-    layer's. The arms' A_k and B_k are inputs of their own (``*adapters``: A_1..A_n,
+    docstring with each arm's scaling applied to its small factors, never to a
+    full ``(rows, out)`` block: forward ``y_k += s * S_k @ B_k.T`` is one in-place
+    ``addmm_`` (the scaling as its alpha) on arm k's rows of the base output;
+    backward ``dS_k = s * (dY_k @ B_k)`` and ``dB_k = s * (dY_k.T @ S_k)`` scale
+    ``(rows, r)`` / ``(out, r)`` results, and ``dX_k += dS_k @ A_k`` is an in-place
+    ``addmm_`` (with dropout: the product masked, then added). Per arm and layer
+    that is two ops forward and at most five backward, and no full-size
+    temporaries: on a CPU the stacked step's low-rank work costs about three
+    quarters of what ``y + s * lora`` with autograd costs (``benchmarks/bench_sweep.py``).
+    The values differ from ``lowrank.lora_linear_torch``'s (``y + s * ((x_d @ A.T) @ B.T)``
+    under autograd) only by where the fp32 rounding of the scaling falls.
+    The arms' A_k and B_k are inputs of their own (``*adapters``: A_1..A_n,
     then B_1..B_n), so each arm's gradient lands in its own tensor: one graph node
-    per layer instead of a dozen per arm (slices, matmuls, scalings, concatenations),
-    and no full-size zero gradients for slices.
+    per layer, and no full-size zero gradients for slices.
 
     Saved for backward: x, each arm's S_k, and per arm with dropout its dropped
     input x_dk and keep-mask (bool; autograd would keep x_dk and the mask too);
@@ -1006,7 +1015,7 @@ class _MultiLoRATorchFunction(torch.autograd.Function):
                 x_k = x_k * keep.to(x2.dtype) / (1.0 - p)
                 dropped += [x_k, keep]
             S_k = torch.nn.functional.linear(x_k, A_k)
-            y_k += s * torch.nn.functional.linear(S_k, B_k)
+            y_k.addmm_(S_k, B_k.t(), alpha=s)
             Ss.append(S_k)
         ctx.arms = arms
         ctx.save_for_backward(x2, weight, *adapters, *dropped, *Ss)
@@ -1026,17 +1035,18 @@ class _MultiLoRATorchFunction(torch.autograd.Function):
         dXs = dX.split(rows) if need[0] else None
         for k, (dY_k, x_k, s, p) in enumerate(zip(dY.split(rows), x2.split(rows), scalings, dropout_ps)):
             xd_k, keep = (next(dropped), next(dropped)) if p > 0.0 else (x_k, None)
-            dl = dY_k * s
-            dS = dl.mm(Bs[k])
             if need[4 + n + k]:
-                dBs[k] = dl.t().mm(Ss[k])
+                dBs[k] = dY_k.t().mm(Ss[k]).mul_(s)
+            if not (need[4 + k] or need[0]):
+                continue
+            dS = dY_k.mm(Bs[k]).mul_(s)
             if need[4 + k]:
                 dAs[k] = dS.t().mm(xd_k)
             if need[0]:
-                dxd = dS.mm(As[k])
                 if p > 0.0:
-                    dxd = dxd / (1.0 - p) * keep.to(dxd.dtype)
-                dXs[k].add_(dxd)
+                    dXs[k].add_(dS.mm(As[k]).mul_(keep.to(dS.dtype)).div_(1.0 - p))
+                else:
+                    dXs[k].addmm_(dS, As[k])
         return dX, dW, dBias, None, *dAs, *dBs
 
 
@@ -1044,8 +1054,8 @@ def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, b
                             dropout_ps=None, seeds=None):
     """The torch path on a 2-D ``x2`` and a dense ``weight``: one base matmul over
     all rows, then each arm's low-rank term on its own rows, with the backward
-    written out (``_MultiLoRATorchFunction``; it equals what autograd computes for
-    the same ops). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
+    written out (``_MultiLoRATorchFunction``; its values are those of autograd on
+    ``y + s_k * (x_dk @ A_k.T) @ B_k.T`` per arm, up to where fp32 rounds the scaling). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
     own ``(r_k, in)`` / ``(out, r_k)`` tensors; ``ranks``, ``scalings``, ``rows``,
     ``dropout_ps``, ``seeds``: one entry per arm, already validated."""
     n = len(rows)
