@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--ranks", default=None, help="comma-separated ranks: one K instead of the default K = 4, 8")
-    ap.add_argument("--repeat", type=int, default=None, help="runs of each side, alternating (default: 5, smoke 1; a run's ratio moves by about +-0.07 with the load of a shared machine)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs of each side, alternating (default: 5, smoke 1; on a shared machine one run's "
+                         "ratio moves by about +-0.07 with the load)")
     args = ap.parse_args(argv)
     from rankwise.sweep import sweep
 
