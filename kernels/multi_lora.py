@@ -1055,7 +1055,8 @@ def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, b
     """The torch path on a 2-D ``x2`` and a dense ``weight``: one base matmul over
     all rows, then each arm's low-rank term on its own rows, with the backward
     written out (``_MultiLoRATorchFunction``; its values are those of autograd on
-    ``y + s_k * (x_dk @ A_k.T) @ B_k.T`` per arm, up to where fp32 rounds the scaling). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
+    ``y + s_k * (x_dk @ A_k.T) @ B_k.T`` per arm, up to where the rounding of the
+    scaling falls). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
     own ``(r_k, in)`` / ``(out, r_k)`` tensors; ``ranks``, ``scalings``, ``rows``,
     ``dropout_ps``, ``seeds``: one entry per arm, already validated."""
     n = len(rows)
