@@ -19,6 +19,7 @@ from rankwise.adapter import lora_delta, lora_pairs, scaling_of
 from rankwise.errors import ConfigError
 from rankwise.ownership import owner
 from rankwise.sweep import sweep
+from rankwise.kernels import multi_lora_linear
 from rankwise.together import MultiLoRALinear, inject_multi_lora, train_together
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,6 +123,15 @@ def test_inject_multi_lora_draws_each_arms_solo_init(cfg):
     with pytest.raises(ValueError, match="one block of rows per selected arm"):
         m(torch.randn(3, 4, 32))
     assert isinstance(m, MultiLoRALinear) and "ranks=[1, 5, 16]" in repr(m)
+    # the arms' adapters concatenated, not padded: arm k at offsets[k]
+    assert m.offsets == [0, 1, 6] and m.A_cat.shape == (22, 32) and m.B_cat.shape == (m.out_features, 22)
+    for k, (o, r) in enumerate(zip(m.offsets, ranks)):
+        assert torch.equal(m.A_cat[o:o + r], m.arm_A[k]) and torch.equal(m.B_cat[:, o:o + r], m.arm_B[k])
+    with torch.no_grad():  # the op on the concatenated layout computes what the layer computes
+        rtog.select_arms(model, [0, 1, 2])
+        y_cat = multi_lora_linear(x, m.base.weight, m.A_cat, m.B_cat, m.ranks, m.scalings, [10, 10, 10],
+                                  bias=m.base.bias, backend="torch")
+        torch.testing.assert_close(y_cat, m(x), rtol=0, atol=0)
 
 
 def test_together_sweep_arms_equal_their_solo_runs(cfg, tmp_path, monkeypatch):

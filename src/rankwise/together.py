@@ -135,6 +135,12 @@ class MultiLoRALinear(nn.Module):
     When exactly one arm is selected, ``lora_A``, ``lora_B``, ``scaling``, ``r``
     and ``alpha`` are that arm's, so ``rankwise.adapter``'s helpers see the
     model as the arm's solo LoRA model; otherwise ``lora_A`` / ``lora_B`` are None.
+
+    Each arm's A and B are Parameters of their own (``arm_A[k]``, ``arm_B[k]``), so
+    its gradients, AdamW state and PEFT export are its own; ``A_cat`` ``(sum(ranks), in)``
+    and ``B_cat`` ``(out, sum(ranks))`` are the arms' adapters concatenated, not padded,
+    with arm k at ``offsets[k]`` (the layout ``multi_lora_linear`` takes; its Triton
+    path concatenates them once per call).
     """
 
     def __init__(self, base: nn.Module, A_init, alphas, dropouts, use_rslora: bool = False, generators=None,
@@ -171,6 +177,21 @@ class MultiLoRALinear(nn.Module):
     scaling = property(lambda self: self._one("scalings"))
     r = property(lambda self: self._one("ranks"))
     alpha = property(lambda self: self._one("alphas"))
+
+    @property
+    def offsets(self) -> list:
+        """Arm k's first row of ``A_cat`` (and column of ``B_cat``): ``r_0 + ... + r_{k-1}``."""
+        return [sum(self.ranks[:k]) for k in range(len(self.ranks))]
+
+    @property
+    def A_cat(self) -> torch.Tensor:
+        """Every arm's A concatenated along dim 0: ``(sum(ranks), in_features)`` (a new tensor, differentiable)."""
+        return torch.cat(list(self.arm_A), 0)
+
+    @property
+    def B_cat(self) -> torch.Tensor:
+        """Every arm's B concatenated along dim 1: ``(out_features, sum(ranks))`` (a new tensor, differentiable)."""
+        return torch.cat(list(self.arm_B), 1)
 
     def _seed(self, k: int, p: float) -> int:
         if p == 0.0:
