@@ -989,8 +989,9 @@ class _MultiLoRATorchFunction(torch.autograd.Function):
     ``(rows, r)`` / ``(out, r)`` results, and ``dX_k += dS_k @ A_k`` is an in-place
     ``addmm_`` (with dropout: the product masked, then added). Per arm and layer
     that is two ops forward and at most five backward, and no full-size
-    temporaries: on a CPU the stacked step's low-rank work costs about three
-    quarters of what ``y + s * lora`` with autograd costs (``benchmarks/bench_sweep.py``).
+    temporaries: on a CPU, one 128 -> 128 layer with 4 arms (ranks 1 to 64, 96
+    rows each) runs forward and backward in about three quarters of the time the
+    previous ``y + s * lora`` form took.
     The values differ from ``lowrank.lora_linear_torch``'s (``y + s * ((x_d @ A.T) @ B.T)``
     under autograd) only by where the fp32 rounding of the scaling falls.
     The arms' A_k and B_k are inputs of their own (``*adapters``: A_1..A_n,
