@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,10 +17,26 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def source_commit() -> Optional[str]:
+    """The git commit of the code being measured, with ``+dirty`` when tracked files differ
+    from it; None outside a git checkout (the device machine's copy has no ``.git``)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment() -> dict:
-    """Device, date and library versions, recorded with every result file."""
+    """Device, date, the commit measured and library versions, recorded with every result file."""
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": source_commit(),
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,

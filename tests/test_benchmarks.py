@@ -270,3 +270,26 @@ def test_profile_step_writes_its_diagnosis(tmp_path, one_thread):
     assert payload["shape"] == "tiny" and payload["rank"] == 2 and payload["wall_ms_per_step"] > 0
     names = [r["name"] for r in payload["top_cpu_self"]]
     assert names and any("mm" in n or "linear" in n for n in names), names
+
+
+def test_results_record_the_commit_measured(monkeypatch):
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import common
+
+    root = Path(common.__file__).resolve().parent.parent
+    commit = common.environment()["commit"]
+    if (root / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert commit.split("+")[0] == head.strip()
+    else:
+        assert commit is None
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    assert common.source_commit() is None
