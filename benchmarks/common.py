@@ -19,16 +19,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def source_commit() -> Optional[str]:
     """The git commit of the code being measured, with ``+dirty`` when tracked files differ
-    from it; None outside a git checkout (the device machine's copy has no ``.git``)."""
+    from it. Outside a git checkout (the device machine's copy of the tree has no ``.git``)
+    it is ``$RANKWISE_COMMIT`` when set (``RANKWISE_COMMIT=<sha> bash benchmarks/gpu_quick.sh``),
+    else None."""
     root = str(Path(__file__).resolve().parent.parent)
+    given = os.environ.get("RANKWISE_COMMIT") or None
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
+            return given
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

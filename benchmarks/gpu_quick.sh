@@ -15,7 +15,8 @@
 #   nf4_loss       bench_nf4, bench_loss (~40 s)
 #   suite          the rest of the suite on the GPU, in whatever time is left
 # A 15-minute lease holds about two calls: e.g. `kernels profile lora` then, at once (the machine
-# stays warm 30 s), `train sweep_step nf4_loss`.
+# stays warm 30 s), `train sweep_step nf4_loss`. The device's copy of the tree has no .git: prefix
+# RANKWISE_COMMIT=$(git rev-parse HEAD) (its value typed into the command) so every JSON names its commit.
 # Everything lands in $OUT: stages.txt, device.txt and all.tgz (the logs and results/*.json; the
 # device tool brings back at most 8 files). A stage that runs out of time is cut off, the next runs.
 set -uo pipefail
