@@ -280,6 +280,7 @@ def test_results_record_the_commit_measured(monkeypatch):
     from benchmarks import common
 
     root = Path(common.__file__).resolve().parent.parent
+    monkeypatch.delenv("RANKWISE_COMMIT", raising=False)
     commit = common.environment()["commit"]
     if (root / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
@@ -292,7 +293,6 @@ def test_results_record_the_commit_measured(monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(common.subprocess, "run", no_git)
-    monkeypatch.delenv("RANKWISE_COMMIT", raising=False)
     assert common.source_commit() is None
     monkeypatch.setenv("RANKWISE_COMMIT", "abc123")  # a copy of the tree without .git, told its commit
     assert common.source_commit() == "abc123"
