@@ -67,6 +67,8 @@ def replace_dir(path, write) -> None:
     between the two renames leaves ``path`` absent with the old copy kept as
     ``.old-*`` beside it (directories cannot be swapped in one rename on Linux
     without ``renameat2(RENAME_EXCHANGE)``, which Python does not expose).
+    A symbolic link at ``path`` (dangling or not) is replaced by the new
+    directory; what it pointed to is never touched.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.dirname(path), os.path.basename(path)
@@ -78,11 +80,25 @@ def replace_dir(path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if os.path.islink(path):  # a link (dangling or not) is replaced, never written through or followed
+        os.unlink(path)  # rename(2) will not put a directory over a link
+        os.rename(tmp, path)
+        return
     old = None
-    if os.path.exists(path):
+    if os.path.lexists(path):
         old = tempfile.mkdtemp(dir=parent, prefix=f".old-{name}-")
         os.rmdir(old)
         os.rename(path, old)
     os.rename(tmp, path)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
+
+
+def remove_path(path) -> None:
+    """Remove ``path``: a link (to anything) is unlinked, never followed; a directory is removed whole."""
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        if os.path.lexists(path):
+            os.unlink(path)
+        return
+    shutil.rmtree(path, ignore_errors=True)

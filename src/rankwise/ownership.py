@@ -5,7 +5,7 @@ Every command that writes (``train``, ``sweep``, ``merge``, ``restore``, ``analy
 
 - the output must not be, lie inside, or contain any input the command reads
   (base model, run, adapter, tokenizer, data file): refused even with ``--force``;
-- it must not be a file, or lie under a file;
+- it must not be a file, or lie under a file, or be a symbolic link (its parents may be);
 - an existing, non-empty directory is written to (or replaced) only if rankwise
   owns it, that is it holds the marker ``.rankwise-run.json`` written when rankwise
   created it; anything else needs ``--force``.
@@ -82,6 +82,9 @@ def check_output(out, *, force: bool = False, inputs: Iterable = (), flag: str =
     """
     path = os.fspath(out)
     check_disjoint(path, inputs, flag)
+    if os.path.islink(path):  # written through, a link would send the output somewhere the user did not name
+        raise ConfigError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); "
+                          "name a real directory, or remove the link")
     probe = os.path.abspath(path)
     while True:  # the path, or the first ancestor that exists, must be a directory
         if os.path.exists(probe):
