@@ -7,7 +7,9 @@ import pytest
 import torch
 from test_data import build_tiny_llama
 
-from rankwise.adapter import lora_delta, lora_delta_norms, merge_adapter, read_adapter, scaling_of, unwrap_lora
+from rankwise.adapter import (check_adapter_config, lora_delta, lora_delta_norms, merge_adapter, read_adapter, scaling_of,
+                              unwrap_lora)
+from rankwise.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +92,50 @@ def test_lora_delta_checks_shapes():
     torch.testing.assert_close(lora_delta(A, B, 0.5), (0.5 * B @ A).float())
     with pytest.raises(ValueError, match="do not chain"):
         lora_delta(B, A, 1.0)
+
+
+PEFT_CONFIG = {"peft_type": "LORA", "base_model_name_or_path": "m", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+               "target_modules": ["q_proj", "v_proj"], "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": "two"}, "r must be a positive integer (the rank), got 'two'"),
+    ({"r": 0}, "r must be a positive integer (the rank), got 0"),
+    ({"r": 2.5}, "r must be a positive integer"),
+    ({"r": True}, "r must be a positive integer"),
+    ({"lora_alpha": None}, "lora_alpha must be a finite number >= 0, got None"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number >= 0, got nan"),
+    ({"lora_alpha": -1}, "lora_alpha must be a finite number >= 0, got -1"),
+    ({"target_modules": 5}, "target_modules must be a list of module names (or one pattern string), got 5"),
+    ({"target_modules": []}, "target_modules must be a list of module names"),
+    ({"target_modules": ""}, "target_modules must be a list of module names"),
+    ({"lora_dropout": 1.0}, "lora_dropout must be a number in [0, 1) or null, got 1.0"),
+    ({"use_rslora": 1}, "use_rslora must be true, false or null, got 1"),
+    ({"base_model_name_or_path": 1}, "base_model_name_or_path must be a model path or hub id (a string) or null, got 1"),
+    ({"peft_type": "IA3"}, "peft_type must be LORA, got 'IA3'"),
+    ({"r": None, "drop": "r"}, "missing key 'r'"),
+    ({"r": list(range(10**5))}, "got [0, 1, 2, 3, ...]"),
+])
+def test_adapter_config_fields_are_checked_by_name(change, message):
+    cfg = {**PEFT_CONFIG, **{k: v for k, v in change.items() if k != "drop"}}
+    cfg.pop(change.get("drop"), None)
+    with pytest.raises(ConfigError) as e:
+        check_adapter_config(cfg, "a/adapter_config.json")
+    assert str(e.value).startswith("a/adapter_config.json: ") and message in str(e.value), str(e.value)
+    assert len(str(e.value)) < 200 and "\n" not in str(e.value)
+
+
+def test_a_valid_peft_config_passes_and_other_json_is_refused():
+    assert check_adapter_config(dict(PEFT_CONFIG), "c") == PEFT_CONFIG
+    assert check_adapter_config({**PEFT_CONFIG, "target_modules": "all-linear", "lora_dropout": None,
+                                 "use_rslora": None, "base_model_name_or_path": None}, "c")
+    with pytest.raises(ConfigError, match="^c: expected a JSON object, got list$"):
+        check_adapter_config([1], "c")
+
+
+def test_tensors_of_another_rank_than_r_are_refused(tiny, tmp_path):
+    peft_adapter(tiny, tmp_path / "adapter", 2, 4, False)
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": 3}))
+    with pytest.raises(ConfigError, match=r"lora_A.weight has shape \(2, \d+\), not \(r, in\) with r = 3"):
+        read_adapter(tmp_path / "adapter")

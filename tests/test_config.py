@@ -219,3 +219,139 @@ def test_cli_bugs_keep_their_traceback(tmp_path, monkeypatch, exc):
     good.write_text(yaml.safe_dump(MIN))
     with pytest.raises(type(exc)):
         cli.main(["train", str(good)])
+
+
+# ----------------------------------------------------------------------------- hostile YAML, bounded messages
+
+def test_a_normal_config_with_aliases_and_merge_keys_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: &m models/base\ntokenizer: *m\ndata: {train: t.jsonl}\n"
+                    "lora: &lora {r: 8, alpha: 16, targets: &t [q_proj, v_proj]}\n"
+                    "train: {betas: &b [0.9, 0.95]}\n")
+    cfg = C.parse(str(path))
+    assert cfg.tokenizer == cfg.model == "models/base" and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert C.safe_load_text("base: &b {r: 4}\nlora: {<<: *b, alpha: 8}\n") == {"base": {"r": 4},
+                                                                                 "lora": {"r": 4, "alpha": 8}}
+
+
+def test_alias_expansion_is_counted_not_built(monkeypatch):
+    import time
+
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"^config file x.yaml: its aliases \(\*name\) expand to more than 100000 "
+                                          r"values \(at line 6, column 10\); write the values out instead$"):
+        C.safe_load_text("\n".join(lines) + "\nmodel: *a9\n", "config file x.yaml")
+    assert time.time() - t0 < 5
+    monkeypatch.setattr(C, "MAX_EXPANDED", 1000)  # the limit's edges, on small texts
+    row = "[" + ", ".join(["x"] * 99) + "]"  # 100 values with the list itself
+    under = f"a: &a {row}\nb: [" + ", ".join(["*a"] * 8) + "]\n"  # 1 + 1 + 100 + 1 + 1 + 800 = 904 values
+    assert len(C.safe_load_text(under)["b"]) == 8
+    with pytest.raises(ConfigError, match="expand to more than 1000 values"):
+        C.safe_load_text(f"a: &a {row}\nb: [" + ", ".join(["*a"] * 10) + "]\n")
+    # a large file without aliases is not refused for its size
+    assert len(C.safe_load_text("[" + ", ".join(["1"] * 1500) + "]")) == 1500
+
+
+def test_nesting_and_self_reference_are_refused_from_the_events():
+    deepest = C.MAX_DEPTH - 1  # lists inside the top mapping
+    assert C.safe_load_text("a: " + "[" * deepest + "]" * deepest) == {"a": _nested(deepest - 1)}
+    with pytest.raises(ConfigError, match=f"nests deeper than {C.MAX_DEPTH} levels"):
+        C.safe_load_text("a: " + "[" * (deepest + 1) + "]" * (deepest + 1))
+    with pytest.raises(ConfigError, match=f"--set model nests deeper than {C.MAX_DEPTH} levels"):
+        C.parse(MIN, ["model=" + "[" * 5000 + "]" * 5000])
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        C.parse(MIN, ["model=" + "[" * 5000])  # unclosed: refused before the parser reaches the end
+    with pytest.raises(ConfigError, match=r"the alias \*a at line 1, column 11 lies inside the node it names"):
+        C.safe_load_text("a: &a {b: *a}")
+
+
+def _nested(depth):
+    out = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+def test_recursion_anywhere_in_reading_yaml_is_one_line(monkeypatch):
+    import yaml
+
+    def deep(*a, **k):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(yaml, "load", deep)
+    with pytest.raises(ConfigError, match="^--set model is nested too deeply to read$"):
+        C.parse(MIN, ["model=[1]"])
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"model: m\n# caf\xe9\n", r"is not UTF-8 text: byte 0xe9 at line 2, column 6; save it as UTF-8$"),
+    ("\ufeffmodel: m\ndata: {train: t}\n".encode("utf-8"), None),  # a UTF-8 byte order mark is fine
+    (("model: 1" + "0" * 5000 + "\n").encode(), r"cannot read the value '10000.*Exceeds the limit .* at line 1, column 8$"),
+    (b"model: !!float x\n", r"cannot read the value 'x': could not convert string to float: 'x' at line 1, column 8$"),
+])
+def test_unreadable_bytes_and_values_in_the_file_are_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    if message is None:
+        assert C.load_yaml(str(path)) == {"model": "m", "data": {"train": "t"}}
+        return
+    with pytest.raises(ConfigError, match=message) as e:
+        C.load_yaml(str(path))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
+
+
+def test_values_in_messages_are_cut_short():
+    from rankwise.errors import one_line, short
+
+    laughs = ["lol"] * 9
+    for _ in range(6):
+        laughs = [laughs] * 9  # 9**7 strings, shared: repr() would be 33 MB (a second); short() looks at a few
+    assert len(short(laughs)) <= 80 and short(laughs).startswith("[[[[")
+    assert short(10**5000) == "<an int of 16610 bits>" and short("x" * 10**6).count("x") < 80
+    assert one_line(ValueError("a\n  b")) == "a b" and one_line(KeyError()) == "KeyError" and len(one_line("y" * 999)) == 300
+    for bad, message in [({"lora": {"targets": laughs}}, r"^config key 'lora.targets' must be a non-empty list"),
+                         ({"model": laughs}, r"^config key 'model' must be str, got list \[\[\[\["),
+                         ({"method": laughs}, r"^config key 'method' must be str, got list \[\[\[\["),
+                         ({"lora": laughs}, r"^config key 'lora' must be a mapping"),
+                         ({"lora": {"r": 0, ("x" * 999,): 1}}, r"^config key lora\.\('x+\.\.\.x+\.\.\. must be a string$")]:
+        with pytest.raises(ConfigError, match=message) as e:
+            C.validate({**MIN, **bad})
+        assert len(str(e.value)) < 200, str(e.value)[:300]
+    with pytest.raises(ConfigError, match=r"unknown config keys 'k0', 'k1', 'k2', 'k3', 'k4' and 95 more$"):
+        C.validate({**MIN, **{f"k{i}": 1 for i in range(100)}})
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (2**32, False), (-1, False), (2**64, False),
+                                      pytest.param(10**5000, False, id="5001-digits")])
+def test_train_seed_is_a_32_bit_unsigned_int(seed, ok):
+    if ok:
+        assert C.parse(MIN, {"train.seed": seed}).train.seed == seed
+    else:
+        with pytest.raises(ConfigError, match=r"^config key 'train.seed' must be in \[0, 4294967295\], got "):
+            C.parse(MIN, {"train.seed": seed})
+
+
+def test_ints_past_64_bits_and_floats_past_inf_are_refused_at_parse():
+    with pytest.raises(ConfigError, match=r"'train.max_steps' must fit in 64 bits, got 1000"):
+        C.parse(MIN, {"train.max_steps": 10**30})
+    with pytest.raises(ConfigError, match=r"'train.lr' must be float, got int 1000"):
+        C.parse(MIN, {"train.lr": 10**400})  # float() of it overflows
+
+
+def test_tensorboard_is_checked_at_parse(monkeypatch):
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "tensorboard" else real(name, *a))
+    assert C.parse(MIN, {"log.tensorboard": True}).log.tensorboard is True
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ConfigError, match=r"^config key 'log.tensorboard' is true but the tensorboard package is not "
+                                          r"installed: pip install tensorboard, or set log.tensorboard: false$"):
+        C.parse(MIN, {"log.tensorboard": True})
+    assert C.parse(MIN).log.tensorboard is False

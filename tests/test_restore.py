@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 import rankwise  # noqa: F401
 from rankwise import cli
 from rankwise import masking as M
-from rankwise.restore import parse_size, restore_checkpoint
+from rankwise.errors import ConfigError
+from rankwise.restore import check_pattern, find_checkpoint, parse_size, restore_checkpoint
 
 import transformers  # noqa: E402  (a hard dependency of rankwise)
 
@@ -214,6 +215,38 @@ def test_cli_bad_input(pair, tmp_path, capsys):
     with pytest.raises(ValueError, match="max-shard-size"):
         parse_size("lots")
     assert parse_size("2GB") == 2 * 10**9 and parse_size("64KiB") == 65536
+    with pytest.raises(ConfigError, match="--max-shard-size is too large"):
+        parse_size("9" * 400 + "GB")
+
+
+def test_arguments_are_checked_before_any_work(pair, tmp_path, monkeypatch):
+    """A bad pattern or shard size is refused before --out is checked or a checkpoint opened."""
+    import rankwise.restore as R
+
+    base_dir, tuned_dir = pair
+    monkeypatch.setattr(R, "SafetensorsCheckpoint", lambda *a: pytest.fail("a checkpoint was opened"))
+    for kw, match in [({"include": "("}, r"^--include '\(' is not a valid regular expression \(missing \), "),
+                      ({"exclude": "a{2,1}"}, r"^--exclude 'a\{2,1\}' is not a valid regular expression"),
+                      ({"max_shard_size": "0"}, "^--max-shard-size must be positive")]:
+        with pytest.raises(ConfigError, match=match):
+            restore_checkpoint(base_dir, tuned_dir, str(tmp_path / "o"), 0.1, progress=False, **kw)
+    assert not (tmp_path / "o").exists()
+    assert check_pattern("--include", "") is None and check_pattern("--include", "layers").pattern == "layers"
+
+
+def test_find_checkpoint_of_a_run_directory(pair, tmp_path):
+    _, tuned_dir = pair
+    assert find_checkpoint(tuned_dir) == tuned_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(tuned_dir, run / "model")
+    assert find_checkpoint(str(run)) == str(run / "model")
+    lora = tmp_path / "lora"
+    (lora / "adapter").mkdir(parents=True)
+    (lora / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a LoRA run \(adapter/, no model/\): merge it first"):
+        find_checkpoint(str(lora))
+    assert find_checkpoint(str(tmp_path / "nothing")) == str(tmp_path / "nothing")  # left to the reader to name
 
 
 # --------------------------------------------------------------------------- the public planner

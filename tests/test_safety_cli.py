@@ -130,6 +130,17 @@ def test_merge_writes_a_marked_directory_and_replaces_only_its_own(world, capsys
     ("truncated_weights", "adapter_model.safetensors"),
     ("garbage_weights", "adapter_model.safetensors"),
     ("unpaired_tensor", "lora_B"),
+    ({"r": "two"}, "adapter_config.json: r must be a positive integer (the rank), got 'two'"),
+    ({"r": 0}, "adapter_config.json: r must be a positive integer (the rank), got 0"),
+    ({"r": 3}, "lora_A.weight has shape (2, 32), not (r, in) with r = 3 as adapter_config.json gives"),
+    ({"lora_alpha": None}, "adapter_config.json: lora_alpha must be a finite number >= 0, got None"),
+    ({"base_model_name_or_path": 1}, "adapter_config.json: base_model_name_or_path must be a model path or hub id"),
+    ({"target_modules": 5}, "adapter_config.json: target_modules must be a list of module names"),
+    ({"target_modules": ["q_proj", 7]}, "adapter_config.json: target_modules must be a list of module names"),
+    ({"lora_dropout": 2}, "adapter_config.json: lora_dropout must be a number in [0, 1) or null, got 2"),
+    ({"use_rslora": "yes"}, "adapter_config.json: use_rslora must be true, false or null, got 'yes'"),
+    ({"peft_type": "IA3"}, "adapter_config.json: peft_type must be LORA, got 'IA3'"),
+    ({"r": "x" * 5000}, "got 'xxxxxxxxxx"),  # a long value is shown cut short, on one line
 ])
 def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, tmp_path, damage, named):
     from safetensors.torch import load_file, save_file
@@ -137,7 +148,9 @@ def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, t
     adapter = tmp_path / "adapter"
     shutil.copytree(os.path.join(world["run"], "adapter"), adapter)
     cfg_path, w_path = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
-    if damage == "bad_json":
+    if isinstance(damage, dict):  # valid JSON, a field of the wrong type or range
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **damage}))
+    elif damage == "bad_json":
         cfg_path.write_text(cfg_path.read_text()[:-10])
     elif damage == "not_an_object":
         cfg_path.write_text("[1, 2]")
@@ -154,9 +167,9 @@ def test_merge_of_a_corrupt_adapter_is_one_line_naming_the_file(world, capsys, t
         del t[next(k for k in sorted(t) if "lora_B" in k)]
         save_file(t, w_path)
     out = tmp_path / "merged"
-    assert_refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
-                   roots=[world["root"], tmp_path])
-    assert not out.exists()
+    line = assert_refused(capsys, ["merge", adapter, "--base", world["base"], "--out", out], named,
+                          roots=[world["root"], tmp_path])
+    assert not out.exists() and len(line) < 500
 
 
 def test_merge_of_a_truncated_base_model_is_one_line(world, capsys, tmp_path):
@@ -166,6 +179,23 @@ def test_merge_of_a_truncated_base_model_is_one_line(world, capsys, tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     assert_refused(capsys, ["merge", world["run"], "--base", base, "--out", tmp_path / "merged"], "cannot load base model",
                    roots=[world["root"], tmp_path])
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_merge_out_a_symbolic_link_is_refused_and_nothing_is_left_behind(world, capsys, tmp_path, dangling):
+    """--out L, L a link to an earlier merge (or to nothing): refused before any work; the link, what it points
+    to and the directory around it stay as they were (no .tmp-L-* holding a model, no .old-L-*)."""
+    earlier = tmp_path / "earlier"
+    assert cli.main(["merge", world["run"], "--out", str(earlier)]) == 0
+    target = tmp_path / "gone" if dangling else earlier
+    link = tmp_path / "L"
+    os.symlink(target, link)
+    entries = sorted(os.listdir(tmp_path))
+    capsys.readouterr()
+    assert_refused(capsys, ["merge", world["run"], "--out", link], f"--out {link} is a symbolic link", f"to {target}",
+                   roots=[world["root"], earlier])
+    assert sorted(os.listdir(tmp_path)) == entries, "something was left beside --out"
+    assert os.path.islink(link) and os.readlink(link) == str(target) and os.path.exists(link) != dangling
 
 
 # ----------------------------------------------------------------------------- restore
@@ -368,3 +398,236 @@ def test_sweep_never_unpickles_a_crafted_arm_checkpoint(world, capsys, tmp_path)
     assert (arm / "checkpoint.pt").read_bytes() == before, "the refused checkpoint must be left as it was"
     assert os.listdir(arm) == ["checkpoint.pt"] and not (out / "sweep.yaml").exists(), "refused before any write"
     assert "move it away" in line
+
+
+# ----------------------------------------------------------------------------- train: the config file
+
+def billion_laughs(leaf="lol"):
+    """Ten lines whose aliases expand to 9**9 values under ``model:`` (formatting it whole would never end)."""
+    lines = [f"  a0: &a0 [{', '.join([leaf] * 9)}]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return "lols:\n" + "\n".join(lines) + "\nmodel: *a9\n"
+
+
+@pytest.mark.parametrize("text, words", [
+    (billion_laughs(), ["aliases (*name) expand to more than 100000 values", "write the values out"]),
+    ("model: &m [1, *m]\n", ["the alias *m at line 1, column 15 lies inside the node it names"]),
+    ("model: " + "[" * 5000 + "]" * 5000 + "\n", ["nests deeper than 64 levels"]),
+    ("".join("  " * i + f"k{i}:\n" for i in range(5000)), ["nests deeper than 64 levels"]),
+    (b"model: m\ndata: {train: t}\nlora: {targets: [q_pr\xffoj]}\n", ["is not UTF-8 text: byte 0xff at line 3, column 22"]),
+    ("model: m\ndata: {train: t}\ntrain: {seed: 18446744073709551616}\n",
+     ["config key 'train.seed' must be in [0, 4294967295], got 18446744073709551616"]),
+    ("model: m\ndata: {train: t}\ntrain: {seed: -1}\n", ["config key 'train.seed' must be in [0, 4294967295], got -1"]),
+    ("model: m\ndata: {train: t}\ntrain: {seed: " + "9" * 5000 + "}\n", ["cannot read the value", "line 3, column 15"]),
+    ("model: m\ndata: {train: t}\ntrain: {max_steps: " + "9" * 40 + "}\n", ["'train.max_steps' must fit in 64 bits"]),
+    ("model: m\ndata: {train: t}\nlora: {r: [" + ", ".join(["x"] * 1000) + "]}\n", ["'lora.r' must be int, got list"]),
+    ("model: 2001-13-45\n", ["cannot read the value '2001-13-45': month must be in 1..12 at line 1, column 8"]),
+])
+def test_a_hostile_or_broken_config_file_is_one_short_line_at_once(world, capsys, tmp_path, text, words):
+    import time
+
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    config = cfg_dir / "c.yaml"
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text.replace("model: m\n", f"model: {world['base']}\n")
+                          .replace("{train: t}", f"{{train: {world['data']}/train.jsonl}}")
+                          + f"output_dir: {tmp_path / 'out'}\n")
+    t0 = time.time()
+    line = assert_refused(capsys, ["train", config], *words, roots=[cfg_dir, world["root"]])
+    assert time.time() - t0 < 20, "refusing the config took too long"
+    assert len(line) < 400, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_without_the_package_is_refused_before_the_model_loads(world, capsys, tmp_path, monkeypatch):
+    import sys
+
+    import rankwise.model
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # absent, whether or not it is installed here
+    monkeypatch.setattr(rankwise.model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(rankwise.model, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was loaded"))
+    config = tmp_path / "cfg" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({**world["cfg"], "log": {"tensorboard": True, "progress": False},
+                                      "output_dir": str(tmp_path / "out")}))
+    assert_refused(capsys, ["train", config], "config key 'log.tensorboard' is true but the tensorboard package is "
+                   "not installed", "pip install tensorboard", roots=[config.parent, world["root"]])
+    assert not (tmp_path / "out").exists(), "the output directory was created"
+
+
+# ----------------------------------------------------------------------------- train: the model's files
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("tokenizer.json list", ["tokenizer.json is not a tokenizer file the tokenizers library reads",
+                             "expected struct Tokenizer"]),
+    ("tokenizer.json object", ["tokenizer.json is not a tokenizer file the tokenizers library reads"]),
+    ("tokenizer_config.json list", ["tokenizer_config.json: expected a JSON object, got list"]),
+    ("tokenizer_config.json pad 5", ["cannot load tokenizer", "a value in its tokenizer files has the wrong type",
+                                     "pad_token"]),
+    ("model_type unknown", ["config.json: model_type 'blorp' is unknown to transformers", "pip install -U transformers"]),
+    ("model_type missing", ["config.json: model_type must name the architecture"]),
+    ("model_type t5", ["config.json: model_type 't5' is not a causal language model"]),
+    ("config.json missing", ["is not a model directory: it has no config.json"]),
+    ("config.json list", ["config.json: expected a JSON object, got list"]),
+    ("config.json garbage", ["config.json"]),
+    ("config.json hidden_size", ["config.json: Validation error for field 'hidden_size'"]),
+    ("config.json dtype", ["config.json: dtype must name a torch dtype", "'blorp'"]),
+    ("config.json shapes", ["its weights do not have the shapes its config.json gives"]),
+    ("weights truncated", ["cannot load model", "deserializing header"]),
+])
+def test_a_malformed_model_directory_is_one_line_naming_the_file(world, capsys, tmp_path, damage, words):
+    model = tmp_path / "model"
+    shutil.copytree(world["base"], model)
+    what, _, how = damage.partition(" ")
+    if what == "tokenizer.json":
+        (model / what).write_text("[1, 2]" if how == "list" else '{"a": 1}')
+    elif what == "tokenizer_config.json":
+        if how == "list":
+            (model / what).write_text("[1]")
+        else:
+            _edit_json(model / what, pad_token=5)
+    elif what == "model_type":
+        _edit_json(model / "config.json", model_type={"unknown": "blorp", "missing": None, "t5": "t5"}[how])
+    elif how == "missing":
+        (model / what).unlink()
+    elif how in ("list", "garbage"):
+        (model / what).write_text("[1]" if how == "list" else "{garbage")
+    elif what == "config.json":
+        _edit_json(model / what, **{"hidden_size": {"hidden_size": "big"}, "dtype": {"dtype": "blorp"},
+                                    "shapes": {"intermediate_size": 100}}[how])
+    else:
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+    config = tmp_path / "cfg" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({**world["cfg"], "model": str(model), "output_dir": str(tmp_path / "out")}))
+    line = assert_refused(capsys, ["train", config], *words, roots=[model, config.parent, world["root"]])
+    assert len(line) < 500, line
+
+
+# ----------------------------------------------------------------------------- restore: arguments and checkpoints
+
+def restore_argv(world, tuned, out, *extra):
+    return ["restore", "--base", world["base"], "--tuned", tuned, "--out", out, "--fraction", "0.1", *extra]
+
+
+@pytest.mark.parametrize("flag, pattern", [("--include", "layers.(q_proj"), ("--exclude", "[norm")])
+def test_restore_with_a_bad_pattern_is_one_line(world, capsys, tmp_path, flag, pattern):
+    out = tmp_path / "out"
+    assert_refused(capsys, restore_argv(world, world["tuned"], out, flag, pattern),
+                   f"{flag} {pattern!r} is not a valid regular expression", roots=[world["root"], tmp_path])
+    assert not out.exists()
+
+
+def sharded_copy(src, dst):
+    """``src``'s single model.safetensors split into two shards and an index, as save_pretrained shards."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, part in halves.items():
+        save_file({n: tensors[n] for n in part}, dst / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated single file", ["model.safetensors: not a readable safetensors file", "deserializing header"]),
+    ("index not json", ["model.safetensors.index.json: not a readable JSON file"]),
+    ("index a list", ["model.safetensors.index.json: expected a JSON object, got list"]),
+    ("no weight_map", ["model.safetensors.index.json: weight_map must be a non-empty object", "got None"]),
+    ("weight_map a list", ["weight_map must be a non-empty object of tensor name -> shard file, got ['a']"]),
+    ("shard missing", ["lists model-00002-of-00002.safetensors, which is missing"]),
+    ("shard not a name", ["must be a file name, got 5"]),
+    ("shard outside", ["the shard '../outside.safetensors' of tensor", "lies outside"]),
+    ("shard absolute", ["lies outside"]),
+    ("tensor not in its shard", ["which does not hold it; the index is damaged"]),
+    ("truncated shard", ["model-00002-of-00002.safetensors: not a readable safetensors file"]),
+])
+def test_restore_of_a_damaged_tuned_checkpoint_is_one_line(world, capsys, tmp_path, damage, words):
+    tuned = tmp_path / "tuned"
+    if damage == "truncated single file":
+        shutil.copytree(world["tuned"], tuned)
+        w = tuned / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size - 8])
+    else:
+        sharded_copy(world["tuned"], tuned)
+        index = tuned / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        first = sorted(data["weight_map"])[0]
+        second = "model-00002-of-00002.safetensors"
+        outside = tmp_path / "outside.safetensors"
+        shutil.copy(tuned / second, outside)
+        edit = {"index not json": lambda: index.write_text("{"),
+                "index a list": lambda: index.write_text("[]"),
+                "no weight_map": lambda: index.write_text('{"metadata": {}}'),
+                "weight_map a list": lambda: index.write_text('{"weight_map": ["a"]}'),
+                "shard missing": lambda: (tuned / second).unlink(),
+                "shard not a name": lambda: data["weight_map"].update({first: 5}),
+                "shard outside": lambda: data["weight_map"].update({first: "../outside.safetensors"}),
+                "shard absolute": lambda: data["weight_map"].update({first: str(outside)}),
+                "tensor not in its shard": lambda: data["weight_map"].update({first: second}),
+                "truncated shard": lambda: (tuned / second).write_bytes((tuned / second).read_bytes()[:50])}
+        edit[damage]()
+        if damage.startswith(("shard not", "shard outside", "shard absolute", "tensor not")):
+            index.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert_refused(capsys, restore_argv(world, tuned, out), *words, roots=[world["root"], tmp_path])
+    assert not out.exists()
+
+
+def weights(directory):
+    """Every tensor of a checkpoint directory, its shards merged."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, f)))
+    return out
+
+
+def test_a_sharded_tuned_checkpoint_restores_like_the_single_file(world, capsys, tmp_path):
+    """The sharded copy the damage cases start from is itself good: restored, the same tensors as the original."""
+    sharded = sharded_copy(world["tuned"], tmp_path / "tuned")
+    assert cli_rc(restore_argv(world, world["tuned"], tmp_path / "a")) == 0
+    assert cli_rc(restore_argv(world, sharded, tmp_path / "b")) == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.fixture(scope="module")
+def full_run(world):
+    """A finished full-SFT run: its model is in RUN/model/."""
+    out = world["root"].parent / (world["root"].name + "-full") / "run"
+    rt.train({**world["cfg"], "method": "full", "output_dir": str(out)})
+    return out
+
+
+def test_restore_tuned_takes_a_full_sft_run_directory(world, full_run, capsys, tmp_path):
+    roots = [world["root"], full_run]
+    assert cli_rc(restore_argv(world, full_run, tmp_path / "from-run")) == 0
+    assert cli_rc(restore_argv(world, full_run / "model", tmp_path / "from-model")) == 0
+    a, b = weights(tmp_path / "from-run"), weights(tmp_path / "from-model")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    stats = json.loads((tmp_path / "from-run" / "restore_stats.json").read_text())
+    assert stats["tuned"] == str(full_run / "model") and stats["restored"] > 0
+    assert_refused(capsys, restore_argv(world, full_run, full_run / "restored"), "lies inside the run", roots=roots)
+    assert_refused(capsys, restore_argv(world, world["run"], tmp_path / "lora"), f"--tuned {world['run']} is a LoRA run",
+                   f"rankwise merge {world['run']} --out DIR", roots=roots + [tmp_path])

@@ -20,6 +20,7 @@ import os
 import torch
 
 from .atomic import atomic_write, atomic_write_text
+from .errors import ConfigError, read_json_object, short
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -102,29 +103,79 @@ def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropo
     return out_dir
 
 
-def read_adapter(adapter_dir) -> tuple[dict, dict]:
-    """``(adapter_config, tensors)`` from a PEFT LoRA adapter directory."""
-    from safetensors.torch import load_file
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
-    w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"not a LoRA adapter directory (missing {os.path.basename(p)}): {adapter_dir}")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+
+def check_adapter_config(cfg, cfg_path) -> dict:
+    """``cfg`` (the JSON of ``cfg_path``) if it is an adapter config rankwise reads, else a ``ConfigError``.
+
+    A JSON object with ``peft_type`` LORA (or none), ``r`` a positive int, ``lora_alpha``
+    a finite number >= 0, ``target_modules`` a name pattern or a list of names; the
+    optional ``lora_dropout`` in [0, 1), ``use_rslora`` a bool and
+    ``base_model_name_or_path`` a string (each may be null); none of ``UNSUPPORTED``.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
+        raise ConfigError(f"{cfg_path}: peft_type must be LORA, got {short(cfg.get('peft_type'))}")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
-            raise ValueError(f"{cfg_path}: missing key {key!r}")
+            raise ConfigError(f"{cfg_path}: missing key {key!r}")
+    r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+    dropout, rslora, base = cfg.get("lora_dropout"), cfg.get("use_rslora"), cfg.get("base_model_name_or_path")
+    names = isinstance(targets, list) and bool(targets) and all(isinstance(t, str) and t for t in targets)
+    problems = [  # (key, value, what it must be, whether it is)
+        ("r", r, "a positive integer (the rank)", isinstance(r, int) and not isinstance(r, bool) and r >= 1),
+        ("lora_alpha", alpha, "a finite number >= 0", _is_number(alpha) and math.isfinite(alpha) and alpha >= 0),
+        ("target_modules", targets, "a list of module names (or one pattern string)",
+         names or (isinstance(targets, str) and targets != "")),
+        ("lora_dropout", dropout, "a number in [0, 1) or null", dropout is None or (_is_number(dropout) and 0 <= dropout < 1)),
+        ("use_rslora", rslora, "true, false or null", rslora is None or isinstance(rslora, bool)),
+        ("base_model_name_or_path", base, "a model path or hub id (a string) or null", base is None or isinstance(base, str)),
+    ]
+    for key, value, want, ok in problems:
+        if not ok:
+            raise ConfigError(f"{cfg_path}: {key} must be {want}, got {short(value)}")
     # What rankwise reads, merges and analyses: one rank and alpha for every module, and
     # ΔW = scaling * B @ A in nn.Linear's layout. Anything else would be silently misread.
     unsupported = [k for k in UNSUPPORTED if cfg.get(k)]
     if unsupported:
-        raise ValueError(f"{cfg_path}: adapters with {', '.join(unsupported)} are not supported "
-                         "(rankwise reads one rank and alpha for every module, ΔW = scaling * B @ A)")
-    return cfg, load_file(w_path)
+        raise ConfigError(f"{cfg_path}: adapters with {', '.join(unsupported)} are not supported "
+                          "(rankwise reads one rank and alpha for every module, ΔW = scaling * B @ A)")
+    return cfg
+
+
+def _check_ranks(tensors: dict, r: int, w_path) -> None:
+    """Every ``lora_A`` is ``(r, in)`` and every ``lora_B`` ``(out, r)``: else the scaling would be misread."""
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight") and (t.dim() != 2 or t.shape[0] != r):
+            raise ConfigError(f"{w_path}: {key} has shape {tuple(t.shape)}, not (r, in) with r = {r} "
+                              f"as {CONFIG_NAME} gives")
+        if key.endswith(".lora_B.weight") and (t.dim() != 2 or t.shape[1] != r):
+            raise ConfigError(f"{w_path}: {key} has shape {tuple(t.shape)}, not (out, r) with r = {r} "
+                              f"as {CONFIG_NAME} gives")
+
+
+def read_adapter(adapter_dir) -> tuple[dict, dict]:
+    """``(adapter_config, tensors)`` from a PEFT LoRA adapter directory.
+
+    A config rankwise does not read (see :func:`check_adapter_config`) or tensors whose
+    rank is not the config's ``r`` are a ``ConfigError`` (a ``ValueError``) naming the file.
+    """
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    missing = "not a LoRA adapter directory (missing {}): " + str(adapter_dir)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(missing.format(CONFIG_NAME))
+    cfg = check_adapter_config(read_json_object(cfg_path), cfg_path)  # named even when the weights are gone too
+    if not os.path.isfile(w_path):
+        raise FileNotFoundError(missing.format(WEIGHTS_NAME))
+    tensors = load_file(w_path)
+    _check_ranks(tensors, cfg["r"], w_path)
+    return cfg, tensors
 
 
 def scaling_of(cfg: dict) -> float:
@@ -138,13 +189,13 @@ def _split_keys(tensors, path):
     pairs = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{path}: unexpected tensor {key!r} (expected {PREFIX}<module>.lora_A/B.weight)")
+            raise ConfigError(f"{path}: unexpected tensor {short(key)} (expected {PREFIX}<module>.lora_A/B.weight)")
         body = key[len(PREFIX):]
         name, which = body[: -len(".lora_A.weight")], body[-len("lora_A.weight"):-len(".weight")]
         pairs.setdefault(name, {})[which] = t
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{path}: module {name!r} has {sorted(ab)} but needs both lora_A and lora_B")
+            raise ConfigError(f"{path}: module {short(name)} has {sorted(ab)} but needs both lora_A and lora_B")
     return pairs
 
 

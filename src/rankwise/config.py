@@ -20,6 +20,12 @@ The dict-level helpers stay for code that reads and writes YAML: ``resolve``
 ``parse_overrides``, ``load_yaml``, ``dump_yaml``, ``get``, and ``SCHEMA``
 (dotted key -> ``KeySpec``, derived from the dataclasses).
 
+YAML is read as untrusted text (``safe_load_text``, used for config files and
+``--set`` values): a file must be UTF-8; nesting deeper than ``MAX_DEPTH``, an
+alias inside the node it names, and aliases expanding past ``MAX_EXPANDED`` values
+(a "billion laughs" file) are refused from the parser's events, before anything
+is built. Every value a message shows is cut short (``errors.short``).
+
 Example (all keys, with their defaults, are in ``examples/lora.yaml``)::
 
     model: path/or/hub-id
@@ -33,8 +39,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import difflib
+import functools
+import importlib.util
 import math
 import os
 import re
@@ -43,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from .atomic import atomic_write_text  # noqa: F401  (re-exported: config.atomic_write_text)
-from .errors import ConfigError
+from .errors import ConfigError, one_line, short
 
 REQUIRED = object()  # marker: the key has no default and must be given
 
@@ -66,6 +73,13 @@ def _in_unit(lo_open: bool, hi_open: bool) -> Callable:
         ok = (0.0 < v if lo_open else 0.0 <= v) and (v < 1.0 if hi_open else v <= 1.0)
         return None if ok else f"must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
     return check
+
+
+SEED_MAX = 2**32 - 1  # seeds reach torch, random and the data order (seed * 1_000_003 + epoch): all fit
+
+
+def _seed(v):
+    return None if 0 <= v <= SEED_MAX else f"must be in [0, {SEED_MAX}]"
 
 
 def _non_empty(v):
@@ -163,7 +177,7 @@ class TrainCfg:
     max_grad_norm: Optional[float] = key(1.0, "clip the global grad norm (null: no clipping)", check=_positive)
     optimizer: str = key("adamw", "adamw: torch (fused on CUDA); adamw8bit: bitsandbytes",
                          choices=("adamw", "adamw8bit"))
-    seed: int = key(0, "seed for init, dropout and data order")
+    seed: int = key(0, f"seed for init, dropout and data order, in [0, {SEED_MAX}]", check=_seed)
     gradient_checkpointing: bool = key(False, "recompute activations in backward")
     fused_kernels: bool = key(False, "RMSNorm and SwiGLU MLPs through rankwise's fused kernels (each kind checked "
                               "against the module's own forward first)")
@@ -220,6 +234,9 @@ class RunConfig:
         if self.quantization != "none" and self.method != "lora":
             raise ConfigError(f"config key 'quantization' = {self.quantization!r} needs method 'lora' "
                               f"(the quantized base weights are frozen), got method {self.method!r}")
+        if self.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before any model loads
+            raise ConfigError("config key 'log.tensorboard' is true but the tensorboard package is not installed: "
+                              "pip install tensorboard, or set log.tensorboard: false")
 
     def to_dict(self) -> dict:
         """The nested config dict (what a run's ``resolved_config.yaml`` holds)."""
@@ -308,7 +325,7 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict:
     out = {}
     for k, value in cfg.items():
         if not isinstance(k, str):
-            raise ConfigError(f"config key {prefix}{k!r} must be a string")
+            raise ConfigError(f"config key {prefix}{short(k)} must be a string")
         dotted = prefix + k
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             out.update(flatten(value, dotted + "."))
@@ -376,7 +393,7 @@ def _coerce(dotted: str, value: Any) -> Any:
     if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             value = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or an int too large for a float: refused below
             pass
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {dotted!r} must be a finite number, got {value!r}")
@@ -387,12 +404,15 @@ def _coerce(dotted: str, value: Any) -> Any:
     want = tuple(t for t in types if t is not None)
     if not (isinstance(value, want) and not (isinstance(value, bool) and bool not in want)):
         names = " or ".join(t.__name__ for t in want) + (" or null" if None in types else "")
-        raise ConfigError(f"config key {dotted!r} must be {names}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"config key {dotted!r} must be {names}, got {type(value).__name__} {short(value)}")
     if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"config key {dotted!r} must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
+        raise ConfigError(f"config key {dotted!r} must be one of {', '.join(map(str, spec.choices))}; "
+                          f"got {short(value)}")
     problem = spec.check(value) if spec.check is not None else None
     if problem:
-        raise ConfigError(f"config key {dotted!r} {problem}, got {value!r}")
+        raise ConfigError(f"config key {dotted!r} {problem}, got {short(value)}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ConfigError(f"config key {dotted!r} must fit in 64 bits, got {short(value)}")
     if dotted == "train.betas":
         value = [float(b) for b in value]
     return value
@@ -422,11 +442,12 @@ def validate_config(cfg: Mapping) -> RunConfig:
     flat = flatten(cfg)
     for k in flat:
         if k in _SECTIONS:
-            raise ConfigError(f"config key {k!r} must be a mapping (e.g. {k}: {{...}}), got {flat[k]!r}")
+            raise ConfigError(f"config key {k!r} must be a mapping (e.g. {k}: {{...}}), got {short(flat[k])}")
     unknown = [k for k in flat if k not in SCHEMA]
     if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise ConfigError("unknown config key" + ("s " if len(unknown) > 1 else " ")
-                          + ", ".join(f"{k!r}{_suggest(k)}" for k in unknown))
+                          + ", ".join(f"{short(k)}{_suggest(k)}" for k in unknown[:5]) + more)
     resolved = {}
     for dotted, spec in SCHEMA.items():
         if dotted in flat:
@@ -450,15 +471,16 @@ def parse_overrides(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {short(item)}")
         k, raw = item.split("=", 1)
         k = k.strip()
         if not k:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {short(item)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load_text(raw, f"--set {one_line(k, 80)}") if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {k}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); "
+            k = one_line(k, 80)
+            raise ConfigError(f"--set {k}: the value {short(raw)} is not valid YAML ({_yaml_problem(e)}); "
                               f"quote it to pass a string, e.g. --set '{k}=\"...\"'") from None
         out[k] = value
     return out
@@ -473,7 +495,7 @@ def apply_overrides(cfg: Mapping, overrides) -> dict:
     flat = flatten(cfg)
     for k, value in overrides.items():
         if k not in SCHEMA:
-            raise ConfigError(f"unknown config key {k!r} in overrides{_suggest(k)}")
+            raise ConfigError(f"unknown config key {short(k)} in overrides{_suggest(k)}")
         flat[k] = value
     return unflatten(flat)
 
@@ -482,20 +504,111 @@ def _yaml_problem(e) -> str:
     """A YAML error on one line: what is wrong and where (line, column)."""
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return (" ".join(str(getattr(e, "problem", None) or e).split()) + where)
+    return one_line(getattr(e, "problem", None) or e) + where
+
+
+MAX_DEPTH = 64  # levels of nesting a config (or a --set value) may have; a real one has four
+MAX_EXPANDED = 100_000  # values a document may expand to through its aliases (a real config has a few hundred)
+
+
+def _check_yaml_shape(text: str, where: str) -> None:
+    """Refuse, from the parser's events alone (no recursion, nothing built), YAML nested deeper than
+    ``MAX_DEPTH``, an alias inside the node it names, or aliases that expand past ``MAX_EXPANDED`` values
+    (a "billion laughs" file is a few lines that expand to billions)."""
+    import yaml
+
+    sizes, stack, open_anchors, total, aliased = {}, [], set(), 0, False  # anchor -> expanded size
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        mark = event.start_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}"
+        if isinstance(event, yaml.DocumentStartEvent):
+            sizes.clear()
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_DEPTH:
+                raise ConfigError(f"{where} nests deeper than {MAX_DEPTH} levels (at {at})")
+            stack.append([event.anchor, 1])
+            if event.anchor is not None:
+                open_anchors.add(event.anchor)
+            total += 1
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in open_anchors:
+                raise ConfigError(f"{where}: the alias *{one_line(event.anchor, 40)} at {at} lies inside the "
+                                  "node it names (a value that contains itself)")
+            n, aliased = sizes.get(event.anchor, 1), True
+            total += n
+        elif isinstance(event, yaml.ScalarEvent):
+            n = 1
+            total += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, n = stack.pop()  # already counted in total, item by item
+            if anchor is not None:
+                sizes[anchor] = n
+                open_anchors.discard(anchor)
+        else:
+            continue
+        if stack:
+            stack[-1][1] += n
+        if aliased and total > MAX_EXPANDED:
+            raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_EXPANDED} values (at {at}); "
+                              "write the values out instead")
+
+
+def _safe_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` whose unreadable scalars (a 5,000-digit int, month 13) are YAML errors with a place."""
+
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, OverflowError, TypeError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"cannot read the value {short(getattr(node, 'value', ''), 60)}: {one_line(e, 120)}",
+                    node.start_mark) from None
+
+    return Loader
+
+
+def safe_load_text(text: str, where: str = "YAML text"):
+    """``yaml.safe_load(text)`` for untrusted text: nesting, alias expansion and unreadable values are refused
+    (``ConfigError`` or ``yaml.YAMLError``) before anything is built; ``where`` names the text in the message."""
+    import yaml
+
+    try:
+        _check_yaml_shape(text, where)
+        return yaml.load(text, Loader=_safe_loader())
+    except RecursionError:  # a parser or constructor recursing on nesting the shape check did not see
+        raise ConfigError(f"{where} is nested too deeply to read") from None
 
 
 def load_yaml(path) -> dict:
-    """Read a YAML config file into a dict (an empty file gives ``{}``)."""
+    """Read a YAML config file (UTF-8) into a dict (an empty file gives ``{}``)."""
     import yaml
 
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            cfg = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or one_line(e)}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, "
+                          f"column {column}; save it as UTF-8") from None
+    try:
+        cfg = safe_load_text(text, f"config file {path}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):

@@ -17,19 +17,13 @@ output is written beside ``--out`` and swapped in whole.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .atomic import replace_dir
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .ownership import check_output, write_marker
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def find_adapter(path: str) -> str:
@@ -45,26 +39,21 @@ def find_adapter(path: str) -> str:
 def checked_lora_pairs(adapter_dir: str) -> tuple[dict, dict]:
     """:func:`rankwise.adapter.lora_pairs` with every problem of the files as a ``ConfigError`` naming the file.
 
-    Bad or non-object JSON, missing keys, unreadable safetensors, a ``lora_A``
-    without its ``lora_B``: one line each, nothing else read or written.
+    Bad or non-object JSON, missing keys or values of the wrong type or range
+    (:func:`rankwise.adapter.check_adapter_config`), unreadable safetensors, tensors
+    of another rank than ``r``, a ``lora_A`` without its ``lora_B``: one line each,
+    nothing else read or written.
     """
     from safetensors import SafetensorError
 
-    from .adapter import CONFIG_NAME, WEIGHTS_NAME, lora_pairs
+    from .adapter import WEIGHTS_NAME, lora_pairs
 
-    cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
+    w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{cfg_path}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
-    try:
-        return lora_pairs(adapter_dir)  # reads the weights and pairs every lora_A with its lora_B
+        return lora_pairs(adapter_dir)  # checks the config, reads the weights, pairs every lora_A with its lora_B
     except SafetensorError as e:
-        raise ConfigError(f"{w_path}: not a readable safetensors file ({e})") from None
-    except (FileNotFoundError, ValueError) as e:  # missing keys or files, unsupported options, unpaired tensors
+        raise ConfigError(f"{w_path}: not a readable safetensors file ({one_line(e)})") from None
+    except FileNotFoundError as e:  # the config or the weights are missing
         raise ConfigError(str(e)) from None
 
 
@@ -76,11 +65,8 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto",
     ``force`` allows replacing an existing non-empty ``out_dir`` that rankwise did not make.
     Returns ``out_dir``.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
     from .adapter import merge_adapter
-    from .model import DTYPES, load_tokenizer
+    from .model import DTYPES, causal_lm_from_pretrained, load_tokenizer
 
     adapter_dir = find_adapter(path)
     cfg, _ = checked_lora_pairs(adapter_dir)
@@ -93,10 +79,13 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto",
     if os.path.realpath(path) != os.path.realpath(adapter_dir):
         inputs.insert(0, ("run", path))
     check_output(out_dir, force=force, flag="--out", kinds=["merge"], inputs=inputs)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except (OSError, SafetensorError, ValueError) as e:  # missing, truncated or unreadable base model
-        raise ConfigError(f"cannot load base model {base!r}: {_first_line(e)}") from None
+    tokenizer = load_tokenizer(base)  # small, and its files are checked before the model is loaded
+    try:  # a local base model's config.json is checked first (check_model_files)
+        model = causal_lm_from_pretrained(base, what="base model", dtype=torch.float32)
+    except ValueError as e:  # a hub id transformers refuses (not a valid repo id, no such model offline)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot load base model {base!r}: {one_line(e)}") from None
     saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
@@ -106,7 +95,6 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto",
     except ValueError as e:  # the adapter does not fit this base model
         raise ConfigError(str(e)) from None
     model.to(target)
-    tokenizer = load_tokenizer(base)
 
     def write(tmp):
         model.save_pretrained(tmp)

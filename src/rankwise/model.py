@@ -1,13 +1,13 @@
 """Loading Hugging Face causal LMs and tokenizers with rankwise's dtype / attention / NF4 choices."""
 from __future__ import annotations
 
-import json
 import logging
+import os
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line, read_json_object, short
 
 log = logging.getLogger("rankwise")
 
@@ -30,7 +30,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {short(device)}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device {device}: no CUDA device is available on this machine; "
@@ -80,21 +80,131 @@ def _cuda_bytes(device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
+MODEL_CONFIG = "config.json"
+# JSON files of a tokenizer that must each hold an object (tokenizer.json is checked by tokenizers)
+TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_config_json(cfg_path) -> dict:
+    """The object in a model's ``config.json``, with its ``dtype`` / ``torch_dtype`` (read by both
+    AutoModel and AutoTokenizer) naming a torch dtype; else a ``ConfigError`` naming the file."""
+    raw = read_json_object(cfg_path)
+    for key in ("dtype", "torch_dtype"):
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, str) and (value == "auto" or
+                                                                  isinstance(getattr(torch, value, None), torch.dtype))):
+            raise ConfigError(f"{cfg_path}: {key} must name a torch dtype (e.g. \"bfloat16\"), got {short(value)}")
+    return raw
+
+
+def check_model_files(path) -> None:
+    """Check a local model directory's ``config.json`` before transformers reads it (hub ids are left to it).
+
+    It must exist, be a JSON object, name a ``model_type`` this transformers knows and
+    loads with ``AutoModelForCausalLM``, and load as that type's config. Each problem is
+    a ``ConfigError`` naming the file and what to do.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    cfg_path = os.path.join(path, MODEL_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{path} is not a model directory: it has no {MODEL_CONFIG} "
+                          "(save the model with save_pretrained, or give a hub id)")
+    model_type = check_config_json(cfg_path).get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"{cfg_path}: model_type must name the architecture (e.g. \"llama\"), "
+                          f"got {short(model_type)}; the file is not a transformers model config")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"{cfg_path}: model_type {short(model_type)} is unknown to transformers "
+                          f"{transformers.__version__}; correct it, or upgrade transformers (pip install -U transformers)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{cfg_path}: model_type {model_type!r} is not a causal language model "
+                          "(AutoModelForCausalLM does not load it); give a decoder model such as llama or qwen2")
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) + _strict_errors() as e:  # a value of the file the config class refuses
+        raise ConfigError(f"{cfg_path}: {one_line(e, 200)}") from None
+
+
+def _strict_errors() -> tuple:
+    """The error huggingface_hub raises for a config value of the wrong type (absent before its 1.0)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def check_tokenizer_files(path) -> None:
+    """Check a local tokenizer directory before transformers reads it (hub ids are left to it).
+
+    ``tokenizer.json`` (when there) must parse as a tokenizers file, and each of
+    ``TOKENIZER_JSON`` there must hold a JSON object: valid JSON of another shape
+    would fail inside transformers with a ``KeyError`` or ``AttributeError``. A
+    ``config.json`` there (AutoTokenizer reads it too) passes :func:`check_config_json`.
+    """
+    from tokenizers import Tokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    for name in TOKENIZER_JSON:
+        if os.path.isfile(os.path.join(path, name)):
+            read_json_object(os.path.join(path, name))
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
+        check_config_json(os.path.join(path, MODEL_CONFIG))
+    tok_json = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tok_json):
+        try:
+            Tokenizer.from_file(tok_json)
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse; nothing else runs
+            raise ConfigError(f"{tok_json} is not a tokenizer file the tokenizers library reads "
+                              f"({one_line(e, 200)}); restore it from the model's source") from None
 
 
 def load_tokenizer(path: str):
     """``AutoTokenizer.from_pretrained(path)`` with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, json.JSONDecodeError) as e:  # missing or unreadable files, a corrupt tokenizer.json
-        raise ConfigError(f"cannot load tokenizer {path!r}: {_one_line(e)}") from None
+    except (OSError, ValueError) as e:  # missing or unreadable files, a corrupt or unusable tokenizer
+        raise ConfigError(f"cannot load tokenizer {path!r}: {one_line(e)}") from None
+    except _strict_errors() as e:  # AutoTokenizer reads config.json too
+        raise ConfigError(f"cannot load tokenizer {path!r}: {MODEL_CONFIG}: {one_line(e, 200)}") from None
+    except (TypeError, AttributeError, KeyError) as e:
+        if not os.path.isdir(os.fspath(path)):
+            raise
+        # only the directory's files reach this call: a value of the wrong type in them (a pad_token of 5)
+        raise ConfigError(f"cannot load tokenizer {path!r}: a value in its tokenizer files has the wrong type "
+                          f"({type(e).__name__}: {one_line(e, 200)})") from None
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def causal_lm_from_pretrained(path, what: str = "model", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` after :func:`check_model_files`; files that
+    cannot be read (missing, truncated, weights of other shapes than config.json gives) are a ``ConfigError``
+    beginning ``cannot load {what} 'path'``."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_files(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as e:  # missing, unreadable, truncated or corrupt files
+        raise ConfigError(f"cannot load {what} {path!r}: {one_line(e)}") from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):  # transformers' own refusal of a shape mismatch, nothing else
+            raise
+        raise ConfigError(f"cannot load {what} {path!r}: its weights do not have the shapes its {MODEL_CONFIG} "
+                          "gives (the weights or the config are another model's)") from None
 
 
 def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", device="cpu",
@@ -106,15 +216,10 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
     ``rankwise.quant.quantize_model_nf4`` (its frozen linear weights become NF4)
     and logs the memory before and after.
     """
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
     attn = resolve_attention(attention, device, torch_dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
-    except (OSError, SafetensorError) as e:  # missing, unreadable, truncated or corrupt files
-        raise ConfigError(f"cannot load model {path!r}: {_one_line(e)}") from None
+    model = causal_lm_from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     model.to(device)
     if quantization == "nf4":
         from .quant import quantize_model_nf4
@@ -142,35 +247,51 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def _index_files(path: str, index: str) -> dict:
+    """``{tensor name: file}`` from a ``model.safetensors.index.json``, every entry checked."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConfigError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
+                          f"got {short(weight_map)}; the index is damaged (save the model again)")
+    files = {}
+    for name, rel in weight_map.items():
+        if not isinstance(rel, str) or not rel:
+            raise ConfigError(f"{index}: the shard of tensor {short(name)} must be a file name, got {short(rel)}")
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise ConfigError(f"{index}: the shard {short(rel)} of tensor {short(name)} lies outside {path}; "
+                              "an index names files of its own directory only")
+        full = os.path.join(path, norm)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{index} lists {rel}, which is missing")
+        files[name] = full
+    return files
+
+
+def _safe_open(file):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:  # truncated, or not a safetensors file
+        raise ConfigError(f"{file}: not a readable safetensors file ({one_line(e, 200)})") from None
+
+
 def safetensors_files(path) -> dict:
     """``{tensor name: file}`` of a ``save_pretrained`` directory's safetensors weights.
 
-    Follows ``model.safetensors.index.json`` for a sharded checkpoint, else reads
-    the names of ``model.safetensors``. Raises ``FileNotFoundError`` when the
-    directory holds neither (only safetensors checkpoints are read).
+    Follows ``model.safetensors.index.json`` for a sharded checkpoint (a damaged index,
+    or one naming a file outside the directory, is a ``ConfigError``), else reads the
+    names of ``model.safetensors``. Raises ``FileNotFoundError`` when the directory, a
+    shard, or both weight files are missing (only safetensors checkpoints are read).
     """
-    import json
-    import os
-
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     index = os.path.join(path, SAFETENSORS_INDEX)
     single = os.path.join(path, SAFETENSORS_SINGLE)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {}
-        for name, rel in weight_map.items():
-            full = os.path.join(path, rel)
-            if not os.path.isfile(full):
-                raise FileNotFoundError(f"{index} lists {rel}, which is missing")
-            files[name] = full
-        return files
+        return _index_files(path, index)
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with _safe_open(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {path} "
                             "(only safetensors checkpoints are read; save with safe_serialization=True)")
@@ -180,18 +301,23 @@ class SafetensorsCheckpoint:
     """Read-only, lazy ``{name: tensor}`` view of a ``save_pretrained`` directory.
 
     Tensors are read one at a time through memory-mapped ``safe_open`` handles, so
-    a caller that walks a large model holds one tensor at a time.
+    a caller that walks a large model holds one tensor at a time. A file that is not
+    readable safetensors, or an index naming a tensor its shard lacks, is a
+    ``ConfigError`` when the view is made.
 
     Args:
         path: the directory (sharded or not, see :func:`safetensors_files`).
     """
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         self.path = str(path)
         self.files = safetensors_files(self.path)
-        self._handles = {f: safe_open(f, framework="pt", device="cpu") for f in sorted(set(self.files.values()))}
+        self._handles = {f: _safe_open(f) for f in sorted(set(self.files.values()))}
+        held = {f: set(h.keys()) for f, h in self._handles.items()}
+        for name, f in self.files.items():
+            if name not in held[f]:
+                raise ConfigError(f"{os.path.join(self.path, SAFETENSORS_INDEX)} puts tensor {short(name)} in "
+                                  f"{os.path.basename(f)}, which does not hold it; the index is damaged")
 
     def keys(self) -> list:
         return list(self.files)
@@ -207,7 +333,7 @@ class SafetensorsCheckpoint:
         """The torch dtype of tensor ``name``, read from the header only."""
         code = self._handles[self.files[name]].get_slice(name).get_dtype()
         if code not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has a dtype rankwise does not read ({code})")
+            raise ConfigError(f"{self.path}: tensor {name} has a dtype rankwise does not read ({code})")
         return SAFETENSORS_DTYPES[code]
 
     def meta(self) -> dict:

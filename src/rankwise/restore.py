@@ -30,7 +30,7 @@ import shutil
 import time
 
 from .atomic import replace_dir
-from .errors import ConfigError
+from .errors import ConfigError, one_line, short
 from .model import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsCheckpoint
 from .ownership import MARKER, check_output, write_marker
 
@@ -40,7 +40,8 @@ STATS_FILE = "restore_stats.json"
 def add_arguments(parser) -> None:
     """CLI arguments of ``rankwise restore``."""
     parser.add_argument("--base", required=True, help="pre-trained checkpoint directory (save_pretrained, safetensors)")
-    parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint directory (same architecture)")
+    parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint directory (same architecture), or a "
+                        "full or masked SFT run directory (its model/)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--fraction", type=float, required=True, help="fraction of in-scope elements to restore, in [0, 1]")
     parser.add_argument("--score", default="relative", choices=["relative", "abs"], help="per-element score (default relative)")
@@ -60,13 +61,53 @@ def parse_size(text) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
     if not m:
-        raise ConfigError(f"--max-shard-size must look like 2GB, 500MB or a byte count, got {text!r}")
+        raise ConfigError(f"--max-shard-size must look like 2GB, 500MB or a byte count, got {short(text)}")
     unit = m.group(2).rstrip("B") or ""
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    size = int(float(m.group(1)) * mult)
+    try:
+        size = int(float(m.group(1)) * mult)
+    except OverflowError:  # so many digits that the float is inf
+        raise ConfigError(f"--max-shard-size is too large, got {short(text)}") from None
     if size <= 0:
-        raise ConfigError(f"--max-shard-size must be positive, got {text!r}")
+        raise ConfigError(f"--max-shard-size must be positive, got {short(text)}")
     return size
+
+
+def find_checkpoint(path: str) -> str:
+    """``path`` itself if it holds safetensors weights, else ``path/model`` when that does (the model of a
+    full or masked SFT run directory); a LoRA run (``adapter/`` only) is refused, naming ``rankwise merge``."""
+    for cand in (path, os.path.join(path, "model")):
+        if any(os.path.isfile(os.path.join(cand, f)) for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX)):
+            return cand
+    if os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
+        raise ConfigError(f"--tuned {path} is a LoRA run (adapter/, no model/): merge it first "
+                          f"(rankwise merge {path} --out DIR) and pass --tuned DIR")
+    return path  # SafetensorsCheckpoint says what is missing
+
+
+def check_pattern(flag: str, pattern):
+    """``pattern`` (a regex, or None / '' for none) compiled, or a ``ConfigError`` naming ``flag``."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"{flag} {short(pattern)} is not a valid regular expression ({one_line(e, 120)})") from None
+
+
+def _check_arguments(base_dir, tuned_dir, out_dir, include, exclude, max_shard_size, force):
+    """Before any work: the patterns and the shard size parse, ``--out`` is not an input (the run of a run
+    directory included), not a file, and ours (a restore output) or ``--force``. Returns the tuned checkpoint
+    directory and the shard size (None: auto)."""
+    check_pattern("--include", include)
+    check_pattern("--exclude", exclude)
+    max_size = None if str(max_shard_size) == "auto" else parse_size(max_shard_size)
+    checkpoint = find_checkpoint(tuned_dir)
+    inputs = [("base", base_dir), ("tuned", checkpoint)]
+    if os.path.realpath(tuned_dir) != os.path.realpath(checkpoint):
+        inputs.append(("run", tuned_dir))
+    check_output(out_dir, force=force, inputs=inputs, flag="--out", kinds=["restore"])
+    return checkpoint, max_size
 
 
 def _plan_shards(names, nbytes, max_size):
@@ -106,9 +147,7 @@ def restore_checkpoint(
 
     include = include or None
     exclude = exclude or None
-    # before any work: --out is not an input, not a file, and ours (a restore output) or --force
-    check_output(out_dir, force=force, inputs=[("base", base_dir), ("tuned", tuned_dir)], flag="--out",
-                 kinds=["restore"])
+    tuned_dir, max_size = _check_arguments(base_dir, tuned_dir, out_dir, include, exclude, max_shard_size, force)
     t0 = time.time()
     try:
         base, tuned = SafetensorsCheckpoint(base_dir), SafetensorsCheckpoint(tuned_dir)
@@ -129,13 +168,11 @@ def restore_checkpoint(
     # Output shards in sorted-name order (the tie order), sized like the input by default.
     all_names = sorted(tuned.keys())
     nbytes = {n: tuned.nbytes(n) for n in all_names}
-    if str(max_shard_size) == "auto":
+    if max_size is None:  # auto: the largest input shard
         sizes = {}
         for n, f in tuned.files.items():
             sizes[f] = sizes.get(f, 0) + nbytes[n]
         max_size = max(sizes.values())
-    else:
-        max_size = parse_size(max_shard_size)
     shards = _plan_shards(all_names, nbytes, max_size)
     stats = {}
 
