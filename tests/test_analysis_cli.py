@@ -21,7 +21,7 @@ from rankwise.analysis import (
     markdown_section,
     token_kl_by_bucket,
 )
-from rankwise.analysis.runs import Run, load_tuned_model
+from rankwise.analysis.runs import Run, load_tuned_model, read_run_config
 from rankwise.errors import ConfigError
 
 WORDS = ("who what where is the of in city river lives born works capital paris rome oslo lima "
@@ -333,3 +333,20 @@ def test_analysis_on_cuda_matches_cpu(world, tmp_path):
         assert pg["tokens"]["overall"]["mean"] == pytest.approx(pc["tokens"]["overall"]["mean"], abs=1e-4)
         for lg, lc in zip(pg["attention"]["js_distance"], pc["attention"]["js_distance"]):
             assert lg == pytest.approx(lc, abs=1e-3)
+
+
+def test_run_reading_refuses_bad_patterns_and_hostile_configs(world, tmp_path):
+    """A bad include/exclude regex is one ConfigError naming the flag, and a run's config is read as untrusted
+    YAML (an alias bomb is refused, not expanded)."""
+    with pytest.raises(ConfigError, match="--include"):
+        Run(world["full"], include="layers(")
+    with pytest.raises(ConfigError, match="--exclude"):
+        Run(world["full"], exclude="[norm")
+    assert Run(world["full"], include="", exclude="").matrices  # empty patterns: every 2-D matrix
+    bomb = tmp_path / "bomb"
+    (bomb / "model").mkdir(parents=True)
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (bomb / "resolved_config.yaml").write_text("\n".join(lines) + "\nmodel: *a8\n")
+    with pytest.raises(ConfigError):
+        read_run_config(str(bomb))

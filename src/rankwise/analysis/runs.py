@@ -18,10 +18,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..adapter import lora_delta, merge_adapter, scaling_of
+from ..config import safe_load_text
 from ..errors import ConfigError
 from ..merge import checked_lora_pairs
 from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..ownership import check_output, claim
+from ..restore import check_pattern
 from . import report, spectral
 from .probe import compare_on_probe
 from .restoration import DEFAULT_FRACTIONS, SELECTIONS, restoration_curve
@@ -56,7 +58,7 @@ def read_run_config(path: str) -> dict:
         if os.path.isfile(cfg_path):
             try:
                 with open(cfg_path, encoding="utf-8") as f:
-                    cfg = yaml.safe_load(f) or {}
+                    cfg = safe_load_text(f.read(), cfg_path) or {}
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 raise ConfigError(f"{cfg_path}: not a readable YAML file ({str(e).splitlines()[0]})") from None
             if not isinstance(cfg, dict):
@@ -113,10 +115,11 @@ class Run:
                 self.weights = SafetensorsCheckpoint(model_dir)
             except FileNotFoundError as e:
                 raise ConfigError(str(e)) from None
-            inc, exc = re.compile(include), re.compile(exclude) if exclude else None
+            inc, exc = check_pattern("--include", include), check_pattern("--exclude", exclude)
             self.matrices = sorted(
                 (k for k in self.weights.keys()
-                 if inc.search(k) and not (exc and exc.search(k)) and len(self.weights.shape(k)) == 2),
+                 if (inc is None or inc.search(k)) and not (exc and exc.search(k))
+                 and len(self.weights.shape(k)) == 2),
                 key=_natural_key,
             )
         else:
