@@ -172,6 +172,8 @@ def test_plan_epoch_is_seeded_permutation_and_packs_within_budget():
     a = plan_epoch(lengths, 3, seed=1, epoch=0)
     assert a == plan_epoch(lengths, 3, seed=1, epoch=0)
     assert a != plan_epoch(lengths, 3, seed=1, epoch=1)
+    top = plan_epoch(lengths, 3, seed=2**64 - 1, epoch=5)  # any seed the config takes gives an order
+    assert sorted(i for b in top for i in b) == list(range(len(lengths)))
     assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
     packed = plan_epoch(lengths, 2, packing=True, max_length=8, seed=1)
     assert sorted(i for b in packed for i in b) == list(range(10))

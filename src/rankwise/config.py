@@ -75,7 +75,7 @@ def _in_unit(lo_open: bool, hi_open: bool) -> Callable:
     return check
 
 
-SEED_MAX = 2**32 - 1  # seeds reach torch, random and the data order (seed * 1_000_003 + epoch): all fit
+SEED_MAX = 2**64 - 1  # what torch.manual_seed takes; the data order reduces its own seed mod 2**64
 
 
 def _seed(v):

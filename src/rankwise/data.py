@@ -324,7 +324,7 @@ def plan_epoch(lengths, batch_size, *, packing=False, max_length=512, seed=0, ep
     """
     n = len(lengths)
     if shuffle:
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % 2**64)  # any 64-bit seed
         order = torch.randperm(n, generator=g).tolist()
     else:
         order = list(range(n))
