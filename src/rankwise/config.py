@@ -411,7 +411,7 @@ def _coerce(dotted: str, value: Any) -> Any:
     problem = spec.check(value) if spec.check is not None else None
     if problem:
         raise ConfigError(f"config key {dotted!r} {problem}, got {short(value)}")
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
         raise ConfigError(f"config key {dotted!r} must fit in 64 bits, got {short(value)}")
     if dotted == "train.betas":
         value = [float(b) for b in value]
