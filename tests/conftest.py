@@ -5,6 +5,9 @@ variable must be set before any kernel module is imported, so it is set here,
 before the tests import rankwise.
 """
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 try:
     import torch
@@ -33,3 +36,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_finish(session):
+    """Start the isolated ``pip wheel`` of ``test_install.py`` as soon as it is collected, so its serial
+    compile overlaps the rest of the suite instead of adding to it."""
+    if not any(item.name == "test_an_isolated_build_compiles_an_extension_that_imports" for item in session.items):
+        return
+    from test_install import IsolatedBuild
+
+    root = Path(tempfile.mkdtemp(prefix="rankwise-isolated-build-"))
+    session.config.rankwise_isolated_build = IsolatedBuild(root)
+
+
+def pytest_unconfigure(config):
+    build = getattr(config, "rankwise_isolated_build", None)
+    if build is not None:
+        build.stop()
+        shutil.rmtree(build.root, ignore_errors=True)

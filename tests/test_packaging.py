@@ -1,6 +1,7 @@
-"""A normal (non-editable) install works: the wheel holds every module of ``src/rankwise`` and
-``kernels/``, the C++ extension and the console script, and, unpacked on its own, imports every module
-and lists every CLI verb.
+"""A normal (non-editable) install works: the wheel holds every module of ``src/rankwise``,
+``kernels/`` and ``examples/``, the example configs and the quickstart's sample data, the C++ extension
+and the console script, and, unpacked on its own, imports every module, lists every CLI verb and writes
+the example config with ``rankwise init``.
 
 The wheel is built from a copy of the source tree (a ``build/`` directory left by an earlier build
 would otherwise leak stale modules into it) with ``pip wheel --no-build-isolation --no-deps``, the
@@ -19,7 +20,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("train", "sweep", "merge", "restore", "analyze", "world", "demo")
+VERBS = ("train", "sweep", "merge", "restore", "analyze", "world", "demo", "tune", "init")
+# source directory -> its package in the wheel
+PACKAGES = ((ROOT / "src" / "rankwise", "rankwise"), (ROOT / "kernels", "rankwise/kernels"),
+            (ROOT / "examples", "rankwise/examples"))
 SKIP = (".git", ".venv", "build", "dist", "runs", "tests", "benchmarks", "*.egg-info", "__pycache__", "*.so",
         ".pytest_cache")
 
@@ -27,7 +31,7 @@ SKIP = (".git", ".venv", "build", "dist", "runs", "tests", "benchmarks", "*.egg-
 def expected_modules() -> set[str]:
     """Wheel paths of every module in the source tree."""
     out = set()
-    for base, prefix in ((ROOT / "src" / "rankwise", "rankwise"), (ROOT / "kernels", "rankwise/kernels")):
+    for base, prefix in PACKAGES:
         for path in base.rglob("*.py"):
             if "__pycache__" not in path.parts:
                 out.add(f"{prefix}/{path.relative_to(base).as_posix()}")
@@ -64,7 +68,24 @@ def test_the_wheel_holds_every_module_the_extension_and_the_script(wheel):
     assert not stale, f"modules in the wheel that the source tree no longer has: {stale}"
 
 
-def test_the_unpacked_wheel_imports_every_module_and_lists_every_verb(wheel, tmp_path):
+def expected_data() -> set[str]:
+    """Wheel paths of the example configs and the sample data."""
+    base = ROOT / "examples"
+    files = list(base.glob("*.yaml")) + list((base / "data").glob("*.jsonl"))
+    assert files, "no example configs in examples/"
+    return {f"rankwise/examples/{p.relative_to(base).as_posix()}" for p in files}
+
+
+def test_the_wheel_ships_the_example_configs_and_the_sample_data(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        missing = sorted(expected_data() - names)
+        assert not missing, f"example files missing from {wheel.name}: {missing}"
+        for name in expected_data():
+            assert z.read(name) == (ROOT / "examples" / name[len("rankwise/examples/"):]).read_bytes(), name
+
+
+def test_the_unpacked_wheel_imports_every_module_lists_every_verb_and_writes_the_config(wheel, tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
@@ -88,3 +109,7 @@ def test_the_unpacked_wheel_imports_every_module_and_lists_every_verb(wheel, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     missing = [v for v in VERBS if v not in proc.stdout]
     assert not missing, f"verbs missing from `rankwise --help` of the installed wheel: {missing}\n{proc.stdout}"
+    proc = subprocess.run([sys.executable, "-m", "rankwise.cli", "init", "--out", "my.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "my.yaml").read_text() == (ROOT / "examples" / "lora.yaml").read_text()

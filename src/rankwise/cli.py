@@ -27,6 +27,7 @@ VERBS = {
     "world": ("rankwise.world.cli", "build the synthetic knowledge world and pretrain its base model"),
     "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
     "tune": ("rankwise.tune", "measure ahead of a run which GEMM path (fused or split) each LoRA layer shape takes on this GPU"),
+    "init": ("rankwise.init", "write the commented default config (every key with its default) to start from"),
 }
 
 def build_parser() -> argparse.ArgumentParser:
