@@ -9,11 +9,15 @@ from rankwise.ownership import MARKER, check_output, claim, owner
 
 
 def snapshot(root):
-    """{relative path: bytes} of every file under root (what must stay byte-identical)."""
+    """{relative path: bytes} of every file under root (what must stay byte-identical); a dangling link is
+    recorded as ``("link", its target)``."""
     out = {}
     for d, _, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
+            if os.path.islink(p) and not os.path.exists(p):
+                out[os.path.relpath(p, root)] = ("link", os.readlink(p))
+                continue
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = fh.read()
     return out
@@ -96,3 +100,64 @@ def test_settings_leave_out_the_sections_a_method_does_not_use(tmp_path):
     assert "lora.r" in lora and not any(k.startswith("mask.") for k in lora)
     masked = C.settings(C.parse({**base, "method": "masked"}))
     assert "mask.fraction" in masked and not any(k.startswith("lora.") for k in masked)
+
+
+def test_claim_knows_what_it_created_and_undo_removes_only_that(tmp_path):
+    new = tmp_path / "a" / "b" / "run"
+    c = claim(new, "train", lock=True)
+    assert owner(new)["kind"] == "train" and c.created == [str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(new)]
+    c.undo()
+    assert os.listdir(tmp_path) == [], "the parents it made go too"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    c = claim(mine, "train", lock=True)
+    assert sorted(os.listdir(mine)) == [".rankwise-lock", MARKER, "notes.txt"]
+    c.undo()
+    assert os.listdir(mine) == ["notes.txt"], "only its marker and lock file go"
+    c = claim(mine, "train", lock=True)
+    c.commit()
+    c.undo()  # committed: the run started writing, everything stays; only the lock is released
+    assert sorted(os.listdir(mine)) == [MARKER, "notes.txt"]
+
+
+def test_claim_of_a_locked_directory_is_refused_and_changes_nothing(tmp_path):
+    from rankwise.runlock import RunLock
+
+    out = tmp_path / "run"
+    first = claim(out, "train", lock=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another rankwise run \(pid {os.getpid()};"):
+        claim(out, "train", lock=True)
+    assert snapshot(tmp_path) == before
+    first.release()
+    assert os.listdir(out) == [MARKER]
+    os.symlink(tmp_path / "elsewhere", out / ".rankwise-lock")  # never written through
+    with pytest.raises(ConfigError, match="is a symbolic link; rankwise never writes through one"):
+        RunLock(out).acquire()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_lone_lock_file_does_not_make_a_directory_foreign(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".rankwise-lock").write_text("12345\n")  # a run killed between its lock and its marker
+    check_output(out)
+
+
+def test_links_among_the_entries_into_an_input_are_refused(tmp_path):
+    from rankwise.ownership import check_links
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(model, out / "adapter")
+    os.symlink(tmp_path / "elsewhere", out / "summary.json")  # dangling, not into an input: the writer replaces it
+    check_links(out, ["summary.json", "notes"], inputs=[("base model", model)])
+    with pytest.raises(ConfigError, match=rf"its entry adapter is a symbolic link to {model}, which is the base model"):
+        check_links(out, ["adapter"], inputs=[("base model", model)], flag="output_dir")
+    os.symlink(model / "new.json", out / "metrics.jsonl")  # dangling, but into the model
+    with pytest.raises(ConfigError, match="its entry metrics.jsonl .* lies inside the base model"):
+        check_links(out, ["metrics.jsonl"], inputs=[("base model", model)])

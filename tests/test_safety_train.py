@@ -1,8 +1,12 @@
 """rankwise train as a careful (or hostile) user meets it: every bad input is one ConfigError line, and nothing
 that was on disk before (run directory, base model, data) changes. Issue 13, the ``train`` half."""
+import errno
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,7 +124,34 @@ BAD_CHECKPOINTS = {
     "tensors empty": ("tensors.safetensors", lambda b: b"", "cannot read checkpoint .*tensors.safetensors"),
     "tensors garbage": ("tensors.safetensors", lambda b: b"\xff" * 100, "cannot read checkpoint .*tensors"),
     "tensors missing": ("tensors.safetensors", None, "incomplete: .*tensors.safetensors is missing"),
+    # a crafted or damaged state.json that still parses: refused before the model loads, never continued from
+    "step a string": ("state.json", lambda b: _state(b, step="2"), r"state.json: its step '2' is not an integer"),
+    "step negative": ("state.json", lambda b: _state(b, step=-1), r"its step -1 lies outside \[0, 4\)"),
+    "step past the end": ("state.json", lambda b: _state(b, step=4), r"its step 4 lies outside \[0, 4\)"),
+    "step 10^6": ("state.json", lambda b: _state(b, step=10**6), r"its step 1000000 lies outside \[0, 4\)"),
+    "step a bool": ("state.json", lambda b: _state(b, step=True), "its step True is not an integer"),
+    "total_steps a string": ("state.json", lambda b: _state(b, total_steps="4"),
+                             "its total_steps '4' is not a positive integer"),
+    "without rng": ("state.json", lambda b: _state(b, rng=None), "state.json: it lacks rng"),
+    "without log_window": ("state.json", lambda b: _state(b, log_window=None), "state.json: it lacks log_window"),
+    "rng not a mapping": ("state.json", lambda b: _state(b, rng=[1, 2]), "its rng states are malformed"),
+    "rng without torch": ("state.json", lambda b: _state(b, rng={"python": 1}), "its rng states are malformed"),
+    "log_window a number": ("state.json", lambda b: _state(b, log_window=3.5), "its log_window is 3.5, not 3 float64"),
+    "log_window the wrong tensor": ("state.json", lambda b: _state(b, log_window={"__tensor__": "rng/torch"}),
+                                    "its log_window is a tensor of shape"),
+    "trainable a list": ("state.json", lambda b: _state(b, trainable=[1]), "its trainable weights are not a mapping"),
 }
+
+
+def _state(raw: bytes, **changes) -> bytes:
+    """state.json with ``changes`` applied (None: the key removed)."""
+    state = json.loads(raw)
+    for k, v in changes.items():
+        if v is None:
+            state.pop(k)
+        else:
+            state[k] = v
+    return json.dumps(state).encode()
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
@@ -270,8 +301,6 @@ def test_config_errors_are_one_line_and_touch_nothing(world, tmp_path, capsys): 
         cases.append((["--set", "train.device=cuda"], "train.device cuda: no CUDA device is available"))
         cases.append((["--set", "train.device=cuda:1"], "train.device cuda:1: no CUDA device is available"))
     for extra, match in cases:
-        import re
-
         err = cli_line(capsys, ["train", str(cfg_path), *extra])
         assert re.search(match, err), (extra, err)
     for bad in ["1: 2\n", "train: {null: 3}\n", "? [a, b]\n: c\n", "lora: {r: [\n"]:
@@ -284,18 +313,20 @@ def test_config_errors_are_one_line_and_touch_nothing(world, tmp_path, capsys): 
 def test_data_errors_are_one_line(world, tmp_path):  # noqa: F811
     cfg = small_cfg(world, tmp_path / "out")
     cfg["data"] = {**cfg["data"], "train": str(tmp_path / "missing.jsonl")}
-    claimed = {"out/.rankwise-run.json"}  # the new output directory was claimed before the data was read
-    assert_refused(lambda: rt.train(cfg), "data.train: file not found", tmp_path, new=claimed)
+    # the run created and claimed out/ before it read the data: it removes it again, nothing is left behind
+    assert_refused(lambda: rt.train(cfg), "data.train: file not found", tmp_path)
+    assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n\xff\xfe{garbage\n')
     cfg["data"]["train"] = str(bad)
-    assert_refused(lambda: rt.train(cfg), "data.train: .*bad.jsonl is not UTF-8 text", tmp_path, new=claimed)
+    assert_refused(lambda: rt.train(cfg), "data.train: .*bad.jsonl is not UTF-8 text", tmp_path)
     for name, content, match in [("bad.parquet", b"PAR1 not really", "is not a readable parquet file"),
                                  ("bad.csv", b"prompt,completion\n\xff,1\n", "is not UTF-8 text"),
                                  ("rows.jsonl", b'[1, 2]\n', "must be a JSON object")]:
         (tmp_path / name).write_bytes(content)
         cfg["data"]["train"] = str(tmp_path / name)
-        assert_refused(lambda: rt.train(cfg), f"data.train.*{name}.*{match}", tmp_path, new=claimed)
+        assert_refused(lambda: rt.train(cfg), f"data.train.*{name}.*{match}", tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -379,8 +410,9 @@ def test_a_corrupt_model_is_one_line_naming_the_model(world, tmp_path, damage): 
     weights.write_bytes({"truncated": b[: len(b) // 2], "empty": b"", "garbage": b"\x00garbage" * 20}[damage])
     cfg = small_cfg(world, tmp_path / "out")
     cfg["model"] = str(model)
-    msg = assert_refused(lambda: rt.train(cfg), f"cannot load model '{model}'", model)
+    msg = assert_refused(lambda: rt.train(cfg), f"cannot load model '{model}'", model, tmp_path)
     assert "deserializing header" in msg
+    assert not (tmp_path / "out").exists(), "a run that fails before its first step leaves nothing behind"
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "tokenizer.json garbage", "config.json garbage"])
@@ -393,8 +425,10 @@ def test_a_missing_or_corrupt_tokenizer_or_config(world, tmp_path, damage):  # n
         cfg["tokenizer"] = str(tmp_path / "no-tokenizer")
     else:
         (model / damage.split()[0]).write_text("{garbage")
-    assert_refused(lambda: rt.train(cfg), f"cannot load tokenizer '{cfg.get('tokenizer') or model}'", tmp_path,
-                   new={"out/.rankwise-run.json"})
+    named = re.escape(str(cfg.get("tokenizer") or model))
+    assert_refused(lambda: rt.train(cfg), f"cannot load tokenizer '{named}'|{named}/(tokenizer|config)\\.json",
+                   tmp_path)
+    assert not (tmp_path / "out").exists(), "a run that fails before its first step leaves nothing behind"
 
 
 def test_a_crash_while_saving_the_checkpoint_is_not_a_silent_restart(world, run_copy):  # noqa: F811
@@ -470,3 +504,293 @@ def test_optimizer_state_survives_the_checkpoint_bit_for_bit(tmp_path, name):
         opt_b.step()
     for pa, pb in zip(a, b):
         assert torch.equal(pa, pb), f"{name}: max diff {(pa - pb).abs().max()}"
+
+
+# ----------------------------------------------------------------------------- shared by the cases below
+
+def cli_refused(capsys, argv, *roots):
+    """``rankwise ARGV`` is refused: exit 2, one line (``cli_line``), and every file and directory under ``roots``
+    is as it was (files byte for byte; no file, directory or link added or removed)."""
+    before = [(snapshot(r), entries(r)) for r in roots]
+    line = cli_line(capsys, [str(a) for a in argv])
+    for r, (files, names) in zip(roots, before):
+        assert entries(r) == names, f"{r}: added {sorted(entries(r) - names)}, removed {sorted(names - entries(r))}"
+        assert snapshot(r) == files, f"{r}: a file changed"
+    return line
+
+
+def entries(root):
+    """Every path under ``root`` (files, directories, links), relative: what a failed run must not add or remove."""
+    out = set()
+    for d, dirs, files in os.walk(root):
+        out.update(os.path.relpath(os.path.join(d, n), root) for n in dirs + files)
+    return out
+
+
+def finite_loss(monkeypatch):
+    """The training loss looks finite whatever the weights do (as a saturated model's can): 3.5 for inf/nan."""
+    real = rankwise.evaluate.batch_loss_sum
+    monkeypatch.setattr(rankwise.evaluate, "batch_loss_sum",
+                        lambda m, b: torch.nan_to_num(real(m, b), nan=3.5, posinf=3.5, neginf=3.5))
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+@pytest.mark.parametrize("log_every, save_every", [(1, 0), (100, 1)])
+def test_non_finite_weights_behind_a_finite_loss_stop_the_run_and_are_never_saved(  # noqa: F811
+        world, tmp_path, monkeypatch, capsys, log_every, save_every):
+    """train.lr 1e30: the weights overflow while the loss stays finite. The run must stop in one line, like a NaN
+    loss, on a logging step or before a save, and never save those weights (no summary, adapter or checkpoint)."""
+    finite_loss(monkeypatch)
+    out = tmp_path / "run"
+    cfg = small_cfg(world, out, lr=1e30, schedule="constant", max_steps=6, log_every=log_every, save_every=save_every)
+    path = write_cfg(tmp_path, cfg)
+    err = cli_refused(capsys, ["train", path], os.path.dirname(world["train"]))  # the model and data untouched
+    step = int(re.search(r"the trainable weights hold inf or NaN \(checked every train.log_every \d+ steps and "
+                         r"before each save; the loss may still look finite\) at step (\d+); the run stopped", err)[1])
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()
+    if save_every:
+        assert f"the last good checkpoint, {out / 'checkpoint'} (step {step - 1}), is kept" in err
+        kept = load_checkpoint(out / "checkpoint")
+        assert kept["step"] == step - 1 and all(torch.isfinite(w).all() for w in kept["trainable"].values())
+    else:
+        assert "no checkpoint was saved before it" in err and not (out / "checkpoint").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step"] < step for r in rows), "no row of the step whose weights are not finite"
+
+
+# ----------------------------------------------------------------------------- resume: a step the run can continue
+
+def test_resume_from_a_crafted_step_is_one_line_and_keeps_everything(world, run_copy, tmp_path, capsys):  # noqa: F811
+    """A state.json whose step is 10^6 (of a 4-step run) once wrote a finished summary from step-2 weights and
+    deleted the checkpoint; now: one line, exit 2, the run directory byte for byte as it was."""
+    state = run_copy / "checkpoint" / "state.json"
+    state.write_bytes(_state(state.read_bytes(), step=10**6))
+    path = write_cfg(tmp_path, small_cfg(world, run_copy))
+    err = cli_refused(capsys, ["train", path, "--resume"], run_copy)
+    assert f"cannot read checkpoint {state}: its step 1000000 lies outside [0, 4), the steps of its run" in err
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl on resume
+
+ROWS = '{"step": 1, "loss": 4.0}\n{"step": 2, "loss": 3.5}\n'
+
+
+def test_resume_drops_a_partial_last_metrics_line_and_keeps_the_rows(world, run_copy, tmp_path, caplog):  # noqa: F811
+    """A kill (or a full disk) while a row was written leaves a partial last line, of a step after the checkpoint
+    (rows are written before their step's checkpoint): the resumed run drops it, says so, and logs that step again."""
+    metrics = run_copy / "metrics.jsonl"
+    metrics.write_text(ROWS + '{"step": 3, "loss": 3.')
+    assert cli.main(["train", str(write_cfg(tmp_path, small_cfg(world, run_copy, log_every=1))), "--resume"]) == 0
+    text = metrics.read_text()
+    assert text.startswith(ROWS), "the rows up to the checkpoint are kept as they were"
+    assert [r["step"] for r in map(json.loads, text.splitlines()) if "loss" in r] == [1, 2, 3, 4]
+    assert "its last line is a partial row" in caplog.text
+
+
+@pytest.mark.parametrize("damage, match", [
+    (ROWS.replace('"loss": 4.0}', '"loss": 4.') + '{"step": 2, "loss": 3.0}\n', "line 1 is not a JSON row"),
+    (ROWS + '{"step": 3, "loss": 3.0\n', "line 3 is not a JSON row"),  # ends in a newline: not what a kill leaves
+    ('[1, 2]\n' + ROWS, "line 1 is not a JSON row"),
+    (b'{"step": 1}\n\xff\xfe\n', "cannot read .*metrics.jsonl: 'utf-8' codec"),
+])
+def test_a_damaged_metrics_file_is_refused_on_resume_and_kept(world, run_copy, tmp_path, capsys, damage,  # noqa: F811
+                                                              match):
+    metrics = run_copy / "metrics.jsonl"
+    (metrics.write_bytes if isinstance(damage, bytes) else metrics.write_text)(damage)
+    path = write_cfg(tmp_path, small_cfg(world, run_copy))
+    err = cli_refused(capsys, ["train", path, "--resume"], run_copy)
+    assert re.search(match, err) and str(metrics) in err, err
+
+
+# ----------------------------------------------------------------------------- links in the run directory
+
+def run_with_own_inputs(world, tmp_path, **train):  # noqa: F811
+    """A finished LoRA run on a copy of the base model and data (so that a test may link to them); its config path."""
+    base, data = tmp_path / "base", tmp_path / "data.jsonl"
+    shutil.copytree(world["model"], base)
+    shutil.copy(world["train"], data)
+    cfg = small_cfg(world, tmp_path / "run", save_every=0, **train)
+    cfg["model"], cfg["data"] = str(base), {**cfg["data"], "train": str(data)}
+    rt.train(cfg)
+    return cfg, write_cfg(tmp_path, cfg)
+
+
+def relink(path, target):
+    """Put a symbolic link to ``target`` where ``path`` was."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+    os.symlink(target, path)
+
+
+@pytest.mark.parametrize("entry, target", [("adapter", "base"), ("summary.json", "base/config.json"),
+                                           ("metrics.jsonl", "data.jsonl"), ("checkpoint", "base"),
+                                           ("resolved_config.yaml", "base/config.json"), ("tb", "base"),
+                                           ("mask.safetensors", "base/model.safetensors"),
+                                           ("settings.json", "base/new-file.json")])  # dangling, into the base
+def test_a_link_in_the_run_dir_into_an_input_is_refused_even_with_force(world, tmp_path, capsys, entry,  # noqa: F811
+                                                                         target):
+    """RUN/adapter -> BASE once made ``train --force`` write the adapter into the base model. Every entry a run
+    writes is checked, links resolved, against the inputs: one line, exit 2, nothing changed anywhere."""
+    _, path = run_with_own_inputs(world, tmp_path)
+    relink(tmp_path / "run" / entry, tmp_path / target)
+    err = cli_refused(capsys, ["train", path, "--force"], tmp_path)
+    assert f"its entry {entry} is a symbolic link to {tmp_path / target}, which " in err
+    assert "rankwise would write through it: remove the link (refused even with --force)" in err
+
+
+class FakeSummaryWriter:
+    """What ``log.tensorboard`` writes, without the tensorboard package: an events file in ``log_dir``."""
+
+    def __init__(self, log_dir):
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, "events.out")
+
+    def add_scalar(self, tag, value, step):
+        with open(self.path, "a") as f:
+            f.write(f"{step} {tag} {value}\n")
+
+    def close(self):
+        pass
+
+
+def test_a_link_in_the_run_dir_elsewhere_is_replaced_never_written_through(world, tmp_path, monkeypatch):  # noqa: F811
+    import importlib.util
+    import types
+
+    find_spec = importlib.util.find_spec  # log.tensorboard without the package: a stand-in writer
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "tensorboard" or find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    cfg, _ = run_with_own_inputs(world, tmp_path)
+    cfg["log"] = {**cfg["log"], "tensorboard": True}
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "tb").mkdir(parents=True)
+    (elsewhere / "notes.jsonl").write_text('{"notes": "the user\u2019s"}\n')
+    run = tmp_path / "run"
+    links = {"adapter": elsewhere, "metrics.jsonl": elsewhere / "notes.jsonl",
+             "summary.json": elsewhere / "summary.json", "settings.json": elsewhere / "settings.json",
+             "tb": elsewhere / "tb"}
+    for entry, target in links.items():
+        relink(run / entry, target)
+    before = (snapshot(elsewhere), entries(elsewhere))
+    rt.train(cfg, force=True)
+    assert (snapshot(elsewhere), entries(elsewhere)) == before, "a link was written through"
+    for entry in links:
+        assert not os.path.islink(run / entry), f"{entry}: the link was not replaced"
+    assert (run / "adapter" / "adapter_config.json").exists() and json.loads((run / "summary.json").read_text())
+    assert (run / "tb" / "events.out").read_text()
+
+
+# ----------------------------------------------------------------------------- one run per output directory
+
+def test_a_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(world, run_copy, tmp_path,  # noqa: F811
+                                                                         capsys):
+    from rankwise.runlock import LOCK_FILE, RunLock
+
+    path = write_cfg(tmp_path, small_cfg(world, run_copy))
+    with RunLock(run_copy):
+        err = cli_refused(capsys, ["train", path, "--resume"], run_copy)
+        assert f"output_dir {run_copy} is in use by another rankwise run (pid {os.getpid()}; lock file " in err
+        err = cli_refused(capsys, ["train", path, "--force"], run_copy)
+        assert f"(pid {os.getpid()};" in err
+    assert not (run_copy / LOCK_FILE).exists()
+    assert cli.main(["train", str(path), "--resume"]) == 0, "the lock ends with its holder"
+    assert not (run_copy / LOCK_FILE).exists(), "a run leaves no lock file behind"
+
+
+def test_a_run_in_another_process_keeps_a_second_one_out(world, run_copy, tmp_path, capsys):  # noqa: F811
+    """A real second process holds the lock (as a running train does): refused naming its pid; once it is gone
+    (killed: its lock file stays, the kernel drops the lock) the run resumes and finishes."""
+    from rankwise.runlock import LOCK_FILE
+
+    code = ("import sys; from rankwise.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_copy)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        path = write_cfg(tmp_path, small_cfg(world, run_copy))
+        err = cli_refused(capsys, ["train", path, "--resume"], run_copy)
+        assert f"is in use by another rankwise run (pid {holder.pid};" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_copy / LOCK_FILE).read_text().strip() == str(holder.pid), "a killed holder leaves its lock file"
+    assert cli.main(["train", str(path), "--resume"]) == 0
+    assert json.loads((run_copy / "summary.json").read_text())["status"] == "finished"
+    assert not (run_copy / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_file_blocks_nothing(world, tmp_path):  # noqa: F811
+    """The lock file a killed run leaves: not a foreign file (no --force needed), and a finished run stays one."""
+    from rankwise.runlock import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("999999\n")  # killed before it even wrote its marker
+    cfg = small_cfg(world, out, save_every=0)
+    summary = rt.train(cfg)
+    (out / LOCK_FILE).write_text("999999\n")
+    assert rt.train(cfg, resume=True) == summary, "still the finished run"
+    assert sorted(os.listdir(out)) == sorted([".rankwise-run.json", LOCK_FILE, "adapter", "metrics.jsonl",
+                                              "resolved_config.yaml", "settings.json", "summary.json"])
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(  # noqa: F811
+        world, tmp_path, monkeypatch, capsys):
+    import safetensors.torch as st
+
+    out, real, seen = tmp_path / "run", st.save_file, {}
+
+    def save_file(tensors, path, *a, **k):
+        if os.path.basename(path) == "tensors.safetensors" and (out / "checkpoint").exists():  # the second save
+            seen["kept"] = snapshot(out / "checkpoint")
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    path = write_cfg(tmp_path, small_cfg(world, out, max_steps=6, save_every=2))
+    err = cli_refused(capsys, ["train", path], os.path.dirname(world["train"]))
+    assert re.search(rf"cannot write the checkpoint {re.escape(str(out / 'checkpoint'))}: No space left on device "
+                     r"\([\d.]+ [KMGT]?i?B free there\); the previous checkpoint there is kept; free some space, then "
+                     r"--resume$", err), err
+    assert snapshot(out / "checkpoint") == seen["kept"] and load_checkpoint(out / "checkpoint")["step"] == 2
+    assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-"))], "no half-written checkpoint left"
+    monkeypatch.setattr(st, "save_file", real)
+    assert cli.main(["train", str(path), "--resume"]) == 0  # space freed: the kept checkpoint continues
+
+
+# ----------------------------------------------------------------------------- a run that fails before it starts
+
+@pytest.mark.parametrize("where", ["new", "new parents", "an empty directory", "the user's directory (--force)"])
+def test_targets_matching_no_layer_leave_nothing_behind(world, tmp_path, capsys, where):  # noqa: F811
+    """Found only after the output directory was created and marked; now what the run created is removed again
+    (only that: never a directory that was there before)."""
+    out = {"new": tmp_path / "run", "new parents": tmp_path / "a" / "b" / "run", "an empty directory": tmp_path / "e",
+           "the user's directory (--force)": tmp_path / "mine"}[where]
+    if where == "an empty directory":
+        out.mkdir()
+    elif where.startswith("the user's"):
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's notes\n")
+    cfg = small_cfg(world, out)
+    cfg["lora"] = {**cfg["lora"], "targets": ["nope"]}
+    argv = ["train", write_cfg(tmp_path, cfg)] + (["--force"] if "--force" in where else [])
+    err = cli_refused(capsys, argv, tmp_path)
+    assert "lora.targets: target_modules: ['nope'] matched no linear layer; linear layers in this model are " in err
+
+
+def test_targets_matching_no_layer_are_refused_before_the_model_loads(world, tmp_path, monkeypatch):  # noqa: F811
+    """Judged on the model built on the meta device (its config alone), before the output directory is made."""
+    cfg = small_cfg(world, tmp_path / "run")
+    cfg["lora"] = {**cfg["lora"], "targets": ["nope"]}
+    monkeypatch.setattr(rt, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(rt.ownership, "claim", lambda *a, **k: pytest.fail("the output directory was claimed"))
+    assert_refused(lambda: rt.train(cfg), r"lora.targets: target_modules: \['nope'\] matched no linear layer",
+                   tmp_path)

@@ -221,3 +221,63 @@ def test_bad_hyperparameter_lists_are_one_line_and_write_nothing(cfg, tmp_path, 
         sweep(cfg, [1], out_dir=str(out), **kwargs)
     assert "\n" not in str(e.value)
     assert not out.exists()
+
+
+# ------------------------------------------------------------- the sweep directory: one sweep at a time, no links
+
+def _refused(capsys, argv, root):
+    """``rankwise ARGV``: exit 2, one line ``rankwise sweep: error: ...``, every file and directory under root kept."""
+    from test_ownership import snapshot
+
+    def names():
+        return {os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs}
+
+    before = (snapshot(root), names())
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("rankwise sweep: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert (snapshot(root), names()) == before, "a refused sweep changed something"
+    return lines[0]
+
+
+def test_a_sweep_directory_in_use_is_refused_naming_the_holder(cfg, tmp_path, capsys):
+    import yaml
+
+    from rankwise.ownership import claim
+    from rankwise.runlock import RunLock
+
+    out = tmp_path / "busy"
+    claim(out, "sweep")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with RunLock(out):
+        err = _refused(capsys, ["sweep", path, "--ranks", "1", "--out", out], tmp_path)
+    assert f"--out {out} is in use by another rankwise run (pid {os.getpid()};" in err
+
+
+@pytest.mark.parametrize("entry", ["arms", "together", "sweep.csv"])
+def test_a_link_in_the_sweep_directory_into_an_input_is_refused(cfg, tmp_path, capsys, entry):
+    import shutil
+
+    import yaml
+
+    from rankwise.ownership import claim
+
+    base = tmp_path / "base"
+    shutil.copytree(cfg["model"], base)
+    out = tmp_path / "out"
+    claim(out, "sweep")
+    os.symlink(base if entry != "sweep.csv" else base / "config.json", out / entry)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "model": str(base)}))
+    err = _refused(capsys, ["sweep", path, "--ranks", "1", "--out", out, "--together"], tmp_path)
+    assert f"{base}" in err and ("is the model" in err or "lies inside the model" in err), err
+
+
+def test_failure_reasons_name_non_finite_weights():
+    from rankwise.sweep import _failure_reason
+
+    assert _failure_reason(rt.NonFiniteWeightsError("the trainable weights hold inf")) == \
+        "non-finite weights: the trainable weights hold inf"
+    assert _failure_reason(rt.NonFiniteLossError("training loss is nan")) == "non-finite loss: training loss is nan"

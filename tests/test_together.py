@@ -186,8 +186,9 @@ def test_arms_equal_their_solo_runs_on_gpu(cfg, tmp_path, precision, quantizatio
 
 
 def test_a_nan_arm_stops_alone(cfg, tmp_path):
-    cfgs = [arm_cfg(cfg, 2, tmp_path / "ok_r2"), arm_cfg(cfg, 4, tmp_path / "bad_r4", lr=1e30),
-            arm_cfg(cfg, 8, tmp_path / "ok_r8")]
+    # log_every 3: the NaN loss of step 3 comes before the first weight check (its weights overflow at step 2)
+    cfgs = [arm_cfg(cfg, 2, tmp_path / "ok_r2", log_every=3),
+            arm_cfg(cfg, 4, tmp_path / "bad_r4", lr=1e30, log_every=3), arm_cfg(cfg, 8, tmp_path / "ok_r8", log_every=3)]
     summaries = train_together(cfgs)
     bad = summaries[1]
     assert bad["status"] == "failed" and bad["reason"].startswith("non-finite loss: training loss is nan at step ")
@@ -195,8 +196,49 @@ def test_a_nan_arm_stops_alone(cfg, tmp_path):
     assert not (tmp_path / "bad_r4" / "summary.json").exists()
     for r, k in ((2, 0), (8, 2)):
         assert summaries[k]["status"] == "finished"
-        solo = rt.train(arm_cfg(cfg, r, tmp_path / f"solo_r{r}"))
+        solo = rt.train(arm_cfg(cfg, r, tmp_path / f"solo_r{r}", log_every=3))
         check_like_solo(tmp_path / f"ok_r{r}", tmp_path / f"solo_r{r}", solo, f"next to a NaN arm, r={r}")
+
+
+def test_an_arm_whose_weights_overflow_behind_a_finite_loss_stops_alone(cfg, tmp_path, monkeypatch):
+    """Its weights go inf/NaN while its loss still looks finite: found on a logging step (one device-side
+    reduction per arm), that arm fails alone and nothing of it is saved as finished; the other is its solo run."""
+    real = rtog.arm_loss_sums
+    monkeypatch.setattr(rtog, "arm_loss_sums",
+                        lambda *a, **k: torch.nan_to_num(real(*a, **k), nan=3.5, posinf=3.5, neginf=3.5))
+    summaries = train_together([arm_cfg(cfg, 2, tmp_path / "ok_r2"), arm_cfg(cfg, 4, tmp_path / "bad_r4", lr=1e30)])
+    bad = summaries[1]
+    assert bad["status"] == "failed", bad
+    assert bad["reason"].startswith("non-finite weights: the trainable weights hold inf or NaN (checked every "
+                                    "train.log_every 2 steps and before each save; the loss may still look finite) "
+                                    "at step 2; the run stopped"), bad["reason"]
+    assert json.loads((tmp_path / "bad_r4" / "failed.json").read_text())["reason"] == bad["reason"]
+    assert not (tmp_path / "bad_r4" / "summary.json").exists() and not (tmp_path / "bad_r4" / "adapter").exists()
+    assert all(r["step"] < 2 for r in read_rows(tmp_path / "bad_r4")), "no row of the step that broke it"
+    assert summaries[0]["status"] == "finished"
+    solo = rt.train(arm_cfg(cfg, 2, tmp_path / "solo_r2"))
+    check_like_solo(tmp_path / "ok_r2", tmp_path / "solo_r2", solo, "next to an arm with overflowing weights")
+
+
+def test_arms_are_locked_and_a_refused_run_leaves_nothing_behind(cfg, tmp_path):
+    """Each arm's directory is locked as ``rankwise train`` locks it: a together run meeting a locked arm is
+    refused in one line naming the holder, and removes the directories it had already created for other arms."""
+    from rankwise.ownership import claim
+    from rankwise.runlock import RunLock
+
+    busy = tmp_path / "busy_r4"
+    claim(busy, "train")
+    with RunLock(busy):
+        with pytest.raises(ConfigError, match=f"output_dir {busy} is in use by another rankwise run "
+                                              rf"\(pid {os.getpid()};") as e:
+            train_together([arm_cfg(cfg, 2, tmp_path / "new_r2"), arm_cfg(cfg, 4, busy)])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "new_r2").exists(), "the arm directory the refused run created is removed"
+    assert sorted(os.listdir(busy)) == [".rankwise-run.json"]
+    missing = {**cfg, "data": {**cfg["data"], "train": str(tmp_path / "missing.jsonl")}}
+    with pytest.raises(ConfigError, match="data.train: file not found"):  # after the claims: they are undone
+        train_together([arm_cfg(missing, 2, tmp_path / "t_r2"), arm_cfg(missing, 4, tmp_path / "t_r4")])
+    assert not (tmp_path / "t_r2").exists() and not (tmp_path / "t_r4").exists()
 
 
 def test_group_size_trains_the_arms_in_groups(cfg, tmp_path, monkeypatch):
@@ -664,3 +706,33 @@ def test_clip_arms_is_bit_for_bit_clip_grad_norm_per_arm():
     assert [float(n) for n in got] == [float(n) for n in want]
     for ps, qs in zip(solo, together):
         assert all((p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
+def test_resume_from_a_crafted_step_of_a_together_checkpoint_is_refused(cfg, tmp_path, monkeypatch):
+    """A together checkpoint's step is checked as a solo run's: outside [0, total_steps) it is one line, nothing
+    changed (before, ``int(step)`` took a string, and a step past the end wrote finished arms)."""
+    from test_ownership import snapshot
+
+    c = {**cfg, "train": {**cfg["train"], "save_every": 2}}
+    cfgs = [arm_cfg(c, 1, tmp_path / "a_r1"), arm_cfg(c, 2, tmp_path / "a_r2")]
+    ckpt = tmp_path / "ckpt"
+    real_lr_at = rt.lr_at
+
+    def crash_at_step_5(step, *a, **k):
+        if step == 4:
+            raise Crash("power cut")
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    with pytest.raises(Crash):
+        train_together(cfgs, checkpoint_dir=ckpt)
+    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    state = ckpt / "state.json"
+    raw = json.loads(state.read_text())
+    for step, match in ((10**6, r"its step 1000000 lies outside \[0, 6\)"), ("4", "its step '4' is not an integer"),
+                        (-1, r"its step -1 lies outside \[0, 6\)")):
+        state.write_text(json.dumps({**raw, "step": step}))
+        before = snapshot(tmp_path)
+        with pytest.raises(ConfigError, match=match) as e:
+            train_together(cfgs, checkpoint_dir=ckpt, resume=True)
+        assert "\n" not in str(e.value) and snapshot(tmp_path) == before

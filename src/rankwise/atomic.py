@@ -4,13 +4,18 @@ run after a crash) sees either the old file or the new one, never half of one.
 ``replace_dir`` does the same for a whole directory, as far as renames allow.
 
 Files and directories get the usual permissions (0666 / 0777 less the umask),
-not the 0600 / 0700 of ``tempfile``."""
+not the 0600 / 0700 of ``tempfile``. ``reporting_write_errors`` turns a failed
+write (a full disk, a lost permission) into one ``ConfigError`` line naming the
+path and the free space there."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from typing import Callable
+
+from .errors import ConfigError
 
 
 def _umask() -> int:
@@ -102,3 +107,31 @@ def remove_path(path) -> None:
             os.unlink(path)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def free_space(path) -> str:
+    """``"1.2 GiB free"``: the free space of the file system holding ``path`` (or its nearest existing parent)."""
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return "free space unknown"  # not reached
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path, what: str, kept: str = ""):
+    """Turn an ``OSError`` raised inside the block (``ENOSPC``, ``EDQUOT``, ``EACCES``, ...) into one
+    ``ConfigError`` line: ``cannot write {what} {path}: {reason} ({free space} there){kept}``."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(f"cannot write {what} {os.fspath(path)}: {reason} ({free_space(path)} there){kept}") \
+            from None

@@ -15,18 +15,23 @@ It is written with ``atomic.replace_dir``, so ``checkpoint/`` is always the old
 checkpoint or the new one, never half of one. Loading uses only
 ``safetensors.torch.load_file`` and ``json``: no file can run code. A
 ``checkpoint.pt`` of an older rankwise (a pickle) is refused, never loaded or
-deleted; so is a checkpoint that cannot be read, with one line naming the file.
+deleted; so is a checkpoint that cannot be read, with one line naming the file,
+and one whose step, RNG states or log window a run could not continue from
+(``check_step``, ``check_rng``, ``check_log_window``). A save that fails (a full
+disk) is one line naming the path and the free space; the old checkpoint stays.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 
 import torch
 
-from .atomic import replace_dir
+from . import config as C
+from .atomic import replace_dir, reporting_write_errors
 from .errors import ConfigError
 
 
@@ -35,6 +40,11 @@ LEGACY_CHECKPOINT = "checkpoint.pt"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 FORMAT = 1
+FIX = "move it away to start the run over"
+# what a checkpoint of ``rankwise train`` must hold to be continued
+RUN_KEYS = ("step", "total_steps", "settings_hash", "settings", "trainable", "optimizer", "rng", "log_window")
+
+log = logging.getLogger("rankwise")
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__float__")
 
 
@@ -119,7 +129,9 @@ def save_checkpoint(path, state: dict) -> None:
         with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
             f.write(text)
 
-    replace_dir(path, write)
+    kept = "; the previous checkpoint there is kept" if os.path.isdir(path) else ""
+    with reporting_write_errors(path, "the checkpoint", kept + "; free some space, then --resume"):
+        replace_dir(path, write)
 
 
 def refuse_legacy(path) -> None:
@@ -139,7 +151,7 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
     from safetensors.torch import load_file
 
     path = os.fspath(path)
-    fix = "move it away to start the run over"
+    fix = FIX
     if os.path.basename(path.rstrip(os.sep)) == LEGACY_CHECKPOINT or os.path.isfile(path):
         if path.endswith(".pt"):
             refuse_legacy(path)
@@ -173,6 +185,125 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
         raise ConfigError(f"cannot read checkpoint {state_file}: malformed ({_one_line(e)}); {fix}") from None
     state.pop("format")
     return state
+
+
+# ----------------------------------------------------------------------------- the state of a train run
+
+def run_state(step, total_steps, cfg: C.RunConfig, run_settings: dict, trainable, optimizer, scaler, device,
+              micro_per_step, window) -> dict:
+    """Everything a resumed ``train`` run needs (``trainable``: ``train.Trainable``), as one dict of tensors and
+    plain values for ``save_checkpoint``."""
+    return {
+        "step": step,
+        "total_steps": total_steps,
+        "settings_hash": C.settings_hash(run_settings),
+        "settings": run_settings,
+        "config": cfg.to_dict(),
+        "trainable": {n: p.detach().to("cpu", copy=True) for n, p in trainable.named},
+        "mask": ({n: m.cpu() for (n, _), m in zip(trainable.named, trainable.masks)}
+                 if trainable.masks is not None else None),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scheduler": {"kind": cfg.train.schedule, "step": step},  # the LR is a function of the step
+        "rng": rng_state(device),
+        "data": {"next_micro_batch": step * micro_per_step, "seed": cfg.train.seed},
+        "log_window": window.clone(),  # loss / token sums since the last metrics row
+        "pissa_init": trainable.pissa_init,
+    }
+
+
+def load_run_checkpoint(path) -> dict:
+    """``load_checkpoint`` of a ``train`` checkpoint, checked before any model loads: its keys (``RUN_KEYS``),
+    a step in ``[0, total_steps)``, RNG states and a log window a run can continue from."""
+    ckpt = load_checkpoint(path, required=RUN_KEYS)
+    check_step(ckpt, path)
+    check_rng(ckpt["rng"], path)
+    check_log_window(ckpt["log_window"], path)
+    if not isinstance(ckpt["trainable"], dict):
+        raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its trainable weights "
+                          f"are not a mapping; {FIX}")
+    return ckpt
+
+
+def restore_run_state(ckpt: dict, cfg: C.RunConfig, trainable, optimizer, scaler, device, total_steps: int,
+                      master: bool):
+    """Load weights, optimizer, scaler and RNG states from ``ckpt`` (``load_run_checkpoint``) into a ``train``
+    run; returns ``(step, log window)``."""
+    from .masking import pack_mask
+
+    where = f"the checkpoint in {cfg.output_dir}"
+    if ckpt.get("total_steps") != total_steps:
+        raise ConfigError(f"--resume: {where} was made for {ckpt.get('total_steps')} steps, "
+                          f"the config now gives {total_steps}")
+    saved = ckpt.get("trainable") or {}
+    for n, p in trainable.named:
+        if n not in saved or not isinstance(saved[n], torch.Tensor) or saved[n].shape != p.shape:
+            got = "is missing" if n not in saved else f"has shape {tuple(getattr(saved[n], 'shape', ()))}"
+            raise ConfigError(f"--resume: {where} does not match this model: {n} {got}")
+    with torch.no_grad():
+        for n, p in trainable.named:
+            p.copy_(saved[n])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"--resume: {where} holds an optimizer state this optimizer cannot take: "
+                          f"{_one_line(e)}") from None
+    if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
+        for p, m in zip(trainable.params, trainable.masks):
+            optimizer.state[p]["mask"] = pack_mask(m)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    trainable.pissa_init = ckpt.get("pissa_init", trainable.pissa_init)
+    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt.get("config") or {})
+    changed = sorted(k for k, v in now.items() if k in then and then[k] != v)  # NOT_SETTINGS keys only
+    if changed and master:
+        log.info("--resume: keys changed since the checkpoint (they do not change the result): %s", ", ".join(changed))
+    return ckpt["step"], ckpt["log_window"].clone()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_step(state: dict, path) -> int:
+    """The step of the loaded checkpoint ``path``: an integer in ``[0, total_steps)`` of an integer
+    ``total_steps >= 1`` (a run can continue from it); anything else is one ``ConfigError`` line."""
+    where = f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}"
+    step, total = state.get("step"), state.get("total_steps")
+    if not _is_int(total) or total < 1:
+        raise ConfigError(f"{where}: its total_steps {total!r} is not a positive integer; {FIX}")
+    if not _is_int(step):
+        raise ConfigError(f"{where}: its step {step!r} is not an integer; {FIX}")
+    if not 0 <= step < total:
+        raise ConfigError(f"{where}: its step {step} lies outside [0, {total}), the steps of its run; {FIX}")
+    return step
+
+
+def check_rng(rng, path) -> None:
+    """The RNG states of the loaded checkpoint ``path`` must be ones ``set_rng_state`` takes (tried on, then the
+    generators are put back as they were); else one ``ConfigError`` line."""
+    device = torch.device("cuda", torch.cuda.current_device()) if isinstance(rng, dict) and "cuda" in rng \
+        and torch.cuda.is_available() else torch.device("cpu")
+    now = rng_state(device)
+    try:
+        if not isinstance(rng, dict):
+            raise TypeError(f"a {type(rng).__name__}, not a mapping")
+        set_rng_state(rng, device)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its rng states are "
+                          f"malformed ({_one_line(e)}); {FIX}") from None
+    finally:
+        set_rng_state(now, device)
+
+
+def check_log_window(window, path, what: str = "log_window") -> None:
+    """A log window of the loaded checkpoint ``path``: 3 float64 sums (loss, target tokens, tokens)."""
+    if not (isinstance(window, torch.Tensor) and window.shape == (3,) and window.dtype == torch.float64):
+        shown = f"a tensor of shape {tuple(window.shape)} and {window.dtype}" if isinstance(window, torch.Tensor) \
+            else repr(window)[:60]
+        raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its {what} is {shown}, "
+                          f"not 3 float64 sums; {FIX}")
 
 
 def _one_line(e: BaseException) -> str:

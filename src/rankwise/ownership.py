@@ -8,7 +8,14 @@ Every command that writes (``train``, ``sweep``, ``merge``, ``restore``, ``analy
 - it must not be a file, or lie under a file, or be a symbolic link (its parents may be);
 - an existing, non-empty directory is written to (or replaced) only if rankwise
   owns it, that is it holds the marker ``.rankwise-run.json`` written when rankwise
-  created it; anything else needs ``--force``.
+  created it; anything else needs ``--force``;
+- a symbolic link among the entries a command writes in it (``check_links``) may not
+  lead into an input (refused even with ``--force``); the writers replace such links,
+  never write through them.
+
+``claim`` creates the directory, marks it and, for a run, takes its lock
+(``rankwise.runlock``); the returned ``Claim`` knows what it created, so a run that
+fails before it started writing can remove exactly that (``Claim.undo``).
 
 The marker is a small JSON file naming what made the directory (``{"kind":
 "train", "rankwise": "0.1.0", "created": ...}``). Every error is a
@@ -22,8 +29,9 @@ import time
 from typing import Iterable, Optional
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_path
 from .errors import ConfigError
+from .runlock import LOCK_FILE, RunLock
 
 MARKER = ".rankwise-run.json"
 
@@ -39,7 +47,7 @@ def _inside(child: str, parent: str) -> bool:
 def owner(path) -> Optional[dict]:
     """The marker of a rankwise-owned directory (its ``kind`` and more), or None."""
     marker = os.path.join(os.fspath(path), MARKER)
-    if not os.path.isfile(marker):
+    if os.path.islink(marker) or not os.path.isfile(marker):
         return None
     try:
         with open(marker, encoding="utf-8") as f:
@@ -49,8 +57,10 @@ def owner(path) -> Optional[dict]:
     return info if isinstance(info, dict) else None
 
 
-def check_disjoint(out, inputs: Iterable, flag: str = "output") -> None:
-    """Refuse an output equal to, inside, or containing an input (local paths only; hub ids are skipped)."""
+def overlap(out, inputs: Iterable):
+    """``(relation, description, input path)`` of the first input that ``out`` is (``"is"``), lies inside
+    (``"lies inside"``) or contains (``"contains"``), symbolic links resolved; None when it overlaps none
+    (local paths only; hub ids and missing paths are skipped)."""
     o = _real(out)
     for item in inputs:
         if item is None:
@@ -60,11 +70,23 @@ def check_disjoint(out, inputs: Iterable, flag: str = "output") -> None:
             continue
         i = _real(path)
         if o == i:
-            raise ConfigError(f"{flag} {out} is the {what} ({path}); choose another directory")
+            return "is", what, path
         if _inside(o, i):
-            raise ConfigError(f"{flag} {out} lies inside the {what} ({path}); choose a directory outside it")
+            return "lies inside", what, path
         if _inside(i, o):
-            raise ConfigError(f"{flag} {out} contains the {what} ({path}); choose a directory that does not")
+            return "contains", what, path
+    return None
+
+
+def check_disjoint(out, inputs: Iterable, flag: str = "output") -> None:
+    """Refuse an output equal to, inside, or containing an input (local paths only; hub ids are skipped)."""
+    found = overlap(out, inputs)
+    if found is None:
+        return
+    relation, what, path = found
+    fix = {"is": "choose another directory", "lies inside": "choose a directory outside it",
+           "contains": "choose a directory that does not"}[relation]
+    raise ConfigError(f"{flag} {out} {relation} the {what} ({path}); {fix}")
 
 
 def check_output(out, *, force: bool = False, inputs: Iterable = (), flag: str = "output",
@@ -98,7 +120,7 @@ def check_output(out, *, force: bool = False, inputs: Iterable = (), flag: str =
         probe = parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: {probe} is not writable")
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:  # a lock file alone: a run that died at once
         info = owner(path)
         if info is None and not force:
             raise ConfigError(f"{flag} {path} exists and was not made by rankwise (no {MARKER}); "
@@ -119,10 +141,80 @@ def write_marker(directory, kind: str) -> None:
         atomic_write_text(os.path.join(os.fspath(directory), MARKER), marker_text(kind))
 
 
-def claim(out, kind: str) -> None:
-    """Create ``out`` (with its parents) and mark it as rankwise's; call after :func:`check_output`."""
+def check_links(out, names: Iterable[str], inputs: Iterable = (), flag: str = "output") -> None:
+    """Refuse a symbolic link among the entries ``names`` of ``out`` that leads into, onto or around an input.
+
+    A command writes (or replaces) these entries; written through, such a link would
+    put the output into the base model or the data. Refused even with ``--force``;
+    links elsewhere are left to the writers, which replace them (``atomic``). Changes nothing.
+    """
+    inputs = list(inputs)
+    for name in names:
+        entry = os.path.join(os.fspath(out), name)
+        found = overlap(entry, inputs) if os.path.islink(entry) else None
+        if found is not None:
+            relation, what, path = found
+            raise ConfigError(f"{flag} {out}: its entry {name} is a symbolic link to {os.readlink(entry)}, which "
+                              f"{relation} the {what} ({path}); rankwise would write through it: remove the link "
+                              f"(refused even with --force)")
+
+
+class Claim:
+    """An output directory ``claim`` made ready: what it created, and the run's lock (if it took one)."""
+
+    def __init__(self, out, created: list, marker: Optional[str], lock: Optional[RunLock]):
+        self.out, self.created, self.marker, self.lock = os.fspath(out), created, marker, lock
+        self.committed = False
+
+    def commit(self) -> None:
+        """The run started writing its files: from now on what the claim created stays."""
+        self.committed = True
+
+    def undo(self) -> None:
+        """Remove what the claim created (the directories it made, else the marker it wrote), never anything
+        that was there before; then release the lock. Nothing once committed."""
+        if not self.committed:
+            if self.created:
+                remove_path(self.created[0])  # the topmost directory this claim made, with all in it
+            elif self.marker is not None and os.path.isfile(self.marker) and not os.path.islink(self.marker):
+                os.unlink(self.marker)
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock (the run ended, however)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def claim(out, kind: str, lock: bool = False, flag: str = "output_dir") -> Claim:
+    """Create ``out`` (with its parents) and mark it as rankwise's; call after :func:`check_output`.
+
+    With ``lock``, take the run's lock (``rankwise.runlock``) before writing the
+    marker: a second run on ``out`` is refused in one line naming the holder. Returns
+    the ``Claim`` (what was created, the lock); a refused lock leaves everything as it was.
+    """
+    out = os.fspath(out)
+    missing, probe = [], os.path.abspath(out)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    created = []
     try:
-        os.makedirs(out, exist_ok=True)
-        write_marker(out, kind)
+        for d in reversed(missing):  # top down; a directory another process made meanwhile is not ours
+            try:
+                os.mkdir(d)
+                created.append(d)
+            except FileExistsError:
+                pass
+        run_lock = RunLock(out, flag).acquire() if lock else None
     except OSError as e:
         raise ConfigError(f"cannot create {out}: {e.strerror or e}") from None
+    marker = None
+    try:
+        if owner(out) is None:
+            marker = os.path.join(out, MARKER)
+            write_marker(out, kind)
+    except OSError as e:
+        Claim(out, created, marker, run_lock).undo()
+        raise ConfigError(f"cannot create {out}: {e.strerror or e}") from None
+    return Claim(out, created, marker, run_lock)

@@ -69,14 +69,15 @@ import itertools
 import logging
 import math
 import os
-import shutil
 
 import torch
 
 from . import config as C
+from .atomic import atomic_write, remove_path
 from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
-from .ownership import check_output, claim
+from .ownership import MARKER, check_disjoint, check_links, check_output, claim
+from .runlock import LOCK_FILE
 
 log = logging.getLogger("rankwise")
 
@@ -90,6 +91,9 @@ HYPER = (("lr", "train.lr", "lr", "lrs"), ("alpha", "lora.alpha", "a", "alphas")
          ("dropout", "lora.dropout", "d", "dropouts"))
 
 TOGETHER_DIR = "together"  # OUT/together/<arm names>: the checkpoint of a group of arms trained together
+# what a sweep writes in its directory (a link among them may not lead into an input: ownership.check_links)
+SWEEP_ENTRIES = (MARKER, LOCK_FILE, "arms", TOGETHER_DIR, "sweep.yaml", "sweep.csv", "sweep.md", "sweep_in_domain.png",
+                 "sweep_ood.png")
 
 # The keys an arm sets on top of the sweep's config (recorded per arm in sweep.yaml).
 ARM_KEYS = ("method", "lora.r", "lora.alpha", "lora.dropout", "train.lr", "mask.fraction", "quantization")
@@ -164,10 +168,14 @@ def _parse_list(text, kind, what):
 
 
 def _failure_reason(e: BaseException) -> str:
+    from .train import NonFiniteLossError, NonFiniteWeightsError
+
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or isinstance(e, MemoryError):
         kind = "out of memory"
-    elif type(e).__name__ == "NonFiniteLossError":
+    elif isinstance(e, NonFiniteWeightsError):
+        kind = "non-finite weights"
+    elif isinstance(e, NonFiniteLossError):
         kind = "non-finite loss"
     else:
         kind = type(e).__name__
@@ -296,6 +304,10 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
                          combo if lrs is not None or alphas is not None or dropouts is not None else None)
         arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
     lora_ranks = [rank for _, method, rank, _, _, _ in arms if method == "lora"]
+    check_links(out_dir, SWEEP_ENTRIES, _inputs(base), flag=flag)
+    for name, _, _, _, cfg, _ in arms:  # no arm directory is a link, a file, or leads into an input
+        check_output(cfg["output_dir"], force=True, inputs=_inputs(base), flag=f"the directory of arm {name}")
+    check_disjoint(os.path.join(out_dir, TOGETHER_DIR), _inputs(base), flag=f"the {TOGETHER_DIR}/ directory of {flag}")
 
     budget = None
     if together:  # a rank the layers cannot hold, or an arm too big for memory: refused before anything is written
@@ -332,7 +344,18 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         listed = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in changed.items())
         raise ConfigError(f"{out_dir} holds arms trained with other settings: {listed}; pass --rerun-changed "
                           "to re-train them (the other arms are kept), or choose another output directory")
-    claim(out_dir, "sweep")
+    claimed = claim(out_dir, "sweep", lock=True, flag=flag)  # held until the sweep ends: one sweep per directory
+    try:
+        write_sweep_yaml(out_dir, base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size,
+                         arms)
+        return run_arms(arms, changed, together, group_size, out_dir, budget, base, varying)
+    finally:
+        claimed.release()
+
+
+def write_sweep_yaml(out_dir, base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size,
+                     arms) -> None:
+    """``sweep.yaml``: the config, the sweep's arguments, and each arm's keys and settings hash."""
     C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
                  "alpha_ratio": alpha_ratio, **{arg: hyper[col] for col, _, _, arg in HYPER if col in varying},
                  "together": bool(together), "group_size": group_size,
@@ -342,12 +365,17 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
                           for name, method, rank, fraction, _, now in arms}},
                 os.path.join(out_dir, "sweep.yaml"))
 
+
+def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, base, varying) -> list:
+    """Train (or reuse) every arm in turn (the LoRA arms first in groups with ``together``); the result rows."""
     from tqdm.auto import tqdm
+
+    from . import train as _train
 
     def prepare_arm(name, arm_dir):
         if name in changed:  # trained with other settings: its directory (rankwise's) is replaced
             log.info("sweep: %s was trained with other %s; training it again", name, ", ".join(changed.pop(name)))
-            shutil.rmtree(arm_dir)
+            remove_path(arm_dir)
         claim(arm_dir, "train")
 
     grouped = train_groups(arms, group_size, prepare_arm, out_dir, budget) if together else {}
@@ -434,7 +462,7 @@ def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
         ckpt = os.path.join(out_dir, TOGETHER_DIR, "+".join(name for name, _ in group))
         if os.path.exists(ckpt) and not checkpoint_matches(ckpt, [cfg for _, cfg in group]):
             log.info("sweep: %s is a checkpoint of other arms or settings; the group starts over", ckpt)
-            shutil.rmtree(ckpt)
+            remove_path(ckpt)
         try:
             summaries = train_together([cfg for _, cfg in group], checkpoint_dir=ckpt, resume=True)
         except (RuntimeError, MemoryError) as e:
@@ -530,9 +558,7 @@ def plot(results, out_dir, varying=()) -> list[str]:
             ax.legend()
         fig.suptitle(f"rank sweep: {title}")
         path = os.path.join(out_dir, fname)
-        tmp = os.path.join(out_dir, ".tmp-" + fname)
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a link there is replaced
         written.append(path)
     return written
 

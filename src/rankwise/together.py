@@ -89,23 +89,26 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
 from torch import nn
 
 from . import config as C
-from . import ownership
-from .atomic import atomic_write_text
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from . import ownership, shapes
+from .atomic import atomic_write_text, remove_path, reporting_write_errors
+from .checkpoint import (check_log_window, check_rng, check_step, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .errors import ConfigError
+from .runlog import METRICS, MetricsLog, read_metrics, require_tensorboard
 
 log = logging.getLogger("rankwise")
 
 # Keys that may differ between the arms of one together run; all others must be equal.
 PER_ARM = ("lora.r", "lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.max_grad_norm",
            "output_dir", "log.tensorboard", "log.progress")
+# what a together checkpoint must hold to be continued
+TOGETHER_KEYS = ("step", "total_steps", "settings_hash", "settings", "rng", "arms")
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -307,15 +310,8 @@ def meta_model(cfg: C.RunConfig):
 
 
 def _meta_model(path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        mcfg = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(mcfg)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read the model config of {path}: {' '.join(str(e).split())[:200]}") from None
-    return mcfg, model
+    """``shapes.meta_model``, looked up here (each build of a together run's checks goes through this name)."""
+    return shapes.meta_model(path)
 
 
 def _config_stamp(path: str):
@@ -350,15 +346,8 @@ def _meta_targets(model, targets) -> dict:
 
 
 def _targets_of(meta, targets) -> dict:
-    """The LoRA targets' ``{name: (in, out)}`` of a model built on the meta device (LoRA is injected into it)."""
-    from .lora import inject_lora, lora_layers
-
-    with torch.random.fork_rng(devices=[]):
-        try:
-            inject_lora(meta, targets, 1, 1.0)
-        except ValueError as e:
-            raise ConfigError(f"lora.targets: {e}") from None
-    return {n: (m.in_features, m.out_features) for n, m in lora_layers(meta)}
+    """``shapes.targets_of``."""
+    return shapes.targets_of(meta, targets)
 
 
 def target_dims(cfg: C.RunConfig) -> dict:
@@ -722,35 +711,59 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
 
     Returns one summary per arm, in order: the solo run's summary (also written
     to the arm's ``summary.json``), or ``{"status": "failed", "reason": ...}`` for
-    an arm stopped by a non-finite loss. Every user error is a ``ConfigError``
-    raised before anything is written.
+    an arm stopped by a non-finite loss or non-finite weights. Every user error is a
+    ``ConfigError`` raised before anything is written; each arm's directory is locked
+    for the run's lifetime (as ``rankwise train`` locks it), and a run that fails
+    before it starts writing removes what it created (as ``rankwise train``).
     """
     from . import train as T
-    from .model import load_tokenizer
 
     cfgs = [C.parse(c) for c in configs]
     check_arms(cfgs)
     check_ranks(cfgs[0], [c.lora.r for c in cfgs])
-    cfg0, K, t_start = cfgs[0], len(cfgs), time.time()
-    t = cfg0.train
+    t_start = time.time()
     arm_settings = [C.settings(c) for c in cfgs]
 
     # ---- setup: every output directory checked before any is written ------------------------
-    device = T.setup_processes(t.device).device
-    T.check_backend(t.backend, device)
+    device = T.setup_processes(cfgs[0].train.device).device
+    T.check_backend(cfgs[0].train.backend, device)
     for cfg in cfgs:
         ownership.check_output(cfg.output_dir, force=force, inputs=T.run_inputs(cfg), flag="output_dir",
                                kinds=["train"])
+        ownership.check_links(cfg.output_dir, T.RUN_ENTRIES, T.run_inputs(cfg), flag="output_dir")
         held = [n for n in (T.SUMMARY, T.CHECKPOINT) if os.path.exists(os.path.join(cfg.output_dir, n))]
         if held and not force:
             raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({held[0]}); pass --force "
                               f"(force=True) to train it again from step 0, or choose another output_dir")
-    ckpt = None
-    if resume and checkpoint_dir is not None and os.path.exists(checkpoint_dir):
-        ckpt = load_checkpoint(checkpoint_dir)
-        check_checkpoint(ckpt, cfgs, arm_settings, checkpoint_dir)
-    for cfg, s in zip(cfgs, arm_settings):
-        T.prepare_output_dir(cfg, resume=False, force=force, run_settings=s)
+    if checkpoint_dir is not None:
+        ownership.check_disjoint(checkpoint_dir, T.run_inputs(cfgs[0]), flag="checkpoint_dir")
+    claims = []
+    try:
+        for cfg, s in zip(cfgs, arm_settings):  # each arm's directory created, locked and marked
+            claims.append(T.prepare_output_dir(cfg, resume=False, force=force, run_settings=s)[2])
+        ckpt = None
+        if resume and checkpoint_dir is not None and os.path.exists(checkpoint_dir):
+            ckpt = load_checkpoint(checkpoint_dir, required=TOGETHER_KEYS)
+            check_step(ckpt, checkpoint_dir)
+            check_rng(ckpt["rng"], checkpoint_dir)
+            check_checkpoint(ckpt, cfgs, arm_settings, checkpoint_dir)
+        return run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force, device, t_start)
+    except BaseException:
+        for claim in claims:
+            claim.undo()  # nothing once the run started writing (committed)
+        raise
+    finally:
+        for claim in claims:
+            claim.release()
+
+
+def run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force: bool, device, t_start: float) -> list:
+    """``train_together`` once the arms' directories are claimed: data, one model with K arms, the loop, outputs."""
+    from . import train as T
+    from .model import load_tokenizer
+
+    cfg0, K = cfgs[0], len(cfgs)
+    t = cfg0.train
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     autocast, scaler, amp_dtype = T.setup_precision(t.precision, device, True)
@@ -759,9 +772,7 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
         if scaler is not None else None
     tokenizer = load_tokenizer(cfg0.tokenizer or cfg0.model)
     batches, evals = T.load_data(cfg0, tokenizer, True)
-    ga = t.grad_accum
     total_steps = T.count_steps(t, batches, 1)
-    one = T.Dist(1, 0, device)
 
     # ---- one base model, K arms, K optimizers -----------------------------------------------
     model = T.load_base_model(cfg0, device)
@@ -774,132 +785,185 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
     log.info("together: %d LoRA arms (ranks %s), %s trainable parameters in all", K, [c.lora.r for c in cfgs],
              f"{sum(tr.numel for tr in trainables):,}")
     generators = multi_lora_layers(model)[0][1].generators  # per arm, shared by its layers
-    start_step, failed = 0, {}  # failed: arm -> reason
-    windows = torch.zeros(K, 3, dtype=torch.float64)  # per arm: loss sum, target tokens, tokens since the last row
-    last = [{} for _ in range(K)]
+    run = TogetherRun(cfgs, arm_settings, model, trainables, optimizers, scalers, generators, device, t_start)
     if ckpt is not None:
-        start_step = restore(ckpt, trainables, optimizers, generators, windows, last, failed, total_steps, device,
-                             checkpoint_dir, scalers)
-        log.info("together: resumed from %s at step %d", checkpoint_dir, start_step)
+        run.start_step = restore(ckpt, trainables, optimizers, generators, run.windows, run.last, run.failed,
+                                 total_steps, device, checkpoint_dir, scalers)
+        log.info("together: resumed from %s at step %d", checkpoint_dir, run.start_step)
     del ckpt
-    for cfg, s in zip(cfgs, arm_settings):
-        T.write_run_files(cfg, s)
-    metrics = [T.MetricsLog(c.output_dir, start_step, c.log.tensorboard, True) for c in cfgs]
+    rows = [read_metrics(os.path.join(c.output_dir, METRICS), run.start_step) if run.start_step else []
+            for c in cfgs]
+    if any(c.log.tensorboard for c in cfgs):
+        require_tensorboard()
+    for cfg, s, claim in zip(cfgs, arm_settings, claims):  # every check passed: the arms' files are written
+        T.start_writing(cfg, s, claim, force)
+    run.metrics = [MetricsLog(c.output_dir, r, c.log.tensorboard, True) for c, r in zip(cfgs, rows)]
+    run.loop(batches, evals, tokenizer, autocast, fused, total_steps, checkpoint_dir)
+    return run.finish(evals, tokenizer, autocast, fused, total_steps, checkpoint_dir)
 
-    # ---- the loop ---------------------------------------------------------------------------
-    live = [k for k in range(K) if k not in failed]  # arms still training, in row-block order
-    bar = None
-    if cfg0.log.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"together {K} arms", dynamic_ncols=True)
-    model.train()
-    t_window, selected = time.time(), None
-    try:
-        for step in range(start_step, total_steps):
-            if not live:
-                break
-            lrs = [T.lr_at(step, total_steps, c.train.lr, t.warmup, t.schedule, t.min_lr_ratio) for c in cfgs]
-            for k in live:
-                for group in optimizers[k].param_groups:
-                    group["lr"] = lrs[k]
-            if selected != live:  # the first step, or an arm stopped: the row blocks change
-                select_arms(model, live)
-                selected = list(live)
-            step_batches = batches.step(step, ga, one)
-            n_tgt = sum(b["n_targets"] for _, b in step_batches)
-            sums = torch.zeros(len(live), dtype=torch.float64, device=device)
-            for _, b in step_batches:
-                with autocast():
-                    ls = arm_loss_sums(model, b, len(live), fused, t.backend)
-                terms = ls / n_tgt  # the arms' means, summed for one backward: no term crosses arms
-                if scalers is not None:  # each arm's mean times its own scale, as its solo run's scaler.scale(loss)
-                    terms = torch.stack([scalers[k].scale(terms[i]) for i, k in enumerate(live)])
-                terms.sum().backward()
-                sums += ls.detach().double()
-            sums = sums.tolist()  # one device sync per step
-            n_tokens = sum(b["n_tokens"] for _, b in step_batches)
-            stepping = []  # the arms that step (a non-finite loss stops its arm instead)
-            for i, k in enumerate(live):
-                if not math.isfinite(sums[i]):
-                    msg = T.non_finite_message(sums[i] / n_tgt, step + 1, "(a together run keeps no checkpoint)",
-                                               None, cfgs[k].train)
-                    failed[k] = f"non-finite loss: {msg}"[:300]
-                    log.warning("together: arm %s stopped: %s", cfgs[k].output_dir, failed[k])
-                    for p in trainables[k].params:
-                        p.grad = None
-                        p.requires_grad_(False)
-                    continue
-                if scalers is not None:
-                    scalers[k].unscale_(optimizers[k])
-                windows[k] += torch.tensor([sums[i], n_tgt, n_tokens], dtype=torch.float64)
-                stepping.append(k)
-            # each arm's gradient clipped by its own norm, then its own AdamW step (the GradScaler's, which
-            # skips the step when the arm's gradients hold an inf or NaN, as solo); all arms in one pass
-            grad_norms = clip_arms([trainables[k].params for k in stepping],
-                                   [cfgs[k].train.max_grad_norm for k in stepping])
-            if scalers is not None:
-                for k in stepping:
-                    scalers[k].step(optimizers[k])
-                    scalers[k].update()
-            else:
-                step_arms([optimizers[k] for k in stepping])
-            for k in stepping:
-                optimizers[k].zero_grad(set_to_none=True)
-            stepped = list(zip(stepping, grad_norms))
-            live = [k for k in live if k not in failed]
-            done = step + 1
-            if done % t.log_every == 0 or done == total_steps:
-                for k, grad_norm in stepped:
-                    last[k] = T.train_row(done, windows[k], lrs[k], grad_norm, step_batches[-1][0], t_window,
-                                          t_start, device)
-                    metrics[k].write(last[k])
-                windows.zero_()
-                t_window = time.time()
-            if bar is not None:
-                bar.update(1)
-            if evals and cfg0.eval.every and done % cfg0.eval.every == 0 and done != total_steps:
-                rows = evaluate_arms(model, live, tokenizer, evals, cfgs, autocast, fused, t.backend)
+class TogetherRun:
+    """The state of a together run's loop: the arms, their optimizers, which still train, their log windows."""
+
+    def __init__(self, cfgs, arm_settings, model, trainables, optimizers, scalers, generators, device, t_start):
+        self.cfgs, self.arm_settings, self.model = cfgs, arm_settings, model
+        self.trainables, self.optimizers, self.scalers, self.generators = trainables, optimizers, scalers, generators
+        self.device, self.t_start = device, t_start
+        K = len(cfgs)
+        self.start_step, self.failed, self.metrics = 0, {}, []  # failed: arm -> reason
+        self.windows = torch.zeros(K, 3, dtype=torch.float64)  # per arm: loss sum, target tokens, tokens since a row
+        self.last = [{} for _ in range(K)]
+
+    def stop(self, k: int, reason: str) -> None:
+        """Arm k fails alone: it takes no more steps (its gradients dropped), the others go on."""
+        self.failed[k] = reason[:300]
+        log.warning("together: arm %s stopped: %s", self.cfgs[k].output_dir, self.failed[k])
+        for p in self.trainables[k].params:
+            p.grad = None
+            p.requires_grad_(False)
+
+    def stop_non_finite_weights(self, arms, done: int) -> None:
+        """Stop the arms among ``arms`` whose weights hold inf or NaN: one device-side reduction per arm, read
+        once (called on logging and saving steps only)."""
+        from . import train as T
+
+        if not arms:
+            return
+        finite = torch.stack([T.weights_finite(self.trainables[k].params) for k in arms]).cpu().tolist()
+        for k, ok in zip(arms, finite):
+            if not ok:
+                t = self.cfgs[k].train
+                self.stop(k, "non-finite weights: " + T.non_finite_message(
+                    T.weights_problem(t), done, "(a together run keeps no checkpoint of its own)", None, t))
+
+    def loop(self, batches, evals, tokenizer, autocast, fused: bool, total_steps: int, checkpoint_dir) -> None:
+        """Optimizer steps ``start_step`` to ``total_steps`` of every live arm in one pass each."""
+        from . import train as T
+
+        cfgs, model, trainables, optimizers, scalers = self.cfgs, self.model, self.trainables, self.optimizers, \
+            self.scalers
+        t, device, K = cfgs[0].train, self.device, len(cfgs)
+        one = T.Dist(1, 0, device)
+        live = [k for k in range(K) if k not in self.failed]  # arms still training, in row-block order
+        bar = None
+        if cfgs[0].log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, initial=self.start_step, desc=f"together {K} arms", dynamic_ncols=True)
+        model.train()
+        t_window, selected = time.time(), None
+        try:
+            for step in range(self.start_step, total_steps):
+                if not live:
+                    break
+                lrs = [T.lr_at(step, total_steps, c.train.lr, t.warmup, t.schedule, t.min_lr_ratio) for c in cfgs]
                 for k in live:
-                    metrics[k].write({"step": done, **rows[k]})
-                select_arms(model, live)
-                t_window = time.time()
-            if checkpoint_dir is not None and t.save_every and done % t.save_every == 0 and done != total_steps:
-                state = checkpoint_state(done, total_steps, arm_settings, trainables, optimizers, generators, windows,
-                                         last, failed, device, scalers)
-                save_checkpoint(checkpoint_dir, state)
-    finally:
-        if bar is not None:
-            bar.close()
+                    for group in optimizers[k].param_groups:
+                        group["lr"] = lrs[k]
+                if selected != live:  # the first step, or an arm stopped: the row blocks change
+                    select_arms(model, live)
+                    selected = list(live)
+                step_batches = batches.step(step, t.grad_accum, one)
+                n_tgt = sum(b["n_targets"] for _, b in step_batches)
+                sums = torch.zeros(len(live), dtype=torch.float64, device=device)
+                for _, b in step_batches:
+                    with autocast():
+                        ls = arm_loss_sums(model, b, len(live), fused, t.backend)
+                    terms = ls / n_tgt  # the arms' means, summed for one backward: no term crosses arms
+                    if scalers is not None:  # each arm's mean times its own scale, as its solo run's scaler.scale
+                        terms = torch.stack([scalers[k].scale(terms[i]) for i, k in enumerate(live)])
+                    terms.sum().backward()
+                    sums += ls.detach().double()
+                sums = sums.tolist()  # one device sync per step
+                n_tokens = sum(b["n_tokens"] for _, b in step_batches)
+                stepping = []  # the arms that step (a non-finite loss stops its arm instead)
+                for i, k in enumerate(live):
+                    if not math.isfinite(sums[i]):
+                        self.stop(k, "non-finite loss: " + T.non_finite_message(
+                            f"training loss is {sums[i] / n_tgt}", step + 1, "(a together run keeps no checkpoint)",
+                            None, cfgs[k].train))
+                        continue
+                    if scalers is not None:
+                        scalers[k].unscale_(optimizers[k])
+                    self.windows[k] += torch.tensor([sums[i], n_tgt, n_tokens], dtype=torch.float64)
+                    stepping.append(k)
+                # each arm's gradient clipped by its own norm, then its own AdamW step (the GradScaler's, which
+                # skips the step when the arm's gradients hold an inf or NaN, as solo); all arms in one pass
+                grad_norms = clip_arms([trainables[k].params for k in stepping],
+                                       [cfgs[k].train.max_grad_norm for k in stepping])
+                if scalers is not None:
+                    for k in stepping:
+                        scalers[k].step(optimizers[k])
+                        scalers[k].update()
+                else:
+                    step_arms([optimizers[k] for k in stepping])
+                for k in stepping:
+                    optimizers[k].zero_grad(set_to_none=True)
+                done = step + 1
+                log_now = done % t.log_every == 0 or done == total_steps  # the last step: before the outputs
+                save_now = checkpoint_dir is not None and bool(t.save_every) and done % t.save_every == 0 \
+                    and done != total_steps
+                if log_now or save_now:
+                    self.stop_non_finite_weights(stepping, done)
+                stepped = [(k, g) for k, g in zip(stepping, grad_norms) if k not in self.failed]
+                live = [k for k in live if k not in self.failed]
+                if log_now:
+                    for k, grad_norm in stepped:
+                        self.last[k] = T.train_row(done, self.windows[k], lrs[k], grad_norm, step_batches[-1][0],
+                                                   t_window, self.t_start, device)
+                        self.metrics[k].write(self.last[k])
+                    self.windows.zero_()
+                    t_window = time.time()
+                if bar is not None:
+                    bar.update(1)
+                if evals and cfgs[0].eval.every and done % cfgs[0].eval.every == 0 and done != total_steps:
+                    rows = evaluate_arms(model, live, tokenizer, evals, cfgs, autocast, fused, t.backend)
+                    for k in live:
+                        self.metrics[k].write({"step": done, **rows[k]})
+                    select_arms(model, live)
+                    t_window = time.time()
+                if save_now:
+                    save_checkpoint(checkpoint_dir, checkpoint_state(
+                        done, total_steps, self.arm_settings, trainables, optimizers, self.generators, self.windows,
+                        self.last, self.failed, device, scalers))
+        finally:
+            if bar is not None:
+                bar.close()
 
-    # ---- outputs, arm by arm ----------------------------------------------------------------
-    finished = [k for k in range(K) if k not in failed]
-    final_evals = evaluate_arms(model, finished, tokenizer, evals, cfgs, autocast, fused, t.backend) \
-        if evals and finished else {}
-    summaries = []
-    for k, cfg in enumerate(cfgs):
-        if k in failed:
-            metrics[k].close()
-            summaries.append(_write_failed(cfg, failed[k]))
-            continue
-        summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": "lora",
-                   "rank": cfg.lora.r, "steps": total_steps, "train_loss": last[k].get("loss"),
-                   "trainable_params": trainables[k].n_changing}
-        final_eval = final_evals.get(k, {})
-        if final_eval:
-            metrics[k].write({"step": total_steps, **final_eval})
-        summary.update(final_eval)
-        select_arms(model, [k])
-        summary.update(T.save_outputs(cfg, model, tokenizer, trainables[k]))
-        summary["runtime_s"] = round(time.time() - t_start, 3)  # the together run's, for every arm
-        summary["settings_hash"] = C.settings_hash(arm_settings[k])
-        atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
-        metrics[k].close()
-        summaries.append(summary)
-    select_arms(model, range(K))
-    if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)
-    return summaries
+    def finish(self, evals, tokenizer, autocast, fused: bool, total_steps: int, checkpoint_dir) -> list:
+        """The outputs, arm by arm: each finished arm's solo-run files and summary, each failed arm's
+        ``failed.json``; the checkpoint removed. Returns the summaries."""
+        from . import train as T
+
+        cfgs, model, K = self.cfgs, self.model, len(self.cfgs)
+        finished = [k for k in range(K) if k not in self.failed]
+        final_evals = evaluate_arms(model, finished, tokenizer, evals, cfgs, autocast, fused, cfgs[0].train.backend) \
+            if evals and finished else {}
+        summaries = []
+        for k, cfg in enumerate(cfgs):
+            if k in self.failed:
+                self.metrics[k].close()
+                summaries.append(_write_failed(cfg, self.failed[k]))
+                continue
+            summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": "lora",
+                       "rank": cfg.lora.r, "steps": total_steps, "train_loss": self.last[k].get("loss"),
+                       "trainable_params": self.trainables[k].n_changing}
+            final_eval = final_evals.get(k, {})
+            if final_eval:
+                self.metrics[k].write({"step": total_steps, **final_eval})
+            summary.update(final_eval)
+            select_arms(model, [k])
+            with reporting_write_errors(cfg.output_dir, "the outputs into"):
+                summary.update(T.save_outputs(cfg, model, tokenizer, self.trainables[k]))
+                summary["runtime_s"] = round(time.time() - self.t_start, 3)  # the together run's, for every arm
+                summary["settings_hash"] = C.settings_hash(self.arm_settings[k])
+                atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
+            self.metrics[k].close()
+            summaries.append(summary)
+        select_arms(model, range(K))
+        if checkpoint_dir is not None:
+            remove_path(checkpoint_dir)  # a link there is unlinked, never followed
+        return summaries
 
 
 def checkpoint_state(step, total_steps, arm_settings, trainables, optimizers, generators, windows, last, failed,
@@ -950,6 +1014,8 @@ def restore(ckpt: dict, trainables, optimizers, generators, windows, last, faile
     arms = ckpt.get("arms")
     if not isinstance(arms, list) or len(arms) != len(trainables):
         raise ConfigError(f"cannot read checkpoint {path}: it does not hold {len(trainables)} arms")
+    for k, arm in enumerate(arms):
+        check_log_window(arm.get("log_window") if isinstance(arm, dict) else None, path, f"arm {k}'s log_window")
     try:
         with torch.no_grad():
             for k, (arm, tr, opt, g) in enumerate(zip(arms, trainables, optimizers, generators)):
@@ -969,7 +1035,7 @@ def restore(ckpt: dict, trainables, optimizers, generators, windows, last, faile
         raise ConfigError(f"--resume: the checkpoint {path} does not fit these arms: "
                           f"{' '.join(str(e).split())[:200]}") from None
     set_rng_state(ckpt["rng"], device)
-    return int(ckpt["step"])
+    return check_step(ckpt, path)
 
 
 def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fused: bool, backend: str) -> dict:

@@ -31,11 +31,19 @@ adapter is saved as a rank-2r update of the original base weights (see
 ``adapter.pissa_to_lora``).
 
 Safety: the output directory is checked before any work (``ownership.check_output``:
-never an input, never a file, a directory of someone else's only with
-``--force``); a resume must have the settings of the checkpoint (or of the
-finished run), else it is refused naming the keys that differ; the run files are
-written only after every check passed. A NaN/inf loss stops the run with one line
-naming the step and the last good checkpoint, which is kept.
+never an input, never a file or a link, a directory of someone else's only with
+``--force``; no link among the entries a run writes leads into an input,
+``ownership.check_links``, and every entry is replaced, never written through);
+it is locked for the run's lifetime (``.rankwise-lock``, ``rankwise.runlock``: a
+second run is refused naming the first one's pid); a resume must have the
+settings of the checkpoint (or of the finished run), else it is refused naming
+the keys that differ, and a step it could not continue from is refused too; the
+run files are written only after every check passed, and a run that fails before
+that removes what it created. A NaN/inf loss stops the run with one line naming
+the step and the last good checkpoint, which is kept; so do trainable weights
+that became inf/NaN (checked on logging steps and before every save, so they are
+never saved). A write that fails (a full disk) is one line naming the path and
+the free space.
 
 Departures from the studies' protocol worth knowing: the loss is the mean over
 completion tokens of each optimizer step (not per example); masked SFT chooses
@@ -49,7 +57,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -57,12 +64,13 @@ from typing import Optional
 import torch
 
 from . import config as C
-from . import ownership
-from .atomic import atomic_write, atomic_write_text
-from .atomic import replace_dir
-from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_checkpoint, refuse_legacy, rng_state,
-                         save_checkpoint, set_rng_state)
+from . import ownership, shapes
+from .atomic import atomic_write, atomic_write_text, remove_path, replace_dir, reporting_write_errors
+from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_run_checkpoint, refuse_legacy, restore_run_state,
+                         run_state, save_checkpoint)
 from .errors import ConfigError
+from .runlock import LOCK_FILE
+from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
 
 log = logging.getLogger("rankwise")
 
@@ -70,6 +78,9 @@ CHECKPOINT = CHECKPOINT_DIR
 SUMMARY = "summary.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
 SETTINGS = "settings.json"
+# every entry a run writes in output_dir (a link among them may not lead into an input: ownership.check_links)
+RUN_ENTRIES = (ownership.MARKER, LOCK_FILE, RESOLVED_CONFIG, SETTINGS, METRICS, TENSORBOARD, CHECKPOINT, "adapter",
+               "model", "mask.safetensors", SUMMARY, "failed.json")
 
 
 class NonFiniteLossError(ConfigError, RuntimeError):
@@ -77,6 +88,14 @@ class NonFiniteLossError(ConfigError, RuntimeError):
 
     A ``ConfigError`` (the settings diverge: the CLI prints one line) and a
     ``RuntimeError`` (a failed run: ``rankwise sweep`` records the arm as failed and goes on).
+    """
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The trainable weights became inf or NaN (the loss may still look finite); the last good checkpoint is kept.
+
+    Checked on every logging step and before every checkpoint and the outputs, so no
+    such weights are ever saved.
     """
 
 
@@ -198,39 +217,59 @@ def finished_summary(cfg: C.RunConfig, run_settings: dict) -> dict:
 
 
 def prepare_output_dir(cfg: C.RunConfig, resume: bool, force: bool, run_settings: dict):
-    """Check ``output_dir`` and what it holds, then claim it; returns ``(finished summary, checkpoint)`` (or Nones).
+    """Check ``output_dir`` and what it holds, then claim and lock it.
 
-    Nothing is written before every check passed: the directory may be written
-    (``ownership.check_output``), a finished run resumed with the same settings
-    is returned as is, a checkpoint to resume is readable and was made with
-    these settings. Then the directory is created and marked as rankwise's.
+    Returns ``(finished summary, checkpoint, claim)``: the summary of a finished run
+    resumed with the same settings (then nothing is claimed), else the checkpoint to
+    resume (or None) and the ``ownership.Claim`` holding the directory's lock until the
+    run ends. The directory may be written (``ownership.check_output``; no link among
+    the run's entries leads into an input, ``ownership.check_links``); then it is
+    created, locked and marked, and under the lock the checkpoint to resume is read
+    and must have been made with these settings. A refusal after the claim undoes it:
+    nothing is left behind.
     """
     out_dir = cfg.output_dir
     legacy = os.path.join(out_dir, LEGACY_CHECKPOINT)
     if resume and os.path.isfile(legacy):
         refuse_legacy(legacy)
     ownership.check_output(out_dir, force=force, inputs=run_inputs(cfg), flag="output_dir", kinds=["train"])
-    done, ckpt_path = os.path.join(out_dir, SUMMARY), os.path.join(out_dir, CHECKPOINT)
+    ownership.check_links(out_dir, RUN_ENTRIES, run_inputs(cfg), flag="output_dir")
+    done = os.path.join(out_dir, SUMMARY)
     if resume and os.path.exists(done):
-        return finished_summary(cfg, run_settings), None
-    ckpt = None
-    if resume and not os.path.exists(ckpt_path):
-        half = sorted(n for n in os.listdir(out_dir) if n.startswith(f".old-{CHECKPOINT}-")) \
-            if os.path.isdir(out_dir) else []
+        return finished_summary(cfg, run_settings), None, None
+    if cfg.method == "lora":  # targets that match no layer: refused before anything is written or loaded
+        shapes.check_targets(cfg.model, cfg.lora.targets)
+    claim = ownership.claim(out_dir, "train", lock=True)
+    try:
+        if resume and os.path.exists(done):  # finished by the run that held the lock a moment ago
+            claim.undo()
+            return finished_summary(cfg, run_settings), None, None
+        return None, read_checkpoint(cfg, resume, force, run_settings), claim
+    except BaseException:
+        claim.undo()
+        raise
+
+
+def read_checkpoint(cfg: C.RunConfig, resume: bool, force: bool, run_settings: dict):
+    """The checkpoint ``--resume`` continues (checked: readable, a step the run can continue from, these
+    settings), or None; refuses to start over a run without ``--resume`` or ``--force``."""
+    out_dir = cfg.output_dir
+    done, ckpt_path = os.path.join(out_dir, SUMMARY), os.path.join(out_dir, CHECKPOINT)
+    if resume and not os.path.lexists(ckpt_path):
+        half = sorted(n for n in os.listdir(out_dir) if n.startswith(f".old-{CHECKPOINT}-"))
         if half:  # a crash between the two renames of replace_dir: the last checkpoint is kept under that name
             raise ConfigError(f"--resume: {ckpt_path} is missing but {os.path.join(out_dir, half[-1])} is there (a "
                               f"crash while a checkpoint was saved); rename it to {ckpt_path} to resume from it")
-    if os.path.exists(done) or os.path.exists(ckpt_path):
-        if not resume and not force:
-            raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue "
-                              f"it, --force to train it again from step 0, or choose another output_dir")
-        if resume:
-            ckpt = load_checkpoint(ckpt_path)
-            check_same_settings(ckpt, run_settings, ckpt_path)
-    ownership.claim(out_dir, "train")
-    if force and not resume and os.path.exists(done):
-        os.unlink(done)  # trained again from step 0 with --force: the run is no longer finished
-    return None, ckpt
+    if not (os.path.exists(done) or os.path.exists(ckpt_path)):
+        return None
+    if not resume and not force:
+        raise ConfigError(f"output_dir {out_dir} already holds a run; pass --resume (resume=True) to continue "
+                          f"it, --force to train it again from step 0, or choose another output_dir")
+    if not resume:
+        return None
+    ckpt = load_run_checkpoint(ckpt_path)
+    check_same_settings(ckpt, run_settings, ckpt_path)
+    return ckpt
 
 
 def check_same_settings(ckpt: dict, run_settings: dict, ckpt_path: str) -> None:
@@ -399,8 +438,11 @@ def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
 
         lc = cfg.lora
         torch.manual_seed(cfg.train.seed)  # the same A init for every run with this seed
-        inject_lora(model, lc.targets, lc.r, lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora, init=lc.init,
-                    backend=cfg.train.backend)
+        try:
+            inject_lora(model, lc.targets, lc.r, lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora, init=lc.init,
+                        backend=cfg.train.backend)
+        except ValueError as e:  # e.g. targets that match no layer of this model
+            raise ConfigError(f"lora.targets: {' '.join(str(e).split())[:300]}") from None
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
@@ -554,75 +596,6 @@ def evaluate(model, tokenizer, evals: dict, e: C.EvalCfg, autocast) -> dict:
     return res
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_state(step, total_steps, cfg: C.RunConfig, run_settings: dict, trainable: Trainable, optimizer,
-                     scaler, device, micro_per_step, window) -> dict:
-    """Everything a resumed run needs, as one dict of tensors and plain values (see ``rankwise.checkpoint``)."""
-    return {
-        "step": step,
-        "total_steps": total_steps,
-        "settings_hash": C.settings_hash(run_settings),
-        "settings": run_settings,
-        "config": cfg.to_dict(),
-        "trainable": {n: p.detach().to("cpu", copy=True) for n, p in trainable.named},
-        "mask": ({n: m.cpu() for (n, _), m in zip(trainable.named, trainable.masks)}
-                 if trainable.masks is not None else None),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "scheduler": {"kind": cfg.train.schedule, "step": step},  # the LR is a function of the step
-        "rng": rng_state(device),
-        "data": {"next_micro_batch": step * micro_per_step, "seed": cfg.train.seed},
-        "log_window": window.clone(),  # loss / token sums since the last metrics row
-        "pissa_init": trainable.pissa_init,
-    }
-
-
-def restore_checkpoint(ckpt: dict, cfg: C.RunConfig, trainable: Trainable, optimizer, scaler, device,
-                       total_steps: int, master: bool):
-    """Load weights, optimizer, scaler and RNG states from ``ckpt``; returns ``(step, log window)``."""
-    from .masking import pack_mask
-
-    where = f"the checkpoint in {cfg.output_dir}"
-    if ckpt.get("total_steps") != total_steps:
-        raise ConfigError(f"--resume: {where} was made for {ckpt.get('total_steps')} steps, "
-                          f"the config now gives {total_steps}")
-    saved = ckpt.get("trainable") or {}
-    for n, p in trainable.named:
-        if n not in saved or saved[n].shape != p.shape:
-            raise ConfigError(f"--resume: {where} does not match this model: "
-                              f"{n} {'is missing' if n not in saved else f'has shape {tuple(saved[n].shape)}'}")
-    with torch.no_grad():
-        for n, p in trainable.named:
-            p.copy_(saved[n])
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"--resume: {where} holds an optimizer state this optimizer cannot take: "
-                          f"{' '.join(str(e).split())[:200]}") from None
-    if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
-        for p, m in zip(trainable.params, trainable.masks):
-            optimizer.state[p]["mask"] = pack_mask(m)
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    trainable.pissa_init = ckpt.get("pissa_init", trainable.pissa_init)
-    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt.get("config") or {})
-    changed = sorted(k for k, v in now.items() if k in then and then[k] != v)  # NOT_SETTINGS keys only
-    if changed and master:
-        log.info("--resume: keys changed since the checkpoint (they do not change the result): %s", ", ".join(changed))
-    return ckpt["step"], ckpt["log_window"].clone()
-
-
-def read_metrics(path, upto_step):
-    """metrics.jsonl rows with step <= upto_step (what a resumed run keeps)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto_step]
-
-
 # ----------------------------------------------------------------------------- step arithmetic and log rows
 
 def token_norm(n_tgt: int, dist: Dist) -> float:
@@ -656,48 +629,36 @@ def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> 
     return row
 
 
-def non_finite_message(loss: float, step: int, ckpt_path: str, last_saved: Optional[int], t: C.TrainCfg) -> str:
-    """The one line of a NaN/inf loss: the step, and the last good checkpoint (kept) if there is one."""
+def non_finite_message(problem: str, step: int, ckpt_path: str, last_saved: Optional[int], t: C.TrainCfg) -> str:
+    """The one line of a diverged run (``problem``: ``training loss is nan``, ...): the step, and the last good
+    checkpoint (kept) if there is one."""
     kept = (f"the last good checkpoint, {ckpt_path} (step {last_saved}), is kept" if last_saved
             else f"no checkpoint was saved before it (train.save_every {t.save_every})")
-    return (f"training loss is {loss} at step {step}; the run stopped, and {kept}; a lower train.lr (now {t.lr}) "
+    return (f"{problem} at step {step}; the run stopped, and {kept}; a lower train.lr (now {t.lr}) "
             f"or train.max_grad_norm (now {t.max_grad_norm}) makes a new run (another output_dir)")
 
 
+def weights_problem(t: C.TrainCfg) -> str:
+    """What ``non_finite_message`` says of weights found non-finite on a logging or saving step."""
+    return (f"the trainable weights hold inf or NaN (checked every train.log_every {t.log_every} steps and before "
+            f"each save; the loss may still look finite)")
+
+
+def weights_finite(params) -> torch.Tensor:
+    """A device-side bool: whether every tensor of ``params`` is finite (one max-|w| reduction per tensor, as
+    ``clip_grad_norm_`` takes an inf-norm: no overflow, no copy of the weights); the caller reads it, on logging
+    and saving steps only."""
+    groups = {}
+    for p in params:  # _foreach_norm takes one device and dtype at a time
+        groups.setdefault((p.device, p.dtype), []).append(p.detach())
+    if not groups:
+        return torch.tensor(True)
+    with torch.no_grad():
+        flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf")))).all() for ts in groups.values()]
+        return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
 # ----------------------------------------------------------------------------- outputs
-
-class MetricsLog:
-    """``metrics.jsonl`` (and TensorBoard events) of the master process; a no-op on the other ranks."""
-
-    def __init__(self, out_dir: str, start_step: int, tensorboard: bool, master: bool):
-        self.file = self.tb = None
-        if not master:
-            return
-        path = os.path.join(out_dir, "metrics.jsonl")
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path, start_step)))
-        self.file = open(path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("log.tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def write(self, row: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        for f in (self.file, self.tb):
-            if f is not None:
-                f.close()
-
 
 def save_pretrained_dir(model, tokenizer, path) -> None:
     """``save_pretrained`` of model and tokenizer into ``path``, replaced whole (see ``atomic.replace_dir``)."""
@@ -732,8 +693,9 @@ def save_outputs(cfg: C.RunConfig, model, tokenizer, trainable: Trainable) -> di
         scale = lora_scaling(r_out, alpha_out, lc.rslora)
         norms = [float((scale * tensors[k.replace("lora_A", "lora_B")].float() @ tensors[k].float()).norm())
                  for k in tensors if k.endswith("lora_A.weight")]
-    save_adapter(model, os.path.join(out_dir, "adapter"), base_model=cfg.model, r=r_out, alpha=alpha_out,
-                 dropout=lc.dropout, targets=targets, use_rslora=lc.rslora, tensors=tensors)
+    replace_dir(os.path.join(out_dir, "adapter"),  # replaced whole: a link there is replaced, never written through
+                lambda tmp: save_adapter(model, tmp, base_model=cfg.model, r=r_out, alpha=alpha_out,
+                                         dropout=lc.dropout, targets=targets, use_rslora=lc.rslora, tensors=tensors))
     return {"delta_norm": math.sqrt(sum(n * n for n in norms))}  # ||update||_F over all adapted weights
 
 
@@ -750,39 +712,64 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
         force: write into an existing directory rankwise did not make, or train a finished run again from step 0.
 
     Every user error (config, paths, an unreadable checkpoint, changed settings on
-    resume, a NaN loss) is a ``ConfigError``; the output directory is checked
-    before the model is loaded.
+    resume, a NaN loss, non-finite weights, a full disk) is a ``ConfigError``; the
+    output directory is checked before the model is loaded, and locked for the
+    run's lifetime (a second run on it is refused, naming the first one's pid). A
+    run that fails before it starts writing its files (model, data, targets, a
+    checkpoint it cannot continue) removes what it created: the output directory if
+    it made it, else its marker and lock file.
 
     The summary holds at least ``output_dir``, ``status``, ``steps``, ``train_loss``
     (mean over the last logging window), ``trainable_params``, and the final eval
     metrics (``eval_loss``, ``eval_accuracy``, ``eval_ood_loss``, ``eval_ood_accuracy``
     when the data exists).
     """
+    t_start = time.time()
+    cfg = C.parse(config, overrides)
+    run_settings = C.settings(cfg)
+    dist = setup_processes(cfg.train.device)
+    check_backend(cfg.train.backend, dist.device)
+    ckpt = claim = None
+    if dist.master:
+        finished, ckpt, claim = prepare_output_dir(cfg, resume, force, run_settings)
+        if finished is not None:
+            return finished
+    elif resume and os.path.isdir(os.path.join(cfg.output_dir, CHECKPOINT)):
+        ckpt = load_run_checkpoint(os.path.join(cfg.output_dir, CHECKPOINT))
+    try:
+        return run(cfg, run_settings, dist, ckpt, claim, resume, force, t_start)
+    except BaseException:
+        if claim is not None:
+            claim.undo()  # nothing once the run started writing (committed)
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def start_writing(cfg: C.RunConfig, run_settings: dict, claim, restart: bool) -> None:
+    """Every check passed: from here the run's files are written and kept (``claim.commit``); a finished run
+    trained again (``restart``: ``--force``) is no longer finished; ``resolved_config.yaml``, ``settings.json``."""
+    claim.commit()
+    done = os.path.join(cfg.output_dir, SUMMARY)
+    if restart and os.path.lexists(done):
+        os.unlink(done)
+    with reporting_write_errors(cfg.output_dir, "the run files into"):
+        write_run_files(cfg, run_settings)
+
+
+def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: bool, force: bool,
+        t_start: float) -> dict:
+    """``train`` once its output directory is claimed: data, model, what trains, the loop, the outputs."""
     from .evaluate import batch_loss_sum
     from .model import load_tokenizer
 
-    cfg = C.parse(config, overrides)
-    t, out_dir, t_start = cfg.train, cfg.output_dir, time.time()
-    run_settings = C.settings(cfg)
-
-    # ---- setup ------------------------------------------------------------------------------
-    dist = setup_processes(t.device)
-    check_backend(t.backend, dist.device)
-    device, master = dist.device, dist.master
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    ckpt = None
-    if master:
-        finished, ckpt = prepare_output_dir(cfg, resume, force, run_settings)
-        if finished is not None:
-            return finished
-    elif resume and os.path.isdir(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+    t, out_dir, device, master = cfg.train, cfg.output_dir, dist.device, dist.master
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     autocast, scaler, amp_dtype = setup_precision(t.precision, device, master)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     batches, evals = load_data(cfg, tokenizer, master)
-    ga, micro_per_step = t.grad_accum, t.grad_accum * dist.world
     total_steps = count_steps(t, batches, dist.world)
 
     # ---- model, what trains, optimizer ------------------------------------------------------
@@ -801,18 +788,58 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
     optimizer = build_optimizer(t, trainable, device)
     start_step, window = 0, torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last row
     if ckpt is not None:
-        start_step, window = restore_checkpoint(ckpt, cfg, trainable, optimizer, scaler, device, total_steps, master)
+        start_step, window = restore_run_state(ckpt, cfg, trainable, optimizer, scaler, device, total_steps, master)
         if master:
-            log.info("resumed from %s at step %d", ckpt_path, start_step)
+            log.info("resumed from %s at step %d", os.path.join(out_dir, CHECKPOINT), start_step)
     elif resume and master:
         log.info("--resume: no checkpoint in %s, starting from step 0", out_dir)
     del ckpt
-    last_saved = start_step or None  # the step of the last good checkpoint on disk, if any
+    rows = []
     if master:
-        write_run_files(cfg, run_settings)
-    metrics = MetricsLog(out_dir, start_step, cfg.log.tensorboard, master)
+        rows = read_metrics(os.path.join(out_dir, METRICS), start_step) if start_step else []
+        if cfg.log.tensorboard:
+            require_tensorboard()
+        start_writing(cfg, run_settings, claim, force and not resume)
+    metrics = MetricsLog(out_dir, rows, cfg.log.tensorboard, master)
+    last = train_loop(cfg, run_settings, model, raw_model, tokenizer, evals, trainable, optimizer, scaler, batches,
+                      dist, metrics, loss_sum_of, autocast, start_step, total_steps, window, t_start)
 
-    # ---- the loop ---------------------------------------------------------------------------
+    # ---- outputs ----------------------------------------------------------------------------
+    summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": cfg.method,
+               "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": total_steps,
+               "train_loss": last.get("loss"), "trainable_params": trainable.n_changing}
+    if master:
+        final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals else {}
+        if final_eval:
+            metrics.write({"step": total_steps, **final_eval})
+        summary.update(final_eval)
+        with reporting_write_errors(out_dir, "the outputs into"):
+            summary.update(save_outputs(cfg, raw_model, tokenizer, trainable))
+            summary["runtime_s"] = round(time.time() - t_start, 3)
+            summary["settings_hash"] = C.settings_hash(run_settings)
+            atomic_write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        remove_path(os.path.join(out_dir, CHECKPOINT))  # a link there is unlinked, never followed
+    metrics.close()
+    if dist.ddp:
+        torch.distributed.barrier()
+        if dist.own_group:
+            torch.distributed.destroy_process_group()
+    return summary
+
+
+def train_loop(cfg: C.RunConfig, run_settings: dict, model, raw_model, tokenizer, evals, trainable: Trainable,
+               optimizer, scaler, batches: Batches, dist: Dist, metrics: MetricsLog, loss_sum_of, autocast,
+               start_step: int, total_steps: int, window, t_start: float) -> dict:
+    """Optimizer steps ``start_step`` to ``total_steps`` (logging, evaluation, checkpoints); returns the last row.
+
+    A non-finite loss stops the run at once (one host read per step, the loss sum);
+    the weights are checked on every logging step and before every checkpoint (one
+    device-side reduction read there), so non-finite weights are never saved.
+    """
+    t, device, master = cfg.train, dist.device, dist.master
+    ga, micro_per_step = t.grad_accum, t.grad_accum * dist.world
+    ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT)
+    last_saved = start_step or None  # the step of the last good checkpoint on disk, if any
     bar = None
     if master and cfg.log.progress:
         from tqdm.auto import tqdm
@@ -838,7 +865,8 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
                 loss_sum += ls.detach().double()
             loss_sum = float(loss_sum)  # one device sync per step
             if not math.isfinite(loss_sum):
-                raise NonFiniteLossError(non_finite_message(loss_sum / n_tgt, step + 1, ckpt_path, last_saved, t))
+                raise NonFiniteLossError(non_finite_message(f"training loss is {loss_sum / n_tgt}", step + 1,
+                                                            ckpt_path, last_saved, t))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             trainable.keep_masked_grads()
@@ -852,8 +880,12 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
             optimizer.zero_grad(set_to_none=True)
             window += torch.tensor([loss_sum, n_tgt, sum(b["n_tokens"] for _, b in step_batches)], dtype=torch.float64)
             done = step + 1
+            log_now = done % t.log_every == 0 or done == total_steps  # the last step: before the outputs
+            save_now = bool(t.save_every) and done % t.save_every == 0 and done != total_steps
+            if (log_now or save_now) and not bool(weights_finite(params)):  # read on these steps only
+                raise NonFiniteWeightsError(non_finite_message(weights_problem(t), done, ckpt_path, last_saved, t))
 
-            if done % t.log_every == 0 or done == total_steps:
+            if log_now:
                 window = sum_over_ranks(window, dist)
                 last = train_row(done, window, lr, grad_norm, step_batches[-1][0], t_window, t_start, device)
                 metrics.write(last)
@@ -869,35 +901,14 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
                 if dist.ddp:
                     torch.distributed.barrier()
                 t_window = time.time()
-            if t.save_every and done % t.save_every == 0 and done != total_steps and master:
-                save_checkpoint(ckpt_path, checkpoint_state(done, total_steps, cfg, run_settings, trainable, optimizer,
-                                                            scaler, device, micro_per_step, window))
+            if save_now and master:
+                save_checkpoint(ckpt_path, run_state(done, total_steps, cfg, run_settings, trainable, optimizer, scaler,
+                                                     device, micro_per_step, window))
                 last_saved = done
     finally:
         if bar is not None:
             bar.close()
-
-    # ---- outputs ----------------------------------------------------------------------------
-    summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": cfg.method,
-               "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": total_steps,
-               "train_loss": last.get("loss"), "trainable_params": trainable.n_changing}
-    if master:
-        final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals else {}
-        if final_eval:
-            metrics.write({"step": total_steps, **final_eval})
-        summary.update(final_eval)
-        summary.update(save_outputs(cfg, raw_model, tokenizer, trainable))
-        summary["runtime_s"] = round(time.time() - t_start, 3)
-        summary["settings_hash"] = C.settings_hash(run_settings)
-        atomic_write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2, sort_keys=False) + "\n")
-        if os.path.isdir(ckpt_path):
-            shutil.rmtree(ckpt_path)
-    metrics.close()
-    if dist.ddp:
-        torch.distributed.barrier()
-        if dist.own_group:
-            torch.distributed.destroy_process_group()
-    return summary
+    return last
 
 
 # ----------------------------------------------------------------------------- CLI verb
