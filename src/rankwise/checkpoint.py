@@ -32,7 +32,7 @@ import torch
 
 from . import config as C
 from .atomic import replace_dir, reporting_write_errors
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -163,7 +163,7 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} is incomplete: {state_file} is missing; {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"cannot read checkpoint {state_file}: {_one_line(e)}; {fix}") from None
+        raise ConfigError(f"cannot read checkpoint {state_file}: {one_line(e, 200)}; {fix}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"cannot read checkpoint {state_file}: not a rankwise checkpoint (format "
                           f"{data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT}); {fix}")
@@ -175,14 +175,14 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} is incomplete: {tensor_file} is missing; {fix}") from None
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"cannot read checkpoint {tensor_file}: {_one_line(e)}; {fix}") from None
+        raise ConfigError(f"cannot read checkpoint {tensor_file}: {one_line(e, 200)}; {fix}") from None
     try:
         state = join_state(data, tensors)
     except KeyError as e:
         raise ConfigError(f"cannot read checkpoint {tensor_file}: it lacks the tensor {e.args[0]!r} that "
                           f"{STATE} names; {fix}") from None
     except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"cannot read checkpoint {state_file}: malformed ({_one_line(e)}); {fix}") from None
+        raise ConfigError(f"cannot read checkpoint {state_file}: malformed ({one_line(e, 200)}); {fix}") from None
     state.pop("format")
     return state
 
@@ -247,7 +247,7 @@ def restore_run_state(ckpt: dict, cfg: C.RunConfig, trainable, optimizer, scaler
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"--resume: {where} holds an optimizer state this optimizer cannot take: "
-                          f"{_one_line(e)}") from None
+                          f"{one_line(e, 200)}") from None
     if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
         for p, m in zip(trainable.params, trainable.masks):
             optimizer.state[p]["mask"] = pack_mask(m)
@@ -292,7 +292,7 @@ def check_rng(rng, path) -> None:
         set_rng_state(rng, device)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its rng states are "
-                          f"malformed ({_one_line(e)}); {FIX}") from None
+                          f"malformed ({one_line(e, 200)}); {FIX}") from None
     finally:
         set_rng_state(now, device)
 
@@ -304,7 +304,3 @@ def check_log_window(window, path, what: str = "log_window") -> None:
             else repr(window)[:60]
         raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its {what} is {shown}, "
                           f"not 3 float64 sums; {FIX}")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 # verb -> (module, one-line help)
 VERBS = {
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     except ConfigError as e:  # bad input: one clear line; anything else is a bug and keeps its traceback
         if args.debug:
             raise
-        print(f"rankwise {args.verb}: error: {e}", file=sys.stderr)
+        print(f"rankwise {args.verb}: error: {one_line(e, 2000)}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -69,6 +69,7 @@ from .atomic import atomic_write, atomic_write_text, remove_path, replace_dir, r
 from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_run_checkpoint, refuse_legacy, restore_run_state,
                          run_state, save_checkpoint)
 from .errors import ConfigError
+from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer, resolve_device
 from .runlock import LOCK_FILE
 from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
 
@@ -153,7 +154,6 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 def setup_processes(device_name: str) -> Dist:
     """Read torchrun's environment, pick the device, start the process group under DDP."""
-    from .model import resolve_device
 
     dist = Dist(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), resolve_device(device_name))
     if dist.ddp:
@@ -237,6 +237,8 @@ def prepare_output_dir(cfg: C.RunConfig, resume: bool, force: bool, run_settings
     done = os.path.join(out_dir, SUMMARY)
     if resume and os.path.exists(done):
         return finished_summary(cfg, run_settings), None, None
+    check_model_files(cfg.model)  # malformed model or tokenizer files: refused before anything is written
+    check_tokenizer_files(cfg.tokenizer or cfg.model)
     if cfg.method == "lora":  # targets that match no layer: refused before anything is written or loaded
         shapes.check_targets(cfg.model, cfg.lora.targets)
     claim = ownership.claim(out_dir, "train", lock=True)
@@ -386,7 +388,6 @@ def mask_candidates(model) -> dict:
 
 def load_base_model(cfg: C.RunConfig, device):
     """The model as loaded (trained weights keep fp32 master copies outside LoRA), checkpointing switched on."""
-    from .model import load_model
 
     dtype = cfg.dtype
     if cfg.method != "lora" and dtype == "auto":
@@ -495,7 +496,6 @@ def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: 
 
 def score_by_update(run_dir: str, trainable: Trainable) -> list:
     """``|W_run - W_base|`` per trainable weight, ``W_run`` from ``run_dir/model`` (a finished full-SFT run)."""
-    from .model import load_model
 
     src = os.path.join(run_dir, "model")
     if not os.path.isdir(src):
@@ -762,7 +762,6 @@ def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: b
         t_start: float) -> dict:
     """``train`` once its output directory is claimed: data, model, what trains, the loop, the outputs."""
     from .evaluate import batch_loss_sum
-    from .model import load_tokenizer
 
     t, out_dir, device, master = cfg.train, cfg.output_dir, dist.device, dist.master
     random.seed(t.seed)
@@ -915,7 +914,7 @@ def train_loop(cfg: C.RunConfig, run_settings: dict, model, raw_model, tokenizer
 
 def add_arguments(parser) -> None:
     """Arguments of ``rankwise train``."""
-    parser.add_argument("config", help="YAML config file (see examples/lora.yaml)")
+    parser.add_argument("config", help="YAML config file (`rankwise init` writes the commented default one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted (e.g. --set lora.r=8 --set train.lr=1e-4); repeatable")
     parser.add_argument("--resume", action="store_true",
