@@ -576,16 +576,22 @@ def test_resume_from_a_crafted_step_is_one_line_and_keeps_everything(world, run_
 ROWS = '{"step": 1, "loss": 4.0}\n{"step": 2, "loss": 3.5}\n'
 
 
-def test_resume_drops_a_partial_last_metrics_line_and_keeps_the_rows(world, run_copy, tmp_path, caplog):  # noqa: F811
+def test_a_partial_last_metrics_line_is_refused_on_resume_and_the_fix_it_names_works(world, run_copy, tmp_path,  # noqa: F811
+                                                                                       capsys):
     """A kill (or a full disk) while a row was written leaves a partial last line, of a step after the checkpoint
-    (rows are written before their step's checkpoint): the resumed run drops it, says so, and logs that step again."""
+    (rows are written before their step's checkpoint). Resume refuses in one line, exit 2, nothing written, and says
+    what to do; done, the resumed run keeps the rows up to its checkpoint and logs the cut step again."""
     metrics = run_copy / "metrics.jsonl"
     metrics.write_text(ROWS + '{"step": 3, "loss": 3.')
-    assert cli.main(["train", str(write_cfg(tmp_path, small_cfg(world, run_copy, log_every=1))), "--resume"]) == 0
+    path = write_cfg(tmp_path, small_cfg(world, run_copy, log_every=1))
+    err = cli_refused(capsys, ["train", path, "--resume"], run_copy)
+    assert f"cannot read {metrics}: its last line (line 3) is a partial row" in err, err
+    assert "delete that line, then --resume again" in err, err
+    metrics.write_text(ROWS)
+    assert cli.main(["train", str(path), "--resume"]) == 0
     text = metrics.read_text()
     assert text.startswith(ROWS), "the rows up to the checkpoint are kept as they were"
     assert [r["step"] for r in map(json.loads, text.splitlines()) if "loss" in r] == [1, 2, 3, 4]
-    assert "its last line is a partial row" in caplog.text
 
 
 @pytest.mark.parametrize("damage, match", [

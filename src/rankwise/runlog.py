@@ -5,10 +5,10 @@ step (``read_metrics``) and rewrites the file with them before it appends. The
 file is appended to one whole row at a time, and every row is written before
 the checkpoint of its step, so a run killed (or stopped by a full disk) while
 writing leaves at most a partial *last* line, of a step after its last
-checkpoint: ``read_metrics`` drops it (with a warning), as the resumed run logs
-that step again. Any other unreadable line is not what a stopped run leaves
-(the file was edited or damaged), and is refused in one line naming the file and
-the line, before anything is written: nothing of the user's is dropped silently.
+checkpoint. ``read_metrics`` refuses it in one line saying so (the user deletes
+that line; the resumed run logs that step again), and any other unreadable line
+too (the file was edited or damaged), naming the file and the line, before
+anything is written: nothing of the user's is dropped or rewritten unasked.
 
 The file is rewritten atomically (a link in its place is replaced, not written
 through) and then opened for appending with ``O_NOFOLLOW``; a link in place of
@@ -17,13 +17,10 @@ through) and then opened for appending with ``O_NOFOLLOW``; a link in place of
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 from .atomic import atomic_write_text, remove_path, reporting_write_errors
 from .errors import ConfigError
-
-log = logging.getLogger("rankwise")
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
@@ -50,9 +47,10 @@ def read_metrics(path, upto_step: int) -> list:
                 raise ValueError(f"a JSON {type(row).__name__}, not an object")
         except ValueError as e:
             if i == len(lines) - 1:  # no newline after it: a row cut short by a kill or a full disk
-                log.warning("%s: its last line is a partial row (the run was stopped while writing it); "
-                            "dropped, the resumed run logs that step again", path)
-                break
+                raise ConfigError(f"cannot read {path}: its last line (line {i + 1}) is a partial row, as a run "
+                                  f"stopped while writing it leaves (a kill, a full disk); it is a step after the "
+                                  f"checkpoint, which the resumed run logs again: delete that line, then --resume "
+                                  f"again") from None
             raise ConfigError(f"cannot read {path}: line {i + 1} is not a JSON row ({' '.join(str(e).split())[:80]})"
                               f"; a stopped run leaves at most a partial last line, so the file was changed: "
                               f"repair or move it away to resume") from None
