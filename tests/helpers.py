@@ -1,6 +1,9 @@
 """Helpers shared by the kernel tests: relative error against a float64 reference, a
 check that says where and by how much a tensor is off, and an aot_eager backend that
 keeps the graphs it compiles (to see which ops a compiled function calls)."""
+import copy
+import math
+
 import torch
 
 
@@ -44,7 +47,9 @@ def op_names(gm):
 # ----------------------------------------------------------------------------
 # float64 oracles of the LoRA layer and of NF4 dequantization. Written here, with
 # other torch calls than the ops' torch backends, so that a test never compares
-# a backend with itself.
+# a backend with itself. The NF4 decoder is the only one: bitsandbytes' weights and
+# rankwise's both go through it (bitsandbytes' quantizer bytes are the oracle for
+# quantization; its dequantize / matmul kernels are never a reference).
 # ----------------------------------------------------------------------------
 
 
@@ -63,25 +68,109 @@ def lora_linear_ref64(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0
     return y if bias is None else y + bias
 
 
-def nf4_dequantize_ref64(q):
-    """The values of an NF4 weight as the float64 product ``code[nib] * scale`` (exact:
-    two fp32 factors), shape ``q.shape``. The per-block scale is fp32 by the format:
-    ``map8[absmax_u8] * nested[b // nested_blocksize] + offset`` (multiply, round,
-    add, round) with double quantization, else ``absmax``. The format rounds the
-    product to fp32 and then to the output dtype: ``.float().to(dtype)`` of the
-    result is what a dequantizer must return, bit for bit."""
-    n = q.numel
-    b = q.packed.reshape(-1).long()
+def decode_nf4(packed, absmax, code, blocksize, shape, nested_absmax=None, nested_code=None, offset=None,
+               nested_blocksize=256):
+    """The values of an NF4 weight, float64, shape ``shape``, decoded from its storage by
+    the format's definition with plain indexing and float64 arithmetic (no bitsandbytes or
+    rankwise kernel): value i is ``code[nib_i] * scale[i // blocksize]``, the 4-bit
+    indices two per byte of ``packed`` (any storage dtype, read as bytes), the first value
+    in the high nibble. The per-block scale is fp32 by the format: ``absmax[b]``, or with
+    double quantization (``nested_absmax`` given) ``nested_code[absmax_u8[b]] *
+    nested_absmax[b // nested_blocksize] + offset``, multiplied, rounded to fp32, added,
+    rounded to fp32 (float64 then one rounding is fp32's own result for either operation).
+    The product of two fp32 values is exact in float64: rounded to fp32 and then to the
+    weight's dtype (``.float().to(dtype)``) it is what a dequantizer must return, bit for bit."""
+    n = math.prod(shape)
+    b = packed.contiguous().view(torch.uint8).reshape(-1).long()
+    assert b.numel() == (n + 1) // 2, f"packed: {b.numel()} bytes for {n} values"
+    blocks = -(-n // blocksize)
+    assert absmax.numel() == blocks, f"absmax: {absmax.numel()} values for {blocks} blocks"
     nib = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
-    code = q.quant_map.double()[nib]
-    blk = torch.arange(n, device=b.device) // q.blocksize
-    if q.double_quant:
-        u8 = q.absmax.long()
-        nested = q.nested_absmax.float()[torch.arange(u8.numel(), device=b.device) // q.nested_blocksize]
-        scale = (q.nested_quant_map.float()[u8] * nested) + q.offset.float()
+    if nested_absmax is None:
+        scale = absmax.double()
     else:
-        scale = q.absmax.float()
-    return (code * scale.double()[blk]).reshape(q.shape)
+        assert absmax.dtype == torch.uint8, f"nested absmax codes: expected uint8, got {absmax.dtype}"
+        s2 = nested_absmax.double()[torch.arange(blocks, device=b.device) // nested_blocksize]
+        scale = (nested_code.double()[absmax.long()] * s2).float().double()
+        scale = (scale + offset.double()).float().double()
+    idx = torch.arange(n, device=b.device) // blocksize
+    return (code.double()[nib] * scale[idx]).reshape(tuple(shape))
+
+
+def decode_nf4_bnb(packed, quant_state):
+    """``decode_nf4`` of bitsandbytes' own storage: its packed bytes and ``QuantState``
+    (``code``, ``absmax``, ``blocksize``, ``shape``; with ``nested``, ``state2.absmax``,
+    ``state2.code``, ``state2.blocksize`` and ``offset``). bitsandbytes' kernels are never
+    called: they are what the tests must not trust (wrong on some CPUs)."""
+    qs = quant_state
+    assert qs.quant_type == "nf4", f"quant_type {qs.quant_type!r}"
+    assert not getattr(qs, "packing_format_for_cpu", False), "repacked for bitsandbytes' CPU kernel: not NF4's layout"
+    if not qs.nested:
+        return decode_nf4(packed, qs.absmax, qs.code, qs.blocksize, qs.shape)
+    offset = qs.offset if isinstance(qs.offset, torch.Tensor) else torch.tensor(float(qs.offset))
+    return decode_nf4(packed, qs.absmax, qs.code, qs.blocksize, qs.shape, qs.state2.absmax, qs.state2.code,
+                      offset, qs.state2.blocksize)
+
+
+def nf4_dequantize_ref64(q):
+    """``decode_nf4`` of a rankwise ``NF4Weight`` (the same fields, rankwise's names)."""
+    if not q.double_quant:
+        return decode_nf4(q.packed, q.absmax, q.quant_map, q.blocksize, q.shape)
+    return decode_nf4(q.packed, q.absmax, q.quant_map, q.blocksize, q.shape, q.nested_absmax, q.nested_quant_map,
+                      q.offset, q.nested_blocksize)
+
+
+class DecodedLinear4bit(torch.nn.Module):
+    """A bitsandbytes NF4 ``Linear4bit`` as dense torch math on its decoded weight (no
+    bitsandbytes kernel): what the layer computes by its definition. x is cast to the
+    compute dtype, W is ``decode_nf4_bnb`` rounded to fp32 (the format's values) and then
+    to the compute dtype (bitsandbytes dequantizes straight to it), the bias too, and the
+    output is cast back to x's dtype. Compute dtype float64 gives the float64 oracle."""
+
+    def __init__(self, layer, compute_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.compute_dtype = compute_dtype or layer.compute_dtype
+        W = decode_nf4_bnb(layer.weight.data, layer.weight.quant_state).float()
+        self.register_buffer("weight", W.double())  # fp32 values, kept exact through .double() / .float()
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().double())
+
+    def forward(self, x):
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+
+
+def is_bnb_4bit_layer(module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (its weight carries a 4-bit ``quant_state``; not PEFT's
+    LoRA layer around one, whose ``weight`` is its base layer's), told without importing
+    bitsandbytes."""
+    w = getattr(module, "weight", None)
+    return (isinstance(w, torch.Tensor) and getattr(w, "quant_state", None) is not None
+            and hasattr(module, "compute_dtype") and not hasattr(module, "base_layer"))
+
+
+def decoded_dense_copy(model, compute_dtype=None, float64=False):
+    """A deep copy of ``model`` (same bytes, same LoRA weights) whose bitsandbytes 4-bit
+    layers are ``DecodedLinear4bit`` in ``compute_dtype`` (default: each layer's own);
+    ``float64=True``: every floating-point tensor and every product in float64, the oracle."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if is_bnb_4bit_layer(module):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child,
+                    DecodedLinear4bit(module, torch.float64 if float64 else compute_dtype))
+    return dense.double() if float64 else dense
+
+
+def causal_lm_loss64(logits, labels, ignore_index=-100):
+    """transformers' ``ForCausalLMLoss`` (position t predicts ``labels[t + 1]``, ``ignore_index``
+    left out, the mean over the targets) in float64: that function upcasts the logits with
+    ``.float()``, which would round a float64 oracle's logits to fp32."""
+    assert logits.dtype == torch.float64, f"logits: the oracle takes float64, got {logits.dtype}"
+    targets = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=ignore_index)
 
 
 # ----------------------------------------------------------------------------

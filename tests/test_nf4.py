@@ -1,10 +1,14 @@
-"""NF4 format: byte equality with bitsandbytes (the reference), dequantization,
-conversions, state dicts, errors, the Triton dequantize kernel, NF4Linear and
-quantize_model_nf4."""
+"""NF4 format: byte equality with bitsandbytes' quantizer (the reference for quantization),
+dequantization against the test's own float64 decoding of the same bytes
+(``helpers.decode_nf4_bnb``: bitsandbytes' dequantize and matmul kernels are never the
+reference; its CPU kernels give wrong values on some CPUs, e.g. with AVX512-BF16), the
+decoder itself against the format's definition, conversions, state dicts, errors, the
+Triton dequantize kernel, NF4Linear and quantize_model_nf4."""
 import math
 
 import pytest
 import torch
+from helpers import decode_nf4_bnb
 
 from rankwise.quant import (
     NF4_CODE,
@@ -71,9 +75,8 @@ def test_quantize_matches_bitsandbytes(bnbF, shape, dtype, double_quant):
         assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax")
         assert_bytes_equal(q.nested_quant_map, st.state2.code, "nested_quant_map")
         assert torch.equal(q.offset, st.offset), (q.offset, st.offset)
-    # dequantization equal too, bit for bit
-    ref = bnbF.dequantize_4bit(packed, st)
-    assert_bytes_equal(dequantize_nf4(q), ref.reshape(W.shape), "dequantized")
+    # dequantization: the format's values of bitsandbytes' bytes, bit for bit
+    assert_bytes_equal(dequantize_nf4(q), decode_nf4_bnb(packed, st).float().to(dtype), "dequantized")
 
 
 @pytest.mark.parametrize("blocksize", [128, 256, 1024])
@@ -85,7 +88,7 @@ def test_quantize_other_blocksizes_and_many_nested_blocks(bnbF, blocksize):
     assert_bytes_equal(q.packed, packed, "packed")
     assert_bytes_equal(q.absmax, st.absmax, "absmax codes")
     assert_bytes_equal(q.nested_absmax, st.state2.absmax, "nested_absmax")
-    assert_bytes_equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, st), "dequantized")
+    assert_bytes_equal(dequantize_nf4(q), decode_nf4_bnb(packed, st).float(), "dequantized")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -98,7 +101,7 @@ def test_blocksize_32_matches_bitsandbytes(bnbF, shape, dtype, double_quant):
 
     W = _weight(shape, dtype, seed=32 + DTYPES.index(dtype))
     packed, st = bnbF.quantize_4bit(W, blocksize=32, quant_type="nf4", compress_statistics=double_quant)
-    ref = bnbF.dequantize_4bit(packed, st).reshape(W.shape)
+    ref = decode_nf4_bnb(packed, st).float().to(dtype)
     for backend in ("torch", "triton"):
         q = quantize_nf4(W, blocksize=32, double_quant=double_quant, backend=backend)
         assert q.blocksize == 32 and q.absmax.numel() == math.ceil(W.numel() / 32)
@@ -114,6 +117,90 @@ def test_blocksize_32_matches_bitsandbytes(bnbF, shape, dtype, double_quant):
 def test_code_tables_match_bitsandbytes(bnbF):
     assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
+
+
+def _exact_weight(shape, blocksize, seed, one_scale=False):
+    """A weight whose NF4 quantization is exact: every block holds code values times a
+    power of two 2^e (the same e everywhere with ``one_scale``), its first value +-2^e so
+    that the block's absmax is 2^e. Then W / absmax is a code value exactly, the quantizer
+    must pick that code, and the decoded weight must be W, bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    e = torch.zeros(blocks) if one_scale else torch.randint(-6, 4, (blocks,), generator=g).float()
+    idx = torch.randint(0, 16, (n,), generator=g)
+    idx[::blocksize] = torch.randint(0, 2, (blocks,), generator=g) * 15  # code 0 is -1.0, code 15 is +1.0
+    W = NF4_CODE[idx] * torch.exp2(e).repeat_interleave(blocksize)[:n]
+    return W.reshape(shape)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024])
+@pytest.mark.parametrize("shape", [(96, 96), (37, 51), (129,), (3, 5, 70), (1, 65)])
+def test_decoder_known_answer_from_bitsandbytes_bytes(bnbF, shape, blocksize):
+    """The tests' decoder (helpers.decode_nf4_bnb) on bitsandbytes' own bytes and quant
+    state of a weight whose NF4 values are known (``_exact_weight``): exactly that weight.
+    Checks the nibble order (first value in the high nibble), the block of each value (the
+    last block short, blocks straddling rows), the code table and the absmax; and, with
+    double quantization (one scale everywhere: absmax - offset is 0, so exact), the nested
+    state. Shapes: a 96x96 weight, numel not a multiple of the block, odd numel, 3-D."""
+    for dq in (False, True):
+        W = _exact_weight(shape, blocksize, seed=blocksize + len(shape), one_scale=dq)
+        packed, st = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=dq)
+        assert st.nested == dq
+        got = decode_nf4_bnb(packed, st)
+        assert got.dtype == torch.float64 and got.shape == W.shape
+        assert_bytes_equal(got, W.double(), f"decoded (double_quant={dq})")
+
+
+def test_decoder_nested_known_answer():
+    """Double quantization decoded by hand: a QuantState built here (bitsandbytes' container,
+    none of its kernels) with two nested blocks (301 absmax codes: 256 + 45), absmax codes
+    that are the dynamic map's 1.0 and 0.0, nested scales 0.5 and 0.25 and offset 0.125:
+    block scales 0.625 / 0.125 in the first nested block, 0.375 / 0.125 in the second
+    (exact in fp32), each value ``NF4[nibble] * scale`` with the nibbles drawn; 9639 values
+    (odd, the last block short)."""
+    QuantState = pytest.importorskip("bitsandbytes.functional").QuantState
+    n, bs = 300 * 32 + 39, 32
+    blocks = -(-n // bs)
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
+    code8 = dynamic_map()
+    one, zero = int((code8 == 1.0).nonzero()), int((code8 == 0.0).nonzero())
+    u8 = torch.tensor([one if b % 2 == 0 else zero for b in range(blocks)], dtype=torch.uint8)
+    state2 = QuantState(absmax=torch.tensor([0.5, 0.25]), code=code8, blocksize=256, dtype=torch.float32)
+    st = QuantState(absmax=u8, shape=torch.Size([n]), dtype=torch.float32, blocksize=bs, code=NF4_CODE.clone(),
+                    quant_type="nf4", offset=torch.tensor(0.125), state2=state2)
+    nibbles = [v for byte in packed.reshape(-1).tolist() for v in (byte >> 4, byte & 15)][:n]
+    scales = [(1.0 if b % 2 == 0 else 0.0) * (0.5 if b < 256 else 0.25) + 0.125 for b in range(blocks)]
+    want = torch.tensor([float(NF4_CODE[k]) * scales[i // bs] for i, k in enumerate(nibbles)], dtype=torch.float64)
+    assert_bytes_equal(decode_nf4_bnb(packed, st), want, "decoded by hand")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_decoder_on_bitsandbytes_quantization_of_a_random_weight(bnbF, double_quant):
+    """A random 300 x 1024 weight, rows of very different scales (19 / 10 nested blocks of
+    absmax codes with blocksize 64 / 128), quantized by bitsandbytes: every decoded value
+    within the format's rounding of W: half the widest NF4 code gap (0.1520, between -1
+    and the next code) times the block's absmax, plus, with double quantization, the 8-bit
+    rounding of ``absmax - offset``: half the widest gap of the dynamic map (0.0071, near
+    1) times the largest ``|absmax - offset|`` of its nested block. A misread byte, block,
+    code table or nested state misses it."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(300, 1024, generator=g) * torch.rand(300, 1, generator=g)
+    gap8 = (dynamic_map().diff().max() / 2).item()
+    assert gap8 < 0.0072
+    for bs in (64, 128):
+        packed, st = bnbF.quantize_4bit(W, blocksize=bs, quant_type="nf4", compress_statistics=double_quant)
+        got = decode_nf4_bnb(packed, st).reshape(-1, bs)
+        w = W.double().reshape(-1, bs)
+        absmax = w.abs().amax(1)
+        bound = 0.1520 * absmax
+        if double_quant:
+            dev = (absmax - absmax.mean()).abs()
+            dev = torch.nn.functional.pad(dev, (0, -dev.numel() % 256)).reshape(-1, 256).amax(1)
+            bound = bound + gap8 * dev.repeat_interleave(256)[:absmax.numel()] * 1.0001
+        err = (got - w).abs().amax(1)
+        assert (err <= bound).all(), (bs, (err / bound).max().item())
 
 
 def test_nested_8bit_quantizer_ties_and_grid(bnbF):
@@ -162,14 +249,17 @@ def test_bitsandbytes_state_dict_round_trip(bnbF):
         # rankwise -> bnb again
         stats = {k[len("weight."):]: v for k, v in sd2.items() if k.startswith("weight.")}
         p = bnb.nn.Params4bit.from_prequantized(sd2["weight"], stats, device="cpu")
-        assert_bytes_equal(bnbF.dequantize_4bit(p.data, p.quant_state), dequantize_nf4(m.weight), "dequant")
+        assert_bytes_equal(decode_nf4_bnb(p.data, p.quant_state).float(), dequantize_nf4(m.weight), "dequant")
         # our own quantizer gives the very same checkpoint
         sd3 = nf4_state_dict(quantize_nf4(fp.weight.data, double_quant=dq))
         for k in sd3:
             assert_bytes_equal(sd3[k], sd[k], k)
+        # the layer's output: the float64 product with the decoded weight, to fp32 rounding (K = 70)
         x = torch.randn(5, 70)
+        ref = torch.nn.functional.linear(x.double(), decode_nf4_bnb(lin.weight.data, lin.weight.quant_state).float()
+                                         .double(), lin.bias.double())
         with torch.no_grad():
-            torch.testing.assert_close(m(x), lin.eval()(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_to_bnb_from_bnb(bnbF):
@@ -177,9 +267,10 @@ def test_to_bnb_from_bnb(bnbF):
     for dq in (False, True):
         q = quantize_nf4(W, double_quant=dq)
         packed, st = to_bnb(q)
-        assert_bytes_equal(bnbF.dequantize_4bit(packed, st), dequantize_nf4(q), "to_bnb")
+        assert_bytes_equal(decode_nf4_bnb(packed, st).float().to(q.dtype), dequantize_nf4(q), "to_bnb")
         params = to_bnb_params(q)
-        assert_bytes_equal(bnbF.dequantize_4bit(params.data, params.quant_state), dequantize_nf4(q), "params")
+        assert_bytes_equal(decode_nf4_bnb(params.data, params.quant_state).float().to(q.dtype), dequantize_nf4(q),
+                           "params")
         back = from_bnb(params)
         assert_bytes_equal(back.packed, q.packed, "packed")
         assert_bytes_equal(dequantize_nf4(back), dequantize_nf4(q), "from_bnb")

@@ -10,8 +10,8 @@ Tolerances (fp32 throughout; relative: max|a - b| / max|b| per tensor):
 - every trainable gradient: 2e-5 (torch backend) / 5e-5 (Triton kernels, their own
   tile order of the sums), against the unpatched model's autograd;
 - Trainer: each logged loss within 1e-5 relative of the unpatched run's;
-- QLoRA: loss 1e-5, LoRA gradients 5e-5 (rankwise reads bitsandbytes' bytes; PEFT's
-  layer dequantizes them: the same W, summed in another order);
+- QLoRA: loss and LoRA gradients 1e-5, against the float64 model decoded from the same
+  bytes (bitsandbytes' kernels are never the reference: they are wrong on some CPUs);
 - bf16 / fp16 Llama and Gemma 2: loss within 1e-2 relative (the fused head and kernels
   round once where torch rounds twice).
 """
@@ -21,9 +21,13 @@ import pytest
 import torch
 import transformers as T
 
+from helpers import causal_lm_loss64, decoded_dense_copy, is_bnb_4bit_layer
+from test_data import build_tiny_llama
+
 import rankwise
 import rankwise.kernels
 from rankwise import patch_model, unpatch_model
+from rankwise.lora import peft_fusion_report
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -66,10 +70,10 @@ def build(family, dtype=torch.float32, seed=0):
     return model.to(dtype)
 
 
-def batch(seed=0, B=2, L=9):
+def batch(seed=0, B=2, L=9, vocab=VOCAB):
     """Right-padded token ids, the mask, and labels with the pads and a prompt ignored."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (B, L), generator=gen)
+    ids = torch.randint(0, vocab, (B, L), generator=gen)
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, L - 3:] = 0
     labels = ids.masked_fill(mask == 0, -100)
@@ -244,33 +248,111 @@ def test_half_precision_loss(family, dtype):
     assert rel(out.loss, ref) < 1e-2
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_qlora_model(tmp_path, backend):
-    """A tiny Llama saved and reloaded in 4 bits (bitsandbytes NF4) + PEFT LoRA: the
-    LoRA layers run the fused NF4 op on bitsandbytes' bytes; loss and LoRA gradients as PEFT's."""
-    from rankwise.lora import peft_fusion_report
+QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+
+def qlora_llama(path, hidden=64, targets=QLORA_TARGETS):
+    """A tiny Llama (``test_data.build_tiny_llama``; hidden 64: 64 x 64 and 32 x 64
+    attention weights, MLP rows of 136) loaded the usual QLoRA way: bitsandbytes NF4 with
+    double quantization and fp32 compute, PEFT LoRA r=8 on ``targets`` (default: every
+    projection of the decoder), norm weights and lora_B drawn so that every patched part
+    and every gradient shows; in training mode."""
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    build("llama").save_pretrained(tmp_path)
-    quant = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=quant)
-    torch.manual_seed(3)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    build_tiny_llama(path, hidden=hidden)
+    quant = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+    base = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant)
     gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # norms start at 1: give them values, so that the patched norms' use of them shows
+        for name, p in base.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    torch.manual_seed(3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
-    ids, mask, labels = batch(7, L=7)
-    ref = loss_and_grads(model, ids, mask, labels)
+    return model.train()
+
+
+@pytest.fixture
+def no_bnb_kernels(monkeypatch):
+    """Fail on any call of bitsandbytes' 4-bit matmul or dequantization, the kernels that are
+    wrong on some CPUs (every bitsandbytes layer's forward goes through ``matmul_4bit``)."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a bitsandbytes 4-bit kernel was called")
+
+    def arm():
+        monkeypatch.setattr(bnb, "matmul_4bit", boom)
+        monkeypatch.setattr(bnb.functional, "dequantize_4bit", boom)
+    return arm
+
+
+def decoded_oracle(model, ids, mask, labels):
+    """Loss and LoRA gradients of the model's float64 twin: every bitsandbytes layer replaced
+    by its weight decoded from the same bytes (``helpers.decoded_dense_copy``), the loss in
+    float64 (``helpers.causal_lm_loss64``)."""
+    twin = decoded_dense_copy(model, float64=True)
+    loss = causal_lm_loss64(twin(input_ids=ids, attention_mask=mask).logits, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in twin.named_parameters() if p.requires_grad}
+    return T.modeling_outputs.CausalLMOutputWithPast(loss=loss.detach()), grads
+
+
+@pytest.mark.parametrize("backend,hidden", [("torch", 64), ("triton", 32)])  # the interpreter: the smaller model
+def test_qlora_model_matches_the_decoded_model(tmp_path, backend, hidden, no_bnb_kernels):
+    """``patch_model`` on a QLoRA model (``qlora_llama``): the LoRA layers run the fused NF4
+    op on bitsandbytes' bytes, norms, MLPs and the loss are fused; the loss and every LoRA
+    gradient within 1e-5 relative of the float64 oracle decoded from the same bytes (the
+    fp32 run's own rounding, measured: 1e-7 on the loss, 2e-6 - 3e-6 on the gradients).
+
+    The bitsandbytes layers are set to repack their weights as they do on CPUs with
+    AVX512-BF16 (``support_avx512bf16_for_cpu``: in eval mode without gradients,
+    ``Linear4bit.forward`` rewrites the weight in place for bitsandbytes' inference
+    kernel, the scales rounded to bf16). patch_model's checks must not trigger it: they
+    used to (PEFT's forward over layers.0's q_proj), leaving that layer unreadable to
+    rankwise and run by bitsandbytes with bf16 scales: on an AVX512-BF16 CPU the loss was
+    2e-4 off and layer 0's k_proj gradients 4e-2 (hidden 64), or the repacking raised
+    (hidden 32: rows shorter than a block)."""
+    model = qlora_llama(tmp_path, hidden)
+    layers = [m for m in model.modules() if is_bnb_4bit_layer(m)]
+    assert len(layers) == 14
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on an AVX512-BF16 CPU
+    ids, mask, labels = batch(7, L=7, vocab=model.config.vocab_size)
+    ref = decoded_oracle(model, ids, mask, labels)
+    no_bnb_kernels()  # neither patch_model's checks nor the patched model may depend on them
     report = patch_model(model, backend=backend)
-    assert report["patched"]["lora"] == 14 and report["patched"]["loss"] == 1, report
-    assert set(peft_fusion_report(model).values()) == {None}, "every LoRA layer through the fused NF4 op"
+    assert report["patched"] == {"lora": 14, "loss": 1, "rms_norm": 5, "rms_norm_offset": 0, "swiglu": 2,
+                                 "geglu": 0, "swiglu_gate_up": 0}, report
     got = loss_and_grads(model, ids, mask, labels)
-    assert_same(got, ref, 1e-5, 5e-5, f"qlora {backend}")
+    assert_same(got, ref, 1e-5, 1e-5, f"qlora {backend}")
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers), "repacked"
+    assert set(peft_fusion_report(model).values()) == {None}, "every LoRA layer through the fused NF4 op"
     assert unpatch_model(model)["lora"] == 14 and instance_forwards(model) == set()
+
+
+def test_checks_leave_bitsandbytes_weights_as_they_are(tmp_path):
+    """LoRA on the attention only: the MLPs are bare bitsandbytes 4-bit layers (no
+    floating-point parameter), so patch_model's MLP check and its loss check run
+    bitsandbytes' own forward, in eval mode without gradients. Set to repack as on an
+    AVX512-BF16 CPU, no weight may be repacked by them (the MLP and loss checks keep the
+    4-bit layers in training mode), and the MLPs, the loss and every LoRA layer are patched."""
+    model = qlora_llama(tmp_path, targets=QLORA_TARGETS[:4])
+    layers = [m for m in model.modules() if is_bnb_4bit_layer(m)]
+    assert len(layers) == 14
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on an AVX512-BF16 CPU
+    report = patch_model(model, backend="torch")
+    assert report["patched"] == {"lora": 8, "loss": 1, "rms_norm": 5, "rms_norm_offset": 0, "swiglu": 2,
+                                 "geglu": 0, "swiglu_gate_up": 0}, report
+    repacked = [i for i, m in enumerate(layers) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert repacked == [], f"{len(repacked)} of {len(layers)} weights repacked by patch_model's checks"
+    assert set(peft_fusion_report(model).values()) == {None}
 
 
 class TokenRows(torch.utils.data.Dataset):
@@ -314,8 +396,6 @@ def trainer_losses(tmp_path, patched, monkeypatch, peft=False):
     trainer = T.Trainer(model=model, args=args, train_dataset=TokenRows(), data_collator=collate)
     trainer.train()
     if patched and peft:
-        from rankwise.lora import peft_fusion_report
-
         assert set(peft_fusion_report(model).values()) == {None}, "the LoRA layers stay fused under Trainer"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, len(calls)

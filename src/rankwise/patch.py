@@ -26,7 +26,9 @@ Llama form, then, with ``all_kinds``, the Gemma form: the one that agrees is kep
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import types
 
 import torch
@@ -100,25 +102,47 @@ def _in_width(m: nn.Module, proj: str):
     return getattr(m, "hidden_size", None) or getattr(getattr(m, proj), "in_features", None)
 
 
+@contextlib.contextmanager
+def check_mode(module: nn.Module):
+    """Eval mode for a patch-time check (no dropout: both forwards must compute the same
+    function), every module's own mode restored afterwards, except that bitsandbytes'
+    4-bit layers stay in training mode: in eval mode without gradients, on CPUs with
+    AVX512-BF16, ``bitsandbytes.nn.Linear4bit.forward`` repacks its weight in place for
+    its inference kernel (``packing_format_for_cpu``: another byte layout, the scales
+    rounded to bf16, lossily), after which rankwise can no longer read the NF4 bytes and
+    the layer computes with bf16-rounded scales. They have no dropout, so training mode
+    changes nothing else in their forward."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    if linear4bit is not None:
+        for m in module.modules():
+            if isinstance(m, linear4bit):
+                m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 @torch.no_grad()
 def agrees(module: nn.Module, fused, width: int, reference=None, dtype=None) -> bool:
     """The fused forward gives the module's own output on a random (2, 5, width) input.
 
     ``reference(module, x)`` is the module's own forward (default ``module.forward``);
-    ``dtype`` the input's (default: the dtype of the module's first floating-point parameter)."""
-    p = next(q for q in module.parameters() if q.is_floating_point())
-    dtype = dtype or p.dtype
-    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(p.device, dtype)
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()  # no dropout in LoRA projections: both forwards must see the same function
-    try:
-        with torch.random.fork_rng(devices=[]):
-            ref = module.forward(x) if reference is None else reference(module, x)
-            out = fused(module, x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    tol = 1e-5 if dtype == torch.float32 and p.dtype == torch.float32 else 2e-2
+    ``dtype`` the input's (default: the dtype of the module's first floating-point
+    parameter; fp32 for a module with none, e.g. an MLP of bitsandbytes 4-bit layers)."""
+    params = list(module.parameters())
+    p = next((q for q in params if q.is_floating_point()), None)
+    dtype = dtype or (p.dtype if p is not None else torch.float32)
+    device = params[0].device if params else torch.device("cpu")
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with check_mode(module), torch.random.fork_rng(devices=[]):
+        ref = module.forward(x) if reference is None else reference(module, x)
+        out = fused(module, x)
+    tol = 1e-5 if dtype == torch.float32 and (p is None or p.dtype == torch.float32) else 2e-2
     return out.shape == ref.shape and out.dtype == ref.dtype and bool(
         ((out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max().clamp_min(1e-6)))
 

@@ -23,7 +23,10 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
 Each kind is checked once at patch time against the module's own forward (the norms
 and MLPs on a random input per class, one LoRA layer per layer class and base class,
 the loss on a random padded batch with and without ``num_items_in_batch``); a kind that
-disagrees is undone and reported. ``unpatch_model`` restores every forward.
+disagrees is undone and reported. ``unpatch_model`` restores every forward. The checks
+leave bitsandbytes' 4-bit weights as they are (``patch.check_mode``: in eval mode without
+gradients bitsandbytes rewrites them in place on AVX512-BF16 CPUs), and the LoRA check
+takes a 4-bit base's product from its NF4 bytes, not from bitsandbytes' kernels.
 """
 from __future__ import annotations
 
@@ -36,9 +39,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rankwise.lora import patch_peft_model, peft_fusion_report, unpatch_peft_model
+from rankwise.kernels.nf4 import nf4_dequantize
+from rankwise.lora import _bnb_linear4bit_class, patch_peft_model, peft_fusion_report, unpatch_peft_model
 from rankwise.loss import fused_loss_problem
-from rankwise.patch import agrees, patch_decoder_kernels, unpatch_decoder_kernels
+from rankwise.patch import agrees, check_mode, patch_decoder_kernels, unpatch_decoder_kernels
+from rankwise.quant import from_bnb
 
 log = logging.getLogger("rankwise")
 
@@ -168,22 +173,16 @@ def _loss_agrees(lm: nn.Module, fused: _FusedLossForward) -> Optional[str]:
     ids, mask, labels = _check_batch(lm)
     dtype = lm.get_output_embeddings().weight.dtype
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
-    modes = [(m, m.training) for m in lm.modules()]
-    lm.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for extra in ({}, {"num_items_in_batch": torch.tensor(9)}):
-                kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **extra)
-                ref = float(fused.original()(**kwargs).loss)
-                try:
-                    ours = float(_fused_loss_output(lm, *fused.split((), kwargs)).loss)
-                except Exception as e:  # noqa: BLE001  (any failure leaves the model's own loss in place)
-                    return f"the fused loss failed on a random batch: {type(e).__name__}: {e}"
-                if not (math.isfinite(ref) and math.isfinite(ours)) or abs(ours - ref) > rtol * max(abs(ref), 1e-6):
-                    return f"fused loss {ours:.6g} vs the model's {ref:.6g} on a random batch"
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with check_mode(lm), torch.random.fork_rng(devices=[]):  # check_mode: bitsandbytes' weights left as they are
+        for extra in ({}, {"num_items_in_batch": torch.tensor(9)}):
+            kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **extra)
+            ref = float(fused.original()(**kwargs).loss)
+            try:
+                ours = float(_fused_loss_output(lm, *fused.split((), kwargs)).loss)
+            except Exception as e:  # noqa: BLE001  (any failure leaves the model's own loss in place)
+                return f"the fused loss failed on a random batch: {type(e).__name__}: {e}"
+            if not (math.isfinite(ref) and math.isfinite(ours)) or abs(ours - ref) > rtol * max(abs(ref), 1e-6):
+                return f"fused loss {ours:.6g} vs the model's {ref:.6g} on a random batch"
     return None
 
 
@@ -229,8 +228,39 @@ def _hidden_dtype(lm: nn.Module) -> torch.dtype:
     return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
 
 
+def _bnb_decoded_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a bitsandbytes NF4 ``Linear4bit`` computes, from its bytes as the format defines
+    them (``quant.from_bnb``, dequantized straight to the compute dtype) instead of by its
+    kernels: x cast to the compute dtype (set from the first input when unset, as the
+    layer does), the bias too, the output in x's dtype."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    dtype = base.compute_dtype or x.dtype
+    W = nf4_dequantize(from_bnb(base.weight, base.weight.quant_state, dtype=dtype), backend="torch")
+    bias = None if base.bias is None else base.bias.to(dtype)
+    return nn.functional.linear(x.to(dtype), W, bias).to(x.dtype)
+
+
 def _lora_reference(module, x):
-    return type(module).forward(module, x)  # PEFT's own forward (the class's), under the patched instance's
+    """PEFT's own forward (the class's, under the patched instance's). Over a bitsandbytes
+    4-bit base, the base layer's product is ``_bnb_decoded_forward``, not bitsandbytes'
+    kernel: on CPUs with AVX512-BF16 that kernel gives wrong values for some shapes, and in
+    eval mode without gradients ``Linear4bit.forward`` repacks the weight in place for its
+    inference kernel (lossily: bf16 scales; rankwise cannot read it after that). What the
+    check compares is PEFT's LoRA semantics; the NF4 values are the format's."""
+    base = module.get_base_layer()
+    linear4bit = _bnb_linear4bit_class()
+    if linear4bit is None or not isinstance(base, linear4bit):
+        return type(module).forward(module, x)
+    prev = base.__dict__.get("forward")  # an instance-level forward (a hook) to restore
+    base.forward = types.MethodType(_bnb_decoded_forward, base)
+    try:
+        return type(module).forward(module, x)
+    finally:
+        del base.forward
+        if prev is not None:
+            base.forward = prev
 
 
 def _lora_fused(module, x):
