@@ -11,11 +11,10 @@ rankwise never writes through one) or a path under a file is refused in one line
 """
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 from .atomic import atomic_write_text
-from .errors import ConfigError
+from .ownership import check_output_file
 
 DEFAULT_OUT = "rankwise.yaml"
 EXAMPLE = "lora.yaml"
@@ -26,30 +25,9 @@ def example_text(name: str = EXAMPLE) -> str:
     return resources.files("rankwise.examples").joinpath(name).read_text(encoding="utf-8")
 
 
-def check_out(out: str, force: bool = False) -> None:
-    """Refuse, before writing, an ``out`` that is a link, a directory, under a file, unwritable, or (without
-    ``force``) an existing file."""
-    if not out:
-        raise ConfigError("--out must name a file")
-    if os.path.islink(out):
-        raise ConfigError(f"--out {out} is a symbolic link; rankwise does not write through links, "
-                          f"remove it or choose another file")
-    if os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a directory; give a file name")
-    if os.path.exists(out) and not force:
-        raise ConfigError(f"--out {out} exists; pass --force to replace it, or choose another file")
-    probe = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"--out {out} lies under the file {probe}; choose a file in a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable")
-
-
 def write_config(out: str = DEFAULT_OUT, force: bool = False) -> str:
-    """Write the commented default config to ``out`` (checked by :func:`check_out`); returns ``out``."""
-    check_out(out, force)
+    """Write the commented default config to ``out`` (checked by ``ownership.check_output_file``); returns ``out``."""
+    check_output_file(out, force=force)
     atomic_write_text(out, example_text())
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 import types
 from typing import Iterable, Union
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from rankwise.kernels import lora_linear
 from rankwise.kernels.lowrank import compute_dtype
-from rankwise.quant import NF4Weight, dequantize_nf4, from_bnb, quantize_nf4
+from rankwise.quant import NF4Weight, bnb_linear4bit_class, dequantize_nf4, from_bnb, quantize_nf4
 
 INITS = ("default", "gaussian", "pissa")
 logger = logging.getLogger(__name__)
@@ -257,15 +256,9 @@ def lora_layers(model: nn.Module):
 # forward: a base of another kind is left unpatched, a call PEFT handles differently falls back per call.
 
 
-def _bnb_linear4bit_class():
-    """bitsandbytes' ``Linear4bit`` if bitsandbytes is imported (no such layer exists otherwise)."""
-    bnb = sys.modules.get("bitsandbytes")
-    return getattr(getattr(bnb, "nn", None), "Linear4bit", None)
-
-
 def _base_reason(base: nn.Module):
     """``(kind, None)`` for a base the fused op runs ("dense", "bnb" or "nf4"), ``(None, why)`` otherwise."""
-    bnb_cls = _bnb_linear4bit_class()
+    bnb_cls = bnb_linear4bit_class()
     if bnb_cls is not None and isinstance(base, bnb_cls):
         qs = getattr(base.weight, "quant_state", None)
         if qs is None:
@@ -351,7 +344,7 @@ def _peft_lora_layers(peft_model: nn.Module):
     except ImportError as e:  # pragma: no cover
         raise ImportError("patch_peft_model needs peft installed (pip install peft)") from e
     classes = [PeftLoraLinear]
-    if _bnb_linear4bit_class() is not None:
+    if bnb_linear4bit_class() is not None:
         try:
             from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
             classes.append(PeftLoraLinear4bit)

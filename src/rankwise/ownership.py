@@ -130,6 +130,30 @@ def check_output(out, *, force: bool = False, inputs: Iterable = (), flag: str =
                               f"{'/'.join(sorted(kinds))} one; pass --force to replace it, or choose another directory")
 
 
+def check_output_file(out, *, force: bool = False, inputs: Iterable = (), flag: str = "--out") -> None:
+    """Check, before any work, that rankwise may write the file ``out``: not an input (nor inside or around
+    one), not a symbolic link, not a directory, not under a file, in a writable directory, and not an
+    existing file unless ``force``. Raises ``ConfigError`` naming the problem; changes nothing."""
+    out = os.fspath(out)
+    if not out:
+        raise ConfigError(f"{flag} must name a file")
+    check_disjoint(out, inputs, flag)
+    if os.path.islink(out):
+        raise ConfigError(f"{flag} {out} is a symbolic link; rankwise does not write through links, "
+                          f"remove it or choose another file")
+    if os.path.isdir(out):
+        raise ConfigError(f"{flag} {out} is a directory; give a file name")
+    probe = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{flag} {out} lies under the file {probe}; choose a file in a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {probe} is not writable")
+    if os.path.exists(out) and not force:
+        raise ConfigError(f"{flag} {out} exists; pass --force to replace it, or choose another file")
+
+
 def marker_text(kind: str) -> str:
     return json.dumps({"kind": kind, "rankwise": __version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n"

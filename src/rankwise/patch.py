@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import types
 
 import torch
 from torch import nn
 
 from rankwise.kernels import geglu, rms_norm, swiglu
+from rankwise.quant import bnb_linear4bit_class
 
 log = logging.getLogger("rankwise")
 
@@ -114,8 +114,7 @@ def check_mode(module: nn.Module):
     changes nothing else in their forward."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
-    bnb = sys.modules.get("bitsandbytes")
-    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    linear4bit = bnb_linear4bit_class()
     if linear4bit is not None:
         for m in module.modules():
             if isinstance(m, linear4bit):

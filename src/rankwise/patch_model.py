@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from rankwise.kernels.nf4 import nf4_dequantize
-from rankwise.lora import _bnb_linear4bit_class, patch_peft_model, peft_fusion_report, unpatch_peft_model
+from rankwise.lora import patch_peft_model, peft_fusion_report, unpatch_peft_model
 from rankwise.loss import fused_loss_problem
 from rankwise.patch import agrees, check_mode, patch_decoder_kernels, unpatch_decoder_kernels
-from rankwise.quant import from_bnb
+from rankwise.quant import bnb_linear4bit_class, from_bnb
 
 log = logging.getLogger("rankwise")
 
@@ -250,7 +250,7 @@ def _lora_reference(module, x):
     inference kernel (lossily: bf16 scales; rankwise cannot read it after that). What the
     check compares is PEFT's LoRA semantics; the NF4 values are the format's."""
     base = module.get_base_layer()
-    linear4bit = _bnb_linear4bit_class()
+    linear4bit = bnb_linear4bit_class()
     if linear4bit is None or not isinstance(base, linear4bit):
         return type(module).forward(module, x)
     prev = base.__dict__.get("forward")  # an instance-level forward (a hook) to restore

@@ -483,6 +483,12 @@ def quantize_model_nf4(model: nn.Module, double_quant: bool = False, compute_dty
     return {"bytes_before": before, "bytes_after": after, "n_quantized": len(targets), "quantized": targets}
 
 
+def bnb_linear4bit_class():
+    """bitsandbytes' ``Linear4bit`` if bitsandbytes is imported, else None (no such layer exists before it is)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+
+
 def from_bnb_model(model: nn.Module) -> int:
     """Replace a bitsandbytes-4-bit model's NF4 ``bitsandbytes.nn.Linear4bit`` layers by
     ``NF4Linear``, in place and zero-copy, as ``from_pretrained(...,
@@ -498,12 +504,12 @@ def from_bnb_model(model: nn.Module) -> int:
     Returns:
         the number of layers converted.
     """
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:  # no bitsandbytes layer can exist before bitsandbytes is imported
+    linear4bit = bnb_linear4bit_class()
+    if linear4bit is None:
         return 0
     targets = []
     for name, mod in model.named_modules():
-        if isinstance(mod, bnb.nn.Linear4bit) and name:
+        if isinstance(mod, linear4bit) and name:
             try:
                 q = from_bnb(mod.weight)
             except (ValueError, TypeError, AttributeError):  # fp4, not quantized, repacked, ...

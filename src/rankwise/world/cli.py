@@ -11,9 +11,10 @@ inside ``--base`` or ``--world``, and an existing file is replaced only with ``-
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from ..ownership import check_output_file
 
 
 def add_arguments(parser) -> None:
@@ -40,26 +41,6 @@ def add_arguments(parser) -> None:
     m.add_argument("--samples", type=int, default=4, help="samples per completion probe (temperature 0.7)")
     m.add_argument("--seed", type=int, default=0, help="sampling seed")
     m.add_argument("--force", action="store_true", help="replace --out if the file exists")
-
-
-def check_output_file(out, inputs, force: bool = False) -> None:
-    """Refuse, before any work, an output file inside an input, in the way of a directory or under a file,
-    in an unwritable directory, or already there (without ``force``)."""
-    from ..errors import ConfigError
-    from ..ownership import check_disjoint
-
-    check_disjoint(out, inputs, "--out")
-    if os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a directory; give a file name")
-    probe = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"--out {out} lies under the file {probe}; choose a file in a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable")
-    if os.path.exists(out) and not force:
-        raise ConfigError(f"--out {out} exists; pass --force to replace it, or choose another file")
 
 
 def _world_overrides(args) -> dict:
