@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     except ConfigError as e:  # bad input: one clear line; anything else is a bug and keeps its traceback
         if args.debug:
             raise
-        print(f"rankwise {args.verb}: error: {one_line(e, 2000)}", file=sys.stderr)
+        sys.stderr.write(f"rankwise {args.verb}: error: {one_line(e, 2000)}\n")  # one write: ranks' lines never mix
         return 2
     return int(rc or 0)
 
