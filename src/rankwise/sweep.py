@@ -37,6 +37,12 @@ Full and masked SFT arms run after, on their own. An empty ``--ranks``, a config
 with ``method: full`` and a rank above a targeted layer's dimensions are refused
 before anything is written.
 
+Under torchrun (``torchrun --nproc-per-node N rankwise sweep ...``) the jobs (each ``--together`` group, each
+other arm) are spread over the processes, each trained in one process as here (not DDP), one GPU per process
+(``LOCAL_RANK``'s): rank 0 alone checks and claims ``OUT``, takes its lock and writes ``sweep.yaml``; a
+refusal is one line on every process; the jobs go greedily by estimated cost to the least loaded rank
+(``rankwise.spread.assign``); rank 0 gathers every arm's summary and writes the same tables and plots.
+
 ``--lrs``, ``--alphas`` and ``--dropouts`` (each defaulting to the config's one
 value) are crossed with the ranks: the LoRA arms are ranks x lrs x alphas x
 dropouts. An arm is named ``lora_r{r}`` when only the rank varies, and otherwise
@@ -69,15 +75,21 @@ import itertools
 import logging
 import math
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import config as C
+from . import spread
+from . import together as multi
 from .atomic import atomic_write, remove_path
 from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
+from .model import resolve_device
 from .ownership import MARKER, check_disjoint, check_links, check_output, claim
 from .runlock import LOCK_FILE
+from .together import check_ranks, checkpoint_matches, memory_budget, plan_groups
 
 log = logging.getLogger("rankwise")
 
@@ -238,6 +250,37 @@ def _inputs(base: dict) -> list:
             ("eval data", data.get("eval")), ("eval_ood data", data.get("eval_ood"))]
 
 
+@dataclass
+class Prepared:
+    """A sweep checked and ready to claim its directory: its arms (name, method, rank, fraction, config,
+    settings), the existing arms to train again (``changed``: name -> keys), and what ``sweep.yaml`` records."""
+    base: dict
+    ranks: list
+    full_sft: bool
+    fractions: list
+    alpha_ratio: object
+    hyper: dict
+    varying: list
+    together: bool
+    group_size: object
+    out_dir: str
+    flag: str
+    arms: list
+    changed: dict
+    budget: object = None
+
+
+@dataclass
+class Job:
+    """What one process trains at a time: a group of ``--together`` arms (``checkpoint``: its
+    ``OUT/together/<arms>/``), or one arm on its own; ``cost``: its estimated share of the work."""
+    arms: list
+    configs: list
+    together: bool
+    checkpoint: Optional[str] = None
+    cost: float = 1.0
+
+
 def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, overrides=None,
           alpha_ratio=None, backend=None, rerun_changed: bool = False, force: bool = False,
           together: bool = False, group_size=None, lrs=None, alphas=None, dropouts=None) -> list[dict]:
@@ -265,14 +308,28 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         lrs, alphas, dropouts: ``train.lr`` / ``lora.alpha`` / ``lora.dropout`` values crossed with the
             ranks (None: the config's one value); when one has several values the arm names, the tables
             and the plots show it (``lora_r4_lr0.0003_a16_d0.1``). ``alphas`` excludes ``alpha_ratio``.
-    """
-    from . import train as _train
 
-    if backend is not None:
-        overrides = {**(C.parse_overrides(overrides) if overrides and not isinstance(overrides, dict)
-                        else dict(overrides or {})), "train.backend": backend}
-    base = C.resolve(config, overrides)
-    ranks = [int(r) for r in ranks]
+    Under torchrun (``WORLD_SIZE`` > 1) the jobs (groups, or single arms) are spread over the processes
+    (``sweep_spread``); every process returns the same rows.
+    """
+    def prepare():
+        return prepare_sweep(config, ranks, full_sft, masked, out_dir, overrides, alpha_ratio, backend,
+                             rerun_changed, force, together, group_size, lrs, alphas, dropouts)
+
+    me = spread.launch()
+    if me.world > 1:
+        return sweep_spread(me, prepare)
+    p = prepare()
+    claimed = claim(p.out_dir, "sweep", lock=True, flag=p.flag)  # held until the sweep ends: one sweep per directory
+    try:
+        write_sweep_yaml(p)
+        return run_arms(p.arms, p.changed, p.together, p.group_size, p.out_dir, p.budget, p.base, p.varying)
+    finally:
+        claimed.release()
+
+
+def check_arguments(base: dict, ranks: list, together: bool, group_size, fractions: list) -> None:
+    """The sweep's arguments, checked before anything is read or written (one-line ``ConfigError``s)."""
     if any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
         raise ConfigError(f"ranks must be distinct integers >= 1, got {ranks}")
     if together:
@@ -286,12 +343,24 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             raise ConfigError(f"--group-size must be an integer >= 1, got {group_size!r}")
     elif group_size is not None:
         raise ConfigError("--group-size applies to --together sweeps only")
-    hyper = _hyper_lists(base, alpha_ratio, {"lrs": lrs, "alphas": alphas, "dropouts": dropouts})
-    varying = [col for col, values in hyper.items() if len(values) > 1]
-    fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
     for f in fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"masked fraction must be in (0, 1], got {f}")
+
+
+def prepare_sweep(config, ranks, full_sft, masked, out_dir, overrides, alpha_ratio, backend, rerun_changed, force,
+                  together, group_size, lrs, alphas, dropouts) -> Prepared:
+    """Every check of ``sweep`` that comes before its directory is claimed: the arguments, the arms, the
+    directories and links, the ranks the layers hold and the memory plan, and the settings of existing arms."""
+    if backend is not None:
+        overrides = {**(C.parse_overrides(overrides) if overrides and not isinstance(overrides, dict)
+                        else dict(overrides or {})), "train.backend": backend}
+    base = C.resolve(config, overrides)
+    ranks = [int(r) for r in ranks]
+    fractions = [] if masked is None else ([masked] if isinstance(masked, (int, float)) else list(masked))
+    check_arguments(base, ranks, together, group_size, fractions)
+    hyper = _hyper_lists(base, alpha_ratio, {"lrs": lrs, "alphas": alphas, "dropouts": dropouts})
+    varying = [col for col, values in hyper.items() if len(values) > 1]
     flag = "--out" if out_dir else "output_dir"
     out_dir = out_dir or base["output_dir"]
     check_output(out_dir, force=force, inputs=_inputs(base), flag=flag, kinds=["sweep"])
@@ -303,27 +372,35 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio,
                          combo if lrs is not None or alphas is not None or dropouts is not None else None)
         arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
-    lora_ranks = [rank for _, method, rank, _, _, _ in arms if method == "lora"]
     check_links(out_dir, SWEEP_ENTRIES, _inputs(base), flag=flag)
     for name, _, _, _, cfg, _ in arms:  # no arm directory is a link, a file, or leads into an input
         check_output(cfg["output_dir"], force=True, inputs=_inputs(base), flag=f"the directory of arm {name}")
     check_disjoint(os.path.join(out_dir, TOGETHER_DIR), _inputs(base), flag=f"the {TOGETHER_DIR}/ directory of {flag}")
+    budget = memory_plan(arms, ranks) if together and group_size is None else None
+    if together and group_size is not None:
+        check_ranks(C.parse(arms[0][4]), ranks)
+    return Prepared(base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size, out_dir,
+                    flag, arms, changed_arms(arms, out_dir, rerun_changed), budget)
 
-    budget = None
-    if together:  # a rank the layers cannot hold, or an arm too big for memory: refused before anything is written
-        from .model import resolve_device
-        from .together import check_ranks, memory_budget, plan_groups
 
-        first = C.parse(arms[0][4])
-        check_ranks(first, ranks)
-        if group_size is None:
-            budget = memory_budget(resolve_device(first.train.device))
-            if budget is not None:
-                plan = plan_groups(first, lora_ranks, budget)
-                log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
-                         " then ".join("ranks " + ",".join(map(str, g)) for g in plan))
+def memory_plan(arms, ranks):
+    """``--together`` without ``--group-size``: a rank the layers cannot hold, or an arm too big for memory, is
+    refused before anything is written; the device's memory budget (None when unknown), its plan logged."""
+    first = C.parse(arms[0][4])
+    check_ranks(first, ranks)
+    budget = memory_budget(resolve_device(first.train.device))
+    if budget is not None:
+        plan = plan_groups(first, [rank for _, method, rank, _, _, _ in arms if method == "lora"], budget)
+        log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
+                 " then ".join("ranks " + ",".join(map(str, g)) for g in plan))
+    return budget
 
-    # An existing arm is reused only if it was trained with the settings it would get now.
+
+def changed_arms(arms, out_dir, rerun_changed: bool) -> dict:
+    """An existing arm is reused only if it was trained with the settings it would get now: ``{name: keys}``
+    of those that were not (refused, naming them, without ``rerun_changed``)."""
+    from . import train as _train
+
     changed = {}
     for name, _, _, _, cfg, now in arms:
         arm_dir = cfg["output_dir"]
@@ -344,41 +421,47 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
         listed = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in changed.items())
         raise ConfigError(f"{out_dir} holds arms trained with other settings: {listed}; pass --rerun-changed "
                           "to re-train them (the other arms are kept), or choose another output directory")
-    claimed = claim(out_dir, "sweep", lock=True, flag=flag)  # held until the sweep ends: one sweep per directory
-    try:
-        write_sweep_yaml(out_dir, base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size,
-                         arms)
-        return run_arms(arms, changed, together, group_size, out_dir, budget, base, varying)
-    finally:
-        claimed.release()
+    return changed
 
 
-def write_sweep_yaml(out_dir, base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size,
-                     arms) -> None:
+def write_sweep_yaml(p: Prepared) -> None:
     """``sweep.yaml``: the config, the sweep's arguments, and each arm's keys and settings hash."""
-    C.dump_yaml({"config": base, "ranks": sorted(ranks), "full_sft": full_sft, "masked": fractions,
-                 "alpha_ratio": alpha_ratio, **{arg: hyper[col] for col, _, _, arg in HYPER if col in varying},
-                 "together": bool(together), "group_size": group_size,
+    C.dump_yaml({"config": p.base, "ranks": sorted(p.ranks), "full_sft": p.full_sft, "masked": p.fractions,
+                 "alpha_ratio": p.alpha_ratio, **{arg: p.hyper[col] for col, _, _, arg in HYPER if col in p.varying},
+                 "together": bool(p.together), "group_size": p.group_size,
                  "arms": {name: {"method": method, "rank": rank, "fraction": fraction,
                                  "settings_hash": C.settings_hash(now),
                                  "settings": {k: v for k, v in now.items() if k in ARM_KEYS}}
-                          for name, method, rank, fraction, _, now in arms}},
-                os.path.join(out_dir, "sweep.yaml"))
+                          for name, method, rank, fraction, _, now in p.arms}},
+                os.path.join(p.out_dir, "sweep.yaml"))
 
 
-def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, base, varying) -> list:
-    """Train (or reuse) every arm in turn (the LoRA arms first in groups with ``together``); the result rows."""
-    from tqdm.auto import tqdm
-
-    from . import train as _train
-
+def arm_preparer(changed: dict):
+    """``prepare_arm(name, arm_dir)``: an arm trained with other settings is removed (its directory is
+    rankwise's), then the arm's directory is claimed for ``rankwise train``."""
     def prepare_arm(name, arm_dir):
-        if name in changed:  # trained with other settings: its directory (rankwise's) is replaced
+        if name in changed:
             log.info("sweep: %s was trained with other %s; training it again", name, ", ".join(changed.pop(name)))
             remove_path(arm_dir)
         claim(arm_dir, "train")
 
+    return prepare_arm
+
+
+def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, base, varying) -> list:
+    """Train (or reuse) every arm in turn (the LoRA arms first in groups with ``together``); the result rows."""
+    prepare_arm = arm_preparer(changed)
     grouped = train_groups(arms, group_size, prepare_arm, out_dir, budget) if together else {}
+    return result_rows(arms, grouped, prepare_arm, out_dir, base, varying)
+
+
+def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> list:
+    """Each arm's row from its summary (``trained``: the summaries of arms just trained; a finished arm's
+    ``summary.json``; else the arm trains now), its ``failed.json`` written or removed; the tables and plots."""
+    from tqdm.auto import tqdm
+
+    from . import train as _train
+
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
     for name, method, rank, fraction, cfg, _ in bar:
@@ -389,18 +472,14 @@ def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, b
         if method == "lora":
             row.update({"lr": cfg["train"]["lr"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]})
         summary_path = os.path.join(arm_dir, _train.SUMMARY)
-        if name in grouped:
-            summary = grouped[name]
+        if name in trained:
+            summary = trained[name]
         elif os.path.exists(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
             log.info("sweep: %s already finished, skipped", name)
         else:
-            try:
-                summary = _train.train(cfg, resume=True)  # resumes from a checkpoint when there is one
-            except (RuntimeError, MemoryError) as e:  # OOM, NaN loss, CUDA errors: record and go on
-                summary = {"status": "failed", "reason": _failure_reason(e)}
-                _release_memory()
+            summary = train_arm(cfg)
         if summary.get("status") == "failed":
             log.warning("sweep: arm %s failed: %s", name, summary.get("reason"))
             C.atomic_write_text(os.path.join(arm_dir, "failed.json"),
@@ -416,27 +495,30 @@ def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, b
     return results
 
 
+def train_arm(cfg: dict) -> dict:
+    """One arm trained on its own (resuming from its checkpoint when it has one); a failure (out of memory,
+    a NaN loss, a CUDA error) is its summary ``{"status": "failed", "reason"}``."""
+    from . import train as _train
+
+    try:
+        return _train.train(cfg, resume=True)
+    except (RuntimeError, MemoryError) as e:
+        _release_memory()
+        return {"status": "failed", "reason": _failure_reason(e)}
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
-    """``--together``: train the LoRA arms that need training in groups; ``{arm name: summary}``.
-
-    Groups of ``group_size`` arms; without it, the groups ``rankwise.together.plan_groups``
-    makes for ``budget`` bytes (the device's memory), or one group when ``budget`` is None.
-
-    An arm with ``summary.json`` is reused and one with a solo checkpoint (an
-    interrupted sequential sweep) resumes on its own, as without ``--together``.
-    A group that fails as a whole (out of memory, a CUDA error) records every
-    arm of it as failed; an arm stopped by a non-finite loss fails alone. Each
-    group checkpoints (every ``train.save_every`` steps) into
-    ``OUT/together/<arm>+<arm>...``, and a sweep run again resumes it from there.
-    """
+def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
+    """``--together``: the LoRA arms that need training (each claimed first), in groups of ``(name, config)``:
+    of ``group_size``; without it, as ``rankwise.together.plan_groups`` makes them for ``budget`` bytes (the
+    device's memory), or one group when ``budget`` is None. An arm with ``summary.json`` or a solo checkpoint
+    is in none (reused, or resumed on its own)."""
     from . import train as _train
-    from .together import checkpoint_matches, train_together
 
     todo = []
     for name, method, _, _, cfg, _ in arms:
@@ -449,28 +531,122 @@ def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
     if group_size:
         sizes = [group_size] * -(-len(todo) // group_size)
     elif budget is not None and todo:
-        from .together import plan_groups
-
         sizes = [len(g) for g in plan_groups(C.parse(todo[0][1]), [cfg["lora"]["r"] for _, cfg in todo], budget)]
     else:
         sizes = [len(todo)] if todo else []
-    out, i = {}, 0
-    for size in sizes:
-        group = todo[i:i + size]
-        i += size
-        log.info("sweep: training %s together", ", ".join(name for name, _ in group))
-        ckpt = os.path.join(out_dir, TOGETHER_DIR, "+".join(name for name, _ in group))
-        if os.path.exists(ckpt) and not checkpoint_matches(ckpt, [cfg for _, cfg in group]):
-            log.info("sweep: %s is a checkpoint of other arms or settings; the group starts over", ckpt)
-            remove_path(ckpt)
-        try:
-            summaries = train_together([cfg for _, cfg in group], checkpoint_dir=ckpt, resume=True)
-        except (RuntimeError, MemoryError) as e:
-            reason = _failure_reason(e)
-            summaries = [{"status": "failed", "reason": reason}] * len(group)
-            _release_memory()
-        out.update({name: s for (name, _), s in zip(group, summaries)})
+    starts = list(itertools.accumulate([0] + sizes))
+    return [todo[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def train_group(names: list, configs: list, ckpt: str) -> list:
+    """One group of arms trained together, checkpointing into (and resuming from) ``ckpt``; the arms'
+    summaries. A group that fails as a whole (out of memory, a CUDA error) records every arm as failed."""
+    log.info("sweep: training %s together", ", ".join(names))
+    if os.path.exists(ckpt) and not checkpoint_matches(ckpt, configs):
+        log.info("sweep: %s is a checkpoint of other arms or settings; the group starts over", ckpt)
+        remove_path(ckpt)
+    try:
+        return multi.train_together(configs, checkpoint_dir=ckpt, resume=True)
+    except (RuntimeError, MemoryError) as e:
+        _release_memory()
+        return [{"status": "failed", "reason": _failure_reason(e)}] * len(names)
+
+
+def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
+    """``--together``: train the LoRA arms that need training in groups (``group_plan``); ``{arm name: summary}``.
+
+    An arm with ``summary.json`` is reused and one with a solo checkpoint (an
+    interrupted sequential sweep) resumes on its own, as without ``--together``.
+    A group that fails as a whole (out of memory, a CUDA error) records every
+    arm of it as failed; an arm stopped by a non-finite loss fails alone. Each
+    group checkpoints (every ``train.save_every`` steps) into
+    ``OUT/together/<arm>+<arm>...``, and a sweep run again resumes it from there.
+    """
+    out = {}
+    for group in group_plan(arms, group_size, prepare_arm, budget):
+        names = [name for name, _ in group]
+        summaries = train_group(names, [cfg for _, cfg in group], os.path.join(out_dir, TOGETHER_DIR, "+".join(names)))
+        out.update(zip(names, summaries))
     return out
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+SFT_COST = 2.0  # an SFT arm's estimated work against a LoRA arm's: weight gradients and AdamW over every weight
+
+
+def plan_jobs(p: Prepared) -> list:
+    """Rank 0's plan of a spread sweep: every arm claimed (and a changed one removed), then the jobs: the
+    ``--together`` groups (``group_plan``), then each other arm without ``summary.json`` on its own."""
+    from . import train as _train
+
+    prepare_arm = arm_preparer(p.changed)
+    groups = group_plan(p.arms, p.group_size, prepare_arm, p.budget) if p.together else []
+    jobs = []
+    for group in groups:
+        names = [name for name, _ in group]
+        jobs.append(Job(names, [cfg for _, cfg in group], True,
+                        os.path.join(p.out_dir, TOGETHER_DIR, "+".join(names)), float(len(names))))
+    grouped = {name for job in jobs for name in job.arms}
+    for name, method, _, _, cfg, _ in p.arms:
+        if name in grouped:
+            continue
+        prepare_arm(name, cfg["output_dir"])
+        if not os.path.exists(os.path.join(cfg["output_dir"], _train.SUMMARY)):
+            jobs.append(Job([name], [cfg], False, None, 1.0 if method == "lora" else SFT_COST))
+    return jobs
+
+
+def run_jobs(jobs: list, owners: list, rank: int) -> dict:
+    """This rank's jobs, each trained as one process; ``{arm name: summary}``."""
+    done = {}
+    for job, owner in zip(jobs, owners):
+        if owner != rank:
+            continue
+        with spread.one_process():
+            summaries = train_group(job.arms, job.configs, job.checkpoint) if job.together \
+                else [train_arm(job.configs[0])]
+        done.update(zip(job.arms, summaries))
+        _release_memory()
+    return done
+
+
+def sweep_spread(me: spread.Launch, prepare) -> list:
+    """The sweep under torchrun: rank 0 alone checks and claims ``OUT`` (its lock), writes ``sweep.yaml``,
+    claims the arms and plans the jobs (``plan_jobs``), which every rank learns (or rank 0's refusal, raised on
+    every rank); each rank trains its share (``spread.assign``) as one process; rank 0 gathers every arm's
+    summary and writes the tables and plots as one process would; every rank returns the rows."""
+    spread.start(me)
+    held = {}  # rank 0's: the claim of OUT, the checked sweep
+
+    def plan():
+        held["sweep"] = p = prepare()
+        held["claim"] = claim(p.out_dir, "sweep", lock=True, flag=p.flag)
+        write_sweep_yaml(p)
+        return plan_jobs(p)
+
+    try:
+        jobs = [Job(**j) for j in spread.on_master(me, plan)]
+        owners = spread.assign([job.cost for job in jobs], me.world)
+        log.info("sweep: rank %d of %d trains %s", me.rank, me.world,
+                 "; ".join("+".join(j.arms) for j, o in zip(jobs, owners) if o == me.rank) or "nothing")
+        trained = {}
+        for done in spread.everywhere(me, lambda: run_jobs(jobs, owners, me.rank)):
+            trained.update(done)
+
+        def tables():
+            p = held["sweep"]
+            return result_rows(p.arms, trained, arm_preparer(p.changed), p.out_dir, p.base, p.varying)
+
+        rows = spread.on_master(me, tables)
+    except BaseException:
+        spread.stop_at_exit(me)  # every rank raises, prints its line, then waits for the others to exit
+        raise
+    finally:
+        if "claim" in held:
+            held["claim"].release()
+    spread.stop(me)
+    return rows
 
 
 def _fmt(v):
@@ -610,6 +786,7 @@ def main(args) -> int:
                     rerun_changed=args.rerun_changed, force=args.force, together=args.together,
                     group_size=args.group_size, **hyper)
     out = args.out or C.parse(args.config, args.overrides).output_dir
-    print(open(os.path.join(out, "sweep.md")).read(), end="")
+    if spread.launch().master:  # under torchrun every rank returns the rows; rank 0 prints the table
+        print(open(os.path.join(out, "sweep.md")).read(), end="")
     failed = [r for r in results if r["status"] == "failed"]
     return 1 if failed and len(failed) == len(results) else 0
