@@ -49,7 +49,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from .atomic import atomic_write_text  # noqa: F401  (re-exported: config.atomic_write_text)
+from .atomic import atomic_write_text
 from .errors import ConfigError, one_line, short
 
 REQUIRED = object()  # marker: the key has no default and must be given

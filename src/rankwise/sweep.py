@@ -83,13 +83,13 @@ import torch
 from . import config as C
 from . import spread
 from . import together as multi
-from .atomic import atomic_write, remove_path
+from .atomic import atomic_write, atomic_write_text, remove_path
 from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
 from .model import resolve_device
 from .ownership import MARKER, check_disjoint, check_links, check_output, claim
 from .runlock import LOCK_FILE
-from .together import check_ranks, checkpoint_matches, memory_budget, plan_groups
+from .together import check_ranks, checkpoint_matches, plan_groups
 
 log = logging.getLogger("rankwise")
 
@@ -388,7 +388,7 @@ def memory_plan(arms, ranks):
     refused before anything is written; the device's memory budget (None when unknown), its plan logged."""
     first = C.parse(arms[0][4])
     check_ranks(first, ranks)
-    budget = memory_budget(resolve_device(first.train.device))
+    budget = multi.memory_budget(resolve_device(first.train.device))  # through the module: tests replace it
     if budget is not None:
         plan = plan_groups(first, [rank for _, method, rank, _, _, _ in arms if method == "lora"], budget)
         log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
@@ -482,7 +482,7 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
             summary = train_arm(cfg)
         if summary.get("status") == "failed":
             log.warning("sweep: arm %s failed: %s", name, summary.get("reason"))
-            C.atomic_write_text(os.path.join(arm_dir, "failed.json"),
+            atomic_write_text(os.path.join(arm_dir, "failed.json"),
                                 json.dumps({"status": "failed", "reason": summary.get("reason")}) + "\n")
         row.update({k: summary.get(k) for k in COLUMNS if k not in row})
         row["status"] = summary.get("status", "finished")
@@ -673,7 +673,7 @@ def write_tables(results, out_dir, varying=()) -> None:
     w.writeheader()
     for r in results:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    C.atomic_write_text(os.path.join(out_dir, "sweep.csv"), buf.getvalue())
+    atomic_write_text(os.path.join(out_dir, "sweep.csv"), buf.getvalue())
     shown = [c for c in cols if c not in ("output_dir", "reason")
              and any(r.get(c) is not None for r in results)]
     lines = ["# Rank sweep", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
@@ -686,7 +686,7 @@ def write_tables(results, out_dir, varying=()) -> None:
              if os.path.exists(os.path.join(out_dir, f))]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{t}]({f})" for f, t in plots]
-    C.atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(lines) + "\n")
 
 
 def plot(results, out_dir, varying=()) -> list[str]:

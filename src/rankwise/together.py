@@ -304,11 +304,6 @@ def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rs
 
 # ----------------------------------------------------------------------------- checks
 
-def meta_model(cfg: C.RunConfig):
-    """``(model config, model on the meta device)`` of ``cfg.model``: shapes only, no weights loaded."""
-    return _meta_model(cfg.model)
-
-
 def _meta_model(path: str):
     """``shapes.meta_model``, looked up here (each build of a together run's checks goes through this name)."""
     return shapes.meta_model(path)
