@@ -59,6 +59,98 @@ def _batches(encoded, batch_size: int, pad_id: int, device):
         yield start, ids.to(device), mask.to(device), lengths.to(device)
 
 
+def _probe_inputs(base_model, tuned_model, tokenizer, rows: list, batch_size: int, max_length: int):
+    """Checked inputs of a probe pass: ``(encoded prompts, pad id, device)``."""
+    if not rows:
+        raise ValueError("probe rows must not be empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = _device_of(base_model)
+    if _device_of(tuned_model) != device:
+        raise ValueError(f"base_model and tuned_model must be on the same device, "
+                         f"got {device} and {_device_of(tuned_model)}")
+    encoded = encode_prompts(tokenizer, rows, max_length)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    return encoded, pad_id, device
+
+
+class _ProbeTotals:
+    """Running sums of one probe pass, fed batch by batch with both models' outputs."""
+
+    def __init__(self, attention: bool, representations: bool, tokens: bool, kl_k: int, max_tokens: int):
+        self.attention, self.representations, self.tokens = attention, representations, tokens
+        self.kl_k, self.max_tokens = kl_k, max_tokens
+        self.att = None  # per layer [hb_sum, ht_sum, js_sum]
+        self.n_queries = 0
+        self.feats_b: list = []
+        self.feats_t: list = []
+        self.n_feat = 0
+        self.kls: list = []
+
+    def add(self, ob, ot, ids, mask, lengths) -> None:
+        """Fold one batch's outputs (``ob`` of the base, ``ot`` of the tuned model) into the sums."""
+        if self.attention:
+            self._add_attention(ob, ot, mask)
+        if self.representations and self.n_feat < self.max_tokens:
+            self._add_hidden_states(ob, ot, mask)
+        if self.tokens:
+            ar = torch.arange(ids.shape[0], device=ids.device)
+            last = lengths - 1
+            self.kls.append(first_token_kl(ot.logits[ar, last], ob.logits[ar, last], k=self.kl_k).cpu())
+
+    def _add_attention(self, ob, ot, mask) -> None:
+        """Per layer and head: entropy of base and tuned attention rows and their JS distance, summed over queries."""
+        if ob.attentions is None or ot.attentions is None:
+            raise RuntimeError("the model returned no attention maps despite eager attention")
+        if self.att is None:
+            self.att = [[0.0, 0.0, 0.0] for _ in ob.attentions]
+        for li, (ab, at) in enumerate(zip(ob.attentions, ot.attentions)):
+            hb, ht, js = layer_attention_sums(ab, at, mask)
+            acc = self.att[li]
+            acc[0] = acc[0] + hb.cpu()
+            acc[1] = acc[1] + ht.cpu()
+            acc[2] = acc[2] + js.cpu()
+        self.n_queries += int(mask.sum())
+
+    def _add_hidden_states(self, ob, ot, mask) -> None:
+        """Hidden states of the batch's non-padding tokens, on the CPU in fp32, up to ``max_tokens`` in all."""
+        sel = mask.bool()
+        take = min(int(sel.sum()), self.max_tokens - self.n_feat)
+        if not self.feats_b:
+            self.feats_b = [[] for _ in ob.hidden_states]
+            self.feats_t = [[] for _ in ot.hidden_states]
+        for li, (hb, ht) in enumerate(zip(ob.hidden_states, ot.hidden_states)):
+            self.feats_b[li].append(hb[sel][:take].float().cpu())
+            self.feats_t[li].append(ht[sel][:take].float().cpu())
+        self.n_feat += take
+
+    def results(self, rows: list) -> dict:
+        """The requested metrics: mean attention entropy / JS distance per query, CKA per layer, KL per bucket."""
+        out: dict = {}
+        if self.attention:
+            n = max(self.n_queries, 1)
+            out["attention"] = {
+                "entropy_base": [[float(v) for v in (a[0] / n)] for a in self.att],
+                "entropy_tuned": [[float(v) for v in (a[1] / n)] for a in self.att],
+                "js_distance": [[float(v) for v in (a[2] / n)] for a in self.att],
+                "n_queries": self.n_queries,
+            }
+        if self.representations:
+            cka = []
+            for fb, ft in zip(self.feats_b, self.feats_t):
+                X, Y = torch.cat(fb), torch.cat(ft)
+                cka.append(linear_cka(X, Y) if X.shape[0] >= 2 else float("nan"))
+            out["representations"] = {"cka": cka, "n_tokens": self.n_feat}
+        if self.tokens:
+            values = torch.cat(self.kls).tolist()
+            res = group_by_bucket(values, rows)
+            res["k"] = self.kl_k
+            out["tokens"] = res
+        return out
+
+
 @torch.no_grad()
 def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: bool = True,
                      representations: bool = True, tokens: bool = True, kl_k: int = 10,
@@ -72,24 +164,8 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
     :func:`rankwise.analysis.token_kl_by_bucket` for their contents.
     """
     rows = list(rows)
-    if not rows:
-        raise ValueError("probe rows must not be empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = _device_of(base_model)
-    if _device_of(tuned_model) != device:
-        raise ValueError(f"base_model and tuned_model must be on the same device, got {device} and {_device_of(tuned_model)}")
-    encoded = encode_prompts(tokenizer, rows, max_length)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-
-    att = None  # per layer [hb_sum, ht_sum, js_sum]
-    n_queries = 0
-    feats_b: list = []
-    feats_t: list = []
-    n_feat = 0
-    kls: list = []
+    encoded, pad_id, device = _probe_inputs(base_model, tuned_model, tokenizer, rows, batch_size, max_length)
+    totals = _ProbeTotals(attention, representations, tokens, kl_k, max_tokens)
 
     was_training = (base_model.training, tuned_model.training)
     base_model.eval()
@@ -100,7 +176,7 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
         stack.enter_context(eager_attention(tuned_model))
     batches = _batches(encoded, batch_size, int(pad_id), device)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional progress bar: tqdm loaded only when asked for
 
         batches = tqdm(batches, total=(len(encoded) + batch_size - 1) // batch_size, desc="probe", leave=False)
     try:
@@ -110,58 +186,12 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
                           output_attentions=attention, output_hidden_states=representations)
                 ob = base_model(**kw)
                 ot = tuned_model(**kw)
-                if attention:
-                    if ob.attentions is None or ot.attentions is None:
-                        raise RuntimeError("the model returned no attention maps despite eager attention")
-                    if att is None:
-                        att = [[0.0, 0.0, 0.0] for _ in ob.attentions]
-                    for li, (ab, at) in enumerate(zip(ob.attentions, ot.attentions)):
-                        hb, ht, js = layer_attention_sums(ab, at, mask)
-                        acc = att[li]
-                        acc[0] = acc[0] + hb.cpu()
-                        acc[1] = acc[1] + ht.cpu()
-                        acc[2] = acc[2] + js.cpu()
-                    n_queries += int(mask.sum())
-                if representations and n_feat < max_tokens:
-                    sel = mask.bool()
-                    take = min(int(sel.sum()), max_tokens - n_feat)
-                    if not feats_b:
-                        feats_b = [[] for _ in ob.hidden_states]
-                        feats_t = [[] for _ in ot.hidden_states]
-                    for li, (hb, ht) in enumerate(zip(ob.hidden_states, ot.hidden_states)):
-                        feats_b[li].append(hb[sel][:take].float().cpu())
-                        feats_t[li].append(ht[sel][:take].float().cpu())
-                    n_feat += take
-                if tokens:
-                    ar = torch.arange(ids.shape[0], device=ids.device)
-                    last = lengths - 1
-                    kls.append(first_token_kl(ot.logits[ar, last], ob.logits[ar, last], k=kl_k).cpu())
+                totals.add(ob, ot, ids, mask, lengths)
                 del ob, ot
     finally:
         base_model.train(was_training[0])
         tuned_model.train(was_training[1])
-
-    out: dict = {}
-    if attention:
-        n = max(n_queries, 1)
-        out["attention"] = {
-            "entropy_base": [[float(v) for v in (a[0] / n)] for a in att],
-            "entropy_tuned": [[float(v) for v in (a[1] / n)] for a in att],
-            "js_distance": [[float(v) for v in (a[2] / n)] for a in att],
-            "n_queries": n_queries,
-        }
-    if representations:
-        cka = []
-        for fb, ft in zip(feats_b, feats_t):
-            X, Y = torch.cat(fb), torch.cat(ft)
-            cka.append(linear_cka(X, Y) if X.shape[0] >= 2 else float("nan"))
-        out["representations"] = {"cka": cka, "n_tokens": n_feat}
-    if tokens:
-        values = torch.cat(kls).tolist()
-        res = group_by_bucket(values, rows)
-        res["k"] = kl_k
-        out["tokens"] = res
-    return out
+    return totals.results(rows)
 
 
 def _as_rows(prompts) -> list:

@@ -341,6 +341,133 @@ def load_jsonl(path: str) -> list:
 
 
 # --------------------------------------------------------------------------- everything
+def _checked_arguments(run_dirs, out_dir, device, dtype):
+    """``analyze_runs``' run directories, device and dtype name, checked before any work.
+
+    Returns:
+        ``(run_dirs, device, dtype)``.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    run_dirs = [os.fspath(p) for p in run_dirs]
+    if not run_dirs:
+        raise ConfigError("run_dirs must name at least one run directory")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    try:
+        device = resolve_device("auto") if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must name a torch device (cpu, cuda, cuda:1), got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was asked for, but CUDA is not available")
+    dtype = dtype_name(dtype)
+    try:
+        resolve_dtype(dtype, device)  # checked before the long spectral pass
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return run_dirs, device, dtype
+
+
+def _read_runs(run_dirs: Sequence[str], base: str | None, include: str, exclude: str):
+    """The runs (sorted, with unique names), the base model's name and its local directory: ``(runs, base, base_dir)``.
+
+    ``base=None`` takes the ``model`` that the runs' resolved configs name (they must agree).
+    """
+    runs = sort_runs([Run(p, include=include, exclude=exclude) for p in run_dirs])
+    seen: dict = {}
+    for r in runs:  # unique names for the JSON and the plots
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}#{seen[r.name]}"
+        else:
+            seen[r.name] = 0
+    if base is None:  # fall back to the runs' own resolved config's "model"
+        models = {str(r.config.get("model")) for r in runs if r.config.get("model")}
+        if len(models) != 1:
+            raise ConfigError("base must be given: the runs' config files name "
+                             + (f"different models {sorted(models)}" if models else "no model"))
+        base = models.pop()
+    return runs, base, resolve_model_dir(base)
+
+
+def _claim_output(out_dir: str, run_dirs: Sequence[str], base_dir: str, force: bool) -> None:
+    """Claim ``out_dir`` for the analysis (marker kind ``analyze``), before any work.
+
+    The output may not be, lie inside or contain a run or the base model; an existing non-empty
+    directory rankwise did not make needs ``force``.
+    """
+    check_output(out_dir, force=force, flag="--out", kinds=["analyze"],
+                 inputs=[("run", p) for p in run_dirs] + [("base model", base_dir)])
+    claim(out_dir, "analyze")
+
+
+def _open_base(base: str, base_dir: str) -> SafetensorsCheckpoint:
+    """The base model's weights, read tensor by tensor from ``base_dir``."""
+    try:
+        return SafetensorsCheckpoint(base_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"base model {base}: {e}") from None
+
+
+def _model_passes(runs: Sequence[Run], base_dir: str, device, dtype: str, probe_rows: list,
+                  restore_sets: Mapping[str, Sequence[dict]] | None, timings: dict, *,
+                  probe_kw: dict, restore_kw: dict):
+    """Probe comparisons and restoration curves, loading the base and one tuned model at a time.
+
+    Every run gets :func:`compare_on_probe` (with ``probe_kw``, when there are probe rows and an
+    analysis asked for); every full/masked run gets :func:`restoration_curve` (with ``restore_kw``,
+    when there are eval sets). Their durations go into ``timings``.
+
+    Returns:
+        ``(probe, restoration, notes)``: ``{run_name: result}`` twice, and notes for the report.
+    """
+    want_probe = bool(probe_rows) and (probe_kw["attention"] or probe_kw["representations"] or probe_kw["tokens"])
+    want_restore = bool(restore_sets) and any(r.kind == "model" for r in runs)
+    probe: dict = {}
+    restoration: dict = {}
+    notes: list = []
+    if bool(restore_sets) and not want_restore:
+        notes.append("restoration curves asked for, but no full/masked SFT run was given")
+    if not (want_probe or want_restore):
+        return probe, restoration, notes
+    tokenizer = load_tokenizer(base_dir)
+    base_model = load_base_model(base_dir, device, dtype)
+    for r in runs:
+        needs_restore = want_restore and r.kind == "model"
+        if not (want_probe or needs_restore):
+            continue
+        tuned = load_tuned_model(r, base_dir, device, dtype)
+        if want_probe:
+            t = time.time()
+            probe[r.name] = compare_on_probe(base_model, tuned, tokenizer, probe_rows, **probe_kw)
+            timings[f"probe_{r.name}_s"] = time.time() - t
+        if needs_restore:
+            t = time.time()
+            restoration[r.name] = restoration_curve(base_model, tuned, tokenizer, restore_sets, **restore_kw)
+            timings[f"restoration_{r.name}_s"] = time.time() - t
+        del tuned
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del base_model
+    return probe, restoration, notes
+
+
+def _analysis_dict(base: str, device, settings: dict, runs: Sequence[Run], spec: dict, probe: dict,
+                   restoration: dict, subspace: list, notes: list) -> dict:
+    """The analysis dict (as written to ``analysis.json``, before its timings and files)."""
+    return {
+        "version": 1,
+        "base": base,
+        "device": str(device),
+        "settings": settings,
+        "runs": [
+            {**r.to_dict(), "spectral": spec[r.name], "probe": probe.get(r.name),
+             "restoration": restoration.get(r.name)}
+            for r in runs
+        ],
+        "subspace_similarity": subspace,
+        "notes": notes,
+    }
 def analyze_runs(
     run_dirs: Sequence[str],
     base: str | None,
@@ -403,48 +530,12 @@ def analyze_runs(
         The analysis dict (also written as ``analysis.json``), with ``"files"`` naming
         the plots and the markdown file.
     """
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    run_dirs = [os.fspath(p) for p in run_dirs]
-    if not run_dirs:
-        raise ConfigError("run_dirs must name at least one run directory")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    try:
-        device = resolve_device("auto") if device is None else torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device must name a torch device (cpu, cuda, cuda:1), got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} was asked for, but CUDA is not available")
-    dtype = dtype_name(dtype)
-    try:
-        resolve_dtype(dtype, device)  # checked before the long spectral pass
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    run_dirs, device, dtype = _checked_arguments(run_dirs, out_dir, device, dtype)
     t0 = time.time()
-    runs = sort_runs([Run(p, include=include, exclude=exclude) for p in run_dirs])
-    seen: dict = {}
-    for r in runs:  # unique names for the JSON and the plots
-        if r.name in seen:
-            seen[r.name] += 1
-            r.name = f"{r.name}#{seen[r.name]}"
-        else:
-            seen[r.name] = 0
-    if base is None:  # fall back to the runs' own resolved config's "model"
-        models = {str(r.config.get("model")) for r in runs if r.config.get("model")}
-        if len(models) != 1:
-            raise ConfigError("base must be given: the runs' config files name "
-                             + (f"different models {sorted(models)}" if models else "no model"))
-        base = models.pop()
-    base_dir = resolve_model_dir(base)
+    runs, base, base_dir = _read_runs(run_dirs, base, include, exclude)
     # before any work: the output is not an input, and it is ours (an analysis) or forced
-    check_output(out_dir, force=force, flag="--out", kinds=["analyze"],
-                 inputs=[("run", p) for p in run_dirs] + [("base model", base_dir)])
-    claim(out_dir, "analyze")
-    try:
-        base_w = SafetensorsCheckpoint(base_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(f"base model {base}: {e}") from None
+    _claim_output(out_dir, run_dirs, base_dir, force)
+    base_w = _open_base(base, base_dir)
 
     timings = {}
     t = time.time()
@@ -456,59 +547,20 @@ def analyze_runs(
     if isinstance(probe_rows, (str, os.PathLike)):
         probe_rows = load_jsonl(os.fspath(probe_rows))
     probe_rows = list(probe_rows or [])
-    want_probe = bool(probe_rows) and (attention or representations or tokens)
-    want_restore = bool(restore_sets) and any(r.kind == "model" for r in runs)
-    probe: dict = {}
-    restoration: dict = {}
-    notes: list = []
-    if bool(restore_sets) and not want_restore:
-        notes.append("restoration curves asked for, but no full/masked SFT run was given")
-    if want_probe or want_restore:
-        tokenizer = load_tokenizer(base_dir)
-        base_model = load_base_model(base_dir, device, dtype)
-        for r in runs:
-            needs_restore = want_restore and r.kind == "model"
-            if not (want_probe or needs_restore):
-                continue
-            tuned = load_tuned_model(r, base_dir, device, dtype)
-            if want_probe:
-                t = time.time()
-                probe[r.name] = compare_on_probe(base_model, tuned, tokenizer, probe_rows, attention=attention,
-                                                 representations=representations, tokens=tokens, kl_k=kl_k,
-                                                 batch_size=batch_size, max_length=max_length,
-                                                 max_tokens=max_tokens, progress=progress)
-                timings[f"probe_{r.name}_s"] = time.time() - t
-            if needs_restore:
-                t = time.time()
-                restoration[r.name] = restoration_curve(
-                    base_model, tuned, tokenizer, restore_sets, fractions=restore_fractions,
-                    selections=restore_selections, accuracy_fn=accuracy_fn, restore_fn=restore_fn,
-                    include=include, exclude=exclude, seed=seed, progress=progress)
-                timings[f"restoration_{r.name}_s"] = time.time() - t
-            del tuned
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del base_model
-
-    analysis = {
-        "version": 1,
-        "base": base,
-        "device": str(device),
-        "settings": {
-            "intruders": intruders, "intruder_k": intruder_k, "intruder_eps": intruder_eps,
-            "top_k": list(top_k), "keep": keep, "include": include, "exclude": exclude,
-            "kl_k": kl_k, "max_length": max_length, "max_tokens": max_tokens,
-            "probe_rows": len(probe_rows), "restore_sets": {k: len(v) for k, v in (restore_sets or {}).items()},
-            "restore_fractions": [float(f) for f in restore_fractions], "seed": seed,
-        },
-        "runs": [
-            {**r.to_dict(), "spectral": spec[r.name], "probe": probe.get(r.name),
-             "restoration": restoration.get(r.name)}
-            for r in runs
-        ],
-        "subspace_similarity": subspace,
-        "notes": notes,
+    probe, restoration, notes = _model_passes(
+        runs, base_dir, device, dtype, probe_rows, restore_sets, timings,
+        probe_kw=dict(attention=attention, representations=representations, tokens=tokens, kl_k=kl_k,
+                      batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, progress=progress),
+        restore_kw=dict(fractions=restore_fractions, selections=restore_selections, accuracy_fn=accuracy_fn,
+                        restore_fn=restore_fn, include=include, exclude=exclude, seed=seed, progress=progress))
+    settings = {
+        "intruders": intruders, "intruder_k": intruder_k, "intruder_eps": intruder_eps,
+        "top_k": list(top_k), "keep": keep, "include": include, "exclude": exclude,
+        "kl_k": kl_k, "max_length": max_length, "max_tokens": max_tokens,
+        "probe_rows": len(probe_rows), "restore_sets": {k: len(v) for k, v in (restore_sets or {}).items()},
+        "restore_fractions": [float(f) for f in restore_fractions], "seed": seed,
     }
+    analysis = _analysis_dict(base, device, settings, runs, spec, probe, restoration, subspace, notes)
     timings["total_s"] = time.time() - t0
     analysis["timings"] = timings
     report.write_outputs(analysis, out_dir, plots=plots)

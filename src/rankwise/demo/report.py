@@ -236,14 +236,28 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
 
     files = plots(out, results)
     results["plots"] = files
-    s = results["settings"]
-    d = s["demo"]
-    w = s["world"]
-    sm = results["summary"]
-    nseeds = len(results["seeds"])
     L = ["# rankwise demo: the knowledge study on the embedded synthetic world", ""]
     L += _findings_table(results)
     L += [f"![findings]({files['findings']})", ""]
+    L += _headline_lines(results)
+    L += _bucket_lines(results)
+    L += _accuracy_lines(results)
+    L += _per_seed_lines(results)
+    L += [f"![accuracy vs rank]({files['rank']})", "", f"![accuracy vs data size]({files['data_size']})", "",
+          f"![accuracy by training bucket]({files['mastery']})", ""]
+    L += _restoration_lines(results, files)
+    L += _settings_lines(results)
+    L += _times(results)
+    if analysis_md:
+        L += [analysis_md.rstrip(), ""]
+    atomic_write_text(out / "report.md", "\n".join(L))
+
+
+def _headline_lines(results: dict) -> list:
+    """The headline: the base model, the best arm, and how to read the accuracies."""
+    sm = results["summary"]
+    nseeds = len(results["seeds"])
+    L = []
     L += ["## Headline", "",
           f"- Base model, before fine-tuning, in the fine-tuning QA format: in-domain "
           f"{_cell(sm['base_in_domain'], sm['base_in_domain_ci95'])} % (D3+D4 {_pct(sm['base_d34'])} %); "
@@ -255,7 +269,14 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
           f"- Every accuracy below is the mean over {nseeds} seed(s) (each seed draws the fine-tuning sample, "
           "its order and the adapter init) in %, followed by its 95 % interval [lo, hi] (bootstrap over test facts "
           "and seeds); `n` is the number of test facts.", ""]
+    return L
+
+
+def _bucket_lines(results: dict) -> list:
+    """The mastery buckets: how R is measured and how many facts each bucket holds."""
+    d = results["settings"]["demo"]
     B = list(BUCKETS)
+    L = []
     L += ["## Mastery buckets", "",
           "R = share of (completion probes x samples at temperature "
           f"{d['mastery_temperature']}) whose output contains the answer; "
@@ -266,6 +287,13 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
           "| test, in-domain (n) | " + " | ".join(str(results["test_buckets"]["in_domain"][b]) for b in B) + " |",
           "| test, out-of-domain (n) | " + " | ".join(str(results["test_buckets"]["out_of_domain"][b]) for b in B)
           + " |", ""]
+    return L
+
+
+def _accuracy_lines(results: dict) -> list:
+    """The in-domain and out-of-domain tables: every arm's accuracy by mastery bucket."""
+    B = list(BUCKETS)
+    L = []
     for dom, title in (("in_domain", "In-domain (held-out facts of the location relations)"),
                        ("out_of_domain", "Out-of-domain (the other relations)")):
         n = results["test_buckets"][dom]
@@ -281,6 +309,13 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
                 row += f" | {_cell(a['in_domain_d34'], a['ci95']['in_domain_d34'])}"
             L.append(row + " |")
         L.append("")
+    return L
+
+
+def _per_seed_lines(results: dict) -> list:
+    """Every fine-tuned arm's accuracies, one column per seed."""
+    nseeds = len(results["seeds"])
+    L = []
     L += ["## Per seed", "", "In-domain mean and D3+D4, out-of-domain mean (%), one column per seed.", "",
           "| arm | " + " | ".join(f"seed {x}" for x in results["seeds"]) + " |",
           "|---" * (1 + nseeds) + "|"]
@@ -289,8 +324,12 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
             f"{_pct(r['in_domain']['mean'])} / {_pct(r['in_domain_d34'])} / {_pct(r['out_of_domain']['mean'])}"
             for r in a["seeds"]) + " |")
     L.append("")
-    L += [f"![accuracy vs rank]({files['rank']})", "", f"![accuracy vs data size]({files['data_size']})", "",
-          f"![accuracy by training bucket]({files['mastery']})", ""]
+    return L
+
+
+def _restoration_lines(results: dict, files: dict) -> list:
+    """The restoration section: its table and plot, or why there is none."""
+    L = []
     r = results["restoration"]
     L += ["## Restoring updates of the large full-SFT model", ""]
     if r["points"]:
@@ -307,6 +346,15 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
         L += ["", f"![accuracy vs restored fraction]({files['restoration']})", ""]
     else:
         L += ["No restoration fractions were asked for.", ""]
+    return L
+
+
+def _settings_lines(results: dict) -> list:
+    """The settings: the world, the base model, the fine-tuning protocol and the evaluation."""
+    s = results["settings"]
+    d = s["demo"]
+    w = s["world"]
+    L = []
     L += ["## Settings", "",
           f"- world ({s['scale']} preset): {json.dumps(w['world'])}",
           f"- base model: {json.dumps(w['model'])}; pretraining: {json.dumps(w['train'])}",
@@ -333,10 +381,7 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
           "output; mean = unweighted mean over the non-empty buckets; intervals: percentile bootstrap, "
           f"{d['n_boot']} draws, facts resampled within their bucket, seeds resampled, paired across arms",
           ""]
-    L += _times(results)
-    if analysis_md:
-        L += [analysis_md.rstrip(), ""]
-    atomic_write_text(out / "report.md", "\n".join(L))
+    return L
 
 
 def _lr(results: dict, method: str):
@@ -400,20 +445,26 @@ def _save(fig, out: Path, files: dict, key: str, name: str) -> None:
 
 def plots(out: Path, results: dict) -> dict:
     """The PNG plots; returns ``{kind: file name}``."""
-    import matplotlib
+    import matplotlib  # heavy dependency (matplotlib): imported only to plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = {}
-    d = results["settings"]["demo"]
-    small = d["small_size"]
-    arms = results["arms"]
-    by = {a["name"]: a for a in arms}
-    base = by["base"]
-    nseeds = len(results["seeds"])
+    _plot_rank(out, results, files)
+    _plot_data_size(out, results, files)
+    _plot_train_buckets(out, results, files)
+    _plot_restoration(out, results, files)
+    _plot_findings(out, results, files)
+    return files
 
-    # 1. accuracy vs rank on the small set (LoRA ranks, then full SFT)
+
+def _plot_rank(out: Path, results: dict, files: dict) -> None:
+    """Accuracy vs rank on the small set (LoRA ranks, then full SFT), in- and out-of-domain."""
+    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
+
+    arms = results["arms"]
+    small = results["settings"]["demo"]["small_size"]
+    base = {a["name"]: a for a in arms}["base"]
+    nseeds = len(results["seeds"])
     sweep = [a for a in arms if a.get("data") == "small"]
     labels = [f"r={a['rank']}" if a["method"] == "lora" else "full SFT" for a in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -435,7 +486,14 @@ def plots(out: Path, results: dict) -> dict:
     axes[1].legend(fontsize=8)
     _save(fig, out, files, "rank", "accuracy_vs_rank.png")
 
-    # 2. accuracy vs data size (LoRA at the large-set rank, full SFT)
+
+def _plot_data_size(out: Path, results: dict, files: dict) -> None:
+    """Accuracy vs data size (LoRA at the large-set rank, full SFT)."""
+    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
+
+    d = results["settings"]["demo"]
+    arms = results["arms"]
+    nseeds = len(results["seeds"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     rl = d["large_lora_rank"]
     for method, label in (("lora", f"LoRA r={rl}"), ("full", "full SFT")):
@@ -457,7 +515,13 @@ def plots(out: Path, results: dict) -> dict:
     ax.legend(fontsize=8)
     _save(fig, out, files, "data_size", "accuracy_vs_data_size.png")
 
-    # 3. full SFT on the natural mix, the known and the unknown facts (same size)
+
+def _plot_train_buckets(out: Path, results: dict, files: dict) -> None:
+    """Full SFT on the natural mix, the known and the unknown facts (same size)."""
+    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
+
+    arms = results["arms"]
+    nseeds = len(results["seeds"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     group = [a for a in arms if a["method"] == "full" and a.get("data") in ("small", "known", "unknown")]
     xs = np.arange(len(group))
@@ -476,7 +540,12 @@ def plots(out: Path, results: dict) -> dict:
     ax.legend(fontsize=8)
     _save(fig, out, files, "mastery", "accuracy_by_train_bucket.png")
 
-    # 4. restoration: top / bottom / random vs fraction
+
+def _plot_restoration(out: Path, results: dict, files: dict) -> None:
+    """Restoration: top / bottom / random vs the restored fraction (none without points)."""
+    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
+
+    nseeds = len(results["seeds"])
     pts = results["restoration"]["points"]
     if pts:
         zero = next(p for p in pts if p["selection"] == "none")
@@ -502,7 +571,12 @@ def plots(out: Path, results: dict) -> dict:
         axes[1].legend(fontsize=8)
         _save(fig, out, files, "restoration", "accuracy_vs_restored_fraction.png")
 
-    # 5. the findings: effects with their intervals
+
+def _plot_findings(out: Path, results: dict, files: dict) -> None:
+    """The findings: effects with their intervals (intruders only in the table)."""
+    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
+
+    nseeds = len(results["seeds"])
     fs = [f for f in results["findings"] if f["effect"] is not None and f["id"] != "intruders"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(3, len(fs)) + 1.2))
     ys = np.arange(len(fs))[::-1]
@@ -517,4 +591,3 @@ def plots(out: Path, results: dict) -> dict:
     ax.set_title(f"findings ({nseeds} seeds; intruders in the table)")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, out, files, "findings", "findings.png")
-    return files

@@ -403,16 +403,85 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     """
     from tqdm.auto import tqdm
 
-    from ..errors import ConfigError
-    from ..ownership import MARKER, check_output, claim, owner
-    from ..world.pretrain import preset, settings_key
-    from . import report
+    from ..world.pretrain import preset
 
     _quiet_transformers()
     s = settings_for(scale, settings)
     out = Path(out_dir)
     work = out / "work"
-    pre = preset(scale, world_overrides)
+    _claim_output(out, work, s, scale, preset(scale, world_overrides), cache_dir, fresh, force)
+
+    arms = plan_arms(s)
+    group = together_group(arms)
+    solo = [a for a in arms if a not in group]
+    seeds = list(s["seeds"])
+    per_seed = (1 if group else 0) + len(solo) + 2  # training stages, evaluation, restoration
+    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
+    st = _Stages(tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True))
+    t_all = time.time()
+    try:
+        pr, facts, tests, skipped_arms, arms = _first_stages(scale, cache_dir, world_overrides, progress, s, work,
+                                                             arms, st)
+        base_dir = Path(pr["base_dir"])
+
+        t0 = st.stage("select lr")
+        selection = select_lrs(facts, arms, s, base_dir, work, seeds[0])
+        s_run = {**s, "lora_lr": selection["chosen"]["lora"], "full_lr": selection["chosen"]["full"]}
+        st.done("select lr", t0)
+
+        tok, base_eval, base_sd = _evaluate_base(base_dir, tests, s, work)
+        runs: dict = {}  # (seed, arm name) -> arm dict with summary and eval
+        together_runs, restoration = [], {}
+        for seed in seeds:
+            sarms, together_run, restoration[seed] = _run_seed(seed, arms, group, base_dir, s, s_run, work, tok,
+                                                               tests, base_sd, st)
+            if together_run is not None:
+                together_runs.append(together_run)
+            runs.update({(seed, a["name"]): a for a in sarms})
+
+        analysis_md, intruders = None, None
+        if s["analysis"]:
+            t0 = st.stage("analysis")
+            analysis_md, intruders = _analysis(runs, arms, seeds, base_dir, tests, out, work, s)
+            st.done("analysis", t0)
+
+        results = _report(out, st, t_all, selection, analysis_md, facts=facts, tests=tests, arms=arms, runs=runs,
+                          base_eval=base_eval, restoration=restoration, intruders=intruders, settings=s,
+                          pretrain=pr, scale=scale, together=together_runs, skipped=skipped_arms)
+    finally:
+        st.bar.close()
+    results["stage_seconds"] = st.times
+    results["seconds"] = round(time.time() - t_all, 1)
+    _write_json(out / "results.json", results)
+    return results
+
+
+class _Stages:
+    """The demo's stage progress bar and the seconds spent in each stage (summed over the seeds)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.times: dict = {}
+
+    def stage(self, name):
+        """Show ``name`` on the bar; returns its start time."""
+        self.bar.set_description(f"demo: {name}")
+        return time.time()
+
+    def done(self, name, t0):
+        """Add the seconds since ``t0`` to stage ``name`` and advance the bar."""
+        self.times[name] = round(self.times.get(name, 0.0) + time.time() - t0, 2)
+        self.bar.update(1)
+
+
+def _claim_output(out: Path, work: Path, s: dict, scale: str, pre: dict, cache_dir, fresh: bool,
+                  force: bool) -> None:
+    """Check and claim ``out`` and ``work``; delete ``work`` first when ``fresh`` or its stages are stale
+    (made with other settings), then stamp it with these settings."""
+    from ..errors import ConfigError
+    from ..ownership import MARKER, check_output, claim, owner
+    from ..world.pretrain import settings_key
+
     check_output(out, force=force, flag="--out", kinds=["demo"], inputs=[("world cache", cache_dir)])
     key = {"demo": s, "scale": scale, "base_key": settings_key(pre)}
     stamp = work / "settings.json"
@@ -425,124 +494,114 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     claim(work, "demo")
     _write_json(stamp, key)
 
-    arms = plan_arms(s)
-    group = together_group(arms)
-    solo = [a for a in arms if a not in group]
+
+def _first_stages(scale, cache_dir, world_overrides, progress, s: dict, work: Path, arms: list,
+                  st: _Stages) -> tuple:
+    """Pretrain (or reuse) the base, measure mastery and draw the data; the arms whose fine-tuning set was
+    skipped are dropped. Returns ``(pretrain result, facts, test sets, {arm name: why skipped}, arms kept)``."""
     seeds = list(s["seeds"])
-    per_seed = (1 if group else 0) + len(solo) + 2  # training stages, evaluation, restoration
-    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
-    bar = tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True)
-    times: dict = {}
-    t_all = time.time()
+    t0 = st.stage("pretrain")
+    pr = _pretrain(scale, cache_dir, world_overrides, progress)
+    base_dir = Path(pr["base_dir"])
+    st.done("pretrain", t0)
+    st.times["pretrain_cached"] = pr["cached"]
 
-    def stage(name):
-        bar.set_description(f"demo: {name}")
-        return time.time()
+    t0 = st.stage("mastery")
+    facts = _mastery(pr, base_dir, s, work)
+    st.done("mastery", t0)
 
-    def done(name, t0):
-        times[name] = round(times.get(name, 0.0) + time.time() - t0, 2)
-        bar.update(1)
+    t0 = st.stage("data")
+    tests, skipped = _data(facts, s, work, seeds)
+    st.done("data", t0)
+    skipped_arms = {a["name"]: f"its fine-tuning set was skipped: {skipped[a['data']]}" for a in arms
+                    if a["data"] in skipped}
+    if skipped_arms:
+        st.bar.total -= len(seeds) * len(skipped_arms)
+        arms = [a for a in arms if a["name"] not in skipped_arms]
+    return pr, facts, tests, skipped_arms, arms
 
-    try:
-        t0 = stage("pretrain")
-        pr = _pretrain(scale, cache_dir, world_overrides, progress)
-        base_dir = Path(pr["base_dir"])
-        done("pretrain", t0)
-        times["pretrain_cached"] = pr["cached"]
 
-        t0 = stage("mastery")
-        facts = _mastery(pr, base_dir, s, work)
-        done("mastery", t0)
+def _evaluate_base(base_dir, tests: dict, s: dict, work: Path) -> tuple:
+    """The base model's results on the test sets (cached in ``work/eval-base.json``):
+    ``(tokenizer, base eval, a copy of the base state dict)``."""
+    base_model, tok = _load_base(base_dir)
+    bpath = work / "eval-base.json"
+    if _read_json(bpath) is None:
+        _write_json(bpath, evaluate_model(base_model, tok, tests, s["max_new_tokens"]))
+    base_eval = _read_json(bpath)
+    base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    del base_model
+    return tok, base_eval, base_sd
 
-        t0 = stage("data")
-        tests, skipped = _data(facts, s, work, seeds)
-        done("data", t0)
-        skipped_arms = {a["name"]: f"its fine-tuning set was skipped: {skipped[a['data']]}" for a in arms
-                        if a["data"] in skipped}
-        if skipped_arms:
-            bar.total -= len(seeds) * len(skipped_arms)
-            arms = [a for a in arms if a["name"] not in skipped_arms]
 
-        t0 = stage("select lr")
-        selection = select_lrs(facts, arms, s, base_dir, work, seeds[0])
-        s_run = {**s, "lora_lr": selection["chosen"]["lora"], "full_lr": selection["chosen"]["full"]}
-        done("select lr", t0)
+def _run_seed(seed: int, arms: list, group: list, base_dir, s: dict, s_run: dict, work: Path, tok, tests: dict,
+              base_sd: dict, st: _Stages) -> tuple:
+    """One seed: train every arm, evaluate each on every test fact, restore the large full-SFT model.
+    Returns ``(the seed's arms with summary and eval, the together run or None, restoration points)``."""
+    sarms = [seed_arm(a, work, seed) for a in arms]
+    together_run = _train_seed(seed, sarms, group, base_dir, s_run, work, st)
+    # evaluation of every arm on every test fact
+    t0 = st.stage(f"seed {seed}: eval")
+    for a in sarms:
+        epath = Path(a["output_dir"]) / "demo-eval.json"
+        if _read_json(epath) is None:
+            model = arm_model(a, base_dir)
+            _write_json(epath, evaluate_model(model, tok, tests, s["max_new_tokens"]))
+            del model
+        a["eval"] = _read_json(epath)
+    st.done("eval", t0)
+    # restoration of this seed's large full-SFT model
+    t0 = st.stage(f"seed {seed}: restore")
+    full_big = next(a for a in sarms if a["method"] == "full" and a["data"] == "large")
+    points = _restore(full_big, base_dir, base_sd, tok, tests, s, work / "restore" / f"seed{seed}", seed)
+    st.done("restore", t0)
+    return sarms, together_run, points
 
-        base_model, tok = _load_base(base_dir)
-        bpath = work / "eval-base.json"
-        if _read_json(bpath) is None:
-            _write_json(bpath, evaluate_model(base_model, tok, tests, s["max_new_tokens"]))
-        base_eval = _read_json(bpath)
-        base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-        del base_model
 
-        runs: dict = {}  # (seed, arm name) -> arm dict with summary and eval
-        together_runs, restoration = [], {}
-        for seed in seeds:
-            sarms = [seed_arm(a, work, seed) for a in arms]
-            data_dir = data_dir_of(work, seed)
-            # training: the small-set LoRA arms together, every other arm on its own
-            trained: dict = {}
-            if group:
-                t0 = stage(f"seed {seed}: train together")
-                sgroup = [a for a in sarms if a["name"] in {g["name"] for g in group}]
-                trained, names = train_group(sgroup, base_dir, data_dir, s_run, work / "together" / f"seed{seed}")
-                done("train together", t0)
-                together_runs.append({"seed": seed, "arms": [a["name"] for a in sgroup], "trained": names,
-                                      "seconds": round(time.time() - t0, 2)})
-            for a in sarms:
-                if a["name"] in trained:
-                    summ = trained[a["name"]]
-                else:
-                    t0 = stage(f"seed {seed}: train {a['name']}")
-                    from ..train import train
+def _train_seed(seed: int, sarms: list, group: list, base_dir, s_run: dict, work: Path, st: _Stages):
+    """Train one seed's arms: the small-set LoRA arms together, every other arm on its own (a finished arm
+    is reused as is). Sets each arm's ``train_loss``, ``train_seconds`` and ``trained_together``; returns
+    the together run's record, or None without a group."""
+    data_dir = data_dir_of(work, seed)
+    trained: dict = {}
+    together_run = None
+    if group:
+        t0 = st.stage(f"seed {seed}: train together")
+        sgroup = [a for a in sarms if a["name"] in {g["name"] for g in group}]
+        trained, names = train_group(sgroup, base_dir, data_dir, s_run, work / "together" / f"seed{seed}")
+        st.done("train together", t0)
+        together_run = {"seed": seed, "arms": [a["name"] for a in sgroup], "trained": names,
+                        "seconds": round(time.time() - t0, 2)}
+    for a in sarms:
+        if a["name"] in trained:
+            summ = trained[a["name"]]
+        else:
+            t0 = st.stage(f"seed {seed}: train {a['name']}")
+            from ..train import train
 
-                    summ = train(arm_config(a, base_dir, data_dir, s_run), resume=True)  # a finished arm: as is
-                    if a["name"] not in {g["name"] for g in group}:
-                        done(f"train {a['name']}", t0)
-                a["train_loss"] = summ.get("train_loss")
-                a["train_seconds"] = summ.get("runtime_s")
-                a["trained_together"] = "+".join(g["name"] for g in group) if a["name"] in \
-                    {g["name"] for g in group} else None
-            # evaluation of every arm on every test fact
-            t0 = stage(f"seed {seed}: eval")
-            for a in sarms:
-                epath = Path(a["output_dir"]) / "demo-eval.json"
-                if _read_json(epath) is None:
-                    model = arm_model(a, base_dir)
-                    _write_json(epath, evaluate_model(model, tok, tests, s["max_new_tokens"]))
-                    del model
-                a["eval"] = _read_json(epath)
-                runs[(seed, a["name"])] = a
-            done("eval", t0)
-            # restoration of this seed's large full-SFT model
-            t0 = stage(f"seed {seed}: restore")
-            full_big = next(a for a in sarms if a["method"] == "full" and a["data"] == "large")
-            restoration[seed] = _restore(full_big, base_dir, base_sd, tok, tests, s, work / "restore" / f"seed{seed}",
-                                         seed)
-            done("restore", t0)
+            summ = train(arm_config(a, base_dir, data_dir, s_run), resume=True)  # a finished arm: as is
+            if a["name"] not in {g["name"] for g in group}:
+                st.done(f"train {a['name']}", t0)
+        a["train_loss"] = summ.get("train_loss")
+        a["train_seconds"] = summ.get("runtime_s")
+        a["trained_together"] = "+".join(g["name"] for g in group) if a["name"] in \
+            {g["name"] for g in group} else None
+    return together_run
 
-        analysis_md, intruders = None, None
-        if s["analysis"]:
-            t0 = stage("analysis")
-            analysis_md, intruders = _analysis(runs, arms, seeds, base_dir, tests, out, work, s)
-            done("analysis", t0)
 
-        t0 = stage("report")
-        results = report.build_results(facts=facts, tests=tests, arms=arms, runs=runs, base_eval=base_eval,
-                                       restoration=restoration, intruders=intruders, settings=s, pretrain=pr,
-                                       scale=scale, together=together_runs, skipped=skipped_arms)
-        results["lr_selection"] = selection
-        times["report"] = 0.0
-        results["stage_seconds"] = times
-        results["seconds"] = round(time.time() - t_all, 1)
-        report.write_report(out, results, analysis_md)
-        done("report", t0)
-    finally:
-        bar.close()
-    results["stage_seconds"] = times
+def _report(out: Path, st: _Stages, t_all: float, selection: dict, analysis_md, **parts) -> dict:
+    """The results (:func:`rankwise.demo.report.build_results` of ``parts``, with the lr selection and the
+    stage times) and the report written from them."""
+    from . import report
+
+    t0 = st.stage("report")
+    results = report.build_results(**parts)
+    results["lr_selection"] = selection
+    st.times["report"] = 0.0
+    results["stage_seconds"] = st.times
     results["seconds"] = round(time.time() - t_all, 1)
-    _write_json(out / "results.json", results)
+    report.write_report(out, results, analysis_md)
+    st.done("report", t0)
     return results
 
 
