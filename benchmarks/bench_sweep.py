@@ -43,7 +43,8 @@ def qa_rows(n, offset=0):
              "answers": [CITIES[(i * 7) % len(CITIES)]]} for i in range(offset, offset + n)]
 
 
-def build_setup(root: Path, hidden: int, layers: int, n_train: int) -> dict:
+def build_setup(root: Path, hidden: int, layers: int, n_train: int, steps: int) -> dict:
+    """A small Llama (word-level tokenizer, no hub), a toy QA set, and the sweep config training it ``steps`` steps."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rankwise.world.tokenizer import build_tokenizer, save_tokenizer
@@ -66,6 +67,9 @@ def build_setup(root: Path, hidden: int, layers: int, n_train: int) -> dict:
     return {"model": str(model_dir), "method": "lora",
             "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
             "data": {"train": paths["train"], "eval": paths["eval"], "max_length": 48},
+            "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "log_every": max(1, steps // 3),
+                      "save_every": 0, "seed": 0},
+            "eval": {"every": 0, "generate": False},
             "log": {"progress": False}, "output_dir": str(root / "unused")}
 
 
@@ -124,10 +128,7 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            cfg = build_setup(root, hidden, layers, n_train=64)
-            cfg["train"] = {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "log_every": max(1, steps // 3),
-                            "save_every": 0, "seed": 0}
-            cfg["eval"] = {"every": 0, "generate": False}
+            cfg = build_setup(root, hidden, layers, n_train=64, steps=steps)
             warm = json.loads(json.dumps(cfg))
             warm["train"]["max_steps"] = 1
             for together in (False, True):

@@ -80,10 +80,7 @@ def main(argv=None) -> int:
     samples = {"one_process": [], "torchrun_2": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = build_setup(root, hidden, layers, n_train=64)
-        cfg["train"] = {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "log_every": max(1, steps // 3),
-                        "save_every": 0, "seed": 0}
-        cfg["eval"] = {"every": 0, "generate": False}
+        cfg = build_setup(root, hidden, layers, n_train=64, steps=steps)
         config = root / "sweep.yaml"
         config.write_text(yaml.safe_dump(cfg))
         rel = 0.0
