@@ -311,7 +311,7 @@ def dropout_args(dropout_p: float, seed: Optional[int]):
 
 
 def wide_rank_warps(cfg: dict, BR: int) -> int:
-    """Warps of the skinny (rank-sized) kernels, here and in ``multi_lora.py``: twice as
+    """Warps of the skinny (rank-sized) kernels, here and in ``multi_lora_kernels.py``: twice as
     many for a rank block over 64 on a GPU, where the (BM or BN) x BR fp32
     accumulators otherwise spill registers (sm_90:
     255 registers and 200-1900 bytes of stack at r = 128-256 with 4 warps;

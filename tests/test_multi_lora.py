@@ -321,7 +321,7 @@ def test_deterministic_mode_gives_the_same_grads():
 
 def test_tile_map_never_mixes_arms():
     """Each tile of the map lies inside one arm's rows, and the tiles cover every row once."""
-    from rankwise.kernels.multi_lora import multi_plan
+    from rankwise.kernels.multi_lora_kernels import multi_plan
 
     rows, ranks = (0, 1, 31, 32, 33, 0, 70), (1, 128, 2, 3, 4, 5, 6)
     plan = multi_plan(rows, ranks, (1.0,) * 7, (0.0,) * 7, (0,) * 7, torch.float32, torch.device("cpu"), False)
@@ -415,9 +415,10 @@ def test_gpu_tile_plans_compute_the_same_under_the_interpreter(monkeypatch, nf4)
     from rankwise.quant import quantize_nf4
 
     ml = importlib.import_module("rankwise.kernels.multi_lora")
-    monkeypatch.setattr(ml, "INTERPRET", False)
-    monkeypatch.setattr(ml, "max_shared_memory", lambda device: 99 * 1024)
-    plan = ml.multi_plan((24, 40), (128, 2), (2.0, 0.5), (0.0, 0.0), (0, 0), torch.float32, torch.device("cpu"), nf4)
+    mk = importlib.import_module("rankwise.kernels.multi_lora_kernels")
+    monkeypatch.setattr(mk, "INTERPRET", False)
+    monkeypatch.setattr(mk, "max_shared_memory", lambda device: 99 * 1024)
+    plan = mk.multi_plan((24, 40), (128, 2), (2.0, 0.5), (0.0, 0.0), (0, 0), torch.float32, torch.device("cpu"), nf4)
     assert plan.skinny_cfg["BM"] == 32 and plan.skinny_br == 128
     if nf4:
         assert plan.gemm_cfg["BM"] == 64
@@ -471,13 +472,13 @@ def test_auto_runs_the_measured_choice(monkeypatch, nf4, choice):
     ``multi_fwd`` / ``multi_dx`` (``multi_nf4_*`` on an NF4 base) and runs what it answers."""
     import sys
 
-    ml = sys.modules["rankwise.kernels.multi_lora"]
+    mk = sys.modules["rankwise.kernels.multi_lora_kernels"]
     asked, ran = [], []
     monkeypatch.setattr(sys.modules["rankwise.kernels.tuning"], "choose_path",
                         lambda path, op, M, N, K, t, candidates: asked.append((op, M, N, K)) or choice)
     for fn in ("_multi_fwd_gemm", "_multi_fwd_split", "_multi_dx", "_multi_dx_split"):
-        real = getattr(ml, fn)
-        monkeypatch.setattr(ml, fn, lambda *a, real=real, fn=fn: ran.append(fn) or real(*a))
+        real = getattr(mk, fn)
+        monkeypatch.setattr(mk, fn, lambda *a, real=real, fn=fn: ran.append(fn) or real(*a))
     rows, ranks, K, N = (5, 9), (2, 3), 70, 22
     x, W, A, B, b, dy = make_inputs(rows, ranks, K, N, torch.float32)
     weight = quantize_nf4(W) if nf4 else W
