@@ -97,7 +97,8 @@ def _adamw(params, cuda):
 
 
 def together_step_fn(model, ranks, ids, cuda, autocast):
-    from rankwise.together import arm_parameters, clip_arms, inject_multi_lora, step_arms
+    from rankwise.arm_layers import arm_parameters, inject_multi_lora
+    from rankwise.together import clip_arms, step_arms
 
     inject_multi_lora(model, TARGETS, ranks, [2.0 * r for r in ranks], seed=0)
     arm_params = [[p for _, p in arm_parameters(model, k)] for k in range(len(ranks))]
@@ -150,8 +151,8 @@ def measure(make, cuda, steps):
 
 def strip(model):
     """Undo ``inject_lora`` / ``inject_multi_lora``: put every base linear back (the base weights are shared)."""
+    from rankwise.arm_layers import multi_lora_layers
     from rankwise.lora import lora_layers
-    from rankwise.together import multi_lora_layers
 
     for name, m in list(lora_layers(model)) + list(multi_lora_layers(model)):
         parent_name, _, child = name.rpartition(".")

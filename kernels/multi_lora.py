@@ -584,7 +584,7 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
     ``multi_lora_linear``, and so is the result. On the torch path each arm's
     gradient goes straight to its own tensors (no concatenation, no split of the
     gradients); the Triton path concatenates them once and runs the same kernels.
-    ``rankwise.together.MultiLoRALinear`` calls this with its arms' Parameters.
+    ``rankwise.arm_layers.MultiLoRALinear`` calls this with its arms' Parameters.
     """
     is_nf4 = _check_weight_and_path(weight, path)
     lora_As, lora_Bs = list(lora_As), list(lora_Bs)

@@ -12,15 +12,18 @@ import pytest
 import torch
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 
+import rankwise.arm_layers as rlay
+import rankwise.arm_memory as rmem
 import rankwise.together as rtog
 import rankwise.train as rt
 from rankwise import cli
 from rankwise.adapter import lora_delta, lora_pairs, scaling_of
+from rankwise.arm_layers import MultiLoRALinear, inject_multi_lora
 from rankwise.errors import ConfigError
 from rankwise.ownership import owner
 from rankwise.sweep import sweep
 from rankwise.kernels import multi_lora_linear
-from rankwise.together import MultiLoRALinear, inject_multi_lora, train_together
+from rankwise.together import train_together
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +101,7 @@ def test_inject_multi_lora_draws_each_arms_solo_init(cfg):
     ranks = [1, 5, 16]
     model = inject_multi_lora(load_model(cfg["model"], dtype="fp32"), ["q_proj", "v_proj"], ranks, [2.0, 8.0, 4.0],
                               seed=3)
-    layers = rtog.multi_lora_layers(model)
+    layers = rlay.multi_lora_layers(model)
     assert len(layers) == 4 and all(m.ranks == ranks for _, m in layers)
     assert not [n for n, p in model.named_parameters() if p.requires_grad and "arm_" not in n]
     for k, r in enumerate(ranks):
@@ -115,10 +118,10 @@ def test_inject_multi_lora_draws_each_arms_solo_init(cfg):
             m.arm_B[k].normal_()
         y = m(x)
         for k in range(3):
-            rtog.select_arms(model, [k])
+            rlay.select_arms(model, [k])
             assert m.lora_A is m.arm_A[k] and m.scaling == m.scalings[k]
             torch.testing.assert_close(y[2 * k:2 * k + 2], m(x[:2]), rtol=1e-5, atol=1e-5)
-    rtog.select_arms(model, [0, 2])
+    rlay.select_arms(model, [0, 2])
     assert m.lora_A is None
     with pytest.raises(ValueError, match="one block of rows per selected arm"):
         m(torch.randn(3, 4, 32))
@@ -128,7 +131,7 @@ def test_inject_multi_lora_draws_each_arms_solo_init(cfg):
     for k, (o, r) in enumerate(zip(m.offsets, ranks)):
         assert torch.equal(m.A_cat[o:o + r], m.arm_A[k]) and torch.equal(m.B_cat[:, o:o + r], m.arm_B[k])
     with torch.no_grad():  # the op on the concatenated layout computes what the layer computes
-        rtog.select_arms(model, [0, 1, 2])
+        rlay.select_arms(model, [0, 1, 2])
         y_cat = multi_lora_linear(x, m.base.weight, m.A_cat, m.B_cat, m.ranks, m.scalings, [10, 10, 10],
                                   bias=m.base.bias, backend="torch")
         torch.testing.assert_close(y_cat, m(x), rtol=0, atol=0)
@@ -396,32 +399,32 @@ def test_resume_refuses_a_checkpoint_of_other_settings(cfg, tmp_path, monkeypatc
 def test_peak_estimate_is_linear_in_the_arms_and_their_ranks(cfg):
     """base + K * activations + (adapters, grads, AdamW moments, concat copy) * sum r: as modelled, exactly."""
     c = {**cfg, "method": "lora"}
-    est = lambda ranks: rtog.estimate_peak_bytes(c, ranks, device="cpu")  # noqa: E731
-    shape = rtog.model_shape(rt.C.parse(c))
-    per_rank = rtog.ADAPTER_COPIES * 4 * sum(i + o for i, o in shape["targets"].values())
+    est = lambda ranks: rmem.estimate_peak_bytes(c, ranks, device="cpu")  # noqa: E731
+    shape = rmem.model_shape(rt.C.parse(c))
+    per_rank = rmem.ADAPTER_COPIES * 4 * sum(i + o for i, o in shape["targets"].values())
     act = est([4, 4]) - est([4]) - 4 * per_rank
     assert act > 0
     for k in (1, 2, 5):
         assert abs(est([4] * (k + 1)) - est([4] * k) - (act + 4 * per_rank)) <= 1, k  # linear in K
     assert abs(est([1, 5]) - est([2, 4])) <= 1  # same K, same sum of ranks
     assert abs(est([1, 13]) - est([1, 5]) - 8 * per_rank) <= 1  # linear in sum r
-    nf4 = rtog.estimate_peak_bytes({**c, "quantization": "nf4"}, [4], device="cpu")
-    assert abs(est([4]) - nf4 - shape["target_params"] * (4 - rtog.NF4_BYTES)) <= 1  # NF4: targeted weights only
-    ckpt = rtog.estimate_peak_bytes({**c, "train": {**cfg["train"], "gradient_checkpointing": True}}, [4], device="cpu")
+    nf4 = rmem.estimate_peak_bytes({**c, "quantization": "nf4"}, [4], device="cpu")
+    assert abs(est([4]) - nf4 - shape["target_params"] * (4 - rmem.NF4_BYTES)) <= 1  # NF4: targeted weights only
+    ckpt = rmem.estimate_peak_bytes({**c, "train": {**cfg["train"], "gradient_checkpointing": True}}, [4], device="cpu")
     assert ckpt < est([4])
 
 
 def test_a_small_memory_budget_splits_the_arms_into_groups_that_fit(cfg, tmp_path, monkeypatch):
     c = {**cfg, "method": "lora"}
-    budget = rtog.estimate_peak_bytes(c, [1, 2], device="cpu") + 1  # room for ranks 1+2, then 4 and 8 alone
-    assert rtog.plan_groups(c, [1, 2, 4, 8], budget, device="cpu") == [[1, 2], [4], [8]]
+    budget = rmem.estimate_peak_bytes(c, [1, 2], device="cpu") + 1  # room for ranks 1+2, then 4 and 8 alone
+    assert rmem.plan_groups(c, [1, 2, 4, 8], budget, device="cpu") == [[1, 2], [4], [8]]
     groups, real = [], rtog.train_together
 
     def recording(cfgs, *a, **k):
         groups.append([x["lora"]["r"] for x in cfgs])
         return real(cfgs, *a, **k)
 
-    monkeypatch.setattr(rtog, "memory_budget", lambda device: budget)
+    monkeypatch.setattr(rmem, "memory_budget", lambda device: budget)
     monkeypatch.setattr(rtog, "train_together", recording)
     out = tmp_path / "planned"
     results = sweep(cfg, [1, 2, 4, 8], out_dir=str(out), together=True)
@@ -433,12 +436,12 @@ def test_a_small_memory_budget_splits_the_arms_into_groups_that_fit(cfg, tmp_pat
 
 
 def test_an_arm_too_big_for_memory_alone_is_refused_in_one_line(cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(rtog, "memory_budget", lambda device: 4096)
+    monkeypatch.setattr(rmem, "memory_budget", lambda device: 4096)
     out = tmp_path / "too_big"
     with pytest.raises(ConfigError, match=r"the LoRA arm of rank 1 alone needs about .* GiB .* more than the") as e:
         sweep(cfg, [1, 2], out_dir=str(out), together=True)
     assert "\n" not in str(e.value) and not out.exists()
-    monkeypatch.setattr(rtog, "memory_budget", lambda device: None)  # unknown memory: one group, no refusal
+    monkeypatch.setattr(rmem, "memory_budget", lambda device: None)  # unknown memory: one group, no refusal
     assert [r["status"] for r in sweep({**cfg, "train": {**cfg["train"], "max_steps": 2}}, [1, 2], out_dir=str(out),
                                        together=True)] == ["finished"] * 2
 
@@ -458,13 +461,13 @@ def test_batched_evaluation_equals_arm_by_arm(cfg, fused):
                               [2.0, 8.0, 32.0], seed=0)
     torch.manual_seed(1)
     with torch.no_grad():
-        for _, m in rtog.multi_lora_layers(model):
+        for _, m in rlay.multi_lora_layers(model):
             for B in m.arm_B:
                 B.normal_(std=0.5)
     model.train()
     nullctx = contextlib.nullcontext
     batched = rtog.evaluate_arms(model, [0, 2, 1], tok, evals, [c] * 3, nullctx, fused, "torch")
-    assert model.training and rtog.multi_lora_layers(model)[0][1].arms == [0, 2, 1]
+    assert model.training and rlay.multi_lora_layers(model)[0][1].arms == [0, 2, 1]
     for k in range(3):
         one = rtog.evaluate_arm(model, k, tok, evals, c, nullctx)
         assert batched[k].keys() == one.keys() == {"eval_loss", "eval_accuracy"}
@@ -479,7 +482,7 @@ def _arms_with_distinct_adapters(cfg, ranks, alphas):
     model = inject_multi_lora(load_model(cfg["model"], dtype="fp32"), cfg["lora"]["targets"], ranks, alphas, seed=0)
     torch.manual_seed(7)
     with torch.no_grad():
-        for _, m in rtog.multi_lora_layers(model):
+        for _, m in rlay.multi_lora_layers(model):
             for B in m.arm_B:
                 B.normal_(std=1.0)
     return model
@@ -490,7 +493,7 @@ def _solo_model(cfg, model, k, eos):
     from rankwise.lora import inject_lora, lora_layers
     from rankwise.model import load_model
 
-    layers = dict(rtog.multi_lora_layers(model))
+    layers = dict(rlay.multi_lora_layers(model))
     m0 = next(iter(layers.values()))
     solo = inject_lora(load_model(cfg["model"], dtype="fp32"), cfg["lora"]["targets"], m0.ranks[k], m0.alphas[k])
     with torch.no_grad():
@@ -517,7 +520,7 @@ def test_batched_generation_equals_each_arms_solo_generation(cfg):
     model.generation_config.eos_token_id = eos
     model.train()
     outs = rtog.generate_arms(model, [2, 0, 1], tok, prompts, max_new_tokens=6, batch_size=3)
-    assert model.training and rtog.multi_lora_layers(model)[0][1].arms == [2, 0, 1]
+    assert model.training and rlay.multi_lora_layers(model)[0][1].arms == [2, 0, 1]
     assert sorted(outs) == [0, 1, 2] and all(len(outs[k]) == len(prompts) for k in outs)
     assert any(len(o[0]) < 6 for o in outs[1]), "no row met the EOS: the early stop is not exercised"
     for k in range(3):
@@ -640,17 +643,17 @@ def test_model_shapes_are_read_once_per_config_file(tmp_path, monkeypatch):
 
     c = {"model": build_tiny_llama(tmp_path / "m"), "lora": {"r": 1, "targets": ["q_proj"]},
          "data": {"train": "unused.jsonl"}, "output_dir": str(tmp_path / "out")}
-    builds, real = [], rtog._meta_model
-    monkeypatch.setattr(rtog, "_meta_model", lambda path: builds.append(path) or real(path))
-    dims = rtog.target_dims(c)
+    builds, real = [], rmem._meta_model
+    monkeypatch.setattr(rmem, "_meta_model", lambda path: builds.append(path) or real(path))
+    dims = rmem.target_dims(c)
     dims.clear()
-    assert len(rtog.target_dims(c)) == 2 and len(builds) == 1
-    assert rtog.model_shape(c)["layers"] == 2 and rtog.model_shape(c)["targets"] == rtog.target_dims(c)
+    assert len(rmem.target_dims(c)) == 2 and len(builds) == 1
+    assert rmem.model_shape(c)["layers"] == 2 and rmem.model_shape(c)["targets"] == rmem.target_dims(c)
     assert len(builds) == 2
-    assert len(rtog.target_dims({**c, "lora": {"r": 1, "targets": ["q_proj", "v_proj"]}})) == 4 and len(builds) == 3
+    assert len(rmem.target_dims({**c, "lora": {"r": 1, "targets": ["q_proj", "v_proj"]}})) == 4 and len(builds) == 3
     path = tmp_path / "m" / "config.json"
     path.write_text(path.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 12'))
-    assert len(rtog.target_dims(c)) == 12 and len(builds) == 4
+    assert len(rmem.target_dims(c)) == 12 and len(builds) == 4
 
 
 def test_step_arms_is_bit_for_bit_k_independent_adamw_steps():

@@ -28,7 +28,7 @@ With ``--together`` the LoRA arms train in one process and one pass per step
 (``rankwise.together``: one base model, dense or NF4, loaded once; one data
 pipeline; the arms' copies of each batch stacked along the batch dimension), in
 groups of ``--group-size`` arms (default: the groups that fit the device's memory
-by ``rankwise.together.estimate_peak_bytes``, logged; one arm too big even alone
+by ``rankwise.arm_memory.estimate_peak_bytes``, logged; one arm too big even alone
 is refused before anything is written), each arm ending exactly as its
 solo run would, in the same ``OUT/arms/<arm>/``; reuse, ``--rerun-changed`` and
 the tables work unchanged. A group checkpoints into ``OUT/together/<arms>/``
@@ -80,6 +80,7 @@ from typing import Optional
 
 import torch
 
+from . import arm_memory
 from . import config as C
 from . import spread
 from . import together as multi
@@ -89,7 +90,8 @@ from .errors import ConfigError
 from .model import resolve_device
 from .ownership import MARKER, check_disjoint, check_links, check_output, claim
 from .runlock import LOCK_FILE
-from .together import check_ranks, checkpoint_matches, plan_groups
+from .arm_memory import plan_groups
+from .together import check_ranks, checkpoint_matches
 
 log = logging.getLogger("rankwise")
 
@@ -304,7 +306,7 @@ def sweep(config, ranks, full_sft: bool = False, masked=None, out_dir=None, over
             ends as its solo run would, in the same directory. Full and masked SFT arms still
             run on their own, after them. Needs a config with ``method: lora``.
         group_size: with ``together``, train at most this many LoRA arms at a time (None: the groups
-            that fit the device's free memory, ``rankwise.together.plan_groups``; all when it is unknown).
+            that fit the device's free memory, ``rankwise.arm_memory.plan_groups``; all when it is unknown).
         lrs, alphas, dropouts: ``train.lr`` / ``lora.alpha`` / ``lora.dropout`` values crossed with the
             ranks (None: the config's one value); when one has several values the arm names, the tables
             and the plots show it (``lora_r4_lr0.0003_a16_d0.1``). ``alphas`` excludes ``alpha_ratio``.
@@ -388,7 +390,7 @@ def memory_plan(arms, ranks):
     refused before anything is written; the device's memory budget (None when unknown), its plan logged."""
     first = C.parse(arms[0][4])
     check_ranks(first, ranks)
-    budget = multi.memory_budget(resolve_device(first.train.device))  # through the module: tests replace it
+    budget = arm_memory.memory_budget(resolve_device(first.train.device))  # through the module: tests replace it
     if budget is not None:
         plan = plan_groups(first, [rank for _, method, rank, _, _, _ in arms if method == "lora"], budget)
         log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
@@ -515,7 +517,7 @@ def _release_memory() -> None:
 
 def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
     """``--together``: the LoRA arms that need training (each claimed first), in groups of ``(name, config)``:
-    of ``group_size``; without it, as ``rankwise.together.plan_groups`` makes them for ``budget`` bytes (the
+    of ``group_size``; without it, as ``rankwise.arm_memory.plan_groups`` makes them for ``budget`` bytes (the
     device's memory), or one group when ``budget`` is None. An arm with ``summary.json`` or a solo checkpoint
     is in none (reused, or resumed on its own)."""
     from . import train as _train

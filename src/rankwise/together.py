@@ -20,7 +20,7 @@ How the K arms share one pass:
   attention (and the packed-sequence mask built from ``position_ids``) works per
   batch row, so no arm ever attends to another's tokens; every frozen linear sees
   ``K*T`` rows, arm k's being the k-th block of ``T``.
-- **Layers.** Each targeted linear becomes a ``MultiLoRALinear`` that calls
+- **Layers.** Each targeted linear becomes a ``MultiLoRALinear`` (``rankwise.arm_layers``) that calls
   ``rankwise.kernels.multi_lora.multi_lora_linear_arms`` (``multi_lora_linear`` with
   each arm's adapters as tensors of their own): one base GEMM over all rows, each
   arm's low-rank term on its own rows.
@@ -69,7 +69,7 @@ the model compute one arm; the adapter helpers then see arm k's solo model).
 (weights, optimizer state, dropout generator, log window, fp16 GradScaler, stopped or not) every
 ``train.save_every`` steps, and ``resume=True`` continues from it.
 
-**Memory.** ``estimate_peak_bytes`` models a together run's peak (base weights +
+**Memory** (``rankwise.arm_memory``). ``estimate_peak_bytes`` models a together run's peak (base weights +
 K x one micro-batch's activations + every arm's adapter, gradient and AdamW
 state; the constants are stated next to it) and ``plan_groups`` splits the arms
 into groups that fit a budget (``memory_budget``: the CUDA free memory or the
@@ -81,8 +81,6 @@ initialisation (its base weights depend on the rank, so the arms could not share
 """
 from __future__ import annotations
 
-import copy
-import functools
 import inspect
 import json
 import logging
@@ -92,10 +90,11 @@ import random
 import time
 
 import torch
-from torch import nn
 
 from . import config as C
-from . import ownership, shapes
+from . import ownership
+from .arm_layers import arm_parameters, inject_multi_lora, multi_lora_layers, select_arms
+from .arm_memory import target_dims
 from .atomic import atomic_write_text, remove_path, reporting_write_errors
 from .checkpoint import (check_log_window, check_rng, check_step, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
@@ -111,248 +110,7 @@ PER_ARM = ("lora.r", "lora.alpha", "lora.dropout", "train.lr", "train.weight_dec
 TOGETHER_KEYS = ("step", "total_steps", "settings_hash", "settings", "rng", "arms")
 
 
-# ----------------------------------------------------------------------------- the layer
-
-class MultiLoRALinear(nn.Module):
-    """A frozen linear layer plus K LoRA arms, each applied to its own block of rows.
-
-    With ``x`` of shape ``(n * G, ..., in)`` where the selected arms are ``G``
-    (see ``select_arms``), the g-th block of ``n`` leading rows belongs to the
-    g-th selected arm ``k``::
-
-        y[block g] = x_g @ W.T + b + s_k * (drop_k(x_g) @ A_k.T) @ B_k.T
-
-    with ``A_k`` (r_k, in), ``B_k`` (out, r_k), ``s_k = alpha_k / r_k`` (or
-    ``alpha_k / sqrt(r_k)`` with rsLoRA), computed by ``multi_lora_linear_arms`` on
-    the ``A_k`` / ``B_k`` of the selected arms.
-
-    Args:
-        base: the frozen ``nn.Linear`` or NF4 linear.
-        A_init: one ``(r_k, in)`` tensor per arm, the arms' initial A (copied, fp32).
-        alphas, dropouts: per arm.
-        use_rslora: rank-stabilised scaling for every arm.
-        generators: per arm, a ``torch.Generator`` the dropout seeds are drawn from
-            (one per forward with dropout); None: torch's default generator.
-        backend: passed to ``multi_lora_linear``.
-
-    When exactly one arm is selected, ``lora_A``, ``lora_B``, ``scaling``, ``r``
-    and ``alpha`` are that arm's, so ``rankwise.adapter``'s helpers see the
-    model as the arm's solo LoRA model; otherwise ``lora_A`` / ``lora_B`` are None.
-
-    Each arm's A and B are Parameters of their own (``arm_A[k]``, ``arm_B[k]``), so
-    its gradients, AdamW state and PEFT export are its own; ``A_cat`` ``(sum(ranks), in)``
-    and ``B_cat`` ``(out, sum(ranks))`` are the arms' adapters concatenated, not padded,
-    with arm k at ``offsets[k]`` (the layout ``multi_lora_linear`` takes; its Triton
-    path concatenates them once per call).
-    """
-
-    def __init__(self, base: nn.Module, A_init, alphas, dropouts, use_rslora: bool = False, generators=None,
-                 backend: str = "auto"):
-        super().__init__()
-        from .lora import lora_scaling
-
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.ranks = [int(a.shape[0]) for a in A_init]
-        self.alphas = [float(a) for a in alphas]
-        self.dropouts = [float(p) for p in dropouts]
-        self.use_rslora = bool(use_rslora)
-        self.scalings = [lora_scaling(r, a, use_rslora) for r, a in zip(self.ranks, self.alphas)]
-        self.generators = list(generators) if generators is not None else [None] * len(self.ranks)
-        self.backend = backend
-        dev = base.weight.device
-        self.arm_A = nn.ParameterList([nn.Parameter(a.detach().to(dev, torch.float32).clone()) for a in A_init])
-        self.arm_B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, r, device=dev))
-                                       for r in self.ranks])
-        self.arms = list(range(len(self.ranks)))  # the arms the next forward computes, in row-block order
-
-    @property
-    def n_arms(self) -> int:
-        return len(self.ranks)
-
-    def _one(self, what):
-        return getattr(self, what)[self.arms[0]] if len(self.arms) == 1 else None
-
-    lora_A = property(lambda self: self._one("arm_A"))
-    lora_B = property(lambda self: self._one("arm_B"))
-    scaling = property(lambda self: self._one("scalings"))
-    r = property(lambda self: self._one("ranks"))
-    alpha = property(lambda self: self._one("alphas"))
-
-    @property
-    def offsets(self) -> list:
-        """Arm k's first row of ``A_cat`` (and column of ``B_cat``): ``r_0 + ... + r_{k-1}``."""
-        return [sum(self.ranks[:k]) for k in range(len(self.ranks))]
-
-    @property
-    def A_cat(self) -> torch.Tensor:
-        """Every arm's A concatenated along dim 0: ``(sum(ranks), in_features)`` (a new tensor, differentiable)."""
-        return torch.cat(list(self.arm_A), 0)
-
-    @property
-    def B_cat(self) -> torch.Tensor:
-        """Every arm's B concatenated along dim 1: ``(out_features, sum(ranks))`` (a new tensor, differentiable)."""
-        return torch.cat(list(self.arm_B), 1)
-
-    def _seed(self, k: int, p: float) -> int:
-        if p == 0.0:
-            return 0
-        return torch.randint(0, 2**31 - 1, (1,), generator=self.generators[k]).item()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from rankwise.kernels.multi_lora import multi_lora_linear_arms
-
-        arms = self.arms
-        if not arms:
-            raise RuntimeError("MultiLoRALinear: no arm is selected")
-        if x.dim() < 2 or x.shape[0] % len(arms):
-            raise ValueError(f"MultiLoRALinear: the input's leading dimension ({tuple(x.shape)}) must hold one "
-                             f"block of rows per selected arm ({len(arms)})")
-        rows = [x.numel() // x.shape[-1] // len(arms)] * len(arms)
-        ps = [self.dropouts[k] if self.training else 0.0 for k in arms]
-        seeds = [self._seed(k, p) for k, p in zip(arms, ps)]
-        return multi_lora_linear_arms(x, self.base.weight, [self.arm_A[k] for k in arms],
-                                      [self.arm_B[k] for k in arms], [self.scalings[k] for k in arms], rows,
-                                      bias=self.base.bias, dropout_p=ps, seeds=seeds, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}, "
-                f"alphas={self.alphas}, dropouts={self.dropouts}, rslora={self.use_rslora}, arms={self.arms}")
-
-
-def multi_lora_layers(model: nn.Module) -> list:
-    """``(name, MultiLoRALinear)`` pairs of a model, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
-
-
-def select_arms(model: nn.Module, arms) -> None:
-    """Make every ``MultiLoRALinear`` of ``model`` compute ``arms`` (indices), one row block each, in that order."""
-    for _, m in multi_lora_layers(model):
-        m.arms = [int(k) for k in arms]
-
-
-def arm_parameters(model: nn.Module, k: int) -> list:
-    """Arm k's ``(name, Parameter)`` pairs under the solo run's names and order (``...q_proj.lora_A``, ``lora_B``)."""
-    out = []
-    for name, m in multi_lora_layers(model):
-        out += [(f"{name}.lora_A", m.arm_A[k]), (f"{name}.lora_B", m.arm_B[k])]
-    return out
-
-
-def _per_arm(value, n: int, what: str) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"{what}: expected one value per arm ({n}), got {len(values)}")
-    return values
-
-
-def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rslora: bool = False,
-                      init: str = "default", seed=0, backend: str = "auto") -> nn.Module:
-    """Replace the linear layers ``rankwise.lora.inject_lora`` would adapt by ``MultiLoRALinear`` with K arms.
-
-    Arm k's initial A is exactly what a solo run draws: ``torch.manual_seed(seed_k)``,
-    then ``inject_lora`` with the arm's rank (its layers are taken apart again and
-    only their A kept); B starts at zero. Every other parameter is frozen.
-
-    Args:
-        model: a causal LM (modified in place and returned).
-        targets: as ``inject_lora``'s ``target_modules``.
-        ranks: one rank per arm; alphas, dropouts, seed: one value, or one per arm.
-        rslora: rank-stabilised scaling; init: ``default`` or ``gaussian`` (not ``pissa``).
-        backend: ``multi_lora_linear``'s.
-
-    Leaves torch's global RNG as the last arm's solo run would have it after its init.
-    """
-    from .lora import inject_lora, lora_layers
-
-    n = len(ranks)
-    if n == 0:
-        raise ValueError("ranks: expected at least one arm")
-    alphas, dropouts = _per_arm(alphas, n, "alphas"), _per_arm(dropouts, n, "dropouts")
-    seeds = _per_arm(seed, n, "seed")
-    if str(init).startswith("pissa"):
-        raise ValueError("init: pissa rewrites the base weights per rank, so arms cannot share one base; "
-                         "use default or gaussian")
-    if multi_lora_layers(model) or lora_layers(model):
-        raise ValueError("model: it already carries LoRA layers")
-    A_init, generators = {}, []
-    for k in range(n):
-        torch.manual_seed(int(seeds[k]))
-        inject_lora(model, targets, int(ranks[k]), alphas[k], dropout=dropouts[k], use_rslora=rslora, init=init,
-                    backend=backend)
-        g = torch.Generator()
-        g.set_state(torch.get_rng_state())  # where the solo run's dropout seeds start
-        generators.append(g)
-        for name, m in lora_layers(model):
-            A_init.setdefault(name, []).append(m.lora_A.detach().float())
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
-    info = model.rankwise_lora
-    for name in A_init:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MultiLoRALinear(getattr(parent, child), A_init[name], alphas, dropouts, rslora,
-                                               generators, backend))
-    # what adapter/save code reads of a LoRA model (targets); the ranks of the arms are on the layers
-    model.rankwise_lora = dict(target_modules=info["target_modules"], replaced=info["replaced"],
-                               ranks=[int(r) for r in ranks], alphas=alphas, dropouts=dropouts,
-                               use_rslora=rslora, init=init)
-    return model
-
-
 # ----------------------------------------------------------------------------- checks
-
-def _meta_model(path: str):
-    """``shapes.meta_model``, looked up here (each build of a together run's checks goes through this name)."""
-    return shapes.meta_model(path)
-
-
-def _config_stamp(path: str):
-    """``(path, inode, size, mtime, ctime)`` of a local model's ``config.json``; None for anything else."""
-    try:
-        st = os.stat(os.path.join(str(path), "config.json"))
-    except OSError:
-        return None
-    return os.path.realpath(os.path.join(str(path), "config.json")), st.st_ino, st.st_size, st.st_mtime_ns, \
-        st.st_ctime_ns
-
-
-def _read_once(fn, cfg: C.RunConfig):
-    """``fn(model, targets)``, computed once per (config file stamp, targets) in a process for a local model:
-    a together sweep asks for one model's shapes several times (rank check, memory plan, each group), and
-    each read builds the model on the meta device. Other models are read each time. (A config rewritten to
-    the same size within one file-system timestamp tick would be missed, in this process only.)"""
-    targets = cfg.lora.targets if isinstance(cfg.lora.targets, str) else tuple(cfg.lora.targets)
-    stamp = _config_stamp(cfg.model)
-    if stamp is None:
-        return fn(cfg.model, targets)
-    return copy.deepcopy(_memo(fn, cfg.model, targets, stamp))
-
-
-@functools.lru_cache(maxsize=32)
-def _memo(fn, model, targets, stamp):
-    return fn(model, targets)
-
-
-def _meta_targets(model, targets) -> dict:
-    return _targets_of(_meta_model(model)[1], targets)
-
-
-def _targets_of(meta, targets) -> dict:
-    """``shapes.targets_of``."""
-    return shapes.targets_of(meta, targets)
-
-
-def target_dims(cfg: C.RunConfig) -> dict:
-    """``{module path: (in_features, out_features)}`` of the layers ``cfg.lora.targets`` selects.
-
-    Read from the model's config alone: the model is built on the meta device, no weights are loaded
-    (once per process for a local model whose ``config.json`` has not changed).
-    """
-    return _read_once(_meta_targets, C.parse(cfg))
-
 
 def check_ranks(cfg: C.RunConfig, ranks) -> None:
     """Refuse a rank above ``min(in, out)`` of a targeted layer (one line; nothing is loaded or written)."""
@@ -391,142 +149,6 @@ def check_arms(cfgs: list) -> None:
         dirs.add(real)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("a together run is one process; DDP (torchrun) is not supported")
-
-
-# ----------------------------------------------------------------------------- memory: how many arms fit
-
-# The memory model of ``estimate_peak_bytes`` (stated, conservative; every term in bytes):
-#
-#   peak = base + K * act + sum_k state_k + logits
-#
-#   base    every weight of the model at its load dtype (``dtype: auto`` counted as fp32); with
-#           ``quantization: nf4`` the targeted linear weights at 0.5 byte per value + one fp32
-#           absmax per 64 values (NF4_BYTES = 0.5625), the rest dense.
-#   act     one arm's activations saved for backward over one micro-batch of
-#           N = batch_size * max_length tokens (the longest micro-batch; packing or not):
-#           N * layers * (ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * intermediate
-#           + quadratic * ATTN_SCORES * heads * N) * act_bytes * ACT_SLACK.
-#           A Llama decoder layer keeps about 8 hidden-sized vectors per token (two norm inputs and
-#           outputs, q, k, v, the attention output) and 4 intermediate-sized ones (gate, up, act(gate),
-#           their product); ``quadratic`` counts the attention scores and probabilities (2 per head and
-#           key) where they are materialised: eager attention, or any attention on a CPU (sdpa's math
-#           path for the packed row's mask). With gradient checkpointing: one hidden vector per layer
-#           and token plus one layer's full activations. ACT_SLACK = 1.5 covers autograd temporaries,
-#           the LoRA terms (x @ A^T per arm) and allocator fragmentation. act_bytes: 4 on a CPU
-#           (fp32), 2 under bf16/fp16 autocast on a GPU.
-#   state_k arm k's adapters: per targeted layer r_k * (in + out) fp32 values, held 5 times
-#           (ADAPTER_COPIES: weights, gradients, AdamW's two moments, the concatenated copy per forward).
-#   logits  without ``train.fused_loss``: K * N * vocab fp32 logits and their gradient (2 copies).
-#
-# Checked on an H200 (benchmarks/results/nvidia-h200-2026-11-28, bench_sweep_step: a Llama-3.2-1B
-# shape with untied head, bf16, SDPA, fused loss, HF's own norms and MLPs, LoRA on all 7 linears):
-# the measured peak per arm and token, 99.6 KB over 16 layers (4x2048 tokens, K = 4: 55.0 GiB),
-# is within 2 % of the act term before ACT_SLACK (98.3 KB); with the slack the estimate is 1.25x
-# (1x512) to 1.41x (4x2048) the measured peaks of K = 1, 4 and 8 arms, on the safe side.
-NF4_BYTES = 0.5 + 4 / 64
-ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, ATTN_SCORES, ACT_SLACK = 8, 4, 2, 1.5
-ADAPTER_COPIES = 5
-BUDGET_FRACTION = {"cuda": 0.9, "cpu": 0.8}  # share of the free (CUDA) / available (CPU) memory a plan may use
-
-
-def model_shape(cfg: C.RunConfig) -> dict:
-    """What the memory model reads of ``cfg.model``'s config (built on the meta device; no weights loaded;
-    once per process for a local model whose ``config.json`` has not changed).
-
-    ``{"params", "target_params", "targets": {name: (in, out)}, "hidden", "intermediate", "layers",
-    "heads", "vocab"}``.
-    """
-    cfg = C.parse(cfg)
-    return _read_once(_meta_shape, cfg)
-
-
-def _meta_shape(model, targets) -> dict:
-    mcfg, meta = _meta_model(model)
-    params = sum(p.numel() for p in meta.parameters())
-    dims = _targets_of(meta, targets)
-    hidden = int(getattr(mcfg, "hidden_size"))
-    return {"params": params, "target_params": sum(i * o for i, o in dims.values()), "targets": dims,
-            "hidden": hidden, "intermediate": int(getattr(mcfg, "intermediate_size", 4 * hidden) or 4 * hidden),
-            "layers": int(getattr(mcfg, "num_hidden_layers")), "heads": int(getattr(mcfg, "num_attention_heads")),
-            "vocab": int(getattr(mcfg, "vocab_size"))}
-
-
-def estimate_peak_bytes(cfg: C.RunConfig, ranks, device=None, shape: dict | None = None) -> int:
-    """Estimated peak memory (bytes) of training the arms of ``ranks`` together with ``cfg`` (see the model above).
-
-    Args:
-        cfg: the shared config of the arms (a ``RunConfig``, dict or path).
-        ranks: one LoRA rank per arm.
-        device: where they train (default: ``cfg.train.device`` resolved).
-        shape: ``model_shape(cfg)``, when already read.
-    """
-    from .model import resolve_device
-
-    cfg = C.parse(cfg)
-    s = shape or model_shape(cfg)
-    device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
-    t = cfg.train
-    w_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}.get(cfg.dtype, 4)
-    if cfg.quantization == "nf4":
-        base = (s["params"] - s["target_params"]) * w_bytes + s["target_params"] * NF4_BYTES
-    else:
-        base = s["params"] * w_bytes
-    n = t.batch_size * cfg.data.max_length
-    act_bytes = 2 if device.type == "cuda" and t.precision != "fp32" else 4
-    quadratic = cfg.attention == "eager" or device.type == "cpu"
-    per_layer = ACT_PER_HIDDEN * s["hidden"] + ACT_PER_INTERMEDIATE * s["intermediate"] \
-        + (ATTN_SCORES * s["heads"] * n if quadratic else 0)
-    if t.gradient_checkpointing:
-        act = n * (s["layers"] * s["hidden"] + per_layer)
-    else:
-        act = n * s["layers"] * per_layer
-    act *= act_bytes * ACT_SLACK
-    io = sum(i + o for i, o in s["targets"].values())
-    state = ADAPTER_COPIES * 4 * io * sum(int(r) for r in ranks)
-    logits = 0 if t.fused_loss else 2 * 4 * n * s["vocab"] * len(ranks)
-    return int(base + len(ranks) * act + state + logits)
-
-
-def memory_budget(device) -> int | None:
-    """Bytes a together run may plan for on ``device``: the CUDA free memory, or the CPU's ``MemAvailable``
-    (``/proc/meminfo``), times ``BUDGET_FRACTION``; None when it cannot be read (no automatic split)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * BUDGET_FRACTION["cuda"])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * BUDGET_FRACTION["cpu"])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def plan_groups(cfg: C.RunConfig, ranks, budget_bytes: int, device=None) -> list:
-    """Split the arms of ``ranks`` (kept in order) into consecutive groups whose estimated peak fits ``budget_bytes``.
-
-    Returns lists of ranks, e.g. ``[[1, 2, 4], [8]]``. An arm that does not fit even
-    alone is a ``ConfigError`` (one line) naming its estimate and the budget.
-    """
-    cfg = C.parse(cfg)
-    shape = model_shape(cfg)
-    groups, cur = [], []
-    for r in ranks:
-        alone = estimate_peak_bytes(cfg, [r], device, shape)
-        if alone > budget_bytes:
-            raise ConfigError(f"the LoRA arm of rank {r} alone needs about {alone / 2**30:.2f} GiB (estimate: base + "
-                              f"activations + adapters + optimizer state), more than the {budget_bytes / 2**30:.2f} "
-                              f"GiB available; lower train.batch_size or data.max_length, or use quantization: nf4 "
-                              f"or train.gradient_checkpointing")
-        if cur and estimate_peak_bytes(cfg, cur + [r], device, shape) > budget_bytes:
-            groups.append(cur)
-            cur = []
-        cur.append(r)
-    if cur:
-        groups.append(cur)
-    return groups
 
 
 # ----------------------------------------------------------------------------- the loss of the stacked batch

@@ -6,10 +6,12 @@
     from rankwise.train import train
     summary = train("examples/lora.yaml", overrides={"lora.r": 8})
 
-The file reads top to bottom: setup (processes, precision, output directory),
-data, model, what trains (``setup_trainable``: LoRA / full / masked), the mask
-(``choose_mask``), the optimizer, the LR schedule (a plain function),
-evaluation, checkpoints, outputs, and then ``train``, whose loop calls them.
+The file reads top to bottom: the LR schedule (a plain function), the output
+directory, the model, the optimizer, evaluation, checkpoints, outputs, and then
+``train``, whose loop calls them. The processes and the precision are set up by
+``rankwise.runtime``, the data by ``rankwise.batches`` (``load_data``), what
+trains by ``rankwise.trainable`` (``setup_trainable``: LoRA / full / masked; the
+mask, ``setup_mask``).
 Method-specific choices live in those functions, not in the loop. The config is
 parsed once, at the top of ``train``, into a ``rankwise.config.RunConfig``;
 the functions below receive its sections or plain values. Config keys are
@@ -58,7 +60,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -66,12 +67,15 @@ import torch
 from . import config as C
 from . import ownership, shapes
 from .atomic import atomic_write, atomic_write_text, remove_path, replace_dir, reporting_write_errors
+from .batches import Batches, count_steps, load_data
 from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_run_checkpoint, refuse_legacy, restore_run_state,
                          run_state, save_checkpoint)
 from .errors import ConfigError
-from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer, resolve_device
+from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer
 from .runlock import LOCK_FILE
 from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
+from .runtime import Dist, check_backend, setup_precision, setup_processes
+from .trainable import Trainable, setup_mask, setup_trainable
 
 log = logging.getLogger("rankwise")
 
@@ -126,47 +130,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup: float = 0.0, sche
     raise ValueError(f"train.schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-# ----------------------------------------------------------------------------- setup
-
-@dataclass
-class Dist:
-    """This process's place in the run: ``world`` processes, this one is ``rank``, on ``device``."""
-    world: int
-    rank: int
-    device: torch.device
-    own_group: bool = False  # whether this call started the process group (and so ends it)
-
-    @property
-    def ddp(self) -> bool:
-        return self.world > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def check_backend(backend: str, device: torch.device) -> None:
-    """``train.backend: triton`` off CUDA needs the Triton interpreter, switched on before Python starts."""
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"train.backend triton on device {device.type} needs the Triton interpreter: "
-                          f"set TRITON_INTERPRET=1 in the environment before starting Python")
-
-
-def setup_processes(device_name: str) -> Dist:
-    """Read torchrun's environment, pick the device, start the process group under DDP."""
-
-    dist = Dist(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), resolve_device(device_name))
-    if dist.ddp:
-        import torch.distributed as tdist
-
-        if dist.device.type == "cuda":
-            dist.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dist.device)
-        if not tdist.is_initialized():
-            tdist.init_process_group(backend="nccl" if dist.device.type == "cuda" else "gloo")
-            dist.own_group = True
-    return dist
-
+# ----------------------------------------------------------------------------- output directory and resume
 
 def run_inputs(cfg: C.RunConfig) -> list:
     """``(description, path)`` of everything the run reads: the output directory may overlap none of them."""
@@ -293,98 +257,7 @@ def write_run_files(cfg: C.RunConfig, run_settings: dict) -> None:
                       json.dumps({"hash": C.settings_hash(run_settings), "settings": run_settings}, indent=1) + "\n")
 
 
-def setup_precision(precision: str, device: torch.device, master: bool):
-    """``(autocast factory, GradScaler or None, amp dtype or None)``: autocast on GPUs, fp32 on the CPU."""
-    if device.type == "cuda":
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        if precision not in ("auto", "fp32") and master:
-            log.info("train.precision %s applies on GPUs only; the CPU trains in fp32", precision)
-        amp_dtype = None  # the CPU trains in fp32
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    return autocast, scaler, amp_dtype
-
-
-# ----------------------------------------------------------------------------- data
-
-class Batches:
-    """The training micro-batches in a seed-determined order, epoch after epoch, planned on demand."""
-
-    def __init__(self, examples, batch_size: int, packing: bool, max_length: int, seed: int):
-        self.examples, self.lengths = examples, [len(e) for e in examples]
-        self.batch_size, self.packing, self.max_length, self.seed = batch_size, packing, max_length, seed
-        self.plans = []  # micro-batches (lists of example indices) of each epoch
-
-    def epoch_plan(self, e: int):
-        from .data import plan_epoch
-
-        while len(self.plans) <= e:
-            self.plans.append(plan_epoch(self.lengths, self.batch_size, packing=self.packing,
-                                         max_length=self.max_length, seed=self.seed, epoch=len(self.plans)))
-        return self.plans[e]
-
-    def micro_batch(self, g: int):
-        """Global micro-batch number ``g`` -> (epoch, batch dict)."""
-        from .data import collate
-
-        e = 0
-        while g >= len(self.epoch_plan(e)):
-            g -= len(self.epoch_plan(e))
-            e += 1
-        return e, collate(self.examples, self.epoch_plan(e)[g])
-
-    def step(self, step: int, grad_accum: int, dist: Dist):
-        """This rank's ``grad_accum`` (epoch, batch) pairs of optimizer step ``step``."""
-        return [self.micro_batch((step * grad_accum + k) * dist.world + dist.rank) for k in range(grad_accum)]
-
-
-def load_data(cfg: C.RunConfig, tokenizer, master: bool):
-    """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``."""
-    from .data import eval_batches, load_rows, qa_items, tokenize_rows
-
-    d, e = cfg.data, cfg.eval
-    fields = asdict(d.fields)
-    tok_kw = dict(format=d.format, fields=fields, max_length=d.max_length, add_eos=d.add_eos,
-                  progress=master and cfg.log.progress)
-    rows = load_rows(d.train, "data.train")
-    if not rows:
-        raise ConfigError(f"data.train: {d.train} holds no rows")
-    examples, dropped = tokenize_rows(rows, tokenizer, name="data.train", **tok_kw)
-    if dropped:
-        log.warning("data.train: %d examples lost every completion token to data.max_length and were dropped", dropped)
-    evals = {}
-    for prefix, source in (("eval", d.eval), ("eval_ood", d.eval_ood)):
-        if not source:
-            continue
-        rows = load_rows(source, f"data.{prefix}")[: e.max_examples]
-        if not rows:
-            raise ConfigError(f"data.{prefix}: {source} holds no rows")
-        qa = qa_items(rows, tokenizer, format=d.format, fields=fields, name=f"data.{prefix}") if e.generate else None
-        batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
-        if d.format == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
-            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{prefix}", **tok_kw)
-            batches = eval_batches(ex, e.batch_size, d.max_length)
-        evals[prefix] = (batches, qa)
-    return Batches(examples, cfg.train.batch_size, d.packing, d.max_length, cfg.train.seed), evals
-
-
-def count_steps(t: C.TrainCfg, batches: Batches, world: int) -> int:
-    """Optimizer steps of the run: ``train.max_steps``, or ``train.epochs`` passes over the data."""
-    if t.epochs is None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * len(batches.epoch_plan(0)) / (t.grad_accum * world)))
-
-
-# ----------------------------------------------------------------------------- model: what trains
-
-def mask_candidates(model) -> dict:
-    """Parameters masked SFT may change: those of the decoder layers except norms (as in the knowledge study)."""
-    return {n: p for n, p in model.named_parameters() if ".layers." in f".{n}" and "norm" not in n}
-
+# ----------------------------------------------------------------------------- model
 
 def load_base_model(cfg: C.RunConfig, device):
     """The model as loaded (trained weights keep fp32 master copies outside LoRA), checkpointing switched on."""
@@ -400,67 +273,6 @@ def load_base_model(cfg: C.RunConfig, device):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-@dataclass
-class Trainable:
-    """What the optimizer moves: named parameters, and for masked SFT the boolean masks over them."""
-    named: list
-    masks: Optional[list] = None
-    pissa_init: Optional[dict] = None  # lora.init pissa: A0, B0 (PEFT names), to save the adapter on the original base
-
-    @property
-    def params(self) -> list:
-        return [p for _, p in self.named]
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for _, p in self.named)
-
-    @property
-    def n_changing(self) -> int:
-        """Weights that may change: the masked count for masked SFT, every trainable weight otherwise."""
-        return sum(int(m.sum()) for m in self.masks) if self.masks is not None else self.numel
-
-    def keep_masked_grads(self) -> None:
-        """Masked SFT: zero the gradient outside the mask, so only masked weights count for clipping."""
-        if self.masks is None:
-            return
-        for (_, p), m in zip(self.named, self.masks):
-            if p.grad is not None:
-                p.grad.masked_fill_(~m, 0.0)
-
-
-def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
-    """Set ``requires_grad`` for the method: LoRA layers injected, every weight, or the mask candidates."""
-    pissa_init = None
-    if cfg.method == "lora":
-        from .lora import inject_lora
-
-        lc = cfg.lora
-        torch.manual_seed(cfg.train.seed)  # the same A init for every run with this seed
-        try:
-            inject_lora(model, lc.targets, lc.r, lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora, init=lc.init,
-                        backend=cfg.train.backend)
-        except ValueError as e:  # e.g. targets that match no layer of this model
-            raise ConfigError(f"lora.targets: {' '.join(str(e).split())[:300]}") from None
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
-        if lc.init.startswith("pissa"):  # the base now holds W - s B0 A0; keep A0, B0 for the saved adapter
-            from .adapter import adapter_state_dict
-
-            pissa_init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
-    elif cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:  # masked: only the decoder-layer weights are candidates; the rest stays frozen
-        cands = mask_candidates(model)
-        if not cands:
-            raise ConfigError("method masked: the model has no parameters under '.layers.' to mask")
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in cands)
-    return Trainable([(n, p) for n, p in model.named_parameters() if p.requires_grad], pissa_init=pissa_init)
 
 
 def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: Dist):
@@ -490,65 +302,6 @@ def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: 
 
         model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     return model
-
-
-# ----------------------------------------------------------------------------- masked SFT: the mask
-
-def score_by_update(run_dir: str, trainable: Trainable) -> list:
-    """``|W_run - W_base|`` per trainable weight, ``W_run`` from ``run_dir/model`` (a finished full-SFT run)."""
-
-    src = os.path.join(run_dir, "model")
-    if not os.path.isdir(src):
-        raise ConfigError(f"mask.from: no model/ directory in {run_dir} (a finished full-SFT run)")
-    run = dict(load_model(src, dtype="fp32", attention="sdpa", device="cpu").named_parameters())
-    missing = [n for n, _ in trainable.named if n not in run]
-    if missing:
-        raise ConfigError(f"mask.from: {src} lacks parameters of this model, e.g. {missing[0]!r}")
-    return [(run[n].float() - p.detach().float().cpu()).abs() for n, p in trainable.named]
-
-
-def score_by_grad(loss_fn, trainable: Trainable, batches: Batches, steps: int, grad_accum: int, dist: Dist) -> list:
-    """``|grad|`` summed over the first ``steps`` optimizer steps' batches (each step's token-mean loss), no update."""
-    params = trainable.params
-    scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    for s in range(max(1, steps)):
-        step_batches = [b for _, b in batches.step(s, grad_accum, dist)]
-        n_tgt = sum(b["n_targets"] for b in step_batches)
-        for b in step_batches:
-            (loss_fn(b) / n_tgt).backward()
-        for sc, p in zip(scores, params):
-            if p.grad is not None:
-                sc += p.grad.float().abs()
-            p.grad = None
-    return scores
-
-
-def choose_mask(m: C.MaskCfg, trainable: Trainable, loss_fn, batches: Batches, grad_accum: int, dist: Dist) -> list:
-    """The boolean masks of masked SFT: the top ``m.fraction`` of the scores over every candidate weight."""
-    from .masking import topk_mask
-
-    if m.score == "update":
-        scores = score_by_update(m.from_, trainable)
-    else:
-        scores = score_by_grad(loss_fn, trainable, batches, m.warmup_steps, grad_accum, dist)
-    return [mask.to(dist.device) for mask in topk_mask(scores, m.fraction)]
-
-
-def setup_mask(cfg: C.RunConfig, trainable: Trainable, ckpt, loss_fn, batches: Batches, dist: Dist) -> None:
-    """Masked SFT: the checkpoint's masks when resuming, else ``choose_mask``; other methods have none."""
-    if cfg.method != "masked":
-        return
-    if ckpt is not None:
-        saved = ckpt.get("mask") or {}
-        for n, p in trainable.named:
-            if n not in saved or saved[n].shape != p.shape or saved[n].dtype != torch.bool:
-                raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} has no mask of {p.shape} for {n}")
-        trainable.masks = [saved[n].to(dist.device) for n, _ in trainable.named]
-    else:
-        trainable.masks = choose_mask(cfg.mask, trainable, loss_fn, batches, cfg.train.grad_accum, dist)
-    if dist.master:
-        log.info("mask (%s): %s of %s candidate weights may change", cfg.mask.score, f"{trainable.n_changing:,}",
-                 f"{trainable.numel:,}")
 
 
 # ----------------------------------------------------------------------------- optimizer

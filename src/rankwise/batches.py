@@ -1,0 +1,86 @@
+"""The training data of a run: the tokenized training set as ``Batches`` (micro-batches in a seed-determined
+order, epoch after epoch), the eval sets (``load_data``), and the run's optimizer steps (``count_steps``).
+
+Rows are read and tokenized by ``rankwise.data``; this module plans them into the micro-batches each rank
+takes at each optimizer step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+
+from . import config as C
+from .errors import ConfigError
+from .runtime import Dist
+
+log = logging.getLogger("rankwise")
+
+
+class Batches:
+    """The training micro-batches in a seed-determined order, epoch after epoch, planned on demand."""
+
+    def __init__(self, examples, batch_size: int, packing: bool, max_length: int, seed: int):
+        self.examples, self.lengths = examples, [len(e) for e in examples]
+        self.batch_size, self.packing, self.max_length, self.seed = batch_size, packing, max_length, seed
+        self.plans = []  # micro-batches (lists of example indices) of each epoch
+
+    def epoch_plan(self, e: int):
+        from .data import plan_epoch
+
+        while len(self.plans) <= e:
+            self.plans.append(plan_epoch(self.lengths, self.batch_size, packing=self.packing,
+                                         max_length=self.max_length, seed=self.seed, epoch=len(self.plans)))
+        return self.plans[e]
+
+    def micro_batch(self, g: int):
+        """Global micro-batch number ``g`` -> (epoch, batch dict)."""
+        from .data import collate
+
+        e = 0
+        while g >= len(self.epoch_plan(e)):
+            g -= len(self.epoch_plan(e))
+            e += 1
+        return e, collate(self.examples, self.epoch_plan(e)[g])
+
+    def step(self, step: int, grad_accum: int, dist: Dist):
+        """This rank's ``grad_accum`` (epoch, batch) pairs of optimizer step ``step``."""
+        return [self.micro_batch((step * grad_accum + k) * dist.world + dist.rank) for k in range(grad_accum)]
+
+
+def load_data(cfg: C.RunConfig, tokenizer, master: bool):
+    """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``."""
+    from .data import eval_batches, load_rows, qa_items, tokenize_rows
+
+    d, e = cfg.data, cfg.eval
+    fields = asdict(d.fields)
+    tok_kw = dict(format=d.format, fields=fields, max_length=d.max_length, add_eos=d.add_eos,
+                  progress=master and cfg.log.progress)
+    rows = load_rows(d.train, "data.train")
+    if not rows:
+        raise ConfigError(f"data.train: {d.train} holds no rows")
+    examples, dropped = tokenize_rows(rows, tokenizer, name="data.train", **tok_kw)
+    if dropped:
+        log.warning("data.train: %d examples lost every completion token to data.max_length and were dropped", dropped)
+    evals = {}
+    for prefix, source in (("eval", d.eval), ("eval_ood", d.eval_ood)):
+        if not source:
+            continue
+        rows = load_rows(source, f"data.{prefix}")[: e.max_examples]
+        if not rows:
+            raise ConfigError(f"data.{prefix}: {source} holds no rows")
+        qa = qa_items(rows, tokenizer, format=d.format, fields=fields, name=f"data.{prefix}") if e.generate else None
+        batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
+        if d.format == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
+            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{prefix}", **tok_kw)
+            batches = eval_batches(ex, e.batch_size, d.max_length)
+        evals[prefix] = (batches, qa)
+    return Batches(examples, cfg.train.batch_size, d.packing, d.max_length, cfg.train.seed), evals
+
+
+def count_steps(t: C.TrainCfg, batches: Batches, world: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``train.epochs`` passes over the data."""
+    if t.epochs is None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * len(batches.epoch_plan(0)) / (t.grad_accum * world)))
+
