@@ -98,7 +98,7 @@ def _adamw(params, cuda):
 
 def together_step_fn(model, ranks, ids, cuda, autocast):
     from rankwise.arm_layers import arm_parameters, inject_multi_lora
-    from rankwise.together import clip_arms, step_arms
+    from rankwise.fit import clip_arms, step_arms
 
     inject_multi_lora(model, TARGETS, ranks, [2.0 * r for r in ranks], seed=0)
     arm_params = [[p for _, p in arm_parameters(model, k)] for k in range(len(ranks))]

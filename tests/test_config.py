@@ -206,6 +206,15 @@ def test_cli_config_error_one_line_and_debug_traceback(tmp_path, capsys):
         cli.main(["--debug", "train", str(bad)])
 
 
+def test_a_learning_rate_adamw_cannot_step_with_is_one_line(tmp_path, capsys):
+    """Above 1e30, AdamW's float32 step size lr / (1 - beta1^n) overflows and torch raises mid-run."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MIN, "train": {"lr": 1e38}}))
+    assert cli.main(["train", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == ("rankwise train: error: config key 'train.lr' must be at most 1e+30 "
+                                               "(AdamW's float32 step size overflows above it), got 1e+38")
+
+
 @pytest.mark.parametrize("exc", [KeyError("rows"), ValueError("shape mismatch"), FileNotFoundError("x")])
 def test_cli_bugs_keep_their_traceback(tmp_path, monkeypatch, exc):
     """A KeyError / ValueError from inside rankwise is a bug, not bad input: it propagates with its traceback."""

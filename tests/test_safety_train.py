@@ -14,6 +14,7 @@ from test_ownership import snapshot
 from test_train import make_cfg, world  # noqa: F401  (world: the module's tiny model and data fixture)
 
 import rankwise.evaluate
+import rankwise.fit as rfit
 import rankwise.train as rt
 from rankwise import cli
 from rankwise.checkpoint import load_checkpoint, save_checkpoint
@@ -32,15 +33,15 @@ class Crash(Exception):
 
 def interrupt(monkeypatch, at_step):
     """Make the next train() lose power at optimizer step ``at_step`` (0-based), after its checkpoints before it."""
-    real = rt.lr_at
+    real = rfit.lr_at
 
     def lr_at(step, *a, **k):
         if step == at_step:
             raise Crash("power cut")
         return real(step, *a, **k)
 
-    monkeypatch.setattr(rt, "lr_at", lr_at)
-    return lambda: monkeypatch.setattr(rt, "lr_at", real)
+    monkeypatch.setattr(rfit, "lr_at", lr_at)
+    return lambda: monkeypatch.setattr(rfit, "lr_at", real)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,16 @@ def cli_line(capsys, argv):
 def test_checkpoint_layout_is_safetensors_and_json(run_copy):
     assert sorted(os.listdir(run_copy / "checkpoint")) == ["state.json", "tensors.safetensors"]
     state = json.loads((run_copy / "checkpoint" / "state.json").read_text())
-    assert state["format"] == 1 and state["step"] == 2 and state["total_steps"] == 4
-    assert state["settings"]["lora.r"] == 4 and len(state["settings_hash"]) == 16
-    assert state["settings"]["data.train#sha256"]
+    assert state["format"] == 2 and state["step"] == 2 and state["total_steps"] == 4
+    [arm_settings] = state["settings"]["arms"]  # a solo run is one arm
+    assert arm_settings["lora.r"] == 4 and len(state["settings_hash"]) == 16
+    assert arm_settings["data.train#sha256"]
+    [arm] = state["arms"]
+    assert arm["log_window"] == {"__tensor__": "arms/0/log_window"} and arm["failed"] is None
     assert state["rng"]["torch"] == {"__tensor__": "rng/torch"}
     assert isinstance(state["rng"]["python"]["__tuple__"][1]["__tuple__"][0], int), "python RNG as JSON numbers"
     settings = json.loads((run_copy / "settings.json").read_text())
-    assert settings["hash"] == state["settings_hash"]
+    assert settings["settings"] == arm_settings
     assert (run_copy / "resolved_config.yaml").exists() and (run_copy / ".rankwise-run.json").exists()
 
 
@@ -140,17 +144,25 @@ BAD_CHECKPOINTS = {
     "log_window the wrong tensor": ("state.json", lambda b: _state(b, log_window={"__tensor__": "rng/torch"}),
                                     "its log_window is a tensor of shape"),
     "trainable a list": ("state.json", lambda b: _state(b, trainable=[1]), "its trainable weights are not a mapping"),
+    "arms not a list": ("state.json", lambda b: _state(b, arms={"0": 1}), "its arms are not a list of mappings"),
+    "two arms' settings for one arm": ("state.json", lambda b: _state(b, settings={"arms": [{}, {}]}),
+                                       "its settings are not one mapping per arm"),
+    "format 1 (an older rankwise)": ("state.json", lambda b: _state(b, format=1),
+                                     r"a checkpoint of an older rankwise \(format 1, expected 2\)"),
 }
+
+ARM_KEYS = ("trainable", "optimizer", "log_window", "scaler", "last", "failed", "config")  # kept in the one arm
 
 
 def _state(raw: bytes, **changes) -> bytes:
-    """state.json with ``changes`` applied (None: the key removed)."""
+    """state.json with ``changes`` applied (None: the key removed), an arm's keys in the solo run's one arm."""
     state = json.loads(raw)
     for k, v in changes.items():
+        where = state["arms"][0] if k in ARM_KEYS else state
         if v is None:
-            state.pop(k)
+            where.pop(k)
         else:
-            state[k] = v
+            where[k] = v
     return json.dumps(state).encode()
 
 
@@ -255,7 +267,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world,
                                                                           capsys):
     out = tmp_path / "run"
     now = {"step": 0}
-    real_lr_at, real_loss = rt.lr_at, rankwise.evaluate.batch_loss_sum
+    real_lr_at, real_loss = rfit.lr_at, rankwise.evaluate.batch_loss_sum
 
     def lr_at(step, *a, **k):
         now["step"] = step
@@ -265,9 +277,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world,
         ls = real_loss(model, batch)
         return ls * float("nan") if now["step"] >= 3 else ls
 
-    monkeypatch.setattr(rt, "lr_at", lr_at)
-    monkeypatch.setattr(rankwise.evaluate, "batch_loss_sum", loss)
-    with pytest.raises(rt.NonFiniteLossError) as e:
+    monkeypatch.setattr(rfit, "lr_at", lr_at)
+    monkeypatch.setattr(rt, "batch_loss_sum", loss)
+    with pytest.raises(rfit.NonFiniteLossError) as e:
         rt.train(small_cfg(world, out))
     assert isinstance(e.value, ConfigError) and isinstance(e.value, RuntimeError)  # sweep records a failed arm
     msg = str(e.value)
@@ -276,7 +288,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_kept_checkpoint(world,
     assert load_checkpoint(out / "checkpoint")["step"] == 2, "the last good checkpoint must stay"
     assert not (out / "summary.json").exists()
     # the same through the CLI: one line, exit 2, the checkpoint still there
-    monkeypatch.setattr(rankwise.evaluate, "batch_loss_sum", lambda m, b: real_loss(m, b) * float("nan"))
+    monkeypatch.setattr(rt, "batch_loss_sum", lambda m, b: real_loss(m, b) * float("nan"))
     cfg = small_cfg(world, tmp_path / "cli")
     err = cli_line(capsys, ["train", str(write_cfg(tmp_path, cfg))])
     assert "training loss is nan at step 1" in err and "no checkpoint was saved before it" in err
@@ -530,7 +542,7 @@ def entries(root):
 def finite_loss(monkeypatch):
     """The training loss looks finite whatever the weights do (as a saturated model's can): 3.5 for inf/nan."""
     real = rankwise.evaluate.batch_loss_sum
-    monkeypatch.setattr(rankwise.evaluate, "batch_loss_sum",
+    monkeypatch.setattr(rt, "batch_loss_sum",
                         lambda m, b: torch.nan_to_num(real(m, b), nan=3.5, posinf=3.5, neginf=3.5))
 
 
@@ -552,7 +564,7 @@ def test_non_finite_weights_behind_a_finite_loss_stop_the_run_and_are_never_save
     if save_every:
         assert f"the last good checkpoint, {out / 'checkpoint'} (step {step - 1}), is kept" in err
         kept = load_checkpoint(out / "checkpoint")
-        assert kept["step"] == step - 1 and all(torch.isfinite(w).all() for w in kept["trainable"].values())
+        assert kept["step"] == step - 1 and all(torch.isfinite(w).all() for w in kept["arms"][0]["trainable"].values())
     else:
         assert "no checkpoint was saved before it" in err and not (out / "checkpoint").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

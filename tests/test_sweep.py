@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 
+import rankwise.fit as rfit
 import rankwise.train as rt
 from rankwise import cli
 from rankwise.checkpoint import load_checkpoint
@@ -39,7 +40,7 @@ def read_csv(path):
 
 def test_two_rank_sweep_writes_table_plots_and_resumes(cfg, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    real_train, real_lr_at = rt.train, rt.lr_at
+    real_train, real_lr_at = rt.train, rfit.lr_at
     calls = []
 
     def counting_train(c, overrides=None, resume=False):
@@ -53,13 +54,13 @@ def test_two_rank_sweep_writes_table_plots_and_resumes(cfg, tmp_path, monkeypatc
             raise Crash("power cut")
         return real_lr_at(step, *a, **k)
 
-    monkeypatch.setattr(rt, "lr_at", crash_in_rank_2)
+    monkeypatch.setattr(rfit, "lr_at", crash_in_rank_2)
     with pytest.raises(Crash):
         sweep(cfg, [2, 1], out_dir=str(out))
     assert calls == ["lora_r1", "lora_r2"]
     assert (out / "arms" / "lora_r1" / "summary.json").exists()
     assert load_checkpoint(out / "arms" / "lora_r2" / "checkpoint")["step"] == 4  # safetensors + JSON
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
 
     # the full-SFT arm "runs out of memory"; it is recorded and the sweep goes on
     def oom_for_full(c, overrides=None, resume=False):
@@ -276,8 +277,8 @@ def test_a_link_in_the_sweep_directory_into_an_input_is_refused(cfg, tmp_path, c
 
 
 def test_failure_reasons_name_non_finite_weights():
-    from rankwise.sweep import _failure_reason
+    from rankwise.outputs import failure_reason
 
-    assert _failure_reason(rt.NonFiniteWeightsError("the trainable weights hold inf")) == \
+    assert failure_reason(rfit.NonFiniteWeightsError("the trainable weights hold inf")) == \
         "non-finite weights: the trainable weights hold inf"
-    assert _failure_reason(rt.NonFiniteLossError("training loss is nan")) == "non-finite loss: training loss is nan"
+    assert failure_reason(rfit.NonFiniteLossError("training loss is nan")) == "non-finite loss: training loss is nan"

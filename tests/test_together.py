@@ -15,6 +15,7 @@ from test_data import build_tiny_llama, qa_rows, write_jsonl
 import rankwise.arm_layers as rlay
 import rankwise.arm_memory as rmem
 import rankwise.together as rtog
+import rankwise.fit as rfit
 import rankwise.train as rt
 from rankwise import cli
 from rankwise.adapter import lora_delta, lora_pairs, scaling_of
@@ -313,7 +314,7 @@ def test_an_interrupted_together_sweep_resumes_from_its_checkpoint(cfg, tmp_path
     """Stopped after the step-4 checkpoint, run again: every arm ends bit for bit as in an uninterrupted sweep."""
     c = {**cfg, "train": {**cfg["train"], "save_every": 2}, "lora": {**cfg["lora"], "dropout": 0.1}}
     whole = sweep(c, [1, 4], out_dir=str(tmp_path / "whole"), together=True)
-    real_lr_at = rt.lr_at
+    real_lr_at = rfit.lr_at
 
     def crash_at_step_5(step, *a, **k):
         if step == 4:
@@ -321,12 +322,12 @@ def test_an_interrupted_together_sweep_resumes_from_its_checkpoint(cfg, tmp_path
         return real_lr_at(step, *a, **k)
 
     out = tmp_path / "cut"
-    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    monkeypatch.setattr(rfit, "lr_at", crash_at_step_5)
     with pytest.raises(Crash):
         sweep(c, [1, 4], out_dir=str(out), together=True)
     ckpt = out / "together" / "lora_r1+lora_r4"
     assert (ckpt / "tensors.safetensors").exists() and not (out / "arms" / "lora_r1" / "summary.json").exists()
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     resumed = sweep(c, [1, 4], out_dir=str(out), together=True)
     assert not ckpt.exists(), "the checkpoint is removed when the group finishes"
     for a, b in zip(resumed, whole):
@@ -373,18 +374,18 @@ def test_a_group_that_fails_whole_is_recorded_and_the_sweep_goes_on(cfg, tmp_pat
 
 def test_resume_refuses_a_checkpoint_of_other_settings(cfg, tmp_path, monkeypatch):
     c = {**cfg, "train": {**cfg["train"], "save_every": 2}}
-    real_lr_at = rt.lr_at
+    real_lr_at = rfit.lr_at
 
     def crash_at_step_3(step, *a, **k):
         if step == 2:
             raise Crash("power cut")
         return real_lr_at(step, *a, **k)
 
-    monkeypatch.setattr(rt, "lr_at", crash_at_step_3)
+    monkeypatch.setattr(rfit, "lr_at", crash_at_step_3)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
         train_together([arm_cfg(c, r, tmp_path / f"r{r}") for r in (1, 2)], checkpoint_dir=str(ckpt))
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     assert (ckpt / "state.json").exists()
     with pytest.raises(ConfigError, match=r"the settings of the arm .*r2 changed since the checkpoint .*train.lr"):
         train_together([arm_cfg(c, 1, tmp_path / "r1"), arm_cfg(c, 2, tmp_path / "r2", lr=0.5)],
@@ -552,7 +553,8 @@ def fp16_precision(monkeypatch, made, autocast_fp16=False, **scaler_kw):
             return (lambda: torch.autocast("cpu", dtype=torch.float16)), made[-1], torch.float16
         return contextlib.nullcontext, made[-1], None
 
-    monkeypatch.setattr(rt, "setup_precision", setup)
+    for module in (rt, rtog):  # the solo run's and the together run's
+        monkeypatch.setattr(module, "setup_precision", setup)
 
 
 def inject_inf(monkeypatch, rank, calls):
@@ -575,7 +577,8 @@ def inject_inf(monkeypatch, rank, calls):
             p.register_hook(hook)
         return real(t, trainable, device)
 
-    monkeypatch.setattr(rt, "build_optimizer", build)
+    for module in (rt, rtog):  # the solo run's and the together run's
+        monkeypatch.setattr(module, "build_optimizer", build)
 
 
 def test_fp16_loss_scaling_skips_and_scales_per_arm_like_solo(cfg, tmp_path, monkeypatch):
@@ -615,7 +618,7 @@ def test_fp16_autocast_arms_overflow_and_resume_like_solo(cfg, tmp_path, monkeyp
         assert [s.history for s in made] == [together[k]], f"r={r}: the scale history is not the solo run's"
         check_like_solo(tmp_path / f"arm_r{r}", tmp_path / f"solo_r{r}", solo, f"fp16 autocast, r={r}")
 
-    real_lr_at = rt.lr_at
+    real_lr_at = rfit.lr_at
 
     def crash_at_step_5(step, *a, **k):
         if step == 4:
@@ -623,10 +626,10 @@ def test_fp16_autocast_arms_overflow_and_resume_like_solo(cfg, tmp_path, monkeyp
         return real_lr_at(step, *a, **k)
 
     ckpt = tmp_path / "ckpt"
-    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    monkeypatch.setattr(rfit, "lr_at", crash_at_step_5)
     with pytest.raises(Crash):
         train_together([arm_cfg(c, r, tmp_path / f"cut_r{r}") for r in ranks], checkpoint_dir=str(ckpt))
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     made.clear()
     train_together([arm_cfg(c, r, tmp_path / f"cut_r{r}") for r in ranks], checkpoint_dir=str(ckpt), resume=True)
     assert [s.history for s in made] == [h[4:] for h in together], "the scalers did not resume their state"
@@ -680,7 +683,7 @@ def test_step_arms_is_bit_for_bit_k_independent_adamw_steps():
                     group["lr"] *= 0.9
         for _, opt in solo:
             opt.step()
-        rtog.step_arms([opt for _, opt in together])
+        rfit.step_arms([opt for _, opt in together])
     for (ps, opt), (qs, qopt) in zip(solo, together):
         for p, q in zip(ps, qs):
             assert torch.equal(p, q), float((p - q).abs().max())
@@ -705,7 +708,7 @@ def test_clip_arms_is_bit_for_bit_clip_grad_norm_per_arm():
                 p.grad = None if k == 3 else torch.randn(p.shape, generator=g) * (k + 1)
     max_norms = [0.5, None, 100.0, 1.0]
     want = [torch.nn.utils.clip_grad_norm_(ps, m if m is not None else float("inf")) for ps, m in zip(solo, max_norms)]
-    got = rtog.clip_arms(together, max_norms)
+    got = rfit.clip_arms(together, max_norms)
     assert [float(n) for n in got] == [float(n) for n in want]
     for ps, qs in zip(solo, together):
         assert all((p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
@@ -719,17 +722,17 @@ def test_resume_from_a_crafted_step_of_a_together_checkpoint_is_refused(cfg, tmp
     c = {**cfg, "train": {**cfg["train"], "save_every": 2}}
     cfgs = [arm_cfg(c, 1, tmp_path / "a_r1"), arm_cfg(c, 2, tmp_path / "a_r2")]
     ckpt = tmp_path / "ckpt"
-    real_lr_at = rt.lr_at
+    real_lr_at = rfit.lr_at
 
     def crash_at_step_5(step, *a, **k):
         if step == 4:
             raise Crash("power cut")
         return real_lr_at(step, *a, **k)
 
-    monkeypatch.setattr(rt, "lr_at", crash_at_step_5)
+    monkeypatch.setattr(rfit, "lr_at", crash_at_step_5)
     with pytest.raises(Crash):
         train_together(cfgs, checkpoint_dir=ckpt)
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     state = ckpt / "state.json"
     raw = json.loads(state.read_text())
     for step, match in ((10**6, r"its step 1000000 lies outside \[0, 6\)"), ("4", "its step '4' is not an integer"),

@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 
+import rankwise.fit as rfit
 import rankwise.train as rt
 from rankwise import cli
 from rankwise.checkpoint import load_checkpoint
@@ -105,20 +106,22 @@ def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
     full = rt.train(cfg)
 
     cfg_b = {**cfg, "output_dir": str(tmp_path / "b")}
-    real_lr_at = rt.lr_at
+    real_lr_at = rfit.lr_at
 
     def crashing_lr_at(step, *a, **k):
         if step == 7:
             raise Crash("power cut")
         return real_lr_at(step, *a, **k)
 
-    monkeypatch.setattr(rt, "lr_at", crashing_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", crashing_lr_at)
     with pytest.raises(Crash):
         rt.train(cfg_b)
-    monkeypatch.setattr(rt, "lr_at", real_lr_at)
+    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoint")) == ["state.json", "tensors.safetensors"]
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoint")  # safetensors and JSON only
-    assert ckpt["step"] == 6 and set(ckpt) >= {"optimizer", "rng", "trainable", "settings", "data", "scheduler"}
+    assert ckpt["step"] == 6 and set(ckpt) >= {"step", "total_steps", "settings", "settings_hash", "rng", "arms"}
+    assert len(ckpt["arms"]) == 1, "a solo run is one arm, in the format of a together run's checkpoint"
+    assert set(ckpt["arms"][0]) >= {"trainable", "optimizer", "scaler", "log_window", "last", "failed", "config"}
     with pytest.raises(ValueError, match="already holds a run"):
         rt.train(cfg_b)
     resumed = rt.train(cfg_b, resume=True)
@@ -226,16 +229,16 @@ def test_is_correct_and_eval_loss():
 
 
 def test_lr_schedule():
-    lrs = [rt.lr_at(s, 10, 1.0, warmup=2, schedule="cosine") for s in range(10)]
+    lrs = [rfit.lr_at(s, 10, 1.0, warmup=2, schedule="cosine") for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0 and abs(lrs[-1]) < 1e-12
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
-    assert rt.lr_at(5, 10, 2.0, warmup=0.0, schedule="linear", min_lr_ratio=0.5) == pytest.approx(2.0 - 1.0 * 5 / 9)
-    assert rt.lr_at(9, 10, 2.0, schedule="constant") == 2.0
+    assert rfit.lr_at(5, 10, 2.0, warmup=0.0, schedule="linear", min_lr_ratio=0.5) == pytest.approx(2.0 - 1.0 * 5 / 9)
+    assert rfit.lr_at(9, 10, 2.0, schedule="constant") == 2.0
 
 
 def test_non_finite_loss_is_reported(world, tmp_path):
     cfg = make_cfg(world, tmp_path / "nan", "full", max_steps=5, lr=1e30, max_grad_norm=None)
-    with pytest.raises(rt.NonFiniteLossError, match="training loss is"):
+    with pytest.raises(rfit.NonFiniteLossError, match="training loss is"):
         rt.train(cfg)
 
 

@@ -39,10 +39,11 @@ CHECKPOINT_DIR = "checkpoint"
 LEGACY_CHECKPOINT = "checkpoint.pt"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-FORMAT = 1
+FORMAT = 2  # 1: a train run's state at the top level (before one format for one arm and K)
 FIX = "move it away to start the run over"
-# what a checkpoint of ``rankwise train`` must hold to be continued
-RUN_KEYS = ("step", "total_steps", "settings_hash", "settings", "trainable", "optimizer", "rng", "log_window")
+# what a run's checkpoint must hold to be continued, and each of its arms
+RUN_KEYS = ("step", "total_steps", "settings_hash", "settings", "rng", "arms")
+ARM_KEYS = ("trainable", "optimizer", "log_window")
 
 log = logging.getLogger("rankwise")
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__float__")
@@ -164,6 +165,9 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
         raise ConfigError(f"checkpoint {path} is incomplete: {state_file} is missing; {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"cannot read checkpoint {state_file}: {one_line(e, 200)}; {fix}") from None
+    if isinstance(data, dict) and data.get("format") == 1:
+        raise ConfigError(f"cannot read checkpoint {state_file}: it is a checkpoint of an older rankwise (format 1, "
+                          f"expected {FORMAT}); {fix}")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"cannot read checkpoint {state_file}: not a rankwise checkpoint (format "
                           f"{data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT}); {fix}")
@@ -187,79 +191,126 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
     return state
 
 
-# ----------------------------------------------------------------------------- the state of a train run
+# ----------------------------------------------------------------------------- the state of a run's arms
 
-def run_state(step, total_steps, cfg: C.RunConfig, run_settings: dict, trainable, optimizer, scaler, device,
-              micro_per_step, window) -> dict:
-    """Everything a resumed ``train`` run needs (``trainable``: ``train.Trainable``), as one dict of tensors and
-    plain values for ``save_checkpoint``."""
-    return {
-        "step": step,
-        "total_steps": total_steps,
-        "settings_hash": C.settings_hash(run_settings),
-        "settings": run_settings,
-        "config": cfg.to_dict(),
-        "trainable": {n: p.detach().to("cpu", copy=True) for n, p in trainable.named},
-        "mask": ({n: m.cpu() for (n, _), m in zip(trainable.named, trainable.masks)}
-                 if trainable.masks is not None else None),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "scheduler": {"kind": cfg.train.schedule, "step": step},  # the LR is a function of the step
-        "rng": rng_state(device),
-        "data": {"next_micro_batch": step * micro_per_step, "seed": cfg.train.seed},
-        "log_window": window.clone(),  # loss / token sums since the last metrics row
-        "pissa_init": trainable.pissa_init,
-    }
+def run_state(step: int, total_steps: int, arms: list, device) -> dict:
+    """Everything a resumed run of ``arms`` (``fit.Arm``: one for ``rankwise train``, K for a together run)
+    needs, as one dict of tensors and plain values for ``save_checkpoint``:
+    ``{step, total_steps, settings_hash, settings: {"arms": [...]}, rng, arms: [...]}``, each arm's part holding
+    its trainable weights, optimizer and fp16 scaler states, masked-SFT mask, PiSSA start, dropout generator,
+    log window, last metrics row, status and config."""
+    settings = {"arms": [a.settings for a in arms]}
+    return {"step": step, "total_steps": total_steps, "settings_hash": C.settings_hash(settings),
+            "settings": settings, "rng": rng_state(device), "arms": [arm_state(a) for a in arms]}
+
+
+def arm_state(arm) -> dict:
+    """One arm's part of ``run_state``."""
+    tr = arm.trainable
+    return {"trainable": {n: p.detach().to("cpu", copy=True) for n, p in tr.named},
+            "optimizer": arm.optimizer.state_dict(),
+            "scaler": arm.scaler.state_dict() if arm.scaler is not None else None,
+            "mask": {n: m.cpu() for (n, _), m in zip(tr.named, tr.masks)} if tr.masks is not None else None,
+            "pissa_init": tr.pissa_init,
+            "generator": arm.generator.get_state() if arm.generator is not None else None,
+            "log_window": arm.window.clone(),  # loss / token sums since the last metrics row
+            "last": arm.last, "failed": arm.failed, "config": arm.cfg.to_dict()}
 
 
 def load_run_checkpoint(path) -> dict:
-    """``load_checkpoint`` of a ``train`` checkpoint, checked before any model loads: its keys (``RUN_KEYS``),
-    a step in ``[0, total_steps)``, RNG states and a log window a run can continue from."""
+    """``load_checkpoint`` of a run's checkpoint, checked before any model loads: its keys (``RUN_KEYS``, and
+    ``ARM_KEYS`` in every arm), a step in ``[0, total_steps)``, RNG states and log windows a run can continue
+    from, trainable weights as a mapping."""
     ckpt = load_checkpoint(path, required=RUN_KEYS)
     check_step(ckpt, path)
     check_rng(ckpt["rng"], path)
-    check_log_window(ckpt["log_window"], path)
-    if not isinstance(ckpt["trainable"], dict):
-        raise ConfigError(f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}: its trainable weights "
-                          f"are not a mapping; {FIX}")
+    where = f"cannot read checkpoint {os.path.join(os.fspath(path), STATE)}"
+    arms = ckpt["arms"]
+    if not isinstance(arms, list) or not arms or not all(isinstance(a, dict) for a in arms):
+        raise ConfigError(f"{where}: its arms are not a list of mappings; {FIX}")
+    for k, arm in enumerate(arms):
+        of = "" if len(arms) == 1 else f"arm {k}'s "
+        missing = [key for key in ARM_KEYS if key not in arm]
+        if missing:
+            raise ConfigError(f"{where}: it lacks {of}{', '.join(missing)}; {FIX}")
+        check_log_window(arm["log_window"], path, f"{of}log_window")
+        if not isinstance(arm["trainable"], dict):
+            raise ConfigError(f"{where}: its {of}trainable weights are not a mapping; {FIX}")
+    settings = ckpt["settings"].get("arms") if isinstance(ckpt["settings"], dict) else None
+    if not isinstance(settings, list) or len(settings) != len(arms) or not all(isinstance(s, dict) for s in settings):
+        raise ConfigError(f"{where}: its settings are not one mapping per arm; {FIX}")
     return ckpt
 
 
-def restore_run_state(ckpt: dict, cfg: C.RunConfig, trainable, optimizer, scaler, device, total_steps: int,
-                      master: bool):
-    """Load weights, optimizer, scaler and RNG states from ``ckpt`` (``load_run_checkpoint``) into a ``train``
-    run; returns ``(step, log window)``."""
+def check_settings(ckpt: dict, arm_settings: list, names: list, path) -> None:
+    """``--resume`` continues the same run: the checkpoint must hold these arms with these settings
+    (``config.NOT_SETTINGS`` aside); else one line naming the keys that differ."""
+    old = ckpt["settings"]["arms"]
+    if len(old) != len(arm_settings):
+        raise ConfigError(f"--resume: the checkpoint {path} holds {len(old)} arms, this run has {len(arm_settings)}; "
+                          f"choose another checkpoint directory for these arms")
+    for name, o, now in zip(names, old, arm_settings):
+        if not C.changed_settings(o, now):
+            continue
+        if len(names) == 1:
+            raise ConfigError(f"--resume: settings changed since the checkpoint {path}: "
+                              f"{C.describe_changes(o, now)}; put them back to resume, or choose another "
+                              f"output_dir for a new run")
+        raise ConfigError(f"--resume: the settings of the arm {name} changed since the checkpoint {path}: "
+                          f"{C.describe_changes(o, now)}")
+    if ckpt["settings_hash"] != C.settings_hash({"arms": arm_settings}):
+        raise ConfigError(f"--resume: settings changed since the checkpoint {path}: the settings hash; put them "
+                          f"back to resume, or choose another output_dir for a new run")
+
+
+def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
+    """Load one arm's weights, optimizer, mask, scaler, generator, log window, last row and status."""
     from .masking import pack_mask
 
-    where = f"the checkpoint in {cfg.output_dir}"
-    if ckpt.get("total_steps") != total_steps:
-        raise ConfigError(f"--resume: {where} was made for {ckpt.get('total_steps')} steps, "
-                          f"the config now gives {total_steps}")
-    saved = ckpt.get("trainable") or {}
-    for n, p in trainable.named:
-        if n not in saved or not isinstance(saved[n], torch.Tensor) or saved[n].shape != p.shape:
-            got = "is missing" if n not in saved else f"has shape {tuple(getattr(saved[n], 'shape', ()))}"
+    tr, weights = arm.trainable, saved["trainable"]
+    for n, p in tr.named:
+        if n not in weights or not isinstance(weights[n], torch.Tensor) or weights[n].shape != p.shape:
+            got = "is missing" if n not in weights else f"has shape {tuple(getattr(weights[n], 'shape', ()))}"
             raise ConfigError(f"--resume: {where} does not match this model: {n} {got}")
     with torch.no_grad():
-        for n, p in trainable.named:
-            p.copy_(saved[n])
+        for n, p in tr.named:
+            p.copy_(weights[n])
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"--resume: {where} holds an optimizer state this optimizer cannot take: "
+        arm.optimizer.load_state_dict(saved["optimizer"])
+        if arm.scaler is not None and saved.get("scaler"):
+            arm.scaler.load_state_dict(saved["scaler"])
+        if arm.generator is not None:
+            arm.generator.set_state(saved["generator"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"--resume: {where} holds an optimizer, scaler or generator state this run cannot take: "
                           f"{one_line(e, 200)}") from None
-    if trainable.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
-        for p, m in zip(trainable.params, trainable.masks):
-            optimizer.state[p]["mask"] = pack_mask(m)
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    trainable.pissa_init = ckpt.get("pissa_init", trainable.pissa_init)
-    now, then = C.flatten(cfg.to_dict()), C.flatten(ckpt.get("config") or {})
+    if tr.masks is not None:  # torch's load_state_dict casts every state tensor, the packed masks too
+        for p, m in zip(tr.params, tr.masks):
+            arm.optimizer.state[p]["mask"] = pack_mask(m)
+    tr.pissa_init = saved.get("pissa_init") or tr.pissa_init
+    arm.window = saved["log_window"].clone()
+    arm.last = dict(saved.get("last") or {})
+    if saved.get("failed"):
+        arm.stop(str(saved["failed"]))
+    now, then = C.flatten(arm.cfg.to_dict()), C.flatten(saved.get("config") or {})
     changed = sorted(k for k, v in now.items() if k in then and then[k] != v)  # NOT_SETTINGS keys only
     if changed and master:
         log.info("--resume: keys changed since the checkpoint (they do not change the result): %s", ", ".join(changed))
-    return ckpt["step"], ckpt["log_window"].clone()
+
+
+def restore_run_state(ckpt: dict, arms: list, device, total_steps: int, path, master: bool = True) -> int:
+    """Load every arm's state from ``ckpt`` (``load_run_checkpoint``, settings checked by ``check_settings``)
+    and the RNG states; returns the step to continue from."""
+    where = f"the checkpoint {path}"
+    if ckpt.get("total_steps") != total_steps:
+        raise ConfigError(f"--resume: {where} was made for {ckpt.get('total_steps')} steps, "
+                          f"the config now gives {total_steps}")
+    if len(ckpt["arms"]) != len(arms):
+        raise ConfigError(f"--resume: {where} holds {len(ckpt['arms'])} arms, this run has {len(arms)}")
+    for saved, arm in zip(ckpt["arms"], arms):
+        restore_arm(saved, arm, where, master)
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["step"]
 
 
 def _is_int(v) -> bool:

@@ -41,7 +41,9 @@ import copy
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -62,6 +64,15 @@ BACKENDS = ("auto", "triton", "torch")
 
 def _positive(v):
     return None if v > 0 else "must be > 0"
+
+
+LR_MAX = 1e30  # AdamW's step size lr / (1 - beta1^n) must stay a float32 number for every beta1 < 0.9999999
+
+
+def _learning_rate(v):
+    if not v > 0:
+        return "must be > 0"
+    return None if v <= LR_MAX else f"must be at most {LR_MAX:g} (AdamW's float32 step size overflows above it)"
 
 
 def _non_negative(v):
@@ -167,7 +178,7 @@ class TrainCfg:
     epochs: Optional[float] = key(None, "train this many passes over the data instead of max_steps", check=_positive)
     batch_size: int = key(8, "examples (or rows of max_length with packing) per micro-batch", check=_positive)
     grad_accum: int = key(1, "micro-batches per optimizer step", check=_positive)
-    lr: float = key(2.0e-4, "peak learning rate", check=_positive)
+    lr: float = key(2.0e-4, "peak learning rate", check=_learning_rate)
     schedule: str = key("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     warmup: float = key(0.03, "warmup: fraction of the steps if < 1, else a number of steps", check=_non_negative)
     min_lr_ratio: float = key(0.0, "final lr as a fraction of the peak", check=_non_negative)
@@ -660,8 +671,6 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int)
     """sha256 of a file, read once per (path, inode, size, mtime, ctime) in a process: a sweep asks for its
     data's digest once per arm. (A rewrite to the same size within one file-system timestamp tick would
     be missed, in this process only.)"""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -671,9 +680,6 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int)
 
 def settings_hash(values: Mapping) -> str:
     """A short stable hash of ``settings(cfg)`` (sorted JSON, sha256, 16 hex digits)."""
-    import hashlib
-    import json
-
     text = json.dumps(dict(values), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -681,6 +687,19 @@ def settings_hash(values: Mapping) -> str:
 def changed_settings(old: Mapping, new: Mapping) -> list:
     """Keys whose values differ between two ``settings`` dicts, sorted (keys missing on one side count)."""
     return sorted(k for k in set(old) | set(new) if old.get(k, object()) != new.get(k, object()))
+
+
+def describe_changes(old: Mapping, new: Mapping) -> str:
+    """``lora.r (4 -> 8), train.lr (0.01 -> 0.5)``: the settings that differ, with both values."""
+    missing = object()
+
+    def short(v):
+        text = "(none)" if v is missing else json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = changed_settings(old, new)
+    return ", ".join(f"{k} ({short(old.get(k, missing))} -> {short(new.get(k, missing))})" for k in keys) \
+        or "the settings hash"
 
 
 def dump_yaml(cfg, path) -> None:

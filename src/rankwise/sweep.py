@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import gc
 import io
 import json
 import itertools
@@ -78,20 +77,19 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from . import arm_memory
 from . import config as C
-from . import spread
-from . import together as multi
+from . import spread, train
 from .atomic import atomic_write, atomic_write_text, remove_path
 from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
 from .model import resolve_device
+from .outputs import FAILED, failure_reason, release_memory, write_failed
 from .ownership import MARKER, check_disjoint, check_links, check_output, claim
 from .runlock import LOCK_FILE
 from .arm_memory import plan_groups
-from .together import check_ranks, checkpoint_matches
+from .together import check_ranks, train_group
 
 log = logging.getLogger("rankwise")
 
@@ -181,21 +179,6 @@ def _parse_list(text, kind, what):
     return values
 
 
-def _failure_reason(e: BaseException) -> str:
-    from .train import NonFiniteLossError, NonFiniteWeightsError
-
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or isinstance(e, MemoryError):
-        kind = "out of memory"
-    elif isinstance(e, NonFiniteWeightsError):
-        kind = "non-finite weights"
-    elif isinstance(e, NonFiniteLossError):
-        kind = "non-finite loss"
-    else:
-        kind = type(e).__name__
-    return f"{kind}: {msg}"[:300] if msg else kind
-
-
 def arm_config(base: dict, method: str, rank, fraction, arm_dir: str, alpha_ratio=None, hyper=None) -> dict:
     """The train config of one arm: ``base`` with the arm's method, rank / mask fraction and directory
     (and for a LoRA arm the ``hyper`` values, ``{"lr", "alpha", "dropout"}``, that it sets)."""
@@ -223,9 +206,8 @@ def recorded_settings(arm_dir: str):
     for runs of older rankwise versions the settings of ``resolved_config.yaml`` /
     ``config.yaml`` (their data files are hashed as they are now).
     """
-    from . import train as _train
 
-    path = os.path.join(arm_dir, _train.SETTINGS)
+    path = os.path.join(arm_dir, train.SETTINGS)
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -236,7 +218,7 @@ def recorded_settings(arm_dir: str):
             raise ConfigError(f"{path} is not a rankwise settings file (expected {{\"hash\", \"settings\"}}); "
                               "pass --rerun-changed to re-train this arm") from None
         return recorded
-    for name in (_train.RESOLVED_CONFIG, "config.yaml"):  # config.yaml: arms of older rankwise versions
+    for name in (train.RESOLVED_CONFIG, "config.yaml"):  # config.yaml: arms of older rankwise versions
         path = os.path.join(arm_dir, name)
         if os.path.isfile(path):
             try:
@@ -401,7 +383,6 @@ def memory_plan(arms, ranks):
 def changed_arms(arms, out_dir, rerun_changed: bool) -> dict:
     """An existing arm is reused only if it was trained with the settings it would get now: ``{name: keys}``
     of those that were not (refused, naming them, without ``rerun_changed``)."""
-    from . import train as _train
 
     changed = {}
     for name, _, _, _, cfg, now in arms:
@@ -417,7 +398,7 @@ def changed_arms(arms, out_dir, rerun_changed: bool) -> dict:
         if keys:
             changed[name] = keys
         elif os.path.isfile(os.path.join(arm_dir, LEGACY_CHECKPOINT)) \
-                and not os.path.exists(os.path.join(arm_dir, _train.SUMMARY)):
+                and not os.path.exists(os.path.join(arm_dir, train.SUMMARY)):
             refuse_legacy(os.path.join(arm_dir, LEGACY_CHECKPOINT))  # a pickle is never loaded: refused up front
     if changed and not rerun_changed:
         listed = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in changed.items())
@@ -462,7 +443,6 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
     ``summary.json``; else the arm trains now), its ``failed.json`` written or removed; the tables and plots."""
     from tqdm.auto import tqdm
 
-    from . import train as _train
 
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
@@ -473,7 +453,7 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
         row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
         if method == "lora":
             row.update({"lr": cfg["train"]["lr"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]})
-        summary_path = os.path.join(arm_dir, _train.SUMMARY)
+        summary_path = os.path.join(arm_dir, train.SUMMARY)
         if name in trained:
             summary = trained[name]
         elif os.path.exists(summary_path):
@@ -484,12 +464,11 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
             summary = train_arm(cfg)
         if summary.get("status") == "failed":
             log.warning("sweep: arm %s failed: %s", name, summary.get("reason"))
-            atomic_write_text(os.path.join(arm_dir, "failed.json"),
-                                json.dumps({"status": "failed", "reason": summary.get("reason")}) + "\n")
+            write_failed(arm_dir, summary.get("reason"))
         row.update({k: summary.get(k) for k in COLUMNS if k not in row})
         row["status"] = summary.get("status", "finished")
-        if row["status"] == "finished" and os.path.exists(os.path.join(arm_dir, "failed.json")):
-            os.unlink(os.path.join(arm_dir, "failed.json"))
+        if row["status"] == "finished" and os.path.lexists(os.path.join(arm_dir, FAILED)):
+            os.unlink(os.path.join(arm_dir, FAILED))
         results.append(row)
         write_tables(results, out_dir, varying)  # partial results are visible while the sweep runs
     plot(results, out_dir, varying)
@@ -500,19 +479,12 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
 def train_arm(cfg: dict) -> dict:
     """One arm trained on its own (resuming from its checkpoint when it has one); a failure (out of memory,
     a NaN loss, a CUDA error) is its summary ``{"status": "failed", "reason"}``."""
-    from . import train as _train
 
     try:
-        return _train.train(cfg, resume=True)
+        return train.train(cfg, resume=True)
     except (RuntimeError, MemoryError) as e:
-        _release_memory()
-        return {"status": "failed", "reason": _failure_reason(e)}
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        release_memory()
+        return {"status": "failed", "reason": failure_reason(e)}
 
 
 def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
@@ -520,14 +492,13 @@ def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
     of ``group_size``; without it, as ``rankwise.arm_memory.plan_groups`` makes them for ``budget`` bytes (the
     device's memory), or one group when ``budget`` is None. An arm with ``summary.json`` or a solo checkpoint
     is in none (reused, or resumed on its own)."""
-    from . import train as _train
 
     todo = []
     for name, method, _, _, cfg, _ in arms:
         if method != "lora":
             continue
         prepare_arm(name, cfg["output_dir"])
-        held = [os.path.exists(os.path.join(cfg["output_dir"], n)) for n in (_train.SUMMARY, _train.CHECKPOINT)]
+        held = [os.path.exists(os.path.join(cfg["output_dir"], n)) for n in (train.SUMMARY, train.CHECKPOINT)]
         if not any(held):
             todo.append((name, cfg))
     if group_size:
@@ -538,20 +509,6 @@ def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
         sizes = [len(todo)] if todo else []
     starts = list(itertools.accumulate([0] + sizes))
     return [todo[a:b] for a, b in zip(starts, starts[1:])]
-
-
-def train_group(names: list, configs: list, ckpt: str) -> list:
-    """One group of arms trained together, checkpointing into (and resuming from) ``ckpt``; the arms'
-    summaries. A group that fails as a whole (out of memory, a CUDA error) records every arm as failed."""
-    log.info("sweep: training %s together", ", ".join(names))
-    if os.path.exists(ckpt) and not checkpoint_matches(ckpt, configs):
-        log.info("sweep: %s is a checkpoint of other arms or settings; the group starts over", ckpt)
-        remove_path(ckpt)
-    try:
-        return multi.train_together(configs, checkpoint_dir=ckpt, resume=True)
-    except (RuntimeError, MemoryError) as e:
-        _release_memory()
-        return [{"status": "failed", "reason": _failure_reason(e)}] * len(names)
 
 
 def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
@@ -580,7 +537,6 @@ SFT_COST = 2.0  # an SFT arm's estimated work against a LoRA arm's: weight gradi
 def plan_jobs(p: Prepared) -> list:
     """Rank 0's plan of a spread sweep: every arm claimed (and a changed one removed), then the jobs: the
     ``--together`` groups (``group_plan``), then each other arm without ``summary.json`` on its own."""
-    from . import train as _train
 
     prepare_arm = arm_preparer(p.changed)
     groups = group_plan(p.arms, p.group_size, prepare_arm, p.budget) if p.together else []
@@ -594,7 +550,7 @@ def plan_jobs(p: Prepared) -> list:
         if name in grouped:
             continue
         prepare_arm(name, cfg["output_dir"])
-        if not os.path.exists(os.path.join(cfg["output_dir"], _train.SUMMARY)):
+        if not os.path.exists(os.path.join(cfg["output_dir"], train.SUMMARY)):
             jobs.append(Job([name], [cfg], False, None, 1.0 if method == "lora" else SFT_COST))
     return jobs
 
@@ -609,7 +565,7 @@ def run_jobs(jobs: list, owners: list, rank: int) -> dict:
             summaries = train_group(job.arms, job.configs, job.checkpoint) if job.together \
                 else [train_arm(job.configs[0])]
         done.update(zip(job.arms, summaries))
-        _release_memory()
+        release_memory()
     return done
 
 

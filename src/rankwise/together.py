@@ -5,7 +5,11 @@
 
     rankwise sweep CONFIG.yaml --ranks 1,8,64 --together
 
-Every arm is the run ``rankwise train`` would make of its own config, and ends
+The loop is ``rankwise.fit.fit`` with K arms (``rankwise train`` is ``fit`` with one):
+this module gives it the stacked loss (``arm_loss_sums``), the batched evaluation
+(``evaluate_arms``) and the checkpoint of every arm (``checkpoint.run_state``, the
+format a solo run saves), and asks it to drop an arm whose loss or weights go
+non-finite. Every arm is the run ``rankwise train`` would make of its own config, and ends
 with that run's outputs in its own ``output_dir`` (marker, ``resolved_config.yaml``,
 ``settings.json``, ``metrics.jsonl``, ``adapter/``, ``summary.json``). The configs
 may differ only in the per-arm keys (``PER_ARM``: rank, alpha, dropout, learning
@@ -29,12 +33,12 @@ How the K arms share one pass:
   path gives each its gradient directly; the Triton path concatenates them, not
   padded, into the kernels' ``(sum r, in)`` / ``(out, sum r)`` layout).
   Separate leaves make everything per arm exact and plain: arm k's gradient norm
-  is ``clip_grad_norm_``'s over its own leaves (``clip_arms`` computes every arm's
+  is ``clip_grad_norm_``'s over its own leaves (``fit.clip_arms`` computes every arm's
   at once, bit for bit the same), and its optimizer is the very
   optimizer its solo run builds (``train.build_optimizer`` over the arm's
   parameters, in the solo run's order), so one step of the K optimizers *is* K
   independent AdamW steps, with each arm's own learning rate and weight decay
-  (on a CPU ``step_arms`` runs them as one set of foreach ops over every arm's
+  (on a CPU ``fit.step_arms`` runs them as one set of foreach ops over every arm's
   tensors, bit for bit the values of the K ``step()`` calls).
   (A single concatenated Parameter would need a hand-written AdamW over slices to
   get the same; on a GPU the concatenation costs one copy of sum(r) x (in + out)
@@ -54,7 +58,7 @@ How the K arms share one pass:
   backward, and its ``unscale_`` / ``step`` / ``update`` run on its own optimizer,
   so an inf or NaN in arm k's gradients skips arm k's step alone and halves its
   scale alone, and each scale grows on its own count of good steps, as solo.
-- **Failures.** A non-finite loss stops that arm alone: it takes no optimizer
+- **Failures.** A non-finite loss (or non-finite weights, found on a logging or saving step) stops that arm alone: it takes no optimizer
   step, is dropped from the stacked batch from the next step on, and its summary
   is ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
 
@@ -76,38 +80,45 @@ into groups that fit a budget (``memory_budget``: the CUDA free memory or the
 CPU's available memory, times a safety fraction); ``rankwise sweep --together``
 uses it when ``--group-size`` is not given.
 
-Not yet here: DDP, and the ``lora.init: pissa``
+Not here: DDP (``rankwise sweep`` spreads groups over processes instead), and the ``lora.init: pissa``
 initialisation (its base weights depend on the rank, so the arms could not share one).
 """
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
 import os
 import random
 import time
 
 import torch
 
+from rankwise.kernels import linear_cross_entropy
+
 from . import config as C
 from . import ownership
 from .arm_layers import arm_parameters, inject_multi_lora, multi_lora_layers, select_arms
 from .arm_memory import target_dims
-from .atomic import atomic_write_text, remove_path, reporting_write_errors
-from .checkpoint import (check_log_window, check_rng, check_step, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .atomic import remove_path
+from .batches import count_steps, load_data
+from .checkpoint import check_settings, load_run_checkpoint, restore_run_state, run_state, save_checkpoint
 from .errors import ConfigError
+from .evaluate import is_correct
+from .fit import Arm, fit
+from .loss import FusedLossLM
+from .model import load_tokenizer
+from .outputs import SUMMARY, failure_reason, finish_arm, release_memory, write_failed
 from .runlog import METRICS, MetricsLog, read_metrics, require_tensorboard
+from .runtime import Dist, check_backend, setup_precision, setup_processes
+from .train import (CHECKPOINT, RUN_ENTRIES, build_optimizer, evaluate, load_base_model, prepare_output_dir,
+                    run_inputs, start_writing, wrap_model)
+from .trainable import Trainable
 
 log = logging.getLogger("rankwise")
 
 # Keys that may differ between the arms of one together run; all others must be equal.
 PER_ARM = ("lora.r", "lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.max_grad_norm",
            "output_dir", "log.tensorboard", "log.progress")
-# what a together checkpoint must hold to be continued
-TOGETHER_KEYS = ("step", "total_steps", "settings_hash", "settings", "rng", "arms")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -170,8 +181,6 @@ def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torc
     keep = (batch["targets"][0] != -100).nonzero().squeeze(1).to(dev)
     targets = batch["targets"][0].to(dev)[keep]
     if fused:
-        from rankwise.kernels import linear_cross_entropy
-
         out = model.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         head = model.get_output_embeddings()
@@ -195,9 +204,6 @@ def wrap_base_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype) -
     their own shape): with B = 0 the LoRA layers add exactly nothing, so the checks
     see the outputs the solo run's checks see.
     """
-    from .loss import FusedLossLM
-    from .train import Dist, wrap_model
-
     wrapped = wrap_model(model, cfg, first_batch, autocast, amp_dtype, Dist(1, 0, first_device(model)))
     return isinstance(wrapped, FusedLossLM)
 
@@ -206,112 +212,21 @@ def first_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-# ----------------------------------------------------------------------------- one AdamW step for every arm
-
-def _plain_cpu_adamw(opt) -> bool:
-    """Whether ``opt.step()`` runs torch's single-tensor AdamW: a ``torch.optim.AdamW`` whose groups take no
-    fused, foreach, AMSGrad, maximize, capturable or differentiable path, with float lrs and betas, over
-    fp32 CPU parameters."""
-    if type(opt) is not torch.optim.AdamW:
-        return False
-    for g in opt.param_groups:
-        if g.get("fused") or g.get("foreach") or g.get("amsgrad") or g.get("maximize") or g.get("capturable") \
-                or g.get("differentiable") or not g.get("decoupled_weight_decay", True):
-            return False
-        if not isinstance(g["lr"], float) or not all(isinstance(b, float) for b in g["betas"]):
-            return False
-        for p in g["params"]:
-            if p.device.type != "cpu" or p.dtype != torch.float32 or (p.grad is not None and p.grad.is_sparse):
-                return False
-    return True
-
-
-def clip_arms(arm_params, max_norms) -> list:
-    """``clip_grad_norm_(arm_params[i], max_norms[i])`` for every arm; returns the arms' total norms.
-
-    One ``torch._foreach_norm`` over every arm's gradients (each tensor's norm, as
-    ``clip_grad_norm_`` takes them), each arm's total norm from its own tensors'
-    norms, and per arm one ``torch._foreach_mul_`` of its gradients by its clamped
-    coefficient ``min(max_norm / (norm + 1e-6), 1)``: ``clip_grad_norm_``'s
-    operations per tensor, so the same values bit for bit (tested). Falls back to
-    one ``clip_grad_norm_`` per arm when the gradients are not all dense tensors of
-    one device and dtype. ``None`` as a max norm: no clipping (infinity), as solo.
-    """
-    grads = [[p.grad for p in ps if p.grad is not None] for ps in arm_params]
-    maxes = [float(m) if m is not None else float("inf") for m in max_norms]
-    flat = [g for gs in grads for g in gs]
-    if not flat or len({(g.device, g.dtype) for g in flat}) > 1 or any(g.is_sparse for g in flat):
-        return [torch.nn.utils.clip_grad_norm_(ps, m) for ps, m in zip(arm_params, maxes)]
-    with torch.no_grad():
-        norms = torch._foreach_norm(flat, 2.0)
-        totals, i = [], 0
-        for gs, max_norm in zip(grads, maxes):
-            if not gs:
-                totals.append(torch.tensor(0.0))
-                continue
-            total = torch.linalg.vector_norm(torch.stack(norms[i:i + len(gs)]), 2.0)
-            i += len(gs)
-            totals.append(total)
-            torch._foreach_mul_(gs, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return totals
-
-
-def step_arms(optimizers) -> None:
-    """``opt.step()`` for each of ``optimizers``, every arm's AdamW in one pass where that is exact.
-
-    When every optimizer is a plain CPU ``torch.optim.AdamW`` (``_plain_cpu_adamw``: what
-    ``train.build_optimizer`` makes on a CPU, where torch runs its single-tensor AdamW),
-    the step is a handful of ``torch._foreach_*`` ops over all the arms' tensors with
-    each tensor's own learning rate and weight decay, in the single-tensor AdamW's
-    order of operations (a CPU foreach op applies the same per-tensor op to each
-    tensor), so every value is the one ``opt.step()`` would give, bit for bit (tested);
-    each optimizer's ``state`` is kept as torch keeps it (``step``, ``exp_avg``,
-    ``exp_avg_sq``), so checkpoints and ``load_state_dict`` see torch's AdamW. Else,
-    and on a GPU (fused AdamW), one ``opt.step()`` after the other.
-    """
-    if not all(_plain_cpu_adamw(o) for o in optimizers):
-        for o in optimizers:
-            o.step()
-        return
-    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # torch's choice
-    by_hyper = {}  # (beta1, beta2, eps) -> [params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight decays]
-    for opt in optimizers:
-        for g in opt.param_groups:
-            lists = by_hyper.setdefault((*g["betas"], g["eps"]), [[] for _ in range(7)])
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = opt.state[p]
-                if not state:  # as AdamW's first step makes it
-                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                for lst, v in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], g["lr"],
-                                          g["weight_decay"])):
-                    lst.append(v)
-    with torch.no_grad():
-        for (beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds) in by_hyper.items():
-            torch._foreach_add_(steps, 1)
-            decayed = [i for i, wd in enumerate(wds) if wd != 0]
-            if decayed:
-                torch._foreach_mul_([params[i] for i in decayed], [1 - lrs[i] * wds[i] for i in decayed])
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            counts = [t.item() for t in steps]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in counts])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
-
-
 # ----------------------------------------------------------------------------- the run
 
-def _write_failed(cfg: C.RunConfig, reason: str) -> dict:
-    """The summary of a stopped arm, also written to its ``failed.json`` (as ``rankwise sweep`` records failures)."""
-    summary = {"status": "failed", "reason": reason}
-    atomic_write_text(os.path.join(cfg.output_dir, "failed.json"), json.dumps(summary) + "\n")
-    return summary
+def check_outputs(cfgs: list, force: bool, checkpoint_dir) -> None:
+    """Every arm's output directory may be written (as ``rankwise train`` checks its own), and holds no run
+    unless ``force``; the checkpoint directory overlaps no input."""
+    for cfg in cfgs:
+        ownership.check_output(cfg.output_dir, force=force, inputs=run_inputs(cfg), flag="output_dir",
+                               kinds=["train"])
+        ownership.check_links(cfg.output_dir, RUN_ENTRIES, run_inputs(cfg), flag="output_dir")
+        held = [n for n in (SUMMARY, CHECKPOINT) if os.path.exists(os.path.join(cfg.output_dir, n))]
+        if held and not force:
+            raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({held[0]}); pass --force "
+                              f"(force=True) to train it again from step 0, or choose another output_dir")
+    if checkpoint_dir is not None:
+        ownership.check_disjoint(checkpoint_dir, run_inputs(cfgs[0]), flag="checkpoint_dir")
 
 
 def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bool = False) -> list:
@@ -320,9 +235,8 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
     Args:
         configs: ``RunConfig``s, config dicts or YAML paths, one per arm (see ``PER_ARM``).
         force: write into output directories rankwise did not make, or train finished arms again.
-        checkpoint_dir: where the run's one checkpoint (every arm) is saved every
-            ``train.save_every`` steps (``rankwise.checkpoint``: safetensors + JSON);
-            None: no checkpoint. Removed when the run finishes.
+        checkpoint_dir: where the run's one checkpoint (every arm, ``checkpoint.run_state``) is saved every
+            ``train.save_every`` steps; None: no checkpoint. Removed when the run finishes.
         resume: continue from ``checkpoint_dir`` when it holds a checkpoint (refused,
             naming the keys, when the arms or their settings differ from it).
 
@@ -333,37 +247,22 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
     for the run's lifetime (as ``rankwise train`` locks it), and a run that fails
     before it starts writing removes what it created (as ``rankwise train``).
     """
-    from . import train as T
-
     cfgs = [C.parse(c) for c in configs]
     check_arms(cfgs)
     check_ranks(cfgs[0], [c.lora.r for c in cfgs])
     t_start = time.time()
     arm_settings = [C.settings(c) for c in cfgs]
-
-    # ---- setup: every output directory checked before any is written ------------------------
-    device = T.setup_processes(cfgs[0].train.device).device
-    T.check_backend(cfgs[0].train.backend, device)
-    for cfg in cfgs:
-        ownership.check_output(cfg.output_dir, force=force, inputs=T.run_inputs(cfg), flag="output_dir",
-                               kinds=["train"])
-        ownership.check_links(cfg.output_dir, T.RUN_ENTRIES, T.run_inputs(cfg), flag="output_dir")
-        held = [n for n in (T.SUMMARY, T.CHECKPOINT) if os.path.exists(os.path.join(cfg.output_dir, n))]
-        if held and not force:
-            raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({held[0]}); pass --force "
-                              f"(force=True) to train it again from step 0, or choose another output_dir")
-    if checkpoint_dir is not None:
-        ownership.check_disjoint(checkpoint_dir, T.run_inputs(cfgs[0]), flag="checkpoint_dir")
+    device = setup_processes(cfgs[0].train.device).device
+    check_backend(cfgs[0].train.backend, device)
+    check_outputs(cfgs, force, checkpoint_dir)
     claims = []
     try:
         for cfg, s in zip(cfgs, arm_settings):  # each arm's directory created, locked and marked
-            claims.append(T.prepare_output_dir(cfg, resume=False, force=force, run_settings=s)[2])
+            claims.append(prepare_output_dir(cfg, resume=False, force=force, run_settings=s)[2])
         ckpt = None
         if resume and checkpoint_dir is not None and os.path.exists(checkpoint_dir):
-            ckpt = load_checkpoint(checkpoint_dir, required=TOGETHER_KEYS)
-            check_step(ckpt, checkpoint_dir)
-            check_rng(ckpt["rng"], checkpoint_dir)
-            check_checkpoint(ckpt, cfgs, arm_settings, checkpoint_dir)
+            ckpt = load_run_checkpoint(checkpoint_dir)
+            check_settings(ckpt, arm_settings, [c.output_dir for c in cfgs], checkpoint_dir)
         return run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force, device, t_start)
     except BaseException:
         for claim in claims:
@@ -374,285 +273,120 @@ def train_together(configs, force: bool = False, checkpoint_dir=None, resume: bo
             claim.release()
 
 
-def run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force: bool, device, t_start: float) -> list:
-    """``train_together`` once the arms' directories are claimed: data, one model with K arms, the loop, outputs."""
-    from . import train as T
-    from .model import load_tokenizer
+def arm_precision(t: C.TrainCfg, n_arms: int, device) -> tuple:
+    """``(autocast, amp dtype, scalers)``: the solo run's precision, and under fp16 one GradScaler per arm, each
+    the one its solo run makes (its own scale, growth and skipped steps); else ``None`` for every arm."""
+    autocast, scaler, amp_dtype = setup_precision(t.precision, device, True)
+    return autocast, amp_dtype, [scaler] + [setup_precision(t.precision, device, False)[1] for _ in range(n_arms - 1)]
 
+
+def run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force: bool, device, t_start: float) -> list:
+    """``train_together`` once the arms' directories are claimed: data, one model with K arms, ``fit`` with K
+    arms (an arm whose loss or weights go non-finite drops out alone), the outputs."""
     cfg0, K = cfgs[0], len(cfgs)
     t = cfg0.train
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    autocast, scaler, amp_dtype = T.setup_precision(t.precision, device, True)
-    # fp16: one GradScaler per arm, each the one its solo run makes (its own scale, growth and skipped steps)
-    scalers = [scaler] + [T.setup_precision(t.precision, device, False)[1] for _ in range(K - 1)] \
-        if scaler is not None else None
+    autocast, amp_dtype, scalers = arm_precision(t, K, device)
     tokenizer = load_tokenizer(cfg0.tokenizer or cfg0.model)
-    batches, evals = T.load_data(cfg0, tokenizer, True)
-    total_steps = T.count_steps(t, batches, 1)
+    batches, evals = load_data(cfg0, tokenizer, True)
+    total_steps = count_steps(t, batches, 1)
 
-    # ---- one base model, K arms, K optimizers -----------------------------------------------
-    model = T.load_base_model(cfg0, device)
+    model = load_base_model(cfg0, device)
     fused = wrap_base_model(model, cfg0, batches.micro_batch(0)[1], autocast, amp_dtype)
     lc = cfg0.lora
     inject_multi_lora(model, lc.targets, [c.lora.r for c in cfgs], [c.lora.alpha for c in cfgs],
                       [c.lora.dropout for c in cfgs], lc.rslora, lc.init, t.seed, t.backend)
-    trainables = [T.Trainable(arm_parameters(model, k)) for k in range(K)]
-    optimizers = [T.build_optimizer(c.train, tr, device) for c, tr in zip(cfgs, trainables)]
-    log.info("together: %d LoRA arms (ranks %s), %s trainable parameters in all", K, [c.lora.r for c in cfgs],
-             f"{sum(tr.numel for tr in trainables):,}")
     generators = multi_lora_layers(model)[0][1].generators  # per arm, shared by its layers
-    run = TogetherRun(cfgs, arm_settings, model, trainables, optimizers, scalers, generators, device, t_start)
+    arms = []
+    for k, (cfg, s) in enumerate(zip(cfgs, arm_settings)):
+        tr = Trainable(arm_parameters(model, k))
+        arms.append(Arm(cfg, s, tr, build_optimizer(cfg.train, tr, device), scalers[k], generator=generators[k]))
+    log.info("together: %d LoRA arms (ranks %s), %s trainable parameters in all", K, [c.lora.r for c in cfgs],
+             f"{sum(a.trainable.numel for a in arms):,}")
+    start_step = 0
     if ckpt is not None:
-        run.start_step = restore(ckpt, trainables, optimizers, generators, run.windows, run.last, run.failed,
-                                 total_steps, device, checkpoint_dir, scalers)
-        log.info("together: resumed from %s at step %d", checkpoint_dir, run.start_step)
+        start_step = restore_run_state(ckpt, arms, device, total_steps, checkpoint_dir)
+        log.info("together: resumed from %s at step %d", checkpoint_dir, start_step)
     del ckpt
-    rows = [read_metrics(os.path.join(c.output_dir, METRICS), run.start_step) if run.start_step else []
-            for c in cfgs]
+    rows = [read_metrics(os.path.join(c.output_dir, METRICS), start_step) if start_step else [] for c in cfgs]
     if any(c.log.tensorboard for c in cfgs):
         require_tensorboard()
     for cfg, s, claim in zip(cfgs, arm_settings, claims):  # every check passed: the arms' files are written
-        T.start_writing(cfg, s, claim, force)
-    run.metrics = [MetricsLog(c.output_dir, r, c.log.tensorboard, True) for c, r in zip(cfgs, rows)]
-    run.loop(batches, evals, tokenizer, autocast, fused, total_steps, checkpoint_dir)
-    return run.finish(evals, tokenizer, autocast, fused, total_steps, checkpoint_dir)
+        start_writing(cfg, s, claim, force)
+    for arm, r in zip(arms, rows):
+        arm.metrics = MetricsLog(arm.cfg.output_dir, r, arm.cfg.log.tensorboard, True)
+    selected = []  # the arms whose row blocks the layers compute now
+
+    def losses(batch, live):
+        if selected != live:  # the first step, or an arm stopped: the row blocks change
+            select_arms(model, live)
+            selected[:] = live
+        with autocast():
+            return arm_loss_sums(model, batch, len(live), fused, t.backend)
+
+    def evaluate(live):
+        selected[:] = live  # evaluate_arms leaves them selected
+        return evaluate_arms(model, live, tokenizer, evals, cfgs, autocast, fused, t.backend)
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, run_state(step, total_steps, arms, device))
+
+    fit(model, arms, batches, losses=losses, total_steps=total_steps, start_step=start_step,
+        evaluate=evaluate if evals else None, save=save if checkpoint_dir is not None else None,
+        on_non_finite="drop", checkpoint=checkpoint_dir or "", last_saved=start_step or None, t_start=t_start,
+        progress=f"together {K} arms" if cfg0.log.progress else None)
+    return finish(arms, model, tokenizer, evals, autocast, fused, total_steps, checkpoint_dir, t_start)
 
 
-class TogetherRun:
-    """The state of a together run's loop: the arms, their optimizers, which still train, their log windows."""
-
-    def __init__(self, cfgs, arm_settings, model, trainables, optimizers, scalers, generators, device, t_start):
-        self.cfgs, self.arm_settings, self.model = cfgs, arm_settings, model
-        self.trainables, self.optimizers, self.scalers, self.generators = trainables, optimizers, scalers, generators
-        self.device, self.t_start = device, t_start
-        K = len(cfgs)
-        self.start_step, self.failed, self.metrics = 0, {}, []  # failed: arm -> reason
-        self.windows = torch.zeros(K, 3, dtype=torch.float64)  # per arm: loss sum, target tokens, tokens since a row
-        self.last = [{} for _ in range(K)]
-
-    def stop(self, k: int, reason: str) -> None:
-        """Arm k fails alone: it takes no more steps (its gradients dropped), the others go on."""
-        self.failed[k] = reason[:300]
-        log.warning("together: arm %s stopped: %s", self.cfgs[k].output_dir, self.failed[k])
-        for p in self.trainables[k].params:
-            p.grad = None
-            p.requires_grad_(False)
-
-    def stop_non_finite_weights(self, arms, done: int) -> None:
-        """Stop the arms among ``arms`` whose weights hold inf or NaN: one device-side reduction per arm, read
-        once (called on logging and saving steps only)."""
-        from . import train as T
-
-        if not arms:
-            return
-        finite = torch.stack([T.weights_finite(self.trainables[k].params) for k in arms]).cpu().tolist()
-        for k, ok in zip(arms, finite):
-            if not ok:
-                t = self.cfgs[k].train
-                self.stop(k, "non-finite weights: " + T.non_finite_message(
-                    T.weights_problem(t), done, "(a together run keeps no checkpoint of its own)", None, t))
-
-    def loop(self, batches, evals, tokenizer, autocast, fused: bool, total_steps: int, checkpoint_dir) -> None:
-        """Optimizer steps ``start_step`` to ``total_steps`` of every live arm in one pass each."""
-        from . import train as T
-
-        cfgs, model, trainables, optimizers, scalers = self.cfgs, self.model, self.trainables, self.optimizers, \
-            self.scalers
-        t, device, K = cfgs[0].train, self.device, len(cfgs)
-        one = T.Dist(1, 0, device)
-        live = [k for k in range(K) if k not in self.failed]  # arms still training, in row-block order
-        bar = None
-        if cfgs[0].log.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_steps, initial=self.start_step, desc=f"together {K} arms", dynamic_ncols=True)
-        model.train()
-        t_window, selected = time.time(), None
-        try:
-            for step in range(self.start_step, total_steps):
-                if not live:
-                    break
-                lrs = [T.lr_at(step, total_steps, c.train.lr, t.warmup, t.schedule, t.min_lr_ratio) for c in cfgs]
-                for k in live:
-                    for group in optimizers[k].param_groups:
-                        group["lr"] = lrs[k]
-                if selected != live:  # the first step, or an arm stopped: the row blocks change
-                    select_arms(model, live)
-                    selected = list(live)
-                step_batches = batches.step(step, t.grad_accum, one)
-                n_tgt = sum(b["n_targets"] for _, b in step_batches)
-                sums = torch.zeros(len(live), dtype=torch.float64, device=device)
-                for _, b in step_batches:
-                    with autocast():
-                        ls = arm_loss_sums(model, b, len(live), fused, t.backend)
-                    terms = ls / n_tgt  # the arms' means, summed for one backward: no term crosses arms
-                    if scalers is not None:  # each arm's mean times its own scale, as its solo run's scaler.scale
-                        terms = torch.stack([scalers[k].scale(terms[i]) for i, k in enumerate(live)])
-                    terms.sum().backward()
-                    sums += ls.detach().double()
-                sums = sums.tolist()  # one device sync per step
-                n_tokens = sum(b["n_tokens"] for _, b in step_batches)
-                stepping = []  # the arms that step (a non-finite loss stops its arm instead)
-                for i, k in enumerate(live):
-                    if not math.isfinite(sums[i]):
-                        self.stop(k, "non-finite loss: " + T.non_finite_message(
-                            f"training loss is {sums[i] / n_tgt}", step + 1, "(a together run keeps no checkpoint)",
-                            None, cfgs[k].train))
-                        continue
-                    if scalers is not None:
-                        scalers[k].unscale_(optimizers[k])
-                    self.windows[k] += torch.tensor([sums[i], n_tgt, n_tokens], dtype=torch.float64)
-                    stepping.append(k)
-                # each arm's gradient clipped by its own norm, then its own AdamW step (the GradScaler's, which
-                # skips the step when the arm's gradients hold an inf or NaN, as solo); all arms in one pass
-                grad_norms = clip_arms([trainables[k].params for k in stepping],
-                                       [cfgs[k].train.max_grad_norm for k in stepping])
-                if scalers is not None:
-                    for k in stepping:
-                        scalers[k].step(optimizers[k])
-                        scalers[k].update()
-                else:
-                    step_arms([optimizers[k] for k in stepping])
-                for k in stepping:
-                    optimizers[k].zero_grad(set_to_none=True)
-                done = step + 1
-                log_now = done % t.log_every == 0 or done == total_steps  # the last step: before the outputs
-                save_now = checkpoint_dir is not None and bool(t.save_every) and done % t.save_every == 0 \
-                    and done != total_steps
-                if log_now or save_now:
-                    self.stop_non_finite_weights(stepping, done)
-                stepped = [(k, g) for k, g in zip(stepping, grad_norms) if k not in self.failed]
-                live = [k for k in live if k not in self.failed]
-                if log_now:
-                    for k, grad_norm in stepped:
-                        self.last[k] = T.train_row(done, self.windows[k], lrs[k], grad_norm, step_batches[-1][0],
-                                                   t_window, self.t_start, device)
-                        self.metrics[k].write(self.last[k])
-                    self.windows.zero_()
-                    t_window = time.time()
-                if bar is not None:
-                    bar.update(1)
-                if evals and cfgs[0].eval.every and done % cfgs[0].eval.every == 0 and done != total_steps:
-                    rows = evaluate_arms(model, live, tokenizer, evals, cfgs, autocast, fused, t.backend)
-                    for k in live:
-                        self.metrics[k].write({"step": done, **rows[k]})
-                    select_arms(model, live)
-                    t_window = time.time()
-                if save_now:
-                    save_checkpoint(checkpoint_dir, checkpoint_state(
-                        done, total_steps, self.arm_settings, trainables, optimizers, self.generators, self.windows,
-                        self.last, self.failed, device, scalers))
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def finish(self, evals, tokenizer, autocast, fused: bool, total_steps: int, checkpoint_dir) -> list:
-        """The outputs, arm by arm: each finished arm's solo-run files and summary, each failed arm's
-        ``failed.json``; the checkpoint removed. Returns the summaries."""
-        from . import train as T
-
-        cfgs, model, K = self.cfgs, self.model, len(self.cfgs)
-        finished = [k for k in range(K) if k not in self.failed]
-        final_evals = evaluate_arms(model, finished, tokenizer, evals, cfgs, autocast, fused, cfgs[0].train.backend) \
-            if evals and finished else {}
-        summaries = []
-        for k, cfg in enumerate(cfgs):
-            if k in self.failed:
-                self.metrics[k].close()
-                summaries.append(_write_failed(cfg, self.failed[k]))
-                continue
-            summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": "lora",
-                       "rank": cfg.lora.r, "steps": total_steps, "train_loss": self.last[k].get("loss"),
-                       "trainable_params": self.trainables[k].n_changing}
-            final_eval = final_evals.get(k, {})
-            if final_eval:
-                self.metrics[k].write({"step": total_steps, **final_eval})
-            summary.update(final_eval)
+def finish(arms: list, model, tokenizer, evals, autocast, fused: bool, total_steps: int, checkpoint_dir,
+           t_start: float) -> list:
+    """The outputs, arm by arm (``outputs.finish_arm`` on the model computing that arm alone; a failed arm's
+    ``failed.json``); the checkpoint removed. Returns the summaries."""
+    finished = [k for k, a in enumerate(arms) if a.failed is None]
+    final_evals = evaluate_arms(model, finished, tokenizer, evals, [a.cfg for a in arms], autocast, fused,
+                                arms[0].cfg.train.backend) if evals and finished else {}
+    summaries = []
+    for k, arm in enumerate(arms):
+        if arm.failed is not None:
+            log.warning("together: arm %s stopped: %s", arm.cfg.output_dir, arm.failed)
+            summaries.append(write_failed(arm.cfg.output_dir, arm.failed))
+        else:
             select_arms(model, [k])
-            with reporting_write_errors(cfg.output_dir, "the outputs into"):
-                summary.update(T.save_outputs(cfg, model, tokenizer, self.trainables[k]))
-                summary["runtime_s"] = round(time.time() - self.t_start, 3)  # the together run's, for every arm
-                summary["settings_hash"] = C.settings_hash(self.arm_settings[k])
-                atomic_write_text(os.path.join(cfg.output_dir, T.SUMMARY), json.dumps(summary, indent=2) + "\n")
-            self.metrics[k].close()
-            summaries.append(summary)
-        select_arms(model, range(K))
-        if checkpoint_dir is not None:
-            remove_path(checkpoint_dir)  # a link there is unlinked, never followed
-        return summaries
+            summaries.append(finish_arm(arm, model, tokenizer, total_steps, final_evals.get(k, {}),
+                                        time.time() - t_start))  # the together run's runtime, for every arm
+        arm.metrics.close()
+    select_arms(model, range(len(arms)))
+    if checkpoint_dir is not None:
+        remove_path(checkpoint_dir)  # a link there is unlinked, never followed
+    return summaries
 
 
-def checkpoint_state(step, total_steps, arm_settings, trainables, optimizers, generators, windows, last, failed,
-                     device, scalers=None) -> dict:
-    """Everything a resumed together run needs, every arm's part in ``arms`` (see ``rankwise.checkpoint``)."""
-    return {"step": step, "total_steps": total_steps, "settings_hash": C.settings_hash({"arms": arm_settings}),
-            "settings": {"arms": arm_settings}, "rng": rng_state(device),
-            "arms": [{"trainable": {n: p.detach().to("cpu", copy=True) for n, p in tr.named},
-                      "optimizer": opt.state_dict(), "generator": g.get_state(), "log_window": windows[k].clone(),
-                      "last": last[k], "failed": failed.get(k),
-                      "scaler": scalers[k].state_dict() if scalers is not None else None}
-                     for k, (tr, opt, g) in enumerate(zip(trainables, optimizers, generators))]}
-
-
-def check_checkpoint(ckpt: dict, cfgs: list, arm_settings: list, path) -> None:
-    """``resume``: the checkpoint must hold these arms with these settings (``config.NOT_SETTINGS`` aside)."""
-    from .train import describe_changes
-
-    old = (ckpt.get("settings") or {}).get("arms") if isinstance(ckpt.get("settings"), dict) else None
-    if not isinstance(old, list) or not all(isinstance(o, dict) for o in old):
-        raise ConfigError(f"cannot read checkpoint {path}: not a checkpoint of a together run")
-    if len(old) != len(cfgs):
-        raise ConfigError(f"--resume: the checkpoint {path} holds {len(old)} arms, this run has {len(cfgs)}; "
-                          f"choose another checkpoint directory for these arms")
-    for cfg, o, now in zip(cfgs, old, arm_settings):
-        if C.changed_settings(o, now):
-            raise ConfigError(f"--resume: the settings of the arm {cfg.output_dir} changed since the checkpoint "
-                              f"{path}: {describe_changes(o, now)}")
+def train_group(names: list, configs: list, checkpoint_dir: str) -> list:
+    """One group of arms (``names``, for the log) trained together by ``rankwise sweep`` or the demo,
+    checkpointing into (and resuming from) ``checkpoint_dir``, which rankwise owns: a checkpoint there of other
+    arms or settings is removed and the group starts over. Returns the arms' summaries; a group that fails as
+    a whole (out of memory, a CUDA error) records every arm as failed, an arm stopped by a non-finite loss or
+    weights fails alone."""
+    log.info("training %s together", ", ".join(names))
+    if os.path.lexists(checkpoint_dir) and not checkpoint_matches(checkpoint_dir, configs):
+        log.info("%s is a checkpoint of other arms or settings; the group starts over", checkpoint_dir)
+        remove_path(checkpoint_dir)
+    try:
+        return train_together(configs, checkpoint_dir=checkpoint_dir, resume=True)
+    except (RuntimeError, MemoryError) as e:
+        release_memory()
+        return [{"status": "failed", "reason": failure_reason(e)}] * len(names)
 
 
 def checkpoint_matches(path, configs) -> bool:
-    """Whether ``path`` holds a readable checkpoint of these arms with their settings now (see ``check_checkpoint``)."""
+    """Whether ``path`` holds a readable checkpoint of these arms with their settings now."""
     cfgs = [C.parse(c) for c in configs]
     try:
-        check_checkpoint(load_checkpoint(path), cfgs, [C.settings(c) for c in cfgs], path)
+        check_settings(load_run_checkpoint(path), [C.settings(c) for c in cfgs], [c.output_dir for c in cfgs], path)
     except ConfigError:
         return False
     return True
-
-
-def restore(ckpt: dict, trainables, optimizers, generators, windows, last, failed, total_steps, device, path,
-            scalers=None) -> int:
-    """Load every arm's weights, optimizer, dropout generator, log window, status and (fp16) GradScaler;
-    returns the step."""
-    if ckpt.get("total_steps") != total_steps:
-        raise ConfigError(f"--resume: the checkpoint {path} was made for {ckpt.get('total_steps')} steps, the "
-                          f"config now gives {total_steps}")
-    arms = ckpt.get("arms")
-    if not isinstance(arms, list) or len(arms) != len(trainables):
-        raise ConfigError(f"cannot read checkpoint {path}: it does not hold {len(trainables)} arms")
-    for k, arm in enumerate(arms):
-        check_log_window(arm.get("log_window") if isinstance(arm, dict) else None, path, f"arm {k}'s log_window")
-    try:
-        with torch.no_grad():
-            for k, (arm, tr, opt, g) in enumerate(zip(arms, trainables, optimizers, generators)):
-                for n, p in tr.named:
-                    p.copy_(arm["trainable"][n])
-                opt.load_state_dict(arm["optimizer"])
-                g.set_state(arm["generator"])
-                if scalers is not None and arm.get("scaler"):
-                    scalers[k].load_state_dict(arm["scaler"])
-                windows[k] = arm["log_window"]
-                last[k] = dict(arm["last"] or {})
-                if arm.get("failed"):
-                    failed[k] = arm["failed"]
-                    for p in tr.params:
-                        p.requires_grad_(False)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"--resume: the checkpoint {path} does not fit these arms: "
-                          f"{' '.join(str(e).split())[:200]}") from None
-    set_rng_state(ckpt["rng"], device)
-    return check_step(ckpt, path)
 
 
 def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fused: bool, backend: str) -> dict:
@@ -666,8 +400,6 @@ def evaluate_arms(model, arms, tokenizer, evals: dict, cfgs: list, autocast, fus
     the ``eval`` keys (not ``PER_ARM``), so one ``max_new_tokens`` and ``batch_size``
     hold for all. Leaves ``arms`` selected.
     """
-    from .evaluate import is_correct
-
     arms = [int(k) for k in arms]
     res = {k: {} for k in arms}
     e = cfgs[arms[0]].eval if arms else None
@@ -757,7 +489,5 @@ def generate_arms(model, arms, tokenizer, prompts, max_new_tokens: int = 16, bat
 
 def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:
     """``train.evaluate`` of arm k alone (the model computes only that arm meanwhile)."""
-    from .train import evaluate
-
     select_arms(model, [k])
     return evaluate(model, tokenizer, evals, cfg.eval, autocast)

@@ -6,12 +6,14 @@
     from rankwise.train import train
     summary = train("examples/lora.yaml", overrides={"lora.r": 8})
 
-The file reads top to bottom: the LR schedule (a plain function), the output
-directory, the model, the optimizer, evaluation, checkpoints, outputs, and then
-``train``, whose loop calls them. The processes and the precision are set up by
+The file reads top to bottom: the output directory, the model, the optimizer,
+evaluation, and then ``train``, which makes one ``rankwise.fit.Arm`` of the run and
+trains it with ``rankwise.fit.fit``, the loop every run shares (a together run is
+``fit`` with K arms). The processes and the precision are set up by
 ``rankwise.runtime``, the data by ``rankwise.batches`` (``load_data``), what
 trains by ``rankwise.trainable`` (``setup_trainable``: LoRA / full / masked; the
-mask, ``setup_mask``).
+mask, ``setup_mask``); the checkpoint is ``rankwise.checkpoint.run_state`` of the
+one arm, the outputs ``rankwise.outputs.finish_arm``.
 Method-specific choices live in those functions, not in the loop. The config is
 parsed once, at the top of ``train``, into a ``rankwise.config.RunConfig``;
 the functions below receive its sections or plain values. Config keys are
@@ -24,8 +26,8 @@ filled in; a ``config.yaml`` of the user's there is never touched),
 ``config.settings``), ``metrics.jsonl`` (one JSON object per logging step: step,
 loss, lr, tokens_per_s, grad_norm, and on CUDA peak_mem_mb, the peak allocated
 since the previous row; eval rows carry eval_loss / eval_accuracy / eval_ood_*),
-``checkpoint/`` (the latest, for ``--resume``, see ``rankwise.checkpoint``;
-removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or ``model/``
+``checkpoint/`` (the latest, for ``--resume``: ``{step, rng, arms: [one arm]}``, see
+``rankwise.checkpoint``; removed when the run finishes), ``adapter/`` (PEFT format, LoRA) or ``model/``
 (``save_pretrained``, full and masked SFT; masked SFT adds
 ``mask.safetensors``), and ``summary.json`` (final metrics and the settings
 hash; its presence marks the run as finished). With ``lora.init: pissa`` the
@@ -53,25 +55,30 @@ among decoder-layer weights except norms, as the knowledge study's restoration.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
-from typing import Optional
 
 import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from . import config as C
 from . import ownership, shapes
-from .atomic import atomic_write, atomic_write_text, remove_path, replace_dir, reporting_write_errors
-from .batches import Batches, count_steps, load_data
-from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, load_run_checkpoint, refuse_legacy, restore_run_state,
-                         run_state, save_checkpoint)
+from .atomic import atomic_write_text, remove_path, reporting_write_errors
+from .batches import count_steps, load_data
+from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, check_settings, load_run_checkpoint, refuse_legacy,
+                         restore_run_state, run_state, save_checkpoint)
 from .errors import ConfigError
+from .evaluate import batch_loss_sum, eval_loss, generate_answers, is_correct
+from .fit import Arm, fit
+from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
+from .masking import MaskedAdamW
 from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer
+from .outputs import FAILED, SUMMARY, finish_arm, summary_of
+from .patch import patch_decoder_kernels
 from .runlock import LOCK_FILE
 from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
 from .runtime import Dist, check_backend, setup_precision, setup_processes
@@ -80,54 +87,11 @@ from .trainable import Trainable, setup_mask, setup_trainable
 log = logging.getLogger("rankwise")
 
 CHECKPOINT = CHECKPOINT_DIR
-SUMMARY = "summary.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
 SETTINGS = "settings.json"
 # every entry a run writes in output_dir (a link among them may not lead into an input: ownership.check_links)
 RUN_ENTRIES = (ownership.MARKER, LOCK_FILE, RESOLVED_CONFIG, SETTINGS, METRICS, TENSORBOARD, CHECKPOINT, "adapter",
-               "model", "mask.safetensors", SUMMARY, "failed.json")
-
-
-class NonFiniteLossError(ConfigError, RuntimeError):
-    """The training loss became NaN or infinite; the last checkpoint is kept.
-
-    A ``ConfigError`` (the settings diverge: the CLI prints one line) and a
-    ``RuntimeError`` (a failed run: ``rankwise sweep`` records the arm as failed and goes on).
-    """
-
-
-class NonFiniteWeightsError(NonFiniteLossError):
-    """The trainable weights became inf or NaN (the loss may still look finite); the last good checkpoint is kept.
-
-    Checked on every logging step and before every checkpoint and the outputs, so no
-    such weights are ever saved.
-    """
-
-
-# ----------------------------------------------------------------------------- LR schedule
-
-def lr_at(step: int, total_steps: int, base_lr: float, warmup: float = 0.0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.0) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
-
-    Linear warmup from ``base_lr / warmup_steps`` to ``base_lr`` over
-    ``warmup_steps`` (``warmup`` is a fraction of ``total_steps`` when < 1, else a
-    step count), then ``cosine`` / ``linear`` decay to ``min_lr_ratio * base_lr``
-    at the last step, or ``constant``.
-    """
-    warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    span = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    floor = base_lr * min_lr_ratio
-    if schedule == "linear":
-        return floor + (base_lr - floor) * (1.0 - progress)
-    if schedule == "cosine":
-        return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"train.schedule must be cosine, linear or constant, got {schedule!r}")
+               "model", "mask.safetensors", SUMMARY, FAILED)
 
 
 # ----------------------------------------------------------------------------- output directory and resume
@@ -136,20 +100,6 @@ def run_inputs(cfg: C.RunConfig) -> list:
     """``(description, path)`` of everything the run reads: the output directory may overlap none of them."""
     return [("base model", cfg.model), ("tokenizer", cfg.tokenizer), ("data.train", cfg.data.train),
             ("data.eval", cfg.data.eval), ("data.eval_ood", cfg.data.eval_ood), ("mask.from run", cfg.mask.from_)]
-
-
-_MISSING = object()
-
-
-def describe_changes(old: dict, new: dict) -> str:
-    """``lora.r (4 -> 8), train.lr (0.01 -> 0.5)``: the settings that differ, with both values."""
-    def short(v):
-        text = "(none)" if v is _MISSING else json.dumps(v)
-        return text if len(text) <= 40 else text[:37] + "..."
-
-    keys = C.changed_settings(old, new)
-    return ", ".join(f"{k} ({short(old.get(k, _MISSING))} -> {short(new.get(k, _MISSING))})" for k in keys) \
-        or "the settings hash"
 
 
 def read_json(path, what: str):
@@ -173,7 +123,7 @@ def finished_summary(cfg: C.RunConfig, run_settings: dict) -> dict:
             raise ConfigError(f"cannot read the settings of the finished run {settings_path}: no 'settings' mapping")
         if C.settings_hash(old) != C.settings_hash(run_settings):
             raise ConfigError(f"--resume: {out_dir} is a finished run trained with other settings: "
-                              f"{describe_changes(old, run_settings)}; choose another output_dir for these settings")
+                              f"{C.describe_changes(old, run_settings)}; choose another output_dir for these settings")
     else:
         log.warning("%s: no %s (a run of an older rankwise): its settings cannot be checked", out_dir, SETTINGS)
     log.info("%s already finished; nothing to resume", out_dir)
@@ -234,19 +184,8 @@ def read_checkpoint(cfg: C.RunConfig, resume: bool, force: bool, run_settings: d
     if not resume:
         return None
     ckpt = load_run_checkpoint(ckpt_path)
-    check_same_settings(ckpt, run_settings, ckpt_path)
+    check_settings(ckpt, [run_settings], [out_dir], ckpt_path)
     return ckpt
-
-
-def check_same_settings(ckpt: dict, run_settings: dict, ckpt_path: str) -> None:
-    """``--resume`` continues the same run: the checkpoint's settings must be these (``config.NOT_SETTINGS`` aside)."""
-    old = ckpt["settings"]
-    if not isinstance(old, dict):
-        raise ConfigError(f"cannot read checkpoint {ckpt_path}: its settings are not a mapping")
-    if ckpt["settings_hash"] != C.settings_hash(run_settings) or C.changed_settings(old, run_settings):
-        raise ConfigError(f"--resume: settings changed since the checkpoint {ckpt_path}: "
-                          f"{describe_changes(old, run_settings)}; put them back to resume, or choose another "
-                          f"output_dir for a new run")
 
 
 def write_run_files(cfg: C.RunConfig, run_settings: dict) -> None:
@@ -279,15 +218,11 @@ def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: 
     """Fused decoder kernels, the fused loss head, DDP; returns the module the loop calls."""
     backend = cfg.train.backend
     if cfg.train.fused_kernels:
-        from .patch import patch_decoder_kernels
-
         counts = patch_decoder_kernels(model, backend=backend)
         if dist.master:
             log.info("fused kernels: %d RMSNorm, %d SwiGLU MLP modules%s", counts["rms_norm"], counts["swiglu"],
                      f" (left as they are: {', '.join(sorted(set(counts['skipped'])))})" if counts["skipped"] else "")
     if cfg.train.fused_loss:  # output head + loss without the (tokens, vocab) logits
-        from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
-
         problem = fused_loss_problem(model)
         if problem is None:
             fused = FusedLossLM(model, backend=backend)
@@ -298,8 +233,6 @@ def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: 
         if problem is not None and dist.master:
             log.warning("train.fused_loss: using the model's own logits instead: %s", problem)
     if dist.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     return model
 
@@ -310,8 +243,6 @@ def build_optimizer(t: C.TrainCfg, trainable: Trainable, device):
     """AdamW over the trainable weights (decay on matrices only), or MaskedAdamW for masked SFT."""
     betas = tuple(t.betas)
     if trainable.masks is not None:
-        from .masking import MaskedAdamW
-
         if t.optimizer != "adamw":
             raise ConfigError(f"train.optimizer {t.optimizer!r} is not available for method masked (adamw only)")
         return MaskedAdamW(trainable.params, trainable.masks, lr=t.lr, betas=betas, eps=t.eps,
@@ -322,7 +253,7 @@ def build_optimizer(t: C.TrainCfg, trainable: Trainable, device):
     groups = [g for g in groups if g["params"]]
     if t.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional: only this optimizer needs it
         except ImportError:
             raise ConfigError("train.optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=betas, eps=t.eps)
@@ -333,8 +264,6 @@ def build_optimizer(t: C.TrainCfg, trainable: Trainable, device):
 
 def evaluate(model, tokenizer, evals: dict, e: C.EvalCfg, autocast) -> dict:
     """``{prefix_loss, prefix_accuracy}`` for every eval set (``eval``, ``eval_ood``)."""
-    from .evaluate import eval_loss, generate_answers, is_correct
-
     res = {}
     for prefix, (batches, qa) in evals.items():
         if batches is not None:
@@ -347,109 +276,6 @@ def evaluate(model, tokenizer, evals: dict, e: C.EvalCfg, autocast) -> dict:
                                         batch_size=e.batch_size, add_special_tokens=add_special)
             res[f"{prefix}_accuracy"] = sum(is_correct(o[0], g) for o, g in zip(outs, golds)) / len(golds)
     return res
-
-
-# ----------------------------------------------------------------------------- step arithmetic and log rows
-
-def token_norm(n_tgt: int, dist: Dist) -> float:
-    """What each rank divides its summed loss by, so that the step's loss is the mean over every target token
-    of the step on all ranks together (DDP averages gradients over ranks: the mean token count per rank)."""
-    if not dist.ddp:
-        return n_tgt
-    count = torch.tensor([float(n_tgt)], dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(count)
-    return count.item() / dist.world
-
-
-def sum_over_ranks(window: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """The log window summed over ranks (reduced on the device: nccl reduces GPU tensors only)."""
-    if not dist.ddp:
-        return window
-    reduced = window.to(dist.device)
-    torch.distributed.all_reduce(reduced)
-    return reduced.cpu()
-
-
-def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> dict:
-    """One ``metrics.jsonl`` row from the window of (loss sum, target tokens, tokens) since the last row."""
-    dt = max(time.time() - t_window, 1e-9)
-    row = {"step": step, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
-           "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": epoch,
-           "elapsed_s": round(time.time() - t_start, 3)}
-    if device.type == "cuda":  # this rank's peak since the last row: model, optimizer, activations
-        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        torch.cuda.reset_peak_memory_stats(device)
-    return row
-
-
-def non_finite_message(problem: str, step: int, ckpt_path: str, last_saved: Optional[int], t: C.TrainCfg) -> str:
-    """The one line of a diverged run (``problem``: ``training loss is nan``, ...): the step, and the last good
-    checkpoint (kept) if there is one."""
-    kept = (f"the last good checkpoint, {ckpt_path} (step {last_saved}), is kept" if last_saved
-            else f"no checkpoint was saved before it (train.save_every {t.save_every})")
-    return (f"{problem} at step {step}; the run stopped, and {kept}; a lower train.lr (now {t.lr}) "
-            f"or train.max_grad_norm (now {t.max_grad_norm}) makes a new run (another output_dir)")
-
-
-def weights_problem(t: C.TrainCfg) -> str:
-    """What ``non_finite_message`` says of weights found non-finite on a logging or saving step."""
-    return (f"the trainable weights hold inf or NaN (checked every train.log_every {t.log_every} steps and before "
-            f"each save; the loss may still look finite)")
-
-
-def weights_finite(params) -> torch.Tensor:
-    """A device-side bool: whether every tensor of ``params`` is finite (one max-|w| reduction per tensor, as
-    ``clip_grad_norm_`` takes an inf-norm: no overflow, no copy of the weights); the caller reads it, on logging
-    and saving steps only."""
-    groups = {}
-    for p in params:  # _foreach_norm takes one device and dtype at a time
-        groups.setdefault((p.device, p.dtype), []).append(p.detach())
-    if not groups:
-        return torch.tensor(True)
-    with torch.no_grad():
-        flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf")))).all() for ts in groups.values()]
-        return torch.stack([f.to(flags[0].device) for f in flags]).all()
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def save_pretrained_dir(model, tokenizer, path) -> None:
-    """``save_pretrained`` of model and tokenizer into ``path``, replaced whole (see ``atomic.replace_dir``)."""
-    def write(tmp):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    replace_dir(path, write)
-
-
-def save_outputs(cfg: C.RunConfig, model, tokenizer, trainable: Trainable) -> dict:
-    """Write ``adapter/`` (LoRA) or ``model/`` (+ ``mask.safetensors``); returns summary entries (``delta_norm``)."""
-    out_dir = cfg.output_dir
-    if cfg.method != "lora":
-        save_pretrained_dir(model, tokenizer, os.path.join(out_dir, "model"))
-        if trainable.masks is not None:
-            from safetensors.torch import save_file
-
-            tensors = {n: m.to(torch.uint8).cpu().contiguous() for (n, _), m in zip(trainable.named, trainable.masks)}
-            atomic_write(os.path.join(out_dir, "mask.safetensors"), lambda p: save_file(tensors, p))
-        return {}
-    from .adapter import adapter_state_dict, lora_delta_norms, pissa_to_lora, save_adapter
-    from .lora import lora_scaling
-
-    lc = cfg.lora
-    targets = getattr(model, "rankwise_lora", {}).get("target_modules", lc.targets)
-    tensors, r_out, alpha_out = adapter_state_dict(model), lc.r, lc.alpha
-    if trainable.pissa_init is None:
-        norms = lora_delta_norms(model).values()
-    else:  # saved relative to the original base weights: a rank-2r update s [B, -B0] [A; A0]
-        tensors, r_out, alpha_out = pissa_to_lora(tensors, trainable.pissa_init, r_out, alpha_out, lc.rslora)
-        scale = lora_scaling(r_out, alpha_out, lc.rslora)
-        norms = [float((scale * tensors[k.replace("lora_A", "lora_B")].float() @ tensors[k].float()).norm())
-                 for k in tensors if k.endswith("lora_A.weight")]
-    replace_dir(os.path.join(out_dir, "adapter"),  # replaced whole: a link there is replaced, never written through
-                lambda tmp: save_adapter(model, tmp, base_model=cfg.model, r=r_out, alpha=alpha_out,
-                                         dropout=lc.dropout, targets=targets, use_rslora=lc.rslora, tensors=tensors))
-    return {"delta_norm": math.sqrt(sum(n * n for n in norms))}  # ||update||_F over all adapted weights
 
 
 # ----------------------------------------------------------------------------- the run
@@ -490,7 +316,7 @@ def train(config, overrides=None, resume: bool = False, force: bool = False) -> 
     elif resume and os.path.isdir(os.path.join(cfg.output_dir, CHECKPOINT)):
         ckpt = load_run_checkpoint(os.path.join(cfg.output_dir, CHECKPOINT))
     try:
-        return run(cfg, run_settings, dist, ckpt, claim, resume, force, t_start)
+        return train_claimed(cfg, run_settings, dist, ckpt, claim, resume, force, t_start)
     except BaseException:
         if claim is not None:
             claim.undo()  # nothing once the run started writing (committed)
@@ -511,11 +337,9 @@ def start_writing(cfg: C.RunConfig, run_settings: dict, claim, restart: bool) ->
         write_run_files(cfg, run_settings)
 
 
-def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: bool, force: bool,
-        t_start: float) -> dict:
-    """``train`` once its output directory is claimed: data, model, what trains, the loop, the outputs."""
-    from .evaluate import batch_loss_sum
-
+def train_claimed(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: bool, force: bool,
+                  t_start: float) -> dict:
+    """``train`` once its output directory is claimed: data, model, what trains, ``fit`` with one arm, outputs."""
     t, out_dir, device, master = cfg.train, cfg.output_dir, dist.device, dist.master
     random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -524,7 +348,6 @@ def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: b
     batches, evals = load_data(cfg, tokenizer, master)
     total_steps = count_steps(t, batches, dist.world)
 
-    # ---- model, what trains, optimizer ------------------------------------------------------
     raw_model = load_base_model(cfg, device)
     trainable = setup_trainable(raw_model, cfg)
     if master:
@@ -537,12 +360,12 @@ def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: b
             return batch_loss_sum(model, batch)
 
     setup_mask(cfg, trainable, ckpt, loss_sum_of, batches, dist)
-    optimizer = build_optimizer(t, trainable, device)
-    start_step, window = 0, torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, tokens since the last row
+    arm = Arm(cfg, run_settings, trainable, build_optimizer(t, trainable, device), scaler)
+    ckpt_path, start_step = os.path.join(out_dir, CHECKPOINT), 0
     if ckpt is not None:
-        start_step, window = restore_run_state(ckpt, cfg, trainable, optimizer, scaler, device, total_steps, master)
+        start_step = restore_run_state(ckpt, [arm], device, total_steps, ckpt_path, master)
         if master:
-            log.info("resumed from %s at step %d", os.path.join(out_dir, CHECKPOINT), start_step)
+            log.info("resumed from %s at step %d", ckpt_path, start_step)
     elif resume and master:
         log.info("--resume: no checkpoint in %s, starting from step 0", out_dir)
     del ckpt
@@ -552,115 +375,30 @@ def run(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim, resume: b
         if cfg.log.tensorboard:
             require_tensorboard()
         start_writing(cfg, run_settings, claim, force and not resume)
-    metrics = MetricsLog(out_dir, rows, cfg.log.tensorboard, master)
-    last = train_loop(cfg, run_settings, model, raw_model, tokenizer, evals, trainable, optimizer, scaler, batches,
-                      dist, metrics, loss_sum_of, autocast, start_step, total_steps, window, t_start)
+    arm.metrics = MetricsLog(out_dir, rows, cfg.log.tensorboard, master)
 
-    # ---- outputs ----------------------------------------------------------------------------
-    summary = {"status": "finished", "output_dir": os.path.abspath(out_dir), "method": cfg.method,
-               "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": total_steps,
-               "train_loss": last.get("loss"), "trainable_params": trainable.n_changing}
+    def save(step):
+        if master:
+            save_checkpoint(ckpt_path, run_state(step, total_steps, [arm], device))
+
+    def evaluate_arm(live):
+        return {0: evaluate(raw_model, tokenizer, evals, cfg.eval, autocast)}
+
+    fit(model, [arm], batches, losses=lambda b, live: loss_sum_of(b).reshape(1), total_steps=total_steps,
+        start_step=start_step, dist=dist, evaluate=evaluate_arm if evals else None, save=save,
+        on_non_finite="raise", checkpoint=ckpt_path, last_saved=start_step or None, t_start=t_start,
+        progress=f"train {cfg.method}" if cfg.log.progress else None)
+    summary = summary_of(arm, total_steps)
     if master:
         final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals else {}
-        if final_eval:
-            metrics.write({"step": total_steps, **final_eval})
-        summary.update(final_eval)
-        with reporting_write_errors(out_dir, "the outputs into"):
-            summary.update(save_outputs(cfg, raw_model, tokenizer, trainable))
-            summary["runtime_s"] = round(time.time() - t_start, 3)
-            summary["settings_hash"] = C.settings_hash(run_settings)
-            atomic_write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2, sort_keys=False) + "\n")
-        remove_path(os.path.join(out_dir, CHECKPOINT))  # a link there is unlinked, never followed
-    metrics.close()
+        summary = finish_arm(arm, raw_model, tokenizer, total_steps, final_eval, time.time() - t_start)
+        remove_path(ckpt_path)  # a link there is unlinked, never followed
+    arm.metrics.close()
     if dist.ddp:
         torch.distributed.barrier()
         if dist.own_group:
             torch.distributed.destroy_process_group()
     return summary
-
-
-def train_loop(cfg: C.RunConfig, run_settings: dict, model, raw_model, tokenizer, evals, trainable: Trainable,
-               optimizer, scaler, batches: Batches, dist: Dist, metrics: MetricsLog, loss_sum_of, autocast,
-               start_step: int, total_steps: int, window, t_start: float) -> dict:
-    """Optimizer steps ``start_step`` to ``total_steps`` (logging, evaluation, checkpoints); returns the last row.
-
-    A non-finite loss stops the run at once (one host read per step, the loss sum);
-    the weights are checked on every logging step and before every checkpoint (one
-    device-side reduction read there), so non-finite weights are never saved.
-    """
-    t, device, master = cfg.train, dist.device, dist.master
-    ga, micro_per_step = t.grad_accum, t.grad_accum * dist.world
-    ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT)
-    last_saved = start_step or None  # the step of the last good checkpoint on disk, if any
-    bar = None
-    if master and cfg.log.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.method}", dynamic_ncols=True)
-    params = trainable.params
-    model.train()
-    t_window, last = time.time(), {}
-    try:
-        for step in range(start_step, total_steps):
-            lr = lr_at(step, total_steps, t.lr, t.warmup, t.schedule, t.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_batches = batches.step(step, ga, dist)  # this rank's share of the step
-            n_tgt = sum(b["n_targets"] for _, b in step_batches)
-            norm = token_norm(n_tgt, dist)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for k, (_, b) in enumerate(step_batches):
-                with contextlib.nullcontext() if (not dist.ddp or k == ga - 1) else model.no_sync():
-                    ls = loss_sum_of(b)
-                    loss = ls / norm
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += ls.detach().double()
-            loss_sum = float(loss_sum)  # one device sync per step
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLossError(non_finite_message(f"training loss is {loss_sum / n_tgt}", step + 1,
-                                                            ckpt_path, last_saved, t))
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            trainable.keep_masked_grads()
-            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window += torch.tensor([loss_sum, n_tgt, sum(b["n_tokens"] for _, b in step_batches)], dtype=torch.float64)
-            done = step + 1
-            log_now = done % t.log_every == 0 or done == total_steps  # the last step: before the outputs
-            save_now = bool(t.save_every) and done % t.save_every == 0 and done != total_steps
-            if (log_now or save_now) and not bool(weights_finite(params)):  # read on these steps only
-                raise NonFiniteWeightsError(non_finite_message(weights_problem(t), done, ckpt_path, last_saved, t))
-
-            if log_now:
-                window = sum_over_ranks(window, dist)
-                last = train_row(done, window, lr, grad_norm, step_batches[-1][0], t_window, t_start, device)
-                metrics.write(last)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                window.zero_()
-                t_window = time.time()
-            if bar is not None:
-                bar.update(1)
-            if evals and cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
-                if master:
-                    metrics.write({"step": done, **evaluate(raw_model, tokenizer, evals, cfg.eval, autocast)})
-                if dist.ddp:
-                    torch.distributed.barrier()
-                t_window = time.time()
-            if save_now and master:
-                save_checkpoint(ckpt_path, run_state(done, total_steps, cfg, run_settings, trainable, optimizer, scaler,
-                                                     device, micro_per_step, window))
-                last_saved = done
-    finally:
-        if bar is not None:
-            bar.close()
-    return last
 
 
 # ----------------------------------------------------------------------------- CLI verb
@@ -680,8 +418,6 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     """Entry point of ``rankwise train``."""
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(C.resolve(args.config, args.overrides), sort_keys=False), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -134,7 +134,7 @@ def setup_mask(cfg: C.RunConfig, trainable: Trainable, ckpt, loss_fn, batches: B
     if cfg.method != "masked":
         return
     if ckpt is not None:
-        saved = ckpt.get("mask") or {}
+        saved = ckpt["arms"][0].get("mask") or {}  # a solo run is one arm
         for n, p in trainable.named:
             if n not in saved or saved[n].shape != p.shape or saved[n].dtype != torch.bool:
                 raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} has no mask of {p.shape} for {n}")

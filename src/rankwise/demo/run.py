@@ -33,6 +33,11 @@ from pathlib import Path
 
 import torch
 
+from .. import together
+from ..errors import ConfigError
+from ..outputs import SUMMARY
+from ..train import CHECKPOINT
+
 # The demo's settings (cpu scale). Every number in the report comes from these and the world preset.
 DEMO = {
     "seeds": [0, 1, 2],
@@ -77,7 +82,6 @@ SCALE_SETTINGS = {
 
 def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused)."""
-    from ..errors import ConfigError
 
     if scale not in SCALE_SETTINGS:
         raise ConfigError(f"scale must be one of {', '.join(SCALE_SETTINGS)}, got {scale!r}")
@@ -119,7 +123,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Run the demo; returns 0."""
-    from ..errors import ConfigError
 
     if args.threads is not None:
         if args.threads < 1:
@@ -278,22 +281,16 @@ def train_group(group: list, base_dir, data_dir, settings: dict, ckpt_root: Path
     trains here. The run checkpoints into
     ``ckpt_root/<arms>`` and resumes from it when that checkpoint holds these arms with these settings.
     """
-    from .. import together as TG
-    from .. import train as T
-    from ..errors import ConfigError
-
-    todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (T.SUMMARY, T.CHECKPOINT))]
+    todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (SUMMARY, CHECKPOINT))]
     if len(todo) < 2:
         return {}, []
     cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
-    ckpt = Path(ckpt_root) / "+".join(a["name"] for a in todo)
-    if ckpt.exists() and not TG.checkpoint_matches(ckpt, cfgs):
-        shutil.rmtree(ckpt)  # a checkpoint of other settings (work/ is rankwise's): start the group over
-    summaries = TG.train_together(cfgs, checkpoint_dir=str(ckpt), resume=True)
+    names = [a["name"] for a in todo]
+    summaries = together.train_group(names, cfgs, str(Path(ckpt_root) / "+".join(names)))
     for a, summ in zip(todo, summaries):
         if summ.get("status") == "failed":
             raise ConfigError(f"demo arm {a['name']} (seed {a['seed']}) failed: {summ.get('reason')}")
-    return {a["name"]: summ for a, summ in zip(todo, summaries)}, [a["name"] for a in todo]
+    return dict(zip(names, summaries)), names
 
 
 def draw_sets(facts: list, s: dict, seed: int) -> tuple:
@@ -303,7 +300,6 @@ def draw_sets(facts: list, s: dict, seed: int) -> tuple:
     a known or unknown set whose bucket pool is smaller than ``small_size`` is skipped, with
     the reason, and the arms and findings that need it report why they are missing.
     """
-    from ..errors import ConfigError
     from ..world import mastery as M
 
     n = s["small_size"]
@@ -478,7 +474,6 @@ def _claim_output(out: Path, work: Path, s: dict, scale: str, pre: dict, cache_d
                   force: bool) -> None:
     """Check and claim ``out`` and ``work``; delete ``work`` first when ``fresh`` or its stages are stale
     (made with other settings), then stamp it with these settings."""
-    from ..errors import ConfigError
     from ..ownership import MARKER, check_output, claim, owner
     from ..world.pretrain import settings_key
 
