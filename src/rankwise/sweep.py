@@ -69,18 +69,20 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import itertools
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+from tqdm.auto import tqdm
 
 from . import arm_memory
 from . import config as C
 from . import spread, train
+from .arm_memory import plan_groups
 from .atomic import atomic_write, atomic_write_text, remove_path
 from .checkpoint import LEGACY_CHECKPOINT, refuse_legacy
 from .errors import ConfigError
@@ -88,7 +90,6 @@ from .model import resolve_device
 from .outputs import FAILED, failure_reason, release_memory, write_failed
 from .ownership import MARKER, check_disjoint, check_links, check_output, claim
 from .runlock import LOCK_FILE
-from .arm_memory import plan_groups
 from .together import check_ranks, train_group
 
 log = logging.getLogger("rankwise")
@@ -206,7 +207,6 @@ def recorded_settings(arm_dir: str):
     for runs of older rankwise versions the settings of ``resolved_config.yaml`` /
     ``config.yaml`` (their data files are hashed as they are now).
     """
-
     path = os.path.join(arm_dir, train.SETTINGS)
     if os.path.isfile(path):
         try:
@@ -234,10 +234,26 @@ def _inputs(base: dict) -> list:
             ("eval data", data.get("eval")), ("eval_ood data", data.get("eval_ood"))]
 
 
+@dataclass(frozen=True)
+class SweepArm:
+    """One arm of a sweep: its name (also its directory, ``OUT/arms/<name>``), method, LoRA rank or mask
+    fraction, its ``rankwise train`` config (a dict) and that config's ``config.settings``."""
+    name: str
+    method: str
+    rank: Optional[int]
+    fraction: Optional[float]
+    config: dict
+    settings: dict
+
+    @property
+    def output_dir(self) -> str:
+        return self.config["output_dir"]
+
+
 @dataclass
 class Prepared:
-    """A sweep checked and ready to claim its directory: its arms (name, method, rank, fraction, config,
-    settings), the existing arms to train again (``changed``: name -> keys), and what ``sweep.yaml`` records."""
+    """A sweep checked and ready to claim its directory: its arms (``SweepArm``), the existing arms to train
+    again (``changed``: name -> keys), and what ``sweep.yaml`` records."""
     base: dict
     ranks: list
     full_sft: bool
@@ -355,14 +371,14 @@ def prepare_sweep(config, ranks, full_sft, masked, out_dir, overrides, alpha_rat
         name = arm_name(method, rank, fraction, **{c: combo[c] for c in varying} if combo else {})
         cfg = arm_config(base, method, rank, fraction, os.path.join(out_dir, "arms", name), alpha_ratio,
                          combo if lrs is not None or alphas is not None or dropouts is not None else None)
-        arms.append((name, method, rank, fraction, cfg, C.settings(cfg)))
+        arms.append(SweepArm(name, method, rank, fraction, cfg, C.settings(cfg)))
     check_links(out_dir, SWEEP_ENTRIES, _inputs(base), flag=flag)
-    for name, _, _, _, cfg, _ in arms:  # no arm directory is a link, a file, or leads into an input
-        check_output(cfg["output_dir"], force=True, inputs=_inputs(base), flag=f"the directory of arm {name}")
+    for arm in arms:  # no arm directory is a link, a file, or leads into an input
+        check_output(arm.output_dir, force=True, inputs=_inputs(base), flag=f"the directory of arm {arm.name}")
     check_disjoint(os.path.join(out_dir, TOGETHER_DIR), _inputs(base), flag=f"the {TOGETHER_DIR}/ directory of {flag}")
     budget = memory_plan(arms, ranks) if together and group_size is None else None
     if together and group_size is not None:
-        check_ranks(C.parse(arms[0][4]), ranks)
+        check_ranks(C.parse(arms[0].config), ranks)
     return Prepared(base, ranks, full_sft, fractions, alpha_ratio, hyper, varying, together, group_size, out_dir,
                     flag, arms, changed_arms(arms, out_dir, rerun_changed), budget)
 
@@ -370,11 +386,11 @@ def prepare_sweep(config, ranks, full_sft, masked, out_dir, overrides, alpha_rat
 def memory_plan(arms, ranks):
     """``--together`` without ``--group-size``: a rank the layers cannot hold, or an arm too big for memory, is
     refused before anything is written; the device's memory budget (None when unknown), its plan logged."""
-    first = C.parse(arms[0][4])
+    first = C.parse(arms[0].config)
     check_ranks(first, ranks)
     budget = arm_memory.memory_budget(resolve_device(first.train.device))  # through the module: tests replace it
     if budget is not None:
-        plan = plan_groups(first, [rank for _, method, rank, _, _, _ in arms if method == "lora"], budget)
+        plan = plan_groups(first, [arm.rank for arm in arms if arm.method == "lora"], budget)
         log.info("sweep: memory plan for %.2f GiB: %s", budget / 2**30,
                  " then ".join("ranks " + ",".join(map(str, g)) for g in plan))
     return budget
@@ -383,10 +399,9 @@ def memory_plan(arms, ranks):
 def changed_arms(arms, out_dir, rerun_changed: bool) -> dict:
     """An existing arm is reused only if it was trained with the settings it would get now: ``{name: keys}``
     of those that were not (refused, naming them, without ``rerun_changed``)."""
-
     changed = {}
-    for name, _, _, _, cfg, now in arms:
-        arm_dir = cfg["output_dir"]
+    for arm in arms:
+        name, arm_dir, now = arm.name, arm.output_dir, arm.settings
         try:
             old = recorded_settings(arm_dir) if os.path.isdir(arm_dir) else None
         except ConfigError:
@@ -412,10 +427,10 @@ def write_sweep_yaml(p: Prepared) -> None:
     C.dump_yaml({"config": p.base, "ranks": sorted(p.ranks), "full_sft": p.full_sft, "masked": p.fractions,
                  "alpha_ratio": p.alpha_ratio, **{arg: p.hyper[col] for col, _, _, arg in HYPER if col in p.varying},
                  "together": bool(p.together), "group_size": p.group_size,
-                 "arms": {name: {"method": method, "rank": rank, "fraction": fraction,
-                                 "settings_hash": C.settings_hash(now),
-                                 "settings": {k: v for k, v in now.items() if k in ARM_KEYS}}
-                          for name, method, rank, fraction, _, now in p.arms}},
+                 "arms": {arm.name: {"method": arm.method, "rank": arm.rank, "fraction": arm.fraction,
+                                     "settings_hash": C.settings_hash(arm.settings),
+                                     "settings": {k: v for k, v in arm.settings.items() if k in ARM_KEYS}}
+                          for arm in p.arms}},
                 os.path.join(p.out_dir, "sweep.yaml"))
 
 
@@ -441,16 +456,13 @@ def run_arms(arms, changed: dict, together: bool, group_size, out_dir, budget, b
 def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> list:
     """Each arm's row from its summary (``trained``: the summaries of arms just trained; a finished arm's
     ``summary.json``; else the arm trains now), its ``failed.json`` written or removed; the tables and plots."""
-    from tqdm.auto import tqdm
-
-
     results = []
     bar = tqdm(arms, desc="sweep", disable=not base["log"]["progress"])
-    for name, method, rank, fraction, cfg, _ in bar:
+    for arm in bar:
+        name, method, cfg, arm_dir = arm.name, arm.method, arm.config, arm.output_dir
         bar.set_postfix(arm=name)
-        arm_dir = cfg["output_dir"]
         prepare_arm(name, arm_dir)
-        row = {"arm": name, "method": method, "rank": rank, "fraction": fraction, "output_dir": arm_dir}
+        row = {"arm": name, "method": method, "rank": arm.rank, "fraction": arm.fraction, "output_dir": arm_dir}
         if method == "lora":
             row.update({"lr": cfg["train"]["lr"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]})
         summary_path = os.path.join(arm_dir, train.SUMMARY)
@@ -479,7 +491,6 @@ def result_rows(arms, trained: dict, prepare_arm, out_dir, base, varying) -> lis
 def train_arm(cfg: dict) -> dict:
     """One arm trained on its own (resuming from its checkpoint when it has one); a failure (out of memory,
     a NaN loss, a CUDA error) is its summary ``{"status": "failed", "reason"}``."""
-
     try:
         return train.train(cfg, resume=True)
     except (RuntimeError, MemoryError) as e:
@@ -488,23 +499,22 @@ def train_arm(cfg: dict) -> dict:
 
 
 def group_plan(arms, group_size, prepare_arm, budget=None) -> list:
-    """``--together``: the LoRA arms that need training (each claimed first), in groups of ``(name, config)``:
-    of ``group_size``; without it, as ``rankwise.arm_memory.plan_groups`` makes them for ``budget`` bytes (the
+    """``--together``: the LoRA arms (``SweepArm``) that need training (each claimed first), in groups of
+    ``group_size``; without it, as ``rankwise.arm_memory.plan_groups`` makes them for ``budget`` bytes (the
     device's memory), or one group when ``budget`` is None. An arm with ``summary.json`` or a solo checkpoint
     is in none (reused, or resumed on its own)."""
-
     todo = []
-    for name, method, _, _, cfg, _ in arms:
-        if method != "lora":
+    for arm in arms:
+        if arm.method != "lora":
             continue
-        prepare_arm(name, cfg["output_dir"])
-        held = [os.path.exists(os.path.join(cfg["output_dir"], n)) for n in (train.SUMMARY, train.CHECKPOINT)]
+        prepare_arm(arm.name, arm.output_dir)
+        held = [os.path.exists(os.path.join(arm.output_dir, n)) for n in (train.SUMMARY, train.CHECKPOINT)]
         if not any(held):
-            todo.append((name, cfg))
+            todo.append(arm)
     if group_size:
         sizes = [group_size] * -(-len(todo) // group_size)
     elif budget is not None and todo:
-        sizes = [len(g) for g in plan_groups(C.parse(todo[0][1]), [cfg["lora"]["r"] for _, cfg in todo], budget)]
+        sizes = [len(g) for g in plan_groups(C.parse(todo[0].config), [arm.rank for arm in todo], budget)]
     else:
         sizes = [len(todo)] if todo else []
     starts = list(itertools.accumulate([0] + sizes))
@@ -523,8 +533,9 @@ def train_groups(arms, group_size, prepare_arm, out_dir, budget=None) -> dict:
     """
     out = {}
     for group in group_plan(arms, group_size, prepare_arm, budget):
-        names = [name for name, _ in group]
-        summaries = train_group(names, [cfg for _, cfg in group], os.path.join(out_dir, TOGETHER_DIR, "+".join(names)))
+        names = [arm.name for arm in group]
+        summaries = train_group(names, [arm.config for arm in group],
+                                os.path.join(out_dir, TOGETHER_DIR, "+".join(names)))
         out.update(zip(names, summaries))
     return out
 
@@ -537,21 +548,20 @@ SFT_COST = 2.0  # an SFT arm's estimated work against a LoRA arm's: weight gradi
 def plan_jobs(p: Prepared) -> list:
     """Rank 0's plan of a spread sweep: every arm claimed (and a changed one removed), then the jobs: the
     ``--together`` groups (``group_plan``), then each other arm without ``summary.json`` on its own."""
-
     prepare_arm = arm_preparer(p.changed)
     groups = group_plan(p.arms, p.group_size, prepare_arm, p.budget) if p.together else []
     jobs = []
     for group in groups:
-        names = [name for name, _ in group]
-        jobs.append(Job(names, [cfg for _, cfg in group], True,
+        names = [arm.name for arm in group]
+        jobs.append(Job(names, [arm.config for arm in group], True,
                         os.path.join(p.out_dir, TOGETHER_DIR, "+".join(names)), float(len(names))))
     grouped = {name for job in jobs for name in job.arms}
-    for name, method, _, _, cfg, _ in p.arms:
-        if name in grouped:
+    for arm in p.arms:
+        if arm.name in grouped:
             continue
-        prepare_arm(name, cfg["output_dir"])
-        if not os.path.exists(os.path.join(cfg["output_dir"], train.SUMMARY)):
-            jobs.append(Job([name], [cfg], False, None, 1.0 if method == "lora" else SFT_COST))
+        prepare_arm(arm.name, arm.output_dir)
+        if not os.path.exists(os.path.join(arm.output_dir, train.SUMMARY)):
+            jobs.append(Job([arm.name], [arm.config], False, None, 1.0 if arm.method == "lora" else SFT_COST))
     return jobs
 
 
@@ -652,7 +662,7 @@ def plot(results, out_dir, varying=()) -> list[str]:
 
     With ``varying`` hyperparameters (``lr``, ``alpha``, ``dropout``) each combination of them is its own
     line against rank, labelled with its values."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy to import: only when plotting
 
     written = []
     ok = [r for r in results if r.get("status") == "finished"]
