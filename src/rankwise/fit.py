@@ -12,18 +12,24 @@ and ``save(step)``.
 
 One optimizer step of every live arm (``step_arms``, ``clip_arms``, this module
 alone): the micro-batches' backward passes (under DDP every one but the last under
-``no_sync``), each arm's loss read once per step (one host read), each arm's fp16
-scale unscaled, the masked-SFT mask applied to the gradients, each arm's gradient
-clipped by its own norm, each arm's AdamW step, ``zero_grad``. The summed losses
-are divided by the step's target tokens (over every rank: ``token_norm``), so each
-arm's step minimises the mean loss over the step's completion tokens; the K arms'
-means are summed only to run one backward, and no term crosses arms.
+``no_sync``), each arm's fp16 scale unscaled, the masked-SFT mask applied to the
+gradients, each arm's gradient clipped by its own norm, each arm's AdamW step,
+``zero_grad``. The summed losses are divided by the step's target tokens (over every
+rank: ``token_norm``), so each arm's step minimises the mean loss over the step's
+completion tokens; the K arms' means are summed only to run one backward, and no
+term crosses arms.
 
-What a non-finite loss (read every step) or non-finite weights (read on logging and
-saving steps only: ``weights_finite``) do is ``on_non_finite``: ``"raise"`` stops the
-run with one line naming the step and the last good checkpoint
-(``NonFiniteLossError``), ``"drop"`` stops that arm alone (no step, no more rows in
-the stacked batch, its status ``failed`` with the same line) while the others go on.
+Nothing is read back from the device between logging, evaluation and saving steps:
+the loss sums, the log windows, the step of each arm's first non-finite loss and the
+gradient norms stay on the device (``Fit.record``), and ``Fit.check`` reads them,
+with whether each arm's weights are finite (``weights_finite``), in one read on
+those steps, before anything is logged, evaluated or saved. What a non-finite loss
+or non-finite weights then do is ``on_non_finite``: ``"raise"`` stops the run with
+one line naming the step where the loss first went non-finite (or the step of the
+check, for the weights) and the last good checkpoint (``NonFiniteLossError``; nothing
+non-finite is ever saved), ``"drop"`` stops that arm alone (no more steps, no more
+rows in the stacked batch, its status ``failed`` with the same line) while the
+others go on; no term crosses arms, so an arm's NaN never reaches another arm.
 """
 from __future__ import annotations
 
@@ -256,15 +262,6 @@ def token_norm(n_tgt: int, dist: Dist) -> float:
     return count.item() / dist.world
 
 
-def sum_over_ranks(window: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """The log window summed over ranks (reduced on the device: nccl reduces GPU tensors only)."""
-    if not dist.ddp:
-        return window
-    reduced = window.to(dist.device)
-    torch.distributed.all_reduce(reduced)
-    return reduced.cpu()
-
-
 def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> dict:
     """One ``metrics.jsonl`` row from the window of (loss sum, target tokens, tokens) since the last row."""
     dt = max(time.time() - t_window, 1e-9)
@@ -310,7 +307,10 @@ def weights_finite(params) -> torch.Tensor:
 
 @dataclass
 class Fit:
-    """What one ``fit`` call runs with (see ``fit``); ``last_saved``: the step of the last good checkpoint."""
+    """What one ``fit`` call runs with (see ``fit``) and its device-side state: every arm's log window
+    (``windows``, each ``Arm.window`` a view of its row), and the step and value of its first non-finite loss
+    since the last check (``bad_step``: inf when none; ``bad_loss``). ``last_saved``: the step of the last good
+    checkpoint."""
     model: torch.nn.Module
     arms: list
     batches: Batches
@@ -324,6 +324,15 @@ class Fit:
     last_saved: Optional[int]
     t_start: float
 
+    def __post_init__(self):
+        dev, k = self.dist.device, len(self.arms)
+        self.windows = torch.stack([a.window.to(torch.float64) for a in self.arms]).to(dev)
+        for i, arm in enumerate(self.arms):
+            arm.window = self.windows[i]  # a view: the checkpoint and the rows read the arm's own
+        self.bad_step = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
+        self.bad_loss = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.live_index = None  # (live arms, their indices as a device tensor), rebuilt when an arm drops out
+
     def fail(self, arm: Arm, kind: str, problem: str, step: int) -> None:
         """A non-finite loss or weights of ``arm`` at ``step``: the run stops (``raise``) or the arm does."""
         t = arm.cfg.train
@@ -333,8 +342,14 @@ class Fit:
         arm.stop(f"non-finite {kind}: {problem} at step {step}; the run stopped (the other arms went on); a lower "
                  f"train.lr (now {t.lr}) or train.max_grad_norm (now {t.max_grad_norm}) makes a new run")
 
+    def index(self, live: list) -> torch.Tensor:
+        if self.live_index is None or self.live_index[0] != live:
+            self.live_index = (list(live), torch.tensor(live, device=self.dist.device))
+        return self.live_index[1]
+
     def backward(self, live: list, step_batches: list) -> tuple:
-        """Every micro-batch's forward and backward for the live arms; returns (loss sums, target tokens)."""
+        """Every micro-batch's forward and backward for the live arms; returns the (device) loss sums and the
+        step's target tokens (counted on the host by the data plan)."""
         arms, dist, model = self.arms, self.dist, self.model
         n_tgt = sum(b["n_targets"] for _, b in step_batches)
         norm = token_norm(n_tgt, dist)
@@ -348,20 +363,40 @@ class Fit:
                     terms = torch.stack([arms[k].scaler.scale(terms[i]) for i, k in enumerate(live)])
                 terms.sum().backward()
             sums += ls.detach().double()
-        return sums.tolist(), n_tgt  # one device sync per step
+        return sums, n_tgt
 
-    def check_weights(self, arms: list, done: int) -> None:
-        """Arms whose weights hold inf or NaN fail: one device-side reduction per arm, read once."""
-        if not arms:
-            return
-        finite = torch.stack([weights_finite(a.params).to(self.dist.device) for a in arms]).cpu().tolist()
-        for arm, ok in zip(arms, finite):
-            if not ok:
-                self.fail(arm, "weights", weights_problem(arm.cfg.train), done)
+    def record(self, live: list, step: int, sums: torch.Tensor, n_tgt: int, n_tokens: int) -> None:
+        """Add the step to the live arms' windows and note a first non-finite loss, all on the device."""
+        idx = self.index(live)
+        counts = torch.tensor([n_tgt, n_tokens], dtype=torch.float64).to(sums.device, non_blocking=True)
+        self.windows.index_add_(0, idx, torch.cat([sums[:, None], counts.expand(len(live), 2)], dim=1))
+        now = self.bad_step.index_select(0, idx)
+        new = torch.isinf(now) & ~torch.isfinite(sums)
+        self.bad_step.index_copy_(0, idx, torch.where(new, float(step + 1), now))
+        self.bad_loss.index_copy_(0, idx, torch.where(new, sums / max(n_tgt, 1), self.bad_loss.index_select(0, idx)))
+
+    def check(self, live: list, done: int) -> None:
+        """The one read of a logging, evaluation or saving step: every live arm's first non-finite loss since
+        the last check and whether its weights are finite (under DDP agreed over the ranks); such an arm fails."""
+        idx = self.index(live)
+        finite = torch.stack([weights_finite(self.arms[k].params).to(self.dist.device) for k in live])
+        state = torch.cat([self.bad_step.index_select(0, idx), self.bad_loss.index_select(0, idx),
+                           (~finite).double()])
+        if self.dist.ddp:  # the earliest step and any rank's non-finite weights: every rank stops alike
+            n = len(live)
+            torch.distributed.all_reduce(state[:n], op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(state[2 * n:], op=torch.distributed.ReduceOp.MAX)
+        values = state.cpu().tolist()
+        n = len(live)
+        for i, k in enumerate(live):
+            if math.isfinite(values[i]):
+                self.fail(self.arms[k], "loss", f"training loss is {values[n + i]}", int(values[i]))
+            elif values[2 * n + i]:
+                self.fail(self.arms[k], "weights", weights_problem(self.arms[k].cfg.train), done)
 
     def one_step(self, step: int, live: list) -> tuple:
-        """Optimizer step ``step`` of the live arms; returns (the arms that stepped, their grad norms, the
-        step's micro-batches)."""
+        """Optimizer step ``step`` of the live arms, with no read of a device value; returns (their grad norms,
+        the step's micro-batches)."""
         arms = self.arms
         for k in live:
             lr = arms[k].lr(step, self.total_steps)
@@ -370,58 +405,54 @@ class Fit:
         t = arms[live[0]].cfg.train
         step_batches = self.batches.step(step, t.grad_accum, self.dist)  # this rank's share of the step
         sums, n_tgt = self.backward(live, step_batches)
-        n_tokens = sum(b["n_tokens"] for _, b in step_batches)
-        stepping = []
-        for i, k in enumerate(live):
-            if not math.isfinite(sums[i]):
-                self.fail(arms[k], "loss", f"training loss is {sums[i] / n_tgt}", step + 1)
-                continue
+        self.record(live, step, sums, n_tgt, sum(b["n_tokens"] for _, b in step_batches))
+        for k in live:
             if arms[k].scaler is not None:
                 arms[k].scaler.unscale_(arms[k].optimizer)
-            arms[k].window += torch.tensor([sums[i], n_tgt, n_tokens], dtype=torch.float64)
-            stepping.append(k)
-        grad_norms = apply_steps([arms[k] for k in stepping])
-        return stepping, grad_norms, step_batches
+        return apply_steps([arms[k] for k in live]), step_batches
 
     def log_rows(self, stepped: list, done: int, epoch, t_window: float, bar) -> None:
         """A metrics row for every arm that stepped, from its window since the last row."""
+        if self.dist.ddp:
+            torch.distributed.all_reduce(self.windows)  # on the device: nccl reduces GPU tensors only
         for k, grad_norm in stepped:
             arm = self.arms[k]
-            arm.window = sum_over_ranks(arm.window, self.dist)
-            arm.last = train_row(done, arm.window, arm.optimizer.param_groups[0]["lr"], grad_norm, epoch, t_window,
-                                 self.t_start, self.dist.device)
+            arm.last = train_row(done, arm.window.cpu(), arm.optimizer.param_groups[0]["lr"], grad_norm, epoch,
+                                 t_window, self.t_start, self.dist.device)
             if arm.metrics is not None:
                 arm.metrics.write(arm.last)
-            arm.window.zero_()
+        self.windows.zero_()
         if bar is not None and stepped:
             losses = [self.arms[k].last["loss"] for k, _ in stepped]
             bar.set_postfix(loss="/".join(f"{x:.4f}" for x in losses[:4]) + ("/..." if len(losses) > 4 else ""),
                             tok_s=f"{self.arms[stepped[0][0]].last['tokens_per_s']:.0f}")
 
     def run(self, start_step: int, bar) -> None:
-        """Optimizer steps ``start_step`` to ``total_steps`` of every live arm: logging, evaluation, checkpoints."""
+        """Optimizer steps ``start_step`` to ``total_steps`` of every live arm: logging, evaluation, checkpoints.
+        Between those steps nothing is read back from the device."""
         arms, total = self.arms, self.total_steps
         t, master = arms[0].cfg.train, self.dist.master
-        every = arms[0].cfg.eval.every
+        every = arms[0].cfg.eval.every if self.evaluate is not None else 0
         self.model.train()
         t_window = time.time()
         for step in range(start_step, total):
             live = [k for k, a in enumerate(arms) if a.failed is None]
             if not live:
                 break
-            stepping, grad_norms, step_batches = self.one_step(step, live)
+            grad_norms, step_batches = self.one_step(step, live)
             done = step + 1
             log_now = done % t.log_every == 0 or done == total  # the last step: before the outputs
             save_now = self.save is not None and bool(t.save_every) and done % t.save_every == 0 and done != total
-            if log_now or save_now:  # read on these steps only
-                self.check_weights([arms[k] for k in stepping], done)
+            eval_now = bool(every) and done % every == 0 and done != total
+            if log_now or save_now or eval_now:
+                self.check(live, done)
             if log_now:
-                stepped = [(k, g) for k, g in zip(stepping, grad_norms) if arms[k].failed is None]
+                stepped = [(k, g) for k, g in zip(live, grad_norms) if arms[k].failed is None]
                 self.log_rows(stepped, done, step_batches[-1][0], t_window, bar)
                 t_window = time.time()
             if bar is not None:
                 bar.update(1)
-            if self.evaluate is not None and every and done % every == 0 and done != total:
+            if eval_now:
                 live = [k for k, a in enumerate(arms) if a.failed is None]
                 if master and live:
                     for k, row in self.evaluate(live).items():

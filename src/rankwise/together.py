@@ -58,9 +58,10 @@ How the K arms share one pass:
   backward, and its ``unscale_`` / ``step`` / ``update`` run on its own optimizer,
   so an inf or NaN in arm k's gradients skips arm k's step alone and halves its
   scale alone, and each scale grows on its own count of good steps, as solo.
-- **Failures.** A non-finite loss (or non-finite weights, found on a logging or saving step) stops that arm alone: it takes no optimizer
-  step, is dropped from the stacked batch from the next step on, and its summary
-  is ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
+- **Failures.** A non-finite loss or non-finite weights (read on the next logging,
+  evaluation or saving step: ``rankwise.fit``) stop that arm alone: it takes no more
+  steps, is dropped from the stacked batch, and its summary is
+  ``{"status": "failed", "reason": "non-finite loss: ..."}``; the others go on.
 
 **Evaluation.** The eval loss of every arm comes from one stacked pass per eval
 batch (``evaluate_arms``; each arm's own token-weighted mean, as the solo run's

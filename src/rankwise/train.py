@@ -44,9 +44,9 @@ settings of the checkpoint (or of the finished run), else it is refused naming
 the keys that differ, and a step it could not continue from is refused too; the
 run files are written only after every check passed, and a run that fails before
 that removes what it created. A NaN/inf loss stops the run with one line naming
-the step and the last good checkpoint, which is kept; so do trainable weights
-that became inf/NaN (checked on logging steps and before every save, so they are
-never saved). A write that fails (a full disk) is one line naming the path and
+the step it first appeared and the last good checkpoint, which is kept; so do
+trainable weights that became inf/NaN (both read from the device on logging,
+evaluation and saving steps only, before anything is saved: ``rankwise.fit``). A write that fails (a full disk) is one line naming the path and
 the free space.
 
 Departures from the studies' protocol worth knowing: the loss is the mean over
