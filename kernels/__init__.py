@@ -24,7 +24,8 @@ historical names; the tests compare both backends with references of their own
 owns their CPU path).
 
 Imports within the package form a tree: ``utils`` <- ``lowrank``, ``nf4`` <-
-``nf4_lora`` <- ``lora_linear``; no op file imports another's private names,
+``nf4_lora`` <- ``lora_linear``, with ``lora_torch`` (the torch path of every
+LoRA op, one arm or several) under the LoRA op files; no op file imports another's private names,
 and nothing here imports the ``rankwise`` package.
 """
 from .geglu import geglu, geglu_reference

@@ -45,14 +45,15 @@ dX = dY @ W (cuBLAS) followed by one adding (dS @ A) * m / (1 - p) in place
 the same. The base product is rounded to the compute dtype before the tail is
 added (the fused path rounds once), as torch's own layer does.
 
-Layout: kernels 1, 3 and 5, the low-rank tails of kernels 2 and 4 and the
-torch path live in ``lowrank.py`` (shared with the NF4 layer); this file holds
+Layout: kernels 1, 3 and 5 and the low-rank tails of kernels 2 and 4 live in
+``lowrank.py`` (shared with the NF4 layer), the torch path in ``lora_torch.py``
+(shared with the NF4 and the multi-arm ops); this file holds
 the dense base-weight kernels 2 and 4 and the public ``lora_linear``, the one
 place where an ``NF4Weight`` base is sent to ``nf4_lora.nf4_lora_linear``.
 
 Backends (the convention of every op in ``rankwise.kernels``): ``"triton"``
-runs the kernels; ``"torch"`` runs plain torch ops (``lowrank.lora_linear_torch``,
-differentiated by autograd), the CPU path; ``"auto"`` picks Triton on CUDA and
+runs the kernels; ``"torch"`` runs plain torch ops (``lora_torch.lora_linear_torch``,
+the one-arm case of the multi-arm op's torch path, its backward written out), the CPU path; ``"auto"`` picks Triton on CUDA and
 torch otherwise. ``lora_linear_reference`` is that torch path under its old
 public name. The tests compare both backends with a float64 reference of their
 own (``tests/helpers.py``), never with the code under test.
@@ -65,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_torch import lora_linear_torch
 from .lowrank import (
     LAUNCHERS,
     OPS,
@@ -75,7 +77,6 @@ from .lowrank import (
     dropout_args,
     dropout_mask,
     lora_down,
-    lora_linear_torch,
     lowrank_dx_add_,
     lowrank_dx_tail,
     lowrank_fwd_add_,
@@ -392,7 +393,7 @@ class LoRALinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 #: The plain-torch path of ``lora_linear`` (``backend="torch"``, and ``"auto"``
-#: off CUDA): ``lowrank.lora_linear_torch``, kept public under this name. It is
+#: off CUDA): ``lora_torch.lora_linear_torch``, kept public under this name. It is
 #: a backend, not an oracle: the tests compare both backends with a float64
 #: reference of their own (``tests/helpers.py``).
 lora_linear_reference = lora_linear_torch

@@ -29,8 +29,8 @@ from (seed, flat element index) with Philox (``utils.dropout_keep``);
 Also here, because both ops share them: the backward custom ops
 ``rankwise::lora_ds_db`` and ``rankwise::lora_da`` (with fake functions, for
 torch.compile), ``lowrank_grads`` (dX, dA, dB given a dX kernel for the base
-weight at hand), argument checks and seed handling, and ``lora_linear_torch``,
-the plain-torch path (``backend="torch"``) of both ops on a dense W.
+weight at hand), argument checks and seed handling. The plain-torch path
+(``backend="torch"``) of every LoRA op is ``lora_torch.py``.
 
 On CUDA each of the three skinny products is also a measured choice
 (``tuning.run_path``, as the big GEMMs are): the Triton kernel, or torch's GEMMs
@@ -640,31 +640,3 @@ def validate_lora_args(x, weight_shape, weight_device, lora_A, lora_B, bias, sca
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     return scaling
-
-
-# ----------------------------------------------------------------------------
-# The torch path (backend="torch", and "auto" off CUDA) of both layers
-# ----------------------------------------------------------------------------
-
-
-def lora_linear_torch(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
-                      seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
-    """``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T`` with plain torch ops on
-    a dense ``weight``: the torch path of ``lora_linear`` and (on the dequantized
-    weight) of ``nf4_lora_linear``. Autograd differentiates it like any torch code.
-
-    The dropout keep-mask is ``keep_mask`` when given (bool, x's shape), else drawn
-    from a ``torch.Generator`` seeded with ``seed`` on x's device (so the torch
-    and Triton backends draw different masks for one seed).
-    """
-    y = torch.nn.functional.linear(x, weight, bias)
-    if dropout_p > 0.0:
-        if keep_mask is None:
-            g = torch.Generator(device=x.device)
-            g.manual_seed(int(seed) if seed is not None else 0)
-            keep_mask = torch.rand(x.shape, generator=g, device=x.device) >= dropout_p
-        xd = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
-    else:
-        xd = x
-    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
-    return y + scaling * lora

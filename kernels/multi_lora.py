@@ -41,8 +41,9 @@ B matrices along dim 1, not padded to the largest rank (ranks 1..128 sum to
 The kernels, their launchers and the tiling (one tile map of (arm, first local
 row) per row-block size, so no tile mixes two arms' rows; nothing copied or
 padded) are in ``multi_lora_kernels.py``, with the split path of the big GEMMs;
-this file holds the custom ops, the autograd Functions, the torch path and the
-public entry points.
+the torch path is ``lora_torch.py`` (shared with the single-arm op, its one-arm
+case); this file holds the custom ops, the autograd Functions and the public
+entry points.
 
 Saved for backward: x and the compact S (arm k's (M_k, r_k) block after
 the others: sum_k M_k r_k values, not M * max r); W, A, B, b are the layer's own
@@ -59,11 +60,11 @@ x_k's shape. So an arm run together with others, with the same seed and the
 same rows, sees the mask of its solo run (tested). The two backends draw
 different masks for one seed, as ``lora_linear``'s do.
 
-Backends (the convention of ``rankwise.kernels``): ``"torch"`` runs one base
-matmul over all rows plus a loop over the arms with the single-arm low-rank
-math (each scaling applied to the arm's small factors, the low-rank terms added
-in place), its backward the formulas above written out (one graph node per
-layer), correct for any input and device;
+Backends (the convention of ``rankwise.kernels``): ``"torch"``
+(``lora_torch.multi_lora_linear_torch``) runs one base matmul over all rows plus
+a loop over the arms (each scaling applied to the arm's small factors, the
+low-rank terms added in place), its backward the formulas above written out
+(one graph node per layer), correct for any input and device;
 ``"triton"`` runs the kernels (on a CPU only under ``TRITON_INTERPRET=1``);
 ``"auto"`` picks Triton on CUDA, torch otherwise. Dense and NF4 bases in both;
 the NF4 kernels dequantize W tiles in registers, as ``nf4_lora.py``'s do. The
@@ -80,11 +81,12 @@ eager does; eager calls take their autograd.Function twins (cheaper dispatch).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .lowrank import check_tensor, compute_dtype, draw_seed, validate_lora_args
+from .lora_torch import multi_lora_linear_torch
+from .lowrank import LowRankBackward, check_tensor, compute_dtype, draw_seed, validate_lora_args
 from .multi_lora_kernels import (
     MultiPlan,
     multi_lora_da,
@@ -223,17 +225,12 @@ def _da_fake(dS, x2, ranks, scalings, rows, dropout_ps, seeds, out_dtype):
     return x2.new_empty((sum(ranks), x2.shape[1]), dtype=out_dtype)
 
 
-class _Backward(NamedTuple):
-    """Kernels 3 and 5 as callables: the plain functions (eager) or the ops (traced)."""
-    ds_db: Callable
-    da: Callable
+#: Kernels 3 and 5 as callables: the plain functions (eager) or the ops (traced).
+_EAGER = LowRankBackward(_multi_ds_db, _multi_da)
+_TRACED = LowRankBackward(lambda *a: torch.ops.rankwise.multi_lora_ds_db(*a), lambda *a: torch.ops.rankwise.multi_lora_da(*a))
 
 
-_EAGER = _Backward(_multi_ds_db, _multi_da)
-_TRACED = _Backward(lambda *a: torch.ops.rankwise.multi_lora_ds_db(*a), lambda *a: torch.ops.rankwise.multi_lora_da(*a))
-
-
-def _lowrank_grads(k: _Backward, dY, x2, lora_A, lora_B, S, arms, need, dx):
+def _lowrank_grads(k: LowRankBackward, dY, x2, lora_A, lora_B, S, arms, need, dx):
     """``(dX, dA, dB)`` (None where ``need`` says no gradient); ``dx(dY, dS)`` runs kernel 4."""
     need_x, need_a, need_b = need
     dX = dA = dB = None
@@ -261,7 +258,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dY, k: _Backward, dx):
+def _backward(ctx, dY, k: LowRankBackward, dx):
     """Gradients of the inputs of ``rankwise::multi_lora_linear`` (ten, or eleven with ``path``)."""
     x2, weight, lora_A, lora_B, S = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
@@ -287,7 +284,7 @@ def _nf4_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _nf4_backward(ctx, dY, k: _Backward, dx):
+def _nf4_backward(ctx, dY, k: LowRankBackward, dx):
     """Gradients of the inputs of ``rankwise::multi_nf4_lora_linear`` (19, or 20 with ``path``;
     the NF4 W gets none)."""
     x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
@@ -416,106 +413,6 @@ def _arm_lists(x, total_rank, ranks, scalings, rows, dropout_p, seeds):
             raise ValueError(f"seeds: expected ints, got {list(seeds)!r}")
         out_seeds.append(int(s) if p > 0.0 else 0)
     return ranks, scalings, rows, dropout_ps, tuple(out_seeds)
-
-
-# ----------------------------------------------------------------------------
-# The torch path (backend="torch", and "auto" off CUDA)
-# ----------------------------------------------------------------------------
-
-
-def torch_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
-    """The keep-mask the torch path draws for an input of ``shape`` (the draw of
-    ``lowrank.lora_linear_torch``: ``torch.rand`` from a generator seeded with ``seed``)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return torch.rand(shape, generator=g, device=device) >= dropout_p
-
-
-class _MultiLoRATorchFunction(torch.autograd.Function):
-    """The torch path with its backward written out: the formulas of the module
-    docstring with each arm's scaling applied to its small factors, never to a
-    full ``(rows, out)`` block: forward ``y_k += s * S_k @ B_k.T`` is one in-place
-    ``addmm_`` (the scaling as its alpha) on arm k's rows of the base output;
-    backward ``dS_k = s * (dY_k @ B_k)`` and ``dB_k = s * (dY_k.T @ S_k)`` scale
-    ``(rows, r)`` / ``(out, r)`` results, and ``dX_k += dS_k @ A_k`` is an in-place
-    ``addmm_`` (with dropout: the product masked, then added). Per arm and layer
-    that is two ops forward and at most five backward, and no full-size
-    temporaries: on a CPU, one 128 -> 128 layer with 4 arms (ranks 1 to 64, 96
-    rows each) runs forward and backward in about three quarters of the time the
-    previous ``y + s * lora`` form took.
-    The values differ from ``lowrank.lora_linear_torch``'s (``y + s * ((x_d @ A.T) @ B.T)``
-    under autograd) only by where the fp32 rounding of the scaling falls.
-    The arms' A_k and B_k are inputs of their own (``*adapters``: A_1..A_n,
-    then B_1..B_n), so each arm's gradient lands in its own tensor: one graph node
-    per layer, and no full-size zero gradients for slices.
-
-    Saved for backward: x, each arm's S_k, and per arm with dropout its dropped
-    input x_dk and keep-mask (bool; autograd would keep x_dk and the mask too);
-    W and the adapters by reference."""
-
-    @staticmethod
-    def forward(ctx, x2, weight, bias, arms, *adapters):
-        scalings, rows, dropout_ps, seeds = arms
-        n = len(rows)
-        As, Bs = adapters[:n], adapters[n:]
-        y = torch.nn.functional.linear(x2, weight, bias)
-        dropped, Ss = [], []  # per arm with dropout: x_dk and its keep-mask
-        for x_k, y_k, A_k, B_k, s, p, seed in zip(x2.split(rows), y.split(rows), As, Bs, scalings, dropout_ps,
-                                                  seeds):
-            if p > 0.0:
-                keep = torch_keep_mask(x_k.shape, p, seed, x2.device)
-                x_k = x_k * keep.to(x2.dtype) / (1.0 - p)
-                dropped += [x_k, keep]
-            S_k = torch.nn.functional.linear(x_k, A_k)
-            y_k.addmm_(S_k, B_k.t(), alpha=s)
-            Ss.append(S_k)
-        ctx.arms = arms
-        ctx.save_for_backward(x2, weight, *adapters, *dropped, *Ss)
-        return y
-
-    @staticmethod
-    def backward(ctx, dY):
-        scalings, rows, dropout_ps, _ = ctx.arms
-        n = len(rows)
-        x2, weight, *rest = ctx.saved_tensors
-        As, Bs, dropped, Ss = rest[:n], rest[n:2 * n], iter(rest[2 * n:len(rest) - n]), rest[len(rest) - n:]
-        need = ctx.needs_input_grad
-        dX = dY.mm(weight) if need[0] else None
-        dW = dY.t().mm(x2) if need[1] else None
-        dBias = dY.sum(0) if need[2] else None
-        dAs, dBs = [None] * n, [None] * n
-        dXs = dX.split(rows) if need[0] else None
-        for k, (dY_k, x_k, s, p) in enumerate(zip(dY.split(rows), x2.split(rows), scalings, dropout_ps)):
-            xd_k, keep = (next(dropped), next(dropped)) if p > 0.0 else (x_k, None)
-            if need[4 + n + k]:
-                dBs[k] = dY_k.t().mm(Ss[k]).mul_(s)
-            if not (need[4 + k] or need[0]):
-                continue
-            dS = dY_k.mm(Bs[k]).mul_(s)
-            if need[4 + k]:
-                dAs[k] = dS.t().mm(xd_k)
-            if need[0]:
-                if p > 0.0:
-                    dXs[k].add_(dS.mm(As[k]).mul_(keep.to(dS.dtype)).div_(1.0 - p))
-                else:
-                    dXs[k].addmm_(dS, As[k])
-        return dX, dW, dBias, None, *dAs, *dBs
-
-
-def multi_lora_linear_torch(x2, weight, lora_A, lora_B, ranks, scalings, rows, bias=None,
-                            dropout_ps=None, seeds=None):
-    """The torch path on a 2-D ``x2`` and a dense ``weight``: one base matmul over
-    all rows, then each arm's low-rank term on its own rows, with the backward
-    written out (``_MultiLoRATorchFunction``; its values are those of autograd on
-    ``y + s_k * (x_dk @ A_k.T) @ B_k.T`` per arm, up to where the rounding of the
-    scaling falls). ``lora_A`` / ``lora_B`` concatenated, or sequences of the arms'
-    own ``(r_k, in)`` / ``(out, r_k)`` tensors; ``ranks``, ``scalings``, ``rows``,
-    ``dropout_ps``, ``seeds``: one entry per arm, already validated."""
-    n = len(rows)
-    if isinstance(lora_A, torch.Tensor):
-        lora_A, lora_B = lora_A.split(list(ranks)), lora_B.split(list(ranks), 1)
-    arms = (tuple(scalings), tuple(rows), tuple(dropout_ps or (0.0,) * n), tuple(seeds or (0,) * n))
-    return _MultiLoRATorchFunction.apply(x2, weight, bias, arms, *lora_A, *lora_B)
 
 
 # ----------------------------------------------------------------------------

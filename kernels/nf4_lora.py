@@ -33,7 +33,7 @@ enters them as its tensors and constants.
 
 Backends as in ``lora_linear.py``: ``"triton"`` runs the kernels here and
 lowrank.py's; ``"torch"`` (and ``"auto"`` off CUDA) dequantizes W with
-``nf4.dequantize_nf4`` and runs ``lowrank.lora_linear_torch``
+``nf4.dequantize_nf4`` and runs ``lora_torch.lora_linear_torch``
 (``nf4_lora_linear_reference`` is that path's public name). Callers normally
 reach this op through ``lora_linear``, which sends an ``NF4Weight`` here.
 """
@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_torch import lora_linear_torch
 from .lowrank import (
     LAUNCHERS,
     OPS,
@@ -53,7 +54,6 @@ from .lowrank import (
     draw_seed,
     dropout_args,
     lora_down,
-    lora_linear_torch,
     lowrank_dx_add_,
     lowrank_dx_tail,
     lowrank_fwd_add_,
@@ -478,7 +478,7 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
 def nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,
                               seed: Optional[int] = None, keep_mask: Optional[torch.Tensor] = None):
     """The torch path of ``nf4_lora_linear`` (``backend="torch"``): dequantize the
-    NF4 weight to x's dtype (``nf4.dequantize_nf4``), then ``lowrank.lora_linear_torch``.
+    NF4 weight to x's dtype (``nf4.dequantize_nf4``), then ``lora_torch.lora_linear_torch``.
     Public under this historical name; the tests compare with their own float64
     reference, not with this."""
     W = dequantize_nf4(weight).to(x.dtype)

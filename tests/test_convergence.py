@@ -105,16 +105,16 @@ def same_dropout_mask(monkeypatch):
     import importlib
 
     # the modules, not the functions of the same name that rankwise.kernels exports
-    dense, nf4_lora, lowrank = (importlib.import_module(f"rankwise.kernels.{m}")
-                                for m in ("lora_linear", "nf4_lora", "lowrank"))
-    real = lowrank.lora_linear_torch
+    dense, nf4_lora, lowrank, lora_torch = (importlib.import_module(f"rankwise.kernels.{m}")
+                                            for m in ("lora_linear", "nf4_lora", "lowrank", "lora_torch"))
+    real = lora_torch.lora_linear_torch
 
     def with_triton_mask(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=None, keep_mask=None):
         if dropout_p > 0.0 and keep_mask is None:
             keep_mask = lowrank.dropout_mask(x.shape, dropout_p, seed, device=x.device)
         return real(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, keep_mask)
 
-    for mod in (dense, nf4_lora, lowrank):
+    for mod in (dense, nf4_lora, lora_torch):
         if hasattr(mod, "lora_linear_torch"):
             monkeypatch.setattr(mod, "lora_linear_torch", with_triton_mask)
 

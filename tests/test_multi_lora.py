@@ -20,7 +20,7 @@ Tolerances, as max|out - ref64| / max|ref64| per tensor (``helpers.check``):
 import pytest
 import torch
 
-from helpers import check, nf4_dequantize_ref64, rel_err
+from helpers import check, lora_linear_ref64, nf4_dequantize_ref64, rel_err
 from rankwise.kernels import dropout_mask, lora_linear
 from rankwise.kernels.multi_lora import multi_lora_linear
 from rankwise.kernels.utils import INTERPRET
@@ -235,6 +235,50 @@ def test_arms_together_equal_their_solo_lora_linear_runs_with_dropout(backend):
             torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=f"arm {k} {name}")
         m0 += M_k
         o += r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_one_arm_equals_the_single_arm_op(backend, nf4, dropout_p):
+    """K = 1: ``multi_lora_linear`` with one arm is ``lora_linear`` (dense and NF4 base, 3-D x,
+    dropout from one seed): forward and every gradient (x, A, B, bias, and a dense W that
+    requires grad) of both against the float64 oracle with the keep-mask each backend
+    documents (Triton: ``dropout_mask``; torch: ``torch.rand`` of x's own 3-D shape from a
+    generator seeded with the seed, the single-arm op's draw), and of one against the other.
+    On the torch path the single-arm op is the one-arm call of the same implementation,
+    so the two agree bit for bit."""
+    lead, K, N, r, s, seed = (2, 9), 40, 24, 5, 1.7, 77
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(*lead, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
+    A, B = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g) / r**0.5
+    b, dy = torch.randn(N, generator=g), torch.randn(*lead, N, generator=g)
+    weight = quantize_nf4(W, blocksize=64) if nf4 else W
+    W64 = nf4_dequantize_ref64(weight) if nf4 else W.double()
+
+    def run(call):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, b) + (() if nf4 else (W,))]
+        y = call(leaves[0], weight if nf4 else leaves[4], *leaves[1:4])
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    single = run(lambda x_, w, A_, B_, b_: lora_linear(x_, w, A_, B_, s, b_, dropout_p, seed, backend=backend))
+    one = run(lambda x_, w, A_, B_, b_: multi_lora_linear(x_, w, A_, B_, [r], [s], [x.numel() // K], b_, dropout_p,
+                                                          [seed], backend=backend))
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_mask(x.shape, dropout_p, seed) if backend == "triton" else \
+            torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) >= dropout_p
+    leaves64 = [t.double().requires_grad_() for t in (x, A, B, b, W64)]
+    y64 = lora_linear_ref64(leaves64[0], leaves64[4], leaves64[1], leaves64[2], s, leaves64[3], dropout_p, keep)
+    y64.backward(dy.double())
+    ref = [y64.detach()] + [t.grad for t in leaves64[:4 if nf4 else 5]]
+    assert len(single) == len(one) == len(ref) == (5 if nf4 else 6)
+    for name, got_single, got_one, want in zip(("y", "dx", "dA", "dB", "dbias", "dW"), single, one, ref):
+        check(f"single-arm {name}", got_single, want, TOL32)
+        check(f"one arm {name}", got_one, want, TOL32)
+        if backend == "torch":
+            assert torch.equal(got_single, got_one), f"{name}: the one-arm op differs from the single-arm op"
 
 
 def test_seeds_none_draws_per_arm_seeds_from_torch_generator():
