@@ -213,3 +213,22 @@ class FakeTimer:
         name = fn()
         self.calls.append(name)
         return self.costs[name]
+
+
+def forbid(monkeypatch, name: str, message: str) -> None:
+    """Make ``rankwise.model.<name>`` (``load_model``, ``load_tokenizer``) fail the test wherever rankwise looks it
+    up: in ``rankwise.model`` and in every rankwise module that imported it (the run modules are imported first,
+    as the CLI would import them)."""
+    import importlib
+    import sys
+
+    import pytest
+
+    for module in ("rankwise.train", "rankwise.trainable", "rankwise.together", "rankwise.sweep", "rankwise.merge",
+                   "rankwise.restore"):
+        importlib.import_module(module)
+    real = getattr(sys.modules["rankwise.model"], name)
+    hits = [m for n, m in list(sys.modules.items()) if n.startswith("rankwise") and getattr(m, name, None) is real]
+    assert len(hits) > 1, f"rankwise.model.{name} is looked up nowhere else: the guard would check nothing"
+    for module in hits:
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(message))

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import yaml
+from helpers import forbid
 
 from rankwise import cli
 from rankwise import config as C
@@ -166,12 +167,7 @@ def test_cli_names_the_malformed_row(tmp_path, capsys):
 
 
 def test_lora_init_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import rankwise.model
-
-    def no_load(*a, **k):
-        raise AssertionError("the model must not load for a config error")
-
-    monkeypatch.setattr(rankwise.model, "load_model", no_load)
+    forbid(monkeypatch, "load_model", "the model must not load for a config error")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**MIN, "lora": {"init": "pisa"}, "output_dir": str(tmp_path / "o")}))
     assert cli.main(["train", str(cfg)]) == 2
@@ -181,11 +177,9 @@ def test_lora_init_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypat
 def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path, monkeypatch, capsys):
     import torch
 
-    import rankwise.model
-
     if torch.cuda.is_available():
         pytest.skip("the interpreter is only needed without CUDA")
-    monkeypatch.setattr(rankwise.model, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    forbid(monkeypatch, "load_model", "loaded the model")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**MIN, "train": {"backend": "triton", "device": "cpu"},

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import forbid
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 from test_ownership import snapshot
 
@@ -445,11 +446,9 @@ def test_a_hostile_or_broken_config_file_is_one_short_line_at_once(world, capsys
 def test_tensorboard_without_the_package_is_refused_before_the_model_loads(world, capsys, tmp_path, monkeypatch):
     import sys
 
-    import rankwise.model
-
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # absent, whether or not it is installed here
-    monkeypatch.setattr(rankwise.model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(rankwise.model, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was loaded"))
+    forbid(monkeypatch, "load_model", "the model was loaded")
+    forbid(monkeypatch, "load_tokenizer", "the tokenizer was loaded")
     config = tmp_path / "cfg" / "c.yaml"
     config.parent.mkdir()
     config.write_text(yaml.safe_dump({**world["cfg"], "log": {"tensorboard": True, "progress": False},

@@ -762,6 +762,8 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
         world, tmp_path, monkeypatch, capsys):
     import safetensors.torch as st
 
+    import rankwise.checkpoint
+
     out, real, seen = tmp_path / "run", st.save_file, {}
 
     def save_file(tensors, path, *a, **k):
@@ -772,7 +774,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(st, "save_file", save_file)
+    monkeypatch.setattr(rankwise.checkpoint, "save_file", save_file)
     path = write_cfg(tmp_path, small_cfg(world, out, max_steps=6, save_every=2))
     err = cli_refused(capsys, ["train", path], os.path.dirname(world["train"]))
     assert re.search(rf"cannot write the checkpoint {re.escape(str(out / 'checkpoint'))}: No space left on device "
@@ -780,7 +782,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
                      r"--resume$", err), err
     assert snapshot(out / "checkpoint") == seen["kept"] and load_checkpoint(out / "checkpoint")["step"] == 2
     assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-"))], "no half-written checkpoint left"
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(rankwise.checkpoint, "save_file", real)
     assert cli.main(["train", str(path), "--resume"]) == 0  # space freed: the kept checkpoint continues
 
 

@@ -365,6 +365,7 @@ def test_save_pretrained_dir_replaces_the_directory_whole(tmp_path):
 
 def test_train_backend_reaches_the_lora_layers(world, tmp_path, monkeypatch):
     import rankwise.lora
+    import rankwise.trainable
 
     seen = []
     real = rankwise.lora.inject_lora
@@ -374,7 +375,7 @@ def test_train_backend_reaches_the_lora_layers(world, tmp_path, monkeypatch):
             seen.append(k.get("backend"))
         return real(model, *a, **k)
 
-    monkeypatch.setattr(rankwise.lora, "inject_lora", spy)
+    monkeypatch.setattr(rankwise.trainable, "inject_lora", spy)
     rt.train(make_cfg(world, tmp_path / "b", "lora", max_steps=1, backend="torch"))
     assert seen == ["torch"]
 

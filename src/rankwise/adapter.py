@@ -18,9 +18,11 @@ import math
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text
 from .errors import ConfigError, read_json_object, short
+from .lora import inject_lora, lora_scaling
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -69,8 +71,6 @@ def save_adapter(model, out_dir, *, base_model: str, r: int, alpha: float, dropo
 
     Returns ``out_dir``.
     """
-    from safetensors.torch import save_file
-
     mods = lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers (call rankwise.inject_lora first)")
@@ -163,8 +163,6 @@ def read_adapter(adapter_dir) -> tuple[dict, dict]:
     A config rankwise does not read (see :func:`check_adapter_config`) or tensors whose
     rank is not the config's ``r`` are a ``ConfigError`` (a ``ValueError``) naming the file.
     """
-    from safetensors.torch import load_file
-
     cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
     w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     missing = "not a LoRA adapter directory (missing {}): " + str(adapter_dir)
@@ -180,8 +178,6 @@ def read_adapter(adapter_dir) -> tuple[dict, dict]:
 
 def scaling_of(cfg: dict) -> float:
     """The LoRA scaling of an adapter config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    from .lora import lora_scaling
-
     return lora_scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
 
 
@@ -203,8 +199,6 @@ def load_adapter(model, adapter_dir, *, inject: bool = True):
     """Load a PEFT LoRA adapter into ``model`` (injecting LoRA layers first when ``inject``); returns ``model``."""
     cfg, tensors = read_adapter(adapter_dir)
     if inject:
-        from .lora import inject_lora
-
         targets = cfg["target_modules"]
         if isinstance(targets, str):
             raise ValueError(f"{adapter_dir}: target_modules as a regex is not supported; give a list of names")

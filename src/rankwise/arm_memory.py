@@ -16,6 +16,7 @@ import torch
 from . import config as C
 from . import shapes
 from .errors import ConfigError
+from .model import resolve_device
 
 
 # ----------------------------------------------------------------------------- reading a model's shapes
@@ -95,11 +96,10 @@ def target_dims(cfg: C.RunConfig) -> dict:
 #           (ADAPTER_COPIES: weights, gradients, AdamW's two moments, the concatenated copy per forward).
 #   logits  without ``train.fused_loss``: K * N * vocab fp32 logits and their gradient (2 copies).
 #
-# Checked on an H200 (benchmarks/results/nvidia-h200-2026-11-28, bench_sweep_step: a Llama-3.2-1B
-# shape with untied head, bf16, SDPA, fused loss, HF's own norms and MLPs, LoRA on all 7 linears):
-# the measured peak per arm and token, 99.6 KB over 16 layers (4x2048 tokens, K = 4: 55.0 GiB),
-# is within 2 % of the act term before ACT_SLACK (98.3 KB); with the slack the estimate is 1.25x
-# (1x512) to 1.41x (4x2048) the measured peaks of K = 1, 4 and 8 arms, on the safe side.
+# Checked against bench_sweep_step's measured peaks (a Llama-3.2-1B shape with untied head, bf16, SDPA,
+# fused loss, HF's own norms and MLPs, LoRA on all 7 linears; see benchmarks/results/nvidia-h200-2026-11-28):
+# the act term before ACT_SLACK is close to the measured peak per arm and token, and with the slack the
+# estimate stays above the measured peaks of K = 1, 4 and 8 arms.
 NF4_BYTES = 0.5 + 4 / 64
 ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, ATTN_SCORES, ACT_SLACK = 8, 4, 2, 1.5
 ADAPTER_COPIES = 5
@@ -137,8 +137,6 @@ def estimate_peak_bytes(cfg: C.RunConfig, ranks, device=None, shape: dict | None
         device: where they train (default: ``cfg.train.device`` resolved).
         shape: ``model_shape(cfg)``, when already read.
     """
-    from .model import resolve_device
-
     cfg = C.parse(cfg)
     s = shape or model_shape(cfg)
     device = torch.device(device) if device is not None else resolve_device(cfg.train.device)

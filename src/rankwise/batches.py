@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict
 
 from . import config as C
+from .data import collate, eval_batches, load_rows, plan_epoch, qa_items, tokenize_rows
 from .errors import ConfigError
 from .runtime import Dist
 
@@ -26,8 +27,6 @@ class Batches:
         self.plans = []  # micro-batches (lists of example indices) of each epoch
 
     def epoch_plan(self, e: int):
-        from .data import plan_epoch
-
         while len(self.plans) <= e:
             self.plans.append(plan_epoch(self.lengths, self.batch_size, packing=self.packing,
                                          max_length=self.max_length, seed=self.seed, epoch=len(self.plans)))
@@ -35,8 +34,6 @@ class Batches:
 
     def micro_batch(self, g: int):
         """Global micro-batch number ``g`` -> (epoch, batch dict)."""
-        from .data import collate
-
         e = 0
         while g >= len(self.epoch_plan(e)):
             g -= len(self.epoch_plan(e))
@@ -50,8 +47,6 @@ class Batches:
 
 def load_data(cfg: C.RunConfig, tokenizer, master: bool):
     """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``."""
-    from .data import eval_batches, load_rows, qa_items, tokenize_rows
-
     d, e = cfg.data, cfg.eval
     fields = asdict(d.fields)
     tok_kw = dict(format=d.format, fields=fields, max_length=d.max_length, add_eos=d.add_eos,

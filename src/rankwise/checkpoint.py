@@ -28,11 +28,15 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import config as C
 from .atomic import replace_dir, reporting_write_errors
 from .errors import ConfigError, one_line
+from .masking import pack_mask
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -53,8 +57,6 @@ _TAGS = ("__tensor__", "__tuple__", "__items__", "__float__")
 
 def rng_state(device) -> dict:
     """torch (CPU and, on CUDA, ``device``), Python and numpy RNG states: tensors and plain numbers only."""
-    import numpy as np
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
@@ -65,8 +67,6 @@ def rng_state(device) -> dict:
 
 def set_rng_state(state: dict, device) -> None:
     """Undo ``rng_state``."""
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -119,8 +119,6 @@ def join_state(data, tensors: dict):
 
 def save_checkpoint(path, state: dict) -> None:
     """Write ``state`` as the checkpoint directory ``path`` (replaced whole, see ``atomic.replace_dir``)."""
-    from safetensors.torch import save_file
-
     tensors: dict = {}
     data = {"format": FORMAT, **split_state(state, tensors)}
     text = json.dumps(data, indent=1)
@@ -148,9 +146,6 @@ def load_checkpoint(path, required=("step", "total_steps", "settings_hash", "set
     Every problem (missing or unreadable file, bad JSON, a missing key or tensor)
     is a ``ConfigError`` naming the file; the checkpoint is left as it is.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = os.fspath(path)
     fix = FIX
     if os.path.basename(path.rstrip(os.sep)) == LEGACY_CHECKPOINT or os.path.isfile(path):
@@ -265,8 +260,6 @@ def check_settings(ckpt: dict, arm_settings: list, names: list, path) -> None:
 
 def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
     """Load one arm's weights, optimizer, mask, scaler, generator, log window, last row and status."""
-    from .masking import pack_mask
-
     tr, weights = arm.trainable, saved["trainable"]
     for n, p in tr.named:
         if n not in weights or not isinstance(weights[n], torch.Tensor) or weights[n].shape != p.shape:

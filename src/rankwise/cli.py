@@ -15,6 +15,7 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import ConfigError, one_line
 
 # verb -> (module, one-line help)
@@ -30,9 +31,8 @@ VERBS = {
     "init": ("rankwise.init", "write the commented default config (every key with its default) to start from"),
 }
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
 
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rankwise",
         description="Train, sweep and analyse LoRA adapters and full fine-tuning with fused kernels.")

@@ -51,6 +51,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+import yaml
+
 from .atomic import atomic_write_text
 from .errors import ConfigError, one_line, short
 
@@ -477,8 +479,6 @@ def validate(cfg: Mapping) -> dict:
 
 def parse_overrides(items) -> dict:
     """``["lora.r=8", "train.lr=1e-4"]`` -> flat dict; values are parsed as YAML (``[a, b]``, ``null``, ``true``)."""
-    import yaml
-
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -526,8 +526,6 @@ def _check_yaml_shape(text: str, where: str) -> None:
     """Refuse, from the parser's events alone (no recursion, nothing built), YAML nested deeper than
     ``MAX_DEPTH``, an alias inside the node it names, or aliases that expand past ``MAX_EXPANDED`` values
     (a "billion laughs" file is a few lines that expand to billions)."""
-    import yaml
-
     sizes, stack, open_anchors, total, aliased = {}, [], set(), 0, False  # anchor -> expanded size
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         mark = event.start_mark
@@ -568,8 +566,6 @@ def _check_yaml_shape(text: str, where: str) -> None:
 
 
 def _safe_loader():
-    import yaml
-
     class Loader(yaml.SafeLoader):
         """``yaml.SafeLoader`` whose unreadable scalars (a 5,000-digit int, month 13) are YAML errors with a place."""
 
@@ -589,8 +585,6 @@ def _safe_loader():
 def safe_load_text(text: str, where: str = "YAML text"):
     """``yaml.safe_load(text)`` for untrusted text: nesting, alias expansion and unreadable values are refused
     (``ConfigError`` or ``yaml.YAMLError``) before anything is built; ``where`` names the text in the message."""
-    import yaml
-
     try:
         _check_yaml_shape(text, where)
         return yaml.load(text, Loader=_safe_loader())
@@ -600,8 +594,6 @@ def safe_load_text(text: str, where: str = "YAML text"):
 
 def load_yaml(path) -> dict:
     """Read a YAML config file (UTF-8) into a dict (an empty file gives ``{}``)."""
-    import yaml
-
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -704,8 +696,6 @@ def describe_changes(old: Mapping, new: Mapping) -> str:
 
 def dump_yaml(cfg, path) -> None:
     """Write ``cfg`` (a dict or a ``RunConfig``) as YAML to ``path`` atomically (temp file, then rename)."""
-    import yaml
-
     data = cfg.to_dict() if isinstance(cfg, RunConfig) else dict(cfg)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     atomic_write_text(path, text)

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import ConfigError
 
@@ -126,8 +127,8 @@ def _read_csv(path, name):
 
 
 def _read_parquet(path, name):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # heavy at import (installed with datasets): parquet files only
+    import pyarrow.parquet as pq  # heavy at import, as pyarrow
 
     try:
         return pq.read_table(path).to_pylist()
@@ -136,10 +137,8 @@ def _read_parquet(path, name):
 
 
 def _read_hub(ds_name, split, name):
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover
-        raise ConfigError(f"{name}: {ds_name!r} is not a local file and the 'datasets' package is not installed") from None
+    import datasets  # heavy at import: hub data sets only
+
     try:
         ds = datasets.load_dataset(ds_name, split=split)
     except Exception as e:  # the hub raises many kinds; say which source failed
@@ -258,8 +257,6 @@ def _tokenize_chat(rows, tokenizer, fields, name, progress):
     out = []
     it = enumerate(rows, 1)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, total=len(rows), desc=f"tokenizing {name}", leave=False)
     for i, row in it:
         messages = _field(row, mf, i, name, list)

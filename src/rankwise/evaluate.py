@@ -11,8 +11,9 @@ import re
 import unicodedata
 
 import torch
+from tqdm.auto import tqdm
 
-from .loss import batch_loss_sum  # noqa: F401  (re-exported: evaluate.batch_loss_sum)
+from .loss import batch_loss_sum
 
 _WS = re.compile(r"\s+")
 
@@ -71,8 +72,6 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=16, batch_size=32
     results = []
     it = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc="generating", leave=False)
     devices = [dev] if dev.type == "cuda" else []
     try:

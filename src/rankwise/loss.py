@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rankwise.kernels import linear_cross_entropy
+
 # config attributes that change the logits after the output head
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                      "mup_width_multiplier", "dim_model_base")
@@ -83,8 +85,6 @@ class FusedLossLM(nn.Module):
         """``targets`` has ``input_ids``' shape and is already aligned (the next token
         at each position, -100 where no loss is wanted); ``attention_mask`` for
         padded batches (rankwise's own batches are padding-free)."""
-        from rankwise.kernels import linear_cross_entropy
-
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state

@@ -20,16 +20,17 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, lora_pairs, merge_adapter
 from .atomic import replace_dir
 from .errors import ConfigError, one_line
+from .model import DTYPES, causal_lm_from_pretrained, load_tokenizer
 from .ownership import check_output, write_marker
 
 
 def find_adapter(path: str) -> str:
     """``path`` itself if it is an adapter directory, else ``path/adapter`` (a run directory)."""
-    from .adapter import CONFIG_NAME
-
     for cand in (path, os.path.join(path, "adapter")):
         if os.path.isfile(os.path.join(cand, CONFIG_NAME)):
             return cand
@@ -44,10 +45,6 @@ def checked_lora_pairs(adapter_dir: str) -> tuple[dict, dict]:
     of another rank than ``r``, a ``lora_A`` without its ``lora_B``: one line each,
     nothing else read or written.
     """
-    from safetensors import SafetensorError
-
-    from .adapter import WEIGHTS_NAME, lora_pairs
-
     w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     try:
         return lora_pairs(adapter_dir)  # checks the config, reads the weights, pairs every lora_A with its lora_B
@@ -65,9 +62,6 @@ def merge(path: str, out_dir: str, base: str | None = None, dtype: str = "auto",
     ``force`` allows replacing an existing non-empty ``out_dir`` that rankwise did not make.
     Returns ``out_dir``.
     """
-    from .adapter import merge_adapter
-    from .model import DTYPES, causal_lm_from_pretrained, load_tokenizer
-
     adapter_dir = find_adapter(path)
     cfg, _ = checked_lora_pairs(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")

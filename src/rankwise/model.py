@@ -6,8 +6,10 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
 from .errors import ConfigError, one_line, read_json_object, short
+from .quant import quantize_model_nf4
 
 log = logging.getLogger("rankwise")
 
@@ -21,8 +23,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     """
     if device == "auto":
         if torch.cuda.is_available():
-            import os
-
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     try:
@@ -57,7 +57,7 @@ def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype =
         return attention
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401  (optional: flash-attn, the gpu extra)
 
             return "flash_attention_2"
         except Exception:
@@ -104,7 +104,7 @@ def check_model_files(path) -> None:
     loads with ``AutoModelForCausalLM``, and load as that type's config. Each problem is
     a ``ConfigError`` naming the file and what to do.
     """
-    import transformers
+    import transformers  # heavy at import: transformers loads with the first model, not with the CLI
     from transformers import CONFIG_MAPPING, AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -134,7 +134,7 @@ def check_model_files(path) -> None:
 def _strict_errors() -> tuple:
     """The error huggingface_hub raises for a config value of the wrong type (absent before its 1.0)."""
     try:
-        from huggingface_hub.errors import StrictDataclassError
+        from huggingface_hub.errors import StrictDataclassError  # heavy at import (httpx); on an error only
     except ImportError:
         return ()
     return (StrictDataclassError,)
@@ -148,8 +148,6 @@ def check_tokenizer_files(path) -> None:
     would fail inside transformers with a ``KeyError`` or ``AttributeError``. A
     ``config.json`` there (AutoTokenizer reads it too) passes :func:`check_config_json`.
     """
-    from tokenizers import Tokenizer
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         return
@@ -169,7 +167,7 @@ def check_tokenizer_files(path) -> None:
 
 def load_tokenizer(path: str):
     """``AutoTokenizer.from_pretrained(path)`` with a pad token (EOS when the tokenizer has none)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy at import: transformers
 
     check_tokenizer_files(path)
     try:
@@ -193,7 +191,7 @@ def causal_lm_from_pretrained(path, what: str = "model", **kwargs):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` after :func:`check_model_files`; files that
     cannot be read (missing, truncated, weights of other shapes than config.json gives) are a ``ConfigError``
     beginning ``cannot load {what} 'path'``."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy at import: transformers
 
     check_model_files(path)
     try:
@@ -222,8 +220,6 @@ def load_model(path: str, *, dtype: str = "auto", attention: str = "auto", devic
     model = causal_lm_from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     model.to(device)
     if quantization == "nf4":
-        from .quant import quantize_model_nf4
-
         before = module_bytes(model), _cuda_bytes(device)
         info = quantize_model_nf4(model, double_quant=double_quant)  # in place; returns byte counts
         after = module_bytes(model), _cuda_bytes(device)

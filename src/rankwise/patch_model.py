@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rankwise.kernels import linear_cross_entropy
 from rankwise.kernels.nf4 import nf4_dequantize
 from rankwise.lora import patch_peft_model, peft_fusion_report, unpatch_peft_model
 from rankwise.loss import fused_loss_problem
@@ -60,9 +61,7 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
     """The causal LM's forward with labels, the head and loss fused; ``arguments`` are
     the bound named arguments of its forward, ``extra`` its ``**kwargs``."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from rankwise.kernels import linear_cross_entropy
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # heavy at import: transformers
 
     softcap, backend, return_logits = getattr(lm, _LOSS_MARK)
     arguments, extra = dict(arguments), dict(extra)
@@ -138,7 +137,7 @@ def _loss_problem(lm: nn.Module) -> Optional[str]:
     if problem:
         return problem
     try:
-        from transformers.loss.loss_utils import ForCausalLMLoss
+        from transformers.loss.loss_utils import ForCausalLMLoss  # heavy at import: transformers
     except ImportError:  # pragma: no cover
         return "transformers has no ForCausalLMLoss"
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:

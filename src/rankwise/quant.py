@@ -211,7 +211,7 @@ def _finish(packed, absmax, code, blocksize, W, double_quant) -> NF4Weight:
 
 def to_bnb(q: NF4Weight):
     """``(packed, QuantState)`` as ``bitsandbytes.functional.quantize_4bit`` returns them."""
-    from bitsandbytes.functional import QuantState
+    from bitsandbytes.functional import QuantState  # heavy at import: bitsandbytes
 
     state2 = None
     offset = None
@@ -226,7 +226,7 @@ def to_bnb(q: NF4Weight):
 
 def to_bnb_params(q: NF4Weight, requires_grad: bool = False):
     """A ``bitsandbytes.nn.Params4bit`` holding the same bytes (already quantized)."""
-    from bitsandbytes.nn import Params4bit
+    from bitsandbytes.nn import Params4bit  # heavy at import: bitsandbytes
 
     packed, state = to_bnb(q)
     return Params4bit(packed, requires_grad=requires_grad, quant_state=state, blocksize=q.blocksize,

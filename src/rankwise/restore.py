@@ -29,8 +29,12 @@ import re
 import shutil
 import time
 
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
 from .atomic import replace_dir
 from .errors import ConfigError, one_line, short
+from .masking import plan_restore
 from .model import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsCheckpoint
 from .ownership import MARKER, check_output, write_marker
 
@@ -140,11 +144,6 @@ def restore_checkpoint(
     progress: bool = True,
 ) -> dict:
     """Streaming :func:`rankwise.masking.restore` from checkpoint directories to ``out_dir``; returns the stats."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from .masking import plan_restore
-
     include = include or None
     exclude = exclude or None
     tuned_dir, max_size = _check_arguments(base_dir, tuned_dir, out_dir, include, exclude, max_shard_size, force)

@@ -61,7 +61,7 @@ def read_metrics(path, upto_step: int) -> list:
 def require_tensorboard() -> None:
     """``log.tensorboard`` needs the tensorboard package: checked before a run writes anything."""
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (optional: tensorboard)
     except ImportError:
         raise ConfigError("log.tensorboard needs the tensorboard package (pip install tensorboard)") from None
 
@@ -82,7 +82,7 @@ class MetricsLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
             self.file = os.fdopen(fd, "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
 
             tb_dir = os.path.join(out_dir, TENSORBOARD)
             if os.path.islink(tb_dir):  # replaced, never written through

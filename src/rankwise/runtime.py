@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 
 from .errors import ConfigError
 from .model import resolve_device
@@ -46,11 +47,8 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 def setup_processes(device_name: str) -> Dist:
     """Read torchrun's environment, pick the device, start the process group under DDP."""
-
     dist = Dist(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), resolve_device(device_name))
     if dist.ddp:
-        import torch.distributed as tdist
-
         if dist.device.type == "cuda":
             dist.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dist.device)

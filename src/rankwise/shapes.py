@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
+from .lora import inject_lora, lora_layers
 
 
 def meta_model(path: str):
     """``(model config, model on the meta device)`` of the model at ``path``: shapes only, no weights loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy at import: transformers
 
     try:
         mcfg = AutoConfig.from_pretrained(path)
@@ -29,8 +30,6 @@ def meta_model(path: str):
 
 def targets_of(meta, targets) -> dict:
     """The LoRA targets' ``{name: (in, out)}`` of a model built on the meta device (LoRA is injected into it)."""
-    from .lora import inject_lora, lora_layers
-
     with torch.random.fork_rng(devices=[]):
         try:
             inject_lora(meta, targets, 1, 1.0)

@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 
 from . import config as C
+from .adapter import adapter_state_dict
 from .batches import Batches
 from .errors import ConfigError
+from .lora import inject_lora
+from .masking import topk_mask
 from .model import load_model
 from .runtime import Dist
 
@@ -61,8 +64,6 @@ def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
     """Set ``requires_grad`` for the method: LoRA layers injected, every weight, or the mask candidates."""
     pissa_init = None
     if cfg.method == "lora":
-        from .lora import inject_lora
-
         lc = cfg.lora
         torch.manual_seed(cfg.train.seed)  # the same A init for every run with this seed
         try:
@@ -74,8 +75,6 @@ def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA matrices train in fp32 whatever the base dtype
         if lc.init.startswith("pissa"):  # the base now holds W - s B0 A0; keep A0, B0 for the saved adapter
-            from .adapter import adapter_state_dict
-
             pissa_init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     elif cfg.method == "full":
         for p in model.parameters():
@@ -91,7 +90,6 @@ def setup_trainable(model, cfg: C.RunConfig) -> Trainable:
 
 def score_by_update(run_dir: str, trainable: Trainable) -> list:
     """``|W_run - W_base|`` per trainable weight, ``W_run`` from ``run_dir/model`` (a finished full-SFT run)."""
-
     src = os.path.join(run_dir, "model")
     if not os.path.isdir(src):
         raise ConfigError(f"mask.from: no model/ directory in {run_dir} (a finished full-SFT run)")
@@ -120,8 +118,6 @@ def score_by_grad(loss_fn, trainable: Trainable, batches: Batches, steps: int, g
 
 def choose_mask(m: C.MaskCfg, trainable: Trainable, loss_fn, batches: Batches, grad_accum: int, dist: Dist) -> list:
     """The boolean masks of masked SFT: the top ``m.fraction`` of the scores over every candidate weight."""
-    from .masking import topk_mask
-
     if m.score == "update":
         scores = score_by_update(m.from_, trainable)
     else:

@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import torch
 
+from rankwise.kernels.tuning import default_tuner, m_bucket, tuning_enabled
+
 from . import config as C
+from .batches import load_data
+from .lora import lora_layers
+from .model import load_tokenizer
+from .runtime import check_backend, setup_precision
+from .train import load_base_model
+from .trainable import setup_trainable
 
 __all__ = ["add_arguments", "main", "nothing_to_tune", "row_buckets", "distinct_layers", "tune_layers"]
 
 
 def nothing_to_tune(cfg: C.RunConfig, device: torch.device):
     """Why a run of ``cfg`` on ``device`` has no path choice to measure, or None when it has."""
-    from rankwise.kernels.tuning import tuning_enabled
-
     if device.type != "cuda":
         return f"the run's device is {device.type}; the path choice is measured on CUDA only"
     if cfg.method != "lora":
@@ -42,16 +48,12 @@ def nothing_to_tune(cfg: C.RunConfig, device: torch.device):
 def row_buckets(batches) -> list:
     """The rows (tokens) a LoRA layer sees per micro-batch of the first epoch, rounded up
     to the tuning cache's power-of-two buckets, ascending."""
-    from rankwise.kernels.tuning import m_bucket
-
     # micro-batches are padding-free rows (data.collate): a layer sees the sum of the examples' lengths
     return sorted({m_bucket(sum(len(batches.examples[i]) for i in idx)) for idx in batches.epoch_plan(0)})
 
 
 def distinct_layers(model) -> list:
     """One LoRA layer per distinct (weight kind, out, in, r): the shapes the cache keys on."""
-    from .lora import lora_layers
-
     seen = {}
     for _, m in lora_layers(model):
         w = m.base.weight
@@ -86,10 +88,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Entry point of ``rankwise tune``."""
-    from rankwise.kernels.tuning import default_tuner
-    from .model import load_tokenizer
-    from .train import check_backend, load_base_model, load_data, setup_precision, setup_trainable
-
     cfg = C.parse(args.config, args.overrides)
     name = cfg.train.device
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from ..errors import ConfigError
+from .runs import analyze_runs, load_jsonl
 
 
 def _fractions(text: str) -> list:
@@ -63,8 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_restore(specs) -> dict:
-    from .runs import load_jsonl
-
     sets = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -83,10 +83,6 @@ def _parse_restore(specs) -> dict:
 
 def main(args) -> int:
     """Run the analysis and print where the outputs went."""
-    import time
-
-    from .runs import analyze_runs, load_jsonl
-
     t0 = time.time()
 
     for name in ("max_probe", "batch_size", "max_length", "max_tokens", "intruder_k"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from tqdm.auto import tqdm
 
 from .attention import eager_attention, layer_attention_sums
 from .representations import linear_cka
@@ -176,8 +177,6 @@ def compare_on_probe(base_model, tuned_model, tokenizer, rows, *, attention: boo
         stack.enter_context(eager_attention(tuned_model))
     batches = _batches(encoded, batch_size, int(pad_id), device)
     if progress:
-        from tqdm.auto import tqdm  # optional progress bar: tqdm loaded only when asked for
-
         batches = tqdm(batches, total=(len(encoded) + batch_size - 1) // batch_size, desc="probe", leave=False)
     try:
         with stack:

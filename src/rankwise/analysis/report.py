@@ -230,7 +230,7 @@ def write_plots(analysis: dict, out_dir: str) -> dict:
     import matplotlib  # heavy: matplotlib, loaded only when plots are written
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy at import: matplotlib
 
     runs = analysis.get("runs", [])
     written = {}

@@ -14,6 +14,7 @@ import math
 from typing import Callable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..evaluate import qa_accuracy
 from ..masking import restore
@@ -131,8 +132,6 @@ def restoration_curve(
     jobs = [(s, f) for s in selections for f in fractions]
     it = jobs
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(jobs, desc="restoration", leave=False)
     try:
         for sel, frac in it:

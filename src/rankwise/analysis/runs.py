@@ -16,9 +16,12 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+import yaml
+from tqdm.auto import tqdm
 
 from ..adapter import lora_delta, merge_adapter, scaling_of
 from ..config import safe_load_text
+from ..data import load_rows
 from ..errors import ConfigError
 from ..merge import checked_lora_pairs
 from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -38,7 +41,7 @@ def resolve_model_dir(model: str) -> str:
     if os.path.isdir(model):
         return model
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy at import (its download machinery)
 
         return snapshot_download(model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
@@ -51,8 +54,6 @@ RUN_CONFIGS = ("resolved_config.yaml", "config.yaml")  # config.yaml: runs of ol
 
 def read_run_config(path: str) -> dict:
     """The resolved config of a run directory (``resolved_config.yaml``, else ``config.yaml``), or ``{}``."""
-    import yaml
-
     for name in RUN_CONFIGS:
         cfg_path = os.path.join(path, name)
         if os.path.isfile(cfg_path):
@@ -189,8 +190,6 @@ def spectral_analysis(runs: Sequence[Run], base: SafetensorsCheckpoint, *, devic
     member = {r.name: set(r.matrices) for r in runs}
     it: Iterable = names
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(names, desc="spectra", leave=False)
     for name in it:
         users = [r for r in runs if name in member[r.name]]
@@ -329,8 +328,6 @@ def load_tuned_model(run: Run, base_dir: str, device, dtype: str = "auto"):
 def load_jsonl(path: str) -> list:
     """Rows of a probe / eval file (jsonl, json, csv or parquet, read by :func:`rankwise.data.load_rows`);
     a bad file or row is a :class:`~rankwise.errors.ConfigError` naming it."""
-    from ..data import load_rows
-
     try:
         rows = load_rows(str(path), name="probe")
     except (FileNotFoundError, ValueError) as e:

@@ -29,11 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["N_BOOT", "LEVEL", "Draws", "bootstrap_draws", "accuracy_with_ci", "difference_ci", "interval",
-           "verdict", "VERDICTS"]
+           "verdict"]
 
 N_BOOT = 2000
 LEVEL = 0.95
-VERDICTS = ("reproduced", "contradicted", "inconclusive")
 
 
 def _matrix(c, name: str) -> np.ndarray:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.findings import BUCKETS, difference_finding, summarize_arm, unmeasured_finding
+from ..atomic import atomic_write_text
+from ..world.mastery import bucket_counts
 
 DOMAINS = ("in_domain", "out_of_domain")
 KNOWLEDGE = "Ye et al. 2025, SFT and model knowledge (arXiv 2509.16596)"
@@ -27,8 +29,6 @@ def _matrices(evals: list, domains=DOMAINS) -> dict:
 def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders, settings, pretrain, scale,
                   together, skipped=None) -> dict:
     """The results dict (``results.json``) from the per-fact results of every arm and seed."""
-    from ..world.mastery import bucket_counts
-
     s = settings
     seeds = list(s["seeds"])
     buckets = {d: [r["bucket"] for r in tests[d]] for d in DOMAINS}
@@ -232,8 +232,6 @@ def _findings_table(results: dict) -> list:
 
 def write_report(out: Path, results: dict, analysis_md: str | None = None) -> None:
     """Plots and ``report.md`` (the findings first)."""
-    from ..atomic import atomic_write_text
-
     files = plots(out, results)
     results["plots"] = files
     L = ["# rankwise demo: the knowledge study on the embedded synthetic world", ""]
@@ -434,9 +432,7 @@ def _errorbar(ax, xs, pts, **kw):
     ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, marker="o", **kw)
 
 
-def _save(fig, out: Path, files: dict, key: str, name: str) -> None:
-    import matplotlib.pyplot as plt
-
+def _save(plt, fig, out: Path, files: dict, key: str, name: str) -> None:
     fig.tight_layout()
     files[key] = name
     fig.savefig(out / name, dpi=110)
@@ -445,22 +441,19 @@ def _save(fig, out: Path, files: dict, key: str, name: str) -> None:
 
 def plots(out: Path, results: dict) -> dict:
     """The PNG plots; returns ``{kind: file name}``."""
-    import matplotlib  # heavy dependency (matplotlib): imported only to plot
+    import matplotlib  # heavy at import: matplotlib, loaded only to plot
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy at import: matplotlib
+
     files = {}
-    _plot_rank(out, results, files)
-    _plot_data_size(out, results, files)
-    _plot_train_buckets(out, results, files)
-    _plot_restoration(out, results, files)
-    _plot_findings(out, results, files)
+    for plot in (_plot_rank, _plot_data_size, _plot_train_buckets, _plot_restoration, _plot_findings):
+        plot(plt, out, results, files)
     return files
 
 
-def _plot_rank(out: Path, results: dict, files: dict) -> None:
+def _plot_rank(plt, out: Path, results: dict, files: dict) -> None:
     """Accuracy vs rank on the small set (LoRA ranks, then full SFT), in- and out-of-domain."""
-    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
-
     arms = results["arms"]
     small = results["settings"]["demo"]["small_size"]
     base = {a["name"]: a for a in arms}["base"]
@@ -484,13 +477,11 @@ def _plot_rank(out: Path, results: dict, files: dict) -> None:
     axes[0].set_ylabel("accuracy (mean over seeds, 95 % CI)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    _save(fig, out, files, "rank", "accuracy_vs_rank.png")
+    _save(plt, fig, out, files, "rank", "accuracy_vs_rank.png")
 
 
-def _plot_data_size(out: Path, results: dict, files: dict) -> None:
+def _plot_data_size(plt, out: Path, results: dict, files: dict) -> None:
     """Accuracy vs data size (LoRA at the large-set rank, full SFT)."""
-    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
-
     d = results["settings"]["demo"]
     arms = results["arms"]
     nseeds = len(results["seeds"])
@@ -513,13 +504,11 @@ def _plot_data_size(out: Path, results: dict, files: dict) -> None:
     ax.set_title(f"accuracy vs data size ({nseeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out, files, "data_size", "accuracy_vs_data_size.png")
+    _save(plt, fig, out, files, "data_size", "accuracy_vs_data_size.png")
 
 
-def _plot_train_buckets(out: Path, results: dict, files: dict) -> None:
+def _plot_train_buckets(plt, out: Path, results: dict, files: dict) -> None:
     """Full SFT on the natural mix, the known and the unknown facts (same size)."""
-    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
-
     arms = results["arms"]
     nseeds = len(results["seeds"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -538,13 +527,11 @@ def _plot_train_buckets(out: Path, results: dict, files: dict) -> None:
     ax.set_title(f"what the fine-tuning facts are ({nseeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out, files, "mastery", "accuracy_by_train_bucket.png")
+    _save(plt, fig, out, files, "mastery", "accuracy_by_train_bucket.png")
 
 
-def _plot_restoration(out: Path, results: dict, files: dict) -> None:
+def _plot_restoration(plt, out: Path, results: dict, files: dict) -> None:
     """Restoration: top / bottom / random vs the restored fraction (none without points)."""
-    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
-
     nseeds = len(results["seeds"])
     pts = results["restoration"]["points"]
     if pts:
@@ -569,13 +556,11 @@ def _plot_restoration(out: Path, results: dict, files: dict) -> None:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("mean accuracy over buckets (95 % CI)")
         axes[1].legend(fontsize=8)
-        _save(fig, out, files, "restoration", "accuracy_vs_restored_fraction.png")
+        _save(plt, fig, out, files, "restoration", "accuracy_vs_restored_fraction.png")
 
 
-def _plot_findings(out: Path, results: dict, files: dict) -> None:
+def _plot_findings(plt, out: Path, results: dict, files: dict) -> None:
     """The findings: effects with their intervals (intruders only in the table)."""
-    import matplotlib.pyplot as plt  # heavy dependency (matplotlib): imported only to plot
-
     nseeds = len(results["seeds"])
     fs = [f for f in results["findings"] if f["effect"] is not None and f["id"] != "intruders"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(3, len(fs)) + 1.2))
@@ -590,4 +575,4 @@ def _plot_findings(out: Path, results: dict, files: dict) -> None:
     ax.set_xlabel("effect (accuracy difference; > 0: as the claim says), 95 % CI")
     ax.set_title(f"findings ({nseeds} seeds; intruders in the table)")
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, out, files, "findings", "findings.png")
+    _save(plt, fig, out, files, "findings", "findings.png")

@@ -32,11 +32,23 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import together
+from ..adapter import merge_adapter
+from ..analysis import analyze_runs, markdown_section
+from ..atomic import atomic_write_text
 from ..errors import ConfigError
+from ..evaluate import generate_answers, is_correct
+from ..masking import restore
+from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
-from ..train import CHECKPOINT
+from ..ownership import MARKER, check_output, claim, owner
+from ..train import CHECKPOINT, train
+from ..world import mastery
+from ..world.generate import load_world
+from ..world.pretrain import preset, pretrain, settings_key
+from . import report
 
 # The demo's settings (cpu scale). Every number in the report comes from these and the world preset.
 DEMO = {
@@ -82,7 +94,6 @@ SCALE_SETTINGS = {
 
 def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused)."""
-
     if scale not in SCALE_SETTINGS:
         raise ConfigError(f"scale must be one of {', '.join(SCALE_SETTINGS)}, got {scale!r}")
     unknown = set(overrides or {}) - set(DEMO)
@@ -123,7 +134,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Run the demo; returns 0."""
-
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
@@ -131,17 +141,13 @@ def main(args) -> int:
     elif not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     res = run_demo(args.out, scale=args.scale, fresh=args.fresh, force=args.force)
-    from .report import headline
-
-    print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); {headline(res)}")
+    print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); {report.headline(res)}")
     return 0
 
 
 # ----------------------------------------------------------------------------- helpers
 
 def _write_json(path, obj) -> None:
-    from ..atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
@@ -157,13 +163,11 @@ def _read_jsonl(path) -> list:
 
 
 def _write_jsonl(path, rows) -> None:
-    from ..atomic import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy at import: transformers
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -171,35 +175,25 @@ def _quiet_transformers():
 
 def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_size: int = 256) -> dict:
     """Greedy closed-book QA on each test set: ``{set: {"correct": [0/1 per row], "accuracy": by bucket}}``."""
-    from ..evaluate import generate_answers, is_correct
-    from ..world.mastery import accuracy_by_bucket
-
     out = {}
     for name, rows in sets.items():
         outs = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                                 batch_size=batch_size)
         correct = [int(bool(is_correct(o[0], r["answers"]))) for o, r in zip(outs, rows)]
-        out[name] = {"correct": correct, "accuracy": accuracy_by_bucket(rows, correct)}
+        out[name] = {"correct": correct, "accuracy": mastery.accuracy_by_bucket(rows, correct)}
     return out
 
 
 def _device() -> torch.device:
-    from ..model import resolve_device
-
     return resolve_device("auto")
 
 
 def _load_base(base_dir):
-    from ..model import load_model, load_tokenizer
-
     return load_model(str(base_dir), dtype="fp32", device=_device()), load_tokenizer(str(base_dir))
 
 
 def arm_model(arm: dict, base_dir):
     """The fine-tuned model of an arm: LoRA merged into the base, or the saved full model."""
-    from ..adapter import merge_adapter
-    from ..model import load_model
-
     run = Path(arm["output_dir"])
     if arm["method"] == "lora":
         model, _ = _load_base(base_dir)
@@ -300,17 +294,15 @@ def draw_sets(facts: list, s: dict, seed: int) -> tuple:
     a known or unknown set whose bucket pool is smaller than ``small_size`` is skipped, with
     the reason, and the arms and findings that need it report why they are missing.
     """
-    from ..world import mastery as M
-
     n = s["small_size"]
     try:
-        large = M.draw_train_set(facts, n * s["large_factor"], bucket=s["train_bucket"], seed=seed)
+        large = mastery.draw_train_set(facts, n * s["large_factor"], bucket=s["train_bucket"], seed=seed)
     except ValueError as e:
         raise ConfigError(f"the world is too small for the demo's fine-tuning sets: {e}") from None
     sets, skipped = {"small": large[:n], "large": large}, {}
     for name in ("known", "unknown"):
         try:
-            sets[name] = M.draw_train_set(facts, n, bucket=list(s[f"{name}_buckets"]), seed=seed)
+            sets[name] = mastery.draw_train_set(facts, n, bucket=list(s[f"{name}_buckets"]), seed=seed)
         except ValueError as e:
             skipped[name] = str(e)
     return sets, skipped
@@ -318,11 +310,9 @@ def draw_sets(facts: list, s: dict, seed: int) -> tuple:
 
 def validation_rows(facts: list, s: dict, seed: int) -> list:
     """QA rows of the train people's in-domain facts outside ``seed``'s large set (never test facts)."""
-    from ..world import mastery as M
-
     sets, _ = draw_sets(facts, s, seed)
     used = {r["id"] for r in sets["large"]}
-    return [M.qa_row(f) for f in facts if f["split"] == "train" and f["domain"] == "in" and f["id"] not in used]
+    return [mastery.qa_row(f) for f in facts if f["split"] == "train" and f["domain"] == "in" and f["id"] not in used]
 
 
 def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int) -> dict:
@@ -344,7 +334,6 @@ def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int
     if len(val) < s["min_validation"]:
         out["why"] = f"only {len(val)} validation facts (< min_validation {s['min_validation']}): the fixed lrs"
         return out
-    from ..train import train
 
     sel = work / "select"
     sel.mkdir(parents=True, exist_ok=True)
@@ -363,8 +352,6 @@ def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int
                 run = {**arm, "seed": seed, "output_dir": str(sel / f"{method}-lr{lr:g}")}
                 train(arm_config(run, base_dir, data_dir, {**s, f"{method}_lr": lr}), resume=True)
                 model = arm_model(run, base_dir)
-                from ..model import load_tokenizer
-
                 ev = evaluate_model(model, load_tokenizer(str(base_dir)), {"validation": val}, s["max_new_tokens"])
                 del model
                 got = {"lr": lr, "accuracy": sum(ev["validation"]["correct"]) / len(val)}
@@ -397,10 +384,6 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     ``out_dir`` is rankwise's (marker kind ``demo``); it may not be, lie inside or contain
     ``cache_dir``. Stale cached stages are deleted only from a ``work/`` rankwise made.
     """
-    from tqdm.auto import tqdm
-
-    from ..world.pretrain import preset
-
     _quiet_transformers()
     s = settings_for(scale, settings)
     out = Path(out_dir)
@@ -474,9 +457,6 @@ def _claim_output(out: Path, work: Path, s: dict, scale: str, pre: dict, cache_d
                   force: bool) -> None:
     """Check and claim ``out`` and ``work``; delete ``work`` first when ``fresh`` or its stages are stale
     (made with other settings), then stamp it with these settings."""
-    from ..ownership import MARKER, check_output, claim, owner
-    from ..world.pretrain import settings_key
-
     check_output(out, force=force, flag="--out", kinds=["demo"], inputs=[("world cache", cache_dir)])
     key = {"demo": s, "scale": scale, "base_key": settings_key(pre)}
     stamp = work / "settings.json"
@@ -572,8 +552,6 @@ def _train_seed(seed: int, sarms: list, group: list, base_dir, s_run: dict, work
             summ = trained[a["name"]]
         else:
             t0 = st.stage(f"seed {seed}: train {a['name']}")
-            from ..train import train
-
             summ = train(arm_config(a, base_dir, data_dir, s_run), resume=True)  # a finished arm: as is
             if a["name"] not in {g["name"] for g in group}:
                 st.done(f"train {a['name']}", t0)
@@ -587,8 +565,6 @@ def _train_seed(seed: int, sarms: list, group: list, base_dir, s_run: dict, work
 def _report(out: Path, st: _Stages, t_all: float, selection: dict, analysis_md, **parts) -> dict:
     """The results (:func:`rankwise.demo.report.build_results` of ``parts``, with the lr selection and the
     stage times) and the report written from them."""
-    from . import report
-
     t0 = st.stage("report")
     results = report.build_results(**parts)
     results["lr_selection"] = selection
@@ -601,33 +577,26 @@ def _report(out: Path, st: _Stages, t_all: float, selection: dict, analysis_md, 
 
 
 def _pretrain(scale, cache_dir, world_overrides, progress) -> dict:
-    from ..world.pretrain import pretrain
-
     return pretrain(scale, out_dir=cache_dir, overrides=world_overrides, progress=progress)
 
 
 def _mastery(pr: dict, base_dir, s: dict, work: Path) -> list:
     """Every study fact with its mastery ``R`` and bucket (cached in ``work/mastery.jsonl``)."""
-    from ..world import mastery as M
-    from ..world.generate import load_world
-
     mpath = work / "mastery.jsonl"
     if mpath.exists():
         return _read_jsonl(mpath)
     world = load_world(pr["world_dir"])
     model, tok = _load_base(base_dir)
-    scores = M.mastery_scores(model, tok, world["facts"], num_samples=s["mastery_samples"],
-                              temperature=s["mastery_temperature"], max_new_tokens=s["max_new_tokens"],
-                              seed=s["seed"], batch_size=512)
-    facts = M.assign_buckets(world["facts"], scores)
+    scores = mastery.mastery_scores(model, tok, world["facts"], num_samples=s["mastery_samples"],
+                                    temperature=s["mastery_temperature"], max_new_tokens=s["max_new_tokens"],
+                                    seed=s["seed"], batch_size=512)
+    facts = mastery.assign_buckets(world["facts"], scores)
     _write_jsonl(mpath, facts)
     return facts
 
 
 def _data(facts: list, s: dict, work: Path, seeds: list) -> tuple:
     """Write every seed's fine-tuning sets and the test sets; returns ``(test sets, {set: why skipped})``."""
-    from ..world import mastery as M
-
     skipped: dict = {}
     for seed in seeds:
         d = data_dir_of(work, seed)
@@ -637,7 +606,7 @@ def _data(facts: list, s: dict, work: Path, seeds: list) -> tuple:
         for name, rows in sets.items():
             _write_jsonl(d / f"train-{name}.jsonl", rows)
     _write_json(work / "data" / "skipped.json", skipped)
-    tests = M.test_sets(facts)
+    tests = mastery.test_sets(facts)
     for k, rows in tests.items():
         _write_jsonl(work / "data" / f"test-{k}.jsonl", rows)
     return tests, skipped
@@ -645,8 +614,6 @@ def _data(facts: list, s: dict, work: Path, seeds: list) -> tuple:
 
 def _restore(full_big: dict, base_dir, base_sd: dict, tok, tests: dict, s: dict, rdir: Path, seed: int) -> dict:
     """``{(selection, fraction): {"eval", "stats"}}`` for one seed's large full-SFT model (cached per point)."""
-    from ..masking import restore
-
     points = {}
     tuned = None
     tuned_sd = None
@@ -673,8 +640,6 @@ def _restore(full_big: dict, base_dir, base_sd: dict, tok, tests: dict, s: dict,
 def _analysis(runs: dict, arms: list, seeds: list, base_dir, tests: dict, out: Path, work: Path, s: dict):
     """The analysis section (every arm of the first seed) and the per-seed intruder counts of the
     compared LoRA and full-SFT arms: ``(markdown, {seed: {arm name: {matrix: intruders}}})``."""
-    from ..analysis import analyze_runs, markdown_section
-
     first = seeds[0]
     adir = out / "analysis"
     cached = work / "analysis.json"

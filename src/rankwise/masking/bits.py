@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 
 from .. import _C
+from ..kernels.masked_adamw import apply_mask
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,8 +96,6 @@ def apply_mask_(tensor: torch.Tensor, mask: Mask) -> torch.Tensor:
     if tensor.device.type == "cpu":
         _C.apply_mask_(target, packed)
     else:
-        from ..kernels.masked_adamw import apply_mask
-
         apply_mask(target, packed)
     if target is not tensor:
         tensor.copy_(target)

@@ -6,6 +6,7 @@ from typing import Mapping
 import torch
 
 from .. import _C
+from ..kernels.masked_adamw import masked_adamw_step
 from .bits import as_packed, check_float
 
 
@@ -109,8 +110,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.device.type == "cpu":
                     _C.masked_adamw_step_(*args, lr, beta1, beta2, eps, wd, st["step"])
                 else:
-                    from ..kernels.masked_adamw import masked_adamw_step
-
                     masked_adamw_step(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=st["step"])
                 if target is not p.data:
                     p.data.copy_(target)

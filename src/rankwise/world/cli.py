@@ -14,7 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..ownership import check_output_file
+from ..atomic import atomic_write_text
+from ..errors import ConfigError
+from ..model import load_model, load_tokenizer
+from ..ownership import check_output, check_output_file, claim
+from .generate import load_world
+from .mastery import assign_buckets, bucket_counts, mastery_scores
+from .pretrain import build_world_dir, preset, pretrain
 
 
 def add_arguments(parser) -> None:
@@ -56,25 +62,16 @@ def main(args) -> int:
     """Run the chosen sub-verb; returns the exit code."""
     verb = getattr(args, "world_verb", None)
     if verb == "build":
-        from .pretrain import build_world_dir, preset
-
-        from ..ownership import check_output, claim
-
         s = preset(args.scale, {"world": _world_overrides(args)})
         check_output(args.out, force=args.force, flag="--out", kinds=["world"])
         claim(args.out, "world")
         out = build_world_dir(s["world"], args.out)
-        from .generate import load_world
-
         w = load_world(out)
         seen = sum(p["exposures"] > 0 for p in w["people"])
         print(f"world in {out}: {len(w['people'])} people ({seen} in the corpus), "
               f"{len(w['facts'])} study facts, {len(w['corpus'])} corpus documents")
         return 0
     if verb == "pretrain":
-        from ..errors import ConfigError
-        from .pretrain import pretrain
-
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
 
@@ -84,9 +81,6 @@ def main(args) -> int:
         print(f"base model ({state}): {r['base_dir']}")
         return 0
     if verb == "mastery":
-        from ..errors import ConfigError
-        from .generate import load_world
-
         if args.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {args.samples}")
         if not (Path(args.world) / "world.json").is_file():
@@ -94,15 +88,12 @@ def main(args) -> int:
         if not Path(args.base).is_dir():
             raise ConfigError(f"--base: {args.base} is not a model directory")
         check_output_file(args.out, inputs=[("base model", args.base), ("world", args.world)], force=args.force)
-        from .mastery import assign_buckets, bucket_counts, mastery_scores
-        from ..model import load_model, load_tokenizer
 
         world = load_world(args.world)
         model = load_model(args.base, dtype="fp32", device="cpu")
         tok = load_tokenizer(args.base)
         scores = mastery_scores(model, tok, world["facts"], num_samples=args.samples, seed=args.seed, progress=True)
         facts = assign_buckets(world["facts"], scores)
-        from ..atomic import atomic_write_text
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
@@ -167,10 +169,10 @@ class WorldConfig:
             the study's QA format: ``"qa"`` (another QA format, :data:`ALT_QA_FORMAT`, with
             question wordings that share no word with the study's but "of": the ``alt_question``
             templates), ``"record"`` (attribute records, :data:`RECORD_FORMAT`) or ``"none"``.
-            Measured on the cpu preset (one seed): with ``"qa"`` the base model answers 7.7 % of the
-            held-out in-domain questions in the study's format and fine-tuning on 192 of them
-            unlocks 63 % of the D3+D4 facts; with ``"record"`` 3.6 % and 52 %; with ``"none"``
-            7 % and about 55 %; with the alt format on wordings close to the study's, 21 % and 70 %.
+            On the cpu preset ``"qa"`` keeps the base model's accuracy on held-out in-domain
+            questions in the study's format low while fine-tuning unlocks the most D3+D4 facts;
+            ``"record"`` and ``"none"`` unlock fewer, and alt wordings close to the study's let
+            the base model answer many of them before any fine-tuning.
         test_fraction: share of the study people in the ``test`` split (the rest are ``train``).
         pool_sizes: number of distinct answers per value pool.
     """
@@ -259,8 +261,6 @@ def _make_words(rng: random.Random, n: int, taken: set[str], min_syll: int, max_
 
 
 def _template_words() -> set[str]:
-    import re
-
     words = set()
     for rel in TEMPLATES.values():
         for kind in rel.values():
@@ -429,8 +429,6 @@ def all_texts(world: dict) -> list[str]:
 
 def save_world(world: dict, out_dir) -> None:
     """Write ``world.json``, ``corpus.jsonl`` and ``facts.jsonl`` into ``out_dir`` atomically."""
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in world.items() if k not in ("corpus", "facts")}
@@ -441,8 +439,6 @@ def save_world(world: dict, out_dir) -> None:
 
 def load_world(out_dir) -> dict:
     """Read back a world written by :func:`save_world`."""
-    from pathlib import Path
-
     out = Path(out_dir)
     if not (out / "world.json").exists():
         raise FileNotFoundError(f"no world.json in {out} (run `rankwise world build --out {out}`)")

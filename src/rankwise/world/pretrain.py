@@ -20,10 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ..atomic import atomic_write_text
 from ..errors import ConfigError
+from ..model import load_tokenizer
 from ..ownership import check_output, claim
+from ..train import train
 from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
+from .tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 2  # bump when the files or the recipe change in a way the settings do not show
 
@@ -83,8 +88,6 @@ def settings_key(settings: dict) -> str:
 
 def build_world_dir(world_settings: dict, out_dir) -> Path:
     """Generate the world and its tokenizer into ``out_dir`` (skipped when already there)."""
-    from .tokenizer import build_tokenizer, save_tokenizer
-
     out = Path(out_dir)
     done = out / "BUILT"
     cfg = WorldConfig.from_dict(world_settings)
@@ -105,10 +108,7 @@ def write_pretrain_rows(world: dict, path) -> Path:
 
 def init_model(tokenizer_dir, model_settings: dict, out_dir) -> Path:
     """A randomly initialised ``LlamaForCausalLM`` saved with its tokenizer into ``out_dir``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ..model import load_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy at import: transformers
 
     tok = load_tokenizer(str(tokenizer_dir))
     m = dict(model_settings)
@@ -181,7 +181,6 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     if (base / "DONE").exists() and not force:
         return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings,
                 "seconds": 0.0, "cached": True}
-    from ..train import train
 
     world = load_world(world_dir)
     rows = write_pretrain_rows(world, root / "pretrain_rows.jsonl")
@@ -195,8 +194,6 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     tmp = base.with_name("base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)
-    from ..model import load_tokenizer
-
     load_tokenizer(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
     secs = time.time() - t0
     atomic_write_text(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")

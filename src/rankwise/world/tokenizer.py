@@ -7,7 +7,11 @@ exactly. It is saved as a ``PreTrainedTokenizerFast`` directory, so
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -19,20 +23,14 @@ def build_tokenizer(texts: Iterable[str]):
     ``</s>`` = 3), then the words sorted by decreasing count (ties alphabetically), so
     the result does not depend on the order of ``texts``.
     """
-    from collections import Counter
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy at import: transformers
 
     pre = pre_tokenizers.Whitespace()
     counts: Counter = Counter()
-    n = 0
     for t in texts:
         if not isinstance(t, str):
             raise TypeError(f"texts must be strings, got {type(t).__name__}")
         counts.update(w for w, _ in pre.pre_tokenize_str(t))
-        n += 1
     if not counts:
         raise ValueError("texts is empty: cannot build a vocabulary")
     specials = list(SPECIAL_TOKENS.values())
