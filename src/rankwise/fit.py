@@ -368,8 +368,8 @@ class Fit:
     def record(self, live: list, step: int, sums: torch.Tensor, n_tgt: int, n_tokens: int) -> None:
         """Add the step to the live arms' windows and note a first non-finite loss, all on the device."""
         idx = self.index(live)
-        counts = torch.tensor([n_tgt, n_tokens], dtype=torch.float64).to(sums.device, non_blocking=True)
-        self.windows.index_add_(0, idx, torch.cat([sums[:, None], counts.expand(len(live), 2)], dim=1))
+        rows = torch.stack([sums, torch.full_like(sums, n_tgt), torch.full_like(sums, n_tokens)], dim=1)  # no copy
+        self.windows.index_add_(0, idx, rows)
         now = self.bad_step.index_select(0, idx)
         new = torch.isinf(now) & ~torch.isfinite(sums)
         self.bad_step.index_copy_(0, idx, torch.where(new, float(step + 1), now))
