@@ -296,3 +296,101 @@ def test_results_record_the_commit_measured(monkeypatch):
     assert common.source_commit() is None
     monkeypatch.setenv("RANKWISE_COMMIT", "abc123")  # a copy of the tree without .git, told its commit
     assert common.source_commit() == "abc123"
+
+
+# --- bench_train: the peers (Liger-Kernel, Unsloth) and the GPU-busy fraction ---
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="off CUDA the peers are skipped; on a GPU they run")
+def test_bench_train_smoke_records_the_skipped_peers(smoke_suite):
+    """The peers are never dropped: off CUDA every group has them with a one-line reason, the summary
+    says they were skipped, and no row has a GPU-busy fraction (null, with the reason)."""
+    from benchmarks import bench_train as bt
+
+    _, out = smoke_suite
+    payload = json.loads((out / "bench_train.json").read_text())
+    assert payload["complete"] is True and set(payload["peers"]) >= {"liger-kernel", "unsloth"}
+    assert payload["rows"], "no groups"
+    for group in payload["rows"]:
+        arms = group["arms"]
+        assert set(bt.SMOKE_ARMS) <= set(arms)
+        for name in ("liger", "unsloth"):
+            reason = arms[name].get("skipped")
+            assert reason and "\n" not in reason and "no CUDA device" in reason, arms[name]
+        for name, row in arms.items():
+            if "skipped" not in row and "error" not in row:
+                assert row["gpu_busy_frac"] is None and "no CUDA" in row["gpu_busy_reason"]
+    skipped = [f for f in payload["summary"] if f["figure"].endswith(": skipped")]
+    assert {f["figure"].split()[2].rstrip(":") for f in skipped} == {"liger", "unsloth"}
+    assert all("no CUDA device" in f["baseline"] for f in skipped)
+    assert "liger: skipped" in (out / "summary.md").read_text()
+
+
+def test_bench_train_peer_skip_reasons(monkeypatch):
+    from benchmarks import bench_train as bt
+
+    assert bt.peer_skip_reason("baseline", cuda=False) is None and bt.peer_skip_reason("rankwise", cuda=True) is None
+    assert "no CUDA device" in bt.peer_skip_reason("liger", cuda=False)
+    monkeypatch.setattr(bt.importlib.util, "find_spec", lambda name: None)
+    reason = bt.peer_skip_reason("unsloth", cuda=True)
+    assert reason.startswith("unsloth not installed") and "no CUDA" not in reason
+    assert "; " in bt.peer_skip_reason("liger", cuda=False)  # both reasons, one line
+
+
+def test_bench_train_gpu_busy_is_the_union_of_kernel_intervals(tmp_path):
+    from benchmarks import bench_train as bt
+
+    assert bt.union_length([]) == 0
+    # two streams overlapping (0-10 and 5-12 -> 12), a gap, then 20-25 inside 20-30
+    assert bt.union_length([(20, 30), (5, 12), (0, 10), (20, 25)]) == 22
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"cat": "kernel", "name": "k1", "ts": 100.5, "dur": 10},
+        {"cat": "kernel", "name": "k2", "ts": 105.5, "dur": 10},
+        {"cat": "gpu_memcpy", "name": "copy", "ts": 0, "dur": 1000},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 100, "dur": 50},
+        {"ph": "M", "name": "process_name"}]}))
+    spans = bt.kernel_intervals(trace)
+    assert spans == [(100.5, 110.5), (105.5, 115.5)] and bt.union_length(spans) == 15
+    calls = []
+    row = bt.gpu_busy(calls.append, 3, "cpu")
+    assert row["gpu_busy_frac"] is None and "no CUDA" in row["gpu_busy_reason"] and not calls
+
+
+def test_bench_train_compare_names_the_peers_and_their_skips():
+    from benchmarks import bench_train as bt
+
+    def row(arm, tps, mem):
+        return dict(arm=arm, **bt.ARMS[arm], tokens_per_s=tps, peak_mem_mb=mem, losses=[2.0, 1.5],
+                    gpu_busy_frac=0.5, gpu_window_steps=2)
+
+    rows = {"rankwise": row("rankwise", 300.0, 100.0), "liger": row("liger", 200.0, 150.0),
+            "unsloth": dict(arm="unsloth", **bt.ARMS["unsloth"], skipped="import unsloth failed: NotImplementedError: x")}
+    figs = {f["figure"]: f for f in bt.compare(rows, "bf16", 2, label="bf16 1x512")}
+    ratio = figs["bf16 1x512 rankwise vs liger (vs PEFT with Liger's RoPE, RMSNorm, SwiGLU, fused linear + cross "
+                 "entropy): tokens/s"]
+    assert ratio["value"] == pytest.approx(1.5) and ratio["baseline"] == "transformers+PEFT+Liger-Kernel"
+    assert figs["bf16 1x512 unsloth: skipped"]["baseline"].startswith("import unsloth failed")
+    assert not [f for f in figs if "vs unsloth" in f]
+    assert figs["bf16 1x512 liger: GPU busy fraction of wall time"]["value"] == 0.5
+    nf4 = bt.compare({"rankwise": rows["rankwise"], "liger": rows["liger"]}, "nf4", 2)
+    assert nf4[0]["baseline"] == "transformers+PEFT+Liger-Kernel+bitsandbytes"
+
+
+def test_bench_train_cli_help_and_shapes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks import bench_train as bt
+
+    assert bt.parse_shapes("1x512, 4X2048") == [(1, 512), (4, 2048)]
+    for bad in ("", "4", "0x8", "axb"):
+        with pytest.raises(Exception):
+            bt.parse_shapes(bad)
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--arms", "nope"])
+    root = Path(bt.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--shapes" in proc.stdout and "unsloth" in proc.stdout
