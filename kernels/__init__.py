@@ -23,9 +23,10 @@ historical names; the tests compare both backends with references of their own
 (``tests/helpers.py``). The masked-AdamW steps are Triton-only (``rankwise.masking``
 owns their CPU path).
 
-Imports within the package form a tree: ``utils`` <- ``lowrank``, ``nf4`` <-
-``nf4_lora`` <- ``lora_linear``, with ``lora_torch`` (the torch path of every
-LoRA op, one arm or several) under the LoRA op files; no op file imports another's private names,
+Imports within the package form a tree: ``utils`` <- ``lowrank`` (the low-rank
+kernels and the LoRA op family's autograd), ``nf4`` <- ``lora_torch`` (the call
+and the torch path of every LoRA op, one arm or several) <- ``nf4_lora`` <-
+``lora_linear``, and ``multi_lora``; no op file imports another's private names,
 and nothing here imports the ``rankwise`` package.
 """
 from .geglu import geglu, geglu_reference

@@ -32,7 +32,9 @@ torch.compile: the launchers are also registered as torch.library custom ops
 with a fake function that gives its output shapes without running a kernel.
 The forward op carries the autograd formula (``register_autograd``), so a
 compiled graph calls kernels 1-2 forward and kernels 3-5 backward, as eager
-does (eager calls take the cheaper autograd.Function; see "Autograd" below).
+does (eager calls take the cheaper autograd.Function twin). Both are made by
+``lowrank.lora_function``, which writes setup_context and backward once for
+the four LoRA forward ops (dense / NF4, one arm / an arm table).
 
 Accumulation is fp32 throughout; outputs are stored in the compute dtype (S and
 dS too, as PEFT's eager layer keeps them).
@@ -45,16 +47,17 @@ dX = dY @ W (cuBLAS) followed by one adding (dS @ A) * m / (1 - p) in place
 the same. The base product is rounded to the compute dtype before the tail is
 added (the fused path rounds once), as torch's own layer does.
 
-Layout: kernels 1, 3 and 5 and the low-rank tails of kernels 2 and 4 live in
-``lowrank.py`` (shared with the NF4 layer), the torch path in ``lora_torch.py``
-(shared with the NF4 and the multi-arm ops); this file holds
-the dense base-weight kernels 2 and 4 and the public ``lora_linear``, the one
-place where an ``NF4Weight`` base is sent to ``nf4_lora.nf4_lora_linear``.
+Layout: kernels 1, 3 and 5, the low-rank tails of kernels 2 and 4, the split
+path's tails and the family's autograd live in ``lowrank.py`` (shared with the
+NF4 and the multi-arm ops); the call (argument checks, compute dtype, backend)
+and the torch path in ``lora_torch.py`` (shared likewise); this file holds the
+dense base-weight kernels 2 and 4 and the public ``lora_linear``, the one place
+where an ``NF4Weight`` base is sent to ``nf4_lora.nf4_lora_linear``.
 
 Backends (the convention of every op in ``rankwise.kernels``): ``"triton"``
 runs the kernels; ``"torch"`` runs plain torch ops (``lora_torch.lora_linear_torch``,
-the one-arm case of the multi-arm op's torch path, its backward written out), the CPU path; ``"auto"`` picks Triton on CUDA and
-torch otherwise. ``lora_linear_reference`` is that torch path under its old
+the one-arm case of the multi-arm op's torch path, its backward written out),
+the CPU path; ``"auto"`` picks Triton on CUDA and torch otherwise. ``lora_linear_reference`` is that torch path under its old
 public name. The tests compare both backends with a float64 reference of their
 own (``tests/helpers.py``), never with the code under test.
 """
@@ -66,33 +69,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_torch import lora_linear_torch
+from .lora_torch import lora_linear_torch, one_arm_call
 from .lowrank import (
-    LAUNCHERS,
-    OPS,
-    LowRankBackward,
-    check_tensor,
-    compute_dtype,
-    draw_seed,
+    ONE_ARM,
+    KernelSet,
+    OpLayout,
     dropout_args,
     dropout_mask,
+    lora_da,
     lora_down,
-    lowrank_dx_add_,
+    lora_ds_db,
+    lora_function,
     lowrank_dx_tail,
-    lowrank_fwd_add_,
     lowrank_fwd_tail,
-    lowrank_grads,
-    op_seed,
-    validate_lora_args,
+    split_dx,
+    split_fwd,
+    traced_kernels,
 )
-from .tuning import PATHS, check_path, run_path
 from .nf4 import NF4Weight
 from .nf4_lora import nf4_lora_linear
+from .tuning import run_path
 from .utils import (
-    check_triton_tensor,
     dot_precision,
     fit_shared_memory,
-    fused_apply,
     fused_variants,
     gemm_config,
     gemm_configs,
@@ -241,25 +240,12 @@ def _bwd_dX(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None,
     return dX
 
 
-def _fwd_split(x2, W, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The split path of ``_fwd_gemm``: Y = x2 @ W.T (+ bias) by torch (cuBLAS on CUDA),
-    then ``Y += scaling * S @ B.T`` in place by one Triton kernel."""
-    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
-    return lowrank_fwd_add_(Y, S, B, scaling)
-
-
-def _bwd_dX_split(dY, W, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """The split path of ``_bwd_dX``: dX = dY @ W by torch (cuBLAS on CUDA), then
-    ``dX += dropout_mask * (dS @ A) / (1 - p)`` in place by one Triton kernel."""
-    return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
-
-
 def _fwd_path(x2, W, S, B, scaling: float, bias, path: str) -> torch.Tensor:
     """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA over the
     split path and the fused one in each of ``tile_configs``; fused elsewhere)."""
     return run_path(path, "lora_fwd", x2.shape[0], W.shape[0], x2.shape[1], x2,
                     lambda c: _fwd_gemm(x2, W, S, B, scaling, bias, c),
-                    lambda: _fwd_split(x2, W, S, B, scaling, bias),
+                    lambda: split_fwd(x2, W, S, B, scaling, bias),
                     lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1])))
 
 
@@ -267,30 +253,15 @@ def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
     """dX by the path ``path`` names (as ``_fwd_path``)."""
     return run_path(path, "lora_dx", dY.shape[0], A.shape[1], dY.shape[1], dY,
                     lambda c: _bwd_dX(dY, W, dS, A, dropout_p, seed, c),
-                    lambda: _bwd_dX_split(dY, W, dS, A, dropout_p, seed),
+                    lambda: split_dx(dY, W, dS, A, dropout_p, seed),
                     lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0])))
 
 
 # ----------------------------------------------------------------------------
-# Autograd: one forward, one setup_context and one backward, used twice:
-#
-# - as torch.library custom ops (namespace "rankwise"), for torch.compile: the
-#   forward op ``rankwise::lora_linear`` carries the autograd formula
-#   (``register_autograd``), and the backward calls the backward ops
-#   ``rankwise::lora_ds_db``, ``rankwise::lora_dx``, ``rankwise::lora_da`` (the
-#   first and last registered in lowrank.py, shared with the NF4 layer). Each
-#   op has a fake function that gives its output shapes without running a
-#   kernel, so dynamo / AOTAutograd trace them as opaque calls: a compiled graph
-#   runs kernels 1-2 forward and kernels 3-5 backward, as eager does.
-# - as an autograd.Function calling the launchers directly, for eager calls: a
-#   Python custom op's dispatch costs several times the host time of an
-#   autograd.Function (fwd + bwd of a small layer with the launchers stubbed
-#   out: ~660 us through the ops vs ~190 us, 2-core CPU), which a training step
-#   would pay on every layer.
-#
-# The launchers and the ops take the same positional arguments, so the
-# backward is written once against either set (``lowrank.LAUNCHERS`` plus
-# ``_bwd_dX`` / ``lowrank.OPS`` plus ``rankwise::lora_dx``).
+# Autograd: the forward op ``rankwise::lora_linear`` (kernels 1-2) with the
+# backward op ``rankwise::lora_dx`` (kernel 4; kernels 3 and 5 are lowrank.py's),
+# wired by ``lowrank.lora_function`` (custom op for torch.compile, autograd.Function
+# twin for eager calls; setup_context and backward shared by the family).
 # ----------------------------------------------------------------------------
 
 
@@ -310,15 +281,9 @@ def _lora_linear_fwd(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
     return _fwd_path(x2, weight, S, lora_B, scaling, bias, path), S
 
 
-_lora_linear_op = torch.library.custom_op("rankwise::lora_linear", _lora_linear_fwd, mutates_args=())
-
-
-@_lora_linear_op.register_fake
 def _lora_linear_fake(x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, path="auto"):
     M = x2.shape[0]
     return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, lora_A.shape[0]))
-
-
 
 
 @torch.library.custom_op("rankwise::lora_dx", mutates_args=())
@@ -333,59 +298,11 @@ def _lora_dx_fake(dY, weight, dS, lora_A, dropout_p, seed, path="auto"):
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
-
-def _lora_linear_setup_context(ctx, inputs, output):
-    x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs[:8]
-    S = output[1]
-    # Saved: x and S (activations), the seed (the mask is regenerated, never
-    # stored); W, A, B are the layer's own tensors, saved by reference.
-    ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-    ctx.path, ctx.n_inputs = (inputs[8] if len(inputs) > 8 else "auto"), len(inputs)
-    ctx.mark_non_differentiable(S)
-    ctx.set_materialize_grads(False)  # S never gets a gradient: no zero (M, r) tensor for it
-
-
-def _lora_linear_backward(ctx, dY, k: LowRankBackward, dx):
-    """Gradients of all inputs (None for the non-tensor ones and those that need
-    none). ``k`` runs kernels 3 and 5, ``dx`` kernel 4 or the split dX path
-    (launchers when eager, custom ops when traced)."""
-    x2, weight, lora_A, lora_B, S = ctx.saved_tensors
-    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    tail = (None,) * (ctx.n_inputs - 5)
-    if dY is None:
-        return (None,) * 5 + tail
-    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-    dX, dA, dB = lowrank_grads(
-        k, dY, x2, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
-        lambda dY, dS: dx(dY, weight, dS, lora_A, ctx.dropout_p, ctx.seed, ctx.path))
-    # The base weight and bias are frozen in LoRA, but get their gradients (in
-    # torch) when they do require grad, like nn.Linear's.
-    dW = (dY.t() @ x2).to(weight.dtype) if need_w else None
-    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dW, dA, dB, dbias) + tail
-
-
-_lora_linear_op.register_autograd(
-    lambda ctx, dY, _dS: _lora_linear_backward(ctx, dY, OPS, lambda *a: torch.ops.rankwise.lora_dx(*a)),
-                                  setup_context=_lora_linear_setup_context)
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    """The eager twin of ``rankwise::lora_linear``: same arguments, outputs and
-    autograd formula, launchers called directly. Inputs validated, x 2-D."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        # setup_context called here rather than declared: a separate
-        # setup_context makes every apply() bind a signature (inspect), ~50 us.
-        output = _lora_linear_fwd(*inputs)
-        _lora_linear_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dY, _dS):
-        return _lora_linear_backward(ctx, dY, LAUNCHERS, _dx_path)
+LoRALinearFunction = lora_function(
+    "lora_linear", _lora_linear_fwd, _lora_linear_fake, OpLayout(nf4=False, **ONE_ARM),
+    KernelSet(lora_ds_db, _dx_path, lora_da), traced_kernels("lora_ds_db", "lora_dx", "lora_da"),
+    "LoRALinearFunction", """The eager twin of ``rankwise::lora_linear``: same arguments, outputs and
+    autograd formula, launchers called directly. Inputs validated, x 2-D.""")
 
 
 # ----------------------------------------------------------------------------
@@ -448,34 +365,7 @@ def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     Returns:
         Tensor of shape ``(..., out_features)`` in the compute dtype.
     """
-    if isinstance(weight, NF4Weight):  # the one dense / NF4 dispatch of the LoRA layer
+    if isinstance(weight, NF4Weight):  # the one dense / NF4 dispatch of the single-arm layer
         return nf4_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend, path=path)
-    check_tensor(weight, "weight", 2)
-    check_path(path)
-    scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
-                                 backend)
-    dropout_p = float(dropout_p)
-    seed = draw_seed(dropout_p, seed)
-
-    device_type = x.device.type
-    dtype = compute_dtype(x)
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    x, weight, lora_A, lora_B, bias = cast(x), cast(weight), cast(lora_A), cast(lora_B), cast(bias)
-
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
-    if backend == "torch":
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear_torch(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-
-    for t, name in ((x, "x"), (weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
-        check_triton_tensor(t, name)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.autocast(device_type, enabled=False):
-        y, _ = fused_apply(LoRALinearFunction, torch.ops.rankwise.lora_linear)(
-            x2, weight, lora_A, lora_B, bias, scaling, dropout_p, op_seed(dropout_p, seed), path)
-    return y.reshape(*lead, weight.shape[0])
+    return one_arm_call(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend, path,
+                        (LoRALinearFunction, torch.ops.rankwise.lora_linear))

@@ -1,7 +1,9 @@
-"""The torch path of every LoRA op (``backend="torch"``, and ``"auto"`` off CUDA),
-plain torch ops on a dense base weight (an NF4 base is dequantized by the caller):
-``multi_lora_linear_torch`` for K arms, ``lora_linear_torch`` (``lora_linear``,
-``nf4_lora_linear``) its one-arm call. Math and derivation: ``multi_lora.py``.
+"""The host side of every LoRA op: the call (``lora_call``: compute dtype, backend,
+dense or NF4 base, then the torch path or the Triton op) and the torch path
+(``backend="torch"``, and ``"auto"`` off CUDA), plain torch ops on a dense base
+weight (an NF4 base is dequantized first): ``multi_lora_linear_torch`` for K arms,
+``lora_linear_torch`` (``lora_linear``, ``nf4_lora_linear``) its one-arm call.
+Math and derivation: ``multi_lora.py``.
 
 Dropout: arm k's keep-mask is ``torch_keep_mask`` of its rows from ``seeds[k]``,
 so an arm sees the mask of a single-arm call on its rows with that seed (the
@@ -15,7 +17,13 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["lora_linear_torch", "multi_lora_linear_torch", "torch_keep_mask"]
+from .lowrank import check_tensor, compute_dtype, draw_seed, op_seed, validate_lora_args
+from .nf4 import NF4Weight, dequantize_nf4, nf4_kernel_args
+from .tuning import check_path
+from .utils import check_triton_tensor, fused_apply
+
+__all__ = ["lora_linear_torch", "multi_lora_linear_torch", "torch_keep_mask", "lora_call", "one_arm_call",
+           "check_weight_and_path"]
 
 
 def torch_keep_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
@@ -118,3 +126,82 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: 
     y = multi_lora_linear_torch(x2, weight, (lora_A,), (lora_B,), (lora_A.shape[0],), (scaling,), (x2.shape[0],),
                                 bias, (p,), (int(seed) if seed is not None else 0,), masks)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------
+# The call: every public entry of the family ends here
+# ----------------------------------------------------------------------------
+
+
+def check_weight_and_path(weight, path: str) -> bool:
+    """Check the base weight (a 2-D tensor or a 2-D ``NF4Weight``) and ``path``;
+    returns whether W is NF4."""
+    is_nf4 = isinstance(weight, NF4Weight)
+    if is_nf4:
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
+                             f"got shape {tuple(weight.shape)}")
+    else:
+        check_tensor(weight, "weight", 2)
+    check_path(path)
+    return is_nf4
+
+
+def one_arm_call(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend: str, path: str, triton_op):
+    """``lora_linear`` / ``nf4_lora_linear`` once W's kind is known: the checks, the
+    seed (drawn when dropout is on and none is given), then ``lora_call`` with the
+    arm arguments ``(scaling, dropout_p, seed)`` and ``lora_torch.lora_linear_torch``."""
+    check_weight_and_path(weight, path)
+    scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
+                                 backend)
+    dropout_p = float(dropout_p)
+    seed = op_seed(dropout_p, draw_seed(dropout_p, seed))
+    return lora_call(x, weight, lora_A, lora_B, bias, (scaling, dropout_p, seed), backend, path, triton_op,
+                     lambda x2, W, A, B, b: lora_linear_torch(x2, W, A, B, scaling, b, dropout_p, seed))
+
+
+def lora_call(x, weight, lora_A, lora_B, bias, arms: tuple, backend: str, path: str, triton_op, torch_path):
+    """A validated call of any op of the family: cast to the compute dtype (x's, or
+    autocast's: W, the adapters and the bias follow x, differentiably), then the
+    torch path or the Triton op, on x flattened to 2-D.
+
+    ``weight``: a dense W or an ``NF4Weight`` (which enters the Triton op as the six
+    tensors and four constants of ``OpLayout``, and is dequantized for the torch
+    path). ``lora_A`` / ``lora_B``: tensors, or lists of the arms' own tensors
+    (concatenated for the Triton op). ``arms``: the op's arm arguments.
+    ``triton_op``: (autograd.Function, custom op) of the forward op for W's kind;
+    ``torch_path(x2, W, lora_A, lora_B, bias)`` on a dense W."""
+    device_type = x.device.type
+    dtype = compute_dtype(x)
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    is_nf4 = isinstance(weight, NF4Weight)
+    x, bias, weight = cast(x), cast(bias), weight if is_nf4 else cast(weight)
+    if isinstance(lora_A, torch.Tensor):
+        lora_A, lora_B = cast(lora_A), cast(lora_B)
+    else:
+        lora_A, lora_B = [cast(a) for a in lora_A], [cast(b) for b in lora_B]
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    lead, N = x.shape[:-1], weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if backend == "torch":
+        W = dequantize_nf4(weight).to(dtype) if is_nf4 else weight
+        with torch.autocast(device_type, enabled=False):
+            return torch_path(x2, W, lora_A, lora_B, bias).reshape(*lead, N)
+    if not isinstance(lora_A, torch.Tensor):
+        lora_A, lora_B = torch.cat(lora_A, 0), torch.cat(lora_B, 1)
+    for t, name in ((x, "x"), (weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+        if not (is_nf4 and name == "weight"):
+            check_triton_tensor(t, name)
+    if is_nf4:
+        tensors, const = nf4_kernel_args(weight)
+        base = (x2, lora_A, lora_B, bias, *tensors, const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"],
+                weight.dtype)
+    else:
+        base = (x2, weight, lora_A, lora_B, bias)
+    with torch.autocast(device_type, enabled=False):
+        y, _ = fused_apply(*triton_op)(*base, *arms, path)
+    return y.reshape(*lead, N)

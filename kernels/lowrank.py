@@ -26,11 +26,13 @@ The dropout mask is never stored: every kernel that needs it regenerates it
 from (seed, flat element index) with Philox (``utils.dropout_keep``);
 ``dropout_mask`` returns it for tests and users.
 
-Also here, because both ops share them: the backward custom ops
+Also here, because every LoRA op shares them: the backward custom ops
 ``rankwise::lora_ds_db`` and ``rankwise::lora_da`` (with fake functions, for
-torch.compile), ``lowrank_grads`` (dX, dA, dB given a dX kernel for the base
-weight at hand), argument checks and seed handling. The plain-torch path
-(``backend="torch"``) of every LoRA op is ``lora_torch.py``.
+torch.compile); the family's autograd, written once for its four forward ops
+(dense or NF4 base x one arm or an arm table): ``lora_function`` registers a
+forward op with its fake, setup_context and backward and returns the op's eager
+autograd.Function twin; argument checks and seed handling. The call that picks
+the torch path or the Triton op, and the torch path itself, are ``lora_torch.py``.
 
 On CUDA each of the three skinny products is also a measured choice
 (``tuning.run_path``, as the big GEMMs are): the Triton kernel, or torch's GEMMs
@@ -486,6 +488,22 @@ def lowrank_dx_add_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, dropout
     return dX
 
 
+def split_fwd(x2: torch.Tensor, W: torch.Tensor, S: torch.Tensor, B: torch.Tensor, scaling: float,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The split path's forward on a dense W (an NF4 one dequantized whole by the
+    caller): Y = x2 @ W.T (+ bias) by torch (cuBLAS on CUDA), then
+    ``Y += scaling * S @ B.T`` in place (``lowrank_fwd_add_``)."""
+    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+    return lowrank_fwd_add_(Y, S, B, scaling)
+
+
+def split_dx(dY: torch.Tensor, W: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, dropout_p: float = 0.0,
+             seed: Optional[int] = None) -> torch.Tensor:
+    """The split path's dX: dX = dY @ W by torch, then ``dX += dropout_mask * (dS @ A)
+    / (1 - p)`` in place (``lowrank_dx_add_``)."""
+    return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
+
+
 def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
     """The keep-mask (bool, ``shape`` = (..., in)) that the Triton kernels use for
     ``dropout_p`` and ``seed``; for tests and for users who need the exact mask."""
@@ -505,7 +523,7 @@ def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tens
 # ----------------------------------------------------------------------------
 # Custom ops of the shared backward kernels (torch.compile): each with a fake
 # function that gives its output shapes without running a kernel. Registered
-# here, once, and used by both layers' traced backward.
+# here, once, and used by both single-arm layers' traced backward.
 # ----------------------------------------------------------------------------
 
 
@@ -533,36 +551,135 @@ def _lora_da_fake(dS, x2, dropout_p, seed, out_dtype):
     return x2.new_empty((dS.shape[1], x2.shape[1]), dtype=out_dtype)
 
 
-class LowRankBackward(NamedTuple):
-    """The shared backward kernels 3 and 5 as callables: the launchers (eager)
-    or the custom ops (traced), with the same positional arguments."""
+# ----------------------------------------------------------------------------
+# The LoRA op family's autograd, written once for its four forward ops
+# (``rankwise::lora_linear``, ``nf4_lora_linear``, ``multi_lora_linear``,
+# ``multi_nf4_lora_linear``): dense or NF4 base x one arm or an arm table.
+#
+# Each forward op returns ``(Y, S)`` and is used twice:
+# - as a torch.library custom op, for torch.compile: it carries the autograd
+#   formula (``register_autograd``), whose backward calls the backward custom
+#   ops (kernels 3, 4 and 5), and every op has a fake function giving its output
+#   shapes without running a kernel, so dynamo / AOTAutograd trace them as
+#   opaque calls: a compiled graph runs kernels 1-2 forward and 3-5 backward;
+# - as its autograd.Function twin calling the launchers directly, for eager
+#   calls: a Python custom op's dispatch costs several times the host time of an
+#   autograd.Function, which a training step would pay on every layer.
+# The launchers and the ops take the same positional arguments, so setup_context
+# and backward are written once against either set (``KernelSet``).
+#
+# Gradients (the derivation is ``lora_linear.py``'s, arm by arm in
+# ``multi_lora.py``): from dY, kernel 3 gives dS = s * dY @ B and dB = s * dY.T @ S,
+# kernel 4 dX = dY @ W + (dS @ A) * m / (1 - p), kernel 5 dA = dS.T @ x_d; a
+# dense W and the bias get dW = dY.T @ x and db = sum_rows(dY) from torch when
+# they require grad (frozen in LoRA, but treated like nn.Linear's); an NF4 W none.
+# Saved: x and S (activations) and the dropout seeds (masks regenerated, never
+# stored); W (or its NF4 tensors), A and B are the layer's own, kept by reference.
+# ----------------------------------------------------------------------------
+
+
+class KernelSet(NamedTuple):
+    """The backward kernels 3, 4 and 5 of one forward op as callables: the launchers
+    (eager) or the custom ops (traced), with the same positional arguments."""
     ds_db: Callable
+    dx: Callable
     da: Callable
 
 
-LAUNCHERS = LowRankBackward(lora_ds_db, lora_da)
-OPS = LowRankBackward(lambda *a: torch.ops.rankwise.lora_ds_db(*a), lambda *a: torch.ops.rankwise.lora_da(*a))
+def traced_kernels(ds_db: str, dx: str, da: str) -> KernelSet:
+    """The ``KernelSet`` of the custom ops ``rankwise::<ds_db>``, ``<dx>``, ``<da>``."""
+    return KernelSet(*(lambda *a, name=name: getattr(torch.ops.rankwise, name)(*a) for name in (ds_db, dx, da)))
 
 
-def lowrank_grads(k: LowRankBackward, dY, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need, dx):
-    """``(dX, dA, dB)``, None where ``need`` (three bools: x, A, B) says no
-    gradient is wanted. ``k`` runs kernels 3 and 5, ``dx(dY, dS)`` the dX kernel
-    for the base weight at hand (dense or NF4)."""
-    need_x, need_a, need_b = need
+class OpLayout(NamedTuple):
+    """Where a forward op's inputs sit: x2, then a dense W, A, B, bias (``nf4``
+    False) or A, B, bias and the NF4 weight's six tensors and four constants
+    (``nf4`` True); then ``n_arm`` arm arguments; then ``path`` (optional).
+    Kernel 3 takes the arm arguments ``arms[ds]``; kernels 4 and 5 ``arms[da]``."""
+    nf4: bool
+    n_arm: int
+    ds: slice
+    da: slice
+
+
+#: The arm arguments of a single-arm op: scaling | dropout_p, seed.
+ONE_ARM = dict(n_arm=3, ds=slice(0, 1), da=slice(1, 3))
+#: Those of a multi-arm op: the lists ranks, scalings, rows, dropout_ps, seeds, for every kernel.
+ARM_TABLE = dict(n_arm=5, ds=slice(0, 5), da=slice(0, 5))
+
+
+def _setup_context(layout: OpLayout, ctx, inputs, output):
+    """Save what ``_backward`` needs (see the section comment); S is marked
+    non-differentiable and gets no materialised zero gradient."""
+    if layout.nf4:  # x2, A, B, bias, the six NF4 tensors, its four constants, arms, path
+        x2, lora_A, lora_B = inputs[:3]
+        base, consts, rest = inputs[4:10], tuple(inputs[10:14]), inputs[14:]
+    else:  # x2, W, A, B, bias, arms, path
+        x2, weight, lora_A, lora_B = inputs[:4]
+        base, consts, rest = (weight,), (), inputs[5:]
+    ctx.save_for_backward(x2, lora_A, lora_B, output[1], *base)
+    arms = tuple(rest[:layout.n_arm])
+    ctx.base_consts, ctx.ds_args, ctx.da_args = consts, arms[layout.ds], arms[layout.da]
+    ctx.path, ctx.n_inputs = (rest[layout.n_arm] if len(rest) > layout.n_arm else "auto"), len(inputs)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(layout: OpLayout, ctx, dY, k: KernelSet):
+    """The gradients of every input (None for those that need none and the
+    non-tensor ones): dX, dA, dB by kernels 3-5, dW (dense W) and db by torch."""
+    x2, lora_A, lora_B, S, *base = ctx.saved_tensors
+    if dY is None:
+        return (None,) * ctx.n_inputs
+    dense = not layout.nf4
+    w = 1 if dense else 0  # a dense W is input 1, before A, B and the bias
+    need = ctx.needs_input_grad
+    need_x, need_a, need_b, need_bias = need[0], need[1 + w], need[2 + w], need[3 + w]
+    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
     dX = dA = dB = None
     if need_x or need_a or need_b:
-        dS, dB = k.ds_db(dY, S, lora_B, scaling)
+        dS, dB = k.ds_db(dY, S, lora_B, *ctx.ds_args)
         if need_x:
-            dX = dx(dY, dS)
+            dX = k.dx(dY, *base, *ctx.base_consts, dS, lora_A, *ctx.da_args, ctx.path)
         if need_a:
-            dA = k.da(dS, x2, dropout_p, seed, lora_A.dtype)
+            dA = k.da(dS, x2, *ctx.da_args, lora_A.dtype)
         if not need_b:
             dB = None
-    return dX, dA, dB
+    dW = (dY.t() @ x2).to(base[0].dtype) if dense and need[1] else None
+    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
+    grads = (dX, dW, dA, dB, dbias) if dense else (dX, dA, dB, dbias)
+    return grads + (None,) * (ctx.n_inputs - len(grads))
+
+
+def lora_function(name: str, fwd: Callable, fake: Callable, layout: OpLayout, eager: KernelSet,
+                  traced: KernelSet, function_name: str, doc: str) -> type:
+    """Register ``fwd`` (its annotations give the schema) as the custom op
+    ``rankwise::<name>`` with ``fake`` and the family's autograd formula (backward
+    through the ``traced`` ops), and return its eager twin: the autograd.Function
+    ``function_name``, with the same arguments, outputs and formula, calling
+    ``fwd`` and the ``eager`` launchers directly."""
+    op = torch.library.custom_op(f"rankwise::{name}", fwd, mutates_args=())
+    op.register_fake(fake)
+    op.register_autograd(lambda ctx, dY, _dS: _backward(layout, ctx, dY, traced),
+                         setup_context=lambda ctx, inputs, output: _setup_context(layout, ctx, inputs, output))
+
+    def forward(ctx, *inputs):
+        # setup_context called here rather than declared: a declared one makes
+        # every apply() bind a signature (inspect), a cost paid on every layer.
+        output = fwd(*inputs)
+        _setup_context(layout, ctx, inputs, output)
+        return output
+
+    def backward(ctx, dY, _dS):
+        return _backward(layout, ctx, dY, eager)
+
+    return type(function_name, (torch.autograd.Function,), dict(
+        __doc__=doc, __module__=fwd.__module__, __qualname__=function_name,
+        forward=staticmethod(forward), backward=staticmethod(backward)))
 
 
 # ----------------------------------------------------------------------------
-# Arguments: checks, compute dtype, dropout seed (both public entries)
+# Arguments: checks, compute dtype, dropout seed (every public entry of the family)
 # ----------------------------------------------------------------------------
 
 

@@ -85,8 +85,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .lora_torch import multi_lora_linear_torch
-from .lowrank import LowRankBackward, check_tensor, compute_dtype, draw_seed, validate_lora_args
+from .lora_torch import check_weight_and_path, lora_call, multi_lora_linear_torch
+from .lowrank import ARM_TABLE, KernelSet, OpLayout, draw_seed, lora_function, traced_kernels, validate_lora_args
 from .multi_lora_kernels import (
     MultiPlan,
     multi_lora_da,
@@ -96,25 +96,21 @@ from .multi_lora_kernels import (
     multi_lora_fwd_gemm,
     multi_plan,
 )
-from .nf4 import NF4Weight, dequantize_nf4, nf4_kernel_args
-from .tuning import check_path
-from .utils import check_triton_tensor, fused_apply
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_arms", "multi_lora_linear_torch", "MultiLoRALinearFunction", "MultiNF4LoRALinearFunction"]
+__all__ = ["multi_lora_linear", "multi_lora_linear_arms", "MultiLoRALinearFunction", "MultiNF4LoRALinearFunction"]
 
 
 # ----------------------------------------------------------------------------
-# Autograd: as in lora_linear.py, one forward, setup_context and backward used
-# twice: as torch.library custom ops for torch.compile (forward ops
-# ``rankwise::multi_lora_linear`` (dense W) and ``rankwise::multi_nf4_lora_linear``
-# carry the autograd formula; backward ops ``rankwise::multi_lora_ds_db``,
-# ``rankwise::multi_lora_dx``, ``rankwise::multi_nf4_lora_dx``,
-# ``rankwise::multi_lora_da``; each with a fake function giving its output
-# shapes), and as autograd.Functions calling the same functions directly for
-# eager calls (cheaper to dispatch). The arms enter every op as five lists
-# (ranks, scalings, rows, dropout_ps, seeds: ``arms`` below); each op builds its
-# launch plan from them (``multi_plan``, its device tables memoised). An NF4
-# weight enters as the six tensors of ``nf4_kernel_args`` and four constants.
+# Autograd: the forward ops ``rankwise::multi_lora_linear`` (dense W) and
+# ``rankwise::multi_nf4_lora_linear`` with the backward ops
+# ``rankwise::multi_lora_ds_db``, ``rankwise::multi_lora_dx``,
+# ``rankwise::multi_nf4_lora_dx`` and ``rankwise::multi_lora_da``, each with a
+# fake function giving its output shapes, wired by ``lowrank.lora_function`` as
+# the single-arm ops are (custom op for torch.compile, autograd.Function twin for
+# eager calls, one setup_context and backward for the family). The arms enter
+# every op as five lists (ranks, scalings, rows, dropout_ps, seeds); each op
+# builds its launch plan from them (``multi_plan``, its device tables memoised).
+# An NF4 weight enters as the six tensors of ``nf4_kernel_args`` and four constants.
 # ----------------------------------------------------------------------------
 
 
@@ -184,20 +180,16 @@ def _multi_da(dS: torch.Tensor, x2: torch.Tensor, ranks: list[int], scalings: li
     return multi_lora_da(dS, x2, _plan(x2, ranks, scalings, rows, dropout_ps, seeds, False), out_dtype)
 
 
-_fwd_op = torch.library.custom_op("rankwise::multi_lora_linear", _multi_lora_fwd, mutates_args=())
-_nf4_fwd_op = torch.library.custom_op("rankwise::multi_nf4_lora_linear", _multi_nf4_lora_fwd, mutates_args=())
 _ds_db_op = torch.library.custom_op("rankwise::multi_lora_ds_db", _multi_ds_db, mutates_args=())
 _dx_op = torch.library.custom_op("rankwise::multi_lora_dx", _multi_dx_dense, mutates_args=())
 _nf4_dx_op = torch.library.custom_op("rankwise::multi_nf4_lora_dx", _multi_dx_nf4, mutates_args=())
 _da_op = torch.library.custom_op("rankwise::multi_lora_da", _multi_da, mutates_args=())
 
 
-@_fwd_op.register_fake
 def _fwd_fake(x2, weight, lora_A, lora_B, bias, ranks, scalings, rows, dropout_ps, seeds, path="auto"):
     return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((_s_numel(ranks, rows),))
 
 
-@_nf4_fwd_op.register_fake
 def _nf4_fwd_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
                   blocksize, double_quant, nested_blocksize, wdtype, ranks, scalings, rows, dropout_ps, seeds,
                   path="auto"):
@@ -225,114 +217,17 @@ def _da_fake(dS, x2, ranks, scalings, rows, dropout_ps, seeds, out_dtype):
     return x2.new_empty((sum(ranks), x2.shape[1]), dtype=out_dtype)
 
 
-#: Kernels 3 and 5 as callables: the plain functions (eager) or the ops (traced).
-_EAGER = LowRankBackward(_multi_ds_db, _multi_da)
-_TRACED = LowRankBackward(lambda *a: torch.ops.rankwise.multi_lora_ds_db(*a), lambda *a: torch.ops.rankwise.multi_lora_da(*a))
-
-
-def _lowrank_grads(k: LowRankBackward, dY, x2, lora_A, lora_B, S, arms, need, dx):
-    """``(dX, dA, dB)`` (None where ``need`` says no gradient); ``dx(dY, dS)`` runs kernel 4."""
-    need_x, need_a, need_b = need
-    dX = dA = dB = None
-    if need_x or need_a or need_b:
-        dS, dB = k.ds_db(dY, S, lora_B, *arms)
-        if need_x:
-            dX = dx(dY, dS)
-        if need_a:
-            dA = k.da(dS, x2, *arms, lora_A.dtype)
-        if not need_b:
-            dB = None
-    return dX, dA, dB
-
-
-def _setup_context(ctx, inputs, output):
-    x2, weight, lora_A, lora_B, bias = inputs[:5]
-    S = output[1]
-    # Saved: x and the compact S (activations, sum_k M_k r_k values); W, A, B are
-    # the layer's own tensors, kept by reference; the seeds (in ``arms``): the
-    # dropout masks are regenerated, never stored.
-    ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
-    ctx.arms = tuple(inputs[5:10])
-    ctx.path, ctx.n_inputs = (inputs[10] if len(inputs) > 10 else "auto"), len(inputs)
-    ctx.mark_non_differentiable(S)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dY, k: LowRankBackward, dx):
-    """Gradients of the inputs of ``rankwise::multi_lora_linear`` (ten, or eleven with ``path``)."""
-    x2, weight, lora_A, lora_B, S = ctx.saved_tensors
-    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    if dY is None:
-        return (None,) * ctx.n_inputs
-    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-    dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
-                                lambda dY, dS: dx(dY, weight, dS, lora_A, *ctx.arms, ctx.path))
-    # A dense base weight and the bias are frozen in LoRA, but get their gradients
-    # (in torch) when they require grad, like nn.Linear's.
-    dW = (dY.t() @ x2).to(weight.dtype) if need_w else None
-    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dW, dA, dB, dbias) + (None,) * (ctx.n_inputs - 5)
-
-
-def _nf4_setup_context(ctx, inputs, output):
-    # As the dense one; the NF4 tensors are the frozen W's own, kept by reference.
-    ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
-    ctx.nf4_meta = tuple(inputs[10:14])
-    ctx.arms = tuple(inputs[14:19])
-    ctx.path, ctx.n_inputs = (inputs[19] if len(inputs) > 19 else "auto"), len(inputs)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _nf4_backward(ctx, dY, k: LowRankBackward, dx):
-    """Gradients of the inputs of ``rankwise::multi_nf4_lora_linear`` (19, or 20 with ``path``;
-    the NF4 W gets none)."""
-    x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
-    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-    if dY is None:
-        return (None,) * ctx.n_inputs
-    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-    dX, dA, dB = _lowrank_grads(k, dY, x2, lora_A, lora_B, S, ctx.arms, (need_x, need_a, need_b),
-                                lambda dY, dS: dx(dY, *nf4, *ctx.nf4_meta, dS, lora_A, *ctx.arms, ctx.path))
-    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dA, dB, dbias) + (None,) * (ctx.n_inputs - 4)
-
-
-_fwd_op.register_autograd(
-    lambda ctx, dY, _dS: _backward(ctx, dY, _TRACED, lambda *a: torch.ops.rankwise.multi_lora_dx(*a)),
-    setup_context=_setup_context)
-_nf4_fwd_op.register_autograd(
-    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, _TRACED, lambda *a: torch.ops.rankwise.multi_nf4_lora_dx(*a)),
-    setup_context=_nf4_setup_context)
-
-
-class MultiLoRALinearFunction(torch.autograd.Function):
-    """The eager twin of ``rankwise::multi_lora_linear`` (dense W): same arguments,
-    outputs and autograd formula, functions called directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _multi_lora_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dY, _dS):
-        return _backward(ctx, dY, _EAGER, _multi_dx_dense)
-
-
-class MultiNF4LoRALinearFunction(torch.autograd.Function):
-    """The eager twin of ``rankwise::multi_nf4_lora_linear``."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _multi_nf4_lora_fwd(*inputs)
-        _nf4_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dY, _dS):
-        return _nf4_backward(ctx, dY, _EAGER, _multi_dx_nf4)
+MultiLoRALinearFunction = lora_function(
+    "multi_lora_linear", _multi_lora_fwd, _fwd_fake, OpLayout(nf4=False, **ARM_TABLE),
+    KernelSet(_multi_ds_db, _multi_dx_dense, _multi_da),
+    traced_kernels("multi_lora_ds_db", "multi_lora_dx", "multi_lora_da"),
+    "MultiLoRALinearFunction", """The eager twin of ``rankwise::multi_lora_linear`` (dense W): same arguments,
+    outputs and autograd formula, functions called directly.""")
+MultiNF4LoRALinearFunction = lora_function(
+    "multi_nf4_lora_linear", _multi_nf4_lora_fwd, _nf4_fwd_fake, OpLayout(nf4=True, **ARM_TABLE),
+    KernelSet(_multi_ds_db, _multi_dx_nf4, _multi_da),
+    traced_kernels("multi_lora_ds_db", "multi_nf4_lora_dx", "multi_lora_da"),
+    "MultiNF4LoRALinearFunction", """The eager twin of ``rankwise::multi_nf4_lora_linear``.""")
 
 
 # ----------------------------------------------------------------------------
@@ -463,7 +358,7 @@ def multi_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: tor
     Returns:
         Tensor ``(..., out_features)`` in the compute dtype.
     """
-    is_nf4 = _check_weight_and_path(weight, path)
+    is_nf4 = check_weight_and_path(weight, path)
     ranks, scalings, rows, dropout_ps, seeds = validate_multi_args(
         x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, ranks, scalings, rows, dropout_p, seeds,
         backend)
@@ -483,7 +378,7 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
     gradients); the Triton path concatenates them once and runs the same kernels.
     ``rankwise.arm_layers.MultiLoRALinear`` calls this with its arms' Parameters.
     """
-    is_nf4 = _check_weight_and_path(weight, path)
+    is_nf4 = check_weight_and_path(weight, path)
     lora_As, lora_Bs = list(lora_As), list(lora_Bs)
     if not lora_As or len(lora_As) != len(lora_Bs):
         raise ValueError(f"lora_As, lora_Bs: expected one A and one B per arm, got {len(lora_As)} and {len(lora_Bs)}")
@@ -497,56 +392,11 @@ def multi_lora_linear_arms(x: torch.Tensor, weight, lora_As: Sequence[torch.Tens
     return _run(x, weight, is_nf4, lora_As, lora_Bs, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path)
 
 
-def _check_weight_and_path(weight, path: str) -> bool:
-    """Check the base weight (a 2-D tensor or NF4 weight) and ``path``; returns whether W is NF4."""
-    is_nf4 = isinstance(weight, NF4Weight)
-    if is_nf4:
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
-                             f"got shape {tuple(weight.shape)}")
-    else:
-        check_tensor(weight, "weight", 2)
-    check_path(path)
-    return is_nf4
-
-
 def _run(x, weight, is_nf4, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds, backend, path="auto"):
     """The validated op: ``lora_A`` / ``lora_B`` concatenated, or lists of the arms' own tensors."""
-    device_type = x.device.type
-    dtype = compute_dtype(x)
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    x, bias = cast(x), cast(bias)
-    if isinstance(lora_A, torch.Tensor):
-        lora_A, lora_B = cast(lora_A), cast(lora_B)
-    else:
-        lora_A, lora_B = [cast(a) for a in lora_A], [cast(b) for b in lora_B]
-    if not is_nf4:
-        weight = cast(weight)
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
-    lead = x.shape[:-1]
-    N = weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    if backend == "torch":
-        W = dequantize_nf4(weight).to(dtype) if is_nf4 else weight
-        with torch.autocast(device_type, enabled=False):
-            y = multi_lora_linear_torch(x2, W, lora_A, lora_B, ranks, scalings, rows, bias, dropout_ps, seeds)
-        return y.reshape(*lead, N)
-    if not isinstance(lora_A, torch.Tensor):
-        lora_A, lora_B = torch.cat(lora_A, 0), torch.cat(lora_B, 1)
-    for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")) + (() if is_nf4 else ((weight, "weight"),)):
-        check_triton_tensor(t, name)
     arms = (list(ranks), list(scalings), list(rows), list(dropout_ps), list(seeds))
-    with torch.autocast(device_type, enabled=False):
-        if is_nf4:
-            tensors, const = nf4_kernel_args(weight)
-            y, _ = fused_apply(MultiNF4LoRALinearFunction, torch.ops.rankwise.multi_nf4_lora_linear)(
-                x2, lora_A, lora_B, bias, *tensors,
-                const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype, *arms, path)
-        else:
-            y, _ = fused_apply(MultiLoRALinearFunction, torch.ops.rankwise.multi_lora_linear)(
-                x2, weight, lora_A, lora_B, bias, *arms, path)
-    return y.reshape(*lead, N)
+    triton_op = ((MultiNF4LoRALinearFunction, torch.ops.rankwise.multi_nf4_lora_linear) if is_nf4 else
+                 (MultiLoRALinearFunction, torch.ops.rankwise.multi_lora_linear))
+    return lora_call(x, weight, lora_A, lora_B, bias, arms, backend, path, triton_op,
+                     lambda x2, W, A, B, b: multi_lora_linear_torch(x2, W, A, B, ranks, scalings, rows, b, dropout_ps,
+                                                                    seeds))

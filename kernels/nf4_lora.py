@@ -28,8 +28,8 @@ the layer's own, kept by reference); the mask is regenerated, never stored.
 
 torch.compile: ``rankwise::nf4_lora_linear`` (forward, with the autograd
 formula) and ``rankwise::nf4_lora_dx`` are torch.library custom ops like the
-dense ones (eager calls take their autograd.Function twin); the NF4Weight
-enters them as its tensors and constants.
+dense ones, made by the same ``lowrank.lora_function`` (eager calls take their
+autograd.Function twin); the NF4Weight enters them as its tensors and constants.
 
 Backends as in ``lora_linear.py``: ``"triton"`` runs the kernels here and
 lowrank.py's; ``"torch"`` (and ``"auto"`` off CUDA) dequantizes W with
@@ -45,30 +45,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_torch import lora_linear_torch
+from .lora_torch import lora_linear_torch, one_arm_call
 from .lowrank import (
-    LAUNCHERS,
-    OPS,
-    LowRankBackward,
-    compute_dtype,
-    draw_seed,
+    ONE_ARM,
+    KernelSet,
+    OpLayout,
     dropout_args,
+    lora_da,
     lora_down,
-    lowrank_dx_add_,
+    lora_ds_db,
+    lora_function,
     lowrank_dx_tail,
-    lowrank_fwd_add_,
     lowrank_fwd_tail,
-    lowrank_grads,
-    op_seed,
-    validate_lora_args,
+    split_dx,
+    split_fwd,
+    traced_kernels,
 )
-from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_dequantize, nf4_kernel_args, nf4_rows_tile, nf4_tile
-from .tuning import check_path, run_path
+from .nf4 import TL_DTYPES, NF4Weight, dequantize_nf4, nf4_dequantize, nf4_rows_tile, nf4_tile
+from .tuning import run_path
 from .utils import (
     INTERPRET,
-    check_triton_tensor,
     dot_precision,
-    fused_apply,
     fused_variants,
     gemm_config,
     gemm_configs,
@@ -279,45 +276,33 @@ def nf4_dense(nf4, meta, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
     return W if W.dtype == dtype else W.to(dtype)
 
 
-def _nf4_fwd_split(x2, nf4, meta, S, B, scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The split path of ``_nf4_fwd_gemm``: dequantize W, Y = x2 @ W.T (+ bias) by torch
-    (cuBLAS on CUDA), then ``Y += scaling * S @ B.T`` in place by one Triton kernel."""
-    W = nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype)
-    Y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
-    return lowrank_fwd_add_(Y, S, B, scaling)
-
-
-def _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """The split path of ``_nf4_bwd_dX``: dequantize W, dX = dY @ W by torch, then
-    ``dX += dropout_mask * (dS @ A) / (1 - p)`` in place by one Triton kernel."""
-    W = nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype)
-    return lowrank_dx_add_(torch.mm(dY, W), dS, A, dropout_p, seed)
-
-
 def _nf4_fwd_path(x2, nf4, meta, S, B, scaling: float, bias, path: str) -> torch.Tensor:
-    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused elsewhere)."""
+    """Y by the path ``path`` names (``"auto"``: ``tuning.choose_path`` on CUDA, fused
+    elsewhere). The split path dequantizes W whole (``nf4_dense``), then runs
+    ``lowrank.split_fwd``: torch's GEMM and the in-place low-rank tail."""
     return run_path(path, "nf4_fwd", x2.shape[0], B.shape[0], x2.shape[1], x2,
                     lambda c: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, c),
-                    lambda: _nf4_fwd_split(x2, nf4, meta, S, B, scaling, bias),
+                    lambda: split_fwd(x2, nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype), S, B, scaling,
+                                      bias),
                     lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1])))
 
 
 def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
-    """dX by the path ``path`` names (as ``_nf4_fwd_path``)."""
+    """dX by the path ``path`` names (as ``_nf4_fwd_path``; split: ``lowrank.split_dx``)."""
     return run_path(path, "nf4_dx", dY.shape[0], A.shape[1], dY.shape[1], dY,
                     lambda c: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, c),
-                    lambda: _nf4_bwd_dX_split(dY, nf4, meta, dS, A, dropout_p, seed),
+                    lambda: split_dx(dY, nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype), dS, A, dropout_p,
+                                     seed),
                     lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0])))
 
 
 # ----------------------------------------------------------------------------
-# Autograd: a custom op for torch.compile and its autograd.Function twin for
-# eager calls, sharing forward, setup_context and backward (as in
-# lora_linear.py, which explains why there are two). The NF4Weight is not a
+# Autograd: the forward op ``rankwise::nf4_lora_linear`` with the backward op
+# ``rankwise::nf4_lora_dx`` (kernels 3 and 5 are lowrank.py's), wired by
+# ``lowrank.lora_function`` as the dense ones are. The NF4Weight is not a
 # tensor, so it enters as the six tensors of ``nf4_kernel_args`` (packed,
 # absmax, quant_map, nested_absmax, nested_map, offset; placeholders where
-# double quantization is off) and its four constants. dS / dB and dA are the
-# shared low-rank kernels (``rankwise::lora_ds_db``, ``rankwise::lora_da``, lowrank.py).
+# double quantization is off) and its four constants.
 # ----------------------------------------------------------------------------
 
 
@@ -337,10 +322,6 @@ def _nf4_lora_linear_fwd(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     return Y, S
 
 
-_nf4_lora_linear_op = torch.library.custom_op("rankwise::nf4_lora_linear", _nf4_lora_linear_fwd, mutates_args=())
-
-
-@_nf4_lora_linear_op.register_fake
 def _nf4_lora_linear_fake(x2, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_map, offset,
                           blocksize, double_quant, nested_blocksize, wdtype, scaling, dropout_p, seed, path="auto"):
     M = x2.shape[0]
@@ -368,52 +349,11 @@ def _nf4_lora_dx_fake(dY, packed, absmax, quant_map, nested_absmax, nested_map, 
     return dY.new_empty((dY.shape[0], lora_A.shape[1]))
 
 
-def _nf4_setup_context(ctx, inputs, output):
-    # Saved: x and S (activations) and the seed; A, B and the NF4 tensors are the
-    # layer's own (frozen W), saved by reference. The mask is regenerated, never stored.
-    ctx.save_for_backward(*inputs[:3], output[1], *inputs[4:10])
-    ctx.nf4_meta = tuple(inputs[10:14])
-    ctx.scaling, ctx.dropout_p, ctx.seed = inputs[14:17]
-    ctx.path, ctx.n_inputs = (inputs[17] if len(inputs) > 17 else "auto"), len(inputs)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _nf4_backward(ctx, dY, k: LowRankBackward, dx_kernel):
-    """Gradients of all inputs: x, A, B, bias, then None for the NF4 weight
-    (frozen), its constants, scaling, dropout_p, seed and path. ``k`` and
-    ``dx_kernel`` are the launchers (eager) or the custom ops (traced)."""
-    x2, lora_A, lora_B, S, *nf4 = ctx.saved_tensors
-    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-    none_rest = (None,) * (ctx.n_inputs - 4)
-    if dY is None:
-        return (None,) * 4 + none_rest
-    dY = dY if dY.dtype == x2.dtype else dY.to(x2.dtype)
-    dX, dA, dB = lowrank_grads(
-        k, dY, x2, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
-        lambda dY, dS: dx_kernel(dY, *nf4, *ctx.nf4_meta, dS, lora_A, ctx.dropout_p, ctx.seed, ctx.path))
-    dbias = dY.float().sum(0).to(dY.dtype) if need_bias else None
-    return (dX, dA, dB, dbias) + none_rest
-
-
-_nf4_lora_linear_op.register_autograd(
-    lambda ctx, dY, _dS: _nf4_backward(ctx, dY, OPS, lambda *a: torch.ops.rankwise.nf4_lora_dx(*a)),
-    setup_context=_nf4_setup_context)
-
-
-class NF4LoRALinearFunction(torch.autograd.Function):
-    """The eager twin of ``rankwise::nf4_lora_linear``: same arguments, outputs
-    and autograd formula, launchers called directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _nf4_lora_linear_fwd(*inputs)
-        _nf4_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dY, _dS):
-        return _nf4_backward(ctx, dY, LAUNCHERS, _nf4_lora_dx)
+NF4LoRALinearFunction = lora_function(
+    "nf4_lora_linear", _nf4_lora_linear_fwd, _nf4_lora_linear_fake, OpLayout(nf4=True, **ONE_ARM),
+    KernelSet(lora_ds_db, _nf4_lora_dx, lora_da), traced_kernels("lora_ds_db", "nf4_lora_dx", "lora_da"),
+    "NF4LoRALinearFunction", """The eager twin of ``rankwise::nf4_lora_linear``: same arguments, outputs
+    and autograd formula, launchers called directly.""")
 
 
 # ----------------------------------------------------------------------------
@@ -430,7 +370,7 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     ``NF4Weight`` of shape (out_features, in_features); ``x`` is (..., in_features).
     Backend ``"triton"`` dequantizes W tiles inside the GEMM kernels (no
     full-precision W is ever allocated); ``"torch"`` (and ``"auto"`` off CUDA)
-    dequantizes W, then runs the plain-torch reference. The weight gets no gradient.
+    dequantizes W, then runs the plain-torch path. The weight gets no gradient.
     ``path``: ``"fused"`` (W tiles dequantized inside the Triton GEMMs), ``"split"``
     (W dequantized whole by the NF4 kernel into a transient tensor, torch's GEMM,
     then the in-place low-rank tail) or ``"auto"`` (the measured choice on CUDA,
@@ -441,38 +381,8 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight: expected a 2-D NF4 weight (out_features, in_features), "
-                         f"got shape {tuple(weight.shape)}")
-    scaling = validate_lora_args(x, tuple(weight.shape), weight.device, lora_A, lora_B, bias, scaling, dropout_p,
-                                 backend)
-    check_path(path)
-    dropout_p = float(dropout_p)
-    seed = draw_seed(dropout_p, seed)
-
-    device_type = x.device.type
-    dtype = compute_dtype(x)
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    x, lora_A, lora_B, bias = cast(x), cast(lora_A), cast(lora_B), cast(bias)
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
-    if backend == "torch":
-        return nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-
-    for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B")):
-        check_triton_tensor(t, name)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    tensors, const = nf4_kernel_args(weight)
-    with torch.autocast(device_type, enabled=False):
-        y, _ = fused_apply(NF4LoRALinearFunction, torch.ops.rankwise.nf4_lora_linear)(
-            x2, lora_A, lora_B, bias, *tensors,
-            const["BLOCKSIZE"], const["DOUBLE"], const["NESTED_BLOCKSIZE"], weight.dtype,
-            scaling, dropout_p, op_seed(dropout_p, seed), path)
-    return y.reshape(*lead, weight.shape[0])
+    return one_arm_call(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, backend, path,
+                        (NF4LoRALinearFunction, torch.ops.rankwise.nf4_lora_linear))
 
 
 def nf4_lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p: float = 0.0,

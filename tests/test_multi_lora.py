@@ -22,7 +22,10 @@ import torch
 
 from helpers import check, lora_linear_ref64, nf4_dequantize_ref64, rel_err
 from rankwise.kernels import dropout_mask, lora_linear
-from rankwise.kernels.multi_lora import multi_lora_linear
+from rankwise.kernels.lora_linear import LoRALinearFunction
+from rankwise.kernels.multi_lora import MultiLoRALinearFunction, MultiNF4LoRALinearFunction, multi_lora_linear
+from rankwise.kernels.nf4 import nf4_kernel_args
+from rankwise.kernels.nf4_lora import NF4LoRALinearFunction
 from rankwise.kernels.utils import INTERPRET
 from rankwise.quant import quantize_nf4
 
@@ -389,8 +392,6 @@ ARMS = ([2, 1, 5], [1.7, 0.5, 2.0], [6, 0, 11], [0.3, 0.0, 0.2], [7, 0, 9])   # 
 
 
 def test_opcheck_multi_lora_ops():
-    from rankwise.kernels.nf4 import nf4_kernel_args
-
     ranks, _, rows, _, _ = ARMS
     x, W, A, B, b, dy = make_inputs(rows, ranks, 30, 20, torch.float32)
     x, A, B = (t.requires_grad_() for t in (x, A, B))
@@ -408,6 +409,40 @@ def test_opcheck_multi_lora_ops():
     torch.library.opcheck(torch.ops.rankwise.multi_lora_linear.default, (x, W, A, B, b, *ARMS, "split"))
     torch.library.opcheck(torch.ops.rankwise.multi_nf4_lora_linear.default, (x, A, B, b, *nf4, *ARMS, "split"))
     torch.library.opcheck(torch.ops.rankwise.multi_lora_dx.default, (dy, W, S, A.detach(), *ARMS, "split"))
+
+
+@pytest.mark.parametrize("needs", ["all", "A"])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("multi", [False, True])
+def test_each_forward_op_and_its_eager_twin_agree_bit_for_bit(multi, nf4, needs):
+    """The LoRA op family's one setup_context and backward (``lowrank.lora_function``)
+    serve each of the four forward ops twice: called as the custom op (its registered
+    autograd, backward through the backward ops) and as its eager autograd.Function,
+    outputs and gradients are equal bit for bit, whether every input wants a gradient
+    (a dense W and the bias too) or only A (the gradient slots differ by W's kind)."""
+    ranks, rows = ([2, 3], [5, 4]) if multi else ([3], [9])
+    x, W, A, B, b, dy = make_inputs(rows, ranks, 16, 12, torch.float32)
+    arms = (ranks, [1.7, 0.5], rows, [0.3, 0.0], [7, 0]) if multi else (1.7, 0.3, 7)
+    name = ("multi_" if multi else "") + ("nf4_" if nf4 else "") + "lora_linear"
+    function = {(False, False): LoRALinearFunction, (False, True): NF4LoRALinearFunction,
+                (True, False): MultiLoRALinearFunction, (True, True): MultiNF4LoRALinearFunction}[multi, nf4]
+    if nf4:
+        q = quantize_nf4(W, double_quant=True)
+        tensors, c = nf4_kernel_args(q)
+        base = (*tensors, c["BLOCKSIZE"], c["DOUBLE"], c["NESTED_BLOCKSIZE"], q.dtype)
+    results = []
+    for call in (function.apply, getattr(torch.ops.rankwise, name)):
+        leaves = [t.detach().clone().requires_grad_(needs == "all" or t is A) for t in (x, W, A, B, b)]
+        lx, lW, lA, lB, lb = leaves
+        inputs = (lx, lA, lB, lb, *base) if nf4 else (lx, lW, lA, lB, lb)
+        y, _S = call(*inputs, *arms, "fused")
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    every = needs == "all"
+    assert [g is not None for g in results[0][1:]] == [every, every and not nf4, True, every, every]  # x W A B b
+    for got, ref in zip(results[1], results[0]):
+        assert (got is None) == (ref is None)
+        assert got is None or torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("nf4", [False, True])
