@@ -531,7 +531,7 @@ def linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_in
 # ----------------------------------------------------------------------------
 
 
-def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend):
+def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend, check_targets=True):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if reduction not in _REDUCTIONS:
@@ -570,7 +570,7 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if targets.numel() and not torch.compiler.is_compiling():  # a data-dependent check: eager only
+    if check_targets and targets.numel() and not torch.compiler.is_compiling():  # data-dependent: eager only
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
         if bool(bad.any()):
             i = int(bad.reshape(-1).nonzero()[0])
@@ -606,7 +606,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_size: Optional[int] = None, backend: str = "auto", *,
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                          return_z_loss: bool = False, softcap: Optional[float] = None,
-                         ce_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False):
+                         ce_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False,
+                         check_targets: bool = True):
     """Cross entropy of the logits ``hidden @ weight.T + bias`` against ``targets``,
     without materialising the full logits; with Liger-Kernel's loss options.
 
@@ -640,6 +641,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             A constant: no gradient reaches it.
         return_token_accuracy: also return the accuracy of ``argmax(logits) == targets``
             over the non-ignored positions (first index on ties; the softcap does not change it).
+        check_targets: refuse a target outside ``[0, vocab_size)`` (other than ``ignore_index``)
+            with a ``ValueError``; it reads the targets back to the host (a sync on a GPU), so a
+            caller that checked them already (``rankwise train``: on the host, once) passes False.
 
     Dtypes: the logits are computed in ``hidden``'s dtype (or the autocast dtype),
     ``weight`` and ``bias`` cast to it as ``F.linear`` under autocast would; the
@@ -655,7 +659,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Gradients flow to ``hidden``, and to ``weight`` / ``bias`` when they require grad
     (accumulated in fp32).
     """
-    _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend)
+    _validate(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, backend, check_targets)
     _validate_options(weight, ce_weight, label_smoothing, lse_square_scale, softcap, return_z_loss,
                       return_token_accuracy)
     device_type = hidden.device.type

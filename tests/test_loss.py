@@ -121,7 +121,7 @@ def test_a_head_computed_otherwise_is_caught_on_a_real_batch(tiny):
 def test_training_curve_is_the_same_with_and_without_it(tiny, tmp_path, caplog, monkeypatch):
     calls = []
     forward = FusedLossLM.forward
-    monkeypatch.setattr(FusedLossLM, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    monkeypatch.setattr(FusedLossLM, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     train = write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
     losses = {}
     for fused in (True, False):
@@ -173,3 +173,52 @@ def test_padded_batch_with_attention_mask(tiny):
     tgt[:, :-1] = labels[:, 1:]
     fused = FusedLossLM(model)(ids, None, tgt, attention_mask=mask) / (tgt != -100).sum()
     assert abs(fused.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_packed_mask_built_on_the_device_is_transformers_own(tiny, attention):
+    """``packed_attention_mask`` (built from position_ids with no read) gives the logits transformers gives when it
+    finds the packed sequences itself (reading position_ids back), bit for bit, and keeps the sequences apart:
+    a token's logits do not change when the other sequences of its row do."""
+    from rankwise.loss import packed_attention_mask
+
+    model = load(tiny, attn_implementation=attention).eval()
+    b = packed_batch(model.config.vocab_size, lengths=(5, 9, 1, 6))
+    mask = packed_attention_mask(model, b["position_ids"])
+    assert mask.shape == (1, 1, 21, 21) and mask.dtype == (torch.bool if attention == "sdpa" else torch.float32)
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers skips its packed-sequence detection
+        own = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+        ours = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
+                     use_cache=False).logits
+        assert torch.equal(own, ours)
+        other = b["input_ids"].clone()
+        other[0, :5] = (other[0, :5] + 1) % model.config.vocab_size  # the first sequence changed
+        moved = model(input_ids=other, position_ids=b["position_ids"],
+                      attention_mask=packed_attention_mask(model, b["position_ids"]), use_cache=False).logits
+        assert torch.equal(moved[0, 5:], ours[0, 5:]) and not torch.equal(moved[0, :5], ours[0, :5])
+    model.config._attn_implementation = "flash_attention_2"  # takes the position ids itself: no mask is made
+    assert packed_attention_mask(model, b["position_ids"]) is None
+
+
+def test_data_outside_the_models_vocabulary_is_one_line_before_training(tmp_path):
+    """The token ids are checked once on the host (the fused loss then skips its per-step read of the targets):
+    a tokenizer larger than the model is refused in one line, before a step and before the run writes."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.errors import ConfigError
+
+    path = build_tiny_llama(tmp_path / "model")
+    small = tmp_path / "small"
+    shutil.copytree(path, small)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(model.config.vocab_size - 8)  # the char tokenizer's last ids fall outside
+    model.save_pretrained(small)
+    rows = [{"prompt": "Q: z~}|{ ?", "completion": " zz~~}}||"} for _ in range(4)]
+    cfg = {"model": str(small), "data": {"train": write_jsonl(tmp_path / "t.jsonl", rows), "max_length": 64},
+           "train": {"max_steps": 1, "batch_size": 2}, "log": {"progress": False}, "output_dir": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"^the data holds token id \d+, outside the model's vocabulary of \d+"):
+        rt.train(cfg)
+    assert not (tmp_path / "o").exists(), "a run refused before it started leaves nothing behind"

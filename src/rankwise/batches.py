@@ -73,6 +73,21 @@ def load_data(cfg: C.RunConfig, tokenizer, master: bool):
     return Batches(examples, cfg.train.batch_size, d.packing, d.max_length, cfg.train.seed), evals
 
 
+def check_token_ids(batches: Batches, evals: dict, model) -> None:
+    """Every token id of the training and eval data indexes the model's embeddings and output head: checked
+    once here, on the host, so that the loss never reads its targets back from the device to check them."""
+    rows = [n for n in (model.get_input_embeddings().num_embeddings,
+                        getattr(model.get_output_embeddings(), "out_features", None)) if n is not None]
+    vocab = min(rows)
+    top = max((max(e.input_ids) for e in batches.examples if e.input_ids), default=-1)
+    for loss_batches, _ in evals.values():
+        for b in loss_batches or []:
+            top = max(top, int(b["input_ids"].max()))
+    if top >= vocab:
+        raise ConfigError(f"the data holds token id {top}, outside the model's vocabulary of {vocab}: the tokenizer "
+                          f"does not match the model (set tokenizer: to the model's own)")
+
+
 def count_steps(t: C.TrainCfg, batches: Batches, world: int) -> int:
     """Optimizer steps of the run: ``train.max_steps``, or ``train.epochs`` passes over the data."""
     if t.epochs is None:

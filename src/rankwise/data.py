@@ -344,7 +344,9 @@ def collate(examples, indices=None) -> dict:
     """Concatenate examples into one padding-free row.
 
     Returns a dict with ``input_ids``, ``position_ids`` and ``targets`` (all
-    ``(1, T)`` int64), ``n_targets`` (tokens with a loss) and ``n_tokens``.
+    ``(1, T)`` int64), ``target_index`` (the positions of the tokens with a loss, int64,
+    found here on the host so that the loss never has to look for them on the device),
+    ``n_targets`` (their count) and ``n_tokens``.
     """
     chosen = examples if indices is None else [examples[i] for i in indices]
     ids, pos, tgt = [], [], []
@@ -355,9 +357,9 @@ def collate(examples, indices=None) -> dict:
         # targets[t] = input_ids[t + 1] when token t + 1 is a completion token; nothing after the last token.
         tgt += [ex.input_ids[t + 1] if ex.is_target[t + 1] else IGNORE for t in range(n - 1)] + [IGNORE]
     as_row = lambda x: torch.tensor(x, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    targets = as_row(tgt)
-    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": targets,
-            "n_targets": int((targets != IGNORE).sum()), "n_tokens": len(ids)}
+    index = torch.tensor([t for t, v in enumerate(tgt) if v != IGNORE], dtype=torch.long)
+    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": as_row(tgt), "target_index": index,
+            "n_targets": len(index), "n_tokens": len(ids)}
 
 
 def eval_batches(examples, batch_size, max_length, packing=False):

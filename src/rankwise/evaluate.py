@@ -56,42 +56,58 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=16, batch_size=32
     Prompts are left-padded in batches of ``batch_size``; only the new tokens are
     decoded (special tokens skipped). Greedy unless ``do_sample``; sampling uses
     its own RNG stream seeded with ``seed`` and leaves the global RNG untouched.
+    (``generate_copies`` with one copy.)
+    """
+    return generate_copies(model, tokenizer, prompts, 1, max_new_tokens, batch_size, do_sample, temperature,
+                           num_samples, seed, add_special_tokens, progress)[0]
+
+
+@torch.no_grad()
+def generate_copies(model, tokenizer, prompts, copies: int, max_new_tokens=16, batch_size=32, do_sample=False,
+                    temperature=1.0, num_samples=1, seed=0, add_special_tokens=True, progress=False) -> list:
+    """``generate_answers`` with each chunk of prompts repeated ``copies`` times along the batch, copy g
+    being the g-th block of rows, decoded in one ``generate`` per chunk; returns one answer list per copy.
+
+    A model that computes each block of rows differently (K LoRA arms on one base,
+    ``rankwise.arm_layers``) answers as each arm alone would: greedy decoding is row by row,
+    a row that meets EOS is filled with the pad token until the chunk stops (as in a chunk of
+    one copy whose other rows go on), and decoding skips special tokens.
     """
     if isinstance(prompts, str):
         raise TypeError("generate_answers: prompts must be a list of strings, not one string")
-    if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"generate_answers: num_samples, batch_size and max_new_tokens must be >= 1, "
-                         f"got {num_samples}, {batch_size}, {max_new_tokens}")
+    if num_samples < 1 or batch_size < 1 or max_new_tokens < 1 or copies < 1:
+        raise ValueError(f"generate_answers: num_samples, batch_size, max_new_tokens and copies must be >= 1, "
+                         f"got {num_samples}, {batch_size}, {max_new_tokens}, {copies}")
     if num_samples > 1 and not do_sample:
         raise ValueError("generate_answers: num_samples > 1 needs do_sample=True (greedy outputs are identical)")
     dev = next(model.parameters()).device
     was_training, old_side = model.training, tokenizer.padding_side
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, num_return_sequences=num_samples)
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     model.eval()
     tokenizer.padding_side = "left"
-    results = []
+    results = [[] for _ in range(copies)]
     it = range(0, len(prompts), batch_size)
     if progress:
         it = tqdm(it, desc="generating", leave=False)
-    devices = [dev] if dev.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices, enabled=do_sample):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=do_sample):
             if do_sample:
                 torch.manual_seed(seed)
             for s in it:
                 chunk = list(prompts[s:s + batch_size])
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-                enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, num_return_sequences=num_samples)
-                if do_sample:
-                    kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+                enc = {k: v.to(dev).repeat(copies, 1) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 out = model.generate(**enc, **kwargs)
-                new = out[:, enc["input_ids"].shape[1]:]
-                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-                for i in range(len(chunk)):
-                    results.append(texts[i * num_samples:(i + 1) * num_samples])
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for g in range(copies):
+                    for i in range(len(chunk)):
+                        row = (g * len(chunk) + i) * num_samples
+                        results[g].append(texts[row:row + num_samples])
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)

@@ -101,12 +101,12 @@ from . import ownership
 from .arm_layers import arm_parameters, inject_multi_lora, multi_lora_layers, select_arms
 from .arm_memory import target_dims
 from .atomic import remove_path
-from .batches import count_steps, load_data
+from .batches import check_token_ids, count_steps, load_data
 from .checkpoint import check_settings, load_run_checkpoint, restore_run_state, run_state, save_checkpoint
 from .errors import ConfigError
-from .evaluate import is_correct
+from .evaluate import generate_copies, is_correct
 from .fit import Arm, fit
-from .loss import FusedLossLM
+from .loss import FusedLossLM, packed_attention_mask
 from .model import load_tokenizer
 from .outputs import SUMMARY, failure_reason, finish_arm, release_memory, write_failed
 from .runlog import METRICS, MetricsLog, read_metrics, require_tensorboard
@@ -179,16 +179,20 @@ def arm_loss_sums(model, batch: dict, n: int, fused: bool, backend: str) -> torc
     """
     dev = next(model.parameters()).device
     b = stacked(batch, n, dev)
-    keep = (batch["targets"][0] != -100).nonzero().squeeze(1).to(dev)
-    targets = batch["targets"][0].to(dev)[keep]
+    index = batch.get("target_index")
+    keep = (batch["targets"][0] != -100).nonzero().squeeze(1) if index is None else index  # on the host
+    targets = batch["targets"][0][keep].to(dev)
+    keep = keep.to(dev)
+    mask = packed_attention_mask(model, batch["position_ids"].to(dev))  # (1, 1, T, T): the same for every arm
+    extra = {} if mask is None else {"attention_mask": mask}
     if fused:
-        out = model.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        out = model.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, **extra)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         head = model.get_output_embeddings()
         rows = linear_cross_entropy(hidden[:, keep].reshape(n * len(keep), -1), head.weight, targets.repeat(n),
-                                    head.bias, reduction="none", backend=backend)
+                                    head.bias, reduction="none", backend=backend, check_targets=False)
         return rows.view(n, -1).sum(1)
-    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False}
+    inputs = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False, **extra}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
@@ -294,6 +298,7 @@ def run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force: bool, 
     total_steps = count_steps(t, batches, 1)
 
     model = load_base_model(cfg0, device)
+    check_token_ids(batches, evals, model)  # once, on the host: the stacked loss does not check its targets
     fused = wrap_base_model(model, cfg0, batches.micro_batch(0)[1], autocast, amp_dtype)
     lc = cfg0.lora
     inject_multi_lora(model, lc.targets, [c.lora.r for c in cfgs], [c.lora.alpha for c in cfgs],
@@ -441,51 +446,22 @@ def generate_arms(model, arms, tokenizer, prompts, max_new_tokens: int = 16, bat
     """Greedy answers of every arm of ``arms`` to ``prompts``, all arms decoded in one batch per token.
 
     ``{k: [[text], ...]}``: for each arm, what ``rankwise.evaluate.generate_answers``
-    (greedy, ``num_samples=1``) returns on that arm's solo model, prompt for prompt.
-    The prompts are cut into the same chunks of ``batch_size`` and left-padded the
-    same way; each chunk's ``(b, L)`` tokens are then repeated once per arm,
-    ``(G * b, L)``, arm g's copy being the g-th block of ``b`` rows (the layout
-    ``MultiLoRALinear`` reads), and ``model.generate`` decodes all of them with its
-    KV cache: one stacked forward per new token, each row attending to its own
-    tokens only. Greedy decoding is row by row, so each row's tokens are its solo
-    run's; a row that meets EOS is filled with the pad token (as in a solo chunk
-    whose other rows go on) until every row of the chunk stops, and decoding skips
-    special tokens, so the texts are the solo run's. Leaves ``arms`` selected.
+    (greedy, ``num_samples=1``) returns on that arm's solo model, prompt for prompt:
+    ``evaluate.generate_copies`` with one copy of each chunk per arm, arm g's the g-th
+    block of rows (the layout ``MultiLoRALinear`` reads). Leaves ``arms`` selected.
 
     Args:
         model: a causal LM carrying ``MultiLoRALinear`` layers (``inject_multi_lora``).
         arms: arm indices, in any order.
         tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens: as ``generate_answers``.
     """
-    if isinstance(prompts, str):
-        raise TypeError("generate_arms: prompts must be a list of strings, not one string")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"generate_arms: batch_size and max_new_tokens must be >= 1, got {batch_size}, "
-                         f"{max_new_tokens}")
     arms = [int(k) for k in arms]
     if not arms:
         raise ValueError("generate_arms: expected at least one arm")
-    G, dev = len(arms), first_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training, old_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
     select_arms(model, arms)
-    results = {k: [] for k in arms}
-    try:
-        for s in range(0, len(prompts), batch_size):
-            chunk = list(prompts[s:s + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-            enc = {k: v.to(dev).repeat(G, 1) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, num_return_sequences=1,
-                                 do_sample=False, temperature=None, top_k=None, top_p=None)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for g, k in enumerate(arms):
-                results[k] += [[t] for t in texts[g * len(chunk):(g + 1) * len(chunk)]]
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return results
+    outs = generate_copies(model, tokenizer, prompts, len(arms), max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, add_special_tokens=add_special_tokens)
+    return dict(zip(arms, outs))
 
 
 def evaluate_arm(model, k: int, tokenizer, evals: dict, cfg: C.RunConfig, autocast) -> dict:

@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import config as C
 from . import ownership, shapes
 from .atomic import atomic_write_text, remove_path, reporting_write_errors
-from .batches import count_steps, load_data
+from .batches import check_token_ids, count_steps, load_data
 from .checkpoint import (CHECKPOINT_DIR, LEGACY_CHECKPOINT, check_settings, load_run_checkpoint, refuse_legacy,
                          restore_run_state, run_state, save_checkpoint)
 from .errors import ConfigError
@@ -225,7 +225,7 @@ def wrap_model(model, cfg: C.RunConfig, first_batch, autocast, amp_dtype, dist: 
     if cfg.train.fused_loss:  # output head + loss without the (tokens, vocab) logits
         problem = fused_loss_problem(model)
         if problem is None:
-            fused = FusedLossLM(model, backend=backend)
+            fused = FusedLossLM(model, backend=backend, check_targets=False)  # train checks the ids first
             problem = check_fused_loss(model, fused, first_batch, autocast,
                                        rtol=1e-4 if amp_dtype is None and fused_head_fp32(model) else 2e-2)
             if problem is None:
@@ -349,6 +349,7 @@ def train_claimed(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim,
     total_steps = count_steps(t, batches, dist.world)
 
     raw_model = load_base_model(cfg, device)
+    check_token_ids(batches, evals, raw_model)
     trainable = setup_trainable(raw_model, cfg)
     if master:
         log.info("method %s: %s trainable parameters of %s", cfg.method, f"{trainable.numel:,}",
