@@ -18,7 +18,7 @@ torch paths, one op per file.
 ``linear_cross_entropy``, ``rms_norm``, ``swiglu`` and ``geglu`` take ``backend="auto" |
 "triton" | "torch"``: ``"triton"`` runs the kernels (on a CPU only under
 ``TRITON_INTERPRET=1``), ``"torch"`` plain torch ops, ``"auto"`` Triton on CUDA
-and torch otherwise. The ``*_reference`` names are those torch paths under their
+and torch otherwise. The ``*_reference`` names (and ``lora_linear_torch``) are those torch paths under their
 historical names; the tests compare both backends with references of their own
 (``tests/helpers.py``). The masked-AdamW steps are Triton-only (``rankwise.masking``
 owns their CPU path).
@@ -31,7 +31,8 @@ and nothing here imports the ``rankwise`` package.
 """
 from .geglu import geglu, geglu_reference
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from .lora_linear import dropout_mask, lora_linear, lora_linear_reference
+from .lora_linear import dropout_mask, lora_linear
+from .lora_torch import lora_linear_torch
 from .masked_adamw import apply_mask, masked_adamw_step
 from .multi_lora import multi_lora_linear
 from .nf4 import nf4_dequantize, nf4_dequantize_reference
@@ -40,7 +41,7 @@ from .rms_norm import rms_norm, rms_norm_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
-    "lora_linear", "lora_linear_reference", "dropout_mask",
+    "lora_linear", "lora_linear_torch", "dropout_mask",
     "nf4_lora_linear", "nf4_lora_linear_reference", "nf4_dequantize", "nf4_dequantize_reference",
     "linear_cross_entropy", "linear_cross_entropy_reference",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference", "geglu", "geglu_reference",

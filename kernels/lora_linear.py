@@ -57,8 +57,7 @@ where an ``NF4Weight`` base is sent to ``nf4_lora.nf4_lora_linear``.
 Backends (the convention of every op in ``rankwise.kernels``): ``"triton"``
 runs the kernels; ``"torch"`` runs plain torch ops (``lora_torch.lora_linear_torch``,
 the one-arm case of the multi-arm op's torch path, its backward written out),
-the CPU path; ``"auto"`` picks Triton on CUDA and torch otherwise. ``lora_linear_reference`` is that torch path under its old
-public name. The tests compare both backends with a float64 reference of their
+the CPU path; ``"auto"`` picks Triton on CUDA and torch otherwise. The tests compare both backends with a float64 reference of their
 own (``tests/helpers.py``), never with the code under test.
 """
 from __future__ import annotations
@@ -100,7 +99,7 @@ from .utils import (
     upcast_for_dot,
 )
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "LoRALinearFunction"]
+__all__ = ["lora_linear", "dropout_mask", "LoRALinearFunction"]
 
 # ----------------------------------------------------------------------------
 # Triton kernels (kernels 1, 3 and 5 and the low-rank tails: lowrank.py)
@@ -313,7 +312,6 @@ LoRALinearFunction = lora_function(
 #: off CUDA): ``lora_torch.lora_linear_torch``, kept public under this name. It is
 #: a backend, not an oracle: the tests compare both backends with a float64
 #: reference of their own (``tests/helpers.py``).
-lora_linear_reference = lora_linear_torch
 
 
 # ----------------------------------------------------------------------------
@@ -341,7 +339,7 @@ def lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
         seed: dropout seed; ``None`` draws one from torch's default generator, so
             ``torch.manual_seed`` makes runs reproducible. Masks are reproducible per backend.
         backend: ``"triton"`` (our kernels; on the CPU only under ``TRITON_INTERPRET=1``),
-            ``"torch"`` (plain torch ops, ``lora_linear_reference``) or ``"auto"`` (Triton on
+            ``"torch"`` (plain torch ops, ``lora_linear_torch``) or ``"auto"`` (Triton on
             CUDA, else torch).
         path: how the Triton backend does the two big GEMMs (forward Y and backward dX):
             ``"fused"`` (one Triton GEMM with the low-rank term in its accumulator),

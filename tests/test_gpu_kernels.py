@@ -27,7 +27,7 @@ def rel(a, ref):
 def test_lora_linear_low_precision_on_gpu(dtype, M, K, N, r, dropout_p):
     from helpers import lora_linear_ref64
 
-    from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+    from rankwise.kernels import dropout_mask, lora_linear, lora_linear_torch
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", generator=g).to(dtype).requires_grad_()
@@ -41,7 +41,7 @@ def test_lora_linear_low_precision_on_gpu(dtype, M, K, N, r, dropout_p):
 
     def ref(ts, grad_dtype):  # the float64 oracle, or the torch path in the low precision
         xs = [t.detach().to(grad_dtype).requires_grad_(t.requires_grad) for t in ts]
-        fn = lora_linear_ref64 if grad_dtype == torch.float64 else lora_linear_reference
+        fn = lora_linear_ref64 if grad_dtype == torch.float64 else lora_linear_torch
         out = fn(xs[0], xs[1], xs[2], xs[3], 2.0, None, dropout_p, keep_mask=keep)
         return (out,) + torch.autograd.grad(out, (xs[0], xs[2], xs[3]), dy.to(grad_dtype))
 

@@ -1,7 +1,7 @@
 """The fused LoRA op against a float64 reference, forward and every gradient.
 
 The reference is ``helpers.lora_linear_ref64`` (float64 einsums, autograd for the
-gradients), not the op's torch backend (``lora_linear_reference``): that backend
+gradients), not the op's torch backend (``lora_linear_torch``): that backend
 is only used for what torch's own low-precision error is, and is itself checked
 against the float64 reference below. On a CPU machine the Triton kernels run
 under TRITON_INTERPRET=1 (conftest.py).
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import check, lora_linear_ref64, rel_err
-from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+from rankwise.kernels import dropout_mask, lora_linear, lora_linear_torch
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -69,7 +69,7 @@ def run_and_compare(lead, K, N, r, dtype, *, bias=True, dropout_p=0.0, weight_gr
     if dtype == torch.float16:  # tolerance relative to torch's own fp16 error, capped
         low_in = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, W, A, B, b)]
         xl = low_in[0] if x_transform is None else x_transform(low_in[0])
-        yl = lora_linear_reference(xl, low_in[1], low_in[2], low_in[3], scaling, low_in[4], dropout_p,
+        yl = lora_linear_torch(xl, low_in[1], low_in[2], low_in[3], scaling, low_in[4], dropout_p,
                                    keep_mask=keep)
         torch_err = rel_err(yl, y64)
         tol = min(TOL[dtype], max(2 * torch_err, 1e-3))

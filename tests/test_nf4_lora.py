@@ -9,7 +9,7 @@ import torch
 from helpers import lora_linear_ref64, nf4_dequantize_ref64
 
 import rankwise.quant as quant
-from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+from rankwise.kernels import dropout_mask, lora_linear, lora_linear_torch
 from rankwise.kernels import nf4 as nf4_kernels
 from rankwise.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
 from rankwise.quant import NF4Linear, dequantize_nf4, quantize_nf4
@@ -82,7 +82,7 @@ def test_triton_nf4_matches_float64_reference(lead, K, N, r, dtype, double_quant
                                                          keep_mask=keep),
                 x.double(), A.double(), B.double(), b.double(), dy.double())
     # torch's own error in a low precision: the torch path with the kernel's mask
-    low = _run(lambda x_, A_, B_, b_: lora_linear_reference(x_, W.to(dtype), A_, B_, 1.7, b_, dropout_p,
+    low = _run(lambda x_, A_, B_, b_: lora_linear_torch(x_, W.to(dtype), A_, B_, 1.7, b_, dropout_p,
                                                             keep_mask=keep),
                x, A, B, b, dy) if dtype != torch.float32 else None
     _check(outs, refs, low, dtype)
@@ -228,7 +228,7 @@ def test_nf4_lora_bf16_on_gpu(K, double_quant):
     assert torch.equal(W64.to(q.dtype), Wd)
     ref = _run(lambda x_, A_, B_, b_: lora_linear_ref64(x_, W64, A_, B_, 2.0, b_, 0.1, keep_mask=keep),
                x.double(), A.double(), B.double(), None, dy.double())
-    low = _run(lambda x_, A_, B_, b_: lora_linear_reference(x_, Wd, A_, B_, 2.0, b_, 0.1, keep_mask=keep),
+    low = _run(lambda x_, A_, B_, b_: lora_linear_torch(x_, Wd, A_, B_, 2.0, b_, 0.1, keep_mask=keep),
                x, A, B, None, dy)
     for name, a, d, r64, t in zip(("y", "dx", "dA", "dB"), got, dense, ref, low):
         theirs = ((t.double() - r64).norm() / r64.norm()).item()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import check, lora_linear_ref64, nf4_dequantize_ref64, rel_err
-from rankwise.kernels import dropout_mask, lora_linear, lora_linear_reference
+from rankwise.kernels import dropout_mask, lora_linear, lora_linear_torch
 from rankwise.kernels.lowrank import lowrank_dx_add_, lowrank_fwd_add_
 from rankwise.quant import quantize_nf4
 
@@ -68,7 +68,7 @@ def compare(lead, K, N, r, dtype, *, bias=True, dropout_p=0.0, scaling=1.7, x_tr
 
     tol = TOL[dtype]
     if dtype == torch.float16:  # relative to torch's own fp16 error, capped
-        yl = lora_linear_reference(x_in.detach(), W, A.detach(), B.detach(), scaling,
+        yl = lora_linear_torch(x_in.detach(), W, A.detach(), B.detach(), scaling,
                                    b.detach() if bias else None, dropout_p, keep_mask=keep)
         tol = min(TOL[dtype], max(2 * rel_err(yl, y64), 1e-3))
     check("y", y, y64, tol)

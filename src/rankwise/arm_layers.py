@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.kernels.multi_lora import multi_lora_linear_arms
+
+from .lora import inject_lora, lora_layers, lora_scaling
+
 
 # ----------------------------------------------------------------------------- the layer
 
@@ -49,8 +53,6 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, A_init, alphas, dropouts, use_rslora: bool = False, generators=None,
                  backend: str = "auto"):
         super().__init__()
-        from .lora import lora_scaling
-
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -102,8 +104,6 @@ class MultiLoRALinear(nn.Module):
         return torch.randint(0, 2**31 - 1, (1,), generator=self.generators[k]).item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from rankwise.kernels.multi_lora import multi_lora_linear_arms
-
         arms = self.arms
         if not arms:
             raise RuntimeError("MultiLoRALinear: no arm is selected")
@@ -165,8 +165,6 @@ def inject_multi_lora(model: nn.Module, targets, ranks, alphas, dropouts=0.0, rs
 
     Leaves torch's global RNG as the last arm's solo run would have it after its init.
     """
-    from .lora import inject_lora, lora_layers
-
     n = len(ranks)
     if n == 0:
         raise ValueError("ranks: expected at least one arm")

@@ -339,14 +339,14 @@ def _peft_lora_layers(peft_model: nn.Module):
     """``(name, module, patchable)`` for every PEFT LoRA layer (a ``LoraLayer``); patchable: a
     ``lora.Linear`` or ``lora.bnb.Linear4bit``, the classes whose forward the fused op replaces."""
     try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.lora import Linear as PeftLoraLinear  # optional: peft, for PEFT models only
         from peft.tuners.lora import LoraLayer
     except ImportError as e:  # pragma: no cover
         raise ImportError("patch_peft_model needs peft installed (pip install peft)") from e
     classes = [PeftLoraLinear]
     if bnb_linear4bit_class() is not None:
         try:
-            from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+            from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit  # optional: peft + bitsandbytes
             classes.append(PeftLoraLinear4bit)
         except ImportError:  # pragma: no cover
             pass
