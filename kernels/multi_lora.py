@@ -1,7 +1,7 @@
 """Segmented multi-arm LoRA linear layer: several LoRA arms (adapters of
 different ranks) over one frozen base weight, each arm on its own contiguous
-block of rows (issue 14: a rank sweep trained in one pass, the arms' copies of
-a batch stacked along the rows).
+block of rows (a rank sweep trained in one pass: the arms' copies of a batch
+stacked along the rows).
 
 Math (x: (M, K) after flattening leading dims, rows of arm k the block
 [m_k, m_k + M_k) with sum_k M_k = M; W: (N, K) dense or NF4; arm k has rank r_k,
