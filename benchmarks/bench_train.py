@@ -396,7 +396,7 @@ def run_arm(spec: dict) -> dict:
     if arm["grad_ckpt"] and arm["side"] != "unsloth":  # Unsloth's is set by its loader
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if arm["kernels"]:
-        from rankwise.patch import patch_decoder_kernels
+        from rankwise.decoder_kernels import patch_decoder_kernels
 
         patch_decoder_kernels(model)
     model.train()

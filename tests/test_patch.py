@@ -10,7 +10,7 @@ from torch import nn
 
 import rankwise
 import rankwise.train as rt
-from rankwise.patch import patch_decoder_kernels, unpatch_decoder_kernels
+from rankwise.decoder_kernels import patch_decoder_kernels, unpatch_decoder_kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402,F401  (loads libtorch before rankwise._C is imported)
 from .lora import LoRALinear, inject_lora, lora_layers, patch_peft_model, unpatch_peft_model  # noqa: E402
 from .loss import FusedLossLM  # noqa: E402
 from .masking import MaskedAdamW, restore  # noqa: E402
-from .patch import patch_decoder_kernels, unpatch_decoder_kernels  # noqa: E402
+from .decoder_kernels import patch_decoder_kernels, unpatch_decoder_kernels  # noqa: E402
 from .patch_model import patch_model, unpatch_model  # noqa: E402
 
 __all__ = ["__version__", "LoRALinear", "inject_lora", "lora_layers", "patch_peft_model", "unpatch_peft_model",

@@ -6,7 +6,7 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
 - ``lora``: PEFT's LoRA layers (``lora.Linear`` and QLoRA's ``lora.bnb.Linear4bit``)
   -> ``rankwise.lora.patch_peft_model`` (the fused LoRA op, NF4 bases read in place);
 - ``norms`` / ``mlp``: RMSNorms (Llama's form and Gemma's ``1 + weight``) and gated
-  MLPs (SwiGLU, GeGLU, Phi-3's fused ``gate_up_proj``) -> ``rankwise.patch.patch_decoder_kernels``;
+  MLPs (SwiGLU, GeGLU, Phi-3's fused ``gate_up_proj``) -> ``rankwise.decoder_kernels.patch_decoder_kernels``;
 - ``loss``: the causal LM's ``forward`` is rebound on the instance. In training mode,
   when labels are given, it runs the decoder, then the output head and the model's
   own loss (``ForCausalLMLoss``: labels shifted by one, ``ignore_index`` -100, the mean
@@ -43,7 +43,7 @@ from rankwise.kernels import linear_cross_entropy
 from rankwise.kernels.nf4 import nf4_dequantize
 from rankwise.lora import patch_peft_model, peft_fusion_report, unpatch_peft_model
 from rankwise.loss import fused_loss_problem
-from rankwise.patch import agrees, check_mode, patch_decoder_kernels, unpatch_decoder_kernels
+from rankwise.decoder_kernels import agrees, check_mode, patch_decoder_kernels, unpatch_decoder_kernels
 from rankwise.quant import bnb_linear4bit_class, from_bnb
 
 log = logging.getLogger("rankwise")

@@ -78,7 +78,7 @@ from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_pro
 from .masking import MaskedAdamW
 from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer
 from .outputs import FAILED, SUMMARY, finish_arm, summary_of
-from .patch import patch_decoder_kernels
+from .decoder_kernels import patch_decoder_kernels
 from .runlock import LOCK_FILE
 from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
 from .runtime import Dist, check_backend, setup_precision, setup_processes

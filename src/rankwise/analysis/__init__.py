@@ -7,7 +7,7 @@ Functions work on plain tensors and models and can be used on their own;
 """
 from .attention import attention_entropy, eager_attention, js_distance
 from .probe import compare_attention, compare_on_probe, compare_representations, token_kl_by_bucket
-from .report import markdown_section
+from .render import markdown_section
 from .representations import linear_cka
 from .restoration import DEFAULT_FRACTIONS, bucket_accuracy, restoration_curve
 from .runs import analyze_runs

@@ -27,7 +27,7 @@ from ..merge import checked_lora_pairs
 from ..model import DTYPES, SafetensorsCheckpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..ownership import check_output, claim
 from ..restore import check_pattern
-from . import report, spectral
+from . import render, spectral
 from .probe import compare_on_probe
 from .restoration import DEFAULT_FRACTIONS, SELECTIONS, restoration_curve
 
@@ -560,5 +560,5 @@ def analyze_runs(
     analysis = _analysis_dict(base, device, settings, runs, spec, probe, restoration, subspace, notes)
     timings["total_s"] = time.time() - t0
     analysis["timings"] = timings
-    report.write_outputs(analysis, out_dir, plots=plots)
+    render.write_outputs(analysis, out_dir, plots=plots)
     return analysis
