@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rankwise.config as C
+from rankwise.errors import ConfigError
 from rankwise.fit import Arm, NonFiniteLossError, NonFiniteWeightsError, fit
 from rankwise.runlog import MetricsLog
 from rankwise.train import build_optimizer
@@ -152,3 +153,65 @@ def test_fit_refuses_bad_arguments(tmp_path):
             on_non_finite="ignore")
     with pytest.raises(ValueError, match="at least one arm"):
         fit(model, [], Plan(), losses=None, total_steps=1)
+
+
+def run_with_evals(model, arms, ids, evals, every=2):
+    """``run`` with an evaluation every ``every`` steps whose eval_loss of arm k at its i-th evaluation is
+    ``evals[k][i]`` (the same for every call in a run)."""
+    seen = {k: 0 for k in range(len(arms))}
+
+    def evaluate(live):
+        rows = {}
+        for k in live:
+            rows[k] = {"eval_loss": evals[k][seen[k]]}
+            seen[k] += 1
+        return rows
+
+    fit(model, arms, Plan(), losses=lambda b, live: model.losses(b, [ids[k] for k in live], [0]),
+        total_steps=N_STEPS, evaluate=evaluate, on_non_finite="drop")
+    for a in arms:
+        a.metrics.close()
+    return seen
+
+
+def test_early_stopping_stops_an_arm_after_patience_evaluations_without_improvement(tmp_path):
+    """eval.every 2 over 7 steps: evaluations after steps 2, 4 and 6. Arm 0 improves, then not twice by more
+    than min_delta (patience 2): it stops at step 6, finished, and trains no more; arm 1 keeps improving and
+    trains to the end, exactly as it would alone."""
+    model = Arms(2)
+    stop = {"early_stop": {"patience": 2, "metric": "eval_loss", "min_delta": 0.01}}
+    cfgs = [C.parse({**arm_cfg(tmp_path, f"k{k}").to_dict(), "data": {"train": str(tmp_path / "t.jsonl"),
+                                                                     "eval": str(tmp_path / "e.jsonl")},
+                     "eval": {"every": 2}, "train": {**arm_cfg(tmp_path, f"k{k}").to_dict()["train"], **stop}})
+            for k in range(2)]
+    arms = [make_arm(model, k, cfgs[k], tmp_path) for k in range(2)]
+    seen = run_with_evals(model, arms, [0, 1], {0: [2.0, 1.995, 1.999], 1: [2.0, 1.5, 1.0]})
+    assert arms[0].stopped == 6 and arms[0].failed is None and arms[1].stopped is None
+    assert seen == {0: 3, 1: 3} and not any(p.requires_grad for p in arms[0].params)
+    assert [r["step"] for r in rows(arms[0]) if "loss" in r] == [2, 4, 6], "its last training row at its stop"
+    alone = Arms(2)
+    solo = make_arm(alone, 1, cfgs[1], tmp_path)
+    run_with_evals(alone, [solo], [1], {0: [2.0, 1.5, 1.0]})
+    assert torch.equal(alone.w[1], model.w[1]) and solo.stopped is None
+    with pytest.raises(ConfigError, match="the evaluation gives no eval_accuracy"):
+        arms[1].cfg = C.parse({**cfgs[1].to_dict(), "train": {**cfgs[1].to_dict()["train"],
+                                                               "early_stop": {"patience": 1,
+                                                                              "metric": "eval_accuracy"}}})
+        arms[1].watch({"eval_loss": 1.0}, 2)
+
+
+def test_an_arms_early_stopping_state_survives_the_checkpoint(tmp_path):
+    from rankwise.checkpoint import load_run_checkpoint, restore_run_state, run_state, save_checkpoint
+
+    model = Arms(2)
+    arms = [make_arm(model, k, arm_cfg(tmp_path, f"k{k}"), tmp_path) for k in range(2)]
+    arms[0].best, arms[0].bad_evals = -1.25, 1
+    arms[1].best, arms[1].bad_evals, arms[1].stopped = -2.5, 2, 4
+    save_checkpoint(tmp_path / "ckpt", run_state(5, N_STEPS, arms, torch.device("cpu")))
+    again = [make_arm(model, k, arm_cfg(tmp_path, f"k{k}"), tmp_path) for k in range(2)]
+    assert restore_run_state(load_run_checkpoint(tmp_path / "ckpt"), again, torch.device("cpu"), N_STEPS,
+                             tmp_path / "ckpt") == 5
+    assert [(a.best, a.bad_evals, a.stopped) for a in again] == [(-1.25, 1, None), (-2.5, 2, 4)]
+    assert again[0].live and not again[1].live and not any(p.requires_grad for p in again[1].params)
+    for a in arms + again:
+        a.metrics.close()

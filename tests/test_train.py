@@ -416,3 +416,21 @@ def test_written_files_and_directories_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+
+
+def test_early_stopping_ends_the_run_finished_at_its_step_and_resumes_as_stopped(world, tmp_path, monkeypatch):
+    """train.early_stop: eval_loss watched every 2 steps; it stops improving after the first evaluation, so with
+    patience 2 the run stops at step 6, finished: its adapter and summary say so, the metrics end there."""
+    losses = iter([3.0, 3.1, 3.2, 3.3])
+    real = rt.evaluate
+    monkeypatch.setattr(rt, "evaluate", lambda *a, **k: {**real(*a, **k), "eval_loss": next(losses)})
+    out = tmp_path / "stop"
+    cfg = make_cfg(world, out, max_steps=12, log_every=4, early_stop={"patience": 2, "min_delta": 0.0})
+    cfg["eval"] = {**cfg["eval"], "every": 2}
+    summary = rt.train(cfg)
+    assert summary["status"] == "finished" and summary["stopped_early"] == 6 and summary["steps"] == 6
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "summary.json").exists()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [2, 4, 4, 6, 6], rows  # eval 2, train 4, eval 4, eval 6 and the row at 6
+    assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [3.0, 3.1, 3.2]
+    assert rt.train(cfg, resume=True)["stopped_early"] == 6, "a finished run resumed is returned as it is"

@@ -209,7 +209,8 @@ def arm_state(arm) -> dict:
             "pissa_init": tr.pissa_init,
             "generator": arm.generator.get_state() if arm.generator is not None else None,
             "log_window": arm.window.clone(),  # loss / token sums since the last metrics row
-            "last": arm.last, "failed": arm.failed, "config": arm.cfg.to_dict()}
+            "last": arm.last, "failed": arm.failed, "config": arm.cfg.to_dict(),
+            "early_stop": {"stopped": arm.stopped, "best": arm.best, "bad_evals": arm.bad_evals}}
 
 
 def load_run_checkpoint(path) -> dict:
@@ -285,6 +286,11 @@ def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
     arm.last = dict(saved.get("last") or {})
     if saved.get("failed"):
         arm.stop(str(saved["failed"]))
+    early = saved.get("early_stop") or {}
+    arm.best, arm.bad_evals = early.get("best"), int(early.get("bad_evals") or 0)
+    if early.get("stopped"):
+        arm.stopped = int(early["stopped"])
+        arm.freeze()
     now, then = C.flatten(arm.cfg.to_dict()), C.flatten(saved.get("config") or {})
     changed = sorted(k for k, v in now.items() if k in then and then[k] != v)  # NOT_SETTINGS keys only
     if changed and master:

@@ -174,6 +174,18 @@ class DataCfg:
     add_eos: bool = key(True, "prompt_completion: append the EOS token to the completion")
 
 
+EARLY_STOP_METRICS = ("eval_loss", "eval_accuracy", "eval_ood_loss", "eval_ood_accuracy")
+
+
+@dataclass(frozen=True)
+class EarlyStopCfg:
+    patience: int = key(0, "stop after this many evaluations without improvement (0: never stop early)",
+                        check=_non_negative)
+    metric: str = key("eval_loss", "the eval metric watched (losses must fall, accuracies rise)",
+                      choices=EARLY_STOP_METRICS)
+    min_delta: float = key(0.0, "an improvement smaller than this does not count", check=_non_negative)
+
+
 @dataclass(frozen=True)
 class TrainCfg:
     max_steps: int = key(200, "optimizer steps (ignored when train.epochs is set)", check=_positive)
@@ -203,6 +215,7 @@ class TrainCfg:
     log_every: int = key(10, "steps between metrics.jsonl rows", check=_positive)
     save_every: int = key(100, "steps between checkpoints (0: only at the end)", check=_non_negative)
     device: str = key("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
 
 
 @dataclass(frozen=True)
@@ -247,6 +260,15 @@ class RunConfig:
         if self.quantization != "none" and self.method != "lora":
             raise ConfigError(f"config key 'quantization' = {self.quantization!r} needs method 'lora' "
                               f"(the quantized base weights are frozen), got method {self.method!r}")
+        stop = self.train.early_stop
+        if stop.patience:
+            if not self.eval.every:
+                raise ConfigError("config key 'train.early_stop.patience' needs evaluations during the run: set "
+                                  "eval.every > 0")
+            source = self.data.eval_ood if stop.metric.startswith("eval_ood") else self.data.eval
+            if not source:
+                raise ConfigError(f"config key 'train.early_stop.metric' is {stop.metric!r} but there is no "
+                                  f"{'data.eval_ood' if stop.metric.startswith('eval_ood') else 'data.eval'} set")
         if self.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before any model loads
             raise ConfigError("config key 'log.tensorboard' is true but the tensorboard package is not installed: "
                               "pip install tensorboard, or set log.tensorboard: false")
@@ -642,14 +664,20 @@ NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "train.log_ever
 
 def settings(cfg) -> dict:
     """The flat ``{key: value}`` of the keys that change a run's result (all but ``NOT_SETTINGS``, and the
-    sections the method does not use: ``mask.*`` for LoRA, ``lora.*`` for full and masked SFT).
+    sections the method does not use: ``mask.*`` for LoRA, ``lora.*`` for full and masked SFT). Early stopping's
+    keys count only when it is on (``train.early_stop.patience`` > 0), and then ``eval.every`` counts too (when
+    the evaluations fall decides where the run stops); a run without it has the settings it always had.
 
     Local data files also contribute their content: ``data.train#sha256`` etc., so a
     file rewritten under the same name counts as a change.
     """
     cfg = cfg if isinstance(cfg, RunConfig) else validate_config(cfg)
     unused = {"lora": ("mask.",), "full": ("lora.", "mask."), "masked": ("lora.",)}[cfg.method]
+    if not cfg.train.early_stop.patience:
+        unused += ("train.early_stop.",)
     out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS and not k.startswith(unused)}
+    if cfg.train.early_stop.patience:
+        out["eval.every"] = cfg.eval.every
     for k in ("data.train", "data.eval", "data.eval_ood"):
         path = out.get(k)
         if path and os.path.isfile(path):

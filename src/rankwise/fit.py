@@ -30,6 +30,11 @@ check, for the weights) and the last good checkpoint (``NonFiniteLossError``; no
 non-finite is ever saved), ``"drop"`` stops that arm alone (no more steps, no more
 rows in the stacked batch, its status ``failed`` with the same line) while the
 others go on; no term crosses arms, so an arm's NaN never reaches another arm.
+
+Early stopping (``train.early_stop``): on each evaluation step an arm whose watched
+metric has not improved by more than ``min_delta`` for ``patience`` evaluations stops
+there, finished (``Arm.stopped``: its outputs are its weights of that step, its summary
+says ``stopped_early``); the others go on. Under DDP the master decides and broadcasts.
 """
 from __future__ import annotations
 
@@ -105,6 +110,14 @@ class Arm:
     window: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss, targets, tokens
     last: dict = field(default_factory=dict)  # the last metrics row
     failed: Optional[str] = None
+    stopped: Optional[int] = None  # early stopping: the step the arm stopped at (finished, not failed)
+    best: Optional[float] = None  # early stopping: the best value of its metric so far
+    bad_evals: int = 0  # early stopping: evaluations since the last improvement
+
+    @property
+    def live(self) -> bool:
+        """Whether the arm still trains (neither failed nor stopped early)."""
+        return self.failed is None and self.stopped is None
 
     @property
     def params(self) -> list:
@@ -117,9 +130,30 @@ class Arm:
     def stop(self, reason: str) -> None:
         """The arm fails alone: it takes no more steps (its gradients dropped)."""
         self.failed = reason[:300]
+        self.freeze()
+
+    def freeze(self) -> None:
         for p in self.params:
             p.grad = None
             p.requires_grad_(False)
+
+    def watch(self, row: dict, step: int) -> None:
+        """Early stopping (``train.early_stop``) on the eval ``row`` of ``step``: a loss must fall and an accuracy
+        rise by more than ``min_delta`` within ``patience`` evaluations, else the arm stops here, finished."""
+        stop = self.cfg.train.early_stop
+        if not stop.patience:
+            return
+        if stop.metric not in row:
+            raise ConfigError(f"train.early_stop.metric {stop.metric}: the evaluation gives no {stop.metric} (its "
+                              f"rows have no answers, or eval.generate is false); choose another metric")
+        value = row[stop.metric] if stop.metric.endswith("_accuracy") else -row[stop.metric]  # higher is better
+        if self.best is None or value > self.best + stop.min_delta:
+            self.best, self.bad_evals = value, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= stop.patience:
+            self.stopped = step
+            self.freeze()
 
 
 # ----------------------------------------------------------------------------- one step of every arm
@@ -421,11 +455,31 @@ class Fit:
                                  t_window, self.t_start, self.dist.device)
             if arm.metrics is not None:
                 arm.metrics.write(arm.last)
-        self.windows.zero_()
+            arm.window.zero_()
         if bar is not None and stepped:
             losses = [self.arms[k].last["loss"] for k, _ in stepped]
             bar.set_postfix(loss="/".join(f"{x:.4f}" for x in losses[:4]) + ("/..." if len(losses) > 4 else ""),
                             tok_s=f"{self.arms[stepped[0][0]].last['tokens_per_s']:.0f}")
+
+    def evaluate_and_watch(self, done: int, grad_norms: dict, epoch, t_window: float, bar, logged: bool) -> None:
+        """An evaluation step: every live arm's eval row (the master evaluates; under DDP the others wait), then
+        early stopping: an arm that stops here gets its training row now (if this was no logging step)."""
+        arms = self.arms
+        live = [k for k, a in enumerate(arms) if a.live]
+        rows = self.evaluate(live) if self.dist.master and live else {}
+        for k, row in rows.items():
+            arms[k].metrics.write({"step": done, **row})
+            arms[k].watch(row, done)
+        if self.dist.ddp:  # the master's verdict, for every rank
+            flags = torch.tensor([float(arms[k].stopped is not None) for k in live], device=self.dist.device)
+            torch.distributed.broadcast(flags, 0)
+            for k, flag in zip(live, flags.cpu().tolist()):
+                if flag and arms[k].stopped is None:
+                    arms[k].stopped = done
+                    arms[k].freeze()
+        stopped = [(k, grad_norms[k]) for k in live if arms[k].stopped == done]
+        if stopped and not logged:
+            self.log_rows(stopped, done, epoch, t_window, bar)
 
     def run(self, start_step: int, bar) -> None:
         """Optimizer steps ``start_step`` to ``total_steps`` of every live arm: logging, evaluation, checkpoints.
@@ -436,7 +490,7 @@ class Fit:
         self.model.train()
         t_window = time.time()
         for step in range(start_step, total):
-            live = [k for k, a in enumerate(arms) if a.failed is None]
+            live = [k for k, a in enumerate(arms) if a.live]
             if not live:
                 break
             grad_norms, step_batches = self.one_step(step, live)
@@ -453,12 +507,8 @@ class Fit:
             if bar is not None:
                 bar.update(1)
             if eval_now:
-                live = [k for k, a in enumerate(arms) if a.failed is None]
-                if master and live:
-                    for k, row in self.evaluate(live).items():
-                        arms[k].metrics.write({"step": done, **row})
-                if self.dist.ddp:
-                    torch.distributed.barrier()
+                self.evaluate_and_watch(done, dict(zip(live, grad_norms)), step_batches[-1][0], t_window, bar,
+                                        logged=log_now)
                 t_window = time.time()
             if save_now:
                 self.save(done)

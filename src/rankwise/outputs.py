@@ -64,11 +64,15 @@ def save_outputs(cfg: C.RunConfig, model, tokenizer, trainable: Trainable) -> di
 
 
 def summary_of(arm, total_steps: int) -> dict:
-    """The summary entries every process knows of a finished ``fit.Arm``."""
+    """The summary entries every process knows of a finished ``fit.Arm``; one stopped early (``train.early_stop``)
+    has the steps it trained and ``stopped_early`` (that step)."""
     cfg = arm.cfg
-    return {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": cfg.method,
-            "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": total_steps,
-            "train_loss": arm.last.get("loss"), "trainable_params": arm.trainable.n_changing}
+    summary = {"status": "finished", "output_dir": os.path.abspath(cfg.output_dir), "method": cfg.method,
+               "rank": cfg.lora.r if cfg.method == "lora" else None, "steps": arm.stopped or total_steps,
+               "train_loss": arm.last.get("loss"), "trainable_params": arm.trainable.n_changing}
+    if arm.stopped is not None:
+        summary["stopped_early"] = arm.stopped
+    return summary
 
 
 def finish_arm(arm, model, tokenizer, total_steps: int, final_eval: dict, runtime_s: float) -> dict:
@@ -76,8 +80,8 @@ def finish_arm(arm, model, tokenizer, total_steps: int, final_eval: dict, runtim
     summary. ``model`` computes this arm alone."""
     cfg = arm.cfg
     summary = summary_of(arm, total_steps)
-    if final_eval:
-        arm.metrics.write({"step": total_steps, **final_eval})
+    if final_eval and arm.stopped is None:  # an arm stopped early has its eval row of that step already
+        arm.metrics.write({"step": summary["steps"], **final_eval})
     summary.update(final_eval)
     with reporting_write_errors(cfg.output_dir, "the outputs into"):
         summary.update(save_outputs(cfg, model, tokenizer, arm.trainable))
