@@ -358,3 +358,18 @@ def test_tensorboard_is_checked_at_parse(monkeypatch):
                                           r"installed: pip install tensorboard, or set log.tensorboard: false$"):
         C.parse(MIN, {"log.tensorboard": True})
     assert C.parse(MIN).log.tensorboard is False
+
+
+def test_keys_a_run_does_not_use_stay_out_of_its_settings():
+    """A prompt_completion run's settings hold no key of the other formats (nor eval_fraction 0, nor early
+    stopping when off), so runs keep their settings hash as such keys are added; the format that reads a key
+    gets it, and early stopping makes eval.every a setting."""
+    base = C.settings(C.parse(MIN))
+    assert not [k for k in base if k.startswith(("data.fields.instruction", "data.fields.conversations",
+                                                  "data.fields.text", "data.stride", "data.chat_template",
+                                                  "data.eval_fraction", "train.early_stop", "eval.every"))]
+    text = C.settings(C.parse({**MIN, "data": {**MIN["data"], "format": "text", "stride": 4}}))
+    assert text["data.stride"] == 4 and "data.fields.text" in text and "data.fields.instruction" not in text
+    stop = C.settings(C.parse({**MIN, "data": {**MIN["data"], "eval_fraction": 0.2},
+                               "train": {"early_stop": {"patience": 2}}}))
+    assert stop["data.eval_fraction"] == 0.2 and stop["train.early_stop.patience"] == 2 and "eval.every" in stop

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict
 
 from . import config as C
-from .data import collate, eval_batches, load_rows, plan_epoch, qa_items, tokenize_rows
+from .data import collate, eval_batches, load_rows, plan_epoch, qa_items, split_rows, tokenize_rows
 from .errors import ConfigError
 from .runtime import Dist
 
@@ -46,28 +46,46 @@ class Batches:
 
 
 def load_data(cfg: C.RunConfig, tokenizer, master: bool):
-    """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``."""
+    """``(Batches, evals)``: the tokenized training set, and ``{prefix: (loss batches or None, qa items or None)}``.
+
+    With ``data.eval_fraction`` the eval set ``eval`` is a share of the training rows, drawn with
+    ``train.seed`` (``data.split_rows``), whose examples leave the training set.
+    """
     d, e = cfg.data, cfg.eval
     fields = asdict(d.fields)
     tok_kw = dict(format=d.format, fields=fields, max_length=d.max_length, add_eos=d.add_eos,
-                  progress=master and cfg.log.progress)
+                  chat_template=d.chat_template, stride=d.stride, progress=master and cfg.log.progress)
     rows = load_rows(d.train, "data.train")
     if not rows:
         raise ConfigError(f"data.train: {d.train} holds no rows")
-    examples, dropped = tokenize_rows(rows, tokenizer, name="data.train", **tok_kw)
+    examples, dropped = tokenize_rows(rows, tokenizer, name="data.train", warn=master, **tok_kw)
     if dropped:
-        log.warning("data.train: %d examples lost every completion token to data.max_length and were dropped", dropped)
+        log.warning("data.train: %d examples lost every target token to data.max_length and were dropped", dropped)
     evals = {}
+    if d.eval_fraction:
+        _, held = split_rows(len(rows), d.eval_fraction, cfg.train.seed)
+        held = held[: e.max_examples]
+        keep = set(held)
+        held_out = [x for x in examples if x.row in keep]
+        examples = [x for x in examples if x.row not in keep]
+        if not examples or not held_out:
+            raise ConfigError(f"data.eval_fraction={d.eval_fraction} leaves no {'training' if held_out else 'eval'} "
+                              f"example of the {len(rows)} rows of data.train")
+        qa = qa_items([rows[i] for i in held], tokenizer, format=d.format, fields=fields,
+                      chat_template=d.chat_template, name="data.train") if e.generate else None
+        evals["eval"] = (eval_batches(held_out, e.batch_size, d.max_length), qa)
     for prefix, source in (("eval", d.eval), ("eval_ood", d.eval_ood)):
         if not source:
             continue
         rows = load_rows(source, f"data.{prefix}")[: e.max_examples]
         if not rows:
             raise ConfigError(f"data.{prefix}: {source} holds no rows")
-        qa = qa_items(rows, tokenizer, format=d.format, fields=fields, name=f"data.{prefix}") if e.generate else None
+        qa = qa_items(rows, tokenizer, format=d.format, fields=fields, chat_template=d.chat_template,
+                      name=f"data.{prefix}") if e.generate else None
         batches = None  # QA-only eval sets (prompt + answers, no completion) get no eval loss
-        if d.format == "chat" or any(fields["completion"] in r for r in rows) or qa is None:
-            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{prefix}", **tok_kw)
+        response = {"prompt_completion": fields["completion"], "alpaca": fields["output"]}.get(d.format)
+        if response is None or any(response in r for r in rows) or qa is None:
+            ex, _ = tokenize_rows(rows, tokenizer, name=f"data.{prefix}", warn=master, **tok_kw)
             batches = eval_batches(ex, e.batch_size, d.max_length)
         evals[prefix] = (batches, qa)
     return Batches(examples, cfg.train.batch_size, d.packing, d.max_length, cfg.train.seed), evals

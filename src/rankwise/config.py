@@ -160,6 +160,11 @@ class FieldsCfg:
     completion: str = key("completion", "prompt_completion: name of the completion field")
     messages: str = key("messages", "chat: name of the messages field")
     answers: str = key("answers", "eval rows: gold answers (str or list; 'answer' also read)")
+    instruction: str = key("instruction", "alpaca: name of the instruction field")
+    input: str = key("input", "alpaca: name of the optional input field (absent or empty: no input)")
+    output: str = key("output", "alpaca: name of the response field")
+    conversations: str = key("conversations", "sharegpt: name of the conversations field ({from, value} turns)")
+    text: str = key("text", "text: name of the text field")
 
 
 @dataclass(frozen=True)
@@ -167,11 +172,32 @@ class DataCfg:
     train: str = key(REQUIRED, "training set: local json/jsonl/csv/parquet, or hub name[:split]")
     eval: Optional[str] = key(None, "in-domain eval set (same formats)")
     eval_ood: Optional[str] = key(None, "out-of-domain eval set (same formats)")
-    format: str = key("prompt_completion", "row format", choices=("prompt_completion", "chat"))
+    eval_fraction: float = key(0.0, "hold out this share of data.train's rows as the eval set (seeded by "
+                               "train.seed; 0: none; not with data.eval)", check=_in_unit(False, True))
+    format: str = key("prompt_completion", "row format (rankwise.formats)",
+                      choices=("prompt_completion", "chat", "alpaca", "sharegpt", "text"))
+    chat_template: Optional[str] = key(None, "chat, sharegpt: a built-in template (chatml, llama3) or a .jinja "
+                                       "file (default: the tokenizer's own)", check=_non_empty)
     fields: FieldsCfg = field(default_factory=FieldsCfg)
-    max_length: int = key(512, "tokens per example (longer ones are truncated)", check=_positive)
+    max_length: int = key(512, "tokens per example (longer ones are truncated; text: chunked)", check=_positive)
+    stride: int = key(0, "text: tokens each chunk repeats from the one before, as context (0: no overlap)",
+                      check=_non_negative)
     packing: bool = key(False, "false: batch_size examples per micro-batch; true: fill batch_size*max_length tokens")
-    add_eos: bool = key(True, "prompt_completion: append the EOS token to the completion")
+    add_eos: bool = key(True, "prompt_completion, alpaca, text: append the EOS token (and train on it)")
+
+    def __post_init__(self):  # checks between the data keys
+        if self.eval and self.eval_fraction:
+            raise ConfigError("config keys 'data.eval' and 'data.eval_fraction' are both set: give an eval file "
+                              "or hold out a share of data.train, not both")
+        if self.stride and self.format != "text":
+            raise ConfigError(f"config key 'data.stride' applies to data.format 'text' only, got format "
+                              f"{self.format!r}")
+        if self.stride >= self.max_length:
+            raise ConfigError(f"config key 'data.stride' must be smaller than data.max_length ({self.max_length}), "
+                              f"got {self.stride}")
+        if self.chat_template is not None and self.format not in ("chat", "sharegpt"):
+            raise ConfigError(f"config key 'data.chat_template' applies to data.format 'chat' and 'sharegpt' only, "
+                              f"got format {self.format!r}")
 
 
 EARLY_STOP_METRICS = ("eval_loss", "eval_accuracy", "eval_ood_loss", "eval_ood_accuracy")
@@ -265,7 +291,8 @@ class RunConfig:
             if not self.eval.every:
                 raise ConfigError("config key 'train.early_stop.patience' needs evaluations during the run: set "
                                   "eval.every > 0")
-            source = self.data.eval_ood if stop.metric.startswith("eval_ood") else self.data.eval
+            source = self.data.eval_ood if stop.metric.startswith("eval_ood") else \
+                (self.data.eval or self.data.eval_fraction)
             if not source:
                 raise ConfigError(f"config key 'train.early_stop.metric' is {stop.metric!r} but there is no "
                                   f"{'data.eval_ood' if stop.metric.startswith('eval_ood') else 'data.eval'} set")
@@ -662,6 +689,24 @@ NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "train.log_ever
                 "train.device", "train.backend", "eval.every")
 
 
+# data keys of the formats beyond prompt_completion and chat: settings only for the formats that read them
+_FORMAT_KEYS = {"alpaca": ("data.fields.instruction", "data.fields.input", "data.fields.output"),
+                "sharegpt": ("data.fields.conversations", "data.chat_template"),
+                "chat": ("data.chat_template",), "text": ("data.fields.text", "data.stride")}
+
+
+def unused_data_keys(cfg) -> set:
+    """The data keys the run's format does not read, and ``data.eval_fraction`` when 0: left out of its
+    settings, so that a run whose format does not use them keeps the settings it had before they existed."""
+    used = set(_FORMAT_KEYS.get(cfg.data.format, ()))
+    unused = {k for keys in _FORMAT_KEYS.values() for k in keys} - used
+    if not cfg.data.eval_fraction:
+        unused.add("data.eval_fraction")
+    if cfg.data.chat_template is None:
+        unused.add("data.chat_template")
+    return unused
+
+
 def settings(cfg) -> dict:
     """The flat ``{key: value}`` of the keys that change a run's result (all but ``NOT_SETTINGS``, and the
     sections the method does not use: ``mask.*`` for LoRA, ``lora.*`` for full and masked SFT). Early stopping's
@@ -675,10 +720,11 @@ def settings(cfg) -> dict:
     unused = {"lora": ("mask.",), "full": ("lora.", "mask."), "masked": ("lora.",)}[cfg.method]
     if not cfg.train.early_stop.patience:
         unused += ("train.early_stop.",)
-    out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS and not k.startswith(unused)}
+    out = {k: copy.deepcopy(_attr(cfg, k)) for k in SCHEMA if k not in NOT_SETTINGS and not k.startswith(unused)
+           and k not in unused_data_keys(cfg)}
     if cfg.train.early_stop.patience:
         out["eval.every"] = cfg.eval.every
-    for k in ("data.train", "data.eval", "data.eval_ood"):
+    for k in ("data.train", "data.eval", "data.eval_ood", "data.chat_template"):
         path = out.get(k)
         if path and os.path.isfile(path):
             st = os.stat(path)

@@ -1,14 +1,25 @@
-"""Data: load rows, tokenize with the loss on completion tokens only, pack without cross-attention.
+"""Data: load rows, tokenize with the loss on the response tokens only, pack without cross-attention.
 
 Rows come from a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file or a
-Hugging Face hub data set (``name`` or ``name:split``). Two row formats:
+Hugging Face hub data set (``name`` or ``name:split``). Row formats (``data.format``;
+the fields each reads, and the converters, are in ``rankwise.formats``; field names
+are mapped with ``data.fields``):
 
-- ``prompt_completion``: string fields ``prompt`` and ``completion`` (renameable);
-  the model sees ``tokens(prompt) + tokens(completion) + [eos]`` and the loss
-  covers the completion tokens and the EOS only.
-- ``chat``: a field ``messages`` (a list of ``{"role", "content"}``), rendered
-  with the tokenizer's chat template; the loss covers what the template emits
-  for assistant turns (their content and end-of-turn tokens).
+- ``prompt_completion``: string fields ``prompt`` and ``completion``; the model sees
+  ``tokens(prompt) + tokens(completion) + [eos]`` and the loss covers the completion
+  tokens and the EOS only.
+- ``alpaca``: ``instruction``, optional ``input``, ``output``: the prompt is the
+  Alpaca template (``formats.ALPACA_PROMPT`` / ``ALPACA_PROMPT_NO_INPUT``), then as
+  ``prompt_completion`` with ``output`` as the completion.
+- ``chat``: a field ``messages`` (a list of ``{"role", "content"}``), rendered with
+  ``data.chat_template`` (a built-in name or a ``.jinja`` file) or else the tokenizer's
+  chat template; the loss covers what the template emits for assistant turns (their
+  content and end-of-turn tokens).
+- ``sharegpt``: a field ``conversations`` (a list of ``{"from", "value"}``), turned
+  into ``messages`` and rendered as ``chat``.
+- ``text``: a field ``text``, language modelling: ``[bos] + tokens(text) + [eos]``,
+  every token a target, cut into chunks of ``max_length`` tokens overlapping by
+  ``stride`` (the overlap is context, so every token is a target once).
 
 Batches are padding-free: the examples of a micro-batch are concatenated into a
 single row of shape ``(1, T)`` with ``position_ids`` restarting at 0 for every
@@ -24,15 +35,23 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import random
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, short
+from .formats import (DEFAULT_FIELDS, FORMAT_FIELDS, alpaca_prompt, check_format, get_field, prompt_response,
+                      render_chat, resolve_chat_template, row_messages, unused_fields)
+
+log = logging.getLogger("rankwise")
 
 IGNORE = -100
+CHAT_FORMATS = ("chat", "sharegpt")
+UNK_WARN_RATE = 0.01  # a data set with more of the tokenizer's unknown token than this gets a warning
 LOCAL_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -154,24 +173,15 @@ _READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet
 
 @dataclass
 class Example:
-    """One tokenized example: ``input_ids`` and a per-token flag ``is_target`` (loss on this token)."""
+    """One tokenized example: ``input_ids``, a per-token flag ``is_target`` (loss on this token) and ``row``,
+    the index of the row it came from (a ``text`` row longer than ``max_length`` gives several examples)."""
 
     input_ids: list
     is_target: list
+    row: int = 0
 
     def __len__(self):
         return len(self.input_ids)
-
-
-def _field(row, field, i, name, kind=str):
-    if field not in row:
-        present = ", ".join(map(repr, row)) or "none"
-        raise ConfigError(f"{name} row {i}: missing field {field!r} (fields present: {present}); "
-                         f"rename with data.fields")
-    value = row[field]
-    if not isinstance(value, kind):
-        raise ConfigError(f"{name} row {i}: field {field!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 def get_answers(row: dict, field: str = "answers"):
@@ -188,91 +198,144 @@ def get_answers(row: dict, field: str = "answers"):
 
 
 def tokenize_rows(rows, tokenizer, *, format="prompt_completion", fields=None, max_length=512, add_eos=True,
-                  name="data.train", progress=False):
-    """Tokenize ``rows`` into ``Example``s (truncated to ``max_length``).
+                  chat_template=None, stride=0, name="data.train", progress=False, warn=True):
+    """Tokenize ``rows`` of ``format`` (see ``rankwise.formats``) into ``Example``s.
 
-    Returns ``(examples, n_dropped)``: examples whose targets were all cut by
-    truncation are dropped and counted.
+    Examples are truncated to ``max_length`` tokens, except ``text`` ones, which are cut into chunks
+    (``chunk``) of ``max_length`` tokens overlapping by ``stride``. ``chat_template`` (``chat`` and
+    ``sharegpt``): a built-in name or a ``.jinja`` path; ``None`` takes the tokenizer's own. With ``warn``,
+    one warning line names the row fields the format does not use, and one the share of the tokenizer's
+    unknown token when it passes ``UNK_WARN_RATE``.
+
+    Returns ``(examples, n_dropped)``: examples whose targets were all cut by truncation are dropped and counted.
     """
-    fields = {"prompt": "prompt", "completion": "completion", "messages": "messages", **(fields or {})}
+    fields = {**DEFAULT_FIELDS, **(fields or {})}
+    check_format(format)
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2, got {max_length}")
-    if format == "prompt_completion":
-        seqs = _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name)
-    elif format == "chat":
-        seqs = _tokenize_chat(rows, tokenizer, fields, name, progress)
+    if not 0 <= stride < max_length:
+        raise ConfigError(f"data.stride must be in [0, data.max_length = {max_length}), got {stride}")
+    if warn:
+        warn_unused_fields(rows, format, fields, name)
+    if format in ("prompt_completion", "alpaca"):
+        seqs = _tokenize_prompt_response(rows, tokenizer, format, fields, add_eos, name)
+    elif format == "text":
+        seqs = _tokenize_text(rows, tokenizer, fields, add_eos, name)
     else:
-        raise ConfigError(f"data.format must be 'prompt_completion' or 'chat', got {format!r}")
+        template, source = resolve_chat_template(chat_template, tokenizer, format)
+        seqs = _tokenize_chat(rows, tokenizer, format, fields, template, source, name, progress)
+    if warn:
+        warn_unknown_tokens(seqs, tokenizer, name)
     examples, dropped = [], 0
-    for ids, tgt in seqs:
-        ids, tgt = ids[:max_length], tgt[:max_length]
-        if not any(tgt[1:]):  # position 0 has no predecessor, so it cannot be a target
-            dropped += 1
-            continue
-        examples.append(Example(ids, tgt))
+    for r, (ids, tgt) in enumerate(seqs):
+        pieces = chunk(ids, max_length, stride) if format == "text" else [(ids[:max_length], tgt[:max_length])]
+        for k, (p_ids, p_tgt) in enumerate(pieces):
+            if any(p_tgt[1:]):  # position 0 has no predecessor, so it cannot be a target
+                examples.append(Example(p_ids, p_tgt, r))
+            elif k == 0:  # (a text's last chunk of one token, stride 0, has nothing to predict: no loss)
+                dropped += 1
     if not examples:
-        raise ConfigError(f"{name}: no example has a completion token left within data.max_length={max_length}")
+        raise ConfigError(f"{name}: no example has a target token left within data.max_length={max_length}")
     return examples, dropped
 
 
-def _tokenize_prompt_completion(rows, tokenizer, fields, add_eos, name):
-    pf, cf = fields["prompt"], fields["completion"]
-    prompts = [_field(r, pf, i, name) for i, r in enumerate(rows, 1)]
-    completions = [_field(r, cf, i, name) for i, r in enumerate(rows, 1)]
-    for i, c in enumerate(completions, 1):
-        if not c:
-            raise ConfigError(f"{name} row {i}: field {cf!r} is empty")
+def chunk(ids, max_length, stride=0):
+    """``ids`` cut into pieces of at most ``max_length`` tokens, each overlapping the one before by ``stride``:
+    a list of ``(ids, is_target)``. A piece's first ``stride`` tokens (the overlap) are context, not targets,
+    so every token is a target once; with ``stride`` 0 a piece's first token has no context and no loss."""
+    step, out, start = max_length - stride, [], 0
+    while True:
+        piece = list(ids[start:start + max_length])
+        skip = min(stride, len(piece)) if start else 0
+        out.append((piece, [False] * skip + [True] * (len(piece) - skip)))
+        if start + max_length >= len(ids):
+            return out
+        start += step
+
+
+def warn_unused_fields(rows, format, fields, name) -> None:
+    """One warning line naming the fields of ``rows`` that ``format`` does not read (if any)."""
+    extra = unused_fields(rows, format, fields)
+    if not extra:
+        return
+    shown = ", ".join(short(k, 40) for k in extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+    reads = ", ".join(short(fields[k], 40) for k in FORMAT_FIELDS[format])
+    log.warning("%s: data.format %s reads %s and not the field%s %s of its rows (map names with data.fields)",
+                name, format, reads, "s" if len(extra) > 1 else "", shown)
+
+
+def warn_unknown_tokens(seqs, tokenizer, name) -> None:
+    """One warning line when more than ``UNK_WARN_RATE`` of the tokens of ``seqs`` are the unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    total = sum(len(ids) for ids, _ in seqs)
+    n = sum(ids.count(unk) for ids, _ in seqs)
+    if total and n > UNK_WARN_RATE * total:
+        log.warning("%s: %.1f %% of the tokens (%d of %d) are the tokenizer's unknown token %s: the tokenizer "
+                    "does not cover this text (is it the model's own?)", name, 100 * n / total, n, total,
+                    tokenizer.unk_token)
+
+
+def _tokenize_prompt_response(rows, tokenizer, format, fields, add_eos, name):
+    pairs = [prompt_response(r, format, fields, i, name) for i, r in enumerate(rows, 1)]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     out = []
-    chunk = 2048
-    for s in range(0, len(rows), chunk):
-        p_ids = tokenizer(prompts[s:s + chunk], add_special_tokens=True)["input_ids"]
-        c_ids = tokenizer(completions[s:s + chunk], add_special_tokens=False)["input_ids"]
+    chunk_rows = 2048
+    for s in range(0, len(pairs), chunk_rows):
+        part = pairs[s:s + chunk_rows]
+        p_ids = tokenizer([p for p, _ in part], add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer([c for _, c in part], add_special_tokens=False)["input_ids"]
         for p, c in zip(p_ids, c_ids):
             c = list(c) + eos
             out.append((list(p) + c, [False] * len(p) + [True] * len(c)))
     return out
 
 
-def _check_messages(messages, i, name):
-    if not messages:
-        raise ConfigError(f"{name} row {i}: 'messages' is empty")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ConfigError(f"{name} row {i}: message {j} must be an object with string 'role' and 'content', got {m!r}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ConfigError(f"{name} row {i}: no assistant message to train on")
+def _tokenize_text(rows, tokenizer, fields, add_eos, name):
+    tf = fields["text"]
+    texts = [get_field(r, tf, i, name) for i, r in enumerate(rows, 1)]
+    for i, t in enumerate(texts, 1):
+        if not t.strip():
+            raise ConfigError(f"{name} row {i}: field {short(tf, 40)} is empty")
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    out = []
+    for s in range(0, len(texts), 2048):  # long texts are chunked afterwards: no length warning
+        for ids in tokenizer(texts[s:s + 2048], add_special_tokens=True, verbose=False)["input_ids"]:
+            ids = list(ids) + eos
+            out.append((ids, [True] * len(ids)))
+    return out
 
 
-def chat_prompt(tokenizer, messages) -> str:
-    """The rendered chat prompt for generation: every message before the last assistant turn."""
+def chat_prompt(tokenizer, messages, chat_template=None) -> str:
+    """The rendered chat prompt for generation: every message before the last assistant turn
+    (``chat_template``: the template's text; ``None``: the tokenizer's own)."""
+    return _chat_prompt(tokenizer, messages, chat_template, "the chat template", 1, "the conversation")
+
+
+def _chat_prompt(tokenizer, messages, template, source, i, name):
     last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages[:last], template, source, i, name, generation=True)
 
 
-def _tokenize_chat(rows, tokenizer, fields, name, progress):
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{name}: data.format is 'chat' but the tokenizer has no chat template")
-    mf = fields["messages"]
+def _tokenize_chat(rows, tokenizer, format, fields, template, source, name, progress):
     out = []
     it = enumerate(rows, 1)
     if progress:
         it = tqdm(it, total=len(rows), desc=f"tokenizing {name}", leave=False)
     for i, row in it:
-        messages = _field(row, mf, i, name, list)
-        _check_messages(messages, i, name)
+        messages = row_messages(row, format, fields, i, name)
         # Render the conversation prefix by prefix; assistant turns are the text
         # the template adds between "prefix + generation prompt" and "prefix + reply".
         pieces, done = [], ""
-        render = tokenizer.apply_chat_template
         for j, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = render(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
-            full = render(messages[:j + 1], tokenize=False)
+            prefix = render_chat(tokenizer, messages[:j], template, source, i, name, generation=True) if j else ""
+            full = render_chat(tokenizer, messages[:j + 1], template, source, i, name)
             if not prefix.startswith(done) or not full.startswith(prefix):
-                raise ConfigError(f"{name} row {i}: the chat template does not render conversations "
-                                 f"prefix by prefix; cannot locate assistant message {j}")
+                raise ConfigError(f"{name} row {i}: {source} does not render conversations "
+                                  f"prefix by prefix; cannot locate assistant message {j}")
             pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
             done = full
         ids, tgt = [], []
@@ -285,27 +348,46 @@ def _tokenize_chat(rows, tokenizer, fields, name, progress):
     return out
 
 
-def qa_items(rows, tokenizer, *, format="prompt_completion", fields=None, name="data.eval"):
+def qa_items(rows, tokenizer, *, format="prompt_completion", fields=None, chat_template=None, name="data.eval"):
     """Rows with gold answers -> ``(prompts, answers, add_special_tokens)`` for generation QA.
 
-    Returns ``None`` when no row has an ``answers`` / ``answer`` field.
+    Returns ``None`` when no row has an ``answers`` / ``answer`` field, and for ``text`` rows (no prompt).
     """
-    fields = {"prompt": "prompt", "messages": "messages", "answers": "answers", **(fields or {})}
+    fields = {**DEFAULT_FIELDS, **(fields or {})}
+    check_format(format)
+    if format == "text":
+        return None
     answers = [get_answers(r, fields["answers"]) for r in rows]
     if not any(a for a in answers):
         return None
+    chat = format in CHAT_FORMATS
+    template, source = resolve_chat_template(chat_template, tokenizer, format) if chat else (None, "")
     prompts, golds = [], []
     for i, (row, ans) in enumerate(zip(rows, answers), 1):
         if not ans:
             continue
-        if format == "chat":
-            messages = _field(row, fields["messages"], i, name, list)
-            _check_messages(messages, i, name)
-            prompts.append(chat_prompt(tokenizer, messages))
+        if chat:
+            messages = row_messages(row, format, fields, i, name)
+            prompts.append(_chat_prompt(tokenizer, messages, template, source, i, name))
+        elif format == "alpaca":
+            prompts.append(alpaca_prompt(row, fields, i, name))
         else:
-            prompts.append(_field(row, fields["prompt"], i, name))
+            prompts.append(get_field(row, fields["prompt"], i, name))
         golds.append(ans)
-    return prompts, golds, format != "chat"
+    return prompts, golds, not chat
+
+
+def split_rows(n: int, fraction: float, seed: int):
+    """Hold ``round(n * fraction)`` of ``n`` rows out for eval (at least 1, and 1 left to train on):
+    ``(train indices, eval indices)``, each in file order. The choice depends on ``n``, ``fraction`` and
+    ``seed`` alone (``random.Random(seed)``), the same on every machine."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in (0, 1) to split data.train, got {fraction}")
+    if n < 2:
+        raise ConfigError(f"data.eval_fraction needs at least 2 rows in data.train to split, got {n}")
+    k = min(n - 1, max(1, round(n * fraction)))
+    held = set(random.Random(seed).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 # ----------------------------------------------------------------------------- batching

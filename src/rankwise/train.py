@@ -98,8 +98,10 @@ RUN_ENTRIES = (ownership.MARKER, LOCK_FILE, RESOLVED_CONFIG, SETTINGS, METRICS, 
 
 def run_inputs(cfg: C.RunConfig) -> list:
     """``(description, path)`` of everything the run reads: the output directory may overlap none of them."""
+    template = cfg.data.chat_template if cfg.data.chat_template and os.path.isfile(cfg.data.chat_template) else None
     return [("base model", cfg.model), ("tokenizer", cfg.tokenizer), ("data.train", cfg.data.train),
-            ("data.eval", cfg.data.eval), ("data.eval_ood", cfg.data.eval_ood), ("mask.from run", cfg.mask.from_)]
+            ("data.eval", cfg.data.eval), ("data.eval_ood", cfg.data.eval_ood), ("mask.from run", cfg.mask.from_),
+            ("data.chat_template", template)]
 
 
 def read_json(path, what: str):
