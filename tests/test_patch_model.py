@@ -23,7 +23,7 @@ import torch
 import transformers as T
 
 from helpers import causal_lm_loss64, decoded_dense_copy, is_bnb_4bit_layer
-from test_data import build_tiny_llama
+from test_data import build_tiny_llama, build_tokenizer
 
 import rankwise
 import rankwise.kernels
@@ -420,12 +420,13 @@ def test_trl_sft_trainer_takes_the_patched_model(tmp_path):
     from datasets import Dataset
 
     model = build("llama", seed=2)
-    patch_model(model, backend="torch", return_logits=True)  # SFTTrainer logs entropy and accuracy from the logits
+    patch_model(model, backend="torch")  # TRL's fused LM head asks for log_probs, entropy, is_top1: tests/test_trl.py
     rows = TokenRows(8)
     data = Dataset.from_list([{"input_ids": r.tolist()} for r in rows.rows])
     cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
-                        use_cpu=True, save_strategy="no", logging_steps=1)
-    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data)
+                        use_cpu=True, bf16=False, save_strategy="no", logging_steps=1)
+    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data,
+                             processing_class=build_tokenizer(tmp_path / "tok"))
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 

@@ -15,15 +15,29 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
   with the final-logit soft-cap of Gemma 2 / 3 (``softcap=``), and returns
   ``CausalLMOutputWithPast(loss=..., logits=None)``: the ``(tokens, vocab)`` logits are
   never held (``return_logits=True``: computed after the loss, without gradient, for
-  trainers that log metrics from them, as TRL's ``SFTTrainer`` does). In eval mode, or without labels, the model's own forward runs (eval and
-  generation get their logits). The rebound forward keeps the original's signature
+  trainers that log metrics from ``outputs.logits``). In eval mode, or without labels, the
+  model's own forward runs (eval and generation get their logits). The rebound forward keeps the original's signature
   (``inspect.signature`` sees it), so ``Trainer`` and TRL's ``SFTTrainer`` drop the same
   columns and pass ``num_items_in_batch`` as before.
+- TRL's fused LM head (trl >= 1.16: ``SFTTrainer`` installs ``add_fused_lm_head`` as the
+  model's forward and calls it with ``fused_lm_head=True``, reading ``log_probs``,
+  ``entropy`` and ``is_top1``): such a call, in training and eval mode, returns TRL's
+  ``FusedCausalLMOutput`` computed by rankwise: ``log_probs`` (with gradient) and
+  ``is_top1`` by ``linear_cross_entropy(reduction="none", return_token_accuracy=True)``,
+  ``entropy`` (and ``log_sum_sq_probs`` / ``mean_logits`` when TRL asks) by ``head_stats``
+  (chunked, no gradient), only at the positions whose label is not -100, the logits never
+  held. Either order works: ``patch_model`` before the trainer (TRL's forward then wraps
+  rankwise's; a forward pre-hook turns ``fused_lm_head=True`` into a call TRL's forward hands
+  down to rankwise's) or ``patch_model(trainer.model)`` after it (rankwise's wraps TRL's; the
+  only order with ``peft_config=``). A TRL head rankwise does not compute (temperature or logit
+  scale other than 1, MoE router logits) is left to TRL.
 
 Each kind is checked once at patch time against the module's own forward (the norms
 and MLPs on a random input per class, one LoRA layer per layer class and base class,
 the loss on a random padded batch with and without ``num_items_in_batch``); a kind that
-disagrees is undone and reported. ``unpatch_model`` restores every forward. The checks
+disagrees is undone and reported. ``unpatch_model`` restores every forward (TRL's fused
+head included: set after ``patch_model``, it stays, and the rankwise forward it calls passes
+every call on to the forward it replaced) and removes the pre-hook. The checks
 leave bitsandbytes' 4-bit weights as they are (``patch.check_mode``: in eval mode without
 gradients bitsandbytes rewrites them in place on AVX512-BF16 CPUs), and the LoRA check
 takes a 4-bit base's product from its NF4 bytes, not from bitsandbytes' kernels.
@@ -34,6 +48,7 @@ import inspect
 import logging
 import math
 import types
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -50,6 +65,11 @@ log = logging.getLogger("rankwise")
 
 _LOSS_MARK = "_rankwise_fused_loss"  # on the causal LM: (softcap, backend, return_logits) while its forward is rebound
 _LOSS_PREV = "_rankwise_loss_prev_forward"  # an instance-level forward it had before
+_LOSS_FWD = "_rankwise_loss_forward"  # the _FusedLossForward patch_model made (made inert by unpatch_model)
+_FUSED_HEAD = "rankwise_fused_lm_head"  # the keyword the pre-hook passes down in place of TRL's fused_lm_head=True
+_TRL_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_TRL_DEFAULTS = {"temperature": 1.0, "cast_lm_head_to_fp32": False, "logit_scale": 1.0,
+                 "outputs": ("log_probs", "entropy", "is_top1")}  # SFTTrainer's, when no TRL head is found
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -99,6 +119,139 @@ def _fused_loss_output(lm: nn.Module, arguments: dict, extra: dict):
     return result if return_dict else result.to_tuple()
 
 
+@torch.no_grad()
+def head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               softcap: Optional[float] = None, *, entropy: bool = True, log_sum_sq_probs: bool = False,
+               mean_logits: bool = False, chunk_rows: Optional[int] = None) -> dict:
+    """Per-row statistics of the logits ``c = softcap(hidden @ weight.T + bias)`` (``hidden``
+    ``(N, H)``), computed chunk by chunk of rows so that the ``(N, V)`` logits are never held:
+    ``entropy`` ``-sum_v p_v log p_v``, ``log_sum_sq_probs`` ``log sum_v p_v^2`` and
+    ``mean_logits`` ``mean_v c_v``, each fp32 ``(N,)``, without gradient, in a dict of those
+    asked for. The logits are computed in ``hidden``'s dtype (the autocast dtype under autocast),
+    as ``linear_cross_entropy`` computes them, and reduced in fp32. ``chunk_rows``: rows per
+    chunk (None: about 2^22 logits a chunk)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows or max(1, (1 << 22) // max(vocab, 1))
+    asked = {"entropy": entropy, "log_sum_sq_probs": log_sum_sq_probs, "mean_logits": mean_logits}
+    out = {k: hidden.new_empty(n, dtype=torch.float32) for k, want in asked.items() if want}
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    W = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        for i in range(0, n, rows):
+            c = nn.functional.linear(hidden[i:i + rows].to(dtype), W, b).float()
+            if softcap is not None:
+                c = torch.tanh(c / softcap) * softcap
+            lse = torch.logsumexp(c, -1)
+            if entropy:
+                out["entropy"][i:i + rows] = lse - (torch.exp(c - lse[:, None]) * c).sum(-1)
+            if log_sum_sq_probs:
+                out["log_sum_sq_probs"][i:i + rows] = torch.logsumexp(2 * c, -1) - 2 * lse
+            if mean_logits:
+                out["mean_logits"][i:i + rows] = c.mean(-1)
+    return out
+
+
+def _trl_head_settings(lm: nn.Module) -> dict:
+    """The settings of TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which
+    ``SFTTrainer`` installs as the model's instance-level forward), read from its closure:
+    ``temperature``, ``cast_lm_head_to_fp32``, ``logit_scale``, ``outputs``; SFTTrainer's
+    (``_TRL_DEFAULTS``) when no TRL head is found. The head sits over rankwise's forward
+    (``patch_model`` before the trainer) or under it (``patch_model(trainer.model)``)."""
+    fn = lm.__dict__.get("forward")
+    if isinstance(fn, _FusedLossForward):
+        fn = fn.prev
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is None or code.co_name != "_fused_forward" or not func.__closure__:
+        return dict(_TRL_DEFAULTS)
+    cells = {}
+    for name, cell in zip(code.co_freevars, func.__closure__):
+        try:
+            cells[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            pass
+    settings = {k: cells.get(k, v) for k, v in _TRL_DEFAULTS.items()}
+    settings["outputs"] = tuple(settings["outputs"])
+    return settings
+
+
+def _trl_head_problem(lm: nn.Module, settings: dict) -> Optional[str]:
+    """Why rankwise leaves a TRL fused-LM-head call to TRL's own head, or None."""
+    if float(settings["temperature"]) != 1.0:
+        return f"temperature {settings['temperature']} (rankwise computes temperature 1)"
+    if float(settings["logit_scale"]) != 1.0:
+        return f"logit scale {settings['logit_scale']}"
+    unknown = set(settings["outputs"]) - set(_TRL_FIELDS)
+    if unknown:
+        return f"outputs {sorted(unknown)}"
+    if getattr(lm.config.get_text_config(), "output_router_logits", False):
+        return "router logits (a MoE auxiliary loss)"
+    return None
+
+
+def _fused_lm_head_hook(module: nn.Module, args, kwargs):
+    """Forward pre-hook on a causal LM whose loss ``patch_model`` fused: a call with TRL's
+    ``fused_lm_head=True`` goes on with ``fused_lm_head=False`` and ``rankwise_fused_lm_head=True``,
+    so that TRL's forward, where it was set over rankwise's (``patch_model`` before
+    ``SFTTrainer``), hands the call to rankwise's forward instead of running its own head."""
+    if not kwargs.get("fused_lm_head") or getattr(module, _LOSS_MARK, None) is None:
+        return None
+    if _trl_head_problem(module, _trl_head_settings(module)) is not None:
+        return None
+    return args, {**kwargs, "fused_lm_head": False, _FUSED_HEAD: True}
+
+
+def _head_fields(h, head: nn.Linear, t, softcap, backend: str, outputs) -> dict:
+    """TRL's per-token fields at the target rows ``h`` / ``t``: ``log_probs`` (with gradient)
+    and ``is_top1`` from rankwise's fused op, the rest from ``head_stats``."""
+    res = linear_cross_entropy(h, head.weight, t, head.bias, reduction="none", softcap=softcap, backend=backend,
+                               return_token_accuracy="is_top1" in outputs)
+    nll = res.loss if "is_top1" in outputs else res
+    fields = {"log_probs": -nll, "is_top1": res.token_accuracy.bool() if "is_top1" in outputs else None}
+    fields.update(head_stats(h.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
+                             softcap, entropy="entropy" in outputs, log_sum_sq_probs="log_sum_sq_probs" in outputs,
+                             mean_logits="mean_logits" in outputs))
+    return fields
+
+
+def _fused_head_output(lm: nn.Module, arguments: dict, extra: dict, settings: dict):
+    """What TRL's fused LM head returns (``FusedCausalLMOutput``), through rankwise's fused op:
+    the labels shifted by one (or TRL's pre-shifted ``shift_labels``), only the positions whose
+    label is not -100 scored, each per-token field 0 elsewhere, ``loss`` the negative
+    log-likelihood summed and divided by ``num_items_in_batch`` (else the target count)."""
+    from trl.trainer.utils import FusedCausalLMOutput  # optional dependency: only TRL's fused_lm_head calls get here
+
+    softcap, backend, _ = getattr(lm, _LOSS_MARK)
+    arguments, extra = dict(arguments), dict(extra)
+    labels = arguments.pop("labels", None)
+    for key in ("logits_to_keep", "use_cache"):
+        arguments.pop(key, None)
+    for key in ("return_dict", "use_cache", "fused_lm_head"):
+        extra.pop(key, None)
+    shift_labels = extra.pop("shift_labels", None)
+    num_items = extra.pop("num_items_in_batch", None)
+    out = lm.base_model(**arguments, **extra, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    head = lm.get_output_embeddings()
+    hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+    mask = labels != -100
+    context = nullcontext()
+    if settings["cast_lm_head_to_fp32"]:
+        hidden, context = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
+    with context:
+        fields = _head_fields(hidden[mask], head, labels[mask], softcap, backend, settings["outputs"])
+    per_token = {k: None if v is None else v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in fields.items()}
+    count = mask.sum().clamp(min=1) if num_items is None else num_items
+    loss = -per_token["log_probs"].sum() / count
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, **per_token)
+
+
 class _FusedLossForward:
     """The ``forward`` that ``patch_model`` sets on a causal LM instance: the fused head +
     loss in training mode with labels, the model's own forward otherwise. A callable
@@ -106,15 +259,16 @@ class _FusedLossForward:
     rebinds it to the copy and ``pickle`` finds it; ``__signature__`` is the original
     forward's, which is what ``inspect.signature`` (and so ``Trainer``) reads."""
 
-    def __init__(self, lm: nn.Module, signature: inspect.Signature):
+    def __init__(self, lm: nn.Module, signature: inspect.Signature, prev=None):
         self.lm = lm
         self.__signature__ = signature
         self.var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        self.prev = prev  # the instance-level forward it replaced (a hook, TRL's fused LM head), or None
+        self.active = True  # False after unpatch_model: every call goes to the forward it replaced
 
     def original(self):
         """The forward the model had: an instance-level one (a hook) or its class's."""
-        prev = self.lm.__dict__.get(_LOSS_PREV)
-        return prev if prev is not None else types.MethodType(type(self.lm).forward, self.lm)
+        return self.prev if self.prev is not None else types.MethodType(type(self.lm).forward, self.lm)
 
     def split(self, args, kwargs) -> tuple[dict, dict]:
         """(the named arguments bound to the original signature, its ``**kwargs``)."""
@@ -122,6 +276,15 @@ class _FusedLossForward:
         return arguments, (arguments.pop(self.var_kw, {}) if self.var_kw else {})
 
     def __call__(self, *args, **kwargs):
+        routed = bool(kwargs.pop(_FUSED_HEAD, False))  # TRL's fused_lm_head=True, passed down by the pre-hook
+        if not self.active:  # unpatched while another forward (TRL's) still calls this one
+            return self.original()(*args, **kwargs)
+        if routed or kwargs.get("fused_lm_head"):
+            settings = _trl_head_settings(self.lm)
+            if routed or _trl_head_problem(self.lm, settings) is None:
+                kwargs.pop("fused_lm_head", None)
+                return _fused_head_output(self.lm, *self.split(args, kwargs), settings)
+            return self.original()(*args, **kwargs)  # a fused head rankwise does not compute: TRL's own
         if not self.lm.training:
             return self.original()(*args, **kwargs)
         arguments, extra = self.split(args, kwargs)
@@ -201,22 +364,37 @@ def _patch_loss(lm: nn.Module, backend: str, return_logits: bool) -> Optional[st
     prev = lm.__dict__.get("forward")
     if prev is not None:
         setattr(lm, _LOSS_PREV, prev)
-    fused = _FusedLossForward(lm, signature)
+    fused = _FusedLossForward(lm, signature, prev)
     why = _loss_agrees(lm, fused)
     if why is not None:
         delattr(lm, _LOSS_MARK)
         lm.__dict__.pop(_LOSS_PREV, None)
         return why
     lm.forward = fused
+    setattr(lm, _LOSS_FWD, fused)
+    lm.register_forward_pre_hook(_fused_lm_head_hook, with_kwargs=True)
     return None
 
 
 def _unpatch_loss(lm: nn.Module) -> int:
+    """Restore the forward ``_patch_loss`` replaced. When another forward was set over
+    rankwise's after ``patch_model`` (TRL's fused LM head, by ``SFTTrainer``), that one stays
+    the model's forward, and the rankwise forward it calls turns inert: it passes every call
+    to the forward it replaced, so the model computes exactly what it would have unpatched."""
     if getattr(lm, _LOSS_MARK, None) is None:
         return 0
-    del lm.forward
-    if _LOSS_PREV in lm.__dict__:
-        lm.forward = lm.__dict__.pop(_LOSS_PREV)
+    fused = lm.__dict__.pop(_LOSS_FWD, None)
+    if fused is not None:
+        fused.active = False
+    prev = lm.__dict__.pop(_LOSS_PREV, None)
+    if isinstance(lm.__dict__.get("forward"), _FusedLossForward):
+        del lm.forward
+        if prev is not None:
+            lm.forward = prev
+    for key, hook in list(lm._forward_pre_hooks.items()):
+        if hook is _fused_lm_head_hook:
+            del lm._forward_pre_hooks[key]
+            lm._forward_pre_hooks_with_kwargs.pop(key, None)
     delattr(lm, _LOSS_MARK)
     return 1
 
@@ -310,8 +488,10 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
     model defines (``num_items_in_batch`` included, as ``Trainer`` passes it under
     gradient accumulation), computed in training mode by the fused head + loss with
     ``logits=None``; the call signature is unchanged, so ``transformers.Trainer`` and
-    TRL's ``SFTTrainer`` take the patched model as they took the original (SFTTrainer
-    reads ``outputs.logits`` for its metrics: patch with ``return_logits=True`` for it).
+    TRL's ``SFTTrainer`` take the patched model as they took the original. Under TRL's
+    fused LM head (``fused_lm_head=True``: SFTTrainer's ``log_probs``, ``entropy``,
+    ``is_top1``) rankwise computes those fields; patch the model before building the trainer
+    or patch ``trainer.model`` after (with ``peft_config=``, only after).
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``; bf16, fp16, fp32 or a
@@ -323,8 +503,8 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
         return_logits: in training mode also return the logits, computed after the fused
             loss under ``torch.no_grad`` (the loss and its backward never hold them), for
-            trainers that log metrics from ``outputs.logits``: TRL's ``SFTTrainer`` computes
-            its entropy and token accuracy from them unless ``use_liger_kernel`` is set.
+            trainers that log metrics from ``outputs.logits`` (not TRL's ``SFTTrainer``:
+            since trl 1.16 it reads its fused LM head's fields, which rankwise computes).
             False (the default): ``logits=None``, as Liger returns.
 
     Returns:
