@@ -434,3 +434,35 @@ def test_early_stopping_ends_the_run_finished_at_its_step_and_resumes_as_stopped
     assert [r["step"] for r in rows] == [2, 4, 4, 6, 6], rows  # eval 2, train 4, eval 4, eval 6 and the row at 6
     assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [3.0, 3.1, 3.2]
     assert rt.train(cfg, resume=True)["stopped_early"] == 6, "a finished run resumed is returned as it is"
+
+
+def test_report_to_wandb_writes_an_offline_run_inside_the_output_dir(world, tmp_path, monkeypatch):
+    """log.report_to [wandb]: every metrics row goes to a W&B run named after the output directory, its files
+    under output_dir/wandb (offline here: nothing leaves the machine, nothing is written outside the run)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "wb"
+    cfg = make_cfg(world, out, max_steps=4, log_every=2)
+    cfg["log"] = {**cfg["log"], "report_to": ["wandb"], "wandb_project": "rankwise-test"}
+    rt.train(cfg)
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((out / "wandb").iterdir())
+    data = runs[0].read_bytes()  # W&B's record log: each history value is stored as its JSON text
+    assert data.startswith(b":W&B") and len(data) < 32768, "one block: no record is split across blocks"
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(json.dumps(v).encode() in data for r in rows for k, v in r.items() if k != "step")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wb"], "nothing written outside the run's directory"
+
+
+def test_report_to_a_package_that_is_not_there_is_one_line_before_anything(world, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = make_cfg(world, tmp_path / "nope", max_steps=1)
+    cfg["log"] = {**cfg["log"], "report_to": ["wandb"]}
+    with pytest.raises(ConfigError, match=r"^config key 'log.report_to' names wandb but the wandb package is not "):
+        rt.train(cfg)
+    assert not (tmp_path / "nope").exists()

@@ -253,10 +253,22 @@ class EvalCfg:
     max_examples: Optional[int] = key(None, "evaluate on the first N eval rows only", check=_positive)
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def _report_to(v):
+    if not all(isinstance(x, str) and x in REPORT_TO for x in v) or len(set(v)) != len(v):
+        return f"must be a list of distinct names from {', '.join(REPORT_TO)}"
+    return None
+
+
 @dataclass(frozen=True)
 class LogCfg:
     tensorboard: bool = key(False, "also write TensorBoard events to output_dir/tb")
     progress: bool = key(True, "tqdm progress bar")
+    report_to: list = key([], "also report every metrics row to: tensorboard (output_dir/tb), wandb (Weights & "
+                          "Biases, files in output_dir/wandb; WANDB_MODE=offline keeps them local)", check=_report_to)
+    wandb_project: str = key("rankwise", "the W&B project of the runs (report_to: [wandb])", check=_non_empty)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,6 +311,10 @@ class RunConfig:
         if self.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before any model loads
             raise ConfigError("config key 'log.tensorboard' is true but the tensorboard package is not installed: "
                               "pip install tensorboard, or set log.tensorboard: false")
+        for name in self.log.report_to:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"config key 'log.report_to' names {name} but the {name} package is not "
+                                  f"installed: pip install {name}, or leave {name} out")
 
     def to_dict(self) -> dict:
         """The nested config dict (what a run's ``resolved_config.yaml`` holds)."""
@@ -685,7 +701,8 @@ def resolve(config, overrides=None) -> dict:
 
 # Keys that say how or where a run computes, not what it trains: changing them keeps the run the same run
 # (a resume, or a sweep reusing a finished arm, is allowed across them). Every other key is a setting.
-NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "train.log_every", "train.save_every",
+NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "log.report_to", "log.wandb_project",
+                "train.log_every", "train.save_every",
                 "train.device", "train.backend", "eval.every")
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from .atomic import atomic_write_text, remove_path, reporting_write_errors
 from .errors import ConfigError
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
+WANDB = "wandb"
 
 
 def read_metrics(path, upto_step: int) -> list:
@@ -67,15 +69,19 @@ def require_tensorboard() -> None:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (and TensorBoard events) of the master process; a no-op on the other ranks.
+    """``metrics.jsonl`` (and TensorBoard events, a W&B run) of the master process; a no-op on the other ranks.
 
-    ``rows``: the rows kept from before (``read_metrics``), written first.
+    ``rows``: the rows kept from before (``read_metrics``), written first. ``wandb``: ``{"project", "config"}``
+    to report every row to a Weights & Biases run named after ``out_dir``, its files in ``out_dir/wandb``
+    (a resumed run is a new W&B run; ``WANDB_MODE=offline`` keeps everything local).
     """
 
-    def __init__(self, out_dir: str, rows: list, tensorboard: bool, master: bool):
-        self.file = self.tb = None
+    def __init__(self, out_dir: str, rows: list, tensorboard: bool, master: bool, wandb: Optional[dict] = None):
+        self.file = self.tb = self.wandb = None
         if not master:
             return
+        if wandb is not None:
+            self.wandb = start_wandb(out_dir, **wandb)
         self.path = os.path.join(out_dir, METRICS)
         with reporting_write_errors(self.path, "the metrics"):
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -95,12 +101,37 @@ class MetricsLog:
         with reporting_write_errors(self.path, "the metrics"):
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(values, step=int(row["step"]))
 
     def close(self) -> None:
         for f in (self.file, self.tb):
             if f is not None:
                 f.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(out_dir: str, project: str, config: dict):
+    """A W&B run for the run in ``out_dir`` (named after it, its files in ``out_dir/wandb``, a link there
+    replaced by a directory): one per ``MetricsLog``, so the arms of a together run are runs of their own."""
+    import wandb  # optional: log.report_to [wandb] only (checked with the config, before anything loads)
+
+    root = os.path.join(out_dir, WANDB)
+    if os.path.islink(root):
+        remove_path(root)
+    os.makedirs(root, exist_ok=True)
+    return wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir,
+                      config=config, reinit="create_new")
+
+
+def report_args(cfg) -> tuple:
+    """``(tensorboard, wandb)`` arguments of ``MetricsLog`` from a run's ``log`` keys."""
+    log_cfg = cfg.log
+    wandb = {"project": log_cfg.wandb_project, "config": cfg.to_dict()} if "wandb" in log_cfg.report_to else None
+    return log_cfg.tensorboard or "tensorboard" in log_cfg.report_to, wandb

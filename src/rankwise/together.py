@@ -109,7 +109,7 @@ from .fit import Arm, fit
 from .loss import FusedLossLM, packed_attention_mask
 from .model import load_tokenizer
 from .outputs import SUMMARY, failure_reason, finish_arm, release_memory, write_failed
-from .runlog import METRICS, MetricsLog, read_metrics, require_tensorboard
+from .runlog import METRICS, MetricsLog, read_metrics, report_args, require_tensorboard
 from .runtime import Dist, check_backend, setup_precision, setup_processes
 from .train import (CHECKPOINT, RUN_ENTRIES, build_optimizer, evaluate, load_base_model, prepare_output_dir,
                     run_inputs, start_writing, wrap_model)
@@ -119,7 +119,7 @@ log = logging.getLogger("rankwise")
 
 # Keys that may differ between the arms of one together run; all others must be equal.
 PER_ARM = ("lora.r", "lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.max_grad_norm",
-           "output_dir", "log.tensorboard", "log.progress")
+           "output_dir", "log.tensorboard", "log.progress", "log.report_to", "log.wandb_project")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -316,12 +316,13 @@ def run_together(cfgs, arm_settings, claims, ckpt, checkpoint_dir, force: bool, 
         log.info("together: resumed from %s at step %d", checkpoint_dir, start_step)
     del ckpt
     rows = [read_metrics(os.path.join(c.output_dir, METRICS), start_step) if start_step else [] for c in cfgs]
-    if any(c.log.tensorboard for c in cfgs):
+    if any(report_args(c)[0] for c in cfgs):
         require_tensorboard()
     for cfg, s, claim in zip(cfgs, arm_settings, claims):  # every check passed: the arms' files are written
         start_writing(cfg, s, claim, force)
     for arm, r in zip(arms, rows):
-        arm.metrics = MetricsLog(arm.cfg.output_dir, r, arm.cfg.log.tensorboard, True)
+        tensorboard, wandb = report_args(arm.cfg)
+        arm.metrics = MetricsLog(arm.cfg.output_dir, r, tensorboard, True, wandb=wandb)
     selected = []  # the arms whose row blocks the layers compute now
 
     def losses(batch, live):

@@ -80,7 +80,7 @@ from .model import check_model_files, check_tokenizer_files, load_model, load_to
 from .outputs import FAILED, SUMMARY, finish_arm, summary_of
 from .decoder_kernels import patch_decoder_kernels
 from .runlock import LOCK_FILE
-from .runlog import METRICS, TENSORBOARD, MetricsLog, read_metrics, require_tensorboard
+from .runlog import METRICS, TENSORBOARD, WANDB, MetricsLog, read_metrics, report_args, require_tensorboard
 from .runtime import Dist, check_backend, setup_precision, setup_processes
 from .trainable import Trainable, setup_mask, setup_trainable
 
@@ -91,7 +91,7 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 SETTINGS = "settings.json"
 # every entry a run writes in output_dir (a link among them may not lead into an input: ownership.check_links)
 RUN_ENTRIES = (ownership.MARKER, LOCK_FILE, RESOLVED_CONFIG, SETTINGS, METRICS, TENSORBOARD, CHECKPOINT, "adapter",
-               "model", "mask.safetensors", SUMMARY, FAILED)
+               "model", "mask.safetensors", SUMMARY, FAILED, WANDB)
 
 
 # ----------------------------------------------------------------------------- output directory and resume
@@ -375,10 +375,11 @@ def train_claimed(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim,
     rows = []
     if master:
         rows = read_metrics(os.path.join(out_dir, METRICS), start_step) if start_step else []
-        if cfg.log.tensorboard:
+        if report_args(cfg)[0]:
             require_tensorboard()
         start_writing(cfg, run_settings, claim, force and not resume)
-    arm.metrics = MetricsLog(out_dir, rows, cfg.log.tensorboard, master)
+    tensorboard, wandb = report_args(cfg)
+    arm.metrics = MetricsLog(out_dir, rows, tensorboard, master, wandb=wandb)
 
     def save(step):
         if master:
