@@ -5,8 +5,11 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
 
 - ``lora``: PEFT's LoRA layers (``lora.Linear`` and QLoRA's ``lora.bnb.Linear4bit``)
   -> ``rankwise.lora.patch_peft_model`` (the fused LoRA op, NF4 bases read in place);
-- ``norms`` / ``mlp``: RMSNorms (Llama's form and Gemma's ``1 + weight``) and gated
-  MLPs (SwiGLU, GeGLU, Phi-3's fused ``gate_up_proj``) -> ``rankwise.decoder_kernels.patch_decoder_kernels``;
+- ``norms`` / ``mlp``: RMSNorms (Llama's form and Gemma's ``1 + weight``), gated
+  MLPs (SwiGLU, GeGLU, Phi-3's / GLM-4's fused ``gate_up_proj``, ``w1``/``w3``/``w2``) and MoE expert
+  banks (transformers 5's 3D ``*Experts`` of Mixtral, Qwen3-MoE, Granite-MoE: each expert's SwiGLU
+  fused, transformers' grouped / batched experts dispatch kept) -> ``rankwise.decoder_kernels.patch_decoder_kernels``;
+  the report's ``modules`` says per class what runs fused and why the rest is left;
 - ``loss``: the causal LM's ``forward`` is rebound on the instance. In training mode,
   when labels are given, it runs the decoder, then the output head and the model's
   own loss (``ForCausalLMLoss``: labels shifted by one, ``ignore_index`` -100, the mean
@@ -35,7 +38,10 @@ rankwise's fused kernels, per instance and reversibly, keeping its call signatur
 Each kind is checked once at patch time against the module's own forward (the norms
 and MLPs on a random input per class, one LoRA layer per layer class and base class,
 the loss on a random padded batch with and without ``num_items_in_batch``); a kind that
-disagrees is undone and reported. ``unpatch_model`` restores every forward (TRL's fused
+disagrees is undone and reported. A loss the fused head cannot compute exactly (a config logit
+transform other than Gemma's soft-cap: Granite's ``logits_scaling != 1``, Cohere's ``logit_scale``, ...;
+a MoE router auxiliary loss, ``output_router_logits=True``) is not refused: the model's own head
+and loss keep running, exactly as unpatched, and ``left["loss"]`` says why. ``unpatch_model`` restores every forward (TRL's fused
 head included: set after ``patch_model``, it stays, and the rankwise forward it calls passes
 every call on to the forward it replaced) and removes the pre-hook. The checks
 leave bitsandbytes' 4-bit weights as they are (``patch.check_mode``: in eval mode without
@@ -58,7 +64,7 @@ from rankwise.kernels import linear_cross_entropy
 from rankwise.kernels.nf4 import nf4_dequantize
 from rankwise.lora import patch_peft_model, peft_fusion_report, unpatch_peft_model
 from rankwise.loss import fused_loss_problem
-from rankwise.decoder_kernels import agrees, check_mode, patch_decoder_kernels, unpatch_decoder_kernels
+from rankwise.decoder_kernels import agrees, check_mode, module_report, patch_decoder_kernels, unpatch_decoder_kernels
 from rankwise.quant import bnb_linear4bit_class, from_bnb
 
 log = logging.getLogger("rankwise")
@@ -67,6 +73,7 @@ _LOSS_MARK = "_rankwise_fused_loss"  # on the causal LM: (softcap, backend, retu
 _LOSS_PREV = "_rankwise_loss_prev_forward"  # an instance-level forward it had before
 _LOSS_FWD = "_rankwise_loss_forward"  # the _FusedLossForward patch_model made (made inert by unpatch_model)
 _FUSED_HEAD = "rankwise_fused_lm_head"  # the keyword the pre-hook passes down in place of TRL's fused_lm_head=True
+_OWN_HEAD = "; the model's own head and loss run instead (exact)"
 _TRL_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _TRL_DEFAULTS = {"temperature": 1.0, "cast_lm_head_to_fp32": False, "logit_scale": 1.0,
                  "outputs": ("log_probs", "entropy", "is_top1")}  # SFTTrainer's, when no TRL head is found
@@ -299,6 +306,10 @@ def _loss_problem(lm: nn.Module) -> Optional[str]:
     problem = fused_loss_problem(lm, allow_softcap=True)
     if problem:
         return problem
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(text, "output_router_logits", False):
+        return ("its config sets output_router_logits=True: its loss adds router_aux_loss_coef x the MoE "
+                "load-balancing loss, which the fused loss does not compute")
     try:
         from transformers.loss.loss_utils import ForCausalLMLoss  # heavy at import: transformers
     except ImportError:  # pragma: no cover
@@ -355,10 +366,10 @@ def _patch_loss(lm: nn.Module, backend: str, return_logits: bool) -> Optional[st
         return None
     problem = _loss_problem(lm)
     if problem:
-        return problem
+        return problem + _OWN_HEAD
     signature = inspect.signature(lm.forward)  # the class's, or an instance-level forward's (a hook's)
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return "its forward takes no **kwargs (num_items_in_batch could not reach the loss)"
+        return "its forward takes no **kwargs (num_items_in_batch could not reach the loss)" + _OWN_HEAD
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     setattr(lm, _LOSS_MARK, (None if softcap is None else float(softcap), backend, bool(return_logits)))
     prev = lm.__dict__.get("forward")
@@ -369,7 +380,7 @@ def _patch_loss(lm: nn.Module, backend: str, return_logits: bool) -> Optional[st
     if why is not None:
         delattr(lm, _LOSS_MARK)
         lm.__dict__.pop(_LOSS_PREV, None)
-        return why
+        return why + _OWN_HEAD
     lm.forward = fused
     setattr(lm, _LOSS_FWD, fused)
     lm.register_forward_pre_hook(_fused_lm_head_hook, with_kwargs=True)
@@ -479,6 +490,36 @@ def _patch_lora(model: nn.Module, lm: nn.Module, backend: str, patched: dict, le
         left["lora"] = "left to PEFT's forward: " + "; ".join(f"{why} ({count} layers)" for why, count in reasons.items())
 
 
+def _patch_kernels(model: nn.Module, backend: str, norms: bool, mlp: bool, patched: dict, left: dict):
+    """The norms and gated MLPs (MoE expert banks included) through ``patch_decoder_kernels``;
+    fills ``patched`` and ``left``, returns (the report's ``experts`` entry, the class names whose
+    check against their own forward failed)."""
+    counts = {"skipped": [], "swiglu_experts": 0}
+    if norms or mlp:
+        counts = patch_decoder_kernels(model, rms_norm=norms, swiglu=mlp, backend=backend, all_kinds=True)
+        for kind in ("rms_norm", "rms_norm_offset", "swiglu", "geglu", "swiglu_gate_up"):
+            patched[kind] = counts[kind]
+        for name in counts["skipped"]:
+            left[name] = "computes something else than the fused kernel (checked on a random input); left as it is"
+        if norms and not (counts["rms_norm"] or counts["rms_norm_offset"]):
+            left.setdefault("norms", "no RMSNorm the kernels cover left to patch (none found, or patched already)")
+        if mlp and not (counts["swiglu"] or counts["geglu"] or counts["swiglu_gate_up"] or counts["swiglu_experts"]):
+            left.setdefault("mlp", "no gated MLP the kernels cover (SwiGLU, GeGLU, fused gate_up, MoE experts) left "
+                                   "to patch (none found, or patched already)")
+    if not norms:
+        left["norms"] = "not asked for (norms=False)"
+    if not mlp:
+        left["mlp"] = "not asked for (mlp=False)"
+    banks = {name: row for name, row in module_report(model, counts["skipped"], norms, mlp).items()
+             if row["part"] == "experts"}
+    total = sum(row["count"] for row in banks.values())
+    done = sum(row["patched"] for row in banks.values())
+    why = "; ".join(f"{name}: {row['why']}" for name, row in banks.items() if row["why"]) or None
+    if total > done:
+        left["experts"] = f"{total - done} MoE expert banks left to their own forward: {why}"
+    return {"patched": done, "left": total - done, "why": why}, counts["skipped"]
+
+
 def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms: bool = True, mlp: bool = True,
                 backend: str = "auto", return_logits: bool = False) -> dict:
     """Route a Hugging Face causal LM, or a PEFT model around one, through rankwise's
@@ -499,7 +540,8 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
         lora: patch PEFT's LoRA layers (fused LoRA op; QLoRA's NF4 bases read in place).
         loss: fuse the output head and the loss (Gemma 2/3's final-logit soft-cap included).
         norms: RMSNorms (Llama's form and Gemma's ``1 + weight``).
-        mlp: gated MLPs: SwiGLU, GeGLU (gelu-tanh), Phi-3's fused ``gate_up_proj``.
+        mlp: gated MLPs: SwiGLU, GeGLU (gelu-tanh), Phi-3's fused ``gate_up_proj``, ``w1``/``w3``/``w2``,
+            and MoE expert banks stored as 3D ``gate_up_proj`` / ``down_proj`` with a SiLU ``act_fn``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
         return_logits: in training mode also return the logits, computed after the fused
             loss under ``torch.no_grad`` (the loss and its backward never hold them), for
@@ -508,10 +550,18 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
             False (the default): ``logits=None``, as Liger returns.
 
     Returns:
-        ``{"backend": backend, "patched": {kind: count}, "left": {part: reason}}``:
+        ``{"backend": backend, "patched": {kind: count}, "left": {part: reason},
+        "experts": {"patched": n, "left": n, "why": reason or None}, "modules": {class: row}}``:
         kinds ``lora``, ``loss``, ``rms_norm``, ``rms_norm_offset``, ``swiglu``, ``geglu``,
         ``swiglu_gate_up`` (0 where none); ``left`` names each part not patched and why
-        (not asked for, not present, or its check against the module's own forward failed).
+        (not asked for, not present, or its check against the module's own forward failed;
+        ``"experts"`` when MoE expert banks are left to their own forward; ``"loss"`` when the
+        model's own head and loss run, e.g. Granite's ``logits_scaling != 1``, Cohere's
+        ``logit_scale``, ``output_router_logits=True``). ``experts``: the MoE expert banks
+        (transformers 5's 3D ``*Experts``) run through the fused SwiGLU, and those left.
+        ``modules``: per class that looks like a norm, an MLP or an expert bank,
+        ``{"part", "count", "patched", "as": kind, "why": why the rest are left}``
+        (``decoder_kernels.module_report``).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
@@ -523,21 +573,7 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
         _patch_lora(model, lm, backend, patched, left)
     else:
         left["lora"] = "not asked for (lora=False)"
-    if norms or mlp:
-        counts = patch_decoder_kernels(model, rms_norm=norms, swiglu=mlp, backend=backend, all_kinds=True)
-        for kind in ("rms_norm", "rms_norm_offset", "swiglu", "geglu", "swiglu_gate_up"):
-            patched[kind] = counts[kind]
-        for name in counts["skipped"]:
-            left[name] = "computes something else than the fused kernel (checked on a random input); left as it is"
-        if norms and not (counts["rms_norm"] or counts["rms_norm_offset"]):
-            left.setdefault("norms", "no RMSNorm the kernels cover left to patch (none found, or patched already)")
-        if mlp and not (counts["swiglu"] or counts["geglu"] or counts["swiglu_gate_up"]):
-            left.setdefault("mlp", "no gated MLP the kernels cover (SwiGLU, GeGLU, fused gate_up) left to patch "
-                                   "(none found, or patched already)")
-    if not norms:
-        left["norms"] = "not asked for (norms=False)"
-    if not mlp:
-        left["mlp"] = "not asked for (mlp=False)"
+    experts, skipped = _patch_kernels(model, backend, norms, mlp, patched, left)
     if loss:
         why = _patch_loss(lm, backend, return_logits)
         if why is None:
@@ -546,7 +582,8 @@ def patch_model(model: nn.Module, *, lora: bool = True, loss: bool = True, norms
             left["loss"] = why
     else:
         left["loss"] = "not asked for (loss=False)"
-    report = {"backend": backend, "patched": patched, "left": left}
+    report = {"backend": backend, "patched": patched, "left": left, "experts": experts,
+              "modules": module_report(model, skipped, norms, mlp)}
     log.info("patch_model: patched %s; left %s", {k: v for k, v in patched.items() if v}, left or "nothing")
     return report
 
