@@ -232,3 +232,24 @@ def forbid(monkeypatch, name: str, message: str) -> None:
     assert len(hits) > 1, f"rankwise.model.{name} is looked up nowhere else: the guard would check nothing"
     for module in hits:
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(message))
+
+
+def build_perturbed(families: dict, family: str, small: dict, seed: int = 0, **overrides):
+    """A tiny transformers model of ``families[family]`` (``(config class, model class, extra config, ...)``) on
+    ``small`` config values, every weight moved by 0.2 N(0, 1) so that every part shows in the loss (zero-
+    initialised offsets included); skipped when this transformers has no such model."""
+    import pytest
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = families[family][:3]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    cfg = getattr(transformers, cfg_name)(**{**small, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model

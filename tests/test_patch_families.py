@@ -9,9 +9,9 @@ test_patch_model.py): loss 2e-6, every trainable gradient 2e-5.
 """
 import pytest
 import torch
-import transformers as T
 from torch import nn
 
+from helpers import build_perturbed
 from test_patch_model import assert_same, batch, loss_and_grads
 
 from rankwise import patch_model, unpatch_model
@@ -48,17 +48,7 @@ def _one_thread(one_thread):
 
 
 def build(family, seed=0, **overrides):
-    cfg_name, model_name, extra, *_ = FAMILIES[family]
-    if not hasattr(T, model_name):
-        pytest.skip(f"transformers {T.__version__} has no {model_name}")
-    cfg = getattr(T, cfg_name)(**{**SMALL, **extra, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(T, model_name)(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.train()
+    return build_perturbed(FAMILIES, family, SMALL, seed, **overrides).train()
 
 
 def same_as_unpatched(model, **patch_kwargs):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers as T
 
-from helpers import causal_lm_loss64, decoded_dense_copy, is_bnb_4bit_layer
+from helpers import build_perturbed, causal_lm_loss64, decoded_dense_copy, is_bnb_4bit_layer
 from test_data import build_tiny_llama, build_tokenizer
 
 import rankwise
@@ -58,17 +58,7 @@ def _one_thread(one_thread):
 def build(family, dtype=torch.float32, seed=0):
     """A tiny random model whose every parameter is perturbed (norm weights, Gemma's
     zero-initialised offsets included), so that every patched part shows in the loss."""
-    cfg_name, model_name, extra, _ = FAMILIES[family]
-    if not hasattr(T, model_name):
-        pytest.skip(f"transformers {T.__version__} has no {model_name}")
-    cfg = getattr(T, cfg_name)(**SMALL, **extra)
-    torch.manual_seed(seed)
-    model = getattr(T, model_name)(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.to(dtype)
+    return build_perturbed(FAMILIES, family, SMALL, seed).to(dtype)
 
 
 def batch(seed=0, B=2, L=9, vocab=VOCAB):
