@@ -284,10 +284,11 @@ def test_eval_fraction_in_load_data_moves_whole_rows(tok, tmp_path):
 
 # ----------------------------------------------------------------------------- refusals, one line each
 
-def bad(tok, rows, match, **kw):
-    with pytest.raises(ConfigError, match=match) as e:
+def refusal(tok, rows, **kw) -> str:
+    """The message of the ConfigError tokenizing ``rows`` raises (the test fails if none is raised)."""
+    with pytest.raises(ConfigError) as e:
         tokenize_rows(rows, tok, **kw)
-    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 PC = {"prompt": "a", "completion": "b"}
@@ -313,29 +314,33 @@ OK_CONV = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
     ("text", [PC], r"row 1: missing field 'text' \(fields present: 'prompt', 'completion'\); rename with data\.fields"),
 ])
 def test_bad_rows_are_one_line(tok, fmt, rows, match):
-    bad(tok, rows, match, format=fmt)
+    msg = refusal(tok, rows, format=fmt)
+    assert re.search(match, msg) and "\n" not in msg, msg
+    assert msg.startswith("data.train row "), "a bad row is named by its data set and row number"
 
 
 def test_chat_template_refusals(tok, bare, tmp_path):
     rows = [{"messages": CONVERSATION}]
-    bad(bare, rows, r"data\.format is 'chat' but the tokenizer has no chat template: set data\.chat_template to "
-                    r"chatml or llama3, or to the path of a \.jinja file", format="chat")
-    bad(bare, [{"conversations": OK_CONV}], "data.format is 'sharegpt' but the tokenizer has no chat template",
-        format="sharegpt")
-    bad(tok, rows, r"data\.chat_template: 'vicuna' is neither a built-in template \(chatml, llama3\) nor a file",
-        format="chat", chat_template="vicuna")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }")
-    bad(tok, rows, r"^data\.train: data\.chat_template .*broken\.jinja is not a valid Jinja template: .*\(line 1\)",
-        format="chat", chat_template=str(broken))
     strict = tmp_path / "strict.jinja"
     strict.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
                       "{% endif %}{{ m.content }}{% endfor %}")
-    bad(tok, rows, r"^data\.train row 1: data\.chat_template .* cannot render the conversation: no system role",
-        format="chat", chat_template=str(strict))
-    (tmp_path / "empty.jinja").write_text(" \n")
-    bad(tok, rows, r"data\.chat_template: .*empty\.jinja is empty", format="chat",
-        chat_template=str(tmp_path / "empty.jinja"))
+    cases = [
+        (bare, rows, dict(format="chat"), r"data\.format is 'chat' but the tokenizer has no chat template: set "
+                                          r"data\.chat_template to chatml or llama3, or to the path of a \.jinja file"),
+        (bare, [{"conversations": OK_CONV}], dict(format="sharegpt"),
+         "data.format is 'sharegpt' but the tokenizer has no chat template"),
+        (tok, rows, dict(format="chat", chat_template="vicuna"),
+         r"data\.chat_template: 'vicuna' is neither a built-in template \(chatml, llama3\) nor a file"),
+        (tok, rows, dict(format="chat", chat_template=str(broken)),
+         r"^data\.train: data\.chat_template .*broken\.jinja is not a valid Jinja template: .*\(line 1\)"),
+        (tok, rows, dict(format="chat", chat_template=str(strict)),
+         r"^data\.train row 1: data\.chat_template .* cannot render the conversation: no system role"),
+    ]
+    for tokenizer, case_rows, kw, match in cases:
+        msg = refusal(tokenizer, case_rows, **kw)
+        assert re.search(match, msg) and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize("data, match", [
