@@ -466,3 +466,20 @@ def test_report_to_a_package_that_is_not_there_is_one_line_before_anything(world
     with pytest.raises(ConfigError, match=r"^config key 'log.report_to' names wandb but the wandb package is not "):
         rt.train(cfg)
     assert not (tmp_path / "nope").exists()
+
+
+def test_an_arm_stopped_early_is_not_evaluated_again_at_the_end(world, tmp_path, monkeypatch):
+    """Its weights are those of its stop, whose eval row it already has: the end reuses that row (one evaluation
+    fewer, the summary the same as that row)."""
+    calls, real = [], rt.evaluate
+    losses = iter([3.0, 3.1, 3.2])
+
+    def counting(*a, **k):
+        calls.append(1)
+        return {**real(*a, **k), "eval_loss": next(losses)}
+
+    monkeypatch.setattr(rt, "evaluate", counting)
+    cfg = make_cfg(world, tmp_path / "once", max_steps=12, log_every=4, early_stop={"patience": 2})
+    cfg["eval"] = {**cfg["eval"], "every": 2}
+    summary = rt.train(cfg)
+    assert summary["stopped_early"] == 6 and len(calls) == 3 and summary["eval_loss"] == 3.2

@@ -210,7 +210,8 @@ def arm_state(arm) -> dict:
             "generator": arm.generator.get_state() if arm.generator is not None else None,
             "log_window": arm.window.clone(),  # loss / token sums since the last metrics row
             "last": arm.last, "failed": arm.failed, "config": arm.cfg.to_dict(),
-            "early_stop": {"stopped": arm.stopped, "best": arm.best, "bad_evals": arm.bad_evals}}
+            "early_stop": {"stopped": arm.stopped, "best": arm.best, "bad_evals": arm.bad_evals,
+                           "last_eval": arm.last_eval}}
 
 
 def load_run_checkpoint(path) -> dict:
@@ -288,6 +289,7 @@ def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
         arm.stop(str(saved["failed"]))
     early = saved.get("early_stop") or {}
     arm.best, arm.bad_evals = early.get("best"), int(early.get("bad_evals") or 0)
+    arm.last_eval = dict(early.get("last_eval") or {})
     if early.get("stopped"):
         arm.stopped = int(early["stopped"])
         arm.freeze()

@@ -113,6 +113,7 @@ class Arm:
     stopped: Optional[int] = None  # early stopping: the step the arm stopped at (finished, not failed)
     best: Optional[float] = None  # early stopping: the best value of its metric so far
     bad_evals: int = 0  # early stopping: evaluations since the last improvement
+    last_eval: dict = field(default_factory=dict)  # the last eval row (an arm stopped early ends with it)
 
     @property
     def live(self) -> bool:
@@ -296,16 +297,25 @@ def token_norm(n_tgt: int, dist: Dist) -> float:
     return count.item() / dist.world
 
 
-def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, device) -> dict:
-    """One ``metrics.jsonl`` row from the window of (loss sum, target tokens, tokens) since the last row."""
+def train_row(step, window, lr, grad_norm, epoch, t_window, t_start, peak_mb=None) -> dict:
+    """One ``metrics.jsonl`` row from the window of (loss sum, target tokens, tokens) since the last row (host
+    floats); ``peak_mb``: the process's peak allocated CUDA memory since the last row, when on CUDA."""
     dt = max(time.time() - t_window, 1e-9)
-    row = {"step": step, "loss": window[0].item() / max(window[1].item(), 1), "lr": lr,
-           "tokens_per_s": window[2].item() / dt, "grad_norm": float(grad_norm), "epoch": epoch,
-           "elapsed_s": round(time.time() - t_start, 3)}
-    if device.type == "cuda":  # this rank's peak since the last row: model, optimizer, activations
-        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        torch.cuda.reset_peak_memory_stats(device)
+    row = {"step": step, "loss": window[0] / max(window[1], 1), "lr": lr, "tokens_per_s": window[2] / dt,
+           "grad_norm": float(grad_norm), "epoch": epoch, "elapsed_s": round(time.time() - t_start, 3)}
+    if peak_mb is not None:
+        row["peak_mem_mb"] = peak_mb
     return row
+
+
+def peak_memory_mb(device) -> Optional[float]:
+    """This rank's peak allocated CUDA memory since the last call (model, optimizer, activations), reset here;
+    None off CUDA. One value for every arm of a step: the arms share the process."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def non_finite_message(problem: str, step: int, ckpt_path: str, last_saved: Optional[int], t: C.TrainCfg) -> str:
@@ -447,16 +457,22 @@ class Fit:
 
     def log_rows(self, stepped: list, done: int, epoch, t_window: float, bar) -> None:
         """A metrics row for every arm that stepped, from its window since the last row."""
+        if not stepped:
+            return
         if self.dist.ddp:
             torch.distributed.all_reduce(self.windows)  # on the device: nccl reduces GPU tensors only
-        for k, grad_norm in stepped:
+        dev = self.dist.device
+        norms = torch.stack([torch.as_tensor(g, dtype=torch.float64).to(dev) for _, g in stepped])
+        windows = self.windows.cpu().tolist()  # with the norms: one read each per logging step, every arm
+        norms, peak = norms.cpu().tolist(), peak_memory_mb(dev)
+        for (k, _), grad_norm in zip(stepped, norms):
             arm = self.arms[k]
-            arm.last = train_row(done, arm.window.cpu(), arm.optimizer.param_groups[0]["lr"], grad_norm, epoch,
-                                 t_window, self.t_start, self.dist.device)
+            arm.last = train_row(done, windows[k], arm.optimizer.param_groups[0]["lr"], grad_norm, epoch,
+                                 t_window, self.t_start, peak)
             if arm.metrics is not None:
                 arm.metrics.write(arm.last)
             arm.window.zero_()
-        if bar is not None and stepped:
+        if bar is not None:
             losses = [self.arms[k].last["loss"] for k, _ in stepped]
             bar.set_postfix(loss="/".join(f"{x:.4f}" for x in losses[:4]) + ("/..." if len(losses) > 4 else ""),
                             tok_s=f"{self.arms[stepped[0][0]].last['tokens_per_s']:.0f}")
@@ -469,6 +485,7 @@ class Fit:
         rows = self.evaluate(live) if self.dist.master and live else {}
         for k, row in rows.items():
             arms[k].metrics.write({"step": done, **row})
+            arms[k].last_eval = dict(row)
             arms[k].watch(row, done)
         if self.dist.ddp:  # the master's verdict, for every rank
             flags = torch.tensor([float(arms[k].stopped is not None) for k in live], device=self.dist.device)

@@ -77,7 +77,8 @@ def summary_of(arm, total_steps: int) -> dict:
 
 def finish_arm(arm, model, tokenizer, total_steps: int, final_eval: dict, runtime_s: float) -> dict:
     """A finished arm's outputs: its final eval row, ``adapter/`` or ``model/``, ``summary.json``; returns the
-    summary. ``model`` computes this arm alone."""
+    summary. ``model`` computes this arm alone. An arm stopped early ends with the eval row of its stop
+    (``needs_final_eval``: no second evaluation of the same weights)."""
     cfg = arm.cfg
     summary = summary_of(arm, total_steps)
     if final_eval and arm.stopped is None:  # an arm stopped early has its eval row of that step already
@@ -89,6 +90,16 @@ def finish_arm(arm, model, tokenizer, total_steps: int, final_eval: dict, runtim
         summary["settings_hash"] = C.settings_hash(arm.settings)
         atomic_write_text(os.path.join(cfg.output_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def needs_final_eval(arm) -> bool:
+    """Whether the run's end evaluates ``arm``: not when it stopped early with its eval row of that step."""
+    return not (arm.stopped is not None and arm.last_eval)
+
+
+def final_eval_of(arm, evaluated: dict) -> dict:
+    """The final eval row of ``arm``: ``evaluated`` (the end's evaluation), or the row of its early stop."""
+    return evaluated if needs_final_eval(arm) else dict(arm.last_eval)
 
 
 def write_failed(out_dir: str, reason: str) -> dict:

@@ -108,7 +108,7 @@ from .evaluate import generate_copies, is_correct
 from .fit import Arm, fit
 from .loss import FusedLossLM, packed_attention_mask
 from .model import load_tokenizer
-from .outputs import SUMMARY, failure_reason, finish_arm, release_memory, write_failed
+from .outputs import SUMMARY, failure_reason, final_eval_of, finish_arm, needs_final_eval, release_memory, write_failed
 from .runlog import METRICS, MetricsLog, read_metrics, report_args, require_tensorboard
 from .runtime import Dist, check_backend, setup_precision, setup_processes
 from .train import (CHECKPOINT, RUN_ENTRIES, build_optimizer, evaluate, load_base_model, prepare_output_dir,
@@ -350,7 +350,7 @@ def finish(arms: list, model, tokenizer, evals, autocast, fused: bool, total_ste
            t_start: float) -> list:
     """The outputs, arm by arm (``outputs.finish_arm`` on the model computing that arm alone; a failed arm's
     ``failed.json``); the checkpoint removed. Returns the summaries."""
-    finished = [k for k, a in enumerate(arms) if a.failed is None]
+    finished = [k for k, a in enumerate(arms) if a.failed is None and needs_final_eval(a)]
     final_evals = evaluate_arms(model, finished, tokenizer, evals, [a.cfg for a in arms], autocast, fused,
                                 arms[0].cfg.train.backend) if evals and finished else {}
     summaries = []
@@ -360,7 +360,8 @@ def finish(arms: list, model, tokenizer, evals, autocast, fused: bool, total_ste
             summaries.append(write_failed(arm.cfg.output_dir, arm.failed))
         else:
             select_arms(model, [k])
-            summaries.append(finish_arm(arm, model, tokenizer, total_steps, final_evals.get(k, {}),
+            final_eval = final_eval_of(arm, final_evals.get(k, {}))
+            summaries.append(finish_arm(arm, model, tokenizer, total_steps, final_eval,
                                         time.time() - t_start))  # the together run's runtime, for every arm
         arm.metrics.close()
     select_arms(model, range(len(arms)))

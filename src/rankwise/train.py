@@ -46,8 +46,8 @@ run files are written only after every check passed, and a run that fails before
 that removes what it created. A NaN/inf loss stops the run with one line naming
 the step it first appeared and the last good checkpoint, which is kept; so do
 trainable weights that became inf/NaN (both read from the device on logging,
-evaluation and saving steps only, before anything is saved: ``rankwise.fit``). A write that fails (a full disk) is one line naming the path and
-the free space.
+evaluation and saving steps only, before anything is saved: ``rankwise.fit``). A
+write that fails (a full disk) is one line naming the path and the free space.
 
 Departures from the studies' protocol worth knowing: the loss is the mean over
 completion tokens of each optimizer step (not per example); masked SFT chooses
@@ -77,7 +77,7 @@ from .fit import Arm, fit
 from .loss import FusedLossLM, check_fused_loss, fused_head_fp32, fused_loss_problem
 from .masking import MaskedAdamW
 from .model import check_model_files, check_tokenizer_files, load_model, load_tokenizer
-from .outputs import FAILED, SUMMARY, finish_arm, summary_of
+from .outputs import FAILED, SUMMARY, final_eval_of, finish_arm, needs_final_eval, summary_of
 from .decoder_kernels import patch_decoder_kernels
 from .runlock import LOCK_FILE
 from .runlog import METRICS, TENSORBOARD, WANDB, MetricsLog, read_metrics, report_args, require_tensorboard
@@ -394,7 +394,9 @@ def train_claimed(cfg: C.RunConfig, run_settings: dict, dist: Dist, ckpt, claim,
         progress=f"train {cfg.method}" if cfg.log.progress else None)
     summary = summary_of(arm, total_steps)
     if master:
-        final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals else {}
+        final_eval = evaluate(raw_model, tokenizer, evals, cfg.eval, autocast) if evals and needs_final_eval(arm) \
+            else {}
+        final_eval = final_eval_of(arm, final_eval)
         summary = finish_arm(arm, raw_model, tokenizer, total_steps, final_eval, time.time() - t_start)
         remove_path(ckpt_path)  # a link there is unlinked, never followed
     arm.metrics.close()
