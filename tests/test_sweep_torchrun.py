@@ -3,14 +3,10 @@ end exactly as in one process; a refusal is one line from each process, and nobo
 import csv
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-
 import pytest
 import yaml
 from safetensors.torch import load_file
+from launcher import torchrun
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 from rankwise import spread
@@ -31,29 +27,6 @@ def cfg(tmp_path_factory):
                      "max_length": 40},
             "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 2, "save_every": 2},
             "eval": {"every": 0, "max_new_tokens": 3}, "log": {"progress": False}, "output_dir": str(d / "unused")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, timeout=240):
-    """``torchrun --nproc-per-node 2 -m rankwise.cli ARGS`` on one thread per process; (rc, stdout, stderr).
-    On a timeout the launcher and its processes are killed and the test fails: a hang is a failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "rankwise.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"torchrun {' '.join(args)} hung for {timeout} s")
-    return proc.returncode, out, err
 
 
 def delta(arm_dir):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from launcher import torchrun
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 
 import rankwise.fit as rfit
@@ -281,24 +282,11 @@ def test_chat_packing_epochs_and_checkpointing(world, tmp_path):
 
 def test_ddp_with_torchrun_on_two_cpu_processes(world, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): each rank takes its share of every step; rank 0 writes the outputs."""
-    import subprocess
-    import sys
-
     cfg = make_cfg(world, tmp_path / "ddp", "lora", max_steps=4, batch_size=4, log_every=2)
     cfg["data"]["eval"] = None
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "rankwise.cli", "train", str(tmp_path / "c.yaml")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    rc, _, err = torchrun(["train", str(tmp_path / "c.yaml")], timeout=120)
+    assert rc == 0, err[-3000:]
     # same examples as one process taking both micro-batches (grad_accum=2)
     single = rt.train({**make_cfg(world, tmp_path / "one", "lora", max_steps=4, batch_size=4, log_every=2, grad_accum=2),
                        "data": cfg["data"]})
