@@ -123,3 +123,29 @@ def test_unmeasurable_findings_say_why():
     assert fs["mastery"]["verdict"] == "inconclusive" and "only 3 train facts" in fs["mastery"]["why"]
     assert fs["restore_top"]["effect"] is None and "restoration" in fs["restore_top"]["why"]
     assert fs["intruders"]["verdict"] == "inconclusive" and "analysis" in fs["intruders"]["why"]
+
+
+def test_contrast_spread_and_slope_findings_on_known_answers():
+    import numpy as np
+
+    from rankwise.analysis.findings import contrast_finding, slope_finding, spread_finding
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((3, 400)) < 0.5).astype(float)
+    hi = base.copy()
+    hi[:, :80] = 1.0  # right on 80 more items at most: +0.1 on average (the half of them already right)
+    mid = contrast_finding("m", "middle beats ends", "x", [hi, hi], [base, base], n_boot=400)
+    assert mid["effect"] == pytest.approx(hi.mean() - base.mean()) and mid["verdict"] == "reproduced"
+    flat = spread_finding("f", "flat", "x", [base, base, base], within=0.05, n_boot=400)
+    assert flat["effect"] == pytest.approx(0.05) and flat["verdict"] == "reproduced" and flat["spread"] == 0.0
+    apart = spread_finding("f", "flat", "x", [base, hi, (hi + base) / 2], within=0.05, names=["a", "b", "c"],
+                           n_boot=400)
+    assert apart["spread"] == pytest.approx(hi.mean() - base.mean()) and apart["a"]["arm"] == "b"
+    assert apart["verdict"] == "contradicted"  # a spread of ~0.1 is not within 0.05
+    # norms growing like sqrt(rank): slope 0.5 < 1; like rank: slope 1 (not below 1)
+    noise = 1 + 0.01 * rng.standard_normal((3, 50))
+    ranks = [1, 4, 16, 64]
+    sub = slope_finding("n", "sub-linear", "x", [np.sqrt(r) * noise for r in ranks], ranks, n_boot=400)
+    assert sub["slope"] == pytest.approx(0.5, abs=1e-3) and sub["verdict"] == "reproduced"
+    lin = slope_finding("n", "sub-linear", "x", [r * noise for r in ranks], ranks, n_boot=400)
+    assert lin["slope"] == pytest.approx(1.0, abs=1e-3) and lin["verdict"] == "inconclusive"

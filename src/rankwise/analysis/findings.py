@@ -17,9 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .stats import N_BOOT, accuracy_with_ci, difference_ci, verdict
+from .stats import N_BOOT, accuracy_with_ci, bootstrap_draws, difference_ci, interval, per_seed_strata, verdict
 
-__all__ = ["BUCKETS", "D34", "summarize_arm", "difference_finding", "unmeasured_finding"]
+__all__ = ["BUCKETS", "D34", "summarize_arm", "difference_finding", "contrast_finding", "spread_finding",
+           "slope_finding", "unmeasured_finding"]
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 D34 = ("D3", "D4")
@@ -31,7 +32,8 @@ def summarize_arm(correct: Mapping[str, np.ndarray], buckets: Mapping[str, Seque
 
     Args:
         correct: ``{domain: (S, F_domain) 0/1 matrix}`` (rows: seeds).
-        buckets: ``{domain: F_domain bucket labels}``.
+        buckets: ``{domain: F_domain bucket labels}``, or ``{domain: one row of F_domain labels per seed}``
+            when each seed has its own buckets.
         seeds: the ``S`` seed names (default ``0..S-1``).
 
     Returns:
@@ -49,10 +51,12 @@ def summarize_arm(correct: Mapping[str, np.ndarray], buckets: Mapping[str, Seque
         S = c.shape[0] if S is None else S
         if c.shape[0] != S:
             raise ValueError(f"domain {dom!r} has {c.shape[0]} seeds, another has {S}")
-        labels = list(buckets[dom])
-        has34 = dom == "in_domain" and any(b in D34 for b in labels)
+        labels = [list(row) for row in buckets[dom]] if per_seed_strata(buckets[dom]) else list(buckets[dom])
+        flat = [b for row in labels for b in row] if per_seed_strata(labels) else labels
+        has34 = dom == "in_domain" and any(b in D34 for b in flat)
         combine = ("mean", D34) if has34 else ("mean",)
-        r = accuracy_with_ci(c, _full_strata(labels), combine=combine, n_boot=n_boot, seed=boot_seed)
+        _full_strata(flat)
+        r = accuracy_with_ci(c, labels, combine=combine, n_boot=n_boot, seed=boot_seed)
         keys = [*BUCKETS, "mean"]
         out[dom] = {k: r["value"].get(k) for k in keys}
         out["ci95"][dom] = {k: r["ci95"].get(k, [None, None]) for k in keys}
@@ -107,3 +111,69 @@ def unmeasured_finding(fid: str, claim: str, source: str, why: str) -> dict:
     """A finding that could not be measured: ``inconclusive``, with the reason."""
     return {"id": fid, "claim": claim, "source": source, "effect": None, "ci95": [None, None],
             "verdict": "inconclusive", "a": None, "b": None, "n": 0, "seeds": None, "metric": "", "why": why}
+
+
+def _finding(fid, claim, source, effect, draws, n, seeds, metric, **extra) -> dict:
+    """A measured finding from its point ``effect`` and its bootstrap ``draws``."""
+    ci = interval(draws)
+    return {"id": fid, "claim": claim, "source": source, "effect": float(effect), "ci95": ci, "verdict": verdict(ci),
+            "a": None, "b": None, "n": int(n), "seeds": seeds, "metric": metric, "why": None, **extra}
+
+
+def _stats(arms: Sequence, strata, combine, n_boot: int, boot_seed: int) -> tuple:
+    """Paired draws of each arm's statistic: ``(points (A,), draws (A, B), items)``."""
+    ds = bootstrap_draws(arms, strata, n_boot=n_boot, seed=boot_seed)
+    got = [d.combine(combine) for d in ds]
+    return np.array([g[0] for g in got]), np.stack([g[1] for g in got]), int(sum(ds[0].n))
+
+
+def contrast_finding(fid: str, claim: str, source: str, plus: Sequence, minus: Sequence, strata=None, *,
+                     combine="mean", plus_names=(), minus_names=(), metric: str = "", n_boot: int = N_BOOT,
+                     boot_seed: int = 0) -> dict:
+    """A finding whose effect is the mean statistic of the ``plus`` arms minus that of the ``minus`` arms
+    (every arm a ``(seeds, items)`` matrix over the same items; paired draws)."""
+    pts, draws, n = _stats([*plus, *minus], strata, combine, n_boot, boot_seed)
+    k = len(plus)
+    if np.isnan(pts).any():
+        return unmeasured_finding(fid, claim, source, "an arm has no test items")
+    return _finding(fid, claim, source, pts[:k].mean() - pts[k:].mean(), draws[:k].mean(0) - draws[k:].mean(0), n,
+                    [int(np.shape(a)[0]) if np.ndim(a) == 2 else 1 for a in [*plus, *minus]], metric,
+                    a={"arms": list(plus_names), "value": float(pts[:k].mean())},
+                    b={"arms": list(minus_names), "value": float(pts[k:].mean())})
+
+
+def spread_finding(fid: str, claim: str, source: str, arms: Sequence, strata=None, *, within: float,
+                   combine="mean", names=(), metric: str = "", n_boot: int = N_BOOT, boot_seed: int = 0) -> dict:
+    """A finding whose effect is ``within`` minus the spread (best minus worst) of the arms' statistic: positive
+    when the arms lie within ``within`` of each other. So ``reproduced`` means the spread's whole interval lies
+    below ``within``, ``contradicted`` that its lower end lies above it."""
+    pts, draws, n = _stats(arms, strata, combine, n_boot, boot_seed)
+    if np.isnan(pts).any():
+        return unmeasured_finding(fid, claim, source, "an arm has no test items")
+    spread, boot = pts.max() - pts.min(), draws.max(0) - draws.min(0)
+    return _finding(fid, claim, source, within - spread, within - boot, n,
+                    [int(np.shape(a)[0]) if np.ndim(a) == 2 else 1 for a in arms], metric,
+                    spread=float(spread), spread_ci95=interval(boot), within=within,
+                    a={"arm": names[int(pts.argmax())] if names else None, "value": float(pts.max())},
+                    b={"arm": names[int(pts.argmin())] if names else None, "value": float(pts.min())})
+
+
+def slope_finding(fid: str, claim: str, source: str, arms: Sequence, xs: Sequence[float], *, below: float = 1.0,
+                  metric: str = "", n_boot: int = N_BOOT, boot_seed: int = 0) -> dict:
+    """A finding whose effect is ``below`` minus the least-squares slope of log(mean statistic) on log(x) over the
+    arms (one per ``x``; positive statistics such as update norms; the items are resampled, paired): positive
+    when the statistic grows slower than ``x ** below``."""
+    pts, draws, n = _stats(arms, None, "mean", n_boot, boot_seed)
+    if (pts <= 0).any() or np.isnan(pts).any():
+        return unmeasured_finding(fid, claim, source, "a statistic is not positive")
+    lx = np.log(np.asarray(xs, dtype=np.float64))
+    lx = lx - lx.mean()
+
+    def slope(y):  # y: (A, ...) -> (...)
+        ly = np.log(np.clip(y, 1e-300, None))
+        return (lx.reshape(-1, *([1] * (ly.ndim - 1))) * (ly - ly.mean(0))).sum(0) / (lx ** 2).sum()
+
+    s = float(slope(pts))
+    return _finding(fid, claim, source, below - s, below - slope(draws), n,
+                    [int(np.shape(a)[0]) if np.ndim(a) == 2 else 1 for a in arms], metric, slope=s,
+                    slope_ci95=interval(slope(draws)), values=[float(v) for v in pts], xs=[float(x) for x in xs])

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["N_BOOT", "LEVEL", "Draws", "bootstrap_draws", "accuracy_with_ci", "difference_ci", "interval",
-           "verdict"]
+           "per_seed_strata", "verdict"]
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -61,50 +61,113 @@ def _strata(strata, n_items: int) -> tuple[list, list]:
     return list(order), [np.asarray(v, dtype=np.int64) for v in order.values()]
 
 
+def _seed_strata(strata, shape: tuple) -> tuple[list, np.ndarray]:
+    """Per-seed strata (one row of ``F`` labels per seed): (labels in first-seen order, ``(S, K, F)`` masks)."""
+    rows = [[x.item() if isinstance(x, np.generic) else x for x in row] for row in strata]
+    if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
+        raise ValueError(f"per-seed strata must be {shape[0]} rows of {shape[1]} labels (one row per seed)")
+    labels = list(dict.fromkeys(x for r in rows for x in r))
+    masks = np.array([[[x == lab for x in r] for lab in labels] for r in rows], dtype=np.float64)
+    return labels, masks
+
+
+def per_seed_strata(strata) -> bool:
+    """Whether ``strata`` holds one row of labels per seed (a list of lists) rather than one label per item."""
+    return strata is not None and len(strata) > 0 and isinstance(strata[0], (list, tuple, np.ndarray))
+
+
 class Draws:
-    """Point estimates and bootstrap draws of the per-stratum means of one arm.
+    """Per-seed stratum sums and counts of one arm, on the data and on each bootstrap draw.
+
+    A statistic of the strata is computed per seed (a stratum's accuracy in seed ``s`` = its sum
+    over its count) and then averaged over the seeds with the draw's seed weights (equal weights
+    for the point estimate).
 
     Attributes:
         labels: the strata (``[None]`` without strata).
-        n: items per stratum.
-        point: ``(K,)`` per-stratum means over all seeds and items (NaN for an empty stratum).
+        n: items per stratum (per-seed strata: the mean count over the seeds, rounded, and at least 1 when
+            a seed has items in it).
+        point: ``(K,)`` per-stratum means (the mean over seeds of each seed's stratum mean).
         boot: ``(B, K)`` the same on each bootstrap draw.
         seeds: ``(S, K)`` per-seed stratum means.
     """
 
-    def __init__(self, labels, n, point, boot, seeds):
-        self.labels, self.n, self.point, self.boot, self.seeds = labels, n, point, boot, seeds
+    def __init__(self, labels, n, data: tuple, draws: tuple, weights: np.ndarray):
+        self.labels, self.n = labels, n
+        self._data, self._draws, self._weights = data, draws, weights  # (num, cnt) of (1, S, K) and (B, S, K)
+        S = data[0].shape[1]
+        self._equal = np.full((1, S), 1.0 / S)
+        self._one_hot = np.eye(S)
+        self.point = _stratum_means(*data, self._equal)[0]
+        self.boot = _stratum_means(*draws, weights)
+        self.seeds = _stratum_means(np.repeat(data[0], S, 0), np.repeat(data[1], S, 0), self._one_hot)
 
     def combine(self, how="mean"):
-        """``(point, draws)`` of a statistic of the strata: ``"mean"`` (unweighted over the non-empty
-        strata), ``"pooled"`` (weighted by item counts), a stratum label, a list of labels (pooled
+        """``(point, draws, per-seed values)`` of a statistic of the strata: ``"mean"`` (unweighted over the
+        non-empty strata), ``"pooled"`` (the share over all items), a stratum label, a list of labels (pooled
         over them), or a function ``f(per_stratum_means (..., K), n (K,)) -> (...)``."""
-        f = _combiner(how, self.labels, self.n)
-        return float(f(self.point[None, :])[0]), f(self.boot), f(self.seeds)
+        S = self._data[0].shape[1]
+        full = (np.repeat(self._data[0], S, 0), np.repeat(self._data[1], S, 0))
+        if callable(how) or how == "mean":
+            f = _combiner(how, self.labels, self.n)
+            return float(f(self.point[None, :])[0]), f(self.boot), f(self.seeds)
+        pick = self.labels if how == "pooled" else (list(how) if isinstance(how, (list, tuple, set)) else [how])
+        unknown = [p for p in pick if p not in self.labels]
+        if unknown:
+            raise ValueError(f"unknown strata {unknown}; have {self.labels}")
+        mask = np.array([lab in pick for lab in self.labels])
+        return (float(_pooled(*self._data, mask, self._equal)[0]), _pooled(*self._draws, mask, self._weights),
+                _pooled(*full, mask, self._one_hot))
+
+
+def _stratum_means(num, cnt, weights) -> np.ndarray:
+    """``(X, K)``: per stratum, the seed-weighted mean of the per-seed means ``num / cnt`` over the seeds that
+    have items in it (NaN where no seed with weight has)."""
+    return _weighted(num, cnt, weights[:, :, None])
+
+
+def _pooled(num, cnt, mask, weights) -> np.ndarray:
+    """``(X,)``: the seed-weighted mean of each seed's share over the strata of ``mask``."""
+    return _weighted(num[:, :, mask].sum(axis=2), cnt[:, :, mask].sum(axis=2), weights)
+
+
+def _weighted(num, cnt, w) -> np.ndarray:
+    """The ``w``-weighted mean over axis 1 of ``num / cnt``, over the entries with items and weight."""
+    valid = (cnt > 0) & (w > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_seed = np.where(valid, num / np.where(cnt > 0, cnt, 1.0), 0.0)
+        return (np.where(valid, w, 0.0) * per_seed).sum(axis=1) / np.where(valid, w, 0.0).sum(axis=1)
 
 
 def _combiner(how, labels, n) -> Callable:
     n = np.asarray(n, dtype=np.float64)
     if callable(how):
         return lambda m: np.asarray(how(m, n), dtype=np.float64)
-    if how == "mean":
-        keep = n > 0
-        return lambda m: m[:, keep].mean(axis=1) if keep.any() else np.full(m.shape[0], np.nan)
-    if how == "pooled":
-        return _pooled(np.ones(len(labels), dtype=bool), n)
-    pick = list(how) if isinstance(how, (list, tuple, set)) else [how]
-    unknown = [p for p in pick if p not in labels]
-    if unknown:
-        raise ValueError(f"unknown strata {unknown}; have {labels}")
-    return _pooled(np.array([lab in pick for lab in labels]), n)
+    keep = n > 0
+    return lambda m: m[:, keep].mean(axis=1) if keep.any() else np.full(m.shape[0], np.nan)
 
 
-def _pooled(mask, n) -> Callable:
-    w = np.where(mask, n, 0.0)
-    tot = w.sum()
-    if tot == 0:
-        return lambda m: np.full(m.shape[0], np.nan)
-    return lambda m: (np.nan_to_num(m) * w).sum(axis=1) / tot
+def _sums(mat: np.ndarray, idx: list, item_draws: list) -> tuple:
+    """Shared strata: ``(num, cnt)`` on the data ``(1, S, K)`` and on the draws ``(B, S, K)``."""
+    S, K = mat.shape[0], len(idx)
+    B = next((d.shape[0] for d in item_draws if d is not None), 1)
+    num, cnt = np.zeros((1, S, K)), np.zeros((1, S, K))
+    bnum, bcnt = np.zeros((B, S, K)), np.zeros((B, S, K))
+    for k, (g, d) in enumerate(zip(idx, item_draws)):
+        num[0, :, k], cnt[0, :, k] = mat[:, g].sum(axis=1), len(g)
+        if d is not None:
+            bnum[:, :, k] = mat[:, d].sum(axis=2).T  # (S, B, n_k) -> (B, S)
+            bcnt[:, :, k] = len(g)
+    return (num, cnt), (bnum, bcnt)
+
+
+def _seed_sums(mat: np.ndarray, masks: np.ndarray, counts: np.ndarray) -> tuple:
+    """Per-seed strata: ``(num, cnt)`` on the data and on draws whose item multiplicities are ``counts`` (B, F)."""
+    num = np.einsum("skf,sf->sk", masks, mat)[None]
+    cnt = masks.sum(axis=2)[None]
+    bnum = np.einsum("bf,skf,sf->bsk", counts, masks, mat)
+    bcnt = np.einsum("bf,skf->bsk", counts, masks)
+    return (num, cnt), (bnum, bcnt)
 
 
 def bootstrap_draws(arms: Sequence, strata=None, *, n_boot: int = N_BOOT, seed: int = 0,
@@ -114,11 +177,16 @@ def bootstrap_draws(arms: Sequence, strata=None, *, n_boot: int = N_BOOT, seed: 
     Args:
         arms: one ``(S_i, F)`` matrix per arm (rows: seeds, columns: the same ``F`` items
             for every arm, in the same order); a 1-D array is one seed.
-        strata: ``F`` labels (e.g. mastery buckets), or ``None`` for one stratum.
+        strata: ``F`` labels (e.g. mastery buckets) shared by every seed, one row of ``F`` labels
+            per seed (each seed's own strata, e.g. buckets measured on each seed's own base; every
+            arm then has that many seeds), or ``None`` for one stratum.
         n_boot: bootstrap draws.
         seed: seed of the resampling (the result is deterministic).
         pair_seeds: draw the same seed rows for arms with equal seed counts (seed ``i``
             of every arm shares its fine-tuning sample); otherwise independent draws.
+
+    Shared strata are resampled within themselves (each keeps its size); per-seed strata cannot be,
+    so their items are resampled all together and each stratum's size varies from draw to draw.
 
     Returns:
         one :class:`Draws` per arm; draw ``b`` of every arm uses the same item draw.
@@ -131,10 +199,23 @@ def bootstrap_draws(arms: Sequence, strata=None, *, n_boot: int = N_BOOT, seed: 
         raise ValueError(f"arms are tested on different numbers of items: {[m.shape[1] for m in mats]}")
     if not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
-    labels, idx = _strata(strata, F)
     rng = np.random.default_rng(seed)
-    # Item draws: per stratum, (B, n_k) indices into the items.
-    item_draws = [g[rng.integers(0, len(g), size=(n_boot, len(g)))] if len(g) else None for g in idx]
+    if per_seed_strata(strata):
+        labels, masks = _seed_strata(strata, (len(strata), F))
+        if any(m.shape[0] != masks.shape[0] for m in mats):
+            raise ValueError(f"per-seed strata have {masks.shape[0]} rows (one row per seed); the arms have "
+                             f"{[m.shape[0] for m in mats]} seeds")
+        picks = rng.integers(0, F, size=(n_boot, F))
+        counts = np.zeros((n_boot, F))
+        np.add.at(counts, (np.arange(n_boot)[:, None], picks), 1.0)
+        sums = [_seed_sums(m, masks, counts) for m in mats]
+        n = [max(1, int(round(v))) if v > 0 else 0 for v in masks.sum(axis=2).mean(axis=0)]
+    else:
+        labels, idx = _strata(strata, F)
+        # Item draws: per stratum, (B, n_k) indices into the items.
+        item_draws = [g[rng.integers(0, len(g), size=(n_boot, len(g)))] if len(g) else None for g in idx]
+        sums = [_sums(m, idx, item_draws) for m in mats]
+        n = [len(g) for g in idx]
     seed_weights: dict = {}
 
     def weights(S: int, key) -> np.ndarray:
@@ -145,23 +226,8 @@ def bootstrap_draws(arms: Sequence, strata=None, *, n_boot: int = N_BOOT, seed: 
             seed_weights[key] = w
         return seed_weights[key]
 
-    out = []
-    for i, m in enumerate(mats):
-        S = m.shape[0]
-        W = weights(S, S if pair_seeds else (S, i))
-        V = W @ m  # (B, F): each draw's seed-weighted mean per item
-        K = len(labels)
-        boot = np.full((n_boot, K), np.nan)
-        point = np.full(K, np.nan)
-        per_seed = np.full((S, K), np.nan)
-        for k, (g, d) in enumerate(zip(idx, item_draws)):
-            if d is None:
-                continue
-            boot[:, k] = np.take_along_axis(V, d, axis=1).mean(axis=1)
-            point[k] = m[:, g].mean()
-            per_seed[:, k] = m[:, g].mean(axis=1)
-        out.append(Draws(labels, [len(g) for g in idx], point, boot, per_seed))
-    return out
+    return [Draws(labels, n, data, draws, weights(m.shape[0], m.shape[0] if pair_seeds else (m.shape[0], i)))
+            for i, (m, (data, draws)) in enumerate(zip(mats, sums))]
 
 
 def interval(draws, level: float = LEVEL) -> list:
@@ -197,7 +263,7 @@ def accuracy_with_ci(correct, strata=None, *, combine=("mean",), n_boot: int = N
         out["value"][lab] = None if empty else float(d.point[k])
         out["ci95"][lab] = [None, None] if empty else interval(d.boot[:, k], level)
         out["n"][lab] = int(d.n[k])
-        out["seeds"][lab] = [None if empty else float(v) for v in d.seeds[:, k]]
+        out["seeds"][lab] = [None if empty or math.isnan(v) else float(v) for v in d.seeds[:, k]]
     for how in combine:
         p, b, s = d.combine(how)
         key = how if isinstance(how, str) else str(how)
