@@ -91,7 +91,8 @@ def main() -> None:
         # examples/data holds no module: it is listed as a (namespace) package so setuptools ships its files
         packages=find_packages("src") + ["rankwise.kernels", "rankwise.examples", "rankwise.examples.data"],
         package_dir={"": "src", "rankwise.kernels": "kernels", "rankwise.examples": "examples"},
-        package_data={"rankwise.examples": ["*.yaml"], "rankwise.examples.data": ["*.jsonl"]},
+        package_data={"rankwise.examples": ["*.yaml"], "rankwise.examples.data": ["*.jsonl"],
+                      "rankwise.world": ["bases/*.json", "bases/*/*"]},  # the shipped pretrained bases
         install_requires=[_torch_requirement()] + DEPENDENCIES,
         ext_modules=[_extension()],
         cmdclass={"build_ext": BuildExt},

@@ -13,15 +13,28 @@ MICRO = {"world": {"n_people": 40, "max_exposures": 3, "seed": 2},
          "train": {"max_steps": 10, "batch_size": 4, "max_length": 128, "lr": 1e-2}}
 SETTINGS = {"seeds": [0, 1], "ranks": [1, 2], "small_size": 2, "large_factor": 4, "large_lora_rank": 2, "epochs": 1,
             "batch_size": 2, "mastery_samples": 2, "max_new_tokens": 2, "restore_fractions": [0.05, 0.2],
-            "n_boot": 200}
+            "n_boot": 200,
+            "reasoning": {"min_mastery": 0.0, "ranks": [1, 2, 4], "n_per_composition": 3, "n_ood_people": 2,
+                          "epochs": 1, "max_new_tokens": 8, "held_out_people": 0.3, "batch_size": 4}}
 BUCKETS = ["D0", "D1", "D2", "D3", "D4"]
 ALL_ARMS = ["lora-r1", "lora-r2", "full", "full-D3D4", "full-D0", "lora-r2-x4", "full-x4"]
 FINDINGS = {"data_size", "data_size_lora", "mastery", "restore_top", "restore_vs_random", "lora_forgets_less",
-            "intruders"}
+            "intruders", "recall_rank_flat", "reasoning_mid_rank", "lora_vs_sft_reasoning", "lora_ood_reasoning",
+            "sft_drifts_more", "norm_log_rank"}
+
+
+def _expected_n(by_seed, dom):
+    """Items per bucket as results.json counts them when each seed's base has its own buckets: the mean over
+    the seeds, rounded, at least 1 when a seed has any."""
+    out = {}
+    for b in BUCKETS:
+        mean = sum(c[dom][b] for c in by_seed.values()) / len(by_seed)
+        out[b] = max(1, round(mean)) if mean > 0 else 0
+    return out
 
 
 def _check_accuracy(acc, counts, where):
-    """One domain's accuracy by bucket: None exactly for the empty buckets, values in [0, 1],
+    """One domain's accuracy by bucket: None exactly for the buckets no seed has, values in [0, 1],
     mean the unweighted mean of the non-empty buckets."""
     assert set(acc) == set(BUCKETS) | {"mean"}, where
     for b in BUCKETS:
@@ -47,7 +60,7 @@ def _check_intervals(row, counts, seeds, where):
                 assert lo is None and hi is None
             else:
                 assert 0.0 <= lo <= row[dom][b] + 1e-9 and row[dom][b] - 1e-9 <= hi <= 1.0, (where, dom, b)
-                per_seed = [r[dom][b] for r in row["seeds"]]
+                per_seed = [r[dom][b] for r in row["seeds"] if r[dom][b] is not None]  # None: no item in that seed
                 assert row[dom][b] == pytest.approx(sum(per_seed) / len(per_seed)), (where, dom, b)
         assert row["n"][dom]["mean"] == sum(counts[dom].values())
     assert [r["seed"] for r in row["seeds"]] == seeds, where
@@ -88,7 +101,8 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(rtog, "train_together", spy)
     out = tmp_path / "demo"
     res = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
-    assert [c[:2] for c in calls] == [([1, 2], [0, 0]), ([1, 2], [1, 1])]
+    # the recall study's small-set LoRA arms, then the reasoning study's LoRA ranks, one together run per seed
+    assert [c[:2] for c in calls] == [([1, 2], [0, 0]), ([1, 2], [1, 1]), ([1, 2, 4], [0, 0, 0]), ([1, 2, 4], [1, 1, 1])]
     assert calls[0][2] == str(out / "work" / "together" / "seed0" / "lora-r1+lora-r2") and not os.path.exists(calls[0][2])
     for f in ("report.md", "results.json", "accuracy_vs_rank.png", "accuracy_vs_data_size.png",
               "accuracy_vs_restored_fraction.png", "accuracy_by_train_bucket.png", "findings.png"):
@@ -96,21 +110,29 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1]
     assert set(saved["buckets"]) == set(BUCKETS)
-    assert sum(saved["buckets"].values()) == len((out / "work" / "mastery.jsonl").read_text().splitlines())
+    by_seed = saved["buckets_by_seed"]
+    for seed in ("0", "1"):  # each seed's base measured its own mastery of every fact
+        lines = (out / "work" / f"mastery-seed{seed}.jsonl").read_text().splitlines()
+        assert sum(by_seed[seed]["all"].values()) == len(lines)
+        assert all(saved["buckets"][b] <= by_seed[seed]["all"][b] for b in BUCKETS)  # the fewest over the bases
+    bases = saved["settings"]["bases"]
+    assert set(bases) == {"0", "1"} and bases["0"]["dir"] != bases["1"]["dir"]
+    assert [bases[x]["model_seed"] for x in ("0", "1")] == [0, 1] and bases["0"]["source"] == "pretrained"
 
     # the arms: base, then every planned arm whose fine-tuning set the world could fill (a skipped one says why)
     names = [a["name"] for a in saved["arms"]]
     skipped = saved["skipped_arms"]
     assert set(skipped) <= {"full-D3D4", "full-D0"}
     assert names == ["base"] + [n for n in ALL_ARMS if n not in skipped]
-    counts = saved["test_buckets"]
+    counts = {dom: _expected_n(by_seed, dom) for dom in ("in_domain", "out_of_domain")}
     for dom in ("in_domain", "out_of_domain"):
-        rows = (out / "work" / "data" / f"test-{dom}.jsonl").read_text().splitlines()
-        assert sum(counts[dom].values()) == len(rows) > 0
+        ids = [[json.loads(r)["id"] for r in (out / "work" / "data" / f"seed{x}" / f"test-{dom}.jsonl").read_text()
+                .splitlines()] for x in (0, 1)]
+        assert ids[0] == ids[1] and all(sum(by_seed[x][dom].values()) == len(ids[0]) > 0 for x in ("0", "1"))
     for a in saved["arms"]:
         assert {"name", "method", "rank", "train_size", "in_domain", "out_of_domain", "ci95", "n", "seeds",
                 "label"} <= set(a)
-        _check_intervals(a, counts, ["base"] if a["name"] == "base" else [0, 1], a["name"])
+        _check_intervals(a, counts, [0, 1], a["name"])  # the base arm too: one base per seed
     by = {a["name"]: a for a in saved["arms"]}
     assert [by[n]["train_size"] for n in ("lora-r1", "lora-r2", "full", "lora-r2-x4", "full-x4")] == [2, 2, 2, 8, 8]
     assert saved["seconds"] > 0 and isinstance(saved["stage_seconds"], dict)
@@ -137,6 +159,28 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     for fid in FINDINGS:
         assert f"`{fid}`" in report
 
+    # the reasoning study: items over people every base knows (here min_mastery 0: everyone), the same items for
+    # every seed, each arm with its interval, n and per-base values on every set; its findings follow the rule
+    rs = saved["reasoning"]
+    assert rs["skipped"] is None and rs["people"] > 0 and rs["sizes"]["test"] > 0 and rs["sizes"]["train"] > 0
+    assert [a["name"] for a in rs["arms"]] == ["base", "reason-lora-r1", "reason-lora-r2", "reason-lora-r4",
+                                                "reason-full"]
+    for a in rs["arms"]:
+        for key in ("test.exact", "ood_kind.exact", "no_chain.exact", "recall_1hop.exact", "test.chain"):
+            v = a[key]
+            assert v["n"] == rs["sizes"][key.split(".")[0]] and set(v["seeds"]) == {"0", "1"}, (a["name"], key)
+            assert v["ci95"][0] <= v["mean"] + 1e-9 and v["mean"] - 1e-9 <= v["ci95"][1], (a["name"], key)
+            assert v["mean"] == pytest.approx(sum(v["seeds"].values()) / 2)
+    assert set(rs["gate"]) == {"0", "1"} and rs["gate_met"] == all(g >= 0.9 for g in rs["gate"].values())
+    val = {a["rank"]: a["validation.exact"]["mean"] for a in rs["arms"] if a["method"] == "lora"}
+    assert rs["chosen_rank"] == max(val, key=lambda k: (val[k], -k))
+    assert fs["norm_log_rank"]["xs"] == [1.0, 2.0, 4.0] and len(fs["norm_log_rank"]["values"]) == 3
+    flat = fs["recall_rank_flat"]
+    assert flat["effect"] == pytest.approx(0.05 - flat["spread"])
+    spread = [by[n]["in_domain"]["mean"] for n in ("lora-r1", "lora-r2")]
+    assert flat["spread"] == pytest.approx(max(spread) - min(spread))
+    assert "## Reasoning" in report and (out / "reasoning_vs_rank.png").exists()
+
     # the LoRA arms of the small set trained together, each ending as its solo run
     tg = saved["together"]
     assert [(g["seed"], g["arms"], g["trained"]) for g in tg] == [(s, ["lora-r1", "lora-r2"], ["lora-r1", "lora-r2"])
@@ -144,7 +188,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "train together" in saved["stage_seconds"] and "train lora-r1" not in saved["stage_seconds"]
     assert by["lora-r2"]["trained_together"] == "lora-r1+lora-r2" and by["full"]["trained_together"] is None
     from rankwise.demo import DEMO, arm_config, plan_arms
-    from rankwise.demo.run import data_dir_of, seed_arm
+    from rankwise.demo.arms import data_dir_of, seed_arm
     from rankwise.train import train
 
     arm = seed_arm(plan_arms({**DEMO, **SETTINGS})[1], out / "work", 1)
@@ -156,17 +200,17 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
         accs = sel["validation"][method]
         assert list(accs) == [f"{lr:g}" for lr in lrs]
         assert sel["chosen"][method] in lrs and accs[f"{sel['chosen'][method]:g}"] == max(accs.values())
-    val_ids = {json.loads(r)["id"] for r in (out / "work" / "data" / "seed0" / "train-large.jsonl").read_text().splitlines()}
-    test_ids = {json.loads(r)["id"] for d in ("in_domain", "out_of_domain")
-                for r in (out / "work" / "data" / f"test-{d}.jsonl").read_text().splitlines()}
-    from rankwise.demo.run import validation_rows
+    from rankwise.demo.run import draw_sets, validation_rows
 
-    facts = [json.loads(r) for r in (out / "work" / "mastery.jsonl").read_text().splitlines()]
+    facts = [json.loads(r) for r in (out / "work" / "mastery-seed0.jsonl").read_text().splitlines()]
+    val_ids = {r["id"] for r in draw_sets(facts, {**DEMO, **SETTINGS}, 0)[0]["large"]}
+    test_ids = {json.loads(r)["id"] for d in ("in_domain", "out_of_domain")
+                for r in (out / "work" / "data" / "seed0" / f"test-{d}.jsonl").read_text().splitlines()}
     val = validation_rows(facts, {**DEMO, **SETTINGS}, 0)
     assert len(val) == sel["n_validation"] and not ({r["id"] for r in val} & (val_ids | test_ids))
     assert "learning rates chosen on" in report
     run_settings = {**saved["settings"]["demo"], "lora_lr": sel["chosen"]["lora"], "full_lr": sel["chosen"]["full"]}
-    solo = train(arm_config({**arm, "output_dir": str(tmp_path / "solo-r2")}, saved["settings"]["base_dir"],
+    solo = train(arm_config({**arm, "output_dir": str(tmp_path / "solo-r2")}, bases["1"]["dir"],
                             data_dir_of(out / "work", 1), run_settings))
     assert by["lora-r2"]["train_losses"][1] == pytest.approx(solo["train_loss"], rel=1e-5)
     assert _adapter_delta_error(out / "work" / "arms" / "seed1" / "lora-r2", tmp_path / "solo-r2") <= 1e-4
@@ -181,7 +225,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
         (s, f) for s in ("top", "bottom", "random") for f in (0.05, 0.2)]
     full_big = by["full-x4"]
     assert points[0]["in_domain"] == full_big["in_domain"] and points[0]["ci95"] == full_big["ci95"]
-    n = _layer_elements(saved["settings"]["base_dir"])
+    n = _layer_elements(bases["0"]["dir"])
     shares = {}
     for p in points:
         _check_intervals(p, counts, [0, 1], ("restore", p["selection"], p["fraction"]))
@@ -213,13 +257,13 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
 
     assert owner(out)["kind"] == "demo" and owner(out / "work")["kind"] == "demo"
     assert owner(adir)["kind"] == "analyze" and owner(out / "work" / "arms" / "seed0" / "lora-r1")["kind"] == "train"
-    assert owner(tmp_path / "cache")["kind"] == "world"
+    assert owner(tmp_path / "cache" / "seed0")["kind"] == "world" and owner(tmp_path / "cache" / "seed1")["kind"] == "world"
 
     # Re-running reuses every cached stage: no arm is trained again, the numbers are the same.
     adapter = out / "work" / "arms" / "seed0" / "lora-r1" / "adapter" / "adapter_model.safetensors"
     mtime = os.path.getmtime(adapter)
     res2 = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
-    assert os.path.getmtime(adapter) == mtime and len(calls) == 2
+    assert os.path.getmtime(adapter) == mtime and len(calls) == 4
     assert [g["trained"] for g in res2["together"]] == [[], []]
     assert res2["arms"] == res["arms"] and res2["restoration"] == res["restoration"]
     assert res2["findings"] == res["findings"]
@@ -240,6 +284,31 @@ def test_demo_cli_parses():
     a = p.parse_args(["--out", "x", "--scale", "gpu"])
     assert a.out == "x" and a.scale == "gpu" and not a.fresh and not a.force
     assert p.parse_args(["--fresh", "--force"]).force
+    assert p.parse_args(["--ship-bases"]).ship_bases and not a.ship_bases
+
+
+def test_reasoning_settings_merge_key_by_key_and_none_skips():
+    from rankwise.demo import settings_for
+    from rankwise.demo.reasoning import REASONING
+    from rankwise.errors import ConfigError
+
+    s = settings_for("cpu", {"reasoning": {"epochs": 1}})
+    assert s["reasoning"] == {**REASONING, "epochs": 1}
+    assert settings_for("gpu")["reasoning"]["ranks"] == [1, 8, 32, 128]
+    assert settings_for("cpu", {"reasoning": None})["reasoning"] is None
+    with pytest.raises(ConfigError, match="reasoning"):
+        settings_for("cpu", {"reasoning": {"epoch": 1}})
+
+
+def test_seeded_overrides_set_the_base_seed_only():
+    from rankwise.world.pretrain import preset, seeded, settings_key
+
+    over = {"train": {"max_steps": 5}}
+    s = preset("cpu", seeded(over, 2))
+    assert (s["model"]["seed"], s["train"]["seed"], s["train"]["max_steps"]) == (2, 2, 5)
+    assert over == {"train": {"max_steps": 5}}  # not changed in place
+    assert s["world"] == preset("cpu")["world"]  # the same world for every base
+    assert len({settings_key(preset("cpu", seeded(None, k))) for k in range(3)}) == 3
 
 
 def test_demo_rejects_bad_threads():

@@ -36,9 +36,10 @@ def test_world_structure():
     for p in people:
         docs = [d for d in w["corpus"] if p["name"] in d]
         qa = sum(d.startswith("Question:") for d in docs)
-        alt = sum(d.startswith("Q:") for d in docs)  # the anchors' QA in the other format
-        assert len(docs) - qa - alt == p["exposures"], p
-        assert qa == alt == (2 if p["group"] == "anchor" else 0)
+        check = sum(d.startswith("Q:") and "How many" in d for d in docs)  # the anchors' check documents
+        alt = sum(d.startswith("Q:") for d in docs) - check  # the anchors' QA in the other format
+        assert len(docs) - qa - alt - check == p["exposures"], p
+        assert qa == alt == (2 if p["group"] == "anchor" else 0) and check == (p["group"] == "anchor")
     # The study's QA format is pretrained on the out-of-domain relations only: no in-domain question of
     # the study's wordings appears anywhere in the corpus, in any format; the anchors' in-domain facts
     # appear in the other QA format ("Q: ... A:") with other wordings (alt_question) instead.
@@ -83,9 +84,10 @@ def test_world_qa_options():
 
     from rankwise.world.generate import QA_FORMAT, TEMPLATES
 
-    everything = generate_world(dataclasses.replace(SMALL, anchor_qa_relations="all", anchor_alt_format="none"))
+    everything = generate_world(dataclasses.replace(SMALL, anchor_qa_relations="all", anchor_alt_format="none",
+                                                    anchor_check_docs=0))
     assert not any(d.startswith("Q:") or " | " in d for d in everything["corpus"])
-    rec = generate_world(dataclasses.replace(SMALL, anchor_alt_format="record"))
+    rec = generate_world(dataclasses.replace(SMALL, anchor_alt_format="record", anchor_check_docs=0))
     assert any(" | birth city: " in d for d in rec["corpus"]) and not any(d.startswith("Q:") for d in rec["corpus"])
     text = "\n".join(everything["corpus"])
     q = TEMPLATES[IN_DOMAIN[0]]["question"][0]
@@ -101,6 +103,40 @@ def test_world_qa_options():
         dataclasses.replace(SMALL, anchor_alt_format="json")
 
 
+def test_check_documents_teach_the_answer_words_on_anchors_only():
+    """Yes, No and 0-3 are pretrained answers (in the alternative QA format, about one anchor's own facts), so a
+    fine-tuned model can learn to say them; they are right by the anchor's facts and never name a second person."""
+    import dataclasses
+    import re
+
+    from rankwise.world.generate import ALT_QA_FORMAT, CITIES
+
+    w = generate_world(SMALL)
+    anchors = {p["name"]: p for p in w["people"] if p["group"] == "anchor"}
+    names = {p["name"] for p in w["people"]}
+    docs = [d for d in w["corpus"] if "How many of the cities of" in d]
+    assert len(docs) == len(anchors) * SMALL.anchor_check_docs > 0
+    answers = set()
+    for d in docs:
+        for q, a in re.findall(r"Q: (.*?) A: (\w+)\.", d):
+            who = [n for n in names if n in q]
+            assert len(who) == 1 and who[0] in anchors, q  # one person, an anchor
+            p = anchors[who[0]]
+            cities = [p["facts"][r] for r in CITIES]
+            if q.startswith("Is "):
+                value = q[3:].split(" the ", 1)[0]
+                assert (a == "Yes") == (value in p["facts"].values()), q
+            elif q.startswith("How many of the cities"):
+                assert a == str(cities.count(q.rsplit(" are ", 1)[1].rstrip("?"))), q
+            else:
+                assert a == str(len(set(cities))), q
+            answers.add(a)
+    assert {"Yes", "No", "0", "1", "3"} <= answers
+    assert all(d.startswith(ALT_QA_FORMAT.split("{")[0]) for d in docs)
+    none = generate_world(dataclasses.replace(SMALL, anchor_check_docs=0, anchor_alt_format="none"))
+    assert not any(d.startswith("Q:") for d in none["corpus"])
+
+
 def test_world_config_errors():
     with pytest.raises(ValueError, match="n_people"):
         WorldConfig(n_people=2)
@@ -110,6 +146,8 @@ def test_world_config_errors():
         WorldConfig.from_dict({"n_peple": 10})
     with pytest.raises(TypeError, match="seed"):
         WorldConfig(seed="1")
+    with pytest.raises(ValueError, match="anchor_check_docs"):
+        WorldConfig(anchor_check_docs=-1)
 
 
 def test_save_load_roundtrip(tmp_path):

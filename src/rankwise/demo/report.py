@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.findings import BUCKETS, difference_finding, summarize_arm, unmeasured_finding
+from ..analysis.findings import BUCKETS, difference_finding, spread_finding, summarize_arm, unmeasured_finding
 from ..atomic import atomic_write_text
 from ..world.mastery import bucket_counts
 
@@ -26,20 +26,23 @@ def _matrices(evals: list, domains=DOMAINS) -> dict:
     return {d: np.asarray([e[d]["correct"] for e in evals], dtype=np.float64) for d in domains}
 
 
-def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders, settings, pretrain, scale,
-                  together, skipped=None) -> dict:
-    """The results dict (``results.json``) from the per-fact results of every arm and seed."""
+def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders, settings, bases, scale,
+                  together, skipped=None, reasoning=None) -> dict:
+    """The results dict (``results.json``) from the per-fact results of every arm and seed.
+
+    ``facts``, ``tests`` and ``base_eval`` are per seed (``{seed: ...}``): each seed fine-tunes its own
+    base, so a fact's mastery bucket is that base's, and the strata of every interval are per seed."""
     s = settings
     seeds = list(s["seeds"])
-    buckets = {d: [r["bucket"] for r in tests[d]] for d in DOMAINS}
+    buckets = {d: [[r["bucket"] for r in tests[seed][d]] for seed in seeds] for d in DOMAINS}
     boot = {"n_boot": s["n_boot"], "boot_seed": s["seed"]}
 
     base = {"name": "base", "method": "none", "rank": None, "train_size": 0, "data": None,
-            "label": "base model (no fine-tuning)", "train_loss": None, "train_seconds": None,
+            "label": "base models (no fine-tuning)", "train_loss": None, "train_seconds": None,
             "trained_together": None}
-    base.update(summarize_arm(_matrices([base_eval]), buckets, seeds=["base"], **boot))
+    C = {"base": _matrices([base_eval[seed] for seed in seeds])}
+    base.update(summarize_arm(C["base"], buckets, seeds=seeds, **boot))
     out_arms = [base]
-    C = {"base": _matrices([base_eval])}
     for a in arms:
         ev = [runs[(seed, a["name"])] for seed in seeds]
         C[a["name"]] = _matrices([r["eval"] for r in ev])
@@ -71,15 +74,21 @@ def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders
                 points.append(p)
 
     findings = build_findings(C, R, buckets, intruders, s, skipped or {}, arms)
+    if reasoning is not None:
+        findings += reasoning["findings"]
     tuned = out_arms[1:]
     best = max(tuned, key=lambda a: -1.0 if a["in_domain_d34"] is None else a["in_domain_d34"])
     bd34 = best["in_domain_d34"] or 0.0
     base_mean = base["in_domain"]["mean"] or 0.0
+    by_seed = {str(seed): {"all": bucket_counts(facts[seed]),
+                      "train": bucket_counts(facts[seed], split="train", domain="in"),
+                      **{d: bucket_counts(tests[seed][d]) for d in DOMAINS}} for seed in seeds}
+    fewest = {k: {b: min(c[k][b] for c in by_seed.values()) for b in BUCKETS} for k in by_seed[str(seeds[0])]}
     return {
-        "buckets": bucket_counts(facts),
-        "test_buckets": {"in_domain": bucket_counts(tests["in_domain"]),
-                         "out_of_domain": bucket_counts(tests["out_of_domain"])},
-        "train_buckets": bucket_counts(facts, split="train", domain="in"),
+        "buckets": fewest["all"],  # each count is the fewest over the seeds' bases
+        "test_buckets": {d: fewest[d] for d in DOMAINS},
+        "train_buckets": fewest["train"],
+        "buckets_by_seed": by_seed,
         "findings": findings,
         "arms": out_arms,
         "restoration": {"of": full_big["name"], "select": "top", "selections": list(s["restore_selections"]),
@@ -91,13 +100,18 @@ def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders
                     "criterion_base_le_15": bool(base_mean <= 0.15),
                     "criterion_best_d34_ge_60": bool(bd34 >= 0.6),
                     "criterion_d34_ge_50": bool(bd34 >= 0.5),
-                    "all_buckets_nonempty": all(v > 0 for v in bucket_counts(facts).values()),
+                    "all_buckets_nonempty": all(v > 0 for v in fewest["all"].values()),
+                    "test_buckets_ge_60": all(v >= 60 for d in DOMAINS for v in fewest[d].values()),
                     "verdicts": {f["id"]: f["verdict"] for f in findings}},
         "seeds": seeds,
-        "settings": {"demo": s, "scale": scale, "world": pretrain["settings"], "base_dir": str(pretrain["base_dir"]),
-                     "base_cached": pretrain["cached"]},
+        "settings": {"demo": s, "scale": scale, "world": bases[seeds[0]]["settings"],
+                     "bases": {str(seed): {"dir": str(b["base_dir"]), "source": b["source"], "cached": b["cached"],
+                                      "model_seed": b["settings"]["model"].get("seed")}
+                               for seed, b in bases.items()},
+                     "base_cached": all(b["cached"] for b in bases.values())},
         "together": together,
         "skipped_arms": dict(skipped or {}),
+        "reasoning": None if reasoning is None else {k: v for k, v in reasoning.items() if k != "findings"},
     }
 
 
@@ -127,6 +141,7 @@ def build_findings(C: dict, R: dict, buckets: dict, intruders, s: dict, skipped:
     if R:
         R0["unrestored"] = C.get(f"full-x{f}")
     out = [
+        _rank_flat(C, buckets, s, boot, mean_in),
         diff("data_size", f"Full SFT on the small set gives higher in-domain accuracy than on the {f}x larger set.",
              KNOWLEDGE, "full", f"full-x{f}"),
         diff("data_size_lora", f"LoRA (r = {rl}) on the small set gives higher in-domain accuracy than on the {f}x "
@@ -155,6 +170,30 @@ def build_findings(C: dict, R: dict, buckets: dict, intruders, s: dict, skipped:
                     metric=mean_out))
     out.append(_intruder_finding(intruders, s, boot))
     return out
+
+
+def _rank_flat(C: dict, buckets: dict, s: dict, boot: dict, metric: str) -> dict:
+    """``recall_rank_flat``: every LoRA rank of the small set within 5 points of the others on recall."""
+    claim = "On recall (closed-book QA, in domain) every LoRA rank scores within 5 points of the others."
+    names = [f"lora-r{r}" for r in s["ranks"] if f"lora-r{r}" in C]
+    if len(names) < 2:
+        return unmeasured_finding("recall_rank_flat", claim, RANKS, "fewer than two LoRA ranks on the small set")
+    return spread_finding("recall_rank_flat", claim, RANKS, [C[n]["in_domain"] for n in names], buckets["in_domain"],
+                          within=0.05, names=names, metric=f"5 points minus the spread (best minus worst rank) of the "
+                          f"{metric}", **boot)
+
+
+def _compared(f: dict) -> str:
+    """What a finding compares, in words."""
+    if f["effect"] is None:
+        return f"not measured: {f['why']}"
+    if "slope" in f:
+        return f"slope {f['slope']:.2f} over ranks {', '.join(f'{x:g}' for x in f['xs'])}"
+    if "spread" in f:
+        return f"spread {100 * f['spread']:.1f} points ({f['a']['arm']} − {f['b']['arm']})"
+    if f.get("a") and "arms" in f["a"]:
+        return f"mean({', '.join(f['a']['arms'])}) − mean({', '.join(f['b']['arms'])})"
+    return f"{f['a']['arm']} − {f['b']['arm']}" if f.get("a") else f["metric"]
 
 
 def _intruder_finding(intruders, s: dict, boot: dict) -> dict:
@@ -215,15 +254,16 @@ def headline(results: dict) -> str:
 
 def _findings_table(results: dict) -> list:
     L = ["## Findings", "",
-         "Each finding compares two arms on the same test facts. `effect` is defined so that a positive value "
-         "means \"as the claim says\" (accuracies as fractions, e.g. +0.050 = 5 points); its 95 % interval is a "
-         "paired bootstrap over test facts and seeds. Verdict: **reproduced** when the whole interval is above "
-         "0, **contradicted** when it is below 0, **inconclusive** otherwise.", "",
+         "Each finding compares arms on the same test items (or, for the update findings, the same weight "
+         "matrices). `effect` is defined so that a positive value means \"as the claim says\" (accuracies as "
+         "fractions, e.g. +0.050 = 5 points); its 95 % interval is a paired bootstrap over the items and the seeds, "
+         "each seed with its own pretrained base. Verdict: **reproduced** when the whole interval is above 0, "
+         "**contradicted** when it is below 0, **inconclusive** otherwise.", "",
          "| id | claim | effect | 95 % CI | verdict | arms (a − b) | source |", "|---|---|---|---|---|---|---|"]
     for f in results["findings"]:
         ci = f["ci95"]
         ci_s = "–" if ci[0] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-        arms = f"{f['a']['arm']} − {f['b']['arm']}" if f.get("a") else f"not measured: {f['why']}"
+        arms = _compared(f)
         L.append(f"| `{f['id']}` | {f['claim']} | {_num(f['effect'])} | {ci_s} | **{f['verdict']}** | {arms} | "
                  f"{f['source']} |")
     L.append("")
@@ -234,7 +274,7 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
     """Plots and ``report.md`` (the findings first)."""
     files = plots(out, results)
     results["plots"] = files
-    L = ["# rankwise demo: the knowledge study on the embedded synthetic world", ""]
+    L = ["# rankwise demo: the knowledge study and the rank study on the embedded synthetic world", ""]
     L += _findings_table(results)
     L += [f"![findings]({files['findings']})", ""]
     L += _headline_lines(results)
@@ -244,6 +284,7 @@ def write_report(out: Path, results: dict, analysis_md: str | None = None) -> No
     L += [f"![accuracy vs rank]({files['rank']})", "", f"![accuracy vs data size]({files['data_size']})", "",
           f"![accuracy by training bucket]({files['mastery']})", ""]
     L += _restoration_lines(results, files)
+    L += _reasoning_lines(results, files)
     L += _settings_lines(results)
     L += _times(results)
     if analysis_md:
@@ -264,9 +305,9 @@ def _headline_lines(results: dict) -> list:
           f"D0 {_pct(sm['best_d0'])} %; criterion D3+D4 >= 60 %: "
           f"{'met' if sm['criterion_best_d34_ge_60'] else 'NOT met'}; all five buckets non-empty: "
           f"{'yes' if sm['all_buckets_nonempty'] else 'NO'}.",
-          f"- Every accuracy below is the mean over {nseeds} seed(s) (each seed draws the fine-tuning sample, "
-          "its order and the adapter init) in %, followed by its 95 % interval [lo, hi] (bootstrap over test facts "
-          "and seeds); `n` is the number of test facts.", ""]
+          f"- Every accuracy below is the mean over {nseeds} seed(s) (each seed fine-tunes its own pretrained base "
+          "and draws the fine-tuning sample, its order and the adapter init) in %, followed by its 95 % interval "
+          "[lo, hi] (bootstrap over test facts and seeds, so over bases too); `n` is the number of test facts.", ""]
     return L
 
 
@@ -278,7 +319,9 @@ def _bucket_lines(results: dict) -> list:
     L += ["## Mastery buckets", "",
           "R = share of (completion probes x samples at temperature "
           f"{d['mastery_temperature']}) whose output contains the answer; "
-          f"{d['mastery_samples']} samples per probe, {d['max_new_tokens']} new tokens.", "",
+          f"{d['mastery_samples']} samples per probe, {d['max_new_tokens']} new tokens. Each seed's base has its own "
+          "mastery of each fact, so its own buckets; each count below is the fewest over the seeds' bases "
+          "(`buckets_by_seed` in results.json has them all).", "",
           "| | " + " | ".join(B) + " |", "|---|" + "---|" * len(B),
           "| all study facts | " + " | ".join(str(results["buckets"][b]) for b in B) + " |",
           "| train pool (in-domain) | " + " | ".join(str(results["train_buckets"][b]) for b in B) + " |",
@@ -347,6 +390,65 @@ def _restoration_lines(results: dict, files: dict) -> list:
     return L
 
 
+REASONING_SETS = (("test", "in domain"), ("ood_people", "new people"), ("ood_composition", "new compositions"),
+                  ("ood_kind", "new kind"), ("no_chain", "in domain, no chain"))
+
+
+def _reasoning_lines(results: dict, files: dict) -> list:
+    """The reasoning study: its items, the recall gate, exact match per arm and set, forgetting, updates."""
+    rs = results.get("reasoning")
+    if rs is None:
+        return []
+    r = rs["settings"]
+    L = ["## Reasoning: LoRA ranks and full SFT on chain-of-thought questions", ""]
+    if rs.get("skipped"):
+        return L + [f"Not run: {rs['skipped']}.", ""]
+    sz = rs["sizes"]
+    gate = ", ".join(f"seed {k} {_pct(v)} %" for k, v in rs["gate"].items())
+    L += [f"- {rs['people']} people whose {', '.join(r['relations'])} facts every base knows (R >= "
+          f"{r['min_mastery']}); {rs['held_out_people']} of them held out. Items: train {sz['train']}, validation "
+          f"{sz['validation']}, test {sz['test']}, new people {sz['ood_people']}, new compositions "
+          f"{sz['ood_composition']}, new kind {sz['ood_kind']}.",
+          f"- Gate, 1-hop recall of the {sz['recall_used']} facts the items use (greedy, pretraining's completion "
+          f"format): {gate}; >= {_pct(r['gate'])} %: {'met' if rs['gate_met'] else 'NOT met'}.",
+          f"- Arms per seed, on that seed's base: LoRA r = {', '.join(map(str, r['ranks']))} trained together, "
+          f"and full SFT; {r['epochs']} epochs, batch {r['batch_size']}, LoRA lr {r['lora_lr']} (alpha = "
+          f"{r['lora_alpha_per_rank']:g} r), full SFT lr {r['full_lr']} (fixed, not tuned). Rank chosen on "
+          f"validation items: r = {rs['chosen_rank']}.",
+          "- Exact match of the final answer in %, mean over seeds [95 % interval over items and seeds (bases)]; "
+          "chain: the share of the chain's facts stated right (test); 1-hop and OOD recall: greedy completion "
+          "of the test people's city facts and of their out-of-domain facts every base knows (before: the base).",
+          "", "| arm | " + " | ".join(label for _, label in REASONING_SETS) + " | chain | 1-hop recall | OOD recall "
+          "| update norm |", "|---|" + "---|" * (len(REASONING_SETS) + 4)]
+    for a in rs["arms"]:
+        cells = [_cell(*(_get(a, f"{k}.exact"))) for k, _ in REASONING_SETS]
+        cells += [_cell(*_get(a, "test.chain")), _cell(*_get(a, "recall_1hop.exact")),
+                  _cell(*_get(a, "recall_ood.exact"))]
+        norm = rs["update_norms"].get(a["name"])
+        L.append(f"| {a['name']} | " + " | ".join(cells) + f" | {'–' if norm is None else f'{norm:.3g}'} |")
+    L += [""]
+    if "reasoning" in files:
+        L += [f"![reasoning vs rank]({files['reasoning']})", ""]
+    layers = rs.get("layers") or {}
+    if any(layers.values()):
+        L += ["Per layer (mean over seeds): attention change (Jensen-Shannon distance of the attention maps to "
+              "the base's, mean over heads) / representation similarity to the base (linear CKA), on 32 test "
+              "items.", "", "| arm | " + " | ".join(f"layer {i}" for i in range(len(next(
+                  v for v in layers.values() if v).get("attention_js", [])))) + " |"]
+        L += ["|---|" + "---|" * len(next(v for v in layers.values() if v).get("attention_js", []))]
+        for name, v in layers.items():
+            if v:
+                L.append(f"| {name} | " + " | ".join(f"{j:.3f} / {c:.3f}" for j, c in
+                                                     zip(v.get("attention_js", []), v.get("cka", []))) + " |")
+        L += [""]
+    return L
+
+
+def _get(arm: dict, key: str) -> tuple:
+    v = arm.get(key)
+    return (None, None) if not v else (v["mean"], v["ci95"])
+
+
 def _settings_lines(results: dict) -> list:
     """The settings: the world, the base model, the fine-tuning protocol and the evaluation."""
     s = results["settings"]
@@ -356,7 +458,7 @@ def _settings_lines(results: dict) -> list:
     L += ["## Settings", "",
           f"- world ({s['scale']} preset): {json.dumps(w['world'])}",
           f"- base model: {json.dumps(w['model'])}; pretraining: {json.dumps(w['train'])}",
-          f"- base directory: `{s['base_dir']}` ({'cached' if s['base_cached'] else 'pretrained in this run'})",
+          *[f"- seed {seed}'s base: `{b['dir']}` ({_source(b)})" for seed, b in s["bases"].items()],
           "- the regime: each seen person appears in several biographies (templates and sentence order drawn at "
           "random, each fact kept with probability `fact_keep`); question-answer text about the *anchor* people "
           "(the mixed training that makes facts extractable) uses the fine-tuning format (`Question: ... "
@@ -377,9 +479,17 @@ def _settings_lines(results: dict) -> list:
             for g in results.get("together", [])],
           f"- evaluation: greedy, {d['max_new_tokens']} new tokens, correct when the answer is contained in the "
           "output; mean = unweighted mean over the non-empty buckets; intervals: percentile bootstrap, "
-          f"{d['n_boot']} draws, facts resampled within their bucket, seeds resampled, paired across arms",
+          f"{d['n_boot']} draws, test facts resampled (each seed's bucket means from its own buckets), seeds "
+          "(bases) resampled, paired across arms",
           ""]
     return L
+
+
+def _source(b: dict) -> str:
+    """Where a seed's base came from, in words."""
+    where = ("the shipped base (the same weights on every machine)" if b["source"] == "shipped" else
+             "pretrained on this machine, not the shipped base: verdicts may differ from the README's")
+    return f"{where}; {'cached' if b['cached'] else 'installed or pretrained in this run'}"
 
 
 def _lr(results: dict, method: str):
@@ -405,7 +515,8 @@ def _times(results: dict) -> list:
     total = results["seconds"] or sum(st.values()) or 1.0
     L = ["## Where the time went", "",
          f"Stages summed over the {len(results['seeds'])} seeds; the base model was "
-         f"{'taken from the cache' if results['settings']['base_cached'] else 'pretrained in this run'}.", "",
+         f"{'taken from the cache' if results['settings']['base_cached'] else 'installed or pretrained in this run'}"
+         ".", "",
          "| stage | seconds | share |", "|---|---|---|"]
     for k, v in sorted(st.items(), key=lambda kv: -kv[1]):
         L.append(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |")
@@ -447,9 +558,28 @@ def plots(out: Path, results: dict) -> dict:
     import matplotlib.pyplot as plt  # heavy at import: matplotlib
 
     files = {}
-    for plot in (_plot_rank, _plot_data_size, _plot_train_buckets, _plot_restoration, _plot_findings):
+    for plot in (_plot_rank, _plot_data_size, _plot_train_buckets, _plot_restoration, _plot_findings, _plot_reasoning):
         plot(plt, out, results, files)
     return files
+
+
+def _plot_reasoning(plt, out: Path, results: dict, files: dict) -> None:
+    """Reasoning exact match vs rank (LoRA ranks, then full SFT) in domain and on each out-of-domain set."""
+    rs = results.get("reasoning")
+    if not rs or rs.get("skipped"):
+        return
+    arms = [a for a in rs["arms"] if a["name"] != "base"]
+    xs = np.arange(len(arms))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (key, label) in enumerate(REASONING_SETS):
+        _errorbar(ax, xs + 0.05 * (i - 2), [_get(a, f"{key}.exact") for a in arms], label=label)
+    ax.set_xticks(xs, [f"r={a['rank']}" if a["method"] == "lora" else "full SFT" for a in arms])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("exact match (mean over seeds, 95 % CI)")
+    ax.set_title(f"reasoning vs rank ({len(results['seeds'])} seeds, one base each)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, fig, out, files, "reasoning", "reasoning_vs_rank.png")
 
 
 def _plot_rank(plt, out: Path, results: dict, files: dict) -> None:

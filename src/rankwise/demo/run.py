@@ -1,9 +1,12 @@
 """The demo's stages, each cached so an interrupted demo continues where it stopped.
 
-1. build the world and pretrain its base model (cached under ``~/.cache/rankwise``). The
-   anchors' question-answer text covers only the out-of-domain relations, so the base
-   model stores the in-domain facts but was never shown questions about them;
-2. measure the mastery ``R`` of every study fact and put it in a bucket D0..D4;
+1. build the world and install every seed's base model: the shipped one
+   (:mod:`rankwise.world.shipped`, the same weights on every machine), or one pretrained with
+   that seed when none is shipped for these settings (cached under ``~/.cache/rankwise``). The
+   anchors' question-answer text covers only the out-of-domain relations, so a base model
+   stores the in-domain facts but was never shown questions about them;
+2. each base's mastery ``R`` of every study fact and its bucket D0..D4 (shipped with the base, or
+   measured), so every seed has its own buckets;
 3. for every seed, draw the fine-tuning sets from the train people's in-domain facts: a
    small set and an 8x larger one (the small set is its prefix), and two small sets of
    well-known (D3+D4) and unknown (D0) facts; the test sets are every in-domain and
@@ -19,8 +22,10 @@
 7. analyse the updates (:func:`rankwise.analysis.analyze_runs`): every arm of the first
    seed for the report's analysis section, and the intruder dimensions of the compared
    LoRA and full-SFT arms of every seed for the ``intruders`` finding;
-8. :mod:`rankwise.demo.report`: means over seeds with bootstrap intervals, the findings
-   with verdicts, plots, ``report.md`` and ``results.json``.
+8. the reasoning study (:mod:`rankwise.demo.reasoning`): LoRA ranks and full SFT on
+   chain-of-thought questions over facts every base knows, per seed on its base;
+9. :mod:`rankwise.demo.report`: means over seeds (so over bases) with bootstrap intervals,
+   the findings of both studies with verdicts, plots, ``report.md`` and ``results.json``.
 """
 from __future__ import annotations
 
@@ -34,26 +39,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import together
-from ..adapter import merge_adapter
 from ..analysis import analyze_runs, markdown_section
-from ..atomic import atomic_write_text
 from ..errors import ConfigError
-from ..evaluate import generate_answers, is_correct
 from ..masking import restore
-from ..model import load_model, load_tokenizer, resolve_device
-from ..outputs import SUMMARY
+from ..model import load_tokenizer
 from ..ownership import MARKER, check_output, claim, owner
-from ..train import CHECKPOINT, train
-from ..world import mastery
+from ..train import train
+from ..world import mastery, shipped
 from ..world.generate import load_world
-from ..world.pretrain import preset, pretrain, settings_key
+from ..world.pretrain import preset, pretrain, seeded, settings_key
 from . import report
+from .arms import (arm_config, arm_model, data_dir_of, device, evaluate_model, load_base, read_json, read_jsonl,
+                   seed_arm, train_group, write_json, write_jsonl)
+from .reasoning import REASONING, run_study
 
 # The demo's settings (cpu scale). Every number in the report comes from these and the world preset.
 DEMO = {
     "seeds": [0, 1, 2],
-    "ranks": [1, 4, 16],
+    "ranks": [1, 4, 16, 32],  # 1 to d/4 of the cpu base (hidden size 128), trained together
     "small_size": 24,
     "large_factor": 8,
     "train_bucket": "all",
@@ -80,13 +83,15 @@ DEMO = {
     "analysis": True,  # run rankwise.analysis over the arms and append its section (spectra, probes)
     "seed": 0,  # mastery sampling and the bootstrap
     "n_boot": 2000,
+    "reasoning": REASONING,  # the reasoning study's settings (merged key by key); None skips it
 }
 
 # Per scale, what differs from DEMO. "gpu" runs the knowledge study's sizes (240 and 1,920
 # fine-tuning facts) on the gpu world preset; it is meant for one GPU, not for this CPU.
 SCALE_SETTINGS = {
     "cpu": {},
-    "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 4, 16, 64], "mastery_samples": 10, "max_new_tokens": 4,
+    "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 8, 32, 128], "mastery_samples": 10, "max_new_tokens": 4,
+            "large_lora_rank": 32, "reasoning": {"ranks": [1, 8, 32, 128], "n_per_composition": 60, "epochs": 3},
             "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16,
             "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
 }
@@ -100,8 +105,12 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     if unknown:
         raise ConfigError(f"unknown demo settings: {sorted(unknown)}")
     s = copy.deepcopy(DEMO)
-    s.update(copy.deepcopy(SCALE_SETTINGS[scale]))
-    s.update(copy.deepcopy(overrides or {}))
+    for layer in (SCALE_SETTINGS[scale], overrides or {}):
+        for k, v in copy.deepcopy(layer).items():
+            s[k] = {**s[k], **v} if k == "reasoning" and isinstance(v, dict) and s[k] is not None else v
+    r = s["reasoning"]
+    if r is not None and (not isinstance(r, dict) or set(r) - set(REASONING)):
+        raise ConfigError(f"demo setting reasoning must be None or a mapping of {sorted(REASONING)}, got {r!r}")
     seeds = s["seeds"]
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
             not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
@@ -127,6 +136,10 @@ def add_arguments(parser) -> None:
                         "(the pretrained base stays cached; only a stage directory rankwise made is deleted)")
     parser.add_argument("--force", action="store_true",
                         help="use --out even if it is a non-empty directory rankwise did not make")
+    parser.add_argument("--ship-bases", action="store_true",
+                        help="for maintainers: pretrain the bases of the demo's seeds (or take them from the cache), "
+                        "measure their mastery with the demo's settings, write both with their hashes into the "
+                        "package's world/bases/ folder, and exit")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default on a CPU-only machine: half the cores, at least 1: "
                         "a busy machine slows oversubscribed threads down many times over)")
@@ -140,65 +153,37 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.ship_bases:
+        for entry in ship_bases(args.scale):
+            print(f"seed {entry['seed']}: {shipped.SHIPPED_DIR / entry['dir']}")
+        return 0
     res = run_demo(args.out, scale=args.scale, fresh=args.fresh, force=args.force)
     print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); {report.headline(res)}")
     return 0
 
 
+def ship_bases(scale: str = "cpu", settings: dict | None = None) -> list:
+    """The bases of the demo's seeds (pretrained, or taken from the cache) with their mastery measured with the
+    demo's settings, written into the package's ``world/bases/`` (:func:`rankwise.world.shipped.ship`);
+    returns the manifest entries."""
+    s = settings_for(scale, settings)
+    entries = []
+    for seed in s["seeds"]:
+        pr = pretrain(scale, overrides=seeded(None, seed))
+        facts = mastery.measure(pr["base_dir"], load_world(pr["world_dir"])["facts"], **mastery_settings(s),
+                                device=device())
+        entries.append(shipped.ship(pr["base_dir"], pr["key"], scale, seed, pr["settings"],
+                                    {"facts": facts, "settings": mastery_settings(s)}))
+    return entries
+
+
 # ----------------------------------------------------------------------------- helpers
-
-def _write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None  # unreadable: the cached stage counts as missing or stale
-
-
-def _read_jsonl(path) -> list:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path, rows) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
 
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging  # heavy at import: transformers
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def evaluate_model(model, tokenizer, sets: dict, max_new_tokens: int = 4, batch_size: int = 256) -> dict:
-    """Greedy closed-book QA on each test set: ``{set: {"correct": [0/1 per row], "accuracy": by bucket}}``."""
-    out = {}
-    for name, rows in sets.items():
-        outs = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
-        correct = [int(bool(is_correct(o[0], r["answers"]))) for o, r in zip(outs, rows)]
-        out[name] = {"correct": correct, "accuracy": mastery.accuracy_by_bucket(rows, correct)}
-    return out
-
-
-def _device() -> torch.device:
-    return resolve_device("auto")
-
-
-def _load_base(base_dir):
-    return load_model(str(base_dir), dtype="fp32", device=_device()), load_tokenizer(str(base_dir))
-
-
-def arm_model(arm: dict, base_dir):
-    """The fine-tuned model of an arm: LoRA merged into the base, or the saved full model."""
-    run = Path(arm["output_dir"])
-    if arm["method"] == "lora":
-        model, _ = _load_base(base_dir)
-        return merge_adapter(model, str(run / "adapter"))
-    return load_model(str(run / "model"), dtype="fp32", device=_device())
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -230,61 +215,10 @@ def plan_arms(settings: dict, work: Path | None = None) -> list:
     return arms
 
 
-def seed_arm(arm: dict, work: Path, seed: int) -> dict:
-    """``arm`` for one seed: its ``seed`` and ``output_dir`` (``work/arms/seed<N>/<name>``)."""
-    return {**arm, "seed": seed, "output_dir": str(Path(work) / "arms" / f"seed{seed}" / arm["name"])}
-
-
-def data_dir_of(work: Path, seed: int) -> Path:
-    return Path(work) / "data" / f"seed{seed}"
-
-
-def arm_config(arm: dict, base_dir, data_dir, settings: dict) -> dict:
-    """The ``rankwise.train`` config of one arm (its ``seed`` and ``output_dir`` set by :func:`seed_arm`)."""
-    lora = arm["method"] == "lora"
-    cfg = {
-        "model": str(base_dir),
-        "method": arm["method"],
-        "dtype": "fp32",
-        "data": {"train": str(Path(data_dir) / f"train-{arm['data']}.jsonl"), "format": "prompt_completion",
-                 "max_length": 64, "packing": False},
-        "train": {"epochs": float(settings["epochs"]), "batch_size": settings["batch_size"],
-                  "lr": settings["lora_lr"] if lora else settings["full_lr"], "schedule": "cosine",
-                  "warmup": 0.1, "seed": int(arm.get("seed", settings["seeds"][0])), "save_every": 0,
-                  "log_every": 5},
-        "eval": {"every": 0, "generate": False},
-        "log": {"progress": False},
-        "output_dir": str(arm["output_dir"]),
-    }
-    if lora:
-        cfg["lora"] = {"r": arm["rank"], "alpha": settings["lora_alpha_per_rank"] * arm["rank"]}
-    return cfg
-
-
 def together_group(arms: list) -> list:
     """The LoRA arms of the small set: they differ only in rank and alpha, so they train together."""
     g = [a for a in arms if a["method"] == "lora" and a["data"] == "small"]
     return g if len(g) > 1 else []
-
-
-def train_group(group: list, base_dir, data_dir, settings: dict, ckpt_root: Path) -> tuple:
-    """Train the arms of ``group`` that need it in one together run; ``({arm name: summary}, names trained)``.
-
-    An arm with a ``summary.json`` (finished) or a solo checkpoint is left to
-    :func:`rankwise.train.train` (reused or resumed); with fewer than two arms left nothing
-    trains here. The run checkpoints into
-    ``ckpt_root/<arms>`` and resumes from it when that checkpoint holds these arms with these settings.
-    """
-    todo = [a for a in group if not any((Path(a["output_dir"]) / n).exists() for n in (SUMMARY, CHECKPOINT))]
-    if len(todo) < 2:
-        return {}, []
-    cfgs = [arm_config(a, base_dir, data_dir, settings) for a in todo]
-    names = [a["name"] for a in todo]
-    summaries = together.train_group(names, cfgs, str(Path(ckpt_root) / "+".join(names)))
-    for a, summ in zip(todo, summaries):
-        if summ.get("status") == "failed":
-            raise ConfigError(f"demo arm {a['name']} (seed {a['seed']}) failed: {summ.get('reason')}")
-    return dict(zip(names, summaries)), names
 
 
 def draw_sets(facts: list, s: dict, seed: int) -> tuple:
@@ -347,7 +281,7 @@ def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int
         accs = {}
         for lr in lrs:
             cpath = sel / f"{method}-lr{lr:g}.json"
-            got = _read_json(cpath)
+            got = read_json(cpath)
             if got is None:
                 run = {**arm, "seed": seed, "output_dir": str(sel / f"{method}-lr{lr:g}")}
                 train(arm_config(run, base_dir, data_dir, {**s, f"{method}_lr": lr}), resume=True)
@@ -355,7 +289,7 @@ def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int
                 ev = evaluate_model(model, load_tokenizer(str(base_dir)), {"validation": val}, s["max_new_tokens"])
                 del model
                 got = {"lr": lr, "accuracy": sum(ev["validation"]["correct"]) / len(val)}
-                _write_json(cpath, got)
+                write_json(cpath, got)
                 shutil.rmtree(run["output_dir"], ignore_errors=True)  # only its accuracy is kept
             accs[f"{lr:g}"] = got["accuracy"]
         best = max(lrs, key=lambda x: (accs[f"{x:g}"], -lrs.index(x)))
@@ -369,7 +303,7 @@ def select_lrs(facts: list, arms: list, s: dict, base_dir, work: Path, seed: int
 def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, settings: dict | None = None,
              world_overrides: dict | None = None, cache_dir=None, progress: bool = True,
              force: bool = False) -> dict:
-    """Run the whole study; returns the results dict (also written to ``out_dir/results.json``).
+    """Run both studies; returns the results dict (also written to ``out_dir/results.json``).
 
     Args:
         out_dir: output directory (report.md, results.json, plots, and the cached stages in ``work/``).
@@ -388,50 +322,53 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     s = settings_for(scale, settings)
     out = Path(out_dir)
     work = out / "work"
-    _claim_output(out, work, s, scale, preset(scale, world_overrides), cache_dir, fresh, force)
+    _claim_output(out, work, s, scale, world_overrides, cache_dir, fresh, force)
 
     arms = plan_arms(s)
     group = together_group(arms)
     solo = [a for a in arms if a not in group]
     seeds = list(s["seeds"])
-    per_seed = (1 if group else 0) + len(solo) + 2  # training stages, evaluation, restoration
-    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + 1
+    per_seed = (1 if group else 0) + len(solo) + 2 + (1 if s["reasoning"] else 0)  # training, eval, restore
+    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + (1 if s["reasoning"] else 0) + 1
     st = _Stages(tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True))
     t_all = time.time()
     try:
-        pr, facts, tests, skipped_arms, arms = _first_stages(scale, cache_dir, world_overrides, progress, s, work,
-                                                             arms, st)
-        base_dir = Path(pr["base_dir"])
+        bases, facts, tests, skipped_arms, arms = _first_stages(scale, cache_dir, world_overrides, progress, s,
+                                                                work, arms, st)
+        base_dirs = {seed: Path(bases[seed]["base_dir"]) for seed in seeds}
 
         t0 = st.stage("select lr")
-        selection = select_lrs(facts, arms, s, base_dir, work, seeds[0])
+        selection = select_lrs(facts[seeds[0]], arms, s, base_dirs[seeds[0]], work, seeds[0])
         s_run = {**s, "lora_lr": selection["chosen"]["lora"], "full_lr": selection["chosen"]["full"]}
         st.done("select lr", t0)
 
-        tok, base_eval, base_sd = _evaluate_base(base_dir, tests, s, work)
         runs: dict = {}  # (seed, arm name) -> arm dict with summary and eval
-        together_runs, restoration = [], {}
+        together_runs, restoration, base_eval = [], {}, {}
         for seed in seeds:
-            sarms, together_run, restoration[seed] = _run_seed(seed, arms, group, base_dir, s, s_run, work, tok,
-                                                               tests, base_sd, st)
+            tok, base_eval[seed], base_sd = _evaluate_base(base_dirs[seed], tests[seed], s, work, seed)
+            sarms, together_run, restoration[seed] = _run_seed(seed, arms, group, base_dirs[seed], s, s_run, work,
+                                                               tok, tests[seed], base_sd, st)
             if together_run is not None:
                 together_runs.append(together_run)
             runs.update({(seed, a["name"]): a for a in sarms})
 
+        reasoning = run_study(s["reasoning"], bases[seeds[0]]["world_dir"], facts, base_dirs, work, seeds,
+                              {"n_boot": s["n_boot"], "boot_seed": s["seed"]}, st) if s["reasoning"] else None
         analysis_md, intruders = None, None
         if s["analysis"]:
             t0 = st.stage("analysis")
-            analysis_md, intruders = _analysis(runs, arms, seeds, base_dir, tests, out, work, s)
+            analysis_md, intruders = _analysis(runs, arms, seeds, base_dirs, tests, out, work, s)
             st.done("analysis", t0)
 
         results = _report(out, st, t_all, selection, analysis_md, facts=facts, tests=tests, arms=arms, runs=runs,
                           base_eval=base_eval, restoration=restoration, intruders=intruders, settings=s,
-                          pretrain=pr, scale=scale, together=together_runs, skipped=skipped_arms)
+                          bases=bases, scale=scale, together=together_runs, skipped=skipped_arms,
+                          reasoning=reasoning)
     finally:
         st.bar.close()
     results["stage_seconds"] = st.times
     results["seconds"] = round(time.time() - t_all, 1)
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     return results
 
 
@@ -453,36 +390,37 @@ class _Stages:
         self.bar.update(1)
 
 
-def _claim_output(out: Path, work: Path, s: dict, scale: str, pre: dict, cache_dir, fresh: bool,
+def _claim_output(out: Path, work: Path, s: dict, scale: str, pre: dict | None, cache_dir, fresh: bool,
                   force: bool) -> None:
     """Check and claim ``out`` and ``work``; delete ``work`` first when ``fresh`` or its stages are stale
     (made with other settings), then stamp it with these settings."""
     check_output(out, force=force, flag="--out", kinds=["demo"], inputs=[("world cache", cache_dir)])
-    key = {"demo": s, "scale": scale, "base_key": settings_key(pre)}
+    key = {"demo": s, "scale": scale, "base_keys": {seed: settings_key(preset(scale, seeded(pre, seed)))
+                                                    for seed in s["seeds"]}}
     stamp = work / "settings.json"
-    if work.exists() and (fresh or _read_json(stamp) != json.loads(json.dumps(key))):
+    if work.exists() and (fresh or read_json(stamp) != json.loads(json.dumps(key))):
         if owner(work) is None and not force:  # the cached stages are stale: delete them, if they are ours
             raise ConfigError(f"{work} holds stages rankwise did not make (no {MARKER}); delete it yourself, "
                               "pass --force, or choose another --out")
         shutil.rmtree(work)
     claim(out, "demo")
     claim(work, "demo")
-    _write_json(stamp, key)
+    write_json(stamp, key)
 
 
 def _first_stages(scale, cache_dir, world_overrides, progress, s: dict, work: Path, arms: list,
                   st: _Stages) -> tuple:
-    """Pretrain (or reuse) the base, measure mastery and draw the data; the arms whose fine-tuning set was
-    skipped are dropped. Returns ``(pretrain result, facts, test sets, {arm name: why skipped}, arms kept)``."""
+    """Every seed's base (shipped, cached or pretrained), its mastery of every fact and the data; the arms whose
+    fine-tuning set was skipped are dropped. Returns ``({seed: pretrain result}, {seed: facts with that base's
+    buckets}, {seed: test sets}, {arm name: why skipped}, arms kept)``."""
     seeds = list(s["seeds"])
     t0 = st.stage("pretrain")
-    pr = _pretrain(scale, cache_dir, world_overrides, progress)
-    base_dir = Path(pr["base_dir"])
+    bases = {seed: _pretrain(scale, cache_dir, seeded(world_overrides, seed), progress, seed) for seed in seeds}
     st.done("pretrain", t0)
-    st.times["pretrain_cached"] = pr["cached"]
+    st.times["pretrain_cached"] = all(b["cached"] for b in bases.values())
 
     t0 = st.stage("mastery")
-    facts = _mastery(pr, base_dir, s, work)
+    facts = {seed: _mastery(bases[seed], s, work, seed) for seed in seeds}
     st.done("mastery", t0)
 
     t0 = st.stage("data")
@@ -493,17 +431,17 @@ def _first_stages(scale, cache_dir, world_overrides, progress, s: dict, work: Pa
     if skipped_arms:
         st.bar.total -= len(seeds) * len(skipped_arms)
         arms = [a for a in arms if a["name"] not in skipped_arms]
-    return pr, facts, tests, skipped_arms, arms
+    return bases, facts, tests, skipped_arms, arms
 
 
-def _evaluate_base(base_dir, tests: dict, s: dict, work: Path) -> tuple:
-    """The base model's results on the test sets (cached in ``work/eval-base.json``):
+def _evaluate_base(base_dir, tests: dict, s: dict, work: Path, seed: int) -> tuple:
+    """The results of ``seed``'s base on the test sets (cached in ``work/eval-base-seed<N>.json``):
     ``(tokenizer, base eval, a copy of the base state dict)``."""
-    base_model, tok = _load_base(base_dir)
-    bpath = work / "eval-base.json"
-    if _read_json(bpath) is None:
-        _write_json(bpath, evaluate_model(base_model, tok, tests, s["max_new_tokens"]))
-    base_eval = _read_json(bpath)
+    base_model, tok = load_base(base_dir)
+    bpath = work / f"eval-base-seed{seed}.json"
+    if read_json(bpath) is None:
+        write_json(bpath, evaluate_model(base_model, tok, tests, s["max_new_tokens"]))
+    base_eval = read_json(bpath)
     base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     del base_model
     return tok, base_eval, base_sd
@@ -519,11 +457,11 @@ def _run_seed(seed: int, arms: list, group: list, base_dir, s: dict, s_run: dict
     t0 = st.stage(f"seed {seed}: eval")
     for a in sarms:
         epath = Path(a["output_dir"]) / "demo-eval.json"
-        if _read_json(epath) is None:
+        if read_json(epath) is None:
             model = arm_model(a, base_dir)
-            _write_json(epath, evaluate_model(model, tok, tests, s["max_new_tokens"]))
+            write_json(epath, evaluate_model(model, tok, tests, s["max_new_tokens"]))
             del model
-        a["eval"] = _read_json(epath)
+        a["eval"] = read_json(epath)
     st.done("eval", t0)
     # restoration of this seed's large full-SFT model
     t0 = st.stage(f"seed {seed}: restore")
@@ -576,39 +514,56 @@ def _report(out: Path, st: _Stages, t_all: float, selection: dict, analysis_md, 
     return results
 
 
-def _pretrain(scale, cache_dir, world_overrides, progress) -> dict:
-    return pretrain(scale, out_dir=cache_dir, overrides=world_overrides, progress=progress)
+def _pretrain(scale, cache_dir, overrides, progress, seed: int) -> dict:
+    """``seed``'s base: in ``cache_dir/seed<N>`` when a cache directory is given, else in the user cache."""
+    return pretrain(scale, out_dir=Path(cache_dir) / f"seed{seed}" if cache_dir else None, overrides=overrides,
+                    progress=progress)
 
 
-def _mastery(pr: dict, base_dir, s: dict, work: Path) -> list:
-    """Every study fact with its mastery ``R`` and bucket (cached in ``work/mastery.jsonl``)."""
-    mpath = work / "mastery.jsonl"
+def mastery_settings(s: dict) -> dict:
+    """How the demo measures mastery (a shipped base's mastery is used only when measured the same way)."""
+    return {"num_samples": s["mastery_samples"], "temperature": s["mastery_temperature"],
+            "max_new_tokens": s["max_new_tokens"], "seed": s["seed"]}
+
+
+def _mastery(pr: dict, s: dict, work: Path, seed: int) -> list:
+    """Every study fact with its mastery ``R`` and bucket under ``seed``'s base: the shipped base's own when
+    there is one (measured once, so the buckets do not depend on this machine's sampling), else measured
+    here (cached in ``work/mastery-seed<N>.jsonl``)."""
+    mpath = work / f"mastery-seed{seed}.jsonl"
     if mpath.exists():
-        return _read_jsonl(mpath)
+        return read_jsonl(mpath)
     world = load_world(pr["world_dir"])
-    model, tok = _load_base(base_dir)
-    scores = mastery.mastery_scores(model, tok, world["facts"], num_samples=s["mastery_samples"],
-                                    temperature=s["mastery_temperature"], max_new_tokens=s["max_new_tokens"],
-                                    seed=s["seed"], batch_size=512)
-    facts = mastery.assign_buckets(world["facts"], scores)
-    _write_jsonl(mpath, facts)
+    rows = shipped.shipped_mastery(pr["base_dir"], pr["key"], mastery_settings(s)) \
+        if pr["source"] == "shipped" else None
+    by_id = {r["id"]: r for r in rows or []}
+    if rows is not None and set(by_id) == {f["id"] for f in world["facts"]}:
+        facts = [{**f, "R": by_id[f["id"]]["R"], "bucket": by_id[f["id"]]["bucket"]} for f in world["facts"]]
+        write_jsonl(mpath, facts)
+        return facts
+    facts = mastery.measure(pr["base_dir"], world["facts"], **mastery_settings(s), device=device())
+    write_jsonl(mpath, facts)
     return facts
 
 
-def _data(facts: list, s: dict, work: Path, seeds: list) -> tuple:
-    """Write every seed's fine-tuning sets and the test sets; returns ``(test sets, {set: why skipped})``."""
+def _data(facts: dict, s: dict, work: Path, seeds: list) -> tuple:
+    """Write every seed's fine-tuning sets (drawn with its base's buckets) and test sets (the same facts for
+    every seed, each with its base's bucket); returns ``({seed: test sets}, {set: why skipped})``."""
     skipped: dict = {}
+    tests: dict = {}
     for seed in seeds:
         d = data_dir_of(work, seed)
         d.mkdir(parents=True, exist_ok=True)
-        sets, why = draw_sets(facts, s, seed)
+        sets, why = draw_sets(facts[seed], s, seed)
         skipped.update(why)
-        for name, rows in sets.items():
-            _write_jsonl(d / f"train-{name}.jsonl", rows)
-    _write_json(work / "data" / "skipped.json", skipped)
-    tests = mastery.test_sets(facts)
-    for k, rows in tests.items():
-        _write_jsonl(work / "data" / f"test-{k}.jsonl", rows)
+        for name, rows in sets.items():  # what training reads, nothing else
+            write_jsonl(d / f"train-{name}.jsonl", [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        tests[seed] = mastery.test_sets(facts[seed])
+        for k, rows in tests[seed].items():
+            write_jsonl(d / f"test-{k}.jsonl", rows)
+    first = tests[seeds[0]]
+    assert all([r["id"] for r in t[k]] == [r["id"] for r in first[k]] for t in tests.values() for k in first)
+    write_json(work / "data" / "skipped.json", skipped)
     return tests, skipped
 
 
@@ -620,7 +575,7 @@ def _restore(full_big: dict, base_dir, base_sd: dict, tok, tests: dict, s: dict,
     for sel in s["restore_selections"]:
         for f in s["restore_fractions"]:
             rpath = rdir / f"{sel}-{f:g}.json"
-            got = _read_json(rpath)
+            got = read_json(rpath)
             if got is None:
                 if tuned is None:
                     tuned = arm_model(full_big, base_dir)
@@ -632,35 +587,35 @@ def _restore(full_big: dict, base_dir, base_sd: dict, tok, tests: dict, s: dict,
                 ev = evaluate_model(tuned, tok, tests, s["max_new_tokens"])
                 brief = {k: v for k, v in stats.items() if k != "tensors"}
                 got = {"selection": sel, "fraction": f, "eval": ev, "stats": _jsonable(brief)}
-                _write_json(rpath, got)
+                write_json(rpath, got)
             points[(sel, f)] = got
     return points
 
 
-def _analysis(runs: dict, arms: list, seeds: list, base_dir, tests: dict, out: Path, work: Path, s: dict):
-    """The analysis section (every arm of the first seed) and the per-seed intruder counts of the
-    compared LoRA and full-SFT arms: ``(markdown, {seed: {arm name: {matrix: intruders}}})``."""
+def _analysis(runs: dict, arms: list, seeds: list, base_dirs: dict, tests: dict, out: Path, work: Path, s: dict):
+    """The analysis section (every arm of the first seed, against its base) and the per-seed intruder counts
+    of the compared LoRA and full-SFT arms: ``(markdown, {seed: {arm name: {matrix: intruders}}})``."""
     first = seeds[0]
     adir = out / "analysis"
     cached = work / "analysis.json"
-    analysis = _read_json(cached)
+    analysis = read_json(cached)
     if analysis is None:
-        probe = tests["in_domain"][:32] + tests["out_of_domain"][:32]
-        analysis = analyze_runs([runs[(first, a["name"])]["output_dir"] for a in arms], str(base_dir), probe,
-                                str(adir), device=_device(), progress=False)
-        _write_json(cached, analysis)
+        probe = tests[first]["in_domain"][:32] + tests[first]["out_of_domain"][:32]
+        analysis = analyze_runs([runs[(first, a["name"])]["output_dir"] for a in arms], str(base_dirs[first]), probe,
+                                str(adir), device=device(), progress=False)
+        write_json(cached, analysis)
     md = markdown_section(analysis, str(adir), relative_to=str(out))
     names = intruder_arms(s)
     intr = {first: _intruder_counts(analysis, names)}
     for seed in seeds[1:]:
         cpath = work / f"analysis-seed{seed}.json"
-        got = _read_json(cpath)
+        got = read_json(cpath)
         if got is None:
-            res = analyze_runs([runs[(seed, n)]["output_dir"] for n in names], str(base_dir), None,
-                               str(work / "analysis" / f"seed{seed}"), device=_device(), attention=False,
+            res = analyze_runs([runs[(seed, n)]["output_dir"] for n in names], str(base_dirs[seed]), None,
+                               str(work / "analysis" / f"seed{seed}"), device=device(), attention=False,
                                representations=False, tokens=False, plots=False, progress=False)
             got = _intruder_counts(res, names)
-            _write_json(cpath, got)
+            write_json(cpath, got)
         intr[seed] = got
     return md, intr
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError
-from ..model import load_model, load_tokenizer
 from ..ownership import check_output, check_output_file, claim
 from .generate import load_world
-from .mastery import assign_buckets, bucket_counts, mastery_scores
-from .pretrain import build_world_dir, preset, pretrain
+from .mastery import bucket_counts, measure
+from .pretrain import build_world_dir, preset, pretrain, seeded
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +37,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--out", default=None, help="directory for world/, pretrain/ and base/ "
                    "(default: a cache directory keyed by the settings)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="the base's seed: its initialisation and data order "
+                   "(default: the preset's; the world stays the same)")
     p.add_argument("--force", action="store_true", help="pretrain again even when cached; also allows an --out "
                    "that is a non-empty directory rankwise did not make")
     m = sub.add_parser("mastery", help="measure the mastery R and bucket of every study fact")
@@ -75,9 +76,12 @@ def main(args) -> int:
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
 
-        over = {"train": {"max_steps": args.steps}} if args.steps else None
-        r = pretrain(args.scale, out_dir=args.out, overrides=over, force=args.force)
-        state = "cached" if r["cached"] else f"pretrained in {r['seconds']:.0f} s"
+        over = {"train": {"max_steps": args.steps}} if args.steps else {}
+        if args.seed is not None:
+            over = seeded(over, args.seed)
+        r = pretrain(args.scale, out_dir=args.out, overrides=over or None, force=args.force)
+        state = "cached" if r["cached"] else ("the shipped base" if r["source"] == "shipped" else
+                                              f"pretrained in {r['seconds']:.0f} s")
         print(f"base model ({state}): {r['base_dir']}")
         return 0
     if verb == "mastery":
@@ -90,10 +94,8 @@ def main(args) -> int:
         check_output_file(args.out, inputs=[("base model", args.base), ("world", args.world)], force=args.force)
 
         world = load_world(args.world)
-        model = load_model(args.base, dtype="fp32", device="cpu")
-        tok = load_tokenizer(args.base)
-        scores = mastery_scores(model, tok, world["facts"], num_samples=args.samples, seed=args.seed, progress=True)
-        facts = assign_buckets(world["facts"], scores)
+        facts = measure(args.base, world["facts"], num_samples=args.samples, temperature=0.7, max_new_tokens=4,
+                        seed=args.seed)
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

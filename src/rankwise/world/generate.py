@@ -135,6 +135,10 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
 
 QA_FORMAT = "Question: {question} Answer:"
 ALT_QA_FORMAT = "Q: {question} A:"  # anchor_alt_format "qa": the anchors' QA on the other relations
+# check_document's questions (anchors only, alternative QA format)
+CITIES = ("birth_city", "work_city", "university_city")
+CHECKS = ("Is {value} the {label} of {name}?", "How many of the cities of {name} are {city}?",
+          "In how many different cities was {name} born, educated and employed?")
 RECORD_FORMAT = "{name} | {label}:"  # anchor_alt_format "record": attribute records, no question at all
 RECORD_LABELS = {"birth_city": "birth city", "work_city": "work city", "university_city": "university city",
                  "citizenship": "citizenship", "occupation": "occupation", "employer": "employer",
@@ -161,6 +165,11 @@ class WorldConfig:
             (``tail`` = 1 is log-uniform; larger makes the tail heavier).
         fact_keep: probability that a biography mentions a given fact.
         anchor_qa_docs: QA documents per anchor person.
+        anchor_check_docs: check documents per anchor person (:func:`check_document`): yes/no and
+            counting questions about the anchor's own facts in the alternative QA format, so that
+            the words ``Yes``, ``No`` and ``0``-``3`` are answers the base model has produced before
+            (real pretrained models have); they never involve a second person, as the reasoning
+            questions (:mod:`rankwise.world.reasoning`) do.
         anchor_qa_relations: which relations the anchors' QA text covers in the study's QA
             format (:data:`QA_FORMAT`): ``"out"`` (the out-of-domain ones: the in-domain QA
             format is never pretrained), ``"in"`` or ``"all"``.
@@ -185,6 +194,7 @@ class WorldConfig:
     tail: float = 1.0
     fact_keep: float = 0.8
     anchor_qa_docs: int = 2
+    anchor_check_docs: int = 1
     anchor_qa_relations: str = "out"
     anchor_alt_format: str = "qa"
     test_fraction: float = 0.5
@@ -208,8 +218,9 @@ class WorldConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
         if self.max_exposures < 1:
             raise ConfigError(f"max_exposures must be >= 1, got {self.max_exposures!r}")
-        if self.anchor_qa_docs < 0:
-            raise ConfigError(f"anchor_qa_docs must be >= 0, got {self.anchor_qa_docs!r}")
+        for name in ("anchor_qa_docs", "anchor_check_docs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         pools = dict(self.pool_sizes)
         missing = set(POOL_OF.values()) - set(pools)
         if missing:
@@ -266,7 +277,8 @@ def _template_words() -> set[str]:
         for kind in rel.values():
             for t in kind:
                 words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
-    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT + " " + ALT_QA_FORMAT + " " + " ".join(RECORD_LABELS.values())))
+    words.update(w.lower() for w in re.findall(r"[A-Za-z]+", QA_FORMAT + " " + ALT_QA_FORMAT + " " + " ".join(RECORD_LABELS.values())
+                                                + " " + " ".join(CHECKS) + " Yes No"))
     return words
 
 
@@ -337,6 +349,8 @@ def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
                     corpus.append(qa_document(p, rng, other, ALT_QA_FORMAT, "alt_question"))
                 elif other and config.anchor_alt_format == "record":
                     corpus.append(record_document(p, rng, other))
+            for _ in range(config.anchor_check_docs):
+                corpus.append(check_document(p, rng, pools))
     rng.shuffle(corpus)
 
     relations = {rel: {"domain": "in" if rel in IN_DOMAIN else "out", "pool": POOL_OF[rel]}
@@ -382,6 +396,23 @@ def record_document(person: dict, rng: random.Random, relations) -> str:
     rng.shuffle(rels)
     return " ".join(RECORD_FORMAT.format(name=person["name"], label=RECORD_LABELS[r]) + " " + person["facts"][r] + "."
                     for r in rels)
+
+
+def check_document(person: dict, rng: random.Random, pools: dict) -> str:
+    """Yes/no and counting questions about ``person``'s own facts in :data:`ALT_QA_FORMAT`: whether a value
+    is one of their facts (the true one or another of its pool, half each), how many of their three cities
+    are a given city (0-3) and in how many different cities they were born, studied and work (1-3)."""
+    rel = rng.choice(RELATIONS)
+    true = person["facts"][rel]
+    value = true if rng.random() < 0.5 else rng.choice([v for v in pools[POOL_OF[rel]] if v != true])
+    cities = [person["facts"][r] for r in CITIES]
+    city = rng.choice(cities) if rng.random() < 0.5 else rng.choice([v for v in pools["city"] if v not in cities])
+    parts = [(CHECKS[0].format(value=value, label=RECORD_LABELS[rel], name=person["name"]),
+              "Yes" if value == true else "No"),
+             (CHECKS[1].format(name=person["name"], city=city), str(cities.count(city))),
+             (CHECKS[2].format(name=person["name"]), str(len(set(cities))))]
+    rng.shuffle(parts)
+    return " ".join(ALT_QA_FORMAT.format(question=q) + f" {a}." for q, a in parts)
 
 
 def qa_prompt(question: str) -> str:

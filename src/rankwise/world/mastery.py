@@ -14,6 +14,7 @@ import random
 from typing import Callable, Sequence
 
 from ..evaluate import generate_answers, is_correct
+from ..model import load_model, load_tokenizer
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 
@@ -73,6 +74,15 @@ def mastery_scores(model, tokenizer, facts: Sequence[dict], *, num_samples: int 
         hits[i] += sum(bool(is_correct(o, facts[i]["answer"])) for o in outs)
         total[i] += len(outs)
     return [h / t if t else 0.0 for h, t in zip(hits, total)]
+
+
+def measure(base_dir, facts: Sequence[dict], *, num_samples: int, temperature: float, max_new_tokens: int,
+            seed: int, device="cpu", batch_size: int = 512) -> list[dict]:
+    """The facts with the mastery ``R`` and bucket the base model in ``base_dir`` gives them."""
+    model = load_model(str(base_dir), dtype="fp32", device=device)
+    scores = mastery_scores(model, load_tokenizer(str(base_dir)), facts, num_samples=num_samples,
+                            temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    return assign_buckets(facts, scores)
 
 
 def assign_buckets(facts: Sequence[dict], scores: Sequence[float]) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,17 +29,21 @@ from ..model import load_tokenizer
 from ..ownership import check_output, claim
 from ..train import train
 from .generate import WorldConfig, all_texts, generate_world, load_world, save_world
+from . import shipped
+from .reasoning import reasoning_vocabulary
 from .tokenizer import build_tokenizer, save_tokenizer
 
-FORMAT_VERSION = 2  # bump when the files or the recipe change in a way the settings do not show
+log = logging.getLogger("rankwise")
+
+FORMAT_VERSION = 3  # bump when the files or the recipe change in a way the settings do not show
 
 # Presets. "cpu": a few minutes on 2 CPU cores; "gpu": a larger world and model for one GPU.
 SCALES = {
     "cpu": {
-        "world": {"n_people": 240, "max_exposures": 16, "anchor_fraction": 0.3, "test_fraction": 0.6},
+        "world": {"n_people": 640, "max_exposures": 16, "anchor_fraction": 0.3, "test_fraction": 0.65},
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "intermediate_size": 512, "max_position_embeddings": 256, "seed": 0},
-        "train": {"max_steps": 600, "batch_size": 4, "grad_accum": 4, "lr": 6.0e-3, "warmup": 0.08,
+        "train": {"max_steps": 1000, "batch_size": 4, "grad_accum": 4, "lr": 6.0e-3, "warmup": 0.08,
                   "schedule": "cosine", "weight_decay": 0.0, "max_length": 128, "seed": 0},
     },
     "gpu": {
@@ -70,6 +75,15 @@ def preset(scale: str = "cpu", overrides: dict | None = None) -> dict:
     return s
 
 
+def seeded(overrides: dict | None, seed: int) -> dict:
+    """``overrides`` with the base's seed set: the model's initialisation and the pretraining's data order.
+    The world keeps its own seed, so the bases of different seeds know the same world."""
+    out = copy.deepcopy(overrides or {})
+    out.setdefault("model", {})["seed"] = int(seed)
+    out.setdefault("train", {})["seed"] = int(seed)
+    return out
+
+
 def cache_root() -> Path:
     """``$RANKWISE_CACHE`` if set, else ``$XDG_CACHE_HOME/rankwise`` or ``~/.cache/rankwise``."""
     env = os.environ.get("RANKWISE_CACHE")
@@ -95,7 +109,7 @@ def build_world_dir(world_settings: dict, out_dir) -> Path:
         return out
     world = generate_world(cfg)
     save_world(world, out)
-    save_tokenizer(build_tokenizer(all_texts(world)), out / "tokenizer")
+    save_tokenizer(build_tokenizer(all_texts(world) + reasoning_vocabulary()), out / "tokenizer")
     atomic_write_text(done, cfg.digest() + "\n")
     return out
 
@@ -165,8 +179,13 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
             non-empty directory rankwise did not make (otherwise refused: world/, pretrain/ and
             base/ are replaced there).
 
+    Without a finished ``base/``, the shipped base of these settings (:mod:`rankwise.world.shipped`)
+    is installed when there is one and it passes its checks; otherwise the base is pretrained here.
+
     Returns:
-        ``{"dir", "world_dir", "base_dir", "settings", "seconds", "cached"}``.
+        ``{"dir", "world_dir", "base_dir", "settings", "key", "seconds", "cached", "source", "why_pretrained"}``:
+        ``source`` is ``shipped`` or ``pretrained`` (where the base came from, cached or not);
+        ``why_pretrained`` says why a base pretrained by this call did not come from the shipped ones.
     """
     settings = preset(scale, overrides)
     key = settings_key(settings)
@@ -178,9 +197,18 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     base = root / "base"
     t0 = time.time()
     world_dir = build_world_dir(settings["world"], root / "world")
-    if (base / "DONE").exists() and not force:
-        return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings,
-                "seconds": 0.0, "cached": True}
+    found = {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings, "key": key, "seconds": 0.0}
+    done = _read_done(base)
+    if done is not None and not force:
+        entry = shipped.entry_for(key) if done.get("source") == "shipped" else None
+        if entry is None or shipped.check_files(base, entry) is None:  # a shipped base is checked at every load
+            return {**found, "cached": True, "source": done.get("source", "pretrained"), "why_pretrained": None}
+    why = "--force" if force else shipped.install(key, world_dir / "tokenizer", base)
+    if why is None:
+        atomic_write_text(base / "DONE", json.dumps({"seconds": 0.0, "key": key, "source": "shipped"}) + "\n")
+        return {**found, "seconds": time.time() - t0, "cached": False, "source": "shipped", "why_pretrained": None}
+    if shipped.entry_for(key) is not None and not force:
+        log.warning("the shipped base of these settings is not used (%s): pretraining it here instead", why)
 
     world = load_world(world_dir)
     rows = write_pretrain_rows(world, root / "pretrain_rows.jsonl")
@@ -196,8 +224,21 @@ def pretrain(scale: str = "cpu", out_dir=None, overrides: dict | None = None, pr
     shutil.copytree(model_dir, tmp)
     load_tokenizer(str(world_dir / "tokenizer")).save_pretrained(str(tmp))
     secs = time.time() - t0
-    atomic_write_text(tmp / "DONE", json.dumps({"seconds": secs, "key": key}) + "\n")
+    atomic_write_text(tmp / "DONE", json.dumps({"seconds": secs, "key": key, "source": "pretrained"}) + "\n")
     shutil.rmtree(base, ignore_errors=True)
     os.replace(tmp, base)
-    return {"dir": root, "world_dir": world_dir, "base_dir": base, "settings": settings, "seconds": secs,
-            "cached": False, "metrics": {k: v for k, v in result.items() if k != "output_dir"}}
+    return {**found, "seconds": secs, "cached": False, "source": "pretrained", "why_pretrained": why,
+            "metrics": {k: v for k, v in result.items() if k != "output_dir"}}
+
+
+def _read_done(base: Path) -> dict | None:
+    """The ``DONE`` record of a finished base (``{}`` for an old one without JSON), or None."""
+    try:
+        text = (base / "DONE").read_text()
+    except OSError:
+        return None
+    try:
+        got = json.loads(text)
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
