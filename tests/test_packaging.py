@@ -10,6 +10,7 @@ compiled from the same sources, so the test does not spend minutes compiling ``c
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -83,6 +84,18 @@ def test_the_wheel_ships_the_example_configs_and_the_sample_data(wheel):
         assert not missing, f"example files missing from {wheel.name}: {missing}"
         for name in expected_data():
             assert z.read(name) == (ROOT / "examples" / name[len("rankwise/examples/"):]).read_bytes(), name
+
+
+def test_the_wheel_ships_the_pretrained_bases_byte_for_byte(wheel):
+    """The demo's shipped bases (``rankwise/world/bases/``): the manifest and every file it lists, as in the tree."""
+    base = ROOT / "src" / "rankwise" / "world" / "bases"
+    files = [p for p in base.rglob("*") if p.is_file()]
+    manifest = json.loads((base / "manifest.json").read_text())["bases"]
+    listed = {f"{e['dir']}/{name}" for e in manifest.values() for name in e["files"]} | {"manifest.json"}
+    assert {p.relative_to(base).as_posix() for p in files} == listed, "files in bases/ the manifest does not list"
+    with zipfile.ZipFile(wheel) as z:
+        for rel in sorted(listed):
+            assert z.read(f"rankwise/world/bases/{rel}") == (base / rel).read_bytes(), rel
 
 
 def test_the_unpacked_wheel_imports_every_module_lists_every_verb_and_writes_the_config(wheel, tmp_path):
