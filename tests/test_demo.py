@@ -147,6 +147,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     assert FINDINGS <= set(fs)
     for f in saved["findings"]:
         assert f["verdict"] == verdict(f["ci95"]), f["id"]
+        assert f["borderline"] == (f["ci95"][0] is not None and min(abs(f["ci95"][0]), abs(f["ci95"][1])) <= 0.005)
         assert f["verdict"] in ("reproduced", "contradicted", "inconclusive")
         if f["effect"] is None:
             assert f["verdict"] == "inconclusive" and f["why"], f["id"]

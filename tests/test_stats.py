@@ -163,3 +163,11 @@ def test_per_seed_strata_need_one_row_per_seed():
         accuracy_with_ci(np.ones((2, 4)), [["a"] * 4])
     with pytest.raises(ValueError, match="per-seed strata have 2 rows"):
         difference_ci(np.ones((2, 4)), np.ones((3, 4)), [["a"] * 4] * 2)
+
+
+def test_borderline_marks_an_interval_end_near_zero():
+    from rankwise.analysis.stats import borderline
+
+    assert borderline([-0.03, -0.0003]) and borderline([0.004, 0.2]) and borderline([-0.2, 0.003])
+    assert not borderline([0.01, 0.2]) and not borderline([-0.3, -0.02]) and not borderline([-0.1, 0.1])
+    assert not borderline([None, None]) and not borderline(None)

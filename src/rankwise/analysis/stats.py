@@ -29,10 +29,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["N_BOOT", "LEVEL", "Draws", "bootstrap_draws", "accuracy_with_ci", "difference_ci", "interval",
-           "per_seed_strata", "verdict"]
+           "per_seed_strata", "verdict", "borderline", "MARGIN"]
 
 N_BOOT = 2000
 LEVEL = 0.95
+MARGIN = 0.005  # half a point: how near 0 an interval end may lie before its verdict is called borderline
 
 
 def _matrix(c, name: str) -> np.ndarray:
@@ -311,3 +312,11 @@ def verdict(ci95) -> str:
     if hi < 0:
         return "contradicted"
     return "inconclusive"
+
+
+def borderline(ci95, margin: float = MARGIN) -> bool:
+    """Whether an end of the interval lies within ``margin`` of 0: its verdict may change with the rounding of
+    another machine (a verdict of ``inconclusive`` included: an end just across 0 would make it one)."""
+    if ci95 is None or len(ci95) != 2 or any(x is None or x != x for x in ci95):
+        return False
+    return any(abs(x) <= margin for x in ci95)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.findings import BUCKETS, difference_finding, spread_finding, summarize_arm, unmeasured_finding
+from ..analysis.stats import MARGIN, borderline
 from ..atomic import atomic_write_text
 from ..world.mastery import bucket_counts
 
@@ -76,6 +77,8 @@ def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders
     findings = build_findings(C, R, buckets, intruders, s, skipped or {}, arms)
     if reasoning is not None:
         findings += reasoning["findings"]
+    for f in findings:
+        f["borderline"] = borderline(f["ci95"])
     tuned = out_arms[1:]
     best = max(tuned, key=lambda a: -1.0 if a["in_domain_d34"] is None else a["in_domain_d34"])
     bd34 = best["in_domain_d34"] or 0.0
@@ -258,13 +261,15 @@ def _findings_table(results: dict) -> list:
          "matrices). `effect` is defined so that a positive value means \"as the claim says\" (accuracies as "
          "fractions, e.g. +0.050 = 5 points); its 95 % interval is a paired bootstrap over the items and the seeds, "
          "each seed with its own pretrained base. Verdict: **reproduced** when the whole interval is above 0, "
-         "**contradicted** when it is below 0, **inconclusive** otherwise.", "",
+         "**contradicted** when it is below 0, **inconclusive** otherwise; *borderline* when an end of the interval "
+         f"lies within {100 * MARGIN:g} points of 0, where another machine's rounding may move it across.", "",
          "| id | claim | effect | 95 % CI | verdict | arms (a − b) | source |", "|---|---|---|---|---|---|---|"]
     for f in results["findings"]:
         ci = f["ci95"]
         ci_s = "–" if ci[0] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
         arms = _compared(f)
-        L.append(f"| `{f['id']}` | {f['claim']} | {_num(f['effect'])} | {ci_s} | **{f['verdict']}** | {arms} | "
+        near = " (*borderline*)" if f.get("borderline") else ""
+        L.append(f"| `{f['id']}` | {f['claim']} | {_num(f['effect'])} | {ci_s} | **{f['verdict']}**{near} | {arms} | "
                  f"{f['source']} |")
     L.append("")
     return L
