@@ -51,6 +51,7 @@ REASONING = {
     "test_fraction": 0.2,
     "validation_fraction": 0.1,  # of the in-domain training items: chooses the LoRA rank
     "max_eval": 100,  # items per evaluation set (a seeded sample)
+    "max_train": 600,  # training items (a seeded sample): the demo's time budget
     "epochs": 3,
     "batch_size": 8,
     "lora_lr": 2.0e-3,
@@ -104,7 +105,7 @@ def build_sets(world: dict, people: list, r: dict) -> dict:
     train_items = sorted(sets["train"], key=lambda it: it["id"])
     random.Random(f"rankwise.demo.reasoning.validation:{r['seed']}").shuffle(train_items)
     n_val = int(round(r["validation_fraction"] * len(train_items)))
-    out = {"train": train_items[n_val:], "validation": train_items[:n_val],
+    out = {"train": train_items[n_val:][:r["max_train"]], "validation": train_items[:n_val],
            **{k: sets[k] for k in ("test", *OOD)}, "people": people, "held_out_people": held}
     for k in SETS:  # evaluation sets: a seeded sample of at most max_eval items each, in item order
         if len(out[k]) > r["max_eval"]:
