@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from test_world import MICRO
 
 from rankwise.demo.run import DEMO, mastery_settings
+from rankwise.atomic import file_sha256
 from rankwise.world import mastery as M
 from rankwise.world import shipped
 from rankwise.world.generate import load_world
@@ -38,7 +39,7 @@ def test_ship_writes_the_files_and_their_hashes(micro):
     assert entry["mastery"] == MASTERY
     folder = micro["root"] / entry["dir"]
     for name, want in entry["files"].items():
-        assert shipped.sha256_of(folder / name) == want["sha256"]
+        assert file_sha256(folder / name) == want["sha256"]
     assert shipped.check_files(folder, entry) is None
 
 

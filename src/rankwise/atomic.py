@@ -10,6 +10,7 @@ path and the free space there."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -107,6 +108,15 @@ def remove_path(path) -> None:
             os.unlink(path)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def free_space(path) -> str:

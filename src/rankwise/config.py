@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, file_sha256
 from .errors import ConfigError, one_line, short
 
 REQUIRED = object()  # marker: the key has no default and must be given
@@ -754,11 +754,7 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int)
     """sha256 of a file, read once per (path, inode, size, mtime, ctime) in a process: a sweep asks for its
     data's digest once per arm. (A rewrite to the same size within one file-system timestamp tick would
     be missed, in this process only.)"""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def settings_hash(values: Mapping) -> str:

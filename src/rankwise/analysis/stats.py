@@ -107,8 +107,6 @@ class Draws:
         """``(point, draws, per-seed values)`` of a statistic of the strata: ``"mean"`` (unweighted over the
         non-empty strata), ``"pooled"`` (the share over all items), a stratum label, a list of labels (pooled
         over them), or a function ``f(per_stratum_means (..., K), n (K,)) -> (...)``."""
-        S = self._data[0].shape[1]
-        full = (np.repeat(self._data[0], S, 0), np.repeat(self._data[1], S, 0))
         if callable(how) or how == "mean":
             f = _combiner(how, self.labels, self.n)
             return float(f(self.point[None, :])[0]), f(self.boot), f(self.seeds)
@@ -117,6 +115,8 @@ class Draws:
         if unknown:
             raise ValueError(f"unknown strata {unknown}; have {self.labels}")
         mask = np.array([lab in pick for lab in self.labels])
+        S = self._data[0].shape[1]
+        full = (np.repeat(self._data[0], S, 0), np.repeat(self._data[1], S, 0))
         return (float(_pooled(*self._data, mask, self._equal)[0]), _pooled(*self._draws, mask, self._weights),
                 _pooled(*full, mask, self._one_hot))
 

@@ -20,7 +20,6 @@ why. :func:`ship` writes a pretrained base into ``bases/`` with its manifest ent
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -28,21 +27,13 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, file_sha256
 
 SHIPPED_DIR = Path(__file__).parent / "bases"
 MANIFEST = "manifest.json"
 FORMAT = 1
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 MASTERY = "mastery.jsonl"
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root=None) -> dict:
@@ -65,7 +56,7 @@ def check_files(folder, entry: dict) -> str | None:
         p = Path(folder) / name
         if not p.is_file() or p.is_symlink():
             return f"{p} is missing"
-        if p.stat().st_size != want["bytes"] or sha256_of(p) != want["sha256"]:
+        if p.stat().st_size != want["bytes"] or file_sha256(p) != want["sha256"]:
             return f"{p} does not match its sha256 in the manifest"
     return None
 
@@ -115,7 +106,7 @@ def ship(base_dir, key: str, scale: str, seed: int, settings: dict, mastery: dic
     if mastery is not None:
         rows = [{"id": f["id"], "R": f["R"], "bucket": f["bucket"]} for f in mastery["facts"]]
         atomic_write_text(folder / MASTERY, "".join(json.dumps(r) + "\n" for r in rows))
-    files = {f: {"sha256": sha256_of(folder / f), "bytes": (folder / f).stat().st_size}
+    files = {f: {"sha256": file_sha256(folder / f), "bytes": (folder / f).stat().st_size}
              for f in sorted(p.name for p in folder.iterdir())}
     entry = {"dir": name, "scale": scale, "seed": seed, "settings": settings, "files": files,
              "mastery": None if mastery is None else mastery["settings"],
