@@ -245,7 +245,7 @@ def _fwd_path(x2, W, S, B, scaling: float, bias, path: str) -> torch.Tensor:
     return run_path(path, "lora_fwd", x2.shape[0], W.shape[0], x2.shape[1], x2,
                     lambda c: _fwd_gemm(x2, W, S, B, scaling, bias, c),
                     lambda: split_fwd(x2, W, S, B, scaling, bias),
-                    lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1])))
+                    lambda: fused_variants(tile_configs(x2.dtype, x2.device, B.shape[1])), rank=B.shape[1])
 
 
 def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
@@ -253,7 +253,7 @@ def _dx_path(dY, W, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
     return run_path(path, "lora_dx", dY.shape[0], A.shape[1], dY.shape[1], dY,
                     lambda c: _bwd_dX(dY, W, dS, A, dropout_p, seed, c),
                     lambda: split_dx(dY, W, dS, A, dropout_p, seed),
-                    lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0])))
+                    lambda: fused_variants(tile_configs(dY.dtype, dY.device, A.shape[0])), rank=A.shape[0])
 
 
 # ----------------------------------------------------------------------------

@@ -284,7 +284,7 @@ def _nf4_fwd_path(x2, nf4, meta, S, B, scaling: float, bias, path: str) -> torch
                     lambda c: _nf4_fwd_gemm(x2, nf4, meta, S, B, scaling, bias, c),
                     lambda: split_fwd(x2, nf4_dense(nf4, meta, B.shape[0], x2.shape[1], x2.dtype), S, B, scaling,
                                       bias),
-                    lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1])))
+                    lambda: fused_variants(nf4_tile_configs(x2.dtype, x2.device, B.shape[1])), rank=B.shape[1])
 
 
 def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> torch.Tensor:
@@ -293,7 +293,7 @@ def _nf4_dx_path(dY, nf4, meta, dS, A, dropout_p: float, seed, path: str) -> tor
                     lambda c: _nf4_bwd_dX(dY, nf4, meta, dS, A, dropout_p, seed, c),
                     lambda: split_dx(dY, nf4_dense(nf4, meta, dY.shape[1], A.shape[1], dY.dtype), dS, A, dropout_p,
                                      seed),
-                    lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0])))
+                    lambda: fused_variants(nf4_tile_configs(dY.dtype, dY.device, A.shape[0])), rank=A.shape[0])
 
 
 # ----------------------------------------------------------------------------

@@ -264,6 +264,7 @@ def set_tuner(tuner: Optional[Tuner]) -> Optional[Tuner]:
     """Replace the process's tuner (None: a fresh default on next use); returns the old one."""
     global _TUNER
     old, _TUNER = _TUNER, tuner
+    forget_plans()
     return old
 
 
@@ -292,14 +293,40 @@ def choose_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor,
     return tuner.choose(device, key, candidates)
 
 
+# The launch plan of each GEMM once its choice is settled, ``(path, shape key, rank, device) -> (path, tile
+# config or None)``: a call after the first builds no candidate table and no tile list, only a dict lookup (the
+# host's cost per launch bounds a small step on a GPU). A choice is settled when nothing in this process can
+# change it: a path given, "auto" off CUDA, or a choice measured and cached. ``set_tuner`` empties it.
+_PLANS: dict = {}
+
+
+def forget_plans() -> None:
+    """Empty the launch plans (the next call of each GEMM resolves its choice again)."""
+    _PLANS.clear()
+
+
+def _settled(path: str, t: torch.Tensor, key: str) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if path != "auto" or t.device.type != "cuda":
+        return True
+    return default_tuner().cached(device_name(t.device), key) is not None
+
+
 def run_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor, fused: Callable, split: Callable,
-             configs: Callable[[], dict]) -> torch.Tensor:
+             configs: Callable[[], dict], rank: int = 0) -> torch.Tensor:
     """Run the GEMM (op, M, N, K) by the path ``path`` names (``choose_path``): ``fused(cfg)`` with
-    ``cfg`` None for the heuristic tiles or one of ``configs()`` (``{name: config}``), or ``split()``."""
-    choice = choose_path(path, op, M, N, K, t, lambda: {
-        "fused": lambda: fused(None), "split": split,
-        **{name: (lambda c=c: fused(c)) for name, c in configs().items()}})
-    kind, config = parse_choice(choice)
-    if kind == "split":
-        return split()
-    return fused(configs()[choice] if config else None)
+    ``cfg`` None for the heuristic tiles or one of ``configs()`` (``{name: config}``), or ``split()``.
+    ``rank``: what ``configs()`` depends on besides the shape key (the tiles that fit depend on it)."""
+    plan_key = (path, shape_key(op, M, N, K, t.dtype), rank, str(t.device))
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        choice = choose_path(path, op, M, N, K, t, lambda: {
+            "fused": lambda: fused(None), "split": split,
+            **{name: (lambda c=c: fused(c)) for name, c in configs().items()}})
+        kind, config = parse_choice(choice)
+        plan = (kind, configs()[choice] if config else None)
+        if _settled(path, t, plan_key[1]):
+            _PLANS[plan_key] = plan
+    kind, config = plan
+    return split() if kind == "split" else fused(config)

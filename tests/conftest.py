@@ -28,6 +28,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """Each test resolves its GEMMs' choices afresh: a test that stands in for the choice (a recorder, a
+    forced path) must not leave its plans to the next test."""
+    yield
+    from rankwise.kernels.tuning import forget_plans
+    forget_plans()
+
+
 @pytest.fixture
 def one_thread():
     """Run a test with one torch thread: tiny models on a shared 2-core CPU are

@@ -164,6 +164,32 @@ def test_choose_path_times_nothing_off_cuda_and_keeps_explicit_paths(cache):
         tuning.check_path("fastest")
 
 
+def test_a_settled_choice_is_planned_once_per_shape_and_rank(cache, monkeypatch):
+    """The launch plan is cached: after the first call of a (path, shape, rank) no choice is made again and no
+    tile list is built (the host's cost per launch); another rank or a new tuner plans again."""
+    chosen, built = [], []
+    monkeypatch.setattr(tuning, "choose_path", lambda path, op, *a: chosen.append((path, op)) or "fused:T")
+
+    def configs():
+        built.append(1)
+        return {"fused:T": {"BM": 16}}
+
+    old = tuning.set_tuner(Tuner(timer=no_timing))
+    try:
+        x = torch.zeros(3, 4)
+        ran = [tuning.run_path("auto", "lora_fwd", 3, 5, 4, x, lambda c: c, lambda: "split", configs, rank=r)
+               for r in (8, 8, 8, 16, 16)]
+        assert ran == [{"BM": 16}] * 5
+        assert chosen == [("auto", "lora_fwd")] * 2 and len(built) == 2
+        tuning.set_tuner(Tuner(timer=no_timing))
+        tuning.run_path("auto", "lora_fwd", 3, 5, 4, x, lambda c: c, lambda: "split", configs, rank=8)
+        assert len(chosen) == 3
+        tuning.run_path("auto", "lora_fwd", 200, 5, 4, x, lambda c: c, lambda: "split", configs, rank=8)
+        assert len(chosen) == 4, "another row bucket is another plan"
+    finally:
+        tuning.set_tuner(old)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_times_both_gemms_once_and_matches_float64(cache):
@@ -202,7 +228,7 @@ def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch)
     """The GPU half of ``rankwise tune`` on the CPU (Triton interpreter): every distinct LoRA
     layer shape goes forward and backward once per row bucket, each of its two GEMMs and its
     three skinny products (S, dS/dB, dA) asking the path choice (here a recorder standing in
-    for the CUDA timing)."""
+    for the CUDA timing) once per distinct product: two layers' identical products share a plan."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rankwise.lora import inject_lora
@@ -225,7 +251,7 @@ def test_tune_runs_each_distinct_lora_shape_through_the_path_choice(monkeypatch)
     want = {(op, M, N, K) for (n_out, n_in) in ((16, 32), (32, 32), (32, 40)) for M in (8, 64)
             for op, N, K in (("lora_fwd", n_out, n_in), ("lora_dx", n_in, n_out), ("lora_down", 4, n_in),
                              ("lora_ds_db", n_out, 4), ("lora_da", 4, n_in))}
-    assert set(seen) == want and len(seen) == 30
+    assert set(seen) == want and len(seen) == len(want) == 24
     assert all(p.grad is None for m in layers for p in m.parameters())
 
     class Batches:  # data.plan_epoch's micro-batches over examples of these lengths

@@ -6,6 +6,7 @@ takes at each optimizer step.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import asdict
@@ -25,6 +26,7 @@ class Batches:
         self.examples, self.lengths = examples, [len(e) for e in examples]
         self.batch_size, self.packing, self.max_length, self.seed = batch_size, packing, max_length, seed
         self.plans = []  # micro-batches (lists of example indices) of each epoch
+        self.n_targets = [sum(e.is_target[1:]) for e in examples]  # collate's targets: the tokens after the first
 
     def epoch_plan(self, e: int):
         while len(self.plans) <= e:
@@ -39,6 +41,21 @@ class Batches:
             g -= len(self.epoch_plan(e))
             e += 1
         return e, collate(self.examples, self.epoch_plan(e)[g])
+
+    def static_shape(self, count: int, multiple: int = 8) -> tuple:
+        """``(tokens, targets)``: the most tokens and the most target tokens of the first ``count`` micro-batches
+        (the whole run's, so a resumed run pads to the same shape), tokens rounded up to ``multiple``."""
+        tokens = targets = 1
+        g = 0
+        if not self.epoch_plan(0):
+            return multiple, targets
+        for e in itertools.count():
+            for b in self.epoch_plan(e):
+                if g == count:
+                    return -(-tokens // multiple) * multiple, targets
+                tokens = max(tokens, sum(self.lengths[i] for i in b))
+                targets = max(targets, sum(self.n_targets[i] for i in b))
+                g += 1
 
     def step(self, step: int, grad_accum: int, dist: Dist):
         """This rank's ``grad_accum`` (epoch, batch) pairs of optimizer step ``step``."""

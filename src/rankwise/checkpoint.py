@@ -260,6 +260,11 @@ def check_settings(ckpt: dict, arm_settings: list, names: list, path) -> None:
                           f"back to resume, or choose another output_dir for a new run")
 
 
+#: an optimizer's group keys that say how this run steps, not what it learned: kept over the checkpoint's
+#: (a run captured as a CUDA graph saves a device tensor lr and capturable=True; a resumed run may not be)
+OWN_GROUP_KEYS = ("lr", "fused", "foreach", "capturable")
+
+
 def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
     """Load one arm's weights, optimizer, mask, scaler, generator, log window, last row and status."""
     tr, weights = arm.trainable, saved["trainable"]
@@ -270,8 +275,11 @@ def restore_arm(saved: dict, arm, where: str, master: bool) -> None:
     with torch.no_grad():
         for n, p in tr.named:
             p.copy_(weights[n])
+    own = [{k: g[k] for k in OWN_GROUP_KEYS if k in g} for g in arm.optimizer.param_groups]
     try:
         arm.optimizer.load_state_dict(saved["optimizer"])
+        for group, keep in zip(arm.optimizer.param_groups, own):  # how this run steps (a CUDA graph's or not)
+            group.update(keep)
         if arm.scaler is not None and saved.get("scaler"):
             arm.scaler.load_state_dict(saved["scaler"])
         if arm.generator is not None:

@@ -238,6 +238,9 @@ class TrainCfg:
                        "elsewhere), triton (on a CPU: needs TRITON_INTERPRET=1), torch", choices=BACKENDS)
     precision: str = key("auto", "autocast dtype on GPU (auto: bf16 if supported, else fp16); CPU always fp32",
                          choices=("auto", "bf16", "fp16", "fp32"))
+    cuda_graphs: str = key("auto", "capture the whole step as one CUDA graph: on (micro-batches padded to one "
+                           "shape), auto (on CUDA with data.packing when nothing stands in the way), off; "
+                           "nothing off CUDA", choices=("auto", "on", "off"))
     log_every: int = key(10, "steps between metrics.jsonl rows", check=_positive)
     save_every: int = key(100, "steps between checkpoints (0: only at the end)", check=_non_negative)
     device: str = key("auto", "auto (cuda if available), cpu, cuda, cuda:N")
@@ -703,7 +706,7 @@ def resolve(config, overrides=None) -> dict:
 # (a resume, or a sweep reusing a finished arm, is allowed across them). Every other key is a setting.
 NOT_SETTINGS = ("output_dir", "log.tensorboard", "log.progress", "log.report_to", "log.wandb_project",
                 "train.log_every", "train.save_every",
-                "train.device", "train.backend", "eval.every")
+                "train.device", "train.backend", "train.cuda_graphs", "eval.every")
 
 
 # data keys of the formats beyond prompt_completion and chat: settings only for the formats that read them

@@ -444,6 +444,24 @@ def collate(examples, indices=None) -> dict:
             "n_targets": len(index), "n_tokens": len(ids)}
 
 
+def pad_batch(batch: dict, tokens: int, targets: int) -> dict:
+    """``batch`` (from ``collate``) padded to ``tokens`` tokens and ``targets`` target slots, for a step of fixed
+    shapes (a CUDA graph). The padding tokens (id 0) form a sequence of their own, their positions restarting at
+    0, with no targets, so no real token attends to them; the extra target slots point at the row's last
+    position, whose target is always ignored (every example ends with one). ``n_targets`` and ``n_tokens`` stay
+    the real counts. Refuses a batch larger than the shape."""
+    n, m = batch["n_tokens"], batch["n_targets"]
+    if n > tokens or m > targets:
+        raise ValueError(f"pad_batch: a batch of {n} tokens and {m} targets does not fit {tokens} and {targets}")
+    extra = tokens - n
+    row = lambda t, fill: torch.cat([t, fill.unsqueeze(0)], dim=1)  # noqa: E731
+    return {"input_ids": row(batch["input_ids"], torch.zeros(extra, dtype=torch.long)),
+            "position_ids": row(batch["position_ids"], torch.arange(extra, dtype=torch.long)),
+            "targets": row(batch["targets"], torch.full((extra,), IGNORE, dtype=torch.long)),
+            "target_index": torch.cat([batch["target_index"], torch.full((targets - m,), tokens - 1, dtype=torch.long)]),
+            "n_targets": m, "n_tokens": n}
+
+
 def eval_batches(examples, batch_size, max_length, packing=False):
     """Deterministic (unshuffled) padding-free batches over ``examples``."""
     plan = plan_epoch([len(e) for e in examples], batch_size, packing=packing, max_length=max_length, shuffle=False)

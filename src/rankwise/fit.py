@@ -39,6 +39,7 @@ says ``stopped_early``); the others go on. Under DDP the master decides and broa
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from tqdm.auto import tqdm
 from . import config as C
 from .batches import Batches
 from .errors import ConfigError
+from .graphs import StepGraph, graph_problem, wanted
 from .runlog import MetricsLog
 from .runtime import Dist
 from .trainable import Trainable
@@ -267,10 +269,11 @@ def step_arms(optimizers) -> None:
             torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1 ** n)) for lr, n in zip(lrs, counts)])
 
 
-def apply_steps(arms: list) -> list:
+def apply_steps(arms: list, zero: bool = True) -> list:
     """The optimizer step of ``arms`` (their gradients in place, fp16 ones unscaled): masked-SFT masks, each
     arm's clipping by its own norm, its AdamW step (its GradScaler's, which skips the step when the arm's
-    gradients hold an inf or NaN), ``zero_grad``. Returns the arms' gradient norms."""
+    gradients hold an inf or NaN), ``zero_grad`` (``zero``; a CUDA graph keeps its gradients' memory). Returns
+    the arms' gradient norms."""
     for arm in arms:
         arm.trainable.keep_masked_grads()
     grad_norms = clip_arms([a.params for a in arms], [a.cfg.train.max_grad_norm for a in arms])
@@ -280,7 +283,7 @@ def apply_steps(arms: list) -> list:
             arm.scaler.step(arm.optimizer)
             arm.scaler.update()
     step_arms(plain)
-    for arm in arms:
+    for arm in arms if zero else ():
         arm.optimizer.zero_grad(set_to_none=True)
     return grad_norms
 
@@ -376,6 +379,7 @@ class Fit:
         self.bad_step = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
         self.bad_loss = torch.zeros(k, dtype=torch.float64, device=dev)
         self.live_index = None  # (live arms, their indices as a device tensor), rebuilt when an arm drops out
+        self.graph = None  # the step as a CUDA graph (``train.cuda_graphs``), set by ``fit``
 
     def fail(self, arm: Arm, kind: str, problem: str, step: int) -> None:
         """A non-finite loss or weights of ``arm`` at ``step``: the run stops (``raise``) or the arm does."""
@@ -442,14 +446,20 @@ class Fit:
         """Optimizer step ``step`` of the live arms, with no read of a device value; returns (their grad norms,
         the step's micro-batches)."""
         arms = self.arms
-        for k in live:
-            lr = arms[k].lr(step, self.total_steps)
-            for group in arms[k].optimizer.param_groups:
-                group["lr"] = lr
+        lrs = [arms[k].lr(step, self.total_steps) for k in live]
         t = arms[live[0]].cfg.train
         step_batches = self.batches.step(step, t.grad_accum, self.dist)  # this rank's share of the step
+        n_tokens = sum(b["n_tokens"] for _, b in step_batches)
+        if self.graph is not None:
+            n_tgt = sum(b["n_targets"] for _, b in step_batches)
+            sums, grad_norms = self.graph.step(live, step_batches, lrs, n_tgt)
+            self.record(live, step, sums, n_tgt, n_tokens)
+            return grad_norms, step_batches
+        for k, lr in zip(live, lrs):
+            for group in arms[k].optimizer.param_groups:
+                group["lr"] = lr
         sums, n_tgt = self.backward(live, step_batches)
-        self.record(live, step, sums, n_tgt, sum(b["n_tokens"] for _, b in step_batches))
+        self.record(live, step, sums, n_tgt, n_tokens)
         for k in live:
             if arms[k].scaler is not None:
                 arms[k].scaler.unscale_(arms[k].optimizer)
@@ -467,7 +477,7 @@ class Fit:
         norms, peak = norms.cpu().tolist(), peak_memory_mb(dev)
         for (k, _), grad_norm in zip(stepped, norms):
             arm = self.arms[k]
-            arm.last = train_row(done, windows[k], arm.optimizer.param_groups[0]["lr"], grad_norm, epoch,
+            arm.last = train_row(done, windows[k], arm.lr(done - 1, self.total_steps), grad_norm, epoch,
                                  t_window, self.t_start, peak)
             if arm.metrics is not None:
                 arm.metrics.write(arm.last)
@@ -561,6 +571,10 @@ def fit(model, arms: list, batches: Batches, *, losses: Callable, total_steps: i
         dist = Dist(1, 0, next(model.parameters()).device)
     run = Fit(model, list(arms), batches, losses, total_steps, dist, evaluate, save, on_non_finite, checkpoint,
               last_saved, time.time() if t_start is None else t_start)
+    t = run.arms[0].cfg.train
+    if wanted(t.cuda_graphs, dist.device, graph_problem(run.arms, dist.ddp), getattr(batches, "packing", False)):
+        shape = batches.static_shape(total_steps * t.grad_accum * dist.world)
+        run.graph = StepGraph(run.arms, losses, functools.partial(apply_steps, zero=False), shape, dist.device)
     bar = tqdm(total=total_steps, initial=start_step, desc=progress, dynamic_ncols=True) \
         if progress is not None and dist.master else None
     try:
