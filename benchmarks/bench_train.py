@@ -13,7 +13,13 @@ Arms (each in its own process, so its peak memory is its own):
   LoRA kernels), NF4 through ``rankwise.quant.quantize_model_nf4``; the loss from the
   model's logits, as the baseline computes it. Isolates the layers.
 - ``rankwise``: the same plus the fused loss (``rankwise.loss.FusedLossLM``: output
-  head + cross entropy in chunks, never the full logits), as ``rankwise train`` runs.
+  head + cross entropy in chunks, never the full logits), as ``rankwise train`` runs it:
+  the target positions given, the attention mask built on the device from the positions
+  (``loss.packed_attention_mask``), so the step reads nothing back to the host.
+- ``rankwise+graph``: ``rankwise`` with its step captured as one CUDA graph by
+  ``rankwise.graphs.StepGraph`` (what ``train.cuda_graphs`` runs: fused capturable AdamW with
+  a device learning rate, two eager warm-up steps, then one capture replayed); its measured
+  steps start after the capture. CUDA only (skipped with the reason elsewhere).
 - ``rankwise+gc``: the same plus gradient checkpointing and the fused RMSNorm / SwiGLU
   kernels (``train.fused_kernels``): everything rankwise has, on.
 - ``baseline``: ``peft.get_peft_model`` with every decoder linear layer as target, NF4
@@ -73,6 +79,8 @@ import sys
 import tempfile
 import time
 import zlib
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -97,6 +105,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ARMS = {
     "rankwise-layers": dict(side="rankwise", fused_loss=False, grad_ckpt=False, kernels=False),
     "rankwise": dict(side="rankwise", fused_loss=True, grad_ckpt=False, kernels=False),
+    "rankwise+graph": dict(side="rankwise", fused_loss=True, grad_ckpt=False, kernels=False, graph=True),
     "rankwise+gc": dict(side="rankwise", fused_loss=True, grad_ckpt=True, kernels=True),
     "baseline": dict(side="baseline", fused_loss=False, grad_ckpt=False, kernels=False),
     "baseline+gc": dict(side="baseline", fused_loss=False, grad_ckpt=True, kernels=False),
@@ -371,16 +380,36 @@ def make_loss(model, arm):
     if arm["fused_loss"]:
         from rankwise.loss import FusedLossLM
 
-        fused = FusedLossLM(model)
+        fused = FusedLossLM(model, check_targets=False)
 
-        def loss_of(ids):
+        def loss_of(ids):  # as rankwise train runs it: the mask built from positions, nothing read back
             tgt = torch.full_like(ids, -100)
             tgt[:, :-1] = ids[:, 1:]  # the next token, as HF's labels=ids shift does
-            return fused(ids, None, tgt) / (ids.shape[0] * (ids.shape[1] - 1))
+            B, T = ids.shape
+            pos = torch.arange(T, device=ids.device).expand(B, T)
+            index = torch.arange(B * T, device=ids.device).view(B, T)[:, :-1].reshape(-1)  # every position but the last
+            return fused(ids, pos, tgt, target_index=index) / (B * (T - 1))
     else:
         def loss_of(ids):
             return model(input_ids=ids, labels=ids).loss
     return loss_of
+
+
+def graph_step(loss_of, opt, batches, spec) -> tuple:
+    """``(step(i), first measured step)`` of the ``rankwise+graph`` arm: the same loss and AdamW, through
+    ``rankwise.graphs.StepGraph`` (the learning rate a device tensor, eager warm-up steps, then the captured
+    step replayed; the first step measured is the one after the capture)."""
+    from rankwise.graphs import WARMUP_STEPS, StepGraph
+
+    n = spec["batch"] * (spec["seq"] - 1)  # the targets of a batch: loss_of is their mean
+    graph = StepGraph([SimpleNamespace(optimizer=opt)], lambda b, live: (loss_of(b["input_ids"]) * n).reshape(1),
+                      lambda arms: (opt.step(), [])[1], None, torch.device(spec["device"]))
+
+    def step(i):
+        sums, _ = graph.step([0], [(0, {"input_ids": batches[i % len(batches)]})], [spec["lr"]], n)
+        return sums[0] / n
+
+    return step, WARMUP_STEPS + 1
 
 
 def run_arm(spec: dict) -> dict:
@@ -389,6 +418,8 @@ def run_arm(spec: dict) -> dict:
     arm = ARMS[spec["arm"]]
     batches = make_batches(spec["vocab"], spec["batch"], spec["seq"], spec["steps"], device)
     skipped = preimport(arm["side"])
+    if arm.get("graph") and device != "cuda":
+        skipped = "a CUDA graph needs CUDA"
     if skipped:
         return dict(arm=spec["arm"], **arm, skipped=skipped)
     mem_start = current_mb(device)
@@ -411,11 +442,14 @@ def run_arm(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
+    first = 1  # the first measured step
+    if arm.get("graph"):
+        step, first = graph_step(loss_of, opt, batches, spec)
     sync()
     mem_loaded = current_mb(device)
     losses, times = [], []
     for i in range(len(batches)):
-        if i == 1:  # step 0 is the warm-up (compilation, autotuning, lazily loaded libraries): not measured
+        if i == first:  # the warm-up (compilation, autotuning, lazily loaded libraries, a capture): not measured
             reset_peak(device)
             mem_steady = current_mb(device)
         sync()
@@ -424,7 +458,7 @@ def run_arm(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    steady = times[1:]
+    steady = times[first:]
     step_s = sum(steady) / len(steady)
     peak = peak_mb(device)  # before the profiler window, which is not part of the measured steps
     try:
@@ -472,9 +506,12 @@ def spawn_arm(spec: dict, tmp: str, timeout=None) -> dict:
 
 PAIRS = (("rankwise-layers", "baseline", "fused LoRA layers only"),
          ("rankwise", "baseline", "fused layers + fused loss"),
+         ("rankwise+graph", "baseline", "fused layers + fused loss, the step as one CUDA graph"),
+         ("rankwise+graph", "rankwise", "the step as one CUDA graph vs launched op by op"),
          ("rankwise+gc", "baseline+gc", "both with gradient checkpointing; fused norm/MLP"),
          ("rankwise+gc", "baseline", "rankwise memory features vs plain baseline"),
          ("rankwise", "liger", "vs PEFT with Liger's RoPE, RMSNorm, SwiGLU, fused linear + cross entropy"),
+         ("rankwise+graph", "liger", "the step as one CUDA graph vs Liger + PEFT"),
          ("rankwise+gc", "liger+gc", "vs Liger, both with gradient checkpointing"),
          ("rankwise", "unsloth", "vs Unsloth, no gradient checkpointing"),
          ("rankwise+gc", "unsloth+gc", "vs Unsloth with its own gradient checkpointing"))

@@ -12,7 +12,7 @@
 #   profile        profile_step: where a solo 1B LoRA step's time goes (torch.profiler; ~40 s)
 #   lora           bench_lora at 8192 tokens, path=fused / split / auto, no torch.compile (~100 s)
 #   train          bench_train (issue 25): end-to-end 1B LoRA at 1x512 and 4x2048, bf16 and 4-bit:
-#                  rankwise, rankwise+gc vs HF + PEFT (+ bnb), vs the same with Liger-Kernel, vs
+#                  rankwise, rankwise+graph (the step as one CUDA graph) vs HF + PEFT (+ bnb), vs Liger-Kernel, vs
 #                  Unsloth; tokens/s, peak memory, GPU-busy fraction (profiler). 20 arm processes,
 #                  ~15-25 s each (Unsloth's import is slower): run it alone in one call, e.g.
 #                  `BUDGET=570 bash benchmarks/gpu_quick.sh train` with timeout_s 600. Its JSON is
@@ -142,7 +142,7 @@ for s in "${stages[@]}"; do
     profile) stage profile_step 90 python3 -m benchmarks.profile_step --out "$R" ;;
     lora) stage bench_lora 150 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$R" ;;
     train) stage bench_train 480 python3 -m benchmarks.bench_train --out "$R" --steps 6 --profile-steps 2 \
-             --arm-timeout 240 --shapes 1x512,4x2048 --arms rankwise,rankwise+gc,baseline,liger,unsloth ;;
+             --arm-timeout 240 --shapes 1x512,4x2048 --arms rankwise,rankwise+graph,baseline,liger,unsloth ;;
     train_gc) stage bench_train_gc 400 python3 -m benchmarks.bench_train --out "$R/train_gc" --steps 6 \
                 --profile-steps 2 --arm-timeout 240 --shapes 1x512,4x2048 \
                 --arms rankwise+gc,baseline+gc,liger+gc,unsloth+gc ;;

@@ -69,6 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import choose_path, parse_choice
 from .utils import BACKENDS, INTERPRET, check_triton_tensor, fused_apply, next_pow2
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -298,6 +299,41 @@ def _chunk_rows(N: int, V: int, H: int, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         return max(1, min(int(chunk_size), max(N, 1)))
     return max(1, min(max(N, 1), next_pow2(math.ceil(max(N * H, _MIN_CHUNK_VALUES) / V))))
+
+
+# The measured chunking (CUDA, ``chunk_size=None``): wider chunks make wider GEMMs and fewer launches, at the
+# cost of a larger transient (C, V) chunk of logits, so the candidates are the default and its doublings up to
+# the whole batch or _MAX_CHUNK_VALUES logits (256 MiB in bf16), timed once per (rows bucket, V, H, dtype) by
+# ``tuning.choose_path`` (op ``lce``, choices ``fused`` and ``fused:c<rows>``) and cached with the GEMMs'.
+_MAX_CHUNK_VALUES = 1 << 27
+
+
+def chunk_candidates(N: int, V: int, H: int) -> list:
+    """The chunk sizes the measured choice times: the default first, then its doublings while they are
+    below N and hold at most ``_MAX_CHUNK_VALUES`` logits."""
+    first = _chunk_rows(N, V, H, None)
+    out, c = [first], first * 2
+    while c < 2 * N and c * V <= _MAX_CHUNK_VALUES:
+        out.append(min(c, N))
+        if c >= N:
+            break
+        c *= 2
+    return out
+
+
+def _measured_chunk(h, W, b, t, ignore_index: int, backend: str, need: tuple, opt: _Options) -> int:
+    """The chunk of the fastest forward-and-gradient pass among ``chunk_candidates`` (``tuning.choose_path``:
+    measured on CUDA and cached; the default off CUDA, while compiling and while a CUDA graph is captured)."""
+    N, V, H = h.shape[0], W.shape[0], W.shape[1]
+    sizes = chunk_candidates(N, V, H)
+    if len(sizes) == 1:
+        return sizes[0]
+    g = torch.ones(1, dtype=torch.float32, device=h.device)
+    run = lambda c: _fused_pass(h, W, b, t, g, g, ignore_index, c, backend, *need, opt)  # noqa: E731
+    choices = {"fused": lambda: run(sizes[0]), **{f"fused:c{c}": (lambda c=c: run(c)) for c in sizes[1:]}}
+    choice = choose_path("auto", "lce", N, V, H, h, lambda: choices)
+    config = parse_choice(choice)[1]
+    return int(config[1:]) if config and choice in choices else sizes[0]
 
 
 def _fused_pass(h, W, b, t, g, gz, ignore_index, chunk, backend, need_h, need_W, need_b, opt: _Options,
@@ -678,9 +714,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1).to(torch.int64).contiguous()
     cw = None if ce_weight is None else ce_weight.detach().to(torch.float32).contiguous()
-    chunk = _chunk_rows(h2.shape[0], W.shape[0], W.shape[1], chunk_size)
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h2.requires_grad, grad_on and W.requires_grad, grad_on and b is not None and b.requires_grad)
+    chunk = _chunk_rows(h2.shape[0], W.shape[0], W.shape[1], chunk_size)
+    if chunk_size is None and h2.is_cuda:
+        opt = _options(cw, label_smoothing, lse_square_scale, softcap)
+        chunk = _measured_chunk(h2.detach(), W.detach(), None if b is None else b.detach(), t, int(ignore_index),
+                                backend, need, opt)
     with torch.autocast(device_type, enabled=False):
         loss, z_loss, acc = fused_apply(LinearCrossEntropyFunction, torch.ops.rankwise.linear_cross_entropy)(
             h2, W, b, t, int(ignore_index), reduction, chunk, backend, *need, cw, float(label_smoothing),

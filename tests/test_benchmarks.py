@@ -394,3 +394,44 @@ def test_bench_train_cli_help_and_shapes():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--help"], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--shapes" in proc.stdout and "unsloth" in proc.stdout
+
+
+def test_bench_train_graph_arm_trains_as_the_plain_loop(monkeypatch):
+    """The ``rankwise+graph`` arm's step (``StepGraph`` around the arm's own loss and AdamW) gives the plain
+    loop's losses, through a capture stood in for on the CPU (tests/test_graphs.py's recorder)."""
+    from test_graphs import Recorder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rankwise
+    from benchmarks import bench_train as bt
+    from rankwise import graphs
+
+    rec = Recorder()
+    monkeypatch.setattr(graphs, "capture", rec.capture)
+    spec = dict(batch=2, seq=12, lr=1e-2, device="cpu")
+    losses = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+        rankwise.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, backend="torch")
+        for _, m in rankwise.lora_layers(model):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+        loss_of = bt.make_loss(model, bt.ARMS["rankwise"])
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"], fused=True)
+        batches = bt.make_batches(64, spec["batch"], spec["seq"], 6, "cpu")
+        if graph:
+            step, first = bt.graph_step(loss_of, opt, batches, spec)
+            assert first == graphs.WARMUP_STEPS + 1
+        else:
+            def step(i):
+                loss = loss_of(batches[i])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+        losses.append([float(step(i)) for i in range(6)])
+    assert len(rec.captures) == 1 and len(rec.captures[0]["replays"]) == 6 - graphs.WARMUP_STEPS
+    rec.check_replays()
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses)), losses
+    assert losses[0][0] != losses[0][-1]

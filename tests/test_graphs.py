@@ -89,7 +89,7 @@ class Recorder:
     @staticmethod
     def tensors(arms):
         for arm in arms:
-            yield from arm.params
+            yield from (p for g in arm.optimizer.param_groups for p in g["params"])
             for st in arm.optimizer.state.values():
                 yield from (v for v in st.values() if isinstance(v, torch.Tensor))
 

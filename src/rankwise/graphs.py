@@ -41,7 +41,6 @@ log = logging.getLogger("rankwise")
 WARMUP_STEPS = 2
 #: where a step can be captured (tests add "cpu" with a stand-in for ``capture``)
 CAPTURE_DEVICES = ("cuda",)
-_INPUTS = ("input_ids", "position_ids", "targets", "target_index")
 
 
 def graph_problem(arms: list, ddp: bool) -> Optional[str]:
@@ -105,11 +104,13 @@ class StepGraph:
     ``body`` is ``fit``'s step on the graph's input buffers: ``losses`` of each micro-batch divided by the
     step's target tokens (a device scalar), one backward per micro-batch, then ``apply``: clipping and each
     arm's AdamW step with no ``zero_grad`` (the captured backward writes the gradients afresh on every replay).
+    ``arms``: objects with an ``optimizer`` (``fit.Arm``s); ``shape``: ``(tokens, targets)`` each micro-batch is
+    padded to, or None when the batches come in one shape already (every tensor in them is copied as it is).
     """
 
-    def __init__(self, arms: list, losses: Callable, apply: Callable, shape: tuple, device: torch.device):
+    def __init__(self, arms: list, losses: Callable, apply: Callable, shape: Optional[tuple], device: torch.device):
         self.arms, self.losses, self.apply = arms, losses, apply
-        self.tokens, self.targets = shape
+        self.shape = shape
         self.device = device
         self.norm = torch.ones((), dtype=torch.float32, device=device)
         self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in arms]
@@ -119,19 +120,22 @@ class StepGraph:
         self.live, self.inputs, self.replay, self.outputs, self.warm = None, [], None, None, 0
         self.captures = 0
 
-    def pad(self, batch: dict) -> dict:
-        return pad_batch(batch, self.tokens, self.targets)
-
     def load(self, step_batches: list) -> None:
         """Copy the step's micro-batches (padded) into the input buffers, made on the first step."""
-        padded = [self.pad(b) for _, b in step_batches]
+        padded = [b if self.shape is None else pad_batch(b, *self.shape) for _, b in step_batches]
         if len(self.inputs) != len(padded):
-            self.inputs = [{k: torch.empty_like(b[k], device=self.device) for k in _INPUTS} for b in padded]
-        pin = self.device.type == "cuda"
+            self.inputs = [{k: torch.empty_like(v, device=self.device) if isinstance(v, torch.Tensor) else v
+                            for k, v in b.items()} for b in padded]
         for buf, b in zip(self.inputs, padded):
-            for k in _INPUTS:
-                buf[k].copy_(b[k].pin_memory() if pin else b[k], non_blocking=pin)
-            buf["n_targets"], buf["n_tokens"] = b["n_targets"], b["n_tokens"]
+            for k, v in b.items():
+                if not isinstance(v, torch.Tensor):
+                    buf[k] = v  # host values (the real token counts): not seen by the captured kernels
+                    continue
+                if buf[k].shape != v.shape:
+                    raise ValueError(f"StepGraph: {k} of shape {tuple(v.shape)} differs from the captured "
+                                     f"{tuple(buf[k].shape)}")
+                pin = self.device.type == "cuda" and v.device.type == "cpu"
+                buf[k].copy_(v.pin_memory() if pin else v, non_blocking=pin)
 
     def body(self) -> tuple:
         """The step on the input buffers: ``((len(live),) fp64 loss sums, the arms' gradient norms)``."""
