@@ -80,7 +80,6 @@ import tempfile
 import time
 import zlib
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile

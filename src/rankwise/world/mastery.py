@@ -9,23 +9,19 @@ out-of-domain facts; accuracy is reported per bucket and as the unweighted mean.
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Callable, Sequence
 
 from ..evaluate import generate_answers, is_correct
+from ..mastery import level_of
 from ..model import load_model, load_tokenizer
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 
 
 def bucket_of(r: float) -> str:
-    """The mastery bucket of a score ``r`` in [0, 1]."""
-    if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 <= r <= 1.0) or math.isnan(r):
-        raise ValueError(f"mastery score must be a number in [0, 1], got {r!r}")
-    if r == 0:
-        return "D0"
-    return f"D{min(4, max(1, math.ceil(r * 4 - 1e-9)))}"
+    """The mastery bucket of a score ``r`` in [0, 1]: ``D<level>`` (``rankwise.mastery.level_of``)."""
+    return f"D{level_of(r)}"
 
 
 def mastery_scores(model, tokenizer, facts: Sequence[dict], *, num_samples: int = 4, temperature: float = 0.7,
