@@ -28,6 +28,7 @@ VERBS = {
     "world": ("rankwise.world.cli", "build the synthetic knowledge world and pretrain its base model"),
     "demo": ("rankwise.demo", "run the knowledge study end to end on the embedded world"),
     "mastery": ("rankwise.mastery", "measure each fact's knowledge mastery (the knowledge study's probe) for any model"),
+    "study": ("rankwise.study", "run a study's protocol (LoRA ranks against full SFT) on a real model and data sets"),
     "tune": ("rankwise.tune", "measure ahead of a run which GEMM path (fused or split) each LoRA layer shape takes on this GPU"),
     "init": ("rankwise.init", "write the commented default config (every key with its default) to start from"),
 }

@@ -137,15 +137,33 @@ def _mmlu_csv(path: Path) -> Optional[tuple]:
     return rows, subject
 
 
-def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: int = 0) -> list:
-    """The items of ``task`` from ``source`` (a local .json/.jsonl/.csv/.parquet file, or a Hub data set
-    ``name[:split]``, read by ``rankwise.data.load_rows``)."""
+def hub_rows(source: str, config: str, where: str) -> list:
+    """The rows of the Hub data set ``name[:split]`` in its configuration ``config`` (``datasets.load_dataset``;
+    the split defaults to ``train``)."""
+    import datasets  # heavy at import: Hub data sets only
+
+    name, _, split = source.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:  # the Hub raises many kinds; say which source failed
+        raise ConfigError(f"{where}: cannot load the Hub data set {name!r} (config {config!r}, split "
+                          f"{split or 'train'!r}): {' '.join(str(e).split())[:300]}") from None
+    return [dict(r) for r in ds]
+
+
+def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: int = 0,
+              config: Optional[str] = None) -> list:
+    """The items of ``task`` from ``source``: a local .json/.jsonl/.csv/.parquet file, or a Hub data set
+    ``name[:split]`` (read by ``rankwise.data.load_rows``; with ``config``, that configuration of it, as
+    ``openai/gsm8k`` ``main`` or ``cais/mmlu`` ``all``)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     where = f"{task} data {source}"
     path = Path(source)
     subject = None
-    if task == "mmlu" and path.suffix == ".csv" and path.is_file():
+    if config is not None:
+        rows = hub_rows(source, config, where)
+    elif task == "mmlu" and path.suffix == ".csv" and path.is_file():
         got = _mmlu_csv(path)
         rows, subject = (load_rows(source, where), None) if got is None else got
     else:

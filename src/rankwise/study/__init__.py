@@ -1,0 +1,57 @@
+"""``rankwise study CONFIG.yaml [--out DIR] [--force]``: a study's protocol on a real model and real data sets.
+
+The config (``rankwise.study.config``) names the model and every arm's training keys, the experiments (a
+training task and its evaluation sets, in and out of domain, read by ``rankwise.study_tasks`` from local files
+or the Hub through ``datasets``), the arms (LoRA ranks, full SFT), the seeds and the bootstrap. Everything is
+read and checked before the output directory is claimed: a bad key, a missing data set or a row off its schema
+is one line, and nothing is written. The output directory holds the arms' runs (``arms/<experiment>/seed<N>/``),
+the training rows (``data/``), each arm's per-item results (``eval/``), ``results.json`` (per arm and set: the
+mean with its 95 % interval, n and per-seed values; the findings with their verdicts) and ``report.md``. A
+study stopped for any reason continues where it was when run again.
+
+Protocols: ``rank`` (``rankwise.study.rank``: LoRA ranks against full SFT on recall and reasoning tasks). The
+knowledge study's protocol (mastery levels, data sizes, restoration) is ``rankwise mastery`` and the demo today.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import load_yaml
+from ..ownership import check_output, claim
+from .config import load_sets, validate_study
+from .rank import run_rank_study
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="the study's YAML config (see rankwise.study.config)")
+    p.add_argument("--out", default=None, help="the output directory (default: the config's output_dir)")
+    p.add_argument("--force", action="store_true", help="write into an existing directory rankwise did not make")
+
+
+def _inputs(cfg: dict) -> list:
+    """The files the study reads, which its output may not be or hold."""
+    paths = [("model", cfg["run"].get("model"))]
+    for e in cfg["experiments"]:
+        paths += [(f"{e['name']} data", s["data"]) for s in [e["train"], *e["eval"].values()]]
+    return [(what, p) for what, p in paths if isinstance(p, str) and Path(p).exists()]
+
+
+def main(args) -> int:
+    raw = load_yaml(args.config)
+    if args.out:
+        raw["output_dir"] = args.out
+    cfg = validate_study(raw)
+    sets = load_sets(cfg)
+    out = Path(cfg["output_dir"])
+    check_output(out, force=args.force, flag="--out", kinds=["study"], inputs=_inputs(cfg))
+    c = claim(out, "study", lock=True, flag="--out")
+    try:
+        c.commit()
+        results = run_rank_study(cfg, out, sets)
+    finally:
+        c.release()
+    for f in results["findings"]:
+        eff = "-" if f["effect"] is None else f"{f['effect']:+.3f}"
+        print(f"{f['id']}: {eff} {f['verdict']}")
+    print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
+    return 0

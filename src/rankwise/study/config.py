@@ -1,0 +1,212 @@
+"""A study's YAML config, checked whole before anything is written or loaded.
+
+    study: rank                      # the protocol (the rank study; the knowledge study comes next)
+    output_dir: runs/study
+    run:                             # rankwise train keys every arm shares (not data.train, output_dir, method)
+      model: meta-llama/Llama-3.2-1B
+      data: {max_length: 512}
+      train: {epochs: 1, batch_size: 8, lr: 2.0e-4}
+    full: {train: {lr: 1.0e-5}}      # what full SFT changes (merged over run)
+    arms: {ranks: [8, 16, 32, 64, 128], full: true, alpha_per_rank: 2.0, together: true}
+    seeds: [0, 1, 2]
+    experiments:                     # each: one training task, its arms, its evaluation sets
+      - name: gsm8k
+        train: {task: gsm8k, data: openai/gsm8k:train, limit: 2000, validation: 100}
+        eval:
+          gsm8k: {task: gsm8k, data: test.jsonl, domain: in, limit: 300}
+          mathqa: {task: mathqa, data: mathqa_test.json, domain: out, limit: 300}
+    eval: {max_new_tokens: 256, batch_size: 32}
+    boot: {n_boot: 2000, seed: 0}
+
+Every task's data is read here (``rankwise.study_tasks.read_task``), and every arm's run config is validated
+(``rankwise.config.validate_config``), so a bad key, a missing file or a row off its schema is one line before
+the study writes anything.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Mapping
+
+from ..config import validate_config
+from ..errors import ConfigError
+from ..study_tasks import REASONING, TASKS, read_task
+
+STUDIES = ("rank",)
+TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
+ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
+EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True}
+BOOT = {"n_boot": 2000, "seed": 0}
+RUN_OWNED = ("output_dir", "method")  # set per arm by the study
+DOMAINS = ("in", "out")
+
+
+def _mapping(v, where: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"study config: {where} must be a mapping, got {type(v).__name__}")
+    return dict(v)
+
+
+def _known(d: Mapping, keys, where: str) -> None:
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise ConfigError(f"study config: unknown key {where}{unknown[0]!r} (known: {', '.join(sorted(keys))})")
+
+
+def merged(base: Mapping, over: Mapping) -> dict:
+    """``base`` with ``over`` merged in, mapping by mapping."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
+
+
+def _int_list(v, where: str, minimum: int) -> list:
+    if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < minimum
+                                               for x in v) or len(set(v)) != len(v):
+        raise ConfigError(f"study config: {where} must be a non-empty list of distinct integers >= {minimum}")
+    return list(v)
+
+
+def _task(spec, where: str, eval_set: bool) -> dict:
+    spec = _mapping(spec, where)
+    keys = {"task", "data", "config", "limit", "cop_base", "subjects"} | ({"domain"} if eval_set else {"validation"})
+    _known(spec, keys, f"{where}.")
+    if spec.get("task") not in TASKS:
+        raise ConfigError(f"study config: {where}.task must be one of {', '.join(TASKS)}, got {spec.get('task')!r}")
+    if not isinstance(spec.get("data"), str) or not spec["data"]:
+        raise ConfigError(f"study config: {where}.data must name a file or a hub data set name[:split]")
+    for k in ("limit", "validation"):
+        if spec.get(k) is not None and (isinstance(spec[k], bool) or not isinstance(spec[k], int) or spec[k] < 1):
+            raise ConfigError(f"study config: {where}.{k} must be a positive integer")
+    if eval_set and spec.setdefault("domain", "in") not in DOMAINS:
+        raise ConfigError(f"study config: {where}.domain must be in or out, got {spec['domain']!r}")
+    if not eval_set:
+        spec.setdefault("validation", 0)
+    spec.setdefault("cop_base", 0)
+    spec.setdefault("limit", None)
+    if spec.setdefault("config", None) is not None and not isinstance(spec["config"], str):
+        raise ConfigError(f"study config: {where}.config must be the Hub data set's configuration name")
+    subjects = spec.setdefault("subjects", None)
+    if subjects is not None and (not isinstance(subjects, list) or not subjects
+                                 or not all(isinstance(x, str) and x for x in subjects)):
+        raise ConfigError(f"study config: {where}.subjects must be a non-empty list of subject names")
+    return spec
+
+
+def _experiment(spec, i: int) -> dict:
+    where = f"experiments[{i}]"
+    spec = _mapping(spec, where)
+    _known(spec, {"name", "train", "eval"}, f"{where}.")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"study config: {where}.name must be a word (letters, digits, - and _)")
+    train = _task(spec.get("train"), f"{where}.train", False)
+    evals = _mapping(spec.get("eval"), f"{where}.eval")
+    if not evals:
+        raise ConfigError(f"study config: {where}.eval needs at least one evaluation set")
+    taken = sorted({"train", "validation", "base"} & set(map(str, evals)))
+    if taken:
+        raise ConfigError(f"study config: {where}.eval.{taken[0]}: that name is the study's own; choose another")
+    sets = {str(k): _task(v, f"{where}.eval.{k}", True) for k, v in evals.items()}
+    if not any(s["domain"] == "in" for s in sets.values()):
+        raise ConfigError(f"study config: {where}.eval needs an in-domain set (domain: in)")
+    kind = "reasoning" if train["task"] in REASONING else "recall"
+    return {"name": name, "kind": kind, "train": train, "eval": sets}
+
+
+def validate_study(raw: Any) -> dict:
+    """The checked study config with defaults filled (see the module docstring); ``ConfigError`` otherwise."""
+    raw = _mapping(raw, "the file")
+    _known(raw, TOP, "")
+    if raw.get("study") not in STUDIES:
+        raise ConfigError(f"study config: study must be one of {', '.join(STUDIES)}, got {raw.get('study')!r}")
+    run, full = _mapping(raw.get("run"), "run"), _mapping(raw.get("full"), "full")
+    for d, where in ((run, "run"), (full, "full")):
+        owned = [k for k in RUN_OWNED if k in d] + (["data.train"] if "train" in _mapping(d.get("data"), "data")
+                                                    else [])
+        if owned:
+            raise ConfigError(f"study config: {where}.{owned[0]} is set by the study for each arm; remove it")
+    arms = merged(ARMS, _mapping(raw.get("arms"), "arms"))
+    _known(arms, ARMS, "arms.")
+    arms["ranks"] = _int_list(arms["ranks"], "arms.ranks", 1)
+    if not isinstance(arms["alpha_per_rank"], (int, float)) or isinstance(arms["alpha_per_rank"], bool) \
+            or arms["alpha_per_rank"] <= 0:
+        raise ConfigError("study config: arms.alpha_per_rank must be a positive number")
+    seeds = _int_list(raw.get("seeds", [0]), "seeds", 0)
+    experiments = raw.get("experiments")
+    if not isinstance(experiments, list) or not experiments:
+        raise ConfigError("study config: experiments must be a non-empty list")
+    exps = [_experiment(e, i) for i, e in enumerate(experiments)]
+    if len({e["name"] for e in exps}) != len(exps):
+        raise ConfigError("study config: two experiments share a name")
+    ev, boot = merged(EVAL, _mapping(raw.get("eval"), "eval")), merged(BOOT, _mapping(raw.get("boot"), "boot"))
+    _known(ev, EVAL, "eval.")
+    _known(boot, BOOT, "boot.")
+    out = raw.get("output_dir")
+    if not isinstance(out, str) or not out:
+        raise ConfigError("study config: output_dir must name a directory (or pass --out)")
+    cfg = {"study": raw["study"], "output_dir": out, "run": run, "full": full, "arms": arms, "seeds": seeds,
+           "experiments": exps, "eval": ev, "boot": boot}
+    for arm in plan_arms(cfg):  # every arm's run config, checked now (with a stand-in data file)
+        validate_config(arm_run_config(cfg, arm, 0, "train.jsonl", "out"))
+    return cfg
+
+
+def plan_arms(cfg: dict) -> list:
+    """The arms of every experiment: LoRA at each rank, then full SFT (``name``, ``method``, ``rank``)."""
+    arms = [{"name": f"lora-r{r}", "method": "lora", "rank": r} for r in cfg["arms"]["ranks"]]
+    if cfg["arms"]["full"]:
+        arms.append({"name": "full", "method": "full", "rank": None})
+    return arms
+
+
+def arm_run_config(cfg: dict, arm: dict, seed: int, train_file: str, output_dir: str) -> dict:
+    """The ``rankwise train`` config of one arm of one seed."""
+    run = merged(cfg["run"], cfg["full"]) if arm["method"] == "full" else copy.deepcopy(cfg["run"])
+    run["method"] = arm["method"]
+    run["output_dir"] = str(output_dir)
+    run["data"] = merged(run.get("data") or {}, {"train": str(train_file), "format": "prompt_completion"})
+    run["train"] = merged(run.get("train") or {}, {"seed": int(seed)})
+    run["eval"] = merged(run.get("eval") or {}, {"every": 0, "generate": False})
+    run.setdefault("log", {}).setdefault("progress", False)
+    if arm["method"] == "lora":
+        run["lora"] = merged(run.get("lora") or {}, {"r": arm["rank"],
+                                                     "alpha": cfg["arms"]["alpha_per_rank"] * arm["rank"]})
+    else:
+        run.pop("lora", None)
+        run.pop("quantization", None)
+    return run
+
+
+def read_spec(spec: dict, where: str) -> list:
+    """The items of one task spec: its rows, those of its ``subjects`` only, the first ``limit``."""
+    items = read_task(spec["task"], spec["data"], cop_base=spec["cop_base"], config=spec["config"])
+    if spec["subjects"] is not None:
+        keep = set(spec["subjects"])
+        items = [it for it in items if it["subject"] in keep]
+        if not items:
+            raise ConfigError(f"study config: {where}: no rows of the subjects {', '.join(spec['subjects'])}")
+    return items[:spec["limit"]]
+
+
+def load_sets(cfg: dict) -> dict:
+    """Every experiment's items: ``{experiment: {"train": [...], "validation": [...], set: [...]}}``; the
+    validation items are ``validation`` rows of the training set drawn with a fixed seed (never trained on)."""
+    out = {}
+    for e in cfg["experiments"]:
+        t = e["train"]
+        items = read_spec(t, f"{e['name']}.train")
+        n_val = t["validation"]
+        if n_val >= len(items):
+            raise ConfigError(f"study config: experiment {e['name']}: validation ({n_val}) leaves no training rows "
+                              f"of {len(items)}")
+        held = set(random.Random(f"validation:{e['name']}").sample(range(len(items)), n_val))
+        sets = {"train": [it for i, it in enumerate(items) if i not in held],
+                "validation": [it for i, it in enumerate(items) if i in held]}
+        for name, s in e["eval"].items():
+            sets[name] = read_spec(s, f"{e['name']}.eval.{name}")
+        out[e["name"]] = sets
+    return out

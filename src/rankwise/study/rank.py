@@ -1,0 +1,271 @@
+"""The rank study (Rathore et al., 2025) on a real model: LoRA ranks against full SFT, per experiment (one
+training task), scored in and out of domain, with intervals over items and seeds, and verdicts.
+
+For each experiment and seed: the training rows (``prompt`` + ``completion`` of the task's items, the last
+``validation`` items held back) are written once; the LoRA arms train together in one pass
+(``rankwise.together.train_group``, as ``rankwise sweep --together`` and the demo do) or one by one
+(``arms.together: false``), full SFT alone (``rankwise.train.train``); every run resumes where it stopped.
+The base model and every arm answer every evaluation set greedily (``rankwise.evaluate.generate_answers``),
+scored by ``rankwise.study_tasks.score``; the 0/1 results per item are cached per arm and seed.
+
+Findings (``results.json["findings"]``, ``claim``, ``source``, ``effect``, ``ci95``, ``verdict``; a positive
+effect is the claim), per experiment: a recall experiment (MMLU, MedMCQA) judges ``recall_rank_flat`` (the
+spread between the best and worst rank on in-domain accuracy lies within 5 points); a reasoning experiment
+(GSM8K, MathQA) ``reasoning_mid_rank`` (the middle ranks minus the lowest and highest); both
+``lora_vs_sft`` (the best rank on the validation items minus full SFT, in domain), ``lora_vs_sft_ood`` (the
+same on the out-of-domain sets, each a stratum) and ``norm_log_rank`` (the adapters' update norm grows
+sub-linearly in rank). Findings are named ``<experiment>.<finding>``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..adapter import load_adapter
+from ..analysis.findings import contrast_finding, difference_finding, slope_finding, spread_finding, unmeasured_finding
+from ..analysis.stats import accuracy_with_ci
+from ..atomic import atomic_write_text
+from ..demo.arms import read_json, write_json, write_jsonl
+from ..errors import ConfigError
+from ..evaluate import generate_answers
+from ..model import load_model, load_tokenizer, resolve_device
+from ..outputs import SUMMARY
+from ..study_tasks import score
+from ..together import train_group
+from ..config import parse, settings, settings_hash
+from ..train import CHECKPOINT, finished_summary, train
+from .config import arm_run_config, plan_arms
+
+log = logging.getLogger("rankwise")
+
+SOURCE = "Rathore et al. 2025 (arXiv 2512.15634)"
+FLAT_WITHIN = 0.05
+
+
+def arm_dir(out: Path, exp: str, seed: int, arm: dict) -> Path:
+    return out / "arms" / exp / f"seed{seed}" / arm["name"]
+
+
+def train_arms(cfg: dict, out: Path, exp: str, seed: int, train_file: Path) -> dict:
+    """Train (or reuse, or resume) every arm of one experiment and seed; ``{arm name: summary}``."""
+    arms = plan_arms(cfg)
+    runs = {a["name"]: arm_run_config(cfg, a, seed, str(train_file), str(arm_dir(out, exp, seed, a))) for a in arms}
+    done = lambda a: any((arm_dir(out, exp, seed, a) / n).exists() for n in (SUMMARY, CHECKPOINT))  # noqa: E731
+    group = [a for a in arms if a["method"] == "lora" and not done(a)]
+    summaries = {}
+    if cfg["arms"]["together"] and len(group) >= 2:
+        names = [a["name"] for a in group]
+        ckpt = out / "together" / exp / f"seed{seed}"
+        for name, summ in zip(names, train_group(names, [runs[n] for n in names], str(ckpt))):
+            summaries[name] = summ
+    for a in arms:
+        if a["name"] in summaries:
+            continue
+        if (arm_dir(out, exp, seed, a) / SUMMARY).exists():  # finished: reused if its settings are these
+            run = parse(runs[a["name"]])
+            summaries[a["name"]] = finished_summary(run, settings(run))
+        else:
+            summaries[a["name"]] = train(runs[a["name"]], resume=True)
+        if summaries[a["name"]].get("status") == "failed":
+            raise ConfigError(f"study arm {exp}/{a['name']} (seed {seed}) failed: "
+                              f"{summaries[a['name']].get('reason') or 'see its failed.json'}")
+    return summaries
+
+
+def arm_model(cfg: dict, arm: dict, path: Path, device):
+    """The model an arm evaluates: the base (``arm`` None), the base with the LoRA adapter, or the full model."""
+    run = cfg["run"]
+    kw = dict(dtype=run.get("dtype", "auto"), device=device)
+    if arm is not None and arm["method"] == "full":
+        return load_model(str(path / "model"), **kw)
+    model = load_model(run["model"], quantization=run.get("quantization", "none"), **kw)
+    if arm is not None:
+        load_adapter(model, str(path / "adapter"))
+    model.eval()
+    return model
+
+
+def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
+    """``{set: [0/1 per item]}``: greedy answers of every set in one batched pass, scored."""
+    items = [(name, it) for name, xs in sets.items() for it in xs]
+    outs = generate_answers(model, tok, [it["prompt"] for _, it in items], max_new_tokens=ev["max_new_tokens"],
+                            batch_size=ev["batch_size"])
+    got = {name: [] for name in sets}
+    for (name, it), o in zip(items, outs):
+        got[name].append(int(score(o[0], it, ev["flexible"])))
+    return got
+
+
+def eval_key(cfg: dict, sets: dict, summary) -> str:
+    """What an arm's cached results depend on: its run's settings (the base: the model and its loading keys),
+    the generation settings and every item's prompt and answer."""
+    run = {k: cfg["run"].get(k) for k in ("model", "tokenizer", "dtype", "quantization")}
+    items = {name: [[it["prompt"], it["answer"]] for it in xs] for name, xs in sets.items()}
+    return settings_hash({"arm": summary["settings_hash"] if summary else run, "eval": cfg["eval"], "items": items})
+
+
+def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summaries: dict) -> dict:
+    """``{"base" | arm name: {set: [0/1]}}`` of one experiment and seed (cached in ``eval/``, keyed by
+    ``eval_key``: results of other settings or items are computed again)."""
+    device = resolve_device(cfg["run"].get("train", {}).get("device", "auto"))
+    tok = load_tokenizer(cfg["run"].get("tokenizer") or cfg["run"]["model"])
+    res = {}
+    for arm in [None, *plan_arms(cfg)]:
+        name = "base" if arm is None else arm["name"]
+        cache = out / "eval" / exp / (f"{name}.json" if arm is None else f"seed{seed}-{name}.json")
+        key = eval_key(cfg, sets, None if arm is None else summaries[name])
+        got = read_json(cache)
+        if not isinstance(got, dict) or got.get("key") != key:
+            model = arm_model(cfg, arm, None if arm is None else arm_dir(out, exp, seed, arm), device)
+            got = {"key": key, "results": evaluate_sets(model, tok, sets, cfg["eval"])}
+            del model
+            write_json(cache, got)
+        res[name] = got["results"]
+    return res
+
+
+def run_experiment(cfg: dict, out: Path, exp: dict, sets: dict) -> dict:
+    """Every seed of one experiment: ``{"evals": {seed: {arm: {set: [0/1]}}}, "summaries": {seed: ...}}``."""
+    name = exp["name"]
+    eval_sets = {"validation": sets["validation"], **{k: sets[k] for k in exp["eval"]}}
+    evals, summaries = {}, {}
+    for seed in cfg["seeds"]:
+        train_file = out / "data" / name / "train.jsonl"
+        if not train_file.exists():
+            write_jsonl(train_file, [{"prompt": it["prompt"], "completion": it["completion"]}
+                                     for it in sets["train"]])
+        summaries[seed] = train_arms(cfg, out, name, seed, train_file)
+        evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed])
+    return {"evals": evals, "summaries": summaries}
+
+
+# ----------------------------------------------------------------------------- numbers and findings
+
+def matrix(evals: dict, seeds: list, arm: str, name: str) -> np.ndarray:
+    return np.asarray([evals[s][arm][name] for s in seeds], dtype=np.float64)
+
+
+def summarize(cfg: dict, exp: dict, got: dict) -> list:
+    """Per arm (the base first), per set: the mean over items and seeds, its 95 % interval, n and per-seed means."""
+    seeds, b = cfg["seeds"], cfg["boot"]
+    rows = []
+    for arm in [{"name": "base", "method": "none", "rank": None}, *plan_arms(cfg)]:
+        row = {"name": arm["name"], "method": arm["method"], "rank": arm["rank"]}
+        for name in ["validation", *exp["eval"]]:
+            m = matrix(got["evals"], seeds, arm["name"], name)
+            if m.shape[1] == 0:
+                row[name] = None
+                continue
+            a = accuracy_with_ci(m, n_boot=b["n_boot"], seed=b["seed"])
+            row[name] = {"mean": a["value"]["mean"], "ci95": a["ci95"]["mean"], "n": a["n"]["mean"],
+                         "seeds": dict(zip(map(str, seeds), a["seeds"]["mean"]))}
+        if arm["method"] != "none":
+            row["train_loss"] = [got["summaries"][s][arm["name"]].get("train_loss") for s in seeds]
+            row["delta_norm"] = [got["summaries"][s][arm["name"]].get("delta_norm") for s in seeds]
+        rows.append(row)
+    return rows
+
+
+def chosen_rank(cfg: dict, rows: list):
+    """The rank with the best validation accuracy (the lower rank on a tie); the highest without validation."""
+    lora = [r for r in rows if r["method"] == "lora"]
+    if not lora[0].get("validation"):
+        return cfg["arms"]["ranks"][-1]
+    return max(lora, key=lambda r: (r["validation"]["mean"], -r["rank"]))["rank"]
+
+
+def findings(cfg: dict, exp: dict, got: dict, rows: list) -> list:
+    """The experiment's findings (see the module docstring)."""
+    seeds, ranks, e = cfg["seeds"], cfg["arms"]["ranks"], exp["name"]
+    b = {"n_boot": cfg["boot"]["n_boot"], "boot_seed": cfg["boot"]["seed"]}
+    ins = [k for k, s in exp["eval"].items() if s["domain"] == "in"]
+    side = lambda arm, names: (np.concatenate([matrix(got["evals"], seeds, arm, n) for n in names], axis=1),  # noqa
+                               [n for n in names for _ in range(len(got["evals"][seeds[0]][arm][n]))])
+    lora = {k: side(f"lora-r{k}", ins) for k in ranks}
+    res = []
+    if exp["kind"] == "recall":
+        res.append(spread_finding(
+            f"{e}.recall_rank_flat", f"On in-domain recall every LoRA rank scores within {FLAT_WITHIN:.0%} of the "
+            "others (the spread between the best and worst rank).", SOURCE, [lora[k][0] for k in ranks],
+            lora[ranks[0]][1], within=FLAT_WITHIN, names=[f"lora-r{k}" for k in ranks],
+            metric="in-domain accuracy", **b))
+    elif len(ranks) >= 3:
+        mid, ends = ranks[1:-1], [ranks[0], ranks[-1]]
+        res.append(contrast_finding(
+            f"{e}.reasoning_mid_rank", f"On in-domain reasoning the middle ranks ({', '.join(map(str, mid))}) beat "
+            f"the lowest and highest ({ranks[0]}, {ranks[-1]}).", SOURCE, [lora[k][0] for k in mid],
+            [lora[k][0] for k in ends], lora[ranks[0]][1], plus_names=[f"lora-r{k}" for k in mid],
+            minus_names=[f"lora-r{k}" for k in ends], metric="in-domain accuracy", **b))
+    else:
+        res.append(unmeasured_finding(f"{e}.reasoning_mid_rank", "Middle ranks beat the ends on reasoning.",
+                                      SOURCE, "fewer than three ranks"))
+    res += _versus_sft(cfg, exp, got, rows, side, b)
+    res.append(_norm(cfg, exp, got, b))
+    return res
+
+
+def _versus_sft(cfg, exp, got, rows, side, b) -> list:
+    e, outs = exp["name"], [k for k, s in exp["eval"].items() if s["domain"] == "out"]
+    ins = [k for k, s in exp["eval"].items() if s["domain"] == "in"]
+    if not cfg["arms"]["full"]:
+        why = "no full SFT arm (arms.full: false)"
+        return [unmeasured_finding(f"{e}.lora_vs_sft", "LoRA matches or beats full SFT.", SOURCE, why),
+                unmeasured_finding(f"{e}.lora_vs_sft_ood", "LoRA matches or beats full SFT out of domain.", SOURCE, why)]
+    k = chosen_rank(cfg, rows)
+    res = []
+    for fid, names, where in ((f"{e}.lora_vs_sft", ins, "in domain"), (f"{e}.lora_vs_sft_ood", outs, "out of domain")):
+        if not names:
+            res.append(unmeasured_finding(fid, f"LoRA matches or beats full SFT {where}.", SOURCE,
+                                          "no out-of-domain evaluation set"))
+            continue
+        (la, labels), (fa, _) = side(f"lora-r{k}", names), side("full", names)
+        res.append(difference_finding(fid, f"LoRA (r = {k}, the best rank on validation items) matches or beats "
+                                      f"full SFT {where}.", SOURCE, la, fa, labels, a_name=f"lora-r{k}",
+                                      b_name="full", metric=f"accuracy {where} (each set a stratum)", **b))
+    return res
+
+
+def _norm(cfg: dict, exp: dict, got: dict, b: dict) -> dict:
+    ranks, seeds, e = cfg["arms"]["ranks"], cfg["seeds"], exp["name"]
+    norms = [[got["summaries"][s][f"lora-r{k}"].get("delta_norm") for s in seeds] for k in ranks]
+    if len(ranks) < 3 or any(x is None for xs in norms for x in xs):
+        return unmeasured_finding(f"{e}.norm_log_rank", "The update's norm grows sub-linearly in rank.", SOURCE,
+                                  "fewer than three ranks, or an adapter without its update norm")
+    arms = [np.asarray(xs, dtype=np.float64).reshape(len(seeds), 1) for xs in norms]
+    return slope_finding(f"{e}.norm_log_rank", "The update's Frobenius norm grows sub-linearly in rank (log-log "
+                         "slope below 1).", SOURCE, arms, ranks, metric="adapter update Frobenius norm", **b)
+
+
+def report(results: dict) -> str:
+    """``report.md``: the findings first, then each experiment's arms."""
+    lines = ["# rankwise study: LoRA ranks against full SFT", "", "## Findings", "",
+             "| finding | effect | 95 % interval | verdict |", "| --- | ---: | --- | --- |"]
+    for f in results["findings"]:
+        eff = "-" if f.get("effect") is None else f"{f['effect']:+.3f}"
+        ci = "-" if None in (f.get("ci95") or [None]) else f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]"
+        lines.append(f"| {f['id']} | {eff} | {ci} | {f['verdict']}{' (' + f['why'] + ')' if f.get('why') else ''} |")
+    for name, exp in results["experiments"].items():
+        sets = [k for k in exp["arms"][0] if isinstance(exp["arms"][0][k], dict)]
+        lines += ["", f"## {name} ({exp['kind']})", "", "| arm | " + " | ".join(sets) + " |",
+                  "| --- |" + " ---: |" * len(sets)]
+        for row in exp["arms"]:
+            cells = [f"{row[s]['mean']:.3f} [{row[s]['ci95'][0]:.3f}, {row[s]['ci95'][1]:.3f}]" if row.get(s) else "-"
+                     for s in sets]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_rank_study(cfg: dict, out: Path, sets: dict) -> dict:
+    """Every experiment, then ``results.json`` and ``report.md`` in ``out``; returns the results."""
+    results = {"study": "rank", "seeds": cfg["seeds"], "experiments": {}, "findings": []}
+    for exp in cfg["experiments"]:
+        got = run_experiment(cfg, out, exp, sets[exp["name"]])
+        rows = summarize(cfg, exp, got)
+        results["experiments"][exp["name"]] = {"kind": exp["kind"], "arms": rows, "chosen_rank": chosen_rank(cfg, rows),
+                                               "sizes": {k: len(v) for k, v in sets[exp["name"]].items()}}
+        results["findings"] += findings(cfg, exp, got, rows)
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", report(results))
+    return results

@@ -1,0 +1,159 @@
+"""``rankwise study``: the rank protocol end to end on a tiny Llama with fixture files in each data set's real
+schema (a reasoning experiment, GSM8K in domain and MathQA out of domain, and a recall one, MMLU), the results'
+intervals and verdicts, a second run that reuses everything, and the refusals (one line, nothing written)."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_data import build_tiny_llama
+
+import rankwise.study.rank as rank
+from rankwise.cli import main as cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VERDICTS = {"reproduced", "contradicted", "inconclusive"}
+
+
+def gsm8k_rows(n, offset=0):
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({"question": f"Ann has {a} pens and buys {b} more. How many pens?",
+                     "answer": f"{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+    return rows
+
+
+def mathqa_rows(n):
+    return [{"Problem": f"what is {i} + 1 ?", "Rationale": f"\"{i} + 1 = {i + 1}\"",
+             "options": f"a ) {i + 1} , b ) {i} , c ) {i + 2} , d ) 0 , e ) 1", "correct": "a",
+             "annotated_formula": f"add({i}, const_1)", "linear_formula": f"add(n0,const_1)|", "category": "general"}
+            for i in range(n)]
+
+
+def mmlu_rows(n):
+    return [{"question": f"Which letter is number {i % 4}?", "subject": "letters", "choices": ["a", "b", "c", "d"],
+             "answer": i % 4} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    (d / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(14)))
+    (d / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(6, 50)))
+    (d / "mathqa_test.json").write_text(json.dumps(mathqa_rows(5)))
+    pq.write_table(pa.Table.from_pylist(mmlu_rows(12)), d / "mmlu_train.parquet")
+    pq.write_table(pa.Table.from_pylist(mmlu_rows(8)), d / "mmlu_test.parquet")
+    return {"dir": d, "model": build_tiny_llama(d / "model")}
+
+
+def config(files, out, **over):
+    d = files["dir"]
+    cfg = {"study": "rank", "output_dir": str(out),
+           "run": {"model": files["model"], "data": {"max_length": 192},
+                   "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 0, "save_every": 0}},
+           "full": {"train": {"lr": 1e-3}},
+           "arms": {"ranks": [1, 2, 4], "full": True}, "seeds": [0, 1],
+           "experiments": [
+               {"name": "gsm8k", "train": {"task": "gsm8k", "data": str(d / "gsm8k_train.jsonl"), "validation": 4},
+                "eval": {"gsm8k": {"task": "gsm8k", "data": str(d / "gsm8k_test.jsonl")},
+                         "mathqa": {"task": "mathqa", "data": str(d / "mathqa_test.json"), "domain": "out"}}},
+               {"name": "mmlu", "train": {"task": "mmlu", "data": str(d / "mmlu_train.parquet")},
+                "eval": {"mmlu": {"task": "mmlu", "data": str(d / "mmlu_test.parquet")}}}],
+           "eval": {"max_new_tokens": 6, "batch_size": 16}, "boot": {"n_boot": 200}}
+    cfg.update(over)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    assert cli(["study", config(files, out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["experiments"]) == {"gsm8k", "mmlu"}
+    g = res["experiments"]["gsm8k"]
+    assert g["kind"] == "reasoning" and g["sizes"] == {"train": 10, "validation": 4, "gsm8k": 6, "mathqa": 5}
+    assert [r["name"] for r in g["arms"]] == ["base", "lora-r1", "lora-r2", "lora-r4", "full"]
+    for row in g["arms"]:
+        for s, n in (("validation", 4), ("gsm8k", 6), ("mathqa", 5)):
+            cell = row[s]
+            assert cell["n"] == n and set(cell["seeds"]) == {"0", "1"} and len(cell["ci95"]) == 2
+            assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    assert all(len(r["delta_norm"]) == 2 for r in g["arms"][1:4])
+    ids = [f["id"] for f in res["findings"]]
+    assert ids == ["gsm8k.reasoning_mid_rank", "gsm8k.lora_vs_sft", "gsm8k.lora_vs_sft_ood", "gsm8k.norm_log_rank",
+                   "mmlu.recall_rank_flat", "mmlu.lora_vs_sft", "mmlu.lora_vs_sft_ood", "mmlu.norm_log_rank"]
+    for f in res["findings"]:
+        assert f["verdict"] in VERDICTS and {"claim", "source", "effect", "ci95"} <= set(f)
+    assert next(f for f in res["findings"] if f["id"] == "mmlu.lora_vs_sft_ood")["why"] == \
+        "no out-of-domain evaluation set"
+    assert "gsm8k.reasoning_mid_rank" in (out / "report.md").read_text()
+    assert (out / "arms" / "gsm8k" / "seed1" / "lora-r2" / "adapter" / "adapter_config.json").exists()
+    assert "results:" in capsys.readouterr().out
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished study trains again")
+
+    monkeypatch.setattr(rank, "train", no_training)
+    monkeypatch.setattr(rank, "train_group", no_training)
+    monkeypatch.setattr(rank, "generate_answers", no_training)
+    assert cli(["study", config(files, out)]) == 0
+    assert json.loads((out / "results.json").read_text()) == res
+    changed = config(files, out, full={"train": {"lr": 2e-3}})  # a finished arm of other settings: refused
+    assert cli(["study", changed]) == 2
+    err = capsys.readouterr().err
+    assert "finished run trained with other settings" in err and "train.lr" in err
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"arms": {"ranks": [0, 2]}}, "arms.ranks must be a non-empty list of distinct integers >= 1"),
+    ({"runs": {}}, "unknown key 'runs'"),
+    ({"run": {"model": "m", "train": {"lrr": 1}}}, "lrr"),
+    ({"run": {"output_dir": "x"}}, "run.output_dir is set by the study"),
+    ({"study": "ranks"}, "study must be one of rank"),
+    ({"experiments": [{"name": "x", "train": {"task": "gsm8k", "data": "GSM"},
+                       "eval": {"y": {"task": "mmlu", "data": "MMLU", "subjects": ["law"]}}}]},
+     "x.eval.y: no rows of the subjects law"),
+    ({"experiments": [{"name": "x", "train": {"task": "gsm8k", "data": "/no/such.jsonl"},
+                       "eval": {"x": {"task": "gsm8k", "data": "/no/such.jsonl"}}}]}, "/no/such.jsonl"),
+    ({"experiments": [{"name": "x", "train": {"task": "mathqa", "data": "GSM"}, "eval": {"x": {"task": "gsm8k",
+                                                                                              "data": "GSM"}}}]},
+     "needs 'Problem'"),
+    ({"experiments": [{"name": "x", "train": {"task": "gsm8k", "data": "GSM"},
+                       "eval": {"validation": {"task": "gsm8k", "data": "GSM"}}}]}, "that name is the study's own"),
+])
+def test_a_bad_study_is_one_line_and_writes_nothing(files, tmp_path, capsys, change, words):
+    change = json.loads(json.dumps(change).replace("GSM", str(files["dir"] / "gsm8k_test.jsonl"))
+                        .replace("MMLU", str(files["dir"] / "mmlu_test.parquet")))
+    out = tmp_path / "never"
+    assert cli(["study", config(files, out, **change)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_the_example_studies_are_valid_configs():
+    from pathlib import Path
+
+    from rankwise.config import load_yaml
+    from rankwise.study.config import plan_arms, validate_study
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "studies"
+    found = sorted(root.glob("*.yaml"))
+    assert len(found) >= 2
+    for path in found:
+        cfg = validate_study(load_yaml(path))
+        assert [a["name"] for a in plan_arms(cfg)][-1] == "full" and cfg["experiments"]
+
+
+def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):
+    from rankwise.errors import ConfigError
+    from rankwise.study_tasks import read_task
+
+    with pytest.raises(ConfigError, match="cannot load the Hub data set 'no-such/dataset' \\(config 'main', split "
+                                          "'test'\\)") as e:
+        read_task("gsm8k", "no-such/dataset:test", config="main")
+    assert "\n" not in str(e.value)
