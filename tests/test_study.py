@@ -157,3 +157,37 @@ def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):
                                           "'test'\\)") as e:
         read_task("gsm8k", "no-such/dataset:test", config="main")
     assert "\n" not in str(e.value)
+
+
+def test_lm_eval_tasks_are_scored_for_every_arm_and_folded_into_the_tables(files, tmp_path):
+    """eval.lm_eval runs lm-evaluation-harness (a local task YAML: no download) on the base and every arm; its
+    per-sample scores get the same intervals as the study's own sets."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    rows = tmp_path / "mc.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in mmlu_rows(9)))
+    (d / "tiny_mc.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(rows)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    out = tmp_path / "lme"
+    base = yaml.safe_load(open(config(files, out)))
+    over = {"experiments": base["experiments"][1:], "arms": {"ranks": [1, 2], "full": False}, "seeds": [0],
+            "eval": {**base["eval"], "lm_eval": {"tasks": ["tiny_mc"], "limit": 7, "include_path": str(d)}}}
+    assert cli(["study", config(files, out, **over)]) == 0
+    rows = json.loads((out / "results.json").read_text())["experiments"]["mmlu"]["arms"]
+    assert [r["name"] for r in rows] == ["base", "lora-r1", "lora-r2"]
+    for r in rows:
+        cell = r["lm_eval:tiny_mc"]
+        assert cell["n"] == 7 and cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    assert "lm_eval:tiny_mc" in (out / "report.md").read_text()
+
+
+def test_an_unknown_lm_eval_task_is_one_line_before_anything_is_written(files, tmp_path, capsys):
+    out = tmp_path / "never"
+    base = yaml.safe_load(open(config(files, out)))
+    assert cli(["study", config(files, out, eval={**base["eval"], "lm_eval": {"tasks": ["no_such_task_x"]}})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no task 'no_such_task_x'" in err and len(err.splitlines()) == 1
+    assert not out.exists()

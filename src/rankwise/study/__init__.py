@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import load_yaml
 from ..ownership import check_output, claim
-from .config import load_sets, validate_study
+from .config import check_lm_eval_tasks, load_sets, validate_study
 from .rank import run_rank_study
 
 
@@ -42,6 +42,7 @@ def main(args) -> int:
         raw["output_dir"] = args.out
     cfg = validate_study(raw)
     sets = load_sets(cfg)
+    check_lm_eval_tasks(cfg)
     out = Path(cfg["output_dir"])
     check_output(out, force=args.force, flag="--out", kinds=["study"], inputs=_inputs(cfg))
     c = claim(out, "study", lock=True, flag="--out")

@@ -25,6 +25,7 @@ the study writes anything.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 from typing import Any, Mapping
 
@@ -35,7 +36,8 @@ from ..study_tasks import REASONING, TASKS, read_task
 STUDIES = ("rank",)
 TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
 ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
-EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True}
+EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True, "lm_eval": None}
+LM_EVAL = {"tasks": [], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 8, "metric": None}
 BOOT = {"n_boot": 2000, "seed": 0}
 RUN_OWNED = ("output_dir", "method")  # set per arm by the study
 DOMAINS = ("in", "out")
@@ -117,6 +119,23 @@ def _experiment(spec, i: int) -> dict:
     return {"name": name, "kind": kind, "train": train, "eval": sets}
 
 
+def _lm_eval(spec):
+    """``eval.lm_eval`` checked: lm-evaluation-harness tasks every arm is scored on too (None: none)."""
+    if spec is None:
+        return None
+    spec = merged(LM_EVAL, _mapping(spec, "eval.lm_eval"))
+    _known(spec, LM_EVAL, "eval.lm_eval.")
+    tasks = spec["tasks"]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError("study config: eval.lm_eval.tasks must be a non-empty list of lm-evaluation-harness task names")
+    if spec["limit"] is not None and (isinstance(spec["limit"], bool) or not isinstance(spec["limit"], int)
+                                      or spec["limit"] < 1):
+        raise ConfigError("study config: eval.lm_eval.limit must be a positive integer")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("study config: eval.lm_eval needs lm-evaluation-harness (pip install lm-eval)")
+    return spec
+
+
 def validate_study(raw: Any) -> dict:
     """The checked study config with defaults filled (see the module docstring); ``ConfigError`` otherwise."""
     raw = _mapping(raw, "the file")
@@ -144,6 +163,7 @@ def validate_study(raw: Any) -> dict:
         raise ConfigError("study config: two experiments share a name")
     ev, boot = merged(EVAL, _mapping(raw.get("eval"), "eval")), merged(BOOT, _mapping(raw.get("boot"), "boot"))
     _known(ev, EVAL, "eval.")
+    ev["lm_eval"] = _lm_eval(ev["lm_eval"])
     _known(boot, BOOT, "boot.")
     out = raw.get("output_dir")
     if not isinstance(out, str) or not out:
@@ -190,6 +210,21 @@ def read_spec(spec: dict, where: str) -> list:
         if not items:
             raise ConfigError(f"study config: {where}: no rows of the subjects {', '.join(spec['subjects'])}")
     return items[:spec["limit"]]
+
+
+def check_lm_eval_tasks(cfg: dict) -> None:
+    """Every ``eval.lm_eval`` task is one lm-evaluation-harness knows (with ``include_path``'s own), before any
+    work; ``ConfigError`` naming the first unknown one."""
+    spec = cfg["eval"]["lm_eval"]
+    if not spec:
+        return
+    from lm_eval.tasks import TaskManager  # optional dependency: lm-evaluation-harness
+
+    known = set(TaskManager(include_path=spec["include_path"]).all_tasks)
+    missing = [t for t in spec["tasks"] if t not in known]
+    if missing:
+        raise ConfigError(f"study config: eval.lm_eval.tasks: lm-evaluation-harness has no task {missing[0]!r}"
+                          + (f" (nor has {spec['include_path']})" if spec["include_path"] else ""))
 
 
 def load_sets(cfg: dict) -> dict:

@@ -87,6 +87,26 @@ def arm_model(cfg: dict, arm: dict, path: Path, device):
     return model
 
 
+def lm_eval_scores(model, tok, spec: dict, device) -> dict:
+    """``{"lm_eval:<task>": [score per sample]}`` of lm-evaluation-harness's ``spec["tasks"]`` on ``model``
+    (its ``metric``, else each task's first; samples in document order; ``include_path`` for local task YAMLs)."""
+    from lm_eval import simple_evaluate  # optional dependency: lm-evaluation-harness
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tok, device=str(device), batch_size=spec["batch_size"])
+    r = simple_evaluate(model=lm, tasks=list(spec["tasks"]), task_manager=TaskManager(include_path=spec["include_path"]),
+                        limit=spec["limit"], num_fewshot=spec["num_fewshot"], log_samples=True, bootstrap_iters=0)
+    out = {}
+    for task in spec["tasks"]:
+        samples = sorted(r["samples"].get(task, []), key=lambda x: x["doc_id"])
+        if not samples:
+            raise ConfigError(f"eval.lm_eval: the task {task} gave no samples (a group of tasks: name its members)")
+        metric = spec["metric"] or samples[0]["metrics"][0]
+        out[f"lm_eval:{task}"] = [float(x[metric]) for x in samples]
+    return out
+
+
 def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
     """``{set: [0/1 per item]}``: greedy answers of every set in one batched pass, scored."""
     items = [(name, it) for name, xs in sets.items() for it in xs]
@@ -119,7 +139,10 @@ def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summari
         got = read_json(cache)
         if not isinstance(got, dict) or got.get("key") != key:
             model = arm_model(cfg, arm, None if arm is None else arm_dir(out, exp, seed, arm), device)
-            got = {"key": key, "results": evaluate_sets(model, tok, sets, cfg["eval"])}
+            results = evaluate_sets(model, tok, sets, cfg["eval"])
+            if cfg["eval"]["lm_eval"]:
+                results.update(lm_eval_scores(model, tok, cfg["eval"]["lm_eval"], device))
+            got = {"key": key, "results": results}
             del model
             write_json(cache, got)
         res[name] = got["results"]
@@ -147,13 +170,18 @@ def matrix(evals: dict, seeds: list, arm: str, name: str) -> np.ndarray:
     return np.asarray([evals[s][arm][name] for s in seeds], dtype=np.float64)
 
 
+def lm_eval_sets(cfg: dict) -> list:
+    spec = cfg["eval"]["lm_eval"]
+    return [f"lm_eval:{t}" for t in spec["tasks"]] if spec else []
+
+
 def summarize(cfg: dict, exp: dict, got: dict) -> list:
     """Per arm (the base first), per set: the mean over items and seeds, its 95 % interval, n and per-seed means."""
     seeds, b = cfg["seeds"], cfg["boot"]
     rows = []
     for arm in [{"name": "base", "method": "none", "rank": None}, *plan_arms(cfg)]:
         row = {"name": arm["name"], "method": arm["method"], "rank": arm["rank"]}
-        for name in ["validation", *exp["eval"]]:
+        for name in ["validation", *exp["eval"], *lm_eval_sets(cfg)]:
             m = matrix(got["evals"], seeds, arm["name"], name)
             if m.shape[1] == 0:
                 row[name] = None
