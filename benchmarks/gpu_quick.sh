@@ -138,7 +138,7 @@ for s in "${stages[@]}"; do
   case "$s" in
     kernels) stage gpu_kernels 240 python3 -m pytest -q -rs -m gpu -p no:randomly tests/test_gpu_kernels.py \
                tests/test_gpu_norm_swiglu.py tests/test_nf4.py tests/test_nf4_lora.py tests/test_masking.py \
-               tests/test_tuning.py tests/test_together.py tests/test_analysis_cli.py ;;
+               tests/test_tuning.py tests/test_together.py tests/test_analysis_cli.py tests/test_graphs.py ;;
     profile) stage profile_step 90 python3 -m benchmarks.profile_step --out "$R" ;;
     lora) stage bench_lora 150 python3 -m benchmarks.bench_lora --no-compile --tokens 8192 --out "$R" ;;
     train) stage bench_train 480 python3 -m benchmarks.bench_train --out "$R" --steps 6 --profile-steps 2 \

@@ -31,6 +31,10 @@ non-finite is ever saved), ``"drop"`` stops that arm alone (no more steps, no mo
 rows in the stacked batch, its status ``failed`` with the same line) while the
 others go on; no term crosses arms, so an arm's NaN never reaches another arm.
 
+With ``train.cuda_graphs`` on CUDA (``rankwise.graphs``) the step of the live arms is captured once as a CUDA
+graph (``graphs.StepGraph``: the micro-batches padded to one shape, the learning rates and the token count in
+device tensors) and replayed; the windows, checks, rows and saves around it are the same.
+
 Early stopping (``train.early_stop``): on each evaluation step an arm whose watched
 metric has not improved by more than ``min_delta`` for ``patience`` evaluations stops
 there, finished (``Arm.stopped``: its outputs are its weights of that step, its summary
