@@ -1,10 +1,13 @@
 """Helpers shared by the kernel tests: relative error against a float64 reference, a
 check that says where and by how much a tensor is off, and an aot_eager backend that
 keeps the graphs it compiles (to see which ops a compiled function calls)."""
+import contextlib
 import copy
 import math
 
 import torch
+
+import rankwise.fit as rfit
 
 
 def rel_err(out, ref) -> float:
@@ -253,3 +256,25 @@ def build_perturbed(families: dict, family: str, small: dict, seed: int = 0, **o
         for p in model.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=gen))
     return model
+
+
+class Crash(Exception):
+    """A run cut off (a power cut), raised by ``crash_at``."""
+
+
+@contextlib.contextmanager
+def crash_at(step: int):
+    """Within it, a training loop stops with ``Crash`` when it reaches optimizer step ``step`` (when it asks for
+    that step's learning rate, before anything of the step runs)."""
+    real = rfit.lr_at
+
+    def lr_at(s, *a, **k):
+        if s == step:
+            raise Crash("power cut")
+        return real(s, *a, **k)
+
+    rfit.lr_at = lr_at
+    try:
+        yield
+    finally:
+        rfit.lr_at = real

@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import Crash, crash_at
 from test_data import build_tiny_llama, qa_rows, write_jsonl
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -274,34 +275,19 @@ def test_an_arm_that_stops_leads_to_a_new_capture_of_the_others(cfg, tmp_path, r
     assert [len(c["replays"]) for c in recorder.captures] == [2, 9 - 4 - graphs.WARMUP_STEPS]
 
 
-class Crash(Exception):
-    pass
-
-
-def test_a_captured_run_resumes_bit_identically(cfg, tmp_path, recorder, monkeypatch):
+def test_a_captured_run_resumes_bit_identically(cfg, tmp_path, recorder):
     run = {**cfg, "train": {**cfg["train"], "max_steps": 9, "save_every": 3, "log_every": 3}}
     train({**run, "output_dir": str(tmp_path / "a")})
-    real_lr_at = rfit.lr_at
-
-    def crashing_lr_at(step, *a, **k):
-        if step == 7:
-            raise Crash("power cut")
-        return real_lr_at(step, *a, **k)
-
-    monkeypatch.setattr(rfit, "lr_at", crashing_lr_at)
-    with pytest.raises(Crash):
+    with crash_at(7), pytest.raises(Crash):
         train({**run, "output_dir": str(tmp_path / "b")})
-    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     train({**run, "output_dir": str(tmp_path / "b")}, resume=True)
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses_of(tmp_path / "a") == losses_of(tmp_path / "b")
     recorder.check_replays()
     # a captured run's checkpoint resumes eagerly too (its optimizer's device lr and flags are not taken)
-    monkeypatch.setattr(rfit, "lr_at", crashing_lr_at)
-    with pytest.raises(Crash):
+    with crash_at(7), pytest.raises(Crash):
         train({**run, "output_dir": str(tmp_path / "c")})
-    monkeypatch.setattr(rfit, "lr_at", real_lr_at)
     train({**run, "train": {**run["train"], "cuda_graphs": "off"}, "output_dir": str(tmp_path / "c")}, resume=True)
     assert close(adapter(tmp_path / "c"), a, 1e-5)
 
