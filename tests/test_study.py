@@ -191,3 +191,22 @@ def test_an_unknown_lm_eval_task_is_one_line_before_anything_is_written(files, t
     err = capsys.readouterr().err.strip()
     assert "has no task 'no_such_task_x'" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_plan_prints_the_sizes_and_the_memory_estimates_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    from rankwise import arm_memory
+    from rankwise.study.config import validate_study
+
+    out = tmp_path / "plan"
+    assert cli(["study", config(files, out), "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "gsm8k (reasoning): train 10, validation 4, gsm8k 6, mathqa 5 items; 2 seed(s)" in text
+    assert "LoRA r = 1, 2, 4 together: about" in text and "full SFT: alone" in text
+    assert not out.exists()
+    study = validate_study(yaml.safe_load(open(config(files, out))))
+    run = rank.parse(rank.arm_run_config(study, {"name": "lora-r1", "method": "lora", "rank": 1}, 0, "t.jsonl", "o"))
+    two = arm_memory.estimate_peak_bytes(run, [1, 2])
+    monkeypatch.setattr(rank, "memory_budget", lambda device: two + 1)  # room for two arms, not three
+    assert cli(["study", config(files, out), "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA r = 1, 2 together" in text and "LoRA r = 4 together" in text

@@ -19,13 +19,15 @@ from pathlib import Path
 from ..config import load_yaml
 from ..ownership import check_output, claim
 from .config import check_lm_eval_tasks, load_sets, validate_study
-from .rank import run_rank_study
+from .rank import plan_lines, run_rank_study
 
 
 def add_arguments(p) -> None:
     p.add_argument("config", help="the study's YAML config (see rankwise.study.config)")
     p.add_argument("--out", default=None, help="the output directory (default: the config's output_dir)")
     p.add_argument("--force", action="store_true", help="write into an existing directory rankwise did not make")
+    p.add_argument("--plan", action="store_true", help="read and check everything, print the experiments' sizes and "
+                   "the LoRA groups with their estimated peak memory, and stop (nothing is written)")
 
 
 def _inputs(cfg: dict) -> list:
@@ -43,6 +45,9 @@ def main(args) -> int:
     cfg = validate_study(raw)
     sets = load_sets(cfg)
     check_lm_eval_tasks(cfg)
+    if args.plan:
+        print("\n".join(plan_lines(cfg, sets)))
+        return 0
     out = Path(cfg["output_dir"])
     check_output(out, force=args.force, flag="--out", kinds=["study"], inputs=_inputs(cfg))
     c = claim(out, "study", lock=True, flag="--out")

@@ -26,6 +26,7 @@ import numpy as np
 from ..adapter import load_adapter
 from ..analysis.findings import contrast_finding, difference_finding, slope_finding, spread_finding, unmeasured_finding
 from ..analysis.stats import accuracy_with_ci
+from ..arm_memory import estimate_peak_bytes, memory_budget, plan_groups
 from ..atomic import atomic_write_text
 from ..demo.arms import read_json, write_json, write_jsonl
 from ..errors import ConfigError
@@ -48,16 +49,29 @@ def arm_dir(out: Path, exp: str, seed: int, arm: dict) -> Path:
     return out / "arms" / exp / f"seed{seed}" / arm["name"]
 
 
+def lora_groups(cfg: dict, run: dict, ranks: list) -> list:
+    """The LoRA ranks trained together, in groups whose estimated peak fits the device's free memory
+    (``rankwise.arm_memory.plan_groups``, as ``rankwise sweep`` plans them; one group when it cannot be read,
+    each rank alone with ``arms.together: false``)."""
+    if not cfg["arms"]["together"]:
+        return [[r] for r in ranks]
+    parsed = parse(run)
+    budget = memory_budget(resolve_device(parsed.train.device))
+    return plan_groups(parsed, ranks, budget) if budget and ranks else [list(ranks)]
+
+
 def train_arms(cfg: dict, out: Path, exp: str, seed: int, train_file: Path) -> dict:
     """Train (or reuse, or resume) every arm of one experiment and seed; ``{arm name: summary}``."""
     arms = plan_arms(cfg)
     runs = {a["name"]: arm_run_config(cfg, a, seed, str(train_file), str(arm_dir(out, exp, seed, a))) for a in arms}
     done = lambda a: any((arm_dir(out, exp, seed, a) / n).exists() for n in (SUMMARY, CHECKPOINT))  # noqa: E731
-    group = [a for a in arms if a["method"] == "lora" and not done(a)]
+    todo = [a for a in arms if a["method"] == "lora" and not done(a)]
     summaries = {}
-    if cfg["arms"]["together"] and len(group) >= 2:
-        names = [a["name"] for a in group]
-        ckpt = out / "together" / exp / f"seed{seed}"
+    for ranks in lora_groups(cfg, runs[todo[0]["name"]], [a["rank"] for a in todo]) if todo else []:
+        if len(ranks) < 2:
+            continue
+        names = [f"lora-r{r}" for r in ranks]
+        ckpt = out / "together" / exp / f"seed{seed}" / "+".join(names)
         for name, summ in zip(names, train_group(names, [runs[n] for n in names], str(ckpt))):
             summaries[name] = summ
     for a in arms:
@@ -283,6 +297,24 @@ def report(results: dict) -> str:
                      for s in sets]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plan_lines(cfg: dict, sets: dict) -> list:
+    """What ``rankwise study --plan`` prints: per experiment, its items and, per LoRA group, the memory model's
+    estimate of its peak (``rankwise.arm_memory``; full SFT is not modelled)."""
+    lines = []
+    for exp in cfg["experiments"]:
+        s = sets[exp["name"]]
+        lines.append(f"{exp['name']} ({exp['kind']}): " + ", ".join(f"{k} {len(v)}" for k, v in s.items()) +
+                     f" items; {len(cfg['seeds'])} seed(s)")
+        lora = [a for a in plan_arms(cfg) if a["method"] == "lora"]
+        run = arm_run_config(cfg, lora[0], 0, "train.jsonl", "plan")
+        for ranks in lora_groups(cfg, run, [a["rank"] for a in lora]):
+            gib = estimate_peak_bytes(parse(run), ranks) / 2**30
+            lines.append(f"  LoRA r = {', '.join(map(str, ranks))} together: about {gib:.1f} GiB at peak (estimate)")
+        if cfg["arms"]["full"]:
+            lines.append("  full SFT: alone (its memory is not modelled)")
+    return lines
 
 
 def run_rank_study(cfg: dict, out: Path, sets: dict) -> dict:
