@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import choose_path, parse_choice
+from .tuning import choose_path
 from .utils import BACKENDS, INTERPRET, check_triton_tensor, fused_apply, next_pow2
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -302,23 +302,20 @@ def _chunk_rows(N: int, V: int, H: int, chunk_size: Optional[int]) -> int:
 
 
 # The measured chunking (CUDA, ``chunk_size=None``): wider chunks make wider GEMMs and fewer launches, at the
-# cost of a larger transient (C, V) chunk of logits, so the candidates are the default and its doublings up to
-# the whole batch or _MAX_CHUNK_VALUES logits (256 MiB in bf16), timed once per (rows bucket, V, H, dtype) by
-# ``tuning.choose_path`` (op ``lce``, choices ``fused`` and ``fused:c<rows>``) and cached with the GEMMs'.
+# cost of a larger transient (C, V) chunk of logits. The candidates are the default chunk ("fused") and
+# ``k`` times it ("fused:x<k>"), capped at the batch and at _MAX_CHUNK_VALUES logits (256 MiB in bf16), timed
+# once per (rows bucket, V, H, dtype) by ``tuning.choose_path`` (op ``lce``) and cached with the GEMMs'
+# choices. The names do not depend on the row count, so a cached choice holds for every batch of its bucket.
 _MAX_CHUNK_VALUES = 1 << 27
+CHUNK_MULTIPLES = (2, 4, 8, 16)
 
 
-def chunk_candidates(N: int, V: int, H: int) -> list:
-    """The chunk sizes the measured choice times: the default first, then its doublings while they are
-    below N and hold at most ``_MAX_CHUNK_VALUES`` logits."""
+def chunk_candidates(N: int, V: int, H: int) -> dict:
+    """``{choice: rows per chunk}``: the default chunk, and each multiple of it capped at N and at
+    ``_MAX_CHUNK_VALUES`` logits (never below the default)."""
     first = _chunk_rows(N, V, H, None)
-    out, c = [first], first * 2
-    while c < 2 * N and c * V <= _MAX_CHUNK_VALUES:
-        out.append(min(c, N))
-        if c >= N:
-            break
-        c *= 2
-    return out
+    cap = max(first, _MAX_CHUNK_VALUES // max(V, 1))
+    return {"fused": first, **{f"fused:x{k}": max(first, min(first * k, N, cap)) for k in CHUNK_MULTIPLES}}
 
 
 def _measured_chunk(h, W, b, t, ignore_index: int, backend: str, need: tuple, opt: _Options) -> int:
@@ -326,14 +323,12 @@ def _measured_chunk(h, W, b, t, ignore_index: int, backend: str, need: tuple, op
     measured on CUDA and cached; the default off CUDA, while compiling and while a CUDA graph is captured)."""
     N, V, H = h.shape[0], W.shape[0], W.shape[1]
     sizes = chunk_candidates(N, V, H)
-    if len(sizes) == 1:
-        return sizes[0]
+    if len(set(sizes.values())) == 1:
+        return sizes["fused"]
     g = torch.ones(1, dtype=torch.float32, device=h.device)
     run = lambda c: _fused_pass(h, W, b, t, g, g, ignore_index, c, backend, *need, opt)  # noqa: E731
-    choices = {"fused": lambda: run(sizes[0]), **{f"fused:c{c}": (lambda c=c: run(c)) for c in sizes[1:]}}
-    choice = choose_path("auto", "lce", N, V, H, h, lambda: choices)
-    config = parse_choice(choice)[1]
-    return int(config[1:]) if config and choice in choices else sizes[0]
+    choice = choose_path("auto", "lce", N, V, H, h, lambda: {k: (lambda c=c: run(c)) for k, c in sizes.items()})
+    return sizes.get(choice, sizes["fused"])
 
 
 def _fused_pass(h, W, b, t, g, gz, ignore_index, chunk, backend, need_h, need_W, need_b, opt: _Options,

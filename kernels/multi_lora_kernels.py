@@ -335,6 +335,20 @@ def _tiles(rows, ranks, BM):
     return [(k, i * BM) for k, M_k in enumerate(rows) for i in range(-(-M_k // BM))]
 
 
+# The device tables a CUDA graph captured: a replay reads them at the addresses of the capture, so they must
+# outlive the memo's evictions (other shapes, e.g. evaluation batches, push them out); a few small tensors per
+# capture, kept for the process.
+_CAPTURED: list = []
+
+
+def _kept(tables):
+    """``tables``, also kept in ``_CAPTURED`` while a CUDA graph is being captured."""
+    first = tables[0] if isinstance(tables, tuple) else tables
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.append(tables)
+    return tables
+
+
 @functools.lru_cache(maxsize=128)
 def _arm_tables(rows, ranks, scalings, ps, seeds, device):
     """The per-arm tables on the device, ``(arm_i, arm_f, sum_k M_k r_k)``, memoised:
@@ -376,9 +390,9 @@ def multi_plan(rows, ranks, scalings, dropout_ps, seeds, dtype: torch.dtype, dev
         # accumulators spilled at sm_90 with BM=64 (benchmarks/compile_check.py); BM sizes the tile
         # tables too, so it is chosen here, once, for every skinny kernel
         skinny_cfg = {**skinny_cfg, "BM": 32, "BN": min(skinny_cfg["BN"], 64)}
-    arm_i, arm_f, s_size = _arm_tables(rows, ranks, tuple(scalings), tuple(dropout_ps), tuple(seeds), device)
-    gemm_tiles = _tile_table(rows, ranks, gemm_cfg["BM"], device)
-    skinny_tiles = _tile_table(rows, ranks, skinny_cfg["BM"], device)
+    arm_i, arm_f, s_size = _kept(_arm_tables(rows, ranks, tuple(scalings), tuple(dropout_ps), tuple(seeds), device))
+    gemm_tiles = _kept(_tile_table(rows, ranks, gemm_cfg["BM"], device))
+    skinny_tiles = _kept(_tile_table(rows, ranks, skinny_cfg["BM"], device))
     return MultiPlan(rows, ranks, arm_i, arm_f, gemm_tiles, skinny_tiles, gemm_cfg, gemm_br,
                      skinny_cfg, skinny_br, any(p > 0.0 for p in dropout_ps), s_size)
 

@@ -164,6 +164,8 @@ def test_padding_changes_no_loss_and_no_gradient(cfg):
         assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g0, g1))
     with pytest.raises(ValueError, match="does not fit"):
         pad_batch(batch, 7, 9)
+    long_pad = pad_batch(batch, 30, 9)  # 22 padding tokens after sequences of 5 and 3: positions 0-4, 0-4, ...
+    assert int(long_pad["position_ids"].max()) == 4 and long_pad["position_ids"][0, 8:14].tolist() == [0, 1, 2, 3, 4, 0]
 
 
 def test_the_static_shape_is_the_largest_micro_batch_of_the_run():

@@ -207,16 +207,20 @@ def test_public_reference_name_is_the_torch_path():
 
 def test_the_measured_chunking_times_every_candidate_and_runs_the_chosen_one(monkeypatch):
     """On CUDA ``chunk_size=None`` takes the chunk ``tuning.choose_path`` measured fastest among the default and
-    its doublings (bounded by the batch and 2^27 logits); every candidate computes the same loss and gradient.
-    Here the choice is stood in for on the CPU; the chosen chunk is the one the op runs."""
+    its multiples (capped at the batch and at 2^27 logits); the choices' names do not depend on the row count (a
+    cached one holds for every batch of its bucket); every candidate computes the same loss and gradient. Here
+    the choice is stood in for on the CPU; the chosen chunk is the one the op runs."""
     lce = sys.modules["rankwise.kernels.linear_cross_entropy"]  # the package's name is the function's
-    assert lce.chunk_candidates(512, 128256, 2048) == [256, 512]
-    assert lce.chunk_candidates(8192, 128256, 2048) == [256, 512, 1024]
-    assert lce.chunk_candidates(100, 1000, 64) == [100]
-    for N, V, H in ((512, 128256, 2048), (8192, 128256, 2048), (3000, 50000, 512), (7, 10, 3)):
+    assert lce.chunk_candidates(512, 128256, 2048) == {"fused": 256, "fused:x2": 512, "fused:x4": 512,
+                                                        "fused:x8": 512, "fused:x16": 512}
+    big = lce.chunk_candidates(8192, 128256, 2048)
+    assert big["fused"] == 256 and big["fused:x2"] == 512 and big["fused:x16"] == 1046  # 2^27 logits / V
+    for N, V, H in ((512, 128256, 2048), (8192, 128256, 2048), (3000, 50000, 512), (2500, 50000, 512), (7, 10, 3)):
         sizes = lce.chunk_candidates(N, V, H)
-        assert sizes[0] == lce._chunk_rows(N, V, H, None) and len(set(sizes)) == len(sizes)
-        assert all(c <= N and (c * V <= lce._MAX_CHUNK_VALUES or c == sizes[0]) for c in sizes)
+        assert list(sizes) == ["fused", "fused:x2", "fused:x4", "fused:x8", "fused:x16"]
+        assert sizes["fused"] == lce._chunk_rows(N, V, H, None)
+        assert all(sizes["fused"] <= c and (c <= N or c == sizes["fused"]) for c in sizes.values())
+        assert all(c * V <= lce._MAX_CHUNK_VALUES or c == sizes["fused"] for c in sizes.values())
     g = torch.Generator().manual_seed(0)
     h, W = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
     t = torch.randint(0, 30, (40,), generator=g)
@@ -227,14 +231,15 @@ def test_the_measured_chunking_times_every_candidate_and_runs_the_chosen_one(mon
     def choose(path, op, N, V, H, x, candidates):
         assert (path, op, N, V, H) == ("auto", "lce", 40, 30, 8)
         timed.update({k: fn() for k, fn in candidates().items()})
-        return "fused:c16"
+        return "fused:x4"
 
     real_pass = lce._fused_pass
     monkeypatch.setattr(lce, "choose_path", choose)
     monkeypatch.setattr(lce, "_fused_pass", lambda *a, **k: ran.append(a[7]) or real_pass(*a, **k))
     opt = lce._options(None, 0.0, 0.0, None)
     assert lce._measured_chunk(h, W, None, t, -100, "torch", (True, False, False), opt) == 16
-    assert sorted(timed) == ["fused", "fused:c16", "fused:c8"] and sorted(ran) == [4, 8, 16]
+    assert sorted(timed) == ["fused", "fused:x16", "fused:x2", "fused:x4", "fused:x8"]
+    assert sorted(ran) == [4, 8, 16, 16, 16]  # each candidate timed once (x8 and x16 capped at 16)
     losses = [out[0].sum() for out in timed.values()]
     grads = [out[3] for out in timed.values()]
     assert all(torch.allclose(x, losses[0], rtol=1e-12) for x in losses)

@@ -140,6 +140,9 @@ def test_the_probe_scores_every_fact_chunk_by_chunk_and_resumes_where_it_stopped
     resumed = M.run_probe(FACTS, TEMPLATES, again, tmp_path / "b.partial", settings, seed=5, progress=False)
     assert resumed == full  # the finished chunks kept, the rest sampled with their own seeds
     assert again.calls == [(sum(len(TEMPLATES[f["relation"]]) for f in FACTS[64:]), M.chunk_seed(5, 2))]
+    done = Sampler()  # stopped after the last chunk was saved, before --out was written: nothing samples again
+    assert M.run_probe(FACTS, TEMPLATES, done, tmp_path / "b.partial", settings, seed=5, progress=False) == full
+    assert done.calls == []
     with pytest.raises(ConfigError, match="other settings \\(x\\)"):
         M.run_probe(FACTS, TEMPLATES, Sampler(), tmp_path / "b.partial", {"x": 2}, seed=5, progress=False)
     assert M.run_probe(FACTS, TEMPLATES, Sampler(), tmp_path / "b.partial", {"x": 2}, seed=5, force=True,

@@ -106,6 +106,10 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
     assert cli(["study", changed]) == 2
     err = capsys.readouterr().err
     assert "finished run trained with other settings" in err and "train.lr" in err
+    exps = yaml.safe_load(open(config(files, out)))["experiments"]
+    exps[0]["train"]["limit"] = 13  # other training rows: the finished arms trained on others
+    assert cli(["study", config(files, out, experiments=exps)]) == 2
+    assert "finished run trained with other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, words", [
@@ -210,3 +214,25 @@ def test_plan_prints_the_sizes_and_the_memory_estimates_and_writes_nothing(files
     assert cli(["study", config(files, out), "--plan"]) == 0
     text = capsys.readouterr().out
     assert "LoRA r = 1, 2 together" in text and "LoRA r = 4 together" in text
+
+
+def test_lm_eval_scores_take_one_filter_in_document_order(monkeypatch):
+    """A task with several filters (gsm8k: strict-match, flexible-extract) logs one sample per filter and document:
+    the scores are the chosen filter's (the first by default), one per document, in document order."""
+    import lm_eval
+    import lm_eval.models.huggingface
+    import lm_eval.tasks
+
+    samples = [{"doc_id": d, "filter": f, "metrics": ["exact_match"], "exact_match": float(v)}
+               for d, f, v in ((1, "strict-match", 1), (1, "flexible-extract", 0), (0, "strict-match", 0),
+                               (0, "flexible-extract", 1), (2, "strict-match", 1), (2, "flexible-extract", 1))]
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **k: {"samples": {"g": samples}})
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **k: None)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None: None)
+    spec = {"tasks": ["g"], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 1,
+            "metric": None, "filter": None}
+    assert rank.lm_eval_scores(None, None, spec, "cpu") == {"lm_eval:g": [0.0, 1.0, 1.0]}
+    assert rank.lm_eval_scores(None, None, {**spec, "filter": "flexible-extract"}, "cpu") == {"lm_eval:g": [1.0, 0.0, 1.0]}
+    from rankwise.errors import ConfigError
+    with pytest.raises(ConfigError, match="has the filters strict-match, flexible-extract"):
+        rank.lm_eval_scores(None, None, {**spec, "filter": "none"}, "cpu")

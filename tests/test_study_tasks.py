@@ -104,3 +104,25 @@ def test_a_row_off_its_schema_is_one_line_naming_it(tmp_path, task, row, words):
     assert "d.jsonl row 0" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="expected one of gsm8k"):
         read_task("gsm9k", str(tmp_path / "d.jsonl"))
+
+
+def test_the_scorer_reads_the_models_own_answer_not_a_question_it_goes_on_to(tmp_path):
+    (mc,) = read_task("mmlu", write(tmp_path / "m.jsonl", MMLU))
+    gsm = read_task("gsm8k", write(tmp_path / "g.jsonl", GSM8K))[0]
+    assert score(" B\n\nQuestion: What is 2+2?\nA. 3\nB. 4\nAnswer: D", mc)
+    assert extract(" A train goes to town.", mc) is None and extract(" (B)", mc) == "B"
+    assert extract(" B.", mc) == "B" and extract("The answer is B.", mc) == "B" and extract(" Bob", mc) is None
+    assert score("24 in May, 72 in all.\n#### 72\n\nQuestion: Tom has 5 apples.\nAnswer: 5 + 1 = 6\n#### 6", gsm)
+    assert score("so 72 clips\nQuestion: Tom has 5 apples, eats 2; 3 left.", gsm)  # the last number of its own
+
+
+def test_mathqa_options_as_a_list_or_its_text(tmp_path):
+    rows = [dict(MATHQA[0], options=["a ) rs . 400", "b ) rs . 300", "c ) rs . 500", "d ) rs . 350", "e ) none"]),
+            dict(MATHQA[0], options="['a ) rs . 400', 'b ) rs . 300', 'c ) rs . 500', 'd ) rs . 350', 'e ) none']")]
+    for item in read_task("mathqa", write(tmp_path / "l.jsonl", rows)):
+        assert item["choices"] == ["rs . 400", "rs . 300", "rs . 500", "rs . 350", "none"]
+    path = tmp_path / "x_test.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerow(["q?", "1", "2", "3", "4", "AB"])
+    with pytest.raises(ConfigError, match="four choices and the letter"):
+        read_task("mmlu", str(path))

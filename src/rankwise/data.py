@@ -446,17 +446,19 @@ def collate(examples, indices=None) -> dict:
 
 def pad_batch(batch: dict, tokens: int, targets: int) -> dict:
     """``batch`` (from ``collate``) padded to ``tokens`` tokens and ``targets`` target slots, for a step of fixed
-    shapes (a CUDA graph). The padding tokens (id 0) form a sequence of their own, their positions restarting at
-    0, with no targets, so no real token attends to them; the extra target slots point at the row's last
-    position, whose target is always ignored (every example ends with one). ``n_targets`` and ``n_tokens`` stay
-    the real counts. Refuses a batch larger than the shape."""
+    shapes (a CUDA graph). The padding tokens (id 0) form sequences of their own, their positions restarting at
+    0 and never beyond the batch's longest real sequence (no position the model was not given), with no targets,
+    so no real token attends to them; the extra target slots point at the row's last position, whose target is
+    always ignored (every example ends with one). ``n_targets`` and ``n_tokens`` stay the real counts. Refuses
+    a batch larger than the shape."""
     n, m = batch["n_tokens"], batch["n_targets"]
     if n > tokens or m > targets:
         raise ValueError(f"pad_batch: a batch of {n} tokens and {m} targets does not fit {tokens} and {targets}")
     extra = tokens - n
+    longest = int(batch["position_ids"].max()) + 1 if n else 1  # a host tensor: no device read
     row = lambda t, fill: torch.cat([t, fill.unsqueeze(0)], dim=1)  # noqa: E731
     return {"input_ids": row(batch["input_ids"], torch.zeros(extra, dtype=torch.long)),
-            "position_ids": row(batch["position_ids"], torch.arange(extra, dtype=torch.long)),
+            "position_ids": row(batch["position_ids"], torch.arange(extra, dtype=torch.long) % longest),
             "targets": row(batch["targets"], torch.full((extra,), IGNORE, dtype=torch.long)),
             "target_index": torch.cat([batch["target_index"], torch.full((targets - m,), tokens - 1, dtype=torch.long)]),
             "n_targets": m, "n_tokens": n}

@@ -148,7 +148,7 @@ def run_probe(facts: list, templates: dict, sample: Callable, partial: Path, set
         atomic_write_text(partial, json.dumps({"format": FORMAT, "settings": settings}) + "\n"
                           + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
     rows = list(done)
-    chunks = range(n_done // CHUNK, math.ceil(len(facts) / CHUNK))
+    chunks = range(math.ceil(n_done / CHUNK), math.ceil(len(facts) / CHUNK))
     for c in tqdm(chunks, desc="mastery", unit="chunk", disable=not progress):
         part = facts[c * CHUNK:(c + 1) * CHUNK]
         prompts = [probe_prompts(f, templates) for f in part]
@@ -208,7 +208,8 @@ def settings_of(args, facts: list, templates: dict) -> dict:
     return {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
             "facts": digest([[f["id"], f["relation"], f["subject"], f["answers"]] for f in facts]),
             "templates": digest(templates), "samples": args.samples, "temperature": args.temperature,
-            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "backend": args.backend, "dtype": args.dtype}
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "backend": args.backend, "dtype": args.dtype,
+            "batch_size": args.batch_size}  # the samples of a batch come from one generator: the batches count
 
 
 def main(args) -> int:

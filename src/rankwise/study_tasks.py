@@ -81,7 +81,12 @@ def mathqa_options(text: str, where: str) -> list:
 
 def mathqa_item(row: dict, i: int, where: str) -> dict:
     problem, rationale = _text(row, "Problem", where), _text(row, "Rationale", where).strip('"')
-    choices = mathqa_options(_text(row, "options", where), where)
+    options = row.get("options") if isinstance(row, dict) else None
+    if isinstance(options, list):  # some copies keep the options as a list of "a ) ..." strings
+        options = " , ".join(str(o) for o in options)
+    elif isinstance(options, str) and options.strip().startswith("["):  # or as that list's text
+        options = ", ".join(o.strip(" '\"") for o in options.strip().strip("[]").split("', "))
+    choices = mathqa_options(_text({"options": options}, "options", where), where)
     correct = _text(row, "correct", where).lower()
     if len(correct) != 1 or correct not in "abcde"[:len(choices)]:
         raise ConfigError(f"{where}: 'correct' is {correct!r}, not one of the options' letters")
@@ -93,7 +98,7 @@ def mathqa_item(row: dict, i: int, where: str) -> dict:
 
 def mmlu_item(row, i: int, where: str) -> dict:
     if isinstance(row, (list, tuple)):  # the original CSV: question, A, B, C, D, letter
-        if len(row) != 6 or str(row[5]).strip() not in "ABCD" or not str(row[5]).strip():
+        if len(row) != 6 or str(row[5]).strip() not in ("A", "B", "C", "D"):
             raise ConfigError(f"{where}: an MMLU CSV row holds a question, four choices and the letter")
         row = {"question": row[0], "choices": list(row[1:5]), "answer": "ABCD".index(row[5].strip())}
     q = _text(row, "question", where)
@@ -181,18 +186,37 @@ def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: 
     return items
 
 
+_NEXT = re.compile(r"\n\s*Question:")
+
+
+def own_answer(output: str) -> str:
+    """The part of ``output`` that answers the prompt: up to where a model that does not stop begins a new
+    ``Question:`` of its own."""
+    m = _NEXT.search(output)
+    return output[:m.start()] if m else output
+
+
 def extract(output: str, item: dict, flexible: bool = True) -> Optional[str]:
-    """The answer a model's ``output`` gives to ``item``, normalised as ``item["answer"]`` is; None when none."""
+    """The answer a model's ``output`` gives to ``item``, normalised as ``item["answer"]`` is; None when none.
+
+    The output is cut where it starts a question of its own (``own_answer``). GSM8K: the number after the
+    first ``####``, else (``flexible``) the last number. Multiple choice: the choice letter right after the
+    first ``Answer:`` (or at the start, or after "answer is"), alone or followed by punctuation, so that an
+    article ("A train ...") is not read as choice A."""
+    text = own_answer(output)
     if item["task"] == "gsm8k":
-        m = _STRICT.search(output)
+        m = _STRICT.search(text)
         if m:
             return _number(m.group(1))
-        nums = _NUMBER.findall(output) if flexible else []
+        nums = _NUMBER.findall(text) if flexible else []
         return _number(nums[-1]) if nums else None
     letters = LETTERS[:len(item["choices"])]
-    tail = output.rsplit("Answer:", 1)[-1] if "Answer:" in output else output
-    m = re.search(rf"\b([{letters}])\b", tail)
-    return m.group(1) if m else None
+    tail = text.split("Answer:", 1)[1] if "Answer:" in text else text
+    for candidate in (tail, *re.findall(r"(?i)answer is\s*(.*)", text)):
+        m = re.match(rf"\s*\(?([{letters}])\)?(?=$|[\s.,:;)]*$|[.,:;)]|\s*\n)", candidate)
+        if m:
+            return m.group(1)
+    return None
 
 
 def score(output: str, item: dict, flexible: bool = True) -> bool:

@@ -37,7 +37,8 @@ STUDIES = ("rank",)
 TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
 ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
 EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True, "lm_eval": None}
-LM_EVAL = {"tasks": [], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 8, "metric": None}
+LM_EVAL = {"tasks": [], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 8, "metric": None,
+           "filter": None}
 BOOT = {"n_boot": 2000, "seed": 0}
 RUN_OWNED = ("output_dir", "method")  # set per arm by the study
 DOMAINS = ("in", "out")

@@ -28,7 +28,7 @@ from ..analysis.findings import contrast_finding, difference_finding, slope_find
 from ..analysis.stats import accuracy_with_ci
 from ..arm_memory import estimate_peak_bytes, memory_budget, plan_groups
 from ..atomic import atomic_write_text
-from ..demo.arms import read_json, write_json, write_jsonl
+from ..demo.arms import read_json, read_jsonl, write_json, write_jsonl
 from ..errors import ConfigError
 from ..evaluate import generate_answers
 from ..model import load_model, load_tokenizer, resolve_device
@@ -76,15 +76,15 @@ def train_arms(cfg: dict, out: Path, exp: str, seed: int, train_file: Path) -> d
             summaries[name] = summ
     for a in arms:
         if a["name"] in summaries:
-            continue
-        if (arm_dir(out, exp, seed, a) / SUMMARY).exists():  # finished: reused if its settings are these
+            pass
+        elif (arm_dir(out, exp, seed, a) / SUMMARY).exists():  # finished: reused if its settings are these
             run = parse(runs[a["name"]])
             summaries[a["name"]] = finished_summary(run, settings(run))
         else:
             summaries[a["name"]] = train(runs[a["name"]], resume=True)
-        if summaries[a["name"]].get("status") == "failed":
-            raise ConfigError(f"study arm {exp}/{a['name']} (seed {seed}) failed: "
-                              f"{summaries[a['name']].get('reason') or 'see its failed.json'}")
+        if summaries[a["name"]].get("status") != "finished":  # trained together or alone, failed or stopped
+            raise ConfigError(f"study arm {exp}/{a['name']} (seed {seed}) did not finish: "
+                              f"{summaries[a['name']].get('reason') or summaries[a['name']].get('status')}")
     return summaries
 
 
@@ -103,7 +103,8 @@ def arm_model(cfg: dict, arm: dict, path: Path, device):
 
 def lm_eval_scores(model, tok, spec: dict, device) -> dict:
     """``{"lm_eval:<task>": [score per sample]}`` of lm-evaluation-harness's ``spec["tasks"]`` on ``model``
-    (its ``metric``, else each task's first; samples in document order; ``include_path`` for local task YAMLs)."""
+    (its ``metric``, else each task's first; of its ``filter``, else each task's first, as gsm8k's strict-match
+    before flexible-extract; samples in document order; ``include_path`` for local task YAMLs)."""
     from lm_eval import simple_evaluate  # optional dependency: lm-evaluation-harness
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -113,9 +114,14 @@ def lm_eval_scores(model, tok, spec: dict, device) -> dict:
                         limit=spec["limit"], num_fewshot=spec["num_fewshot"], log_samples=True, bootstrap_iters=0)
     out = {}
     for task in spec["tasks"]:
-        samples = sorted(r["samples"].get(task, []), key=lambda x: x["doc_id"])
+        samples = r["samples"].get(task, [])
         if not samples:
             raise ConfigError(f"eval.lm_eval: the task {task} gave no samples (a group of tasks: name its members)")
+        filters = list(dict.fromkeys(x.get("filter", "none") for x in samples))
+        chosen = spec["filter"] or filters[0]
+        if chosen not in filters:
+            raise ConfigError(f"eval.lm_eval.filter {chosen!r}: the task {task} has the filters {', '.join(filters)}")
+        samples = sorted((x for x in samples if x.get("filter", "none") == chosen), key=lambda x: x["doc_id"])
         metric = spec["metric"] or samples[0]["metrics"][0]
         out[f"lm_eval:{task}"] = [float(x[metric]) for x in samples]
     return out
@@ -170,9 +176,9 @@ def run_experiment(cfg: dict, out: Path, exp: dict, sets: dict) -> dict:
     evals, summaries = {}, {}
     for seed in cfg["seeds"]:
         train_file = out / "data" / name / "train.jsonl"
-        if not train_file.exists():
-            write_jsonl(train_file, [{"prompt": it["prompt"], "completion": it["completion"]}
-                                     for it in sets["train"]])
+        rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets["train"]]
+        if not train_file.exists() or read_jsonl(train_file) != rows:  # the rows of these settings, always
+            write_jsonl(train_file, rows)
         summaries[seed] = train_arms(cfg, out, name, seed, train_file)
         evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed])
     return {"evals": evals, "summaries": summaries}
@@ -227,7 +233,10 @@ def findings(cfg: dict, exp: dict, got: dict, rows: list) -> list:
                                [n for n in names for _ in range(len(got["evals"][seeds[0]][arm][n]))])
     lora = {k: side(f"lora-r{k}", ins) for k in ranks}
     res = []
-    if exp["kind"] == "recall":
+    if exp["kind"] == "recall" and len(ranks) < 2:
+        res.append(unmeasured_finding(f"{e}.recall_rank_flat", "Every LoRA rank scores alike on recall.", SOURCE,
+                                      "fewer than two ranks"))
+    elif exp["kind"] == "recall":
         res.append(spread_finding(
             f"{e}.recall_rank_flat", f"On in-domain recall every LoRA rank scores within {FLAT_WITHIN:.0%} of the "
             "others (the spread between the best and worst rank).", SOURCE, [lora[k][0] for k in ranks],
@@ -272,9 +281,10 @@ def _versus_sft(cfg, exp, got, rows, side, b) -> list:
 def _norm(cfg: dict, exp: dict, got: dict, b: dict) -> dict:
     ranks, seeds, e = cfg["arms"]["ranks"], cfg["seeds"], exp["name"]
     norms = [[got["summaries"][s][f"lora-r{k}"].get("delta_norm") for s in seeds] for k in ranks]
-    if len(ranks) < 3 or any(x is None for xs in norms for x in xs):
+    if len(ranks) < 3 or len(seeds) < 2 or any(x is None for xs in norms for x in xs):
         return unmeasured_finding(f"{e}.norm_log_rank", "The update's norm grows sub-linearly in rank.", SOURCE,
-                                  "fewer than three ranks, or an adapter without its update norm")
+                                  "fewer than three ranks or two seeds (the seeds are its only resampled "
+                                  "unit), or an adapter without its update norm")
     arms = [np.asarray(xs, dtype=np.float64).reshape(len(seeds), 1) for xs in norms]
     return slope_finding(f"{e}.norm_log_rank", "The update's Frobenius norm grows sub-linearly in rank (log-log "
                          "slope below 1).", SOURCE, arms, ranks, metric="adapter update Frobenius norm", **b)
