@@ -144,13 +144,24 @@ def test_the_example_studies_are_valid_configs():
 
     from rankwise.config import load_yaml
     from rankwise.study.config import plan_arms, validate_study
+    from rankwise.study.knowledge import validate_knowledge
+    from rankwise.study_data import QUESTION_TEMPLATES, read_templates
+
+    assert set(read_templates(Path(__file__).resolve().parent.parent / "examples" / "studies" /
+                              "entity_questions_templates.json")) == set(QUESTION_TEMPLATES)
 
     root = Path(__file__).resolve().parent.parent / "examples" / "studies"
     found = sorted(root.glob("*.yaml"))
     assert len(found) >= 2
     for path in found:
-        cfg = validate_study(load_yaml(path))
+        raw = load_yaml(path)
+        if raw["study"] == "knowledge":
+            cfg = validate_knowledge(raw)
+            assert read_templates(root.parent.parent / cfg["knowledge"]["templates"])
+            continue
+        cfg = validate_study(raw)
         assert [a["name"] for a in plan_arms(cfg)][-1] == "full" and cfg["experiments"]
+    assert {load_yaml(p)["study"] for p in found} == {"rank", "knowledge"}
 
 
 def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):

@@ -9,8 +9,9 @@ the training rows (``data/``), each arm's per-item results (``eval/``), ``result
 mean with its 95 % interval, n and per-seed values; the findings with their verdicts) and ``report.md``. A
 study stopped for any reason continues where it was when run again.
 
-Protocols: ``rank`` (``rankwise.study.rank``: LoRA ranks against full SFT on recall and reasoning tasks). The
-knowledge study's protocol (mastery levels, data sizes, restoration) is ``rankwise mastery`` and the demo today.
+Protocols: ``rank`` (``rankwise.study.rank``: LoRA ranks against full SFT on recall and reasoning tasks) and
+``knowledge`` (``rankwise.study.knowledge``: full SFT on EntityQuestions by data size and mastery level, and
+restoration).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..config import load_yaml
 from ..ownership import check_output, claim
 from .config import check_lm_eval_tasks, load_sets, validate_study
+from .knowledge import load_knowledge, run_knowledge_study, validate_knowledge
 from .rank import plan_lines, run_rank_study
 
 
@@ -33,27 +35,43 @@ def add_arguments(p) -> None:
 def _inputs(cfg: dict) -> list:
     """The files the study reads, which its output may not be or hold."""
     paths = [("model", cfg["run"].get("model"))]
-    for e in cfg["experiments"]:
+    if cfg["study"] == "knowledge":
+        paths += [("data", cfg["knowledge"]["data"]), ("templates", cfg["knowledge"]["templates"])]
+    for e in cfg.get("experiments", []):
         paths += [(f"{e['name']} data", s["data"]) for s in [e["train"], *e["eval"].values()]]
     return [(what, p) for what, p in paths if isinstance(p, str) and Path(p).exists()]
+
+
+def prepare(raw: dict) -> tuple:
+    """``(config, data)``: the study's checked config and everything it reads, before anything is written."""
+    if isinstance(raw, dict) and raw.get("study") == "knowledge":
+        cfg = validate_knowledge(raw)
+        return cfg, load_knowledge(cfg)
+    cfg = validate_study(raw)
+    sets = load_sets(cfg)
+    check_lm_eval_tasks(cfg)
+    return cfg, sets
 
 
 def main(args) -> int:
     raw = load_yaml(args.config)
     if args.out:
         raw["output_dir"] = args.out
-    cfg = validate_study(raw)
-    sets = load_sets(cfg)
-    check_lm_eval_tasks(cfg)
+    cfg, data = prepare(raw)
     if args.plan:
-        print("\n".join(plan_lines(cfg, sets)))
+        lines = plan_lines(cfg, data) if cfg["study"] == "rank" else [
+            f"knowledge: {len(data['train'])} training facts, {len(data['test']['in'])} in-domain and "
+            f"{len(data['test']['out'])} out-of-domain test facts; sizes {cfg['knowledge']['sizes']} x "
+            f"{cfg['knowledge']['draws']} draw(s); {len(cfg['seeds'])} seed(s)"]
+        print("\n".join(lines))
         return 0
     out = Path(cfg["output_dir"])
     check_output(out, force=args.force, flag="--out", kinds=["study"], inputs=_inputs(cfg))
     c = claim(out, "study", lock=True, flag="--out")
     try:
         c.commit()
-        results = run_rank_study(cfg, out, sets)
+        run = run_rank_study if cfg["study"] == "rank" else run_knowledge_study
+        results = run(cfg, out, data)
     finally:
         c.release()
     for f in results["findings"]:

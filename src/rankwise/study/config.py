@@ -33,7 +33,7 @@ from ..config import validate_config
 from ..errors import ConfigError
 from ..study_tasks import REASONING, TASKS, read_task
 
-STUDIES = ("rank",)
+STUDIES = ("rank", "knowledge")
 TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
 ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
 EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True, "lm_eval": None}
@@ -44,7 +44,7 @@ RUN_OWNED = ("output_dir", "method")  # set per arm by the study
 DOMAINS = ("in", "out")
 
 
-def _mapping(v, where: str) -> dict:
+def as_mapping(v, where: str) -> dict:
     if v is None:
         return {}
     if not isinstance(v, Mapping):
@@ -52,7 +52,7 @@ def _mapping(v, where: str) -> dict:
     return dict(v)
 
 
-def _known(d: Mapping, keys, where: str) -> None:
+def check_keys(d: Mapping, keys, where: str) -> None:
     unknown = sorted(set(d) - set(keys))
     if unknown:
         raise ConfigError(f"study config: unknown key {where}{unknown[0]!r} (known: {', '.join(sorted(keys))})")
@@ -74,9 +74,9 @@ def _int_list(v, where: str, minimum: int) -> list:
 
 
 def _task(spec, where: str, eval_set: bool) -> dict:
-    spec = _mapping(spec, where)
+    spec = as_mapping(spec, where)
     keys = {"task", "data", "config", "limit", "cop_base", "subjects"} | ({"domain"} if eval_set else {"validation"})
-    _known(spec, keys, f"{where}.")
+    check_keys(spec, keys, f"{where}.")
     if spec.get("task") not in TASKS:
         raise ConfigError(f"study config: {where}.task must be one of {', '.join(TASKS)}, got {spec.get('task')!r}")
     if not isinstance(spec.get("data"), str) or not spec["data"]:
@@ -101,13 +101,13 @@ def _task(spec, where: str, eval_set: bool) -> dict:
 
 def _experiment(spec, i: int) -> dict:
     where = f"experiments[{i}]"
-    spec = _mapping(spec, where)
-    _known(spec, {"name", "train", "eval"}, f"{where}.")
+    spec = as_mapping(spec, where)
+    check_keys(spec, {"name", "train", "eval"}, f"{where}.")
     name = spec.get("name")
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"study config: {where}.name must be a word (letters, digits, - and _)")
     train = _task(spec.get("train"), f"{where}.train", False)
-    evals = _mapping(spec.get("eval"), f"{where}.eval")
+    evals = as_mapping(spec.get("eval"), f"{where}.eval")
     if not evals:
         raise ConfigError(f"study config: {where}.eval needs at least one evaluation set")
     taken = sorted({"train", "validation", "base"} & set(map(str, evals)))
@@ -124,8 +124,8 @@ def _lm_eval(spec):
     """``eval.lm_eval`` checked: lm-evaluation-harness tasks every arm is scored on too (None: none)."""
     if spec is None:
         return None
-    spec = merged(LM_EVAL, _mapping(spec, "eval.lm_eval"))
-    _known(spec, LM_EVAL, "eval.lm_eval.")
+    spec = merged(LM_EVAL, as_mapping(spec, "eval.lm_eval"))
+    check_keys(spec, LM_EVAL, "eval.lm_eval.")
     tasks = spec["tasks"]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ConfigError("study config: eval.lm_eval.tasks must be a non-empty list of lm-evaluation-harness task names")
@@ -139,18 +139,18 @@ def _lm_eval(spec):
 
 def validate_study(raw: Any) -> dict:
     """The checked study config with defaults filled (see the module docstring); ``ConfigError`` otherwise."""
-    raw = _mapping(raw, "the file")
-    _known(raw, TOP, "")
+    raw = as_mapping(raw, "the file")
+    check_keys(raw, TOP, "")
     if raw.get("study") not in STUDIES:
         raise ConfigError(f"study config: study must be one of {', '.join(STUDIES)}, got {raw.get('study')!r}")
-    run, full = _mapping(raw.get("run"), "run"), _mapping(raw.get("full"), "full")
+    run, full = as_mapping(raw.get("run"), "run"), as_mapping(raw.get("full"), "full")
     for d, where in ((run, "run"), (full, "full")):
-        owned = [k for k in RUN_OWNED if k in d] + (["data.train"] if "train" in _mapping(d.get("data"), "data")
+        owned = [k for k in RUN_OWNED if k in d] + (["data.train"] if "train" in as_mapping(d.get("data"), "data")
                                                     else [])
         if owned:
             raise ConfigError(f"study config: {where}.{owned[0]} is set by the study for each arm; remove it")
-    arms = merged(ARMS, _mapping(raw.get("arms"), "arms"))
-    _known(arms, ARMS, "arms.")
+    arms = merged(ARMS, as_mapping(raw.get("arms"), "arms"))
+    check_keys(arms, ARMS, "arms.")
     arms["ranks"] = _int_list(arms["ranks"], "arms.ranks", 1)
     if not isinstance(arms["alpha_per_rank"], (int, float)) or isinstance(arms["alpha_per_rank"], bool) \
             or arms["alpha_per_rank"] <= 0:
@@ -162,10 +162,10 @@ def validate_study(raw: Any) -> dict:
     exps = [_experiment(e, i) for i, e in enumerate(experiments)]
     if len({e["name"] for e in exps}) != len(exps):
         raise ConfigError("study config: two experiments share a name")
-    ev, boot = merged(EVAL, _mapping(raw.get("eval"), "eval")), merged(BOOT, _mapping(raw.get("boot"), "boot"))
-    _known(ev, EVAL, "eval.")
+    ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
+    check_keys(ev, EVAL, "eval.")
     ev["lm_eval"] = _lm_eval(ev["lm_eval"])
-    _known(boot, BOOT, "boot.")
+    check_keys(boot, BOOT, "boot.")
     out = raw.get("output_dir")
     if not isinstance(out, str) or not out:
         raise ConfigError("study config: output_dir must name a directory (or pass --out)")

@@ -1,0 +1,354 @@
+"""The knowledge study (Ye et al., 2025) on a real model: ``study: knowledge``.
+
+    study: knowledge
+    output_dir: runs/study-knowledge
+    run: {model: meta-llama/Llama-3.2-1B, train: {epochs: 1, batch_size: 8, lr: 1.0e-5, schedule: cosine}}
+    seeds: [0]
+    knowledge:
+      data: EntityQuestions/dataset       # dataset/<split>/P<id>.<split>.json[l]
+      templates: templates.json           # completion templates per relation (rankwise mastery)
+      sizes: [60, 240, 1920]              # full SFT on that many in-domain training facts, ``draws`` draws each
+      compare: [240, 1920]                # data_size: the smaller set minus the larger
+      known: [3, 4]                       # mastery: level_size facts of these levels minus of ``unknown``
+      unknown: [0, 1]
+      level_size: 240
+      restore: {size: 1920, fractions: [0.01, 0.05, 0.2], selections: [top, bottom, random], finding_fraction: 0.2}
+    eval: {max_new_tokens: 16, batch_size: 64}
+
+Protocol: the base's mastery level of every training and test fact (``rankwise.mastery``: templates x samples at
+temperature, cached in ``mastery/``); the arms of each seed, all full SFT on ``prompt`` + `` <answer>`` rows of
+in-domain training facts (``rankwise train``); greedy answers (``max_new_tokens``, 16 in the paper) to the test
+facts in and out of domain, correct when an answer or alias is in them; accuracy as the unweighted mean over the
+test facts' mastery levels, with 95 % intervals over facts and seeds (draws count as seeds); the largest arm
+restored (``rankwise.masking.restore``: relative change, global top/bottom/random k % of the weights in the
+decoder layers, norms excluded) and evaluated at every fraction. Findings (``claim``, ``source``, ``effect``,
+``ci95``, ``verdict``; a positive effect is the claim): ``data_size``, ``mastery``, ``restore_top``,
+``restore_vs_random``, ``restore_vs_bottom``.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..analysis.findings import difference_finding, unmeasured_finding
+from ..analysis.stats import accuracy_with_ci
+from ..atomic import atomic_write_text
+from ..config import parse, settings, settings_hash
+from ..demo.arms import read_json, read_jsonl, write_json, write_jsonl
+from ..errors import ConfigError
+from ..evaluate import generate_answers, is_correct
+from ..masking import restore
+from ..mastery import hf_sampler, run_probe
+from ..model import load_model, load_tokenizer, resolve_device
+from ..outputs import SUMMARY
+from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, read_entity_questions, read_templates
+from ..train import finished_summary, train
+from .config import as_mapping, check_keys, merged
+
+SOURCE = "Ye et al. 2025 (arXiv 2509.16596)"
+TOP = {"study", "output_dir", "run", "seeds", "knowledge", "eval", "boot"}
+KNOWLEDGE = {"data": None, "templates": None, "train_split": "train", "test_split": "test",
+             "in_domain": list(IN_DOMAIN), "out_of_domain": list(OUT_OF_DOMAIN), "test_per_domain": None,
+             "prompt": "Question: {question}\nAnswer:", "sizes": [60, 240, 1920], "draws": 1, "compare": [240, 1920],
+             "known": [3, 4], "unknown": [0, 1], "level_size": 240,
+             "probe": {"samples": 10, "temperature": 0.7, "max_new_tokens": 32, "batch_size": 64, "seed": 0},
+             "restore": {"size": 1920, "fractions": [0.01, 0.05, 0.2], "selections": ["top", "bottom", "random"],
+                         "finding_fraction": 0.2}}
+EVAL = {"max_new_tokens": 16, "batch_size": 64}
+BOOT = {"n_boot": 2000, "seed": 0}
+
+
+def _positive_ints(v, where: str, allow_empty: bool = False) -> list:
+    if not isinstance(v, list) or (not v and not allow_empty) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+        raise ConfigError(f"study config: {where} must be a list of positive integers")
+    return v
+
+
+def validate_knowledge(raw: dict) -> dict:
+    """The checked ``study: knowledge`` config with defaults filled (see the module docstring)."""
+    check_keys(raw, TOP, "")
+    k = merged(KNOWLEDGE, as_mapping(raw.get("knowledge"), "knowledge"))
+    check_keys(k, KNOWLEDGE, "knowledge.")
+    check_keys(k["probe"], KNOWLEDGE["probe"], "knowledge.probe.")
+    check_keys(k["restore"], KNOWLEDGE["restore"], "knowledge.restore.")
+    for key in ("data", "templates"):
+        if not isinstance(k[key], str) or not k[key]:
+            raise ConfigError(f"study config: knowledge.{key} must name a file or directory")
+    sizes = _positive_ints(k["sizes"], "knowledge.sizes")
+    if len(k["compare"]) != 2 or any(c not in sizes for c in k["compare"]):
+        raise ConfigError("study config: knowledge.compare must be two of knowledge.sizes (smaller, larger)")
+    for key in ("known", "unknown"):
+        if not isinstance(k[key], list) or not k[key] or any(x not in (0, 1, 2, 3, 4) for x in k[key]):
+            raise ConfigError(f"study config: knowledge.{key} must be a list of mastery levels 0-4")
+    r = k["restore"]
+    if r["size"] is not None and r["size"] not in sizes:
+        raise ConfigError("study config: knowledge.restore.size must be one of knowledge.sizes (or null: none)")
+    if any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in r["fractions"]) or \
+            any(s not in ("top", "bottom", "random") for s in r["selections"]):
+        raise ConfigError("study config: knowledge.restore.fractions must lie in (0, 1), selections be top, bottom "
+                          "or random")
+    if "{question}" not in k["prompt"]:
+        raise ConfigError("study config: knowledge.prompt must hold {question}")
+    run = as_mapping(raw.get("run"), "run")
+    if not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
+        raise ConfigError("study config: output_dir must name a directory (or pass --out)")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError("study config: seeds must be a non-empty list of distinct integers >= 0")
+    ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
+    check_keys(ev, EVAL, "eval.")
+    check_keys(boot, BOOT, "boot.")
+    cfg = {"study": "knowledge", "output_dir": raw["output_dir"], "run": run, "seeds": seeds, "knowledge": k,
+           "eval": ev, "boot": boot}
+    parse(run_config(cfg, "train.jsonl", "out", 0))  # every key of the arms' runs, checked now
+    return cfg
+
+
+def run_config(cfg: dict, train_file, output_dir, seed: int) -> dict:
+    """The ``rankwise train`` config of one arm: full SFT on ``train_file``."""
+    run = merged(cfg["run"], {"method": "full", "output_dir": str(output_dir),
+                              "data": {"train": str(train_file), "format": "prompt_completion"},
+                              "train": {"seed": int(seed)}, "eval": {"every": 0, "generate": False}})
+    run.setdefault("log", {}).setdefault("progress", False)
+    run.pop("lora", None)
+    run.pop("quantization", None)
+    return run
+
+
+def load_knowledge(cfg: dict) -> dict:
+    """The training facts (in domain) and the test facts (in and out of domain, at most ``test_per_domain``
+    each, drawn with a fixed seed), with every relation's templates checked."""
+    k = cfg["knowledge"]
+    train_facts = read_entity_questions(k["data"], k["train_split"], k["in_domain"])
+    tests = {}
+    for dom, rels in (("in", k["in_domain"]), ("out", k["out_of_domain"])):
+        facts = read_entity_questions(k["data"], k["test_split"], rels)
+        if k["test_per_domain"] and len(facts) > k["test_per_domain"]:
+            keep = sorted(random.Random(f"test:{dom}").sample(range(len(facts)), k["test_per_domain"]))
+            facts = [facts[i] for i in keep]
+        tests[dom] = facts
+    templates = read_templates(k["templates"])
+    missing = sorted({f["relation"] for f in train_facts + tests["in"] + tests["out"]} - set(templates))
+    if missing:
+        raise ConfigError(f"knowledge.templates {k['templates']}: no templates for the relations {', '.join(missing)}")
+    if max(k["sizes"]) > len(train_facts):
+        raise ConfigError(f"knowledge.sizes: {max(k['sizes'])} training facts asked for, the data has "
+                          f"{len(train_facts)} of the in-domain relations")
+    return {"train": train_facts, "test": tests, "templates": templates}
+
+
+def probe_levels(cfg: dict, out: Path, data: dict) -> dict:
+    """``{fact id: mastery level}`` of the base for every training and test fact (``mastery/base.jsonl``)."""
+    path = out / "mastery" / "base.jsonl"
+    facts = data["train"] + data["test"]["in"] + data["test"]["out"]
+    p = cfg["knowledge"]["probe"]
+    key = {"model": cfg["run"]["model"], "probe": p, "facts": [f["id"] for f in facts]}
+    rows = read_jsonl(path) if path.exists() else None
+    if not rows or read_json(out / "mastery" / "key.json") != key:
+        sample = hf_sampler(cfg["run"]["model"], p["samples"], p["temperature"], p["max_new_tokens"], p["batch_size"],
+                            dtype=cfg["run"].get("dtype", "auto"))
+        rows = run_probe(facts, data["templates"], sample, out / "mastery" / "base.partial", key, p["seed"],
+                         force=True, progress=False)
+        write_jsonl(path, rows)
+        write_json(out / "mastery" / "key.json", key)
+    return {r["id"]: r["level"] for r in rows}
+
+
+def plan(cfg: dict, data: dict, levels: dict, seed: int) -> tuple:
+    """``(arms, skipped)``: each arm ``{"name", "facts"}`` of one seed; an arm without enough facts is skipped
+    with the reason."""
+    k, train_facts = cfg["knowledge"], data["train"]
+    arms, skipped = [], {}
+    for size in k["sizes"]:
+        for d in range(k["draws"]):
+            idx = random.Random(f"size:{size}:{d}:{seed}").sample(range(len(train_facts)), size)
+            arms.append({"name": f"size{size}-d{d}", "facts": [train_facts[i] for i in sorted(idx)]})
+    for name in ("known", "unknown"):
+        pool = [f for f in train_facts if levels[f["id"]] in k[name]]
+        if len(pool) < k["level_size"]:
+            skipped[name] = f"{len(pool)} training facts of levels {k[name]}, fewer than level_size {k['level_size']}"
+            continue
+        idx = random.Random(f"{name}:{seed}").sample(range(len(pool)), k["level_size"])
+        arms.append({"name": name, "facts": [pool[i] for i in sorted(idx)]})
+    return arms, skipped
+
+
+def train_arm(cfg: dict, out: Path, arm: dict, seed: int) -> Path:
+    """Train (or reuse with the same settings, or resume) one arm; its run directory."""
+    k = cfg["knowledge"]
+    rows = [{"prompt": k["prompt"].format(question=f["question"]), "completion": " " + f["answers"][0]}
+            for f in arm["facts"]]
+    data = out / "data" / f"seed{seed}" / f"{arm['name']}.jsonl"
+    if not data.exists() or read_jsonl(data) != rows:
+        write_jsonl(data, rows)
+    run_dir = out / "arms" / f"seed{seed}" / arm["name"]
+    run = run_config(cfg, data, run_dir, seed)
+    summary = finished_summary(parse(run), settings(parse(run))) if (run_dir / SUMMARY).exists() else \
+        train(run, resume=True)
+    if summary.get("status") != "finished":
+        raise ConfigError(f"study arm {arm['name']} (seed {seed}) did not finish: {summary.get('reason')}")
+    return run_dir
+
+
+def eval_key(cfg: dict, tests: dict, *what) -> str:
+    """What a cached evaluation depends on: ``what`` (the arm's settings, a restored point), the prompt, the
+    generation settings and the test facts."""
+    return settings_hash({"what": list(what), "prompt": cfg["knowledge"]["prompt"], "eval": cfg["eval"],
+                          "tests": {d: [f["id"] for f in fs] for d, fs in tests.items()}})
+
+
+def cached(path: Path, key: str, compute) -> dict:
+    """``compute()`` (an evaluation), or its copy in ``path`` when that was made with ``key``."""
+    got = read_json(path)
+    if not isinstance(got, dict) or got.get("key") != key:
+        got = {"key": key, **compute()}
+        write_json(path, got)
+    return {"in": got["in"], "out": got["out"]}
+
+
+def evaluate(model, tok, cfg: dict, tests: dict) -> dict:
+    """``{"in": [0/1 per fact], "out": [...]}``: greedy answers, correct when an answer or alias is in them."""
+    k, ev = cfg["knowledge"], cfg["eval"]
+    facts = tests["in"] + tests["out"]
+    outs = generate_answers(model, tok, [k["prompt"].format(question=f["question"]) for f in facts],
+                            max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"])
+    hits = [int(bool(is_correct(o[0], f["answers"]))) for o, f in zip(outs, facts)]
+    return {"in": hits[:len(tests["in"])], "out": hits[len(tests["in"]):]}
+
+
+def restore_points(cfg: dict, out: Path, run_dir: Path, seed: int, tests: dict, tok, device) -> dict:
+    """``{"<selection>-<fraction>": eval}`` of the restored ``run_dir`` model (cached per point)."""
+    r, points, held = cfg["knowledge"]["restore"], {}, {}
+    arm = read_json(run_dir / SUMMARY).get("settings_hash")
+
+    def point(sel, f):
+        if not held:  # the base's and the tuned model's weights, loaded once for every point
+            held["base"] = load_model(cfg["run"]["model"], dtype="fp32", device="cpu").state_dict()
+            held["tuned"] = load_model(str(run_dir / "model"), dtype=cfg["run"].get("dtype", "auto"), device=device)
+            held["sd"] = {n: v.detach().to("cpu", torch.float32, copy=True)
+                          for n, v in held["tuned"].state_dict().items()}
+        restored, _ = restore(held["base"], held["sd"], f, score="relative", select=sel, scope="global",
+                              include=r"layers", exclude=r"norm", seed=seed)
+        held["tuned"].load_state_dict(restored)
+        return evaluate(held["tuned"].eval(), tok, cfg, tests)
+
+    for sel in r["selections"]:
+        for f in r["fractions"]:
+            path = out / "eval" / f"seed{seed}" / f"restore-{sel}-{f:g}.json"
+            points[f"{sel}-{f:g}"] = cached(path, eval_key(cfg, tests, arm, sel, f, seed),
+                                            lambda sel=sel, f=f: point(sel, f))
+    return points
+
+
+def run_seed(cfg: dict, out: Path, data: dict, levels: dict, seed: int, tok, device) -> tuple:
+    """``({arm: eval}, skipped)`` of one seed: the base, every arm, and the restored points."""
+    arms, skipped = plan(cfg, data, levels, seed)
+    dtype, tests = cfg["run"].get("dtype", "auto"), data["test"]
+    evals = {"base": cached(out / "eval" / "base.json", eval_key(cfg, tests, cfg["run"]["model"], dtype),
+                            lambda: evaluate(load_model(cfg["run"]["model"], dtype=dtype, device=device).eval(), tok,
+                                             cfg, tests))}
+    for arm in arms:
+        run_dir = train_arm(cfg, out, arm, seed)
+        key = eval_key(cfg, tests, read_json(run_dir / SUMMARY).get("settings_hash"), dtype)
+        evals[arm["name"]] = cached(out / "eval" / f"seed{seed}" / f"{arm['name']}.json", key,
+                                    lambda: evaluate(load_model(str(run_dir / "model"), dtype=dtype,
+                                                                device=device).eval(), tok, cfg, tests))
+    r = cfg["knowledge"]["restore"]
+    if r["size"] is not None and r["fractions"] and r["selections"]:
+        evals.update(restore_points(cfg, out, out / "arms" / f"seed{seed}" / f"size{r['size']}-d0", seed,
+                                    data["test"], tok, device))
+    return evals, skipped
+
+
+# ----------------------------------------------------------------------------- numbers and findings
+
+def rows_of(evals: dict, seeds: list, arm: str, dom: str, draws: int = 1) -> np.ndarray:
+    """``(rows, facts)``: an arm's results per seed (a size arm: per seed and draw)."""
+    names = [arm.replace("-d0", f"-d{d}") for d in range(draws)] if arm.endswith("-d0") else [arm]
+    return np.asarray([evals[s][n][dom] for s in seeds for n in names], dtype=np.float64)
+
+
+def summarize(cfg: dict, evals: dict, strata: dict) -> list:
+    """Per arm: in- and out-of-domain accuracy (unweighted mean over the test facts' mastery levels) with its
+    interval, n and per-row values, and per level."""
+    seeds, b, draws = cfg["seeds"], cfg["boot"], cfg["knowledge"]["draws"]
+    out = []
+    for arm in evals[seeds[0]]:
+        if "-d" in arm and not arm.endswith("-d0"):
+            continue  # the draws of a size are rows of its d0 entry
+        row = {"name": arm.removesuffix("-d0")}
+        for dom in ("in", "out"):
+            a = accuracy_with_ci(rows_of(evals, seeds, arm, dom, draws), strata[dom], n_boot=b["n_boot"],
+                                 seed=b["seed"])
+            row[dom] = {"mean": a["value"]["mean"], "ci95": a["ci95"]["mean"], "n": a["n"]["mean"],
+                        "rows": a["seeds"]["mean"], "by_level": {lab: a["value"][lab] for lab in sorted(strata[dom])
+                                                                   if lab in a["value"]}}
+        out.append(row)
+    return out
+
+
+def findings(cfg: dict, evals: dict, strata: dict, skipped: dict) -> list:
+    k, seeds, draws = cfg["knowledge"], cfg["seeds"], cfg["knowledge"]["draws"]
+    b = {"n_boot": cfg["boot"]["n_boot"], "boot_seed": cfg["boot"]["seed"]}
+    have = evals[seeds[0]]
+    metric = "in-domain accuracy (unweighted mean over the mastery levels)"
+
+    def diff(fid, claim, a, c, n_draws=draws):
+        missing = next((x for x in (a, c) if x not in have), None)
+        if missing:
+            return unmeasured_finding(fid, claim, SOURCE, f"no arm {missing!r}: " + skipped.get(missing, "not run"))
+        return difference_finding(fid, claim, SOURCE, rows_of(evals, seeds, a, "in", n_draws),
+                                  rows_of(evals, seeds, c, "in", n_draws), strata["in"], combine="mean",
+                                  a_name=a, b_name=c, metric=metric, **b)
+
+    small, large = k["compare"]
+    frac = f"{k['restore']['finding_fraction']:g}"
+    pct = f"{100 * k['restore']['finding_fraction']:g} %"
+    return [
+        diff("data_size", f"Full SFT on {small} facts gives higher in-domain accuracy than on {large}.",
+             f"size{small}-d0", f"size{large}-d0"),
+        diff("mastery", f"Full SFT on known facts (levels {k['known']}) gives higher in-domain accuracy than on "
+             f"unknown ones (levels {k['unknown']}) of the same number.", "known", "unknown"),
+        diff("restore_top", f"Restoring the top {pct} of relative updates raises in-domain accuracy.",
+             f"top-{frac}", f"size{k['restore']['size']}-d0", n_draws=1),  # the restored model is draw 0's
+        diff("restore_vs_random", f"Restoring the top {pct} beats restoring a random {pct}.", f"top-{frac}",
+             f"random-{frac}"),
+        diff("restore_vs_bottom", f"Restoring the top {pct} beats restoring the bottom {pct}.", f"top-{frac}",
+             f"bottom-{frac}"),
+    ]
+
+
+def report(results: dict) -> str:
+    lines = ["# rankwise study: fine-tuning and model knowledge", "", "## Findings", "",
+             "| finding | effect | 95 % interval | verdict |", "| --- | ---: | --- | --- |"]
+    for f in results["findings"]:
+        eff = "-" if f.get("effect") is None else f"{f['effect']:+.3f}"
+        ci = "-" if None in (f.get("ci95") or [None]) else f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]"
+        lines.append(f"| {f['id']} | {eff} | {ci} | {f['verdict']}{' (' + f['why'] + ')' if f.get('why') else ''} |")
+    lines += ["", "## Arms", "", "| arm | in domain | out of domain |", "| --- | ---: | ---: |"]
+    for r in results["arms"]:
+        cell = lambda c: f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c["mean"] is not None else "-"  # noqa
+        lines.append(f"| {r['name']} | {cell(r['in'])} | {cell(r['out'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_knowledge_study(cfg: dict, out: Path, data: dict) -> dict:
+    """Every seed, then ``results.json`` and ``report.md``."""
+    device = resolve_device(cfg["run"].get("train", {}).get("device", "auto"))
+    tok = load_tokenizer(cfg["run"].get("tokenizer") or cfg["run"]["model"])
+    levels = probe_levels(cfg, out, data)
+    strata = {dom: [f"D{levels[f['id']]}" for f in data["test"][dom]] for dom in ("in", "out")}
+    evals, skipped = {}, {}
+    for seed in cfg["seeds"]:
+        evals[seed], skipped = run_seed(cfg, out, data, levels, seed, tok, device)
+    counts = {lab: strata["in"].count(lab) for lab in ("D0", "D1", "D2", "D3", "D4")}
+    results = {"study": "knowledge", "seeds": cfg["seeds"], "test_levels": counts, "skipped_arms": skipped,
+               "arms": summarize(cfg, evals, strata), "findings": findings(cfg, evals, strata, skipped)}
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", report(results))
+    return results
