@@ -98,6 +98,16 @@ def test_the_knowledge_study_runs_end_to_end_and_reruns_from_its_files(files, tm
     ({"knowledge": {"templates": "T", "data": "D", "out_of_domain": ["P26"]}}, "no EntityQuestions files"),
     ({"knowledge": {"templates": "T", "data": "D", "prompt": "Q:"}}, "must hold {question}"),
     ({"run": {"model": "m", "train": {"lrr": 1}}}, "lrr"),
+    ({"knowledge": {"templates": "T", "data": "D", "draws": 0}}, "knowledge.draws must be a positive integer"),
+    ({"knowledge": {"templates": "T", "data": "D", "level_size": -1}}, "knowledge.level_size must be"),
+    ({"knowledge": {"templates": "T", "data": "D", "test_per_domain": -3}}, "knowledge.test_per_domain must be"),
+    ({"knowledge": {"templates": "T", "data": "D", "known": [0, 1]}}, "share a level"),
+    ({"knowledge": {"templates": "T", "data": "D", "compare": [4, 4]}}, "compare must be two of"),
+    ({"knowledge": {"templates": "T", "data": "D",
+                    "restore": {"size": 12, "fractions": [0.05, 0.2], "finding_fraction": 0.3}}},
+     "finding_fraction must be one of its fractions"),
+    ({"knowledge": {"templates": "T", "data": "D", "probe": {"samples": "x"}}}, "knowledge.probe.samples must be"),
+    ({"boot": {"n_boot": 2.5}}, "boot.n_boot must be a positive integer"),
 ])
 def test_a_bad_knowledge_study_is_one_line_and_writes_nothing(files, tmp_path, capsys, change, words):
     d = files["dir"]

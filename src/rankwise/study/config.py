@@ -25,10 +25,14 @@ the study writes anything.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import random
+from pathlib import Path
 from typing import Any, Mapping
 
+from ..atomic import atomic_write_text
 from ..config import validate_config
 from ..errors import ConfigError
 from ..study_tasks import REASONING, TASKS, read_task
@@ -174,6 +178,17 @@ def validate_study(raw: Any) -> dict:
     for arm in plan_arms(cfg):  # every arm's run config, checked now (with a stand-in data file)
         validate_config(arm_run_config(cfg, arm, 0, "train.jsonl", "out"))
     return cfg
+
+
+def rows_file(directory, stem: str, rows: list) -> Path:
+    """``rows`` as JSON lines in ``directory/<stem>-<their hash>.jsonl`` (written once): other rows are another
+    file, so a finished run's training file is never rewritten, and its settings (the file's hash) tell it."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path = Path(directory) / f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
 
 
 def plan_arms(cfg: dict) -> list:

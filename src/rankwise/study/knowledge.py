@@ -46,7 +46,7 @@ from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
 from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, read_entity_questions, read_templates
 from ..train import finished_summary, train
-from .config import as_mapping, check_keys, merged
+from .config import as_mapping, check_keys, merged, rows_file
 
 SOURCE = "Ye et al. 2025 (arXiv 2509.16596)"
 TOP = {"study", "output_dir", "run", "seeds", "knowledge", "eval", "boot"}
@@ -68,6 +68,62 @@ def _positive_ints(v, where: str, allow_empty: bool = False) -> list:
     return v
 
 
+def _count(v, where: str, allow_none: bool = False):
+    """A positive integer (or None where allowed); ``ConfigError`` naming ``where`` otherwise."""
+    if v is None and allow_none:
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"study config: {where} must be a positive integer" + (" or null" if allow_none else ""))
+    return v
+
+
+def _check_numbers(k: dict, ev: dict, boot: dict) -> None:
+    """Every number of the knowledge, eval and boot sections, before anything runs."""
+    _count(k["draws"], "knowledge.draws")
+    _count(k["level_size"], "knowledge.level_size")
+    _count(k["test_per_domain"], "knowledge.test_per_domain", allow_none=True)
+    for key in ("samples", "max_new_tokens", "batch_size"):
+        _count(k["probe"][key], f"knowledge.probe.{key}")
+    t = k["probe"]["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+        raise ConfigError("study config: knowledge.probe.temperature must be a number > 0 (the probe samples)")
+    if isinstance(k["probe"]["seed"], bool) or not isinstance(k["probe"]["seed"], int) or k["probe"]["seed"] < 0:
+        raise ConfigError("study config: knowledge.probe.seed must be an integer >= 0")
+    for key in ("max_new_tokens", "batch_size"):
+        _count(ev[key], f"eval.{key}")
+    _count(boot["n_boot"], "boot.n_boot")
+    if isinstance(boot["seed"], bool) or not isinstance(boot["seed"], int):
+        raise ConfigError("study config: boot.seed must be an integer")
+
+
+def _check_plan(k: dict) -> None:
+    """The data plan and the restoration of the knowledge section."""
+    sizes = _positive_ints(k["sizes"], "knowledge.sizes")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError("study config: knowledge.sizes must be distinct")
+    if not isinstance(k["compare"], list) or len(k["compare"]) != 2 or any(c not in sizes for c in k["compare"]) \
+            or k["compare"][0] == k["compare"][1]:
+        raise ConfigError("study config: knowledge.compare must be two of knowledge.sizes (smaller, larger)")
+    for key in ("known", "unknown"):
+        if not isinstance(k[key], list) or not k[key] or any(x not in (0, 1, 2, 3, 4) for x in k[key]):
+            raise ConfigError(f"study config: knowledge.{key} must be a list of mastery levels 0-4")
+    if set(k["known"]) & set(k["unknown"]):
+        raise ConfigError("study config: knowledge.known and knowledge.unknown share a level")
+    r = k["restore"]
+    if r["size"] is None:
+        return
+    if r["size"] not in sizes:
+        raise ConfigError("study config: knowledge.restore.size must be one of knowledge.sizes (or null: none)")
+    if not isinstance(r["fractions"], list) or not r["fractions"] or any(
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in r["fractions"]):
+        raise ConfigError("study config: knowledge.restore.fractions must be a non-empty list of numbers in (0, 1)")
+    if not isinstance(r["selections"], list) or not r["selections"] or any(
+            s not in ("top", "bottom", "random") for s in r["selections"]):
+        raise ConfigError("study config: knowledge.restore.selections must be a list of top, bottom and random")
+    if r["finding_fraction"] not in r["fractions"]:
+        raise ConfigError("study config: knowledge.restore.finding_fraction must be one of its fractions")
+
+
 def validate_knowledge(raw: dict) -> dict:
     """The checked ``study: knowledge`` config with defaults filled (see the module docstring)."""
     check_keys(raw, TOP, "")
@@ -78,20 +134,8 @@ def validate_knowledge(raw: dict) -> dict:
     for key in ("data", "templates"):
         if not isinstance(k[key], str) or not k[key]:
             raise ConfigError(f"study config: knowledge.{key} must name a file or directory")
-    sizes = _positive_ints(k["sizes"], "knowledge.sizes")
-    if len(k["compare"]) != 2 or any(c not in sizes for c in k["compare"]):
-        raise ConfigError("study config: knowledge.compare must be two of knowledge.sizes (smaller, larger)")
-    for key in ("known", "unknown"):
-        if not isinstance(k[key], list) or not k[key] or any(x not in (0, 1, 2, 3, 4) for x in k[key]):
-            raise ConfigError(f"study config: knowledge.{key} must be a list of mastery levels 0-4")
-    r = k["restore"]
-    if r["size"] is not None and r["size"] not in sizes:
-        raise ConfigError("study config: knowledge.restore.size must be one of knowledge.sizes (or null: none)")
-    if any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in r["fractions"]) or \
-            any(s not in ("top", "bottom", "random") for s in r["selections"]):
-        raise ConfigError("study config: knowledge.restore.fractions must lie in (0, 1), selections be top, bottom "
-                          "or random")
-    if "{question}" not in k["prompt"]:
+    _check_plan(k)
+    if not isinstance(k["prompt"], str) or "{question}" not in k["prompt"]:
         raise ConfigError("study config: knowledge.prompt must hold {question}")
     run = as_mapping(raw.get("run"), "run")
     if not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
@@ -103,6 +147,7 @@ def validate_knowledge(raw: dict) -> dict:
     ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
     check_keys(ev, EVAL, "eval.")
     check_keys(boot, BOOT, "boot.")
+    _check_numbers(k, ev, boot)
     cfg = {"study": "knowledge", "output_dir": raw["output_dir"], "run": run, "seeds": seeds, "knowledge": k,
            "eval": ev, "boot": boot}
     parse(run_config(cfg, "train.jsonl", "out", 0))  # every key of the arms' runs, checked now
@@ -146,14 +191,19 @@ def probe_levels(cfg: dict, out: Path, data: dict) -> dict:
     """``{fact id: mastery level}`` of the base for every training and test fact (``mastery/base.jsonl``)."""
     path = out / "mastery" / "base.jsonl"
     facts = data["train"] + data["test"]["in"] + data["test"]["out"]
-    p = cfg["knowledge"]["probe"]
-    key = {"model": cfg["run"]["model"], "probe": p, "facts": [f["id"] for f in facts]}
+    p, run = cfg["knowledge"]["probe"], cfg["run"]
+    key = {"model": run["model"], "dtype": run.get("dtype", "auto"), "probe": p,
+           "templates": settings_hash(data["templates"]),
+           "facts": settings_hash({"facts": [[f["id"], f["subject"], f["answers"]] for f in facts]})}
     rows = read_jsonl(path) if path.exists() else None
     if not rows or read_json(out / "mastery" / "key.json") != key:
-        sample = hf_sampler(cfg["run"]["model"], p["samples"], p["temperature"], p["max_new_tokens"], p["batch_size"],
-                            dtype=cfg["run"].get("dtype", "auto"))
-        rows = run_probe(facts, data["templates"], sample, out / "mastery" / "base.partial", key, p["seed"],
-                         force=True, progress=False)
+        sample = hf_sampler(run["model"], p["samples"], p["temperature"], p["max_new_tokens"], p["batch_size"],
+                            device=run.get("train", {}).get("device", "auto"), dtype=run.get("dtype", "auto"))
+        partial = out / "mastery" / "base.partial"
+        try:  # a stopped probe of these settings continues; one of other settings starts over
+            rows = run_probe(facts, data["templates"], sample, partial, key, p["seed"], progress=False)
+        except ConfigError:
+            rows = run_probe(facts, data["templates"], sample, partial, key, p["seed"], force=True, progress=False)
         write_jsonl(path, rows)
         write_json(out / "mastery" / "key.json", key)
     return {r["id"]: r["level"] for r in rows}
@@ -183,9 +233,7 @@ def train_arm(cfg: dict, out: Path, arm: dict, seed: int) -> Path:
     k = cfg["knowledge"]
     rows = [{"prompt": k["prompt"].format(question=f["question"]), "completion": " " + f["answers"][0]}
             for f in arm["facts"]]
-    data = out / "data" / f"seed{seed}" / f"{arm['name']}.jsonl"
-    if not data.exists() or read_jsonl(data) != rows:
-        write_jsonl(data, rows)
+    data = rows_file(out / "data" / f"seed{seed}", arm["name"], rows)
     run_dir = out / "arms" / f"seed{seed}" / arm["name"]
     run = run_config(cfg, data, run_dir, seed)
     summary = finished_summary(parse(run), settings(parse(run))) if (run_dir / SUMMARY).exists() else \
@@ -199,7 +247,9 @@ def eval_key(cfg: dict, tests: dict, *what) -> str:
     """What a cached evaluation depends on: ``what`` (the arm's settings, a restored point), the prompt, the
     generation settings and the test facts."""
     return settings_hash({"what": list(what), "prompt": cfg["knowledge"]["prompt"], "eval": cfg["eval"],
-                          "tests": {d: [f["id"] for f in fs] for d, fs in tests.items()}})
+                          "tokenizer": cfg["run"].get("tokenizer") or cfg["run"]["model"],
+                          "tests": {d: [[f["id"], f["question"], f["answers"]] for f in fs]
+                                    for d, fs in tests.items()}})
 
 
 def cached(path: Path, key: str, compute) -> dict:
@@ -227,9 +277,12 @@ def restore_points(cfg: dict, out: Path, run_dir: Path, seed: int, tests: dict, 
     arm = read_json(run_dir / SUMMARY).get("settings_hash")
 
     def point(sel, f):
-        if not held:  # the base's and the tuned model's weights, loaded once for every point
-            held["base"] = load_model(cfg["run"]["model"], dtype="fp32", device="cpu").state_dict()
-            held["tuned"] = load_model(str(run_dir / "model"), dtype=cfg["run"].get("dtype", "auto"), device=device)
+        if not held:  # the base's and the tuned model's weights, loaded once for every point, in the same dtype
+            dtype = cfg["run"].get("dtype", "auto")  # (an fp32 base against a bf16 tuned model: rounding looks like
+            held["tuned"] = load_model(str(run_dir / "model"), dtype=dtype, device=device)  # an update everywhere)
+            as_tuned = {n: v.dtype for n, v in held["tuned"].state_dict().items()}
+            base = load_model(cfg["run"]["model"], dtype=dtype, device="cpu").state_dict()
+            held["base"] = {n: v.to(as_tuned.get(n, v.dtype)).to(torch.float32) for n, v in base.items()}
             held["sd"] = {n: v.detach().to("cpu", torch.float32, copy=True)
                           for n, v in held["tuned"].state_dict().items()}
         restored, _ = restore(held["base"], held["sd"], f, score="relative", select=sel, scope="global",
@@ -239,8 +292,8 @@ def restore_points(cfg: dict, out: Path, run_dir: Path, seed: int, tests: dict, 
 
     for sel in r["selections"]:
         for f in r["fractions"]:
-            path = out / "eval" / f"seed{seed}" / f"restore-{sel}-{f:g}.json"
-            points[f"{sel}-{f:g}"] = cached(path, eval_key(cfg, tests, arm, sel, f, seed),
+            path = out / "eval" / f"seed{seed}" / f"restore-{sel}-{f:.10g}.json"
+            points[f"{sel}-{f:.10g}"] = cached(path, eval_key(cfg, tests, arm, sel, f, seed),
                                             lambda sel=sel, f=f: point(sel, f))
     return points
 
@@ -307,7 +360,7 @@ def findings(cfg: dict, evals: dict, strata: dict, skipped: dict) -> list:
                                   a_name=a, b_name=c, metric=metric, **b)
 
     small, large = k["compare"]
-    frac = f"{k['restore']['finding_fraction']:g}"
+    frac = f"{k['restore']['finding_fraction']:.10g}" if k["restore"]["size"] is not None else "none"
     pct = f"{100 * k['restore']['finding_fraction']:g} %"
     return [
         diff("data_size", f"Full SFT on {small} facts gives higher in-domain accuracy than on {large}.",

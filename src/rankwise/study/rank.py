@@ -28,7 +28,7 @@ from ..analysis.findings import contrast_finding, difference_finding, slope_find
 from ..analysis.stats import accuracy_with_ci
 from ..arm_memory import estimate_peak_bytes, memory_budget, plan_groups
 from ..atomic import atomic_write_text
-from ..demo.arms import read_json, read_jsonl, write_json, write_jsonl
+from ..demo.arms import read_json, write_json
 from ..errors import ConfigError
 from ..evaluate import generate_answers
 from ..model import load_model, load_tokenizer, resolve_device
@@ -37,7 +37,7 @@ from ..study_tasks import score
 from ..together import train_group
 from ..config import parse, settings, settings_hash
 from ..train import CHECKPOINT, finished_summary, train
-from .config import arm_run_config, plan_arms
+from .config import arm_run_config, plan_arms, rows_file
 
 log = logging.getLogger("rankwise")
 
@@ -175,10 +175,8 @@ def run_experiment(cfg: dict, out: Path, exp: dict, sets: dict) -> dict:
     eval_sets = {"validation": sets["validation"], **{k: sets[k] for k in exp["eval"]}}
     evals, summaries = {}, {}
     for seed in cfg["seeds"]:
-        train_file = out / "data" / name / "train.jsonl"
-        rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets["train"]]
-        if not train_file.exists() or read_jsonl(train_file) != rows:  # the rows of these settings, always
-            write_jsonl(train_file, rows)
+        train_file = rows_file(out / "data" / name, "train", [{"prompt": it["prompt"], "completion": it["completion"]}
+                                                              for it in sets["train"]])
         summaries[seed] = train_arms(cfg, out, name, seed, train_file)
         evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed])
     return {"evals": evals, "summaries": summaries}
