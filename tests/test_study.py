@@ -6,6 +6,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from test_data import build_tiny_llama
 
@@ -216,7 +217,7 @@ def test_plan_prints_the_sizes_and_the_memory_estimates_and_writes_nothing(files
     assert cli(["study", config(files, out), "--plan"]) == 0
     text = capsys.readouterr().out
     assert "gsm8k (reasoning): train 10, validation 4, gsm8k 6, mathqa 5 items; 2 seed(s)" in text
-    assert "LoRA r = 1, 2, 4 together: about" in text and "full SFT: alone" in text
+    assert "LoRA r = 1, 2, 4 together: about" in text and "full SFT: alone, about" in text
     assert not out.exists()
     study = validate_study(yaml.safe_load(open(config(files, out))))
     run = rank.parse(rank.arm_run_config(study, {"name": "lora-r1", "method": "lora", "rank": 1}, 0, "t.jsonl", "o"))
@@ -247,3 +248,16 @@ def test_lm_eval_scores_take_one_filter_in_document_order(monkeypatch):
     from rankwise.errors import ConfigError
     with pytest.raises(ConfigError, match="has the filters strict-match, flexible-extract"):
         rank.lm_eval_scores(None, None, {**spec, "filter": "none"}, "cpu")
+
+
+def test_the_full_sft_memory_estimate_counts_weights_gradients_and_moments(files):
+    from rankwise.arm_memory import _activation_bytes, estimate_full_peak_bytes, model_shape
+    from rankwise.config import parse
+
+    cfg = parse({"model": files["model"], "method": "full", "data": {"train": "t.jsonl", "max_length": 32},
+                 "dtype": "fp32", "train": {"batch_size": 2}})
+    s = model_shape(cfg)
+    act = _activation_bytes(cfg, s, torch.device("cpu"))
+    assert estimate_full_peak_bytes(cfg, "cpu") == int(s["params"] * 16 + act)  # fp32: weight, grad, two moments
+    cheap = parse({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "optimizer": "adamw8bit"}})
+    assert estimate_full_peak_bytes(cheap, "cpu") == int(s["params"] * 10 + act)

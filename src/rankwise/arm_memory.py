@@ -128,6 +128,21 @@ def _meta_shape(model, targets) -> dict:
             "vocab": int(getattr(mcfg, "vocab_size"))}
 
 
+def _activation_bytes(cfg: C.RunConfig, s: dict, device: torch.device) -> float:
+    """One arm's (or one full-SFT run's) activations saved for backward over the longest micro-batch (``act``)."""
+    t = cfg.train
+    n = t.batch_size * cfg.data.max_length
+    act_bytes = 2 if device.type == "cuda" and t.precision != "fp32" else 4
+    quadratic = cfg.attention == "eager" or device.type == "cpu"
+    per_layer = ACT_PER_HIDDEN * s["hidden"] + ACT_PER_INTERMEDIATE * s["intermediate"] \
+        + (ATTN_SCORES * s["heads"] * n if quadratic else 0)
+    if t.gradient_checkpointing:
+        act = n * (s["layers"] * s["hidden"] + per_layer)
+    else:
+        act = n * s["layers"] * per_layer
+    return act * act_bytes * ACT_SLACK
+
+
 def estimate_peak_bytes(cfg: C.RunConfig, ranks, device=None, shape: dict | None = None) -> int:
     """Estimated peak memory (bytes) of training the arms of ``ranks`` together with ``cfg`` (see the model above).
 
@@ -147,19 +162,25 @@ def estimate_peak_bytes(cfg: C.RunConfig, ranks, device=None, shape: dict | None
     else:
         base = s["params"] * w_bytes
     n = t.batch_size * cfg.data.max_length
-    act_bytes = 2 if device.type == "cuda" and t.precision != "fp32" else 4
-    quadratic = cfg.attention == "eager" or device.type == "cpu"
-    per_layer = ACT_PER_HIDDEN * s["hidden"] + ACT_PER_INTERMEDIATE * s["intermediate"] \
-        + (ATTN_SCORES * s["heads"] * n if quadratic else 0)
-    if t.gradient_checkpointing:
-        act = n * (s["layers"] * s["hidden"] + per_layer)
-    else:
-        act = n * s["layers"] * per_layer
-    act *= act_bytes * ACT_SLACK
     io = sum(i + o for i, o in s["targets"].values())
     state = ADAPTER_COPIES * 4 * io * sum(int(r) for r in ranks)
     logits = 0 if t.fused_loss else 2 * 4 * n * s["vocab"] * len(ranks)
-    return int(base + len(ranks) * act + state + logits)
+    return int(base + len(ranks) * _activation_bytes(cfg, s, device) + state + logits)
+
+
+def estimate_full_peak_bytes(cfg: C.RunConfig, device=None, shape: dict | None = None) -> int:
+    """Estimated peak memory (bytes) of full SFT with ``cfg``: every weight four times at its load dtype (the
+    weight, its gradient and AdamW's two moments, which torch keeps in the weight's dtype; ``adamw8bit``'s moments
+    are 1 byte each), plus one run's activations and logits as in the LoRA model above. Not checked against a
+    measured peak yet."""
+    cfg = C.parse(cfg)
+    s = shape or model_shape(cfg)
+    device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+    w_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}.get(cfg.dtype, 4)
+    moments = 2 if cfg.train.optimizer == "adamw8bit" else 2 * w_bytes
+    n = cfg.train.batch_size * cfg.data.max_length
+    logits = 0 if cfg.train.fused_loss else 2 * 4 * n * s["vocab"]
+    return int(s["params"] * (2 * w_bytes + moments) + _activation_bytes(cfg, s, device) + logits)
 
 
 def memory_budget(device) -> int | None:

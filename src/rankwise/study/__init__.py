@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import load_yaml
+from ..arm_memory import estimate_full_peak_bytes
+from ..config import load_yaml, parse
 from ..ownership import check_output, claim
 from .config import check_lm_eval_tasks, load_sets, validate_study
-from .knowledge import load_knowledge, run_knowledge_study, validate_knowledge
+from .knowledge import load_knowledge, run_config, run_knowledge_study, validate_knowledge
 from .rank import plan_lines, run_rank_study
 
 
@@ -62,7 +63,9 @@ def main(args) -> int:
         lines = plan_lines(cfg, data) if cfg["study"] == "rank" else [
             f"knowledge: {len(data['train'])} training facts, {len(data['test']['in'])} in-domain and "
             f"{len(data['test']['out'])} out-of-domain test facts; sizes {cfg['knowledge']['sizes']} x "
-            f"{cfg['knowledge']['draws']} draw(s); {len(cfg['seeds'])} seed(s)"]
+            f"{cfg['knowledge']['draws']} draw(s); {len(cfg['seeds'])} seed(s); each full-SFT arm about "
+            f"{estimate_full_peak_bytes(parse(run_config(cfg, 'train.jsonl', 'plan', 0))) / 2**30:.1f} GiB at peak "
+            "(estimate)"]
         print("\n".join(lines))
         return 0
     out = Path(cfg["output_dir"])

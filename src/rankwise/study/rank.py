@@ -26,7 +26,7 @@ import numpy as np
 from ..adapter import load_adapter
 from ..analysis.findings import contrast_finding, difference_finding, slope_finding, spread_finding, unmeasured_finding
 from ..analysis.stats import accuracy_with_ci
-from ..arm_memory import estimate_peak_bytes, memory_budget, plan_groups
+from ..arm_memory import estimate_full_peak_bytes, estimate_peak_bytes, memory_budget, plan_groups
 from ..atomic import atomic_write_text
 from ..demo.arms import read_json, write_json
 from ..errors import ConfigError
@@ -321,7 +321,9 @@ def plan_lines(cfg: dict, sets: dict) -> list:
             gib = estimate_peak_bytes(parse(run), ranks) / 2**30
             lines.append(f"  LoRA r = {', '.join(map(str, ranks))} together: about {gib:.1f} GiB at peak (estimate)")
         if cfg["arms"]["full"]:
-            lines.append("  full SFT: alone (its memory is not modelled)")
+            full = arm_run_config(cfg, {"name": "full", "method": "full", "rank": None}, 0, "train.jsonl", "plan")
+            lines.append(f"  full SFT: alone, about {estimate_full_peak_bytes(parse(full)) / 2**30:.1f} GiB at peak "
+                         "(estimate)")
     return lines
 
 
