@@ -47,6 +47,7 @@ from ..outputs import SUMMARY
 from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, read_entity_questions, read_templates
 from ..train import finished_summary, train
 from .config import as_mapping, check_keys, merged, rows_file
+from .rank import findings_lines
 
 SOURCE = "Ye et al. 2025 (arXiv 2509.16596)"
 TOP = {"study", "output_dir", "run", "seeds", "knowledge", "eval", "boot"}
@@ -377,12 +378,8 @@ def findings(cfg: dict, evals: dict, strata: dict, skipped: dict) -> list:
 
 
 def report(results: dict) -> str:
-    lines = ["# rankwise study: fine-tuning and model knowledge", "", "## Findings", "",
-             "| finding | effect | 95 % interval | verdict |", "| --- | ---: | --- | --- |"]
-    for f in results["findings"]:
-        eff = "-" if f.get("effect") is None else f"{f['effect']:+.3f}"
-        ci = "-" if None in (f.get("ci95") or [None]) else f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]"
-        lines.append(f"| {f['id']} | {eff} | {ci} | {f['verdict']}{' (' + f['why'] + ')' if f.get('why') else ''} |")
+    """``report.md``: the findings first, then every arm in and out of domain."""
+    lines = findings_lines("rankwise study: fine-tuning and model knowledge", results["findings"])
     lines += ["", "## Arms", "", "| arm | in domain | out of domain |", "| --- | ---: | ---: |"]
     for r in results["arms"]:
         cell = lambda c: f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c["mean"] is not None else "-"  # noqa

@@ -288,14 +288,21 @@ def _norm(cfg: dict, exp: dict, got: dict, b: dict) -> dict:
                          "slope below 1).", SOURCE, arms, ranks, metric="adapter update Frobenius norm", **b)
 
 
-def report(results: dict) -> str:
-    """``report.md``: the findings first, then each experiment's arms."""
-    lines = ["# rankwise study: LoRA ranks against full SFT", "", "## Findings", "",
-             "| finding | effect | 95 % interval | verdict |", "| --- | ---: | --- | --- |"]
-    for f in results["findings"]:
+def findings_lines(title: str, findings: list) -> list:
+    """A study report's opening: its title and the findings' table (effect, interval, verdict, and why a finding
+    could not be measured)."""
+    lines = [f"# {title}", "", "## Findings", "", "| finding | effect | 95 % interval | verdict |",
+             "| --- | ---: | --- | --- |"]
+    for f in findings:
         eff = "-" if f.get("effect") is None else f"{f['effect']:+.3f}"
         ci = "-" if None in (f.get("ci95") or [None]) else f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]"
         lines.append(f"| {f['id']} | {eff} | {ci} | {f['verdict']}{' (' + f['why'] + ')' if f.get('why') else ''} |")
+    return lines
+
+
+def report(results: dict) -> str:
+    """``report.md``: the findings first, then each experiment's arms."""
+    lines = findings_lines("rankwise study: LoRA ranks against full SFT", results["findings"])
     for name, exp in results["experiments"].items():
         sets = [k for k in exp["arms"][0] if isinstance(exp["arms"][0][k], dict)]
         lines += ["", f"## {name} ({exp['kind']})", "", "| arm | " + " | ".join(sets) + " |",
