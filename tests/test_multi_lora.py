@@ -17,6 +17,8 @@ Tolerances, as max|out - ref64| / max|ref64| per tensor (``helpers.check``):
   path: the interpreter truncates fp32 -> bf16 when the kernels store S and dS,
   which biases dA (~4x torch's error here); a GPU rounds to nearest.
 """
+import sys
+
 import pytest
 import torch
 
@@ -567,3 +569,22 @@ def test_auto_runs_the_measured_choice(monkeypatch, nf4, choice):
     prefix = "multi_nf4" if nf4 else "multi"
     assert asked == [(f"{prefix}_fwd", 14, N, K), (f"{prefix}_dx", 14, K, N)]
     assert ran == (["_multi_fwd_gemm", "_multi_dx"] if choice == "fused" else ["_multi_fwd_split", "_multi_dx_split"])
+
+
+def test_tables_a_cuda_graph_captured_are_kept_past_the_memos_evictions(monkeypatch):
+    """A replayed CUDA graph reads the K-arm op's device tables at their captured addresses: while a capture is
+    on, every table handed out is also kept for the process (the lru_cache may evict its own entry later)."""
+    import types
+
+    mk = sys.modules["rankwise.kernels.multi_lora_kernels"]
+    cuda_table = types.SimpleNamespace(is_cuda=True)
+    cpu_table = torch.zeros(2, dtype=torch.int64)
+    before = len(mk._CAPTURED)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert mk._kept((cuda_table, cuda_table, 3)) == (cuda_table, cuda_table, 3) and len(mk._CAPTURED) == before
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert mk._kept(cpu_table) is cpu_table and len(mk._CAPTURED) == before  # CPU tables are never captured
+    assert mk._kept((cuda_table, cuda_table, 3)) == (cuda_table, cuda_table, 3)
+    assert mk._kept(cuda_table) is cuda_table
+    assert mk._CAPTURED[before:] == [(cuda_table, cuda_table, 3), cuda_table]
+    del mk._CAPTURED[before:]
