@@ -119,6 +119,7 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
     ({"run": {"model": "m", "train": {"lrr": 1}}}, "lrr"),
     ({"run": {"output_dir": "x"}}, "run.output_dir is set by the study"),
     ({"study": "ranks"}, "study must be one of rank"),
+    ({"eval": {"choice_tokens": 0}}, "eval.choice_tokens must be a positive integer"),
     ({"experiments": [{"name": "x", "train": {"task": "gsm8k", "data": "GSM"},
                        "eval": {"y": {"task": "mmlu", "data": "MMLU", "subjects": ["law"]}}}]},
      "x.eval.y: no rows of the subjects law"),
@@ -261,3 +262,20 @@ def test_the_full_sft_memory_estimate_counts_weights_gradients_and_moments(files
     assert estimate_full_peak_bytes(cfg, "cpu") == int(s["params"] * 16 + act)  # fp32: weight, grad, two moments
     cheap = parse({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "optimizer": "adamw8bit"}})
     assert estimate_full_peak_bytes(cheap, "cpu") == int(s["params"] * 10 + act)
+
+
+def test_choice_answers_are_generated_short_and_worked_answers_long(monkeypatch):
+    asked = []
+
+    def fake(model, tok, prompts, max_new_tokens, batch_size):
+        asked.append((len(prompts), max_new_tokens))
+        return [[" B"] if "Which" in p else [" #### 3"] for p in prompts]
+
+    monkeypatch.setattr(rank, "generate_answers", fake)
+    from rankwise.study_tasks import gsm8k_item, mmlu_item
+    g = gsm8k_item({"question": "1+2?", "answer": "1+2=3\n#### 3"}, 0, "x")
+    m = mmlu_item({"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}, 0, "x")
+    got = rank.evaluate_sets(None, None, {"g": [g, g], "m": [m, m, m], "both": [m, g]},
+                             {"max_new_tokens": 64, "choice_tokens": 4, "batch_size": 8, "flexible": True})
+    assert got == {"g": [1, 1], "m": [1, 1, 1], "both": [1, 1]}
+    assert asked == [(4, 4), (3, 64)]

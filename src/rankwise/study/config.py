@@ -15,7 +15,7 @@
         eval:
           gsm8k: {task: gsm8k, data: test.jsonl, domain: in, limit: 300}
           mathqa: {task: mathqa, data: mathqa_test.json, domain: out, limit: 300}
-    eval: {max_new_tokens: 256, batch_size: 32}
+    eval: {max_new_tokens: 256, choice_tokens: 8, batch_size: 32}
     boot: {n_boot: 2000, seed: 0}
 
 Every task's data is read here (``rankwise.study_tasks.read_task``), and every arm's run config is validated
@@ -40,7 +40,7 @@ from ..study_tasks import REASONING, TASKS, read_task
 STUDIES = ("rank", "knowledge")
 TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
 ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
-EVAL = {"max_new_tokens": 256, "batch_size": 32, "flexible": True, "lm_eval": None}
+EVAL = {"max_new_tokens": 256, "choice_tokens": 8, "batch_size": 32, "flexible": True, "lm_eval": None}
 LM_EVAL = {"tasks": [], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 8, "metric": None,
            "filter": None}
 BOOT = {"n_boot": 2000, "seed": 0}
@@ -168,6 +168,9 @@ def validate_study(raw: Any) -> dict:
         raise ConfigError("study config: two experiments share a name")
     ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
     check_keys(ev, EVAL, "eval.")
+    for key in ("max_new_tokens", "choice_tokens", "batch_size"):
+        if isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 1:
+            raise ConfigError(f"study config: eval.{key} must be a positive integer")
     ev["lm_eval"] = _lm_eval(ev["lm_eval"])
     check_keys(boot, BOOT, "boot.")
     out = raw.get("output_dir")

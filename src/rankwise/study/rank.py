@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..evaluate import generate_answers
 from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
-from ..study_tasks import score
+from ..study_tasks import REASONING, score
 from ..together import train_group
 from ..config import parse, settings, settings_hash
 from ..train import CHECKPOINT, finished_summary, train
@@ -128,13 +128,19 @@ def lm_eval_scores(model, tok, spec: dict, device) -> dict:
 
 
 def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
-    """``{set: [0/1 per item]}``: greedy answers of every set in one batched pass, scored."""
-    items = [(name, it) for name, xs in sets.items() for it in xs]
-    outs = generate_answers(model, tok, [it["prompt"] for _, it in items], max_new_tokens=ev["max_new_tokens"],
-                            batch_size=ev["batch_size"])
-    got = {name: [] for name in sets}
-    for (name, it), o in zip(items, outs):
-        got[name].append(int(score(o[0], it, ev["flexible"])))
+    """``{set: [0/1 per item]}``: greedy answers, scored; the items whose answer is a choice letter alone (MMLU,
+    MedMCQA) in one batched pass of ``choice_tokens`` new tokens, the worked answers (GSM8K, MathQA's rationale)
+    in one of ``max_new_tokens``."""
+    got = {name: [0] * len(xs) for name, xs in sets.items()}
+    for short in (True, False):
+        items = [(name, i, it) for name, xs in sets.items() for i, it in enumerate(xs)
+                 if (it["task"] not in REASONING) == short]
+        if not items:
+            continue
+        outs = generate_answers(model, tok, [it["prompt"] for _, _, it in items], batch_size=ev["batch_size"],
+                                max_new_tokens=ev["choice_tokens"] if short else ev["max_new_tokens"])
+        for (name, i, it), o in zip(items, outs):
+            got[name][i] = int(score(o[0], it, ev["flexible"]))
     return got
 
 
