@@ -293,8 +293,8 @@ def choose_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor,
     return tuner.choose(device, key, candidates)
 
 
-# The launch plan of each GEMM once its choice is settled, ``(path, shape key, rank, device) -> (path, tile
-# config or None)``: a call after the first builds no candidate table and no tile list, only a dict lookup (the
+# The launch plan of each GEMM once its choice is settled, ``(path, op, M bucket, N, K, dtype, rank, device) ->
+# (path, tile config or None)``: a call after the first builds no candidate table and no tile list, only a dict lookup (the
 # host's cost per launch bounds a small step on a GPU). A choice is settled when nothing in this process can
 # change it: a path given, "auto" off CUDA, or a choice measured and cached. ``set_tuner`` empties it.
 _PLANS: dict = {}
@@ -318,7 +318,7 @@ def run_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor, fused:
     """Run the GEMM (op, M, N, K) by the path ``path`` names (``choose_path``): ``fused(cfg)`` with
     ``cfg`` None for the heuristic tiles or one of ``configs()`` (``{name: config}``), or ``split()``.
     ``rank``: what ``configs()`` depends on besides the shape key (the tiles that fit depend on it)."""
-    plan_key = (path, shape_key(op, M, N, K, t.dtype), rank, str(t.device))
+    plan_key = (path, op, m_bucket(M), N, K, t.dtype, rank, t.device)  # no string built per call
     plan = _PLANS.get(plan_key)
     if plan is None:
         choice = choose_path(path, op, M, N, K, t, lambda: {
@@ -326,7 +326,7 @@ def run_path(path: str, op: str, M: int, N: int, K: int, t: torch.Tensor, fused:
             **{name: (lambda c=c: fused(c)) for name, c in configs().items()}})
         kind, config = parse_choice(choice)
         plan = (kind, configs()[choice] if config else None)
-        if _settled(path, t, plan_key[1]):
+        if _settled(path, t, shape_key(op, M, N, K, t.dtype)):
             _PLANS[plan_key] = plan
     kind, config = plan
     return split() if kind == "split" else fused(config)
