@@ -25,7 +25,6 @@ GPU: ~200 samples per fact), each given the same prompts, samples and seeds.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text, remove_path
+from .config import settings_hash
 from .errors import ConfigError
 from .evaluate import generate_answers, is_correct
 from .model import load_model, load_tokenizer
@@ -105,10 +105,6 @@ def vllm_sampler(model_path: str, samples: int, temperature: float, max_new_toke
                   for i in range(len(prompts))]
         return [[c.text for c in out.outputs] for out in llm.generate(list(prompts), params, use_tqdm=False)]
     return sample
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def read_partial(path: Path, settings: dict, force: bool) -> list:
@@ -206,8 +202,8 @@ def _check_args(args) -> None:
 def settings_of(args, facts: list, templates: dict) -> dict:
     """What decides the result: a run continues only from progress with these."""
     return {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
-            "facts": digest([[f["id"], f["relation"], f["subject"], f["answers"]] for f in facts]),
-            "templates": digest(templates), "samples": args.samples, "temperature": args.temperature,
+            "facts": settings_hash({"facts": [[f["id"], f["relation"], f["subject"], f["answers"]] for f in facts]}),
+            "templates": settings_hash(templates), "samples": args.samples, "temperature": args.temperature,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "backend": args.backend, "dtype": args.dtype,
             "batch_size": args.batch_size}  # the samples of a batch come from one generator: the batches count
 
