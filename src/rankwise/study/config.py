@@ -70,11 +70,21 @@ def merged(base: Mapping, over: Mapping) -> dict:
     return out
 
 
-def _int_list(v, where: str, minimum: int) -> list:
+def int_list(v, where: str, minimum: int) -> list:
+    """A non-empty list of distinct integers >= ``minimum``; ``ConfigError`` naming ``where`` otherwise."""
     if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < minimum
                                                for x in v) or len(set(v)) != len(v):
         raise ConfigError(f"study config: {where} must be a non-empty list of distinct integers >= {minimum}")
     return list(v)
+
+
+def positive_int(v, where: str, allow_none: bool = False):
+    """A positive integer (or None where allowed); ``ConfigError`` naming ``where`` otherwise."""
+    if v is None and allow_none:
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"study config: {where} must be a positive integer" + (" or null" if allow_none else ""))
+    return v
 
 
 def _task(spec, where: str, eval_set: bool) -> dict:
@@ -86,8 +96,7 @@ def _task(spec, where: str, eval_set: bool) -> dict:
     if not isinstance(spec.get("data"), str) or not spec["data"]:
         raise ConfigError(f"study config: {where}.data must name a file or a hub data set name[:split]")
     for k in ("limit", "validation"):
-        if spec.get(k) is not None and (isinstance(spec[k], bool) or not isinstance(spec[k], int) or spec[k] < 1):
-            raise ConfigError(f"study config: {where}.{k} must be a positive integer")
+        positive_int(spec.get(k), f"{where}.{k}", allow_none=True)
     if eval_set and spec.setdefault("domain", "in") not in DOMAINS:
         raise ConfigError(f"study config: {where}.domain must be in or out, got {spec['domain']!r}")
     if not eval_set:
@@ -133,9 +142,7 @@ def _lm_eval(spec):
     tasks = spec["tasks"]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ConfigError("study config: eval.lm_eval.tasks must be a non-empty list of lm-evaluation-harness task names")
-    if spec["limit"] is not None and (isinstance(spec["limit"], bool) or not isinstance(spec["limit"], int)
-                                      or spec["limit"] < 1):
-        raise ConfigError("study config: eval.lm_eval.limit must be a positive integer")
+    positive_int(spec["limit"], "eval.lm_eval.limit", allow_none=True)
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("study config: eval.lm_eval needs lm-evaluation-harness (pip install lm-eval)")
     return spec
@@ -155,11 +162,11 @@ def validate_study(raw: Any) -> dict:
             raise ConfigError(f"study config: {where}.{owned[0]} is set by the study for each arm; remove it")
     arms = merged(ARMS, as_mapping(raw.get("arms"), "arms"))
     check_keys(arms, ARMS, "arms.")
-    arms["ranks"] = _int_list(arms["ranks"], "arms.ranks", 1)
+    arms["ranks"] = int_list(arms["ranks"], "arms.ranks", 1)
     if not isinstance(arms["alpha_per_rank"], (int, float)) or isinstance(arms["alpha_per_rank"], bool) \
             or arms["alpha_per_rank"] <= 0:
         raise ConfigError("study config: arms.alpha_per_rank must be a positive number")
-    seeds = _int_list(raw.get("seeds", [0]), "seeds", 0)
+    seeds = int_list(raw.get("seeds", [0]), "seeds", 0)
     experiments = raw.get("experiments")
     if not isinstance(experiments, list) or not experiments:
         raise ConfigError("study config: experiments must be a non-empty list")
@@ -169,8 +176,7 @@ def validate_study(raw: Any) -> dict:
     ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
     check_keys(ev, EVAL, "eval.")
     for key in ("max_new_tokens", "choice_tokens", "batch_size"):
-        if isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 1:
-            raise ConfigError(f"study config: eval.{key} must be a positive integer")
+        positive_int(ev[key], f"eval.{key}")
     ev["lm_eval"] = _lm_eval(ev["lm_eval"])
     check_keys(boot, BOOT, "boot.")
     out = raw.get("output_dir")

@@ -46,7 +46,7 @@ from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
 from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, read_entity_questions, read_templates
 from ..train import finished_summary, train
-from .config import as_mapping, check_keys, merged, rows_file
+from .config import as_mapping, check_keys, int_list, merged, positive_int, rows_file
 from .rank import findings_lines
 
 SOURCE = "Ye et al. 2025 (arXiv 2509.16596)"
@@ -62,46 +62,28 @@ EVAL = {"max_new_tokens": 16, "batch_size": 64}
 BOOT = {"n_boot": 2000, "seed": 0}
 
 
-def _positive_ints(v, where: str, allow_empty: bool = False) -> list:
-    if not isinstance(v, list) or (not v and not allow_empty) or any(
-            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
-        raise ConfigError(f"study config: {where} must be a list of positive integers")
-    return v
-
-
-def _count(v, where: str, allow_none: bool = False):
-    """A positive integer (or None where allowed); ``ConfigError`` naming ``where`` otherwise."""
-    if v is None and allow_none:
-        return v
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"study config: {where} must be a positive integer" + (" or null" if allow_none else ""))
-    return v
-
-
 def _check_numbers(k: dict, ev: dict, boot: dict) -> None:
     """Every number of the knowledge, eval and boot sections, before anything runs."""
-    _count(k["draws"], "knowledge.draws")
-    _count(k["level_size"], "knowledge.level_size")
-    _count(k["test_per_domain"], "knowledge.test_per_domain", allow_none=True)
+    positive_int(k["draws"], "knowledge.draws")
+    positive_int(k["level_size"], "knowledge.level_size")
+    positive_int(k["test_per_domain"], "knowledge.test_per_domain", allow_none=True)
     for key in ("samples", "max_new_tokens", "batch_size"):
-        _count(k["probe"][key], f"knowledge.probe.{key}")
+        positive_int(k["probe"][key], f"knowledge.probe.{key}")
     t = k["probe"]["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
         raise ConfigError("study config: knowledge.probe.temperature must be a number > 0 (the probe samples)")
     if isinstance(k["probe"]["seed"], bool) or not isinstance(k["probe"]["seed"], int) or k["probe"]["seed"] < 0:
         raise ConfigError("study config: knowledge.probe.seed must be an integer >= 0")
     for key in ("max_new_tokens", "batch_size"):
-        _count(ev[key], f"eval.{key}")
-    _count(boot["n_boot"], "boot.n_boot")
+        positive_int(ev[key], f"eval.{key}")
+    positive_int(boot["n_boot"], "boot.n_boot")
     if isinstance(boot["seed"], bool) or not isinstance(boot["seed"], int):
         raise ConfigError("study config: boot.seed must be an integer")
 
 
 def _check_plan(k: dict) -> None:
     """The data plan and the restoration of the knowledge section."""
-    sizes = _positive_ints(k["sizes"], "knowledge.sizes")
-    if len(set(sizes)) != len(sizes):
-        raise ConfigError("study config: knowledge.sizes must be distinct")
+    sizes = int_list(k["sizes"], "knowledge.sizes", 1)
     if not isinstance(k["compare"], list) or len(k["compare"]) != 2 or any(c not in sizes for c in k["compare"]) \
             or k["compare"][0] == k["compare"][1]:
         raise ConfigError("study config: knowledge.compare must be two of knowledge.sizes (smaller, larger)")
@@ -141,10 +123,7 @@ def validate_knowledge(raw: dict) -> dict:
     run = as_mapping(raw.get("run"), "run")
     if not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
         raise ConfigError("study config: output_dir must name a directory (or pass --out)")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError("study config: seeds must be a non-empty list of distinct integers >= 0")
+    seeds = int_list(raw.get("seeds", [0]), "seeds", 0)
     ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
     check_keys(ev, EVAL, "eval.")
     check_keys(boot, BOOT, "boot.")
