@@ -5,7 +5,10 @@ import math
 import os
 
 import pytest
+import torch
+import yaml
 
+from rankwise.cli import main as cli_main
 from rankwise.demo import run_demo
 
 MICRO = {"world": {"n_people": 40, "max_exposures": 3, "seed": 2},
@@ -263,7 +266,12 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     # Re-running reuses every cached stage: no arm is trained again, the numbers are the same.
     adapter = out / "work" / "arms" / "seed0" / "lora-r1" / "adapter" / "adapter_model.safetensors"
     mtime = os.path.getmtime(adapter)
-    res2 = run_demo(out, settings=SETTINGS, world_overrides=MICRO, cache_dir=tmp_path / "cache", progress=False)
+    # ... and so does `rankwise study` on the same world config: the demo is that command (study: world).
+    cfg = {"study": "world", "output_dir": str(out), "scale": "cpu", "settings": SETTINGS, "world": MICRO,
+           "cache_dir": str(tmp_path / "cache"), "threads": torch.get_num_threads()}
+    (tmp_path / "world.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["study", str(tmp_path / "world.yaml")]) == 0
+    res2, res = json.loads((out / "results.json").read_text()), json.loads(json.dumps(res))  # as the file holds it
     assert os.path.getmtime(adapter) == mtime and len(calls) == 4
     assert [g["trained"] for g in res2["together"]] == [[], []]
     assert res2["arms"] == res["arms"] and res2["restoration"] == res["restoration"]

@@ -121,3 +121,24 @@ def test_a_bad_knowledge_study_is_one_line_and_writes_nothing(files, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_plan_prints_the_facts_memory_and_time_per_size_and_writes_nothing(files, tmp_path, capsys):
+    from rankwise import arm_cost
+    from rankwise.config import parse
+    from rankwise.model import load_tokenizer
+
+    out = tmp_path / "plan"
+    cfg = K.validate_knowledge(yaml.safe_load(open(config(files, out, run={
+        "model": files["model"], "data": {"max_length": 64}, "train": {"epochs": 2, "batch_size": 4}}))))
+    data = K.load_knowledge(cfg)
+    run = parse(K.run_config(cfg, "t.jsonl", "o", 0))
+    rows = [{"prompt": cfg["knowledge"]["prompt"].format(question=f["question"]), "completion": " " + f["answers"][0]}
+            for f in data["train"]]
+    flops = arm_cost.train_flops(run, arm_cost.train_tokens(run, rows[:12], load_tokenizer(files["model"])))
+    assert cli(["study", str(out.parent / "plan.yaml"), "--plan", "--tflops", f"{flops / 3e14!r}"]) == 0
+    text = capsys.readouterr().out
+    assert f"knowledge: {len(data['train'])} training facts" in text and "GiB at peak" in text
+    assert "  12 facts: 5.0 min to train (each draw)" in text
+    assert "  4 facts: " in text and "  3 facts: " in text and "  3 facts: 5.0 min" not in text
+    assert not out.exists()

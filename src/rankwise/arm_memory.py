@@ -111,7 +111,7 @@ def model_shape(cfg: C.RunConfig) -> dict:
     once per process for a local model whose ``config.json`` has not changed).
 
     ``{"params", "target_params", "targets": {name: (in, out)}, "hidden", "intermediate", "layers",
-    "heads", "vocab"}``.
+    "heads", "vocab", "tied"}`` (``tied``: the output head is the input embedding).
     """
     cfg = C.parse(cfg)
     return _read_once(_meta_shape, cfg)
@@ -125,7 +125,7 @@ def _meta_shape(model, targets) -> dict:
     return {"params": params, "target_params": sum(i * o for i, o in dims.values()), "targets": dims,
             "hidden": hidden, "intermediate": int(getattr(mcfg, "intermediate_size", 4 * hidden) or 4 * hidden),
             "layers": int(getattr(mcfg, "num_hidden_layers")), "heads": int(getattr(mcfg, "num_attention_heads")),
-            "vocab": int(getattr(mcfg, "vocab_size"))}
+            "vocab": int(getattr(mcfg, "vocab_size")), "tied": bool(getattr(mcfg, "tie_word_embeddings", False))}
 
 
 def _activation_bytes(cfg: C.RunConfig, s: dict, device: torch.device) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -124,42 +123,6 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     if bad:
         raise ConfigError(f"restore_selections must be among top, bottom, random; got {bad}")
     return s
-
-
-def add_arguments(parser) -> None:
-    """Arguments of ``rankwise demo``."""
-    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"],
-                        help="world, model and protocol preset: cpu (minutes on 2 cores) or gpu (the studies' "
-                        "sizes: 240 vs 1,920 fine-tuning facts, a larger world and model; for one GPU)")
-    parser.add_argument("--fresh", action="store_true", help="discard this output directory's cached stages "
-                        "(the pretrained base stays cached; only a stage directory rankwise made is deleted)")
-    parser.add_argument("--force", action="store_true",
-                        help="use --out even if it is a non-empty directory rankwise did not make")
-    parser.add_argument("--ship-bases", action="store_true",
-                        help="for maintainers: pretrain the bases of the demo's seeds (or take them from the cache), "
-                        "measure their mastery with the demo's settings, write both with their hashes into the "
-                        "package's world/bases/ folder, and exit")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default on a CPU-only machine: half the cores, at least 1: "
-                        "a busy machine slows oversubscribed threads down many times over)")
-
-
-def main(args) -> int:
-    """Run the demo; returns 0."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    if args.ship_bases:
-        for entry in ship_bases(args.scale):
-            print(f"seed {entry['seed']}: {shipped.SHIPPED_DIR / entry['dir']}")
-        return 0
-    res = run_demo(args.out, scale=args.scale, fresh=args.fresh, force=args.force)
-    print(f"report: {Path(args.out) / 'report.md'}  ({res['seconds']:.0f} s); {report.headline(res)}")
-    return 0
 
 
 def ship_bases(scale: str = "cpu", settings: dict | None = None) -> list:

@@ -9,19 +9,24 @@ the training rows (``data/``), each arm's per-item results (``eval/``), ``result
 mean with its 95 % interval, n and per-seed values; the findings with their verdicts) and ``report.md``. A
 study stopped for any reason continues where it was when run again.
 
-Protocols: ``rank`` (``rankwise.study.rank``: LoRA ranks against full SFT on recall and reasoning tasks) and
+Protocols: ``rank`` (``rankwise.study.rank``: LoRA ranks against full SFT on recall and reasoning tasks),
 ``knowledge`` (``rankwise.study.knowledge``: full SFT on EntityQuestions by data size and mastery level, and
-restoration).
+restoration) and ``world`` (``rankwise.demo.protocol``: both studies on the embedded synthetic world, which is
+what ``rankwise demo`` runs; its output directory is the demo's, with its cached stages).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..arm_memory import estimate_full_peak_bytes
-from ..config import load_yaml, parse
+from ..arm_cost import DEFAULT_TFLOPS
+from ..config import load_yaml
+from ..errors import ConfigError
+from ..demo import protocol as world
+from ..demo.report import headline
 from ..ownership import check_output, claim
 from .config import check_lm_eval_tasks, load_sets, validate_study
-from .knowledge import load_knowledge, run_config, run_knowledge_study, validate_knowledge
+from .knowledge import load_knowledge, run_knowledge_study, validate_knowledge
+from .knowledge import plan_lines as knowledge_plan_lines
 from .rank import plan_lines, run_rank_study
 
 
@@ -30,7 +35,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="the output directory (default: the config's output_dir)")
     p.add_argument("--force", action="store_true", help="write into an existing directory rankwise did not make")
     p.add_argument("--plan", action="store_true", help="read and check everything, print the experiments' sizes and "
-                   "the LoRA groups with their estimated peak memory, and stop (nothing is written)")
+                   "the LoRA groups with their estimated peak memory and training time, and stop (nothing is written)")
+    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
+                   help=f"with --plan: the sustained TFLOP/s the time estimates assume (default {DEFAULT_TFLOPS:g}, "
+                   "about half a 24 GB RTX 4090's dense bf16 peak; measure yours with benchmarks/bench_train.py)")
 
 
 def _inputs(cfg: dict) -> list:
@@ -45,6 +53,8 @@ def _inputs(cfg: dict) -> list:
 
 def prepare(raw: dict) -> tuple:
     """``(config, data)``: the study's checked config and everything it reads, before anything is written."""
+    if isinstance(raw, dict) and raw.get("study") == "world":
+        return world.validate_world(raw), None
     if isinstance(raw, dict) and raw.get("study") == "knowledge":
         cfg = validate_knowledge(raw)
         return cfg, load_knowledge(cfg)
@@ -60,13 +70,14 @@ def main(args) -> int:
         raw["output_dir"] = args.out
     cfg, data = prepare(raw)
     if args.plan:
-        lines = plan_lines(cfg, data) if cfg["study"] == "rank" else [
-            f"knowledge: {len(data['train'])} training facts, {len(data['test']['in'])} in-domain and "
-            f"{len(data['test']['out'])} out-of-domain test facts; sizes {cfg['knowledge']['sizes']} x "
-            f"{cfg['knowledge']['draws']} draw(s); {len(cfg['seeds'])} seed(s); each full-SFT arm about "
-            f"{estimate_full_peak_bytes(parse(run_config(cfg, 'train.jsonl', 'plan', 0))) / 2**30:.1f} GiB at peak "
-            "(estimate)"]
-        print("\n".join(lines))
+        if not args.tflops > 0:
+            raise ConfigError(f"--tflops must be a positive rate, got {args.tflops}")
+        print("\n".join(_plan(cfg, data, args.tflops)))
+        return 0
+    if cfg["study"] == "world":  # the demo's protocol claims its own directory (kind demo) and caches its stages
+        res = world.run_world(cfg, force=args.force)
+        _print_findings(res["findings"])
+        print(f"report: {Path(cfg['output_dir']) / 'report.md'}  ({res['seconds']:.0f} s); {headline(res)}")
         return 0
     out = Path(cfg["output_dir"])
     check_output(out, force=args.force, flag="--out", kinds=["study"], inputs=_inputs(cfg))
@@ -77,8 +88,19 @@ def main(args) -> int:
         results = run(cfg, out, data)
     finally:
         c.release()
-    for f in results["findings"]:
-        eff = "-" if f["effect"] is None else f"{f['effect']:+.3f}"
-        print(f"{f['id']}: {eff} {f['verdict']}")
+    _print_findings(results["findings"])
     print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
     return 0
+
+
+def _print_findings(findings: list) -> None:
+    for f in findings:
+        eff = "-" if f["effect"] is None else f"{f['effect']:+.3f}"
+        print(f"{f['id']}: {eff} {f['verdict']}")
+
+
+def _plan(cfg: dict, data, tflops: float) -> list:
+    """The lines ``--plan`` prints."""
+    if cfg["study"] == "world":
+        return world.plan_lines(cfg)
+    return (plan_lines if cfg["study"] == "rank" else knowledge_plan_lines)(cfg, data, tflops)

@@ -35,6 +35,8 @@ import torch
 
 from ..analysis.findings import difference_finding, unmeasured_finding
 from ..analysis.stats import accuracy_with_ci
+from ..arm_cost import DEFAULT_TFLOPS, duration, train_flops, train_tokens
+from ..arm_memory import estimate_full_peak_bytes
 from ..atomic import atomic_write_text
 from ..config import parse, settings, settings_hash
 from ..demo.arms import read_json, read_jsonl, write_json, write_jsonl
@@ -132,6 +134,26 @@ def validate_knowledge(raw: dict) -> dict:
            "eval": ev, "boot": boot}
     parse(run_config(cfg, "train.jsonl", "out", 0))  # every key of the arms' runs, checked now
     return cfg
+
+
+def plan_lines(cfg: dict, data: dict, tflops: float = DEFAULT_TFLOPS) -> list:
+    """What ``rankwise study --plan`` prints: the facts, and per data size one full-SFT arm's estimated peak
+    memory (``rankwise.arm_memory``) and training time at ``tflops`` (``rankwise.arm_cost``)."""
+    k = cfg["knowledge"]
+    run = parse(run_config(cfg, "train.jsonl", "plan", 0))
+    tok = load_tokenizer(cfg["run"].get("tokenizer") or cfg["run"]["model"])
+    rows = [{"prompt": k["prompt"].format(question=f["question"]), "completion": " " + f["answers"][0]}
+            for f in data["train"]]
+    lines = [f"estimates, not measurements: time is the weights' matmul FLOPs at {tflops:g} TFLOP/s (--tflops), "
+             "training only",
+             f"knowledge: {len(data['train'])} training facts, {len(data['test']['in'])} in-domain and "
+             f"{len(data['test']['out'])} out-of-domain test facts; sizes {k['sizes']} x {k['draws']} draw(s); "
+             f"{len(cfg['seeds'])} seed(s); each full-SFT arm about {estimate_full_peak_bytes(run) / 2**30:.1f} GiB "
+             "at peak"]
+    for size in sorted({*k["sizes"], k["level_size"]}):
+        took = duration(train_flops(run, train_tokens(run, rows[:size], tok)), tflops)
+        lines.append(f"  {size} facts: {took} to train" + (" (each draw)" if size in k["sizes"] else ""))
+    return lines
 
 
 def run_config(cfg: dict, train_file, output_dir, seed: int) -> dict:
