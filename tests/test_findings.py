@@ -149,3 +149,29 @@ def test_contrast_spread_and_slope_findings_on_known_answers():
     assert sub["slope"] == pytest.approx(0.5, abs=1e-3) and sub["verdict"] == "reproduced"
     lin = slope_finding("n", "sub-linear", "x", [r * noise for r in ranks], ranks, n_boot=400)
     assert lin["slope"] == pytest.approx(1.0, abs=1e-3) and lin["verdict"] == "inconclusive"
+
+
+def test_drift_finding_pairs_the_matrices_both_arms_changed():
+    """Full SFT's matrices are every decoder weight, LoRA's its targets (named by the adapter's module path): the
+    finding pairs them by their name from `layers.` on, drops the ones either did not measure, and its effect is
+    full's mean drift minus LoRA's over those, per seed."""
+    from rankwise.analysis.findings import drift_finding
+
+    def arm(names, drifts):
+        return {"names": names, "drift": drifts}
+
+    full = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight"]
+    lora = ["base_model.model.model.layers.0.self_attn.q_proj.weight",
+            "base_model.model.model.layers.1.self_attn.q_proj.weight"]
+    upd = {0: {"full": arm(full, [0.9, 0.5, 0.3]), "lora-r4": arm(lora, [0.1, 0.2])},
+           1: {"full": arm(full, [0.9, 0.4, None]), "lora-r4": arm(lora, [0.2, 0.1])}}
+    f = drift_finding("x.sft_drifts_more", "src", upd, [0, 1], "lora-r4", "full", n_boot=200)
+    # layer 1's q_proj has no drift for seed 1's full arm: only layer 0's q_proj is paired
+    assert f["effect"] == pytest.approx(((0.5 - 0.1) + (0.4 - 0.2)) / 2)
+    assert f["a"]["arm"] == "full" and f["b"]["arm"] == "lora-r4"
+    none = {s: {"full": arm(full, [0.9, None, 0.3]), "lora-r4": arm(lora, [0.1, None])} for s in (0, 1)}
+    assert drift_finding("x", "src", none, [0, 1], "lora-r4", "full")["why"] == \
+        "no weight matrix with both arms' drifts measured"
+    assert drift_finding("x", "src", {0: {"full": arm(full, [0.1] * 3)}}, [0], "lora-r4", "full")["why"] == \
+        "no singular-vector similarity measured"

@@ -85,8 +85,24 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
             assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     assert all(len(r["delta_norm"]) == 2 for r in g["arms"][1:4])
     ids = [f["id"] for f in res["findings"]]
-    assert ids == ["gsm8k.reasoning_mid_rank", "gsm8k.lora_vs_sft", "gsm8k.lora_vs_sft_ood", "gsm8k.norm_log_rank",
-                   "mmlu.recall_rank_flat", "mmlu.lora_vs_sft", "mmlu.lora_vs_sft_ood", "mmlu.norm_log_rank"]
+    assert ids == ["gsm8k.reasoning_mid_rank", "gsm8k.lora_vs_sft", "gsm8k.lora_vs_sft_ood", "gsm8k.sft_drifts_more",
+                   "gsm8k.norm_log_rank", "mmlu.recall_rank_flat", "mmlu.lora_vs_sft", "mmlu.lora_vs_sft_ood",
+                   "mmlu.sft_drifts_more", "mmlu.norm_log_rank"]
+    # the update analysis: every trained arm of every seed, its drift in [0, 1], CKA at most 1, attention changed
+    for row in g["arms"][1:]:
+        assert len(row["drift"]) == len(row["attention_js"]) == len(row["cka"]) == 2, row["name"]
+        assert all(0.0 <= x <= 1.0 + 1e-6 for x in row["drift"] + row["cka"]) and all(x > 0 for x in row["attention_js"])
+    drift = next(f for f in res["findings"] if f["id"] == "gsm8k.sft_drifts_more")
+    assert drift["b"]["arm"] == f"lora-r{g['chosen_rank']}" and drift["a"]["arm"] == "full" and drift["effect"] is not None
+    by_hand = []  # the effect: full's drift minus LoRA's over the matrices both changed, mean over them and seeds
+    for seed in (0, 1):
+        updates = json.loads((out / "analysis" / "gsm8k" / f"seed{seed}.json").read_text())["updates"]
+        lo, fu = ({n[n.find("layers."):]: d for n, d in zip(updates[a]["names"], updates[a]["drift"])}
+                  for a in (f"lora-r{g['chosen_rank']}", "full"))
+        assert lo and set(lo) <= set(fu)  # LoRA adapts (some of) the matrices full SFT changes
+        by_hand.append(sum(fu[n] - lo[n] for n in lo) / len(lo))
+    assert drift["effect"] == pytest.approx(sum(by_hand) / 2, abs=1e-9)
+    assert "singular-vector drift" in (out / "report.md").read_text()
     for f in res["findings"]:
         assert f["verdict"] in VERDICTS and {"claim", "source", "effect", "ci95"} <= set(f)
     assert next(f for f in res["findings"] if f["id"] == "mmlu.lora_vs_sft_ood")["why"] == \
@@ -101,6 +117,7 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
     monkeypatch.setattr(rank, "train", no_training)
     monkeypatch.setattr(rank, "train_group", no_training)
     monkeypatch.setattr(rank, "generate_answers", no_training)
+    monkeypatch.setattr(rank, "analyze_runs", no_training)
     assert cli(["study", config(files, out)]) == 0
     assert json.loads((out / "results.json").read_text()) == res
     changed = config(files, out, full={"train": {"lr": 2e-3}})  # a finished arm of other settings: refused
@@ -120,6 +137,13 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
     ({"run": {"output_dir": "x"}}, "run.output_dir is set by the study"),
     ({"study": "ranks"}, "study must be one of rank"),
     ({"eval": {"choice_tokens": 0}}, "eval.choice_tokens must be a positive integer"),
+    ({"analysis": {"probe": -1}}, "analysis.probe must be an integer >= 0"),
+    ({"experiments": [{"name": "x", "kind": "memory", "train": {"task": "gsm8k", "data": "GSM"},
+                       "eval": {"y": {"task": "gsm8k", "data": "GSM"}}}]}, "experiments[0].kind must be recall or reasoning"),
+    ({"eval": {"answer_tokens": 0}}, "eval.answer_tokens must be a positive integer"),
+    ({"analysis": {"attention": "yes"}}, "analysis.attention must be true or false"),
+    ({"analysis": {"spectra": True}}, "unknown key analysis.'spectra'"),
+    ({"analysis": [1]}, "analysis must be a mapping"),
     ({"experiments": [{"name": "x", "train": {"task": "gsm8k", "data": "GSM"},
                        "eval": {"y": {"task": "mmlu", "data": "MMLU", "subjects": ["law"]}}}]},
      "x.eval.y: no rows of the subjects law"),
@@ -145,6 +169,7 @@ def test_the_example_studies_are_valid_configs():
     from pathlib import Path
 
     from rankwise.config import load_yaml
+    from rankwise.demo.protocol import validate_world
     from rankwise.study.config import plan_arms, validate_study
     from rankwise.study.knowledge import validate_knowledge
     from rankwise.study_data import QUESTION_TEMPLATES, read_templates
@@ -161,9 +186,12 @@ def test_the_example_studies_are_valid_configs():
             cfg = validate_knowledge(raw)
             assert read_templates(root.parent.parent / cfg["knowledge"]["templates"])
             continue
+        if raw["study"] == "world":
+            assert validate_world(raw)["scale"] in ("cpu", "gpu")
+            continue
         cfg = validate_study(raw)
         assert [a["name"] for a in plan_arms(cfg)][-1] == "full" and cfg["experiments"]
-    assert {load_yaml(p)["study"] for p in found} == {"rank", "knowledge"}
+    assert {load_yaml(p)["study"] for p in found} == {"rank", "knowledge", "world"}
 
 
 def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):
@@ -227,6 +255,20 @@ def test_plan_prints_the_sizes_and_the_memory_estimates_and_writes_nothing(files
     assert cli(["study", config(files, out), "--plan"]) == 0
     text = capsys.readouterr().out
     assert "LoRA r = 1, 2 together" in text and "LoRA r = 4 together" in text
+    # the training time at a stated rate: the arms' FLOPs over the tokens of the rows the study trains on
+    from rankwise import arm_cost
+    from rankwise.model import load_tokenizer
+    from rankwise.study.config import load_sets
+
+    sets = load_sets(study)
+    rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets["gsm8k"]["train"]]
+    flops = arm_cost.train_flops(run, arm_cost.train_tokens(run, rows, load_tokenizer(files["model"])), [1, 2])
+    assert cli(["study", config(files, out), "--plan", "--tflops", f"{flops / 3e14!r}"]) == 0  # 300 s at that rate
+    text = capsys.readouterr().out
+    assert "LoRA r = 1, 2 together: about" in text and "GiB at peak, 5.0 min to train per seed" in text
+    assert cli(["study", config(files, out), "--plan", "--tflops", "0"]) == 2
+    assert "--tflops must be a positive rate" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_lm_eval_scores_take_one_filter_in_document_order(monkeypatch):
@@ -279,3 +321,63 @@ def test_choice_answers_are_generated_short_and_worked_answers_long(monkeypatch)
                              {"max_new_tokens": 64, "choice_tokens": 4, "batch_size": 8, "flexible": True})
     assert got == {"g": [1, 1], "m": [1, 1, 1], "both": [1, 1]}
     assert asked == [(4, 4), (3, 64)]
+
+
+def test_analysis_false_skips_the_update_analysis(files, tmp_path):
+    out = tmp_path / "plain"
+    exps = yaml.safe_load(open(config(files, out)))["experiments"][1:]
+    assert cli(["study", config(files, out, analysis=False, experiments=exps, seeds=[0],
+                                arms={"ranks": [1, 2], "full": True})]) == 0
+    res = json.loads((out / "results.json").read_text())
+    drift = next(f for f in res["findings"] if f["id"] == "mmlu.sft_drifts_more")
+    assert drift["verdict"] == "inconclusive" and drift["why"] == "analysis: false"
+    assert not (out / "analysis").exists()
+    assert all(r["drift"] == [None] for r in res["experiments"]["mmlu"]["arms"][1:])
+
+
+def test_entity_questions_and_prompt_completion_experiments(files, tmp_path, monkeypatch):
+    """EntityQuestions in its released layout (relations choosing in and out of domain) and a generic
+    prompt/completion set with an explicit kind: read, trained, scored by containment in `answer_tokens` new
+    tokens, and judged by their kind's findings."""
+    from test_study_knowledge import eq_files
+
+    d = eq_files(tmp_path / "eq")
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text("".join(json.dumps({"prompt": f"Add {i} and 1:", "completion": f" {i + 1}"}) + "\n" for i in range(9)))
+    exps = [{"name": "eq", "train": {"task": "entity_questions", "data": str(d / "dataset" / "train"),
+                                     "relations": ["P19"], "validation": 2},
+             "eval": {"eq_in": {"task": "entity_questions", "data": str(d / "dataset" / "test"), "relations": ["P19"]},
+                      "eq_out": {"task": "entity_questions", "data": str(d / "dataset" / "test"),
+                                 "relations": ["P20"], "domain": "out"}}},
+            {"name": "pc", "kind": "reasoning", "train": {"task": "prompt_completion", "data": str(pc)},
+             "eval": {"pc": {"task": "prompt_completion", "data": str(pc), "limit": 4}}}]
+    lengths = []
+    real = rank.generate_answers
+    monkeypatch.setattr(rank, "generate_answers", lambda *a, **k: lengths.append(k["max_new_tokens"]) or real(*a, **k))
+    out = tmp_path / "study"
+    assert cli(["study", config(files, out, experiments=exps, seeds=[0], analysis=False,
+                                eval={"max_new_tokens": 9, "choice_tokens": 2, "answer_tokens": 5,
+                                      "batch_size": 8})]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiments"]["eq"]["sizes"] == {"train": 12, "validation": 2, "eq_in": 6, "eq_out": 3}
+    assert res["experiments"]["eq"]["kind"] == "recall" and res["experiments"]["pc"]["kind"] == "reasoning"
+    ids = [f["id"] for f in res["findings"]]
+    assert "eq.recall_rank_flat" in ids and "pc.reasoning_mid_rank" in ids
+    assert set(lengths) == {5}  # every answer is a short one
+    data = (out / "data" / "eq").glob("train-*.jsonl")
+    rows = [json.loads(x) for x in next(data).read_text().splitlines()]
+    assert rows[0]["prompt"].startswith("Question: Where was Pat Doe") and rows[0]["completion"].strip() in \
+        ("Paris", "Oslo", "Lima", "Rome", "Bern")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"task": "gsm8k", "data": "X", "relations": ["P19"]}, "relations is for task entity_questions"),
+    ({"task": "entity_questions", "data": "X", "relations": ["P999"]}, "relations must be in_domain"),
+    ({"task": "entity_questions", "data": "X", "relations": "in_domain", "config": "c"}, "no config"),
+])
+def test_bad_entity_questions_specs_are_one_line(files, tmp_path, capsys, spec, words):
+    exps = [{"name": "x", "train": spec, "eval": {"y": {"task": "gsm8k", "data": "X"}}}]
+    exps = json.loads(json.dumps(exps).replace('"X"', json.dumps(str(files["dir"] / "gsm8k_test.jsonl"))))
+    assert cli(["study", config(files, tmp_path / "never", experiments=exps)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err

@@ -126,3 +126,40 @@ def test_mathqa_options_as_a_list_or_its_text(tmp_path):
         csv.writer(f).writerow(["q?", "1", "2", "3", "4", "AB"])
     with pytest.raises(ConfigError, match="four choices and the letter"):
         read_task("mmlu", str(path))
+
+
+def test_entity_questions_items_from_the_released_layout_scored_by_containment(tmp_path):
+    d = tmp_path / "dataset" / "test"
+    d.mkdir(parents=True)
+    (d / "P19.test.json").write_text(json.dumps([{"question": "Where was Ada Roe born?",
+                                                  "answers": ["New York City", "NYC"]}]))
+    (d / "P20.test.jsonl").write_text(json.dumps({"question": "Where did Bo Li die?", "answers": ["Oslo"]}) + "\n")
+    items = read_task("entity_questions", str(tmp_path / "dataset"))
+    assert [(it["subject"], it["prompt"], it["completion"]) for it in items] == [
+        ("P19", "Question: Where was Ada Roe born?\nAnswer:", " New York City"),
+        ("P20", "Question: Where did Bo Li die?\nAnswer:", " Oslo")]
+    assert score(" in NYC, in 1815.", items[0]) and score(" new york city", items[0])
+    assert not score(" Boston\nQuestion: Where was X born?\nAnswer: New York City", items[0])  # its own answer only
+    assert not score(" Paris", items[0])
+    assert len(read_task("entity_questions", str(d / "P19.test.json"))) == 1
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        read_task("entity_questions", str(tmp_path / "nope"))
+    (d / "P19.test.json").write_text(json.dumps([{"question": "Who is Ada?", "answers": ["x"]}]))
+    with pytest.raises(ConfigError, match="does not fit P19's template"):
+        read_task("entity_questions", str(tmp_path / "dataset"))
+
+
+def test_prompt_completion_items_with_and_without_answers(tmp_path):
+    rows = [{"prompt": "2+2=", "completion": " 4"}, {"prompt": "Capital of Peru?", "completion": " Lima, a city.",
+                                                   "answers": ["Lima", "Ciudad de los Reyes"]},
+            {"prompt": "x", "completion": " y", "answers": "Y"}]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_task("prompt_completion", str(tmp_path / "pc.jsonl"))
+    assert [it["answer"] for it in items] == [["4"], ["Lima", "Ciudad de los Reyes"], ["Y"]]
+    assert [it["prompt"] + it["completion"] for it in items] == [r["prompt"] + r["completion"] for r in rows]
+    assert score(" 4.", items[0]) and not score(" 5", items[0]) and score(" ciudad de los reyes", items[1])
+    for bad, words in (({"prompt": "p"}, "needs 'prompt' and 'completion'"),
+                       ({"prompt": "p", "completion": "c", "answers": []}, "'answers' must be")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ConfigError, match=words):
+            read_task("prompt_completion", str(tmp_path / "bad.jsonl"))

@@ -1,5 +1,5 @@
-"""The rank study's tasks in their published schemas: GSM8K, MathQA, MMLU and MedMCQA, as items to train on
-and to score.
+"""The rank study's tasks in their published schemas: GSM8K, MathQA, MMLU, MedMCQA, EntityQuestions and any
+prompt/completion data, as items to train on and to score.
 
 Each reader turns the rows of a data set, as its publisher ships them (the Hugging Face Hub's schema, and the
 original release where it differs), into items ``{"id", "task", "prompt", "completion", "answer", "choices",
@@ -18,6 +18,15 @@ what ``score`` compares a model's output with.
   the index of the right option (0-3, the Hub's ``ClassLabel``; the original release counted from 1: pass
   ``cop_base=1``).
 
+- ``entity_questions`` (princeton-nlp/EntityQuestions, local files: ``dataset/<split>/P<id>.<split>.json[l]``,
+  ``rankwise.study_data``): ``{"question", "answers"}``; the prompt ``Question: <q>\nAnswer:``, the completion
+  the first answer; the item's ``subject`` is its relation (``P19``), so ``subjects`` chooses relations.
+- ``prompt_completion`` (any data set): ``{"prompt", "completion"}`` and optional ``answers`` (a string or a
+  list of aliases; default: the completion). The prompt and completion are used as they are.
+
+``entity_questions`` and ``prompt_completion`` answers are scored as the knowledge study scores them: right when
+an answer (or alias) is contained in the output, normalised (``rankwise.evaluate.is_correct``).
+
 Multiple-choice prompts list the choices as ``A. ...`` lines and end with ``Answer:``; the completion of a
 recall task (MMLU, MedMCQA) is the letter alone, of a reasoning task (MathQA) the rationale then
 ``Answer: <letter>``. An output is scored by the letter after its last ``Answer:``, else its first standalone
@@ -32,9 +41,12 @@ from typing import Optional
 
 from .data import load_rows
 from .errors import ConfigError
+from .evaluate import is_correct
+from .study_data import read_entity_questions
 
-TASKS = ("gsm8k", "mathqa", "mmlu", "medmcqa")
+TASKS = ("gsm8k", "mathqa", "mmlu", "medmcqa", "entity_questions", "prompt_completion")
 REASONING = ("gsm8k", "mathqa")
+CONTAINED = ("entity_questions", "prompt_completion")  # scored by an answer contained in the output
 LETTERS = "ABCDE"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _STRICT = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)")
@@ -128,6 +140,29 @@ def medmcqa_item(row: dict, i: int, where: str, cop_base: int = 0) -> dict:
             "subject": row.get("subject_name")}
 
 
+def prompt_completion_item(row: dict, i: int, where: str) -> dict:
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    completion = row.get("completion") if isinstance(row, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip() or not isinstance(completion, str) or not completion.strip():
+        raise ConfigError(f"{where}: needs 'prompt' and 'completion', non-empty strings")
+    answers = row.get("answers", [completion.strip()])
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ConfigError(f"{where}: 'answers' must be a non-empty string or list of non-empty strings")
+    return {"id": str(row.get("id", i)), "task": "prompt_completion", "prompt": prompt, "completion": completion,
+            "answer": answers, "choices": None, "subject": row.get("subject")}
+
+
+def entity_questions_items(source: str, where: str) -> list:
+    """EntityQuestions facts under ``source`` (a directory or one file) as items, the relation as the subject."""
+    if not Path(source).exists():
+        raise ConfigError(f"{where}: no such file or directory (EntityQuestions is read from its released files)")
+    return [{"id": f["id"], "task": "entity_questions", "prompt": f"Question: {f['question']}\nAnswer:",
+             "completion": " " + f["answers"][0], "answer": f["answers"], "choices": None, "subject": f["relation"]}
+            for f in read_entity_questions(source)]
+
+
 def _mmlu_csv(path: Path) -> Optional[tuple]:
     """``(rows, subject)`` of an original MMLU CSV file (no header; the subject is the file's name without
     its split, ``abstract_algebra_test.csv``), or None when the file has a header (the Hub's columns)."""
@@ -166,6 +201,11 @@ def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: 
     where = f"{task} data {source}"
     path = Path(source)
     subject = None
+    if task == "entity_questions":
+        items = entity_questions_items(source, where)[:limit]
+        if not items:
+            raise ConfigError(f"{where}: no rows")
+        return items
     if config is not None:
         rows = hub_rows(source, config, where)
     elif task == "mmlu" and path.suffix == ".csv" and path.is_file():
@@ -173,7 +213,7 @@ def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: 
         rows, subject = (load_rows(source, where), None) if got is None else got
     else:
         rows = load_rows(source, where)
-    make = {"gsm8k": gsm8k_item, "mathqa": mathqa_item, "mmlu": mmlu_item,
+    make = {"gsm8k": gsm8k_item, "mathqa": mathqa_item, "mmlu": mmlu_item, "prompt_completion": prompt_completion_item,
             "medmcqa": lambda r, i, w: medmcqa_item(r, i, w, cop_base)}[task]
     items = []
     for i, row in enumerate(rows[:limit]):
@@ -204,6 +244,8 @@ def extract(output: str, item: dict, flexible: bool = True) -> Optional[str]:
     first ``Answer:`` (or at the start, or after "answer is"), alone or followed by punctuation, so that an
     article ("A train ...") is not read as choice A."""
     text = own_answer(output)
+    if item["task"] in CONTAINED:
+        return text.strip() or None
     if item["task"] == "gsm8k":
         m = _STRICT.search(text)
         if m:
@@ -220,5 +262,8 @@ def extract(output: str, item: dict, flexible: bool = True) -> Optional[str]:
 
 
 def score(output: str, item: dict, flexible: bool = True) -> bool:
-    """Whether ``output`` answers ``item`` right (``extract``)."""
+    """Whether ``output`` answers ``item`` right: ``extract``'s answer is the item's, or (``CONTAINED`` tasks) an
+    answer of the item's is contained in the output's own answer."""
+    if item["task"] in CONTAINED:
+        return is_correct(own_answer(output), item["answer"])
     return extract(output, item, flexible) == item["answer"]

@@ -10,7 +10,7 @@ from .probe import compare_attention, compare_on_probe, compare_representations,
 from .render import markdown_section
 from .representations import linear_cka
 from .restoration import DEFAULT_FRACTIONS, bucket_accuracy, restoration_curve
-from .runs import analyze_runs
+from .runs import analyze_runs, update_measures
 from .spectral import (
     effective_rank,
     energy_top_k,
@@ -31,5 +31,5 @@ __all__ = [
     "linear_cka", "compare_representations",
     "first_token_kl", "token_kl_by_bucket", "compare_on_probe",
     "DEFAULT_FRACTIONS", "bucket_accuracy", "restoration_curve",
-    "analyze_runs", "markdown_section",
+    "analyze_runs", "update_measures", "markdown_section",
 ]

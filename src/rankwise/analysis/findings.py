@@ -20,7 +20,7 @@ import numpy as np
 from .stats import N_BOOT, accuracy_with_ci, bootstrap_draws, difference_ci, interval, per_seed_strata, verdict
 
 __all__ = ["BUCKETS", "D34", "summarize_arm", "difference_finding", "contrast_finding", "spread_finding",
-           "slope_finding", "unmeasured_finding"]
+           "slope_finding", "unmeasured_finding", "drift_finding"]
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 D34 = ("D3", "D4")
@@ -177,3 +177,32 @@ def slope_finding(fid: str, claim: str, source: str, arms: Sequence, xs: Sequenc
     return _finding(fid, claim, source, below - s, below - slope(draws), n,
                     [int(np.shape(a)[0]) if np.ndim(a) == 2 else 1 for a in arms], metric, slope=s,
                     slope_ci95=interval(slope(draws)), values=[float(v) for v in pts], xs=[float(x) for x in xs])
+
+
+def drift_finding(fid: str, source: str, updates: Mapping, seeds: Sequence, lora: str, full: str, *,
+                  n_boot: int = N_BOOT, boot_seed: int = 0) -> dict:
+    """``fid``: full SFT moves the weights' top singular vectors more than the LoRA arm ``lora`` (the effect: full's
+    drift minus LoRA's, per weight matrix, paired over the matrices and the seeds). ``updates``: ``{seed: {arm:
+    measures}}`` as :func:`rankwise.analysis.update_measures` gives them; unmeasured when a drift is missing."""
+    claim = "Full SFT moves the weights' top singular vectors more than LoRA."
+    try:
+        fd, ld = _common_matrices([updates[s][full] for s in seeds], [updates[s][lora] for s in seeds], "drift")
+    except (KeyError, TypeError, ValueError):
+        return unmeasured_finding(fid, claim, source, "no singular-vector similarity measured")
+    if fd.size == 0 or np.isnan(fd).any() or np.isnan(ld).any():
+        return unmeasured_finding(fid, claim, source, "no weight matrix with both arms' drifts measured")
+    return difference_finding(fid, claim, source, fd, ld, a_name=full, b_name=lora,
+                              metric="drift = 1 - mean |cos| of the top-10 singular vectors before and after, "
+                              "per weight matrix", n_boot=n_boot, boot_seed=boot_seed)
+
+
+def _common_matrices(a: Sequence[Mapping], b: Sequence[Mapping], key: str) -> tuple:
+    """Two ``(seeds, matrices)`` arrays of ``key`` over the weight matrices both arms measured (full SFT's every
+    decoder matrix, LoRA's adapted ones), matched by their name from ``layers.`` on, in ``a``'s order."""
+    def by_name(m: Mapping) -> dict:
+        return {n[n.find("layers."):] if "layers." in n else n: v for n, v in zip(m["names"], m[key])}
+
+    ma, mb = [by_name(m) for m in a], [by_name(m) for m in b]
+    names = [n for n in ma[0] if all(m.get(n) is not None for m in ma + mb)]
+    return (np.asarray([[m[n] for n in names] for m in ma], dtype=np.float64),
+            np.asarray([[m[n] for n in names] for m in mb], dtype=np.float64))

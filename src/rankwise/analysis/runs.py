@@ -562,3 +562,21 @@ def analyze_runs(
     analysis["timings"] = timings
     render.write_outputs(analysis, out_dir, plots=plots)
     return analysis
+
+
+def update_measures(analysis: dict) -> dict:
+    """``{run name: measures}`` of an :func:`analyze_runs` result, per weight matrix (sorted by name): the update's
+    Frobenius norm (``fro_norm``) and its drift (``1 -`` the mean |cos| of the top singular vectors before and
+    after; None where not measured), and per layer the attention change (``attention_js``: the Jensen-Shannon
+    distance of the attention maps, mean over heads) and the representation similarity to the base (``cka``)."""
+    got = {}
+    for run in analysis["runs"]:
+        mats = sorted(run["spectral"].get("matrices", []), key=lambda m: m["name"])
+        pr = run.get("probe") or {}
+        got[run["name"]] = {
+            "names": [m["name"] for m in mats], "fro_norm": [m["fro_norm"] for m in mats],
+            "drift": [1.0 - sum(m["top_sv_similarity"]) / len(m["top_sv_similarity"])
+                      if m.get("top_sv_similarity") else None for m in mats],
+            "attention_js": [sum(h) / len(h) for h in pr.get("attention", {}).get("js_distance", [])],
+            "cka": pr.get("representations", {}).get("cka", [])}
+    return got

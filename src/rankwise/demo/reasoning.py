@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis import analyze_runs
-from ..analysis.findings import contrast_finding, difference_finding, slope_finding, unmeasured_finding
+from ..analysis import analyze_runs, update_measures
+from ..analysis.findings import (contrast_finding, difference_finding, drift_finding, slope_finding,
+                                unmeasured_finding)
 from ..analysis.stats import accuracy_with_ci
 from ..evaluate import generate_answers, is_correct
 from ..model import load_tokenizer
@@ -224,16 +225,7 @@ def updates(dirs: dict, base_dir, probe: list, work: Path, seed: int) -> dict:
     res = analyze_runs(list(dirs.values()), str(base_dir), probe, str(work / "reasoning" / "analysis" / f"seed{seed}"),
                        device=device(), attention=True, representations=True, tokens=False, plots=False,
                        progress=False)
-    got = {}
-    for run in res["runs"]:
-        mats = sorted(run["spectral"].get("matrices", []), key=lambda m: m["name"])
-        pr = run.get("probe") or {}
-        got[run["name"]] = {
-            "names": [m["name"] for m in mats], "fro_norm": [m["fro_norm"] for m in mats],
-            "drift": [1.0 - sum(m["top_sv_similarity"]) / len(m["top_sv_similarity"])
-                      if m.get("top_sv_similarity") else None for m in mats],
-            "attention_js": [sum(h) / len(h) for h in pr.get("attention", {}).get("js_distance", [])],
-            "cka": pr.get("representations", {}).get("cka", [])}
+    got = update_measures(res)
     write_json(path, got)
     return got
 
@@ -310,24 +302,13 @@ def findings(evals: dict, upd: dict, seeds: list, r: dict, rows: list, boot: dic
         la, fa, labels, a_name=lora, b_name=full,
         metric="out-of-domain reasoning exact match (unweighted mean of new people, new compositions, new kind)",
         **b))
-    out.append(_drift_finding(upd, seeds, lora, full, b))
+    out.append(drift_finding("sft_drifts_more", RANKS_PAPER, upd, seeds, lora, full, **b))
     out.append(_norm_finding(upd, seeds, ranks, name, b))
     return out
 
 
 def _per_matrix(upd: dict, seeds: list, arm: str, key: str) -> np.ndarray:
     return np.asarray([upd[seed][arm][key] for seed in seeds], dtype=np.float64)
-
-
-def _drift_finding(upd: dict, seeds: list, lora: str, full: str, b: dict) -> dict:
-    claim = "Full SFT moves the weights' top singular vectors more than LoRA."
-    try:
-        fd, ld = _per_matrix(upd, seeds, full, "drift"), _per_matrix(upd, seeds, lora, "drift")
-    except (KeyError, TypeError, ValueError):
-        return unmeasured_finding("sft_drifts_more", claim, RANKS_PAPER, "no singular-vector similarity measured")
-    return difference_finding("sft_drifts_more", claim, RANKS_PAPER, fd, ld, a_name=full, b_name=lora,
-                              metric="drift = 1 - mean |cos| of the top-10 singular vectors before and after, "
-                              "per weight matrix", **b)
 
 
 def _norm_finding(upd: dict, seeds: list, ranks: list, name: dict, b: dict) -> dict:

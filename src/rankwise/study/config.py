@@ -1,6 +1,6 @@
 """A study's YAML config, checked whole before anything is written or loaded.
 
-    study: rank                      # the protocol (the rank study; the knowledge study comes next)
+    study: rank                      # the protocol: rank here; knowledge (study.knowledge), world (demo.protocol)
     output_dir: runs/study
     run:                             # rankwise train keys every arm shares (not data.train, output_dir, method)
       model: meta-llama/Llama-3.2-1B
@@ -10,13 +10,18 @@
     arms: {ranks: [8, 16, 32, 64, 128], full: true, alpha_per_rank: 2.0, together: true}
     seeds: [0, 1, 2]
     experiments:                     # each: one training task, its arms, its evaluation sets
-      - name: gsm8k
+      - name: gsm8k                  # kind: recall | reasoning (default: by the training task)
         train: {task: gsm8k, data: openai/gsm8k:train, limit: 2000, validation: 100}
         eval:
           gsm8k: {task: gsm8k, data: test.jsonl, domain: in, limit: 300}
           mathqa: {task: mathqa, data: mathqa_test.json, domain: out, limit: 300}
-    eval: {max_new_tokens: 256, choice_tokens: 8, batch_size: 32}
+    eval: {max_new_tokens: 256, choice_tokens: 8, answer_tokens: 16, batch_size: 32}
     boot: {n_boot: 2000, seed: 0}
+    analysis: {probe: 32, attention: true, representations: true}   # false: no update analysis
+
+Tasks (``rankwise.study_tasks``): ``gsm8k``, ``mathqa``, ``mmlu``, ``medmcqa``, ``entity_questions`` (its
+``relations``: a list, ``in_domain`` or ``out_of_domain``) and ``prompt_completion``; an experiment's ``kind``
+(which findings it gets) defaults to reasoning for GSM8K and MathQA, recall otherwise.
 
 Every task's data is read here (``rankwise.study_tasks.read_task``), and every arm's run config is validated
 (``rankwise.config.validate_config``), so a bad key, a missing file or a row off its schema is one line before
@@ -35,15 +40,18 @@ from typing import Any, Mapping
 from ..atomic import atomic_write_text
 from ..config import validate_config
 from ..errors import ConfigError
+from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, QUESTION_TEMPLATES
 from ..study_tasks import REASONING, TASKS, read_task
 
-STUDIES = ("rank", "knowledge")
-TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot"}
+STUDIES = ("rank", "knowledge", "world")
+TOP = {"study", "output_dir", "run", "full", "arms", "seeds", "experiments", "eval", "boot", "analysis"}
 ARMS = {"ranks": [8, 16, 32, 64, 128], "full": True, "alpha_per_rank": 2.0, "together": True}
-EVAL = {"max_new_tokens": 256, "choice_tokens": 8, "batch_size": 32, "flexible": True, "lm_eval": None}
+EVAL = {"max_new_tokens": 256, "choice_tokens": 8, "answer_tokens": 16, "batch_size": 32, "flexible": True,
+        "lm_eval": None}
 LM_EVAL = {"tasks": [], "limit": None, "include_path": None, "num_fewshot": None, "batch_size": 8, "metric": None,
            "filter": None}
 BOOT = {"n_boot": 2000, "seed": 0}
+ANALYSIS = {"probe": 32, "attention": True, "representations": True}
 RUN_OWNED = ("output_dir", "method")  # set per arm by the study
 DOMAINS = ("in", "out")
 
@@ -89,8 +97,11 @@ def positive_int(v, where: str, allow_none: bool = False):
 
 def _task(spec, where: str, eval_set: bool) -> dict:
     spec = as_mapping(spec, where)
-    keys = {"task", "data", "config", "limit", "cop_base", "subjects"} | ({"domain"} if eval_set else {"validation"})
+    keys = {"task", "data", "config", "limit", "cop_base", "subjects", "relations"} | (
+        {"domain"} if eval_set else {"validation"})
     check_keys(spec, keys, f"{where}.")
+    if "relations" in spec:
+        spec = _relations(spec, where)
     if spec.get("task") not in TASKS:
         raise ConfigError(f"study config: {where}.task must be one of {', '.join(TASKS)}, got {spec.get('task')!r}")
     if not isinstance(spec.get("data"), str) or not spec["data"]:
@@ -105,6 +116,8 @@ def _task(spec, where: str, eval_set: bool) -> dict:
     spec.setdefault("limit", None)
     if spec.setdefault("config", None) is not None and not isinstance(spec["config"], str):
         raise ConfigError(f"study config: {where}.config must be the Hub data set's configuration name")
+    if spec["config"] is not None and spec["task"] == "entity_questions":
+        raise ConfigError(f"study config: {where}: entity_questions is read from its released files (no config)")
     subjects = spec.setdefault("subjects", None)
     if subjects is not None and (not isinstance(subjects, list) or not subjects
                                  or not all(isinstance(x, str) and x for x in subjects)):
@@ -112,10 +125,24 @@ def _task(spec, where: str, eval_set: bool) -> dict:
     return spec
 
 
+def _relations(spec: dict, where: str) -> dict:
+    """``relations`` (EntityQuestions only): a list of relation ids, ``in_domain`` or ``out_of_domain`` (the
+    knowledge study's 10 location relations, or the other 14), kept as the spec's ``subjects``."""
+    rel = spec.pop("relations")
+    if spec.get("task") != "entity_questions" or "subjects" in spec:
+        raise ConfigError(f"study config: {where}.relations is for task entity_questions (instead of subjects)")
+    rel = {"in_domain": list(IN_DOMAIN), "out_of_domain": list(OUT_OF_DOMAIN)}.get(rel, rel) \
+        if isinstance(rel, str) else rel
+    if not isinstance(rel, list) or not rel or any(r not in QUESTION_TEMPLATES for r in rel):
+        raise ConfigError(f"study config: {where}.relations must be in_domain, out_of_domain or a list of "
+                          f"EntityQuestions relations ({', '.join(QUESTION_TEMPLATES)})")
+    return {**spec, "subjects": rel}
+
+
 def _experiment(spec, i: int) -> dict:
     where = f"experiments[{i}]"
     spec = as_mapping(spec, where)
-    check_keys(spec, {"name", "train", "eval"}, f"{where}.")
+    check_keys(spec, {"name", "kind", "train", "eval"}, f"{where}.")
     name = spec.get("name")
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"study config: {where}.name must be a word (letters, digits, - and _)")
@@ -129,7 +156,9 @@ def _experiment(spec, i: int) -> dict:
     sets = {str(k): _task(v, f"{where}.eval.{k}", True) for k, v in evals.items()}
     if not any(s["domain"] == "in" for s in sets.values()):
         raise ConfigError(f"study config: {where}.eval needs an in-domain set (domain: in)")
-    kind = "reasoning" if train["task"] in REASONING else "recall"
+    kind = spec.get("kind") or ("reasoning" if train["task"] in REASONING else "recall")
+    if kind not in ("recall", "reasoning"):
+        raise ConfigError(f"study config: {where}.kind must be recall or reasoning, got {kind!r}")
     return {"name": name, "kind": kind, "train": train, "eval": sets}
 
 
@@ -146,6 +175,20 @@ def _lm_eval(spec):
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("study config: eval.lm_eval needs lm-evaluation-harness (pip install lm-eval)")
     return spec
+
+
+def _analysis(raw) -> dict | None:
+    """``analysis``: false skips it; else the update analysis's settings over ``ANALYSIS``."""
+    if raw is False:
+        return None
+    a = merged(ANALYSIS, as_mapping(raw, "analysis"))
+    check_keys(a, ANALYSIS, "analysis.")
+    if isinstance(a["probe"], bool) or not isinstance(a["probe"], int) or a["probe"] < 0:
+        raise ConfigError("study config: analysis.probe must be an integer >= 0 (0: no probe pass)")
+    for key in ("attention", "representations"):
+        if not isinstance(a[key], bool):
+            raise ConfigError(f"study config: analysis.{key} must be true or false")
+    return a
 
 
 def validate_study(raw: Any) -> dict:
@@ -175,15 +218,16 @@ def validate_study(raw: Any) -> dict:
         raise ConfigError("study config: two experiments share a name")
     ev, boot = merged(EVAL, as_mapping(raw.get("eval"), "eval")), merged(BOOT, as_mapping(raw.get("boot"), "boot"))
     check_keys(ev, EVAL, "eval.")
-    for key in ("max_new_tokens", "choice_tokens", "batch_size"):
+    for key in ("max_new_tokens", "choice_tokens", "answer_tokens", "batch_size"):
         positive_int(ev[key], f"eval.{key}")
     ev["lm_eval"] = _lm_eval(ev["lm_eval"])
     check_keys(boot, BOOT, "boot.")
+    analysis = _analysis(raw.get("analysis", {}))
     out = raw.get("output_dir")
     if not isinstance(out, str) or not out:
         raise ConfigError("study config: output_dir must name a directory (or pass --out)")
     cfg = {"study": raw["study"], "output_dir": out, "run": run, "full": full, "arms": arms, "seeds": seeds,
-           "experiments": exps, "eval": ev, "boot": boot}
+           "experiments": exps, "eval": ev, "boot": boot, "analysis": analysis}
     for arm in plan_arms(cfg):  # every arm's run config, checked now (with a stand-in data file)
         validate_config(arm_run_config(cfg, arm, 0, "train.jsonl", "out"))
     return cfg

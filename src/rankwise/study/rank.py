@@ -13,8 +13,13 @@ effect is the claim), per experiment: a recall experiment (MMLU, MedMCQA) judges
 spread between the best and worst rank on in-domain accuracy lies within 5 points); a reasoning experiment
 (GSM8K, MathQA) ``reasoning_mid_rank`` (the middle ranks minus the lowest and highest); both
 ``lora_vs_sft`` (the best rank on the validation items minus full SFT, in domain), ``lora_vs_sft_ood`` (the
-same on the out-of-domain sets, each a stratum) and ``norm_log_rank`` (the adapters' update norm grows
+same on the out-of-domain sets, each a stratum), ``sft_drifts_more`` (full SFT's drift of the weights' top singular
+vectors minus that rank's, per weight matrix both changed) and ``norm_log_rank`` (the adapters' update norm grows
 sub-linearly in rank). Findings are named ``<experiment>.<finding>``.
+
+The update analysis (``analysis``, ``rankwise.analysis.analyze_runs``) measures every arm of every seed against
+the base: per weight matrix the update's norm and drift, and on ``analysis.probe`` validation prompts the
+attention change and the representations' CKA per layer; the report shows their means per arm.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter import load_adapter
-from ..analysis.findings import contrast_finding, difference_finding, slope_finding, spread_finding, unmeasured_finding
+from ..analysis import analyze_runs, update_measures
+from ..analysis.findings import (contrast_finding, difference_finding, drift_finding, slope_finding, spread_finding,
+                                unmeasured_finding)
 from ..analysis.stats import accuracy_with_ci
+from ..arm_cost import DEFAULT_TFLOPS, duration, train_flops, train_tokens
 from ..arm_memory import estimate_full_peak_bytes, estimate_peak_bytes, memory_budget, plan_groups
 from ..atomic import atomic_write_text
 from ..demo.arms import read_json, write_json
@@ -33,7 +41,7 @@ from ..errors import ConfigError
 from ..evaluate import generate_answers
 from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
-from ..study_tasks import REASONING, score
+from ..study_tasks import CONTAINED, REASONING, score
 from ..together import train_group
 from ..config import parse, settings, settings_hash
 from ..train import CHECKPOINT, finished_summary, train
@@ -127,18 +135,22 @@ def lm_eval_scores(model, tok, spec: dict, device) -> dict:
     return out
 
 
+def answer_length(task: str) -> str:
+    """The ``eval`` key of the new tokens an answer of ``task`` gets: a choice letter (MMLU, MedMCQA), a short
+    answer (EntityQuestions, prompt/completion) or a worked one (GSM8K, MathQA's rationale)."""
+    return "max_new_tokens" if task in REASONING else "answer_tokens" if task in CONTAINED else "choice_tokens"
+
+
 def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
-    """``{set: [0/1 per item]}``: greedy answers, scored; the items whose answer is a choice letter alone (MMLU,
-    MedMCQA) in one batched pass of ``choice_tokens`` new tokens, the worked answers (GSM8K, MathQA's rationale)
-    in one of ``max_new_tokens``."""
+    """``{set: [0/1 per item]}``: greedy answers, scored; one batched pass per answer length (``answer_length``)."""
     got = {name: [0] * len(xs) for name, xs in sets.items()}
-    for short in (True, False):
+    for length in ("choice_tokens", "answer_tokens", "max_new_tokens"):
         items = [(name, i, it) for name, xs in sets.items() for i, it in enumerate(xs)
-                 if (it["task"] not in REASONING) == short]
+                 if answer_length(it["task"]) == length]
         if not items:
             continue
         outs = generate_answers(model, tok, [it["prompt"] for _, _, it in items], batch_size=ev["batch_size"],
-                                max_new_tokens=ev["choice_tokens"] if short else ev["max_new_tokens"])
+                                max_new_tokens=ev[length])
         for (name, i, it), o in zip(items, outs):
             got[name][i] = int(score(o[0], it, ev["flexible"]))
     return got
@@ -175,17 +187,46 @@ def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summari
     return res
 
 
+def analyze_arms(cfg: dict, out: Path, exp: str, seed: int, probe: list, summaries: dict) -> dict | None:
+    """``{arm name: update measures}`` of one experiment and seed (``rankwise.analysis.update_measures``: per
+    weight matrix the update's norm and its top singular vectors' drift, per layer the attention change and the
+    representations' CKA to the base on the ``probe`` prompts); cached in ``analysis/``, keyed by the arms'
+    settings, the probe and the analysis settings. None with ``analysis: false``."""
+    a = cfg["analysis"]
+    if a is None:
+        return None
+    path = out / "analysis" / exp / f"seed{seed}.json"
+    key = settings_hash({"arms": {n: s["settings_hash"] for n, s in sorted(summaries.items())}, "probe": probe,
+                         "analysis": a})
+    got = read_json(path)
+    if isinstance(got, dict) and got.get("key") == key:
+        return got["updates"]
+    dirs = [str(arm_dir(out, exp, seed, arm)) for arm in plan_arms(cfg)]
+    rows = [{"prompt": p} for p in probe]
+    res = analyze_runs(dirs, cfg["run"]["model"], rows, str(out / "analysis" / exp / f"seed{seed}"),
+                       device=resolve_device(cfg["run"].get("train", {}).get("device", "auto")),
+                       attention=a["attention"] and bool(rows), representations=a["representations"] and bool(rows),
+                       tokens=False, plots=False, progress=False)
+    got = {"key": key, "updates": update_measures(res)}
+    write_json(path, got)
+    return got["updates"]
+
+
 def run_experiment(cfg: dict, out: Path, exp: dict, sets: dict) -> dict:
-    """Every seed of one experiment: ``{"evals": {seed: {arm: {set: [0/1]}}}, "summaries": {seed: ...}}``."""
+    """Every seed of one experiment: ``{"evals": {seed: {arm: {set: [0/1]}}}, "summaries": {seed: ...},
+    "updates": {seed: {arm: measures} or None}}``."""
     name = exp["name"]
     eval_sets = {"validation": sets["validation"], **{k: sets[k] for k in exp["eval"]}}
-    evals, summaries = {}, {}
+    probe = [it["prompt"] for it in (sets["validation"] or sets["train"])][:cfg["analysis"]["probe"]] \
+        if cfg["analysis"] else []
+    evals, summaries, updates = {}, {}, {}
     for seed in cfg["seeds"]:
         train_file = rows_file(out / "data" / name, "train", [{"prompt": it["prompt"], "completion": it["completion"]}
                                                               for it in sets["train"]])
         summaries[seed] = train_arms(cfg, out, name, seed, train_file)
         evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed])
-    return {"evals": evals, "summaries": summaries}
+        updates[seed] = analyze_arms(cfg, out, name, seed, probe, summaries[seed])
+    return {"evals": evals, "summaries": summaries, "updates": updates}
 
 
 # ----------------------------------------------------------------------------- numbers and findings
@@ -216,8 +257,18 @@ def summarize(cfg: dict, exp: dict, got: dict) -> list:
         if arm["method"] != "none":
             row["train_loss"] = [got["summaries"][s][arm["name"]].get("train_loss") for s in seeds]
             row["delta_norm"] = [got["summaries"][s][arm["name"]].get("delta_norm") for s in seeds]
+            row.update(_update_means(got["updates"], seeds, arm["name"]))
         rows.append(row)
     return rows
+
+
+def _update_means(updates: dict, seeds: list, arm: str) -> dict:
+    """Per seed, an arm's mean drift over its weight matrices, mean attention change and mean CKA over layers."""
+    out = {}
+    for key in ("drift", "attention_js", "cka"):
+        vals = [[x for x in (updates[s] or {}).get(arm, {}).get(key, []) if x is not None] for s in seeds]
+        out[key] = [float(np.mean(v)) if v else None for v in vals]
+    return out
 
 
 def chosen_rank(cfg: dict, rows: list):
@@ -257,8 +308,17 @@ def findings(cfg: dict, exp: dict, got: dict, rows: list) -> list:
         res.append(unmeasured_finding(f"{e}.reasoning_mid_rank", "Middle ranks beat the ends on reasoning.",
                                       SOURCE, "fewer than three ranks"))
     res += _versus_sft(cfg, exp, got, rows, side, b)
+    res.append(_drift(cfg, exp, got, rows, b))
     res.append(_norm(cfg, exp, got, b))
     return res
+
+
+def _drift(cfg: dict, exp: dict, got: dict, rows: list, b: dict) -> dict:
+    fid = f"{exp['name']}.sft_drifts_more"
+    if not cfg["arms"]["full"] or cfg["analysis"] is None:
+        return unmeasured_finding(fid, "Full SFT moves the weights' top singular vectors more than LoRA.", SOURCE,
+                                  "no full SFT arm" if not cfg["arms"]["full"] else "analysis: false")
+    return drift_finding(fid, SOURCE, got["updates"], cfg["seeds"], f"lora-r{chosen_rank(cfg, rows)}", "full", **b)
 
 
 def _versus_sft(cfg, exp, got, rows, side, b) -> list:
@@ -317,26 +377,51 @@ def report(results: dict) -> str:
             cells = [f"{row[s]['mean']:.3f} [{row[s]['ci95'][0]:.3f}, {row[s]['ci95'][1]:.3f}]" if row.get(s) else "-"
                      for s in sets]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        lines += _updates_table(exp["arms"])
     return "\n".join(lines) + "\n"
 
 
-def plan_lines(cfg: dict, sets: dict) -> list:
-    """What ``rankwise study --plan`` prints: per experiment, its items and, per LoRA group, the memory model's
-    estimate of its peak (``rankwise.arm_memory``; full SFT is not modelled)."""
-    lines = []
+def _updates_table(rows: list) -> list:
+    """The arms' updates, means over seeds: the update's Frobenius norm, the drift of the weights' top singular
+    vectors, the attention change and the representations' CKA to the base."""
+    def mean(xs):
+        xs = [x for x in xs or [] if x is not None]
+        return f"{np.mean(xs):.4g}" if xs else "-"
+
+    arms = [r for r in rows if r["method"] != "none"]
+    if not any(mean(r.get(k)) != "-" for r in arms for k in ("delta_norm", "drift")):
+        return []
+    lines = ["", "| arm | update norm | singular-vector drift | attention JS | CKA to base |", "| --- |" + " ---: |" * 4]
+    for r in arms:
+        lines.append(f"| {r['name']} | " + " | ".join(mean(r.get(k)) for k in ("delta_norm", "drift", "attention_js",
+                                                                                "cka")) + " |")
+    return lines
+
+
+def plan_lines(cfg: dict, sets: dict, tflops: float = DEFAULT_TFLOPS) -> list:
+    """What ``rankwise study --plan`` prints: per experiment, its items and, per LoRA group and for full SFT, the
+    estimated peak memory (``rankwise.arm_memory``) and training time at ``tflops`` (``rankwise.arm_cost``)."""
+    lines = [f"estimates, not measurements: time is the weights' matmul FLOPs at {tflops:g} TFLOP/s (--tflops), "
+             "training only"]
+    tok = load_tokenizer(cfg["run"].get("tokenizer") or cfg["run"]["model"])
     for exp in cfg["experiments"]:
         s = sets[exp["name"]]
         lines.append(f"{exp['name']} ({exp['kind']}): " + ", ".join(f"{k} {len(v)}" for k, v in s.items()) +
                      f" items; {len(cfg['seeds'])} seed(s)")
+        rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in s["train"]]
         lora = [a for a in plan_arms(cfg) if a["method"] == "lora"]
-        run = arm_run_config(cfg, lora[0], 0, "train.jsonl", "plan")
-        for ranks in lora_groups(cfg, run, [a["rank"] for a in lora]):
-            gib = estimate_peak_bytes(parse(run), ranks) / 2**30
-            lines.append(f"  LoRA r = {', '.join(map(str, ranks))} together: about {gib:.1f} GiB at peak (estimate)")
+        run = parse(arm_run_config(cfg, lora[0], 0, "train.jsonl", "plan")) if lora else None
+        for ranks in lora_groups(cfg, run, [a["rank"] for a in lora]) if lora else []:
+            gib = estimate_peak_bytes(run, ranks) / 2**30
+            took = duration(train_flops(run, train_tokens(run, rows, tok), ranks), tflops)
+            lines.append(f"  LoRA r = {', '.join(map(str, ranks))} together: about {gib:.1f} GiB at peak, "
+                         f"{took} to train per seed")
         if cfg["arms"]["full"]:
-            full = arm_run_config(cfg, {"name": "full", "method": "full", "rank": None}, 0, "train.jsonl", "plan")
-            lines.append(f"  full SFT: alone, about {estimate_full_peak_bytes(parse(full)) / 2**30:.1f} GiB at peak "
-                         "(estimate)")
+            full = parse(arm_run_config(cfg, {"name": "full", "method": "full", "rank": None}, 0, "train.jsonl",
+                                        "plan"))
+            took = duration(train_flops(full, train_tokens(full, rows, tok)), tflops)
+            lines.append(f"  full SFT: alone, about {estimate_full_peak_bytes(full) / 2**30:.1f} GiB at peak, "
+                         f"{took} to train per seed")
     return lines
 
 
