@@ -59,6 +59,9 @@ def test_train_tokens_per_epoch_per_step_and_packed(model):
     assert arm_cost.train_tokens(run(model, epochs=2), ROWS, tok) == 2 * sum(lens)
     assert arm_cost.train_tokens(run(model, epochs=0.5), ROWS, tok) == round(0.5 * sum(lens))
     assert arm_cost.train_tokens(run(model, max_steps=5, grad_accum=3), ROWS, tok) == round(5 * 3 * 2 * sum(lens) / 7)
+    held = parse({"model": model, "data": {"train": "x.jsonl", "max_length": 34, "eval_fraction": 0.25},
+                  "train": {"batch_size": 2, "epochs": 2}})
+    assert arm_cost.train_tokens(held, ROWS, tok) == round(2 * 0.75 * sum(lens))  # the held-out rows do not train
     packed = parse({"model": model, "data": {"train": "x.jsonl", "max_length": 34, "packing": True},
                     "train": {"batch_size": 2, "max_steps": 5}})
     assert arm_cost.train_tokens(packed, ROWS, tok) == 5 * 2 * 34

@@ -141,6 +141,10 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
     ({"experiments": [{"name": "x", "kind": "memory", "train": {"task": "gsm8k", "data": "GSM"},
                        "eval": {"y": {"task": "gsm8k", "data": "GSM"}}}]}, "experiments[0].kind must be recall or reasoning"),
     ({"eval": {"answer_tokens": 0}}, "eval.answer_tokens must be a positive integer"),
+    ({"experiments": [{"name": "x", "kind": "", "train": {"task": "gsm8k", "data": "GSM"},
+                       "eval": {"y": {"task": "gsm8k", "data": "GSM"}}}]}, "experiments[0].kind must be recall or"),
+    ({"boot": {"n_boot": 0}}, "boot.n_boot must be a positive integer"),
+    ({"boot": {"seed": "x"}}, "boot.seed must be an integer >= 0"),
     ({"analysis": {"attention": "yes"}}, "analysis.attention must be true or false"),
     ({"analysis": {"spectra": True}}, "unknown key analysis.'spectra'"),
     ({"analysis": [1]}, "analysis must be a mapping"),
@@ -337,8 +341,8 @@ def test_analysis_false_skips_the_update_analysis(files, tmp_path):
 
 def test_entity_questions_and_prompt_completion_experiments(files, tmp_path, monkeypatch):
     """EntityQuestions in its released layout (relations choosing in and out of domain) and a generic
-    prompt/completion set with an explicit kind: read, trained, scored by containment in `answer_tokens` new
-    tokens, and judged by their kind's findings."""
+    prompt/completion set with an explicit kind: read, trained, scored by containment (in `answer_tokens` new
+    tokens, or `max_new_tokens` in a reasoning experiment), and judged by their kind's findings."""
     from test_study_knowledge import eq_files
 
     d = eq_files(tmp_path / "eq")
@@ -363,7 +367,7 @@ def test_entity_questions_and_prompt_completion_experiments(files, tmp_path, mon
     assert res["experiments"]["eq"]["kind"] == "recall" and res["experiments"]["pc"]["kind"] == "reasoning"
     ids = [f["id"] for f in res["findings"]]
     assert "eq.recall_rank_flat" in ids and "pc.reasoning_mid_rank" in ids
-    assert set(lengths) == {5}  # every answer is a short one
+    assert sorted(set(lengths)) == [5, 9]  # EntityQuestions' answers short, the reasoning experiment's worked
     data = (out / "data" / "eq").glob("train-*.jsonl")
     rows = [json.loads(x) for x in next(data).read_text().splitlines()]
     assert rows[0]["prompt"].startswith("Question: Where was Pat Doe") and rows[0]["completion"].strip() in \
@@ -374,10 +378,49 @@ def test_entity_questions_and_prompt_completion_experiments(files, tmp_path, mon
     ({"task": "gsm8k", "data": "X", "relations": ["P19"]}, "relations is for task entity_questions"),
     ({"task": "entity_questions", "data": "X", "relations": ["P999"]}, "relations must be in_domain"),
     ({"task": "entity_questions", "data": "X", "relations": "in_domain", "config": "c"}, "no config"),
+    ({"task": "entity_questions", "data": "X", "relations": [["P19"]]}, "relations must be in_domain"),
+    ({"task": "gsm8k", "data": "X", "split": "train"}, "split is EntityQuestions' train, dev or test"),
+    ({"task": "entity_questions", "data": "X", "split": "valid"}, "split is EntityQuestions' train, dev or test"),
+    ({"task": "medmcqa", "data": "X", "cop_base": 2}, "cop_base must be 0"),
+    ({"task": "entity_questions", "data": "EQ"}, "holds the splits test, train; name one"),
 ])
 def test_bad_entity_questions_specs_are_one_line(files, tmp_path, capsys, spec, words):
     exps = [{"name": "x", "train": spec, "eval": {"y": {"task": "gsm8k", "data": "X"}}}]
-    exps = json.loads(json.dumps(exps).replace('"X"', json.dumps(str(files["dir"] / "gsm8k_test.jsonl"))))
+    from test_study_knowledge import eq_files
+
+    eq = eq_files(tmp_path / "eq")
+    exps = json.loads(json.dumps(exps).replace('"X"', json.dumps(str(files["dir"] / "gsm8k_test.jsonl")))
+                      .replace('"EQ"', json.dumps(str(eq / "dataset"))))
     assert cli(["study", config(files, tmp_path / "never", experiments=exps)]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_entity_questions_split_and_a_limit_that_samples_every_relation(tmp_path):
+    from test_study_knowledge import eq_files
+
+    from rankwise.study.config import read_spec
+
+    eq = eq_files(tmp_path / "eq")
+    spec = {"task": "entity_questions", "data": str(eq / "dataset"), "cop_base": 0, "config": None,
+            "subjects": None, "limit": None, "split": "test"}
+    test = read_spec(spec, "t")
+    assert {it["id"].split(".")[1] for it in test} == {"test"} and len(test) == 6 + 3 + 4  # P19, P20, P40
+    train = read_spec({**spec, "split": "train", "limit": 10}, "t")  # P19 has 14 train rows, P20 6: both drawn
+    assert {it["id"].split(".")[1] for it in train} == {"train"} and {it["subject"] for it in train} == {"P19", "P20"}
+    assert read_spec({**spec, "split": "train", "limit": 10}, "t") == train  # seeded
+
+
+def test_the_eval_key_holds_only_the_generation_settings_its_items_use():
+    from rankwise.study_tasks import gsm8k_item, prompt_completion_item
+
+    g = gsm8k_item({"question": "1+2?", "answer": "1+2=3\n#### 3"}, 0, "x")
+    p = prompt_completion_item({"prompt": "a", "completion": " b"}, 0, "x")
+    cfg = {"run": {"model": "m"}, "eval": {"max_new_tokens": 64, "choice_tokens": 4, "answer_tokens": 16,
+                                           "batch_size": 8, "flexible": True, "lm_eval": None}}
+    other = {**cfg, "eval": {**cfg["eval"], "answer_tokens": 32}}
+    assert rank.eval_key(cfg, {"g": [g]}, None) == rank.eval_key(other, {"g": [g]}, None)
+    assert rank.eval_key(cfg, {"p": [p]}, None) != rank.eval_key(other, {"p": [p]}, None)
+    assert rank.eval_key(cfg, {"p": [p]}, None, "reasoning") == rank.eval_key(other, {"p": [p]}, None, "reasoning")
+    longer = {**cfg, "eval": {**cfg["eval"], "max_new_tokens": 99}}
+    assert rank.eval_key(cfg, {"g": [g]}, None) != rank.eval_key(longer, {"g": [g]}, None)

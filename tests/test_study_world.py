@@ -2,6 +2,7 @@
 with the same arguments, the shipped example is the demo's config, and a bad world config is one line before
 anything is written. (The whole protocol run through `rankwise study` is in test_demo's end-to-end test.)"""
 import argparse
+import re
 
 import pytest
 import yaml
@@ -71,13 +72,19 @@ def test_plan_names_every_arm_and_writes_nothing(tmp_path, capsys):
     ({"world": {"modl": {}}}, "unknown settings section"),
     ({"world": {"model": {"hidden": 8}}}, "unknown model settings"),
     ({"settings": [1]}, "settings must be a mapping"),
+    ({"settings": {"ranks": "abc"}}, "ranks must be a non-empty list"),
+    ({"settings": {"ranks": [0, 4]}}, "ranks[] must be an integer >= 1"),
+    ({"settings": {"restore_selections": None}}, "restore_selections must be a non-empty list"),
+    ({"settings": {"reasoning": {"epochs": "x"}}}, "reasoning.epochs must be an integer >= 1"),
+    ({"settings": {"restore_fractions": [0.2, 1.5]}}, "must lie in (0, 1]"),
+    ({"scale": ["cpu"]}, "scale must be one of"),
     ({"threads": 0}, "threads must be a positive integer"),
     ({"threads": True}, "threads must be a positive integer"),
     ({"cache_dir": 3}, "cache_dir must be a path"),
     ({"ranks": [1]}, "unknown key 'ranks'"),
 ])
 def test_bad_world_configs_are_one_line_before_anything_is_written(tmp_path, capsys, raw, msg):
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(ConfigError, match=re.escape(msg)):
         validate_world({"study": "world", **raw})
     (tmp_path / "w.yaml").write_text(yaml.safe_dump({"study": "world", "output_dir": str(tmp_path / "o"), **raw}))
     assert cli_main(["study", str(tmp_path / "w.yaml")]) == 2

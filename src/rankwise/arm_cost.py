@@ -6,7 +6,8 @@ backward. Full SFT adds 2 for the weights' gradients (the usual 6 N per token); 
 weights have no gradient) but adds 6 FLOPs per adapter parameter. Gradient checkpointing runs the forward
 again (+2 N). Arms trained together each make their own pass (their activations differ after the first
 adapted layer), so K arms cost K times one. The tokens are the rows' own (prompt, completion and EOS, cut at
-``data.max_length``), per epoch, or ``max_steps`` optimizer steps of the mean row. Attention's scores,
+``data.max_length``; ``data.eval_fraction``'s share held out), per epoch, or ``max_steps`` optimizer steps of the
+mean row. Attention's scores,
 padding, the optimizer, evaluation and the host are not counted: the estimate is a lower bound at that rate,
 and a small step that the host bounds takes longer.
 """
@@ -28,7 +29,7 @@ def train_tokens(cfg: C.RunConfig, rows: list, tokenizer) -> int:
     """The tokens one arm of ``cfg`` trains on over ``rows`` (prompt/completion rows, as the study writes them)."""
     cfg = C.parse(cfg)
     examples, _ = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length, warn=False)
-    per_epoch = sum(len(e) for e in examples)
+    per_epoch = sum(len(e) for e in examples) * (1.0 - cfg.data.eval_fraction)  # the held-out rows do not train
     t = cfg.train
     if t.epochs is not None:
         return int(round(per_epoch * t.epochs))

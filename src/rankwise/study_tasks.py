@@ -42,7 +42,7 @@ from typing import Optional
 from .data import load_rows
 from .errors import ConfigError
 from .evaluate import is_correct
-from .study_data import read_entity_questions
+from .study_data import entity_question_files, read_entity_questions
 
 TASKS = ("gsm8k", "mathqa", "mmlu", "medmcqa", "entity_questions", "prompt_completion")
 REASONING = ("gsm8k", "mathqa")
@@ -154,13 +154,18 @@ def prompt_completion_item(row: dict, i: int, where: str) -> dict:
             "answer": answers, "choices": None, "subject": row.get("subject")}
 
 
-def entity_questions_items(source: str, where: str) -> list:
-    """EntityQuestions facts under ``source`` (a directory or one file) as items, the relation as the subject."""
+def entity_questions_items(source: str, where: str, split: Optional[str] = None) -> list:
+    """EntityQuestions facts of ``split`` under ``source`` (a directory or one file) as items, the relation as
+    the subject; a directory holding several splits needs ``split`` (train and test facts never mix)."""
     if not Path(source).exists():
         raise ConfigError(f"{where}: no such file or directory (EntityQuestions is read from its released files)")
+    if split is None:
+        splits = sorted({sp for _, sp, _ in entity_question_files(source)})
+        if len(splits) > 1:
+            raise ConfigError(f"{where}: holds the splits {', '.join(splits)}; name one (split: train, dev or test)")
     return [{"id": f["id"], "task": "entity_questions", "prompt": f"Question: {f['question']}\nAnswer:",
              "completion": " " + f["answers"][0], "answer": f["answers"], "choices": None, "subject": f["relation"]}
-            for f in read_entity_questions(source)]
+            for f in read_entity_questions(source, split=split)]
 
 
 def _mmlu_csv(path: Path) -> Optional[tuple]:
@@ -192,17 +197,17 @@ def hub_rows(source: str, config: str, where: str) -> list:
 
 
 def read_task(task: str, source: str, *, limit: Optional[int] = None, cop_base: int = 0,
-              config: Optional[str] = None) -> list:
+              config: Optional[str] = None, split: Optional[str] = None) -> list:
     """The items of ``task`` from ``source``: a local .json/.jsonl/.csv/.parquet file, or a Hub data set
     ``name[:split]`` (read by ``rankwise.data.load_rows``; with ``config``, that configuration of it, as
-    ``openai/gsm8k`` ``main`` or ``cais/mmlu`` ``all``)."""
+    ``openai/gsm8k`` ``main`` or ``cais/mmlu`` ``all``); EntityQuestions from its released files, of ``split``."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     where = f"{task} data {source}"
     path = Path(source)
     subject = None
     if task == "entity_questions":
-        items = entity_questions_items(source, where)[:limit]
+        items = entity_questions_items(source, where, split)[:limit]
         if not items:
             raise ConfigError(f"{where}: no rows")
         return items

@@ -96,9 +96,38 @@ SCALE_SETTINGS = {
 }
 
 
+ZERO_OK = ("seed", "seeds", "min_validation", "n_ood_people")  # integer settings that may be 0 (the others are >= 1)
+
+
+def check_value(where: str, value, default) -> None:
+    """``value`` has ``default``'s type (a list: each element that of the default's first): booleans, integers
+    >= 1 (>= 0 for ``ZERO_OK``), numbers >= 0, non-empty strings; ``ConfigError`` naming ``where`` otherwise."""
+    name = where.rsplit(".", 1)[-1].removesuffix("[]")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name in ZERO_OK else 1)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    elif isinstance(default, str):
+        ok = isinstance(value, str) and bool(value)
+    elif isinstance(default, list) and default:
+        ok = isinstance(value, list) and bool(value)
+        for x in value if ok else []:
+            check_value(where + "[]", x, default[0])
+    else:
+        return
+    if not ok:
+        what = ("a non-empty list" if isinstance(default, list) else "true or false" if isinstance(default, bool)
+                else f"an integer >= {0 if name in ZERO_OK else 1}" if isinstance(default, int)
+                else "a number >= 0" if isinstance(default, float) else "a non-empty string")
+        raise ConfigError(f"demo setting {where} must be {what} (default {default!r}), got {value!r}")
+
+
 def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
-    """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused)."""
-    if scale not in SCALE_SETTINGS:
+    """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused, each value is checked
+    against its default's type by ``check_value``)."""
+    if not isinstance(scale, str) or scale not in SCALE_SETTINGS:
         raise ConfigError(f"scale must be one of {', '.join(SCALE_SETTINGS)}, got {scale!r}")
     unknown = set(overrides or {}) - set(DEMO)
     if unknown:
@@ -110,6 +139,14 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     r = s["reasoning"]
     if r is not None and (not isinstance(r, dict) or set(r) - set(REASONING)):
         raise ConfigError(f"demo setting reasoning must be None or a mapping of {sorted(REASONING)}, got {r!r}")
+    for k, v in s.items():
+        check_value(k, v, DEMO[k])
+    for k, v in (r or {}).items():
+        check_value(f"reasoning.{k}", v, REASONING[k])
+    bad = [f for f in s["restore_fractions"] if not 0 < f <= 1]
+    if bad or not 0 < s["finding_fraction"] <= 1:
+        raise ConfigError(f"demo settings restore_fractions and finding_fraction must lie in (0, 1], got "
+                          f"{bad or s['finding_fraction']}")
     seeds = s["seeds"]
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
             not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):

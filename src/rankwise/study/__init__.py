@@ -37,8 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--plan", action="store_true", help="read and check everything, print the experiments' sizes and "
                    "the LoRA groups with their estimated peak memory and training time, and stop (nothing is written)")
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
-                   help=f"with --plan: the sustained TFLOP/s the time estimates assume (default {DEFAULT_TFLOPS:g}, "
-                   "about half a 24 GB RTX 4090's dense bf16 peak; measure yours with benchmarks/bench_train.py)")
+                   help=f"with --plan (rank and knowledge studies): the sustained TFLOP/s the time estimates assume "
+                   f"(default {DEFAULT_TFLOPS:g}, about half a 24 GB RTX 4090's dense bf16 peak; measure yours with "
+                   "benchmarks/bench_train.py)")
 
 
 def _inputs(cfg: dict) -> list:

@@ -20,7 +20,8 @@
     analysis: {probe: 32, attention: true, representations: true}   # false: no update analysis
 
 Tasks (``rankwise.study_tasks``): ``gsm8k``, ``mathqa``, ``mmlu``, ``medmcqa``, ``entity_questions`` (its
-``relations``: a list, ``in_domain`` or ``out_of_domain``) and ``prompt_completion``; an experiment's ``kind``
+``relations``: a list, ``in_domain`` or ``out_of_domain``; ``split``: train, dev or test) and
+``prompt_completion``; an experiment's ``kind``
 (which findings it gets) defaults to reasoning for GSM8K and MathQA, recall otherwise.
 
 Every task's data is read here (``rankwise.study_tasks.read_task``), and every arm's run config is validated
@@ -97,11 +98,16 @@ def positive_int(v, where: str, allow_none: bool = False):
 
 def _task(spec, where: str, eval_set: bool) -> dict:
     spec = as_mapping(spec, where)
-    keys = {"task", "data", "config", "limit", "cop_base", "subjects", "relations"} | (
+    keys = {"task", "data", "config", "limit", "cop_base", "subjects", "relations", "split"} | (
         {"domain"} if eval_set else {"validation"})
     check_keys(spec, keys, f"{where}.")
     if "relations" in spec:
         spec = _relations(spec, where)
+    if spec.setdefault("split", None) is not None and (spec.get("task") != "entity_questions" or
+                                                       spec["split"] not in ("train", "dev", "test")):
+        raise ConfigError(f"study config: {where}.split is EntityQuestions' train, dev or test (task entity_questions)")
+    if spec.get("cop_base", 0) not in (0, 1) or isinstance(spec.get("cop_base"), bool):
+        raise ConfigError(f"study config: {where}.cop_base must be 0 (the Hub's MedMCQA) or 1 (its original release)")
     if spec.get("task") not in TASKS:
         raise ConfigError(f"study config: {where}.task must be one of {', '.join(TASKS)}, got {spec.get('task')!r}")
     if not isinstance(spec.get("data"), str) or not spec["data"]:
@@ -133,7 +139,7 @@ def _relations(spec: dict, where: str) -> dict:
         raise ConfigError(f"study config: {where}.relations is for task entity_questions (instead of subjects)")
     rel = {"in_domain": list(IN_DOMAIN), "out_of_domain": list(OUT_OF_DOMAIN)}.get(rel, rel) \
         if isinstance(rel, str) else rel
-    if not isinstance(rel, list) or not rel or any(r not in QUESTION_TEMPLATES for r in rel):
+    if not isinstance(rel, list) or not rel or any(not isinstance(r, str) or r not in QUESTION_TEMPLATES for r in rel):
         raise ConfigError(f"study config: {where}.relations must be in_domain, out_of_domain or a list of "
                           f"EntityQuestions relations ({', '.join(QUESTION_TEMPLATES)})")
     return {**spec, "subjects": rel}
@@ -156,7 +162,8 @@ def _experiment(spec, i: int) -> dict:
     sets = {str(k): _task(v, f"{where}.eval.{k}", True) for k, v in evals.items()}
     if not any(s["domain"] == "in" for s in sets.values()):
         raise ConfigError(f"study config: {where}.eval needs an in-domain set (domain: in)")
-    kind = spec.get("kind") or ("reasoning" if train["task"] in REASONING else "recall")
+    kind = spec.get("kind")
+    kind = ("reasoning" if train["task"] in REASONING else "recall") if kind is None else kind
     if kind not in ("recall", "reasoning"):
         raise ConfigError(f"study config: {where}.kind must be recall or reasoning, got {kind!r}")
     return {"name": name, "kind": kind, "train": train, "eval": sets}
@@ -178,10 +185,10 @@ def _lm_eval(spec):
 
 
 def _analysis(raw) -> dict | None:
-    """``analysis``: false skips it; else the update analysis's settings over ``ANALYSIS``."""
+    """``analysis``: false skips it; true or a mapping: the update analysis's settings over ``ANALYSIS``."""
     if raw is False:
         return None
-    a = merged(ANALYSIS, as_mapping(raw, "analysis"))
+    a = merged(ANALYSIS, as_mapping(None if raw is True else raw, "analysis"))
     check_keys(a, ANALYSIS, "analysis.")
     if isinstance(a["probe"], bool) or not isinstance(a["probe"], int) or a["probe"] < 0:
         raise ConfigError("study config: analysis.probe must be an integer >= 0 (0: no probe pass)")
@@ -197,6 +204,8 @@ def validate_study(raw: Any) -> dict:
     check_keys(raw, TOP, "")
     if raw.get("study") not in STUDIES:
         raise ConfigError(f"study config: study must be one of {', '.join(STUDIES)}, got {raw.get('study')!r}")
+    if raw["study"] != "rank":  # the others have their own checks (rankwise.study.prepare routes them)
+        raise ConfigError(f"study config: study: {raw['study']} is not checked here (rankwise.study.prepare)")
     run, full = as_mapping(raw.get("run"), "run"), as_mapping(raw.get("full"), "full")
     for d, where in ((run, "run"), (full, "full")):
         owned = [k for k in RUN_OWNED if k in d] + (["data.train"] if "train" in as_mapping(d.get("data"), "data")
@@ -222,6 +231,9 @@ def validate_study(raw: Any) -> dict:
         positive_int(ev[key], f"eval.{key}")
     ev["lm_eval"] = _lm_eval(ev["lm_eval"])
     check_keys(boot, BOOT, "boot.")
+    positive_int(boot["n_boot"], "boot.n_boot")
+    if isinstance(boot["seed"], bool) or not isinstance(boot["seed"], int) or boot["seed"] < 0:
+        raise ConfigError("study config: boot.seed must be an integer >= 0")
     analysis = _analysis(raw.get("analysis", {}))
     out = raw.get("output_dir")
     if not isinstance(out, str) or not out:
@@ -271,13 +283,17 @@ def arm_run_config(cfg: dict, arm: dict, seed: int, train_file: str, output_dir:
 
 
 def read_spec(spec: dict, where: str) -> list:
-    """The items of one task spec: its rows, those of its ``subjects`` only, the first ``limit``."""
-    items = read_task(spec["task"], spec["data"], cop_base=spec["cop_base"], config=spec["config"])
+    """The items of one task spec: its rows, those of its ``subjects`` only, the first ``limit`` (of
+    EntityQuestions, whose files come relation by relation, a seeded sample of ``limit``)."""
+    items = read_task(spec["task"], spec["data"], cop_base=spec["cop_base"], config=spec["config"],
+                      split=spec["split"])
     if spec["subjects"] is not None:
         keep = set(spec["subjects"])
         items = [it for it in items if it["subject"] in keep]
         if not items:
             raise ConfigError(f"study config: {where}: no rows of the subjects {', '.join(spec['subjects'])}")
+    if spec["task"] == "entity_questions" and spec["limit"] is not None:  # files come by relation: a seeded sample
+        items = random.Random(f"entity_questions:{spec['data']}:{spec['split']}").sample(items, len(items))
     return items[:spec["limit"]]
 
 

@@ -135,18 +135,22 @@ def lm_eval_scores(model, tok, spec: dict, device) -> dict:
     return out
 
 
-def answer_length(task: str) -> str:
+def answer_length(task: str, kind: str = "recall") -> str:
     """The ``eval`` key of the new tokens an answer of ``task`` gets: a choice letter (MMLU, MedMCQA), a short
-    answer (EntityQuestions, prompt/completion) or a worked one (GSM8K, MathQA's rationale)."""
-    return "max_new_tokens" if task in REASONING else "answer_tokens" if task in CONTAINED else "choice_tokens"
+    answer (EntityQuestions; prompt/completion in a recall experiment) or a worked one (GSM8K, MathQA's
+    rationale; prompt/completion in a reasoning experiment)."""
+    if task in REASONING or (task == "prompt_completion" and kind == "reasoning"):
+        return "max_new_tokens"
+    return "answer_tokens" if task in CONTAINED else "choice_tokens"
 
 
-def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
-    """``{set: [0/1 per item]}``: greedy answers, scored; one batched pass per answer length (``answer_length``)."""
+def evaluate_sets(model, tok, sets: dict, ev: dict, kind: str = "recall") -> dict:
+    """``{set: [0/1 per item]}``: greedy answers, scored; one batched pass per answer length (``answer_length``
+    in an experiment of ``kind``)."""
     got = {name: [0] * len(xs) for name, xs in sets.items()}
     for length in ("choice_tokens", "answer_tokens", "max_new_tokens"):
         items = [(name, i, it) for name, xs in sets.items() for i, it in enumerate(xs)
-                 if answer_length(it["task"]) == length]
+                 if answer_length(it["task"], kind) == length]
         if not items:
             continue
         outs = generate_answers(model, tok, [it["prompt"] for _, _, it in items], batch_size=ev["batch_size"],
@@ -156,15 +160,19 @@ def evaluate_sets(model, tok, sets: dict, ev: dict) -> dict:
     return got
 
 
-def eval_key(cfg: dict, sets: dict, summary) -> str:
+def eval_key(cfg: dict, sets: dict, summary, kind: str = "recall") -> str:
     """What an arm's cached results depend on: its run's settings (the base: the model and its loading keys),
-    the generation settings and every item's prompt and answer."""
+    the generation settings its items use (their answer lengths, the batch, the scoring, lm-eval's) and every
+    item's prompt and answer."""
     run = {k: cfg["run"].get(k) for k in ("model", "tokenizer", "dtype", "quantization")}
     items = {name: [[it["prompt"], it["answer"]] for it in xs] for name, xs in sets.items()}
-    return settings_hash({"arm": summary["settings_hash"] if summary else run, "eval": cfg["eval"], "items": items})
+    used = {answer_length(it["task"], kind) for xs in sets.values() for it in xs}
+    ev = {k: v for k, v in cfg["eval"].items() if k in used | {"batch_size", "flexible", "lm_eval"}}
+    return settings_hash({"arm": summary["settings_hash"] if summary else run, "eval": ev, "items": items})
 
 
-def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summaries: dict) -> dict:
+def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summaries: dict,
+                  kind: str = "recall") -> dict:
     """``{"base" | arm name: {set: [0/1]}}`` of one experiment and seed (cached in ``eval/``, keyed by
     ``eval_key``: results of other settings or items are computed again)."""
     device = resolve_device(cfg["run"].get("train", {}).get("device", "auto"))
@@ -173,11 +181,11 @@ def evaluate_arms(cfg: dict, out: Path, exp: str, seed: int, sets: dict, summari
     for arm in [None, *plan_arms(cfg)]:
         name = "base" if arm is None else arm["name"]
         cache = out / "eval" / exp / (f"{name}.json" if arm is None else f"seed{seed}-{name}.json")
-        key = eval_key(cfg, sets, None if arm is None else summaries[name])
+        key = eval_key(cfg, sets, None if arm is None else summaries[name], kind)
         got = read_json(cache)
         if not isinstance(got, dict) or got.get("key") != key:
             model = arm_model(cfg, arm, None if arm is None else arm_dir(out, exp, seed, arm), device)
-            results = evaluate_sets(model, tok, sets, cfg["eval"])
+            results = evaluate_sets(model, tok, sets, cfg["eval"], kind)
             if cfg["eval"]["lm_eval"]:
                 results.update(lm_eval_scores(model, tok, cfg["eval"]["lm_eval"], device))
             got = {"key": key, "results": results}
@@ -224,7 +232,7 @@ def run_experiment(cfg: dict, out: Path, exp: dict, sets: dict) -> dict:
         train_file = rows_file(out / "data" / name, "train", [{"prompt": it["prompt"], "completion": it["completion"]}
                                                               for it in sets["train"]])
         summaries[seed] = train_arms(cfg, out, name, seed, train_file)
-        evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed])
+        evals[seed] = evaluate_arms(cfg, out, name, seed, eval_sets, summaries[seed], exp["kind"])
         updates[seed] = analyze_arms(cfg, out, name, seed, probe, summaries[seed])
     return {"evals": evals, "summaries": summaries, "updates": updates}
 
@@ -391,7 +399,8 @@ def _updates_table(rows: list) -> list:
     arms = [r for r in rows if r["method"] != "none"]
     if not any(mean(r.get(k)) != "-" for r in arms for k in ("delta_norm", "drift")):
         return []
-    lines = ["", "| arm | update norm | singular-vector drift | attention JS | CKA to base |", "| --- |" + " ---: |" * 4]
+    lines = ["", "| arm | update norm | singular-vector drift | attention JS | CKA to base |",
+             "| --- |" + " ---: |" * 4]
     for r in arms:
         lines.append(f"| {r['name']} | " + " | ".join(mean(r.get(k)) for k in ("delta_norm", "drift", "attention_js",
                                                                                 "cka")) + " |")
