@@ -21,6 +21,9 @@
 #                  liger+gc, unsloth+gc), into results/train_gc/ (a separate run: its own baseline)
 #   sweep_step     bench_sweep_step: the stacked K-arm step vs K solo steps, 1x512 and 4x2048 (~170 s)
 #   nf4_loss       bench_nf4, bench_loss (~40 s)
+#   study          bench_study (issue 28): `rankwise study` (LoRA r = 8..128 together, full SFT) on a random
+#                  1B-shape Llama and GSM8K-schema rows: each arm's time and peak memory against the
+#                  --plan estimates (~2-3 min, not yet timed on a GPU)
 #   suite          the rest of the suite on the GPU, in whatever time is left
 # A 15-minute lease holds about two calls: e.g. `kernels profile lora` then, at once (the machine
 # stays warm 30 s), `train`. The device's copy of the tree has no .git: prefix
@@ -132,7 +135,7 @@ for d in ('transformers', 'peft', 'bitsandbytes', 'liger-kernel', 'unsloth', 'un
     try: print(d, m.version(d))
     except m.PackageNotFoundError: print(d, 'not installed')" 2>&1 | tee -a "$OUT/device.txt"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(kernels profile lora train train_gc sweep_step nf4_loss suite)
+[ ${#stages[@]} -eq 0 ] && stages=(kernels profile lora train train_gc sweep_step nf4_loss study suite)
 R="$OUT/results"
 for s in "${stages[@]}"; do
   case "$s" in
@@ -148,9 +151,10 @@ for s in "${stages[@]}"; do
                 --arms rankwise+gc,baseline+gc,liger+gc,unsloth+gc ;;
     sweep_step) stage bench_sweep_step 200 python3 -m benchmarks.bench_sweep_step --out "$R" ;;
     nf4_loss) stage bench_nf4_loss 90 python3 -m benchmarks.run --suite gpu --only bench_nf4,bench_loss --out "$R" ;;
+    study) stage bench_study 240 python3 -m benchmarks.bench_study --out "$R" ;;
     suite) stage suite 600 python3 -m pytest -q -rs --timeout 120 -p no:cacheprovider tests \
              -m "not gpu" --ignore=tests/test_benchmarks.py ;;
-    *) echo "unknown stage '$s': expected kernels profile lora train train_gc sweep_step nf4_loss suite" >&2
+    *) echo "unknown stage '$s': expected kernels profile lora train train_gc sweep_step nf4_loss study suite" >&2
        exit 2 ;;
   esac
 done

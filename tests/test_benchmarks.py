@@ -435,3 +435,22 @@ def test_bench_train_graph_arm_trains_as_the_plain_loop(monkeypatch):
     rec.check_replays()
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses)), losses
     assert losses[0][0] != losses[0][-1]
+
+
+def test_bench_study_smoke_records_each_arms_cost_beside_its_estimates(tmp_path, one_thread):
+    """bench_study runs `rankwise study` on a random model of a real architecture and GSM8K-schema rows, and
+    keeps per arm the measured time (and, on CUDA, peak) beside the --plan estimates; no timing is asserted."""
+    from benchmarks import bench_study
+
+    assert bench_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "bench_study.json").read_text())
+    assert got["rc"] == 0 and [a["arm"] for a in got["arms"]] == ["lora-r1", "lora-r2", "lora-r4", "full"]
+    for a in got["arms"]:
+        assert a["runtime_s"] > 0 and a["estimated_train_s"] > 0 and a["estimated_peak_gib"] > 0 and a["tokens"] > 0
+        assert a["peak_mem_gib"] is None  # no CUDA here
+    assert got["arms"][0]["trained_with"] == [1, 2, 4] and got["arms"][-1]["trained_with"] is None
+    assert any("to train per seed" in line for line in got["plan"])
+    rows = bench_study.gsm8k_rows(20, 64, 0)
+    from rankwise.study_tasks import gsm8k_item
+
+    assert all(gsm8k_item(r, i, "x")["answer"].isdigit() for i, r in enumerate(rows))  # GSM8K's own schema

@@ -84,6 +84,9 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
             assert cell["n"] == n and set(cell["seeds"]) == {"0", "1"} and len(cell["ci95"]) == 2
             assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     assert all(len(r["delta_norm"]) == 2 for r in g["arms"][1:4])
+    # the training cost per arm and seed: the run's wall time, no CUDA peak here
+    for row in g["arms"][1:]:
+        assert all(t > 0 for t in row["runtime_s"]) and row["peak_mem_mb"] == [None, None], row["name"]
     ids = [f["id"] for f in res["findings"]]
     assert ids == ["gsm8k.reasoning_mid_rank", "gsm8k.lora_vs_sft", "gsm8k.lora_vs_sft_ood", "gsm8k.sft_drifts_more",
                    "gsm8k.norm_log_rank", "mmlu.recall_rank_flat", "mmlu.lora_vs_sft", "mmlu.lora_vs_sft_ood",
@@ -103,6 +106,7 @@ def test_the_rank_study_runs_end_to_end_and_reruns_from_its_files(files, tmp_pat
         by_hand.append(sum(fu[n] - lo[n] for n in lo) / len(lo))
     assert drift["effect"] == pytest.approx(sum(by_hand) / 2, abs=1e-9)
     assert "singular-vector drift" in (out / "report.md").read_text()
+    assert "| training time per seed (s) |" in (out / "report.md").read_text()
     for f in res["findings"]:
         assert f["verdict"] in VERDICTS and {"claim", "source", "effect", "ci95"} <= set(f)
     assert next(f for f in res["findings"] if f["id"] == "mmlu.lora_vs_sft_ood")["why"] == \

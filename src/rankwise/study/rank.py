@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from ..evaluate import generate_answers
 from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
+from ..runlog import METRICS, read_metrics
 from ..study_tasks import CONTAINED, REASONING, score
 from ..together import train_group
 from ..config import parse, settings, settings_hash
@@ -93,7 +94,18 @@ def train_arms(cfg: dict, out: Path, exp: str, seed: int, train_file: Path) -> d
         if summaries[a["name"]].get("status") != "finished":  # trained together or alone, failed or stopped
             raise ConfigError(f"study arm {exp}/{a['name']} (seed {seed}) did not finish: "
                               f"{summaries[a['name']].get('reason') or summaries[a['name']].get('status')}")
+        summaries[a["name"]] = {**summaries[a["name"]], **training_cost(arm_dir(out, exp, seed, a),
+                                                                        summaries[a["name"]])}
     return summaries
+
+
+def training_cost(run_dir: Path, summary: dict) -> dict:
+    """An arm's ``runtime_s`` (its run's wall time; an arm trained together: the group's, until its own outputs
+    were saved) and ``peak_mem_mb``, the largest CUDA peak its ``metrics.jsonl`` logged (the process's: a
+    together group's; None off CUDA)."""
+    rows = read_metrics(run_dir / METRICS, summary.get("steps") or 0)
+    peaks = [r["peak_mem_mb"] for r in rows if isinstance(r.get("peak_mem_mb"), (int, float))]
+    return {"runtime_s": summary.get("runtime_s"), "peak_mem_mb": max(peaks) if peaks else None}
 
 
 def arm_model(cfg: dict, arm: dict, path: Path, device):
@@ -264,7 +276,8 @@ def summarize(cfg: dict, exp: dict, got: dict) -> list:
                          "seeds": dict(zip(map(str, seeds), a["seeds"]["mean"]))}
         if arm["method"] != "none":
             row["train_loss"] = [got["summaries"][s][arm["name"]].get("train_loss") for s in seeds]
-            row["delta_norm"] = [got["summaries"][s][arm["name"]].get("delta_norm") for s in seeds]
+            for key in ("delta_norm", "runtime_s", "peak_mem_mb"):
+                row[key] = [got["summaries"][s][arm["name"]].get(key) for s in seeds]
             row.update(_update_means(got["updates"], seeds, arm["name"]))
         rows.append(row)
     return rows
@@ -385,8 +398,19 @@ def report(results: dict) -> str:
             cells = [f"{row[s]['mean']:.3f} [{row[s]['ci95'][0]:.3f}, {row[s]['ci95'][1]:.3f}]" if row.get(s) else "-"
                      for s in sets]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-        lines += _updates_table(exp["arms"])
+        lines += _updates_table(exp["arms"]) + _cost_table(exp["arms"])
     return "\n".join(lines) + "\n"
+
+
+def _cost_table(rows: list) -> list:
+    """The arms' training time and peak memory per seed (arms trained together share their group's)."""
+    def cells(xs, fmt):
+        return ", ".join("-" if x is None else fmt.format(x) for x in xs or [])
+
+    arms = [r for r in rows if r["method"] != "none"]
+    lines = ["", "| arm | training time per seed (s) | peak CUDA memory per seed (MiB) |", "| --- | ---: | ---: |"]
+    return lines + [f"| {r['name']} | {cells(r.get('runtime_s'), '{:.0f}')} | {cells(r.get('peak_mem_mb'), '{:.0f}')} |"
+                    for r in arms]
 
 
 def _updates_table(rows: list) -> list:
