@@ -170,6 +170,10 @@ def test_the_vllm_backend_asks_for_the_same_samples(monkeypatch):
     assert sample(["a", "b"], 40) == [["a#0", "a#1", "a#2"], ["b#0", "b#1", "b#2"]]
     assert made["llm"] == {"model": "m", "dtype": "bfloat16", "seed": 1}
     assert [(p.n, p.temperature, p.max_tokens, p.seed) for p in made["params"]] == [(3, 0.7, 32, 40), (3, 0.7, 32, 41)]
+    M.vllm_sampler("m", samples=3, temperature=0.7, max_new_tokens=32, dtype="bf16", seed=1)
+    assert made["llm"]["dtype"] == "bfloat16"  # rankwise's dtype names, as vLLM spells them
+    M.vllm_sampler("m", samples=3, temperature=0.7, max_new_tokens=32, dtype="auto", seed=1)
+    assert made["llm"]["dtype"] == "auto"
 
 
 # ----------------------------------------------------------------------------- the command

@@ -428,3 +428,17 @@ def test_the_eval_key_holds_only_the_generation_settings_its_items_use():
     assert rank.eval_key(cfg, {"p": [p]}, None, "reasoning") == rank.eval_key(other, {"p": [p]}, None, "reasoning")
     longer = {**cfg, "eval": {**cfg["eval"], "max_new_tokens": 99}}
     assert rank.eval_key(cfg, {"g": [g]}, None) != rank.eval_key(longer, {"g": [g]}, None)
+
+
+def test_an_nf4_base_runs_the_study(files, tmp_path):
+    """run.quantization nf4: the LoRA arms train and are evaluated on the NF4 base (full SFT, which quantization
+    does not apply to, on the dense one), and the study reports as with a dense base."""
+    out = tmp_path / "nf4"
+    exps = yaml.safe_load(open(config(files, out)))["experiments"][1:]
+    run = {**yaml.safe_load(open(config(files, out)))["run"], "quantization": "nf4"}
+    assert cli(["study", config(files, out, run=run, experiments=exps, seeds=[0], analysis=False,
+                                arms={"ranks": [1, 2], "full": True})]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res["experiments"]["mmlu"]["arms"]] == ["base", "lora-r1", "lora-r2", "full"]
+    resolved = yaml.safe_load((out / "arms" / "mmlu" / "seed0" / "lora-r1" / "resolved_config.yaml").read_text())
+    assert resolved["quantization"] == "nf4"

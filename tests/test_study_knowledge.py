@@ -108,6 +108,10 @@ def test_the_knowledge_study_runs_end_to_end_and_reruns_from_its_files(files, tm
      "finding_fraction must be one of its fractions"),
     ({"knowledge": {"templates": "T", "data": "D", "probe": {"samples": "x"}}}, "knowledge.probe.samples must be"),
     ({"boot": {"n_boot": 2.5}}, "boot.n_boot must be a positive integer"),
+    ({"knowledge": {"templates": "T", "data": "D", "train_pool": 0}}, "knowledge.train_pool must be a positive"),
+    ({"knowledge": {"templates": "T", "data": "D", "train_pool": 8}}, "12 training facts asked for, the data has 8 of "
+     "the in-domain relations in knowledge.train_pool"),
+    ({"knowledge": {"templates": "T", "data": "D", "probe": {"backend": "tf"}}}, "probe.backend must be hf or vllm"),
 ])
 def test_a_bad_knowledge_study_is_one_line_and_writes_nothing(files, tmp_path, capsys, change, words):
     d = files["dir"]
@@ -141,4 +145,39 @@ def test_plan_prints_the_facts_memory_and_time_per_size_and_writes_nothing(files
     assert f"knowledge: {len(data['train'])} training facts" in text and "GiB at peak" in text
     assert "  12 facts: 5.0 min to train (each draw)" in text
     assert "  4 facts: " in text and "  3 facts: " in text and "  3 facts: 5.0 min" not in text
+    n = len(data["train"]) + len(data["test"]["in"]) + len(data["test"]["out"])
+    per = sum(len(data["templates"][f["relation"]]) for f in data["train"] + data["test"]["in"] + data["test"]["out"])
+    assert f"{n} facts x {per / n:.3g} templates x 2 samples = {per * 2} generations of up to 4 tokens" in text
     assert not out.exists()
+
+
+def test_train_pool_is_a_seeded_sample_and_the_probe_can_run_on_vllm(files, tmp_path, monkeypatch):
+    """knowledge.train_pool bounds the training facts every arm draws from (and the probe measures) to a seeded
+    sample; probe.backend vllm samples through rankwise.mastery.vllm_sampler with the study's settings, and is
+    refused in one line where vLLM is not installed."""
+    import importlib.util
+
+    from rankwise.errors import ConfigError
+
+    raw = yaml.safe_load(open(config(files, tmp_path / "o")))
+    raw["knowledge"] = {**raw["knowledge"], "train_pool": 13, "probe": {**raw["knowledge"]["probe"], "backend": "vllm"}}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match="backend vllm needs vLLM"):
+        K.validate_knowledge(raw)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    cfg = K.validate_knowledge(raw)
+    data = K.load_knowledge(cfg)
+    assert len(data["train"]) == 13 and [f["id"] for f in K.load_knowledge(cfg)["train"]] == [f["id"] for f in data["train"]]
+    asked = []
+
+    def fake_vllm(model, samples, temperature, max_new_tokens, dtype, seed):
+        asked.append((model, samples, temperature, max_new_tokens, dtype, seed))
+        return lambda prompts, s: [["Paris"] * samples for _ in prompts]
+
+    monkeypatch.setattr(K, "vllm_sampler", fake_vllm)
+    levels = K.probe_levels(cfg, tmp_path / "o", data)
+    p = cfg["knowledge"]["probe"]
+    assert asked == [(files["model"], p["samples"], p["temperature"], p["max_new_tokens"], "auto", p["seed"])]
+    assert set(levels) == {f["id"] for f in data["train"] + data["test"]["in"] + data["test"]["out"]}

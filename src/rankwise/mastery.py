@@ -89,6 +89,9 @@ def hf_sampler(model_path: str, samples: int, temperature: float, max_new_tokens
     return sample
 
 
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # rankwise's names -> vLLM's
+
+
 def vllm_sampler(model_path: str, samples: int, temperature: float, max_new_tokens: int, dtype: str = "auto",
                  seed: int = 0) -> Callable:
     """The same sampler through vLLM (``pip install vllm``; a GPU): one request per prompt, ``n = samples``,
@@ -98,7 +101,7 @@ def vllm_sampler(model_path: str, samples: int, temperature: float, max_new_toke
     except ImportError:
         raise ConfigError("--backend vllm needs vLLM (pip install vllm, on a machine with a GPU); "
                           "--backend hf runs everywhere") from None
-    llm = LLM(model=model_path, dtype=dtype, seed=seed)
+    llm = LLM(model=model_path, dtype=VLLM_DTYPES.get(dtype, dtype), seed=seed)
 
     def sample(prompts, seed):
         params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens, seed=seed + i)

@@ -12,6 +12,8 @@
       known: [3, 4]                       # mastery: level_size facts of these levels minus of ``unknown``
       unknown: [0, 1]
       level_size: 240
+      train_pool: 8000                    # at most this many training facts (a seeded sample), each one probed
+      probe: {samples: 10, temperature: 0.7, max_new_tokens: 32, backend: hf}   # backend vllm on a GPU
       restore: {size: 1920, fractions: [0.01, 0.05, 0.2], selections: [top, bottom, random], finding_fraction: 0.2}
     eval: {max_new_tokens: 16, batch_size: 64}
 
@@ -27,6 +29,7 @@ decoder layers, norms excluded) and evaluated at every fraction. Findings (``cla
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -43,7 +46,7 @@ from ..demo.arms import read_json, read_jsonl, write_json, write_jsonl
 from ..errors import ConfigError
 from ..evaluate import generate_answers, is_correct
 from ..masking import restore
-from ..mastery import hf_sampler, run_probe
+from ..mastery import hf_sampler, run_probe, vllm_sampler
 from ..model import load_model, load_tokenizer, resolve_device
 from ..outputs import SUMMARY
 from ..study_data import IN_DOMAIN, OUT_OF_DOMAIN, read_entity_questions, read_templates
@@ -55,9 +58,11 @@ SOURCE = "Ye et al. 2025 (arXiv 2509.16596)"
 TOP = {"study", "output_dir", "run", "seeds", "knowledge", "eval", "boot"}
 KNOWLEDGE = {"data": None, "templates": None, "train_split": "train", "test_split": "test",
              "in_domain": list(IN_DOMAIN), "out_of_domain": list(OUT_OF_DOMAIN), "test_per_domain": None,
+             "train_pool": None,
              "prompt": "Question: {question}\nAnswer:", "sizes": [60, 240, 1920], "draws": 1, "compare": [240, 1920],
              "known": [3, 4], "unknown": [0, 1], "level_size": 240,
-             "probe": {"samples": 10, "temperature": 0.7, "max_new_tokens": 32, "batch_size": 64, "seed": 0},
+             "probe": {"samples": 10, "temperature": 0.7, "max_new_tokens": 32, "batch_size": 64, "seed": 0,
+                       "backend": "hf"},
              "restore": {"size": 1920, "fractions": [0.01, 0.05, 0.2], "selections": ["top", "bottom", "random"],
                          "finding_fraction": 0.2}}
 EVAL = {"max_new_tokens": 16, "batch_size": 64}
@@ -69,6 +74,7 @@ def _check_numbers(k: dict, ev: dict, boot: dict) -> None:
     positive_int(k["draws"], "knowledge.draws")
     positive_int(k["level_size"], "knowledge.level_size")
     positive_int(k["test_per_domain"], "knowledge.test_per_domain", allow_none=True)
+    positive_int(k["train_pool"], "knowledge.train_pool", allow_none=True)
     for key in ("samples", "max_new_tokens", "batch_size"):
         positive_int(k["probe"][key], f"knowledge.probe.{key}")
     t = k["probe"]["temperature"]
@@ -76,6 +82,11 @@ def _check_numbers(k: dict, ev: dict, boot: dict) -> None:
         raise ConfigError("study config: knowledge.probe.temperature must be a number > 0 (the probe samples)")
     if isinstance(k["probe"]["seed"], bool) or not isinstance(k["probe"]["seed"], int) or k["probe"]["seed"] < 0:
         raise ConfigError("study config: knowledge.probe.seed must be an integer >= 0")
+    if k["probe"]["backend"] not in ("hf", "vllm"):
+        raise ConfigError(f"study config: knowledge.probe.backend must be hf or vllm, got {k['probe']['backend']!r}")
+    if k["probe"]["backend"] == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("study config: knowledge.probe.backend vllm needs vLLM (pip install vllm, on a machine "
+                          "with a GPU); hf runs everywhere")
     for key in ("max_new_tokens", "batch_size"):
         positive_int(ev[key], f"eval.{key}")
     positive_int(boot["n_boot"], "boot.n_boot")
@@ -153,6 +164,12 @@ def plan_lines(cfg: dict, data: dict, tflops: float = DEFAULT_TFLOPS) -> list:
     for size in sorted({*k["sizes"], k["level_size"]}):
         took = duration(train_flops(run, train_tokens(run, rows[:size], tok)), tflops)
         lines.append(f"  {size} facts: {took} to train" + (" (each draw)" if size in k["sizes"] else ""))
+    facts = len(data["train"]) + len(data["test"]["in"]) + len(data["test"]["out"])
+    per = sum(len(data["templates"].get(f["relation"], [])) for f in data["train"] + data["test"]["in"] +
+              data["test"]["out"]) / max(1, facts)
+    lines.append(f"  mastery probe (not modelled; the bulk of the time): {facts} facts x {per:.3g} templates x "
+                 f"{k['probe']['samples']} samples = {round(facts * per * k['probe']['samples'])} generations of "
+                 f"up to {k['probe']['max_new_tokens']} tokens (knowledge.train_pool bounds the training facts)")
     return lines
 
 
@@ -168,10 +185,14 @@ def run_config(cfg: dict, train_file, output_dir, seed: int) -> dict:
 
 
 def load_knowledge(cfg: dict) -> dict:
-    """The training facts (in domain) and the test facts (in and out of domain, at most ``test_per_domain``
-    each, drawn with a fixed seed), with every relation's templates checked."""
+    """The training facts (in domain; at most ``train_pool``, the pool every arm draws from and the probe measures)
+    and the test facts (in and out of domain, at most ``test_per_domain`` each), samples drawn with a fixed seed,
+    with every relation's templates checked."""
     k = cfg["knowledge"]
     train_facts = read_entity_questions(k["data"], k["train_split"], k["in_domain"])
+    if k["train_pool"] and len(train_facts) > k["train_pool"]:  # the pool the arms draw from, all probed
+        keep = sorted(random.Random("train:pool").sample(range(len(train_facts)), k["train_pool"]))
+        train_facts = [train_facts[i] for i in keep]
     tests = {}
     for dom, rels in (("in", k["in_domain"]), ("out", k["out_of_domain"])):
         facts = read_entity_questions(k["data"], k["test_split"], rels)
@@ -185,7 +206,8 @@ def load_knowledge(cfg: dict) -> dict:
         raise ConfigError(f"knowledge.templates {k['templates']}: no templates for the relations {', '.join(missing)}")
     if max(k["sizes"]) > len(train_facts):
         raise ConfigError(f"knowledge.sizes: {max(k['sizes'])} training facts asked for, the data has "
-                          f"{len(train_facts)} of the in-domain relations")
+                          f"{len(train_facts)} of the in-domain relations" +
+                          (" in knowledge.train_pool" if k["train_pool"] else ""))
     return {"train": train_facts, "test": tests, "templates": templates}
 
 
@@ -199,8 +221,12 @@ def probe_levels(cfg: dict, out: Path, data: dict) -> dict:
            "facts": settings_hash({"facts": [[f["id"], f["subject"], f["answers"]] for f in facts]})}
     rows = read_jsonl(path) if path.exists() else None
     if not rows or read_json(out / "mastery" / "key.json") != key:
-        sample = hf_sampler(run["model"], p["samples"], p["temperature"], p["max_new_tokens"], p["batch_size"],
-                            device=run.get("train", {}).get("device", "auto"), dtype=run.get("dtype", "auto"))
+        if p["backend"] == "vllm":
+            sample = vllm_sampler(run["model"], p["samples"], p["temperature"], p["max_new_tokens"],
+                                  run.get("dtype", "auto"), p["seed"])
+        else:
+            sample = hf_sampler(run["model"], p["samples"], p["temperature"], p["max_new_tokens"], p["batch_size"],
+                                device=run.get("train", {}).get("device", "auto"), dtype=run.get("dtype", "auto"))
         partial = out / "mastery" / "base.partial"
         try:  # a stopped probe of these settings continues; one of other settings starts over
             rows = run_probe(facts, data["templates"], sample, partial, key, p["seed"], progress=False)
