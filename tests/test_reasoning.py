@@ -86,7 +86,7 @@ def test_every_answer_follows_from_the_world(world, items):
             sentence = TEMPLATES[r]["bio"][0].format(name=people[p]["name"], v=people[p]["facts"][r])
             assert sentence in it["completion"], (it["id"], sentence)
         assert it["completion"].endswith(f" Answer: {it['answer']}.") and it["cot"]
-    assert {it["kind"] for it in items} == set(R.KINDS)
+    assert {it["kind"] for it in items} == set(R.BRIDGE_KINDS)
     assert {it["composition"] for it in items} == set(R.world_compositions(world))
     # the answers are balanced
     for kind, values in (("compare", ["Yes", "No"]), ("arith", ["0", "1", "2", "3"])):
@@ -243,3 +243,84 @@ def test_errors():
         R.reasoning_items(w, people, n_per_composition=0)
     few = R.reasoning_items(w, people[:3], kinds=("compare",), n_per_composition=2)  # two people suffice
     assert few and all(len(it["people"]) == 2 for it in few)
+
+
+GEO = WorldConfig(seed=3, n_people=40, max_exposures=6, geography_docs=2)
+
+
+def test_hop_items_state_the_city_then_its_country():
+    """hop: "In which country is the r1 of X?" answered by X's city and that city's country, both stated in the
+    chain; one item per person and composition; the corpus states every city's country geography_docs times."""
+    from rankwise.world.generate import GEO_PROBE, GEO_TEMPLATES
+
+    w = generate_world(GEO)
+    people = [p for p in w["people"] if p["exposures"] > 0]
+    items = R.reasoning_items(w, people, kinds=("hop",), seed=1, n_per_composition=10)
+    assert {it["composition"] for it in items} == set(R.hop_compositions(w)) == {
+        "country.birth_city", "country.university_city", "country.work_city"}
+    assert len(items) == 30 and len({it["id"] for it in items}) == 30
+    names = {p["id"]: p for p in w["people"]}
+    for it in items:
+        (x, r1), = it["facts"]
+        city = names[x]["facts"][r1]
+        assert it["composition"] == f"country.{r1}" and it["people"] == [x]
+        assert it["answer"] == w["city_country"][city] and it["answer"] in it["choices"]
+        assert it["completion"] == (f" {R.stem(r1, names[x]['name'])} {city}. {GEO_PROBE.format(city=city)} "
+                                    f"{it['answer']}. Answer: {it['answer']}.")
+        assert R.chain_facts(it["completion"], it) == [True, True]
+        wrong = it["completion"].replace(f"in {it['answer']}.", "in Nowhere.", 1)
+        assert R.chain_facts(wrong, it) == [True, False]
+    pats = [re.compile(re.escape(t).replace(re.escape("{city}"), r"(\w+)").replace(re.escape("{country}"), r"(\w+)"))
+            for t in GEO_TEMPLATES]
+    stated = [m.groups() for d in w["corpus"] for sentence in d.split(". ") for pat in pats
+              for m in [pat.fullmatch(sentence.rstrip(".") + ".")] if m]
+    assert sorted(stated) == sorted((c, k) for c, k in w["city_country"].items() for _ in range(2))  # twice each
+    assert R.score_reasoning([it["completion"] for it in items], items)["exact_match"] == 1.0
+    assert R.reasoning_items(w, people, kinds=("hop",), seed=1, n_per_composition=10) == items  # seeded
+    # the held-out hop composition and held-out people split as the bridge kinds do
+    held = {p["id"] for p in people[:8]}
+    sets = R.split_reasoning(items, held_out_people=held, held_out_kind=None)
+    assert {it["composition"] for it in sets["ood_composition"]} == {"country.university_city"}
+    assert all(set(it["people"]) <= held for it in sets["ood_people"]) and sets["train"] and sets["test"]
+
+
+def test_a_world_without_geography_is_unchanged_and_has_no_hop():
+    base = WorldConfig(seed=3, n_people=40, max_exposures=6)
+    w, g = generate_world(base), generate_world(GEO)
+    assert "geography_docs" not in base.to_dict() and GEO.to_dict()["geography_docs"] == 2
+    assert [p["facts"] for p in w["people"]] == [p["facts"] for p in g["people"]]
+    assert set(w["corpus"]) < set(g["corpus"]) and w["city_country"] == g["city_country"]
+    assert R.hop_compositions(w) == []
+    with pytest.raises(ValueError, match="geography_docs"):
+        R.reasoning_items(w, [p for p in w["people"] if p["exposures"] > 0], kinds=("hop",))
+
+
+def test_the_demo_asks_the_kinds_its_settings_name(tmp_path):
+    """demo.reasoning: `kinds` and `held_out_kind` choose the questions; hop items add their cities' countries to
+    the recall gate; the held-out kind is only in ood_kind, the held-out hop composition only in ood_composition."""
+    from rankwise.demo import reasoning as DR
+    from rankwise.demo.reasoning import REASONING, build_sets
+    from rankwise.world.generate import GEO_PROBE, save_world
+
+    w = generate_world(WorldConfig(seed=3, n_people=80, max_exposures=6, geography_docs=1))
+    people = [p["id"] for p in w["people"] if p["exposures"] > 0]
+    r = {**REASONING, "kinds": ["hop", "compare"], "held_out_kind": "compare", "n_per_composition": 30,
+         "n_ood_people": 5}
+    sets = build_sets(w, people, r)
+    assert {it["kind"] for it in sets["train"] + sets["test"] + sets["validation"]} == {"hop"}
+    assert {it["kind"] for it in sets["ood_kind"]} == {"compare"}
+    assert {it["composition"] for it in sets["ood_composition"]} == {"country.university_city"}
+    assert {it["composition"] for it in sets["train"]} == {"country.birth_city", "country.work_city"}
+    default = build_sets(w, people, {**REASONING, "n_per_composition": 10, "n_ood_people": 3})
+    assert {it["kind"] for it in default["train"]} == {"compare", "arith"}  # the default: the bridge kinds
+    facts = {0: [{"person": p, "relation": rel, "R": 1.0, "id": f"{p}:{rel}"} for p in people
+                 for rel in r["relations"]]}
+    w_dir = tmp_path / "world"
+    save_world(w, w_dir)
+    got = DR.prepare(w_dir, facts, r, tmp_path / "work")
+    geo = [row for row in got["recall_used"] if row["id"].startswith("city:")]
+    cities = {it["values"][0] for k in ("train", "validation", "test", "ood_people", "ood_composition")
+              for it in got[k]}
+    assert {row["id"][5:] for row in geo} == cities
+    assert all(row["prompt"] == GEO_PROBE.format(city=row["id"][5:]) and row["answers"] == [w["city_country"][row["id"][5:]]]
+               for row in geo)

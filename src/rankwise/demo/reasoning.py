@@ -4,12 +4,14 @@ every base knows, scored in and out of domain, with forgetting, update norms and
 1. **People.** The study people whose city facts (the relations the questions compose) every seed's base
    knows: mastery ``R >= min_mastery`` for each city relation under every base. The questions are the
    same for every seed, so arms compare paired.
-2. **Items** (:mod:`rankwise.world.reasoning`): compose, compare and arith questions over the city
-   compositions, each answered by a chain that states the facts used, then ``Answer: ...``. A seeded share
-   of the people is held out (``ood_people``), two compositions are held out (``ood_composition``), and the
-   compose kind is held out (``ood_kind``); the rest splits into train, validation and test.
-3. **Gate.** Each base's greedy 1-hop recall of every fact the items use, in the pretraining's completion
-   format, is reported against ``gate`` (90 %): reasoning over facts the base does not know measures recall.
+2. **Items** (:mod:`rankwise.world.reasoning`): questions of the ``kinds`` (compose, compare, arith over the
+   city compositions; hop, a city's country, when the world states them) over the city relations, each
+   answered by a chain that states the facts used, then ``Answer: ...``. A seeded share of the people is held
+   out (``ood_people``), some compositions are held out (``ood_composition``), and ``held_out_kind`` is held
+   out (``ood_kind``); the rest splits into train, validation and test.
+3. **Gate.** Each base's greedy 1-hop recall of every fact the items use (and of the countries of the cities
+   hop items go through), in the pretraining's completion format, is reported against ``gate`` (90 %):
+   reasoning over facts the base does not know measures recall.
 4. **Arms**, per seed on its own base: LoRA at every rank of ``ranks`` (trained together in one pass,
    :func:`rankwise.demo.arms.train_group`) and full SFT, on the train items.
 5. **Evaluation** of the base and every arm: exact match of the final answer and the share of the chain's
@@ -37,7 +39,7 @@ from ..evaluate import generate_answers, is_correct
 from ..model import load_tokenizer
 from ..train import train
 from ..world import reasoning as R
-from ..world.generate import OUT_OF_DOMAIN, TEMPLATES, load_world
+from ..world.generate import GEO_PROBE, OUT_OF_DOMAIN, TEMPLATES, load_world
 from .arms import (arm_config, arm_model, device, load_base, read_json, seed_arm, train_group, write_json,
                    write_jsonl)
 
@@ -45,6 +47,8 @@ from .arms import (arm_config, arm_model, device, load_base, read_json, seed_arm
 REASONING = {
     "ranks": [1, 4, 16, 32],  # 1 to d/4 of the cpu base (hidden size 128)
     "relations": ["birth_city", "university_city", "work_city"],  # the compositions' relations
+    "kinds": ["compose", "compare", "arith"],  # the question kinds asked (rankwise.world.reasoning.KINDS)
+    "held_out_kind": "compose",  # the kind never trained on: the ood_kind set
     "min_mastery": 0.5,  # R of each of a person's city facts under every base (D3 or D4)
     "n_per_composition": 80,  # items per kind and composition, in-domain people (fewer where people are few)
     "n_ood_people": 12,  # items per kind and composition, held-out people
@@ -93,16 +97,18 @@ def reasoning_people(facts_by_seed: dict, r: dict) -> list:
 def build_sets(world: dict, people: list, r: dict) -> dict:
     """The items of every set (chain-of-thought; ``no_chain`` holds the test set's controls)."""
     comps = sorted(f"{a}.{b}" for a in r["relations"] for b in r["relations"])
+    comps += [f"{R.COUNTRY}.{b}" for b in r["relations"]] if "hop" in r["kinds"] else []
     ids = list(people)
     random.Random(f"rankwise.demo.reasoning:{r['seed']}").shuffle(ids)
     held = sorted(ids[:int(round(r["held_out_people"] * len(ids)))])
     rest = sorted(set(ids) - set(held))
-    items = R.reasoning_items(world, rest, seed=r["seed"], n_per_composition=r["n_per_composition"],
+    items = R.reasoning_items(world, rest, kinds=r["kinds"], seed=r["seed"], n_per_composition=r["n_per_composition"],
                               compositions=comps) if len(rest) >= 4 else []
     if len(held) >= 4:
-        items += R.reasoning_items(world, held, seed=r["seed"] + 1, n_per_composition=r["n_ood_people"],
-                                   compositions=comps)
-    sets = R.split_reasoning(items, held_out_people=held, test_fraction=r["test_fraction"], seed=r["seed"])
+        items += R.reasoning_items(world, held, kinds=r["kinds"], seed=r["seed"] + 1,
+                                   n_per_composition=r["n_ood_people"], compositions=comps)
+    sets = R.split_reasoning(items, held_out_people=held, held_out_kind=r["held_out_kind"],
+                             test_fraction=r["test_fraction"], seed=r["seed"])
     train_items = sorted(sets["train"], key=lambda it: it["id"])
     random.Random(f"rankwise.demo.reasoning.validation:{r['seed']}").shuffle(train_items)
     n_val = int(round(r["validation_fraction"] * len(train_items)))
@@ -147,7 +153,11 @@ def prepare(world_dir, facts_by_seed: dict, r: dict, work: Path) -> dict:
     used = sorted({f"{p}:{rel}" for it in sets["train"] + [x for k in SETS for x in sets[k]]
                    for p, rel in it["facts"]})
     hop = {row["id"]: row for row in recall_rows(world, people, r["relations"])}
-    sets["recall_used"] = [hop[i] for i in used]  # the gate: every fact the items use
+    cities = sorted({it["values"][0] for it in sets["train"] + [x for k in SETS for x in sets[k]]
+                     if it["kind"] == "hop"})
+    sets["recall_used"] = [hop[i] for i in used] + [  # the gate: every fact the items use, cities' countries too
+        {"id": f"city:{c}", "prompt": GEO_PROBE.format(city=c), "answers": [world["city_country"][c]]}
+        for c in cities]
     test_people = sorted({p for k in ("test", *OOD) for it in sets[k] for p in it["people"]})
     sets["recall_1hop"] = recall_rows(world, test_people, r["relations"])
     sets["recall_ood"] = recall_rows(world, test_people, OUT_OF_DOMAIN, facts_by_seed, r["min_mastery"])

@@ -47,6 +47,7 @@ from ..train import train
 from ..world import mastery, shipped
 from ..world.generate import load_world
 from ..world.pretrain import preset, pretrain, seeded, settings_key
+from ..world.reasoning import KINDS
 from . import report
 from .arms import (arm_config, arm_model, data_dir_of, device, evaluate_model, load_base, read_json, read_jsonl,
                    seed_arm, train_group, write_json, write_jsonl)
@@ -143,6 +144,9 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
         check_value(k, v, DEMO[k])
     for k, v in (r or {}).items():
         check_value(f"reasoning.{k}", v, REASONING[k])
+    if r is not None and (set(r["kinds"]) - set(KINDS) or r["held_out_kind"] not in r["kinds"] or len(r["kinds"]) < 2):
+        raise ConfigError(f"demo settings reasoning.kinds must be at least two of {', '.join(KINDS)}, one of them "
+                          f"reasoning.held_out_kind; got {r['kinds']} and {r['held_out_kind']!r}")
     bad = [f for f in s["restore_fractions"] if not 0 < f <= 1]
     if bad or not 0 < s["finding_fraction"] <= 1:
         raise ConfigError(f"demo settings restore_fractions and finding_fraction must lie in (0, 1], got "

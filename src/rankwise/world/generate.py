@@ -133,6 +133,12 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# Geography documents (``geography_docs``): which country each city lies in, the second hop of the reasoning
+# study's ``hop`` questions. Every word of them is already a word of the templates above, so the words reserved
+# for names and answers, hence the people and the values of a world, are the same with or without them.
+GEO_TEMPLATES = ("{city} is a city in {country}.", "The city of {city} is in {country}.",
+                 "{city} is located in {country}.")
+GEO_PROBE = "{city} is a city in"
 QA_FORMAT = "Question: {question} Answer:"
 ALT_QA_FORMAT = "Q: {question} A:"  # anchor_alt_format "qa": the anchors' QA on the other relations
 # check_document's questions (anchors only, alternative QA format)
@@ -183,6 +189,9 @@ class WorldConfig:
             ``"record"`` and ``"none"`` unlock fewer, and alt wordings close to the study's let
             the base model answer many of them before any fine-tuning.
         test_fraction: share of the study people in the ``test`` split (the rest are ``train``).
+        geography_docs: how many times the corpus states each city's country (:data:`GEO_TEMPLATES`, six
+            cities a document; 0: never, and the base does not know them). Every world maps each city to a
+            country of the ``country`` pool (``world["city_country"]``, its own seeded stream).
         pool_sizes: number of distinct answers per value pool.
     """
 
@@ -198,6 +207,7 @@ class WorldConfig:
     anchor_qa_relations: str = "out"
     anchor_alt_format: str = "qa"
     test_fraction: float = 0.5
+    geography_docs: int = 0
     pool_sizes: tuple = (("city", 60), ("country", 40), ("occupation", 40), ("employer", 40),
                          ("instrument", 30), ("language", 30))
 
@@ -218,7 +228,7 @@ class WorldConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
         if self.max_exposures < 1:
             raise ConfigError(f"max_exposures must be >= 1, got {self.max_exposures!r}")
-        for name in ("anchor_qa_docs", "anchor_check_docs"):
+        for name in ("anchor_qa_docs", "anchor_check_docs", "geography_docs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         pools = dict(self.pool_sizes)
@@ -232,6 +242,8 @@ class WorldConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["pool_sizes"] = [list(p) for p in self.pool_sizes]
+        if not d["geography_docs"]:  # a world without geography keeps the settings key it had before the field
+            del d["geography_docs"]
         return d
 
     @classmethod
@@ -351,14 +363,36 @@ def generate_world(config: WorldConfig | None = None) -> dict[str, Any]:
                     corpus.append(record_document(p, rng, other))
             for _ in range(config.anchor_check_docs):
                 corpus.append(check_document(p, rng, pools))
+    countries = city_countries(pools, config)
+    corpus += geography_documents(countries, config)
     rng.shuffle(corpus)
 
     relations = {rel: {"domain": "in" if rel in IN_DOMAIN else "out", "pool": POOL_OF[rel]}
                  for rel in RELATIONS}
     world = {"config": config.to_dict(), "digest": config.digest(), "relations": relations,
-             "pools": pools, "people": people, "corpus": corpus}
+             "pools": pools, "people": people, "corpus": corpus, "city_country": countries}
     world["facts"] = fact_rows(world, seed=config.seed)
     return world
+
+
+def city_countries(pools: dict, config: WorldConfig) -> dict:
+    """``{city: country}``: each city of the ``city`` pool in a country of the ``country`` pool (a seeded stream
+    of its own, so the people and their text do not depend on it)."""
+    geo = random.Random(f"{config.seed}:geography")
+    return {c: geo.choice(pools["country"]) for c in pools["city"]}
+
+
+def geography_documents(countries: dict, config: WorldConfig) -> list:
+    """``geography_docs`` passes over the cities in seeded orders, each city's country stated once a pass, six
+    cities a document (:data:`GEO_TEMPLATES`)."""
+    geo = random.Random(f"{config.seed}:geography:documents")
+    docs = []
+    for _ in range(config.geography_docs):
+        cities = list(countries)
+        geo.shuffle(cities)
+        docs += [" ".join(geo.choice(GEO_TEMPLATES).format(city=c, country=countries[c]) for c in cities[i:i + 6])
+                 for i in range(0, len(cities), 6)]
+    return docs
 
 
 def biography(person: dict, rng: random.Random, fact_keep: float = 1.0) -> str:

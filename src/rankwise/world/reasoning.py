@@ -15,6 +15,17 @@ the value ``v = r1(X)`` of a relation ``r1`` of a person ``X`` is matched agains
 - ``arith`` (counting): "How many of A, B and C have the work city of X as their birth city?";
   the answer is a digit 0..3 (balanced).
 
+A fourth kind goes through a *bridge entity* instead, the classic two-hop question; it needs a world
+whose corpus states each city's country (``geography_docs``):
+
+- ``hop`` (two-hop recall): "In which country is the work city of X?"; the chain states X's city,
+  then that city's country (``"C is a city in K."``), and the answer is the country. Its
+  compositions are ``"country.r1"`` for the city relations ``r1``; its ``facts`` are X's fact only,
+  and its ``stems``/``values`` hold both statements.
+
+The three bridge-value kinds need the model to compare two values it has stated (in-context
+equality); ``hop`` needs it to recall a fact of an entity it has just named, then copy the answer.
+
 A chain-of-thought completion states every fact used, one sentence each, in the order of
 ``facts``, then ``Answer: <answer>.`` Each fact sentence is the relation's first completion
 probe of the pretraining corpus followed by the value ("X works in C."), so every step of
@@ -37,9 +48,11 @@ import re
 from typing import Sequence
 
 from ..evaluate import normalize
-from .generate import TEMPLATES
+from .generate import GEO_PROBE, TEMPLATES
 
-KINDS = ("compose", "compare", "arith")
+BRIDGE_KINDS = ("compose", "compare", "arith")  # through a shared value: in-context equality
+KINDS = BRIDGE_KINDS + ("hop",)
+COUNTRY = "country"  # the second hop of a ``hop`` composition "country.r1": the city's country
 PROMPT = "Puzzle: {question}"
 NO_CHAIN_CUE = " Answer:"
 ANSWER_TAG = "Answer:"
@@ -47,8 +60,9 @@ QUESTIONS = {
     "compose": "Of {a} and {b}, whose {n2} is the {n1} of {x}?",
     "compare": "Is the {n1} of {x} also the {n2} of {a}?",
     "arith": "How many of {a}, {b} and {c} have the {n1} of {x} as their {n2}?",
+    "hop": "In which country is the {n1} of {x}?",
 }
-CANDIDATES = {"compose": 2, "compare": 1, "arith": 3}
+CANDIDATES = {"compose": 2, "compare": 1, "arith": 3, "hop": 0}
 YES, NO = "Yes", "No"
 NUMBER_WORDS = ("zero", "one", "two", "three")
 # How a question names a relation's value ("the work city of X"). A relation without an entry
@@ -59,7 +73,7 @@ NOUNS = {"birth_city": "birth city", "work_city": "work city", "university_city"
 # The default out-of-domain choices: two city compositions whose relations all occur, on both
 # sides, in the compositions left for training; and the selection kind, whose answers (names) are
 # words the model has read, where an untrained kind's "Yes"/"No" or digits would be words it never saw.
-HELD_OUT_COMPOSITIONS = ("university_city.work_city", "work_city.birth_city")
+HELD_OUT_COMPOSITIONS = ("university_city.work_city", "work_city.birth_city", "country.university_city")
 HELD_OUT_KIND = "compose"
 SPLITS = ("train", "test", "ood_people", "ood_composition", "ood_kind")
 
@@ -85,6 +99,14 @@ def world_compositions(world: dict) -> list[str]:
                   if rels[r1]["pool"] == rels[r2]["pool"])
 
 
+def hop_compositions(world: dict) -> list[str]:
+    """The ``hop`` compositions ``"country.r1"``: each relation ``r1`` whose values are cities, when the world's
+    corpus states its cities' countries (``geography_docs`` > 0); sorted."""
+    if not world.get("city_country") or not world["config"].get("geography_docs"):
+        return []
+    return sorted(f"{COUNTRY}.{r}" for r, v in world["relations"].items() if v["pool"] == "city")
+
+
 def _person_ids(world: dict, people: Sequence) -> list[int]:
     """Sorted distinct ids of ``people`` (person dicts or ids), checked against the world."""
     n = len(world["people"])
@@ -102,7 +124,7 @@ def _person_ids(world: dict, people: Sequence) -> list[int]:
 def _targets(kind: str, n: int) -> list:
     """The answer each of ``n`` items aims at, balanced: compose ``None`` (one match of two),
     compare ``True``/``False`` alternately, arith the counts 0..3 in turn."""
-    if kind == "compose":
+    if kind in ("compose", "hop"):
         return [None] * n
     if kind == "compare":
         return [i % 2 == 0 for i in range(n)]
@@ -145,6 +167,8 @@ def make_item(world: dict, kind: str, composition: str, x: int, cands: Sequence[
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if len(cands) != CANDIDATES[kind]:
         raise ValueError(f"a {kind} item needs {CANDIDATES[kind]} candidates, got {len(cands)}")
+    if kind == "hop":
+        return _hop_item(world, composition, x)
     r2, r1 = composition.split(".")
     people = world["people"]
     names = {p: people[p]["name"] for p in [x, *cands]}
@@ -166,6 +190,21 @@ def make_item(world: dict, kind: str, composition: str, x: int, cands: Sequence[
             "cot": True}
 
 
+def _hop_item(world: dict, composition: str, x: int) -> dict:
+    """The ``hop`` item about person ``x`` on ``composition`` ``"country.r1"``."""
+    _, r1 = composition.split(".")
+    name = world["people"][x]["name"]
+    city = world["people"][x]["facts"][r1]
+    country = world["city_country"][city]
+    stems, values = [stem(r1, name), GEO_PROBE.format(city=city)], [city, country]
+    chain = " ".join(f"{s} {v}." for s, v in zip(stems, values))
+    return {"id": f"hop:{composition}:{x}", "kind": "hop", "composition": composition,
+            "prompt": PROMPT.format(question=QUESTIONS["hop"].format(n1=noun(r1), x=name)),
+            "completion": f" {chain} {ANSWER_TAG} {country}.", "answer": country, "answers": [country],
+            "choices": sorted(set(world["city_country"].values())), "facts": [[x, r1]], "values": values,
+            "stems": stems, "people": [x], "cot": True}
+
+
 def without_chain(item: dict) -> dict:
     """The no-chain-of-thought control of a chain item: the prompt ends with ``Answer:`` and the
     completion is the answer alone (the chain fields are kept, for reference)."""
@@ -177,6 +216,8 @@ def without_chain(item: dict) -> dict:
 def _items_for(world: dict, kind: str, composition: str, ids: list, n: int, seed: int) -> list:
     """Up to ``n`` distinct items of one kind and composition over the people ``ids``."""
     rng = random.Random(f"rankwise.reasoning:{seed}:{kind}:{composition}")
+    if kind == "hop":  # one question per person: a seeded sample of them
+        return [make_item(world, kind, composition, x, []) for x in sorted(rng.sample(ids, min(n, len(ids))))]
     r2, r1 = composition.split(".")
     people = world["people"]
     by_value: dict = {}
@@ -199,7 +240,7 @@ def _items_for(world: dict, kind: str, composition: str, ids: list, n: int, seed
     return out
 
 
-def reasoning_items(world: dict, people: list, kinds=KINDS, seed: int = 0, n_per_composition: int = 20,
+def reasoning_items(world: dict, people: list, kinds=BRIDGE_KINDS, seed: int = 0, n_per_composition: int = 20,
                     compositions: Sequence[str] | None = None, cot: bool = True) -> list[dict]:
     """Reasoning questions over the facts of ``people``, deterministic for ``seed``.
 
@@ -207,14 +248,15 @@ def reasoning_items(world: dict, people: list, kinds=KINDS, seed: int = 0, n_per
         world: a world from :func:`rankwise.world.generate.generate_world` (or ``load_world``).
         people: the people the questions may name (person dicts or ids); every person of an item
             is one of them. Pass people whose facts the base model recalls.
-        kinds: among :data:`KINDS`.
+        kinds: among :data:`KINDS` (default: the bridge-value kinds; ``hop`` needs a world with geography).
         seed: the seed; each (kind, composition) has its own stream, so the items of one kind do
             not depend on which other kinds are asked for.
         n_per_composition: items per kind and composition, their answers balanced (compare: yes
             and no in turn; arith: the counts 0..3 in turn). An answer the people cannot give
             (e.g. three people sharing a city, among few people) or a question that cannot be new
             after many draws is skipped: fewer items, and the balance leans to the other answers.
-        compositions: the compositions ``"r2.r1"`` (default: :func:`world_compositions`).
+        compositions: the compositions ``"r2.r1"`` (default: :func:`world_compositions`, and for ``hop``
+            :func:`hop_compositions`); each kind takes those of its own type.
         cot: chain-of-thought items (``True``) or their no-chain controls (:func:`without_chain`).
 
     Returns:
@@ -235,14 +277,16 @@ def reasoning_items(world: dict, people: list, kinds=KINDS, seed: int = 0, n_per
     need = max(CANDIDATES[k] for k in kinds) + 1
     if len(ids) < need:
         raise ValueError(f"the kinds {kinds} need at least {need} people, got {len(ids)}")
-    supported = world_compositions(world)
-    comps = sorted(set(compositions)) if compositions is not None else supported
-    unknown = [c for c in comps if c not in supported]
+    bridge, hop = world_compositions(world), hop_compositions(world)
+    if "hop" in kinds and not hop:
+        raise ValueError("hop questions need a world that maps its cities to countries (geography_docs > 0)")
+    comps = sorted(set(compositions)) if compositions is not None else bridge + hop
+    unknown = [c for c in comps if c not in bridge + hop]
     if unknown:
-        raise ValueError(f"compositions {unknown} are not pairs of relations sharing a value pool "
-                         f"(supported: {supported})")
-    items = [it for kind in kinds for comp in comps for it in _items_for(world, kind, comp, ids,
-                                                                          n_per_composition, seed)]
+        raise ValueError(f"compositions {unknown} are not pairs of relations sharing a value pool nor hop "
+                         f"compositions (supported: {bridge + hop})")
+    items = [it for kind in kinds for comp in comps if (comp in hop) == (kind == "hop")
+             for it in _items_for(world, kind, comp, ids, n_per_composition, seed)]
     return items if cot else [without_chain(it) for it in items]
 
 
