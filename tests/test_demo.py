@@ -18,7 +18,8 @@ SETTINGS = {"seeds": [0, 1], "ranks": [1, 2], "small_size": 2, "large_factor": 4
             "batch_size": 2, "mastery_samples": 2, "max_new_tokens": 2, "restore_fractions": [0.05, 0.2],
             "n_boot": 200,
             "reasoning": {"min_mastery": 0.0, "ranks": [1, 2, 4], "n_per_composition": 3, "n_ood_people": 2,
-                          "epochs": 1, "max_new_tokens": 8, "held_out_people": 0.3, "batch_size": 4}}
+                          "epochs": 1, "max_new_tokens": 8, "held_out_people": 0.3, "batch_size": 4,
+                          "lr_grid": {"lora": [1e-3, 1e-2], "full": [1e-3]}, "select_rank": 2}}
 BUCKETS = ["D0", "D1", "D2", "D3", "D4"]
 ALL_ARMS = ["lora-r1", "lora-r2", "full", "full-D3D4", "full-D0", "lora-r2-x4", "full-x4"]
 FINDINGS = {"data_size", "data_size_lora", "mastery", "restore_top", "restore_vs_random", "lora_forgets_less",
@@ -176,6 +177,17 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
             assert v["ci95"][0] <= v["mean"] + 1e-9 and v["mean"] - 1e-9 <= v["ci95"][1], (a["name"], key)
             assert v["mean"] == pytest.approx(sum(v["seeds"].values()) / 2)
     assert set(rs["gate"]) == {"0", "1"} and rs["gate_met"] == all(g >= 0.9 for g in rs["gate"].values())
+    # each method's lr chosen on the validation items (first seed), and every arm of every seed trained with it
+    sel = rs["lr_selection"]
+    assert set(sel["validation"]["lora"]) == {"0.001", "0.01"} and set(sel["validation"]["full"]) == {"0.001"}
+    best = max([1e-3, 1e-2], key=lambda lr: (sel["validation"]["lora"][f"{lr:g}"], -lr))
+    assert sel["chosen"] == {"lora": best, "full": 1e-3}
+    for seed in (0, 1):
+        for name, method in (("reason-lora-r1", "lora"), ("reason-full", "full")):
+            got = yaml.safe_load(next((out / "work" / "reasoning").rglob(f"seed{seed}/{name}/resolved_config.yaml"))
+                                 .read_text())
+            assert got["train"]["lr"] == sel["chosen"][method], (seed, name)
+    assert "chosen on the validation items' exact match" in report
     val = {a["rank"]: a["validation.exact"]["mean"] for a in rs["arms"] if a["method"] == "lora"}
     assert rs["chosen_rank"] == max(val, key=lambda k: (val[k], -k))
     assert fs["norm_log_rank"]["xs"] == [1.0, 2.0, 4.0] and len(fs["norm_log_rank"]["values"]) == 3

@@ -27,6 +27,7 @@ and seeds, so over bases) and the reasoning findings.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,12 @@ REASONING = {
     "max_train": 600,  # training items (a seeded sample): the demo's time budget
     "epochs": 3,
     "batch_size": 8,
-    "lora_lr": 2.0e-3,
+    "lora_lr": 2.0e-3,  # used when lr_grid is None
     "full_lr": 3.0e-4,
+    # None: the fixed lrs above. Else {"lora"|"full": [lrs]}: each method's lr chosen on the validation items
+    # with the first seed (LoRA at select_rank), as the recall arms' are; the best exact match wins.
+    "lr_grid": None,
+    "select_rank": 16,
     "lora_alpha_per_rank": 2.0,
     "max_length": 96,
     "max_new_tokens": 48,
@@ -189,6 +194,43 @@ def evaluate_reasoning(model, tok, sets: dict, r: dict) -> dict:
 
 def _generate(model, tok, prompts: list, max_new_tokens: int) -> list:
     return generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=1024) if prompts else []
+
+
+def select_lrs(r: dict, sets: dict, base_dir, work: Path, seeds: list) -> dict:
+    """Each method's lr: ``r``'s fixed ones without ``lr_grid``, else the candidate with the best exact match on the
+    validation items after fine-tuning the first seed's base on the training items (cached in
+    ``work/reasoning/select/``; the lower lr on a tie). ``{"chosen": {method: lr}, "validation": {method: {lr:
+    exact match}}, "why"}``."""
+    chosen = {"lora": r["lora_lr"], "full": r["full_lr"]}
+    out = {"chosen": chosen, "validation": {}, "why": None}
+    if not r["lr_grid"]:
+        out["why"] = "lr_grid is None: the fixed lora_lr and full_lr"
+        return out
+    sel, seed = work / "reasoning" / "select", seeds[0]
+    data_dir = sel / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data_dir / "train-reasoning.jsonl", [{"prompt": it["prompt"], "completion": it["completion"]}
+                                                     for it in sets["train"]])
+    tok = load_tokenizer(str(base_dir))
+    for method, lrs in r["lr_grid"].items():
+        accs = {}
+        for lr in sorted(lrs):
+            path = sel / f"{method}-lr{lr:g}.json"
+            got = read_json(path)
+            if got is None:
+                arm = {"name": f"select-{method}", "method": method, "data": "reasoning", "seed": seed,
+                       "rank": r["select_rank"] if method == "lora" else None,
+                       "output_dir": str(sel / f"{method}-lr{lr:g}")}
+                train(arm_config(arm, base_dir, data_dir, {**r, "seeds": seeds, f"{method}_lr": lr}), resume=True)
+                outs = _generate(arm_model(arm, base_dir), tok, [it["prompt"] for it in sets["validation"]],
+                                 r["max_new_tokens"])
+                got = {"lr": lr, "exact": R.score_reasoning(outs, sets["validation"])["exact_match"]}
+                write_json(path, got)
+                shutil.rmtree(arm["output_dir"], ignore_errors=True)  # only its score is kept
+            accs[f"{lr:g}"] = got["exact"]
+        chosen[method] = max(sorted(lrs), key=lambda x: (accs[f"{x:g}"], -x))
+        out["validation"][method] = accs
+    return out
 
 
 def run_seed(seed: int, base_dir, sets: dict, r: dict, work: Path, seeds: list) -> dict:
@@ -354,9 +396,14 @@ def run_study(r: dict, world_dir, facts_by_seed: dict, base_dirs: dict, work: Pa
                                                      "lora_ood_reasoning", "sft_drifts_more", "norm_log_rank")]}
     evals, upd = {}, {}
     probe = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets["test"][:32]]
+    t0 = st.stage("reasoning: select lr")
+    selection = select_lrs(r, sets, base_dirs[seeds[0]], work, seeds)
+    r_run = {**r, "lora_lr": selection["chosen"]["lora"], "full_lr": selection["chosen"]["full"]}
+    st.done("reasoning select lr", t0)
+    out["lr_selection"] = selection
     for seed in seeds:
         t0 = st.stage(f"seed {seed}: reasoning")
-        evals[seed] = run_seed(seed, base_dirs[seed], sets, r, work, seeds)
+        evals[seed] = run_seed(seed, base_dirs[seed], sets, r_run, work, seeds)
         upd[seed] = updates(evals[seed]["_dirs"], base_dirs[seed], probe, work, seed)
         st.done("reasoning", t0)
     rows = summarize(evals, seeds, r, boot)

@@ -399,6 +399,18 @@ REASONING_SETS = (("test", "in domain"), ("ood_people", "new people"), ("ood_com
                   ("ood_kind", "new kind"), ("no_chain", "in domain, no chain"))
 
 
+def _reasoning_lrs(rs: dict) -> str:
+    """The reasoning arms' learning rates and how they were set."""
+    sel = rs.get("lr_selection") or {"chosen": {"lora": rs["settings"]["lora_lr"], "full": rs["settings"]["full_lr"]},
+                                     "validation": {}, "why": "fixed"}
+    lrs = f"LoRA lr {sel['chosen']['lora']:g}, full SFT lr {sel['chosen']['full']:g}"
+    if not sel["validation"]:
+        return lrs + " (fixed, not tuned)"
+    tried = "; ".join(f"{m}: " + ", ".join(f"{lr} {_pct(acc)} %" for lr, acc in v.items())
+                      for m, v in sel["validation"].items())
+    return lrs + f" (chosen on the validation items' exact match with the first seed: {tried})"
+
+
 def _reasoning_lines(results: dict, files: dict) -> list:
     """The reasoning study: its items, the recall gate, exact match per arm and set, forgetting, updates."""
     rs = results.get("reasoning")
@@ -417,9 +429,8 @@ def _reasoning_lines(results: dict, files: dict) -> list:
           f"- Gate, 1-hop recall of the {sz['recall_used']} facts the items use (greedy, pretraining's completion "
           f"format): {gate}; >= {_pct(r['gate'])} %: {'met' if rs['gate_met'] else 'NOT met'}.",
           f"- Arms per seed, on that seed's base: LoRA r = {', '.join(map(str, r['ranks']))} trained together, "
-          f"and full SFT; {r['epochs']} epochs, batch {r['batch_size']}, LoRA lr {r['lora_lr']} (alpha = "
-          f"{r['lora_alpha_per_rank']:g} r), full SFT lr {r['full_lr']} (fixed, not tuned). Rank chosen on "
-          f"validation items: r = {rs['chosen_rank']}.",
+          f"and full SFT; {r['epochs']} epochs, batch {r['batch_size']}, alpha = {r['lora_alpha_per_rank']:g} r; "
+          f"{_reasoning_lrs(rs)}. Rank chosen on validation items: r = {rs['chosen_rank']}.",
           "- Exact match of the final answer in %, mean over seeds [95 % interval over items and seeds (bases)]; "
           "chain: the share of the chain's facts stated right (test); 1-hop and OOD recall: greedy completion "
           "of the test people's city facts and of their out-of-domain facts every base knows (before: the base).",

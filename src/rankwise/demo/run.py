@@ -155,11 +155,11 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
             not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
         raise ConfigError(f"demo setting seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
-    grid = s["lr_grid"]
-    if grid is not None and (not isinstance(grid, dict) or set(grid) - {"lora", "full"} or
-                             not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and x > 0
-                                                                       for x in v) for v in grid.values())):
-        raise ConfigError(f"demo setting lr_grid must be None or {{'lora'|'full': [positive lrs]}}, got {grid!r}")
+    for where, grid in (("lr_grid", s["lr_grid"]), ("reasoning.lr_grid", (r or {}).get("lr_grid"))):
+        if grid is not None and (not isinstance(grid, dict) or set(grid) - {"lora", "full"} or not all(
+                isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                                  for x in v) for v in grid.values())):
+            raise ConfigError(f"demo setting {where} must be None or {{'lora'|'full': [positive lrs]}}, got {grid!r}")
     bad = [x for x in s["restore_selections"] if x not in ("top", "bottom", "random")]
     if bad:
         raise ConfigError(f"restore_selections must be among top, bottom, random; got {bad}")
