@@ -226,6 +226,27 @@ def test_vocabulary_covers_every_item(world, items):
     for it in items[::7] + [R.without_chain(it) for it in items[::7]]:
         missing = {w for w, _ in pre.pre_tokenize_str(it["prompt"] + it["completion"])} - vocab
         assert not missing, (it["id"], missing)
+    # hop items, on a world with geography: every word is the world's own or the vocabulary's
+    geo = generate_world(WorldConfig.from_dict({**preset("cpu")["world"], "geography_docs": 1}))
+    vocab = {w for t in all_texts(geo) + R.reasoning_vocabulary() for w, _ in pre.pre_tokenize_str(t)}
+    hop = R.reasoning_items(geo, [p for p in geo["people"] if p["exposures"] > 0], kinds=("hop",), n_per_composition=30)
+    for it in hop + [R.without_chain(it) for it in hop]:
+        missing = {w for w, _ in pre.pre_tokenize_str(it["prompt"] + it["completion"])} - vocab
+        assert not missing, (it["id"], missing)
+
+
+def test_the_default_world_keeps_the_shipped_bases(tmp_path):
+    """The world's settings key and tokenizer are those the shipped bases were pretrained with (a change to the
+    world's text or to the reasoning vocabulary would make every machine pretrain)."""
+    from rankwise.world import shipped
+    from rankwise.world.pretrain import build_world_dir, seeded, settings_key
+
+    for seed in (0, 1, 2):
+        entry = shipped.entry_for(settings_key(preset("cpu", seeded(None, seed))))
+        assert entry is not None, seed
+    world_dir = build_world_dir(preset("cpu")["world"], tmp_path / "world")
+    assert (world_dir / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (shipped.SHIPPED_DIR / entry["dir"] / "tokenizer.json").read_bytes()
 
 
 def test_errors():
@@ -317,6 +338,15 @@ def test_the_demo_asks_the_kinds_its_settings_name(tmp_path):
                  for rel in r["relations"]]}
     w_dir = tmp_path / "world"
     save_world(w, w_dir)
+    # hop asks about everyone who knows that one fact: a person knowing only their birth city is asked about it
+    only = people[0]
+    facts[0] = [f for f in facts[0] if f["person"] != only or f["relation"] == "birth_city"]
+    assert only not in DR.reasoning_people(facts, r) and only in DR.known_by_relation(facts, r)["birth_city"]
+    known = DR.known_by_relation(facts, r)
+    asked = {(it["people"][0], it["composition"])
+             for it in DR._hop_items(w, known, [], {**r, "n_per_composition": len(people)})}  # everyone asked
+    assert {c for p, c in asked if p == only} == {"country.birth_city"}
+    assert len(asked) == sum(len(v) for v in known.values())
     got = DR.prepare(w_dir, facts, r, tmp_path / "work")
     geo = [row for row in got["recall_used"] if row["id"].startswith("city:")]
     cities = {it["values"][0] for k in ("train", "validation", "test", "ood_people", "ood_composition")

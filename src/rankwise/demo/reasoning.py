@@ -99,19 +99,55 @@ def reasoning_people(facts_by_seed: dict, r: dict) -> list:
     return sorted(known or ())
 
 
-def build_sets(world: dict, people: list, r: dict) -> dict:
-    """The items of every set (chain-of-thought; ``no_chain`` holds the test set's controls)."""
+def known_by_relation(facts_by_seed: dict, r: dict) -> dict:
+    """``{relation: sorted ids}``: the study people whose fact of that relation every base knows (R >=
+    min_mastery); a ``hop`` item needs its person's one fact only."""
+    out = {}
+    for rel in r["relations"]:
+        sets = [{f["person"] for f in facts if f["relation"] == rel and f["R"] >= r["min_mastery"]}
+                for facts in facts_by_seed.values()]
+        out[rel] = sorted(set.intersection(*sets)) if sets else []
+    return out
+
+
+def _held_out(ids: list, r: dict, salt: str = "") -> list:
+    """A seeded share ``held_out_people`` of ``ids``, sorted."""
+    ids = list(ids)
+    random.Random(f"rankwise.demo.reasoning:{r['seed']}{salt}").shuffle(ids)
+    return sorted(ids[:int(round(r["held_out_people"] * len(ids)))])
+
+
+def _hop_items(world: dict, known: dict, held: list, r: dict) -> list:
+    """The hop items of each relation over the people who know that fact, the held-out ones apart."""
+    items = []
+    for rel, ids in sorted(known.items()):
+        comp = [f"{R.COUNTRY}.{rel}"]
+        for group, seed, n in ((sorted(set(ids) - set(held)), r["seed"], r["n_per_composition"]),
+                               (sorted(set(ids) & set(held)), r["seed"] + 1, r["n_ood_people"])):
+            if group:
+                items += R.reasoning_items(world, group, kinds=("hop",), seed=seed, n_per_composition=n,
+                                           compositions=comp)
+    return items
+
+
+def build_sets(world: dict, people: list, r: dict, known: dict | None = None) -> dict:
+    """The items of every set (chain-of-thought; ``no_chain`` holds the test set's controls). The bridge-value
+    kinds ask about ``people`` (who know every city fact); ``hop`` about each relation's ``known`` people (default:
+    ``people``), whose held-out share extends ``people``'s by the same rule."""
     comps = sorted(f"{a}.{b}" for a in r["relations"] for b in r["relations"])
-    comps += [f"{R.COUNTRY}.{b}" for b in r["relations"]] if "hop" in r["kinds"] else []
-    ids = list(people)
-    random.Random(f"rankwise.demo.reasoning:{r['seed']}").shuffle(ids)
-    held = sorted(ids[:int(round(r["held_out_people"] * len(ids)))])
-    rest = sorted(set(ids) - set(held))
-    items = R.reasoning_items(world, rest, kinds=r["kinds"], seed=r["seed"], n_per_composition=r["n_per_composition"],
-                              compositions=comps) if len(rest) >= 4 else []
-    if len(held) >= 4:
-        items += R.reasoning_items(world, held, kinds=r["kinds"], seed=r["seed"] + 1,
+    held = _held_out(people, r)
+    rest = sorted(set(people) - set(held))
+    bridge = [k for k in r["kinds"] if k != "hop"]
+    items = R.reasoning_items(world, rest, kinds=bridge, seed=r["seed"], n_per_composition=r["n_per_composition"],
+                              compositions=comps) if len(rest) >= 4 and bridge else []
+    if len(held) >= 4 and bridge:
+        items += R.reasoning_items(world, held, kinds=bridge, seed=r["seed"] + 1,
                                    n_per_composition=r["n_ood_people"], compositions=comps)
+    if "hop" in r["kinds"]:
+        known = known or {rel: list(people) for rel in r["relations"]}
+        extra = sorted({p for ids in known.values() for p in ids} - set(people))
+        held = sorted(set(held) | set(_held_out(extra, r, ":hop")))
+        items += _hop_items(world, known, held, r)
     sets = R.split_reasoning(items, held_out_people=held, held_out_kind=r["held_out_kind"],
                              test_fraction=r["test_fraction"], seed=r["seed"])
     train_items = sorted(sets["train"], key=lambda it: it["id"])
@@ -154,10 +190,10 @@ def prepare(world_dir, facts_by_seed: dict, r: dict, work: Path) -> dict:
         return got
     world = load_world(world_dir)
     people = reasoning_people(facts_by_seed, r)
-    sets = build_sets(world, people, r)
+    sets = build_sets(world, people, r, known_by_relation(facts_by_seed, r))
     used = sorted({f"{p}:{rel}" for it in sets["train"] + [x for k in SETS for x in sets[k]]
                    for p, rel in it["facts"]})
-    hop = {row["id"]: row for row in recall_rows(world, people, r["relations"])}
+    hop = {row["id"]: row for row in recall_rows(world, sorted({int(i.split(":")[0]) for i in used}), r["relations"])}
     cities = sorted({it["values"][0] for it in sets["train"] + [x for k in SETS for x in sets[k]]
                      if it["kind"] == "hop"})
     sets["recall_used"] = [hop[i] for i in used] + [  # the gate: every fact the items use, cities' countries too
