@@ -40,9 +40,11 @@ def test_demo_and_study_run_the_same_protocol(tmp_path, monkeypatch, capsys):
     assert calls[1] == (out, {"scale": "cpu", "fresh": False, "settings": None, "world_overrides": None,
                               "cache_dir": None, "progress": True, "force": False})
     assert "x: +0.100 inconclusive" in capsys.readouterr().out
-    calls.clear()  # --out overrides the config's output_dir; --force reaches the demo's claim
-    assert cli_main(["study", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "e"), "--force"]) == 0
-    assert calls[1][0] == str(tmp_path / "e") and calls[1][1]["force"]
+    calls.clear()  # --out overrides the config's output_dir; --force and --fresh reach the demo's claim
+    assert cli_main(["study", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "e"), "--force", "--fresh"]) == 0
+    assert calls[1][0] == str(tmp_path / "e") and calls[1][1]["force"] and calls[1][1]["fresh"]
+    calls.clear()
+    assert cli_main(["demo", "--out", out, "--fresh"]) == 0 and calls[1][1]["fresh"]
 
 
 def test_the_example_is_the_demos_config():
@@ -100,3 +102,12 @@ def test_demo_threads_are_checked_before_anything_runs(monkeypatch):
     with pytest.raises(ConfigError, match="--threads"):
         protocol.main(p.parse_args(["--threads", "0"]))
     assert calls == []
+
+
+def test_fresh_is_for_the_world_protocol_only(tmp_path, capsys, monkeypatch):
+    import rankwise.study as study
+
+    monkeypatch.setattr(study, "prepare", lambda raw: ({"study": "rank", "output_dir": str(tmp_path / "o")}, {}))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"study": "rank"}))
+    assert cli_main(["study", str(tmp_path / "r.yaml"), "--fresh"]) == 2
+    assert "--fresh is for study: world" in capsys.readouterr().err and not (tmp_path / "o").exists()

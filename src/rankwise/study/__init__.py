@@ -1,4 +1,4 @@
-"""``rankwise study CONFIG.yaml [--out DIR] [--force]``: a study's protocol on a real model and real data sets.
+"""``rankwise study CONFIG.yaml [--out DIR] [--force] [--fresh] [--plan [--tflops R]]``: a study's protocol on a real model and real data sets.
 
 The config (``rankwise.study.config``) names the model and every arm's training keys, the experiments (a
 training task and its evaluation sets, in and out of domain, read by ``rankwise.study_tasks`` from local files
@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("config", help="the study's YAML config (see rankwise.study.config)")
     p.add_argument("--out", default=None, help="the output directory (default: the config's output_dir)")
     p.add_argument("--force", action="store_true", help="write into an existing directory rankwise did not make")
+    p.add_argument("--fresh", action="store_true", help="study: world only: discard the output's cached stages "
+                   "(as rankwise demo --fresh); the other protocols reuse only what was made with the same settings")
     p.add_argument("--plan", action="store_true", help="read and check everything, print the experiments' sizes and "
                    "the LoRA groups with their estimated peak memory and training time, and stop (nothing is written)")
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
@@ -75,8 +77,11 @@ def main(args) -> int:
             raise ConfigError(f"--tflops must be a positive rate, got {args.tflops}")
         print("\n".join(_plan(cfg, data, args.tflops)))
         return 0
+    if args.fresh and cfg["study"] != "world":
+        raise ConfigError(f"--fresh is for study: world (the demo's cached stages); study: {cfg['study']} reuses a "
+                          "finished arm only when its settings are the config's")
     if cfg["study"] == "world":  # the demo's protocol claims its own directory (kind demo) and caches its stages
-        res = world.run_world(cfg, force=args.force)
+        res = world.run_world(cfg, fresh=args.fresh, force=args.force)
         _print_findings(res["findings"])
         print(f"report: {Path(cfg['output_dir']) / 'report.md'}  ({res['seconds']:.0f} s); {headline(res)}")
         return 0
