@@ -348,6 +348,10 @@ def test_the_demo_asks_the_kinds_its_settings_name(tmp_path):
     assert {c for p, c in asked if p == only} == {"country.birth_city"}
     assert len(asked) == sum(len(v) for v in known.values())
     got = DR.prepare(w_dir, facts, r, tmp_path / "work")
+    # the people counts: those who know every city fact, and hop's own; 1-hop recall only of facts every base knows
+    assert only in got["hop_people"] and only not in got["people"]
+    assert set(got["held_out_people"]) <= set(got["people"]) and not set(got["hop_held_out"]) & set(got["people"])
+    assert got["recall_1hop"] and {row["id"] for row in got["recall_1hop"]} <= {f["id"] for f in facts[0]}
     geo = [row for row in got["recall_used"] if row["id"].startswith("city:")]
     cities = {it["values"][0] for k in ("train", "validation", "test", "ood_people", "ood_composition")
               for it in got[k]}

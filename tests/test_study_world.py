@@ -80,6 +80,8 @@ def test_plan_names_every_arm_and_writes_nothing(tmp_path, capsys):
     ({"settings": {"reasoning": {"epochs": "x"}}}, "reasoning.epochs must be an integer >= 1"),
     ({"settings": {"restore_fractions": [0.2, 1.5]}}, "must lie in (0, 1]"),
     ({"scale": ["cpu"]}, "scale must be one of"),
+    ({"settings": {"reasoning": {"kinds": ["hop", "compose"]}}}, "hop, which needs a world with geography_docs"),
+    ({"settings": {"reasoning": {"kinds": ["compose", "compose"]}}}, "at least two distinct of"),
     ({"threads": 0}, "threads must be a positive integer"),
     ({"threads": True}, "threads must be a positive integer"),
     ({"cache_dir": 3}, "cache_dir must be a path"),

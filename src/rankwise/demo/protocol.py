@@ -26,7 +26,7 @@ from ..world import shipped
 from ..world.pretrain import preset, seeded, settings_key
 from .reasoning import plan as reasoning_plan
 from .report import headline
-from .run import plan_arms, run_demo, settings_for, ship_bases
+from .run import check_world, plan_arms, run_demo, settings_for, ship_bases
 
 KEYS = ("study", "output_dir", "scale", "settings", "world", "cache_dir", "threads")
 
@@ -57,8 +57,8 @@ def validate_world(raw: Mapping) -> dict:
     t = cfg["threads"]
     if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
         raise ConfigError(f"study config: threads must be a positive integer or null, got {t!r}")
-    settings_for(cfg["scale"], cfg["settings"])  # the scale, and every setting's name and value
-    preset(cfg["scale"], cfg["world"])  # the pretraining overrides' sections and keys
+    # the scale, every setting's name and value, the pretraining overrides, and a world the settings can use
+    check_world(settings_for(cfg["scale"], cfg["settings"]), preset(cfg["scale"], cfg["world"]))
     return cfg
 
 

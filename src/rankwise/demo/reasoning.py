@@ -2,8 +2,9 @@
 every base knows, scored in and out of domain, with forgetting, update norms and drift.
 
 1. **People.** The study people whose city facts (the relations the questions compose) every seed's base
-   knows: mastery ``R >= min_mastery`` for each city relation under every base. The questions are the
-   same for every seed, so arms compare paired.
+   knows: mastery ``R >= min_mastery`` for each city relation under every base (a ``hop`` question needs its
+   one fact only, and is asked of everyone who knows that one). The questions are the same for every seed,
+   so arms compare paired.
 2. **Items** (:mod:`rankwise.world.reasoning`): questions of the ``kinds`` (compose, compare, arith over the
    city compositions; hop, a city's country, when the world states them) over the city relations, each
    answered by a chain that states the facts used, then ``Answer: ...``. A seeded share of the people is held
@@ -62,8 +63,8 @@ REASONING = {
     "batch_size": 8,
     "lora_lr": 2.0e-3,  # used when lr_grid is None
     "full_lr": 3.0e-4,
-    # None: the fixed lrs above. Else {"lora"|"full": [lrs]}: each method's lr chosen on the validation items
-    # with the first seed (LoRA at select_rank), as the recall arms' are; the best exact match wins.
+    # None: the fixed lrs above. Else {"lora"|"full": [lrs]}: the lr of each method named chosen on the
+    # validation items with the first seed (LoRA at select_rank); the best exact match wins, the lower lr on a tie.
     "lr_grid": None,
     "select_rank": 16,
     "lora_alpha_per_rank": 2.0,
@@ -154,7 +155,10 @@ def build_sets(world: dict, people: list, r: dict, known: dict | None = None) ->
     random.Random(f"rankwise.demo.reasoning.validation:{r['seed']}").shuffle(train_items)
     n_val = int(round(r["validation_fraction"] * len(train_items)))
     out = {"train": train_items[n_val:][:r["max_train"]], "validation": train_items[:n_val],
-           **{k: sets[k] for k in ("test", *OOD)}, "people": people, "held_out_people": held}
+           **{k: sets[k] for k in ("test", *OOD)}, "people": people,
+           "held_out_people": sorted(set(held) & set(people)),  # of people; hop's own below
+           "hop_people": sorted({p for ids in (known or {}).values() for p in ids}) if "hop" in r["kinds"] else [],
+           "hop_held_out": sorted(set(held) - set(people))}
     for k in SETS:  # evaluation sets: a seeded sample of at most max_eval items each, in item order
         if len(out[k]) > r["max_eval"]:
             keep = set(random.Random(f"rankwise.demo.reasoning.{k}:{r['seed']}").sample(range(len(out[k])),
@@ -200,7 +204,7 @@ def prepare(world_dir, facts_by_seed: dict, r: dict, work: Path) -> dict:
         {"id": f"city:{c}", "prompt": GEO_PROBE.format(city=c), "answers": [world["city_country"][c]]}
         for c in cities]
     test_people = sorted({p for k in ("test", *OOD) for it in sets[k] for p in it["people"]})
-    sets["recall_1hop"] = recall_rows(world, test_people, r["relations"])
+    sets["recall_1hop"] = recall_rows(world, test_people, r["relations"], facts_by_seed, r["min_mastery"])
     sets["recall_ood"] = recall_rows(world, test_people, OUT_OF_DOMAIN, facts_by_seed, r["min_mastery"])
     write_json(path, sets)
     return sets
@@ -422,7 +426,8 @@ def run_study(r: dict, world_dir, facts_by_seed: dict, base_dirs: dict, work: Pa
     st.done("reasoning items", t0)
     sizes = {k: len(sets[k]) for k in ("train", *SETS, "no_chain", *RECALL)}
     out = {"settings": r, "sizes": sizes, "people": len(sets["people"]),
-           "held_out_people": len(sets["held_out_people"])}
+           "held_out_people": len(sets["held_out_people"]), "hop_people": len(sets.get("hop_people", [])),
+           "hop_held_out": len(sets.get("hop_held_out", []))}
     empty = [k for k in ("train", *SETS) if not sets[k]]
     if empty:
         why = (f"the reasoning study has no {', '.join(empty)} items ({len(sets['people'])} people whose "

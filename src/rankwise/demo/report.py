@@ -408,7 +408,9 @@ def _reasoning_lrs(rs: dict) -> str:
         return lrs + " (fixed, not tuned)"
     tried = "; ".join(f"{m}: " + ", ".join(f"{lr} {_pct(acc)} %" for lr, acc in v.items())
                       for m, v in sel["validation"].items())
-    return lrs + f" (chosen on the validation items' exact match with the first seed: {tried})"
+    fixed = [m for m in ("lora", "full") if m not in sel["validation"]]
+    return lrs + (f" ({' and '.join(sel['validation'])} chosen on the validation items' exact match with the first "
+                  f"seed: {tried}" + (f"; {', '.join(fixed)} fixed" if fixed else "") + ")")
 
 
 def _reasoning_lines(results: dict, files: dict) -> list:
@@ -423,7 +425,9 @@ def _reasoning_lines(results: dict, files: dict) -> list:
     sz = rs["sizes"]
     gate = ", ".join(f"seed {k} {_pct(v)} %" for k, v in rs["gate"].items())
     L += [f"- {rs['people']} people whose {', '.join(r['relations'])} facts every base knows (R >= "
-          f"{r['min_mastery']}); {rs['held_out_people']} of them held out. Items: train {sz['train']}, validation "
+          f"{r['min_mastery']}); {rs['held_out_people']} of them held out"
+          + (f"; hop questions also of {rs['hop_people']} people who know that one fact ({rs['hop_held_out']} more "
+             "held out)" if rs.get("hop_people") else "") + f". Items: train {sz['train']}, validation "
           f"{sz['validation']}, test {sz['test']}, new people {sz['ood_people']}, new compositions "
           f"{sz['ood_composition']}, new kind {sz['ood_kind']}.",
           f"- Gate, 1-hop recall of the {sz['recall_used']} facts the items use (greedy, pretraining's completion "

@@ -144,9 +144,10 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
         check_value(k, v, DEMO[k])
     for k, v in (r or {}).items():
         check_value(f"reasoning.{k}", v, REASONING[k])
-    if r is not None and (set(r["kinds"]) - set(KINDS) or r["held_out_kind"] not in r["kinds"] or len(r["kinds"]) < 2):
-        raise ConfigError(f"demo settings reasoning.kinds must be at least two of {', '.join(KINDS)}, one of them "
-                          f"reasoning.held_out_kind; got {r['kinds']} and {r['held_out_kind']!r}")
+    if r is not None and (set(r["kinds"]) - set(KINDS) or r["held_out_kind"] not in r["kinds"] or
+                          len(set(r["kinds"])) < 2 or len(set(r["kinds"])) != len(r["kinds"])):
+        raise ConfigError(f"demo settings reasoning.kinds must be at least two distinct of {', '.join(KINDS)}, one "
+                          f"of them reasoning.held_out_kind; got {r['kinds']} and {r['held_out_kind']!r}")
     bad = [f for f in s["restore_fractions"] if not 0 < f <= 1]
     if bad or not 0 < s["finding_fraction"] <= 1:
         raise ConfigError(f"demo settings restore_fractions and finding_fraction must lie in (0, 1], got "
@@ -164,6 +165,13 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     if bad:
         raise ConfigError(f"restore_selections must be among top, bottom, random; got {bad}")
     return s
+
+
+def check_world(s: dict, pre: dict) -> None:
+    """The world the settings need: ``hop`` questions need one whose corpus states its cities' countries."""
+    if s["reasoning"] and "hop" in s["reasoning"]["kinds"] and not pre["world"].get("geography_docs"):
+        raise ConfigError("demo settings reasoning.kinds has hop, which needs a world with geography_docs > 0 "
+                          "(world overrides: {world: {geography_docs: N}})")
 
 
 def ship_bases(scale: str = "cpu", settings: dict | None = None) -> list:
@@ -324,6 +332,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     """
     _quiet_transformers()
     s = settings_for(scale, settings)
+    check_world(s, preset(scale, world_overrides))
     out = Path(out_dir)
     work = out / "work"
     _claim_output(out, work, s, scale, world_overrides, cache_dir, fresh, force)
@@ -333,7 +342,7 @@ def run_demo(out_dir="runs/demo", scale: str = "cpu", fresh: bool = False, setti
     solo = [a for a in arms if a not in group]
     seeds = list(s["seeds"])
     per_seed = (1 if group else 0) + len(solo) + 2 + (1 if s["reasoning"] else 0)  # training, eval, restore
-    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + (1 if s["reasoning"] else 0) + 1
+    total = 4 + len(seeds) * per_seed + (1 if s["analysis"] else 0) + (2 if s["reasoning"] else 0) + 1
     st = _Stages(tqdm(total=total, desc="demo", disable=not progress, dynamic_ncols=True))
     t_all = time.time()
     try:
