@@ -60,7 +60,7 @@ def test_plan_names_every_arm_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(cfg))
     assert cli_main(["study", str(tmp_path / "w.yaml"), "--plan"]) == 0
     text = capsys.readouterr().out
-    assert "shipped bases: [0, 1, 2]" in text
+    assert "shipped bases: [0, 1, 2]; pretrained on first use and cached: none" in text
     assert "lora-r2: LoRA r=2, 24 facts" in text and "lora-r8:" in text and "full-x8: full SFT, 192 facts" in text
     assert "lora-r4" not in text and "reasoning arms" not in text
     assert not (tmp_path / "o").exists()
@@ -113,3 +113,11 @@ def test_fresh_is_for_the_world_protocol_only(tmp_path, capsys, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"study": "rank"}))
     assert cli_main(["study", str(tmp_path / "r.yaml"), "--fresh"]) == 2
     assert "--fresh is for study: world" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_hop_trial_example_plans_pretrained_bases(capsys):
+    """The hop trial's world has geography, so no shipped base matches it: the plan says they are pretrained."""
+    assert cli_main(["study", f"{EXAMPLES}/world-hop-trial.yaml", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "shipped bases: none; pretrained on first use and cached: [0, 1, 2]" in text
+    assert "reason-lora-r16" in text and "reason-full" in text

@@ -69,8 +69,8 @@ def plan_lines(cfg: dict) -> list:
     m, n = bases[s["seeds"][0]]["model"], bases[s["seeds"][0]]["world"]["n_people"]
     ship = [seed for seed, b in bases.items() if shipped.entry_for(settings_key(b))]
     lines = [f"world ({cfg['scale']}): {n} people; one base per seed ({m['num_hidden_layers']} layers, hidden size "
-             f"{m['hidden_size']}); seeds {s['seeds']}; shipped bases: {ship or 'none'} (the others are pretrained "
-             "on first use and cached)",
+             f"{m['hidden_size']}); seeds {s['seeds']}; shipped bases: {ship or 'none'}; pretrained on first use and "
+             f"cached: {[seed for seed in s['seeds'] if seed not in ship] or 'none'}",
              "knowledge arms (each seed, on its base):"]
     lines += [f"  {a['name']}: {a['label']}" for a in plan_arms(s)]
     if s["reasoning"]:
