@@ -82,29 +82,16 @@ def study_config(root: Path, model: str, args, cuda: bool) -> dict:
 
 
 def estimates(cfg: dict, tflops: float) -> dict:
-    """Per arm (a LoRA group's arms share their group's): the memory model's peak and the FLOP model's time."""
-    from rankwise.arm_cost import train_flops, train_tokens
-    from rankwise.arm_memory import estimate_full_peak_bytes, estimate_peak_bytes
-    from rankwise.config import parse
-    from rankwise.model import load_tokenizer
-    from rankwise.study.config import arm_run_config, load_sets, plan_arms, validate_study
-    from rankwise.study.rank import lora_groups
+    """Per arm (a LoRA group's arms share their group's): the study's own estimates (``rankwise.study.rank``)."""
+    from rankwise.study.config import load_sets, validate_study
+    from rankwise.study.rank import estimates as study_estimates
 
     study = validate_study(cfg)
-    sets = load_sets(study)["gsm8k"]
-    rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets["train"]]
-    tok = load_tokenizer(cfg["run"]["model"])
-    lora = [a for a in plan_arms(study) if a["method"] == "lora"]
-    run = parse(arm_run_config(study, lora[0], 0, "t.jsonl", "o"))
     out = {}
-    tokens = train_tokens(run, rows, tok)
-    for ranks in lora_groups(study, run, [a["rank"] for a in lora]):
-        for r in ranks:
-            out[f"lora-r{r}"] = {"group": ranks, "peak_gib": estimate_peak_bytes(run, ranks) / 2**30,
-                                 "train_s": train_flops(run, tokens, ranks) / (tflops * 1e12), "tokens": tokens}
-    full = parse(arm_run_config(study, {"name": "full", "method": "full", "rank": None}, 0, "t.jsonl", "o"))
-    out["full"] = {"group": None, "peak_gib": estimate_full_peak_bytes(full) / 2**30,
-                   "train_s": train_flops(full, tokens) / (tflops * 1e12), "tokens": tokens}
+    for e in study_estimates(study, load_sets(study))["gsm8k"]:
+        for name in ["full"] if e["ranks"] is None else [f"lora-r{r}" for r in e["ranks"]]:
+            out[name] = {"group": e["ranks"], "peak_gib": e["peak_bytes"] / 2**30,
+                         "train_s": e["flops"] / (tflops * 1e12), "tokens": e["tokens"]}
     return out
 
 

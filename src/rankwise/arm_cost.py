@@ -7,9 +7,8 @@ weights have no gradient) but adds 6 FLOPs per adapter parameter. Gradient check
 again (+2 N). Arms trained together each make their own pass (their activations differ after the first
 adapted layer), so K arms cost K times one. The tokens are the rows' own (prompt, completion and EOS, cut at
 ``data.max_length``; ``data.eval_fraction``'s share held out), per epoch, or ``max_steps`` optimizer steps of the
-mean row. Attention's scores,
-padding, the optimizer, evaluation and the host are not counted: the estimate is a lower bound at that rate,
-and a small step that the host bounds takes longer.
+mean row. Attention's scores, padding, the optimizer, evaluation and the host are not counted: the estimate is
+a lower bound at that rate, and a small step that the host bounds takes longer.
 """
 from __future__ import annotations
 

@@ -431,30 +431,46 @@ def _updates_table(rows: list) -> list:
     return lines
 
 
-def plan_lines(cfg: dict, sets: dict, tflops: float = DEFAULT_TFLOPS) -> list:
-    """What ``rankwise study --plan`` prints: per experiment, its items and, per LoRA group and for full SFT, the
-    estimated peak memory (``rankwise.arm_memory``) and training time at ``tflops`` (``rankwise.arm_cost``)."""
-    lines = [f"estimates, not measurements: time is the weights' matmul FLOPs at {tflops:g} TFLOP/s (--tflops), "
-             "training only"]
+def estimates(cfg: dict, sets: dict) -> dict:
+    """``{experiment: [{"ranks" (None: full SFT), "tokens", "peak_bytes", "flops"}]}``: per LoRA group (as
+    ``lora_groups`` plans them) and for full SFT, the memory model's peak (``rankwise.arm_memory``) and the FLOP
+    model's work over the experiment's training rows (``rankwise.arm_cost``), each run's tokens counted once."""
     tok = load_tokenizer(cfg["run"].get("tokenizer") or cfg["run"]["model"])
+    lora = [a for a in plan_arms(cfg) if a["method"] == "lora"]
+    out = {}
     for exp in cfg["experiments"]:
-        s = sets[exp["name"]]
-        lines.append(f"{exp['name']} ({exp['kind']}): " + ", ".join(f"{k} {len(v)}" for k, v in s.items()) +
-                     f" items; {len(cfg['seeds'])} seed(s)")
-        rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in s["train"]]
-        lora = [a for a in plan_arms(cfg) if a["method"] == "lora"]
-        run = parse(arm_run_config(cfg, lora[0], 0, "train.jsonl", "plan")) if lora else None
-        for ranks in lora_groups(cfg, run, [a["rank"] for a in lora]) if lora else []:
-            gib = estimate_peak_bytes(run, ranks) / 2**30
-            took = duration(train_flops(run, train_tokens(run, rows, tok), ranks), tflops)
-            lines.append(f"  LoRA r = {', '.join(map(str, ranks))} together: about {gib:.1f} GiB at peak, "
-                         f"{took} to train per seed")
+        rows = [{"prompt": it["prompt"], "completion": it["completion"]} for it in sets[exp["name"]]["train"]]
+        out[exp["name"]] = []
+        if lora:
+            run = parse(arm_run_config(cfg, lora[0], 0, "train.jsonl", "plan"))
+            tokens = train_tokens(run, rows, tok)
+            out[exp["name"]] += [{"ranks": ranks, "tokens": tokens, "peak_bytes": estimate_peak_bytes(run, ranks),
+                                  "flops": train_flops(run, tokens, ranks)}
+                                 for ranks in lora_groups(cfg, run, [a["rank"] for a in lora])]
         if cfg["arms"]["full"]:
             full = parse(arm_run_config(cfg, {"name": "full", "method": "full", "rank": None}, 0, "train.jsonl",
                                         "plan"))
-            took = duration(train_flops(full, train_tokens(full, rows, tok)), tflops)
-            lines.append(f"  full SFT: alone, about {estimate_full_peak_bytes(full) / 2**30:.1f} GiB at peak, "
-                         f"{took} to train per seed")
+            tokens = train_tokens(full, rows, tok)
+            out[exp["name"]].append({"ranks": None, "tokens": tokens, "peak_bytes": estimate_full_peak_bytes(full),
+                                     "flops": train_flops(full, tokens)})
+    return out
+
+
+def plan_lines(cfg: dict, sets: dict, tflops: float = DEFAULT_TFLOPS) -> list:
+    """What ``rankwise study --plan`` prints: per experiment, its items and, per LoRA group and for full SFT, the
+    estimated peak memory and training time at ``tflops`` (``estimates``)."""
+    lines = [f"estimates, not measurements: time is the weights' matmul FLOPs at {tflops:g} TFLOP/s (--tflops), "
+             "training only"]
+    est = estimates(cfg, sets)
+    for exp in cfg["experiments"]:
+        lines.append(f"{exp['name']} ({exp['kind']}): " +
+                     ", ".join(f"{k} {len(v)}" for k, v in sets[exp["name"]].items()) +
+                     f" items; {len(cfg['seeds'])} seed(s)")
+        for e in est[exp["name"]]:
+            what = "full SFT: alone," if e["ranks"] is None else \
+                f"LoRA r = {', '.join(map(str, e['ranks']))} together:"
+            lines.append(f"  {what} about {e['peak_bytes'] / 2**30:.1f} GiB at peak, "
+                         f"{duration(e['flops'], tflops)} to train per seed")
     return lines
 
 
