@@ -11,7 +11,7 @@ import yaml
 from rankwise.cli import main as cli_main
 from rankwise.demo import run_demo
 
-MICRO = {"world": {"n_people": 40, "max_exposures": 3, "seed": 2},
+MICRO = {"world": {"n_people": 40, "max_exposures": 3, "seed": 2, "geography_docs": 2},
          "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
          "train": {"max_steps": 10, "batch_size": 4, "max_length": 128, "lr": 1e-2}}
 SETTINGS = {"seeds": [0, 1], "ranks": [1, 2], "small_size": 2, "large_factor": 4, "large_lora_rank": 2, "epochs": 1,

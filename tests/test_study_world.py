@@ -115,9 +115,18 @@ def test_fresh_is_for_the_world_protocol_only(tmp_path, capsys, monkeypatch):
     assert "--fresh is for study: world" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_the_hop_trial_example_plans_pretrained_bases(capsys):
-    """The hop trial's world has geography, so no shipped base matches it: the plan says they are pretrained."""
-    assert cli_main(["study", f"{EXAMPLES}/world-hop-trial.yaml", "--plan"]) == 0
+def test_the_bridge_kinds_example_plans_the_shipped_bases(capsys):
+    """The bridge-kinds example changes only reasoning settings: its plan names the shipped bases."""
+    assert cli_main(["study", f"{EXAMPLES}/world-bridge-kinds.yaml", "--plan"]) == 0
     text = capsys.readouterr().out
-    assert "shipped bases: none; pretrained on first use and cached: [0, 1, 2]" in text
+    assert "shipped bases: [0, 1, 2]" in text
     assert "reason-lora-r16" in text and "reason-full" in text
+
+
+def test_a_world_override_plans_pretrained_bases(tmp_path, capsys):
+    """A world override (here fewer geography documents) matches no shipped base: the plan says they are
+    pretrained."""
+    cfg = {"study": "world", "output_dir": str(tmp_path / "o"), "world": {"world": {"geography_docs": 20}}}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["study", str(tmp_path / "w.yaml"), "--plan"]) == 0
+    assert "shipped bases: none; pretrained on first use and cached: [0, 1, 2]" in capsys.readouterr().out

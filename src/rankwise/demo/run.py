@@ -47,7 +47,7 @@ from ..train import train
 from ..world import mastery, shipped
 from ..world.generate import load_world
 from ..world.pretrain import preset, pretrain, seeded, settings_key
-from ..world.reasoning import KINDS
+from ..world.reasoning import COUNTRY, KINDS
 from . import report
 from .arms import (arm_config, arm_model, data_dir_of, device, evaluate_model, load_base, read_json, read_jsonl,
                    seed_arm, train_group, write_json, write_jsonl)
@@ -91,7 +91,9 @@ DEMO = {
 SCALE_SETTINGS = {
     "cpu": {},
     "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 8, 32, 128], "mastery_samples": 10, "max_new_tokens": 4,
-            "large_lora_rank": 32, "reasoning": {"ranks": [1, 8, 32, 128], "n_per_composition": 60, "epochs": 3},
+            "large_lora_rank": 32,
+            "reasoning": {"ranks": [1, 8, 32, 128], "n_per_composition": 2000, "n_ood_people": 2000, "epochs": 3,
+                          "max_train": 3000, "max_eval": 300},
             "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16,
             "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
 }
@@ -125,6 +127,18 @@ def check_value(where: str, value, default) -> None:
         raise ConfigError(f"demo setting {where} must be {what} (default {default!r}), got {value!r}")
 
 
+def _check_compositions(r: dict | None) -> None:
+    """Each of ``reasoning.held_out_compositions`` is ``"r2.r1"``: ``r1`` one of ``reasoning.relations``, ``r2``
+    one of them too (a bridge-value composition) or ``country`` (a hop one); ``ConfigError`` otherwise."""
+    if r is None:
+        return
+    bad = [c for c in r["held_out_compositions"] if len(c.split(".")) != 2 or c.split(".")[1] not in r["relations"]
+           or c.split(".")[0] not in [*r["relations"], COUNTRY]]
+    if bad:
+        raise ConfigError(f"demo setting reasoning.held_out_compositions must be compositions 'r2.r1' of "
+                          f"reasoning.relations (r2 may be {COUNTRY!r}), got {bad}")
+
+
 def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
     """The demo settings of ``scale`` with ``overrides`` applied (unknown keys are refused, each value is checked
     against its default's type by ``check_value``)."""
@@ -148,6 +162,7 @@ def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:
                           len(set(r["kinds"])) < 2 or len(set(r["kinds"])) != len(r["kinds"])):
         raise ConfigError(f"demo settings reasoning.kinds must be at least two distinct of {', '.join(KINDS)}, one "
                           f"of them reasoning.held_out_kind; got {r['kinds']} and {r['held_out_kind']!r}")
+    _check_compositions(r)
     bad = [f for f in s["restore_fractions"] if not 0 < f <= 1]
     if bad or not 0 < s["finding_fraction"] <= 1:
         raise ConfigError(f"demo settings restore_fractions and finding_fraction must lie in (0, 1], got "

@@ -40,14 +40,15 @@ FORMAT_VERSION = 3  # bump when the files or the recipe change in a way the sett
 # Presets. "cpu": a few minutes on 2 CPU cores; "gpu": a larger world and model for one GPU.
 SCALES = {
     "cpu": {
-        "world": {"n_people": 640, "max_exposures": 16, "anchor_fraction": 0.3, "test_fraction": 0.65},
+        "world": {"n_people": 640, "max_exposures": 16, "anchor_fraction": 0.3, "test_fraction": 0.75,
+                  "geography_docs": 80},
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "intermediate_size": 512, "max_position_embeddings": 256, "seed": 0},
         "train": {"max_steps": 1000, "batch_size": 4, "grad_accum": 4, "lr": 6.0e-3, "warmup": 0.08,
                   "schedule": "cosine", "weight_decay": 0.0, "max_length": 128, "seed": 0},
     },
     "gpu": {
-        "world": {"n_people": 5000, "max_exposures": 40},
+        "world": {"n_people": 5000, "max_exposures": 40, "geography_docs": 80},
         "model": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                   "intermediate_size": 2048, "max_position_embeddings": 256, "seed": 0},
         "train": {"max_steps": 6000, "batch_size": 64, "grad_accum": 1, "lr": 1.0e-3, "warmup": 0.03,
