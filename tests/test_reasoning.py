@@ -301,7 +301,7 @@ def test_hop_items_state_the_city_then_its_country():
     # the held-out hop composition and held-out people split as the bridge kinds do
     held = {p["id"] for p in people[:8]}
     sets = R.split_reasoning(items, held_out_people=held, held_out_kind=None)
-    assert {it["composition"] for it in sets["ood_composition"]} == {"country.work_city"}
+    assert {it["composition"] for it in sets["ood_composition"]} == {"country.birth_city"}
     assert all(set(it["people"]) <= held for it in sets["ood_people"]) and sets["train"] and sets["test"]
 
 
@@ -330,8 +330,8 @@ def test_the_demo_asks_the_kinds_its_settings_name(tmp_path):
     sets = build_sets(w, people, r)
     assert {it["kind"] for it in sets["train"] + sets["test"] + sets["validation"]} == {"hop"}
     assert {it["kind"] for it in sets["ood_kind"]} == {"compare"}
-    assert {it["composition"] for it in sets["ood_composition"]} == {"country.work_city"}
-    assert {it["composition"] for it in sets["train"]} == {"country.birth_city", "country.university_city"}
+    assert {it["composition"] for it in sets["ood_composition"]} == {"country.birth_city"}
+    assert {it["composition"] for it in sets["train"]} == {"country.university_city", "country.work_city"}
     default = build_sets(w, people, {**REASONING, "n_per_composition": 10, "n_ood_people": 3})
     assert {it["kind"] for it in default["train"]} == {"hop"}  # the default: hop trained, compose held out
     assert {it["kind"] for it in default["ood_kind"]} == {"compose"}

@@ -53,8 +53,8 @@ REASONING = {
     # (compose, compare, arith) need an in-context comparison the 4-layer base does not learn (README).
     "kinds": ["hop", "compose"],  # the question kinds asked (rankwise.world.reasoning.KINDS)
     "held_out_kind": "compose",  # the kind never trained on: the ood_kind set
-    # the ood_composition set: two bridge-value compositions, and the hop composition through the work city, the
-    # city fact the bases know least (so the two better-known ones train)
+    # the ood_composition set: two bridge-value compositions, and the hop composition through the birth city, the
+    # city fact the shipped bases know least (so the two better-known ones train)
     "held_out_compositions": list(R.HELD_OUT_COMPOSITIONS),
     "min_mastery": 0.25,  # R of each fact a question uses, under every base (D2 to D4)
     "n_per_composition": 200,  # items per kind and composition, in-domain people (fewer where people are few)

@@ -427,7 +427,10 @@ def _reasoning_lines(results: dict, files: dict) -> list:
     L += [f"- {rs['people']} people whose {', '.join(r['relations'])} facts every base knows (R >= "
           f"{r['min_mastery']}); {rs['held_out_people']} of them held out"
           + (f"; hop questions also of {rs['hop_people']} people who know that one fact ({rs['hop_held_out']} more "
-             "held out)" if rs.get("hop_people") else "") + f". Items: train {sz['train']}, validation "
+             "held out)" if rs.get("hop_people") else "")
+          + f". Kinds trained: {', '.join(k for k in r['kinds'] if k != r['held_out_kind'])}; held out: "
+          f"{r['held_out_kind']} (new kind) and the compositions {', '.join(r['held_out_compositions'])} "
+          f"(new compositions). Items: train {sz['train']}, validation "
           f"{sz['validation']}, test {sz['test']}, new people {sz['ood_people']}, new compositions "
           f"{sz['ood_composition']}, new kind {sz['ood_kind']}.",
           f"- Gate, 1-hop recall of the {sz['recall_used']} facts the items use (greedy, pretraining's completion "
