@@ -151,7 +151,9 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     assert FINDINGS <= set(fs)
     for f in saved["findings"]:
         assert f["verdict"] == verdict(f["ci95"]), f["id"]
-        assert f["borderline"] == (f["ci95"][0] is not None and min(abs(f["ci95"][0]), abs(f["ci95"][1])) <= 0.005)
+        margin = 0.04 if f["id"] in ("reasoning_mid_rank", "lora_vs_sft_reasoning", "lora_ood_reasoning") else 0.005
+        assert f["margin"] == margin, f["id"]
+        assert f["borderline"] == (f["ci95"][0] is not None and min(abs(f["ci95"][0]), abs(f["ci95"][1])) <= margin)
         assert f["verdict"] in ("reproduced", "contradicted", "inconclusive")
         if f["effect"] is None:
             assert f["verdict"] == "inconclusive" and f["why"], f["id"]
