@@ -170,6 +170,9 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     # every seed, each arm with its interval, n and per-base values on every set; its findings follow the rule
     rs = saved["reasoning"]
     assert rs["skipped"] is None and rs["people"] > 0 and rs["sizes"]["test"] > 0 and rs["sizes"]["train"] > 0
+    # the out-of-domain sets name what they hold: by default the held-out kind, and the one held-out composition
+    # of a trained kind (hop's); the bridge-value ones held out are of the held-out kind only, so never asked
+    assert rs["ood_kinds"] == ["compose"] and rs["ood_compositions"] == ["country.birth_city"]
     assert [a["name"] for a in rs["arms"]] == ["base", "reason-lora-r1", "reason-lora-r2", "reason-lora-r4",
                                                 "reason-full"]
     for a in rs["arms"]:

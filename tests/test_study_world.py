@@ -84,6 +84,8 @@ def test_plan_names_every_arm_and_writes_nothing(tmp_path, capsys):
     ({"settings": {"reasoning": {"held_out_compositions": ["country.citizenship"]}}},
      "held_out_compositions must be compositions"),
     ({"settings": {"reasoning": {"held_out_compositions": ["work_city"]}}}, "held_out_compositions must be"),
+    ({"settings": {"reasoning": {"relations": ["birth_city", "citizenship"]}}}, "reasoning.relations must be city"),
+    ({"settings": {"reasoning": {"relations": ["birth_city", "work_city"]}}}, "set the held-out compositions too"),
     ({"settings": {"reasoning": {"kinds": ["compose", "compose"]}}}, "at least two distinct of"),
     ({"threads": 0}, "threads must be a positive integer"),
     ({"threads": True}, "threads must be a positive integer"),

@@ -53,10 +53,12 @@ REASONING = {
     # (compose, compare, arith) need an in-context comparison the 4-layer base does not learn (README).
     "kinds": ["hop", "compose"],  # the question kinds asked (rankwise.world.reasoning.KINDS)
     "held_out_kind": "compose",  # the kind never trained on: the ood_kind set
-    # the ood_composition set: two bridge-value compositions, and the hop composition through the birth city, the
-    # city fact the shipped bases know least (so the two better-known ones train)
+    # the held-out compositions: two bridge-value ones, and the hop through the birth city, the city fact the
+    # shipped bases know least (so the two better-known ones train). Only those of a trained kind are asked (an
+    # item held out twice is dropped): by default ood_composition holds country.birth_city alone.
     "held_out_compositions": list(R.HELD_OUT_COMPOSITIONS),
-    "min_mastery": 0.25,  # R of each fact a question uses, under every base (D2 to D4)
+    "min_mastery": 0.25,  # R of each person's city fact a question uses, under every base (the gate checks the
+    # cities' countries too)
     "n_per_composition": 200,  # items per kind and composition, in-domain people (fewer where people are few)
     "n_ood_people": 200,  # items per kind and composition, held-out people
     "held_out_people": 0.25,
@@ -433,7 +435,10 @@ def run_study(r: dict, world_dir, facts_by_seed: dict, base_dirs: dict, work: Pa
     sizes = {k: len(sets[k]) for k in ("train", *SETS, "no_chain", *RECALL)}
     out = {"settings": r, "sizes": sizes, "people": len(sets["people"]),
            "held_out_people": len(sets["held_out_people"]), "hop_people": len(sets.get("hop_people", [])),
-           "hop_held_out": len(sets.get("hop_held_out", []))}
+           "hop_held_out": len(sets.get("hop_held_out", [])),
+           # the held-out kinds and compositions the out-of-domain sets hold (an item held out twice is dropped)
+           "ood_kinds": sorted({it["kind"] for it in sets["ood_kind"]}),
+           "ood_compositions": sorted({it["composition"] for it in sets["ood_composition"]})}
     empty = [k for k in ("train", *SETS) if not sets[k]]
     if empty:
         why = (f"the reasoning study has no {', '.join(empty)} items ({len(sets['people'])} people whose "

@@ -433,7 +433,7 @@ def _reasoning_lines(results: dict, files: dict) -> list:
           + (f"; hop questions also of {rs['hop_people']} people who know that one fact ({rs['hop_held_out']} more "
              "held out)" if rs.get("hop_people") else "")
           + f". Kinds trained: {', '.join(k for k in r['kinds'] if k != r['held_out_kind'])}; held out: "
-          f"{r['held_out_kind']} (new kind) and the compositions {', '.join(r['held_out_compositions'])} "
+          f"{', '.join(rs['ood_kinds']) or 'none'} (new kind) and {', '.join(rs['ood_compositions']) or 'none'} "
           f"(new compositions). Items: train {sz['train']}, validation "
           f"{sz['validation']}, test {sz['test']}, new people {sz['ood_people']}, new compositions "
           f"{sz['ood_composition']}, new kind {sz['ood_kind']}.",

@@ -45,7 +45,7 @@ from ..model import load_tokenizer
 from ..ownership import MARKER, check_output, claim, owner
 from ..train import train
 from ..world import mastery, shipped
-from ..world.generate import load_world
+from ..world.generate import CITIES, load_world
 from ..world.pretrain import preset, pretrain, seeded, settings_key
 from ..world.reasoning import COUNTRY, KINDS
 from . import report
@@ -93,7 +93,8 @@ SCALE_SETTINGS = {
     "gpu": {"small_size": 240, "epochs": 3, "ranks": [1, 8, 32, 128], "mastery_samples": 10, "max_new_tokens": 4,
             "large_lora_rank": 32,
             "reasoning": {"ranks": [1, 8, 32, 128], "n_per_composition": 2000, "n_ood_people": 2000, "epochs": 3,
-                          "max_train": 3000, "max_eval": 300},
+                          "max_train": 3000, "max_eval": 300, "select_rank": 32,
+                          "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
             "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16,
             "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
 }
@@ -128,15 +129,20 @@ def check_value(where: str, value, default) -> None:
 
 
 def _check_compositions(r: dict | None) -> None:
-    """Each of ``reasoning.held_out_compositions`` is ``"r2.r1"``: ``r1`` one of ``reasoning.relations``, ``r2``
-    one of them too (a bridge-value composition) or ``country`` (a hop one); ``ConfigError`` otherwise."""
+    """``reasoning.relations`` are city relations, and each of ``reasoning.held_out_compositions`` is ``"r2.r1"``:
+    ``r1`` one of those relations, ``r2`` one of them too (a bridge-value composition) or ``country`` (a hop one);
+    ``ConfigError`` otherwise."""
     if r is None:
         return
+    if set(r["relations"]) - set(CITIES):
+        raise ConfigError(f"demo setting reasoning.relations must be city relations ({', '.join(CITIES)}), got "
+                          f"{r['relations']}")
     bad = [c for c in r["held_out_compositions"] if len(c.split(".")) != 2 or c.split(".")[1] not in r["relations"]
            or c.split(".")[0] not in [*r["relations"], COUNTRY]]
     if bad:
         raise ConfigError(f"demo setting reasoning.held_out_compositions must be compositions 'r2.r1' of "
-                          f"reasoning.relations (r2 may be {COUNTRY!r}), got {bad}")
+                          f"reasoning.relations (r2 may be {COUNTRY!r}), got {bad} (with fewer relations than the "
+                          "default, set the held-out compositions too)")
 
 
 def settings_for(scale: str = "cpu", overrides: dict | None = None) -> dict:

@@ -71,9 +71,10 @@ NOUNS = {"birth_city": "birth city", "work_city": "work city", "university_city"
          "citizenship": "country", "occupation": "job", "employer": "company", "instrument": "instrument",
          "language": "language"}
 # The default out-of-domain choices: two bridge-value city compositions whose relations all occur, on
-# both sides, in the compositions left for training, and the hop composition through the birth city (of the
-# three city facts, the one the demo's shipped bases know least, so the better-known two train); and the selection kind, whose answers (names) are words the model has read, where an untrained
-# kind's "Yes"/"No" or digits would be words it never saw.
+# both sides, in the compositions left for training, and the hop composition through the birth city (of
+# the three city facts, the one the demo's shipped bases know least, so the better-known two train); and
+# the selection kind, whose answers (names) are words the model has read, where an untrained kind's
+# "Yes"/"No" or digits would be words it never saw.
 HELD_OUT_COMPOSITIONS = ("university_city.work_city", "work_city.birth_city", "country.birth_city")
 HELD_OUT_KIND = "compose"
 SPLITS = ("train", "test", "ood_people", "ood_composition", "ood_kind")
