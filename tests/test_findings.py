@@ -175,3 +175,21 @@ def test_drift_finding_pairs_the_matrices_both_arms_changed():
         "no weight matrix with both arms' drifts measured"
     assert drift_finding("x", "src", {0: {"full": arm(full, [0.1] * 3)}}, [0], "lora-r4", "full")["why"] == \
         "no singular-vector similarity measured"
+
+
+def test_a_machine_margin_widens_the_interval_and_the_verdict_follows_it():
+    """with_machine_margin: the bootstrap interval kept as ci95_sampling, ci95 widened by the margin on each side,
+    the verdict that of the widened interval; an unmeasured finding unchanged; a negative margin refused."""
+    from rankwise.analysis.findings import unmeasured_finding, with_machine_margin
+
+    f = {"id": "x", "effect": 0.15, "ci95": [0.007, 0.3], "verdict": "reproduced"}
+    g = with_machine_margin(f, 0.04)
+    assert g["ci95"] == pytest.approx([-0.033, 0.34]) and g["ci95_sampling"] == [0.007, 0.3]
+    assert g["verdict"] == "inconclusive" and g["machine_margin"] == 0.04 and g["effect"] == 0.15
+    assert f["ci95"] == [0.007, 0.3] and f["verdict"] == "reproduced"  # the input is not changed
+    assert with_machine_margin({**f, "ci95": [0.05, 0.3]}, 0.04)["verdict"] == "reproduced"
+    assert with_machine_margin({**f, "ci95": [-0.3, -0.05]}, 0.04)["verdict"] == "contradicted"
+    u = unmeasured_finding("x", "c", "s", "why")
+    assert with_machine_margin(u, 0.04) == u
+    with pytest.raises(ValueError, match="margin"):
+        with_machine_margin(f, -0.01)

@@ -20,7 +20,7 @@ import numpy as np
 from .stats import N_BOOT, accuracy_with_ci, bootstrap_draws, difference_ci, interval, per_seed_strata, verdict
 
 __all__ = ["BUCKETS", "D34", "summarize_arm", "difference_finding", "contrast_finding", "spread_finding",
-           "slope_finding", "unmeasured_finding", "drift_finding"]
+           "slope_finding", "unmeasured_finding", "drift_finding", "with_machine_margin"]
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 D34 = ("D3", "D4")
@@ -111,6 +111,20 @@ def unmeasured_finding(fid: str, claim: str, source: str, why: str) -> dict:
     """A finding that could not be measured: ``inconclusive``, with the reason."""
     return {"id": fid, "claim": claim, "source": source, "effect": None, "ci95": [None, None],
             "verdict": "inconclusive", "a": None, "b": None, "n": 0, "seeds": None, "metric": "", "why": why}
+
+
+def with_machine_margin(finding: dict, margin: float) -> dict:
+    """``finding`` with its interval widened by ``margin`` on each side, for a quantity that another machine's
+    floating-point path moves by up to that much (e.g. accuracies of generated chains of thought): the verdict
+    follows the widened interval, so it holds on such a machine too. The bootstrap interval is kept as
+    ``ci95_sampling``, the margin as ``machine_margin``. An unmeasured finding is returned unchanged."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin!r}")
+    lo, hi = finding["ci95"]
+    if lo is None or hi is None:
+        return dict(finding)
+    ci = [float(lo) - margin, float(hi) + margin]
+    return {**finding, "ci95": ci, "verdict": verdict(ci), "ci95_sampling": [lo, hi], "machine_margin": margin}
 
 
 def _finding(fid, claim, source, effect, draws, n, seeds, metric, **extra) -> dict:

@@ -35,7 +35,8 @@ N_BOOT = 2000
 LEVEL = 0.95
 MARGIN = 0.005  # half a point: how near 0 an interval end may lie before its verdict is called borderline
 # four points for accuracies of generated chains of thought: one changed token changes the rest of a chain, so
-# their interval ends move more with another machine's rounding (measured in the README's demo section)
+# another machine's rounding moves their interval ends further (up to this much in the README's demo
+# section, over three floating-point paths); the demo widens those findings' intervals by it
 CHAIN_MARGIN = 0.04
 
 

@@ -20,8 +20,6 @@ from ..world.mastery import bucket_counts
 DOMAINS = ("in_domain", "out_of_domain")
 KNOWLEDGE = "Ye et al. 2025, SFT and model knowledge (arXiv 2509.16596)"
 RANKS = "Rathore et al. 2025, LoRA rank trade-offs (arXiv 2512.15634); Biderman et al. 2024 (arXiv 2405.09673)"
-# the findings that compare accuracies on generated chains of thought (their borderline margin is CHAIN_MARGIN)
-CHAIN_FINDINGS = ("reasoning_mid_rank", "lora_vs_sft_reasoning", "lora_ood_reasoning")
 INTRUDERS = "Shuttleworth et al. 2024, LoRA vs full fine-tuning: an illusion of equivalence (arXiv 2410.21228)"
 
 
@@ -80,8 +78,7 @@ def build_results(*, facts, tests, arms, runs, base_eval, restoration, intruders
     if reasoning is not None:
         findings += reasoning["findings"]
     for f in findings:
-        f["margin"] = CHAIN_MARGIN if f["id"] in CHAIN_FINDINGS else MARGIN
-        f["borderline"] = borderline(f["ci95"], f["margin"])
+        f["borderline"] = borderline(f["ci95"])
     tuned = out_arms[1:]
     best = max(tuned, key=lambda a: -1.0 if a["in_domain_d34"] is None else a["in_domain_d34"])
     bd34 = best["in_domain_d34"] or 0.0
@@ -265,8 +262,10 @@ def _findings_table(results: dict) -> list:
          "fractions, e.g. +0.050 = 5 points); its 95 % interval is a paired bootstrap over the items and the seeds, "
          "each seed with its own pretrained base. Verdict: **reproduced** when the whole interval is above 0, "
          "**contradicted** when it is below 0, **inconclusive** otherwise; *borderline* when an end of the interval "
-         f"lies within {100 * MARGIN:g} points of 0 ({100 * CHAIN_MARGIN:g} points for the reasoning accuracies, "
-         "scored on generated chains), where another machine's rounding may move it across.", "",
+         f"lies within {100 * MARGIN:g} points of 0, where another machine's rounding may move it across. The "
+         "reasoning accuracies, scored on generated chains of thought, move more with the machine: their "
+         f"findings' intervals are the bootstrap's widened by {100 * CHAIN_MARGIN:g} points on each side "
+         "(`ci95_sampling` holds the bootstrap's own).", "",
          "| id | claim | effect | 95 % CI | verdict | arms (a − b) | source |", "|---|---|---|---|---|---|---|"]
     for f in results["findings"]:
         ci = f["ci95"]
