@@ -86,6 +86,9 @@ DEMO = {
     "reasoning": REASONING,  # the reasoning study's settings (merged key by key); None skips it
 }
 
+# The gpu scale's learning-rate candidates, for the recall arms and the reasoning arms alike.
+GPU_LR_GRID = {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}
+
 # Per scale, what differs from DEMO. "gpu" runs the knowledge study's sizes (240 and 1,920
 # fine-tuning facts) on the gpu world preset; it is meant for one GPU, not for this CPU.
 SCALE_SETTINGS = {
@@ -94,9 +97,9 @@ SCALE_SETTINGS = {
             "large_lora_rank": 32,
             "reasoning": {"ranks": [1, 8, 32, 128], "n_per_composition": 2000, "n_ood_people": 2000, "epochs": 3,
                           "max_train": 3000, "max_eval": 300, "select_rank": 32,
-                          "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
+                          "lr_grid": GPU_LR_GRID},
             "lora_lr": 1.0e-3, "full_lr": 1.0e-4, "batch_size": 16,
-            "lr_grid": {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [3.0e-5, 1.0e-4, 3.0e-4]}},
+            "lr_grid": GPU_LR_GRID},
 }
 
 
